@@ -1,0 +1,57 @@
+-- Demo warehouse schema (DuckDB).
+--
+-- The shape of a typical CDP / CRM export that the audience SQL in sql/audiences/ is written
+-- against. Columns are deliberately "as the CRM stores them": phones are free text (E.164,
+-- national formats, junk), consents are an append-only history (latest row wins), suppressions
+-- hold numbers in yet another textual format. Filled by sql/demo/generate.sql.
+
+CREATE OR REPLACE TABLE customers (
+    customer_id BIGINT PRIMARY KEY,
+    first_name  VARCHAR NOT NULL,
+    last_name   VARCHAR NOT NULL,
+    phone       VARCHAR,              -- free text as typed into the CRM, may be NULL or invalid
+    country     VARCHAR NOT NULL,     -- ISO 3166-1 alpha-2
+    timezone    VARCHAR,              -- IANA name, may be NULL or not a real zone
+    language    VARCHAR NOT NULL,     -- e.g. en, de, es, pt_BR
+    created_at  TIMESTAMPTZ NOT NULL
+);
+
+-- Append-only consent history: one row per change per (customer, channel, purpose).
+-- The row with the greatest recorded_at wins; on an exact tie an opt-out wins.
+CREATE OR REPLACE TABLE channel_consents (
+    customer_id BIGINT NOT NULL,
+    channel     VARCHAR NOT NULL,     -- 'whatsapp' | 'sms'
+    purpose     VARCHAR NOT NULL,     -- 'marketing' | 'transactional'
+    opted_in    BOOLEAN NOT NULL,
+    recorded_at TIMESTAMPTZ NOT NULL
+);
+
+CREATE OR REPLACE TABLE lapse_scores (
+    customer_id BIGINT NOT NULL,
+    lapse_risk  DOUBLE NOT NULL,      -- 0..1, higher = more likely to churn
+    scored_at   TIMESTAMPTZ NOT NULL
+);
+
+-- Last customer-initiated message per channel (opens the WhatsApp 24-hour service window).
+CREATE OR REPLACE TABLE last_inbound_messages (
+    customer_id     BIGINT NOT NULL,
+    channel         VARCHAR NOT NULL,
+    last_inbound_at TIMESTAMPTZ NOT NULL  -- a few lie in the future (clock skew, bad data)
+);
+
+-- Numbers that must never be messaged. phone is free text in a different format from
+-- customers.phone, so matching needs normalisation to E.164 first.
+CREATE OR REPLACE TABLE suppressions (
+    phone    VARCHAR NOT NULL,
+    channel  VARCHAR,                 -- NULL = every channel, else 'sms' | 'whatsapp'
+    reason   VARCHAR NOT NULL,
+    added_at TIMESTAMPTZ NOT NULL
+);
+
+CREATE OR REPLACE TABLE orders (
+    order_id    BIGINT NOT NULL,
+    customer_id BIGINT NOT NULL,
+    ordered_at  TIMESTAMPTZ NOT NULL,
+    amount      DECIMAL(10, 2) NOT NULL,
+    currency    VARCHAR NOT NULL      -- ISO 4217
+);

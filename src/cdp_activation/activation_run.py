@@ -1,0 +1,413 @@
+"""One activation run in plain Python: audience -> decisions -> deliveries.
+
+The Dagster assets call these functions; tests and the CLI can call them without Dagster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dtime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+
+from cdp_activation.audience_sql import AudienceQuery, load_audience_sql
+from cdp_activation.connectors.base import Connector, TemplateInfo
+from cdp_activation.delivery import DeliveryOptions, deliver
+from cdp_activation.ledger import SENT, Ledger, idempotency_key
+from cdp_activation.masking import mask_phone
+from cdp_activation.policy import Decisions, decide, reasons
+from cdp_activation.policy.consent import consent_column
+from cdp_activation.policy.suppression import normalise_suppressions
+from cdp_activation.policy.templates import template_problem
+from cdp_activation.policy.window import last_inbound_column
+from cdp_activation.settings import project_root
+from cdp_activation.specs import ActivationSpec, coerce_parameter
+from cdp_activation.warehouse import Warehouse
+
+
+class AudienceContractError(ValueError):
+    """The audience query's result breaks the contract (columns, nulls, duplicates)."""
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A named, validated activation with its audience query loaded."""
+
+    name: str
+    spec: ActivationSpec
+    query: AudienceQuery
+    suppression_sql: Path
+
+    @classmethod
+    def from_spec(cls, name: str, spec: ActivationSpec, root: Path | None = None) -> Activation:
+        root = root or project_root()
+        query = load_audience_sql(root / spec.audience.sql)
+        undeclared = sorted(
+            query.parameters - set(spec.audience.parameters) - {"as_of", "partition_date"}
+        )
+        if undeclared:
+            raise ValueError(
+                f"{query.path}: uses parameter(s) {', '.join(':' + p for p in undeclared)} that "
+                f"activation {name!r} does not declare under audience.parameters"
+            )
+        return cls(name=name, spec=spec, query=query, suppression_sql=root / spec.suppression_sql)
+
+    def required_columns(self) -> list[str]:
+        columns = ["customer_id", "phone", "country"]
+        purpose = self.spec.channel_plan.purpose
+        for step in self.spec.channel_plan.steps:
+            columns.append(consent_column(step.channel, purpose))
+            if step.channel == "whatsapp" and step.template is None:
+                columns.append(last_inbound_column(step.channel))
+            columns.extend(step.variable_columns())
+        return list(dict.fromkeys(columns))
+
+
+# ---------------------------------------------------------------- audience
+
+
+def partition_parameters(partition_key: str) -> dict[str, Any]:
+    """`partition_date` and `as_of` (end of that day in UTC, or now for today's partition)."""
+    day = date.fromisoformat(partition_key)
+    end = datetime.combine(day + timedelta(days=1), dtime.min, tzinfo=UTC)
+    return {"partition_date": day, "as_of": min(end, datetime.now(UTC))}
+
+
+def compute_audience(
+    activation: Activation,
+    warehouse: Warehouse,
+    partition_key: str,
+    parameters: Mapping[str, Any],
+) -> pl.DataFrame:
+    specs = activation.spec.audience.parameters
+    bound: dict[str, Any] = partition_parameters(partition_key)
+    for name, value in parameters.items():
+        kind = specs[name].type if name in specs else "str"
+        try:
+            bound[name] = coerce_parameter(kind, value)
+        except ValueError as err:
+            raise ValueError(f"parameter {name!r} of {activation.name}: {err}") from None
+    frame = warehouse.query(activation.query, bound)
+    validate_audience(activation, frame)
+    return frame
+
+
+def validate_audience(activation: Activation, frame: pl.DataFrame) -> None:
+    """Raise `AudienceContractError` naming what is wrong; nothing is sent after it."""
+    where = f"{activation.query.path} (activation {activation.name})"
+    missing = [c for c in activation.required_columns() if c not in frame.columns]
+    if missing:
+        raise AudienceContractError(
+            f"{where}: the audience lacks column(s) {', '.join(missing)}, which the channel "
+            f"plan needs. The query returned: {', '.join(frame.columns)}"
+        )
+    nulls = frame["customer_id"].null_count()
+    if nulls:
+        raise AudienceContractError(f"{where}: {nulls} row(s) have a null customer_id")
+    duplicated = frame.filter(pl.col("customer_id").is_duplicated())["customer_id"].unique()
+    if len(duplicated):
+        sample = ", ".join(str(v) for v in duplicated.sort().head(5).to_list())
+        raise AudienceContractError(
+            f"{where}: customer_id must be unique; {len(duplicated)} id(s) appear more than "
+            f"once, e.g. {sample}"
+        )
+    for step in activation.spec.channel_plan.steps:
+        column = consent_column(step.channel, activation.spec.channel_plan.purpose)
+        dtype = frame.schema[column]
+        if dtype not in (pl.Boolean, pl.Null):
+            raise AudienceContractError(
+                f"{where}: column {column} must be boolean (true = opted in), got {dtype}"
+            )
+
+
+def audience_metadata(
+    frame: pl.DataFrame, parameters: Mapping[str, Any], partition_key: str
+) -> dict[str, Any]:
+    import dagster as dg
+
+    nulls = {c: frame[c].null_count() for c in frame.columns}
+    return {
+        "dagster/row_count": frame.height,
+        "audience_size": frame.height,
+        "partition": partition_key,
+        "parameters": dg.MetadataValue.json({k: str(v) for k, v in parameters.items()}),
+        "dagster/column_schema": dg.TableSchema(
+            columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()]
+        ),
+        "null_counts": dg.MetadataValue.md(
+            "| column | nulls |\n|---|---:|\n"
+            + "\n".join(f"| {c} | {n:,} |" for c, n in nulls.items())
+        ),
+    }
+
+
+# ---------------------------------------------------------------- decisions
+
+
+def fetch_catalogs(
+    activation: Activation, connectors: Mapping[str, Connector]
+) -> dict[str, list[TemplateInfo]]:
+    """Template catalogs of the connectors whose steps send templates."""
+    wanted = {s.connector for s in activation.spec.channel_plan.steps if s.template is not None}
+
+    async def fetch() -> dict[str, list[TemplateInfo]]:
+        out: dict[str, list[TemplateInfo]] = {}
+        async with httpx.AsyncClient(timeout=30) as client:
+            for name in sorted(wanted):
+                fetcher = getattr(connectors[name], "fetch_templates", None)
+                out[name] = await fetcher(client) if fetcher else []
+        return out
+
+    return asyncio.run(fetch()) if wanted else {}
+
+
+def template_problems(activation: Activation, connectors: Mapping[str, Connector]) -> list[str]:
+    catalogs = fetch_catalogs(activation, connectors)
+    problems = []
+    for step in activation.spec.channel_plan.steps:
+        if step.template is None:
+            continue
+        if not hasattr(connectors[step.connector], "fetch_templates"):
+            problems.append(f"connector {step.connector!r} cannot list its templates")
+            continue
+        problem = template_problem(
+            catalogs[step.connector], step.template, activation.spec.channel_plan.purpose
+        )
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def load_suppressions(
+    activation: Activation, warehouse: Warehouse, regions: list[str]
+) -> pl.DataFrame:
+    path = activation.suppression_sql
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: suppression SQL not found (activation {activation.name})")
+    raw = warehouse.read_table_sql(path.read_text(encoding="utf-8"))
+    return normalise_suppressions(raw, regions)
+
+
+def compute_decisions(
+    activation: Activation,
+    audience: pl.DataFrame,
+    warehouse: Warehouse,
+    connectors: Mapping[str, Connector],
+    now: datetime,
+    max_recipients: int | None,
+) -> Decisions:
+    regions = sorted(audience["country"].drop_nulls().unique().to_list())
+    suppressions = load_suppressions(activation, warehouse, regions)
+    catalogs = fetch_catalogs(activation, connectors)
+    return decide(
+        audience,
+        activation.spec.channel_plan,
+        now=now,
+        suppressions=suppressions,
+        catalogs=catalogs,
+        max_recipients=max_recipients,
+        salt=activation.name,
+    )
+
+
+def _md_counts(title: str, counts: Mapping[str, int], describe: bool = False) -> str:
+    if not counts:
+        return f"_no {title.lower()}_"
+    head = f"| {title} | count |" + (" meaning |" if describe else "")
+    rule = "|---|---:|" + ("---|" if describe else "")
+    lines = [
+        f"| `{k}` | {v:,} |" + (f" {reasons.describe(k)} |" if describe else "")
+        for k, v in counts.items()
+    ]
+    return "\n".join([head, rule, *lines])
+
+
+def sample_messages(decisions: pl.DataFrame, per_channel: int = 3) -> str:
+    """A Markdown table of rendered messages per channel, phone numbers masked."""
+    chosen = decisions.filter(pl.col("channel").is_not_null())
+    lines = ["| channel | to | message |", "|---|---|---|"]
+    for channel in sorted(chosen["channel"].unique().to_list()):
+        for row in (
+            chosen.filter(pl.col("channel") == channel).head(per_channel).iter_rows(named=True)
+        ):
+            if row["template_name"]:
+                params = ", ".join(row["variables"] or [])
+                text = f"template `{row['template_name']}` ({row['template_language']}): {params}"
+            else:
+                text = row["body"]
+            text = text.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {channel} | {mask_phone(row['phone_e164'])} | {text} |")
+    return "\n".join(lines)
+
+
+def decisions_metadata(result: Decisions) -> dict[str, Any]:
+    import dagster as dg
+
+    eligible = result.eligible_by_channel()
+    excluded = result.excluded_by_reason()
+    meta: dict[str, Any] = {
+        "audience_size": result.frame.height,
+        "eligible": sum(eligible.values()),
+        "excluded": sum(excluded.values()),
+        "eligible_by_channel": dg.MetadataValue.md(_md_counts("Channel", eligible)),
+        "excluded_by_reason": dg.MetadataValue.md(_md_counts("Reason", excluded, describe=True)),
+        "sample_messages": dg.MetadataValue.md(sample_messages(result.frame)),
+    }
+    for channel, count in eligible.items():
+        meta[f"eligible_{channel}"] = count
+    for reason, count in excluded.items():
+        meta[f"excluded_{reason}"] = count
+    if result.template_problems:
+        meta["template_problems"] = dg.MetadataValue.json(result.template_problems)
+    return meta
+
+
+def recipients_without_consent(
+    activation: Activation, decisions: pl.DataFrame, audience: pl.DataFrame
+) -> int:
+    purpose = activation.spec.channel_plan.purpose
+    joined = decisions.filter(pl.col("channel").is_not_null()).join(
+        audience, on="customer_id", how="left"
+    )
+    bad = pl.lit(False)
+    for step in activation.spec.channel_plan.steps:
+        column = consent_column(step.channel, purpose)
+        bad = bad | ((pl.col("channel") == step.channel) & ~pl.col(column).fill_null(False))
+    bad = bad | pl.col("reason").is_not_null()
+    return joined.filter(bad).height
+
+
+def invalid_phone_share(decisions: pl.DataFrame) -> float:
+    if decisions.is_empty():
+        return 0.0
+    invalid = decisions.filter(
+        pl.col("reason").is_in([reasons.INVALID_PHONE, reasons.MISSING_PHONE])
+    ).height
+    return invalid / decisions.height
+
+
+# ---------------------------------------------------------------- deliveries
+
+
+@dataclass
+class DeliverySummary:
+    """What a run did; the CLI prints it and the deliveries asset records it."""
+
+    activation: str
+    partition: str
+    dry_run: bool
+    to_send: int = 0
+    sent: int = 0
+    failed: int = 0
+    unknown: int = 0
+    dead_letter: int = 0
+    already_sent: int = 0
+    already_done_other: int = 0
+    recovered_in_flight: int = 0
+    elapsed_seconds: float = 0.0
+    throughput_per_second: float = 0.0
+    p50_latency_ms: float = 0.0
+    p95_latency_ms: float = 0.0
+    estimated_seconds: float = 0.0
+    error_codes: dict[str, int] = field(default_factory=dict)
+    ledger_states: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def deliver_decisions(
+    activation: Activation,
+    decisions: pl.DataFrame,
+    ledger: Ledger,
+    connectors: Mapping[str, Connector],
+    partition_key: str,
+    dry_run: bool,
+    run_id: str | None = None,
+    options: DeliveryOptions | None = None,
+) -> DeliverySummary:
+    started = time.perf_counter()
+    chosen = decisions.filter(pl.col("channel").is_not_null())
+    summary = DeliverySummary(activation=activation.name, partition=partition_key, dry_run=dry_run)
+    try:
+        if dry_run:
+            keys = [
+                idempotency_key(activation.name, partition_key, str(c), s)
+                for c, s in zip(
+                    chosen["customer_id"].to_list(), chosen["step"].to_list(), strict=True
+                )
+            ]
+            existing = ledger.states_of(keys)
+            summary.already_sent = existing.get(SENT, 0)
+            summary.already_done_other = sum(existing.values()) - summary.already_sent
+            summary.to_send = chosen.height - sum(existing.values())
+            summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
+            return summary
+
+        summary.recovered_in_flight = ledger.recover_interrupted(activation.name, partition_key)
+        planned = ledger.plan(activation.name, partition_key, chosen, run_id=run_id)
+        summary.already_sent = planned.existing.get(SENT, 0)
+        summary.already_done_other = sum(planned.existing.values()) - summary.already_sent
+        pending = ledger.pending(activation.name, partition_key)
+        summary.to_send = len(pending)
+        report = deliver(ledger, pending, connectors, options)
+        summary.sent = report.sent
+        summary.failed = report.failed
+        summary.unknown = report.unknown
+        summary.dead_letter = report.dead_letter
+        summary.error_codes = dict(report.error_codes)
+        summary.p50_latency_ms = round(report.latency_ms(0.50), 1)
+        summary.p95_latency_ms = round(report.latency_ms(0.95), 1)
+        summary.ledger_states = ledger.counts(activation.name, partition_key)
+        return summary
+    finally:
+        summary.elapsed_seconds = round(time.perf_counter() - started, 3)
+        if summary.elapsed_seconds and summary.sent:
+            summary.throughput_per_second = round(summary.sent / summary.elapsed_seconds, 1)
+        ledger.dispose()
+
+
+def _estimate_seconds(chosen: pl.DataFrame, connectors: Mapping[str, Connector], n: int) -> float:
+    if n <= 0 or chosen.is_empty():
+        return 0.0
+    shares = chosen.group_by("connector").len()
+    total = chosen.height
+    seconds = 0.0
+    for name, count in zip(shares["connector"].to_list(), shares["len"].to_list(), strict=True):
+        rate = connectors[name].capabilities.default_rate_per_second
+        seconds = max(seconds, (n * count / total) / rate)
+    return round(seconds, 1)
+
+
+def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
+    import dagster as dg
+
+    meta: dict[str, Any] = {
+        "dry_run": summary.dry_run,
+        "to_send": summary.to_send,
+        "sent": summary.sent,
+        "failed": summary.failed,
+        "unknown": summary.unknown,
+        "dead_letter": summary.dead_letter,
+        "already_sent": summary.already_sent,
+        "already_done_other": summary.already_done_other,
+        "recovered_in_flight": summary.recovered_in_flight,
+        "elapsed_seconds": summary.elapsed_seconds,
+        "throughput_per_second": summary.throughput_per_second,
+        "p50_latency_ms": summary.p50_latency_ms,
+        "p95_latency_ms": summary.p95_latency_ms,
+    }
+    if summary.dry_run:
+        meta["estimated_seconds_at_rate_limit"] = summary.estimated_seconds
+    if summary.error_codes:
+        meta["error_codes"] = dg.MetadataValue.md(_md_counts("Error code", summary.error_codes))
+    if summary.ledger_states:
+        meta["ledger_states"] = dg.MetadataValue.json(summary.ledger_states)
+    return meta

@@ -1,0 +1,263 @@
+"""ActivationComponent: one `defs.yaml` -> the assets, checks, job and schedule of an activation.
+
+The component only wires Dagster to the plain modules (`activation_run` does the work), so
+everything here is naming, configuration and metadata.
+"""
+
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+import polars as pl
+from pydantic import Field, create_model
+
+from cdp_activation import activation_run as run
+from cdp_activation.specs import ActivationSpec, coerce_parameter
+
+_PY_TYPES: dict[str, type] = {"float": float, "int": int, "str": str, "bool": bool, "date": str}
+
+
+class ActivationComponent(dg.Component, dg.Resolvable, ActivationSpec):
+    """An audience SQL + a channel plan + connectors + a schedule: one thing a marketer runs."""
+
+    def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        name = context.path.name
+        activation = run.Activation.from_spec(
+            name,
+            ActivationSpec.model_validate(
+                self.model_dump(include=set(ActivationSpec.model_fields))
+            ),
+        )
+        return build_activation_defs(activation)
+
+
+def build_activation_defs(activation: run.Activation) -> dg.Definitions:
+    """Assets `<name>/audience -> decisions -> deliveries`, their checks, a job and a schedule."""
+    name = activation.name
+    spec = activation.spec
+    # end_offset=1: today is a partition too, so a marketer can run today's activation today.
+    partitions = dg.DailyPartitionsDefinition(start_date=spec.partitions_start_date, end_offset=1)
+    audience_key = dg.AssetKey([name, "audience"])
+    decisions_key = dg.AssetKey([name, "decisions"])
+    deliveries_key = dg.AssetKey([name, "deliveries"])
+    connector_keys = set(spec.connectors())
+    plan_text = " → ".join(
+        f"{s.channel} ({s.template.name if s.template else 'text'} via {s.connector})"
+        for s in spec.channel_plan.steps
+    )
+    common: dict[str, Any] = {
+        "group_name": name,
+        "partitions_def": partitions,
+        "owners": [spec.owner] if spec.owner else None,
+        "tags": {"activation": name},
+        "kinds": {"polars"},
+    }
+
+    audience_config = _audience_config_class(activation)
+
+    @dg.asset(
+        key=audience_key,
+        description=f"{spec.description}\n\nAudience SQL: `{spec.audience.sql}`".strip(),
+        required_resource_keys={"warehouse"},
+        code_version="1",
+        **common,
+    )
+    def audience(context: dg.AssetExecutionContext, config: audience_config) -> pl.DataFrame:  # type: ignore[valid-type]
+        params = {k: getattr(config, k) for k in spec.audience.parameters}
+        frame = run.compute_audience(
+            activation,
+            context.resources.warehouse.warehouse(),
+            partition_key=context.partition_key,
+            parameters=params,
+        )
+        context.add_output_metadata(run.audience_metadata(frame, params, context.partition_key))
+        return frame
+
+    decisions_config = create_model(
+        f"{_class_name(name)}DecisionsConfig",
+        __base__=dg.Config,
+        max_recipients=(
+            int | None,
+            Field(
+                default=spec.limits.max_recipients,
+                description="Most customers this run may message; beyond it they are excluded "
+                "(over_recipient_cap), chosen by a stable hash. Empty: no cap.",
+            ),
+        ),
+    )
+
+    @dg.asset(
+        key=decisions_key,
+        description=f"Policy decisions: per customer, the channel of the plan ({plan_text}) or "
+        "the reason code why not.",
+        ins={"audience": dg.AssetIn(audience_key)},
+        required_resource_keys={"warehouse", *connector_keys},
+        code_version="1",
+        **common,
+    )
+    def decisions(
+        context: dg.AssetExecutionContext,
+        config: decisions_config,  # type: ignore[valid-type]
+        audience: pl.DataFrame,
+    ) -> pl.DataFrame:
+        connectors = {k: getattr(context.resources, k).connector() for k in connector_keys}
+        result = run.compute_decisions(
+            activation,
+            audience,
+            context.resources.warehouse.warehouse(),
+            connectors,
+            now=datetime.now(UTC),
+            max_recipients=config.max_recipients,
+        )
+        context.add_output_metadata(run.decisions_metadata(result))
+        return result.frame
+
+    @dg.asset(
+        key=deliveries_key,
+        description="Sends the decided messages through the connectors in batches, recording "
+        "every send in the ledger (planned before any request; never twice per partition).",
+        ins={"decisions": dg.AssetIn(decisions_key)},
+        required_resource_keys={"ledger", *connector_keys},
+        code_version="1",
+        **common,
+    )
+    def deliveries(
+        context: dg.AssetExecutionContext, config: DeliveriesConfig, decisions: pl.DataFrame
+    ) -> dg.MaterializeResult:
+        connectors = {k: getattr(context.resources, k).connector() for k in connector_keys}
+        summary = run.deliver_decisions(
+            activation,
+            decisions,
+            context.resources.ledger.ledger(),
+            connectors,
+            partition_key=context.partition_key,
+            dry_run=config.dry_run,
+            run_id=context.run_id,
+        )
+        return dg.MaterializeResult(metadata=run.delivery_metadata(summary))
+
+    @dg.asset_check(
+        asset=decisions_key,
+        name="template_approved",
+        blocking=True,
+        partitions_def=partitions,
+        description="Every template of the plan is in the provider's catalog, APPROVED, of a "
+        "category the purpose allows, with the parameters the plan maps.",
+        required_resource_keys=connector_keys,
+    )
+    def template_approved(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        connectors = {k: getattr(context.resources, k).connector() for k in connector_keys}
+        problems = run.template_problems(activation, connectors)
+        return dg.AssetCheckResult(
+            passed=not problems,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="; ".join(problems) if problems else "all templates approved",
+            metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems))}
+            if problems
+            else {},
+        )
+
+    @dg.asset_check(
+        asset=decisions_key,
+        name="consented_recipients_only",
+        blocking=True,
+        additional_ins={"audience": dg.AssetIn(audience_key)},
+        partitions_def=partitions,
+        description="Re-checks the decisions against the audience: no recipient without an "
+        "opt-in for the chosen channel, and no excluded customer given a channel.",
+    )
+    def consented_recipients_only(
+        decisions: pl.DataFrame, audience: pl.DataFrame
+    ) -> dg.AssetCheckResult:
+        bad = run.recipients_without_consent(activation, decisions, audience)
+        return dg.AssetCheckResult(
+            passed=bad == 0,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"recipients_without_consent": bad},
+        )
+
+    @dg.asset_check(
+        asset=decisions_key,
+        name="invalid_phone_share",
+        partitions_def=partitions,
+        description="Warns when more than 10% of the audience has a missing or invalid number.",
+    )
+    def invalid_phone_share(decisions: pl.DataFrame) -> dg.AssetCheckResult:
+        share = run.invalid_phone_share(decisions)
+        return dg.AssetCheckResult(
+            passed=share <= 0.10,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"invalid_phone_share": dg.MetadataValue.float(round(share, 4))},
+        )
+
+    job = dg.define_asset_job(
+        name=f"{name}_job",
+        selection=dg.AssetSelection.assets(audience_key, decisions_key, deliveries_key),
+        partitions_def=partitions,
+        tags={"activation": name},
+        description=f"Run the {name} activation for one day's partition.",
+    )
+
+    @dg.schedule(
+        name=f"{name}_schedule",
+        job=job,
+        cron_schedule=spec.schedule.cron,
+        execution_timezone=spec.schedule.timezone,
+        default_status=dg.DefaultScheduleStatus.RUNNING
+        if spec.schedule.enabled
+        else dg.DefaultScheduleStatus.STOPPED,
+    )
+    def schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        # Skip, don't stack: a second run of the same activation would race the first.
+        active = context.instance.get_run_records(
+            dg.RunsFilter(
+                job_name=job.name,
+                statuses=[
+                    dg.DagsterRunStatus.QUEUED,
+                    dg.DagsterRunStatus.NOT_STARTED,
+                    dg.DagsterRunStatus.STARTING,
+                    dg.DagsterRunStatus.STARTED,
+                ],
+            ),
+            limit=1,
+        )
+        if active:
+            return dg.SkipReason(f"{job.name} is already queued or running")
+        partition_key = context.scheduled_execution_time.date().isoformat()
+        return dg.RunRequest(
+            run_key=partition_key, partition_key=partition_key, tags={"activation": name}
+        )
+
+    return dg.Definitions(
+        assets=[audience, decisions, deliveries],
+        asset_checks=[template_approved, consented_recipients_only, invalid_phone_share],
+        jobs=[job],
+        schedules=[schedule],
+    )
+
+
+class DeliveriesConfig(dg.Config):
+    dry_run: bool = Field(
+        default=False,
+        description="Preview only: compute what would be sent and how long it would take, "
+        "write nothing to the ledger and send nothing.",
+    )
+
+
+def _class_name(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def _audience_config_class(activation: run.Activation) -> type[dg.Config]:
+    fields: dict[str, Any] = {}
+    for pname, pspec in activation.spec.audience.parameters.items():
+        py_type = _PY_TYPES[pspec.type]
+        default = pspec.default
+        if default is not None:
+            default = coerce_parameter(pspec.type, default)
+            if pspec.type == "date":
+                default = default.isoformat()
+        fields[pname] = (py_type, Field(default=default, description=pspec.description))
+    return create_model(
+        f"{_class_name(activation.name)}AudienceConfig", __base__=dg.Config, **fields
+    )

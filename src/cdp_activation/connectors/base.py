@@ -1,0 +1,170 @@
+"""What every connector is: capabilities as data, one async batch send, errors classified.
+
+A connector speaks one provider's HTTP API. It never decides *whether* to send (that is policy)
+nor keeps state (that is the ledger): it turns `OutboundMessage`s into requests and each response
+into a `SendResult` whose `outcome` tells the delivery engine what to do next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+from typing import ClassVar, Protocol, runtime_checkable
+
+import httpx
+
+
+class Outcome(StrEnum):
+    """What a provider's answer means for one message."""
+
+    SENT = "sent"  # accepted by the provider; provider_message_id is set
+    FAILED = "failed"  # permanent for this recipient: never retried
+    RETRY = "retry"  # not accepted, safe to send again (429, 5xx, connect error)
+    UNKNOWN = "unknown"  # may have been accepted (timeout after sending, connection lost)
+
+
+class ConnectorError(Exception):
+    """Base class of errors that stop a whole activation, not just one recipient."""
+
+
+class CredentialsError(ConnectorError):
+    """The provider refused our credentials (401/403, Meta code 190, Twilio 20003)."""
+
+
+class TemplateError(ConnectorError):
+    """The template itself is wrong (missing, not approved, wrong parameters): stop sending."""
+
+
+class ConnectorConfigError(ConnectorError):
+    """A connector is configured wrongly (missing base URL, sender id or credential)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """A connector's limits, declared as data so the engine can respect them."""
+
+    channels: frozenset[str]
+    max_batch_size: int  # recipients per request
+    default_rate_per_second: float  # messages per second per sender
+    idempotency: bool  # provider de-duplicates a re-sent request carrying our key
+
+
+@dataclass(frozen=True)
+class TemplateRef:
+    """A provider template to send: name, language and positional body parameters."""
+
+    name: str
+    language: str
+    parameters: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """One message for one recipient. `key` is the ledger's idempotency key."""
+
+    key: str
+    to: str  # E.164, e.g. +447911123456
+    channel: str
+    template: TemplateRef | None = None
+    body: str | None = None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The provider's answer for one message."""
+
+    key: str
+    outcome: Outcome
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retry_after: float | None = None  # seconds, from Retry-After where given
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """One entry of a provider's template catalog."""
+
+    name: str
+    language: str
+    category: str  # MARKETING | UTILITY | AUTHENTICATION
+    status: str  # APPROVED | PENDING | REJECTED | PAUSED | DISABLED
+    body_parameter_count: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """The interface the delivery engine drives."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    async def send_batch(
+        self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult]:
+        """Send one batch (at most `capabilities.max_batch_size` messages).
+
+        Returns one result per message, in any order, keyed by `OutboundMessage.key`.
+        Raises `CredentialsError` or `TemplateError` when the whole activation must stop.
+        """
+        ...
+
+    def redact(self, text: str) -> str:
+        """Remove this connector's secrets from a string before it is logged or raised."""
+        ...
+
+
+# --- helpers every HTTP connector shares -------------------------------------------------------
+
+# The request never left this process (or never reached the server): sending again is safe.
+_NOT_SENT_ERRORS: tuple[type[httpx.TransportError], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.ProxyError,
+)
+# We built a request the transport refuses (bad URL scheme, bad header): a configuration bug.
+_CONFIG_ERRORS: tuple[type[httpx.TransportError], ...] = (
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
+
+
+def transport_outcome(exc: httpx.TransportError) -> Outcome:
+    """RETRY when the request surely never reached the provider, else UNKNOWN.
+
+    Read/write timeouts, a dropped connection or a garbled answer happen *after* bytes left, so
+    the provider may have accepted the message; without an idempotency key a resend could
+    message the customer twice, hence UNKNOWN ("never twice" outranks "never lost").
+    Raises `ConnectorConfigError` for errors that only a configuration fix can cure.
+    """
+    if isinstance(exc, _CONFIG_ERRORS):
+        raise ConnectorConfigError(f"HTTP request could not be built: {type(exc).__name__}")
+    if isinstance(exc, _NOT_SENT_ERRORS):
+        return Outcome.RETRY
+    return Outcome.UNKNOWN
+
+
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """The Retry-After header in seconds (delta-seconds or HTTP date), or None when absent."""
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+
+
+def clip(text: str, limit: int = 300) -> str:
+    """Shorten a provider's error body so a whole HTML error page never floods a log line."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

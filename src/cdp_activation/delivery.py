@@ -1,0 +1,280 @@
+"""Delivery: planned ledger rows -> connector batches, rate-limited and retried, results recorded.
+
+Rows go out in chunks: a chunk is marked in_flight in one statement, its batches are sent
+concurrently under the connector's rate limit, and the outcomes are written back in one
+statement. Transient failures (429, 5xx, a request that never left) are retried with jittered
+exponential backoff that honours Retry-After; permanent ones are recorded, never retried. A
+template or credentials error stops the whole activation: requests not yet made are released
+back to `planned` for the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+from aiolimiter import AsyncLimiter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_result,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from cdp_activation.connectors.base import (
+    Connector,
+    ConnectorError,
+    OutboundMessage,
+    Outcome,
+    SendResult,
+    TemplateRef,
+)
+from cdp_activation.ledger import Ledger, PlannedSend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeliveryOptions:
+    concurrency: int = 32
+    max_attempts: int = 4
+    chunk_size: int = 256  # rows marked in flight together; bounds what a crash leaves unknown
+    rate_per_second: float | None = None  # None: the connector's default
+    backoff_initial: float = 0.2
+    backoff_max: float = 10.0
+    timeout_seconds: float = 15.0
+
+
+@dataclass
+class DeliveryReport:
+    sent: int = 0
+    failed: int = 0
+    unknown: int = 0
+    dead_letter: int = 0
+    attempts: int = 0
+    error_codes: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    stopped_by: str | None = None
+
+    def latency_ms(self, quantile: float) -> float:
+        if not self.latencies:
+            return 0.0
+        if len(self.latencies) == 1:
+            return self.latencies[0] * 1000
+        cuts = statistics.quantiles(self.latencies, n=100, method="inclusive")
+        return cuts[min(98, max(0, int(quantile * 100) - 1))] * 1000
+
+
+def to_outbound(row: PlannedSend) -> OutboundMessage:
+    message = row.message
+    template = None
+    if "template" in message:
+        template = TemplateRef(
+            name=message["template"],
+            language=message["language"],
+            parameters=tuple(message.get("parameters") or ()),
+        )
+    return OutboundMessage(
+        key=row.idempotency_key,
+        to=row.recipient,
+        channel=row.channel,
+        template=template,
+        body=message.get("body"),
+    )
+
+
+class _Stop(Exception):
+    """Raised inside a send task once the activation has been stopped."""
+
+
+def deliver(
+    ledger: Ledger,
+    rows: Sequence[PlannedSend],
+    connectors: Mapping[str, Connector],
+    options: DeliveryOptions | None = None,
+) -> DeliveryReport:
+    """Send every row (already `planned` in the ledger) and record each outcome."""
+    return asyncio.run(deliver_async(ledger, rows, connectors, options or DeliveryOptions()))
+
+
+async def deliver_async(
+    ledger: Ledger,
+    rows: Sequence[PlannedSend],
+    connectors: Mapping[str, Connector],
+    options: DeliveryOptions,
+) -> DeliveryReport:
+    report = DeliveryReport()
+    started = time.perf_counter()
+    limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=64)
+    limiters = {
+        name: AsyncLimiter(options.rate_per_second or c.capabilities.default_rate_per_second, 1)
+        for name, c in connectors.items()
+    }
+    semaphore = asyncio.Semaphore(options.concurrency)
+    stop = asyncio.Event()
+    stop_error: list[ConnectorError] = []
+    last_log = time.monotonic()
+
+    async with httpx.AsyncClient(timeout=options.timeout_seconds, limits=limits) as client:
+        for start in range(0, len(rows), options.chunk_size):
+            if stop.is_set():
+                break
+            chunk = rows[start : start + options.chunk_size]
+            ledger.mark_in_flight([r.id for r in chunk])
+            batches = _batches(chunk, connectors)
+            tasks = [
+                _send_batch(
+                    client,
+                    connectors[name],
+                    limiters[name],
+                    semaphore,
+                    batch,
+                    options,
+                    stop,
+                    stop_error,
+                    report,
+                )
+                for name, batch in batches
+            ]
+            outcomes = await asyncio.gather(*tasks)
+            recorded: list[tuple[int, SendResult, int]] = []
+            never_sent: list[int] = []
+            for (_, batch), (by_key, attempts) in zip(batches, outcomes, strict=True):
+                for row in batch:
+                    result = by_key.get(row.idempotency_key)
+                    if result is None and (stop.is_set() or attempts == 0):
+                        never_sent.append(row.id)
+                        continue
+                    if result is None:
+                        result = SendResult(
+                            row.idempotency_key,
+                            Outcome.UNKNOWN,
+                            error_message="the provider's answer did not mention this message",
+                        )
+                    recorded.append((row.id, result, row.attempts + attempts))
+                    _count(report, result)
+            ledger.record(recorded)
+            ledger.release(never_sent)
+            if time.monotonic() - last_log > 5:
+                last_log = time.monotonic()
+                _log_progress(report, done=start + len(chunk), total=len(rows), started=started)
+    report.elapsed = time.perf_counter() - started
+    if stop_error:
+        report.stopped_by = str(stop_error[0])
+        raise stop_error[0]
+    return report
+
+
+def _batches(
+    chunk: Sequence[PlannedSend], connectors: Mapping[str, Connector]
+) -> list[tuple[str, list[PlannedSend]]]:
+    by_connector: dict[str, list[PlannedSend]] = {}
+    for row in chunk:
+        if row.connector not in connectors:
+            raise ConnectorError(f"no connector named {row.connector!r} is configured")
+        by_connector.setdefault(row.connector, []).append(row)
+    out: list[tuple[str, list[PlannedSend]]] = []
+    for name, items in by_connector.items():
+        size = connectors[name].capabilities.max_batch_size
+        out.extend((name, items[i : i + size]) for i in range(0, len(items), size))
+    return out
+
+
+async def _send_batch(
+    client: httpx.AsyncClient,
+    connector: Connector,
+    limiter: AsyncLimiter,
+    semaphore: asyncio.Semaphore,
+    batch: list[PlannedSend],
+    options: DeliveryOptions,
+    stop: asyncio.Event,
+    stop_error: list[ConnectorError],
+    report: DeliveryReport,
+) -> tuple[dict[str, SendResult], int]:
+    """Send one batch, retrying what is retryable. Returns results by key and attempts made.
+
+    A message with no result was never accepted (the activation stopped first, or the provider
+    refused the whole request with a template or credentials error).
+    """
+    pending = [to_outbound(r) for r in batch]
+    final: dict[str, SendResult] = {}
+    attempts = 0
+
+    async def attempt_once() -> list[SendResult]:
+        nonlocal pending, attempts
+        if stop.is_set():
+            raise _Stop
+        async with semaphore:
+            await limiter.acquire(len(pending))
+            if stop.is_set():
+                raise _Stop
+            attempts += 1
+            report.attempts += 1
+            began = time.perf_counter()
+            results = await connector.send_batch(client, pending)
+            report.latencies.append(time.perf_counter() - began)
+        final.update((r.key, r) for r in results)
+        pending = [m for m in pending if m.key in final and final[m.key].outcome == Outcome.RETRY]
+        return [final[m.key] for m in pending]
+
+    backoff = wait_exponential_jitter(initial=options.backoff_initial, max=options.backoff_max)
+
+    def wait(state: RetryCallState) -> float:
+        retryable: list[SendResult] = state.outcome.result() if state.outcome else []
+        hinted = max((r.retry_after or 0.0 for r in retryable), default=0.0)
+        return max(backoff(state), min(hinted, 60.0))
+
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(options.max_attempts),
+        wait=wait,
+        retry=retry_if_result(bool),  # retry while some messages are still retryable
+        retry_error_callback=lambda state: state.outcome.result() if state.outcome else [],
+        reraise=True,
+    )
+    try:
+        await retrying(attempt_once)
+    except _Stop:
+        pass
+    except ConnectorError as err:
+        stop_error.append(err)
+        stop.set()
+        # The provider refused the request as a whole: those messages were not accepted.
+        for message in pending:
+            final.pop(message.key, None)
+    return final, attempts
+
+
+def _count(report: DeliveryReport, result: SendResult) -> None:
+    if result.outcome == Outcome.SENT:
+        report.sent += 1
+    elif result.outcome == Outcome.FAILED:
+        report.failed += 1
+    elif result.outcome == Outcome.UNKNOWN:
+        report.unknown += 1
+    else:
+        report.dead_letter += 1
+    if result.error_code:
+        report.error_codes[result.error_code] += 1
+
+
+def _log_progress(report: DeliveryReport, done: int, total: int, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    rate = done / elapsed if elapsed else 0.0
+    eta = (total - done) / rate if rate else 0.0
+    log.info(
+        "delivery progress: %d/%d done, sent %d, failed %d, %.0f msg/s, ETA %.0fs",
+        done,
+        total,
+        report.sent,
+        report.failed,
+        rate,
+        eta,
+    )

@@ -1,0 +1,321 @@
+"""The ledger: the durable record of every planned and attempted send.
+
+It is the source of truth for "never twice, never lost". Each send has an idempotency key made
+of activation, partition, customer and step, unique in the table; planned rows are written in
+bulk before the first request, and every state change is a bulk UPDATE guarded by the state it
+leaves, so a re-run, a retry or a backfill can never plan or send the same key twice.
+
+States: planned -> in_flight -> sent | failed | unknown | dead_letter.
+A row found `in_flight` when a run starts was interrupted mid-request: the provider may have
+accepted it, so it becomes `unknown` and is not resent (providers here have no idempotency key).
+
+SQLite (WAL) is the embedded default; PostgreSQL in production (any SQLAlchemy URL).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from cdp_activation.connectors.base import Outcome, SendResult
+
+PLANNED = "planned"
+IN_FLIGHT = "in_flight"
+SENT = "sent"
+FAILED = "failed"
+UNKNOWN = "unknown"
+DEAD_LETTER = "dead_letter"
+TERMINAL_STATES = frozenset({SENT, FAILED, UNKNOWN, DEAD_LETTER})
+ALL_STATES = (PLANNED, IN_FLIGHT, SENT, FAILED, UNKNOWN, DEAD_LETTER)
+
+metadata = sa.MetaData()
+
+sends = sa.Table(
+    "sends",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("idempotency_key", sa.String(300), nullable=False, unique=True),
+    sa.Column("activation", sa.String(120), nullable=False),
+    sa.Column("partition_key", sa.String(40), nullable=False),
+    sa.Column("customer_id", sa.String(120), nullable=False),
+    sa.Column("step", sa.String(40), nullable=False),
+    sa.Column("channel", sa.String(20), nullable=False),
+    sa.Column("connector", sa.String(40), nullable=False),
+    sa.Column("recipient", sa.String(40), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),  # JSON: template + variables, or body
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("provider_message_id", sa.String(200)),
+    sa.Column("error_code", sa.String(40)),
+    sa.Column("error_message", sa.String(500)),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
+)
+
+
+def idempotency_key(activation: str, partition_key: str, customer_id: str, step: str) -> str:
+    return f"{activation}|{partition_key}|{customer_id}|{step}"
+
+
+@dataclass(frozen=True)
+class PlannedSend:
+    """A row to send, as the delivery engine reads it back from the ledger."""
+
+    id: int
+    idempotency_key: str
+    channel: str
+    connector: str
+    recipient: str
+    message: dict[str, Any]
+    attempts: int
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    planned: int  # new rows written by this call
+    existing: dict[str, int]  # keys already in the ledger, by their current state
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Ledger:
+    """SQLAlchemy Core access to the `sends` table; every write is a bulk statement."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = sa.create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def _insert(self) -> Any:
+        dialect = self.engine.dialect.name
+        if dialect == "sqlite":
+            return sqlite.insert(sends).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        if dialect == "postgresql":
+            return postgresql.insert(sends).on_conflict_do_nothing(
+                index_elements=["idempotency_key"]
+            )
+        raise RuntimeError(
+            f"ledger dialect {dialect!r} is not supported (use SQLite or PostgreSQL)"
+        )
+
+    def plan(
+        self, activation: str, partition_key: str, chosen: pl.DataFrame, run_id: str | None = None
+    ) -> PlanResult:
+        """Write a planned row per chosen decision; keys already present are left untouched."""
+        if chosen.is_empty():
+            return PlanResult(planned=0, existing={})
+        now = _now()
+        rows = [
+            {
+                "idempotency_key": idempotency_key(
+                    activation, partition_key, str(r["customer_id"]), r["step"]
+                ),
+                "activation": activation,
+                "partition_key": partition_key,
+                "customer_id": str(r["customer_id"]),
+                "step": r["step"],
+                "channel": r["channel"],
+                "connector": r["connector"],
+                "recipient": r["phone_e164"],
+                "message": json.dumps(_message(r), ensure_ascii=False),
+                "state": PLANNED,
+                "attempts": 0,
+                "run_id": run_id,
+                "planned_at": now,
+                "updated_at": now,
+            }
+            for r in chosen.iter_rows(named=True)
+        ]
+        keys = [r["idempotency_key"] for r in rows]
+        with self.engine.begin() as con:
+            existing = self._states_of(con, keys)
+            con.execute(self._insert(), rows)
+        return PlanResult(planned=len(rows) - sum(existing.values()), existing=existing)
+
+    def states_of(self, keys: Sequence[str]) -> dict[str, int]:
+        """How many of these idempotency keys are in the ledger, by state (reads only)."""
+        with self.engine.connect() as con:
+            return self._states_of(con, keys)
+
+    def _states_of(self, con: sa.Connection, keys: Sequence[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for chunk in _chunks(keys, 5000):
+            rows = con.execute(
+                sa.select(sends.c.state, sa.func.count())
+                .where(sends.c.idempotency_key.in_(chunk))
+                .group_by(sends.c.state)
+            ).all()
+            for state, count in rows:
+                counts[state] = counts.get(state, 0) + count
+        return counts
+
+    def recover_interrupted(self, activation: str, partition_key: str) -> int:
+        """Rows left in flight by a crashed run become `unknown`: they may have been accepted."""
+        with self.engine.begin() as con:
+            result = con.execute(
+                sa.update(sends)
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == IN_FLIGHT,
+                )
+                .values(
+                    state=UNKNOWN,
+                    error_message="run interrupted while the request was in flight",
+                    updated_at=_now(),
+                )
+            )
+            return result.rowcount or 0
+
+    def pending(self, activation: str, partition_key: str) -> list[PlannedSend]:
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(
+                    sends.c.id,
+                    sends.c.idempotency_key,
+                    sends.c.channel,
+                    sends.c.connector,
+                    sends.c.recipient,
+                    sends.c.message,
+                    sends.c.attempts,
+                )
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == PLANNED,
+                )
+                .order_by(sends.c.id)
+            ).all()
+        return [
+            PlannedSend(
+                r.id,
+                r.idempotency_key,
+                r.channel,
+                r.connector,
+                r.recipient,
+                json.loads(r.message),
+                r.attempts,
+            )
+            for r in rows
+        ]
+
+    def mark_in_flight(self, ids: Sequence[int]) -> None:
+        """planned -> in_flight, in one statement, just before the requests go out."""
+        with self.engine.begin() as con:
+            for chunk in _chunks(ids, 5000):
+                con.execute(
+                    sa.update(sends)
+                    .where(sends.c.id.in_(chunk), sends.c.state == PLANNED)
+                    .values(state=IN_FLIGHT, attempts=sends.c.attempts + 1, updated_at=_now())
+                )
+
+    def release(self, ids: Sequence[int]) -> None:
+        """in_flight -> planned for rows whose request was never made (a stopped run)."""
+        with self.engine.begin() as con:
+            for chunk in _chunks(ids, 5000):
+                con.execute(
+                    sa.update(sends)
+                    .where(sends.c.id.in_(chunk), sends.c.state == IN_FLIGHT)
+                    .values(state=PLANNED, attempts=sends.c.attempts - 1, updated_at=_now())
+                )
+
+    def record(self, results: Iterable[tuple[int, SendResult, int]]) -> None:
+        """Write outcomes (row id, result, attempts made) in bulk; only from in_flight."""
+        params = [
+            {
+                "row_id": row_id,
+                "new_state": _state_for(result.outcome),
+                "new_attempts": attempts,
+                "pmid": result.provider_message_id,
+                "code": result.error_code,
+                "msg": (result.error_message or "")[:500] or None,
+                "now": _now(),
+            }
+            for row_id, result, attempts in results
+        ]
+        if not params:
+            return
+        statement = (
+            sa.update(sends)
+            .where(sends.c.id == sa.bindparam("row_id"), sends.c.state == IN_FLIGHT)
+            .values(
+                state=sa.bindparam("new_state"),
+                attempts=sa.bindparam("new_attempts"),
+                provider_message_id=sa.bindparam("pmid"),
+                error_code=sa.bindparam("code"),
+                error_message=sa.bindparam("msg"),
+                updated_at=sa.bindparam("now"),
+            )
+        )
+        with self.engine.begin() as con:
+            con.execute(statement, params)
+
+    def counts(self, activation: str, partition_key: str) -> dict[str, int]:
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(sends.c.state, sa.func.count())
+                .where(sends.c.activation == activation, sends.c.partition_key == partition_key)
+                .group_by(sends.c.state)
+            ).all()
+        return {state: count for state, count in rows}
+
+    def rows(self, activation: str, partition_key: str | None = None) -> pl.DataFrame:
+        """The ledger rows of an activation (for tests, previews and exports)."""
+        query = sa.select(sends).where(sends.c.activation == activation)
+        if partition_key is not None:
+            query = query.where(sends.c.partition_key == partition_key)
+        with self.engine.connect() as con:
+            result = con.execute(query.order_by(sends.c.id))
+            data = [dict(r._mapping) for r in result]
+        return pl.DataFrame(data, schema=[c.name for c in sends.columns] if not data else None)
+
+
+def _state_for(outcome: Outcome) -> str:
+    return {
+        Outcome.SENT: SENT,
+        Outcome.FAILED: FAILED,
+        Outcome.UNKNOWN: UNKNOWN,
+        Outcome.RETRY: DEAD_LETTER,  # retries exhausted
+    }[outcome]
+
+
+def _message(row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("template_name"):
+        return {
+            "template": row["template_name"],
+            "language": row["template_language"],
+            "parameters": list(row.get("variables") or []),
+        }
+    return {"body": row["body"]}
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

@@ -1,0 +1,43 @@
+"""Mask phone numbers before they reach a log, an exception or UI metadata.
+
+Numbers are personal data (DESIGN §5 "Secrets and PII stay put"), yet an operator reading an
+error still needs a hint of *which* recipient it was: the country code says where, the last two
+digits let a person match it against a row they already hold. Everything between is starred.
+"""
+
+from __future__ import annotations
+
+import re
+
+from phonenumbers import COUNTRY_CODE_TO_REGION_CODE
+
+# E.164 numbers inside free text (provider error bodies echo the number we sent).
+_PHONE_IN_TEXT = re.compile(r"(?<![\w*])\+?\d{8,15}(?!\w)")
+
+
+def _country_code(digits: str) -> str:
+    """The E.164 country code at the start of `digits` (codes are prefix-free, 1-3 digits)."""
+    for size in (1, 2, 3):
+        if int(digits[:size] or 0) in COUNTRY_CODE_TO_REGION_CODE:
+            return digits[:size]
+    return digits[:1]
+
+
+def mask_phone(e164: str) -> str:
+    """`+447911123456` → `+44********56`: keep the country code and the last two digits.
+
+    Anything that is not a plausible number (too short, letters) is starred except its last two
+    characters, so a mistyped value never leaks whole either.
+    """
+    text = e164.strip()
+    digits = text.removeprefix("+")
+    if not digits.isdigit() or len(digits) < 6:
+        return "*" * max(len(text) - 2, 0) + text[-2:]
+    code = _country_code(digits)
+    hidden = len(digits) - len(code) - 2
+    return f"+{code}{'*' * hidden}{digits[-2:]}"
+
+
+def mask_phones_in(text: str) -> str:
+    """Mask every phone-number-looking run of 8-15 digits (optionally after '+') in `text`."""
+    return _PHONE_IN_TEXT.sub(lambda m: mask_phone(m.group(0)), text)

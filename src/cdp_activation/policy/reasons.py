@@ -1,0 +1,49 @@
+"""The stable list of reason codes. Renaming one is a breaking change (dashboards use them)."""
+
+from __future__ import annotations
+
+MISSING_PHONE = "missing_phone"
+INVALID_PHONE = "invalid_phone"
+SUPPRESSED = "suppressed"
+DUPLICATE_PHONE = "duplicate_phone"
+OVER_RECIPIENT_CAP = "over_recipient_cap"
+NO_CONSENT = "no_consent"  # prefixed with the channel, e.g. whatsapp_no_consent
+CHANNEL_SUPPRESSED = "suppressed"  # per channel, e.g. sms_suppressed
+TEMPLATE_NOT_APPROVED = "template_not_approved"
+OUTSIDE_WINDOW = "outside_window"
+INVALID_VARIABLES = "invalid_variables"
+
+# Customer-level reasons: no channel of the plan can be used.
+CUSTOMER_REASONS: dict[str, str] = {
+    MISSING_PHONE: "No phone number stored for the customer.",
+    INVALID_PHONE: "The stored phone number is not a valid number for the customer's country.",
+    SUPPRESSED: "The number is on the global suppression list.",
+    DUPLICATE_PHONE: "Another customer in this run has the same number; it is messaged once.",
+    OVER_RECIPIENT_CAP: "Beyond the run's max_recipients (chosen deterministically).",
+}
+
+# Channel-level reasons, reported as `<channel>_<reason>`.
+CHANNEL_REASONS: dict[str, str] = {
+    NO_CONSENT: "No opt-in for this channel and purpose (latest consent record is not an opt-in).",
+    CHANNEL_SUPPRESSED: "The number is suppressed for this channel.",
+    TEMPLATE_NOT_APPROVED: "The template is missing from the provider's catalog, not APPROVED, "
+    "or of a category the purpose does not allow.",
+    OUTSIDE_WINDOW: "A free-form WhatsApp message outside the 24-hour customer-care window "
+    "(or with a last inbound time in the future, which is bad data).",
+    INVALID_VARIABLES: "A template or body variable is missing, empty, or breaks the channel's "
+    "rules (newlines, tabs, more than four consecutive spaces, too long).",
+}
+
+
+def channel_reason(channel: str, reason: str) -> str:
+    return f"{channel}_{reason}"
+
+
+def describe(code: str) -> str:
+    """The human text of a reason code (customer-level or `<channel>_<reason>`)."""
+    if code in CUSTOMER_REASONS:
+        return CUSTOMER_REASONS[code]
+    for reason, text in CHANNEL_REASONS.items():
+        if code.endswith("_" + reason):
+            return f"{code.split('_', 1)[0].capitalize()}: {text}"
+    return code

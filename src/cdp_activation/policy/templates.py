@@ -1,0 +1,88 @@
+"""Templates: is the plan's template approved, and do the variables pass WhatsApp's checks?
+
+WhatsApp rejects a template parameter that is empty, holds a newline or a tab, or more than
+four consecutive spaces; a body parameter is limited in length. A recipient whose variables
+fail is excluded with a reason, the rest still go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import polars as pl
+
+from cdp_activation.connectors.base import TemplateInfo
+from cdp_activation.specs import CATEGORIES_FOR_PURPOSE, TemplateSpec
+
+MAX_PARAMETER_LENGTH = 1024
+
+
+def find_template(catalog: Iterable[TemplateInfo], spec: TemplateSpec) -> TemplateInfo | None:
+    for info in catalog:
+        if info.name == spec.name and info.language == spec.language:
+            return info
+    return None
+
+
+def template_problem(
+    catalog: Iterable[TemplateInfo], spec: TemplateSpec, purpose: str
+) -> str | None:
+    """Why this template may not be sent, or None when it may."""
+    info = find_template(catalog, spec)
+    if info is None:
+        return f"template {spec.name!r} ({spec.language}) is not in the provider's catalog"
+    if info.status.upper() != "APPROVED":
+        return f"template {spec.name!r} ({spec.language}) is {info.status}, not APPROVED"
+    allowed = CATEGORIES_FOR_PURPOSE[purpose]
+    if info.category.lower() not in allowed:
+        return (
+            f"template {spec.name!r} is category {info.category} in the catalog; a {purpose} "
+            f"activation may use only {sorted(allowed)}"
+        )
+    if info.body_parameter_count != len(spec.variables):
+        return (
+            f"template {spec.name!r} takes {info.body_parameter_count} body parameters, the plan "
+            f"maps {len(spec.variables)} ({', '.join(spec.variables) or 'none'})"
+        )
+    return None
+
+
+def variable_as_text(column: str) -> pl.Expr:
+    return pl.col(column).cast(pl.String)
+
+
+def whatsapp_variables_ok(columns: list[str]) -> pl.Expr:
+    """True where every template variable passes WhatsApp's parameter rules."""
+    ok = pl.lit(True)
+    for column in columns:
+        text = variable_as_text(column)
+        ok = ok & (
+            text.is_not_null()
+            & (text.str.strip_chars().str.len_chars() > 0)
+            & ~text.str.contains(r"[\n\t]")
+            & ~text.str.contains(r" {5,}")
+            & (text.str.len_chars() <= MAX_PARAMETER_LENGTH)
+        ).fill_null(False)
+    return ok
+
+
+def body_variables_ok(columns: list[str]) -> pl.Expr:
+    ok = pl.lit(True)
+    for column in columns:
+        text = variable_as_text(column)
+        ok = ok & (text.is_not_null() & (text.str.strip_chars().str.len_chars() > 0)).fill_null(
+            False
+        )
+    return ok
+
+
+def render_body(body: str, columns: list[str]) -> pl.Expr:
+    """The body with each {column} replaced by the row's value (vectorised)."""
+    parts: list[pl.Expr] = []
+    rest = body
+    for column in columns:
+        marker = "{" + column + "}"
+        before, _, rest = rest.partition(marker)
+        parts.extend([pl.lit(before), variable_as_text(column)])
+    parts.append(pl.lit(rest))
+    return pl.concat_str(parts)

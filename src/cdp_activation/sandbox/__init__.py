@@ -1,0 +1,22 @@
+"""Local provider emulator (Meta WhatsApp Cloud API, Twilio Messages) over real HTTP."""
+
+from cdp_activation.sandbox.app import (
+    MessageStore,
+    SandboxConfig,
+    SandboxMessage,
+    body_parameter_count,
+    create_app,
+    load_catalog,
+)
+from cdp_activation.sandbox.server import SandboxServer, serve
+
+__all__ = [
+    "MessageStore",
+    "SandboxConfig",
+    "SandboxMessage",
+    "SandboxServer",
+    "body_parameter_count",
+    "create_app",
+    "load_catalog",
+    "serve",
+]

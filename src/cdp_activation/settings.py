@@ -1,0 +1,102 @@
+"""Deployment settings, read from the environment (prefix `CDP_`) or a `.env` file.
+
+Every value a deployment changes lives here with its embedded default: the DuckDB demo
+warehouse, the SQLite ledger under `dagster_home/`, and the local sandbox provider on
+127.0.0.1. Secrets are `SecretStr`, so they never print. Against the local sandbox (the default
+base URLs) the sandbox's published test credentials are used when none are set, so the embedded
+default needs no configuration; against any other URL a missing credential is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cdp_activation.connectors.base import ConnectorConfigError
+
+SANDBOX_META_TOKEN = "sandbox-meta-token"
+SANDBOX_TWILIO_ACCOUNT_SID = "AC00000000000000000000000000000000"
+SANDBOX_TWILIO_AUTH_TOKEN = "sandbox-twilio-token"
+SANDBOX_PORT = 8787
+
+
+@cache
+def project_root() -> Path:
+    """The checkout holding `sql/` and `dagster_home/` (override with CDP_PROJECT_ROOT)."""
+    if env := os.environ.get("CDP_PROJECT_ROOT"):
+        return Path(env).resolve()
+    for candidate in [Path.cwd(), *Path(__file__).resolve().parents]:
+        if (candidate / "sql").is_dir() and (candidate / "pyproject.toml").is_file():
+            return candidate
+    return Path.cwd()
+
+
+def _default_dagster_home() -> Path:
+    return Path(os.environ.get("DAGSTER_HOME") or project_root() / "dagster_home")
+
+
+def is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    return host in {"127.0.0.1", "localhost", "::1"}
+
+
+class Settings(BaseSettings):
+    """All deployment settings. Field `x` is read from environment variable `CDP_X`."""
+
+    model_config = SettingsConfigDict(env_prefix="CDP_", env_file=".env", extra="ignore")
+
+    warehouse_url: str = ""  # default: duckdb:///<dagster_home>/demo_warehouse.duckdb
+    ledger_url: str = ""  # default: sqlite:///<dagster_home>/ledger.sqlite
+    sandbox_port: int = SANDBOX_PORT
+
+    meta_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/meta"
+    meta_api_version: str = "v23.0"
+    meta_phone_number_id: str = "100000000000001"
+    meta_waba_id: str = "200000000000002"
+    meta_access_token: SecretStr | None = None
+
+    twilio_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"
+    twilio_account_sid: str = SANDBOX_TWILIO_ACCOUNT_SID
+    twilio_auth_token: SecretStr | None = None
+    twilio_from: str = "+15005550006"
+
+    def model_post_init(self, _context: object) -> None:
+        home = _default_dagster_home()
+        if not self.warehouse_url:
+            self.warehouse_url = f"duckdb:///{home / 'demo_warehouse.duckdb'}"
+        if not self.ledger_url:
+            self.ledger_url = f"sqlite:///{home / 'ledger.sqlite'}"
+
+    def meta_token(self) -> str:
+        return _secret(
+            self.meta_access_token, self.meta_base_url, SANDBOX_META_TOKEN, "CDP_META_ACCESS_TOKEN"
+        )
+
+    def twilio_token(self) -> str:
+        return _secret(
+            self.twilio_auth_token,
+            self.twilio_base_url,
+            SANDBOX_TWILIO_AUTH_TOKEN,
+            "CDP_TWILIO_AUTH_TOKEN",
+        )
+
+
+def _secret(value: SecretStr | None, base_url: str, sandbox_value: str, env_name: str) -> str:
+    if value is not None and value.get_secret_value():
+        return value.get_secret_value()
+    if is_loopback(base_url):
+        return sandbox_value
+    raise ConnectorConfigError(
+        f"{env_name} is not set, and the connector points at {base_url}, which is not the local "
+        f"sandbox. Set {env_name} in the environment (or .env) to the provider's credential."
+    )
+
+
+def get_settings() -> Settings:
+    """Fresh settings from the current environment (cheap; not cached so tests can vary env)."""
+    return Settings()

@@ -1,0 +1,198 @@
+"""Pydantic models of an activation, as written in its `defs.yaml`.
+
+These are plain models with no Dagster in them: the policy, ledger and delivery modules take
+them as input, and the Dagster component (`components/activation.py`) is a thin face over them.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Channel = Literal["whatsapp", "sms", "viber", "line", "kakao", "rcs"]
+Purpose = Literal["marketing", "transactional"]
+TemplateCategory = Literal["marketing", "utility", "authentication"]
+
+_BODY_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# The template categories a purpose may use: a marketing message must not hide in a utility
+# template, and a transactional one must not use a marketing template.
+CATEGORIES_FOR_PURPOSE: dict[str, frozenset[str]] = {
+    "marketing": frozenset({"marketing"}),
+    "transactional": frozenset({"utility", "authentication"}),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParameterSpec(_Strict):
+    """A named `:parameter` of the audience SQL, with its default and a marketer-facing text."""
+
+    type: Literal["float", "int", "str", "bool", "date"] = "str"
+    default: Any = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _default_matches_type(self) -> ParameterSpec:
+        if self.default is not None:
+            coerce_parameter(self.type, self.default)
+        return self
+
+
+def coerce_parameter(kind: str, value: Any) -> Any:
+    """Turn a YAML or Launchpad value into the Python type the SQL parameter expects."""
+    try:
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError("a boolean is not a number")
+            return float(value)
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError("not a whole number")
+            return int(value)
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise TypeError("expected true or false")
+        if kind == "date":
+            return value if isinstance(value, date) else date.fromisoformat(str(value))
+        return str(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{value!r} is not a valid {kind}: {err}") from None
+
+
+class AudienceSpec(_Strict):
+    """Where the audience SQL is and the defaults of its parameters."""
+
+    sql: str = Field(description="Path of the audience SQL file, relative to the project root.")
+    parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _names(cls, value: dict[str, ParameterSpec]) -> dict[str, ParameterSpec]:
+        reserved = {"as_of", "partition_date"}
+        for name in value:
+            if not _IDENT.match(name):
+                raise ValueError(f"parameter name {name!r} is not a valid identifier")
+            if name in reserved:
+                raise ValueError(f"parameter name {name!r} is reserved: the framework binds it")
+        return value
+
+
+class TemplateSpec(_Strict):
+    """A provider-approved template and the audience columns its body variables come from."""
+
+    name: str
+    language: str = "en"
+    category: TemplateCategory
+    variables: list[str] = Field(
+        default_factory=list,
+        description="Audience columns for the body's {{1}}, {{2}}, … placeholders, in order.",
+    )
+
+    @field_validator("variables")
+    @classmethod
+    def _columns(cls, value: list[str]) -> list[str]:
+        for column in value:
+            if not _IDENT.match(column):
+                raise ValueError(f"variable {column!r} is not a column name")
+        return value
+
+
+class StepSpec(_Strict):
+    """One channel of the plan: a template (OTT) or a text body with {column} fields (SMS)."""
+
+    channel: Channel
+    connector: str
+    template: TemplateSpec | None = None
+    body: str | None = None
+
+    @model_validator(mode="after")
+    def _template_or_body(self) -> StepSpec:
+        if (self.template is None) == (self.body is None):
+            raise ValueError(f"step '{self.channel}': give exactly one of `template` or `body`")
+        if self.channel == "whatsapp" and self.template is None:
+            raise ValueError(
+                "step 'whatsapp': a business-initiated WhatsApp message needs an approved "
+                "`template` (free-form bodies only go inside the 24-hour window)"
+            )
+        return self
+
+    def variable_columns(self) -> list[str]:
+        if self.template is not None:
+            return list(self.template.variables)
+        return _BODY_FIELD.findall(self.body or "")
+
+
+class ChannelPlanSpec(_Strict):
+    """Ordered channels: each customer gets the first one they may lawfully receive."""
+
+    purpose: Purpose = "marketing"
+    steps: list[StepSpec]
+
+    @model_validator(mode="after")
+    def _distinct_channels(self) -> ChannelPlanSpec:
+        if not self.steps:
+            raise ValueError("a channel plan needs at least one step")
+        channels = [s.channel for s in self.steps]
+        if len(set(channels)) != len(channels):
+            raise ValueError(f"each channel may appear once in the plan, got {channels}")
+        for step in self.steps:
+            if step.template and step.template.category not in CATEGORIES_FOR_PURPOSE[self.purpose]:
+                raise ValueError(
+                    f"template {step.template.name!r} is category {step.template.category!r}, "
+                    f"which a {self.purpose} activation may not use"
+                )
+        return self
+
+
+class ScheduleSpec(_Strict):
+    """When the activation runs by itself. Off until someone turns it on in the UI."""
+
+    cron: str = "0 10 * * *"
+    timezone: str = "UTC"
+    enabled: bool = False
+
+
+class LimitsSpec(_Strict):
+    max_recipients: int | None = Field(
+        default=None, description="Most recipients one run may message (None: no cap)."
+    )
+
+    @field_validator("max_recipients")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("max_recipients must be at least 1 (leave it out for no cap)")
+        return value
+
+
+class ActivationSpec(_Strict):
+    """Everything one activation declares: audience, channel plan, schedule and limits."""
+
+    description: str = ""
+    owner: str = ""
+    audience: AudienceSpec
+    channel_plan: ChannelPlanSpec
+    suppression_sql: str = Field(
+        default="sql/policy/suppressions.sql",
+        description="SQL returning the suppression list (phone, channel); relative to the root.",
+    )
+    partitions_start_date: str = "2026-01-01"
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+
+    @field_validator("partitions_start_date")
+    @classmethod
+    def _iso_date(cls, value: str) -> str:
+        date.fromisoformat(value)
+        return value
+
+    def connectors(self) -> list[str]:
+        return [step.connector for step in self.channel_plan.steps]

@@ -1,0 +1,329 @@
+"""What the connectors send (and what the sandbox answers) checked against the vendors' OpenAPI.
+
+Each connector talks to the live sandbox while an httpx event hook captures the real requests.
+The sandbox URL prefix (`http://127.0.0.1:<port>/meta`) is mapped to the spec's server
+(`https://graph.facebook.com`) and openapi-core validates method, path, headers, security and
+body against the spec file itself. The sandbox's success answers are validated the same way, so
+the emulator cannot drift from the providers' documented responses.
+
+Meta's spec is OpenAPI 3.1 with a non-standard `components.parameterGroups` key, which the
+strict spec validator rejects; it is loaded with spec validation off (request and response
+validation still run in full).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openapi_core import Config, OpenAPI
+from openapi_core.datatypes import RequestParameters
+from werkzeug.datastructures import Headers, ImmutableMultiDict
+
+from cdp_activation.connectors import (
+    MetaWhatsAppConnector,
+    TwilioConnector,
+    connector_from_settings,
+)
+from cdp_activation.connectors.base import OutboundMessage, Outcome, TemplateRef
+from cdp_activation.sandbox import SandboxServer
+from cdp_activation.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = Path(os.environ.get("CDP_SHARED_DIR", REPO.parent / "shared")) / "vendor-specs"
+META_SPEC = SPECS / "meta" / "business-messaging-api_v23.0.yaml"
+TWILIO_SPEC = SPECS / "twilio" / "twilio_api_v2010.json"
+META_SERVER = "https://graph.facebook.com"
+TWILIO_SERVER = "https://api.twilio.com"
+
+if not (META_SPEC.is_file() and TWILIO_SPEC.is_file()):
+    pytest.skip(
+        f"vendor OpenAPI specs not found under {SPECS}; set CDP_SHARED_DIR to the folder holding "
+        "vendor-specs/ (meta/business-messaging-api_v23.0.yaml, twilio/twilio_api_v2010.json)",
+        allow_module_level=True,
+    )
+
+
+@cache
+def spec(path: Path) -> OpenAPI:
+    """The vendor spec, loaded once; the spec file is used as is, never edited.
+
+    JSON specs are parsed with `json` because the YAML loader openapi-core uses by default
+    rejects JSON's surrogate-pair escapes (Twilio's examples hold emoji as `\\ud83d\\udc4d`).
+    """
+    config = Config(spec_validator_cls=None)
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return OpenAPI.from_dict(data, config=config, base_uri=path.as_uri())
+    return OpenAPI.from_file_path(str(path), config=config)
+
+
+@dataclass
+class SpecRequest:
+    """openapi-core's Request protocol over a captured httpx request, on the spec's server."""
+
+    host_url: str
+    path: str
+    method: str
+    body: bytes | None
+    content_type: str
+    parameters: RequestParameters
+
+
+@dataclass
+class SpecResponse:
+    """openapi-core's Response protocol over an httpx response."""
+
+    data: bytes
+    status_code: int
+    content_type: str
+    headers: Headers
+
+
+def to_spec_request(request: httpx.Request, sandbox_prefix: str, server: str) -> SpecRequest:
+    """Map `http://127.0.0.1:<port>/<prefix>/…` to `<spec server>/…`; keep everything else."""
+    path = request.url.path
+    assert path.startswith(sandbox_prefix + "/"), path
+    return SpecRequest(
+        host_url=server,
+        path=path.removeprefix(sandbox_prefix),
+        method=request.method.lower(),
+        body=request.content or None,
+        content_type=request.headers.get("content-type", ""),
+        parameters=RequestParameters(
+            query=ImmutableMultiDict(request.url.params.multi_items()),
+            header=Headers(list(request.headers.items())),
+            cookie=ImmutableMultiDict(),
+        ),
+    )
+
+
+def to_spec_response(response: httpx.Response) -> SpecResponse:
+    return SpecResponse(
+        data=response.content,
+        status_code=response.status_code,
+        content_type=response.headers.get("content-type", ""),
+        headers=Headers(list(response.headers.items())),
+    )
+
+
+Exchange = tuple[httpx.Request, httpx.Response]
+
+
+def capture(run: Callable[[httpx.AsyncClient], Awaitable[Any]]) -> list[Exchange]:
+    """Run `run(client)` and return every (request, response) that went over the wire."""
+    exchanges: list[Exchange] = []
+
+    async def on_response(response: httpx.Response) -> None:
+        await response.aread()
+        exchanges.append((response.request, response))
+
+    async def go() -> None:
+        async with httpx.AsyncClient(timeout=5, event_hooks={"response": [on_response]}) as client:
+            await run(client)
+
+    asyncio.run(go())
+    assert exchanges, "the connector sent nothing"
+    return exchanges
+
+
+def send_all(connector: Any, messages: list[OutboundMessage]) -> list[Exchange]:
+    results: list[Any] = []
+
+    async def run(client: httpx.AsyncClient) -> None:
+        for message in messages:
+            results.extend(await connector.send_batch(client, [message]))
+
+    exchanges = capture(run)
+    assert all(r.outcome is Outcome.SENT for r in results), results
+    return exchanges
+
+
+def validate(exchanges: list[Exchange], path: Path, prefix: str, server: str) -> None:
+    """Every request against the spec; every 2xx answer of the sandbox against the spec too."""
+    api = spec(path)
+    for request, response in exchanges:
+        spec_request = to_spec_request(request, prefix, server)
+        api.validate_request(spec_request)
+        if response.is_success:
+            api.validate_response(spec_request, to_spec_response(response))
+
+
+UK = "+447911123456"
+
+
+# --- Meta -------------------------------------------------------------------------------------
+
+
+META_MESSAGES = {
+    "template-with-body-parameters": OutboundMessage(
+        "k1", UK, "whatsapp", template=TemplateRef("winback_offer", "de", ("Ana", "45", "X20"))
+    ),
+    "utility-template": OutboundMessage(
+        "k2",
+        "+15005550006",
+        "whatsapp",
+        template=TemplateRef("order_update", "en", ("Ana", "A-10023")),
+    ),
+}
+
+
+@pytest.mark.parametrize("message", META_MESSAGES.values(), ids=META_MESSAGES.keys())
+def test_meta_send_matches_spec(
+    message: OutboundMessage, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("meta_whatsapp", sandbox_settings)
+    exchanges = send_all(connector, [message])
+    validate(exchanges, META_SPEC, "/meta", META_SERVER)
+    [(request, _)] = exchanges
+    assert request.method == "POST"
+    assert request.headers["authorization"].startswith("Bearer ")
+    assert request.headers["content-type"] == "application/json"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="spec bug: TextMessage is allOf[BaseMessageProperties, {additionalProperties: false}] "
+    "so no body with messaging_product/to can ever validate; remove this mark when Meta fixes it",
+)
+def test_meta_text_message_matches_spec(sandbox: SandboxServer, sandbox_settings: Settings) -> None:
+    connector = connector_from_settings("meta_whatsapp", sandbox_settings)
+    exchanges = send_all(connector, [OutboundMessage("k1", UK, "whatsapp", body="Thanks!")])
+    validate(exchanges, META_SPEC, "/meta", META_SERVER)
+
+
+def test_meta_text_message_matches_spec_text_branch(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """What we can check despite the spec bug: each allOf branch of TextMessage on its own."""
+    from jsonschema import Draft202012Validator
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT202012
+
+    connector = connector_from_settings("meta_whatsapp", sandbox_settings)
+    [(request, _)] = send_all(connector, [OutboundMessage("k1", UK, "whatsapp", body="Thanks!")])
+    body = httpx.Response(200, content=request.content).json()
+    raw = spec(META_SPEC).spec.read_value()
+    registry = Registry().with_resource("urn:meta", DRAFT202012.create_resource(raw))
+    text_message = raw["components"]["schemas"]["TextMessage"]
+    base, own = text_message["allOf"]
+    Draft202012Validator({"$ref": "urn:meta" + base["$ref"]}, registry=registry).validate(body)
+    own_fields = {k: v for k, v in body.items() if k in own["properties"]}
+    Draft202012Validator(own, registry=registry).validate(own_fields)
+
+
+def test_meta_template_listing_matches_spec(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("meta_whatsapp", sandbox_settings)
+    assert isinstance(connector, MetaWhatsAppConnector)
+    exchanges = capture(lambda client: connector.fetch_templates(client, page_size=3))
+    assert len(exchanges) > 1, "paging was not exercised"
+    validate(exchanges, META_SPEC, "/meta", META_SERVER)
+
+
+# --- Twilio -----------------------------------------------------------------------------------
+
+
+TWILIO_MESSAGES = {
+    "sms-body": OutboundMessage("k1", UK, "sms", body="Hi Ana, we miss you! Code COMEBACK20"),
+    "content-template": OutboundMessage(
+        "k2", UK, "sms", template=TemplateRef("HX" + "ab" * 16, "en", ("Ana", "45"))
+    ),
+}
+
+
+@pytest.mark.parametrize("message", TWILIO_MESSAGES.values(), ids=TWILIO_MESSAGES.keys())
+def test_twilio_send_matches_spec(
+    message: OutboundMessage, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("twilio", sandbox_settings)
+    exchanges = send_all(connector, [message])
+    validate(exchanges, TWILIO_SPEC, "/twilio", TWILIO_SERVER)
+    [(request, response)] = exchanges
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert request.headers["authorization"].startswith("Basic ")
+    assert response.status_code == 201
+
+
+def test_twilio_messaging_service_sender_matches_spec(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    settings = sandbox_settings.model_copy(update={"twilio_from": "MG" + "0" * 32})
+    connector = connector_from_settings("twilio", settings)
+    assert isinstance(connector, TwilioConnector)
+    exchanges = send_all(connector, [TWILIO_MESSAGES["sms-body"]])
+    validate(exchanges, TWILIO_SPEC, "/twilio", TWILIO_SERVER)
+    assert b"MessagingServiceSid=MG" in exchanges[0][0].content
+
+
+BAD_REQUESTS = {
+    "meta-language-without-policy": (
+        META_SPEC,
+        "/meta",
+        META_SERVER,
+        httpx.Request(
+            "POST",
+            "http://127.0.0.1:1/meta/v23.0/1/messages",
+            json={
+                "messaging_product": "whatsapp",
+                "recipient_type": "individual",
+                "to": UK,
+                "type": "template",
+                "template": {"name": "x", "language": {"code": "en"}},
+            },
+            headers={"Authorization": "Bearer t"},
+        ),
+    ),
+    "meta-no-token": (
+        META_SPEC,
+        "/meta",
+        META_SERVER,
+        httpx.Request("POST", "http://127.0.0.1:1/meta/v23.0/1/messages", json={}),
+    ),
+    "twilio-no-to": (
+        TWILIO_SPEC,
+        "/twilio",
+        TWILIO_SERVER,
+        httpx.Request(
+            "POST",
+            f"http://127.0.0.1:1/twilio/2010-04-01/Accounts/AC{'0' * 32}/Messages.json",
+            data={"From": "+15005550006", "Body": "hi"},
+            headers={"Authorization": "Basic YTpi"},
+        ),
+    ),
+    "twilio-bad-account-sid": (
+        TWILIO_SPEC,
+        "/twilio",
+        TWILIO_SERVER,
+        httpx.Request(
+            "POST",
+            "http://127.0.0.1:1/twilio/2010-04-01/Accounts/XX/Messages.json",
+            data={"To": UK, "Body": "hi"},
+            headers={"Authorization": "Basic YTpi"},
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "prefix", "server", "request_"), BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys()
+)
+def test_spec_validation_catches_a_bad_request(
+    path: Path, prefix: str, server: str, request_: httpx.Request
+) -> None:
+    """Guard against a vacuous check: a request the spec forbids must fail validation."""
+    from openapi_core.validation.request.exceptions import RequestValidationError
+
+    with pytest.raises(RequestValidationError):
+        spec(path).validate_request(to_spec_request(request_, prefix, server))
