@@ -57,35 +57,48 @@ CREATE OR REPLACE TEMP MACRO demo_phone_kind(i) AS
         ELSE 'null'
     END;
 
--- National significant number of a mobile, from ranges that libphonenumber (the Python
--- phonenumbers package) accepts as valid mobile (fixed-line-or-mobile in MX and US, where the
--- two cannot be told apart). Several prefixes per country keep accidental duplicates rare even
--- at 10M customers. GB uses 71-73 only: parts of 74-79 are pagers, unallocated, or belong to
--- Jersey, Guernsey or the Isle of Man (+44 too, but another region).
--- d is a pseudo-random integer below 1e15: d % len(prefixes) picks the prefix and
--- d // len(prefixes) the subscriber digits.
-CREATE OR REPLACE TEMP MACRO demo_nsn(country, d) AS
+-- Subscriber digits: a bijection of the phone key modulo m (2654435761 is prime to 2, 3 and
+-- 5, so it is invertible modulo any power of ten and modulo 1.2e8), shifted by a
+-- seed-dependent offset. Unlike a hash this never gives two customers the same number by
+-- accident (for up to m customers), so the only shared numbers are the households above.
+CREATE OR REPLACE TEMP MACRO demo_serial(pk, m) AS
+    lpad(
+        ((pk * 2654435761 + demo_r(0, 'phone_offset', m)) % m)::VARCHAR,
+        length((m - 1)::VARCHAR)::INTEGER,
+        '0'
+    );
+
+-- National significant number of the mobile of phone key pk, from ranges that libphonenumber
+-- (the Python phonenumbers package) accepts as valid mobile (fixed-line-or-mobile in MX and
+-- US, where the two cannot be told apart) for the customer's own region. GB uses 71-73 only:
+-- parts of 74-79 are pagers, unallocated, or Jersey, Guernsey and Isle of Man numbers (+44 too,
+-- but another region). The prefix is picked by hash, the rest is demo_serial.
+CREATE OR REPLACE TEMP MACRO demo_nsn(country, pk) AS
     CASE country
-        WHEN 'GB' THEN ['71', '72', '73'][1 + d % 3]
-                       || lpad(((d // 3) % 100000000)::VARCHAR, 8, '0')
+        WHEN 'GB' THEN ['71', '72', '73'][1 + demo_r(pk, 'phone_prefix', 3)]
+                       || demo_serial(pk, 100000000)
         WHEN 'DE' THEN ['150', '151', '152', '155', '157', '159', '160', '162', '163', '170',
-                        '171', '172', '173', '174', '175', '176', '177', '178', '179'][1 + d % 19]
-                       || lpad(((d // 19) % 100000000)::VARCHAR, 8, '0')
+                        '171', '172', '173', '174', '175', '176', '177', '178', '179']
+                           [1 + demo_r(pk, 'phone_prefix', 19)]
+                       || demo_serial(pk, 100000000)
         WHEN 'ES' THEN ['60', '61', '62', '63', '64', '65', '66', '67', '68', '69',
-                        '71', '72', '73', '74'][1 + d % 14]
-                       || lpad(((d // 14) % 10000000)::VARCHAR, 7, '0')
-        WHEN 'BR' THEN ['11', '21', '31', '41', '51', '61', '71', '81', '19', '47'][1 + d % 10]
-                       || '9' || lpad(((d // 10) % 100000000)::VARCHAR, 8, '0')
-        WHEN 'IN' THEN '9' || lpad((d % 1000000000)::VARCHAR, 9, '0')
-        WHEN 'MX' THEN ['55', '56', '33', '81'][1 + d % 4]
-                       || lpad(((d // 4) % 100000000)::VARCHAR, 8, '0')
+                        '71', '72', '73', '74'][1 + demo_r(pk, 'phone_prefix', 14)]
+                       || demo_serial(pk, 10000000)
+        WHEN 'BR' THEN ['11', '21', '31', '41', '51', '61', '71', '81', '19', '47']
+                           [1 + demo_r(pk, 'phone_prefix', 10)]
+                       || '9' || demo_serial(pk, 100000000)
+        WHEN 'IN' THEN '9' || demo_serial(pk, 1000000000)
+        WHEN 'MX' THEN ['55', '56', '33', '81'][1 + demo_r(pk, 'phone_prefix', 4)]
+                       || demo_serial(pk, 100000000)
         WHEN 'ZA' THEN ['60', '61', '62', '63', '64', '65', '66', '67', '68', '71', '72', '73',
-                        '74', '76', '78', '79', '81', '82', '83', '84'][1 + d % 20]
-                       || lpad(((d // 20) % 10000000)::VARCHAR, 7, '0')
+                        '74', '76', '78', '79', '81', '82', '83', '84']
+                           [1 + demo_r(pk, 'phone_prefix', 20)]
+                       || demo_serial(pk, 10000000)
+        -- US: one of 15 area codes, then a 7-digit local number whose exchange starts with
+        -- 2-9: 15 x 8e6 numbers, all drawn from one serial so they never collide either
         ELSE ['212', '213', '206', '303', '305', '312', '404', '415', '512', '617', '646',
-              '702', '713', '718', '917'][1 + d % 15]
-             || (2 + (d // 15) % 8)::VARCHAR
-             || lpad(((d // 120) % 1000000)::VARCHAR, 6, '0')
+              '702', '713', '718', '917'][1 + demo_serial(pk, 120000000)::BIGINT // 8000000]
+             || (2000000 + demo_serial(pk, 120000000)::BIGINT % 8000000)::VARCHAR
     END;
 
 -- The customer's own country's national notation, as people type it.
@@ -95,7 +108,8 @@ CREATE OR REPLACE TEMP MACRO demo_national(country, nsn) AS
         WHEN 'DE' THEN '0' || substr(nsn, 1, 3) || ' ' || substr(nsn, 4)
         WHEN 'ES' THEN substr(nsn, 1, 3) || ' ' || substr(nsn, 4, 2) || ' ' || substr(nsn, 6, 2)
                        || ' ' || substr(nsn, 8)
-        WHEN 'BR' THEN '(' || substr(nsn, 1, 2) || ') ' || substr(nsn, 3, 5) || '-' || substr(nsn, 8)
+        WHEN 'BR' THEN '(' || substr(nsn, 1, 2) || ') ' || substr(nsn, 3, 5) || '-'
+                       || substr(nsn, 8)
         WHEN 'IN' THEN '0' || substr(nsn, 1, 5) || ' ' || substr(nsn, 6)
         WHEN 'MX' THEN substr(nsn, 1, 2) || ' ' || substr(nsn, 3, 4) || ' ' || substr(nsn, 7)
         WHEN 'ZA' THEN '0' || substr(nsn, 1, 2) || ' ' || substr(nsn, 3, 3) || ' ' || substr(nsn, 6)
@@ -156,7 +170,7 @@ WITH ids AS (
     FROM range(1, getvariable('customers')::BIGINT + 1) AS t(i)
 ),
 base AS (
-    SELECT ids.*, c.*, demo_nsn(c.country, demo_r(pk, 'phone', 1000000000000000)) AS nsn
+    SELECT ids.*, c.*, demo_nsn(c.country, pk) AS nsn
     FROM ids
     JOIN demo_country_buckets AS b ON b.bucket = demo_r(ids.pk, 'country', 100)
     JOIN demo_countries AS c ON c.country = b.country
@@ -172,8 +186,8 @@ SELECT
      'Fischer', 'Weber', 'Garcia', 'Fernandez', 'Gonzalez', 'Rodriguez', 'Lopez', 'Silva',
      'Santos', 'Oliveira', 'Souza', 'Pereira', 'Sharma', 'Patel', 'Singh', 'Kumar', 'Gupta',
      'Hernandez', 'Martinez', 'Ramirez', 'Flores', 'Torres', 'Nkosi', 'Dlamini', 'Naidoo',
-     'Botha', 'Khumalo', 'Johnson', 'Miller', 'Davis', 'Wilson', 'Moore'][1 + demo_r(pk, 'last_name', 40)]
-        AS last_name,
+     'Botha', 'Khumalo', 'Johnson', 'Miller', 'Davis', 'Wilson', 'Moore']
+        [1 + demo_r(pk, 'last_name', 40)] AS last_name,
     CASE phone_kind
         WHEN 'e164' THEN '+' || calling_code || nsn
         WHEN 'national' THEN demo_national(country, nsn)
@@ -305,8 +319,7 @@ WITH picked AS (
         c.country,
         k.calling_code,
         demo_phone_kind(c.customer_id) AS phone_kind,
-        demo_nsn(c.country, demo_r(demo_phone_key(c.customer_id), 'phone', 1000000000000000))
-            AS nsn,
+        demo_nsn(c.country, demo_phone_key(c.customer_id)) AS nsn,
         CASE WHEN demo_r(c.customer_id, 'suppressed_twice', 10) = 0 THEN 2 ELSE 1 END AS n
     FROM customers AS c
     JOIN demo_countries AS k ON k.country = c.country

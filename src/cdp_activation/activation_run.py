@@ -19,7 +19,7 @@ import polars as pl
 
 from cdp_activation.audience_sql import AudienceQuery, load_audience_sql
 from cdp_activation.connectors.base import Connector, TemplateInfo
-from cdp_activation.delivery import DeliveryOptions, deliver
+from cdp_activation.delivery import DeliveryOptions, deliver, rate_of
 from cdp_activation.ledger import SENT, Ledger, idempotency_key
 from cdp_activation.masking import mask_phone
 from cdp_activation.policy import Decisions, decide, reasons
@@ -381,7 +381,7 @@ def _estimate_seconds(chosen: pl.DataFrame, connectors: Mapping[str, Connector],
     total = chosen.height
     seconds = 0.0
     for name, count in zip(shares["connector"].to_list(), shares["len"].to_list(), strict=True):
-        rate = connectors[name].capabilities.default_rate_per_second
+        rate = rate_of(connectors[name])
         seconds = max(seconds, (n * count / total) / rate)
     return round(seconds, 1)
 
@@ -408,6 +408,7 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         meta["estimated_seconds_at_rate_limit"] = summary.estimated_seconds
     if summary.error_codes:
         meta["error_codes"] = dg.MetadataValue.md(_md_counts("Error code", summary.error_codes))
+        meta["error_codes_json"] = dg.MetadataValue.json(summary.error_codes)
     if summary.ledger_states:
         meta["ledger_states"] = dg.MetadataValue.json(summary.ledger_states)
     return meta

@@ -114,10 +114,7 @@ async def deliver_async(
     report = DeliveryReport()
     started = time.perf_counter()
     limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=64)
-    limiters = {
-        name: AsyncLimiter(options.rate_per_second or c.capabilities.default_rate_per_second, 1)
-        for name, c in connectors.items()
-    }
+    limiters = {name: AsyncLimiter(rate_of(c, options), 1) for name, c in connectors.items()}
     semaphore = asyncio.Semaphore(options.concurrency)
     stop = asyncio.Event()
     stop_error: list[ConnectorError] = []
@@ -171,6 +168,14 @@ async def deliver_async(
         report.stopped_by = str(stop_error[0])
         raise stop_error[0]
     return report
+
+
+def rate_of(connector: Connector, options: DeliveryOptions | None = None) -> float:
+    """Messages per second for a connector: run option, then configured, then its default."""
+    if options is not None and options.rate_per_second:
+        return options.rate_per_second
+    configured = getattr(connector, "rate_per_second", None)
+    return configured or connector.capabilities.default_rate_per_second
 
 
 def _batches(

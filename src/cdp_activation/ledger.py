@@ -94,7 +94,7 @@ class Ledger:
     """SQLAlchemy Core access to the `sends` table; every write is a bulk statement."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        self.url = url = _with_driver(url)
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(url, future=True)
@@ -287,6 +287,14 @@ class Ledger:
             result = con.execute(query.order_by(sends.c.id))
             data = [dict(r._mapping) for r in result]
         return pl.DataFrame(data, schema=[c.name for c in sends.columns] if not data else None)
+
+
+def _with_driver(url: str) -> str:
+    """`postgresql://…` means psycopg 3 here (the driver this project installs)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
 
 
 def _state_for(outcome: Outcome) -> str:

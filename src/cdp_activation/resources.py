@@ -41,8 +41,14 @@ class LedgerResource(dg.ConfigurableResource):
 class ConnectorResource(dg.ConfigurableResource):
     """A provider connector; `connector()` builds the plain-Python client."""
 
+    rate_per_second: float | None = None  # messages/s for this sender; None: connector default
+
     def connector(self) -> Connector:
         raise NotImplementedError
+
+    def _with_rate(self, connector: Connector) -> Connector:
+        connector.rate_per_second = self.rate_per_second  # type: ignore[attr-defined]
+        return connector
 
 
 class MetaWhatsAppResource(ConnectorResource):
@@ -54,19 +60,21 @@ class MetaWhatsAppResource(ConnectorResource):
     waba_id: str
     access_token: str | None = None
 
-    def connector(self) -> MetaWhatsAppConnector:
+    def connector(self) -> Connector:
         token = self.access_token
-        return MetaWhatsAppConnector(
-            base_url=self.base_url,
-            api_version=self.api_version,
-            phone_number_id=self.phone_number_id,
-            waba_id=self.waba_id,
-            access_token=_secret(
-                None if not token else _Secret(token),
-                self.base_url,
-                SANDBOX_META_TOKEN,
-                "CDP_META_ACCESS_TOKEN",
-            ),
+        return self._with_rate(
+            MetaWhatsAppConnector(
+                base_url=self.base_url,
+                api_version=self.api_version,
+                phone_number_id=self.phone_number_id,
+                waba_id=self.waba_id,
+                access_token=_secret(
+                    None if not token else _Secret(token),
+                    self.base_url,
+                    SANDBOX_META_TOKEN,
+                    "CDP_META_ACCESS_TOKEN",
+                ),
+            )
         )
 
 
@@ -78,18 +86,20 @@ class TwilioResource(ConnectorResource):
     auth_token: str | None = None
     from_number: str
 
-    def connector(self) -> TwilioConnector:
+    def connector(self) -> Connector:
         token = self.auth_token
-        return TwilioConnector(
-            base_url=self.base_url,
-            account_sid=self.account_sid,
-            auth_token=_secret(
-                None if not token else _Secret(token),
-                self.base_url,
-                SANDBOX_TWILIO_AUTH_TOKEN,
-                "CDP_TWILIO_AUTH_TOKEN",
-            ),
-            from_number=self.from_number,
+        return self._with_rate(
+            TwilioConnector(
+                base_url=self.base_url,
+                account_sid=self.account_sid,
+                auth_token=_secret(
+                    None if not token else _Secret(token),
+                    self.base_url,
+                    SANDBOX_TWILIO_AUTH_TOKEN,
+                    "CDP_TWILIO_AUTH_TOKEN",
+                ),
+                from_number=self.from_number,
+            )
         )
 
 

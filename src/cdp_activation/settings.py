@@ -59,11 +59,13 @@ class Settings(BaseSettings):
     meta_phone_number_id: str = "100000000000001"
     meta_waba_id: str = "200000000000002"
     meta_access_token: SecretStr | None = None
+    meta_rate_per_second: float | None = None  # None: the connector's default (80 msg/s)
 
     twilio_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"
     twilio_account_sid: str = SANDBOX_TWILIO_ACCOUNT_SID
     twilio_auth_token: SecretStr | None = None
     twilio_from: str = "+15005550006"
+    twilio_rate_per_second: float | None = None  # None: the connector's default
 
     def model_post_init(self, _context: object) -> None:
         home = _default_dagster_home()

@@ -106,7 +106,11 @@ class TemplateSpec(_Strict):
 
 
 class StepSpec(_Strict):
-    """One channel of the plan: a template (OTT) or a text body with {column} fields (SMS)."""
+    """One channel of the plan: a template, or a text body with {column} fields.
+
+    On WhatsApp a `body` is a free-form session message: policy lets it go only inside the
+    customer's 24-hour care window (the audience must return `whatsapp_last_inbound_at`).
+    """
 
     channel: Channel
     connector: str
@@ -117,11 +121,6 @@ class StepSpec(_Strict):
     def _template_or_body(self) -> StepSpec:
         if (self.template is None) == (self.body is None):
             raise ValueError(f"step '{self.channel}': give exactly one of `template` or `body`")
-        if self.channel == "whatsapp" and self.template is None:
-            raise ValueError(
-                "step 'whatsapp': a business-initiated WhatsApp message needs an approved "
-                "`template` (free-form bodies only go inside the 24-hour window)"
-            )
         return self
 
     def variable_columns(self) -> list[str]:

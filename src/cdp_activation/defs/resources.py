@@ -34,12 +34,14 @@ def resources() -> dg.Definitions:
                 phone_number_id=settings.meta_phone_number_id,
                 waba_id=settings.meta_waba_id,
                 access_token=_env_secret("CDP_META_ACCESS_TOKEN"),
+                rate_per_second=settings.meta_rate_per_second,
             ),
             "twilio": TwilioResource(
                 base_url=settings.twilio_base_url,
                 account_sid=settings.twilio_account_sid,
                 auth_token=_env_secret("CDP_TWILIO_AUTH_TOKEN"),
                 from_number=settings.twilio_from,
+                rate_per_second=settings.twilio_rate_per_second,
             ),
         }
     )

@@ -140,10 +140,13 @@ def decide(
     frame = frame.with_columns(
         pl.when(pl.col("customer_reason").is_null()).then(chosen_index).alias("step_index")
     )
+    # No channel passed: the reason names why each one failed, in plan order, e.g.
+    # "whatsapp_no_consent+sms_no_consent", so no one reads it as "WhatsApp only".
+    all_steps_failed = pl.concat_str([pl.col(c) for c in step_reason_cols], separator="+")
     frame = frame.with_columns(
         pl.coalesce(
             pl.col("customer_reason"),
-            pl.when(pl.col("step_index").is_null()).then(pl.col(step_reason_cols[0])),
+            pl.when(pl.col("step_index").is_null()).then(all_steps_failed),
         ).alias("reason")
     )
 

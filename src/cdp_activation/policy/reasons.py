@@ -40,7 +40,10 @@ def channel_reason(channel: str, reason: str) -> str:
 
 
 def describe(code: str) -> str:
-    """The human text of a reason code (customer-level or `<channel>_<reason>`)."""
+    """The human text of a reason code (customer-level, `<channel>_<reason>`, or several
+    channel reasons joined by `+` when no channel of the plan could be used)."""
+    if "+" in code:
+        return " / ".join(describe(part) for part in code.split("+"))
     if code in CUSTOMER_REASONS:
         return CUSTOMER_REASONS[code]
     for reason, text in CHANNEL_REASONS.items():

@@ -1,0 +1,276 @@
+"""The `cdp-activation` command line: demo, run, validate, sandbox, dev."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from datetime import time as dtime
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from cdp_activation.settings import SANDBOX_PORT, get_settings, project_root
+
+console = Console(stderr=True)
+
+
+@click.group(help="Activate warehouse audiences on WhatsApp, SMS and more, safely, with Dagster.")
+def main() -> None:
+    pass
+
+
+# ---------------------------------------------------------------- demo
+
+
+@main.command(help="Build the demo warehouse, start the sandbox, run winback_whatsapp for today.")
+@click.option("--customers", default=100_000, show_default=True, help="Demo warehouse size.")
+@click.option("--seed", default=42, show_default=True, help="Seed of the demo data.")
+@click.option("--port", default=SANDBOX_PORT, show_default=True, help="Sandbox port.")
+@click.option("--dry-run", is_flag=True, help="Preview only: send nothing.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
+def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> None:
+    from cdp_activation.demo_data import generate_demo_warehouse
+    from cdp_activation.runner import ensure_dagster_home, run_activation, today_partition
+    from cdp_activation.warehouse import duckdb_path
+
+    started = time.perf_counter()
+    home = ensure_dagster_home()
+    settings = get_settings()
+    path = duckdb_path(settings.warehouse_url) or home / "demo_warehouse.duckdb"
+    os.environ["CDP_WAREHOUSE_URL"] = f"duckdb:///{path}"
+    partition = today_partition()
+    # Anchor the data at the start of the partition's day: every demo run of the same day
+    # sees the same warehouse, so a second run has nothing new to send.
+    as_of = datetime.combine(datetime.fromisoformat(partition), dtime.min, tzinfo=UTC)
+    console.print(f"[bold]1/3[/] demo warehouse: {customers:,} customers → {path}")
+    counts = generate_demo_warehouse(path, customers=customers, seed=seed, as_of=as_of)
+    console.print("    " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
+    with ExitStack() as stack:
+        url = _sandbox_url(stack, port)
+        # The demo always sends to the sandbox, never to a real provider from the environment.
+        os.environ["CDP_META_BASE_URL"] = f"{url}/meta"
+        os.environ["CDP_TWILIO_BASE_URL"] = f"{url}/twilio"
+        for var in ("CDP_META_ACCESS_TOKEN", "CDP_TWILIO_AUTH_TOKEN"):
+            os.environ.pop(var, None)
+        # Meta's highest throughput tier; the sandbox has no limit of its own.
+        os.environ.setdefault("CDP_META_RATE_PER_SECOND", "1000")
+        os.environ.setdefault("CDP_TWILIO_RATE_PER_SECOND", "1000")
+        console.print(f"[bold]3/3[/] materialising winback_whatsapp for {partition} via Dagster")
+        summary = run_activation("winback_whatsapp", partition, dry_run=dry_run)
+    summary.elapsed_seconds = round(time.perf_counter() - started, 2)
+    _report(summary, as_json, sandbox_url=url)
+
+
+def _sandbox_url(stack: ExitStack, port: int) -> str:
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if httpx.get(f"{url}/_sandbox/health", timeout=1).status_code == 200:
+            console.print(f"[bold]2/3[/] sandbox provider already running at {url}")
+            return url
+    except httpx.HTTPError:
+        pass
+    # Its own process, as a real provider would be: it must not share our interpreter's GIL.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cdp_activation.cli", "sandbox", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    stack.callback(_stop_process, process)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            raise click.ClickException(
+                f"the sandbox provider did not start on port {port}: {error.strip()[-500:]}"
+            )
+        try:
+            if httpx.get(f"{url}/_sandbox/health", timeout=1).status_code == 200:
+                console.print(f"[bold]2/3[/] sandbox provider started at {url}")
+                return url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise click.ClickException(f"the sandbox provider did not answer on {url} within 20 s")
+
+
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+# ---------------------------------------------------------------- run
+
+
+@main.command(help="Run one activation through Dagster for a partition (default: today).")
+@click.argument("activation")
+@click.option("--partition", help="Partition date, YYYY-MM-DD (default: today, UTC).")
+@click.option("--dry-run", is_flag=True, help="Preview only: decide, estimate, send nothing.")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Audience SQL parameter, e.g. --param lapse_threshold=0.8 (repeatable).",
+)
+@click.option("--max-recipients", type=int, help="Cap the recipients of this run.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
+def run(
+    activation: str,
+    partition: str | None,
+    dry_run: bool,
+    params: tuple[str, ...],
+    max_recipients: int | None,
+    as_json: bool,
+) -> None:
+    from cdp_activation.runner import ActivationNotFound, run_activation
+
+    parameters: dict[str, Any] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
+        parameters[key] = _yaml_scalar(value)
+    try:
+        summary = run_activation(
+            activation,
+            partition,
+            dry_run=dry_run,
+            parameters=parameters,
+            max_recipients=max_recipients,
+        )
+    except ActivationNotFound as err:
+        raise click.ClickException(str(err)) from None
+    _report(summary, as_json)
+
+
+def _yaml_scalar(value: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+# ---------------------------------------------------------------- validate
+
+
+@main.command(help="Check every activation (defs.yaml) and audience SQL file; list all problems.")
+def validate() -> None:
+    from cdp_activation.validation import validate_project
+
+    valid, problems = validate_project(project_root())
+    for name in valid:
+        console.print(f"[green]ok[/]  {name}")
+    for problem in problems:
+        console.print(f"[red]error[/] {problem}", highlight=False, soft_wrap=True)
+    if problems:
+        raise SystemExit(1)
+
+
+# ---------------------------------------------------------------- sandbox / dev
+
+
+@main.command(help="Serve the local sandbox provider (Meta WhatsApp + Twilio emulation).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=SANDBOX_PORT, show_default=True)
+def sandbox(host: str, port: int) -> None:
+    from cdp_activation.sandbox.server import serve
+
+    console.print(f"sandbox provider on http://{host}:{port} (Ctrl-C to stop)")
+    serve(host, port)
+
+
+@main.command(help="Start the sandbox and the Dagster UI (dagster dev) on this project.")
+@click.option("--port", default=3000, show_default=True, help="Dagster UI port.")
+@click.option("--sandbox-port", default=SANDBOX_PORT, show_default=True)
+def dev(port: int, sandbox_port: int) -> None:
+    from cdp_activation.demo_data import generate_demo_warehouse
+    from cdp_activation.runner import ensure_dagster_home
+    from cdp_activation.warehouse import duckdb_path
+
+    home = ensure_dagster_home()
+    path = duckdb_path(get_settings().warehouse_url)
+    if path is not None and not path.exists():
+        console.print(f"no warehouse at {path}: generating the demo one (100,000 customers)")
+        generate_demo_warehouse(path)
+    with ExitStack() as stack:
+        url = _sandbox_url(stack, sandbox_port)
+        env = dict(os.environ, DAGSTER_HOME=str(home))
+        env.setdefault("CDP_META_BASE_URL", f"{url}/meta")
+        env.setdefault("CDP_TWILIO_BASE_URL", f"{url}/twilio")
+        console.print(f"Dagster UI on http://127.0.0.1:{port}")
+        command = [
+            sys.executable,
+            "-m",
+            "dagster",
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ]
+        try:
+            subprocess.run(command, cwd=project_root(), env=env, check=False)
+        except KeyboardInterrupt:
+            pass
+
+
+# ---------------------------------------------------------------- output
+
+
+def _report(summary: Any, as_json: bool, sandbox_url: str | None = None) -> None:
+    out = Console()
+    title = f"{summary.activation} · partition {summary.partition}"
+    if summary.dry_run:
+        title += " · DRY RUN (nothing sent)"
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("audience", f"{summary.audience:,}")
+    for channel, count in summary.eligible.items():
+        table.add_row(f"eligible · {channel}", f"{count:,}")
+    for reason, count in summary.excluded.items():
+        table.add_row(f"excluded · {reason}", f"{count:,}")
+    if summary.dry_run:
+        table.add_row("would send", f"{summary.to_send:,}")
+        if summary.estimated_seconds is not None:
+            table.add_row("estimated duration", f"{summary.estimated_seconds:,.1f} s")
+    else:
+        table.add_row("sent", f"{summary.sent:,}")
+        table.add_row("failed", f"{summary.failed:,}")
+        if summary.unknown or summary.dead_letter:
+            table.add_row("unknown (not resent)", f"{summary.unknown:,}")
+            table.add_row("dead-lettered", f"{summary.dead_letter:,}")
+    table.add_row("already sent (earlier runs)", f"{summary.already_sent:,}")
+    for code, count in summary.error_codes.items():
+        table.add_row(f"provider error · {code}", f"{count:,}")
+    table.add_row("elapsed", f"{summary.elapsed_seconds:,.1f} s")
+    out.print(table)
+    for check, description in summary.failed_checks.items():
+        out.print(f"[red]check failed[/] {check}: {description}", highlight=False)
+    if summary.error:
+        out.print(f"[red]run failed[/] {summary.error}", highlight=False, soft_wrap=True)
+    if sandbox_url and not summary.dry_run:
+        out.print(f"sandbox recorded messages: {sandbox_url}/_sandbox/messages", highlight=False)
+    out.print(f"Dagster run {summary.run_id} (see it with `make dev`)", highlight=False)
+    if as_json:
+        print(json.dumps(summary.as_json(), sort_keys=True))
+    if not summary.success:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Run an activation through Dagster from Python (the CLI and the end-to-end tests use this).
+
+The run goes through the real Dagster instance under DAGSTER_HOME, so it shows in the UI like
+a run launched there: same assets, checks, partitions and metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from cdp_activation.settings import project_root
+
+SUMMARY_KEYS = ("audience", "eligible", "excluded", "sent", "failed", "already_sent")
+
+
+class ActivationNotFound(LookupError):
+    pass
+
+
+@dataclass
+class RunSummary:
+    """What one activation run selected, decided and sent."""
+
+    activation: str
+    partition: str
+    run_id: str
+    success: bool
+    dry_run: bool
+    audience: int = 0
+    eligible: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)
+    to_send: int = 0
+    sent: int = 0
+    failed: int = 0
+    unknown: int = 0
+    dead_letter: int = 0
+    already_sent: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
+    failed_checks: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    elapsed_seconds: float = 0.0
+    estimated_seconds: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["eligible_total"] = sum(self.eligible.values())
+        data["excluded_total"] = sum(self.excluded.values())
+        return data
+
+
+def ensure_dagster_home() -> Path:
+    home = Path(os.environ.get("DAGSTER_HOME") or project_root() / "dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def today_partition() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+def load_definitions() -> dg.Definitions:
+    from cdp_activation.definitions import defs
+
+    return defs()
+
+
+def activation_names(definitions: dg.Definitions) -> list[str]:
+    return sorted(
+        job.name.removesuffix("_job")
+        for job in definitions.resolve_all_job_defs()
+        if job.name.endswith("_job") and not job.name.startswith("__")
+    )
+
+
+def run_activation(
+    name: str,
+    partition: str | None = None,
+    *,
+    dry_run: bool = False,
+    parameters: Mapping[str, Any] | None = None,
+    max_recipients: int | None = None,
+    log_level: str = "WARNING",
+) -> RunSummary:
+    """Materialise `<name>/audience -> decisions -> deliveries` for one partition."""
+    ensure_dagster_home()
+    definitions = load_definitions()
+    names = activation_names(definitions)
+    if name not in names:
+        raise ActivationNotFound(
+            f"no activation named {name!r}; known: {', '.join(names) or 'none'} "
+            "(each is a folder under src/cdp_activation/defs/activations/)"
+        )
+    partition = partition or today_partition()
+    job = definitions.resolve_job_def(f"{name}_job")
+    ops: dict[str, Any] = {
+        f"{name}__deliveries": {"config": {"dry_run": dry_run}},
+    }
+    if parameters:
+        ops[f"{name}__audience"] = {"config": dict(parameters)}
+    if max_recipients is not None:
+        ops[f"{name}__decisions"] = {"config": {"max_recipients": max_recipients}}
+    run_config = {"ops": ops, "loggers": {"console": {"config": {"log_level": log_level}}}}
+    started = time.perf_counter()
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.get(),
+        partition_key=partition,
+        run_config=run_config,
+        raise_on_error=False,
+        tags={"activation": name, "launched_by": "cdp-activation-cli"},
+    )
+    summary = RunSummary(
+        activation=name,
+        partition=partition,
+        run_id=result.run_id,
+        success=result.success,
+        dry_run=dry_run,
+    )
+    _fill_from_events(summary, result, name)
+    summary.elapsed_seconds = round(time.perf_counter() - started, 2)
+    return summary
+
+
+def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
+    for event in result.all_events:
+        if event.is_step_materialization:
+            materialization = event.step_materialization_data.materialization
+            key = materialization.asset_key.path[-1]
+            meta = {k: v.value for k, v in materialization.metadata.items()}
+            if key == "audience":
+                summary.audience = int(meta.get("audience_size", 0))
+            elif key == "decisions":
+                summary.eligible = {
+                    k.removeprefix("eligible_"): int(v)
+                    for k, v in meta.items()
+                    if k.startswith("eligible_") and k != "eligible_by_channel"
+                }
+                summary.excluded = {
+                    k.removeprefix("excluded_"): int(v)
+                    for k, v in meta.items()
+                    if k.startswith("excluded_") and k != "excluded_by_reason"
+                }
+            elif key == "deliveries":
+                for attr in ("to_send", "sent", "failed", "unknown", "dead_letter", "already_sent"):
+                    setattr(summary, attr, int(meta.get(attr, 0)))
+                if "estimated_seconds_at_rate_limit" in meta:
+                    summary.estimated_seconds = float(meta["estimated_seconds_at_rate_limit"])
+                codes = meta.get("error_codes_json")
+                if isinstance(codes, dict):
+                    summary.error_codes = {str(k): int(v) for k, v in codes.items()}
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+            evaluation = event.event_specific_data
+            if not evaluation.passed:
+                summary.failed_checks[evaluation.check_name] = evaluation.description or "failed"
+        elif event.is_step_failure:
+            error = event.step_failure_data.error
+            message = error.message.strip() if error else "step failed"
+            cause = error.cause if error else None
+            while cause is not None:
+                message = cause.message.strip()
+                cause = cause.cause
+            summary.error = f"{event.step_key}: {message}"
