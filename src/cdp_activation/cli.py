@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from datetime import UTC, datetime
 from datetime import time as dtime
 from typing import Any
@@ -222,10 +222,8 @@ def dev(port: int, sandbox_port: int) -> None:
             "-p",
             str(port),
         ]
-        try:
+        with suppress(KeyboardInterrupt):
             subprocess.run(command, cwd=project_root(), env=env, check=False)
-        except KeyboardInterrupt:
-            pass
 
 
 # ---------------------------------------------------------------- output
