@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings
@@ -49,3 +53,32 @@ def settings_for() -> Callable[[SandboxServer], Settings]:
 def sandbox_settings(sandbox: SandboxServer) -> Settings:
     """Settings pointing at the (reset) session sandbox."""
     return settings_for_sandbox(sandbox)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty ledger database: SQLite always, PostgreSQL when TEST_POSTGRES_URL is set.
+
+    Each PostgreSQL test gets its own schema (dropped afterwards), so tests never see each
+    other's rows and can run against a shared server.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+        return
+    base = os.environ.get("TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip(
+            "TEST_POSTGRES_URL is not set (CI sets it; locally: "
+            "TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/test)"
+        )
+    schema = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    url = base.replace("postgresql://", "postgresql+psycopg://", 1)
+    admin = sa.create_engine(url)
+    with admin.begin() as con:
+        con.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{url}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as con:
+            con.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

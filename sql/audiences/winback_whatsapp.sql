@@ -7,6 +7,9 @@
 -- Returns one row per customer with the audience contract's columns: customer_id, phone,
 -- country, consent per channel and purpose (latest record wins, an opt-out wins a tie;
 -- no record = NULL = no consent), the last inbound WhatsApp time, and the template variables.
+--
+-- Consent is always the latest known, never "as of" the partition: a customer who opted out
+-- since must not be messaged by a backfill.
 WITH latest_consent AS (
     SELECT
         customer_id,
@@ -18,7 +21,6 @@ WITH latest_consent AS (
             ORDER BY recorded_at DESC, opted_in ASC
         ) AS recency
     FROM channel_consents
-    WHERE recorded_at <= :as_of
 ),
 consent AS (
     SELECT

@@ -230,7 +230,9 @@ async def _send_batch(
         pending = [m for m in pending if m.key in final and final[m.key].outcome == Outcome.RETRY]
         return [final[m.key] for m in pending]
 
-    backoff = wait_exponential_jitter(initial=options.backoff_initial, max=options.backoff_max)
+    backoff = wait_exponential_jitter(
+        multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
+    )
 
     def wait(state: RetryCallState) -> float:
         retryable: list[SendResult] = state.outcome.result() if state.outcome else []

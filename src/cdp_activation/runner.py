@@ -89,10 +89,17 @@ def run_activation(
     parameters: Mapping[str, Any] | None = None,
     max_recipients: int | None = None,
     log_level: str = "WARNING",
+    definitions: dg.Definitions | None = None,
+    instance: dg.DagsterInstance | None = None,
 ) -> RunSummary:
-    """Materialise `<name>/audience -> decisions -> deliveries` for one partition."""
-    ensure_dagster_home()
-    definitions = load_definitions()
+    """Materialise `<name>/audience -> decisions -> deliveries` for one partition.
+
+    By default the project's definitions run on the instance under DAGSTER_HOME.
+    """
+    if instance is None:
+        ensure_dagster_home()
+        instance = dg.DagsterInstance.get()
+    definitions = definitions or load_definitions()
     names = activation_names(definitions)
     if name not in names:
         raise ActivationNotFound(
@@ -111,7 +118,7 @@ def run_activation(
     run_config = {"ops": ops, "loggers": {"console": {"config": {"log_level": log_level}}}}
     started = time.perf_counter()
     result = job.execute_in_process(
-        instance=dg.DagsterInstance.get(),
+        instance=instance,
         partition_key=partition,
         run_config=run_config,
         raise_on_error=False,

@@ -132,7 +132,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             connectors,
             partition_key=context.partition_key,
             dry_run=config.dry_run,
-            run_id=context.run_id,
+            run_id=context.run.run_id,
         )
         return dg.MaterializeResult(metadata=run.delivery_metadata(summary))
 
@@ -193,7 +193,6 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
     job = dg.define_asset_job(
         name=f"{name}_job",
         selection=dg.AssetSelection.assets(audience_key, decisions_key, deliveries_key),
-        partitions_def=partitions,
         tags={"activation": name},
         description=f"Run the {name} activation for one day's partition.",
     )

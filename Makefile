@@ -1,0 +1,45 @@
+# cdp-activation — every target sets up .venv itself. `make help` lists them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo dev test lint validate bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cdp-activation needs Python 3.11 or newer (set PYTHON=python3.11)")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its dev tools
+
+demo: $(STAMP) ## Build the demo warehouse, start the sandbox, run winback_whatsapp for today
+	$(BIN)/cdp-activation demo
+
+dev: $(STAMP) ## Start the sandbox provider and the Dagster UI on http://127.0.0.1:3000
+	$(BIN)/cdp-activation dev
+
+test: $(STAMP) ## Run the whole test suite
+	$(BIN)/pytest
+
+lint: $(STAMP) ## ruff lint and format check
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+validate: $(STAMP) ## Check every activation and SQL file, then the Dagster definitions
+	$(BIN)/cdp-activation validate
+	$(BIN)/dagster definitions validate -w workspace.yaml
+
+bench: $(STAMP) ## Run the benchmarks; figures go to bench/results.md
+	$(BIN)/python -m bench
+
+clean: ## Remove .venv and everything generated under dagster_home/
+	rm -rf $(VENV) .pytest_cache .ruff_cache
+	find dagster_home -mindepth 1 ! -name 'dagster.yaml' ! -name 'dagster.postgres.yaml.example' -exec rm -rf {} +

@@ -1,0 +1,240 @@
+"""The whole activation through Dagster: real DuckDB warehouse, real sandbox over HTTP, real
+SQLite ledger, a real Dagster instance in a temporary DAGSTER_HOME."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from cdp_activation.activation_run import Activation, compute_audience
+from cdp_activation.audience_sql import AudienceSQLError
+from cdp_activation.components.activation import build_activation_defs
+from cdp_activation.defs.resources import resources
+from cdp_activation.demo_data import generate_demo_warehouse
+from cdp_activation.ledger import Ledger
+from cdp_activation.runner import RunSummary, run_activation
+from cdp_activation.sandbox import SandboxServer
+from cdp_activation.settings import project_root
+from cdp_activation.specs import ActivationSpec
+from cdp_activation.warehouse import Warehouse
+
+pytestmark = pytest.mark.e2e
+
+ROOT = project_root()
+WINBACK_YAML = ROOT / "src/cdp_activation/defs/activations/winback_whatsapp/defs.yaml"
+TODAY = datetime.now(UTC).date()
+
+
+@pytest.fixture(scope="module")
+def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("warehouse") / "demo.duckdb"
+    as_of = datetime.combine(TODAY, time.min, tzinfo=UTC)
+    generate_demo_warehouse(path, customers=4_000, seed=7, as_of=as_of)
+    return path
+
+
+@pytest.fixture
+def env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, warehouse: Path, sandbox: SandboxServer
+) -> SimpleNamespace:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("CDP_WAREHOUSE_URL", f"duckdb:///{warehouse}")
+    monkeypatch.setenv("CDP_LEDGER_URL", ledger_url)
+    monkeypatch.setenv("CDP_META_BASE_URL", f"{sandbox.url}/meta")
+    monkeypatch.setenv("CDP_TWILIO_BASE_URL", f"{sandbox.url}/twilio")
+    monkeypatch.setenv("CDP_META_RATE_PER_SECOND", "5000")
+    monkeypatch.setenv("CDP_TWILIO_RATE_PER_SECOND", "5000")
+    for var in ("CDP_META_ACCESS_TOKEN", "CDP_TWILIO_AUTH_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    return SimpleNamespace(home=home, ledger_url=ledger_url, sandbox=sandbox, tmp=tmp_path)
+
+
+def winback_attributes() -> dict[str, Any]:
+    return yaml.safe_load(WINBACK_YAML.read_text())["attributes"]
+
+
+def custom_definitions(
+    tmp: Path, name: str, attributes: dict[str, Any], sql: str | None = None
+) -> dg.Definitions:
+    """An activation defined in a scratch project (its own sql/), with the real resources."""
+    root = tmp / "project"
+    if not root.exists():
+        shutil.copytree(ROOT / "sql", root / "sql")
+    if sql is not None:
+        (root / "sql" / "audiences" / f"{name}.sql").write_text(sql)
+        attributes = {
+            **attributes,
+            "audience": {**attributes["audience"], "sql": f"sql/audiences/{name}.sql"},
+        }
+    activation = Activation.from_spec(name, ActivationSpec.model_validate(attributes), root)
+    return dg.Definitions.merge(build_activation_defs(activation), resources())
+
+
+def ledger_rows(env: SimpleNamespace, activation: str = "winback_whatsapp") -> pl.DataFrame:
+    ledger = Ledger(env.ledger_url)
+    try:
+        return ledger.rows(activation)
+    finally:
+        ledger.dispose()
+
+
+def assert_nothing_sent(env: SimpleNamespace, summary: RunSummary, activation: str) -> None:
+    assert summary.sent == 0
+    assert env.sandbox.messages() == []
+    assert ledger_rows(env, activation).is_empty()
+
+
+def test_winback_runs_end_to_end_and_a_rerun_sends_nothing_twice(env: SimpleNamespace) -> None:
+    first = run_activation("winback_whatsapp", TODAY.isoformat())
+    assert first.success, first.error
+    assert first.audience > 500
+    assert first.eligible["whatsapp"] > first.eligible["sms"] > 0
+    assert sum(first.eligible.values()) + sum(first.excluded.values()) == first.audience
+    assert {"invalid_phone", "suppressed", "whatsapp_no_consent+sms_no_consent"} <= set(
+        first.excluded
+    )
+    received = env.sandbox.messages()
+    assert first.sent == len(received) > 0
+    assert first.failed == first.error_codes.get("131026", 0) > 0  # "not on WhatsApp"
+    assert first.sent + first.failed == sum(first.eligible.values())
+
+    rows = ledger_rows(env)
+    assert rows.height == sum(first.eligible.values())
+    assert rows["idempotency_key"].n_unique() == rows.height
+    assert set(rows.filter(pl.col("state") == "sent")["provider_message_id"]) == {
+        m.provider_message_id for m in received
+    }
+    # Only channels the customer consented to, and only approved templates went out.
+    assert {m.template_name for m in received if m.channel == "whatsapp"} == {"winback_offer"}
+
+    second = run_activation("winback_whatsapp", TODAY.isoformat())
+    assert second.success, second.error
+    assert second.sent == 0
+    assert second.already_sent == first.sent
+    assert len(env.sandbox.messages()) == len(received)
+
+    # The run is in the Dagster instance, with its metadata, like a run launched from the UI.
+    instance = dg.DagsterInstance.get()
+    event = instance.get_latest_materialization_event(
+        dg.AssetKey(["winback_whatsapp", "decisions"])
+    )
+    assert event is not None
+    metadata = event.asset_materialization.metadata
+    assert metadata["eligible_whatsapp"].value == first.eligible["whatsapp"]
+    assert "+44" not in metadata["sample_messages"].value or "*" in (
+        metadata["sample_messages"].value
+    )
+
+
+def test_dry_run_previews_and_sends_nothing(env: SimpleNamespace) -> None:
+    summary = run_activation("winback_whatsapp", TODAY.isoformat(), dry_run=True)
+    assert summary.success, summary.error
+    assert summary.to_send == sum(summary.eligible.values()) > 0
+    assert summary.estimated_seconds is not None and summary.estimated_seconds > 0
+    assert_nothing_sent(env, summary, "winback_whatsapp")
+
+
+def test_threshold_parameter_is_bound_from_run_config(env: SimpleNamespace) -> None:
+    default = run_activation("winback_whatsapp", TODAY.isoformat(), dry_run=True)
+    strict = run_activation(
+        "winback_whatsapp", TODAY.isoformat(), dry_run=True, parameters={"lapse_threshold": 0.95}
+    )
+    assert 0 < strict.audience < default.audience
+
+
+def test_a_partition_reads_the_warehouse_as_of_that_day(warehouse: Path) -> None:
+    spec = ActivationSpec.model_validate(winback_attributes())
+    activation = Activation.from_spec("winback_whatsapp", spec)
+    earlier = (TODAY - timedelta(days=20)).isoformat()
+    params = {"lapse_threshold": 0.7}
+    past = compute_audience(activation, Warehouse(f"duckdb:///{warehouse}"), earlier, params)
+    now = compute_audience(
+        activation, Warehouse(f"duckdb:///{warehouse}"), TODAY.isoformat(), params
+    )
+    both = past.join(now, on="customer_id", suffix="_now")
+    assert both.height > 0
+    # Same customers seen 20 days earlier: their last order was 20 days fresher then (today's
+    # as_of is "now", a past partition's is the end of its day, hence 19 or 20 whole days).
+    shift = both["days_since_last_order_now"] - both["days_since_last_order"]
+    assert set(shift.unique().to_list()) <= {19, 20}
+
+
+def test_an_unapproved_template_fails_the_blocking_check_and_sends_nothing(
+    env: SimpleNamespace,
+) -> None:
+    attributes = copy.deepcopy(winback_attributes())
+    attributes["channel_plan"]["steps"][0]["template"]["name"] = "spring_sale"  # PENDING
+    definitions = custom_definitions(env.tmp, "pending_promo", attributes)
+    summary = run_activation("pending_promo", TODAY.isoformat(), definitions=definitions)
+    assert not summary.success
+    assert "template_approved" in summary.failed_checks
+    assert "PENDING" in summary.failed_checks["template_approved"]
+    assert_nothing_sent(env, summary, "pending_promo")
+
+
+def test_a_query_the_warehouse_refuses_is_a_clear_error_and_sends_nothing(
+    env: SimpleNamespace,
+) -> None:
+    sql = (ROOT / "sql/audiences/winback_whatsapp.sql").read_text()
+    sql = sql.replace("s.lapse_risk,", "s.lapse_risk_score,")
+    definitions = custom_definitions(env.tmp, "typo_audience", winback_attributes(), sql)
+    summary = run_activation("typo_audience", TODAY.isoformat(), definitions=definitions)
+    assert not summary.success
+    assert "typo_audience.sql" in summary.error
+    assert "lapse_risk_score" in summary.error
+    assert_nothing_sent(env, summary, "typo_audience")
+
+
+def test_an_audience_missing_a_contract_column_sends_nothing(env: SimpleNamespace) -> None:
+    sql = (ROOT / "sql/audiences/winback_whatsapp.sql").read_text()
+    sql = sql.replace("    co.sms_marketing_consent,\n", "")
+    definitions = custom_definitions(env.tmp, "no_sms_consent", winback_attributes(), sql)
+    summary = run_activation("no_sms_consent", TODAY.isoformat(), definitions=definitions)
+    assert not summary.success
+    assert "sms_marketing_consent" in summary.error
+    assert "lacks column" in summary.error
+    assert_nothing_sent(env, summary, "no_sms_consent")
+
+
+def test_sql_that_is_not_one_select_is_refused_before_anything_runs(
+    env: SimpleNamespace,
+) -> None:
+    with pytest.raises(AudienceSQLError, match=r"bad_sql\.sql:3:\d+: SQL does not parse"):
+        custom_definitions(
+            env.tmp, "bad_sql", winback_attributes(), "-- broken\n\nSELECT FROM WHERE"
+        )
+    with pytest.raises(AudienceSQLError, match="DELETE statement is not allowed"):
+        custom_definitions(env.tmp, "dml", winback_attributes(), "DELETE FROM customers")
+    with pytest.raises(AudienceSQLError, match="2 statements"):
+        custom_definitions(env.tmp, "two", winback_attributes(), "SELECT 1; SELECT 2")
+    assert env.sandbox.messages() == []
+
+
+def test_a_mistyped_parameter_is_refused_before_anything_runs(env: SimpleNamespace) -> None:
+    with pytest.raises(dg.DagsterInvalidConfigError, match="lapse_threshold"):
+        run_activation(
+            "winback_whatsapp", TODAY.isoformat(), parameters={"lapse_threshold": "high"}
+        )
+    assert env.sandbox.messages() == []
+
+
+def test_unknown_partition_and_activation_are_clear_errors(env: SimpleNamespace) -> None:
+    from cdp_activation.runner import ActivationNotFound
+
+    with pytest.raises(ActivationNotFound, match="winback_whatsapp"):
+        run_activation("winback_whatsap", TODAY.isoformat())
+    with pytest.raises(dg.DagsterUnknownPartitionError):
+        run_activation("winback_whatsapp", (date(2020, 1, 1)).isoformat())

@@ -1,0 +1,113 @@
+"""The delivery engine against the sandbox provider over real HTTP, with a real ledger."""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+
+import polars as pl
+import pytest
+
+from cdp_activation.connectors import connector_from_settings
+from cdp_activation.connectors.base import TemplateError
+from cdp_activation.delivery import DeliveryOptions, deliver
+from cdp_activation.ledger import Ledger
+from cdp_activation.sandbox import SandboxServer
+from cdp_activation.settings import Settings
+
+
+def decisions(numbers: list[str], template: str = "winback_offer") -> pl.DataFrame:
+    n = len(numbers)
+    half = n // 2
+    channel = ["whatsapp"] * half + ["sms"] * (n - half)
+    return pl.DataFrame(
+        {
+            "customer_id": list(range(1, n + 1)),
+            "phone_e164": numbers,
+            "channel": channel,
+            "connector": ["meta_whatsapp" if c == "whatsapp" else "twilio" for c in channel],
+            "step": ["initial"] * n,
+            "template_name": [template if c == "whatsapp" else None for c in channel],
+            "template_language": ["en" if c == "whatsapp" else None for c in channel],
+            "variables": [
+                ["Ann", "90", f"C{i}"] if c == "whatsapp" else None for i, c in enumerate(channel)
+            ],
+            "body": [None if c == "whatsapp" else f"Hi {i}" for i, c in enumerate(channel)],
+        },
+        schema_overrides={"variables": pl.List(pl.String)},
+    )
+
+
+def numbers(n: int) -> list[str]:
+    return [f"+4471234{i:05d}" for i in range(10, 10 + n)]
+
+
+def connectors(settings: Settings) -> dict:
+    return {name: connector_from_settings(name, settings) for name in ("meta_whatsapp", "twilio")}
+
+
+FAST = DeliveryOptions(backoff_initial=0.01, backoff_max=0.05, max_attempts=3)
+
+
+def test_every_planned_row_is_sent_once_and_recorded(
+    tmp_path, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    frame = decisions(numbers(300))
+    ledger.plan("winback", "p", frame)
+    report = deliver(ledger, ledger.pending("winback", "p"), connectors(sandbox_settings), FAST)
+
+    rows = ledger.rows("winback", "p")
+    received = sandbox.messages()
+    not_on_whatsapp = [n for n in numbers(150) if n.endswith("13")]
+    assert report.failed == len(not_on_whatsapp) == rows.filter(pl.col("state") == "failed").height
+    assert report.sent == 300 - len(not_on_whatsapp) == len(received)
+    # The provider's id of every accepted message is in the ledger, each exactly once.
+    assert sorted(rows.filter(pl.col("state") == "sent")["provider_message_id"].to_list()) == (
+        sorted(m.provider_message_id for m in received)
+    )
+    assert max(Counter(m.to for m in received).values()) == 1
+    assert Counter(m.provider for m in received) == {
+        "meta_whatsapp": 150 - len(not_on_whatsapp),
+        "twilio": 150,
+    }
+    failed = rows.filter(pl.col("state") == "failed")
+    assert set(failed["error_code"].to_list()) == {"131026"}
+    # Nothing is left to send: a second pass is a no-op.
+    assert ledger.pending("winback", "p") == []
+
+
+def test_a_template_problem_stops_the_activation_and_sends_nothing(
+    tmp_path, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    frame = decisions(numbers(40), template="spring_sale").filter(pl.col("channel") == "whatsapp")
+    ledger.plan("winback", "p", frame)
+    with pytest.raises(TemplateError) as raised:
+        deliver(ledger, ledger.pending("winback", "p"), connectors(sandbox_settings), FAST)
+    assert "spring_sale" in str(raised.value)
+    assert sandbox.messages() == []
+    # Nobody is lost: every row is back to planned, to go once the template is fixed.
+    assert ledger.counts("winback", "p") == {"planned": 20}
+
+
+def test_an_unreachable_provider_is_retried_then_dead_lettered(
+    tmp_path, sandbox_settings: Settings
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = sandbox_settings.model_copy(
+        update={
+            "meta_base_url": f"http://127.0.0.1:{port}/meta",
+            "twilio_base_url": f"http://127.0.0.1:{port}/twilio",
+        }
+    )
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    ledger.plan("winback", "p", decisions(numbers(4)))
+    report = deliver(ledger, ledger.pending("winback", "p"), connectors(settings), FAST)
+    assert report.dead_letter == 4
+    assert report.attempts == 4 * FAST.max_attempts
+    rows = ledger.rows("winback", "p")
+    assert rows["state"].to_list() == ["dead_letter"] * 4
+    assert rows["attempts"].to_list() == [FAST.max_attempts] * 4

@@ -1,0 +1,100 @@
+"""The ledger's promises, on SQLite and on a real PostgreSQL (when TEST_POSTGRES_URL is set)."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from cdp_activation.connectors.base import Outcome, SendResult
+from cdp_activation.ledger import Ledger, idempotency_key
+
+
+def chosen(n: int, start: int = 1) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "customer_id": list(range(start, start + n)),
+            "phone_e164": [f"+4471234{i:05d}" for i in range(start, start + n)],
+            "channel": ["whatsapp"] * n,
+            "connector": ["meta_whatsapp"] * n,
+            "step": ["initial"] * n,
+            "template_name": ["winback_offer"] * n,
+            "template_language": ["en"] * n,
+            "variables": [["Ann", str(i)] for i in range(start, start + n)],
+            "body": [None] * n,
+        }
+    )
+
+
+def test_planning_twice_writes_each_key_once(ledger_url: str) -> None:
+    ledger = Ledger(ledger_url)
+    first = ledger.plan("winback", "2026-11-23", chosen(100))
+    second = ledger.plan("winback", "2026-11-23", chosen(150))  # 100 known + 50 new
+    assert first.planned == 100
+    assert second.planned == 50
+    assert second.existing == {"planned": 100}
+    assert ledger.counts("winback", "2026-11-23") == {"planned": 150}
+    # Another partition or activation is another key.
+    assert ledger.plan("winback", "2026-11-24", chosen(10)).planned == 10
+    assert ledger.plan("other", "2026-11-23", chosen(10)).planned == 10
+    ledger.dispose()
+
+
+def test_state_machine_moves_only_forward(ledger_url: str) -> None:
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(3))
+    rows = ledger.pending("winback", "p")
+    assert [r.message["parameters"] for r in rows] == [["Ann", "1"], ["Ann", "2"], ["Ann", "3"]]
+    ids = [r.id for r in rows]
+    ledger.mark_in_flight(ids)
+    assert ledger.pending("winback", "p") == []
+    ledger.record(
+        [
+            (ids[0], SendResult(rows[0].idempotency_key, Outcome.SENT, "wamid.1"), 1),
+            (ids[1], SendResult(rows[1].idempotency_key, Outcome.FAILED, None, "131026"), 1),
+        ]
+    )
+    # A result for a row that is no longer in flight changes nothing.
+    ledger.record([(ids[0], SendResult(rows[0].idempotency_key, Outcome.FAILED), 2)])
+    table = ledger.rows("winback", "p").sort("id")
+    assert table["state"].to_list() == ["sent", "failed", "in_flight"]
+    assert table["provider_message_id"][0] == "wamid.1"
+    assert table["error_code"][1] == "131026"
+    assert table["attempts"].to_list() == [1, 1, 1]
+    ledger.dispose()
+
+
+def test_rows_left_in_flight_by_a_crash_become_unknown_not_resent(ledger_url: str) -> None:
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(4))
+    rows = ledger.pending("winback", "p")
+    ledger.mark_in_flight([r.id for r in rows[:2]])
+    # ... the process dies here; the next run starts by recovering:
+    assert ledger.recover_interrupted("winback", "p") == 2
+    assert ledger.counts("winback", "p") == {"unknown": 2, "planned": 2}
+    assert [r.id for r in ledger.pending("winback", "p")] == [r.id for r in rows[2:]]
+    # Planning the same decisions again does not revive them.
+    assert ledger.plan("winback", "p", chosen(4)).planned == 0
+    ledger.dispose()
+
+
+def test_release_returns_unsent_rows_to_planned(ledger_url: str) -> None:
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(2))
+    rows = ledger.pending("winback", "p")
+    ledger.mark_in_flight([r.id for r in rows])
+    ledger.release([rows[1].id])
+    assert ledger.counts("winback", "p") == {"in_flight": 1, "planned": 1}
+    assert ledger.pending("winback", "p")[0].attempts == 0
+    ledger.dispose()
+
+
+def test_idempotency_key_names_activation_partition_customer_and_step() -> None:
+    assert idempotency_key("winback", "2026-11-23", "42", "initial") == (
+        "winback|2026-11-23|42|initial"
+    )
+
+
+def test_large_plans_are_bulk_written(ledger_url: str) -> None:
+    ledger = Ledger(ledger_url)
+    assert ledger.plan("winback", "p", chosen(12_000)).planned == 12_000
+    assert ledger.states_of([idempotency_key("winback", "p", "1", "initial")]) == {"planned": 1}
+    ledger.dispose()
