@@ -1,0 +1,138 @@
+"""The commands a newcomer types, run as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cdp_activation.settings import project_root
+from cdp_activation.validation import validate_project
+
+ROOT = project_root()
+BIN = Path(sys.executable).parent
+WINBACK = "src/cdp_activation/defs/activations/winback_whatsapp/defs.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CDP_", "DAGSTER_"))}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "cdp-activation"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.e2e
+def test_demo_twice_the_second_run_sends_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = clean_env(DAGSTER_HOME=str(home))
+    port = str(free_port())
+    first = run_cli("demo", "--customers", "3000", "--port", port, "--json", env=env)
+    assert first.returncode == 0, first.stderr + first.stdout
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    for key in ("audience", "eligible", "excluded", "sent", "failed", "already_sent"):
+        assert key in summary
+    assert summary["sent"] > 0
+    assert summary["already_sent"] == 0
+    assert isinstance(summary["eligible"], dict) and "whatsapp" in summary["eligible"]
+    assert "sent" in first.stdout and "excluded" in first.stdout  # the readable table too
+
+    second = run_cli("demo", "--customers", "3000", "--port", port, "--json", env=env)
+    assert second.returncode == 0, second.stderr + second.stdout
+    again = json.loads(second.stdout.strip().splitlines()[-1])
+    assert again["sent"] == 0
+    assert again["already_sent"] == summary["sent"]
+    assert again["audience"] == summary["audience"]
+    # The runs are in the instance the UI reads.
+    assert (home / "history" / "runs.db").exists() or (home / "storage").exists()
+
+
+def test_validate_passes_on_the_project() -> None:
+    result = run_cli("validate", env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert "winback_whatsapp" in result.stderr
+
+
+def test_dagster_definitions_validate_passes() -> None:
+    result = subprocess.run(
+        [str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=ROOT, env=clean_env(DAGSTER_HOME=str(ROOT / "dagster_home")),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Validation successful" in result.stdout + result.stderr
+
+
+def scratch_project(tmp_path: Path) -> Path:
+    """A copy of the project's defs and SQL that a test may break."""
+    root = tmp_path / "project"
+    shutil.copytree(ROOT / "sql", root / "sql")
+    shutil.copytree(ROOT / "src", root / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "workspace.yaml"):
+        shutil.copy(ROOT / name, root / name)
+    return root
+
+
+def test_validate_reports_every_problem_with_file_line_and_field(tmp_path: Path) -> None:
+    root = scratch_project(tmp_path)
+    defs = root / WINBACK
+    text = defs.read_text()
+    text = text.replace("category: marketing", "category: promo")
+    text = text.replace("connector: twilio", "connector: twillio")
+    defs.write_text(text)
+    (root / "sql/audiences/broken.sql").write_text("-- oops\nSELECT id,\nFROM customers WHERE")
+    (root / "sql/audiences/writes.sql").write_text("UPDATE customers SET phone = NULL")
+
+    valid, problems = validate_project(root)
+    assert valid == []
+    joined = "\n".join(problems)
+    category_line = text.splitlines().index("          category: promo") + 1
+    assert f"{defs}:{category_line}: channel_plan.steps.0.template.category" in joined
+    assert "'marketing', 'utility' or 'authentication'" in joined
+    assert "broken.sql:" in joined and "does not parse" in joined
+    assert "writes.sql" in joined and "UPDATE statement is not allowed" in joined
+    # Unknown connector is found once the schema errors are fixed:
+    defs.write_text(text.replace("category: promo", "category: marketing"))
+    _, problems = validate_project(root)
+    assert any("steps.1.connector: unknown connector 'twillio'" in p for p in problems)
+
+    result = run_cli("validate", env=clean_env(CDP_PROJECT_ROOT=str(root)), cwd=root)
+    assert result.returncode == 1
+    assert "twillio" in result.stderr and "broken.sql" in result.stderr
+
+
+def test_dagster_refuses_a_wrong_defs_yaml_naming_file_line_and_field(tmp_path: Path) -> None:
+    root = scratch_project(tmp_path)
+    defs = root / WINBACK
+    defs.write_text(defs.read_text().replace("default: 0.7", "default: high"))
+    result = subprocess.run(
+        [str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=root,
+        env=clean_env(PYTHONPATH=str(root / "src"), DAGSTER_HOME=str(tmp_path),
+                      CDP_PROJECT_ROOT=str(root)),
+        capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"{defs}:" in output
+    assert "lapse_threshold" in output
+    assert "'high' is not a valid float" in output
