@@ -34,7 +34,11 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_cli(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN / "cdp-activation"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [str(BIN / "cdp-activation"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
 
@@ -74,8 +78,11 @@ def test_validate_passes_on_the_project() -> None:
 def test_dagster_definitions_validate_passes() -> None:
     result = subprocess.run(
         [str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=ROOT, env=clean_env(DAGSTER_HOME=str(ROOT / "dagster_home")),
-        capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=clean_env(DAGSTER_HOME=str(ROOT / "dagster_home")),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Validation successful" in result.stdout + result.stderr
@@ -85,8 +92,9 @@ def scratch_project(tmp_path: Path) -> Path:
     """A copy of the project's defs and SQL that a test may break."""
     root = tmp_path / "project"
     shutil.copytree(ROOT / "sql", root / "sql")
-    shutil.copytree(ROOT / "src", root / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     for name in ("pyproject.toml", "workspace.yaml"):
         shutil.copy(ROOT / name, root / name)
     return root
@@ -127,9 +135,12 @@ def test_dagster_refuses_a_wrong_defs_yaml_naming_file_line_and_field(tmp_path: 
     result = subprocess.run(
         [str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
         cwd=root,
-        env=clean_env(PYTHONPATH=str(root / "src"), DAGSTER_HOME=str(tmp_path),
-                      CDP_PROJECT_ROOT=str(root)),
-        capture_output=True, text=True, timeout=300,
+        env=clean_env(
+            PYTHONPATH=str(root / "src"), DAGSTER_HOME=str(tmp_path), CDP_PROJECT_ROOT=str(root)
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0

@@ -100,7 +100,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         config: decisions_config,  # type: ignore[valid-type]
         audience: pl.DataFrame,
     ) -> pl.DataFrame:
-        connectors = {k: getattr(context.resources, k).connector() for k in connector_keys}
+        connectors = _connectors(context, connector_keys)
         result = run.compute_decisions(
             activation,
             audience,
@@ -124,7 +124,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
     def deliveries(
         context: dg.AssetExecutionContext, config: DeliveriesConfig, decisions: pl.DataFrame
     ) -> dg.MaterializeResult:
-        connectors = {k: getattr(context.resources, k).connector() for k in connector_keys}
+        connectors = _connectors(context, connector_keys)
         summary = run.deliver_decisions(
             activation,
             decisions,
@@ -146,7 +146,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         required_resource_keys=connector_keys,
     )
     def template_approved(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        connectors = {k: getattr(context.resources, k).connector() for k in connector_keys}
+        connectors = _connectors(context, connector_keys)
         problems = run.template_problems(activation, connectors)
         return dg.AssetCheckResult(
             passed=not problems,
@@ -241,6 +241,11 @@ class DeliveriesConfig(dg.Config):
         description="Preview only: compute what would be sent and how long it would take, "
         "write nothing to the ledger and send nothing.",
     )
+
+
+def _connectors(context: Any, names: set[str]) -> dict[str, Any]:
+    """The plain-Python connectors behind the run's connector resources."""
+    return {name: getattr(context.resources, name).connector() for name in names}
 
 
 def _class_name(name: str) -> str:

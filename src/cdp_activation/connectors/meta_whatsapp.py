@@ -14,10 +14,7 @@ classification below follows Meta's published Cloud API error codes:
 
 from __future__ import annotations
 
-import json
-import logging
 import re
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
@@ -28,20 +25,17 @@ from cdp_activation.connectors.base import (
     ConnectorError,
     CredentialsError,
     OutboundMessage,
-    Outcome,
-    SendResult,
     TemplateError,
     TemplateInfo,
-    clip,
-    retry_after_seconds,
-    transport_outcome,
 )
-from cdp_activation.masking import mask_phone, mask_phones_in
+from cdp_activation.connectors.http import (
+    OneRecipientHttpConnector,
+    json_or_none,
+    require_settings,
+)
 
 if TYPE_CHECKING:
     from cdp_activation.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 RETRY_CODES = frozenset({130429, 131056, 131057, 131000, 131016, 4, 80007})
 TEMPLATE_CODES = frozenset({132000, 132001, 132005, 132007, 132012, 132015, 132016})
@@ -50,10 +44,14 @@ _PLACEHOLDER = re.compile(r"\{\{\s*(\d+)\s*\}\}")
 _USER_AGENT = "cdp-activation/0.1.0"  # the spec's User-Agent pattern wants name/x.y.z
 
 
-class MetaWhatsAppConnector:
+class MetaWhatsAppConnector(OneRecipientHttpConnector):
     """Sends WhatsApp messages through Meta's Cloud API (Graph API `/messages`)."""
 
     name: ClassVar[str] = "meta_whatsapp"
+    retry_codes: ClassVar[frozenset[int]] = RETRY_CODES
+    template_codes: ClassVar[frozenset[int]] = TEMPLATE_CODES
+    credential_codes: ClassVar[frozenset[int]] = CREDENTIAL_CODES
+    base_url_setting: ClassVar[str] = "CDP_META_BASE_URL"
     # Cloud API accepts one recipient per request; 80 msg/s is the default per-number throughput
     # (Meta raises it to 1,000 on request), so the engine paces each sender at 80/s by default.
     capabilities: ClassVar[Capabilities] = Capabilities(
@@ -71,21 +69,14 @@ class MetaWhatsAppConnector:
         waba_id: str,
         access_token: str,
     ) -> None:
-        missing = [
-            label
-            for label, value in (
-                ("base_url", base_url),
-                ("api_version", api_version),
-                ("phone_number_id", phone_number_id),
-                ("access_token", access_token),
-            )
-            if not value
-        ]
-        if missing:
-            raise ConnectorConfigError(
-                f"meta_whatsapp connector is missing {', '.join(missing)}: set CDP_META_* "
-                "settings (see settings.py)"
-            )
+        require_settings(
+            self.name,
+            "CDP_META_",
+            base_url=base_url,
+            api_version=api_version,
+            phone_number_id=phone_number_id,
+            access_token=access_token,
+        )
         self.base_url = base_url.rstrip("/")
         self.api_version = api_version
         self.phone_number_id = phone_number_id
@@ -120,9 +111,11 @@ class MetaWhatsAppConnector:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._access_token}", "User-Agent": _USER_AGENT}
 
-    def redact(self, text: str) -> str:
-        """Replace the access token wherever it appears (headers, URLs, echoed bodies)."""
-        return text.replace(self._access_token, "***") if self._access_token else text
+    def _secrets(self) -> tuple[str, ...]:
+        return (self._access_token,)
+
+    def _endpoint(self) -> str:
+        return self.messages_url
 
     def build_payload(self, message: OutboundMessage) -> dict[str, Any]:
         """The `/messages` JSON body: `TemplateMessage`, or `TextMessage` when `body` is set."""
@@ -151,83 +144,31 @@ class MetaWhatsAppConnector:
             ]
         return {**base, "type": "template", "template": template}
 
-    async def send_batch(
-        self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
-    ) -> list[SendResult]:
-        """Send each message (the Cloud API takes one recipient per request)."""
-        if len(messages) > self.capabilities.max_batch_size:
-            raise ValueError(
-                f"meta_whatsapp sends at most {self.capabilities.max_batch_size} message per "
-                f"batch, got {len(messages)}"
-            )
-        return [await self._send_one(client, message) for message in messages]
+    async def _request(self, client: httpx.AsyncClient, message: OutboundMessage) -> httpx.Response:
+        return await client.post(
+            self.messages_url, json=self.build_payload(message), headers=self._headers()
+        )
 
-    async def _send_one(self, client: httpx.AsyncClient, message: OutboundMessage) -> SendResult:
-        payload = self.build_payload(message)
-        try:
-            response = await client.post(self.messages_url, json=payload, headers=self._headers())
-        except httpx.TransportError as exc:
-            outcome = transport_outcome(exc)
-            logger.warning(
-                "meta_whatsapp: %s sending to %s: %s",
-                type(exc).__name__,
-                mask_phone(message.to),
-                outcome.value,
-            )
-            return SendResult(
-                key=message.key,
-                outcome=outcome,
-                error_code=type(exc).__name__,
-                error_message=self._safe(str(exc), message.to),
-            )
-        return self.classify(message, response)
+    def _accepted_id(self, data: Any) -> str | None:
+        return _first_message_id(data)
 
-    def classify(self, message: OutboundMessage, response: httpx.Response) -> SendResult:
-        """Turn one `/messages` response into a result, or raise for activation-wide errors."""
-        data = _json_or_none(response)
-        if response.is_success:
-            message_id = _first_message_id(data)
-            if message_id:
-                return SendResult(message.key, Outcome.SENT, provider_message_id=message_id)
-            # 2xx without an id: the message may exist, but we cannot tell which it is.
-            return SendResult(
-                message.key,
-                Outcome.UNKNOWN,
-                error_code=f"http_{response.status_code}",
-                error_message=self._safe(response.text, message.to),
-            )
+    def _error(self, data: Any, response: httpx.Response) -> tuple[int | None, str]:
+        return _meta_error(data)
 
-        code, text = _meta_error(data)
-        status = response.status_code
-        detail = self._safe(text or response.text, message.to)
-        if code in CREDENTIAL_CODES or status in (401, 403):
-            raise CredentialsError(
-                f"Meta refused the access token (HTTP {status}, code {code}): {detail}. "
-                "Check CDP_META_ACCESS_TOKEN and its whatsapp_business_messaging permission."
-            )
-        if code in TEMPLATE_CODES:
-            template = message.template
-            which = f"{template.name}/{template.language}" if template else "(none)"
-            raise TemplateError(
-                f"Meta rejected template {which} (code {code}): {detail}. Check its status, "
-                "language and parameter count in WhatsApp Manager."
-            )
-        error_code = str(code) if code is not None else f"http_{status}"
-        if code in RETRY_CODES or status == 429 or status >= 500:
-            return SendResult(
-                message.key,
-                Outcome.RETRY,
-                error_code=error_code,
-                error_message=detail,
-                retry_after=retry_after_seconds(response.headers),
-            )
-        if 400 <= status < 500:
-            return SendResult(
-                message.key, Outcome.FAILED, error_code=error_code, error_message=detail
-            )
-        raise ConnectorConfigError(
-            f"unexpected HTTP {status} from {self.redact(self.messages_url)}; check "
-            "CDP_META_BASE_URL"
+    def _credentials_error(self, status: int, code: int | None, detail: str) -> CredentialsError:
+        return CredentialsError(
+            f"Meta refused the access token (HTTP {status}, code {code}): {detail}. "
+            "Check CDP_META_ACCESS_TOKEN and its whatsapp_business_messaging permission."
+        )
+
+    def _template_error(
+        self, message: OutboundMessage, code: int | None, detail: str
+    ) -> TemplateError:
+        template = message.template
+        which = f"{template.name}/{template.language}" if template else "(none)"
+        return TemplateError(
+            f"Meta rejected template {which} (code {code}): {detail}. Check its status, "
+            "language and parameter count in WhatsApp Manager."
         )
 
     async def fetch_templates(
@@ -248,10 +189,10 @@ class MetaWhatsAppConnector:
         templates: list[TemplateInfo] = []
         while True:
             response = await client.get(self.templates_url, params=params, headers=self._headers())
-            data = _json_or_none(response)
+            data = json_or_none(response)
             if not response.is_success:
                 code, text = _meta_error(data)
-                detail = self._safe(text or response.text, "")
+                detail = self.safe(text or response.text, "")
                 if code in CREDENTIAL_CODES or response.status_code in (401, 403):
                     raise CredentialsError(
                         f"Meta refused the access token listing templates (code {code}): {detail}"
@@ -268,20 +209,6 @@ class MetaWhatsAppConnector:
             if not paging.get("next") or not after:
                 return templates
             params = {**params, "after": after}
-
-    def _safe(self, text: str, to: str) -> str:
-        """Provider text made fit for logs: clipped, token removed, phone numbers masked."""
-        text = self.redact(clip(text))
-        if to:
-            text = text.replace(to, mask_phone(to))
-        return mask_phones_in(text)
-
-
-def _json_or_none(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def _first_message_id(data: Any) -> str | None:

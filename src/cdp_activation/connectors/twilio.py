@@ -14,31 +14,21 @@ WhatsApp window, …) fail that recipient only.
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 
 from cdp_activation.connectors.base import (
     Capabilities,
-    ConnectorConfigError,
     CredentialsError,
     OutboundMessage,
-    Outcome,
-    SendResult,
     TemplateError,
-    clip,
-    retry_after_seconds,
-    transport_outcome,
 )
-from cdp_activation.masking import mask_phone, mask_phones_in
+from cdp_activation.connectors.http import OneRecipientHttpConnector, require_settings
 
 if TYPE_CHECKING:
     from cdp_activation.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 RETRY_CODES = frozenset({20429})
 TEMPLATE_CODES = frozenset({63027})
@@ -47,10 +37,14 @@ _CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
 _SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
 
 
-class TwilioConnector:
+class TwilioConnector(OneRecipientHttpConnector):
     """Sends SMS through Twilio's Messages resource (API version 2010-04-01)."""
 
     name: ClassVar[str] = "twilio"
+    retry_codes: ClassVar[frozenset[int]] = RETRY_CODES
+    template_codes: ClassVar[frozenset[int]] = TEMPLATE_CODES
+    credential_codes: ClassVar[frozenset[int]] = CREDENTIAL_CODES
+    base_url_setting: ClassVar[str] = "CDP_TWILIO_BASE_URL"
     capabilities: ClassVar[Capabilities] = Capabilities(
         channels=frozenset({"sms"}),
         max_batch_size=1,  # one To per Message resource
@@ -64,21 +58,14 @@ class TwilioConnector:
     )
 
     def __init__(self, base_url: str, account_sid: str, auth_token: str, from_number: str) -> None:
-        missing = [
-            label
-            for label, value in (
-                ("base_url", base_url),
-                ("account_sid", account_sid),
-                ("auth_token", auth_token),
-                ("from_number", from_number),
-            )
-            if not value
-        ]
-        if missing:
-            raise ConnectorConfigError(
-                f"twilio connector is missing {', '.join(missing)}: set CDP_TWILIO_* settings "
-                "(see settings.py)"
-            )
+        require_settings(
+            self.name,
+            "CDP_TWILIO_",
+            base_url=base_url,
+            account_sid=account_sid,
+            auth_token=auth_token,
+            from_number=from_number,
+        )
         self.base_url = base_url.rstrip("/")
         self.account_sid = account_sid
         self.from_number = from_number
@@ -104,9 +91,11 @@ class TwilioConnector:
     def messages_url(self) -> str:
         return f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
 
-    def redact(self, text: str) -> str:
-        """Replace the auth token wherever it appears."""
-        return text.replace(self._auth_token, "***") if self._auth_token else text
+    def _secrets(self) -> tuple[str, ...]:
+        return (self._auth_token,)
+
+    def _endpoint(self) -> str:
+        return self.messages_url
 
     def build_form(self, message: OutboundMessage) -> dict[str, str]:
         """Form fields of `CreateMessageRequest`: a Body, or ContentSid + ContentVariables.
@@ -134,94 +123,31 @@ class TwilioConnector:
             raise ValueError(f"message {message.key} has neither a template nor a body")
         return form
 
-    async def send_batch(
-        self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
-    ) -> list[SendResult]:
-        """Send each message (one Message resource per recipient)."""
-        if len(messages) > self.capabilities.max_batch_size:
-            raise ValueError(
-                f"twilio sends at most {self.capabilities.max_batch_size} message per batch, "
-                f"got {len(messages)}"
-            )
-        return [await self._send_one(client, message) for message in messages]
-
-    async def _send_one(self, client: httpx.AsyncClient, message: OutboundMessage) -> SendResult:
-        form = self.build_form(message)
-        try:
-            response = await client.post(
-                self.messages_url,
-                data=form,
-                auth=(self.account_sid, self._auth_token),
-                headers={"Accept": "application/json"},
-            )
-        except httpx.TransportError as exc:
-            outcome = transport_outcome(exc)
-            logger.warning(
-                "twilio: %s sending to %s: %s",
-                type(exc).__name__,
-                mask_phone(message.to),
-                outcome.value,
-            )
-            return SendResult(
-                key=message.key,
-                outcome=outcome,
-                error_code=type(exc).__name__,
-                error_message=self._safe(str(exc), message.to),
-            )
-        return self.classify(message, response)
-
-    def classify(self, message: OutboundMessage, response: httpx.Response) -> SendResult:
-        """Turn one Messages response into a result, or raise for activation-wide errors."""
-        data = _json_or_none(response)
-        if response.is_success:
-            sid = data.get("sid") if isinstance(data, dict) else None
-            if isinstance(sid, str) and sid:
-                return SendResult(message.key, Outcome.SENT, provider_message_id=sid)
-            return SendResult(
-                message.key,
-                Outcome.UNKNOWN,
-                error_code=f"http_{response.status_code}",
-                error_message=self._safe(response.text, message.to),
-            )
-        status = response.status_code
-        code = data.get("code") if isinstance(data, dict) else None
-        code = code if isinstance(code, int) else None
-        text = str(data.get("message", "")) if isinstance(data, dict) else response.text
-        detail = self._safe(text or response.text, message.to)
-        if code in CREDENTIAL_CODES or status in (401, 403):
-            raise CredentialsError(
-                f"Twilio refused the credentials for account {self.account_sid} (HTTP {status}, "
-                f"code {code}): {detail}. Check CDP_TWILIO_ACCOUNT_SID and CDP_TWILIO_AUTH_TOKEN."
-            )
-        if code in TEMPLATE_CODES:
-            raise TemplateError(f"Twilio rejected the content template (code {code}): {detail}")
-        error_code = str(code) if code is not None else f"http_{status}"
-        if code in RETRY_CODES or status == 429 or status >= 500:
-            return SendResult(
-                message.key,
-                Outcome.RETRY,
-                error_code=error_code,
-                error_message=detail,
-                retry_after=retry_after_seconds(response.headers),
-            )
-        if 400 <= status < 500:
-            return SendResult(
-                message.key, Outcome.FAILED, error_code=error_code, error_message=detail
-            )
-        raise ConnectorConfigError(
-            f"unexpected HTTP {status} from {self.messages_url}; check CDP_TWILIO_BASE_URL"
+    async def _request(self, client: httpx.AsyncClient, message: OutboundMessage) -> httpx.Response:
+        return await client.post(
+            self.messages_url,
+            data=self.build_form(message),
+            auth=(self.account_sid, self._auth_token),
+            headers={"Accept": "application/json"},
         )
 
-    def _safe(self, text: str, to: str) -> str:
-        """Provider text made fit for logs: clipped, token removed, phone numbers masked."""
-        text = self.redact(clip(text))
-        if to:
-            text = text.replace(to, mask_phone(to))
-        return mask_phones_in(text)
+    def _accepted_id(self, data: Any) -> str | None:
+        sid = data.get("sid") if isinstance(data, dict) else None
+        return sid if isinstance(sid, str) and sid else None
 
+    def _error(self, data: Any, response: httpx.Response) -> tuple[int | None, str]:
+        if not isinstance(data, dict):
+            return None, response.text
+        code = data.get("code")
+        return (code if isinstance(code, int) else None), str(data.get("message", ""))
 
-def _json_or_none(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+    def _credentials_error(self, status: int, code: int | None, detail: str) -> CredentialsError:
+        return CredentialsError(
+            f"Twilio refused the credentials for account {self.account_sid} (HTTP {status}, "
+            f"code {code}): {detail}. Check CDP_TWILIO_ACCOUNT_SID and CDP_TWILIO_AUTH_TOKEN."
+        )
+
+    def _template_error(
+        self, message: OutboundMessage, code: int | None, detail: str
+    ) -> TemplateError:
+        return TemplateError(f"Twilio rejected the content template (code {code}): {detail}")

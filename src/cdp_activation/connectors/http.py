@@ -1,0 +1,178 @@
+"""What one-recipient-per-request HTTP connectors share: sending, error classification, redaction.
+
+Meta's Cloud API and Twilio's Messages resource both take one recipient per request and answer
+with a provider error code; they differ only in the request they build and where the id and the
+error code sit in the answer. Those differences are the hooks a subclass fills in; the rules
+(what retries, what fails one recipient, what stops the activation) live here once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import httpx
+
+from cdp_activation.connectors.base import (
+    Capabilities,
+    ConnectorConfigError,
+    CredentialsError,
+    OutboundMessage,
+    Outcome,
+    SendResult,
+    TemplateError,
+    clip,
+    retry_after_seconds,
+    transport_outcome,
+)
+from cdp_activation.masking import mask_phone, mask_phones_in
+
+logger = logging.getLogger(__name__)
+
+
+def require_settings(connector: str, env_prefix: str, **values: str | None) -> None:
+    """Raise one `ConnectorConfigError` naming every missing setting of a connector."""
+    missing = [label for label, value in values.items() if not value]
+    if missing:
+        raise ConnectorConfigError(
+            f"{connector} connector is missing {', '.join(missing)}: set the {env_prefix}* "
+            "settings (see .env.example)"
+        )
+
+
+def json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+class OneRecipientHttpConnector:
+    """Base of connectors whose API takes one recipient per HTTP request."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+    retry_codes: ClassVar[frozenset[int]] = frozenset()
+    template_codes: ClassVar[frozenset[int]] = frozenset()
+    credential_codes: ClassVar[frozenset[int]] = frozenset()
+    base_url_setting: ClassVar[str]  # named in the error for an unexpected answer
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def _secrets(self) -> tuple[str, ...]:
+        """Credential strings that must never appear in a log, result or exception."""
+        raise NotImplementedError
+
+    async def _request(self, client: httpx.AsyncClient, message: OutboundMessage) -> httpx.Response:
+        raise NotImplementedError
+
+    def _accepted_id(self, data: Any) -> str | None:
+        """The provider's message id in a success body, or None."""
+        raise NotImplementedError
+
+    def _error(self, data: Any, response: httpx.Response) -> tuple[int | None, str]:
+        """(provider error code, provider message) of an error answer."""
+        raise NotImplementedError
+
+    def _credentials_error(self, status: int, code: int | None, detail: str) -> CredentialsError:
+        raise NotImplementedError
+
+    def _template_error(
+        self, message: OutboundMessage, code: int | None, detail: str
+    ) -> TemplateError:
+        raise NotImplementedError
+
+    def _endpoint(self) -> str:
+        raise NotImplementedError
+
+    # ---- shared behaviour --------------------------------------------------------------------
+
+    def redact(self, text: str) -> str:
+        """Replace every credential wherever it appears (headers, URLs, echoed bodies)."""
+        for secret in self._secrets():
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def safe(self, text: str, to: str) -> str:
+        """Provider text made fit for logs: clipped, credentials removed, numbers masked."""
+        text = self.redact(clip(text))
+        if to:
+            text = text.replace(to, mask_phone(to))
+        return mask_phones_in(text)
+
+    async def send_batch(
+        self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult]:
+        """Send each message with its own request (the API takes one recipient per request)."""
+        if len(messages) > self.capabilities.max_batch_size:
+            raise ValueError(
+                f"{self.name} sends at most {self.capabilities.max_batch_size} message per "
+                f"batch, got {len(messages)}"
+            )
+        return [await self._send_one(client, message) for message in messages]
+
+    async def _send_one(self, client: httpx.AsyncClient, message: OutboundMessage) -> SendResult:
+        try:
+            response = await self._request(client, message)
+        except httpx.TransportError as exc:
+            outcome = transport_outcome(exc)
+            logger.warning(
+                "%s: %s sending to %s: %s",
+                self.name,
+                type(exc).__name__,
+                mask_phone(message.to),
+                outcome.value,
+            )
+            return SendResult(
+                key=message.key,
+                outcome=outcome,
+                error_code=type(exc).__name__,
+                error_message=self.safe(str(exc), message.to),
+            )
+        return self.classify(message, response)
+
+    def classify(self, message: OutboundMessage, response: httpx.Response) -> SendResult:
+        """Turn one response into a result, or raise for activation-wide errors.
+
+        Credentials and template problems raise (every recipient would fail the same way);
+        provider throttling, 429 and 5xx are RETRY; other 4xx fail this recipient only.
+        """
+        data = json_or_none(response)
+        status = response.status_code
+        if response.is_success:
+            message_id = self._accepted_id(data)
+            if message_id:
+                return SendResult(message.key, Outcome.SENT, provider_message_id=message_id)
+            # 2xx without an id: the message may exist, but we cannot tell which it is.
+            return SendResult(
+                message.key,
+                Outcome.UNKNOWN,
+                error_code=f"http_{status}",
+                error_message=self.safe(response.text, message.to),
+            )
+        code, text = self._error(data, response)
+        detail = self.safe(text or response.text, message.to)
+        if code in self.credential_codes or status in (401, 403):
+            raise self._credentials_error(status, code, detail)
+        if code in self.template_codes:
+            raise self._template_error(message, code, detail)
+        error_code = str(code) if code is not None else f"http_{status}"
+        if code in self.retry_codes or status == 429 or status >= 500:
+            return SendResult(
+                message.key,
+                Outcome.RETRY,
+                error_code=error_code,
+                error_message=detail,
+                retry_after=retry_after_seconds(response.headers),
+            )
+        if 400 <= status < 500:
+            return SendResult(
+                message.key, Outcome.FAILED, error_code=error_code, error_message=detail
+            )
+        raise ConnectorConfigError(
+            f"unexpected HTTP {status} from {self.redact(self._endpoint())}; check "
+            f"{self.base_url_setting}"
+        )
