@@ -4,6 +4,8 @@
 --   :lapse_threshold  minimum lapse-risk score, 0..1 (activation default 0.7)
 --   :as_of            the partition's point in time: only facts known then are used
 --
+-- Portable SQL (runs unchanged on DuckDB and PostgreSQL).
+--
 -- Returns one row per customer with the audience contract's columns: customer_id, phone,
 -- country, consent per channel and purpose (latest record wins, an opt-out wins a tie;
 -- no record = NULL = no consent), the last inbound WhatsApp time, and the template variables.
@@ -58,7 +60,7 @@ SELECT
     i.whatsapp_last_inbound_at,
     lo.last_order_at,
     lo.order_count,
-    CAST(date_diff('day', lo.last_order_at, :as_of) AS INTEGER) AS days_since_last_order,
+    CAST(CAST(:as_of AS DATE) - CAST(lo.last_order_at AS DATE) AS INTEGER) AS days_since_last_order,
     'COMEBACK-' || upper(substr(md5(CAST(c.customer_id AS VARCHAR)), 1, 6)) AS offer_code
 FROM customers AS c
 JOIN lapse_scores AS s ON s.customer_id = c.customer_id
