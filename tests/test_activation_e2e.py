@@ -204,9 +204,46 @@ def test_an_audience_missing_a_contract_column_sends_nothing(env: SimpleNamespac
     definitions = custom_definitions(env.tmp, "no_sms_consent", winback_attributes(), sql)
     summary = run_activation("no_sms_consent", TODAY.isoformat(), definitions=definitions)
     assert not summary.success
-    assert "sms_marketing_consent" in summary.error
-    assert "lacks column" in summary.error
+    problem = summary.failed_checks["audience_contract"]
+    assert "lacks column(s) sms_marketing_consent" in problem
+    assert summary.eligible == {}  # decisions never ran
     assert_nothing_sent(env, summary, "no_sms_consent")
+
+
+@pytest.mark.parametrize(
+    ("replace", "by", "expected"),
+    [
+        (
+            "    co.whatsapp_marketing_consent,",
+            "    CASE WHEN co.whatsapp_marketing_consent THEN 'Y' ELSE 'N' END"
+            " AS whatsapp_marketing_consent,",
+            "column whatsapp_marketing_consent must be boolean",
+        ),
+        (
+            "FROM customers AS c",
+            "FROM (SELECT * FROM customers UNION ALL SELECT * FROM customers WHERE "
+            "customer_id < 40) AS c",
+            "customer_id must be unique",
+        ),
+        (
+            "    c.customer_id,",
+            "    CASE WHEN c.customer_id % 2 = 0 THEN c.customer_id END AS customer_id,",
+            "have a null customer_id",
+        ),
+    ],
+)
+def test_a_mistyped_or_duplicated_audience_fails_the_contract_and_sends_nothing(
+    env: SimpleNamespace, replace: str, by: str, expected: str
+) -> None:
+    sql = (ROOT / "sql/audiences/winback_whatsapp.sql").read_text()
+    assert replace in sql
+    definitions = custom_definitions(
+        env.tmp, "broken_contract", winback_attributes(), sql.replace(replace, by, 1)
+    )
+    summary = run_activation("broken_contract", TODAY.isoformat(), definitions=definitions)
+    assert not summary.success
+    assert expected in summary.failed_checks["audience_contract"]
+    assert_nothing_sent(env, summary, "broken_contract")
 
 
 def test_sql_that_is_not_one_select_is_refused_before_anything_runs(

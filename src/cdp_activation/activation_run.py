@@ -59,6 +59,10 @@ class Activation:
             )
         return cls(name=name, spec=spec, query=query, suppression_sql=root / spec.suppression_sql)
 
+    def variable_columns(self) -> list[str]:
+        columns = [c for step in self.spec.channel_plan.steps for c in step.variable_columns()]
+        return list(dict.fromkeys(columns))
+
     def required_columns(self) -> list[str]:
         columns = ["customer_id", "phone", "country"]
         purpose = self.spec.channel_plan.purpose
@@ -94,37 +98,88 @@ def compute_audience(
             bound[name] = coerce_parameter(kind, value)
         except ValueError as err:
             raise ValueError(f"parameter {name!r} of {activation.name}: {err}") from None
-    frame = warehouse.query(activation.query, bound)
-    validate_audience(activation, frame)
-    return frame
+    return warehouse.query(activation.query, bound)
 
 
-def validate_audience(activation: Activation, frame: pl.DataFrame) -> None:
-    """Raise `AudienceContractError` naming what is wrong; nothing is sent after it."""
-    where = f"{activation.query.path} (activation {activation.name})"
+def audience_problems(activation: Activation, frame: pl.DataFrame) -> list[str]:
+    """Every way the result breaks the audience contract (docs/audiences.md), each actionable.
+
+    Customer ids may appear in the messages (they are keys, not personal data); phone numbers
+    and names never do.
+    """
+    where = f"{activation.query.path.name} (activation {activation.name})"
+    problems: list[str] = []
     missing = [c for c in activation.required_columns() if c not in frame.columns]
     if missing:
-        raise AudienceContractError(
+        problems.append(
             f"{where}: the audience lacks column(s) {', '.join(missing)}, which the channel "
             f"plan needs. The query returned: {', '.join(frame.columns)}"
         )
-    nulls = frame["customer_id"].null_count()
-    if nulls:
-        raise AudienceContractError(f"{where}: {nulls} row(s) have a null customer_id")
-    duplicated = frame.filter(pl.col("customer_id").is_duplicated())["customer_id"].unique()
-    if len(duplicated):
-        sample = ", ".join(str(v) for v in duplicated.sort().head(5).to_list())
-        raise AudienceContractError(
-            f"{where}: customer_id must be unique; {len(duplicated)} id(s) appear more than "
-            f"once, e.g. {sample}"
-        )
-    for step in activation.spec.channel_plan.steps:
-        column = consent_column(step.channel, activation.spec.channel_plan.purpose)
-        dtype = frame.schema[column]
-        if dtype not in (pl.Boolean, pl.Null):
-            raise AudienceContractError(
-                f"{where}: column {column} must be boolean (true = opted in), got {dtype}"
+    schema = frame.schema
+    expected = _expected_types(activation)
+    for column, (allowed, meaning) in expected.items():
+        if column in schema and not any(_is(schema[column], kind) for kind in allowed):
+            problems.append(f"{where}: column {column} must be {meaning}, got {schema[column]}")
+    for column in activation.variable_columns():
+        if column in schema and schema[column].is_nested():
+            problems.append(
+                f"{where}: column {column} feeds a message variable and must be a plain value, "
+                f"got {schema[column]}"
             )
+    if "customer_id" in schema:
+        nulls = frame["customer_id"].null_count()
+        if nulls:
+            problems.append(f"{where}: {nulls:,} row(s) have a null customer_id")
+        duplicated = frame.filter(pl.col("customer_id").is_duplicated())["customer_id"]
+        if len(duplicated):
+            unique = duplicated.unique().sort()
+            sample = ", ".join(str(v) for v in unique.head(5).to_list())
+            problems.append(
+                f"{where}: customer_id must be unique; {len(unique):,} id(s) appear more than "
+                f"once, e.g. {sample}"
+            )
+    return problems
+
+
+def _is(dtype: pl.DataType, kind: str) -> bool:
+    if kind == "null":
+        return dtype == pl.Null
+    if kind == "bool":
+        return dtype == pl.Boolean
+    if kind == "string":
+        return dtype in (pl.String, pl.Categorical) or isinstance(dtype, pl.Enum)
+    if kind == "integer":
+        return dtype.is_integer()
+    if kind == "datetime":
+        return isinstance(dtype, pl.Datetime)
+    raise ValueError(kind)
+
+
+def _expected_types(activation: Activation) -> dict[str, tuple[tuple[str, ...], str]]:
+    text = (("string", "null"), "text")
+    types: dict[str, tuple[tuple[str, ...], str]] = {
+        "customer_id": (("integer", "string"), "an integer or text key"),
+        "phone": text,
+        "country": (("string", "null"), "an ISO-3166 alpha-2 country code (text)"),
+    }
+    purpose = activation.spec.channel_plan.purpose
+    for step in activation.spec.channel_plan.steps:
+        types[consent_column(step.channel, purpose)] = (
+            ("bool", "null"),
+            "boolean (true = opted in, false or NULL = no consent)",
+        )
+        types[last_inbound_column(step.channel)] = (
+            ("datetime", "null"),
+            "a timestamp (with time zone) of the customer's last inbound message",
+        )
+    return types
+
+
+def validate_audience(activation: Activation, frame: pl.DataFrame) -> None:
+    """Raise `AudienceContractError` with every problem found; nothing is sent after it."""
+    problems = audience_problems(activation, frame)
+    if problems:
+        raise AudienceContractError("\n".join(problems))
 
 
 def audience_metadata(
@@ -203,6 +258,7 @@ def compute_decisions(
     now: datetime,
     max_recipients: int | None,
 ) -> Decisions:
+    validate_audience(activation, audience)  # the blocking check said so; never decide on less
     regions = sorted(audience["country"].drop_nulls().unique().to_list())
     suppressions = load_suppressions(activation, warehouse, regions)
     catalogs = fetch_catalogs(activation, connectors)

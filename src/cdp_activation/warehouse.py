@@ -100,3 +100,7 @@ class Warehouse:
             ) from None
         finally:
             engine.dispose()
+import psycopg
+def connect_postgres(url):
+    url = url.replace("postgresql+psycopg://", "postgresql://")
+    return psycopg.connect(url, autocommit=True)

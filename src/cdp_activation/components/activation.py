@@ -137,6 +137,24 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         return dg.MaterializeResult(metadata=run.delivery_metadata(summary))
 
     @dg.asset_check(
+        asset=audience_key,
+        name="audience_contract",
+        blocking=True,
+        partitions_def=partitions,
+        description="The audience returns the contract's columns with the right types, a "
+        "unique non-null customer_id, and every column the templates and bodies use "
+        "(docs/audiences.md).",
+    )
+    def audience_contract(audience: pl.DataFrame) -> dg.AssetCheckResult:
+        problems = run.audience_problems(activation, audience)
+        return dg.AssetCheckResult(
+            passed=not problems,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="\n".join(problems) if problems else "the audience meets the contract",
+            metadata={"problems": len(problems)},
+        )
+
+    @dg.asset_check(
         asset=decisions_key,
         name="template_approved",
         blocking=True,
@@ -229,7 +247,12 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
 
     return dg.Definitions(
         assets=[audience, decisions, deliveries],
-        asset_checks=[template_approved, consented_recipients_only, invalid_phone_share],
+        asset_checks=[
+            audience_contract,
+            template_approved,
+            consented_recipients_only,
+            invalid_phone_share,
+        ],
         jobs=[job],
         schedules=[schedule],
     )
