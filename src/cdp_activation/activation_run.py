@@ -46,9 +46,12 @@ class Activation:
     suppression_sql: Path
 
     @classmethod
-    def from_spec(cls, name: str, spec: ActivationSpec, root: Path | None = None) -> Activation:
+    def from_spec(
+        cls, name: str, spec: ActivationSpec, root: Path | None = None, dialect: str = "duckdb"
+    ) -> Activation:
+        """Load and check the audience SQL in the warehouse's `dialect` (sqlglot name)."""
         root = root or project_root()
-        query = load_audience_sql(root / spec.audience.sql)
+        query = load_audience_sql(root / spec.audience.sql, dialect)
         undeclared = sorted(
             query.parameters - set(spec.audience.parameters) - {"as_of", "partition_date"}
         )

@@ -11,9 +11,34 @@ from pathlib import Path
 
 import sqlglot
 from sqlglot import exp
+from sqlglot.dialects import Dialect
 from sqlglot.errors import ParseError
+from sqlglot.tokens import TokenType
 
 READ_ONLY_ROOTS = (exp.Select, exp.SetOperation)
+WRITE_NODES = (exp.Insert, exp.Update, exp.Delete, exp.Merge, exp.Create, exp.Drop, exp.Alter)
+
+# URL scheme (before any "+driver") -> the sqlglot dialect that parses that warehouse's SQL.
+_DIALECTS = {
+    "duckdb": "duckdb",
+    "postgresql": "postgres",
+    "postgres": "postgres",
+    "snowflake": "snowflake",
+    "bigquery": "bigquery",
+    "trino": "trino",
+    "sqlite": "sqlite",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+}
+
+
+def sql_dialect(url: str) -> str:
+    """The sqlglot dialect of a warehouse URL (`postgresql+psycopg://…` -> `postgres`)."""
+    scheme = url.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in _DIALECTS:
+        known = ", ".join(sorted(_DIALECTS))
+        raise ValueError(f"unsupported warehouse URL scheme {scheme!r}; supported: {known}")
+    return _DIALECTS[scheme]
 
 
 class AudienceSQLError(ValueError):
@@ -32,6 +57,27 @@ class AudienceQuery:
     def for_dialect(self, dialect: str) -> str:
         """The query as the named sqlglot dialect writes it (placeholders in its own style)."""
         return self.tree.sql(dialect=dialect)
+
+    def sqlalchemy_text(self, dialect: str) -> str:
+        """The analyst's SQL, verbatim, made safe for `sqlalchemy.text()`.
+
+        `text()` finds `:name` anywhere, even inside comments and string literals, so comments
+        are dropped and a colon inside a string literal is escaped; the `:name` placeholders
+        themselves stay for the driver to bind.
+        """
+        tokens = Dialect.get_or_raise(dialect).tokenize(self.text)
+        parts: list[str] = []
+        previous_end = -1
+        for token in tokens:
+            gap = self.text[previous_end + 1 : token.start]
+            # Whitespace between tokens is kept; a gap holding a comment becomes one space.
+            parts.append(gap if gap.isspace() or not gap else " ")
+            piece = self.text[token.start : token.end + 1]
+            if token.token_type in (TokenType.STRING, TokenType.NATIONAL_STRING):
+                piece = piece.replace(":", "\\:")
+            parts.append(piece)
+            previous_end = token.end
+        return "".join(parts).strip()
 
 
 def load_audience_sql(path: Path, dialect: str = "duckdb") -> AudienceQuery:
@@ -64,9 +110,14 @@ def parse_audience_sql(text: str, path: Path, dialect: str = "duckdb") -> Audien
             f"{path}:{_first_line(text)}: a {kind} statement is not allowed; an audience is one "
             "read-only SELECT (or WITH … SELECT)"
         )
-    for node in tree.find_all(exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop):
+    for node in tree.find_all(*WRITE_NODES):
         raise AudienceSQLError(
-            f"{path}: contains a {type(node).__name__.upper()}; an audience is read-only"
+            f"{path}:{_first_line(text)}: contains a {type(node).__name__.upper()}; an audience "
+            "is read-only"
+        )
+    if any(select.args.get("into") for select in tree.find_all(exp.Select)):
+        raise AudienceSQLError(
+            f"{path}:{_first_line(text)}: SELECT … INTO creates a table; an audience is read-only"
         )
     params = frozenset(p.name for p in tree.find_all(exp.Placeholder) if p.name)
     return AudienceQuery(path=path, text=text, parameters=params, tree=tree)

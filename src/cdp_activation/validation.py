@@ -14,8 +14,9 @@ import yaml
 from pydantic import ValidationError
 
 from cdp_activation.activation_run import Activation
-from cdp_activation.audience_sql import AudienceSQLError, load_audience_sql
+from cdp_activation.audience_sql import AudienceSQLError, load_audience_sql, sql_dialect
 from cdp_activation.connectors import CONNECTORS
+from cdp_activation.settings import get_settings
 from cdp_activation.specs import ActivationSpec
 
 COMPONENT_TYPES = {
@@ -32,15 +33,16 @@ def validate_project(root: Path) -> tuple[list[str], list[str]]:
     """(activation names that are valid, problems found) for the project at `root`."""
     problems: list[str] = []
     valid: list[str] = []
+    dialect = sql_dialect(get_settings().warehouse_url)
     for path in sorted(activations_dir(root).glob("*/defs.yaml")):
         name = path.parent.name
-        found = validate_defs_yaml(path, root)
+        found = validate_defs_yaml(path, root, dialect)
         problems.extend(found)
         if not found:
             valid.append(name)
     for path in sorted((root / "sql" / "audiences").glob("*.sql")):
         try:
-            load_audience_sql(path)
+            load_audience_sql(path, dialect)
         except AudienceSQLError as err:
             message = str(err)
             if message not in problems and not any(message in p for p in problems):
@@ -48,7 +50,7 @@ def validate_project(root: Path) -> tuple[list[str], list[str]]:
     return valid, problems
 
 
-def validate_defs_yaml(path: Path, root: Path) -> list[str]:
+def validate_defs_yaml(path: Path, root: Path, dialect: str = "duckdb") -> list[str]:
     text = path.read_text(encoding="utf-8")
     try:
         document = yaml.safe_load(text)
@@ -84,7 +86,7 @@ def validate_defs_yaml(path: Path, root: Path) -> list[str]:
                 f"connector {step.connector!r}; known: {', '.join(sorted(CONNECTORS))}"
             )
     try:
-        Activation.from_spec(path.parent.name, spec, root)
+        Activation.from_spec(path.parent.name, spec, root, dialect)
     except (AudienceSQLError, ValueError, FileNotFoundError) as err:
         problems.append(str(err))
     return problems

@@ -12,6 +12,8 @@ import polars as pl
 from pydantic import Field, create_model
 
 from cdp_activation import activation_run as run
+from cdp_activation.audience_sql import sql_dialect
+from cdp_activation.settings import get_settings
 from cdp_activation.specs import ActivationSpec, coerce_parameter
 
 _PY_TYPES: dict[str, type] = {"float": float, "int": int, "str": str, "bool": bool, "date": str}
@@ -22,13 +24,12 @@ class ActivationComponent(dg.Component, dg.Resolvable, ActivationSpec):
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         name = context.path.name
-        activation = run.Activation.from_spec(
-            name,
-            ActivationSpec.model_validate(
-                self.model_dump(include=set(ActivationSpec.model_fields))
-            ),
+        spec = ActivationSpec.model_validate(
+            self.model_dump(include=set(ActivationSpec.model_fields))
         )
-        return build_activation_defs(activation)
+        # The audience SQL is checked in the dialect of the warehouse it will run on.
+        dialect = sql_dialect(get_settings().warehouse_url)
+        return build_activation_defs(run.Activation.from_spec(name, spec, dialect=dialect))
 
 
 def build_activation_defs(activation: run.Activation) -> dg.Definitions:
