@@ -275,3 +275,19 @@ def test_unknown_partition_and_activation_are_clear_errors(env: SimpleNamespace)
         run_activation("winback_whatsap", TODAY.isoformat())
     with pytest.raises(dg.DagsterUnknownPartitionError):
         run_activation("winback_whatsapp", (date(2020, 1, 1)).isoformat())
+
+
+def test_a_second_activation_with_another_plan_runs_side_by_side(env: SimpleNamespace) -> None:
+    winback = run_activation("winback_whatsapp", TODAY.isoformat())
+    shipped = run_activation("order_shipped_update", TODAY.isoformat())
+    assert winback.success and shipped.success, (winback.error, shipped.error)
+    assert shipped.sent > 0
+    received = env.sandbox.messages()
+    templates = {m.template_name for m in received if m.channel == "whatsapp"}
+    assert templates == {"winback_offer", "order_update"}
+    # Each activation has its own keys: a customer in both audiences gets both messages.
+    rows = pl.concat(
+        [ledger_rows(env, "winback_whatsapp"), ledger_rows(env, "order_shipped_update")]
+    )
+    assert rows["idempotency_key"].n_unique() == rows.height
+    assert len(received) == winback.sent + shipped.sent

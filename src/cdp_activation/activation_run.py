@@ -6,6 +6,7 @@ The Dagster assets call these functions; tests and the CLI can call them without
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ import httpx
 import polars as pl
 
 from cdp_activation.audience_sql import AudienceQuery, load_audience_sql
-from cdp_activation.connectors.base import Connector, TemplateInfo
+from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
 from cdp_activation.delivery import DeliveryOptions, deliver, rate_of
 from cdp_activation.ledger import SENT, Ledger, idempotency_key
 from cdp_activation.masking import mask_phone
@@ -27,7 +28,7 @@ from cdp_activation.policy.consent import consent_column
 from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
 from cdp_activation.policy.window import last_inbound_column
-from cdp_activation.settings import project_root
+from cdp_activation.settings import is_loopback, project_root
 from cdp_activation.specs import ActivationSpec, coerce_parameter
 from cdp_activation.warehouse import Warehouse
 
@@ -219,11 +220,42 @@ def fetch_catalogs(
         out: dict[str, list[TemplateInfo]] = {}
         async with httpx.AsyncClient(timeout=30) as client:
             for name in sorted(wanted):
-                fetcher = getattr(connectors[name], "fetch_templates", None)
-                out[name] = await fetcher(client) if fetcher else []
+                connector = connectors[name]
+                fetcher = getattr(connector, "fetch_templates", None)
+                try:
+                    out[name] = await fetcher(client) if fetcher else []
+                except httpx.TransportError as err:
+                    raise ConnectorError(unreachable(name, connector, err)) from None
         return out
 
     return asyncio.run(fetch()) if wanted else {}
+
+
+def unreachable(name: str, connector: Connector, err: Exception) -> str:
+    base = connector.redact(str(getattr(connector, "base_url", "?")))
+    hint = (
+        " The local sandbox is not running: start it with `cdp-activation sandbox` (or `make dev`)."
+        if is_loopback(base)
+        else " Check the connector's base URL setting and the network path to the provider."
+    )
+    return f"cannot reach {name} at {base} ({type(err).__name__}).{hint}"
+
+
+def preflight(connectors: Mapping[str, Connector], timeout: float = 5.0) -> None:
+    """Refuse to start sending when a provider cannot even be connected to.
+
+    Without this, an unreachable provider would turn every planned row into a dead letter
+    after its retries; stopping first leaves them planned for the next run.
+    """
+    for name, connector in connectors.items():
+        url = httpx.URL(str(getattr(connector, "base_url", "")))
+        if not url.host:
+            continue
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.host, port), timeout=timeout).close()
+        except OSError as err:
+            raise ConnectorError(unreachable(name, connector, err)) from None
 
 
 def template_problems(activation: Activation, connectors: Mapping[str, Connector]) -> list[str]:
@@ -410,6 +442,7 @@ def deliver_decisions(
             summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
             return summary
 
+        preflight({name: connectors[name] for name in chosen["connector"].unique().to_list()})
         summary.recovered_in_flight = ledger.recover_interrupted(activation.name, partition_key)
         planned = ledger.plan(activation.name, partition_key, chosen, run_id=run_id)
         summary.already_sent = planned.existing.get(SENT, 0)

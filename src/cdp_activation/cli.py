@@ -69,11 +69,11 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
     _report(summary, as_json, sandbox_url=url)
 
 
-def _sandbox_url(stack: ExitStack, port: int) -> str:
+def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/3[/] ") -> str:
     url = f"http://127.0.0.1:{port}"
     try:
         if httpx.get(f"{url}/_sandbox/health", timeout=1).status_code == 200:
-            console.print(f"[bold]2/3[/] sandbox provider already running at {url}")
+            console.print(f"{step}sandbox provider already running at {url}")
             return url
     except httpx.HTTPError:
         pass
@@ -93,7 +93,7 @@ def _sandbox_url(stack: ExitStack, port: int) -> str:
             )
         try:
             if httpx.get(f"{url}/_sandbox/health", timeout=1).status_code == 200:
-                console.print(f"[bold]2/3[/] sandbox provider started at {url}")
+                console.print(f"{step}sandbox provider started at {url}")
                 return url
         except httpx.HTTPError:
             time.sleep(0.1)
@@ -140,17 +140,29 @@ def run(
         if not sep:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         parameters[key] = _yaml_scalar(value)
-    try:
-        summary = run_activation(
-            activation,
-            partition,
-            dry_run=dry_run,
-            parameters=parameters,
-            max_recipients=max_recipients,
-        )
-    except ActivationNotFound as err:
-        raise click.ClickException(str(err)) from None
+    with ExitStack() as stack:
+        _start_sandbox_if_needed(stack)
+        try:
+            summary = run_activation(
+                activation,
+                partition,
+                dry_run=dry_run,
+                parameters=parameters,
+                max_recipients=max_recipients,
+            )
+        except ActivationNotFound as err:
+            raise click.ClickException(str(err)) from None
     _report(summary, as_json)
+
+
+def _start_sandbox_if_needed(stack: ExitStack) -> None:
+    """The embedded default needs no setup: if the connectors point at the local sandbox and
+    nothing answers there, run one for the duration of the command."""
+    settings = get_settings()
+    sandbox = f"http://127.0.0.1:{settings.sandbox_port}/"
+    urls = (settings.meta_base_url, settings.twilio_base_url)
+    if any(url.startswith(sandbox) for url in urls):
+        _sandbox_url(stack, settings.sandbox_port, step="")
 
 
 def _yaml_scalar(value: str) -> Any:

@@ -88,7 +88,7 @@ def run_activation(
     dry_run: bool = False,
     parameters: Mapping[str, Any] | None = None,
     max_recipients: int | None = None,
-    log_level: str = "WARNING",
+    log_level: str = "CRITICAL",  # the caller reports; Dagster's own log has the details
     definitions: dg.Definitions | None = None,
     instance: dg.DagsterInstance | None = None,
 ) -> RunSummary:
