@@ -98,3 +98,29 @@ def test_large_plans_are_bulk_written(ledger_url: str) -> None:
     assert ledger.plan("winback", "p", chosen(12_000)).planned == 12_000
     assert ledger.states_of([idempotency_key("winback", "p", "1", "initial")]) == {"planned": 1}
     ledger.dispose()
+
+
+def test_recent_sends_count_accepted_messages_per_customer_channel_and_purpose(
+    ledger_url: str,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "d1", chosen(3), purpose="marketing")
+    ledger.plan("shipped", "d1", chosen(1), purpose="transactional")
+    rows = ledger.pending("winback", "d1") + ledger.pending("shipped", "d1")
+    ledger.mark_in_flight([r.id for r in rows])
+    outcome = {0: Outcome.SENT, 1: Outcome.FAILED, 2: Outcome.SENT, 3: Outcome.SENT}
+    ledger.record(
+        [(r.id, SendResult(r.idempotency_key, outcome[i], f"m{i}"), 1) for i, r in enumerate(rows)]
+    )
+    now = datetime.now(UTC) + timedelta(seconds=5)
+    recent = ledger.recent_sends(now).sort(["customer_id", "purpose"])
+    assert recent.select("customer_id", "purpose", "sends_24h", "sends_7d").rows() == [
+        ("1", "marketing", 1, 1),
+        ("1", "transactional", 1, 1),
+        ("3", "marketing", 1, 1),
+    ]
+    # As of a week before, none of this had happened yet.
+    assert ledger.recent_sends(now - timedelta(days=7)).is_empty()
+    ledger.dispose()

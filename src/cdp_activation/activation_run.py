@@ -444,7 +444,13 @@ def deliver_decisions(
 
         preflight({name: connectors[name] for name in chosen["connector"].unique().to_list()})
         summary.recovered_in_flight = ledger.recover_interrupted(activation.name, partition_key)
-        planned = ledger.plan(activation.name, partition_key, chosen, run_id=run_id)
+        planned = ledger.plan(
+            activation.name,
+            partition_key,
+            chosen,
+            run_id=run_id,
+            purpose=activation.spec.channel_plan.purpose,
+        )
         summary.already_sent = planned.existing.get(SENT, 0)
         summary.already_done_other = sum(planned.existing.values()) - summary.already_sent
         pending = ledger.pending(activation.name, partition_key)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ sends = sa.Table(
     sa.Column("customer_id", sa.String(120), nullable=False),
     sa.Column("step", sa.String(40), nullable=False),
     sa.Column("channel", sa.String(20), nullable=False),
+    sa.Column("purpose", sa.String(20), nullable=False, default="marketing"),
     sa.Column("connector", sa.String(40), nullable=False),
     sa.Column("recipient", sa.String(40), nullable=False),
     sa.Column("message", sa.Text, nullable=False),  # JSON: template + variables, or body
@@ -118,7 +119,12 @@ class Ledger:
         )
 
     def plan(
-        self, activation: str, partition_key: str, chosen: pl.DataFrame, run_id: str | None = None
+        self,
+        activation: str,
+        partition_key: str,
+        chosen: pl.DataFrame,
+        run_id: str | None = None,
+        purpose: str = "marketing",
     ) -> PlanResult:
         """Write a planned row per chosen decision; keys already present are left untouched."""
         if chosen.is_empty():
@@ -134,6 +140,7 @@ class Ledger:
                 "customer_id": str(r["customer_id"]),
                 "step": r["step"],
                 "channel": r["channel"],
+                "purpose": purpose,
                 "connector": r["connector"],
                 "recipient": r["phone_e164"],
                 "message": json.dumps(_message(r), ensure_ascii=False),
@@ -277,6 +284,54 @@ class Ledger:
                 .group_by(sends.c.state)
             ).all()
         return {state: count for state, count in rows}
+
+    def recent_sends(self, as_of: datetime, days: int = 30) -> pl.DataFrame:
+        """Per customer, channel and purpose: messages accepted in the last 1, 7 and `days` days.
+
+        Audience SQL may join this as `ledger_recent_sends` (the framework makes it available
+        to the warehouse), so frequency caps are applied where the audience is computed.
+        """
+        since = as_of - timedelta(days=days)
+        day, week = as_of - timedelta(days=1), as_of - timedelta(days=7)
+        accepted = sends.c.state == SENT
+        when = sends.c.updated_at
+
+        def within(start: datetime) -> Any:
+            return sa.func.sum(sa.case((when >= start, 1), else_=0))
+
+        query = (
+            sa.select(
+                sends.c.customer_id,
+                sends.c.channel,
+                sends.c.purpose,
+                within(day).label("sends_24h"),
+                within(week).label("sends_7d"),
+                sa.func.count().label(f"sends_{days}d"),
+                sa.func.max(when).label("last_sent_at"),
+            )
+            .where(accepted, when >= since, when <= as_of)
+            .group_by(sends.c.customer_id, sends.c.channel, sends.c.purpose)
+        )
+        schema = {
+            "customer_id": pl.String,
+            "channel": pl.String,
+            "purpose": pl.String,
+            "sends_24h": pl.Int64,
+            "sends_7d": pl.Int64,
+            f"sends_{days}d": pl.Int64,
+            "last_sent_at": pl.Datetime("us", "UTC"),
+        }
+        with self.engine.connect() as con:
+            frame = pl.read_database(query, con)
+        if frame.is_empty():
+            return pl.DataFrame(schema=schema)
+        return frame.with_columns(
+            pl.col("last_sent_at")
+            .cast(pl.Datetime("us"))
+            .dt.replace_time_zone("UTC", non_existent="null")
+            if frame.schema["last_sent_at"] != pl.Datetime("us", "UTC")
+            else pl.col("last_sent_at")
+        ).cast(schema)
 
     def rows(self, activation: str, partition_key: str | None = None) -> pl.DataFrame:
         """The ledger rows of an activation (for tests, previews and exports)."""
