@@ -272,3 +272,207 @@ def test_recipient_cap_is_deterministic_and_exact() -> None:
     assert chosen == {cid for cid, (channel, _) in second.items() if channel}
     capped = [cid for cid, (_, reason) in first.items() if reason == "over_recipient_cap"]
     assert len(capped) == 35
+
+
+# ---------------------------------------------------------------- policy rules of issue 4
+
+from cdp_activation.specs import PolicySpec  # noqa: E402
+
+
+def frame_of(rows: list[dict[str, Any]], **columns: Any) -> pl.DataFrame:
+    schema = {
+        "customer_id": pl.Int64,
+        "phone": pl.String,
+        "country": pl.String,
+        "first_name": pl.String,
+        "offer_code": pl.String,
+        "whatsapp_marketing_consent": pl.Boolean,
+        "sms_marketing_consent": pl.Boolean,
+        "whatsapp_last_inbound_at": pl.Datetime("us", "UTC"),
+        **columns,
+    }
+    return pl.DataFrame(rows, schema=schema)
+
+
+def decide_frame(
+    rows: list[dict[str, Any]], policy: PolicySpec, now: datetime = NOW, **kwargs: Any
+) -> pl.DataFrame:
+    extra = {"timezone": pl.String} if any("timezone" in r for r in rows) else {}
+    result = decide(
+        frame_of(rows, **extra),
+        TEMPLATE_PLAN,
+        now=now,
+        suppressions=NO_SUPPRESSIONS,
+        catalogs=APPROVED,
+        policy=policy,
+        **kwargs,
+    )
+    return result.frame.sort("customer_id")
+
+
+def sends(*rows: tuple[str, str, str, datetime]) -> pl.DataFrame:
+    return pl.DataFrame(
+        rows,
+        schema={
+            "customer_id": pl.String,
+            "channel": pl.String,
+            "purpose": pl.String,
+            "sent_at": pl.Datetime("us", "UTC"),
+        },
+        orient="row",
+    )
+
+
+NO_QUIET = PolicySpec.model_validate({"quiet_hours": {"enabled": False}})
+
+
+def test_frequency_caps_count_recent_sends_across_activations() -> None:
+    recent = sends(
+        ("1", "sms", "marketing", NOW - timedelta(days=2)),  # capped: 1 marketing / 7 days
+        ("2", "whatsapp", "marketing", NOW - timedelta(days=8)),  # outside the window
+        ("3", "whatsapp", "transactional", NOW - timedelta(hours=1)),  # other purpose
+    )
+    frame = decide_frame([customer(1), customer(2), customer(3)], NO_QUIET, recent_sends=recent)
+    assert frame.select("customer_id", "decision", "reason").rows() == [
+        (1, "exclude", "frequency_capped"),
+        (2, "send", None),
+        (3, "send", None),
+    ]
+
+
+def test_a_channel_cap_falls_back_to_the_next_channel() -> None:
+    policy = PolicySpec.model_validate(
+        {
+            "quiet_hours": {"enabled": False},
+            "frequency_caps": [
+                {"purpose": "marketing", "channel": "whatsapp", "max_messages": 2, "days": 7}
+            ],
+        }
+    )
+    recent = sends(
+        ("1", "whatsapp", "marketing", NOW - timedelta(days=1)),
+        ("1", "whatsapp", "marketing", NOW - timedelta(days=3)),
+        ("2", "whatsapp", "marketing", NOW - timedelta(days=1)),
+    )
+    frame = decide_frame([customer(1), customer(2)], policy, recent_sends=recent)
+    assert frame.select("customer_id", "channel", "decision").rows() == [
+        (1, "sms", "send"),
+        (2, "whatsapp", "send"),
+    ]
+    assert frame["whatsapp_reason"][0] == "whatsapp_frequency_capped"
+
+
+def test_holdout_is_a_stable_share_of_the_eligible() -> None:
+    policy = PolicySpec.model_validate(
+        {"quiet_hours": {"enabled": False}, "holdout": {"share": 0.2}}
+    )
+    rows = [customer(i, phone=f"+4471234{i:05d}") for i in range(1, 1001)]
+    rows.append(customer(5000, phone="n/a"))  # excluded customers are never held out
+    first = decide_frame(rows, policy, salt="winback")
+    again = decide_frame(list(reversed(rows[:500])), policy, salt="winback")
+    held = set(first.filter(pl.col("decision") == "holdout")["customer_id"])
+    assert 150 < len(held) < 250
+    assert held & set(range(1, 501)) == set(
+        again.filter(pl.col("decision") == "holdout")["customer_id"]
+    )
+    holdouts = first.filter(pl.col("decision") == "holdout")
+    assert set(holdouts["reason"]) == {"holdout"}
+    assert holdouts["channel"].null_count() == 0  # the would-be channel is recorded
+    other_salt = decide_frame(rows, policy, salt="another_activation")
+    assert held != set(other_salt.filter(pl.col("decision") == "holdout")["customer_id"])
+    assert first.filter(pl.col("customer_id") == 5000)["decision"][0] == "exclude"
+
+
+@pytest.mark.parametrize(
+    ("now", "timezone", "country", "expected_not_before"),
+    [
+        # 14:00 UTC = 23:00 in Tokyo: quiet until 09:00 JST = 00:00 UTC next day.
+        (
+            datetime(2026, 11, 23, 14, 0, tzinfo=UTC),
+            "Asia/Tokyo",
+            "JP",
+            datetime(2026, 11, 24, 0, 0, tzinfo=UTC),
+        ),
+        # 06:00 UTC = 06:00 in London (winter): quiet until 09:00 the same day.
+        (
+            datetime(2026, 11, 23, 6, 0, tzinfo=UTC),
+            "Europe/London",
+            "GB",
+            datetime(2026, 11, 23, 9, 0, tzinfo=UTC),
+        ),
+        # 20:59:59 local is still allowed; the boundary is 21:00.
+        (datetime(2026, 11, 23, 20, 59, 59, tzinfo=UTC), "Europe/London", "GB", None),
+        (
+            datetime(2026, 11, 23, 21, 0, 0, tzinfo=UTC),
+            "Europe/London",
+            "GB",
+            datetime(2026, 11, 24, 9, 0, tzinfo=UTC),
+        ),
+        # An invalid zone falls back to the country's: 14:00 UTC is 23:00 in Japan.
+        (
+            datetime(2026, 11, 23, 14, 0, tzinfo=UTC),
+            "Mars/Olympus",
+            "JP",
+            datetime(2026, 11, 24, 0, 0, tzinfo=UTC),
+        ),
+        # DST starts in New York on 2026-03-08: 09:00 EDT that morning is 13:00 UTC.
+        (
+            datetime(2026, 3, 8, 5, 0, tzinfo=UTC),
+            "America/New_York",
+            "US",
+            datetime(2026, 3, 8, 13, 0, tzinfo=UTC),
+        ),
+        # ... and ends on 2026-11-01: 09:00 EST is 14:00 UTC.
+        (
+            datetime(2026, 11, 1, 5, 0, tzinfo=UTC),
+            "America/New_York",
+            "US",
+            datetime(2026, 11, 1, 14, 0, tzinfo=UTC),
+        ),
+    ],
+)
+def test_quiet_hours_defer_in_the_recipients_own_time(
+    now: datetime, timezone: str, country: str, expected_not_before: datetime | None
+) -> None:
+    phone = {"JP": "+819012345678", "GB": GB_A, "US": "+12015550123"}[country]
+    frame = decide_frame(
+        [customer(1, timezone=timezone, country=country, phone=phone)], PolicySpec(), now=now
+    )
+    row = frame.row(0, named=True)
+    assert row["channel"] == "whatsapp"
+    assert row["not_before"] == expected_not_before
+    assert row["decision"] == ("defer" if expected_not_before else "send")
+
+
+def test_country_channel_order_overrides_the_plan() -> None:
+    policy = PolicySpec.model_validate(
+        {"quiet_hours": {"enabled": False}, "country_channels": {"DE": ["sms"]}}
+    )
+    frame = decide_frame(
+        [
+            customer(1),
+            customer(2, phone=DE_A, country="DE"),
+            customer(3, phone="+4915112345679", country="DE", sms_marketing_consent=False),
+        ],
+        policy,
+    )
+    assert frame.select("customer_id", "channel", "reason").rows() == [
+        (1, "whatsapp", None),
+        (2, "sms", None),  # WhatsApp is not used in DE at all
+        (3, None, "sms_no_consent"),
+    ]
+
+
+def test_a_country_route_must_use_channels_of_the_plan() -> None:
+    from pydantic import ValidationError
+
+    from cdp_activation.specs import ActivationSpec
+
+    with pytest.raises(ValidationError, match="country_channels.UA uses \\['viber'\\]"):
+        ActivationSpec.model_validate(
+            {
+                "audience": {"sql": "sql/audiences/x.sql"},
+                "channel_plan": TEMPLATE_PLAN.model_dump(),
+                "policy": {"country_channels": {"UA": ["viber", "sms"]}},
+            }
+        )

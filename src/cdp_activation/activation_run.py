@@ -21,10 +21,18 @@ import polars as pl
 from cdp_activation.audience_sql import AudienceQuery, load_audience_sql
 from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
 from cdp_activation.delivery import DeliveryOptions, deliver, rate_of
-from cdp_activation.ledger import SENT, Ledger, idempotency_key
+from cdp_activation.ledger import (
+    DEAD_LETTER,
+    FAILED,
+    SENT,
+    UNKNOWN,
+    Ledger,
+    idempotency_key,
+)
 from cdp_activation.masking import mask_phone
 from cdp_activation.policy import Decisions, decide, reasons
 from cdp_activation.policy.consent import consent_column
+from cdp_activation.policy.engine import DEFER, HOLDOUT, SEND
 from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
 from cdp_activation.policy.window import last_inbound_column
@@ -292,17 +300,28 @@ def compute_decisions(
     connectors: Mapping[str, Connector],
     now: datetime,
     max_recipients: int | None,
+    ledger: Ledger | None = None,
+    partition_key: str | None = None,
 ) -> Decisions:
     validate_audience(activation, audience)  # the blocking check said so; never decide on less
     regions = sorted(audience["country"].drop_nulls().unique().to_list())
     suppressions = load_suppressions(activation, warehouse, regions)
     catalogs = fetch_catalogs(activation, connectors)
+    policy = activation.spec.policy
+    recent = None
+    if ledger is not None and policy.frequency_caps:
+        days = max(cap.days for cap in policy.frequency_caps)
+        # This partition's own sends are a re-run's "already sent", not a reason to cap.
+        exclude = (activation.name, partition_key) if partition_key else None
+        recent = ledger.sends_since(now - timedelta(days=days), exclude=exclude)
     return decide(
         audience,
         activation.spec.channel_plan,
         now=now,
         suppressions=suppressions,
         catalogs=catalogs,
+        policy=policy,
+        recent_sends=recent,
         max_recipients=max_recipients,
         salt=activation.name,
     )
@@ -343,10 +362,13 @@ def decisions_metadata(result: Decisions) -> dict[str, Any]:
 
     eligible = result.eligible_by_channel()
     excluded = result.excluded_by_reason()
+    counts = result.counts()
     meta: dict[str, Any] = {
         "audience_size": result.frame.height,
         "eligible": sum(eligible.values()),
         "excluded": sum(excluded.values()),
+        "deferred": counts[DEFER],
+        "holdout": counts[HOLDOUT],
         "eligible_by_channel": dg.MetadataValue.md(_md_counts("Channel", eligible)),
         "excluded_by_reason": dg.MetadataValue.md(_md_counts("Reason", excluded, describe=True)),
         "sample_messages": dg.MetadataValue.md(sample_messages(result.frame)),
@@ -364,7 +386,7 @@ def recipients_without_consent(
     activation: Activation, decisions: pl.DataFrame, audience: pl.DataFrame
 ) -> int:
     purpose = activation.spec.channel_plan.purpose
-    joined = decisions.filter(pl.col("channel").is_not_null()).join(
+    joined = decisions.filter(pl.col("decision").is_in([SEND, DEFER])).join(
         audience, on="customer_id", how="left"
     )
     bad = pl.lit(False)
@@ -395,6 +417,9 @@ class DeliverySummary:
     partition: str
     dry_run: bool
     to_send: int = 0
+    deferred: int = 0
+    holdout: int = 0
+    cancelled: int = 0
     sent: int = 0
     failed: int = 0
     unknown: int = 0
@@ -425,36 +450,51 @@ def deliver_decisions(
     options: DeliveryOptions | None = None,
 ) -> DeliverySummary:
     started = time.perf_counter()
-    chosen = decisions.filter(pl.col("channel").is_not_null())
+    now = datetime.now(UTC)
+    chosen = decisions.filter(pl.col("decision").is_in([SEND, DEFER]))
+    to_plan = decisions.filter(pl.col("decision").is_in([SEND, DEFER, HOLDOUT]))
     summary = DeliverySummary(activation=activation.name, partition=partition_key, dry_run=dry_run)
+    summary.holdout = decisions.filter(pl.col("decision") == HOLDOUT).height
+    keys = [
+        idempotency_key(activation.name, partition_key, str(c), s)
+        for c, s in zip(chosen["customer_id"].to_list(), chosen["step"].to_list(), strict=True)
+    ]
     try:
         if dry_run:
-            keys = [
-                idempotency_key(activation.name, partition_key, str(c), s)
-                for c, s in zip(
-                    chosen["customer_id"].to_list(), chosen["step"].to_list(), strict=True
-                )
-            ]
             existing = ledger.states_of(keys)
             summary.already_sent = existing.get(SENT, 0)
             summary.already_done_other = sum(existing.values()) - summary.already_sent
-            summary.to_send = chosen.height - sum(existing.values())
+            due = chosen.filter(
+                pl.col("not_before").is_null() | (pl.col("not_before") <= now)
+            ).height
+            summary.to_send = max(0, due - sum(existing.values()))
+            summary.deferred = chosen.height - due
             summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
             return summary
 
-        preflight({name: connectors[name] for name in chosen["connector"].unique().to_list()})
         summary.recovered_in_flight = ledger.recover_interrupted(activation.name, partition_key)
         planned = ledger.plan(
             activation.name,
             partition_key,
-            chosen,
+            to_plan,
             run_id=run_id,
             purpose=activation.spec.channel_plan.purpose,
         )
         summary.already_sent = planned.existing.get(SENT, 0)
-        summary.already_done_other = sum(planned.existing.values()) - summary.already_sent
-        pending = ledger.pending(activation.name, partition_key)
+        summary.already_done_other = (
+            planned.existing.get(FAILED, 0)
+            + planned.existing.get(UNKNOWN, 0)
+            + planned.existing.get(DEAD_LETTER, 0)
+        )
+        summary.cancelled = ledger.cancel_unchosen(
+            activation.name,
+            partition_key,
+            keys,
+            reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
+        )
+        pending = ledger.pending(activation.name, partition_key, now)
         summary.to_send = len(pending)
+        preflight({name: connectors[name] for name in {row.connector for row in pending}})
         report = deliver(ledger, pending, connectors, options)
         summary.sent = report.sent
         summary.failed = report.failed
@@ -463,6 +503,7 @@ def deliver_decisions(
         summary.error_codes = dict(report.error_codes)
         summary.p50_latency_ms = round(report.latency_ms(0.50), 1)
         summary.p95_latency_ms = round(report.latency_ms(0.95), 1)
+        summary.deferred = ledger.deferred(activation.name, partition_key)
         summary.ledger_states = ledger.counts(activation.name, partition_key)
         return summary
     finally:
@@ -490,6 +531,9 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "dry_run": summary.dry_run,
         "to_send": summary.to_send,
+        "deferred": summary.deferred,
+        "holdout": summary.holdout,
+        "cancelled": summary.cancelled,
         "sent": summary.sent,
         "failed": summary.failed,
         "unknown": summary.unknown,

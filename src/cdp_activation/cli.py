@@ -254,6 +254,12 @@ def _report(summary: Any, as_json: bool, sandbox_url: str | None = None) -> None
         table.add_row(f"eligible · {channel}", f"{count:,}")
     for reason, count in summary.excluded.items():
         table.add_row(f"excluded · {reason}", f"{count:,}")
+    if summary.holdout:
+        table.add_row("holdout (control group, not messaged)", f"{summary.holdout:,}")
+    if summary.deferred:
+        table.add_row("deferred (quiet hours; sent later)", f"{summary.deferred:,}")
+    if summary.cancelled:
+        table.add_row("cancelled (no longer chosen)", f"{summary.cancelled:,}")
     if summary.dry_run:
         table.add_row("would send", f"{summary.to_send:,}")
         if summary.estimated_seconds is not None:

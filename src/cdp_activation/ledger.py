@@ -5,7 +5,9 @@ of activation, partition, customer and step, unique in the table; planned rows a
 bulk before the first request, and every state change is a bulk UPDATE guarded by the state it
 leaves, so a re-run, a retry or a backfill can never plan or send the same key twice.
 
-States: planned -> in_flight -> sent | failed | unknown | dead_letter.
+States: planned -> in_flight -> sent | failed | unknown | dead_letter; a planned row may carry
+`not_before` (quiet hours: deferred, sent by a later run) or end `cancelled` (a later run's
+policy no longer chooses it); a holdout row is written as `holdout` and never sent.
 A row found `in_flight` when a run starts was interrupted mid-request: the provider may have
 accepted it, so it becomes `unknown` and is not resent (providers here have no idempotency key).
 
@@ -33,8 +35,10 @@ SENT = "sent"
 FAILED = "failed"
 UNKNOWN = "unknown"
 DEAD_LETTER = "dead_letter"
-TERMINAL_STATES = frozenset({SENT, FAILED, UNKNOWN, DEAD_LETTER})
-ALL_STATES = (PLANNED, IN_FLIGHT, SENT, FAILED, UNKNOWN, DEAD_LETTER)
+HOLDOUT = "holdout"
+CANCELLED = "cancelled"
+TERMINAL_STATES = frozenset({SENT, FAILED, UNKNOWN, DEAD_LETTER, HOLDOUT, CANCELLED})
+ALL_STATES = (PLANNED, IN_FLIGHT, SENT, FAILED, UNKNOWN, DEAD_LETTER, HOLDOUT, CANCELLED)
 
 metadata = sa.MetaData()
 
@@ -58,9 +62,12 @@ sends = sa.Table(
     sa.Column("error_code", sa.String(40)),
     sa.Column("error_message", sa.String(500)),
     sa.Column("run_id", sa.String(64)),
+    sa.Column("not_before", sa.DateTime(timezone=True)),  # deferred (quiet hours) until then
+    sa.Column("sent_at", sa.DateTime(timezone=True)),  # when the provider accepted it
     sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
+    sa.Index("ix_sends_state_sent_at", "state", "sent_at"),
 )
 
 
@@ -144,9 +151,10 @@ class Ledger:
                 "connector": r["connector"],
                 "recipient": r["phone_e164"],
                 "message": json.dumps(_message(r), ensure_ascii=False),
-                "state": PLANNED,
+                "state": HOLDOUT if r.get("decision") == "holdout" else PLANNED,
                 "attempts": 0,
                 "run_id": run_id,
+                "not_before": r.get("not_before"),
                 "planned_at": now,
                 "updated_at": now,
             }
@@ -193,7 +201,11 @@ class Ledger:
             )
             return result.rowcount or 0
 
-    def pending(self, activation: str, partition_key: str) -> list[PlannedSend]:
+    def pending(
+        self, activation: str, partition_key: str, now: datetime | None = None
+    ) -> list[PlannedSend]:
+        """Planned rows due by `now` (default: now): deferred ones wait for their not_before."""
+        now = now or _now()
         with self.engine.connect() as con:
             rows = con.execute(
                 sa.select(
@@ -209,6 +221,7 @@ class Ledger:
                     sends.c.activation == activation,
                     sends.c.partition_key == partition_key,
                     sends.c.state == PLANNED,
+                    sa.or_(sends.c.not_before.is_(None), sends.c.not_before <= now),
                 )
                 .order_by(sends.c.id)
             ).all()
@@ -255,7 +268,8 @@ class Ledger:
                 "pmid": result.provider_message_id,
                 "code": result.error_code,
                 "msg": (result.error_message or "")[:500] or None,
-                "now": _now(),
+                "now": (now := _now()),
+                "sent": now if result.outcome == Outcome.SENT else None,
             }
             for row_id, result, attempts in results
         ]
@@ -271,10 +285,87 @@ class Ledger:
                 error_code=sa.bindparam("code"),
                 error_message=sa.bindparam("msg"),
                 updated_at=sa.bindparam("now"),
+                sent_at=sa.bindparam("sent"),
             )
         )
         with self.engine.begin() as con:
             con.execute(statement, params)
+
+    def cancel_unchosen(
+        self, activation: str, partition_key: str, chosen_keys: Sequence[str], reason: str
+    ) -> int:
+        """Planned rows of this partition that the latest decisions no longer choose (consent
+        withdrawn since a deferral, say) end `cancelled`: they must not go out."""
+        keep = set(chosen_keys)
+        with self.engine.begin() as con:
+            rows = con.execute(
+                sa.select(sends.c.id, sends.c.idempotency_key).where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == PLANNED,
+                )
+            ).all()
+            ids = [r.id for r in rows if r.idempotency_key not in keep]
+            for chunk in _chunks(ids, 5000):
+                con.execute(
+                    sa.update(sends)
+                    .where(sends.c.id.in_(chunk), sends.c.state == PLANNED)
+                    .values(state=CANCELLED, error_message=reason[:500], updated_at=_now())
+                )
+        return len(ids)
+
+    def deferred(self, activation: str, partition_key: str, now: datetime | None = None) -> int:
+        """Planned rows waiting for their not_before (quiet hours)."""
+        now = now or _now()
+        with self.engine.connect() as con:
+            return con.execute(
+                sa.select(sa.func.count()).where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == PLANNED,
+                    sends.c.not_before > now,
+                )
+            ).scalar_one()
+
+    def due_partitions(self, activation: str, now: datetime | None = None) -> dict[str, datetime]:
+        """Partitions with deferred rows now due, and the latest not_before among them."""
+        now = now or _now()
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(sends.c.partition_key, sa.func.max(sends.c.not_before))
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.state == PLANNED,
+                    sends.c.not_before.is_not(None),
+                    sends.c.not_before <= now,
+                )
+                .group_by(sends.c.partition_key)
+            ).all()
+        return {partition: _aware(latest) for partition, latest in rows}
+
+    def sends_since(self, since: datetime, exclude: tuple[str, str] | None = None) -> pl.DataFrame:
+        """Accepted messages since `since`, one row each (customer_id, channel, purpose,
+        sent_at), for frequency caps; `exclude` = (activation, partition) being re-run."""
+        query = sa.select(
+            sends.c.customer_id, sends.c.channel, sends.c.purpose, sends.c.sent_at
+        ).where(sends.c.state == SENT, sends.c.sent_at >= since)
+        if exclude is not None:
+            query = query.where(
+                sa.not_(
+                    sa.and_(sends.c.activation == exclude[0], sends.c.partition_key == exclude[1])
+                )
+            )
+        schema = {
+            "customer_id": pl.String,
+            "channel": pl.String,
+            "purpose": pl.String,
+            "sent_at": pl.Datetime("us", "UTC"),
+        }
+        with self.engine.connect() as con:
+            frame = pl.read_database(query, con)
+        if frame.is_empty():
+            return pl.DataFrame(schema=schema)
+        return frame.with_columns(_as_utc(frame, "sent_at")).cast(schema)
 
     def counts(self, activation: str, partition_key: str) -> dict[str, int]:
         with self.engine.connect() as con:
@@ -289,49 +380,19 @@ class Ledger:
         """Per customer, channel and purpose: messages accepted in the last 1, 7 and `days` days.
 
         Audience SQL may join this as `ledger_recent_sends` (the framework makes it available
-        to the warehouse), so frequency caps are applied where the audience is computed.
+        to the warehouse), so frequency caps can also be applied where the audience is built.
         """
-        since = as_of - timedelta(days=days)
-        day, week = as_of - timedelta(days=1), as_of - timedelta(days=7)
-        accepted = sends.c.state == SENT
-        when = sends.c.updated_at
-
-        def within(start: datetime) -> Any:
-            return sa.func.sum(sa.case((when >= start, 1), else_=0))
-
-        query = (
-            sa.select(
-                sends.c.customer_id,
-                sends.c.channel,
-                sends.c.purpose,
-                within(day).label("sends_24h"),
-                within(week).label("sends_7d"),
-                sa.func.count().label(f"sends_{days}d"),
-                sa.func.max(when).label("last_sent_at"),
+        sent = self.sends_since(as_of - timedelta(days=days)).filter(pl.col("sent_at") <= as_of)
+        return (
+            sent.group_by("customer_id", "channel", "purpose")
+            .agg(
+                (pl.col("sent_at") > as_of - timedelta(days=1)).sum().alias("sends_24h"),
+                (pl.col("sent_at") > as_of - timedelta(days=7)).sum().alias("sends_7d"),
+                pl.len().alias(f"sends_{days}d"),
+                pl.col("sent_at").max().alias("last_sent_at"),
             )
-            .where(accepted, when >= since, when <= as_of)
-            .group_by(sends.c.customer_id, sends.c.channel, sends.c.purpose)
+            .cast({"sends_24h": pl.Int64, "sends_7d": pl.Int64, f"sends_{days}d": pl.Int64})
         )
-        schema = {
-            "customer_id": pl.String,
-            "channel": pl.String,
-            "purpose": pl.String,
-            "sends_24h": pl.Int64,
-            "sends_7d": pl.Int64,
-            f"sends_{days}d": pl.Int64,
-            "last_sent_at": pl.Datetime("us", "UTC"),
-        }
-        with self.engine.connect() as con:
-            frame = pl.read_database(query, con)
-        if frame.is_empty():
-            return pl.DataFrame(schema=schema)
-        return frame.with_columns(
-            pl.col("last_sent_at")
-            .cast(pl.Datetime("us"))
-            .dt.replace_time_zone("UTC", non_existent="null")
-            if frame.schema["last_sent_at"] != pl.Datetime("us", "UTC")
-            else pl.col("last_sent_at")
-        ).cast(schema)
 
     def rows(self, activation: str, partition_key: str | None = None) -> pl.DataFrame:
         """The ledger rows of an activation (for tests, previews and exports)."""
@@ -342,6 +403,20 @@ class Ledger:
             result = con.execute(query.order_by(sends.c.id))
             data = [dict(r._mapping) for r in result]
         return pl.DataFrame(data, schema=[c.name for c in sends.columns] if not data else None)
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything the ledger stores is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _as_utc(frame: pl.DataFrame, column: str) -> pl.Expr:
+    dtype = frame.schema[column]
+    if isinstance(dtype, pl.Datetime) and dtype.time_zone:
+        return pl.col(column).dt.convert_time_zone("UTC")
+    if isinstance(dtype, pl.Datetime):
+        return pl.col(column).dt.replace_time_zone("UTC")
+    return pl.col(column).str.to_datetime(time_zone="UTC")
 
 
 def _with_driver(url: str) -> str:

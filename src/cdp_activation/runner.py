@@ -38,6 +38,9 @@ class RunSummary:
     eligible: dict[str, int] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)
     to_send: int = 0
+    deferred: int = 0
+    holdout: int = 0
+    cancelled: int = 0
     sent: int = 0
     failed: int = 0
     unknown: int = 0
@@ -155,8 +158,19 @@ def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
                     for k, v in meta.items()
                     if k.startswith("excluded_") and k != "excluded_by_reason"
                 }
+                summary.holdout = int(meta.get("holdout", 0))
             elif key == "deliveries":
-                for attr in ("to_send", "sent", "failed", "unknown", "dead_letter", "already_sent"):
+                for attr in (
+                    "to_send",
+                    "sent",
+                    "failed",
+                    "unknown",
+                    "dead_letter",
+                    "already_sent",
+                    "deferred",
+                    "holdout",
+                    "cancelled",
+                ):
                     setattr(summary, attr, int(meta.get(attr, 0)))
                 if "estimated_seconds_at_rate_limit" in meta:
                     summary.estimated_seconds = float(meta["estimated_seconds_at_rate_limit"])

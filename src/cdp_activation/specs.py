@@ -163,12 +163,109 @@ class LimitsSpec(_Strict):
     max_recipients: int | None = Field(
         default=None, description="Most recipients one run may message (None: no cap)."
     )
+    max_audience_change: float = Field(
+        default=10.0,
+        description="Blocking check: the audience may be at most this many times larger (or "
+        "smaller) than the last successful run's; a sudden 10x is a bug, not a campaign.",
+    )
 
     @field_validator("max_recipients")
     @classmethod
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError("max_recipients must be at least 1 (leave it out for no cap)")
+        return value
+
+    @field_validator("max_audience_change")
+    @classmethod
+    def _factor(cls, value: float) -> float:
+        if value <= 1:
+            raise ValueError("max_audience_change is a factor and must be above 1")
+        return value
+
+
+_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+
+
+class QuietHoursSpec(_Strict):
+    """No message in the recipient's own night: they are deferred to `end`, not dropped."""
+
+    enabled: bool = True
+    start: str = Field(default="21:00", description="Local time quiet hours begin (HH:MM).")
+    end: str = Field(default="09:00", description="Local time quiet hours end (HH:MM).")
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        if not _HHMM.match(value):
+            raise ValueError(f"{value!r} is not a time of day like 21:00")
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHoursSpec:
+        if self.enabled and self.start == self.end:
+            raise ValueError("quiet hours start and end are equal; disable them instead")
+        return self
+
+
+class FrequencyCapSpec(_Strict):
+    """At most `max_messages` messages of `purpose` on `channel` per customer in `days` days,
+    counted across every activation from the ledger."""
+
+    purpose: Literal["marketing", "transactional", "any"] = "marketing"
+    channel: Literal["whatsapp", "sms", "viber", "line", "kakao", "rcs", "any"] = "any"
+    max_messages: int = 1
+    days: int = 7
+
+    @model_validator(mode="after")
+    def _positive(self) -> FrequencyCapSpec:
+        if self.max_messages < 1:
+            raise ValueError("max_messages must be at least 1")
+        if not 1 <= self.days <= 90:
+            raise ValueError("days must be between 1 and 90")
+        return self
+
+
+class HoldoutSpec(_Strict):
+    """A stable control group: recorded in the ledger as `holdout`, never messaged."""
+
+    share: float = Field(default=0.0, description="Share of eligible customers held out, 0-0.5.")
+    salt: str | None = Field(default=None, description="Hash salt; default: the activation name.")
+
+    @field_validator("share")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        if not 0.0 <= value <= 0.5:
+            raise ValueError("holdout share must be between 0 and 0.5")
+        return value
+
+
+class PolicySpec(_Strict):
+    """Per-activation policy settings; every field has a safe default."""
+
+    quiet_hours: QuietHoursSpec = Field(default_factory=QuietHoursSpec)
+    frequency_caps: list[FrequencyCapSpec] = Field(
+        default_factory=lambda: [FrequencyCapSpec()],
+        description="Default: at most 1 marketing message per customer per 7 days.",
+    )
+    holdout: HoldoutSpec = Field(default_factory=HoldoutSpec)
+    country_channels: dict[str, list[Channel]] = Field(
+        default_factory=dict,
+        description="Per-country channel order overriding the plan's, e.g. UA: [viber, sms].",
+    )
+    mobile_only: list[Channel] = Field(
+        default_factory=lambda: ["sms"],
+        description="Channels that need a mobile number (a fixed line cannot take an SMS).",
+    )
+
+    @field_validator("country_channels")
+    @classmethod
+    def _countries(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for country, channels in value.items():
+            if not re.match(r"^[A-Z]{2}$", country):
+                raise ValueError(f"{country!r} is not an ISO-3166 alpha-2 country code")
+            if not channels:
+                raise ValueError(f"country {country}: give at least one channel")
         return value
 
 
@@ -186,6 +283,19 @@ class ActivationSpec(_Strict):
     partitions_start_date: str = "2026-01-01"
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    policy: PolicySpec = Field(default_factory=PolicySpec)
+
+    @model_validator(mode="after")
+    def _routes_use_plan_channels(self) -> ActivationSpec:
+        planned = {step.channel for step in self.channel_plan.steps}
+        for country, channels in self.policy.country_channels.items():
+            unknown = [c for c in channels if c not in planned]
+            if unknown:
+                raise ValueError(
+                    f"policy.country_channels.{country} uses {unknown}, which the channel plan "
+                    f"does not have (plan: {sorted(planned)})"
+                )
+        return self
 
     @field_validator("partitions_start_date")
     @classmethod

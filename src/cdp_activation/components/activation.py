@@ -92,7 +92,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         description=f"Policy decisions: per customer, the channel of the plan ({plan_text}) or "
         "the reason code why not.",
         ins={"audience": dg.AssetIn(audience_key)},
-        required_resource_keys={"warehouse", *connector_keys},
+        required_resource_keys={"warehouse", "ledger", *connector_keys},
         code_version="1",
         **common,
     )
@@ -109,6 +109,8 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             connectors,
             now=datetime.now(UTC),
             max_recipients=config.max_recipients,
+            ledger=context.resources.ledger.ledger(),
+            partition_key=context.partition_key,
         )
         context.add_output_metadata(run.decisions_metadata(result))
         return result.frame
@@ -227,24 +229,38 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
     )
     def schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
         # Skip, don't stack: a second run of the same activation would race the first.
-        active = context.instance.get_run_records(
-            dg.RunsFilter(
-                job_name=job.name,
-                statuses=[
-                    dg.DagsterRunStatus.QUEUED,
-                    dg.DagsterRunStatus.NOT_STARTED,
-                    dg.DagsterRunStatus.STARTING,
-                    dg.DagsterRunStatus.STARTED,
-                ],
-            ),
-            limit=1,
-        )
-        if active:
+        if _active_run(context.instance, job.name):
             return dg.SkipReason(f"{job.name} is already queued or running")
         partition_key = context.scheduled_execution_time.date().isoformat()
         return dg.RunRequest(
             run_key=partition_key, partition_key=partition_key, tags={"activation": name}
         )
+
+    @dg.sensor(
+        name=f"{name}_deferred_sends",
+        job=job,
+        minimum_interval_seconds=300,
+        required_resource_keys={"ledger"},
+        default_status=dg.DefaultSensorStatus.RUNNING
+        if spec.schedule.enabled
+        else dg.DefaultSensorStatus.STOPPED,
+        description="Re-runs a partition when recipients deferred by quiet hours become due; "
+        "the run applies the policy again before anything is sent.",
+    )
+    def deferred_sends(context: dg.SensorEvaluationContext) -> Any:
+        if _active_run(context.instance, job.name):
+            return dg.SkipReason(f"{job.name} is already queued or running")
+        due = context.resources.ledger.ledger().due_partitions(name)
+        if not due:
+            return dg.SkipReason("no deferred recipient is due")
+        return [
+            dg.RunRequest(
+                run_key=f"{partition}:deferred:{latest.isoformat()}",
+                partition_key=partition,
+                tags={"activation": name, "trigger": "deferred_sends"},
+            )
+            for partition, latest in sorted(due.items())
+        ]
 
     return dg.Definitions(
         assets=[audience, decisions, deliveries],
@@ -256,6 +272,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         ],
         jobs=[job],
         schedules=[schedule],
+        sensors=[deferred_sends],
     )
 
 
@@ -264,6 +281,24 @@ class DeliveriesConfig(dg.Config):
         default=False,
         description="Preview only: compute what would be sent and how long it would take, "
         "write nothing to the ledger and send nothing.",
+    )
+
+
+def _active_run(instance: dg.DagsterInstance, job_name: str) -> bool:
+    """Is a run of this job queued or in progress? (One guard against double sends.)"""
+    return bool(
+        instance.get_run_records(
+            dg.RunsFilter(
+                job_name=job_name,
+                statuses=[
+                    dg.DagsterRunStatus.QUEUED,
+                    dg.DagsterRunStatus.NOT_STARTED,
+                    dg.DagsterRunStatus.STARTING,
+                    dg.DagsterRunStatus.STARTED,
+                ],
+            ),
+            limit=1,
+        )
     )
 
 

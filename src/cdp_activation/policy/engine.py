@@ -1,9 +1,17 @@
-"""Apply every rule of the plan to an audience and decide, per customer, a channel or a reason.
+"""Apply every rule of the policy to an audience: per customer, a channel or a reason code.
 
-Order: customer-level rules (a usable number, not globally suppressed), then each channel of
-the plan in order (consent, channel suppression, template, window, variables); a customer gets
-the first channel that passes. Then one message per phone number and the recipient cap.
-Everything is a polars expression over the whole frame.
+Order:
+1. customer-level rules: a usable phone number, not globally suppressed, under the overall
+   frequency caps;
+2. each channel of the plan: consent for the purpose, not suppressed on the channel, a number
+   that can take the channel, an approved template, the WhatsApp window for free-form
+   messages, valid variables, under the channel's frequency caps;
+3. routing: the first channel that passes, in the customer's country's order;
+4. one message per phone number, the holdout group, the recipient cap;
+5. quiet hours: a chosen recipient in their night is deferred to its end, not dropped.
+
+Everything is a polars expression over the whole frame, or a computation over distinct values
+(phone numbers, time zones) joined back; nothing walks the rows in Python.
 """
 
 from __future__ import annotations
@@ -16,8 +24,13 @@ import polars as pl
 
 from cdp_activation.connectors.base import TemplateInfo
 from cdp_activation.policy import reasons
+from cdp_activation.policy.caps import EMPTY_SENDS, capped_customers
 from cdp_activation.policy.consent import has_consent
+from cdp_activation.policy.hashing import stable_fraction
+from cdp_activation.policy.holdout import holdout_mask
 from cdp_activation.policy.phones import STATUS_INVALID, STATUS_MISSING, normalise_frame
+from cdp_activation.policy.quiet_hours import not_before
+from cdp_activation.policy.routing import route
 from cdp_activation.policy.suppression import flag_suppressed
 from cdp_activation.policy.templates import (
     body_variables_ok,
@@ -27,21 +40,32 @@ from cdp_activation.policy.templates import (
     whatsapp_variables_ok,
 )
 from cdp_activation.policy.window import in_window
-from cdp_activation.specs import ChannelPlanSpec
+from cdp_activation.specs import ChannelPlanSpec, PolicySpec
 
 STEP = "initial"  # the plan's first send; a later fallback send is another step
+
+SEND, DEFER, HOLDOUT, EXCLUDE = "send", "defer", "holdout", "exclude"
+# Number types that can receive an SMS (phonenumbers' names); a fixed line cannot.
+MOBILE_TYPES = ("mobile", "fixed_line_or_mobile")
 
 
 @dataclass(frozen=True)
 class Decisions:
-    """Per customer: the chosen channel and its message, or why not."""
+    """Per customer: `decision` (send, defer, holdout, exclude), the channel and message, the
+    `not_before` time of a deferred send, or the reason code of an exclusion."""
 
     frame: pl.DataFrame
     template_problems: dict[str, str]  # channel -> why its template may not be sent
 
     @property
     def chosen(self) -> pl.DataFrame:
-        return self.frame.filter(pl.col("channel").is_not_null())
+        """Customers to message now or later (send and defer)."""
+        return self.frame.filter(pl.col("decision").is_in([SEND, DEFER]))
+
+    def counts(self) -> dict[str, int]:
+        counts = self.frame.group_by("decision").len()
+        found = dict(zip(counts["decision"].to_list(), counts["len"].to_list(), strict=True))
+        return {d: found.get(d, 0) for d in (SEND, DEFER, HOLDOUT, EXCLUDE)}
 
     def eligible_by_channel(self) -> dict[str, int]:
         counts = self.chosen.group_by("channel").len().sort("channel")
@@ -49,7 +73,7 @@ class Decisions:
 
     def excluded_by_reason(self) -> dict[str, int]:
         counts = (
-            self.frame.filter(pl.col("reason").is_not_null())
+            self.frame.filter(pl.col("decision") == EXCLUDE)
             .group_by("reason")
             .len()
             .sort(["len", "reason"], descending=[True, False])
@@ -64,18 +88,28 @@ def decide(
     now: datetime,
     suppressions: pl.DataFrame,
     catalogs: Mapping[str, Sequence[TemplateInfo]],
+    policy: PolicySpec | None = None,
+    recent_sends: pl.DataFrame | None = None,
     max_recipients: int | None = None,
     salt: str = "",
 ) -> Decisions:
     """Decide every customer of `audience` (one row per customer, contract columns present).
 
     `catalogs` maps a connector name to its template catalog; `suppressions` holds normalised
-    (phone_e164, channel) rows, channel null for all channels.
+    (phone_e164, channel) rows, channel null for all channels; `recent_sends` holds the
+    ledger's accepted messages (customer_id text, channel, purpose, sent_at) for the caps.
     """
+    policy = policy or PolicySpec()
+    sends = EMPTY_SENDS if recent_sends is None else recent_sends
     channels = [step.channel for step in plan.steps]
     frame = normalise_frame(audience)
     frame = flag_suppressed(frame, suppressions, channels)
+    frame = frame.with_columns(pl.col("customer_id").cast(pl.String).alias("_cid"))
     columns = frame.columns
+
+    def capped(channel: str) -> pl.Expr:
+        ids = capped_customers(sends, policy.frequency_caps, plan.purpose, channel, now)
+        return pl.col("_cid").is_in(ids.implode())
 
     customer_reason = (
         pl.when(pl.col("phone_status") == STATUS_MISSING)
@@ -84,12 +118,14 @@ def decide(
         .then(pl.lit(reasons.INVALID_PHONE))
         .when(pl.col("suppressed_all"))
         .then(pl.lit(reasons.SUPPRESSED))
+        .when(capped("any"))
+        .then(pl.lit(reasons.FREQUENCY_CAPPED))
         .otherwise(pl.lit(None, dtype=pl.String))
     )
     frame = frame.with_columns(customer_reason.alias("customer_reason"))
 
     template_problems: dict[str, str] = {}
-    step_reason_cols: list[str] = []
+    reason_columns: list[str] = []
     for step in plan.steps:
         channel = step.channel
         problem = None
@@ -99,8 +135,7 @@ def decide(
             )
             if problem:
                 template_problems[channel] = problem
-        variables = step.variable_columns()
-        unique_vars = list(dict.fromkeys(variables))
+        unique_vars = list(dict.fromkeys(step.variable_columns()))
         vars_ok = (
             whatsapp_variables_ok(unique_vars)
             if step.template is not None
@@ -112,50 +147,58 @@ def decide(
             if channel == "whatsapp" and step.template is None
             else pl.lit(True)
         )
+        number_ok = (
+            pl.col("phone_type").is_in(MOBILE_TYPES).fill_null(False)
+            if channel in policy.mobile_only and "phone_type" in columns
+            else pl.lit(True)
+        )
+
+        def code(reason: str, channel: str = channel) -> pl.Expr:
+            return pl.lit(reasons.channel_reason(channel, reason))
+
         reason = (
             pl.when(~has_consent(channel, plan.purpose))
-            .then(pl.lit(reasons.channel_reason(channel, reasons.NO_CONSENT)))
+            .then(code(reasons.NO_CONSENT))
             .when(pl.col(f"suppressed_{channel}"))
-            .then(pl.lit(reasons.channel_reason(channel, reasons.CHANNEL_SUPPRESSED)))
+            .then(code(reasons.CHANNEL_SUPPRESSED))
+            .when(~number_ok)
+            .then(code(reasons.NOT_MOBILE))
             .when(pl.lit(problem is not None))
-            .then(pl.lit(reasons.channel_reason(channel, reasons.TEMPLATE_NOT_APPROVED)))
+            .then(code(reasons.TEMPLATE_NOT_APPROVED))
             .when(~window_ok)
-            .then(pl.lit(reasons.channel_reason(channel, reasons.OUTSIDE_WINDOW)))
+            .then(code(reasons.OUTSIDE_WINDOW))
             .when(~vars_ok)
-            .then(pl.lit(reasons.channel_reason(channel, reasons.INVALID_VARIABLES)))
+            .then(code(reasons.INVALID_VARIABLES))
+            .when(capped(channel))
+            .then(code(reasons.FREQUENCY_CAPPED))
             .otherwise(pl.lit(None, dtype=pl.String))
         )
         name = f"{channel}_reason"
         frame = frame.with_columns(reason.alias(name))
-        step_reason_cols.append(name)
+        reason_columns.append(name)
 
-    # The first step that passes wins.
-    chosen_index = pl.lit(None, dtype=pl.Int32)
-    for index in reversed(range(len(plan.steps))):
-        chosen_index = (
-            pl.when(pl.col(step_reason_cols[index]).is_null())
-            .then(pl.lit(index, dtype=pl.Int32))
-            .otherwise(chosen_index)
-        )
+    step_index, all_failed = route(frame, reason_columns, channels, policy.country_channels)
     frame = frame.with_columns(
-        pl.when(pl.col("customer_reason").is_null()).then(chosen_index).alias("step_index")
+        pl.when(pl.col("customer_reason").is_null()).then(step_index).alias("step_index")
     )
-    # No channel passed: the reason names why each one failed, in plan order, e.g.
-    # "whatsapp_no_consent+sms_no_consent", so no one reads it as "WhatsApp only".
-    all_steps_failed = pl.concat_str([pl.col(c) for c in step_reason_cols], separator="+")
     frame = frame.with_columns(
+        # No channel passed: the reason names why each one failed, in the customer's order,
+        # e.g. "whatsapp_no_consent+sms_no_consent", so no one reads it as "WhatsApp only".
         pl.coalesce(
             pl.col("customer_reason"),
-            pl.when(pl.col("step_index").is_null()).then(all_steps_failed),
+            pl.when(pl.col("step_index").is_null()).then(all_failed),
         ).alias("reason")
     )
 
     frame = _one_message_per_phone(frame)
+    frame = _holdout(frame, policy.holdout.share, policy.holdout.salt or salt)
     frame = _apply_cap(frame, max_recipients, salt)
+    frame = _defer_quiet_hours(frame, now, policy)
     frame = _attach_messages(frame, plan)
     keep = [
         "customer_id",
         "phone_e164",
+        "decision",
         "channel",
         "connector",
         "step",
@@ -163,51 +206,83 @@ def decide(
         "template_language",
         "variables",
         "body",
+        "not_before",
+        "zone",
         "reason",
-        *step_reason_cols,
+        *reason_columns,
     ]
     return Decisions(frame=frame.select(keep), template_problems=template_problems)
 
 
-def _one_message_per_phone(frame: pl.DataFrame) -> pl.DataFrame:
-    """Of customers sharing a number, only the lowest customer id is messaged."""
-    rank = (
-        pl.col("customer_id")
-        .rank(method="ordinal")
-        .over(pl.col("phone_e164"), pl.col("step_index").is_not_null())
-    )
-    duplicate = pl.col("step_index").is_not_null() & pl.col("phone_e164").is_not_null() & (rank > 1)
+def _exclude(frame: pl.DataFrame, mask: pl.Expr | pl.Series, reason: str) -> pl.DataFrame:
+    """Take the masked, still-routed customers off their channel with `reason`."""
     return frame.with_columns(
-        pl.when(duplicate)
-        .then(pl.lit(reasons.DUPLICATE_PHONE))
-        .otherwise(pl.col("reason"))
-        .alias("reason"),
-        pl.when(duplicate).then(None).otherwise(pl.col("step_index")).alias("step_index"),
+        pl.when(mask).then(pl.lit(reason)).otherwise(pl.col("reason")).alias("reason"),
+        pl.when(mask).then(None).otherwise(pl.col("step_index")).alias("step_index"),
     )
+
+
+def _one_message_per_phone(frame: pl.DataFrame) -> pl.DataFrame:
+    """Of customers routed to the same number, only the lowest customer id is messaged."""
+    routed = pl.col("step_index").is_not_null()
+    rank = pl.col("customer_id").rank(method="ordinal").over(pl.col("phone_e164"), routed)
+    return _exclude(
+        frame, routed & pl.col("phone_e164").is_not_null() & (rank > 1), reasons.DUPLICATE_PHONE
+    )
+
+
+def _holdout(frame: pl.DataFrame, share: float, salt: str) -> pl.DataFrame:
+    """Mark a stable share of the routed customers as the control group."""
+    frame = frame.with_columns(pl.lit(False).alias("_holdout"))
+    if share <= 0:
+        return frame
+    routed = frame["step_index"].is_not_null()
+    held = holdout_mask(frame.filter(routed)["customer_id"], share, salt)
+    mask = pl.Series("_holdout", [False] * frame.height, dtype=pl.Boolean)
+    mask = mask.scatter(routed.arg_true(), held)
+    return frame.with_columns(mask)
 
 
 def _apply_cap(frame: pl.DataFrame, max_recipients: int | None, salt: str) -> pl.DataFrame:
-    """Keep at most `max_recipients`, chosen by a stable hash so re-runs pick the same people."""
+    """Keep at most `max_recipients` to message, chosen by a stable hash so re-runs agree."""
     if max_recipients is None:
         return frame
-    order = (
-        pl.concat_str(pl.lit(salt), pl.col("customer_id").cast(pl.String))
-        .hash(seed=0)
-        .rank(method="ordinal")
-        .over(pl.col("step_index").is_not_null())
+    routed = frame["step_index"].is_not_null() & ~frame["_holdout"]
+    if routed.sum() <= max_recipients:
+        return frame
+    positions = routed.arg_true()
+    fractions = stable_fraction(frame["customer_id"].gather(positions), f"cap:{salt}")
+    order = fractions.rank(method="ordinal")
+    over = pl.Series([False] * frame.height, dtype=pl.Boolean).scatter(
+        positions, order > max_recipients
     )
-    over = pl.col("step_index").is_not_null() & (order > max_recipients)
+    return _exclude(frame, over, reasons.OVER_RECIPIENT_CAP)
+
+
+def _defer_quiet_hours(frame: pl.DataFrame, now: datetime, policy: PolicySpec) -> pl.DataFrame:
+    frame = not_before(frame, now, policy.quiet_hours)
+    routed = pl.col("step_index").is_not_null()
+    decision = (
+        pl.when(~routed)
+        .then(pl.lit(EXCLUDE))
+        .when(pl.col("_holdout"))
+        .then(pl.lit(HOLDOUT))
+        .when(pl.col("not_before").is_not_null())
+        .then(pl.lit(DEFER))
+        .otherwise(pl.lit(SEND))
+    )
     return frame.with_columns(
-        pl.when(over)
-        .then(pl.lit(reasons.OVER_RECIPIENT_CAP))
+        decision.alias("decision"),
+        pl.when(routed & ~pl.col("_holdout")).then(pl.col("not_before")).alias("not_before"),
+        pl.when(routed & pl.col("_holdout"))
+        .then(pl.lit(reasons.HOLDOUT))
         .otherwise(pl.col("reason"))
         .alias("reason"),
-        pl.when(over).then(None).otherwise(pl.col("step_index")).alias("step_index"),
     )
 
 
 def _attach_messages(frame: pl.DataFrame, plan: ChannelPlanSpec) -> pl.DataFrame:
-    """Channel, connector and the rendered message of each chosen customer."""
+    """Channel, connector and the rendered message of each routed customer."""
 
     def by_step(values: list[pl.Expr | None], dtype: pl.DataType) -> pl.Expr:
         expr: pl.Expr = pl.lit(None, dtype=dtype)

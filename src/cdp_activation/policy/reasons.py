@@ -7,6 +7,9 @@ INVALID_PHONE = "invalid_phone"
 SUPPRESSED = "suppressed"
 DUPLICATE_PHONE = "duplicate_phone"
 OVER_RECIPIENT_CAP = "over_recipient_cap"
+FREQUENCY_CAPPED = "frequency_capped"
+HOLDOUT = "holdout"
+NOT_MOBILE = "not_mobile"
 NO_CONSENT = "no_consent"  # prefixed with the channel, e.g. whatsapp_no_consent
 CHANNEL_SUPPRESSED = "suppressed"  # per channel, e.g. sms_suppressed
 TEMPLATE_NOT_APPROVED = "template_not_approved"
@@ -20,6 +23,9 @@ CUSTOMER_REASONS: dict[str, str] = {
     SUPPRESSED: "The number is on the global suppression list.",
     DUPLICATE_PHONE: "Another customer in this run has the same number; it is messaged once.",
     OVER_RECIPIENT_CAP: "Beyond the run's max_recipients (chosen deterministically).",
+    FREQUENCY_CAPPED: "Reached a frequency cap on every channel (policy.frequency_caps), "
+    "counted across all activations from the ledger.",
+    HOLDOUT: "In the activation's control group: recorded, never messaged, to measure uplift.",
 }
 
 # Channel-level reasons, reported as `<channel>_<reason>`.
@@ -32,6 +38,8 @@ CHANNEL_REASONS: dict[str, str] = {
     "(or with a last inbound time in the future, which is bad data).",
     INVALID_VARIABLES: "A template or body variable is missing, empty, or breaks the channel's "
     "rules (newlines, tabs, more than four consecutive spaces, too long).",
+    NOT_MOBILE: "The number cannot take this channel (e.g. a fixed line cannot receive SMS).",
+    FREQUENCY_CAPPED: "Reached this channel's frequency cap (policy.frequency_caps).",
 }
 
 
