@@ -291,3 +291,78 @@ def test_a_second_activation_with_another_plan_runs_side_by_side(env: SimpleName
     )
     assert rows["idempotency_key"].n_unique() == rows.height
     assert len(received) == winback.sent + shipped.sent
+
+
+def test_a_sudden_change_in_audience_size_blocks_the_send(env: SimpleNamespace) -> None:
+    baseline = run_activation("winback_whatsapp", TODAY.isoformat(), dry_run=True)
+    assert baseline.success and baseline.audience > 500
+    tiny = run_activation(
+        "winback_whatsapp", TODAY.isoformat(), parameters={"lapse_threshold": 0.995}
+    )
+    assert not tiny.success
+    assert "last successful run" in tiny.failed_checks["audience_size_stable"]
+    assert env.sandbox.messages() == []
+    allowed = run_activation(
+        "winback_whatsapp",
+        TODAY.isoformat(),
+        dry_run=True,
+        parameters={"lapse_threshold": 0.995},
+        tags={"cdp/allow_audience_change": "true"},
+    )
+    assert allowed.success, allowed.failed_checks
+
+
+def test_quiet_hours_defer_and_a_later_run_sends_once_due(env: SimpleNamespace) -> None:
+    attributes = copy.deepcopy(winback_attributes())
+    # Quiet all day long everywhere: everyone routed is deferred, nobody is dropped.
+    attributes["policy"] = {"quiet_hours": {"start": "00:00", "end": "23:59"}}
+    night = custom_definitions(env.tmp, "night_owls", attributes)
+    first = run_activation("night_owls", TODAY.isoformat(), definitions=night)
+    assert first.success, first.error
+    assert first.sent == 0 and env.sandbox.messages() == []
+    assert first.deferred == sum(first.eligible.values()) > 0
+    ledger = Ledger(env.ledger_url)
+    assert ledger.counts("night_owls", TODAY.isoformat()) == {"planned": first.deferred}
+    assert ledger.due_partitions("night_owls") == {}
+
+    # The sensor asks for the partition once its deferred sends are due.
+
+    sensor = night.resolve_sensor_def("night_owls_deferred_sends")
+    with dg.build_sensor_context(
+        instance=dg.DagsterInstance.get(), resources={"ledger": night.resources["ledger"]}
+    ) as context:
+        assert isinstance(sensor(context), dg.SkipReason)
+    rows = ledger.rows("night_owls")
+    with ledger.engine.begin() as con:  # time passes: make every deferral due now
+        from cdp_activation.ledger import sends
+
+        con.execute(sends.update().values(not_before=datetime.now(UTC) - timedelta(minutes=1)))
+    with dg.build_sensor_context(
+        instance=dg.DagsterInstance.get(), resources={"ledger": night.resources["ledger"]}
+    ) as context:
+        requests = sensor(context)
+    assert [r.partition_key for r in requests] == [TODAY.isoformat()]
+
+    # The run it launches re-applies the policy (now outside quiet hours) and sends them.
+    attributes["policy"] = {"quiet_hours": {"enabled": False}}
+    day = custom_definitions(env.tmp, "night_owls", attributes)
+    second = run_activation("night_owls", TODAY.isoformat(), definitions=day)
+    assert second.success, second.error
+    assert second.sent + second.failed == rows.height
+    assert len(env.sandbox.messages()) == second.sent
+    third = run_activation("night_owls", TODAY.isoformat(), definitions=day)
+    assert third.sent == 0 and third.already_sent == second.sent
+    ledger.dispose()
+
+
+def test_a_holdout_is_recorded_in_the_ledger_and_never_messaged(env: SimpleNamespace) -> None:
+    attributes = copy.deepcopy(winback_attributes())
+    attributes["policy"] = {"quiet_hours": {"enabled": False}, "holdout": {"share": 0.25}}
+    definitions = custom_definitions(env.tmp, "with_holdout", attributes)
+    summary = run_activation("with_holdout", TODAY.isoformat(), definitions=definitions)
+    assert summary.success, summary.error
+    rows = ledger_rows(env, "with_holdout")
+    held = rows.filter(pl.col("state") == "holdout")
+    assert held.height == summary.holdout > 0
+    received = {m.to for m in env.sandbox.messages()}
+    assert not received & set(held["recipient"].to_list())

@@ -124,3 +124,39 @@ def test_recent_sends_count_accepted_messages_per_customer_channel_and_purpose(
     # As of a week before, none of this had happened yet.
     assert ledger.recent_sends(now - timedelta(days=7)).is_empty()
     ledger.dispose()
+
+
+def test_a_deferred_row_waits_for_its_time_and_takes_the_latest_decision(ledger_url: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    ledger = Ledger(ledger_url)
+    later = datetime.now(UTC) + timedelta(hours=3)
+    deferred = chosen(2).with_columns(
+        pl.lit("defer").alias("decision"), pl.lit(later).alias("not_before")
+    )
+    ledger.plan("winback", "p", deferred)
+    assert ledger.pending("winback", "p") == []
+    assert ledger.deferred("winback", "p") == 2
+    assert ledger.due_partitions("winback") == {}
+    assert set(ledger.due_partitions("winback", later + timedelta(seconds=1))) == {"p"}
+    assert len(ledger.pending("winback", "p", later + timedelta(seconds=1))) == 2
+    # A later run decides "send now" for customer 1: its row becomes due at once.
+    now_row = deferred.head(1).with_columns(
+        pl.lit("send").alias("decision"),
+        pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias("not_before"),
+    )
+    assert ledger.plan("winback", "p", now_row).planned == 0
+    assert [r.idempotency_key for r in ledger.pending("winback", "p")] == ["winback|p|1|initial"]
+    # ... and a run that no longer chooses customer 2 cancels its planned row.
+    assert ledger.cancel_unchosen("winback", "p", ["winback|p|1|initial"], "consent withdrawn") == 1
+    assert ledger.counts("winback", "p") == {"planned": 1, "cancelled": 1}
+    ledger.dispose()
+
+
+def test_holdout_rows_are_recorded_and_never_pending(ledger_url: str) -> None:
+    ledger = Ledger(ledger_url)
+    held = chosen(3).with_columns(pl.lit("holdout").alias("decision"))
+    ledger.plan("winback", "p", held)
+    assert ledger.counts("winback", "p") == {"holdout": 3}
+    assert ledger.pending("winback", "p") == []
+    ledger.dispose()

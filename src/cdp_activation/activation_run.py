@@ -382,19 +382,67 @@ def decisions_metadata(result: Decisions) -> dict[str, Any]:
     return meta
 
 
-def recipients_without_consent(
-    activation: Activation, decisions: pl.DataFrame, audience: pl.DataFrame
-) -> int:
+def policy_breaches(
+    activation: Activation,
+    decisions: pl.DataFrame,
+    audience: pl.DataFrame,
+    suppressions: pl.DataFrame,
+) -> dict[str, int]:
+    """Chosen recipients that break consent or suppression, re-checked independently of the
+    engine: from the audience's own consent columns and a fresh suppression list."""
     purpose = activation.spec.channel_plan.purpose
-    joined = decisions.filter(pl.col("decision").is_in([SEND, DEFER])).join(
-        audience, on="customer_id", how="left"
-    )
-    bad = pl.lit(False)
+    chosen = decisions.filter(pl.col("decision").is_in([SEND, DEFER]))
+    joined = chosen.join(audience, on="customer_id", how="left", suffix="_audience")
+    no_consent = pl.lit(False)
     for step in activation.spec.channel_plan.steps:
         column = consent_column(step.channel, purpose)
-        bad = bad | ((pl.col("channel") == step.channel) & ~pl.col(column).fill_null(False))
-    bad = bad | pl.col("reason").is_not_null()
-    return joined.filter(bad).height
+        no_consent = no_consent | (
+            (pl.col("channel") == step.channel) & ~pl.col(column).fill_null(False)
+        )
+    everywhere = suppressions.filter(pl.col("channel").is_null())["phone_e164"]
+    per_channel = suppressions.filter(pl.col("channel").is_not_null()).select(
+        "phone_e164", "channel", pl.lit(True).alias("_suppressed")
+    )
+    on_channel = chosen.join(per_channel, on=["phone_e164", "channel"], how="inner").height
+    return {
+        "without_consent": joined.filter(no_consent).height,
+        "suppressed": chosen.filter(pl.col("phone_e164").is_in(everywhere.implode())).height
+        + on_channel,
+        "chosen_with_a_reason": chosen.filter(pl.col("reason").is_not_null()).height,
+    }
+
+
+def previous_audience_size(instance: Any, asset_key: Any, run_id: str) -> int | None:
+    """The audience size of the last successful earlier run (any partition), or None."""
+    import dagster as dg
+
+    result = instance.fetch_materializations(asset_key, limit=20)
+    for record in result.records:
+        if record.run_id == run_id:
+            continue
+        run = instance.get_run_by_id(record.run_id)
+        if run is None or run.status != dg.DagsterRunStatus.SUCCESS:
+            continue
+        size = record.asset_materialization.metadata.get("audience_size")
+        if size is not None:
+            return int(size.value)
+    return None
+
+
+def audience_size_problem(size: int, previous: int | None, factor: float) -> str | None:
+    """Why this audience size is suspicious against the last run's, or None."""
+    if previous is None or previous < 100:
+        return None  # no baseline worth comparing (first run, or a tiny audience)
+    if size == 0:
+        return f"the audience is empty; the last successful run had {previous:,}"
+    ratio = max(size / previous, previous / size)
+    if ratio > factor:
+        return (
+            f"the audience is {size:,}, {ratio:.1f}x the last successful run's {previous:,} "
+            f"(limit {factor:g}x, limits.max_audience_change). If this is intended, re-run "
+            "with the run tag cdp/allow_audience_change=true"
+        )
+    return None
 
 
 def invalid_phone_share(decisions: pl.DataFrame) -> float:

@@ -114,15 +114,19 @@ class Ledger:
         self.engine.dispose()
 
     def _insert(self) -> Any:
+        """INSERT that leaves existing keys alone, except that a row still `planned` takes the
+        latest decision's `not_before` (a deferral may end, or move, when a run re-decides)."""
         dialect = self.engine.dialect.name
-        if dialect == "sqlite":
-            return sqlite.insert(sends).on_conflict_do_nothing(index_elements=["idempotency_key"])
-        if dialect == "postgresql":
-            return postgresql.insert(sends).on_conflict_do_nothing(
-                index_elements=["idempotency_key"]
+        module = {"sqlite": sqlite, "postgresql": postgresql}.get(dialect)
+        if module is None:
+            raise RuntimeError(
+                f"ledger dialect {dialect!r} is not supported (use SQLite or PostgreSQL)"
             )
-        raise RuntimeError(
-            f"ledger dialect {dialect!r} is not supported (use SQLite or PostgreSQL)"
+        statement = module.insert(sends)
+        return statement.on_conflict_do_update(
+            index_elements=["idempotency_key"],
+            set_={"not_before": statement.excluded.not_before},
+            where=sends.c.state == PLANNED,
         )
 
     def plan(

@@ -94,6 +94,7 @@ def run_activation(
     log_level: str = "CRITICAL",  # the caller reports; Dagster's own log has the details
     definitions: dg.Definitions | None = None,
     instance: dg.DagsterInstance | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> RunSummary:
     """Materialise `<name>/audience -> decisions -> deliveries` for one partition.
 
@@ -125,7 +126,7 @@ def run_activation(
         partition_key=partition,
         run_config=run_config,
         raise_on_error=False,
-        tags={"activation": name, "launched_by": "cdp-activation-cli"},
+        tags={"activation": name, "launched_by": "cdp-activation-cli", **(tags or {})},
     )
     summary = RunSummary(
         activation=name,

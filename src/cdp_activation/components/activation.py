@@ -13,6 +13,7 @@ from pydantic import Field, create_model
 
 from cdp_activation import activation_run as run
 from cdp_activation.audience_sql import sql_dialect
+from cdp_activation.resources import LedgerResource
 from cdp_activation.settings import get_settings
 from cdp_activation.specs import ActivationSpec, coerce_parameter
 
@@ -183,18 +184,47 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         name="consented_recipients_only",
         blocking=True,
         additional_ins={"audience": dg.AssetIn(audience_key)},
+        required_resource_keys={"warehouse"},
         partitions_def=partitions,
-        description="Re-checks the decisions against the audience: no recipient without an "
-        "opt-in for the chosen channel, and no excluded customer given a channel.",
+        description="Re-checks the decisions independently: no chosen recipient without an "
+        "opt-in for the chosen channel (from the audience), none on a freshly read suppression "
+        "list, none chosen while excluded.",
     )
     def consented_recipients_only(
-        decisions: pl.DataFrame, audience: pl.DataFrame
+        context: dg.AssetCheckExecutionContext, decisions: pl.DataFrame, audience: pl.DataFrame
     ) -> dg.AssetCheckResult:
-        bad = run.recipients_without_consent(activation, decisions, audience)
+        regions = sorted(audience["country"].drop_nulls().unique().to_list())
+        suppressions = run.load_suppressions(
+            activation, context.resources.warehouse.warehouse(), regions
+        )
+        breaches = run.policy_breaches(activation, decisions, audience, suppressions)
         return dg.AssetCheckResult(
-            passed=bad == 0,
+            passed=not any(breaches.values()),
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"recipients_without_consent": bad},
+            metadata=breaches,
+        )
+
+    @dg.asset_check(
+        asset=audience_key,
+        name="audience_size_stable",
+        blocking=True,
+        partitions_def=partitions,
+        description="The audience is within limits.max_audience_change times the last "
+        "successful run's: a sudden 10x is a bug, not a campaign.",
+    )
+    def audience_size_stable(
+        context: dg.AssetCheckExecutionContext, audience: pl.DataFrame
+    ) -> dg.AssetCheckResult:
+        previous = run.previous_audience_size(context.instance, audience_key, context.run.run_id)
+        problem = run.audience_size_problem(
+            audience.height, previous, spec.limits.max_audience_change
+        )
+        allowed = context.run.tags.get("cdp/allow_audience_change") == "true"
+        return dg.AssetCheckResult(
+            passed=problem is None or allowed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=problem or "within bounds of the last successful run",
+            metadata={"audience_size": audience.height, "previous_size": previous or 0},
         )
 
     @dg.asset_check(
@@ -240,17 +270,16 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         name=f"{name}_deferred_sends",
         job=job,
         minimum_interval_seconds=300,
-        required_resource_keys={"ledger"},
         default_status=dg.DefaultSensorStatus.RUNNING
         if spec.schedule.enabled
         else dg.DefaultSensorStatus.STOPPED,
         description="Re-runs a partition when recipients deferred by quiet hours become due; "
         "the run applies the policy again before anything is sent.",
     )
-    def deferred_sends(context: dg.SensorEvaluationContext) -> Any:
+    def deferred_sends(context: dg.SensorEvaluationContext, ledger: LedgerResource) -> Any:
         if _active_run(context.instance, job.name):
             return dg.SkipReason(f"{job.name} is already queued or running")
-        due = context.resources.ledger.ledger().due_partitions(name)
+        due = ledger.ledger().due_partitions(name)
         if not due:
             return dg.SkipReason("no deferred recipient is due")
         return [
@@ -266,6 +295,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         assets=[audience, decisions, deliveries],
         asset_checks=[
             audience_contract,
+            audience_size_stable,
             template_approved,
             consented_recipients_only,
             invalid_phone_share,
