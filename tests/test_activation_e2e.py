@@ -366,3 +366,23 @@ def test_a_holdout_is_recorded_in_the_ledger_and_never_messaged(env: SimpleNames
     assert held.height == summary.holdout > 0
     received = {m.to for m in env.sandbox.messages()}
     assert not received & set(held["recipient"].to_list())
+
+
+def test_the_template_catalog_asset_syncs_from_the_provider(env: SimpleNamespace) -> None:
+    from cdp_activation.defs.templates import META_TEMPLATES, meta_whatsapp_templates
+
+    result = dg.materialize(
+        [meta_whatsapp_templates],
+        resources={"meta_whatsapp": resources().resources["meta_whatsapp"]},
+        instance=dg.DagsterInstance.get(),
+    )
+    assert result.success
+    (event,) = [
+        e.asset_materialization
+        for e in result.get_asset_materialization_events()
+        if e.asset_key == META_TEMPLATES
+    ]
+    metadata = {k: v.value for k, v in event.metadata.items()}
+    assert metadata["templates_approved"] >= 5
+    assert metadata["templates_pending"] == 1
+    assert "| `winback_offer` | en | MARKETING | APPROVED | 3 |" in metadata["catalog"]

@@ -16,6 +16,7 @@ from cdp_activation.audience_sql import sql_dialect
 from cdp_activation.resources import LedgerResource
 from cdp_activation.settings import get_settings
 from cdp_activation.specs import ActivationSpec, coerce_parameter
+from cdp_activation.templates_catalog import CATALOG_CONNECTORS
 
 _PY_TYPES: dict[str, type] = {"float": float, "int": int, "str": str, "bool": bool, "date": str}
 
@@ -43,6 +44,10 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
     decisions_key = dg.AssetKey([name, "decisions"])
     deliveries_key = dg.AssetKey([name, "deliveries"])
     connector_keys = set(spec.connectors())
+    # Lineage to the shared catalog assets (defs/templates.py); decisions still read it live.
+    template_connectors = sorted(
+        {s.connector for s in spec.channel_plan.steps if s.template} & CATALOG_CONNECTORS
+    )
     plan_text = " → ".join(
         f"{s.channel} ({s.template.name if s.template else 'text'} via {s.connector})"
         for s in spec.channel_plan.steps
@@ -93,6 +98,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         description=f"Policy decisions: per customer, the channel of the plan ({plan_text}) or "
         "the reason code why not.",
         ins={"audience": dg.AssetIn(audience_key)},
+        deps=[dg.AssetKey(["templates", c]) for c in template_connectors],
         required_resource_keys={"warehouse", "ledger", *connector_keys},
         code_version="1",
         **common,

@@ -1,0 +1,61 @@
+"""The template catalog as data: what each provider says about its templates, for the UI.
+
+Decisions and the `template_approved` check read the catalog live at decision time (a template
+can be paused at any moment); this module also turns it into a table a marketer can read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import polars as pl
+
+from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
+
+# Connectors whose template catalog is a shared asset (`templates/<connector>`).
+CATALOG_CONNECTORS = frozenset({"meta_whatsapp"})
+
+SCHEMA = {
+    "name": pl.String,
+    "language": pl.String,
+    "category": pl.String,
+    "status": pl.String,
+    "body_parameter_count": pl.Int64,
+}
+
+
+def fetch_catalog(connector: Connector) -> list[TemplateInfo]:
+    fetcher = getattr(connector, "fetch_templates", None)
+    if fetcher is None:
+        raise ConnectorError(f"connector {connector.name!r} cannot list its templates")
+
+    async def run() -> list[TemplateInfo]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await fetcher(client)
+
+    return asyncio.run(run())
+
+
+def catalog_frame(catalog: list[TemplateInfo]) -> pl.DataFrame:
+    rows = [
+        {
+            "name": t.name,
+            "language": t.language,
+            "category": t.category,
+            "status": t.status,
+            "body_parameter_count": t.body_parameter_count,
+        }
+        for t in catalog
+    ]
+    return pl.DataFrame(rows, schema=SCHEMA).sort(["name", "language"])
+
+
+def catalog_markdown(frame: pl.DataFrame) -> str:
+    lines = ["| template | language | category | status | parameters |", "|---|---|---|---|---:|"]
+    lines += [
+        f"| `{r['name']}` | {r['language']} | {r['category']} | {r['status']} | "
+        f"{r['body_parameter_count']} |"
+        for r in frame.iter_rows(named=True)
+    ]
+    return "\n".join(lines)
