@@ -378,7 +378,7 @@ def test_the_template_catalog_asset_syncs_from_the_provider(env: SimpleNamespace
     )
     assert result.success
     (event,) = [
-        e.asset_materialization
+        e.event_specific_data.materialization
         for e in result.get_asset_materialization_events()
         if e.asset_key == META_TEMPLATES
     ]

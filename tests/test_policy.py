@@ -468,7 +468,7 @@ def test_a_country_route_must_use_channels_of_the_plan() -> None:
 
     from cdp_activation.specs import ActivationSpec
 
-    with pytest.raises(ValidationError, match="country_channels.UA uses \\['viber'\\]"):
+    with pytest.raises(ValidationError, match=r"country_channels.UA uses \['viber'\]"):
         ActivationSpec.model_validate(
             {
                 "audience": {"sql": "sql/audiences/x.sql"},
