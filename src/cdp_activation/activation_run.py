@@ -33,6 +33,7 @@ from cdp_activation.masking import mask_phone
 from cdp_activation.policy import Decisions, decide, reasons
 from cdp_activation.policy.consent import consent_column
 from cdp_activation.policy.engine import DEFER, HOLDOUT, SEND
+from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
 from cdp_activation.policy.window import last_inbound_column
@@ -314,6 +315,7 @@ def compute_decisions(
         # This partition's own sends are a re-run's "already sent", not a reason to cap.
         exclude = (activation.name, partition_key) if partition_key else None
         recent = ledger.sends_since(now - timedelta(days=days), exclude=exclude)
+    cache = PhoneCache(ledger.engine) if ledger is not None else None
     return decide(
         audience,
         activation.spec.channel_plan,
@@ -324,6 +326,7 @@ def compute_decisions(
         recent_sends=recent,
         max_recipients=max_recipients,
         salt=activation.name,
+        phone_cache=cache,
     )
 
 

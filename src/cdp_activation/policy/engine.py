@@ -28,6 +28,7 @@ from cdp_activation.policy.caps import EMPTY_SENDS, capped_customers
 from cdp_activation.policy.consent import has_consent
 from cdp_activation.policy.hashing import stable_fraction
 from cdp_activation.policy.holdout import holdout_mask
+from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.phones import STATUS_INVALID, STATUS_MISSING, normalise_frame
 from cdp_activation.policy.quiet_hours import not_before
 from cdp_activation.policy.routing import route
@@ -92,17 +93,19 @@ def decide(
     recent_sends: pl.DataFrame | None = None,
     max_recipients: int | None = None,
     salt: str = "",
+    phone_cache: PhoneCache | None = None,
 ) -> Decisions:
     """Decide every customer of `audience` (one row per customer, contract columns present).
 
     `catalogs` maps a connector name to its template catalog; `suppressions` holds normalised
     (phone_e164, channel) rows, channel null for all channels; `recent_sends` holds the
-    ledger's accepted messages (customer_id text, channel, purpose, sent_at) for the caps.
+    ledger's accepted messages (customer_id text, channel, purpose, sent_at) for the caps;
+    `phone_cache` keeps each distinct number's validation across runs (beside the ledger).
     """
     policy = policy or PolicySpec()
     sends = EMPTY_SENDS if recent_sends is None else recent_sends
     channels = [step.channel for step in plan.steps]
-    frame = normalise_frame(audience)
+    frame = normalise_frame(audience, cache=phone_cache)
     frame = flag_suppressed(frame, suppressions, channels)
     frame = frame.with_columns(pl.col("customer_id").cast(pl.String).alias("_cid"))
     columns = frame.columns
