@@ -45,18 +45,21 @@ def _parse(hhmm: str) -> time:
     return time(int(hours), int(minutes))
 
 
-def _local_to_utc(day: datetime, at: time, zone: ZoneInfo) -> datetime:
-    """The first UTC instant at which the wall clock in `zone` shows `at` or later on `day`.
+def _local_to_utc(day: datetime, at: time, zone: ZoneInfo, after: datetime) -> datetime:
+    """The first UTC instant after `after` at which the wall clock in `zone` shows `at` on `day`.
 
-    Usually that is simply `at`; on a spring-forward day a wall time inside the DST gap never
-    shows, and the answer is the instant the clock jumps past it.
+    Usually that is simply `at`. On a fall-back day a wall time happens twice: the first one
+    after `after` counts. On a spring-forward day a wall time inside the gap never shows: the
+    answer is the instant the clock jumps past it.
     """
     local = datetime.combine(day.date(), at, tzinfo=zone)
-    utc = local.astimezone(UTC)
-    if utc.astimezone(zone).replace(tzinfo=None) == local.replace(tzinfo=None):
-        return utc
+    first, second = local.astimezone(UTC), local.replace(fold=1).astimezone(UTC)
+    if first.astimezone(zone).replace(tzinfo=None) == local.replace(tzinfo=None):
+        if first != second and first <= after:
+            return second  # the repeated hour: the earlier reading has already passed
+        return first
     # Inside a gap: walk from the earlier reading minute by minute to the jump (gaps < 3 h).
-    candidate = local.replace(fold=1).astimezone(UTC)
+    candidate = second
     while candidate.astimezone(zone).time() < at:
         candidate += timedelta(minutes=1)
     return candidate.replace(second=0, microsecond=0)
@@ -78,7 +81,7 @@ def quiet_until(zone_name: str, now: datetime, spec: QuietHoursSpec) -> datetime
         end_day = local + timedelta(days=1) if clock >= start else local
     if not quiet:
         return None
-    return _local_to_utc(end_day, end, zone)
+    return _local_to_utc(end_day, end, zone, after=now)
 
 
 def not_before(frame: pl.DataFrame, now: datetime, spec: QuietHoursSpec) -> pl.DataFrame:
