@@ -285,13 +285,16 @@ def template_problems(activation: Activation, connectors: Mapping[str, Connector
 
 
 def load_suppressions(
-    activation: Activation, warehouse: Warehouse, regions: list[str]
+    activation: Activation,
+    warehouse: Warehouse,
+    regions: list[str],
+    cache: PhoneCache | None = None,
 ) -> pl.DataFrame:
     path = activation.suppression_sql
     if not path.is_file():
         raise FileNotFoundError(f"{path}: suppression SQL not found (activation {activation.name})")
     raw = warehouse.read_table_sql(path.read_text(encoding="utf-8"))
-    return normalise_suppressions(raw, regions)
+    return normalise_suppressions(raw, regions, cache)
 
 
 def compute_decisions(
@@ -306,7 +309,8 @@ def compute_decisions(
 ) -> Decisions:
     validate_audience(activation, audience)  # the blocking check said so; never decide on less
     regions = sorted(audience["country"].drop_nulls().unique().to_list())
-    suppressions = load_suppressions(activation, warehouse, regions)
+    cache = PhoneCache(ledger.engine) if ledger is not None else None
+    suppressions = load_suppressions(activation, warehouse, regions, cache)
     catalogs = fetch_catalogs(activation, connectors)
     policy = activation.spec.policy
     recent = None
@@ -315,7 +319,6 @@ def compute_decisions(
         # This partition's own sends are a re-run's "already sent", not a reason to cap.
         exclude = (activation.name, partition_key) if partition_key else None
         recent = ledger.sends_since(now - timedelta(days=days), exclude=exclude)
-    cache = PhoneCache(ledger.engine) if ledger is not None else None
     return decide(
         audience,
         activation.spec.channel_plan,

@@ -9,32 +9,48 @@ from __future__ import annotations
 
 import polars as pl
 
-from cdp_activation.policy.phones import STATUS_OK, normalise
+from cdp_activation.policy.phone_cache import PhoneCache
+from cdp_activation.policy.phones import STATUS_OK, normalise_frame
 
 
-def normalise_suppressions(suppressions: pl.DataFrame, regions: list[str]) -> pl.DataFrame:
-    """(phone_e164, channel) rows; channel null means every channel."""
+def normalise_suppressions(
+    suppressions: pl.DataFrame, regions: list[str], cache: PhoneCache | None = None
+) -> pl.DataFrame:
+    """(phone_e164, channel) rows; channel null means every channel.
+
+    International forms (+… or 00…) are read as they are; a national form is read in the
+    entry's own `country` when the list has one, else in every region of the audience. All of
+    it goes through the same vectorised, cached normalisation as the audience's numbers.
+    """
+    schema = {"phone_e164": pl.String, "channel": pl.String}
     if suppressions.is_empty():
-        return pl.DataFrame(schema={"phone_e164": pl.String, "channel": pl.String})
-    has_country = "country" in suppressions.columns
-    has_channel = "channel" in suppressions.columns
-    rows: list[tuple[str, str | None]] = []
-    columns = (
-        ["phone"] + (["country"] if has_country else []) + (["channel"] if has_channel else [])
-    )
-    for record in suppressions.select(columns).unique().iter_rows(named=True):
-        raw = record["phone"]
-        channel = record.get("channel")
-        candidates = [record["country"]] if has_country and record["country"] else regions
-        if raw and raw.strip().startswith(("+", "00")):
-            candidates = [None]
-        for region in candidates:
-            e164, status = normalise(raw, region)
-            if status == STATUS_OK:
-                rows.append((e164, channel))  # type: ignore[arg-type]
-    return pl.DataFrame(
-        rows, schema={"phone_e164": pl.String, "channel": pl.String}, orient="row"
+        return pl.DataFrame(schema=schema)
+    entries = suppressions.select(
+        pl.col("phone").cast(pl.String),
+        (pl.col("channel") if "channel" in suppressions.columns else pl.lit(None))
+        .cast(pl.String)
+        .alias("channel"),
+        (pl.col("country") if "country" in suppressions.columns else pl.lit(None))
+        .cast(pl.String)
+        .alias("country"),
     ).unique()
+    international = pl.col("phone").str.strip_chars().str.contains(r"^(\+|00)")
+    own = entries.filter(international | pl.col("country").is_not_null()).with_columns(
+        pl.when(international).then(pl.lit(None)).otherwise(pl.col("country")).alias("region")
+    )
+    national = entries.filter(~international & pl.col("country").is_null()).join(
+        pl.DataFrame({"region": regions}, schema={"region": pl.String}), how="cross"
+    )
+    candidates = pl.concat(
+        [own.select("phone", "channel", "region"), national.select("phone", "channel", "region")]
+    )
+    normalised = normalise_frame(candidates, "phone", "region", cache=cache)
+    return (
+        normalised.filter(pl.col("phone_status") == STATUS_OK)
+        .select("phone_e164", "channel")
+        .unique()
+        .cast(schema)
+    )
 
 
 def flag_suppressed(
