@@ -226,12 +226,22 @@ def _exclude(frame: pl.DataFrame, mask: pl.Expr | pl.Series, reason: str) -> pl.
 
 
 def _one_message_per_phone(frame: pl.DataFrame) -> pl.DataFrame:
-    """Of customers routed to the same number, only the lowest customer id is messaged."""
-    routed = pl.col("step_index").is_not_null()
-    rank = pl.col("customer_id").rank(method="ordinal").over(pl.col("phone_e164"), routed)
-    return _exclude(
-        frame, routed & pl.col("phone_e164").is_not_null() & (rank > 1), reasons.DUPLICATE_PHONE
-    )
+    """Of customers routed to the same number, only the lowest customer id is messaged.
+
+    Shared numbers are rare (households), so the work is done on the few duplicated rows
+    only, not as a window over every number.
+    """
+    routed = frame.select(
+        pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"), "customer_id", "phone_e164"
+    ).filter(frame["step_index"].is_not_null() & frame["phone_e164"].is_not_null())
+    shared = routed.filter(pl.col("phone_e164").is_duplicated())
+    if shared.is_empty():
+        return frame
+    losers = shared.filter(pl.col("customer_id") != pl.col("customer_id").min().over("phone_e164"))[
+        "_row"
+    ]
+    mask = pl.Series([False] * frame.height, dtype=pl.Boolean).scatter(losers, True)
+    return _exclude(frame, mask, reasons.DUPLICATE_PHONE)
 
 
 def _holdout(frame: pl.DataFrame, share: float, salt: str) -> pl.DataFrame:
@@ -297,7 +307,11 @@ def _attach_messages(frame: pl.DataFrame, plan: ChannelPlanSpec) -> pl.DataFrame
         return expr
 
     steps = plan.steps
-    return frame.with_columns(
+    # Messages are rendered only for routed customers (often a fraction of the audience),
+    # then put back in place by row number.
+    routed = frame.with_row_index("_row").filter(pl.col("step_index").is_not_null())
+    rendered = routed.select(
+        "_row",
         by_step([pl.lit(s.channel) for s in steps], pl.String()).alias("channel"),
         by_step([pl.lit(s.connector) for s in steps], pl.String()).alias("connector"),
         pl.when(pl.col("step_index").is_not_null()).then(pl.lit(STEP)).alias("step"),
@@ -320,4 +334,9 @@ def _attach_messages(frame: pl.DataFrame, plan: ChannelPlanSpec) -> pl.DataFrame
             [render_body(s.body, s.variable_columns()) if s.body else None for s in steps],
             pl.String(),
         ).alias("body"),
+    )
+    return (
+        frame.with_row_index("_row")
+        .join(rendered, on="_row", how="left", maintain_order="left")
+        .drop("_row")
     )
