@@ -27,6 +27,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from cdp_activation.demo_data import DEMO_TABLES
+from cdp_activation.warehouse import postgres_endpoint, postgres_uri, redact_password
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,15 @@ def load_demo_into_postgres(duckdb_file: Path, url: str, schema: str = "public")
     duckdb_file = Path(duckdb_file)
     if not duckdb_file.is_file():
         raise DemoLoadError(f"demo warehouse {duckdb_file} does not exist")
-    from cdp_activation.warehouse import connect_postgres  # one place builds PG connections
-
     counts: dict[str, int] = {}
-    source = duckdb.connect(str(duckdb_file), read_only=True)
+    try:
+        source = duckdb.connect(str(duckdb_file), read_only=True)
+    except duckdb.Error as err:
+        raise DemoLoadError(f"cannot open the demo warehouse {duckdb_file}: {err}") from None
     try:
         source.execute("SET TimeZone = 'UTC'")
-        with connect_postgres(url) as pg:
+        source.execute("SET enable_progress_bar = false")
+        with _connect(url) as pg:
             with pg.transaction():
                 pg.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
             for table in DEMO_TABLES:
@@ -99,6 +102,17 @@ def load_demo_into_postgres(duckdb_file: Path, url: str, schema: str = "public")
     finally:
         source.close()
     return counts
+
+
+def _connect(url: str) -> psycopg.Connection:
+    """An autocommit psycopg connection; a failure names host and port, never the password."""
+    try:
+        return psycopg.connect(postgres_uri(url), autocommit=True)
+    except psycopg.OperationalError as err:
+        reason = redact_password(str(err).strip(), url)
+        raise DemoLoadError(
+            f"cannot connect to PostgreSQL at {postgres_endpoint(url)}: {reason}"
+        ) from None
 
 
 def _copy_table(
@@ -140,8 +154,8 @@ def _copy_table(
                 rows += batch.num_rows
         key = PRIMARY_KEYS.get(table)
         if key is not None:
-            pg.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
-                target, sql.Identifier(key)
-            ))
+            pg.execute(
+                sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(target, sql.Identifier(key))
+            )
     pg.execute(sql.SQL("ANALYZE {}").format(target))
     return rows
