@@ -97,12 +97,23 @@ def partition_parameters(partition_key: str) -> dict[str, Any]:
     return {"partition_date": day, "as_of": min(end, datetime.now(UTC))}
 
 
+LEDGER_RECENT_SENDS = "ledger_recent_sends"
+
+
 def compute_audience(
     activation: Activation,
     warehouse: Warehouse,
     partition_key: str,
     parameters: Mapping[str, Any],
+    ledger: Ledger | None = None,
 ) -> pl.DataFrame:
+    """Run the audience SQL with its parameters bound.
+
+    An audience that reads `ledger_recent_sends` gets the ledger's accepted messages per
+    customer, channel and purpose (sends_24h, sends_7d, sends_30d, last_sent_at, as of the
+    partition, this partition's own sends left out) as a table in the warehouse session, so it
+    can leave out recently messaged customers where the data lives.
+    """
     specs = activation.spec.audience.parameters
     bound: dict[str, Any] = partition_parameters(partition_key)
     for name, value in parameters.items():
@@ -111,7 +122,14 @@ def compute_audience(
             bound[name] = coerce_parameter(kind, value)
         except ValueError as err:
             raise ValueError(f"parameter {name!r} of {activation.name}: {err}") from None
-    return warehouse.query(activation.query, bound)
+    tables = {}
+    if activation.query.reads_table(LEDGER_RECENT_SENDS):
+        if ledger is None:
+            raise ValueError(f"{activation.query.path} reads {LEDGER_RECENT_SENDS}: needs a ledger")
+        # This partition's own sends are a re-run's "already sent", not "recently messaged".
+        recent = ledger.recent_sends(bound["as_of"], exclude=(activation.name, partition_key))
+        tables[LEDGER_RECENT_SENDS] = recent.to_arrow()
+    return warehouse.query(activation.query, bound, tables=tables or None)
 
 
 def audience_problems(activation: Activation, frame: pl.DataFrame) -> list[str]:

@@ -58,6 +58,13 @@ class AudienceQuery:
         """The query as the named sqlglot dialect writes it (placeholders in its own style)."""
         return self.tree.sql(dialect=dialect)
 
+    def reads_table(self, name: str) -> bool:
+        """Does the query read a table called `name` (not a CTE of that name)?"""
+        ctes = {cte.alias_or_name.lower() for cte in self.tree.find_all(exp.CTE)}
+        return name.lower() not in ctes and any(
+            table.name.lower() == name.lower() for table in self.tree.find_all(exp.Table)
+        )
+
     def sqlalchemy_text(self, dialect: str) -> str:
         """The analyst's SQL, verbatim, made safe for `sqlalchemy.text()`.
 

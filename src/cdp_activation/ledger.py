@@ -380,13 +380,17 @@ class Ledger:
             ).all()
         return {state: count for state, count in rows}
 
-    def recent_sends(self, as_of: datetime, days: int = 30) -> pl.DataFrame:
+    def recent_sends(
+        self, as_of: datetime, days: int = 30, exclude: tuple[str, str] | None = None
+    ) -> pl.DataFrame:
         """Per customer, channel and purpose: messages accepted in the last 1, 7 and `days` days.
 
         Audience SQL may join this as `ledger_recent_sends` (the framework makes it available
         to the warehouse), so frequency caps can also be applied where the audience is built.
         """
-        sent = self.sends_since(as_of - timedelta(days=days)).filter(pl.col("sent_at") <= as_of)
+        sent = self.sends_since(as_of - timedelta(days=days), exclude=exclude).filter(
+            pl.col("sent_at") <= as_of
+        )
         return (
             sent.group_by("customer_id", "channel", "purpose")
             .agg(

@@ -65,7 +65,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
     @dg.asset(
         key=audience_key,
         description=f"{spec.description}\n\nAudience SQL: `{spec.audience.sql}`".strip(),
-        required_resource_keys={"warehouse"},
+        required_resource_keys={"warehouse", "ledger"},
         code_version="1",
         **common,
     )
@@ -76,6 +76,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             context.resources.warehouse.warehouse(),
             partition_key=context.partition_key,
             parameters=params,
+            ledger=context.resources.ledger.ledger(),
         )
         context.add_output_metadata(run.audience_metadata(frame, params, context.partition_key))
         return frame
