@@ -20,7 +20,6 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -28,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cdp_activation.connectors.base import Outcome, SendResult
+from cdp_activation.db import open_engine
 
 PLANNED = "planned"
 IN_FLIGHT = "in_flight"
@@ -102,12 +102,8 @@ class Ledger:
     """SQLAlchemy Core access to the `sends` table; every write is a bulk statement."""
 
     def __init__(self, url: str) -> None:
-        self.url = url = _with_driver(url)
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url, future=True)
-        if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.url = url
+        self.engine = open_engine(url)
         metadata.create_all(self.engine)
 
     def dispose(self) -> None:
@@ -427,14 +423,6 @@ def _as_utc(frame: pl.DataFrame, column: str) -> pl.Expr:
     return pl.col(column).str.to_datetime(time_zone="UTC")
 
 
-def _with_driver(url: str) -> str:
-    """`postgresql://…` means psycopg 3 here (the driver this project installs)."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url.removeprefix(prefix)
-    return url
-
-
 def _state_for(outcome: Outcome) -> str:
     return {
         Outcome.SENT: SENT,
@@ -457,11 +445,3 @@ def _message(row: dict[str, Any]) -> dict[str, Any]:
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()

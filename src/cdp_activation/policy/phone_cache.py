@@ -15,12 +15,13 @@ Both directions are one set-based statement per chunk — the keys travel as a J
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import phonenumbers
 import polars as pl
 import sqlalchemy as sa
+
+from cdp_activation.db import open_engine
 
 METADATA_VERSION: str = phonenumbers.__version__
 _CHUNK = 200_000  # keys per statement: large enough to amortise, small enough for memory
@@ -95,12 +96,7 @@ class PhoneCache:
             self.engine = url_or_engine
             self._owns_engine = False
         else:
-            url = _with_driver(url_or_engine)
-            if url.startswith("sqlite:///"):
-                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = sa.create_engine(url)
-            if self.engine.dialect.name == "sqlite":
-                sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            self.engine = open_engine(url_or_engine)
             self._owns_engine = True
         self.dialect = self.engine.dialect.name
         if self.dialect not in ("sqlite", "postgresql"):
@@ -189,20 +185,3 @@ def _storable(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.filter(
         pl.col("raw").is_not_null() & ~pl.col("raw").str.contains("\x00", literal=True)
     ).with_columns(pl.col("region").fill_null(""))
-
-
-def _with_driver(url: str) -> str:
-    """`postgresql://…` means psycopg 3 here, as for the ledger."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url.removeprefix(prefix)
-    return url
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """WAL and a busy timeout, as the ledger sets them: the two share one file in practice."""
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
