@@ -17,6 +17,10 @@ from cdp_activation.resources import (
 from cdp_activation.settings import get_settings
 
 
+def _env_or(name: str, default: str) -> str | dg.EnvVar:
+    return dg.EnvVar(name) if os.environ.get(name) else default
+
+
 def _env_secret(name: str) -> dg.EnvVar | None:
     return dg.EnvVar(name) if os.environ.get(name) else None
 
@@ -26,8 +30,12 @@ def resources() -> dg.Definitions:
     settings = get_settings()
     return dg.Definitions(
         resources={
-            "warehouse": WarehouseResource(url=settings.warehouse_url),
-            "ledger": LedgerResource(url=settings.ledger_url),
+            # A database URL may hold a password: when it comes from the environment it stays
+            # an EnvVar, resolved at run time and never shown in the UI.
+            "warehouse": WarehouseResource(
+                url=_env_or("CDP_WAREHOUSE_URL", settings.warehouse_url)
+            ),
+            "ledger": LedgerResource(url=_env_or("CDP_LEDGER_URL", settings.ledger_url)),
             "meta_whatsapp": MetaWhatsAppResource(
                 base_url=settings.meta_base_url,
                 api_version=settings.meta_api_version,
