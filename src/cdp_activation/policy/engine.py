@@ -105,6 +105,12 @@ def decide(
     policy = policy or PolicySpec()
     sends = EMPTY_SENDS if recent_sends is None else recent_sends
     channels = [step.channel for step in plan.steps]
+    # Carry only what the rules and messages read: a wide audience costs memory at every step.
+    needed = {"customer_id", "phone", "country", "timezone"}
+    for step in plan.steps:
+        needed |= {f"{step.channel}_{plan.purpose}_consent", f"{step.channel}_last_inbound_at"}
+        needed |= set(step.variable_columns())
+    audience = audience.select([c for c in audience.columns if c in needed])
     frame = normalise_frame(audience, cache=phone_cache)
     frame = flag_suppressed(frame, suppressions, channels)
     frame = frame.with_columns(pl.col("customer_id").cast(pl.String).alias("_cid"))
