@@ -1,0 +1,204 @@
+"""The HTTP client the delivery engine sends with: httpx's API on an aiohttp transport.
+
+Why not plain `httpx.AsyncClient`: measured here (bench/results_delivery.md), its httpcore
+transport costs about 1 ms of CPU a request and stops scaling past a handful of requests in
+flight, so a 100 ms provider caps a run at ~80 requests/s. aiohttp's HTTP/1.1 client (C parser,
+one connection pool per session) does the same work for a fraction of the CPU. The connectors
+keep speaking httpx (`client.post`, `httpx.Response`, `httpx.TransportError`), so only this
+module knows about aiohttp.
+
+Why not the `httpx-aiohttp` package: version 0.2.0 maps `ServerDisconnectedError` and every
+other `ClientConnectionError` to `httpx.ConnectTimeout`, which the connectors read as "the
+request never left, safe to resend". A provider that took the request and then dropped the
+connection would be sent the message twice. Here every aiohttp error is mapped by *when* it can
+happen:
+
+- before any byte of the request was written (DNS, refused, TLS handshake, connect timeout, no
+  free connection within the pool timeout): `ConnectError` / `ConnectTimeout` / `PoolTimeout`,
+  which the connectors retry;
+- after the request may have reached the provider (read timeout, disconnect, reset, garbled or
+  truncated answer): `ReadTimeout` / `RemoteProtocolError` / `ReadError`, which the connectors
+  record as UNKNOWN.
+
+Differences from httpcore worth knowing: aiohttp has no write timeout (the request is small and
+buffered by the kernel; a stalled write surfaces as a read timeout), environment proxies are not
+honoured (as with any httpx client given an explicit transport), and responses are read whole
+before they are returned (the connectors never stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+import httpx
+import yarl
+
+# Close a pooled connection after 4 s idle: before the shortest common server keep-alive
+# (uvicorn's 5 s) closes it under us, which would make a POST on it fail as UNKNOWN.
+_KEEPALIVE_EXPIRY_S = 4.0
+
+# Most specific first: the first class the exception is an instance of decides. Timeouts come
+# before their `ClientConnectorError`/`ClientOSError` bases, disconnects before `ClientOSError`.
+_ERROR_MAP: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
+    # Never sent: no connection was made.
+    (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout),
+    (aiohttp.ClientConnectorError, httpx.ConnectError),  # refused, DNS, TLS, proxy connect
+    (aiohttp.ServerFingerprintMismatch, httpx.ConnectError),  # TLS pinning, before sending
+    # Possibly received by the provider.
+    (aiohttp.ServerTimeoutError, httpx.ReadTimeout),  # SocketTimeoutError: no answer in time
+    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
+    (aiohttp.ClientPayloadError, httpx.RemoteProtocolError),  # truncated / bad body
+    (aiohttp.ClientResponseError, httpx.RemoteProtocolError),  # unparseable status line/headers
+    (aiohttp.ClientOSError, httpx.ReadError),  # reset / broken pipe on an open connection
+    (aiohttp.ClientConnectionError, httpx.ReadError),
+    # Configuration: a URL aiohttp cannot send to.
+    (aiohttp.InvalidURL, httpx.UnsupportedProtocol),
+    (aiohttp.NonHttpUrlClientError, httpx.UnsupportedProtocol),
+    (aiohttp.ClientError, httpx.TransportError),  # unknown: UNKNOWN, never a blind resend
+)
+
+
+def httpx_error(exc: BaseException, request: httpx.Request) -> httpx.TransportError | None:
+    """The httpx exception equivalent to an aiohttp one, or None when it is not aiohttp's."""
+    for source, target in _ERROR_MAP:
+        if isinstance(exc, source):
+            message = str(exc) or type(exc).__name__
+            return target(message, request=request)
+    return None
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """An `httpx.AsyncBaseTransport` sending over one pooled `aiohttp.ClientSession`.
+
+    At most `max_in_flight` requests are on the wire at once; a request waits for a slot up to
+    httpx's `pool` timeout and then fails with `httpx.PoolTimeout`. The slot count equals the
+    connector's connection limit, so aiohttp itself never queues a request: the only pool wait
+    is ours, and a timeout inside aiohttp's connect is always a real connect timeout.
+
+    The session is created on first use, inside the running event loop, because aiohttp binds
+    a session to the loop it was created in and `make_client` may be called outside one.
+    """
+
+    def __init__(self, *, max_in_flight: int, keepalive_expiry: float = _KEEPALIVE_EXPIRY_S):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        self.max_in_flight = max_in_flight
+        self.keepalive_expiry = keepalive_expiry
+        self._session: aiohttp.ClientSession | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        self._closed = False
+
+    def _open(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
+        if self._closed:
+            raise RuntimeError("the HTTP client has been closed")
+        if self._session is None or self._slots is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.max_in_flight,
+                limit_per_host=0,
+                keepalive_timeout=self.keepalive_expiry,
+                # httpx's certificate store (certifi) so TLS verifies the same with either client.
+                ssl=httpx.create_ssl_context(),
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                # httpx owns cookies, redirects, decompression and proxies; aiohttp doing them
+                # too would send cookies twice or decode a body httpx then decodes again.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                trust_env=False,
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+            self._slots = asyncio.Semaphore(self.max_in_flight)
+        return self._session, self._slots
+
+    def _timeout(self, timeouts: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
+        """aiohttp's timeout for httpx's connect/read, cached: a client uses one or two."""
+        key = (timeouts.get("connect"), timeouts.get("read"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            connect, read = key
+            # `connect` covers DNS + TCP + TLS like httpcore's; no pool wait happens inside it.
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=connect, sock_connect=connect, sock_read=read
+            )
+            self._timeouts[key] = timeout
+        return timeout
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send one request and return the whole response, with errors mapped onto httpx's."""
+        if request.url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(
+                f"Request URL has an unsupported protocol '{request.url.scheme}://'.",
+                request=request,
+            )
+        session, slots = self._open()
+        timeouts: Mapping[str, float | None] = request.extensions.get("timeout", {})
+        if slots.locked():
+            try:
+                async with asyncio.timeout(timeouts.get("pool")):
+                    await slots.acquire()
+            except TimeoutError:
+                raise httpx.PoolTimeout(
+                    f"no free connection within {timeouts.get('pool')} s "
+                    f"({self.max_in_flight} requests already in flight)",
+                    request=request,
+                ) from None
+        else:
+            await slots.acquire()
+        try:
+            body = await request.aread() or None  # the connectors never stream a body
+            try:
+                async with session.request(
+                    request.method,
+                    yarl.URL(str(request.url), encoded=True),  # httpx already percent-encoded it
+                    headers=request.headers.multi_items(),
+                    data=body,
+                    allow_redirects=False,
+                    timeout=self._timeout(timeouts),
+                ) as answer:
+                    content = await answer.read()
+                    status, raw_headers, reason = answer.status, answer.raw_headers, answer.reason
+            except aiohttp.ClientError as exc:
+                mapped = httpx_error(exc, request)
+                if mapped is None:  # pragma: no cover - every ClientError is in the map
+                    raise
+                raise mapped from exc
+        finally:
+            slots.release()
+        extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
+        if reason:
+            extensions["reason_phrase"] = reason.encode("ascii", "replace")
+        return httpx.Response(
+            status,
+            headers=list(raw_headers),
+            stream=httpx.ByteStream(content),
+            request=request,
+            extensions=extensions,
+        )
+
+    async def aclose(self) -> None:
+        """Close the aiohttp session and its connections (called by `AsyncClient.aclose`)."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        """The aiohttp session once a request has been made (for tests and diagnostics)."""
+        return self._session
+
+
+def make_client(*, timeout: float, max_in_flight: int) -> httpx.AsyncClient:
+    """The `httpx.AsyncClient` to deliver with: aiohttp transport, `max_in_flight` connections.
+
+    `timeout` applies to each phase (pool wait, connect, read) as in `httpx.AsyncClient`.
+    Use it as `async with make_client(...) as client:` so closing it closes the aiohttp session.
+    """
+    return httpx.AsyncClient(
+        timeout=timeout,
+        transport=AiohttpTransport(max_in_flight=max_in_flight),
+    )
