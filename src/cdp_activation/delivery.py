@@ -4,8 +4,10 @@ Rows go out in chunks: a chunk is marked in_flight in one statement, its batches
 concurrently under the connector's rate limit, and the outcomes are written back in one
 statement. Transient failures (429, 5xx, a request that never left) are retried with jittered
 exponential backoff that honours Retry-After; permanent ones are recorded, never retried. A
-template or credentials error stops the whole activation: requests not yet made are released
-back to `planned` for the next run.
+Retry-After answer also pauses every request to that connector until it has passed: throttling
+is about the sender, not one message, so the other messages must slow down too. A template or
+credentials error stops the whole activation: requests not yet made, and messages the provider
+refused with a retryable answer, are released back to `planned` for the next run.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from cdp_activation.connectors.base import (
     TemplateRef,
 )
 from cdp_activation.ledger import Ledger, PlannedSend
+from cdp_activation.transport import make_client
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,9 @@ class DeliveryOptions:
     timeout_seconds: float = 15.0
 
 
+MAX_RETRY_AFTER = 60.0  # seconds: a provider's longer Retry-After is capped (then dead-lettered)
+
+
 @dataclass
 class DeliveryReport:
     sent: int = 0
@@ -59,6 +65,7 @@ class DeliveryReport:
     unknown: int = 0
     dead_letter: int = 0
     attempts: int = 0
+    throttled: int = 0  # answers carrying Retry-After, each pausing its connector
     error_codes: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
@@ -95,6 +102,28 @@ class _Stop(Exception):
     """Raised inside a send task once the activation has been stopped."""
 
 
+class _Throttle:
+    """A connector's shared pause: a Retry-After answer holds every request to that connector.
+
+    Per-message backoff alone would let the other requests in flight keep hitting a provider
+    that has just said "too many"; with one pause per connector the whole sender slows down,
+    as Meta's and Twilio's throughput limits (per sender, not per message) expect.
+    """
+
+    def __init__(self) -> None:
+        self.until = 0.0  # time.monotonic() before which no request may start
+
+    def hold(self, seconds: float) -> None:
+        self.until = max(self.until, time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        return self.until - time.monotonic()
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        while (delay := self.remaining()) > 0 and not stop.is_set():
+            await asyncio.sleep(delay)
+
+
 def deliver(
     ledger: Ledger,
     rows: Sequence[PlannedSend],
@@ -113,14 +142,18 @@ async def deliver_async(
 ) -> DeliveryReport:
     report = DeliveryReport()
     started = time.perf_counter()
-    limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=64)
     limiters = {name: AsyncLimiter(rate_of(c, options), 1) for name, c in connectors.items()}
+    throttles = {name: _Throttle() for name in connectors}
     semaphore = asyncio.Semaphore(options.concurrency)
     stop = asyncio.Event()
     stop_error: list[ConnectorError] = []
     last_log = time.monotonic()
 
-    async with httpx.AsyncClient(timeout=options.timeout_seconds, limits=limits) as client:
+    # httpx API over an aiohttp transport: plain httpx collapses past a few requests in flight
+    # (bench/results_delivery.md); the transport maps errors exactly as httpx would.
+    async with make_client(
+        timeout=options.timeout_seconds, max_in_flight=options.concurrency
+    ) as client:
         for start in range(0, len(rows), options.chunk_size):
             if stop.is_set():
                 break
@@ -132,6 +165,7 @@ async def deliver_async(
                     client,
                     connectors[name],
                     limiters[name],
+                    throttles[name],
                     semaphore,
                     batch,
                     options,
@@ -197,6 +231,7 @@ async def _send_batch(
     client: httpx.AsyncClient,
     connector: Connector,
     limiter: AsyncLimiter,
+    throttle: _Throttle,
     semaphore: asyncio.Semaphore,
     batch: list[PlannedSend],
     options: DeliveryOptions,
@@ -207,7 +242,8 @@ async def _send_batch(
     """Send one batch, retrying what is retryable. Returns results by key and attempts made.
 
     A message with no result was never accepted (the activation stopped first, or the provider
-    refused the whole request with a template or credentials error).
+    refused the whole request with a template or credentials error, or answered it with a
+    retryable refusal before the activation stopped).
     """
     pending = [to_outbound(r) for r in batch]
     final: dict[str, SendResult] = {}
@@ -215,18 +251,29 @@ async def _send_batch(
 
     async def attempt_once() -> list[SendResult]:
         nonlocal pending, attempts
-        if stop.is_set():
-            raise _Stop
-        async with semaphore:
-            await limiter.acquire(len(pending))
+        while True:
+            # Wait out a connector pause before taking a slot, so one throttled provider does
+            # not hold the semaphore the other connectors share.
+            await throttle.wait(stop)
             if stop.is_set():
                 raise _Stop
-            attempts += 1
-            report.attempts += 1
-            began = time.perf_counter()
-            results = await connector.send_batch(client, pending)
-            report.latencies.append(time.perf_counter() - began)
+            async with semaphore:
+                await limiter.acquire(len(pending))
+                if stop.is_set():
+                    raise _Stop
+                if throttle.remaining() > 0:
+                    continue  # a Retry-After arrived while this request queued
+                attempts += 1
+                report.attempts += 1
+                began = time.perf_counter()
+                results = await connector.send_batch(client, pending)
+                report.latencies.append(time.perf_counter() - began)
+            break
         final.update((r.key, r) for r in results)
+        hinted = [r.retry_after for r in results if r.retry_after is not None]
+        if hinted:
+            report.throttled += len(hinted)
+            throttle.hold(min(max(hinted), MAX_RETRY_AFTER))
         pending = [m for m in pending if m.key in final and final[m.key].outcome == Outcome.RETRY]
         return [final[m.key] for m in pending]
 
@@ -237,7 +284,7 @@ async def _send_batch(
     def wait(state: RetryCallState) -> float:
         retryable: list[SendResult] = state.outcome.result() if state.outcome else []
         hinted = max((r.retry_after or 0.0 for r in retryable), default=0.0)
-        return max(backoff(state), min(hinted, 60.0))
+        return max(backoff(state), min(hinted, MAX_RETRY_AFTER))
 
     retrying = AsyncRetrying(
         stop=stop_after_attempt(options.max_attempts),
@@ -249,7 +296,11 @@ async def _send_batch(
     try:
         await retrying(attempt_once)
     except _Stop:
-        pass
+        # What is still pending was refused with a retryable answer (or never sent) and not
+        # retried because the activation stopped: not accepted, retries not exhausted, so it
+        # goes back to `planned` for the next run rather than to dead_letter.
+        for message in pending:
+            final.pop(message.key, None)
     except ConnectorError as err:
         stop_error.append(err)
         stop.set()

@@ -406,7 +406,12 @@ class Ledger:
         with self.engine.connect() as con:
             result = con.execute(query.order_by(sends.c.id))
             data = [dict(r._mapping) for r in result]
-        return pl.DataFrame(data, schema=[c.name for c in sends.columns] if not data else None)
+        if not data:
+            return pl.DataFrame(schema=[c.name for c in sends.columns])
+        # Infer each column's type from every row, not the first 100: after a crash the first
+        # hundred rows can all be `unknown`, with no provider id, and a later `sent` row's id
+        # would not fit the Null column inferred from them.
+        return pl.DataFrame(data, infer_schema_length=None)
 
 
 def _aware(value: datetime) -> datetime:

@@ -10,10 +10,21 @@ exactly as in production. Status codes, ids and error bodies follow the vendor s
   `{"error": {"message", "type", "code", "error_data", "fbtrace_id"}}`.
 - Twilio (prefix `/twilio`): `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`,
   form-encoded, HTTP Basic auth, `{"code", "message", "more_info", "status"}` error bodies.
-- Control (prefix `/_sandbox`): `GET messages`, `POST reset`, `GET health`.
+- Control (prefix `/_sandbox`): `GET messages`, `GET attempts`, `GET stats`, `POST reset`,
+  `GET health`, and `GET`/`POST faults` to read or change fault injection while running.
 
 Deterministic rules make outcomes reproducible: a WhatsApp number whose digits end in `13`
 (about 1% of numbers) is "not on WhatsApp" (Meta code 131026).
+
+Fault injection (`SandboxConfig`) makes the failures a delivery engine must survive happen on
+demand: throttling (429 + Retry-After), server errors (500/503), requests that are read and then
+never answered (the client times out; nothing is accepted), and the dangerous one, a message
+that is accepted and recorded after which the connection is dropped without an answer. Every
+draw is a hash of the seed, the request body and how many times that same body has been seen,
+so a run is reproducible whatever order concurrent requests arrive in, and a retry of the same
+message draws afresh. Every request is logged (`MessageStore.attempts`) with its arrival and
+answer times, so tests can check how a client paced its retries, and accepted messages are
+countable per recipient and content, so a duplicate is a number, not a suspicion.
 """
 
 from __future__ import annotations
@@ -21,24 +32,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
+import hashlib
 import hmac
 import json
 import re
 import secrets
 import threading
+import time
 import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from enum import StrEnum
 from functools import cache
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from cdp_activation.settings import (
     SANDBOX_META_TOKEN,
@@ -54,17 +72,108 @@ _NOT_APPROVED = {"PENDING", "REJECTED", "IN_APPEAL", "PENDING_DELETION", "DELETE
 
 @dataclass(frozen=True)
 class SandboxConfig:
-    """How the sandbox behaves. Defaults are the published sandbox credentials in settings.
+    """How the sandbox behaves. Defaults are the published sandbox credentials in settings and
+    no faults at all, so the embedded default behaves like a healthy provider.
 
-    `latency_ms` delays every provider answer (not control routes) so throughput and timeouts
-    can be studied locally. Fault injection (error rates, dropped connections) is meant to join
-    this dataclass as further fields, applied in `_provider_delay`'s place.
+    Rates are probabilities per request (0..1). `rate_429`, `rate_5xx`, `rate_timeout` and
+    `rate_drop_after_accept` exclude each other (their sum must not exceed 1); `slow_rate` adds
+    `slow_ms` on top of `latency_ms` (+ up to `latency_jitter_ms`); the per-recipient rates
+    (`rate_not_on_whatsapp` for Meta, `rate_opted_out` for Twilio) fail a number permanently,
+    every time it is sent to, the way a real provider does. `retry_after_s` is the Retry-After
+    of a 429; it may be fractional (real providers send whole seconds, the client accepts both)
+    so tests can stay fast. A timed-out request is held until the client gives up or
+    `timeout_hold_ms` passes, then the connection is closed without an answer.
     """
 
     meta_token: str = SANDBOX_META_TOKEN
     twilio_account_sid: str = SANDBOX_TWILIO_ACCOUNT_SID
     twilio_auth_token: str = SANDBOX_TWILIO_AUTH_TOKEN
     latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    seed: int = 0
+    rate_429: float = 0.0
+    retry_after_s: float = 1.0
+    rate_5xx: float = 0.0
+    rate_timeout: float = 0.0
+    timeout_hold_ms: float = 30_000.0
+    rate_drop_after_accept: float = 0.0
+    slow_rate: float = 0.0
+    slow_ms: float = 0.0
+    rate_not_on_whatsapp: float = 0.0
+    rate_opted_out: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in FAULT_FIELDS:
+            value = getattr(self, name)
+            wanted: type | tuple[type, ...] = int if name == "seed" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                raise ValueError(f"sandbox fault setting {name} must be a number, got {value!r}")
+            if name != "seed" and value < 0:
+                raise ValueError(f"sandbox fault setting {name} must not be negative: {value}")
+            if name in _RATE_FIELDS and value > 1:
+                raise ValueError(f"sandbox fault rate {name} must be at most 1: {value}")
+        exclusive = sum(getattr(self, name) for name in _EXCLUSIVE_RATES)
+        if exclusive > 1 + 1e-9:
+            raise ValueError(
+                f"{' + '.join(_EXCLUSIVE_RATES)} must not exceed 1 (got {exclusive:g}): each "
+                "request suffers at most one of these faults"
+            )
+
+    def faults(self) -> dict[str, float | int]:
+        """The behaviour settings (everything but credentials), as `GET /_sandbox/faults`."""
+        return {name: getattr(self, name) for name in FAULT_FIELDS}
+
+    def with_faults(self, changes: Mapping[str, Any]) -> SandboxConfig:
+        """A copy with some behaviour settings changed; credentials cannot be changed this way
+        (the control route is unauthenticated). Raises ValueError for unknown or bad values."""
+        unknown = sorted(set(changes) - set(FAULT_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"unknown sandbox fault setting(s) {', '.join(unknown)}; known: "
+                f"{', '.join(FAULT_FIELDS)}"
+            )
+        return dataclasses.replace(self, **dict(changes))
+
+
+_CREDENTIAL_FIELDS = ("meta_token", "twilio_account_sid", "twilio_auth_token")
+FAULT_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(SandboxConfig) if f.name not in _CREDENTIAL_FIELDS
+)
+_EXCLUSIVE_RATES = ("rate_429", "rate_5xx", "rate_timeout", "rate_drop_after_accept")
+_RATE_FIELDS = frozenset(name for name in FAULT_FIELDS if "rate" in name)
+
+
+class Fault(StrEnum):
+    """What the sandbox does to one request instead of (or after) answering it normally."""
+
+    NONE = "none"
+    THROTTLED = "throttled"  # 429 + Retry-After, nothing accepted
+    SERVER_ERROR = "server_error"  # 500 or 503, nothing accepted
+    TIMEOUT = "timeout"  # read, then never answered; nothing accepted
+    DROP_AFTER_ACCEPT = "dropped_after_accept"  # accepted and recorded, then no answer
+
+
+def _draw(config: SandboxConfig, *parts: object) -> float:
+    """A uniform number in [0, 1) fixed by the seed and `parts`: reproducible across runs and
+    independent of the order concurrent requests arrive in (unlike a shared random.Random)."""
+    text = "|".join(str(p) for p in (config.seed, *parts))
+    digest = hashlib.sha256(text.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def request_fault(config: SandboxConfig, provider: str, request_hash: str, attempt: int) -> Fault:
+    """The fault for the `attempt`-th request carrying this exact body (1 = first)."""
+    draw = _draw(config, "fault", provider, request_hash, attempt)
+    for fault, rate in (
+        (Fault.THROTTLED, config.rate_429),
+        (Fault.SERVER_ERROR, config.rate_5xx),
+        (Fault.TIMEOUT, config.rate_timeout),
+        (Fault.DROP_AFTER_ACCEPT, config.rate_drop_after_accept),
+    ):
+        if draw < rate:
+            return fault
+        draw -= rate
+    return Fault.NONE
 
 
 @dataclass(frozen=True)
@@ -80,6 +189,19 @@ class SandboxMessage:
     template_language: str | None = None
     parameters: tuple[str, ...] = ()
     body: str | None = None
+    idempotency_key: str | None = None  # the client's Idempotency-Key header, when it sent one
+
+    @property
+    def content_key(self) -> tuple[Any, ...]:
+        """What makes two accepted messages the same message to the customer."""
+        return (
+            self.provider,
+            self.to,
+            self.template_name,
+            self.template_language,
+            self.parameters,
+            self.body,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (tuples become lists)."""
@@ -88,14 +210,39 @@ class SandboxMessage:
         return data
 
 
+@dataclass(frozen=True)
+class SandboxAttempt:
+    """One provider request as the sandbox saw it, whatever it answered.
+
+    `request_hash` is the SHA-256 of the raw body: every retry of one message carries the same
+    body, so it groups a message's attempts. Times are `time.monotonic()` seconds, comparable
+    with the client's when both run on one machine.
+    """
+
+    provider: str
+    request_hash: str
+    attempt: int  # 1 for the first request with this body, 2 for its first retry, ...
+    arrived: float
+    answered: float
+    result: str  # a `Fault` value other than none, "accepted", "rejected" or "client_gone"
+    status: int | None  # HTTP status answered; None when the connection was dropped
+    retry_after: float | None = None
+    to: str | None = None  # the recipient, once the request has been parsed
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class MessageStore:
-    """Thread-safe in-memory record of accepted messages.
+    """Thread-safe in-memory record of accepted messages and of every request.
 
     uvicorn serves from its own thread while tests read from the main one, hence the lock.
     """
 
     _messages: list[SandboxMessage] = field(default_factory=list)
+    _attempts: list[SandboxAttempt] = field(default_factory=list)
+    _seen: Counter[tuple[str, str]] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, message: SandboxMessage) -> None:
@@ -107,8 +254,58 @@ class MessageStore:
             return list(self._messages)
 
     def clear(self) -> None:
+        """Forget messages, requests and attempt counters (fault draws start afresh)."""
         with self._lock:
             self._messages.clear()
+            self._attempts.clear()
+            self._seen.clear()
+
+    def next_attempt(self, provider: str, request_hash: str) -> int:
+        """Count one more request with this body; returns its number (1 = first)."""
+        with self._lock:
+            self._seen[(provider, request_hash)] += 1
+            return self._seen[(provider, request_hash)]
+
+    def log(self, attempt: SandboxAttempt) -> None:
+        with self._lock:
+            self._attempts.append(attempt)
+
+    def attempts(self) -> list[SandboxAttempt]:
+        """Every provider request so far, in the order they were answered."""
+        with self._lock:
+            return list(self._attempts)
+
+    def accepted_counts(self) -> Counter[tuple[Any, ...]]:
+        """Accepted messages per (provider, to, template, language, parameters, body)."""
+        with self._lock:
+            return Counter(m.content_key for m in self._messages)
+
+    def duplicates(self) -> dict[tuple[Any, ...], int]:
+        """Content keys accepted more than once: a customer messaged twice. Should be empty."""
+        return {key: n for key, n in self.accepted_counts().items() if n > 1}
+
+    def idempotency_duplicates(self) -> dict[tuple[str, str], int]:
+        """(provider, client idempotency key) accepted more than once, for providers that
+        take one: a provider honouring the key would have refused the second."""
+        with self._lock:
+            counts = Counter(
+                (m.provider, m.idempotency_key) for m in self._messages if m.idempotency_key
+            )
+        return {key: n for key, n in counts.items() if n > 1}
+
+    def stats(self) -> dict[str, Any]:
+        """Totals for the control route: accepted, duplicates, requests by result."""
+        duplicates = self.duplicates()
+        with self._lock:
+            accepted = len(self._messages)
+            results = Counter(a.result for a in self._attempts)
+        return {
+            "accepted": accepted,
+            "duplicate_messages": len(duplicates),
+            "duplicate_accepts": sum(n - 1 for n in duplicates.values()),
+            "requests": sum(results.values()),
+            "requests_by_result": dict(sorted(results.items())),
+        }
 
 
 @cache
@@ -224,14 +421,10 @@ def _body_parameters(template_request: dict[str, Any]) -> list[str] | None:
     return []
 
 
-async def meta_send_message(request: Request) -> Response:
-    """`POST /{version}/{phone_number_id}/messages`: template or text message to one user."""
-    config: SandboxConfig = request.app.state.config
-    await _provider_delay(config)
-    if not _meta_authorized(request, config):
-        return _meta_unauthorized()
+def _parse_meta(request: Request, raw: bytes) -> Response | _Candidate:
+    """Validate a `/messages` body like Meta does: the error answer, or what would be sent."""
     try:
-        payload = json.loads(await request.body())
+        payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _meta_error(400, 100, "(#100) Invalid parameter", details="Invalid JSON body")
     if not isinstance(payload, dict) or payload.get("messaging_product") != "whatsapp":
@@ -284,32 +477,62 @@ async def meta_send_message(request: Request) -> Response:
             100,
             f'(#100) Param type must be one of {{TEMPLATE, TEXT}} - got "{kind}".',
         )
+    return _Candidate(to=to, record=record)
 
-    if _not_on_whatsapp(digits):
+
+def _refuse_meta(config: SandboxConfig, candidate: _Candidate) -> Response | None:
+    """Meta's per-recipient refusal: the number has no WhatsApp account (rule or fault rate)."""
+    digits = candidate.to.removeprefix("+")
+    rate = config.rate_not_on_whatsapp
+    if _not_on_whatsapp(digits) or (rate and _draw(config, "not_on_whatsapp", digits) < rate):
         return _meta_error(
             400,
             131026,
             "(#131026) Message undeliverable",
             details="Message Undeliverable.",
         )
+    return None
+
+
+def _accept_meta(request: Request, candidate: _Candidate) -> tuple[SandboxMessage, Response]:
     wamid = "wamid." + base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-    request.app.state.store.add(
-        SandboxMessage(
-            provider="meta_whatsapp",
-            channel="whatsapp",
-            to=to,
-            provider_message_id=wamid,
-            received_at=_now().isoformat(),
-            **record,
-        )
+    message = SandboxMessage(
+        provider="meta_whatsapp",
+        channel="whatsapp",
+        to=candidate.to,
+        provider_message_id=wamid,
+        received_at=_now().isoformat(),
+        idempotency_key=request.headers.get("idempotency-key"),
+        **candidate.record,
     )
-    return JSONResponse(
+    answer = JSONResponse(
         {
             "messaging_product": "whatsapp",
-            "contacts": [{"input": to, "wa_id": digits}],
+            "contacts": [{"input": candidate.to, "wa_id": candidate.to.removeprefix("+")}],
             "messages": [{"id": wamid, "message_status": "accepted"}],
         }
     )
+    return message, answer
+
+
+def _meta_fault_answer(config: SandboxConfig, fault: Fault, draw: float) -> Response:
+    """Graph API bodies for throttling (130429) and server errors (131000 / 2)."""
+    if fault == Fault.THROTTLED:
+        return _meta_error(
+            429,
+            130429,
+            "(#130429) Rate limit hit",
+            details="Cloud API message throughput has been reached.",
+            headers={"Retry-After": _retry_after_header(config.retry_after_s)},
+        )
+    if draw < 0.5:
+        return _meta_error(500, 131000, "(#131000) Something went wrong")
+    return _meta_error(503, 2, "(#2) Service temporarily unavailable")
+
+
+async def meta_send_message(request: Request) -> Response:
+    """`POST /{version}/{phone_number_id}/messages`: template or text message to one user."""
+    return await _provider_request(request, _META)
 
 
 def _cursor(index: int) -> str:
@@ -402,18 +625,10 @@ def _segments(body: str) -> int:
     return 1 if len(body) <= 160 else -(-len(body) // 153)
 
 
-async def twilio_create_message(request: Request) -> Response:
-    """`POST /2010-04-01/Accounts/{AccountSid}/Messages.json` (form-encoded), 201 on success."""
-    config: SandboxConfig = request.app.state.config
-    await _provider_delay(config)
-    account_sid = request.path_params["account_sid"]
-    if not _twilio_authorized(request, account_sid, config):
-        return _twilio_error(401, 20003, "Authenticate")
+def _parse_twilio(request: Request, raw: bytes) -> Response | _Candidate:
+    """Validate a form-encoded `CreateMessageRequest` like Twilio does."""
     try:
-        form = {
-            k: v[-1]
-            for k, v in parse_qs((await request.body()).decode(), keep_blank_values=True).items()
-        }
+        form = {k: v[-1] for k, v in parse_qs(raw.decode(), keep_blank_values=True).items()}
     except UnicodeDecodeError:
         return _twilio_error(400, 21602, "Message body is required.")
     to = form.get("To", "")
@@ -441,23 +656,39 @@ async def twilio_create_message(request: Request) -> Response:
                 raise ValueError("not an object")
         except ValueError:
             return _twilio_error(400, 21656, "The ContentVariables Parameter is invalid.")
+    record = {
+        "template_name": content_sid or None,
+        "parameters": tuple(str(variables[k]) for k in sorted(variables, key=_numeric_key)),
+        "body": body or None,
+    }
+    return _Candidate(to=to, record=record, extra={"from": sender, "service": service})
 
+
+def _refuse_twilio(config: SandboxConfig, candidate: _Candidate) -> Response | None:
+    """Twilio's per-recipient refusal: the number opted out (error 21610), by fault rate."""
+    rate = config.rate_opted_out
+    if rate and _draw(config, "opted_out", candidate.to) < rate:
+        return _twilio_error(400, 21610, "Attempt to send to unsubscribed recipient")
+    return None
+
+
+def _accept_twilio(request: Request, candidate: _Candidate) -> tuple[SandboxMessage, Response]:
+    account_sid = request.path_params["account_sid"]
     sid = "SM" + uuid.uuid4().hex
     created = format_datetime(_now())
-    request.app.state.store.add(
-        SandboxMessage(
-            provider="twilio",
-            channel="sms",
-            to=to,
-            provider_message_id=sid,
-            received_at=_now().isoformat(),
-            template_name=content_sid or None,
-            parameters=tuple(str(variables[k]) for k in sorted(variables, key=_numeric_key)),
-            body=body or None,
-        )
+    message = SandboxMessage(
+        provider="twilio",
+        channel="sms",
+        to=candidate.to,
+        provider_message_id=sid,
+        received_at=_now().isoformat(),
+        idempotency_key=request.headers.get("idempotency-key"),
+        **candidate.record,
     )
+    body = message.body or ""
+    sender, service = candidate.extra["from"], candidate.extra["service"]
     uri = f"/2010-04-01/Accounts/{account_sid}/Messages/{sid}"
-    return JSONResponse(
+    answer = JSONResponse(
         {
             "account_sid": account_sid,
             "api_version": "2010-04-01",
@@ -477,11 +708,28 @@ async def twilio_create_message(request: Request) -> Response:
             "sid": sid,
             "status": "queued",
             "subresource_uris": {"media": f"{uri}/Media.json"},
-            "to": to,
+            "to": candidate.to,
             "uri": f"{uri}.json",
         },
         status_code=201,
     )
+    return message, answer
+
+
+def _twilio_fault_answer(config: SandboxConfig, fault: Fault, draw: float) -> Response:
+    """Twilio error bodies for throttling (20429) and server errors (20500 / 20503)."""
+    if fault == Fault.THROTTLED:
+        answer = _twilio_error(429, 20429, "Too Many Requests")
+        answer.headers["Retry-After"] = _retry_after_header(config.retry_after_s)
+        return answer
+    if draw < 0.5:
+        return _twilio_error(500, 20500, "Internal Server Error")
+    return _twilio_error(503, 20503, "Service Unavailable")
+
+
+async def twilio_create_message(request: Request) -> Response:
+    """`POST /2010-04-01/Accounts/{AccountSid}/Messages.json` (form-encoded), 201 on success."""
+    return await _provider_request(request, _TWILIO)
 
 
 def _numeric_key(key: str) -> tuple[int, str]:
@@ -493,14 +741,235 @@ def _numeric_key(key: str) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------------
 
 
-async def _provider_delay(config: SandboxConfig) -> None:
-    """Apply configured latency before a provider answers (the hook for later fault injection)."""
-    if config.latency_ms > 0:
-        await asyncio.sleep(config.latency_ms / 1000)
+# --------------------------------------------------------------------------------------------
+# What every provider request goes through: delay, auth, faults, validation, acceptance
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A valid request: the recipient and what would be recorded if it is accepted."""
+
+    to: str
+    record: dict[str, Any]
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _ProviderRules:
+    """The provider-specific steps `_provider_request` runs in a fixed order."""
+
+    name: str
+    authorized: Callable[[Request, SandboxConfig], bool]
+    unauthorized: Callable[[], Response]
+    parse: Callable[[Request, bytes], Response | _Candidate]
+    refuse: Callable[[SandboxConfig, _Candidate], Response | None]
+    accept: Callable[[Request, _Candidate], tuple[SandboxMessage, Response]]
+    fault_answer: Callable[[SandboxConfig, Fault, float], Response]
+
+
+def _twilio_request_authorized(request: Request, config: SandboxConfig) -> bool:
+    return _twilio_authorized(request, request.path_params["account_sid"], config)
+
+
+_META = _ProviderRules(
+    name="meta_whatsapp",
+    authorized=_meta_authorized,
+    unauthorized=_meta_unauthorized,
+    parse=_parse_meta,
+    refuse=_refuse_meta,
+    accept=_accept_meta,
+    fault_answer=_meta_fault_answer,
+)
+_TWILIO = _ProviderRules(
+    name="twilio",
+    authorized=_twilio_request_authorized,
+    unauthorized=lambda: _twilio_error(401, 20003, "Authenticate"),
+    parse=_parse_twilio,
+    refuse=_refuse_twilio,
+    accept=_accept_twilio,
+    fault_answer=_twilio_fault_answer,
+)
+
+
+async def _provider_request(request: Request, rules: _ProviderRules) -> Response:
+    """Answer one send request, injecting the configured fault.
+
+    Order: read the whole request, wait the configured latency, check credentials, validate,
+    draw the fault; throttling, server errors and timeouts happen before anything is accepted,
+    so those messages are surely not sent; only then refuse per recipient, and accept (record)
+    the message, after which a drop-after-accept fault closes the connection unanswered.
+    Credentials and validation errors (a wrong template, say) come before any fault, so they
+    stay deterministic: an activation that must stop always stops.
+    """
+    config: SandboxConfig = request.app.state.config
+    store: MessageStore = request.app.state.store
+    arrived = time.monotonic()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        # The client went away (killed, say) before its request was read: like a provider
+        # that never got it, accept nothing. Logged so a test can count these.
+        store.log(_gone(rules.name, arrived))
+        return _DropConnection()
+    request_hash = hashlib.sha256(raw).hexdigest()
+    attempt = store.next_attempt(rules.name, request_hash)
+
+    def log(
+        result: str, status: int | None, retry_after: float | None = None, to: str | None = None
+    ) -> None:
+        store.log(
+            SandboxAttempt(
+                provider=rules.name,
+                request_hash=request_hash,
+                attempt=attempt,
+                arrived=arrived,
+                answered=time.monotonic(),
+                result=result,
+                status=status,
+                retry_after=retry_after,
+                to=to,
+            )
+        )
+
+    await _provider_delay(config, rules.name, request_hash, attempt)
+    if not rules.authorized(request, config):
+        log("rejected", 401)
+        return rules.unauthorized()
+    parsed = rules.parse(request, raw)
+    if isinstance(parsed, Response):
+        log("rejected", parsed.status_code)
+        return parsed
+    fault = request_fault(config, rules.name, request_hash, attempt)
+    if fault in (Fault.THROTTLED, Fault.SERVER_ERROR):
+        answer = rules.fault_answer(
+            config, fault, _draw(config, "5xx", rules.name, request_hash, attempt)
+        )
+        retry_after = config.retry_after_s if fault == Fault.THROTTLED else None
+        log(fault.value, answer.status_code, retry_after, to=parsed.to)
+        return answer
+    if fault == Fault.TIMEOUT:
+        await _wait_for_disconnect(request.receive, config.timeout_hold_ms / 1000)
+        log(fault.value, None, to=parsed.to)
+        return _DropConnection()
+    refused = rules.refuse(config, parsed)
+    if refused is not None:
+        log("rejected", refused.status_code, to=parsed.to)
+        return refused
+    message, answer = rules.accept(request, parsed)
+    store.add(message)
+    if fault == Fault.DROP_AFTER_ACCEPT:
+        log(fault.value, None, to=parsed.to)
+        return _DropConnection()
+    log("accepted", answer.status_code, to=parsed.to)
+    return answer
+
+
+def _gone(provider: str, arrived: float) -> SandboxAttempt:
+    return SandboxAttempt(
+        provider=provider,
+        request_hash="",
+        attempt=0,
+        arrived=arrived,
+        answered=time.monotonic(),
+        result="client_gone",
+        status=None,
+    )
+
+
+async def _provider_delay(
+    config: SandboxConfig, provider: str = "", request_hash: str = "", attempt: int = 0
+) -> None:
+    """Latency before a provider answers: base + deterministic jitter + the occasional slow one
+    (drawn per request; routes that are not sends draw with empty parts, which is fine)."""
+    delay_ms = config.latency_ms
+    if config.latency_jitter_ms > 0:
+        jitter = _draw(config, "jitter", provider, request_hash, attempt)
+        delay_ms += config.latency_jitter_ms * jitter
+    if config.slow_rate > 0 and _draw(config, "slow", provider, request_hash, attempt) < (
+        config.slow_rate
+    ):
+        delay_ms += config.slow_ms
+    if delay_ms > 0:
+        await asyncio.sleep(delay_ms / 1000)
+
+
+def _retry_after_header(seconds: float) -> str:
+    """Whole seconds as providers send them; a fraction only when configured as one."""
+    return str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}"
+
+
+async def _wait_for_disconnect(receive: Receive, limit: float) -> bool:
+    """Wait (at most `limit` s) for the client to go away; True if it did.
+
+    The request body has been read, so the next ASGI message can only be `http.disconnect`.
+    """
+    try:
+        async with asyncio.timeout(limit):
+            while (await receive())["type"] != "http.disconnect":
+                pass
+    except TimeoutError:
+        return False
+    return True
+
+
+class _DropConnection(Response):
+    """Not an answer: close the client's connection without sending a byte.
+
+    ASGI has no "abort" message, so the transport is reached through the server's `send`
+    callable (uvicorn's is a method of an object holding the transport), which
+    `_SandboxApp` stores in the scope. When that is not available (another ASGI
+    server), the fallback starts a response and never finishes it, which makes the server close
+    the connection: the client then holds a truncated answer, equally useless to it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(status_code=599)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_send = scope.get(_RAW_SEND)
+        transport = getattr(getattr(raw_send, "__self__", None), "transport", None)
+        if transport is not None and hasattr(transport, "abort"):
+            if not transport.is_closing():
+                transport.abort()
+            # Let the server see the disconnect before anything else tries to answer.
+            await _wait_for_disconnect(receive, 1.0)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"64")],
+            }
+        )
+
+
+_RAW_SEND = "cdp_sandbox.raw_send"
+
+
+class _SandboxApp(Starlette):
+    """Starlette, keeping the server's own `send` in the scope for `_DropConnection`.
+
+    Starlette's middleware wraps `send` in closures before a route sees it, so the server's
+    callable is only visible here, at the very top.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[_RAW_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 async def sandbox_messages(request: Request) -> Response:
     return JSONResponse([m.as_dict() for m in request.app.state.store.list()])
+
+
+async def sandbox_attempts(request: Request) -> Response:
+    return JSONResponse([a.as_dict() for a in request.app.state.store.attempts()])
+
+
+async def sandbox_stats(request: Request) -> Response:
+    return JSONResponse(request.app.state.store.stats())
 
 
 async def sandbox_reset(request: Request) -> Response:
@@ -508,12 +977,29 @@ async def sandbox_reset(request: Request) -> Response:
     return JSONResponse({"reset": True})
 
 
+async def sandbox_faults(request: Request) -> Response:
+    """`GET`: the behaviour settings in force. `POST` a JSON object of some of them to change
+    them while running (the rest stay); a bad name or value is a 400 and changes nothing."""
+    config: SandboxConfig = request.app.state.config
+    if request.method == "POST":
+        try:
+            changes = json.loads(await request.body() or b"{}")
+            if not isinstance(changes, dict):
+                raise ValueError("the body must be a JSON object of fault settings")
+            config = config.with_faults(changes)
+        except (ValueError, TypeError) as error:
+            return JSONResponse({"error": str(error)}, status_code=400)
+        request.app.state.config = config
+    return JSONResponse(config.faults())
+
+
 async def sandbox_health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
 def create_app(config: SandboxConfig | None = None, store: MessageStore | None = None) -> Starlette:
-    """Build the sandbox ASGI app. `app.state.store` holds accepted messages."""
+    """Build the sandbox ASGI app. `app.state.store` holds accepted messages and requests;
+    `app.state.config` is the behaviour in force (replaced whole by `POST /_sandbox/faults`)."""
     meta_routes = [
         Route("/{version}/{phone_number_id}/messages", meta_send_message, methods=["POST"]),
         Route("/{version}/{waba_id}/message_templates", meta_list_templates, methods=["GET"]),
@@ -527,10 +1013,13 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
     ]
     control_routes = [
         Route("/messages", sandbox_messages, methods=["GET"]),
+        Route("/attempts", sandbox_attempts, methods=["GET"]),
+        Route("/stats", sandbox_stats, methods=["GET"]),
         Route("/reset", sandbox_reset, methods=["POST"]),
+        Route("/faults", sandbox_faults, methods=["GET", "POST"]),
         Route("/health", sandbox_health, methods=["GET"]),
     ]
-    app = Starlette(
+    app = _SandboxApp(
         routes=[
             Mount("/meta", routes=meta_routes),
             Mount("/twilio", routes=twilio_routes),

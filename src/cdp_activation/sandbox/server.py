@@ -12,11 +12,18 @@ import socket
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 import httpx
 import uvicorn
 
-from cdp_activation.sandbox.app import MessageStore, SandboxConfig, SandboxMessage, create_app
+from cdp_activation.sandbox.app import (
+    MessageStore,
+    SandboxAttempt,
+    SandboxConfig,
+    SandboxMessage,
+    create_app,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +35,8 @@ class SandboxServer:
     """The sandbox on 127.0.0.1 in a daemon thread; use as a context manager.
 
     `url` is the base URL (`http://127.0.0.1:<port>`); connectors go under `/meta` and `/twilio`.
+    The app is built once, so `config` and `configure` act on the running server at once, the
+    same state `POST /_sandbox/faults` changes.
     """
 
     def __init__(
@@ -35,12 +44,28 @@ class SandboxServer:
     ) -> None:
         self.host = host
         self.requested_port = port
-        self.config = config or SandboxConfig()
         self.store = MessageStore()
+        self.app = create_app(config or SandboxConfig(), self.store)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
         self._port: int | None = None
+
+    @property
+    def config(self) -> SandboxConfig:
+        """The behaviour in force (it may have been changed through the control route)."""
+        config: SandboxConfig = self.app.state.config
+        return config
+
+    @config.setter
+    def config(self, config: SandboxConfig) -> None:
+        self.app.state.config = config
+
+    def configure(self, **faults: Any) -> SandboxConfig:
+        """Change some fault settings while running (`configure(rate_429=0.1)`); see
+        `SandboxConfig`. Requests already being answered keep the settings they started with."""
+        self.config = self.config.with_faults(faults)
+        return self.config
 
     @property
     def port(self) -> int:
@@ -69,7 +94,7 @@ class SandboxServer:
         self._socket = sock
         self._port = sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(self.config, self.store),
+            self.app,
             log_level="warning",
             access_log=False,
             lifespan="off",
@@ -125,8 +150,16 @@ class SandboxServer:
         """Accepted messages so far, read straight from the in-process store."""
         return self.store.list()
 
+    def attempts(self) -> list[SandboxAttempt]:
+        """Every provider request so far, with its arrival and answer times and result."""
+        return self.store.attempts()
+
+    def duplicates(self) -> dict[tuple[Any, ...], int]:
+        """Messages accepted more than once (same provider, recipient and content)."""
+        return self.store.duplicates()
+
     def reset(self) -> None:
-        """Forget accepted messages (between tests)."""
+        """Forget accepted messages and requests (between tests); fault settings stay."""
         self.store.clear()
 
     def __enter__(self) -> SandboxServer:

@@ -1,0 +1,145 @@
+"""kill -9 mid-delivery, several times, then a run to completion: nobody twice, nobody lost.
+
+The delivery runs in a subprocess (tests/crash_worker.py: real `Ledger` on a SQLite file, real
+`deliver`, real connectors) against a sandbox served from a thread of this process, so killing
+the worker leaves the provider running, as in production. The sandbox answers after 20-50 ms,
+so each kill lands with requests in flight: some the sandbox goes on to accept after the
+client is gone, exactly the case "never twice" is about.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from cdp_activation.delivery import DeliveryOptions
+from cdp_activation.ledger import Ledger
+from cdp_activation.sandbox import SandboxServer
+from cdp_activation.sandbox.app import SandboxConfig
+from crash_worker import ACTIVATION, PARTITION
+
+pytestmark = pytest.mark.integration
+
+N = 3000
+KILLS = 6
+SEED = 20250101
+WORKER = Path(__file__).with_name("crash_worker.py")
+TERMINAL = {"sent", "failed", "unknown", "dead_letter"}
+
+
+class Worker:
+    """One worker process, its stdout read by a thread so waiting for a line can time out."""
+
+    def __init__(self, ledger_file: Path, url: str, chunk_size: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), str(ledger_file), url, str(N), str(chunk_size)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # the connectors' warnings; the test reads the ledger
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.strip())
+
+    def wait_for(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line.startswith(prefix):
+                return line
+        raise TimeoutError(f"the worker did not print {prefix!r} within {timeout} s")
+
+    def kill(self) -> bool:
+        """SIGKILL; True if it was still running (the kill interrupted something)."""
+        running = self.process.poll() is None
+        if running:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        return running
+
+
+@pytest.mark.parametrize("chunk_size", [DeliveryOptions.chunk_size, 64])
+def test_sigkill_at_random_points_sends_nobody_twice_and_loses_nobody(
+    tmp_path: Path, chunk_size: int
+) -> None:
+    """With the default chunk a kill mostly lands mid-chunk; with small chunks kills also land
+    between chunks and while outcomes are being written."""
+    rng = random.Random(SEED)
+    ledger_file = tmp_path / "ledger.sqlite"
+    config = SandboxConfig(latency_ms=20, latency_jitter_ms=30, seed=SEED)
+    with SandboxServer(config=config) as sandbox:
+        landed: list[str] = []
+        # The first kill is timed from the start, so it may land in start-up or planning; the
+        # others from the moment the worker starts sending, so they land mid-delivery.
+        worker = Worker(ledger_file, sandbox.url, chunk_size)
+        time.sleep(rng.uniform(0.2, 1.5))
+        landed.append(f"start+{'killed' if worker.kill() else 'finished'}")
+        for _ in range(KILLS):
+            worker = Worker(ledger_file, sandbox.url, chunk_size)
+            started = worker.wait_for("delivering", timeout=30)
+            time.sleep(rng.uniform(0.2, 1.5))
+            landed.append(f"{started.split()[1]}:{'killed' if worker.kill() else 'finished'}")
+        final = Worker(ledger_file, sandbox.url, chunk_size)
+        final.wait_for("delivering", timeout=30)
+        summary = json.loads(final.wait_for("{", timeout=60))
+        assert final.process.wait(10) == 0
+        time.sleep(0.2)  # requests of killed workers still being answered: let them finish
+        accepted = sandbox.messages()
+        gone = sum(a.result == "client_gone" for a in sandbox.attempts())
+
+    ledger = Ledger(f"sqlite:///{ledger_file}")
+    rows = ledger.rows(ACTIVATION, PARTITION)
+    ledger.dispose()
+    states = Counter(rows["state"].to_list())
+    by_recipient = {r["recipient"]: r for r in rows.iter_rows(named=True)}
+    accepted_to = {m.to for m in accepted}
+    unknown = rows.filter(pl.col("state") == "unknown")["recipient"].to_list()
+    print(
+        f"\ncrash (chunk {chunk_size}): kills {landed}; final run {summary}; "
+        f"ledger {dict(states)}; sandbox accepted {len(accepted)}, duplicates "
+        f"{len(sandbox.duplicates())}; unknown rows the sandbox "
+        f"had accepted: {len(accepted_to & set(unknown))} of {len(unknown)}; requests whose "
+        f"client died before the sandbox read them: {gone}"
+    )
+
+    # The kills really interrupted deliveries, and left rows in flight to recover.
+    assert sum(outcome.endswith("killed") for outcome in landed) >= 5
+    assert states["unknown"] > 0
+
+    # Nobody twice: no message (or recipient) accepted more than once by the provider.
+    assert sandbox.duplicates() == {}
+    assert max(Counter(m.to for m in accepted).values()) == 1
+
+    # Nobody lost: every row in exactly one terminal state, none planned or in flight.
+    assert rows.height == N == rows["idempotency_key"].n_unique()
+    assert set(states) <= TERMINAL
+    assert states["sent"] + states["failed"] + states["unknown"] + states["dead_letter"] == N
+
+    # What the provider has is `sent` (with its id) or `unknown` in the ledger, never anything
+    # that would let a later run send it again; and every `sent` row is at the provider.
+    for message in accepted:
+        row = by_recipient[message.to]
+        assert row["state"] in {"sent", "unknown"}, (message, row)
+        if row["state"] == "sent":
+            assert row["provider_message_id"] == message.provider_message_id
+    sent_ids = set(rows.filter(pl.col("state") == "sent")["provider_message_id"].to_list())
+    assert sent_ids <= {m.provider_message_id for m in accepted}
+    assert len(sent_ids) == states["sent"]
