@@ -17,8 +17,9 @@ import logging
 import statistics
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from aiolimiter import AsyncLimiter
@@ -124,6 +125,43 @@ class _Throttle:
             await asyncio.sleep(delay)
 
 
+class _GroupCommit:
+    """Durable writes made as late as possible and as few as possible.
+
+    Each send marks its rows `in_flight` just before its request and records its outcome just
+    after the answer, so a crash can only leave `unknown` the requests that were really in the
+    air. Callers wait until their rows are written; one statement serves every caller that
+    asked in the meantime (group commit), so the ledger still sees bulk writes.
+    """
+
+    def __init__(self, write: Callable[[list[Any]], None]) -> None:
+        self._write = write
+        self._queued: list[tuple[list[Any], asyncio.Future[None]]] = []
+        self._flushing = False
+
+    async def submit(self, items: list[Any]) -> None:
+        if not items:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queued.append((items, future))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        await future
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        self._flushing = False
+        try:
+            self._write([item for items, _ in queued for item in items])
+        except Exception as err:  # the callers decide; a failed write must not be silent
+            for _, future in queued:
+                future.set_exception(err)
+            return
+        for _, future in queued:
+            future.set_result(None)
+
+
 def deliver(
     ledger: Ledger,
     rows: Sequence[PlannedSend],
@@ -154,11 +192,12 @@ async def deliver_async(
     async with make_client(
         timeout=options.timeout_seconds, max_in_flight=options.concurrency
     ) as client:
+        marks = _GroupCommit(ledger.mark_in_flight)
+        records = _GroupCommit(ledger.record)
         for start in range(0, len(rows), options.chunk_size):
             if stop.is_set():
                 break
             chunk = rows[start : start + options.chunk_size]
-            ledger.mark_in_flight([r.id for r in chunk])
             batches = _batches(chunk, connectors)
             tasks = [
                 _send_batch(
@@ -172,27 +211,12 @@ async def deliver_async(
                     stop,
                     stop_error,
                     report,
+                    marks,
+                    records,
                 )
                 for name, batch in batches
             ]
-            outcomes = await asyncio.gather(*tasks)
-            recorded: list[tuple[int, SendResult, int]] = []
-            never_sent: list[int] = []
-            for (_, batch), (by_key, attempts) in zip(batches, outcomes, strict=True):
-                for row in batch:
-                    result = by_key.get(row.idempotency_key)
-                    if result is None and (stop.is_set() or attempts == 0):
-                        never_sent.append(row.id)
-                        continue
-                    if result is None:
-                        result = SendResult(
-                            row.idempotency_key,
-                            Outcome.UNKNOWN,
-                            error_message="the provider's answer did not mention this message",
-                        )
-                    recorded.append((row.id, result, row.attempts + attempts))
-                    _count(report, result)
-            ledger.record(recorded)
+            never_sent = [row_id for ids in await asyncio.gather(*tasks) for row_id in ids]
             ledger.release(never_sent)
             if time.monotonic() - last_log > 5:
                 last_log = time.monotonic()
@@ -238,12 +262,14 @@ async def _send_batch(
     stop: asyncio.Event,
     stop_error: list[ConnectorError],
     report: DeliveryReport,
-) -> tuple[dict[str, SendResult], int]:
-    """Send one batch, retrying what is retryable. Returns results by key and attempts made.
+    marks: _GroupCommit,
+    records: _GroupCommit,
+) -> list[int]:
+    """Send one batch, retrying what is retryable, and record each outcome in the ledger.
 
-    A message with no result was never accepted (the activation stopped first, or the provider
+    Returns the ids of rows never accepted (the activation stopped first, or the provider
     refused the whole request with a template or credentials error, or answered it with a
-    retryable refusal before the activation stopped).
+    retryable refusal before the activation stopped): they go back to `planned`.
     """
     pending = [to_outbound(r) for r in batch]
     final: dict[str, SendResult] = {}
@@ -263,6 +289,9 @@ async def _send_batch(
                     raise _Stop
                 if throttle.remaining() > 0:
                     continue  # a Retry-After arrived while this request queued
+                if attempts == 0:
+                    # Durably in flight before the request leaves, and not a moment earlier.
+                    await marks.submit([row.id for row in batch])
                 attempts += 1
                 report.attempts += 1
                 began = time.perf_counter()
@@ -307,7 +336,23 @@ async def _send_batch(
         # The provider refused the request as a whole: those messages were not accepted.
         for message in pending:
             final.pop(message.key, None)
-    return final, attempts
+    recorded: list[tuple[int, SendResult, int]] = []
+    never_sent: list[int] = []
+    for row in batch:
+        result = final.get(row.idempotency_key)
+        if result is None and (stop.is_set() or attempts == 0):
+            never_sent.append(row.id)
+            continue
+        if result is None:
+            result = SendResult(
+                row.idempotency_key,
+                Outcome.UNKNOWN,
+                error_message="the provider's answer did not mention this message",
+            )
+        recorded.append((row.id, result, row.attempts + attempts))
+        _count(report, result)
+    await records.submit(recorded)
+    return never_sent
 
 
 def _count(report: DeliveryReport, result: SendResult) -> None:
