@@ -6,16 +6,25 @@ run time and never shows them in the UI.
 
 from __future__ import annotations
 
-import dagster as dg
+import json
 
-from cdp_activation.connectors.base import Connector
+import dagster as dg
+from pydantic import SecretStr
+
+from cdp_activation.connectors.base import Connector, ConnectorConfigError
+from cdp_activation.connectors.infobip import InfobipConnector
 from cdp_activation.connectors.meta_whatsapp import MetaWhatsAppConnector
 from cdp_activation.connectors.twilio import TwilioConnector
+from cdp_activation.connectors.vonage import VonageConnector
+from cdp_activation.connectors.webhook import DEFAULT_BATCH_SIZE, WebhookConnector
 from cdp_activation.ledger import Ledger
 from cdp_activation.settings import (
+    SANDBOX_INFOBIP_API_KEY,
     SANDBOX_META_TOKEN,
     SANDBOX_TWILIO_AUTH_TOKEN,
+    SANDBOX_VONAGE_API_SECRET,
     _secret,
+    webhook_headers_or_sandbox,
 )
 from cdp_activation.warehouse import Warehouse
 
@@ -99,6 +108,93 @@ class TwilioResource(ConnectorResource):
                     "CDP_TWILIO_AUTH_TOKEN",
                 ),
                 from_number=self.from_number,
+            )
+        )
+
+
+class InfobipResource(ConnectorResource):
+    """Infobip WhatsApp templates (`/whatsapp/1/message/template`) and SMS (`/sms/3/messages`)."""
+
+    base_url: str
+    api_key: str | None = None
+    whatsapp_from: str
+    sms_sender: str
+
+    def connector(self) -> Connector:
+        key = self.api_key
+        return self._with_rate(
+            InfobipConnector(
+                base_url=self.base_url,
+                api_key=_secret(
+                    None if not key else _Secret(key),
+                    self.base_url,
+                    SANDBOX_INFOBIP_API_KEY,
+                    "CDP_INFOBIP_API_KEY",
+                ),
+                whatsapp_from=self.whatsapp_from,
+                sms_sender=self.sms_sender,
+            )
+        )
+
+
+class VonageResource(ConnectorResource):
+    """Vonage Messages API v1 (`/v1/messages`): WhatsApp and SMS, HTTP Basic auth."""
+
+    base_url: str
+    api_key: str
+    api_secret: str | None = None
+    whatsapp_from: str
+    sms_from: str
+    whatsapp_namespace: str = ""
+
+    def connector(self) -> Connector:
+        secret = self.api_secret
+        return self._with_rate(
+            VonageConnector(
+                base_url=self.base_url,
+                api_key=self.api_key,
+                api_secret=_secret(
+                    None if not secret else _Secret(secret),
+                    self.base_url,
+                    SANDBOX_VONAGE_API_SECRET,
+                    "CDP_VONAGE_API_SECRET",
+                ),
+                whatsapp_from=self.whatsapp_from,
+                sms_from=self.sms_from,
+                whatsapp_namespace=self.whatsapp_namespace,
+            )
+        )
+
+
+class WebhookResource(ConnectorResource):
+    """A JSON webhook receiver (contract in `connectors/webhook.py`).
+
+    `headers_json` is the whole CDP_WEBHOOK_HEADERS JSON object, kept as one EnvVar because any
+    of its values may be a secret.
+    """
+
+    url: str
+    headers_json: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def connector(self) -> Connector:
+        headers: dict[str, SecretStr] | None = None
+        if self.headers_json:
+            try:
+                raw = json.loads(self.headers_json)
+            except json.JSONDecodeError:
+                raw = None
+            if not isinstance(raw, dict):
+                # The value itself may be a secret: never echo it.
+                raise ConnectorConfigError(
+                    'CDP_WEBHOOK_HEADERS must be a JSON object, e.g. {"Authorization": "…"}'
+                )
+            headers = {str(k): SecretStr(str(v)) for k, v in raw.items()}
+        return self._with_rate(
+            WebhookConnector(
+                url=self.url,
+                headers=webhook_headers_or_sandbox(headers, self.url),
+                batch_size=self.batch_size,
             )
         )
 

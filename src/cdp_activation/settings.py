@@ -22,6 +22,10 @@ from cdp_activation.connectors.base import ConnectorConfigError
 SANDBOX_META_TOKEN = "sandbox-meta-token"
 SANDBOX_TWILIO_ACCOUNT_SID = "AC00000000000000000000000000000000"
 SANDBOX_TWILIO_AUTH_TOKEN = "sandbox-twilio-token"
+SANDBOX_INFOBIP_API_KEY = "sandbox-infobip-key"
+SANDBOX_VONAGE_API_KEY = "sandboxkey"
+SANDBOX_VONAGE_API_SECRET = "sandbox-vonage-secret"
+SANDBOX_WEBHOOK_TOKEN = "sandbox-webhook-token"
 SANDBOX_PORT = 8787
 
 
@@ -67,6 +71,26 @@ class Settings(BaseSettings):
     twilio_from: str = "+15005550006"
     twilio_rate_per_second: float | None = None  # None: the connector's default
 
+    infobip_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/infobip"
+    infobip_api_key: SecretStr | None = None
+    infobip_whatsapp_from: str = "441134960000"  # registered WhatsApp sender number
+    infobip_sms_sender: str = "InfoSMS"  # alphanumeric or numeric SMS sender id
+    infobip_rate_per_second: float | None = None
+
+    vonage_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/vonage"
+    vonage_api_key: str = SANDBOX_VONAGE_API_KEY  # an account id, not a secret
+    vonage_api_secret: SecretStr | None = None
+    vonage_whatsapp_from: str = "447700900001"
+    vonage_sms_from: str = "447700900002"
+    vonage_whatsapp_namespace: str = ""  # "<namespace>:" is prefixed to template names when set
+    vonage_rate_per_second: float | None = None
+
+    webhook_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/webhook/messages"
+    # Extra request headers as JSON, e.g. {"Authorization": "Bearer …"}; values are secrets.
+    webhook_headers: dict[str, SecretStr] | None = None
+    webhook_batch_size: int = 200
+    webhook_rate_per_second: float | None = None
+
     def model_post_init(self, _context: object) -> None:
         home = _default_dagster_home()
         if not self.warehouse_url:
@@ -86,6 +110,39 @@ class Settings(BaseSettings):
             SANDBOX_TWILIO_AUTH_TOKEN,
             "CDP_TWILIO_AUTH_TOKEN",
         )
+
+    def infobip_key(self) -> str:
+        return _secret(
+            self.infobip_api_key,
+            self.infobip_base_url,
+            SANDBOX_INFOBIP_API_KEY,
+            "CDP_INFOBIP_API_KEY",
+        )
+
+    def vonage_secret(self) -> str:
+        return _secret(
+            self.vonage_api_secret,
+            self.vonage_base_url,
+            SANDBOX_VONAGE_API_SECRET,
+            "CDP_VONAGE_API_SECRET",
+        )
+
+    def webhook_header_values(self) -> dict[str, str]:
+        """The webhook's extra headers; against the sandbox, its bearer token when none set."""
+        return webhook_headers_or_sandbox(self.webhook_headers, self.webhook_url)
+
+
+def webhook_headers_or_sandbox(headers: dict[str, SecretStr] | None, url: str) -> dict[str, str]:
+    """Configured headers as plain strings; the sandbox's token against a loopback URL.
+
+    A receiver need not want any header, so nothing set against a non-loopback URL is not an
+    error (unlike a provider credential): the request simply carries no extra headers.
+    """
+    if headers:
+        return {name: value.get_secret_value() for name, value in headers.items()}
+    if is_loopback(url):
+        return {"Authorization": f"Bearer {SANDBOX_WEBHOOK_TOKEN}"}
+    return {}
 
 
 def _secret(value: SecretStr | None, base_url: str, sandbox_value: str, env_name: str) -> str:

@@ -12,8 +12,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
 from cdp_activation.connectors.base import Connector, ConnectorConfigError
+from cdp_activation.connectors.infobip import InfobipConnector
 from cdp_activation.connectors.meta_whatsapp import MetaWhatsAppConnector
 from cdp_activation.connectors.twilio import TwilioConnector
+from cdp_activation.connectors.vonage import VonageConnector
+from cdp_activation.connectors.webhook import WebhookConnector
 
 if TYPE_CHECKING:
     from cdp_activation.settings import Settings
@@ -67,11 +70,17 @@ def connector_from_settings(name: str, settings: Settings) -> Connector:
 
 register(MetaWhatsAppConnector)
 register(TwilioConnector)
+register(InfobipConnector)
+register(VonageConnector)
+register(WebhookConnector)
 
 __all__ = [
     "CONNECTORS",
+    "InfobipConnector",
     "MetaWhatsAppConnector",
     "TwilioConnector",
+    "VonageConnector",
+    "WebhookConnector",
     "connector_class",
     "connector_from_settings",
     "register",

@@ -9,10 +9,13 @@ import os
 import dagster as dg
 
 from cdp_activation.resources import (
+    InfobipResource,
     LedgerResource,
     MetaWhatsAppResource,
     TwilioResource,
+    VonageResource,
     WarehouseResource,
+    WebhookResource,
 )
 from cdp_activation.settings import get_settings
 
@@ -50,6 +53,28 @@ def resources() -> dg.Definitions:
                 auth_token=_env_secret("CDP_TWILIO_AUTH_TOKEN"),
                 from_number=settings.twilio_from,
                 rate_per_second=settings.twilio_rate_per_second,
+            ),
+            "infobip": InfobipResource(
+                base_url=settings.infobip_base_url,
+                api_key=_env_secret("CDP_INFOBIP_API_KEY"),
+                whatsapp_from=settings.infobip_whatsapp_from,
+                sms_sender=settings.infobip_sms_sender,
+                rate_per_second=settings.infobip_rate_per_second,
+            ),
+            "vonage": VonageResource(
+                base_url=settings.vonage_base_url,
+                api_key=settings.vonage_api_key,
+                api_secret=_env_secret("CDP_VONAGE_API_SECRET"),
+                whatsapp_from=settings.vonage_whatsapp_from,
+                sms_from=settings.vonage_sms_from,
+                whatsapp_namespace=settings.vonage_whatsapp_namespace,
+                rate_per_second=settings.vonage_rate_per_second,
+            ),
+            "webhook": WebhookResource(
+                url=settings.webhook_url,
+                headers_json=_env_secret("CDP_WEBHOOK_HEADERS"),
+                batch_size=settings.webhook_batch_size,
+                rate_per_second=settings.webhook_rate_per_second,
             ),
         }
     )

@@ -1,4 +1,4 @@
-"""Local provider emulator (Meta WhatsApp Cloud API, Twilio Messages) over real HTTP."""
+"""Local provider emulator (Meta, Twilio, Infobip, Vonage, JSON webhook) over real HTTP."""
 
 from cdp_activation.sandbox.app import (
     MessageStore,

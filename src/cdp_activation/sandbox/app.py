@@ -1,4 +1,4 @@
-"""The sandbox provider: a local ASGI app that answers like Meta's Cloud API and Twilio.
+"""The sandbox provider: a local ASGI app answering like Meta, Twilio, Infobip and Vonage.
 
 Why emulate instead of mocking: the connectors, the delivery engine, the demo and the tests all
 talk real HTTP to it, so timeouts, connection reuse, status codes and error bodies are exercised
@@ -10,6 +10,16 @@ exactly as in production. Status codes, ids and error bodies follow the vendor s
   `{"error": {"message", "type", "code", "error_data", "fbtrace_id"}}`.
 - Twilio (prefix `/twilio`): `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`,
   form-encoded, HTTP Basic auth, `{"code", "message", "more_info", "status"}` error bodies.
+- Infobip (prefix `/infobip`): `POST /whatsapp/1/message/template` and `POST /sms/3/messages`,
+  many messages per request, `Authorization: App <key>`; a 200 answer carries a status per
+  message (PENDING, or REJECTED for a destination that is not a number); a template that is
+  unknown, not approved or given the wrong placeholder count fails the whole request with a
+  400 `requestError.serviceException` naming `content.templateName` / `placeholders` (real
+  Infobip may accept and report such a message failed later; the sandbox makes it immediate).
+- Vonage (prefix `/vonage`): `POST /v1/messages`, HTTP Basic, 202 `{message_uuid}`, 422 problem
+  bodies whose `type` ends in the x-errors code (1022 template, 1430 recipient, …).
+- Webhook (prefix `/webhook`): `POST /messages` under the contract of `connectors/webhook.py`,
+  bearer token; each message `key` is accepted once, a repeat gets its first id back.
 - Control (prefix `/_sandbox`): `GET messages`, `GET attempts`, `GET stats`, `POST reset`,
   `GET health`, and `GET`/`POST faults` to read or change fault injection while running.
 
@@ -59,9 +69,13 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from cdp_activation.settings import (
+    SANDBOX_INFOBIP_API_KEY,
     SANDBOX_META_TOKEN,
     SANDBOX_TWILIO_ACCOUNT_SID,
     SANDBOX_TWILIO_AUTH_TOKEN,
+    SANDBOX_VONAGE_API_KEY,
+    SANDBOX_VONAGE_API_SECRET,
+    SANDBOX_WEBHOOK_TOKEN,
 )
 
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
@@ -88,6 +102,10 @@ class SandboxConfig:
     meta_token: str = SANDBOX_META_TOKEN
     twilio_account_sid: str = SANDBOX_TWILIO_ACCOUNT_SID
     twilio_auth_token: str = SANDBOX_TWILIO_AUTH_TOKEN
+    infobip_api_key: str = SANDBOX_INFOBIP_API_KEY
+    vonage_api_key: str = SANDBOX_VONAGE_API_KEY
+    vonage_api_secret: str = SANDBOX_VONAGE_API_SECRET
+    webhook_token: str = SANDBOX_WEBHOOK_TOKEN
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     seed: int = 0
@@ -135,7 +153,15 @@ class SandboxConfig:
         return dataclasses.replace(self, **dict(changes))
 
 
-_CREDENTIAL_FIELDS = ("meta_token", "twilio_account_sid", "twilio_auth_token")
+_CREDENTIAL_FIELDS = (
+    "meta_token",
+    "twilio_account_sid",
+    "twilio_auth_token",
+    "infobip_api_key",
+    "vonage_api_key",
+    "vonage_api_secret",
+    "webhook_token",
+)
 FAULT_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(SandboxConfig) if f.name not in _CREDENTIAL_FIELDS
 )
@@ -180,8 +206,8 @@ def request_fault(config: SandboxConfig, provider: str, request_hash: str, attem
 class SandboxMessage:
     """One message the sandbox accepted, as a test or the demo wants to inspect it."""
 
-    provider: str  # "meta_whatsapp" | "twilio"
-    channel: str  # "whatsapp" | "sms"
+    provider: str  # "meta_whatsapp" | "twilio" | "infobip" | "vonage" | "webhook"
+    channel: str  # "whatsapp" | "sms" | any channel a webhook message names
     to: str
     provider_message_id: str
     received_at: str  # ISO 8601, UTC
@@ -243,6 +269,7 @@ class MessageStore:
     _messages: list[SandboxMessage] = field(default_factory=list)
     _attempts: list[SandboxAttempt] = field(default_factory=list)
     _seen: Counter[tuple[str, str]] = field(default_factory=Counter)
+    _first_ids: dict[tuple[str, str], str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, message: SandboxMessage) -> None:
@@ -259,6 +286,17 @@ class MessageStore:
             self._messages.clear()
             self._attempts.clear()
             self._seen.clear()
+            self._first_ids.clear()
+
+    def first_id(self, provider: str, key: str, new_id: str) -> tuple[str, bool]:
+        """For providers that de-duplicate on a client key: the id the key was first accepted
+        under and False, or `new_id` and True when the key is new (and now remembered)."""
+        with self._lock:
+            known = self._first_ids.get((provider, key))
+            if known is not None:
+                return known, False
+            self._first_ids[(provider, key)] = new_id
+            return new_id, True
 
     def next_attempt(self, provider: str, request_hash: str) -> int:
         """Count one more request with this body; returns its number (1 = first)."""
@@ -792,6 +830,93 @@ _TWILIO = _ProviderRules(
 )
 
 
+class _Exchange:
+    """One provider request on its way through the sandbox: the raw body, which attempt of that
+    body it is (what fault draws are keyed on), and a `log` that records how it was answered."""
+
+    def __init__(self, request: Request, provider: str, raw: bytes, arrived: float) -> None:
+        self.config: SandboxConfig = request.app.state.config
+        self.store: MessageStore = request.app.state.store
+        self.provider = provider
+        self.raw = raw
+        self.arrived = arrived
+        self.request_hash = hashlib.sha256(raw).hexdigest()
+        self.attempt = self.store.next_attempt(provider, self.request_hash)
+
+    def log(
+        self,
+        result: str,
+        status: int | None,
+        retry_after: float | None = None,
+        to: str | None = None,
+    ) -> None:
+        self.store.log(
+            SandboxAttempt(
+                provider=self.provider,
+                request_hash=self.request_hash,
+                attempt=self.attempt,
+                arrived=self.arrived,
+                answered=time.monotonic(),
+                result=result,
+                status=status,
+                retry_after=retry_after,
+                to=to,
+            )
+        )
+
+    def fault(self) -> Fault:
+        return request_fault(self.config, self.provider, self.request_hash, self.attempt)
+
+    def fault_draw(self) -> float:
+        return _draw(self.config, "5xx", self.provider, self.request_hash, self.attempt)
+
+
+async def _begin(
+    request: Request,
+    provider: str,
+    authorized: Callable[[Request, SandboxConfig], bool],
+    unauthorized: Callable[[], Response],
+) -> _Exchange | Response:
+    """What every send route does first: read the whole body, wait the configured latency,
+    check credentials. Returns the exchange, or the answer when it ends here."""
+    store: MessageStore = request.app.state.store
+    arrived = time.monotonic()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        # The client went away (killed, say) before its request was read: like a provider
+        # that never got it, accept nothing. Logged so a test can count these.
+        store.log(_gone(provider, arrived))
+        return _DropConnection()
+    exchange = _Exchange(request, provider, raw, arrived)
+    await _provider_delay(exchange.config, provider, exchange.request_hash, exchange.attempt)
+    if not authorized(request, exchange.config):
+        exchange.log("rejected", 401)
+        return unauthorized()
+    return exchange
+
+
+async def _fault_before_accept(
+    request: Request,
+    exchange: _Exchange,
+    fault: Fault,
+    fault_answer: Callable[[SandboxConfig, Fault, float], Response],
+    to: str | None,
+) -> Response | None:
+    """Throttling, server errors and timeouts: answered before anything is accepted."""
+    config = exchange.config
+    if fault in (Fault.THROTTLED, Fault.SERVER_ERROR):
+        answer = fault_answer(config, fault, exchange.fault_draw())
+        retry_after = config.retry_after_s if fault == Fault.THROTTLED else None
+        exchange.log(fault.value, answer.status_code, retry_after, to=to)
+        return answer
+    if fault == Fault.TIMEOUT:
+        await _wait_for_disconnect(request.receive, config.timeout_hold_ms / 1000)
+        exchange.log(fault.value, None, to=to)
+        return _DropConnection()
+    return None
+
+
 async def _provider_request(request: Request, rules: _ProviderRules) -> Response:
     """Answer one send request, injecting the configured fault.
 
@@ -802,67 +927,664 @@ async def _provider_request(request: Request, rules: _ProviderRules) -> Response
     Credentials and validation errors (a wrong template, say) come before any fault, so they
     stay deterministic: an activation that must stop always stops.
     """
-    config: SandboxConfig = request.app.state.config
-    store: MessageStore = request.app.state.store
-    arrived = time.monotonic()
-    try:
-        raw = await request.body()
-    except ClientDisconnect:
-        # The client went away (killed, say) before its request was read: like a provider
-        # that never got it, accept nothing. Logged so a test can count these.
-        store.log(_gone(rules.name, arrived))
-        return _DropConnection()
-    request_hash = hashlib.sha256(raw).hexdigest()
-    attempt = store.next_attempt(rules.name, request_hash)
-
-    def log(
-        result: str, status: int | None, retry_after: float | None = None, to: str | None = None
-    ) -> None:
-        store.log(
-            SandboxAttempt(
-                provider=rules.name,
-                request_hash=request_hash,
-                attempt=attempt,
-                arrived=arrived,
-                answered=time.monotonic(),
-                result=result,
-                status=status,
-                retry_after=retry_after,
-                to=to,
-            )
-        )
-
-    await _provider_delay(config, rules.name, request_hash, attempt)
-    if not rules.authorized(request, config):
-        log("rejected", 401)
-        return rules.unauthorized()
-    parsed = rules.parse(request, raw)
+    begun = await _begin(request, rules.name, rules.authorized, rules.unauthorized)
+    if isinstance(begun, Response):
+        return begun
+    exchange = begun
+    parsed = rules.parse(request, exchange.raw)
     if isinstance(parsed, Response):
-        log("rejected", parsed.status_code)
+        exchange.log("rejected", parsed.status_code)
         return parsed
-    fault = request_fault(config, rules.name, request_hash, attempt)
-    if fault in (Fault.THROTTLED, Fault.SERVER_ERROR):
-        answer = rules.fault_answer(
-            config, fault, _draw(config, "5xx", rules.name, request_hash, attempt)
-        )
-        retry_after = config.retry_after_s if fault == Fault.THROTTLED else None
-        log(fault.value, answer.status_code, retry_after, to=parsed.to)
-        return answer
-    if fault == Fault.TIMEOUT:
-        await _wait_for_disconnect(request.receive, config.timeout_hold_ms / 1000)
-        log(fault.value, None, to=parsed.to)
-        return _DropConnection()
-    refused = rules.refuse(config, parsed)
+    fault = exchange.fault()
+    early = await _fault_before_accept(request, exchange, fault, rules.fault_answer, parsed.to)
+    if early is not None:
+        return early
+    refused = rules.refuse(exchange.config, parsed)
     if refused is not None:
-        log("rejected", refused.status_code, to=parsed.to)
+        exchange.log("rejected", refused.status_code, to=parsed.to)
         return refused
     message, answer = rules.accept(request, parsed)
-    store.add(message)
+    exchange.store.add(message)
     if fault == Fault.DROP_AFTER_ACCEPT:
-        log(fault.value, None, to=parsed.to)
+        exchange.log(fault.value, None, to=parsed.to)
         return _DropConnection()
-    log("accepted", answer.status_code, to=parsed.to)
+    exchange.log("accepted", answer.status_code, to=parsed.to)
     return answer
+
+
+@dataclass(frozen=True)
+class _BatchRules:
+    """The provider-specific steps of a many-messages-per-request route (Infobip, webhook).
+
+    `refuse` and `accept` work per message and give the message's entry of the answer (plus,
+    for `accept`, the message to record, or None when the provider already has it);
+    `answer` wraps the entries into the provider's 200 body.
+    """
+
+    name: str
+    authorized: Callable[[Request, SandboxConfig], bool]
+    unauthorized: Callable[[], Response]
+    parse: Callable[[Request, bytes], Response | list[_Candidate]]
+    refuse: Callable[[SandboxConfig, _Candidate], dict[str, Any] | None]
+    accept: Callable[[Request, _Candidate], tuple[SandboxMessage | None, dict[str, Any]]]
+    answer: Callable[[list[dict[str, Any]]], Response]
+    fault_answer: Callable[[SandboxConfig, Fault, float], Response]
+
+
+async def _batch_request(request: Request, rules: _BatchRules) -> Response:
+    """Like `_provider_request`, for a request carrying many messages: a fault hits the whole
+    request (one HTTP answer), refusals are per message inside the 200 answer, and a
+    drop-after-accept drops the answer after every acceptable message was recorded."""
+    begun = await _begin(request, rules.name, rules.authorized, rules.unauthorized)
+    if isinstance(begun, Response):
+        return begun
+    exchange = begun
+    parsed = rules.parse(request, exchange.raw)
+    if isinstance(parsed, Response):
+        exchange.log("rejected", parsed.status_code)
+        return parsed
+    only = parsed[0].to if len(parsed) == 1 else None
+    fault = exchange.fault()
+    early = await _fault_before_accept(request, exchange, fault, rules.fault_answer, only)
+    if early is not None:
+        return early
+    entries: list[dict[str, Any]] = []
+    for candidate in parsed:
+        refusal = rules.refuse(exchange.config, candidate)
+        if refusal is not None:
+            entries.append(refusal)
+            continue
+        message, entry = rules.accept(request, candidate)
+        if message is not None:
+            exchange.store.add(message)
+        entries.append(entry)
+    answer = rules.answer(entries)
+    if fault == Fault.DROP_AFTER_ACCEPT:
+        exchange.log(fault.value, None, to=only)
+        return _DropConnection()
+    exchange.log("accepted", answer.status_code, to=only)
+    return answer
+
+
+# --------------------------------------------------------------------------------------------
+# Infobip (WhatsApp template messages, SMS v3)
+# --------------------------------------------------------------------------------------------
+
+_INFOBIP_PENDING = {
+    "groupId": 1,
+    "groupName": "PENDING",
+    "id": 7,
+    "name": "PENDING_ENROUTE",
+    "description": "Message sent to next instance",
+}
+_INFOBIP_REJECTED_DESTINATION = {
+    "groupId": 5,
+    "groupName": "REJECTED",
+    "id": 51,
+    "name": "REJECTED_DESTINATION",
+    "description": "Invalid destination address",
+}
+
+
+def _infobip_exception(
+    status: int,
+    message_id: str,
+    text: str,
+    validation: dict[str, list[str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The WhatsApp API's error body: `{"requestError": {"serviceException": {...}}}`."""
+    exception: dict[str, Any] = {"messageId": message_id, "text": text}
+    if validation:
+        exception["validationErrors"] = validation
+    return JSONResponse(
+        {"requestError": {"serviceException": exception}}, status_code=status, headers=headers
+    )
+
+
+def _infobip_api_error(
+    status: int,
+    code: str,
+    description: str,
+    action: str,
+    violations: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The SMS v3 API's `ApiError` body."""
+    return JSONResponse(
+        {
+            "errorCode": code,
+            "description": description,
+            "action": action,
+            "violations": violations or [],
+            "resources": [],
+        },
+        status_code=status,
+        headers=headers,
+    )
+
+
+def _infobip_authorized(request: Request, config: SandboxConfig) -> bool:
+    """`Authorization: App <api key>` (the spec's APIKeyHeader scheme)."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    expected = config.infobip_api_key
+    return scheme == "App" and bool(key) and hmac.compare_digest(key.strip(), expected)
+
+
+def _digits_ok(to: Any) -> bool:
+    digits = str(to or "").removeprefix("+")
+    return isinstance(to, str) and digits.isdigit() and 7 <= len(digits) <= 15
+
+
+def _parse_infobip_whatsapp(request: Request, raw: bytes) -> Response | list[_Candidate]:
+    """Validate a `BulkMessage` of template messages; a wrong template fails the request."""
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _infobip_exception(400, "BAD_REQUEST", "Bad request")
+    items = payload.get("messages") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or not items:
+        return _infobip_exception(
+            400, "BAD_REQUEST", "Bad request", {"messages": ["must not be empty"]}
+        )
+    candidates = []
+    for i, item in enumerate(items):
+        where = f"messages[{i}]"
+        content = item.get("content") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or not isinstance(content, dict):
+            return _infobip_exception(
+                400, "BAD_REQUEST", "Bad request", {f"{where}.content": ["must not be null"]}
+            )
+        missing = [f for f in ("from", "to") if not isinstance(item.get(f), str) or not item[f]]
+        if missing:
+            return _infobip_exception(
+                400,
+                "BAD_REQUEST",
+                "Bad request",
+                {f"{where}.{f}": ["must not be blank"] for f in missing},
+            )
+        name = content.get("templateName")
+        language = content.get("language")
+        body = (content.get("templateData") or {}).get("body")
+        placeholders = body.get("placeholders") if isinstance(body, dict) else None
+        if not isinstance(placeholders, list) or not all(
+            isinstance(p, str) and p for p in placeholders
+        ):
+            return _infobip_exception(
+                400,
+                "BAD_REQUEST",
+                "Bad request",
+                {f"{where}.content.templateData.body.placeholders": ["must not be null"]},
+            )
+        template = _find_template(str(name), str(language))
+        if template is None or template["status"] != "APPROVED":
+            return _infobip_exception(
+                400,
+                "BAD_REQUEST",
+                "Bad request",
+                {
+                    f"{where}.content.templateName": [
+                        f"template {name} in language {language} does not exist or is not approved"
+                    ]
+                },
+            )
+        expected = body_parameter_count(template)
+        if len(placeholders) != expected:
+            return _infobip_exception(
+                400,
+                "BAD_REQUEST",
+                "Bad request",
+                {
+                    f"{where}.content.templateData.body.placeholders": [
+                        f"template expects {expected} placeholders, got {len(placeholders)}"
+                    ]
+                },
+            )
+        candidates.append(
+            _Candidate(
+                to=item["to"],
+                record={
+                    "template_name": name,
+                    "template_language": language,
+                    "parameters": tuple(placeholders),
+                },
+                extra={"message_id": str(item.get("messageId") or ""), "channel": "whatsapp"},
+            )
+        )
+    return candidates
+
+
+def _parse_infobip_sms(request: Request, raw: bytes) -> Response | list[_Candidate]:
+    """Validate an `SmsRequestEnvelope`; each destination of each message is one candidate."""
+
+    def bad(prop: str, why: str) -> JSONResponse:
+        return _infobip_api_error(
+            400,
+            "E400",
+            "Request cannot be processed.",
+            "Check the syntax, violations and adjust the request.",
+            [{"property": prop, "violation": why}],
+        )
+
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return bad("body", "Invalid JSON.")
+    items = payload.get("messages") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or not items:
+        return bad("messages", "must not be empty")
+    candidates = []
+    for i, item in enumerate(items):
+        destinations = item.get("destinations") if isinstance(item, dict) else None
+        content = item.get("content") if isinstance(item, dict) else None
+        if not isinstance(destinations, list) or not destinations:
+            return bad(f"messages[{i}].destinations", "must not be empty")
+        if not isinstance(content, dict) or not isinstance(content.get("text"), str):
+            return bad(f"messages[{i}].content.text", "must not be null")
+        for j, destination in enumerate(destinations):
+            if not isinstance(destination, dict) or not isinstance(destination.get("to"), str):
+                return bad(f"messages[{i}].destinations[{j}].to", "must not be blank")
+            candidates.append(
+                _Candidate(
+                    to=destination["to"],
+                    record={"body": content["text"]},
+                    extra={"message_id": str(destination.get("messageId") or ""), "channel": "sms"},
+                )
+            )
+    return candidates
+
+
+def _refuse_infobip(config: SandboxConfig, candidate: _Candidate) -> dict[str, Any] | None:
+    """A destination that is not a number is REJECTED in the 200 answer, as Infobip does."""
+    if _digits_ok(candidate.to):
+        return None
+    return _infobip_entry(candidate, candidate.extra["message_id"] or str(uuid.uuid4()), False)
+
+
+def _infobip_entry(candidate: _Candidate, message_id: str, accepted: bool) -> dict[str, Any]:
+    status = dict(_INFOBIP_PENDING if accepted else _INFOBIP_REJECTED_DESTINATION)
+    if candidate.extra["channel"] == "sms":
+        return {
+            "messageId": message_id,
+            "status": status,
+            "destination": candidate.to,
+            "details": {"messageCount": 1},
+        }
+    return {"to": candidate.to, "messageCount": 1, "messageId": message_id, "status": status}
+
+
+def _accept_infobip(
+    request: Request, candidate: _Candidate
+) -> tuple[SandboxMessage | None, dict[str, Any]]:
+    message_id = candidate.extra["message_id"] or str(uuid.uuid4())
+    message = SandboxMessage(
+        provider="infobip",
+        channel=candidate.extra["channel"],
+        to="+" + candidate.to.removeprefix("+"),
+        provider_message_id=message_id,
+        received_at=_now().isoformat(),
+        **candidate.record,
+    )
+    return message, _infobip_entry(candidate, message_id, True)
+
+
+def _infobip_answer(entries: list[dict[str, Any]]) -> Response:
+    body: dict[str, Any] = {"messages": entries}
+    if len(entries) > 1:  # "Bulk ID will be received only when you send … more than one"
+        body["bulkId"] = str(uuid.uuid4().int % 10**19)
+    return JSONResponse(body)
+
+
+def _infobip_whatsapp_fault(config: SandboxConfig, fault: Fault, draw: float) -> Response:
+    if fault == Fault.THROTTLED:
+        return _infobip_exception(
+            429,
+            "TOO_MANY_REQUESTS",
+            "Too many requests",
+            headers={"Retry-After": _retry_after_header(config.retry_after_s)},
+        )
+    if draw < 0.5:
+        return _infobip_exception(500, "GENERAL_ERROR", "Something went wrong.")
+    return _infobip_exception(503, "SERVICE_UNAVAILABLE", "Service temporarily unavailable.")
+
+
+def _infobip_sms_fault(config: SandboxConfig, fault: Fault, draw: float) -> Response:
+    if fault == Fault.THROTTLED:
+        return _infobip_api_error(
+            429,
+            "E429",
+            "Too many requests sent.",
+            "Check request rate limit specified in the API endpoint documentation resource.",
+            headers={"Retry-After": _retry_after_header(config.retry_after_s)},
+        )
+    status = 500 if draw < 0.5 else 503
+    return _infobip_api_error(status, f"E{status}", "Something went wrong.", "Contact the support.")
+
+
+_INFOBIP_WHATSAPP = _BatchRules(
+    name="infobip",
+    authorized=_infobip_authorized,
+    unauthorized=lambda: _infobip_exception(401, "UNAUTHORIZED", "Invalid login details"),
+    parse=_parse_infobip_whatsapp,
+    refuse=_refuse_infobip,
+    accept=_accept_infobip,
+    answer=_infobip_answer,
+    fault_answer=_infobip_whatsapp_fault,
+)
+_INFOBIP_SMS = dataclasses.replace(
+    _INFOBIP_WHATSAPP,
+    unauthorized=lambda: _infobip_api_error(
+        401,
+        "E401",
+        "The request lacks valid authentication credentials for the requested resource.",
+        "Check the resources and adjust authentication credentials.",
+    ),
+    parse=_parse_infobip_sms,
+    fault_answer=_infobip_sms_fault,
+)
+
+
+async def infobip_whatsapp_template(request: Request) -> Response:
+    """`POST /whatsapp/1/message/template`: template messages to many recipients."""
+    return await _batch_request(request, _INFOBIP_WHATSAPP)
+
+
+async def infobip_sms(request: Request) -> Response:
+    """`POST /sms/3/messages`: SMS to many destinations."""
+    return await _batch_request(request, _INFOBIP_SMS)
+
+
+# --------------------------------------------------------------------------------------------
+# Vonage Messages API v1
+# --------------------------------------------------------------------------------------------
+
+_VONAGE_ERRORS = "https://developer.nexmo.com/api-errors/messages-olympus"
+
+
+def _vonage_error(
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """Vonage's problem body `{type, title, detail, instance}`."""
+    return JSONResponse(
+        {"type": type_, "title": title, "detail": detail, "instance": secrets.token_hex(16)},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def _vonage_authorized(request: Request, config: SandboxConfig) -> bool:
+    """HTTP Basic with API key and secret (the sandbox does not issue JWTs)."""
+    scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded.strip()).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(user, config.vonage_api_key) and hmac.compare_digest(
+        password, config.vonage_api_secret
+    )
+
+
+def _parse_vonage(request: Request, raw: bytes) -> Response | _Candidate:
+    """Validate a `/v1/messages` body like Vonage does (422 with an x-errors code)."""
+    try:
+        payload = json.loads(raw)
+        if not isinstance(payload, dict):
+            raise ValueError("not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
+        return _vonage_error(
+            422,
+            "https://developer.nexmo.com/api-errors#invalid-json",
+            "The request body did not contain valid JSON",
+            str(error),
+        )
+    channel = payload.get("channel")
+    if channel not in ("sms", "whatsapp"):
+        return _vonage_error(
+            422, f"{_VONAGE_ERRORS}#1400", "Unsupported channel", f"channel {channel!r}"
+        )
+    ref = payload.get("client_ref")
+    if ref is not None and (not isinstance(ref, str) or len(ref) > 40):
+        return _vonage_error(
+            422,
+            f"{_VONAGE_ERRORS}#1450",
+            "Invalid client reference",
+            "The client reference can be a string of up to 40 characters.",
+        )
+    if not isinstance(payload.get("from"), str) or not payload["from"]:
+        return _vonage_error(
+            422, f"{_VONAGE_ERRORS}#1420", "Invalid sender", "The `from` parameter is invalid."
+        )
+    to = payload.get("to")
+    kind = payload.get("message_type")
+    record: dict[str, Any]
+    if kind == "text" and isinstance(payload.get("text"), str):
+        record = {"body": payload["text"]}
+    elif kind == "template" and channel == "whatsapp":
+        template = payload.get("template")
+        options = payload.get("whatsapp")
+        if not isinstance(template, dict) or not isinstance(options, dict):
+            return _vonage_error(
+                422,
+                f"{_VONAGE_ERRORS}#1010",
+                "Missing params",
+                "template and whatsapp{policy, locale} are required",
+            )
+        name = str(template.get("name", "")).rpartition(":")[2]  # "<namespace>:<name>"
+        language = str(options.get("locale", "")).replace("-", "_")
+        params = template.get("parameters") or []
+        found = _find_template(name, language)
+        if (
+            found is None
+            or found["status"] != "APPROVED"
+            or not isinstance(params, list)
+            or len(params) != body_parameter_count(found)
+        ):
+            return _vonage_error(
+                422,
+                f"{_VONAGE_ERRORS}#1022",
+                "Invalid template",
+                "Invalid template or template parameters",
+            )
+        record = {
+            "template_name": name,
+            "template_language": language,
+            "parameters": tuple(str(p) for p in params),
+        }
+    else:
+        return _vonage_error(
+            422,
+            f"{_VONAGE_ERRORS}#1440",
+            "Invalid message type",
+            f"message_type {kind!r} is not supported for channel {channel}",
+        )
+    if not isinstance(to, str):
+        to = ""
+    return _Candidate(to=to, record=record, extra={"channel": channel})
+
+
+def _refuse_vonage(config: SandboxConfig, candidate: _Candidate) -> Response | None:
+    """The `to` is not a number: 422 Invalid recipient (1430), never accepted."""
+    if _digits_ok(candidate.to) and not candidate.to.startswith("+"):
+        return None
+    return _vonage_error(
+        422,
+        f"{_VONAGE_ERRORS}#1430",
+        "Invalid recipient",
+        "The `to` parameter is invalid for the given channel.",
+    )
+
+
+def _accept_vonage(request: Request, candidate: _Candidate) -> tuple[SandboxMessage, Response]:
+    message_uuid = str(uuid.uuid4())
+    message = SandboxMessage(
+        provider="vonage",
+        channel=candidate.extra["channel"],
+        to="+" + candidate.to,
+        provider_message_id=message_uuid,
+        received_at=_now().isoformat(),
+        **candidate.record,
+    )
+    return message, JSONResponse({"message_uuid": message_uuid}, status_code=202)
+
+
+def _vonage_fault_answer(config: SandboxConfig, fault: Fault, draw: float) -> Response:
+    if fault == Fault.THROTTLED:
+        return _vonage_error(
+            429,
+            f"{_VONAGE_ERRORS}#1000",
+            "Rate Limit Hit",
+            "Please wait, then retry your request",
+            headers={"Retry-After": _retry_after_header(config.retry_after_s)},
+        )
+    status = 500 if draw < 0.5 else 503
+    return _vonage_error(
+        status,
+        f"{_VONAGE_ERRORS}#1030",
+        "Internal error",
+        "There was an error processing your request in the Platform.",
+    )
+
+
+_VONAGE = _ProviderRules(
+    name="vonage",
+    authorized=_vonage_authorized,
+    unauthorized=lambda: _vonage_error(
+        401,
+        "https://developer.nexmo.com/api-errors/#unathorized",
+        "Unauthorized",
+        "You did not provide correct credentials.",
+    ),
+    parse=_parse_vonage,
+    refuse=_refuse_vonage,
+    accept=_accept_vonage,
+    fault_answer=_vonage_fault_answer,
+)
+
+
+async def vonage_send_message(request: Request) -> Response:
+    """`POST /v1/messages`: one message, 202 `{message_uuid}`."""
+    return await _provider_request(request, _VONAGE)
+
+
+# --------------------------------------------------------------------------------------------
+# Generic JSON webhook (the contract in connectors/webhook.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _webhook_authorized(request: Request, config: SandboxConfig) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), config.webhook_token)
+
+
+def _parse_webhook(request: Request, raw: bytes) -> Response | list[_Candidate]:
+    """A JSON array of `{key, to, channel, template | body}`; anything else is a 400."""
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return JSONResponse({"error": "invalid JSON"}, status_code=400)
+    if not isinstance(payload, list) or not payload:
+        return JSONResponse({"error": "expected a non-empty JSON array"}, status_code=400)
+    candidates = []
+    idempotency_key = request.headers.get("idempotency-key", "")
+    for i, item in enumerate(payload):
+        if not isinstance(item, dict) or not all(
+            isinstance(item.get(f), str) and item[f] for f in ("key", "to", "channel")
+        ):
+            return JSONResponse({"error": f"[{i}] needs key, to and channel"}, status_code=400)
+        template = item.get("template")
+        record: dict[str, Any]
+        if isinstance(template, dict) and isinstance(template.get("name"), str):
+            record = {
+                "template_name": template["name"],
+                "template_language": str(template.get("language") or "") or None,
+                "parameters": tuple(str(p) for p in template.get("parameters") or []),
+            }
+        elif isinstance(item.get("body"), str):
+            record = {"body": item["body"]}
+        else:
+            return JSONResponse({"error": f"[{i}] needs a template or a body"}, status_code=400)
+        candidates.append(
+            _Candidate(
+                to=item["to"],
+                record=record,
+                extra={
+                    "key": item["key"],
+                    "channel": item["channel"],
+                    "idempotency_key": idempotency_key,
+                },
+            )
+        )
+    return candidates
+
+
+def _refuse_webhook(config: SandboxConfig, candidate: _Candidate) -> dict[str, Any] | None:
+    if _E164.match(candidate.to):
+        return None
+    return {
+        "key": candidate.extra["key"],
+        "status": "rejected",
+        "id": None,
+        "error": "invalid_number",
+    }
+
+
+def _accept_webhook(
+    request: Request, candidate: _Candidate
+) -> tuple[SandboxMessage | None, dict[str, Any]]:
+    """Accept once per message key: a repeated key (a retried batch carrying the same
+    Idempotency-Key) gets its first id back and is not recorded again."""
+    store: MessageStore = request.app.state.store
+    key = candidate.extra["key"]
+    ident, new = store.first_id("webhook", key, "wh_" + uuid.uuid4().hex)
+    entry = {"key": key, "status": "accepted", "id": ident, "error": None}
+    if not new:
+        return None, entry
+    message = SandboxMessage(
+        provider="webhook",
+        channel=candidate.extra["channel"],
+        to=candidate.to,
+        provider_message_id=ident,
+        received_at=_now().isoformat(),
+        idempotency_key=candidate.extra["idempotency_key"] or None,
+        **candidate.record,
+    )
+    return message, entry
+
+
+def _webhook_fault_answer(config: SandboxConfig, fault: Fault, draw: float) -> Response:
+    if fault == Fault.THROTTLED:
+        return JSONResponse(
+            {"error": "throttled"},
+            status_code=429,
+            headers={"Retry-After": _retry_after_header(config.retry_after_s)},
+        )
+    status = 500 if draw < 0.5 else 503
+    return JSONResponse({"error": "server error"}, status_code=status)
+
+
+_WEBHOOK = _BatchRules(
+    name="webhook",
+    authorized=_webhook_authorized,
+    unauthorized=lambda: JSONResponse(
+        {"error": "unauthorized"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+    ),
+    parse=_parse_webhook,
+    refuse=_refuse_webhook,
+    accept=_accept_webhook,
+    answer=lambda entries: JSONResponse(entries),
+    fault_answer=_webhook_fault_answer,
+)
+
+
+async def webhook_messages(request: Request) -> Response:
+    """`POST /webhook/messages`: a batch under the generic webhook contract."""
+    return await _batch_request(request, _WEBHOOK)
 
 
 def _gone(provider: str, arrived: float) -> SandboxAttempt:
@@ -1011,6 +1733,12 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
             methods=["POST"],
         ),
     ]
+    infobip_routes = [
+        Route("/whatsapp/1/message/template", infobip_whatsapp_template, methods=["POST"]),
+        Route("/sms/3/messages", infobip_sms, methods=["POST"]),
+    ]
+    vonage_routes = [Route("/v1/messages", vonage_send_message, methods=["POST"])]
+    webhook_routes = [Route("/messages", webhook_messages, methods=["POST"])]
     control_routes = [
         Route("/messages", sandbox_messages, methods=["GET"]),
         Route("/attempts", sandbox_attempts, methods=["GET"]),
@@ -1023,6 +1751,9 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
         routes=[
             Mount("/meta", routes=meta_routes),
             Mount("/twilio", routes=twilio_routes),
+            Mount("/infobip", routes=infobip_routes),
+            Mount("/vonage", routes=vonage_routes),
+            Mount("/webhook", routes=webhook_routes),
             Mount("/_sandbox", routes=control_routes),
         ]
     )

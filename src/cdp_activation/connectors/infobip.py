@@ -1,0 +1,371 @@
+"""Infobip connector: WhatsApp templates and SMS, many recipients per request.
+
+Request shapes follow Infobip's published OpenAPI (`vendor-specs/infobip/`, v3.210.0):
+
+- WhatsApp: `POST /whatsapp/1/message/template`, schema `BulkMessage`
+  `{messages: [{from, to, messageId, content: {templateName, templateData: {body:
+  {placeholders}}, language}}]}`, answered 200 with `BulkMessageInfo`
+  `{messages: [{to, messageId, status: {groupId, groupName, id, name, description}}]}`.
+- SMS: `POST /sms/3/messages`, schema `SmsRequestEnvelope` `{messages: [{sender,
+  destinations: [{to, messageId}], content: {text}}]}`, answered 200 with `SmsResponseEnvelope`
+  `{bulkId, messages: [{messageId, status, destination}]}`.
+
+The two endpoints take different bodies, so a batch holding both channels is split and sent as
+one request per channel (WhatsApp first). Auth is the spec's `APIKeyHeader` scheme:
+`Authorization: App <api key>`.
+
+We set each message's `messageId` to an id derived from the ledger's idempotency key, so a
+delivery report and the send answer both name the ledger row. Neither spec says Infobip
+de-duplicates on `messageId` (or on `bulkId`), so the connector does NOT claim idempotency: an
+answer lost after sending leaves the whole request UNKNOWN.
+
+Classification:
+
+- 200: per message, by `status.groupName`: PENDING (or DELIVERED) is SENT with the
+  `messageId`; REJECTED / UNDELIVERABLE / EXPIRED fail that recipient with the status `name`
+  (e.g. REJECTED_DESTINATION) as error code. Two rejections concern the account, not the
+  recipient, and stop the activation: REJECTED_NOT_ENOUGH_CREDITS (`ConnectorError`) and
+  REJECTED_SENDER (`ConnectorConfigError`). A message missing from the answer is UNKNOWN.
+- 401 / 403: `CredentialsError`.
+- 429: every message of the request RETRY, with Retry-After; 5xx: RETRY.
+- 400 for the whole request: the body is `requestError.serviceException` (WhatsApp) or
+  `ApiError` (SMS). When its validation errors point at the template (`content.template…`,
+  `content.language`) the template is wrong for everyone: `TemplateError`. Otherwise the request
+  itself was refused, so every message in it is FAILED with the service exception id
+  (`BAD_REQUEST`, `E400`) and the validation messages; resending the same body cannot succeed.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import httpx
+
+from cdp_activation.connectors.base import (
+    Capabilities,
+    ConnectorConfigError,
+    ConnectorError,
+    CredentialsError,
+    OutboundMessage,
+    Outcome,
+    SendResult,
+    TemplateError,
+    clip,
+    retry_after_seconds,
+    transport_outcome,
+)
+from cdp_activation.connectors.http import json_or_none, require_settings
+from cdp_activation.masking import mask_phones_in
+
+if TYPE_CHECKING:
+    from cdp_activation.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Fixed namespace: the same ledger key always yields the same client message id.
+_MESSAGE_ID_NAMESPACE = uuid.UUID("6f1c2a4e-8d3b-5b7e-9a0f-3c5d7e9b1a20")
+SENT_GROUPS = frozenset({"PENDING", "DELIVERED"})
+_ACCOUNT_STOPS = {"REJECTED_NOT_ENOUGH_CREDITS": ConnectorError}
+_CONFIG_STOPS = {"REJECTED_SENDER": ConnectorConfigError}
+_TEMPLATE_FIELDS = ("content.template", "content.language", "templatename", "placeholders")
+
+
+def client_message_id(key: str) -> str:
+    """A stable id (UUID5, 36 characters) for a ledger idempotency key.
+
+    The key itself may exceed a provider's field limit (Infobip `messageId` ≤ 200, Vonage
+    `client_ref` ≤ 40) and carries the activation and customer id, which a provider has no need
+    to see; the UUID5 is short, opaque and the same on every retry.
+    """
+    return str(uuid.uuid5(_MESSAGE_ID_NAMESPACE, key))
+
+
+class InfobipConnector:
+    """Sends WhatsApp templates and SMS through Infobip, up to 100 messages per request."""
+
+    name: ClassVar[str] = "infobip"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        channels=frozenset({"whatsapp", "sms"}),
+        # Neither `BulkMessage.messages` nor `SmsRequestEnvelope.messages` has a maxItems. 100
+        # keeps each request body in the tens of kilobytes, still saves 99% of the requests,
+        # and bounds what one bad answer costs: a whole-request 400 fails, and a lost answer
+        # leaves UNKNOWN, at most 100 recipients rather than thousands.
+        max_batch_size=100,
+        # Infobip relays WhatsApp to Meta, whose default per-number throughput is 80 msg/s; the
+        # endpoint's own throttle (4,000 requests/s) is far above it. Raise per sender tier.
+        default_rate_per_second=80.0,
+        idempotency=False,  # the specs document no de-duplication on messageId or bulkId
+    )
+
+    def __init__(self, base_url: str, api_key: str, whatsapp_from: str, sms_sender: str) -> None:
+        require_settings(self.name, "CDP_INFOBIP_", base_url=base_url, api_key=api_key)
+        self.base_url = base_url.rstrip("/")
+        self.whatsapp_from = whatsapp_from
+        self.sms_sender = sms_sender
+        self._api_key = api_key
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InfobipConnector:
+        """Build from deployment settings (API key from the environment or the sandbox's)."""
+        return cls(
+            base_url=settings.infobip_base_url,
+            api_key=settings.infobip_key(),
+            whatsapp_from=settings.infobip_whatsapp_from,
+            sms_sender=settings.infobip_sms_sender,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"InfobipConnector(base_url={self.base_url!r}, whatsapp_from="
+            f"{self.whatsapp_from!r}, sms_sender={self.sms_sender!r})"
+        )
+
+    @property
+    def whatsapp_url(self) -> str:
+        return f"{self.base_url}/whatsapp/1/message/template"
+
+    @property
+    def sms_url(self) -> str:
+        return f"{self.base_url}/sms/3/messages"
+
+    def redact(self, text: str) -> str:
+        """Replace the API key wherever it appears (headers, echoed bodies)."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _safe(self, text: str) -> str:
+        return mask_phones_in(self.redact(clip(text)))
+
+    # ---- request bodies ------------------------------------------------------------------
+
+    def build_whatsapp(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
+        """`BulkMessage`: one template message per recipient."""
+        items = []
+        for message in messages:
+            if message.template is None:
+                raise TemplateError(
+                    "infobip sends WhatsApp templates only (the template endpoint); message "
+                    f"{message.key} has no template"
+                )
+            items.append(
+                {
+                    "from": self.whatsapp_from,
+                    "to": message.to.removeprefix("+"),
+                    "messageId": client_message_id(message.key),
+                    "content": {
+                        "templateName": message.template.name,
+                        "templateData": {
+                            "body": {"placeholders": list(message.template.parameters)}
+                        },
+                        "language": message.template.language,
+                    },
+                }
+            )
+        return {"messages": items}
+
+    def build_sms(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
+        """`SmsRequestEnvelope`: one message per recipient (texts differ per customer)."""
+        items = []
+        for message in messages:
+            if message.body is None:
+                raise TemplateError(
+                    "infobip SMS has no provider templates: render the text and send it as the "
+                    f"body (message {message.key} has none)"
+                )
+            items.append(
+                {
+                    "sender": self.sms_sender,
+                    "destinations": [
+                        {
+                            "to": message.to.removeprefix("+"),
+                            "messageId": client_message_id(message.key),
+                        }
+                    ],
+                    "content": {"text": message.body},
+                }
+            )
+        return {"messages": items}
+
+    # ---- sending -------------------------------------------------------------------------
+
+    async def send_batch(
+        self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult]:
+        """Send the batch as one request per channel present in it."""
+        if len(messages) > self.capabilities.max_batch_size:
+            raise ValueError(
+                f"{self.name} sends at most {self.capabilities.max_batch_size} messages per "
+                f"batch, got {len(messages)}"
+            )
+        by_channel: dict[str, list[OutboundMessage]] = {}
+        for message in messages:
+            if message.channel not in self.capabilities.channels:
+                raise ConnectorConfigError(
+                    f"infobip cannot send channel {message.channel!r}; it sends "
+                    f"{', '.join(sorted(self.capabilities.channels))}"
+                )
+            by_channel.setdefault(message.channel, []).append(message)
+        results: list[SendResult] = []
+        for channel in sorted(by_channel, reverse=True):  # whatsapp before sms
+            group = by_channel[channel]
+            if channel == "whatsapp":
+                url, body = self.whatsapp_url, self.build_whatsapp(group)
+            else:
+                url, body = self.sms_url, self.build_sms(group)
+            results.extend(await self._post(client, url, body, group))
+        return results
+
+    async def _post(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        body: dict[str, Any],
+        messages: Sequence[OutboundMessage],
+    ) -> list[SendResult]:
+        try:
+            response = await client.post(
+                url,
+                json=body,
+                headers={"Authorization": f"App {self._api_key}", "Accept": "application/json"},
+            )
+        except httpx.TransportError as exc:
+            outcome = transport_outcome(exc)
+            logger.warning(
+                "infobip: %s sending %d messages: %s", type(exc).__name__, len(messages), outcome
+            )
+            detail = self._safe(str(exc))
+            return [
+                SendResult(m.key, outcome, error_code=type(exc).__name__, error_message=detail)
+                for m in messages
+            ]
+        return self.classify(messages, response)
+
+    def classify(
+        self, messages: Sequence[OutboundMessage], response: httpx.Response
+    ) -> list[SendResult]:
+        """One result per message of the request, or raise for activation-wide errors."""
+        data = json_or_none(response)
+        status = response.status_code
+        if response.is_success:
+            return self._per_message(messages, data, status, response)
+        code, text = _infobip_error(data)
+        detail = self._safe(text or response.text)
+        if status in (401, 403):
+            raise CredentialsError(
+                f"Infobip refused the API key (HTTP {status}, {code}): {detail}. Check "
+                "CDP_INFOBIP_API_KEY and its message:send scope."
+            )
+        error_code = code or f"http_{status}"
+        if status == 429 or status >= 500:
+            retry_after = retry_after_seconds(response.headers)
+            return [
+                SendResult(
+                    m.key,
+                    Outcome.RETRY,
+                    error_code=error_code,
+                    error_message=detail,
+                    retry_after=retry_after,
+                )
+                for m in messages
+            ]
+        if 400 <= status < 500:
+            if _mentions_template(text):
+                names = sorted(
+                    {f"{m.template.name}/{m.template.language}" for m in messages if m.template}
+                )
+                raise TemplateError(
+                    f"Infobip rejected template {', '.join(names) or '(none)'} ({error_code}): "
+                    f"{detail}. Check the template name, language and placeholder count."
+                )
+            return [
+                SendResult(m.key, Outcome.FAILED, error_code=error_code, error_message=detail)
+                for m in messages
+            ]
+        raise ConnectorConfigError(
+            f"unexpected HTTP {status} from {self.redact(self.base_url)}; check "
+            "CDP_INFOBIP_BASE_URL"
+        )
+
+    def _per_message(
+        self,
+        messages: Sequence[OutboundMessage],
+        data: Any,
+        status: int,
+        response: httpx.Response,
+    ) -> list[SendResult]:
+        items = data.get("messages") if isinstance(data, dict) else None
+        by_id: dict[str, dict[str, Any]] = {}
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict) and isinstance(item.get("messageId"), str):
+                by_id[item["messageId"]] = item
+        results = []
+        for message in messages:
+            item = by_id.get(client_message_id(message.key))
+            if item is None:
+                # 2xx without this message: it may exist, but we cannot tell.
+                results.append(
+                    SendResult(
+                        message.key,
+                        Outcome.UNKNOWN,
+                        error_code=f"http_{status}",
+                        error_message=self._safe(response.text),
+                    )
+                )
+                continue
+            state = item.get("status") if isinstance(item.get("status"), dict) else {}
+            group = str(state.get("groupName", "")).upper()
+            name = str(state.get("name", "")) or group or "UNKNOWN_STATUS"
+            description = self._safe(str(state.get("description", "")))
+            if group in SENT_GROUPS:
+                results.append(
+                    SendResult(message.key, Outcome.SENT, provider_message_id=item["messageId"])
+                )
+                continue
+            if name in _ACCOUNT_STOPS:
+                raise _ACCOUNT_STOPS[name](
+                    f"Infobip refused the send for the whole account ({name}): {description}. "
+                    "Top up the Infobip account balance before resuming."
+                )
+            if name in _CONFIG_STOPS:
+                raise _CONFIG_STOPS[name](
+                    f"Infobip refused the sender ({name}): {description}. Check "
+                    "CDP_INFOBIP_WHATSAPP_FROM / CDP_INFOBIP_SMS_SENDER."
+                )
+            results.append(
+                SendResult(message.key, Outcome.FAILED, error_code=name, error_message=description)
+            )
+        return results
+
+
+def _infobip_error(data: Any) -> tuple[str | None, str]:
+    """(error id, text + validation errors) of either Infobip error shape."""
+    if not isinstance(data, dict):
+        return None, ""
+    request_error = data.get("requestError")
+    if isinstance(request_error, dict):
+        exception = request_error.get("serviceException") or request_error.get("policyException")
+        if isinstance(exception, dict):
+            text = str(exception.get("text", ""))
+            errors = exception.get("validationErrors")
+            if isinstance(errors, dict) and errors:
+                text += " " + "; ".join(f"{field}: {why}" for field, why in errors.items())
+            message_id = exception.get("messageId")
+            return (str(message_id) if message_id else None), text.strip()
+    if "errorCode" in data:  # ApiError (SMS v3)
+        text = str(data.get("description", ""))
+        violations = data.get("violations")
+        if isinstance(violations, list) and violations:
+            text += " " + "; ".join(
+                f"{v.get('property')}: {v.get('violation')}"
+                for v in violations
+                if isinstance(v, dict)
+            )
+        return str(data["errorCode"]), text.strip()
+    return None, ""
+
+
+def _mentions_template(text: str) -> bool:
+    lowered = text.lower()
+    return any(field in lowered for field in _TEMPLATE_FIELDS)

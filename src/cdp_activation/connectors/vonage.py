@@ -1,0 +1,212 @@
+"""Vonage Messages API v1 connector: WhatsApp templates (or text) and SMS, one per request.
+
+Request shape from the spec (`vendor-specs/vonage/messages-olympus.yml`): `POST /v1/messages`
+with a JSON body `{channel, message_type, to, from, client_ref, …}`: `message_type: text` with
+`text` for SMS (and WhatsApp session text), `message_type: template` with `template{name,
+parameters}` and `whatsapp{policy: deterministic, locale}` for WhatsApp templates. Numbers go
+without the leading `+`. Auth: the spec allows `bearerAuth` (JWT) or `basicAuth`; we use HTTP
+Basic with the API key and secret, which needs no application key pair.
+
+`client_ref` (≤ 40 characters) carries an id derived from the ledger key, so status webhooks
+name the ledger row. The spec only says the reference is echoed in every status, not that
+Vonage de-duplicates on it, so no idempotency is claimed: a lost answer means UNKNOWN.
+
+Classification (the spec's responses and its `x-errors` code table; the code is the fragment of
+the error `type` URL, e.g. `…/messages-olympus#1022`):
+
+- 202 `{message_uuid}`: SENT.
+- 401 (or 403): `CredentialsError`.
+- 402 low balance: `ConnectorError`: every further request would be refused the same way.
+- 422 with code 1022 (invalid template or template parameters): `TemplateError`.
+- 429, 5xx, or code 1000 (throttled): RETRY with Retry-After where given.
+- any other 4xx (1430 invalid recipient, 1050 number barred, 1340 outside the window, …):
+  FAILED with the code and the error title.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import httpx
+
+from cdp_activation.connectors.base import (
+    Capabilities,
+    ConnectorError,
+    CredentialsError,
+    OutboundMessage,
+    SendResult,
+    TemplateError,
+)
+from cdp_activation.connectors.http import (
+    OneRecipientHttpConnector,
+    json_or_none,
+    require_settings,
+)
+from cdp_activation.connectors.infobip import client_message_id
+
+if TYPE_CHECKING:
+    from cdp_activation.settings import Settings
+
+RETRY_CODES = frozenset({1000})
+TEMPLATE_CODES = frozenset({1022})
+_CODE_IN_TYPE = re.compile(r"#(\d+)$")
+
+
+class VonageConnector(OneRecipientHttpConnector):
+    """Sends WhatsApp and SMS through the Vonage Messages API v1."""
+
+    name: ClassVar[str] = "vonage"
+    retry_codes: ClassVar[frozenset[int]] = RETRY_CODES
+    template_codes: ClassVar[frozenset[int]] = TEMPLATE_CODES
+    credential_codes: ClassVar[frozenset[int]] = frozenset()
+    base_url_setting: ClassVar[str] = "CDP_VONAGE_BASE_URL"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        channels=frozenset({"whatsapp", "sms"}),
+        max_batch_size=1,  # one `to` per request
+        # The spec states no rate. 30 requests/s is Vonage's documented default account
+        # throughput for outbound messages; a 429 (code 1000) slows us down beyond that.
+        default_rate_per_second=30.0,
+        idempotency=False,  # client_ref is echoed in statuses, not used to de-duplicate
+    )
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        api_secret: str,
+        whatsapp_from: str,
+        sms_from: str,
+        whatsapp_namespace: str = "",
+    ) -> None:
+        require_settings(
+            self.name,
+            "CDP_VONAGE_",
+            base_url=base_url,
+            api_key=api_key,
+            api_secret=api_secret,
+        )
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.whatsapp_from = whatsapp_from
+        self.sms_from = sms_from
+        self.whatsapp_namespace = whatsapp_namespace
+        self._api_secret = api_secret
+        # The Basic header is reversible to the secret: it must be redacted as well.
+        self._basic = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VonageConnector:
+        """Build from deployment settings (secret from the environment or the sandbox's)."""
+        return cls(
+            base_url=settings.vonage_base_url,
+            api_key=settings.vonage_api_key,
+            api_secret=settings.vonage_secret(),
+            whatsapp_from=settings.vonage_whatsapp_from,
+            sms_from=settings.vonage_sms_from,
+            whatsapp_namespace=settings.vonage_whatsapp_namespace,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"VonageConnector(base_url={self.base_url!r}, api_key={self.api_key!r}, "
+            f"whatsapp_from={self.whatsapp_from!r}, sms_from={self.sms_from!r})"
+        )
+
+    @property
+    def messages_url(self) -> str:
+        return f"{self.base_url}/v1/messages"
+
+    def _secrets(self) -> tuple[str, ...]:
+        return (self._api_secret, self._basic)
+
+    def _endpoint(self) -> str:
+        return self.messages_url
+
+    def build_payload(self, message: OutboundMessage) -> dict[str, Any]:
+        """The `/v1/messages` body for one message (see the module docstring)."""
+        to = message.to.removeprefix("+")
+        ref = client_message_id(message.key)
+        if message.channel == "sms":
+            if message.body is None:
+                raise TemplateError(
+                    "vonage SMS has no provider templates: render the text and send it as the "
+                    f"body (message {message.key} has none)"
+                )
+            return {
+                "channel": "sms",
+                "message_type": "text",
+                "to": to,
+                "from": self.sms_from,
+                "text": message.body,
+                "client_ref": ref,
+            }
+        if message.channel != "whatsapp":
+            raise ValueError(f"vonage cannot send channel {message.channel!r}")
+        base = {"channel": "whatsapp", "to": to, "from": self.whatsapp_from, "client_ref": ref}
+        if message.body is not None:
+            return {**base, "message_type": "text", "text": message.body}
+        if message.template is None:
+            raise ValueError(f"message {message.key} has neither a template nor a body")
+        name = message.template.name
+        if self.whatsapp_namespace:
+            name = f"{self.whatsapp_namespace}:{name}"
+        return {
+            **base,
+            "message_type": "template",
+            "template": {"name": name, "parameters": list(message.template.parameters)},
+            # Vonage wants BCP 47 (en-GB) and maps it to WhatsApp's en_GB itself.
+            "whatsapp": {
+                "policy": "deterministic",
+                "locale": message.template.language.replace("_", "-"),
+            },
+        }
+
+    async def _request(self, client: httpx.AsyncClient, message: OutboundMessage) -> httpx.Response:
+        return await client.post(
+            self.messages_url,
+            json=self.build_payload(message),
+            auth=(self.api_key, self._api_secret),
+            headers={"Accept": "application/json"},
+        )
+
+    def classify(self, message: OutboundMessage, response: httpx.Response) -> SendResult:
+        """As the shared rules, plus 402 (low balance), which stops the activation."""
+        if response.status_code == 402:
+            _, text = self._error(json_or_none(response), response)
+            raise ConnectorError(
+                f"Vonage refused the send: account balance too low (HTTP 402): "
+                f"{self.safe(text, message.to)}. Top up the account before resuming."
+            )
+        return super().classify(message, response)
+
+    def _accepted_id(self, data: Any) -> str | None:
+        uuid_ = data.get("message_uuid") if isinstance(data, dict) else None
+        return uuid_ if isinstance(uuid_, str) and uuid_ else None
+
+    def _error(self, data: Any, response: httpx.Response) -> tuple[int | None, str]:
+        """(x-errors code from the `type` URL, "title: detail") of a problem+json body."""
+        if not isinstance(data, dict):
+            return None, response.text
+        match = _CODE_IN_TYPE.search(str(data.get("type", "")))
+        title = str(data.get("title", ""))
+        detail = str(data.get("detail", "") or data.get("details", ""))
+        text = f"{title}: {detail}" if detail else title
+        return (int(match.group(1)) if match else None), text
+
+    def _credentials_error(self, status: int, code: int | None, detail: str) -> CredentialsError:
+        return CredentialsError(
+            f"Vonage refused the credentials for API key {self.api_key} (HTTP {status}): "
+            f"{detail}. Check CDP_VONAGE_API_KEY and CDP_VONAGE_API_SECRET."
+        )
+
+    def _template_error(
+        self, message: OutboundMessage, code: int | None, detail: str
+    ) -> TemplateError:
+        template = message.template
+        which = f"{template.name}/{template.language}" if template else "(none)"
+        return TemplateError(
+            f"Vonage rejected template {which} (code {code}): {detail}. Check the template "
+            "name, namespace, locale and parameter count."
+        )

@@ -1,0 +1,549 @@
+"""One contract every registered connector keeps, checked against the live sandbox over HTTP.
+
+Each case below is parametrised over EVERY connector in the registry (a new connector without a
+`CASES` entry fails `test_every_registered_connector_has_a_contract_case`), so the promises of
+DESIGN §5 hold for all of them the same way: batch limits respected, each accepted message
+recorded once with the provider's id returned, per-recipient failures FAILED, throttling and
+server errors RETRY (with Retry-After), bad credentials stop the activation without leaking the
+secret, a refused connection is RETRY and a silent server UNKNOWN, and `redact()` hides secrets.
+
+Faults come from the sandbox's own fault injection (a module-scoped server of our own, so
+changing its faults cannot disturb other tests), never from mocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from cdp_activation.connectors import (
+    CONNECTORS,
+    InfobipConnector,
+    VonageConnector,
+    WebhookConnector,
+    connector_from_settings,
+)
+from cdp_activation.connectors.base import (
+    Connector,
+    ConnectorError,
+    CredentialsError,
+    OutboundMessage,
+    Outcome,
+    SendResult,
+    TemplateError,
+    TemplateRef,
+)
+from cdp_activation.sandbox import SandboxServer
+from cdp_activation.sandbox.app import SandboxConfig
+from cdp_activation.settings import (
+    SANDBOX_INFOBIP_API_KEY,
+    SANDBOX_META_TOKEN,
+    SANDBOX_TWILIO_AUTH_TOKEN,
+    SANDBOX_VONAGE_API_KEY,
+    SANDBOX_VONAGE_API_SECRET,
+    SANDBOX_WEBHOOK_TOKEN,
+    Settings,
+)
+from conftest import settings_for_sandbox
+
+pytestmark = pytest.mark.integration
+
+BAD_SECRET = "not-the-right-secret-0123456789"
+BAD_NUMBER = "12345"  # not a phone number anywhere: every provider refuses this recipient
+
+
+def whatsapp(i: int) -> OutboundMessage:
+    # Numbers end in 0: never the sandbox's "not on WhatsApp" rule (digits ending in 13).
+    return OutboundMessage(
+        key=f"contract|2025-01-01|{i}|initial",
+        to=f"+4479{i:07d}0",
+        channel="whatsapp",
+        template=TemplateRef("winback_offer", "en", ("Ana", "45", f"C{i}")),
+    )
+
+
+def sms(i: int) -> OutboundMessage:
+    return OutboundMessage(
+        key=f"contract|2025-01-01|{i}|initial",
+        to=f"+4479{i:07d}0",
+        channel="sms",
+        body=f"Hi {i}, we miss you!",
+    )
+
+
+def mixed(i: int) -> OutboundMessage:
+    """Both channels in one batch: a connector handling both must split or cope."""
+    return whatsapp(i) if i % 2 == 0 else sms(i)
+
+
+@dataclass(frozen=True)
+class Case:
+    """What the contract needs to know about one connector to exercise it."""
+
+    url_field: str  # Settings field holding its base URL
+    url_suffix: str  # path under the sandbox URL
+    bad_credentials: dict[str, Any]  # Settings update that makes the provider refuse us
+    real_secrets: tuple[str, ...]  # the sandbox's own credentials, which must not leak either
+    message: Callable[[int], OutboundMessage]
+    bad_recipient: OutboundMessage
+    failure_code: str
+    secret_forms: Callable[[str], tuple[str, ...]] = field(default=lambda secret: (secret,))
+
+
+def _vonage_forms(secret: str) -> tuple[str, ...]:
+    basic = base64.b64encode(f"{SANDBOX_VONAGE_API_KEY}:{secret}".encode()).decode()
+    return (secret, basic)
+
+
+CASES: dict[str, Case] = {
+    "meta_whatsapp": Case(
+        "meta_base_url",
+        "/meta",
+        {"meta_access_token": SecretStr(BAD_SECRET)},
+        (SANDBOX_META_TOKEN,),
+        whatsapp,
+        OutboundMessage("bad", BAD_NUMBER, "whatsapp", template=whatsapp(0).template),
+        "100",
+    ),
+    "twilio": Case(
+        "twilio_base_url",
+        "/twilio",
+        {"twilio_auth_token": SecretStr(BAD_SECRET)},
+        (SANDBOX_TWILIO_AUTH_TOKEN,),
+        sms,
+        OutboundMessage("bad", BAD_NUMBER, "sms", body="hi"),
+        "21211",
+    ),
+    "infobip": Case(
+        "infobip_base_url",
+        "/infobip",
+        {"infobip_api_key": SecretStr(BAD_SECRET)},
+        (SANDBOX_INFOBIP_API_KEY,),
+        mixed,
+        OutboundMessage("bad", BAD_NUMBER, "whatsapp", template=whatsapp(0).template),
+        "REJECTED_DESTINATION",
+    ),
+    "vonage": Case(
+        "vonage_base_url",
+        "/vonage",
+        {"vonage_api_secret": SecretStr(BAD_SECRET)},
+        (SANDBOX_VONAGE_API_SECRET,),
+        mixed,
+        OutboundMessage("bad", BAD_NUMBER, "sms", body="hi"),
+        "1430",
+        _vonage_forms,
+    ),
+    "webhook": Case(
+        "webhook_url",
+        "/webhook/messages",
+        {"webhook_headers": {"Authorization": SecretStr(f"Bearer {BAD_SECRET}")}},
+        (SANDBOX_WEBHOOK_TOKEN,),
+        mixed,
+        OutboundMessage("bad", BAD_NUMBER, "sms", body="hi"),
+        "invalid_number",
+    ),
+}
+NAMES = sorted(CONNECTORS)
+
+
+def build(name: str, settings: Settings, **update: Any) -> Connector:
+    return connector_from_settings(name, settings.model_copy(update=update))
+
+
+def send(
+    connector: Connector, messages: Sequence[OutboundMessage], timeout: float = 5.0
+) -> list[SendResult]:
+    """Messages through `send_batch` in batches of the connector's size, one fresh client."""
+    size = connector.capabilities.max_batch_size
+
+    async def go() -> list[SendResult]:
+        results: list[SendResult] = []
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            for start in range(0, len(messages), size):
+                results.extend(await connector.send_batch(client, messages[start : start + size]))
+        return results
+
+    results = asyncio.run(go())
+    assert sorted(r.key for r in results) == sorted(m.key for m in messages)
+    return results
+
+
+def full_batch(name: str, connector: Connector) -> list[OutboundMessage]:
+    """At least one full batch, and three messages for one-recipient connectors."""
+    n = max(connector.capabilities.max_batch_size, 3)
+    return [CASES[name].message(i) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def faulty() -> Iterator[SandboxServer]:
+    with SandboxServer() as server:
+        yield server
+
+
+@pytest.fixture
+def faulty_sandbox(faulty: SandboxServer) -> Iterator[SandboxServer]:
+    faulty.reset()
+    faulty.config = SandboxConfig()
+    yield faulty
+    faulty.config = SandboxConfig()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """Accepts connections (the kernel's backlog) but never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+# --- the contract ------------------------------------------------------------------------------
+
+
+def test_every_registered_connector_has_a_contract_case() -> None:
+    assert set(CONNECTORS) == set(CASES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capabilities_are_sane(name: str, sandbox_settings: Settings) -> None:
+    connector = connector_from_settings(name, sandbox_settings)
+    assert isinstance(connector, Connector)
+    capabilities = connector.capabilities
+    assert capabilities.max_batch_size >= 1
+    assert capabilities.default_rate_per_second > 0
+    assert capabilities.channels
+    assert CASES[name].message(0).channel in capabilities.channels
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_batch_over_the_limit_is_refused_before_any_request(
+    name: str, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings(name, sandbox_settings)
+    too_many = [CASES[name].message(i) for i in range(connector.capabilities.max_batch_size + 1)]
+
+    async def go() -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            await connector.send_batch(client, too_many)
+
+    with pytest.raises(ValueError, match="at most"):
+        asyncio.run(go())
+    assert sandbox.attempts() == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_batches_are_recorded_once_with_the_provider_id(
+    name: str, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings(name, sandbox_settings)
+    messages = full_batch(name, connector)
+    results = send(connector, messages)
+
+    assert {r.outcome for r in results} == {Outcome.SENT}
+    recorded = sandbox.messages()
+    assert len(recorded) == len(messages)
+    assert Counter(m.to for m in recorded) == Counter(m.to for m in messages)
+    assert {m.provider_message_id for m in recorded} == {r.provider_message_id for r in results}
+    assert sandbox.duplicates() == {}
+    by_to = {m.to: m for m in recorded}
+    for message in messages:
+        seen = by_to[message.to]
+        assert seen.channel == message.channel
+        if message.template is not None:
+            assert seen.template_name == message.template.name
+            assert seen.parameters == message.template.parameters
+        else:
+            assert seen.body == message.body
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_permanent_recipient_failure_is_failed(
+    name: str, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    case = CASES[name]
+    connector = connector_from_settings(name, sandbox_settings)
+    good = case.message(0)
+    results = {r.key: r for r in send(connector, [good, case.bad_recipient])}
+
+    assert results[good.key].outcome is Outcome.SENT
+    bad = results["bad"]
+    assert (bad.outcome, bad.error_code) == (Outcome.FAILED, case.failure_code)
+    assert [m.to for m in sandbox.messages()] == [good.to]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_throttling_is_retry_with_retry_after(name: str, faulty_sandbox: SandboxServer) -> None:
+    faulty_sandbox.configure(rate_429=1.0, retry_after_s=2)
+    connector = connector_from_settings(name, settings_for_sandbox(faulty_sandbox))
+    results = send(connector, [CASES[name].message(i) for i in range(2)])
+
+    assert {(r.outcome, r.retry_after) for r in results} == {(Outcome.RETRY, 2.0)}
+    assert faulty_sandbox.messages() == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_server_errors_are_retry(name: str, faulty_sandbox: SandboxServer) -> None:
+    faulty_sandbox.configure(rate_5xx=1.0)
+    connector = connector_from_settings(name, settings_for_sandbox(faulty_sandbox))
+    results = send(connector, [CASES[name].message(i) for i in range(2)])
+
+    assert {r.outcome for r in results} == {Outcome.RETRY}
+    assert faulty_sandbox.messages() == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_credentials_stop_without_leaking_a_secret(
+    name: str, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    case = CASES[name]
+    connector = build(name, sandbox_settings, **case.bad_credentials)
+    with pytest.raises(CredentialsError) as raised:
+        send(connector, [case.message(0)])
+    shown = f"{raised.value!s} {raised.value!r} {connector!r}"
+    for secret in (*case.secret_forms(BAD_SECRET), *case.real_secrets):
+        assert secret not in shown
+    assert sandbox.messages() == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_refused_connection_is_retry(
+    name: str, closed_port: int, sandbox_settings: Settings
+) -> None:
+    case = CASES[name]
+    url = f"http://127.0.0.1:{closed_port}{case.url_suffix}"
+    results = send(build(name, sandbox_settings, **{case.url_field: url}), [case.message(0)])
+    assert [(r.outcome, r.error_code) for r in results] == [(Outcome.RETRY, "ConnectError")]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_silent_server_is_unknown(
+    name: str, silent_server: str, sandbox_settings: Settings
+) -> None:
+    case = CASES[name]
+    connector = build(name, sandbox_settings, **{case.url_field: silent_server + case.url_suffix})
+    results = send(connector, [case.message(0)], timeout=0.3)
+    assert [(r.outcome, r.error_code) for r in results] == [(Outcome.UNKNOWN, "ReadTimeout")]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_redact_hides_every_secret(name: str, sandbox_settings: Settings) -> None:
+    case = CASES[name]
+    connector = build(name, sandbox_settings, **case.bad_credentials)
+    for secret in case.secret_forms(BAD_SECRET):
+        text = f"Authorization: something {secret}&x=1 echoed {secret}"
+        assert secret not in connector.redact(text)
+        assert secret not in repr(connector)
+    sandbox_connector = connector_from_settings(name, sandbox_settings)
+    for secret in case.real_secrets:
+        assert secret not in sandbox_connector.redact(f"token={secret}")
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if CONNECTORS[n].capabilities.idempotency] or ["(none)"]
+)
+def test_idempotent_connectors_survive_a_lost_answer(
+    name: str, faulty_sandbox: SandboxServer
+) -> None:
+    """`idempotency=True` is a promise: resending a batch whose answer was lost after the
+    provider accepted it must not message anyone twice."""
+    if name == "(none)":
+        pytest.skip("no registered connector declares idempotency")
+    connector = connector_from_settings(name, settings_for_sandbox(faulty_sandbox))
+    messages = [CASES[name].message(i) for i in range(3)]
+    faulty_sandbox.configure(rate_drop_after_accept=1.0)
+    lost = send(connector, messages, timeout=2)
+    assert {r.outcome for r in lost} == {Outcome.UNKNOWN}
+    first_ids = {m.provider_message_id for m in faulty_sandbox.messages()}
+
+    faulty_sandbox.configure(rate_drop_after_accept=0.0)
+    resent = send(connector, messages)
+
+    assert {r.outcome for r in resent} == {Outcome.SENT}
+    assert {r.provider_message_id for r in resent} == first_ids
+    assert len(faulty_sandbox.messages()) == len(messages)
+    assert faulty_sandbox.duplicates() == {}
+
+
+# --- connector-specific classification ---------------------------------------------------------
+
+
+def infobip(settings: Settings) -> InfobipConnector:
+    connector = connector_from_settings("infobip", settings)
+    assert isinstance(connector, InfobipConnector)
+    return connector
+
+
+def vonage(settings: Settings) -> VonageConnector:
+    connector = connector_from_settings("vonage", settings)
+    assert isinstance(connector, VonageConnector)
+    return connector
+
+
+def test_infobip_splits_a_mixed_batch_into_one_request_per_channel(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    send(infobip(sandbox_settings), [mixed(i) for i in range(10)])
+    attempts = sandbox.attempts()
+    assert [a.result for a in attempts] == ["accepted", "accepted"]
+    assert Counter(m.channel for m in sandbox.messages()) == {"whatsapp": 5, "sms": 5}
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        TemplateRef("no_such_template", "en", ()),
+        TemplateRef("paused_promo", "en", ("a", "b")),
+        TemplateRef("winback_offer", "en", ("Ana",)),
+    ],
+    ids=["unknown", "paused", "placeholder-count"],
+)
+@pytest.mark.parametrize("name", ["infobip", "vonage"])
+def test_a_wrong_template_stops_the_activation(
+    name: str, template: TemplateRef, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    message = OutboundMessage("k1", "+447911123450", "whatsapp", template=template)
+    with pytest.raises(TemplateError) as raised:
+        send(connector_from_settings(name, sandbox_settings), [message])
+    assert "+447911123450" not in str(raised.value)
+    assert sandbox.messages() == []
+
+
+def _infobip_status(group: str, name: str) -> dict[str, object]:
+    return {"groupId": 5, "groupName": group, "id": 12, "name": name, "description": "x"}
+
+
+def test_infobip_classification(sandbox_settings: Settings) -> None:
+    connector = infobip(sandbox_settings)
+    messages = [whatsapp(0), whatsapp(1)]
+    from cdp_activation.connectors.infobip import client_message_id
+
+    ids = [client_message_id(m.key) for m in messages]
+    answer = httpx.Response(
+        200,
+        json={
+            "messages": [
+                {"messageId": ids[0], "status": _infobip_status("PENDING", "PENDING_ENROUTE")},
+                # the second message is missing from the answer: UNKNOWN
+            ]
+        },
+    )
+    outcomes = [r.outcome for r in connector.classify(messages, answer)]
+    assert outcomes == [Outcome.SENT, Outcome.UNKNOWN]
+
+    bad_request = httpx.Response(
+        400,
+        json={"requestError": {"serviceException": {"messageId": "BAD_REQUEST", "text": "Bad"}}},
+    )
+    results = connector.classify(messages, bad_request)
+    assert {(r.outcome, r.error_code) for r in results} == {(Outcome.FAILED, "BAD_REQUEST")}
+
+    throttled = httpx.Response(
+        429,
+        json={"errorCode": "E429", "description": "Too many requests sent."},
+        headers={"Retry-After": "3"},
+    )
+    results = connector.classify(messages, throttled)
+    assert {(r.outcome, r.error_code, r.retry_after) for r in results} == {
+        (Outcome.RETRY, "E429", 3.0)
+    }
+
+    no_credit = httpx.Response(
+        200,
+        json={
+            "messages": [
+                {
+                    "messageId": ids[0],
+                    "status": _infobip_status("REJECTED", "REJECTED_NOT_ENOUGH_CREDITS"),
+                }
+            ]
+        },
+    )
+    with pytest.raises(ConnectorError, match="NOT_ENOUGH_CREDITS"):
+        connector.classify(messages[:1], no_credit)
+    with pytest.raises(CredentialsError):
+        connector.classify(messages, httpx.Response(403, json={}))
+
+
+def _vonage_body(code: int, title: str) -> dict[str, str]:
+    return {
+        "type": f"https://developer.nexmo.com/api-errors/messages-olympus#{code}",
+        "title": title,
+        "detail": "x",
+        "instance": "abc",
+    }
+
+
+def test_vonage_classification(sandbox_settings: Settings) -> None:
+    connector = vonage(sandbox_settings)
+    message = whatsapp(0)
+    with pytest.raises(ConnectorError, match="balance"):
+        connector.classify(message, httpx.Response(402, json=_vonage_body(1070, "Low balance")))
+    with pytest.raises(TemplateError):
+        connector.classify(message, httpx.Response(422, json=_vonage_body(1022, "Invalid")))
+    barred = connector.classify(message, httpx.Response(422, json=_vonage_body(1050, "Barred")))
+    assert (barred.outcome, barred.error_code) == (Outcome.FAILED, "1050")
+    assert "Barred" in (barred.error_message or "")
+    throttled = connector.classify(
+        message,
+        httpx.Response(429, json=_vonage_body(1000, "Rate"), headers={"Retry-After": "1"}),
+    )
+    assert (throttled.outcome, throttled.retry_after) == (Outcome.RETRY, 1.0)
+
+
+def test_webhook_batch_size_and_headers_come_from_settings(sandbox_settings: Settings) -> None:
+    connector = build(
+        "webhook",
+        sandbox_settings,
+        webhook_batch_size=7,
+        webhook_headers={"X-Api-Key": SecretStr(BAD_SECRET)},
+    )
+    assert isinstance(connector, WebhookConnector)
+    assert connector.capabilities.max_batch_size == 7
+    assert connector.capabilities.idempotency is True
+    assert BAD_SECRET not in repr(connector)
+    assert WebhookConnector.capabilities.max_batch_size == 200
+
+
+def test_new_connector_secrets_reach_dagster_as_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dagster as dg
+
+    from cdp_activation.defs.resources import resources
+
+    monkeypatch.setenv("CDP_INFOBIP_API_KEY", "infobip-secret-key")
+    monkeypatch.setenv("CDP_VONAGE_API_SECRET", "vonage-secret")
+    monkeypatch.setenv("CDP_WEBHOOK_HEADERS", '{"Authorization": "Bearer webhook-secret"}')
+    configured = resources().resources
+    assert isinstance(configured["infobip"].api_key, dg.EnvVar)
+    assert isinstance(configured["vonage"].api_secret, dg.EnvVar)
+    assert isinstance(configured["webhook"].headers_json, dg.EnvVar)
+    shown = repr(configured)
+    for secret in ("infobip-secret-key", "vonage-secret", "webhook-secret"):
+        assert secret not in shown
+
+
+def test_new_connector_resources_default_to_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cdp_activation.defs.resources import resources
+
+    for name in ("CDP_INFOBIP_API_KEY", "CDP_VONAGE_API_SECRET", "CDP_WEBHOOK_HEADERS"):
+        monkeypatch.delenv(name, raising=False)
+    configured = resources().resources
+    for key in ("infobip", "vonage", "webhook"):
+        connector = configured[key].connector()
+        assert connector.name == key
+        assert "127.0.0.1" in repr(connector)
