@@ -297,3 +297,31 @@ def test_a_stopped_activation_releases_throttled_messages_instead_of_dead_letter
     assert Counter(a.result for a in sandbox.attempts())["throttled"] == 20
     assert ledger.counts("stop", "p") == {"planned": 40}
     assert sandbox.messages() == []
+
+
+def test_through_an_idempotent_provider_lost_answers_are_retried_and_nobody_is_unknown(
+    ledger_url: str, sandbox: SandboxServer
+) -> None:
+    """The webhook receiver de-duplicates on our key: a lost answer or a crash mid-request is
+    asked again with the same key, so every row ends `sent` and the receiver has each once."""
+    from cdp_activation.connectors import connector_from_settings
+    from conftest import settings_for_sandbox
+
+    n = 1000
+    frame = audience(n).with_columns(pl.lit("webhook").alias("connector"))
+    ledger = Ledger(ledger_url)
+    ledger.plan("idem", "p", frame)
+    # A crash left some rows in flight: through an idempotent connector they are re-planned.
+    ledger.mark_in_flight([r.id for r in ledger.pending("idem", "p")[:50]])
+    assert ledger.recover_interrupted("idem", "p", idempotent=["webhook"]) == 50
+    sandbox.configure(rate_timeout=0.02, rate_drop_after_accept=0.05, rate_5xx=0.05)
+    settings = settings_for_sandbox(sandbox).model_copy(update={"webhook_batch_size": 10})
+    connector = connector_from_settings("webhook", settings)
+    report = deliver(ledger, ledger.pending("idem", "p"), {"webhook": connector}, OPTIONS)
+    states = Counter(ledger.rows("idem", "p")["state"].to_list())
+    results = Counter(a.result for a in sandbox.attempts())
+    assert results["dropped_after_accept"] > 0 and results["timeout"] > 0
+    assert states == {"sent": n}, (states, report)
+    assert sandbox.duplicates() == {}
+    assert len({m.to for m in sandbox.messages()}) == len(sandbox.messages()) == n
+    ledger.dispose()

@@ -160,3 +160,21 @@ def test_holdout_rows_are_recorded_and_never_pending(ledger_url: str) -> None:
     assert ledger.counts("winback", "p") == {"holdout": 3}
     assert ledger.pending("winback", "p") == []
     ledger.dispose()
+
+
+def test_interrupted_rows_of_an_idempotent_connector_are_planned_again(ledger_url: str) -> None:
+    ledger = Ledger(ledger_url)
+    frame = pl.concat(
+        [chosen(2), chosen(2, start=3).with_columns(pl.lit("webhook").alias("connector"))]
+    )
+    ledger.plan("winback", "p", frame)
+    ledger.mark_in_flight([r.id for r in ledger.pending("winback", "p")])
+    assert ledger.recover_interrupted("winback", "p", idempotent=["webhook"]) == 4
+    rows = ledger.rows("winback", "p").sort("customer_id")
+    assert rows.select("connector", "state").rows() == [
+        ("meta_whatsapp", "unknown"),
+        ("meta_whatsapp", "unknown"),
+        ("webhook", "planned"),
+        ("webhook", "planned"),
+    ]
+    ledger.dispose()

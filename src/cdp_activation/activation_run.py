@@ -544,7 +544,10 @@ def deliver_decisions(
             summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
             return summary
 
-        summary.recovered_in_flight = ledger.recover_interrupted(activation.name, partition_key)
+        idempotent = [n for n, c in connectors.items() if c.capabilities.idempotency]
+        summary.recovered_in_flight = ledger.recover_interrupted(
+            activation.name, partition_key, idempotent
+        )
         planned = ledger.plan(
             activation.name,
             partition_key,

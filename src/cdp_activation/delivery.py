@@ -18,7 +18,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -298,6 +298,13 @@ async def _send_batch(
                 results = await connector.send_batch(client, pending)
                 report.latencies.append(time.perf_counter() - began)
             break
+        if connector.capabilities.idempotency:
+            # The provider de-duplicates on our key: an answer lost in the air is safe to ask
+            # again, so UNKNOWN is retried (with the same key) instead of given up on.
+            results = [
+                replace(r, outcome=Outcome.RETRY) if r.outcome == Outcome.UNKNOWN else r
+                for r in results
+            ]
         final.update((r.key, r) for r in results)
         hinted = [r.retry_after for r in results if r.retry_after is not None]
         if hinted:

@@ -183,23 +183,42 @@ class Ledger:
                 counts[state] = counts.get(state, 0) + count
         return counts
 
-    def recover_interrupted(self, activation: str, partition_key: str) -> int:
-        """Rows left in flight by a crashed run become `unknown`: they may have been accepted."""
+    def recover_interrupted(
+        self, activation: str, partition_key: str, idempotent: Iterable[str] = ()
+    ) -> int:
+        """Rows left in flight by a crashed run: the provider may have accepted them.
+
+        Through a connector whose provider de-duplicates on our key (`idempotent`), they go
+        back to `planned` and are sent again with the same key; through any other they become
+        `unknown` and are never resent (a resend could message the customer twice).
+        """
+        retryable = list(idempotent)
+        where = (
+            sends.c.activation == activation,
+            sends.c.partition_key == partition_key,
+            sends.c.state == IN_FLIGHT,
+        )
         with self.engine.begin() as con:
+            replanned = 0
+            if retryable:
+                replanned = (
+                    con.execute(
+                        sa.update(sends)
+                        .where(*where, sends.c.connector.in_(retryable))
+                        .values(state=PLANNED, updated_at=_now())
+                    ).rowcount
+                    or 0
+                )
             result = con.execute(
                 sa.update(sends)
-                .where(
-                    sends.c.activation == activation,
-                    sends.c.partition_key == partition_key,
-                    sends.c.state == IN_FLIGHT,
-                )
+                .where(*where)
                 .values(
                     state=UNKNOWN,
                     error_message="run interrupted while the request was in flight",
                     updated_at=_now(),
                 )
             )
-            return result.rowcount or 0
+            return replanned + (result.rowcount or 0)
 
     def pending(
         self, activation: str, partition_key: str, now: datetime | None = None
