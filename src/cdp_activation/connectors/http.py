@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import httpx
@@ -40,6 +40,25 @@ def require_settings(connector: str, env_prefix: str, **values: str | None) -> N
             f"{connector} connector is missing {', '.join(missing)}: set the {env_prefix}* "
             "settings (see .env.example)"
         )
+
+
+def transport_failure(
+    name: str,
+    exc: httpx.TransportError,
+    messages: Sequence[OutboundMessage],
+    safe: Callable[[str], str],
+) -> list[SendResult]:
+    """The same outcome for every message of a request that failed in transport: RETRY when it
+    surely never left, UNKNOWN when it may have been accepted (see `transport_outcome`)."""
+    outcome = transport_outcome(exc)
+    logger.warning(
+        "%s: %s sending %d message(s): %s", name, type(exc).__name__, len(messages), outcome.value
+    )
+    detail = safe(str(exc))
+    return [
+        SendResult(m.key, outcome, error_code=type(exc).__name__, error_message=detail)
+        for m in messages
+    ]
 
 
 def json_or_none(response: httpx.Response) -> Any:
@@ -118,20 +137,9 @@ class OneRecipientHttpConnector:
         try:
             response = await self._request(client, message)
         except httpx.TransportError as exc:
-            outcome = transport_outcome(exc)
-            logger.warning(
-                "%s: %s sending to %s: %s",
-                self.name,
-                type(exc).__name__,
-                mask_phone(message.to),
-                outcome.value,
-            )
-            return SendResult(
-                key=message.key,
-                outcome=outcome,
-                error_code=type(exc).__name__,
-                error_message=self.safe(str(exc), message.to),
-            )
+            return transport_failure(self.name, exc, [message], lambda t: self.safe(t, message.to))[
+                0
+            ]
         return self.classify(message, response)
 
     def classify(self, message: OutboundMessage, response: httpx.Response) -> SendResult:

@@ -55,9 +55,8 @@ from cdp_activation.connectors.base import (
     TemplateError,
     clip,
     retry_after_seconds,
-    transport_outcome,
 )
-from cdp_activation.connectors.http import json_or_none, require_settings
+from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
 from cdp_activation.masking import mask_phones_in
 
 if TYPE_CHECKING:
@@ -231,15 +230,7 @@ class InfobipConnector:
                 headers={"Authorization": f"App {self._api_key}", "Accept": "application/json"},
             )
         except httpx.TransportError as exc:
-            outcome = transport_outcome(exc)
-            logger.warning(
-                "infobip: %s sending %d messages: %s", type(exc).__name__, len(messages), outcome
-            )
-            detail = self._safe(str(exc))
-            return [
-                SendResult(m.key, outcome, error_code=type(exc).__name__, error_message=detail)
-                for m in messages
-            ]
+            return transport_failure(self.name, exc, messages, self._safe)
         return self.classify(messages, response)
 
     def classify(
