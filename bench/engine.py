@@ -86,7 +86,7 @@ def rate_accuracy(rate: float, seconds: float) -> dict[str, float]:
             twilio_base_url=f"{sandbox.url}/twilio",
         )
         connector = connector_from_settings("meta_whatsapp", settings)
-        connector.rate_per_second = rate  # type: ignore[attr-defined]
+        connector.rate_per_second = rate
         ledger = Ledger(f"sqlite:///{path}")
         # Numbers ending in 13 are "not on WhatsApp" in the sandbox: avoid them, all count.
         frame = (

@@ -24,7 +24,6 @@ import pytest
 from cdp_activation.connectors import (
     MetaWhatsAppConnector,
     TwilioConnector,
-    connector_from_settings,
 )
 from cdp_activation.connectors.base import (
     Connector,
@@ -37,6 +36,7 @@ from cdp_activation.connectors.base import (
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings
 from cdp_activation.transport import AiohttpTransport, make_client
+from test_connectors import meta, twilio  # the same builders as the connector tests
 
 pytestmark = pytest.mark.integration
 
@@ -74,30 +74,6 @@ def send(
     [result] = asyncio.run(go())
     assert result.key == message.key
     return result
-
-
-def meta(settings: Settings, token: str | None = None) -> MetaWhatsAppConnector:
-    connector = connector_from_settings("meta_whatsapp", settings)
-    assert isinstance(connector, MetaWhatsAppConnector)
-    if token is None:
-        return connector
-    return MetaWhatsAppConnector(
-        connector.base_url,
-        settings.meta_api_version,
-        settings.meta_phone_number_id,
-        settings.meta_waba_id,
-        token,
-    )
-
-
-def twilio(settings: Settings, token: str | None = None) -> TwilioConnector:
-    connector = connector_from_settings("twilio", settings)
-    assert isinstance(connector, TwilioConnector)
-    if token is None:
-        return connector
-    return TwilioConnector(
-        connector.base_url, settings.twilio_account_sid, token, settings.twilio_from
-    )
 
 
 def wa(to: str = UK, template: TemplateRef | None = WINBACK) -> OutboundMessage:

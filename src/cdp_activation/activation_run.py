@@ -9,7 +9,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dtime
 from pathlib import Path
@@ -483,7 +483,8 @@ def invalid_phone_share(decisions: pl.DataFrame) -> float:
 
 @dataclass
 class DeliverySummary:
-    """What a run did; the CLI prints it and the deliveries asset records it."""
+    """What the deliveries step did; recorded as the asset's metadata (which the CLI's
+    `RunSummary` reads back)."""
 
     activation: str
     partition: str
@@ -506,9 +507,6 @@ class DeliverySummary:
     estimated_seconds: float = 0.0
     error_codes: dict[str, int] = field(default_factory=dict)
     ledger_states: dict[str, int] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def deliver_decisions(

@@ -232,8 +232,7 @@ def rate_of(connector: Connector, options: DeliveryOptions | None = None) -> flo
     """Messages per second for a connector: run option, then configured, then its default."""
     if options is not None and options.rate_per_second:
         return options.rate_per_second
-    configured = getattr(connector, "rate_per_second", None)
-    return configured or connector.capabilities.default_rate_per_second
+    return connector.rate_per_second or connector.capabilities.default_rate_per_second
 
 
 def _batches(

@@ -23,7 +23,7 @@ from cdp_activation.settings import (
     SANDBOX_META_TOKEN,
     SANDBOX_TWILIO_AUTH_TOKEN,
     SANDBOX_VONAGE_API_SECRET,
-    _secret,
+    resolve_secret,
     webhook_headers_or_sandbox,
 )
 from cdp_activation.warehouse import Warehouse
@@ -56,7 +56,7 @@ class ConnectorResource(dg.ConfigurableResource):
         raise NotImplementedError
 
     def _with_rate(self, connector: Connector) -> Connector:
-        connector.rate_per_second = self.rate_per_second  # type: ignore[attr-defined]
+        connector.rate_per_second = self.rate_per_second
         return connector
 
 
@@ -77,8 +77,8 @@ class MetaWhatsAppResource(ConnectorResource):
                 api_version=self.api_version,
                 phone_number_id=self.phone_number_id,
                 waba_id=self.waba_id,
-                access_token=_secret(
-                    None if not token else _Secret(token),
+                access_token=resolve_secret(
+                    token,
                     self.base_url,
                     SANDBOX_META_TOKEN,
                     "CDP_META_ACCESS_TOKEN",
@@ -101,8 +101,8 @@ class TwilioResource(ConnectorResource):
             TwilioConnector(
                 base_url=self.base_url,
                 account_sid=self.account_sid,
-                auth_token=_secret(
-                    None if not token else _Secret(token),
+                auth_token=resolve_secret(
+                    token,
                     self.base_url,
                     SANDBOX_TWILIO_AUTH_TOKEN,
                     "CDP_TWILIO_AUTH_TOKEN",
@@ -125,8 +125,8 @@ class InfobipResource(ConnectorResource):
         return self._with_rate(
             InfobipConnector(
                 base_url=self.base_url,
-                api_key=_secret(
-                    None if not key else _Secret(key),
+                api_key=resolve_secret(
+                    key,
                     self.base_url,
                     SANDBOX_INFOBIP_API_KEY,
                     "CDP_INFOBIP_API_KEY",
@@ -153,8 +153,8 @@ class VonageResource(ConnectorResource):
             VonageConnector(
                 base_url=self.base_url,
                 api_key=self.api_key,
-                api_secret=_secret(
-                    None if not secret else _Secret(secret),
+                api_secret=resolve_secret(
+                    secret,
                     self.base_url,
                     SANDBOX_VONAGE_API_SECRET,
                     "CDP_VONAGE_API_SECRET",
@@ -197,13 +197,3 @@ class WebhookResource(ConnectorResource):
                 batch_size=self.batch_size,
             )
         )
-
-
-class _Secret:
-    """Adapter so `_secret` takes a plain string the same way as a pydantic SecretStr."""
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def get_secret_value(self) -> str:
-        return self._value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,11 @@ class RunSummary:
         data["eligible_total"] = sum(self.eligible.values())
         data["excluded_total"] = sum(self.excluded.values())
         return data
+
+
+COUNTS = frozenset(
+    f.name for f in fields(RunSummary) if f.type in ("int", int) and f.name != "audience"
+)
 
 
 def ensure_dagster_home() -> Path:
@@ -161,18 +166,9 @@ def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
                 }
                 summary.holdout = int(meta.get("holdout", 0))
             elif key == "deliveries":
-                for attr in (
-                    "to_send",
-                    "sent",
-                    "failed",
-                    "unknown",
-                    "dead_letter",
-                    "already_sent",
-                    "deferred",
-                    "holdout",
-                    "cancelled",
-                ):
-                    setattr(summary, attr, int(meta.get(attr, 0)))
+                # Every count the deliveries asset recorded that the summary also reports.
+                for attr in COUNTS & meta.keys():
+                    setattr(summary, attr, int(meta[attr]))
                 if "estimated_seconds_at_rate_limit" in meta:
                     summary.estimated_seconds = float(meta["estimated_seconds_at_rate_limit"])
                 codes = meta.get("error_codes_json")

@@ -99,12 +99,12 @@ class Settings(BaseSettings):
             self.ledger_url = f"sqlite:///{home / 'ledger.sqlite'}"
 
     def meta_token(self) -> str:
-        return _secret(
+        return resolve_secret(
             self.meta_access_token, self.meta_base_url, SANDBOX_META_TOKEN, "CDP_META_ACCESS_TOKEN"
         )
 
     def twilio_token(self) -> str:
-        return _secret(
+        return resolve_secret(
             self.twilio_auth_token,
             self.twilio_base_url,
             SANDBOX_TWILIO_AUTH_TOKEN,
@@ -112,7 +112,7 @@ class Settings(BaseSettings):
         )
 
     def infobip_key(self) -> str:
-        return _secret(
+        return resolve_secret(
             self.infobip_api_key,
             self.infobip_base_url,
             SANDBOX_INFOBIP_API_KEY,
@@ -120,7 +120,7 @@ class Settings(BaseSettings):
         )
 
     def vonage_secret(self) -> str:
-        return _secret(
+        return resolve_secret(
             self.vonage_api_secret,
             self.vonage_base_url,
             SANDBOX_VONAGE_API_SECRET,
@@ -145,9 +145,15 @@ def webhook_headers_or_sandbox(headers: dict[str, SecretStr] | None, url: str) -
     return {}
 
 
-def _secret(value: SecretStr | None, base_url: str, sandbox_value: str, env_name: str) -> str:
-    if value is not None and value.get_secret_value():
-        return value.get_secret_value()
+def resolve_secret(
+    value: str | SecretStr | None, base_url: str, sandbox_value: str, env_name: str
+) -> str:
+    """The credential to use: the configured one, else the sandbox's own against the local
+    sandbox, else a clear error naming the variable to set."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value:
+        return value
     if is_loopback(base_url):
         return sandbox_value
     raise ConnectorConfigError(

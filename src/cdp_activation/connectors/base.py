@@ -102,6 +102,7 @@ class Connector(Protocol):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    rate_per_second: float | None  # this sender's configured rate; None: the default
 
     async def send_batch(
         self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
@@ -132,6 +133,15 @@ _CONFIG_ERRORS: tuple[type[httpx.TransportError], ...] = (
     httpx.UnsupportedProtocol,
     httpx.LocalProtocolError,
 )
+
+
+def check_batch_size(connector: Connector, messages: Sequence[OutboundMessage]) -> None:
+    """Refuse a batch larger than the connector declares, before any request is made."""
+    limit = connector.capabilities.max_batch_size
+    if len(messages) > limit:
+        raise ValueError(
+            f"{connector.name} sends at most {limit} message(s) per batch, got {len(messages)}"
+        )
 
 
 def transport_outcome(exc: httpx.TransportError) -> Outcome:

@@ -23,6 +23,7 @@ from cdp_activation.connectors.base import (
     Outcome,
     SendResult,
     TemplateError,
+    check_batch_size,
     clip,
     retry_after_seconds,
     transport_outcome,
@@ -71,6 +72,7 @@ def json_or_none(response: httpx.Response) -> Any:
 class OneRecipientHttpConnector:
     """Base of connectors whose API takes one recipient per HTTP request."""
 
+    rate_per_second: float | None = None  # set from configuration; None: the default
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
     retry_codes: ClassVar[frozenset[int]] = frozenset()
@@ -126,11 +128,7 @@ class OneRecipientHttpConnector:
         self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
     ) -> list[SendResult]:
         """Send each message with its own request (the API takes one recipient per request)."""
-        if len(messages) > self.capabilities.max_batch_size:
-            raise ValueError(
-                f"{self.name} sends at most {self.capabilities.max_batch_size} message per "
-                f"batch, got {len(messages)}"
-            )
+        check_batch_size(self, messages)
         return [await self._send_one(client, message) for message in messages]
 
     async def _send_one(self, client: httpx.AsyncClient, message: OutboundMessage) -> SendResult:

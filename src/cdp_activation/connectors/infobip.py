@@ -53,6 +53,7 @@ from cdp_activation.connectors.base import (
     Outcome,
     SendResult,
     TemplateError,
+    check_batch_size,
     clip,
     retry_after_seconds,
 )
@@ -85,6 +86,7 @@ def client_message_id(key: str) -> str:
 class InfobipConnector:
     """Sends WhatsApp templates and SMS through Infobip, up to 100 messages per request."""
 
+    rate_per_second: float | None = None  # set from configuration; None: the default
     name: ClassVar[str] = "infobip"
     capabilities: ClassVar[Capabilities] = Capabilities(
         channels=frozenset({"whatsapp", "sms"}),
@@ -193,11 +195,7 @@ class InfobipConnector:
         self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
     ) -> list[SendResult]:
         """Send the batch as one request per channel present in it."""
-        if len(messages) > self.capabilities.max_batch_size:
-            raise ValueError(
-                f"{self.name} sends at most {self.capabilities.max_batch_size} messages per "
-                f"batch, got {len(messages)}"
-            )
+        check_batch_size(self, messages)
         by_channel: dict[str, list[OutboundMessage]] = {}
         for message in messages:
             if message.channel not in self.capabilities.channels:

@@ -44,6 +44,7 @@ from cdp_activation.connectors.base import (
     OutboundMessage,
     Outcome,
     SendResult,
+    check_batch_size,
     clip,
     retry_after_seconds,
 )
@@ -89,6 +90,7 @@ def message_json(message: OutboundMessage) -> dict[str, Any]:
 class WebhookConnector:
     """POSTs batches of messages as JSON to a configurable URL (contract above)."""
 
+    rate_per_second: float | None = None  # set from configuration; None: the default
     name: ClassVar[str] = "webhook"
     # The class default; an instance carries its own with the configured batch size, which is
     # what the delivery engine reads (`connector.capabilities`).
@@ -153,11 +155,7 @@ class WebhookConnector:
         self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
     ) -> list[SendResult]:
         """POST the batch as one JSON array; one result per message."""
-        if len(messages) > self.capabilities.max_batch_size:
-            raise ValueError(
-                f"{self.name} sends at most {self.capabilities.max_batch_size} messages per "
-                f"batch, got {len(messages)}"
-            )
+        check_batch_size(self, messages)
         if not messages:
             return []
         headers = {
