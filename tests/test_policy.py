@@ -10,6 +10,7 @@ import pytest
 
 from cdp_activation.connectors.base import TemplateInfo
 from cdp_activation.policy import decide
+from cdp_activation.policy.engine import rendered, variables_as_lists, with_bodies
 from cdp_activation.policy.phones import normalise
 from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.specs import ChannelPlanSpec
@@ -242,9 +243,10 @@ def test_sms_body_is_rendered_per_recipient() -> None:
     result = decide(
         audience, TEMPLATE_PLAN, now=NOW, suppressions=NO_SUPPRESSIONS, catalogs=APPROVED
     )
-    row = result.frame.row(0, named=True)
+    row = rendered(result.frame, TEMPLATE_PLAN).row(0, named=True)
     assert row["channel"] == "sms"
     assert row["connector"] == "twilio"
+    assert row["variables"] == ["Ann1", "CODE1"]  # the body's fields, in order
     assert row["body"] == "Hi Ann1, use CODE1"
     assert row["phone_e164"] == GB_A
     assert row["template_name"] is None
@@ -259,7 +261,8 @@ def test_whatsapp_template_carries_its_rendered_variables() -> None:
     )
     row = result.frame.row(0, named=True)
     assert (row["template_name"], row["template_language"]) == ("winback_offer", "en")
-    assert row["variables"] == ["Ann1", "CODE1"]
+    assert row["variables"] == {"1": "Ann1", "2": "CODE1"}  # {{1}}, {{2}}
+    assert variables_as_lists(result.frame)["variables"].to_list() == [["Ann1", "CODE1"]]
     assert result.eligible_by_channel() == {"whatsapp": 1}
 
 
@@ -476,3 +479,22 @@ def test_a_country_route_must_use_channels_of_the_plan() -> None:
                 "policy": {"country_channels": {"UA": ["viber", "sms"]}},
             }
         )
+
+
+def test_a_body_repeating_a_field_renders_each_occurrence() -> None:
+    plan = ChannelPlanSpec.model_validate(
+        {
+            "steps": [
+                {
+                    "channel": "sms",
+                    "connector": "twilio",
+                    "body": "{first_name}! {offer_code}, {first_name}",
+                }
+            ]
+        }
+    )
+    audience = pl.DataFrame(
+        [customer(1)], schema_overrides={"whatsapp_last_inbound_at": pl.Datetime("us", "UTC")}
+    )
+    result = decide(audience, plan, now=NOW, suppressions=NO_SUPPRESSIONS, catalogs=APPROVED)
+    assert with_bodies(result.frame, plan)["body"].to_list() == ["Ann1! CODE1, Ann1"]

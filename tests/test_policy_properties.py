@@ -12,7 +12,6 @@ comment marked "AMBIGUITY".
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -20,8 +19,8 @@ from zoneinfo import ZoneInfo
 
 import phonenumbers
 import polars as pl
-import pytest
 import pytz
+import xxhash
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
@@ -78,15 +77,10 @@ def is_mobile(number: Any) -> bool:
     )
 
 
-def md5_fraction(text: str) -> float:
-    """MD5 → DuckDB's `md5_number_lower` / 2**64.
-
-    Checked against duckdb 2.0 (see test_md5_number_lower_matches_duckdb): `md5_number_lower`
-    is the digest's LAST 8 bytes read as a little-endian unsigned integer (and
-    `md5_number_upper` the first 8), not the first 8 as one might guess from the name.
-    """
-    digest = hashlib.md5(text.encode()).digest()
-    return int.from_bytes(digest[8:16], "little") / 2**64
+def hash_fraction(text: str) -> float:
+    """XXH64 (seed 0) of the UTF-8 text / 2**64, from the `xxhash` package (the C reference
+    implementation), independent of the polars plugin the engine uses."""
+    return xxhash.xxh64_intdigest(text.encode()) / 2**64
 
 
 def whatsapp_variable_ok(value: Any) -> bool:
@@ -329,14 +323,14 @@ def reference_decide(
             del routed[cid]
 
     # 7. Holdout. AMBIGUITY: the docs say "MD5 of salt and customer id"; the exact text hashed,
-    # f"holdout:{salt}:{customer_id}", and the fraction (md5_number_lower / 2**64) come from
+    # f"holdout:{salt}:{customer_id}", and the fraction (XXH64 / 2**64) come from
     # the task brief. The holdout keeps the would-be channel and has no not_before.
     # `policy.holdout.salt` ("Hash salt; default: the activation name", specs.HoldoutSpec)
     # replaces the run's salt for the holdout when set; the recipient cap keeps the run's.
     share = policy.holdout.share
     holdout_salt = salt if policy.holdout.salt is None else policy.holdout.salt
     for cid, (channel, _) in list(routed.items()):
-        if share > 0 and md5_fraction(f"holdout:{holdout_salt}:{cid}") < share:
+        if share > 0 and hash_fraction(f"holdout:{holdout_salt}:{cid}") < share:
             out[cid] = ("holdout", channel, "holdout", None)
             del routed[cid]
 
@@ -344,7 +338,7 @@ def reference_decide(
     # smallest fractions of f"cap:{salt}:{customer_id}" stay. AMBIGUITY: holdouts are not
     # recipients, so they do not count against the cap (brief + docs' order 7 then 8).
     if max_recipients is not None and len(routed) > max_recipients:
-        ranked = sorted(routed, key=lambda c: (md5_fraction(f"cap:{salt}:{c}"), c))
+        ranked = sorted(routed, key=lambda c: (hash_fraction(f"cap:{salt}:{c}"), c))
         for cid in ranked[max_recipients:]:
             out[cid] = ("exclude", None, "over_recipient_cap", None)
             del routed[cid]
@@ -976,11 +970,11 @@ def test_quiet_hours_ending_in_a_fold_are_not_in_the_past(world: World) -> None:
 # ====================================================================== checks of the reference
 
 
-def test_md5_number_lower_matches_duckdb() -> None:
-    duckdb = pytest.importorskip("duckdb")
-    for text in ["abc", "holdout:winback:42", "cap::7", ""]:
-        (lower,) = duckdb.execute("select md5_number_lower(?)", [text]).fetchone()
-        assert md5_fraction(text) == lower / 2**64
+def test_hash_fraction_is_the_published_xxh64() -> None:
+    # XXH64 test vectors of the specification (seed 0): the holdout group must never move.
+    assert xxhash.xxh64_intdigest(b"") == 0xEF46DB3751D8E999
+    assert xxhash.xxh64_intdigest(b"abc") == 0x44BC2CF5AD770999
+    assert hash_fraction("") == 0xEF46DB3751D8E999 / 2**64
 
 
 def test_reference_quiet_hours_in_a_gap_resolve_to_the_jump() -> None:

@@ -32,13 +32,13 @@ from cdp_activation.ledger import (
 from cdp_activation.masking import mask_phone
 from cdp_activation.policy import Decisions, decide, reasons
 from cdp_activation.policy.consent import consent_column
-from cdp_activation.policy.engine import DEFER, HOLDOUT, SEND
+from cdp_activation.policy.engine import DEFER, HOLDOUT, SEND, rendered
 from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
 from cdp_activation.policy.window import last_inbound_column
 from cdp_activation.settings import is_loopback, project_root
-from cdp_activation.specs import ActivationSpec, coerce_parameter
+from cdp_activation.specs import ActivationSpec, ChannelPlanSpec, coerce_parameter
 from cdp_activation.warehouse import Warehouse
 
 
@@ -363,14 +363,13 @@ def _md_counts(title: str, counts: Mapping[str, int], describe: bool = False) ->
     return "\n".join([head, rule, *lines])
 
 
-def sample_messages(decisions: pl.DataFrame, per_channel: int = 3) -> str:
+def sample_messages(decisions: pl.DataFrame, plan: ChannelPlanSpec, per_channel: int = 3) -> str:
     """A Markdown table of rendered messages per channel, phone numbers masked."""
     chosen = decisions.filter(pl.col("channel").is_not_null())
     lines = ["| channel | to | message |", "|---|---|---|"]
-    for channel in sorted(chosen["channel"].unique().to_list()):
-        for row in (
-            chosen.filter(pl.col("channel") == channel).head(per_channel).iter_rows(named=True)
-        ):
+    for channel in sorted(chosen["channel"].cast(pl.String).unique().to_list()):
+        sample = rendered(chosen.filter(pl.col("channel") == channel).head(per_channel), plan)
+        for row in sample.iter_rows(named=True):
             if row["template_name"]:
                 params = ", ".join(row["variables"] or [])
                 text = f"template `{row['template_name']}` ({row['template_language']}): {params}"
@@ -381,7 +380,7 @@ def sample_messages(decisions: pl.DataFrame, per_channel: int = 3) -> str:
     return "\n".join(lines)
 
 
-def decisions_metadata(result: Decisions) -> dict[str, Any]:
+def decisions_metadata(result: Decisions, plan: ChannelPlanSpec) -> dict[str, Any]:
     import dagster as dg
 
     eligible = result.eligible_by_channel()
@@ -395,7 +394,7 @@ def decisions_metadata(result: Decisions) -> dict[str, Any]:
         "holdout": counts[HOLDOUT],
         "eligible_by_channel": dg.MetadataValue.md(_md_counts("Channel", eligible)),
         "excluded_by_reason": dg.MetadataValue.md(_md_counts("Reason", excluded, describe=True)),
-        "sample_messages": dg.MetadataValue.md(sample_messages(result.frame)),
+        "sample_messages": dg.MetadataValue.md(sample_messages(result.frame, plan)),
     }
     for channel, count in eligible.items():
         meta[f"eligible_{channel}"] = count
@@ -427,7 +426,11 @@ def policy_breaches(
     per_channel = suppressions.filter(pl.col("channel").is_not_null()).select(
         "phone_e164", "channel", pl.lit(True).alias("_suppressed")
     )
-    on_channel = chosen.join(per_channel, on=["phone_e164", "channel"], how="inner").height
+    on_channel = (
+        chosen.with_columns(pl.col("channel").cast(pl.String))
+        .join(per_channel, on=["phone_e164", "channel"], how="inner")
+        .height
+    )
     return {
         "without_consent": joined.filter(no_consent).height,
         "suppressed": chosen.filter(pl.col("phone_e164").is_in(everywhere.implode())).height
@@ -522,7 +525,10 @@ def deliver_decisions(
     started = time.perf_counter()
     now = datetime.now(UTC)
     chosen = decisions.filter(pl.col("decision").is_in([SEND, DEFER]))
-    to_plan = decisions.filter(pl.col("decision").is_in([SEND, DEFER, HOLDOUT]))
+    to_plan = rendered(
+        decisions.filter(pl.col("decision").is_in([SEND, DEFER, HOLDOUT])),
+        activation.spec.channel_plan,
+    )
     summary = DeliverySummary(activation=activation.name, partition=partition_key, dry_run=dry_run)
     summary.holdout = decisions.filter(pl.col("decision") == HOLDOUT).height
     keys = [

@@ -6,9 +6,13 @@ production, where a plain `postgresql://` URL means that driver.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+import pyarrow as pa
 import sqlalchemy as sa
 
 
@@ -36,3 +40,71 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def read_frame(
+    engine: sa.Engine, sql: str, params: Sequence[Any] = (), schema: Mapping[str, Any] | None = None
+) -> pl.DataFrame:
+    """The result of one query as a polars frame, the fastest way the database allows.
+
+    SQLAlchemy's result rows cost ~2 µs a row; a phone cache or ledger table of a million rows
+    is read several times faster as Arrow through ADBC (PostgreSQL, `adbc-driver-postgresql`),
+    or, from SQLite, as one JSON array per column (ADBC's SQLite driver is another copy of
+    SQLite in the process, and two copies' file locks can corrupt a database both have open —
+    https://sqlite.org/howtocorrupt.html §2.2.1 — so it is not used).
+    `sql` uses `$1, $2…` placeholders; `schema` fixes the column types, which an empty
+    result could not tell.
+    """
+    if engine.dialect.name == "postgresql":
+        table = _read_arrow_postgres(engine, sql, params)
+        if table is not None:
+            frame: pl.DataFrame = pl.from_arrow(table)  # type: ignore[assignment]
+            return frame.cast(dict(schema)) if schema else frame  # type: ignore[arg-type]
+    if engine.dialect.name == "sqlite" and schema:
+        return _read_sqlite_columns(engine, sql, params, schema)
+    style = "%s" if engine.dialect.name == "postgresql" else "?"
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute(re.sub(r"\$\d+", style, sql), tuple(params))
+        names = [d[0] for d in cursor.description]
+        rows = cursor.fetchall()
+        cursor.close()
+    finally:
+        raw.close()
+    return pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)
+
+
+def _read_sqlite_columns(
+    engine: sa.Engine, sql: str, params: Sequence[Any], schema: Mapping[str, Any]
+) -> pl.DataFrame:
+    """SQLite: each column comes back as one JSON array (`json_group_array`), decoded by
+    polars, instead of a Python tuple per row: half the time for a million rows."""
+    names = list(schema)
+    arrays = ", ".join(f'json_group_array("{name}")' for name in names)
+    inner = re.sub(r"\$\d+", "?", sql)
+    wrapped = f"SELECT {arrays} FROM ({inner})"
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        row = cursor.execute(wrapped, tuple(params)).fetchone()
+        cursor.close()
+    finally:
+        raw.close()
+    return pl.DataFrame(
+        {
+            name: pl.Series([text]).str.json_decode(pl.List(schema[name])).explode()
+            for name, text in zip(names, row, strict=True)
+        }
+    ).filter(pl.lit(row[0] != "[]"))  # an empty table still gives one row of "[]"
+
+
+def _read_arrow_postgres(engine: sa.Engine, sql: str, params: Sequence[Any]) -> pa.Table | None:
+    try:
+        import adbc_driver_postgresql.dbapi as adbc_pg
+    except ImportError:  # the [postgres] extra brings it; without it, DB-API rows
+        return None
+    uri = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with adbc_pg.connect(uri) as con, con.cursor() as cur:
+        cur.execute(sql, tuple(params))
+        return cur.fetch_arrow_table()

@@ -120,7 +120,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             ledger=context.resources.ledger.ledger(),
             partition_key=context.partition_key,
         )
-        context.add_output_metadata(run.decisions_metadata(result))
+        context.add_output_metadata(run.decisions_metadata(result, activation.spec.channel_plan))
         return result.frame
 
     @dg.asset(

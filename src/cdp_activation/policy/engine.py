@@ -11,11 +11,15 @@ Order:
 5. quiet hours: a chosen recipient in their night is deferred to its end, not dropped.
 
 Everything is a polars expression over the whole frame, or a computation over distinct values
-(phone numbers, time zones) joined back; nothing walks the rows in Python.
+(phone numbers, time zones, combinations of reason codes) mapped back; nothing walks the rows
+in Python. Rules produce small integer codes (one byte a row); the names people read (reason
+codes, decisions, channels) are polars enums made from them at the end, so a 10,000,000-row
+audience never carries ten string columns.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,35 +29,73 @@ import polars as pl
 from cdp_activation.connectors.base import TemplateInfo
 from cdp_activation.policy import reasons
 from cdp_activation.policy.caps import EMPTY_SENDS, capped_customers
+from cdp_activation.policy.codes import enum_from_codes
 from cdp_activation.policy.consent import has_consent
 from cdp_activation.policy.hashing import stable_fraction
-from cdp_activation.policy.holdout import holdout_mask
+from cdp_activation.policy.holdout import held_out
 from cdp_activation.policy.phone_cache import PhoneCache
-from cdp_activation.policy.phones import STATUS_INVALID, STATUS_MISSING, normalise_frame
-from cdp_activation.policy.quiet_hours import not_before
-from cdp_activation.policy.routing import route
-from cdp_activation.policy.suppression import flag_suppressed
+from cdp_activation.policy.phones import (
+    INVALID_CODE,
+    MISSING_CODE,
+    PHONE_TYPES,
+    e164_number,
+    phone_codes,
+)
+from cdp_activation.policy.quiet_hours import ZoneTable
+from cdp_activation.policy.routing import order_id, orders_by_country
+from cdp_activation.policy.suppression import suppressed_flags
 from cdp_activation.policy.templates import (
     body_variables_ok,
-    render_body,
     template_problem,
     variable_as_text,
     whatsapp_variables_ok,
 )
 from cdp_activation.policy.window import in_window
-from cdp_activation.specs import ChannelPlanSpec, PolicySpec
+from cdp_activation.specs import ChannelPlanSpec, PolicySpec, StepSpec
 
 STEP = "initial"  # the plan's first send; a later fallback send is another step
 
 SEND, DEFER, HOLDOUT, EXCLUDE = "send", "defer", "holdout", "exclude"
+DECISIONS: tuple[str, ...] = (SEND, DEFER, HOLDOUT, EXCLUDE)
 # Number types that can receive an SMS (phonenumbers' names); a fixed line cannot.
 MOBILE_TYPES = ("mobile", "fixed_line_or_mobile")
+
+# Codes of the rules, in the order they are tested (0 means the rule passes).
+_CUSTOMER_RULES = (
+    reasons.MISSING_PHONE,
+    reasons.INVALID_PHONE,
+    reasons.SUPPRESSED,
+    reasons.FREQUENCY_CAPPED,
+)
+_CHANNEL_RULES = (
+    reasons.NO_CONSENT,
+    reasons.CHANNEL_SUPPRESSED,
+    reasons.NOT_MOBILE,
+    reasons.TEMPLATE_NOT_APPROVED,
+    reasons.OUTSIDE_WINDOW,
+    reasons.INVALID_VARIABLES,
+    reasons.FREQUENCY_CAPPED,
+)
+# Taken off a routed customer after routing; their names come first in the reason enum.
+_LATE_REASONS = (reasons.DUPLICATE_PHONE, reasons.OVER_RECIPIENT_CAP, reasons.HOLDOUT)
+# The routing key packs (customer code, order id, each channel's code) into one integer, in
+# mixed radix: customer codes 0-4, at most 255 country orders, channel codes 0-7; six channels
+# at most, so it always fits in 32 bits.
+_CUSTOMER_RADIX = len(_CUSTOMER_RULES) + 1
+_ORDER_RADIX = 256
+_CHANNEL_RADIX = len(_CHANNEL_RULES) + 1
+_BODY_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
 class Decisions:
     """Per customer: `decision` (send, defer, holdout, exclude), the channel and message, the
-    `not_before` time of a deferred send, or the reason code of an exclusion."""
+    `not_before` time of a deferred send, or the reason code of an exclusion.
+
+    Text columns with few values (decision, channel, connector, step, template, zone, reasons)
+    are polars enums: compare them with plain strings. `variables` holds the rendered values
+    of the step's template parameters or body fields, in order; `with_bodies` renders bodies.
+    """
 
     frame: pl.DataFrame
     template_problems: dict[str, str]  # channel -> why its template may not be sent
@@ -66,16 +108,16 @@ class Decisions:
     def counts(self) -> dict[str, int]:
         counts = self.frame.group_by("decision").len()
         found = dict(zip(counts["decision"].to_list(), counts["len"].to_list(), strict=True))
-        return {d: found.get(d, 0) for d in (SEND, DEFER, HOLDOUT, EXCLUDE)}
+        return {d: found.get(d, 0) for d in DECISIONS}
 
     def eligible_by_channel(self) -> dict[str, int]:
-        counts = self.chosen.group_by("channel").len().sort("channel")
+        counts = self.chosen.group_by(pl.col("channel").cast(pl.String)).len().sort("channel")
         return dict(zip(counts["channel"].to_list(), counts["len"].to_list(), strict=True))
 
     def excluded_by_reason(self) -> dict[str, int]:
         counts = (
             self.frame.filter(pl.col("decision") == EXCLUDE)
-            .group_by("reason")
+            .group_by(pl.col("reason").cast(pl.String))
             .len()
             .sort(["len", "reason"], descending=[True, False])
         )
@@ -104,38 +146,39 @@ def decide(
     """
     policy = policy or PolicySpec()
     sends = EMPTY_SENDS if recent_sends is None else recent_sends
-    channels = [step.channel for step in plan.steps]
+    steps = plan.steps
+    channels = [step.channel for step in steps]
     # Carry only what the rules and messages read: a wide audience costs memory at every step.
     needed = {"customer_id", "phone", "country", "timezone"}
-    for step in plan.steps:
+    for step in steps:
         needed |= {f"{step.channel}_{plan.purpose}_consent", f"{step.channel}_last_inbound_at"}
         needed |= set(step.variable_columns())
-    audience = audience.select([c for c in audience.columns if c in needed])
-    frame = normalise_frame(audience, cache=phone_cache)
-    frame = flag_suppressed(frame, suppressions, channels)
-    frame = frame.with_columns(pl.col("customer_id").cast(pl.String).alias("_cid"))
+    frame = audience.select([c for c in audience.columns if c in needed])
+    phones = phone_codes(frame["phone"], frame["country"], cache=phone_cache)
+    frame = frame.with_columns(phones["phone_e164"], phones["code"].alias("_phone"))
+    del phones
     columns = frame.columns
+    id_dtype = frame.schema["customer_id"]
+    orders = orders_by_country(channels, policy.country_channels)
+    zones = ZoneTable.of(frame, now, policy.quiet_hours)
 
     def capped(channel: str) -> pl.Expr:
         ids = capped_customers(sends, policy.frequency_caps, plan.purpose, channel, now)
-        return pl.col("_cid").is_in(ids.implode())
+        if ids.is_empty():
+            return pl.lit(False)
+        # The ledger keeps ids as text; compare in the audience's own type.
+        return pl.col("customer_id").is_in(ids.cast(id_dtype, strict=False).drop_nulls().implode())
 
-    customer_reason = (
-        pl.when(pl.col("phone_status") == STATUS_MISSING)
-        .then(pl.lit(reasons.MISSING_PHONE))
-        .when(pl.col("phone_status") == STATUS_INVALID)
-        .then(pl.lit(reasons.INVALID_PHONE))
-        .when(pl.col("suppressed_all"))
-        .then(pl.lit(reasons.SUPPRESSED))
-        .when(capped("any"))
-        .then(pl.lit(reasons.FREQUENCY_CAPPED))
-        .otherwise(pl.lit(None, dtype=pl.String))
-    )
-    frame = frame.with_columns(customer_reason.alias("customer_reason"))
-
+    # Stage 1: every test the rules share, each its own column so they are computed side by
+    # side; a variable used by several steps is checked once per rule set.
+    tests: dict[str, pl.Expr] = {
+        "_capped_any": capped("any"),
+        **suppressed_flags(pl.col("_number"), suppressions, channels),
+    }
     template_problems: dict[str, str] = {}
-    reason_columns: list[str] = []
-    for step in plan.steps:
+    failures: list[list[pl.Expr]] = []
+    mobile = pl.col("_phone").is_in([PHONE_TYPES.index(t) for t in MOBILE_TYPES])
+    for step in steps:
         channel = step.channel
         problem = None
         if step.template is not None:
@@ -144,66 +187,103 @@ def decide(
             )
             if problem:
                 template_problems[channel] = problem
-        unique_vars = list(dict.fromkeys(step.variable_columns()))
-        vars_ok = (
-            whatsapp_variables_ok(unique_vars)
-            if step.template is not None
-            else body_variables_ok(unique_vars)
-        )
+        check = whatsapp_variables_ok if step.template is not None else body_variables_ok
+        variable_tests = []
+        for column in dict.fromkeys(step.variable_columns()):
+            name = f"_ok_{check.__name__}_{column}"
+            tests[name] = check([column])
+            variable_tests.append(pl.col(name))
+        tests[f"_capped_{channel}"] = capped(channel)
         # A free-form WhatsApp message may only go inside the 24-hour customer-care window.
-        window_ok = (
-            in_window(channel, now, columns)
-            if channel == "whatsapp" and step.template is None
-            else pl.lit(True)
+        free_form_whatsapp = channel == "whatsapp" and step.template is None
+        window_ok = in_window(channel, now, columns) if free_form_whatsapp else pl.lit(True)
+        number_ok = mobile if channel in policy.mobile_only else pl.lit(True)
+        failures.append(
+            [
+                ~has_consent(channel, plan.purpose),
+                pl.col(f"_suppressed_{channel}"),
+                ~number_ok,
+                pl.lit(problem is not None),
+                ~window_ok,
+                ~pl.all_horizontal(variable_tests) if variable_tests else pl.lit(False),
+                pl.col(f"_capped_{channel}"),
+            ]
         )
-        number_ok = (
-            pl.col("phone_type").is_in(MOBILE_TYPES).fill_null(False)
-            if channel in policy.mobile_only and "phone_type" in columns
-            else pl.lit(True)
+    codes = [f"_code{i}" for i in range(len(steps))]
+    # Stage 2: each rule family's code (0: passes). Stage 3: the routed step (the first of
+    # the country's order that passes), the packed routing key for the exclusion reason, and
+    # what the later rules need per row: zone, holdout, the message's variables.
+    key = pl.col("_customer").cast(pl.UInt32) + pl.col("_order").cast(pl.UInt32) * _CUSTOMER_RADIX
+    for i, code in enumerate(codes):
+        key = key + pl.col(code).cast(pl.UInt32) * _channel_weight(i)
+    per_row = (
+        frame.lazy()
+        .with_columns(e164_number(pl.col("phone_e164")).alias("_number"))
+        .with_columns(**tests)
+        .with_columns(
+            _first_failing(
+                [
+                    pl.col("_phone") == MISSING_CODE,
+                    pl.col("_phone") == INVALID_CODE,
+                    pl.col("_suppressed_all"),
+                    pl.col("_capped_any"),
+                ]
+            ).alias("_customer"),
+            order_id(pl.col("country"), orders).alias("_order"),
+            *(_first_failing(f).alias(code) for code, f in zip(codes, failures, strict=True)),
         )
-
-        def code(reason: str, channel: str = channel) -> pl.Expr:
-            return pl.lit(reasons.channel_reason(channel, reason))
-
-        reason = (
-            pl.when(~has_consent(channel, plan.purpose))
-            .then(code(reasons.NO_CONSENT))
-            .when(pl.col(f"suppressed_{channel}"))
-            .then(code(reasons.CHANNEL_SUPPRESSED))
-            .when(~number_ok)
-            .then(code(reasons.NOT_MOBILE))
-            .when(pl.lit(problem is not None))
-            .then(code(reasons.TEMPLATE_NOT_APPROVED))
-            .when(~window_ok)
-            .then(code(reasons.OUTSIDE_WINDOW))
-            .when(~vars_ok)
-            .then(code(reasons.INVALID_VARIABLES))
-            .when(capped(channel))
-            .then(code(reasons.FREQUENCY_CAPPED))
-            .otherwise(pl.lit(None, dtype=pl.String))
+        .with_columns(_routed_step(orders, codes).alias("_step"), key.alias("_key"))
+        .with_columns(
+            zones.position().alias("_zone"),
+            held_out(pl.col("customer_id"), policy.holdout.share, policy.holdout.salt or salt)
+            .and_(pl.col("_step").is_not_null())
+            .alias("_holdout"),
+            _variables(steps).alias("variables"),
+            *(
+                _channel_reason(channel, pl.col(code)).alias(f"{channel}_reason")
+                for channel, code in zip(channels, codes, strict=True)
+            ),
         )
-        name = f"{channel}_reason"
-        frame = frame.with_columns(reason.alias(name))
-        reason_columns.append(name)
-
-    step_index, all_failed = route(frame, reason_columns, channels, policy.country_channels)
-    frame = frame.with_columns(
-        pl.when(pl.col("customer_reason").is_null()).then(step_index).alias("step_index")
+        .select(
+            "customer_id",
+            "phone_e164",
+            "_number",
+            "_step",
+            "_key",
+            "_zone",
+            "_holdout",
+            "variables",
+            *(f"{c}_reason" for c in channels),
+        )
     )
+    # The streaming engine works through the audience in slices, reusing its buffers, instead
+    # of allocating every intermediate column at full length.
+    frame = per_row.collect(engine="streaming")
+    del per_row
+
+    # Exclusion reasons: worked out once per distinct combination of codes (a few dozen).
+    keys = frame["_key"].unique().sort().to_list()
+    excluded = {
+        k: _exclusion_reason(k, orders, channels)
+        for k in keys
+        if _excluded(k, orders, len(channels))
+    }
+    names = list(_LATE_REASONS) + sorted(set(excluded.values()))
     frame = frame.with_columns(
-        # No channel passed: the reason names why each one failed, in the customer's order,
-        # e.g. "whatsapp_no_consent+sms_no_consent", so no one reads it as "WhatsApp only".
-        pl.coalesce(
-            pl.col("customer_reason"),
-            pl.when(pl.col("step_index").is_null()).then(all_failed),
-        ).alias("reason")
+        pl.col("_key")
+        .replace_strict(
+            keys,
+            [names.index(excluded[k]) if k in excluded else None for k in keys],
+            return_dtype=pl.UInt32,
+        )
+        .alias("_reason")
     )
 
     frame = _one_message_per_phone(frame)
-    frame = _holdout(frame, policy.holdout.share, policy.holdout.salt or salt)
     frame = _apply_cap(frame, max_recipients, salt)
-    frame = _defer_quiet_hours(frame, now, policy)
+    frame = _decide_and_defer(frame, zones)
     frame = _attach_messages(frame, plan)
+    frame = frame.with_columns(enum_from_codes(pl.col("_reason"), names).alias("reason"))
     keep = [
         "customer_id",
         "phone_e164",
@@ -214,135 +294,234 @@ def decide(
         "template_name",
         "template_language",
         "variables",
-        "body",
         "not_before",
         "zone",
         "reason",
-        *reason_columns,
+        *(f"{c}_reason" for c in channels),
     ]
     return Decisions(frame=frame.select(keep), template_problems=template_problems)
 
 
-def _exclude(frame: pl.DataFrame, mask: pl.Expr | pl.Series, reason: str) -> pl.DataFrame:
-    """Take the masked, still-routed customers off their channel with `reason`."""
+def _first_failing(failures: Sequence[pl.Expr]) -> pl.Expr:
+    """The 1-based position of the first true condition, 0 when none is (UInt8)."""
+    expr = pl.lit(0, dtype=pl.UInt8)
+    for position in reversed(range(len(failures))):
+        hit = failures[position].fill_null(False)
+        expr = pl.when(hit).then(pl.lit(position + 1, dtype=pl.UInt8)).otherwise(expr)
+    return expr
+
+
+def _channel_weight(index: int) -> int:
+    """Where channel `index`'s rule code sits in the packed routing key."""
+    return _CUSTOMER_RADIX * _ORDER_RADIX * _CHANNEL_RADIX**index
+
+
+def _unpack(key: int, channels: int) -> tuple[int, int, list[int]]:
+    """(customer code, order id, channel codes) of a packed routing key."""
+    key, customer = divmod(key, _CUSTOMER_RADIX)
+    key, order = divmod(key, _ORDER_RADIX)
+    codes = []
+    for _ in range(channels):
+        key, code = divmod(key, _CHANNEL_RADIX)
+        codes.append(code)
+    return customer, order, codes
+
+
+def _routed_step(orders: Sequence[tuple[str | None, Sequence[int]]], codes: list[str]) -> pl.Expr:
+    """The step index of the first channel of the customer's order that passes, else null."""
+
+    def first(order: Sequence[int]) -> pl.Expr:
+        expr: pl.Expr = pl.lit(None, dtype=pl.UInt8)
+        for step in reversed(order):
+            passes = pl.col(codes[step]) == 0
+            expr = pl.when(passes).then(pl.lit(step, dtype=pl.UInt8)).otherwise(expr)
+        return expr
+
+    step = first(orders[0][1])
+    for position, (_, order) in enumerate(orders[1:], start=1):
+        step = pl.when(pl.col("_order") == position).then(first(order)).otherwise(step)
+    return pl.when(pl.col("_customer") == 0).then(step)
+
+
+def _excluded(key: int, orders: Sequence[tuple[str | None, Sequence[int]]], channels: int) -> bool:
+    """Whether this combination of rule codes leaves the customer without a channel."""
+    customer, order, codes = _unpack(key, channels)
+    return bool(customer) or all(codes[s] != 0 for s in orders[order][1])
+
+
+def _exclusion_reason(
+    key: int, orders: Sequence[tuple[str | None, Sequence[int]]], channels: Sequence[str]
+) -> str:
+    """The reason code of one combination of rule codes with no channel chosen."""
+    customer, order, codes = _unpack(key, len(channels))
+    if customer:
+        return _CUSTOMER_RULES[customer - 1]
+    # No channel passed: the reason names why each one failed, in the customer's order,
+    # e.g. "whatsapp_no_consent+sms_no_consent", so no one reads it as "WhatsApp only".
+    return "+".join(
+        reasons.channel_reason(channels[s], _CHANNEL_RULES[codes[s] - 1]) for s in orders[order][1]
+    )
+
+
+def _channel_reason(channel: str, code: pl.Expr) -> pl.Expr:
+    """`<channel>_reason`: why this channel could not be used (null: it could)."""
+    names = [reasons.channel_reason(channel, rule) for rule in _CHANNEL_RULES]
+    return enum_from_codes(pl.when(code > 0).then(code.cast(pl.Int32) - 1), names)
+
+
+def _variables(steps: Sequence[StepSpec]) -> pl.Expr:
+    """The rendered values of the routed step's template parameters or body fields, by
+    position: a struct whose field "1" is {{1}} (or the first {field} of a body), and so on;
+    fields past the step's own count are null.
+
+    A struct of text columns costs no copy; a list per row would cost ten times the time.
+    """
+    widths = [len(s.variable_columns()) for s in steps]
+    fields: list[pl.Expr] = []
+    for position in range(max(widths)):
+        value: pl.Expr = pl.lit(None, dtype=pl.String)
+        for index in reversed(range(len(steps))):
+            if position < widths[index]:
+                column = variable_as_text(steps[index].variable_columns()[position])
+                value = pl.when(pl.col("_step") == index).then(column).otherwise(value)
+        fields.append(value.alias(str(position + 1)))
+    if not fields:
+        return pl.lit(None, dtype=pl.Struct({"1": pl.String}))
+    has_variables = pl.lit(pl.Series([w > 0 for w in widths])).gather(pl.col("_step"))
+    return pl.when(has_variables).then(pl.struct(fields))
+
+
+def variables_as_lists(frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` (decisions rows) with `variables` as a list of the step's values, in order,
+    as a connector sends them (null for a customer without variables)."""
+    fields = [f.name for f in frame.schema["variables"].fields]  # type: ignore[attr-defined]
+    values = pl.concat_list([pl.col("variables").struct.field(f) for f in fields])
     return frame.with_columns(
-        pl.when(mask).then(pl.lit(reason)).otherwise(pl.col("reason")).alias("reason"),
-        pl.when(mask).then(None).otherwise(pl.col("step_index")).alias("step_index"),
+        pl.when(pl.col("variables").is_not_null()).then(values.list.drop_nulls()).alias("variables")
+    )
+
+
+def _exclude(frame: pl.DataFrame, mask: pl.Expr, reason: str) -> pl.DataFrame:
+    """Take the masked, still-routed customers off their channel with `reason`."""
+    code = pl.lit(_LATE_REASONS.index(reason), dtype=pl.UInt32)
+    return frame.with_columns(
+        pl.when(mask).then(code).otherwise(pl.col("_reason")).alias("_reason"),
+        pl.when(mask).then(None).otherwise(pl.col("_step")).alias("_step"),
     )
 
 
 def _one_message_per_phone(frame: pl.DataFrame) -> pl.DataFrame:
     """Of customers routed to the same number, only the lowest customer id is messaged.
 
-    Shared numbers are rare (households), so the work is done on the few duplicated rows
-    only, not as a window over every number.
+    Compared as numbers (`_number`, the digits of the E.164 form: exact, 8 bytes a row).
+    Shared numbers are rare (households): a sort finds them, and the winners are chosen
+    among those few rows only.
     """
-    routed = frame.select(
-        pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"), "customer_id", "phone_e164"
-    ).filter(frame["step_index"].is_not_null() & frame["phone_e164"].is_not_null())
-    shared = routed.filter(pl.col("phone_e164").is_duplicated())
+    routed = pl.col("_step").is_not_null() & pl.col("_number").is_not_null()
+    numbers = frame.select(pl.col("_number").filter(routed).sort()).to_series()
+    shared = numbers.filter(numbers == numbers.shift(1)).unique()
     if shared.is_empty():
         return frame
-    losers = shared.filter(pl.col("customer_id") != pl.col("customer_id").min().over("phone_e164"))[
-        "_row"
-    ]
-    mask = pl.Series([False] * frame.height, dtype=pl.Boolean).scatter(losers, True)
+    candidates = frame.with_row_index("_row").filter(
+        routed & pl.col("_number").is_in(shared.implode())
+    )
+    losers = candidates.filter(
+        pl.col("customer_id") != pl.col("customer_id").min().over("_number")
+    )["_row"]
+    mask = pl.int_range(pl.len(), dtype=pl.UInt32).is_in(losers.implode())
     return _exclude(frame, mask, reasons.DUPLICATE_PHONE)
-
-
-def _holdout(frame: pl.DataFrame, share: float, salt: str) -> pl.DataFrame:
-    """Mark a stable share of the routed customers as the control group."""
-    frame = frame.with_columns(pl.lit(False).alias("_holdout"))
-    if share <= 0:
-        return frame
-    routed = frame["step_index"].is_not_null()
-    held = holdout_mask(frame.filter(routed)["customer_id"], share, salt)
-    mask = pl.Series("_holdout", [False] * frame.height, dtype=pl.Boolean)
-    mask = mask.scatter(routed.arg_true(), held)
-    return frame.with_columns(mask)
 
 
 def _apply_cap(frame: pl.DataFrame, max_recipients: int | None, salt: str) -> pl.DataFrame:
     """Keep at most `max_recipients` to message, chosen by a stable hash so re-runs agree."""
     if max_recipients is None:
         return frame
-    routed = frame["step_index"].is_not_null() & ~frame["_holdout"]
-    if routed.sum() <= max_recipients:
+    eligible = pl.col("_step").is_not_null() & ~pl.col("_holdout")
+    ranked = (
+        frame.select(
+            pl.int_range(pl.len(), dtype=pl.UInt32).alias("_row"),
+            "customer_id",
+            stable_fraction(pl.col("customer_id"), f"cap:{salt}").alias("_fraction"),
+            eligible.alias("_eligible"),
+        )
+        .filter("_eligible")
+        .sort(["_fraction", "customer_id"])
+    )
+    if ranked.height <= max_recipients:
         return frame
-    positions = routed.arg_true()
-    fractions = stable_fraction(frame["customer_id"].gather(positions), f"cap:{salt}")
-    order = fractions.rank(method="ordinal")
-    over = pl.Series([False] * frame.height, dtype=pl.Boolean).scatter(
-        positions, order > max_recipients
-    )
-    return _exclude(frame, over, reasons.OVER_RECIPIENT_CAP)
+    over = ranked["_row"].slice(max_recipients)
+    mask = pl.int_range(pl.len(), dtype=pl.UInt32).is_in(over.implode())
+    return _exclude(frame, mask, reasons.OVER_RECIPIENT_CAP)
 
 
-def _defer_quiet_hours(frame: pl.DataFrame, now: datetime, policy: PolicySpec) -> pl.DataFrame:
-    frame = not_before(frame, now, policy.quiet_hours)
-    routed = pl.col("step_index").is_not_null()
-    decision = (
+def _decide_and_defer(frame: pl.DataFrame, zones: ZoneTable) -> pl.DataFrame:
+    """`decision`, `zone`, and `not_before` for a chosen recipient in their quiet hours."""
+    routed = pl.col("_step").is_not_null()
+    holdout = pl.col("_holdout")
+    until = zones.not_before(pl.col("_zone"))
+    code = (
         pl.when(~routed)
-        .then(pl.lit(EXCLUDE))
-        .when(pl.col("_holdout"))
-        .then(pl.lit(HOLDOUT))
-        .when(pl.col("not_before").is_not_null())
-        .then(pl.lit(DEFER))
-        .otherwise(pl.lit(SEND))
+        .then(DECISIONS.index(EXCLUDE))
+        .when(holdout)
+        .then(DECISIONS.index(HOLDOUT))
+        .when(until.is_not_null())
+        .then(DECISIONS.index(DEFER))
+        .otherwise(DECISIONS.index(SEND))
     )
+    holdout_code = pl.lit(_LATE_REASONS.index(reasons.HOLDOUT), dtype=pl.UInt32)
     return frame.with_columns(
-        decision.alias("decision"),
-        pl.when(routed & ~pl.col("_holdout")).then(pl.col("not_before")).alias("not_before"),
-        pl.when(routed & pl.col("_holdout"))
-        .then(pl.lit(reasons.HOLDOUT))
-        .otherwise(pl.col("reason"))
-        .alias("reason"),
-    )
+        enum_from_codes(code, DECISIONS).alias("decision"),
+        zones.name(pl.col("_zone")).alias("zone"),
+        pl.when(routed & ~holdout).then(until).alias("not_before"),
+        pl.when(routed & holdout).then(holdout_code).otherwise(pl.col("_reason")).alias("_reason"),
+    ).drop("_holdout", "_zone")
+
+
+def _per_step(values: Sequence[str | None]) -> pl.Expr:
+    """The value of the routed customer's step (an enum of the distinct values), else null."""
+    names = sorted({v for v in values if v is not None})
+    positions = pl.Series([None if v is None else names.index(v) for v in values], dtype=pl.UInt32)
+    return enum_from_codes(pl.lit(positions).gather(pl.col("_step")), names)
 
 
 def _attach_messages(frame: pl.DataFrame, plan: ChannelPlanSpec) -> pl.DataFrame:
-    """Channel, connector and the rendered message of each routed customer."""
-
-    def by_step(values: list[pl.Expr | None], dtype: pl.DataType) -> pl.Expr:
-        expr: pl.Expr = pl.lit(None, dtype=dtype)
-        for index in reversed(range(len(values))):
-            value = values[index]
-            if value is None:
-                value = pl.lit(None, dtype=dtype)
-            expr = pl.when(pl.col("step_index") == index).then(value).otherwise(expr)
-        return expr
-
+    """Channel, connector and template of each routed customer (variables are already there)."""
     steps = plan.steps
-    # Messages are rendered only for routed customers (often a fraction of the audience),
-    # then put back in place by row number.
-    routed = frame.with_row_index("_row").filter(pl.col("step_index").is_not_null())
-    rendered = routed.select(
-        "_row",
-        by_step([pl.lit(s.channel) for s in steps], pl.String()).alias("channel"),
-        by_step([pl.lit(s.connector) for s in steps], pl.String()).alias("connector"),
-        pl.when(pl.col("step_index").is_not_null()).then(pl.lit(STEP)).alias("step"),
-        by_step(
-            [pl.lit(s.template.name) if s.template else None for s in steps], pl.String()
-        ).alias("template_name"),
-        by_step(
-            [pl.lit(s.template.language) if s.template else None for s in steps], pl.String()
-        ).alias("template_language"),
-        by_step(
-            [
-                pl.concat_list([variable_as_text(c) for c in s.template.variables])
-                if s.template and s.template.variables
-                else None
-                for s in steps
-            ],
-            pl.List(pl.String),
-        ).alias("variables"),
-        by_step(
-            [render_body(s.body, s.variable_columns()) if s.body else None for s in steps],
-            pl.String(),
-        ).alias("body"),
-    )
-    return (
-        frame.with_row_index("_row")
-        .join(rendered, on="_row", how="left", maintain_order="left")
-        .drop("_row")
-    )
+    return frame.with_columns(
+        _per_step([s.channel for s in steps]).alias("channel"),
+        _per_step([s.connector for s in steps]).alias("connector"),
+        _per_step([STEP for _ in steps]).alias("step"),
+        _per_step([s.template.name if s.template else None for s in steps]).alias("template_name"),
+        _per_step([s.template.language if s.template else None for s in steps]).alias(
+            "template_language"
+        ),
+    ).drop("_step")
+
+
+def with_bodies(frame: pl.DataFrame, plan: ChannelPlanSpec) -> pl.DataFrame:
+    """`frame` (decisions rows) with `body`: each free-form step's text, its {fields} filled in
+    from the row's `variables`; null for template messages.
+
+    Bodies are rendered for the rows that need them (those about to be planned, a preview's
+    sample), not for a whole audience: the text would be most of a decision's memory.
+    """
+    body: pl.Expr = pl.lit(None, dtype=pl.String)
+    for step in plan.steps:
+        if step.body is None:
+            continue
+        pieces = _BODY_FIELD.split(step.body)  # text, field, text, field, …, text
+        parts: list[pl.Expr] = []
+        for position, piece in enumerate(pieces):
+            if position % 2 == 0:
+                parts.append(pl.lit(piece))
+            else:
+                field = str(position // 2 + 1)
+                parts.append(pl.col("variables").struct.field(field))
+        text = pl.concat_str(parts)
+        body = pl.when(pl.col("channel") == step.channel).then(text).otherwise(body)
+    return frame.with_columns(body.alias("body"))
+
+
+def rendered(frame: pl.DataFrame, plan: ChannelPlanSpec) -> pl.DataFrame:
+    """Decisions rows as they are sent: `body` rendered and `variables` as a list."""
+    return variables_as_lists(with_bodies(frame, plan))

@@ -12,7 +12,8 @@ import polars as pl
 from cdp_activation.policy.hashing import stable_fraction
 
 
-def holdout_mask(customer_ids: pl.Series, share: float, salt: str) -> pl.Series:
-    if share <= 0 or customer_ids.is_empty():
-        return pl.Series("holdout", [False] * len(customer_ids), dtype=pl.Boolean)
-    return (stable_fraction(customer_ids, f"holdout:{salt}") < share).alias("holdout")
+def held_out(customer_id: pl.Expr, share: float, salt: str) -> pl.Expr:
+    """True for the customers in the control group of `share` (0 to 1) under `salt`."""
+    if share <= 0:
+        return pl.lit(False)
+    return stable_fraction(customer_id, f"holdout:{salt}") < share

@@ -21,7 +21,7 @@ import phonenumbers
 import polars as pl
 import sqlalchemy as sa
 
-from cdp_activation.db import open_engine
+from cdp_activation.db import open_engine, read_frame
 
 METADATA_VERSION: str = phonenumbers.__version__
 _CHUNK = 200_000  # keys per statement: large enough to amortise, small enough for memory
@@ -104,7 +104,20 @@ class PhoneCache:
                 f"phone cache dialect {self.dialect!r} is not supported (use SQLite or PostgreSQL)"
             )
         self.version = version
+        self._every: pl.DataFrame | None = None  # the whole table, once read (see lookup)
         metadata.create_all(self.engine)
+
+    def _every_row(self) -> pl.DataFrame:
+        """Every cached answer of this version, read once per `PhoneCache` and kept: a run
+        looks up its suppression list and its audience, and reads the table a single time."""
+        if self._every is None:
+            self._every = read_frame(
+                self.engine,
+                f"SELECT {', '.join(RESULT_SCHEMA)} FROM phone_numbers WHERE metadata_version = $1",
+                (self.version,),
+                schema=RESULT_SCHEMA,
+            )
+        return self._every
 
     def dispose(self) -> None:
         """Close the pool, if this cache opened it (a shared ledger engine is left alone)."""
@@ -117,22 +130,23 @@ class PhoneCache:
         Returns `raw, region, e164, status, number_type` (see `RESULT_SCHEMA`).
         """
         keys = _storable(pairs.select("raw", "region").unique())
+        if keys.is_empty():
+            return pl.DataFrame(schema=RESULT_SCHEMA)
+        if self._every is None:
+            with self.engine.connect() as con:
+                cached = int(
+                    con.execute(sa.select(sa.func.count()).select_from(phone_numbers)).scalar_one()
+                )
+            if len(keys) * _SCAN_RATIO < cached:
+                return self._lookup_keys(keys)
+        # Asked for a good share of the table (the usual warm run), or read already: one
+        # sequential read as Arrow and a hash join here beat a JSON decode and a seek per key.
+        return self._every_row().join(keys, on=["raw", "region"], how="semi")
+
+    def _lookup_keys(self, keys: pl.DataFrame) -> pl.DataFrame:
+        """The cached answers for `keys`, looked up by index, a chunk of keys a statement."""
         found: list[pl.DataFrame] = []
         with self.engine.connect() as con:
-            if keys.is_empty():
-                return pl.DataFrame(schema=RESULT_SCHEMA)
-            cached = int(
-                con.execute(sa.select(sa.func.count()).select_from(phone_numbers)).scalar_one()
-            )
-            if len(keys) * _SCAN_RATIO >= cached:
-                # Asked for a good share of the table (the usual warm run): one sequential read
-                # and a hash join here beat a JSON decode and an index seek per key.
-                scan = sa.select(*(phone_numbers.c[name] for name in RESULT_SCHEMA)).where(
-                    phone_numbers.c.metadata_version == self.version
-                )
-                rows = con.execute(scan).all()
-                every = pl.DataFrame(rows, schema=RESULT_SCHEMA, orient="row")
-                return every.join(keys, on=["raw", "region"], how="semi")
             for start in range(0, len(keys), _CHUNK):
                 chunk = keys.slice(start, _CHUNK)
                 if self.dialect == "sqlite":
@@ -153,6 +167,9 @@ class PhoneCache:
         are replaced.
         """
         rows = _storable(results.select(list(RESULT_SCHEMA)).unique(subset=["raw", "region"]))
+        if self._every is not None:
+            kept = self._every.join(rows, on=["raw", "region"], how="anti")
+            self._every = pl.concat([kept, rows.cast(RESULT_SCHEMA)])  # type: ignore[arg-type]
         with self.engine.begin() as con:
             for start in range(0, len(rows), _CHUNK):
                 chunk = rows.slice(start, _CHUNK)

@@ -21,6 +21,8 @@ takes over 13 minutes. So `normalise_frame` works in three tiers, all giving the
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, cached_property, lru_cache
 from typing import TYPE_CHECKING
@@ -33,6 +35,8 @@ from phonenumbers.phonenumberutil import (
     REGION_CODE_FOR_NON_GEO_ENTITY,
     region_code_for_country_code,
 )
+
+from cdp_activation.policy.codes import enum_from_codes
 
 if TYPE_CHECKING:
     from cdp_activation.policy.phone_cache import PhoneCache
@@ -398,7 +402,14 @@ def fast_codes(raws: pl.Series) -> pl.Series:
     Works in chunks so the intermediate columns of a 10M-row audience never coexist.
     """
     raws = raws.cast(pl.String)
-    chunks = [_fast_chunk(raws.slice(start, _CHUNK)) for start in range(0, len(raws), _CHUNK)]
+    starts = range(0, len(raws), _CHUNK)
+    if len(starts) <= 1:
+        chunks = [_fast_chunk(raws.slice(start, _CHUNK)) for start in starts]
+    else:
+        # Each chunk is many small polars calls (one per region pattern), each on one core:
+        # chunks side by side keep every core busy. polars releases the GIL while it works.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            chunks = list(pool.map(lambda start: _fast_chunk(raws.slice(start, _CHUNK)), starts))
     if not chunks:
         return pl.Series("code", [], dtype=_CODE_DTYPE)
     return pl.concat(chunks).alias("code")
@@ -487,29 +498,32 @@ def resolve_pairs(pairs: pl.DataFrame, cache: PhoneCache | None = None) -> pl.Da
     return pl.concat([found.select(computed.columns), computed])
 
 
-def normalise_frame(
-    frame: pl.DataFrame,
-    phone_col: str = "phone",
-    region_col: str | None = "country",
-    *,
-    cache: PhoneCache | None = None,
-) -> pl.DataFrame:
-    """Add `phone_e164`, `phone_status` ("ok" | "missing" | "invalid") and `phone_type`.
+STATUSES: tuple[str, ...] = (STATUS_OK, STATUS_INVALID, STATUS_MISSING)
+STATUS_DTYPE = pl.Enum(STATUSES)
+TYPE_DTYPE = pl.Enum(PHONE_TYPES)
+INVALID_CODE, MISSING_CODE = _INVALID, _MISSING  # codes past the types (see `phone_codes`)
 
-    `phone_type` is the `PhoneNumberType` name in lower case, null unless the status is ok.
+
+def phone_codes(
+    raw: pl.Series, regions: pl.Series | None = None, *, cache: PhoneCache | None = None
+) -> pl.DataFrame:
+    """Per raw number, in order: `phone_e164` (String) and `code` (UInt8).
+
+    `code` is an index into `PHONE_TYPES` for a valid number, else `INVALID_CODE` or
+    `MISSING_CODE`: one byte a row, which the policy engine works on directly.
     E.164-shaped raw values are judged in polars; the rest once per distinct (raw, region)
-    through phonenumbers, or through `cache` when given. Row order is kept.
+    through phonenumbers, or through `cache` when given.
     """
-    raw = frame.get_column(phone_col).cast(pl.String)
+    raw = raw.cast(pl.String)
     codes = fast_codes(raw)
     regions = (
-        frame.get_column(region_col).cast(pl.String).fill_null("")
-        if region_col
-        else pl.repeat("", len(frame), dtype=pl.String, eager=True)
+        regions.cast(pl.String).fill_null("")
+        if regions is not None
+        else pl.repeat("", len(raw), dtype=pl.String, eager=True)
     )
     work = pl.DataFrame({"raw": raw, "region": regions, "code": codes}).with_row_index("idx")
     slow = work.filter(pl.col("code") == _SLOW)
-    slow_e164 = pl.repeat(None, len(frame), dtype=pl.String, eager=True)
+    slow_e164 = pl.repeat(None, len(raw), dtype=pl.String, eager=True)
     if not slow.is_empty():
         nulls = slow.filter(pl.col("raw").is_null())
         asked = slow.filter(pl.col("raw").is_not_null())
@@ -536,31 +550,75 @@ def normalise_frame(
     ).select("idx", _e164_text(pl.col("raw")).alias("e164"))
     if not double_zero.is_empty():
         slow_e164 = slow_e164.scatter(double_zero["idx"], double_zero["e164"])
-    statuses = [STATUS_OK] * len(PHONE_TYPES) + [STATUS_INVALID, STATUS_MISSING]
     code = pl.lit(codes)
-    return frame.with_columns(
+    return pl.select(
         pl.when(code < _INVALID)
         .then(pl.coalesce(pl.lit(slow_e164), pl.lit(raw)))
         .alias("phone_e164"),
-        code.replace_strict(list(range(len(statuses))), statuses, return_dtype=pl.String).alias(
-            "phone_status"
-        ),
-        pl.when(code < _INVALID)
-        .then(code.replace_strict(list(range(len(PHONE_TYPES))), list(PHONE_TYPES), default=None))
-        .cast(pl.String)
-        .alias("phone_type"),
+        code.alias("code"),
+    )
+
+
+def e164_number(e164: pl.Expr) -> pl.Expr:
+    """An E.164 number as an unsigned integer: its digits (at most 15, no leading zero), so
+    the same number is the same integer. Compared and hashed as 8 bytes, not as text."""
+    return e164.str.slice(1).cast(pl.UInt64, strict=False)
+
+
+def status_of(code: pl.Expr) -> pl.Expr:
+    """ "ok" | "invalid" | "missing" (`STATUS_DTYPE`) of a `phone_codes` code."""
+    index = pl.when(code < _INVALID).then(0).when(code == _MISSING).then(2).otherwise(1)
+    return enum_from_codes(index, STATUSES)
+
+
+def type_of(code: pl.Expr) -> pl.Expr:
+    """The `PhoneNumberType` name (`TYPE_DTYPE`) of a `phone_codes` code, null unless ok."""
+    return enum_from_codes(pl.when(code < _INVALID).then(code), PHONE_TYPES)
+
+
+def normalise_frame(
+    frame: pl.DataFrame,
+    phone_col: str = "phone",
+    region_col: str | None = "country",
+    *,
+    cache: PhoneCache | None = None,
+) -> pl.DataFrame:
+    """Add `phone_e164`, `phone_status` ("ok" | "missing" | "invalid") and `phone_type`.
+
+    `phone_type` is the `PhoneNumberType` name in lower case, null unless the status is ok;
+    both are enums (`STATUS_DTYPE`, `TYPE_DTYPE`). Row order is kept. See `phone_codes`.
+    """
+    found = phone_codes(
+        frame.get_column(phone_col),
+        frame.get_column(region_col) if region_col else None,
+        cache=cache,
+    )
+    code = pl.lit(found["code"])
+    return frame.with_columns(
+        found["phone_e164"],
+        status_of(code).alias("phone_status"),
+        type_of(code).alias("phone_type"),
     )
 
 
 __all__ = [
+    "INVALID_CODE",
+    "MISSING_CODE",
     "PHONE_TYPES",
+    "STATUSES",
+    "STATUS_DTYPE",
     "STATUS_INVALID",
     "STATUS_MISSING",
     "STATUS_OK",
+    "TYPE_DTYPE",
     "classify",
+    "e164_number",
     "fast_codes",
     "normalise",
     "normalise_frame",
+    "phone_codes",
     "phonenumbers_calls",
     "resolve_pairs",
+    "status_of",
+    "type_of",
 ]

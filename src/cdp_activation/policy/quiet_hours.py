@@ -8,6 +8,7 @@ else UTC.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from functools import cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -15,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import polars as pl
 import pytz
 
+from cdp_activation.policy.codes import enum_from_codes
 from cdp_activation.specs import QuietHoursSpec
 
 
@@ -84,24 +86,55 @@ def quiet_until(zone_name: str, now: datetime, spec: QuietHoursSpec) -> datetime
     return _local_to_utc(end_day, end, zone, after=now)
 
 
-def not_before(frame: pl.DataFrame, now: datetime, spec: QuietHoursSpec) -> pl.DataFrame:
-    """Add `zone` and `not_before` (UTC, null when the recipient may be messaged now)."""
-    timezone = (
-        frame["timezone"] if "timezone" in frame.columns else pl.Series([None] * frame.height)
-    )
-    pairs = pl.DataFrame(
-        {"timezone": timezone.cast(pl.String), "country": frame["country"].cast(pl.String)}
-    )
-    distinct = pairs.unique()
-    zones = [resolve_zone(t, c) for t, c in distinct.iter_rows()]
-    until = {zone: quiet_until(zone, now, spec) for zone in set(zones)}
-    lookup = distinct.with_columns(
-        pl.Series("zone", zones, dtype=pl.String),
-        pl.Series("not_before", [until[z] for z in zones], dtype=pl.Datetime("us", "UTC")),
-    )
-    joined = (
-        pairs.with_row_index("_i")
-        .join(lookup, on=["timezone", "country"], how="left", nulls_equal=True)
-        .sort("_i")
-    )
-    return frame.with_columns(joined["zone"], joined["not_before"])
+@dataclass(frozen=True)
+class ZoneTable:
+    """Each recipient's zone and the end of its quiet hours, decided once per distinct value.
+
+    `position()` gives each row an index into `zones` (its `timezone` when a valid IANA name,
+    else its country's zone, else UTC); `name` and `not_before` turn an index into the zone
+    (an enum) and the UTC end of its quiet hours now (null when not quiet).
+    """
+
+    zones: tuple[str, ...]
+    until: pl.Series
+    by_timezone: dict[str, int]
+    by_country: dict[str, int]
+
+    @classmethod
+    def of(cls, frame: pl.DataFrame, now: datetime, spec: QuietHoursSpec) -> ZoneTable:
+        countries = frame["country"].cast(pl.String).drop_nulls().unique().to_list()
+        timezones = []
+        if "timezone" in frame.columns:
+            timezones = frame["timezone"].cast(pl.String).drop_nulls().unique().to_list()
+        own = {t: zone for t in timezones if (zone := valid_zone(t))}
+        national = {c: zone for c in countries if (zone := country_zone(c))}
+        zones = tuple(sorted({*own.values(), *national.values(), "UTC"}))
+        index = {zone: i for i, zone in enumerate(zones)}
+        until = [quiet_until(zone, now, spec) for zone in zones]
+        return cls(
+            zones=zones,
+            until=pl.Series(until, dtype=pl.Datetime("us", "UTC")),
+            by_timezone={t: index[z] for t, z in own.items()},
+            by_country={c: index[z] for c, z in national.items()},
+        )
+
+    def position(self) -> pl.Expr:
+        def lookup(column: str, mapping: dict[str, int]) -> pl.Expr:
+            if not mapping:
+                return pl.lit(None, dtype=pl.UInt32)
+            return (
+                pl.col(column)
+                .cast(pl.String)
+                .replace_strict(mapping, default=None, return_dtype=pl.UInt32)
+            )
+
+        utc = pl.lit(self.zones.index("UTC"), dtype=pl.UInt32)
+        return pl.coalesce(
+            lookup("timezone", self.by_timezone), lookup("country", self.by_country), utc
+        )
+
+    def name(self, position: pl.Expr) -> pl.Expr:
+        return enum_from_codes(position, self.zones)
+
+    def not_before(self, position: pl.Expr) -> pl.Expr:
+        return pl.lit(self.until).gather(position)

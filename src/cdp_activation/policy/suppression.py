@@ -10,7 +10,7 @@ from __future__ import annotations
 import polars as pl
 
 from cdp_activation.policy.phone_cache import PhoneCache
-from cdp_activation.policy.phones import STATUS_OK, normalise_frame
+from cdp_activation.policy.phones import STATUS_OK, e164_number, normalise_frame
 
 
 def normalise_suppressions(
@@ -53,17 +53,22 @@ def normalise_suppressions(
     )
 
 
-def flag_suppressed(
-    frame: pl.DataFrame, suppressed: pl.DataFrame, channels: list[str]
-) -> pl.DataFrame:
-    """Add `suppressed_all` and `suppressed_<channel>` boolean columns keyed on `phone_e164`."""
-    global_numbers = suppressed.filter(pl.col("channel").is_null())["phone_e164"].implode()
-    out = frame.with_columns(
-        pl.col("phone_e164").is_in(global_numbers).fill_null(False).alias("suppressed_all")
-    )
+def suppressed_flags(
+    number: pl.Expr, suppressed: pl.DataFrame, channels: list[str]
+) -> dict[str, pl.Expr]:
+    """`_suppressed_all` and `_suppressed_<channel>`: is the row's number on the list.
+
+    `number` is the row's E.164 number as an integer (`phones.e164_number`); the list is
+    `normalise_suppressions`' (phone_e164, channel) rows, channel null for every channel.
+    """
+    numbers = suppressed.select(e164_number(pl.col("phone_e164")).alias("n"), "channel")
+
+    def on_list(rows: pl.DataFrame) -> pl.Expr:
+        if rows.is_empty():
+            return pl.lit(False)
+        return number.is_in(rows["n"].drop_nulls().implode()).fill_null(False)
+
+    flags = {"_suppressed_all": on_list(numbers.filter(pl.col("channel").is_null()))}
     for channel in channels:
-        numbers = suppressed.filter(pl.col("channel") == channel)["phone_e164"].implode()
-        out = out.with_columns(
-            pl.col("phone_e164").is_in(numbers).fill_null(False).alias(f"suppressed_{channel}")
-        )
-    return out
+        flags[f"_suppressed_{channel}"] = on_list(numbers.filter(pl.col("channel") == channel))
+    return flags

@@ -51,16 +51,22 @@ def variable_as_text(column: str) -> pl.Expr:
     return pl.col(column).cast(pl.String)
 
 
+def _present(text: pl.Expr) -> pl.Expr:
+    """A value with something other than whitespace in it (`\\S`: Unicode whitespace, as
+    `str.strip` counts it)."""
+    return text.is_not_null() & text.str.contains(r"\S")
+
+
 def whatsapp_variables_ok(columns: list[str]) -> pl.Expr:
     """True where every template variable passes WhatsApp's parameter rules."""
     ok = pl.lit(True)
     for column in columns:
         text = variable_as_text(column)
         ok = ok & (
-            text.is_not_null()
-            & (text.str.strip_chars().str.len_chars() > 0)
-            & ~text.str.contains(r"[\n\t]")
-            & ~text.str.contains(r" {5,}")
+            _present(text)
+            & ~text.str.contains("\n", literal=True)
+            & ~text.str.contains("\t", literal=True)
+            & ~text.str.contains(" " * 5, literal=True)  # more than four consecutive spaces
             & (text.str.len_chars() <= MAX_PARAMETER_LENGTH)
         ).fill_null(False)
     return ok
@@ -69,20 +75,5 @@ def whatsapp_variables_ok(columns: list[str]) -> pl.Expr:
 def body_variables_ok(columns: list[str]) -> pl.Expr:
     ok = pl.lit(True)
     for column in columns:
-        text = variable_as_text(column)
-        ok = ok & (text.is_not_null() & (text.str.strip_chars().str.len_chars() > 0)).fill_null(
-            False
-        )
+        ok = ok & _present(variable_as_text(column)).fill_null(False)
     return ok
-
-
-def render_body(body: str, columns: list[str]) -> pl.Expr:
-    """The body with each {column} replaced by the row's value (vectorised)."""
-    parts: list[pl.Expr] = []
-    rest = body
-    for column in columns:
-        marker = "{" + column + "}"
-        before, _, rest = rest.partition(marker)
-        parts.extend([pl.lit(before), variable_as_text(column)])
-    parts.append(pl.lit(rest))
-    return pl.concat_str(parts)
