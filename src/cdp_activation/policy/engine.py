@@ -258,7 +258,7 @@ def decide(
     )
     # The streaming engine works through the audience in slices, reusing its buffers, instead
     # of allocating every intermediate column at full length.
-    frame = per_row.collect(engine="streaming")
+    frame = per_row.collect(engine="streaming").rechunk()
     del per_row
 
     # Exclusion reasons: worked out once per distinct combination of codes (a few dozen).
@@ -269,16 +269,13 @@ def decide(
         if _excluded(k, orders, len(channels))
     }
     names = list(_LATE_REASONS) + sorted(set(excluded.values()))
-    frame = frame.with_columns(
-        pl.col("_key")
-        .replace_strict(
-            keys,
-            [names.index(excluded[k]) if k in excluded else None for k in keys],
-            return_dtype=pl.UInt32,
-        )
-        .alias("_reason")
+    # On the Series, not in `with_columns`: the expression form held a second copy of the frame.
+    reason_of_key = frame["_key"].replace_strict(
+        keys,
+        [names.index(excluded[k]) if k in excluded else None for k in keys],
+        return_dtype=pl.UInt32,
     )
-
+    frame = frame.with_columns(reason_of_key.alias("_reason"))
     frame = _one_message_per_phone(frame)
     frame = _apply_cap(frame, max_recipients, salt)
     frame = _decide_and_defer(frame, zones)

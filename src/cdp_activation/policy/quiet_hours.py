@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import polars as pl
 import pytz
 
-from cdp_activation.policy.codes import enum_from_codes
+from cdp_activation.policy.codes import enum_from_codes, map_strings
 from cdp_activation.specs import QuietHoursSpec
 
 
@@ -119,19 +119,10 @@ class ZoneTable:
         )
 
     def position(self) -> pl.Expr:
-        def lookup(column: str, mapping: dict[str, int]) -> pl.Expr:
-            if not mapping:
-                return pl.lit(None, dtype=pl.UInt32)
-            return (
-                pl.col(column)
-                .cast(pl.String)
-                .replace_strict(mapping, default=None, return_dtype=pl.UInt32)
-            )
-
         utc = pl.lit(self.zones.index("UTC"), dtype=pl.UInt32)
-        return pl.coalesce(
-            lookup("timezone", self.by_timezone), lookup("country", self.by_country), utc
-        )
+        own = map_strings(pl.col("timezone"), self.by_timezone) if self.by_timezone else None
+        national = map_strings(pl.col("country"), self.by_country)
+        return pl.coalesce([e for e in (own, national) if e is not None] + [utc])
 
     def name(self, position: pl.Expr) -> pl.Expr:
         return enum_from_codes(position, self.zones)

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import polars as pl
 
+from cdp_activation.policy.codes import map_strings
+
 
 def orders_by_country(
     plan_channels: Sequence[str], overrides: Mapping[str, Sequence[str]]
@@ -30,8 +32,4 @@ def order_id(country: pl.Expr, orders: Sequence[tuple[str | None, Sequence[int]]
     own = {c: i for i, (c, _) in enumerate(orders) if c is not None}
     if not own:
         return pl.lit(0, dtype=pl.UInt8)
-    return (
-        country.cast(pl.String)
-        .str.to_uppercase()
-        .replace_strict(own, default=0, return_dtype=pl.UInt8)
-    )
+    return map_strings(country.cast(pl.String).str.to_uppercase(), own, pl.UInt8()).fill_null(0)
