@@ -24,6 +24,7 @@ def settings_for_sandbox(server: SandboxServer) -> Settings:
         _env_file=None,  # type: ignore[call-arg]  # pydantic-settings init-only option
         meta_base_url=f"{server.url}/meta",
         twilio_base_url=f"{server.url}/twilio",
+        twilio_content_base_url=f"{server.url}/twilio",
         infobip_base_url=f"{server.url}/infobip",
         vonage_base_url=f"{server.url}/vonage",
         webhook_url=f"{server.url}/webhook/messages",

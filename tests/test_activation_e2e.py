@@ -23,7 +23,7 @@ from cdp_activation.defs.resources import resources
 from cdp_activation.demo_data import generate_demo_warehouse
 from cdp_activation.ledger import Ledger
 from cdp_activation.runner import RunSummary, run_activation
-from cdp_activation.sandbox import SandboxServer
+from cdp_activation.sandbox import SandboxServer, twilio_content_sid
 from cdp_activation.settings import project_root
 from cdp_activation.specs import ActivationSpec
 from cdp_activation.warehouse import Warehouse
@@ -67,6 +67,7 @@ def env(
     monkeypatch.setenv("CDP_LEDGER_URL", ledger_url)
     monkeypatch.setenv("CDP_META_BASE_URL", f"{sandbox.url}/meta")
     monkeypatch.setenv("CDP_TWILIO_BASE_URL", f"{sandbox.url}/twilio")
+    monkeypatch.setenv("CDP_TWILIO_CONTENT_BASE_URL", f"{sandbox.url}/twilio")
     monkeypatch.setenv("CDP_META_RATE_PER_SECOND", "5000")
     monkeypatch.setenv("CDP_TWILIO_RATE_PER_SECOND", "5000")
     for var in ("CDP_META_ACCESS_TOKEN", "CDP_TWILIO_AUTH_TOKEN"):
@@ -383,24 +384,38 @@ def test_a_holdout_is_recorded_in_the_ledger_and_never_messaged(env: SimpleNames
     assert not received & set(held["recipient"].to_list())
 
 
-def test_the_template_catalog_asset_syncs_from_the_provider(env: SimpleNamespace) -> None:
-    from cdp_activation.defs.templates import META_TEMPLATES, meta_whatsapp_templates
+@pytest.mark.parametrize(
+    ("connector", "winback_row"),
+    [
+        ("meta_whatsapp", "| `winback_offer` | en | MARKETING | APPROVED | 3 |"),
+        (
+            "twilio",
+            f"| `{twilio_content_sid('winback_offer', 'en')}` (winback_offer) | en | MARKETING "
+            "| APPROVED | 3 |",
+        ),
+    ],
+)
+def test_the_template_catalog_asset_syncs_from_the_provider(
+    env: SimpleNamespace, connector: str, winback_row: str
+) -> None:
+    from cdp_activation.defs.templates import catalog_asset
 
+    asset = catalog_asset(connector)
     result = dg.materialize(
-        [meta_whatsapp_templates],
-        resources={"meta_whatsapp": resources().resources["meta_whatsapp"]},
+        [asset],
+        resources={connector: resources().resources[connector]},
         instance=dg.DagsterInstance.get(),
     )
     assert result.success
     (event,) = [
         e.event_specific_data.materialization
         for e in result.get_asset_materialization_events()
-        if e.asset_key == META_TEMPLATES
+        if e.asset_key == dg.AssetKey(["templates", connector])
     ]
     metadata = {k: v.value for k, v in event.metadata.items()}
     assert metadata["templates_approved"] >= 5
     assert metadata["templates_pending"] == 1
-    assert "| `winback_offer` | en | MARKETING | APPROVED | 3 |" in metadata["catalog"]
+    assert winback_row in metadata["catalog"]
 
 
 def test_an_audience_can_leave_out_recently_messaged_customers_in_the_warehouse(

@@ -13,6 +13,7 @@ from cdp_activation.policy import decide
 from cdp_activation.policy.engine import rendered, variables_as_lists, with_bodies
 from cdp_activation.policy.phones import normalise
 from cdp_activation.policy.suppression import normalise_suppressions
+from cdp_activation.policy.templates import template_problem
 from cdp_activation.specs import ChannelPlanSpec
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
@@ -498,3 +499,46 @@ def test_a_body_repeating_a_field_renders_each_occurrence() -> None:
     )
     result = decide(audience, plan, now=NOW, suppressions=NO_SUPPRESSIONS, catalogs=APPROVED)
     assert with_bodies(result.frame, plan)["body"].to_list() == ["Ann1! CODE1, Ann1"]
+
+
+# --- templates from Twilio's Content API, and parameter names ------------------------------
+
+CONTENT_SID = "HX" + "0a" * 16
+SMS_CONTENT_PLAN = ChannelPlanSpec.model_validate(
+    {
+        "purpose": "marketing",
+        "steps": [
+            {
+                "channel": "sms",
+                "connector": "twilio",
+                "template": {**WINBACK, "name": CONTENT_SID},
+            }
+        ],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ("APPROVED", ("sms", None)),
+        ("PENDING", (None, "sms_template_not_approved")),
+        ("UNSUBMITTED", (None, "sms_template_not_approved")),
+    ],
+)
+def test_a_twilio_content_template_goes_only_when_approved(
+    status: str, expected: tuple[str | None, str | None]
+) -> None:
+    info = TemplateInfo(CONTENT_SID, "en", "MARKETING", status, 2, ("1", "2"))
+    result = run([customer(1)], SMS_CONTENT_PLAN, catalogs={"twilio": [info]})
+    assert result[1] == expected
+
+
+def test_a_template_with_named_parameters_is_not_filled_by_position() -> None:
+    info = TemplateInfo("winback_offer", "en", "MARKETING", "APPROVED", 2, ("name", "code"))
+    assert template_problem([info], TEMPLATE_PLAN.steps[0].template, "marketing") == (
+        "template 'winback_offer' takes named parameters (name, code); the plan maps its "
+        "variables by position ({{1}}, {{2}}, …): use a positional template"
+    )
+    positional = TemplateInfo("winback_offer", "en", "MARKETING", "APPROVED", 2, ("1", "2"))
+    assert template_problem([positional], TEMPLATE_PLAN.steps[0].template, "marketing") is None

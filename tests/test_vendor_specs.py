@@ -35,8 +35,8 @@ from cdp_activation.connectors import (
     TwilioConnector,
     connector_from_settings,
 )
-from cdp_activation.connectors.base import OutboundMessage, Outcome, TemplateRef
-from cdp_activation.sandbox import SandboxServer
+from cdp_activation.connectors.base import OutboundMessage, Outcome, TemplateInfo, TemplateRef
+from cdp_activation.sandbox import SandboxServer, load_catalog, twilio_content_sid
 from cdp_activation.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -236,11 +236,39 @@ def test_meta_template_listing_matches_spec(
 
 # --- Twilio -----------------------------------------------------------------------------------
 
+TWILIO_CONTENT_SPEC = SPECS / "twilio" / "twilio_content_v1.json"
+TWILIO_CONTENT_SERVER = "https://content.twilio.com"
+
+
+def test_twilio_content_listing_matches_spec(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("twilio", sandbox_settings)
+    assert isinstance(connector, TwilioConnector)
+    templates: list[TemplateInfo] = []
+
+    async def run(client: httpx.AsyncClient) -> None:
+        templates.extend(await connector.fetch_templates(client, page_size=4))
+
+    exchanges = capture(run)
+    assert len(exchanges) == 3, "paging was not exercised (9 templates, 4 a page)"
+    validate(exchanges, TWILIO_CONTENT_SPEC, "/twilio", TWILIO_CONTENT_SERVER)
+    by_name = {(t.extra["friendly_name"], t.language): t for t in templates}
+    assert len(by_name) == len(load_catalog())
+    order_update = by_name[("order_update", "en")]
+    assert order_update.name == twilio_content_sid("order_update", "en")
+    assert (order_update.status, order_update.category) == ("APPROVED", "UTILITY")
+    assert order_update.parameter_names == ("1", "2")
+    assert by_name[("paused_promo", "en")].status == "PAUSED"
+
 
 TWILIO_MESSAGES = {
     "sms-body": OutboundMessage("k1", UK, "sms", body="Hi Ana, we miss you! Code COMEBACK20"),
     "content-template": OutboundMessage(
-        "k2", UK, "sms", template=TemplateRef("HX" + "ab" * 16, "en", ("Ana", "45"))
+        "k2",
+        UK,
+        "sms",
+        template=TemplateRef(twilio_content_sid("order_update", "en"), "en", ("Ana", "45")),
     ),
 }
 

@@ -58,6 +58,7 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
         # The demo always sends to the sandbox, never to a real provider from the environment.
         os.environ["CDP_META_BASE_URL"] = f"{url}/meta"
         os.environ["CDP_TWILIO_BASE_URL"] = f"{url}/twilio"
+        os.environ["CDP_TWILIO_CONTENT_BASE_URL"] = f"{url}/twilio"
         for var in ("CDP_META_ACCESS_TOKEN", "CDP_TWILIO_AUTH_TOKEN"):
             os.environ.pop(var, None)
         # Meta's highest throughput tier; the sandbox has no limit of its own.
@@ -221,6 +222,7 @@ def dev(port: int, sandbox_port: int) -> None:
         env = dict(os.environ, DAGSTER_HOME=str(home))
         env.setdefault("CDP_META_BASE_URL", f"{url}/meta")
         env.setdefault("CDP_TWILIO_BASE_URL", f"{url}/twilio")
+        env.setdefault("CDP_TWILIO_CONTENT_BASE_URL", f"{url}/twilio")
         console.print(f"Dagster UI on http://127.0.0.1:{port}")
         command = [
             sys.executable,

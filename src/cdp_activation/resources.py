@@ -94,6 +94,7 @@ class TwilioResource(ConnectorResource):
     account_sid: str
     auth_token: str | None = None
     from_number: str
+    content_base_url: str | None = None  # the Content API's host; None: `base_url`
 
     def connector(self) -> Connector:
         token = self.auth_token
@@ -108,6 +109,7 @@ class TwilioResource(ConnectorResource):
                     "CDP_TWILIO_AUTH_TOKEN",
                 ),
                 from_number=self.from_number,
+                content_base_url=self.content_base_url,
             )
         )
 

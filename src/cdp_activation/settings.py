@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     meta_rate_per_second: float | None = None  # None: the connector's default (80 msg/s)
 
     twilio_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"
+    # Content API (templates and their WhatsApp approvals). Real: https://content.twilio.com
+    twilio_content_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"
     twilio_account_sid: str = SANDBOX_TWILIO_ACCOUNT_SID
     twilio_auth_token: SecretStr | None = None
     twilio_from: str = "+15005550006"

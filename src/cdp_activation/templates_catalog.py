@@ -14,7 +14,7 @@ import polars as pl
 from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
 
 # Connectors whose template catalog is a shared asset (`templates/<connector>`).
-CATALOG_CONNECTORS = frozenset({"meta_whatsapp"})
+CATALOG_CONNECTORS = frozenset({"meta_whatsapp", "twilio"})
 
 SCHEMA = {
     "name": pl.String,
@@ -22,6 +22,7 @@ SCHEMA = {
     "category": pl.String,
     "status": pl.String,
     "body_parameter_count": pl.Int64,
+    "friendly_name": pl.String,  # Twilio: the Content template's own name beside its SID
 }
 
 
@@ -45,6 +46,7 @@ def catalog_frame(catalog: list[TemplateInfo]) -> pl.DataFrame:
             "category": t.category,
             "status": t.status,
             "body_parameter_count": t.body_parameter_count,
+            "friendly_name": t.extra.get("friendly_name"),
         }
         for t in catalog
     ]
@@ -53,9 +55,10 @@ def catalog_frame(catalog: list[TemplateInfo]) -> pl.DataFrame:
 
 def catalog_markdown(frame: pl.DataFrame) -> str:
     lines = ["| template | language | category | status | parameters |", "|---|---|---|---|---:|"]
-    lines += [
-        f"| `{r['name']}` | {r['language']} | {r['category']} | {r['status']} | "
-        f"{r['body_parameter_count']} |"
-        for r in frame.iter_rows(named=True)
-    ]
+    for r in frame.iter_rows(named=True):
+        label = f"`{r['name']}`" + (f" ({r['friendly_name']})" if r["friendly_name"] else "")
+        lines.append(
+            f"| {label} | {r['language']} | {r['category']} | {r['status']} | "
+            f"{r['body_parameter_count']} |"
+        )
     return "\n".join(lines)

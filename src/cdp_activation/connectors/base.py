@@ -93,6 +93,9 @@ class TemplateInfo:
     category: str  # MARKETING | UTILITY | AUTHENTICATION
     status: str  # APPROVED | PENDING | REJECTED | PAUSED | DISABLED
     body_parameter_count: int = 0
+    # The body's parameter names in order: "1", "2", … for positional templates ({{1}}), the
+    # names of a named one ({{first_name}}); empty when the catalog does not say.
+    parameter_names: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
 

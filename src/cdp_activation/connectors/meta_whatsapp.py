@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 RETRY_CODES = frozenset({130429, 131056, 131057, 131000, 131016, 4, 80007})
 TEMPLATE_CODES = frozenset({132000, 132001, 132005, 132007, 132012, 132015, 132016})
 CREDENTIAL_CODES = frozenset({190, 10, 200})
-_PLACEHOLDER = re.compile(r"\{\{\s*(\d+)\s*\}\}")
+_ANY_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 _USER_AGENT = "cdp-activation/0.1.0"  # the spec's User-Agent pattern wants name/x.y.z
 
 
@@ -238,18 +238,23 @@ def _meta_error(data: Any) -> tuple[int | None, str]:
 
 
 def _template_info(item: dict[str, Any]) -> TemplateInfo:
-    """One `message_templates` entry as a `TemplateInfo` (body parameters = highest {{n}})."""
-    count = 0
+    """One `message_templates` entry as a `TemplateInfo`: body parameters {{1}}…{{n}}
+    (positional), or the distinct names of a NAMED template's {{first_name}} placeholders."""
+    names: tuple[str, ...] = ()
     for component in item.get("components") or []:
         if str(component.get("type", "")).upper() == "BODY":
-            numbers = [int(n) for n in _PLACEHOLDER.findall(str(component.get("text", "")))]
-            count = max(numbers, default=0)
+            found = _ANY_PLACEHOLDER.findall(str(component.get("text", "")))
+            if found and all(n.isdigit() for n in found):
+                names = tuple(str(i) for i in range(1, max(int(n) for n in found) + 1))
+            else:
+                names = tuple(dict.fromkeys(found))
     extra = {"id": str(item["id"])} if item.get("id") is not None else {}
     return TemplateInfo(
         name=str(item.get("name", "")),
         language=str(item.get("language", "")),
         category=str(item.get("category", "")).upper(),
         status=str(item.get("status", "")).upper(),
-        body_parameter_count=count,
+        body_parameter_count=len(names),
+        parameter_names=names,
         extra=extra,
     )

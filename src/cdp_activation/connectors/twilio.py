@@ -16,16 +16,23 @@ from __future__ import annotations
 import json
 import re
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
 from cdp_activation.connectors.base import (
     Capabilities,
+    ConnectorError,
     CredentialsError,
     OutboundMessage,
     TemplateError,
+    TemplateInfo,
 )
-from cdp_activation.connectors.http import OneRecipientHttpConnector, require_settings
+from cdp_activation.connectors.http import (
+    OneRecipientHttpConnector,
+    json_or_none,
+    require_settings,
+)
 
 if TYPE_CHECKING:
     from cdp_activation.settings import Settings
@@ -57,7 +64,14 @@ class TwilioConnector(OneRecipientHttpConnector):
         idempotency=False,  # no IdempotencyKey on Messages: a lost answer means UNKNOWN
     )
 
-    def __init__(self, base_url: str, account_sid: str, auth_token: str, from_number: str) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        account_sid: str,
+        auth_token: str,
+        from_number: str,
+        content_base_url: str | None = None,
+    ) -> None:
         require_settings(
             self.name,
             "CDP_TWILIO_",
@@ -67,6 +81,8 @@ class TwilioConnector(OneRecipientHttpConnector):
             from_number=from_number,
         )
         self.base_url = base_url.rstrip("/")
+        # The Content API lives on its own host (content.twilio.com); the sandbox serves both.
+        self.content_base_url = (content_base_url or base_url).rstrip("/")
         self.account_sid = account_sid
         self.from_number = from_number
         self._auth_token = auth_token
@@ -79,6 +95,7 @@ class TwilioConnector(OneRecipientHttpConnector):
             account_sid=settings.twilio_account_sid,
             auth_token=settings.twilio_token(),
             from_number=settings.twilio_from,
+            content_base_url=settings.twilio_content_base_url,
         )
 
     def __repr__(self) -> str:
@@ -90,6 +107,48 @@ class TwilioConnector(OneRecipientHttpConnector):
     @property
     def messages_url(self) -> str:
         return f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
+
+    @property
+    def content_url(self) -> str:
+        return f"{self.content_base_url}/v1/ContentAndApprovals"
+
+    async def fetch_templates(
+        self, client: httpx.AsyncClient, page_size: int = 100
+    ) -> list[TemplateInfo]:
+        """Every Content template with its WhatsApp approval (`GET /v1/ContentAndApprovals`),
+        following `meta.next_page_url`'s page token against our own Content base URL.
+
+        A template is named by its Content SID (`HX…`), the name a plan's step sends; its
+        WhatsApp approval gives the status and category, its `variables` the parameters.
+        """
+        params: dict[str, str | int] = {"PageSize": page_size}
+        templates: list[TemplateInfo] = []
+        while True:
+            response = await client.get(
+                self.content_url,
+                params=params,
+                auth=(self.account_sid, self._auth_token),
+                headers={"Accept": "application/json"},
+            )
+            data = json_or_none(response)
+            if not response.is_success:
+                code, detail = self._error(data, response)
+                detail = self.safe(detail, "")
+                if code in CREDENTIAL_CODES or response.status_code in (401, 403):
+                    raise self._credentials_error(response.status_code, code, detail)
+                raise ConnectorError(
+                    f"Twilio's Content API answered HTTP {response.status_code} (code {code}) "
+                    f"listing templates: {detail}"
+                )
+            contents = data.get("contents") if isinstance(data, dict) else None
+            templates.extend(_content_info(c) for c in contents or [] if isinstance(c, dict))
+            next_url = ((data.get("meta") or {}) if isinstance(data, dict) else {}).get(
+                "next_page_url"
+            )
+            token = parse_qs(urlsplit(str(next_url)).query).get("PageToken") if next_url else None
+            if not token:
+                return templates
+            params = {"PageSize": page_size, "PageToken": token[0]}
 
     def _secrets(self) -> tuple[str, ...]:
         return (self._auth_token,)
@@ -151,3 +210,29 @@ class TwilioConnector(OneRecipientHttpConnector):
         self, message: OutboundMessage, code: int | None, detail: str
     ) -> TemplateError:
         return TemplateError(f"Twilio rejected the content template (code {code}): {detail}")
+
+
+def _content_info(content: dict[str, Any]) -> TemplateInfo:
+    """One `ContentAndApprovals` entry as a `TemplateInfo`.
+
+    The WhatsApp approval sits in `approval_requests` (flat, or under a `whatsapp` key as in
+    the fetch-approval resource); without one the template is not approved for WhatsApp.
+    """
+    approvals = content.get("approval_requests") or {}
+    whatsapp = approvals.get("whatsapp", approvals) if isinstance(approvals, dict) else {}
+    variables = content.get("variables") or {}
+    names = tuple(sorted(variables, key=_parameter_order)) if isinstance(variables, dict) else ()
+    return TemplateInfo(
+        name=str(content.get("sid", "")),
+        language=str(content.get("language", "")),
+        category=str(whatsapp.get("category") or "").upper(),
+        status=str(whatsapp.get("status") or "unsubmitted").upper(),
+        body_parameter_count=len(names),
+        parameter_names=names,
+        extra={"friendly_name": str(content.get("friendly_name") or "")},
+    )
+
+
+def _parameter_order(name: str) -> tuple[int, str]:
+    """Numbered variables in numeric order ("2" before "10"), named ones after, by name."""
+    return (int(name), "") if name.isdigit() else (1 << 30, name)

@@ -52,6 +52,7 @@ def resources() -> dg.Definitions:
                 account_sid=settings.twilio_account_sid,
                 auth_token=_env_secret("CDP_TWILIO_AUTH_TOKEN"),
                 from_number=settings.twilio_from,
+                content_base_url=settings.twilio_content_base_url,
                 rate_per_second=settings.twilio_rate_per_second,
             ),
             "infobip": InfobipResource(

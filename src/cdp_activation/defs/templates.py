@@ -2,31 +2,49 @@
 
 import dagster as dg
 
-from cdp_activation.resources import MetaWhatsAppResource
+from cdp_activation.resources import ConnectorResource
 from cdp_activation.templates_catalog import catalog_frame, catalog_markdown, fetch_catalog
 
-META_TEMPLATES = dg.AssetKey(["templates", "meta_whatsapp"])
+SOURCES = {
+    "meta_whatsapp": (
+        "WhatsApp message templates of the business account, synced from Meta's "
+        "`GET /{WABA-ID}/message_templates` (paged)"
+    ),
+    "twilio": (
+        "Twilio Content templates and their WhatsApp approvals, synced from the Content API's "
+        "`GET /v1/ContentAndApprovals` (paged); a plan names a template by its Content SID"
+    ),
+}
 
 
-@dg.asset(
-    key=META_TEMPLATES,
-    group_name="templates",
-    kinds={"whatsapp"},
-    description="WhatsApp message templates of the business account, synced from Meta's "
-    "`GET /{WABA-ID}/message_templates` (paged): name, language, category, status, "
-    "parameters. Decisions re-read the catalog live before any send.",
-)
-def meta_whatsapp_templates(meta_whatsapp: MetaWhatsAppResource) -> dg.MaterializeResult:
-    frame = catalog_frame(fetch_catalog(meta_whatsapp.connector()))
-    by_status = frame.group_by("status").len().sort("status")
-    metadata: dict[str, object] = {
-        "dagster/row_count": frame.height,
-        "catalog": dg.MetadataValue.md(catalog_markdown(frame)),
-    }
-    for status, count in by_status.iter_rows():
-        metadata[f"templates_{str(status).lower()}"] = count
-    return dg.MaterializeResult(metadata=metadata)
+def catalog_asset(connector_name: str) -> dg.AssetsDefinition:
+    """`templates/<connector>`: the catalog as a table, counts by status as numbers."""
 
+    @dg.asset(
+        key=dg.AssetKey(["templates", connector_name]),
+        group_name="templates",
+        kinds={"whatsapp"},
+        required_resource_keys={connector_name},
+        description=f"{SOURCES[connector_name]}: name, language, category, status, "
+        "parameters. Decisions re-read the catalog live before any send.",
+    )
+    def templates(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        resource: ConnectorResource = getattr(context.resources, connector_name)
+        frame = catalog_frame(fetch_catalog(resource.connector()))
+        metadata: dict[str, object] = {
+            "dagster/row_count": frame.height,
+            "catalog": dg.MetadataValue.md(catalog_markdown(frame)),
+        }
+        for status, count in frame.group_by("status").len().sort("status").iter_rows():
+            metadata[f"templates_{str(status).lower()}"] = count
+        return dg.MaterializeResult(metadata=metadata)
+
+    return templates
+
+
+meta_whatsapp_templates = catalog_asset("meta_whatsapp")
+twilio_templates = catalog_asset("twilio")
+META_TEMPLATES = meta_whatsapp_templates.key
 
 sync_templates_job = dg.define_asset_job(
     "sync_templates", selection=dg.AssetSelection.groups("templates")

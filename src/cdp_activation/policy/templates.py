@@ -39,6 +39,13 @@ def template_problem(
             f"template {spec.name!r} is category {info.category} in the catalog; a {purpose} "
             f"activation may use only {sorted(allowed)}"
         )
+    positional = tuple(str(i) for i in range(1, info.body_parameter_count + 1))
+    if info.parameter_names and info.parameter_names != positional:
+        return (
+            f"template {spec.name!r} takes named parameters "
+            f"({', '.join(info.parameter_names)}); the plan maps its variables by position "
+            "({{1}}, {{2}}, …): use a positional template"
+        )
     if info.body_parameter_count != len(spec.variables):
         return (
             f"template {spec.name!r} takes {info.body_parameter_count} body parameters, the plan "

@@ -7,6 +7,7 @@ from cdp_activation.sandbox.app import (
     body_parameter_count,
     create_app,
     load_catalog,
+    twilio_content_sid,
 )
 from cdp_activation.sandbox.server import SandboxServer, serve
 
@@ -19,4 +20,5 @@ __all__ = [
     "create_app",
     "load_catalog",
     "serve",
+    "twilio_content_sid",
 ]

@@ -623,6 +623,91 @@ async def meta_list_templates(request: Request) -> Response:
     return JSONResponse(body)
 
 
+def twilio_content_sid(name: str, language: str) -> str:
+    """The sandbox's Content SID for a catalog template: stable, `HX` + 32 hex digits."""
+    return "HX" + hashlib.md5(f"{name}|{language}".encode()).hexdigest()
+
+
+@cache
+def twilio_contents() -> tuple[dict[str, Any], ...]:
+    """The local catalog as Twilio Content resources with their WhatsApp approvals."""
+    contents = []
+    for template in load_catalog():
+        examples = []
+        for component in template.get("components", []):
+            if str(component.get("type", "")).upper() == "BODY":
+                examples = (component.get("example") or {}).get("body_text", [[]])[0]
+        count = body_parameter_count(template)
+        sid = twilio_content_sid(template["name"], template["language"])
+        contents.append(
+            {
+                "sid": sid,
+                "account_sid": SANDBOX_TWILIO_ACCOUNT_SID,
+                "friendly_name": template["name"],
+                "language": template["language"],
+                "variables": {
+                    str(i): (examples[i - 1] if i <= len(examples) else f"value{i}")
+                    for i in range(1, count + 1)
+                },
+                "types": {"twilio/text": {"body": _body_text(template)}},
+                "url": f"https://content.twilio.com/v1/Content/{sid}",
+                "approval_requests": {
+                    "name": template["name"],
+                    "category": template["category"].lower(),
+                    "content_type": "twilio/text",
+                    "status": template["status"].lower(),
+                    "rejection_reason": "",
+                    "allow_category_change": False,
+                },
+            }
+        )
+    return tuple(contents)
+
+
+def _body_text(template: dict[str, Any]) -> str:
+    for component in template.get("components", []):
+        if str(component.get("type", "")).upper() == "BODY":
+            return str(component.get("text", ""))
+    return ""
+
+
+async def twilio_content_and_approvals(request: Request) -> Response:
+    """`GET /v1/ContentAndApprovals` with `PageSize` / `PageToken` paging (Content API)."""
+    config: SandboxConfig = request.app.state.config
+    await _provider_delay(config)
+    if not _twilio_authorized(request, config.twilio_account_sid, config):
+        return _twilio_error(401, 20003, "Authenticate")
+    query = request.query_params
+    try:
+        size = int(query.get("PageSize", "50"))
+    except ValueError:
+        size = -1
+    if not 1 <= size <= 1000:
+        return _twilio_error(400, 20001, "PageSize must be between 1 and 1000")
+    start = 0
+    if token := query.get("PageToken"):
+        index = _cursor_index(token)
+        if index is None:
+            return _twilio_error(400, 20001, "Invalid PageToken")
+        start = index + 1
+    contents = twilio_contents()
+    page = contents[start : start + size]
+    url = "https://content.twilio.com/v1/ContentAndApprovals"
+    next_url = None
+    if page and start + len(page) < len(contents):
+        next_url = f"{url}?PageSize={size}&PageToken={_cursor(start + len(page) - 1)}"
+    meta = {
+        "page": start // size,
+        "page_size": size,
+        "first_page_url": f"{url}?PageSize={size}",
+        "previous_page_url": None,
+        "url": str(request.url),
+        "next_page_url": next_url,
+        "key": "contents",
+    }
+    return JSONResponse({"contents": list(page), "meta": meta})
+
+
 # --------------------------------------------------------------------------------------------
 # Twilio Programmable Messaging
 # --------------------------------------------------------------------------------------------
@@ -703,7 +788,17 @@ def _parse_twilio(request: Request, raw: bytes) -> Response | _Candidate:
 
 
 def _refuse_twilio(config: SandboxConfig, candidate: _Candidate) -> Response | None:
-    """Twilio's per-recipient refusal: the number opted out (error 21610), by fault rate."""
+    """Twilio's refusals: a Content SID that is not an approved template (63027), or the
+    number opted out (error 21610, by fault rate)."""
+    content_sid = candidate.record.get("template_name")
+    if content_sid:
+        approved = {
+            c["sid"] for c in twilio_contents() if c["approval_requests"]["status"] == "approved"
+        }
+        if content_sid not in approved:
+            return _twilio_error(
+                400, 63027, f"Template does not exist or is not approved: {content_sid}"
+            )
     rate = config.rate_opted_out
     if rate and _draw(config, "opted_out", candidate.to) < rate:
         return _twilio_error(400, 21610, "Attempt to send to unsubscribed recipient")
@@ -1732,6 +1827,7 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
             twilio_create_message,
             methods=["POST"],
         ),
+        Route("/v1/ContentAndApprovals", twilio_content_and_approvals, methods=["GET"]),
     ]
     infobip_routes = [
         Route("/whatsapp/1/message/template", infobip_whatsapp_template, methods=["POST"]),
