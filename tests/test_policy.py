@@ -542,3 +542,35 @@ def test_a_template_with_named_parameters_is_not_filled_by_position() -> None:
     )
     positional = TemplateInfo("winback_offer", "en", "MARKETING", "APPROVED", 2, ("1", "2"))
     assert template_problem([positional], TEMPLATE_PLAN.steps[0].template, "marketing") is None
+
+
+def test_a_large_audience_keeps_every_row_with_its_own_customer() -> None:
+    # Big enough for the streaming pass to work in many slices: every row must come back
+    # with its own customer's number and variables, in the audience's order.
+    n = 300_000
+    ids = pl.col("customer_id")
+    audience = (
+        pl.select(pl.int_range(1, n + 1).alias("customer_id"))
+        .with_columns(
+            pl.format("+4479{}", ids.cast(pl.String).str.zfill(8)).alias("phone"),
+            pl.lit("GB").alias("country"),
+            pl.format("Ann{}", ids).alias("first_name"),
+            pl.format("CODE{}", ids).alias("offer_code"),
+            (ids % 3 != 0).alias("whatsapp_marketing_consent"),
+            pl.lit(True).alias("sms_marketing_consent"),
+            pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias("whatsapp_last_inbound_at"),
+        )
+        .sample(fraction=1.0, shuffle=True, seed=3)
+    )
+    result = decide(
+        audience, TEMPLATE_PLAN, now=NOW, suppressions=NO_SUPPRESSIONS, catalogs=APPROVED
+    )
+    frame = result.frame
+    assert frame["customer_id"].to_list() == audience["customer_id"].to_list()
+    checks = frame.select(
+        (pl.col("phone_e164") == pl.format("+4479{}", ids.cast(pl.String).str.zfill(8))).all(),
+        (pl.col("variables").struct.field("1") == pl.format("Ann{}", ids)).all(),
+    )
+    assert checks.row(0) == (True, True)
+    whatsapp = frame.filter(pl.col("channel") == "whatsapp")["customer_id"]
+    assert whatsapp.len() == n - n // 3 and (whatsapp % 3 != 0).all()

@@ -218,6 +218,7 @@ def decide(
         key = key + pl.col(code).cast(pl.UInt32) * _channel_weight(i)
     per_row = (
         frame.lazy()
+        .with_row_index("_row")
         .with_columns(e164_number(pl.col("phone_e164")).alias("_number"))
         .with_columns(**tests)
         .with_columns(
@@ -245,8 +246,7 @@ def decide(
             ),
         )
         .select(
-            "customer_id",
-            "phone_e164",
+            "_row",
             "_number",
             "_step",
             "_key",
@@ -257,9 +257,13 @@ def decide(
         )
     )
     # The streaming engine works through the audience in slices, reusing its buffers, instead
-    # of allocating every intermediate column at full length.
-    frame = per_row.collect(engine="streaming").rechunk()
-    del per_row
+    # of allocating every intermediate column at full length. It keeps the rows' order (and
+    # `_row` proves it), so the identifiers are put back beside its output without a copy.
+    computed = per_row.collect(engine="streaming")
+    if not computed["_row"].is_sorted():
+        computed = computed.sort("_row")
+    frame = computed.drop("_row").rechunk().with_columns(frame["customer_id"], frame["phone_e164"])
+    del per_row, computed
 
     # Exclusion reasons: worked out once per distinct combination of codes (a few dozen).
     keys = frame["_key"].unique().sort().to_list()
