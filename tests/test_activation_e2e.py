@@ -371,6 +371,38 @@ def test_quiet_hours_defer_and_a_later_run_sends_once_due(env: SimpleNamespace) 
     ledger.dispose()
 
 
+def test_unknown_sends_go_again_only_for_an_activation_that_opts_in(
+    env: SimpleNamespace,
+) -> None:
+    attributes = copy.deepcopy(winback_attributes())
+    attributes["policy"] = {"quiet_hours": {"start": "00:00", "end": "23:59"}}
+    night = custom_definitions(env.tmp, "lost_answers", attributes)
+    first = run_activation("lost_answers", TODAY.isoformat(), definitions=night)
+    assert first.success and first.deferred > 0
+    # A run was killed with every row in flight: the provider may have them all.
+    ledger = Ledger(env.ledger_url)
+    pending = ledger.pending("lost_answers", TODAY.isoformat(), datetime.max.replace(tzinfo=UTC))
+    ledger.mark_in_flight([r.id for r in pending])
+    ledger.recover_interrupted("lost_answers", TODAY.isoformat())
+    assert ledger.counts("lost_answers", TODAY.isoformat()) == {"unknown": first.deferred}
+
+    attributes["policy"] = {"quiet_hours": {"enabled": False}}
+    by_default = custom_definitions(env.tmp, "lost_answers", attributes)
+    again = run_activation("lost_answers", TODAY.isoformat(), definitions=by_default)
+    assert again.success and again.sent == 0 and again.resent_unknown == 0
+    assert env.sandbox.messages() == []
+
+    attributes["delivery"] = {"resend_unknown": True}
+    opted_in = custom_definitions(env.tmp, "lost_answers", attributes)
+    resent = run_activation("lost_answers", TODAY.isoformat(), definitions=opted_in)
+    assert resent.success, resent.error
+    assert resent.resent_unknown == first.deferred
+    assert (
+        resent.sent + resent.failed == first.deferred == len(env.sandbox.messages()) + resent.failed
+    )
+    ledger.dispose()
+
+
 def test_a_holdout_is_recorded_in_the_ledger_and_never_messaged(env: SimpleNamespace) -> None:
     attributes = copy.deepcopy(winback_attributes())
     attributes["policy"] = {"quiet_hours": {"enabled": False}, "holdout": {"share": 0.25}}

@@ -178,3 +178,59 @@ def test_interrupted_rows_of_an_idempotent_connector_are_planned_again(ledger_ur
         ("webhook", "planned"),
     ]
     ledger.dispose()
+
+
+def test_every_state_change_is_in_the_history_with_its_time_and_attempts(
+    ledger_url: str,
+) -> None:
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(3), run_id="run-1")
+    rows = ledger.pending("winback", "p")
+    ids = [r.id for r in rows]
+    ledger.mark_in_flight(ids)
+    ledger.record(
+        [
+            (ids[0], SendResult(rows[0].idempotency_key, Outcome.SENT, "wamid.1"), 1),
+            (ids[1], SendResult(rows[1].idempotency_key, Outcome.FAILED, None, "131026"), 1),
+        ]
+    )
+    ledger.release([ids[2]])  # never requested: back to planned, attempt given back
+    # A write that changes no state (a stale result) leaves no event.
+    ledger.record([(ids[0], SendResult(rows[0].idempotency_key, Outcome.FAILED), 2)])
+    history = ledger.history()
+    by_key = {
+        key: list(zip(group["from_state"], group["to_state"], group["attempts"], strict=True))
+        for (key,), group in history.group_by("idempotency_key", maintain_order=True)
+    }
+    assert by_key[rows[0].idempotency_key] == [
+        (None, "planned", 0),
+        ("planned", "in_flight", 1),
+        ("in_flight", "sent", 1),
+    ]
+    assert by_key[rows[1].idempotency_key][-1] == ("in_flight", "failed", 1)
+    assert by_key[rows[2].idempotency_key] == [
+        (None, "planned", 0),
+        ("planned", "in_flight", 1),
+        ("in_flight", "planned", 0),
+    ]
+    failed = history.filter(pl.col("to_state") == "failed")
+    assert failed["error_code"].to_list() == ["131026"]
+    assert history["at"].is_sorted() and history["at"].null_count() == 0
+    assert history.filter(pl.col("from_state").is_null())["run_id"].unique().to_list() == ["run-1"]
+    ledger.dispose()
+
+
+def test_unknown_rows_are_planned_again_only_when_asked(ledger_url: str) -> None:
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(3))
+    rows = ledger.pending("winback", "p")
+    ledger.mark_in_flight([r.id for r in rows])
+    ledger.record([(rows[0].id, SendResult(rows[0].idempotency_key, Outcome.UNKNOWN), 1)])
+    assert ledger.recover_interrupted("winback", "p") == 2  # killed with two in flight
+    assert ledger.counts("winback", "p") == {"unknown": 3}
+    assert ledger.pending("winback", "p") == []  # by default never resent
+    assert ledger.replan_unknown("winback", "p") == 3  # the activation opted in
+    assert sorted(r.id for r in ledger.pending("winback", "p")) == sorted(r.id for r in rows)
+    transitions = ledger.history()[["from_state", "to_state"]].rows()
+    assert transitions.count(("unknown", "planned")) == 3
+    ledger.dispose()

@@ -503,6 +503,7 @@ class DeliverySummary:
     already_sent: int = 0
     already_done_other: int = 0
     recovered_in_flight: int = 0
+    resent_unknown: int = 0  # unknown rows planned again (delivery.resend_unknown)
     elapsed_seconds: float = 0.0
     throughput_per_second: float = 0.0
     p50_latency_ms: float = 0.0
@@ -548,10 +549,15 @@ def deliver_decisions(
             summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
             return summary
 
-        idempotent = [n for n, c in connectors.items() if c.capabilities.idempotency]
+        resend_unknown = activation.spec.delivery.resend_unknown
+        idempotent = [
+            n for n, c in connectors.items() if c.capabilities.idempotency or resend_unknown
+        ]
         summary.recovered_in_flight = ledger.recover_interrupted(
             activation.name, partition_key, idempotent
         )
+        if resend_unknown:  # opted in: the customer may get these twice
+            summary.resent_unknown = ledger.replan_unknown(activation.name, partition_key)
         planned = ledger.plan(
             activation.name,
             partition_key,
@@ -620,6 +626,7 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         "already_sent": summary.already_sent,
         "already_done_other": summary.already_done_other,
         "recovered_in_flight": summary.recovered_in_flight,
+        "resent_unknown": summary.resent_unknown,
         "elapsed_seconds": summary.elapsed_seconds,
         "throughput_per_second": summary.throughput_per_second,
         "p50_latency_ms": summary.p50_latency_ms,

@@ -70,6 +70,51 @@ sends = sa.Table(
 )
 
 
+# One row per state change of a send, written by the database itself (triggers on `sends`), so
+# no code path can change a state without leaving its trace, in the same transaction.
+send_events = sa.Table(
+    "send_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("send_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=False),
+    sa.Column("from_state", sa.String(20)),  # null: the row was planned (inserted)
+    sa.Column("to_state", sa.String(20), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("error_code", sa.String(40)),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_send_events_send_id", "send_id"),
+)
+
+_EVENT_COLUMNS = "send_id, from_state, to_state, attempts, error_code, run_id, at"
+_SQLITE_TRIGGERS = (
+    f"""CREATE TRIGGER IF NOT EXISTS sends_planned AFTER INSERT ON sends BEGIN
+        INSERT INTO send_events ({_EVENT_COLUMNS})
+        VALUES (NEW.id, NULL, NEW.state, NEW.attempts, NEW.error_code, NEW.run_id,
+                NEW.updated_at);
+    END""",
+    f"""CREATE TRIGGER IF NOT EXISTS sends_changed AFTER UPDATE OF state ON sends
+    WHEN OLD.state IS NOT NEW.state BEGIN
+        INSERT INTO send_events ({_EVENT_COLUMNS})
+        VALUES (NEW.id, OLD.state, NEW.state, NEW.attempts, NEW.error_code, NEW.run_id,
+                NEW.updated_at);
+    END""",
+)
+_POSTGRES_TRIGGERS = (
+    f"""CREATE OR REPLACE FUNCTION record_send_event() RETURNS trigger AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' OR OLD.state IS DISTINCT FROM NEW.state THEN
+            INSERT INTO send_events ({_EVENT_COLUMNS})
+            VALUES (NEW.id, CASE WHEN TG_OP = 'INSERT' THEN NULL ELSE OLD.state END,
+                    NEW.state, NEW.attempts, NEW.error_code, NEW.run_id, NEW.updated_at);
+        END IF;
+        RETURN NULL;
+    END $$ LANGUAGE plpgsql""",
+    "CREATE OR REPLACE TRIGGER sends_events AFTER INSERT OR UPDATE OF state ON sends "
+    "FOR EACH ROW EXECUTE FUNCTION record_send_event()",
+)
+
+
 def idempotency_key(activation: str, partition_key: str, customer_id: str, step: str) -> str:
     return f"{activation}|{partition_key}|{customer_id}|{step}"
 
@@ -104,6 +149,10 @@ class Ledger:
         self.url = url
         self.engine = open_engine(url)
         metadata.create_all(self.engine)
+        triggers = {"sqlite": _SQLITE_TRIGGERS, "postgresql": _POSTGRES_TRIGGERS}
+        with self.engine.begin() as con:
+            for statement in triggers.get(self.engine.dialect.name, ()):
+                con.exec_driver_sql(statement)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -189,7 +238,8 @@ class Ledger:
 
         Through a connector whose provider de-duplicates on our key (`idempotent`), they go
         back to `planned` and are sent again with the same key; through any other they become
-        `unknown` and are never resent (a resend could message the customer twice).
+        `unknown` and are never resent (a resend could message the customer twice), unless
+        the activation opts in with `resend_unknown` (`replan_unknown`).
         """
         retryable = list(idempotent)
         where = (
@@ -218,6 +268,55 @@ class Ledger:
                 )
             )
             return replanned + (result.rowcount or 0)
+
+    def replan_unknown(self, activation: str, partition_key: str) -> int:
+        """`unknown` rows of this partition back to `planned`, to be sent again.
+
+        Only for activations that opted in (`delivery.resend_unknown`): the provider may have
+        accepted them, so a customer may get the message twice. Their history keeps the
+        `unknown` state they left.
+        """
+        with self.engine.begin() as con:
+            result = con.execute(
+                sa.update(sends)
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == UNKNOWN,
+                )
+                .values(state=PLANNED, updated_at=_now())
+            )
+        return result.rowcount or 0
+
+    def history(self, idempotency_keys: Sequence[str] | None = None) -> pl.DataFrame:
+        """Every state change (send_events joined to the send's key), oldest first."""
+        query = (
+            sa.select(
+                sends.c.idempotency_key,
+                send_events.c.from_state,
+                send_events.c.to_state,
+                send_events.c.attempts,
+                send_events.c.error_code,
+                send_events.c.run_id,
+                send_events.c.at,
+            )
+            .join(sends, sends.c.id == send_events.c.send_id)
+            .order_by(send_events.c.id)
+        )
+        if idempotency_keys is not None:
+            query = query.where(sends.c.idempotency_key.in_(list(idempotency_keys)))
+        with self.engine.connect() as con:
+            rows = con.execute(query).all()
+        schema = {
+            "idempotency_key": pl.String,
+            "from_state": pl.String,
+            "to_state": pl.String,
+            "attempts": pl.Int64,
+            "error_code": pl.String,
+            "run_id": pl.String,
+            "at": pl.Datetime("us", "UTC"),
+        }
+        return pl.DataFrame([(*r[:6], _aware(r[6])) for r in rows], schema=schema, orient="row")
 
     def pending(
         self, activation: str, partition_key: str, now: datetime | None = None

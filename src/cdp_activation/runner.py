@@ -46,6 +46,7 @@ class RunSummary:
     unknown: int = 0
     dead_letter: int = 0
     already_sent: int = 0
+    resent_unknown: int = 0  # unknown rows sent again (delivery.resend_unknown)
     error_codes: dict[str, int] = field(default_factory=dict)
     failed_checks: dict[str, str] = field(default_factory=dict)
     error: str | None = None

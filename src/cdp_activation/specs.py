@@ -269,6 +269,17 @@ class PolicySpec(_Strict):
         return value
 
 
+class DeliverySpec(_Strict):
+    """How sends that may or may not have reached the provider are treated."""
+
+    resend_unknown: bool = Field(
+        default=False,
+        description="Send `unknown` rows again (a request whose answer was lost, or a run "
+        "killed mid-request, through a provider without an idempotency key). The customer may "
+        "get the message twice; off by default. Idempotent providers never need it.",
+    )
+
+
 class ActivationSpec(_Strict):
     """Everything one activation declares: audience, channel plan, schedule and limits."""
 
@@ -284,6 +295,7 @@ class ActivationSpec(_Strict):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     policy: PolicySpec = Field(default_factory=PolicySpec)
+    delivery: DeliverySpec = Field(default_factory=DeliverySpec)
 
     @model_validator(mode="after")
     def _routes_use_plan_channels(self) -> ActivationSpec:
