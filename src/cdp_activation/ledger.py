@@ -24,10 +24,9 @@ from typing import Any
 
 import polars as pl
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from cdp_activation.connectors.base import Outcome, SendResult
-from cdp_activation.db import open_engine
+from cdp_activation.db import open_engine, read_frame
 
 PLANNED = "planned"
 IN_FLIGHT = "in_flight"
@@ -157,22 +156,6 @@ class Ledger:
     def dispose(self) -> None:
         self.engine.dispose()
 
-    def _insert(self) -> Any:
-        """INSERT that leaves existing keys alone, except that a row still `planned` takes the
-        latest decision's `not_before` (a deferral may end, or move, when a run re-decides)."""
-        dialect = self.engine.dialect.name
-        module = {"sqlite": sqlite, "postgresql": postgresql}.get(dialect)
-        if module is None:
-            raise RuntimeError(
-                f"ledger dialect {dialect!r} is not supported (use SQLite or PostgreSQL)"
-            )
-        statement = module.insert(sends)
-        return statement.on_conflict_do_update(
-            index_elements=["idempotency_key"],
-            set_={"not_before": statement.excluded.not_before},
-            where=sends.c.state == PLANNED,
-        )
-
     def plan(
         self,
         activation: str,
@@ -181,38 +164,50 @@ class Ledger:
         run_id: str | None = None,
         purpose: str = "marketing",
     ) -> PlanResult:
-        """Write a planned row per chosen decision; keys already present are left untouched."""
+        """Write a planned row per chosen decision; keys already present are left untouched
+        (a row still planned takes the latest `not_before`).
+
+        The rows are built in polars (keys, message JSON, timestamps) and handed to the
+        driver as plain tuples in one `executemany`: no per-row work in Python.
+        """
         if chosen.is_empty():
             return PlanResult(planned=0, existing={})
-        now = _now()
-        rows = [
-            {
-                "idempotency_key": idempotency_key(
-                    activation, partition_key, str(r["customer_id"]), r["step"]
-                ),
-                "activation": activation,
-                "partition_key": partition_key,
-                "customer_id": str(r["customer_id"]),
-                "step": r["step"],
-                "channel": r["channel"],
-                "purpose": purpose,
-                "connector": r["connector"],
-                "recipient": r["phone_e164"],
-                "message": json.dumps(_message(r), ensure_ascii=False),
-                "state": HOLDOUT if r.get("decision") == "holdout" else PLANNED,
-                "attempts": 0,
-                "run_id": run_id,
-                "not_before": r.get("not_before"),
-                "planned_at": now,
-                "updated_at": now,
-            }
-            for r in chosen.iter_rows(named=True)
-        ]
-        keys = [r["idempotency_key"] for r in rows]
+        rows = _plan_rows(activation, partition_key, chosen, run_id, purpose, self.dialect)
+        existing_keys = self._partition_states(activation, partition_key)
+        existing = (
+            rows.select("idempotency_key")
+            .join(existing_keys, on="idempotency_key", how="inner")
+            .group_by("state")
+            .len()
+        )
+        counts = dict(existing.iter_rows())
         with self.engine.begin() as con:
-            existing = self._states_of(con, keys)
-            con.execute(self._insert(), rows)
-        return PlanResult(planned=len(rows) - sum(existing.values()), existing=existing)
+            con.exec_driver_sql(self._insert_sql(), rows.rows())
+        return PlanResult(planned=rows.height - sum(counts.values()), existing=counts)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def _insert_sql(self) -> str:
+        """The driver-level upsert of `_PLAN_COLUMNS` (see `_insert` for the rule)."""
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        columns = ", ".join(_PLAN_COLUMNS)
+        values = ", ".join([mark] * len(_PLAN_COLUMNS))
+        return (
+            f"INSERT INTO sends ({columns}) VALUES ({values}) "
+            "ON CONFLICT (idempotency_key) DO UPDATE SET not_before = excluded.not_before "
+            f"WHERE sends.state = '{PLANNED}'"
+        )
+
+    def _partition_states(self, activation: str, partition_key: str) -> pl.DataFrame:
+        """(idempotency_key, state) of every row of one partition, in one read."""
+        return read_frame(
+            self.engine,
+            "SELECT idempotency_key, state FROM sends WHERE activation = $1 AND partition_key = $2",
+            (activation, partition_key),
+            schema={"idempotency_key": pl.String, "state": pl.String},
+        )
 
     def states_of(self, keys: Sequence[str]) -> dict[str, int]:
         """How many of these idempotency keys are in the ledger, by state (reads only)."""
@@ -554,14 +549,83 @@ def _state_for(outcome: Outcome) -> str:
     }[outcome]
 
 
-def _message(row: dict[str, Any]) -> dict[str, Any]:
-    if row.get("template_name"):
-        return {
-            "template": row["template_name"],
-            "language": row["template_language"],
-            "parameters": list(row.get("variables") or []),
-        }
-    return {"body": row["body"]}
+_PLAN_COLUMNS = (
+    "idempotency_key",
+    "activation",
+    "partition_key",
+    "customer_id",
+    "step",
+    "channel",
+    "purpose",
+    "connector",
+    "recipient",
+    "message",
+    "state",
+    "attempts",
+    "run_id",
+    "not_before",
+    "planned_at",
+    "updated_at",
+)
+
+
+def _plan_rows(
+    activation: str,
+    partition_key: str,
+    chosen: pl.DataFrame,
+    run_id: str | None,
+    purpose: str,
+    dialect: str,
+) -> pl.DataFrame:
+    """The `sends` rows of `chosen` decisions (columns `_PLAN_COLUMNS`), built in polars.
+
+    The message is JSON: `{"template", "language", "parameters"}` for a template (parameters
+    from the `variables` list), else `{"body"}`. Times are UTC; SQLite gets them as the text
+    SQLAlchemy writes (`YYYY-MM-DD HH:MM:SS.ffffff`), so both paths read back alike.
+    """
+    customer = pl.col("customer_id").cast(pl.String)
+    parameters = pl.coalesce(pl.col("variables"), pl.lit([], dtype=pl.List(pl.String)))
+    template = pl.struct(
+        pl.col("template_name").cast(pl.String).alias("template"),
+        pl.col("template_language").cast(pl.String).alias("language"),
+        parameters.alias("parameters"),
+    ).struct.json_encode()
+    body = pl.struct(pl.col("body").cast(pl.String)).struct.json_encode()
+    holdout = (pl.col("decision") == "holdout") if "decision" in chosen.columns else pl.lit(False)
+    not_before = (
+        pl.col("not_before").cast(pl.Datetime("us", "UTC"))
+        if "not_before" in chosen.columns
+        else pl.lit(None, dtype=pl.Datetime("us", "UTC"))
+    )
+    now = pl.lit(_now(), dtype=pl.Datetime("us", "UTC"))
+
+    def stamp(value: pl.Expr) -> pl.Expr:
+        return value.dt.strftime("%Y-%m-%d %H:%M:%S.%6f") if dialect == "sqlite" else value
+
+    return chosen.select(
+        pl.concat_str(
+            [pl.lit(activation), pl.lit(partition_key), customer, pl.col("step").cast(pl.String)],
+            separator="|",
+        ).alias("idempotency_key"),
+        pl.lit(activation).alias("activation"),
+        pl.lit(partition_key).alias("partition_key"),
+        customer.alias("customer_id"),
+        pl.col("step").cast(pl.String),
+        pl.col("channel").cast(pl.String),
+        pl.lit(purpose).alias("purpose"),
+        pl.col("connector").cast(pl.String),
+        pl.col("phone_e164").alias("recipient"),
+        pl.when(pl.col("template_name").is_not_null())
+        .then(template)
+        .otherwise(body)
+        .alias("message"),
+        pl.when(holdout).then(pl.lit(HOLDOUT)).otherwise(pl.lit(PLANNED)).alias("state"),
+        pl.lit(0).alias("attempts"),
+        pl.lit(run_id, dtype=pl.String).alias("run_id"),
+        stamp(not_before).alias("not_before"),
+        stamp(now).alias("planned_at"),
+        stamp(now).alias("updated_at"),
+    )
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
