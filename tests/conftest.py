@@ -44,10 +44,13 @@ def sandbox_server() -> Iterator[SandboxServer]:
 
 
 @pytest.fixture
-def sandbox(sandbox_server: SandboxServer) -> SandboxServer:
-    """The running sandbox, emptied of messages recorded by earlier tests."""
+def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxServer]:
+    """The running sandbox, emptied of messages recorded by earlier tests; faults a test sets
+    (`configure`) are undone after it."""
     sandbox_server.reset()
-    return sandbox_server
+    default = sandbox_server.config
+    yield sandbox_server
+    sandbox_server.config = default
 
 
 @pytest.fixture

@@ -70,14 +70,14 @@ def sandbox_connectors(url: str) -> dict[str, Connector]:
 
 def main(argv: list[str]) -> int:
     ledger_file, url, n = argv[1], argv[2], int(argv[3])
-    chunk_size = int(argv[4]) if len(argv) > 4 else DeliveryOptions.chunk_size
+    concurrency = int(argv[4]) if len(argv) > 4 else DeliveryOptions.concurrency
     ledger = Ledger(f"sqlite:///{ledger_file}")
     ledger.plan(ACTIVATION, PARTITION, audience(n))
     recovered = ledger.recover_interrupted(ACTIVATION, PARTITION)
     rows = ledger.pending(ACTIVATION, PARTITION)
     print(f"delivering {len(rows)} (recovered {recovered} as unknown)", flush=True)
     options = DeliveryOptions(
-        chunk_size=chunk_size,
+        concurrency=concurrency,
         rate_per_second=2000,
         backoff_initial=0.02,
         backoff_max=0.2,

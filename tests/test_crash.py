@@ -41,9 +41,9 @@ TERMINAL = {"sent", "failed", "unknown", "dead_letter"}
 class Worker:
     """One worker process, its stdout read by a thread so waiting for a line can time out."""
 
-    def __init__(self, ledger_file: Path, url: str, chunk_size: int) -> None:
+    def __init__(self, ledger_file: Path, url: str, concurrency: int) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(WORKER), str(ledger_file), url, str(N), str(chunk_size)],
+            [sys.executable, str(WORKER), str(ledger_file), url, str(N), str(concurrency)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,  # the connectors' warnings; the test reads the ledger
             text=True,
@@ -76,12 +76,12 @@ class Worker:
         return running
 
 
-@pytest.mark.parametrize("chunk_size", [DeliveryOptions.chunk_size, 64])
+@pytest.mark.parametrize("concurrency", [DeliveryOptions.concurrency, 4])
 def test_sigkill_at_random_points_sends_nobody_twice_and_loses_nobody(
-    tmp_path: Path, chunk_size: int
+    tmp_path: Path, concurrency: int
 ) -> None:
-    """With the default chunk a kill mostly lands mid-chunk; with small chunks kills also land
-    between chunks and while outcomes are being written."""
+    """With many requests in the air a kill lands mid-request mostly; with few it also lands
+    between requests and while outcomes are being written."""
     rng = random.Random(SEED)
     ledger_file = tmp_path / "ledger.sqlite"
     config = SandboxConfig(latency_ms=20, latency_jitter_ms=30, seed=SEED)
@@ -89,15 +89,15 @@ def test_sigkill_at_random_points_sends_nobody_twice_and_loses_nobody(
         landed: list[str] = []
         # The first kill is timed from the start, so it may land in start-up or planning; the
         # others from the moment the worker starts sending, so they land mid-delivery.
-        worker = Worker(ledger_file, sandbox.url, chunk_size)
+        worker = Worker(ledger_file, sandbox.url, concurrency)
         time.sleep(rng.uniform(0.2, 1.5))
         landed.append(f"start+{'killed' if worker.kill() else 'finished'}")
         for _ in range(KILLS):
-            worker = Worker(ledger_file, sandbox.url, chunk_size)
+            worker = Worker(ledger_file, sandbox.url, concurrency)
             started = worker.wait_for("delivering", timeout=30)
             time.sleep(rng.uniform(0.2, 1.5))
             landed.append(f"{started.split()[1]}:{'killed' if worker.kill() else 'finished'}")
-        final = Worker(ledger_file, sandbox.url, chunk_size)
+        final = Worker(ledger_file, sandbox.url, concurrency)
         final.wait_for("delivering", timeout=30)
         summary = json.loads(final.wait_for("{", timeout=60))
         assert final.process.wait(10) == 0
@@ -113,7 +113,7 @@ def test_sigkill_at_random_points_sends_nobody_twice_and_loses_nobody(
     accepted_to = {m.to for m in accepted}
     unknown = rows.filter(pl.col("state") == "unknown")["recipient"].to_list()
     print(
-        f"\ncrash (chunk {chunk_size}): kills {landed}; final run {summary}; "
+        f"\ncrash ({concurrency} in flight): kills {landed}; final run {summary}; "
         f"ledger {dict(states)}; sandbox accepted {len(accepted)}, duplicates "
         f"{len(sandbox.duplicates())}; unknown rows the sandbox "
         f"had accepted: {len(accepted_to & set(unknown))} of {len(unknown)}; requests whose "
@@ -125,9 +125,9 @@ def test_sigkill_at_random_points_sends_nobody_twice_and_loses_nobody(
     assert states["unknown"] > 0
     # Rows are marked in flight just before their request and recorded just after the answer,
     # so a kill leaves `unknown` only what was in the air: at most the requests in flight
-    # (DeliveryOptions.concurrency) plus answers not yet written, per kill -- not a whole chunk.
+    # plus answers not yet written, per kill.
     never_reached = set(unknown) - accepted_to
-    assert len(never_reached) <= KILLS * 2 * DeliveryOptions().concurrency, len(never_reached)
+    assert len(never_reached) <= KILLS * 2 * concurrency, len(never_reached)
 
     # Nobody twice: no message (or recipient) accepted more than once by the provider.
     assert sandbox.duplicates() == {}

@@ -111,3 +111,18 @@ def test_an_unreachable_provider_is_retried_then_dead_lettered(
     rows = ledger.rows("winback", "p")
     assert rows["state"].to_list() == ["dead_letter"] * 4
     assert rows["attempts"].to_list() == [FAST.max_attempts] * 4
+
+
+def test_a_long_send_logs_its_progress_with_rate_and_eta(
+    tmp_path, sandbox: SandboxServer, sandbox_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    ledger.plan("winback", "p", decisions(numbers(200)))
+    sandbox.configure(latency_ms=20)
+    options = DeliveryOptions(concurrency=4, progress_seconds=0.1)
+    with caplog.at_level("INFO", logger="cdp_activation.delivery"):
+        deliver(ledger, ledger.pending("winback", "p"), connectors(sandbox_settings), options)
+    lines = [r.getMessage() for r in caplog.records if "delivery progress" in r.getMessage()]
+    assert len(lines) >= 3
+    assert all("/200 done" in line and "msg/s" in line and "ETA" in line for line in lines)
+    ledger.dispose()

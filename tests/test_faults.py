@@ -290,11 +290,12 @@ def test_a_stopped_activation_releases_throttled_messages_instead_of_dead_letter
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     ledger.plan("stop", "p", frame)
     sandbox.configure(rate_429=1.0, retry_after_s=0.3, latency_ms=20)
-    # SMS rows first, so their 429s arrive before the WhatsApp template error stops the run.
-    rows = sorted(ledger.pending("stop", "p"), key=lambda r: r.channel != "sms")
+    # The connectors take turns, so SMS 429s arrive before and while the WhatsApp template
+    # error stops the run.
+    rows = ledger.pending("stop", "p")
     with pytest.raises(TemplateError):
         deliver(ledger, rows, sandbox_connectors(sandbox.url), OPTIONS)
-    assert Counter(a.result for a in sandbox.attempts())["throttled"] == 20
+    assert Counter(a.result for a in sandbox.attempts())["throttled"] > 0
     assert ledger.counts("stop", "p") == {"planned": 40}
     assert sandbox.messages() == []
 

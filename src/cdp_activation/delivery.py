@@ -1,8 +1,10 @@
 """Delivery: planned ledger rows -> connector batches, rate-limited and retried, results recorded.
 
-Rows go out in chunks: a chunk is marked in_flight in one statement, its batches are sent
-concurrently under the connector's rate limit, and the outcomes are written back in one
-statement. Transient failures (429, 5xx, a request that never left) are retried with jittered
+Rows go out in batches of each connector's size through a pool of workers (a sliding window:
+a worker takes the next batch as soon as its request is answered), under the connector's rate
+limit. A batch is marked in_flight just before its request and its outcomes written just
+after the answer, both by group commit (one statement for every batch that asked in the
+meantime). Transient failures (429, 5xx, a request that never left) are retried with jittered
 exponential backoff that honours Retry-After; permanent ones are recorded, never retried. A
 Retry-After answer also pauses every request to that connector until it has passed: throttling
 is about the sender, not one message, so the other messages must slow down too. A template or
@@ -19,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 from typing import Any
 
 import httpx
@@ -49,11 +52,11 @@ log = logging.getLogger(__name__)
 class DeliveryOptions:
     concurrency: int = 32
     max_attempts: int = 4
-    chunk_size: int = 256  # rows marked in flight together; bounds what a crash leaves unknown
     rate_per_second: float | None = None  # None: the connector's default
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
     timeout_seconds: float = 15.0
+    progress_seconds: float = 5.0  # a progress log line this often (done, rate, ETA)
 
 
 MAX_RETRY_AFTER = 60.0  # seconds: a provider's longer Retry-After is capped (then dead-lettered)
@@ -178,6 +181,13 @@ async def deliver_async(
     connectors: Mapping[str, Connector],
     options: DeliveryOptions,
 ) -> DeliveryReport:
+    """Send the rows' batches through a pool of `options.concurrency` workers.
+
+    Each worker takes the next batch as soon as its previous one is answered (a sliding
+    window, never a barrier that waits for the slowest request of a group), so the number of
+    requests in the air stays at the concurrency; rows are marked in flight per batch just
+    before its request, so a crash leaves `unknown` only what was really in the air.
+    """
     report = DeliveryReport()
     started = time.perf_counter()
     limiters = {name: AsyncLimiter(rate_of(c, options), 1) for name, c in connectors.items()}
@@ -185,7 +195,7 @@ async def deliver_async(
     semaphore = asyncio.Semaphore(options.concurrency)
     stop = asyncio.Event()
     stop_error: list[ConnectorError] = []
-    last_log = time.monotonic()
+    batches = _batches(rows, connectors)
 
     # httpx API over an aiohttp transport: plain httpx collapses past a few requests in flight
     # (bench/results_delivery.md); the transport maps errors exactly as httpx would.
@@ -194,13 +204,14 @@ async def deliver_async(
     ) as client:
         marks = _GroupCommit(ledger.mark_in_flight)
         records = _GroupCommit(ledger.record)
-        for start in range(0, len(rows), options.chunk_size):
-            if stop.is_set():
-                break
-            chunk = rows[start : start + options.chunk_size]
-            batches = _batches(chunk, connectors)
-            tasks = [
-                _send_batch(
+        releases = _GroupCommit(ledger.release)
+        queue = iter(batches)  # shared by the workers: each batch goes to exactly one
+
+        async def worker() -> None:
+            for name, batch in queue:
+                if stop.is_set():
+                    return  # the rest was never marked: it stays planned
+                never_sent = await _send_batch(
                     client,
                     connectors[name],
                     limiters[name],
@@ -214,13 +225,15 @@ async def deliver_async(
                     marks,
                     records,
                 )
-                for name, batch in batches
-            ]
-            never_sent = [row_id for ids in await asyncio.gather(*tasks) for row_id in ids]
-            ledger.release(never_sent)
-            if time.monotonic() - last_log > 5:
-                last_log = time.monotonic()
-                _log_progress(report, done=start + len(chunk), total=len(rows), started=started)
+                await releases.submit(never_sent)
+
+        progress = asyncio.create_task(
+            _log_progress_every(report, len(rows), started, options.progress_seconds)
+        )
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(options.concurrency, len(batches)))))
+        finally:
+            progress.cancel()
     report.elapsed = time.perf_counter() - started
     if stop_error:
         report.stopped_by = str(stop_error[0])
@@ -236,18 +249,23 @@ def rate_of(connector: Connector, options: DeliveryOptions | None = None) -> flo
 
 
 def _batches(
-    chunk: Sequence[PlannedSend], connectors: Mapping[str, Connector]
+    rows: Sequence[PlannedSend], connectors: Mapping[str, Connector]
 ) -> list[tuple[str, list[PlannedSend]]]:
+    """The rows in batches of each connector's size, the connectors taking turns (each has its
+    own rate limit, so interleaving keeps all of them busy)."""
     by_connector: dict[str, list[PlannedSend]] = {}
-    for row in chunk:
+    for row in rows:
         if row.connector not in connectors:
             raise ConnectorError(f"no connector named {row.connector!r} is configured")
         by_connector.setdefault(row.connector, []).append(row)
-    out: list[tuple[str, list[PlannedSend]]] = []
-    for name, items in by_connector.items():
-        size = connectors[name].capabilities.max_batch_size
-        out.extend((name, items[i : i + size]) for i in range(0, len(items), size))
-    return out
+    per_connector = [
+        [
+            (name, items[i : i + connectors[name].capabilities.max_batch_size])
+            for i in range(0, len(items), connectors[name].capabilities.max_batch_size)
+        ]
+        for name, items in by_connector.items()
+    ]
+    return [batch for turn in zip_longest(*per_connector) for batch in turn if batch is not None]
 
 
 async def _send_batch(
@@ -374,7 +392,17 @@ def _count(report: DeliveryReport, result: SendResult) -> None:
         report.error_codes[result.error_code] += 1
 
 
-def _log_progress(report: DeliveryReport, done: int, total: int, started: float) -> None:
+async def _log_progress_every(
+    report: DeliveryReport, total: int, started: float, seconds: float = 5.0
+) -> None:
+    """A progress line every few seconds: done, sent, failed, rate and ETA."""
+    while True:
+        await asyncio.sleep(seconds)
+        _log_progress(report, total, started)
+
+
+def _log_progress(report: DeliveryReport, total: int, started: float) -> None:
+    done = report.sent + report.failed + report.unknown + report.dead_letter
     elapsed = time.perf_counter() - started
     rate = done / elapsed if elapsed else 0.0
     eta = (total - done) / rate if rate else 0.0

@@ -371,37 +371,36 @@ class Ledger:
                 )
 
     def record(self, results: Iterable[tuple[int, SendResult, int]]) -> None:
-        """Write outcomes (row id, result, attempts made) in bulk; only from in_flight."""
+        """Write outcomes (row id, result, attempts made) in bulk; only from in_flight.
+
+        One driver-level `executemany` of plain tuples (SQLAlchemy's per-row parameter
+        handling cost more than the database's own work).
+        """
+        now = _now()
+        stamp = _db_time(now, self.dialect)
         params = [
-            {
-                "row_id": row_id,
-                "new_state": _state_for(result.outcome),
-                "new_attempts": attempts,
-                "pmid": result.provider_message_id,
-                "code": result.error_code,
-                "msg": (result.error_message or "")[:500] or None,
-                "now": (now := _now()),
-                "sent": now if result.outcome == Outcome.SENT else None,
-            }
+            (
+                _state_for(result.outcome),
+                attempts,
+                result.provider_message_id,
+                result.error_code,
+                (result.error_message or "")[:500] or None,
+                stamp,
+                stamp if result.outcome == Outcome.SENT else None,
+                row_id,
+            )
             for row_id, result, attempts in results
         ]
         if not params:
             return
-        statement = (
-            sa.update(sends)
-            .where(sends.c.id == sa.bindparam("row_id"), sends.c.state == IN_FLIGHT)
-            .values(
-                state=sa.bindparam("new_state"),
-                attempts=sa.bindparam("new_attempts"),
-                provider_message_id=sa.bindparam("pmid"),
-                error_code=sa.bindparam("code"),
-                error_message=sa.bindparam("msg"),
-                updated_at=sa.bindparam("now"),
-                sent_at=sa.bindparam("sent"),
-            )
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        sql = (
+            f"UPDATE sends SET state = {mark}, attempts = {mark}, provider_message_id = {mark}, "
+            f"error_code = {mark}, error_message = {mark}, updated_at = {mark}, "
+            f"sent_at = {mark} WHERE id = {mark} AND state = '{IN_FLIGHT}'"
         )
         with self.engine.begin() as con:
-            con.execute(statement, params)
+            con.exec_driver_sql(sql, params)
 
     def cancel_unchosen(
         self, activation: str, partition_key: str, chosen_keys: Sequence[str], reason: str
@@ -538,6 +537,13 @@ def _as_utc(frame: pl.DataFrame, column: str) -> pl.Expr:
     if isinstance(dtype, pl.Datetime):
         return pl.col(column).dt.replace_time_zone("UTC")
     return pl.col(column).str.to_datetime(time_zone="UTC")
+
+
+def _db_time(value: datetime, dialect: str) -> datetime | str:
+    """A UTC time as the driver takes it: SQLite as the text SQLAlchemy writes and reads."""
+    if dialect == "sqlite":
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value
 
 
 def _state_for(outcome: Outcome) -> str:
