@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import zip_longest
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -334,20 +335,30 @@ async def _send_batch(
         multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
     )
 
+    def pause_before(attempt: int, retryable: list[SendResult]) -> float:
+        """Jittered exponential backoff before `attempt` (2, 3, …), at least Retry-After."""
+        hinted = max((r.retry_after or 0.0 for r in retryable), default=0.0)
+        return max(
+            backoff(SimpleNamespace(attempt_number=attempt - 1)), min(hinted, MAX_RETRY_AFTER)
+        )
+
     def wait(state: RetryCallState) -> float:
         retryable: list[SendResult] = state.outcome.result() if state.outcome else []
-        hinted = max((r.retry_after or 0.0 for r in retryable), default=0.0)
-        return max(backoff(state), min(hinted, MAX_RETRY_AFTER))
+        return pause_before(state.attempt_number + 2, retryable)
 
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(options.max_attempts),
-        wait=wait,
-        retry=retry_if_result(bool),  # retry while some messages are still retryable
-        retry_error_callback=lambda state: state.outcome.result() if state.outcome else [],
-        reraise=True,
-    )
     try:
-        await retrying(attempt_once)
+        # Most batches are answered at the first try: tenacity only drives the retries.
+        retryable = await attempt_once()
+        if retryable and options.max_attempts > 1:
+            await asyncio.sleep(pause_before(2, retryable))
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(options.max_attempts - 1),
+                wait=wait,
+                retry=retry_if_result(bool),  # retry while some messages are still retryable
+                retry_error_callback=lambda state: state.outcome.result() if state.outcome else [],
+                reraise=True,
+            )
+            await retrying(attempt_once)
     except _Stop:
         # What is still pending was refused with a retryable answer (or never sent) and not
         # retried because the activation stopped: not accepted, retries not exhausted, so it

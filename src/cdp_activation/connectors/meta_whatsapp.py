@@ -146,7 +146,7 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
 
     async def _request(self, client: httpx.AsyncClient, message: OutboundMessage) -> httpx.Response:
         return await client.post(
-            self.messages_url, json=self.build_payload(message), headers=self._headers()
+            self.endpoint_url, json=self.build_payload(message), headers=self._headers()
         )
 
     def _accepted_id(self, data: Any) -> str | None:

@@ -184,7 +184,7 @@ class TwilioConnector(OneRecipientHttpConnector):
 
     async def _request(self, client: httpx.AsyncClient, message: OutboundMessage) -> httpx.Response:
         return await client.post(
-            self.messages_url,
+            self.endpoint_url,
             data=self.build_form(message),
             auth=(self.account_sid, self._auth_token),
             headers={"Accept": "application/json"},

@@ -165,7 +165,7 @@ class VonageConnector(OneRecipientHttpConnector):
 
     async def _request(self, client: httpx.AsyncClient, message: OutboundMessage) -> httpx.Response:
         return await client.post(
-            self.messages_url,
+            self.endpoint_url,
             json=self.build_payload(message),
             auth=(self.api_key, self._api_secret),
             headers={"Accept": "application/json"},
