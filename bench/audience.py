@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.index import refresh as refresh_index
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data"
 RESULTS = ROOT / "bench" / "results.md"
@@ -552,6 +554,7 @@ def main(argv: list[str]) -> int:
     print(text)
     if not args.no_write:
         RESULTS.write_text(text)
+        refresh_index()
         print(f"written to {RESULTS.relative_to(ROOT)}")
     return 0
 

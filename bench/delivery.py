@@ -36,6 +36,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.index import refresh as refresh_index
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results_delivery.md"
 _BENCH = (sys.executable, "-m", "bench", "delivery")
@@ -444,6 +446,7 @@ def main(argv: list[str]) -> int:
         sandbox.close()
     text = report(rows, args, command.strip())
     args.output.write_text(text)
+    refresh_index()
     print(text)
     return 0
 

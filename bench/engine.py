@@ -26,6 +26,8 @@ from pathlib import Path
 import polars as pl
 import sqlalchemy as sa
 
+from bench.index import refresh as refresh_index
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results_engine.md"
 
@@ -170,5 +172,6 @@ def main(argv: list[str]) -> int:
         "burst of up to the configured rate on top of the steady flow.",
     ]
     RESULTS.write_text("\n".join(lines) + "\n")
+    refresh_index()
     print("\n".join(lines))
     return 0

@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.index import refresh as refresh_index
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data"
 RESULTS = ROOT / "bench" / "results_policy.md"
@@ -205,6 +207,7 @@ def main(argv: list[str]) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.write_text(text)
+    refresh_index()
     return 0
 
 

@@ -29,6 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.index import refresh as refresh_index
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data"
 RESULTS = ROOT / "bench" / "results_policy_phones.md"
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results, args.rows, command, load)
     sys.stdout.write(text)
     RESULTS.write_text("# Benchmark results: policy phones\n\n" + text)
+    refresh_index()
     return 0
 
 

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench.delivery import ROOT, Sandbox, _cpu_model, _messages
+from bench.index import refresh as refresh_index
 
 RESULTS = ROOT / "bench" / "results_throughput.md"
 _BENCH = (sys.executable, "-m", "bench", "throughput")
@@ -255,6 +256,7 @@ def main(argv: list[str]) -> int:
     text = report(rows, command.strip())
     print(text)
     RESULTS.write_text(text)
+    refresh_index()
     return 0
 
 
