@@ -56,14 +56,23 @@ CLIENTS = {
 def sandbox_app() -> Any:
     """uvicorn factory: the sandbox with the benchmark's latency and a store that keeps nothing.
 
-    The real store keeps every accepted message in memory; a million-message run would measure
-    the sandbox's memory growth instead of the client.
+    The real store keeps every accepted message and request in memory; a million-message run
+    would measure the sandbox's memory growth instead of the client.
     """
     from cdp_activation.sandbox.app import MessageStore, SandboxConfig, create_app
 
     class CountingStore(MessageStore):
+        """Keeps nothing: a million recorded messages and attempts (and the garbage collector
+        walking them) slowed the sandbox down by half over a long run."""
+
         def add(self, message: Any) -> None:
             pass
+
+        def log(self, attempt: Any) -> None:
+            pass
+
+        def next_attempt(self, provider: str, request_hash: str) -> int:
+            return 1  # no fault injection in the benchmarks: attempt numbers are not needed
 
     config = SandboxConfig(latency_ms=float(os.environ.get(LATENCY_ENV, "0")))
     return create_app(config, CountingStore())

@@ -28,6 +28,8 @@ def settings_for_sandbox(server: SandboxServer) -> Settings:
         infobip_base_url=f"{server.url}/infobip",
         vonage_base_url=f"{server.url}/vonage",
         webhook_url=f"{server.url}/webhook/messages",
+        braze_base_url=f"{server.url}/braze",
+        braze_api_key=None,
         meta_access_token=None,
         twilio_auth_token=None,
         infobip_api_key=None,

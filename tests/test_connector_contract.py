@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from pydantic import SecretStr
 
 from cdp_activation.connectors import (
     CONNECTORS,
+    BrazeConnector,
     InfobipConnector,
     VonageConnector,
     WebhookConnector,
@@ -45,6 +47,7 @@ from cdp_activation.connectors.base import (
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.sandbox.app import SandboxConfig
 from cdp_activation.settings import (
+    SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,
     SANDBOX_META_TOKEN,
     SANDBOX_TWILIO_AUTH_TOKEN,
@@ -77,6 +80,19 @@ def sms(i: int) -> OutboundMessage:
         to=f"+4479{i:07d}0",
         channel="sms",
         body=f"Hi {i}, we miss you!",
+    )
+
+
+def braze(i: int) -> OutboundMessage:
+    """An API-triggered Braze campaign for one user, trigger properties by column name."""
+    return OutboundMessage(
+        key=f"contract|2025-01-01|{i}|initial",
+        to=f"+4479{i:07d}0",
+        channel="whatsapp",
+        template=TemplateRef(
+            "winback_campaign", "en", ("Ana", "45", f"C{i}"), ("first_name", "days", "code")
+        ),
+        customer_id=f"customer-{i}",
     )
 
 
@@ -141,6 +157,15 @@ CASES: dict[str, Case] = {
         OutboundMessage("bad", BAD_NUMBER, "sms", body="hi"),
         "1430",
         _vonage_forms,
+    ),
+    "braze": Case(
+        "braze_base_url",
+        "/braze",
+        {"braze_api_key": SecretStr(BAD_SECRET)},
+        (SANDBOX_BRAZE_API_KEY,),
+        braze,
+        OutboundMessage("bad", BAD_NUMBER, "whatsapp", template=braze(0).template, customer_id="x"),
+        "invalid_recipient",
     ),
     "webhook": Case(
         "webhook_url",
@@ -547,3 +572,46 @@ def test_new_connector_resources_default_to_the_sandbox(monkeypatch: pytest.Monk
         connector = configured[key].connector()
         assert connector.name == key
         assert "127.0.0.1" in repr(connector)
+
+
+# --- Braze -------------------------------------------------------------------------------------
+
+
+def test_braze_sends_trigger_properties_by_name_and_the_validated_number(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("braze", sandbox_settings)
+    assert isinstance(connector, BrazeConnector)
+    payload = connector.build_payload([braze(1), braze(2)])
+    assert payload["campaign_id"] == "winback_campaign"
+    assert payload["recipients"][0] == {
+        "external_user_id": "customer-1",
+        "trigger_properties": {"first_name": "Ana", "days": "45", "code": "C1"},
+        "attributes": {"phone": braze(1).to},
+        "send_to_existing_only": True,
+    }
+    results = send(connector, [braze(i) for i in range(3)])
+    # Braze answers one dispatch id for the whole batch; every recipient's row keeps it.
+    assert len({r.provider_message_id for r in results}) == 1
+
+
+def test_braze_unknown_campaign_stops_the_activation(sandbox_settings: Settings) -> None:
+    message = dataclasses.replace(braze(0), template=TemplateRef("no_such_campaign", "en"))
+    with pytest.raises(TemplateError, match="campaign"):
+        send(connector_from_settings("braze", sandbox_settings), [message])
+
+
+def test_braze_pushes_audience_membership_75_attributes_a_request(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("braze", sandbox_settings)
+    assert isinstance(connector, BrazeConnector)
+    attributes = [{"external_id": f"c{i}", "cdp_winback_whatsapp": True} for i in range(160)]
+
+    async def go() -> int:
+        async with httpx.AsyncClient(timeout=5) as client:
+            return await connector.push_attributes(client, attributes)
+
+    assert asyncio.run(go()) == 160
+    profiles = sandbox.profiles()
+    assert len(profiles) == 160 and profiles["c7"]["cdp_winback_whatsapp"] is True

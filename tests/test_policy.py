@@ -574,3 +574,24 @@ def test_a_large_audience_keeps_every_row_with_its_own_customer() -> None:
     assert checks.row(0) == (True, True)
     whatsapp = frame.filter(pl.col("channel") == "whatsapp")["customer_id"]
     assert whatsapp.len() == n - n // 3 and (whatsapp % 3 != 0).all()
+
+
+def test_a_platform_that_owns_its_templates_is_not_checked_against_a_catalog() -> None:
+    plan = ChannelPlanSpec.model_validate(
+        {
+            "purpose": "marketing",
+            "steps": [
+                {
+                    "channel": "whatsapp",
+                    "connector": "braze",
+                    "template": {**WINBACK, "name": "winback_campaign"},
+                }
+            ],
+        }
+    )
+    assert run([customer(1)], plan, catalogs={"braze": None})[1] == ("whatsapp", None)
+    # An empty catalog is a catalog without the template: nothing goes.
+    assert run([customer(1)], plan, catalogs={"braze": []})[1] == (
+        None,
+        "whatsapp_template_not_approved",
+    )

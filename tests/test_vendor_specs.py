@@ -545,3 +545,47 @@ def test_infobip_spec_validation_catches_a_bad_request(
     bad = httpx.Request("POST", url, json=body, headers={"Authorization": "App k"})
     with pytest.raises(RequestValidationError):
         spec(path).validate_request(to_spec_request(bad, "/infobip", INFOBIP_SERVER))
+
+
+# --- Braze ------------------------------------------------------------------------------------
+
+BRAZE_SEND_SPEC = SPECS / "braze" / "braze-messaging-send-messages-api-openapi.yml"
+BRAZE_USERS_SPEC = SPECS / "braze" / "braze-user-data-api-openapi.yml"
+BRAZE_SERVER = "https://rest.iad-01.braze.com"
+
+
+def test_braze_trigger_send_matches_spec(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("braze", sandbox_settings)
+    messages = [
+        OutboundMessage(
+            f"k{i}",
+            f"+4479000000{i:02d}",
+            "whatsapp",
+            template=TemplateRef("winback_campaign", "en", ("Ana",), ("first_name",)),
+            customer_id=f"c{i}",
+        )
+        for i in range(3)
+    ]
+
+    async def run(client: httpx.AsyncClient) -> None:
+        await connector.send_batch(client, messages)
+
+    exchanges = capture(run)
+    validate(exchanges, BRAZE_SEND_SPEC, "/braze", BRAZE_SERVER)
+    [(request, response)] = exchanges
+    assert request.headers["authorization"].startswith("Bearer ")
+    assert response.status_code == 201
+
+
+def test_braze_users_track_matches_spec(sandbox: SandboxServer, sandbox_settings: Settings) -> None:
+    connector = connector_from_settings("braze", sandbox_settings)
+    attributes = [{"external_id": f"c{i}", "cdp_winback": True} for i in range(80)]
+
+    async def run(client: httpx.AsyncClient) -> None:
+        await connector.push_attributes(client, attributes)
+
+    exchanges = capture(run)
+    assert len(exchanges) == 2  # 75 + 5
+    validate(exchanges, BRAZE_USERS_SPEC, "/braze", BRAZE_SERVER)

@@ -239,12 +239,15 @@ def audience_metadata(
 
 def fetch_catalogs(
     activation: Activation, connectors: Mapping[str, Connector]
-) -> dict[str, list[TemplateInfo]]:
-    """Template catalogs of the connectors whose steps send templates."""
+) -> dict[str, list[TemplateInfo] | None]:
+    """Template catalogs of the connectors whose steps send templates; None for a platform
+    that owns its templates (a CEP's campaign: there is no catalog to check)."""
     wanted = {s.connector for s in activation.spec.channel_plan.steps if s.template is not None}
+    owned = {n for n in wanted if connectors[n].capabilities.platform_owns_templates}
+    wanted -= owned
 
-    async def fetch() -> dict[str, list[TemplateInfo]]:
-        out: dict[str, list[TemplateInfo]] = {}
+    async def fetch() -> dict[str, list[TemplateInfo] | None]:
+        out: dict[str, list[TemplateInfo] | None] = dict.fromkeys(owned)
         async with httpx.AsyncClient(timeout=30) as client:
             for name in sorted(wanted):
                 connector = connectors[name]
@@ -255,7 +258,7 @@ def fetch_catalogs(
                     raise ConnectorError(unreachable(name, connector, err)) from None
         return out
 
-    return asyncio.run(fetch()) if wanted else {}
+    return asyncio.run(fetch()) if wanted else dict.fromkeys(owned)
 
 
 def unreachable(name: str, connector: Connector, err: Exception) -> str:
@@ -291,12 +294,13 @@ def template_problems(activation: Activation, connectors: Mapping[str, Connector
     for step in activation.spec.channel_plan.steps:
         if step.template is None:
             continue
+        catalog = catalogs[step.connector]
+        if catalog is None:
+            continue  # the platform approves its own campaigns
         if not hasattr(connectors[step.connector], "fetch_templates"):
             problems.append(f"connector {step.connector!r} cannot list its templates")
             continue
-        problem = template_problem(
-            catalogs[step.connector], step.template, activation.spec.channel_plan.purpose
-        )
+        problem = template_problem(catalog, step.template, activation.spec.channel_plan.purpose)
         if problem:
             problems.append(problem)
     return problems

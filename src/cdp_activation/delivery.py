@@ -15,6 +15,7 @@ refused with a retryable answer, are released back to `planned` for the next run
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import statistics
 import time
@@ -93,6 +94,7 @@ def to_outbound(row: PlannedSend) -> OutboundMessage:
             name=message["template"],
             language=message["language"],
             parameters=tuple(message.get("parameters") or ()),
+            parameter_names=tuple(message.get("names") or ()),
         )
     return OutboundMessage(
         key=row.idempotency_key,
@@ -100,6 +102,7 @@ def to_outbound(row: PlannedSend) -> OutboundMessage:
         channel=row.channel,
         template=template,
         body=message.get("body"),
+        customer_id=row.customer_id,
     )
 
 
@@ -197,6 +200,10 @@ async def deliver_async(
     stop = asyncio.Event()
     stop_error: list[ConnectorError] = []
     batches = _batches(rows, connectors)
+    # A million rows are a million long-lived objects: without this every full collection
+    # walks them all again, and the cost per message grew with the run (bench/throughput.py).
+    gc.collect()
+    gc.freeze()
 
     # httpx API over an aiohttp transport: plain httpx collapses past a few requests in flight
     # (bench/results_delivery.md); the transport maps errors exactly as httpx would.
@@ -235,6 +242,7 @@ async def deliver_async(
             await asyncio.gather(*(worker() for _ in range(min(options.concurrency, len(batches)))))
         finally:
             progress.cancel()
+            gc.unfreeze()
     report.elapsed = time.perf_counter() - started
     if stop_error:
         report.stopped_by = str(stop_error[0])

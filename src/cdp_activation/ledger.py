@@ -129,6 +129,7 @@ class PlannedSend:
     recipient: str
     message: dict[str, Any]
     attempts: int
+    customer_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,7 @@ class Ledger:
                     sends.c.recipient,
                     sends.c.message,
                     sends.c.attempts,
+                    sends.c.customer_id,
                 )
                 .where(
                     sends.c.activation == activation,
@@ -346,6 +348,7 @@ class Ledger:
                 r.recipient,
                 json.loads(r.message),
                 r.attempts,
+                r.customer_id,
             )
             for r in rows
         ]
@@ -585,16 +588,19 @@ def _plan_rows(
 ) -> pl.DataFrame:
     """The `sends` rows of `chosen` decisions (columns `_PLAN_COLUMNS`), built in polars.
 
-    The message is JSON: `{"template", "language", "parameters"}` for a template (parameters
-    from the `variables` list), else `{"body"}`. Times are UTC; SQLite gets them as the text
+    The message is JSON: `{"template", "language", "parameters"[, "names"]}` for a template
+    (parameters from the `variables` list, names from `variable_names` when present: the
+    columns they came from), else `{"body"}`. Times are UTC; SQLite gets them as the text
     SQLAlchemy writes (`YYYY-MM-DD HH:MM:SS.ffffff`), so both paths read back alike.
     """
     customer = pl.col("customer_id").cast(pl.String)
     parameters = pl.coalesce(pl.col("variables"), pl.lit([], dtype=pl.List(pl.String)))
+    names = [pl.col("variable_names").alias("names")] if "variable_names" in chosen.columns else []
     template = pl.struct(
         pl.col("template_name").cast(pl.String).alias("template"),
         pl.col("template_language").cast(pl.String).alias("language"),
         parameters.alias("parameters"),
+        *names,
     ).struct.json_encode()
     body = pl.struct(pl.col("body").cast(pl.String)).struct.json_encode()
     holdout = (pl.col("decision") == "holdout") if "decision" in chosen.columns else pl.lit(False)

@@ -12,6 +12,7 @@ import dagster as dg
 from pydantic import SecretStr
 
 from cdp_activation.connectors.base import Connector, ConnectorConfigError
+from cdp_activation.connectors.braze import BrazeConnector
 from cdp_activation.connectors.infobip import InfobipConnector
 from cdp_activation.connectors.meta_whatsapp import MetaWhatsAppConnector
 from cdp_activation.connectors.twilio import TwilioConnector
@@ -19,6 +20,7 @@ from cdp_activation.connectors.vonage import VonageConnector
 from cdp_activation.connectors.webhook import DEFAULT_BATCH_SIZE, WebhookConnector
 from cdp_activation.ledger import Ledger
 from cdp_activation.settings import (
+    SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,
     SANDBOX_META_TOKEN,
     SANDBOX_TWILIO_AUTH_TOKEN,
@@ -164,6 +166,23 @@ class VonageResource(ConnectorResource):
                 whatsapp_from=self.whatsapp_from,
                 sms_from=self.sms_from,
                 whatsapp_namespace=self.whatsapp_namespace,
+            )
+        )
+
+
+class BrazeResource(ConnectorResource):
+    """Braze REST API: API-triggered campaigns (`/campaigns/trigger/send`)."""
+
+    base_url: str
+    api_key: str | None = None
+
+    def connector(self) -> Connector:
+        return self._with_rate(
+            BrazeConnector(
+                base_url=self.base_url,
+                api_key=resolve_secret(
+                    self.api_key, self.base_url, SANDBOX_BRAZE_API_KEY, "CDP_BRAZE_API_KEY"
+                ),
             )
         )
 

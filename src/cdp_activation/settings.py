@@ -26,6 +26,7 @@ SANDBOX_INFOBIP_API_KEY = "sandbox-infobip-key"
 SANDBOX_VONAGE_API_KEY = "sandboxkey"
 SANDBOX_VONAGE_API_SECRET = "sandbox-vonage-secret"
 SANDBOX_WEBHOOK_TOKEN = "sandbox-webhook-token"
+SANDBOX_BRAZE_API_KEY = "sandbox-braze-rest-key"
 SANDBOX_PORT = 8787
 
 
@@ -86,6 +87,11 @@ class Settings(BaseSettings):
     vonage_sms_from: str = "447700900002"
     vonage_whatsapp_namespace: str = ""  # "<namespace>:" is prefixed to template names when set
     vonage_rate_per_second: float | None = None
+    # Braze REST API (API-triggered campaigns). Real: your instance's REST endpoint, e.g.
+    # https://rest.fra-01.braze.eu
+    braze_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/braze"
+    braze_api_key: SecretStr | None = None
+    braze_rate_per_second: float | None = None
 
     webhook_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/webhook/messages"
     # Extra request headers as JSON, e.g. {"Authorization": "Bearer …"}; values are secrets.
@@ -127,6 +133,11 @@ class Settings(BaseSettings):
             self.vonage_base_url,
             SANDBOX_VONAGE_API_SECRET,
             "CDP_VONAGE_API_SECRET",
+        )
+
+    def braze_key(self) -> str:
+        return resolve_secret(
+            self.braze_api_key, self.braze_base_url, SANDBOX_BRAZE_API_KEY, "CDP_BRAZE_API_KEY"
         )
 
     def webhook_header_values(self) -> dict[str, str]:

@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
 from cdp_activation.connectors.base import Connector, ConnectorConfigError
+from cdp_activation.connectors.braze import BrazeConnector
 from cdp_activation.connectors.infobip import InfobipConnector
 from cdp_activation.connectors.meta_whatsapp import MetaWhatsAppConnector
 from cdp_activation.connectors.twilio import TwilioConnector
@@ -73,9 +74,11 @@ register(TwilioConnector)
 register(InfobipConnector)
 register(VonageConnector)
 register(WebhookConnector)
+register(BrazeConnector)
 
 __all__ = [
     "CONNECTORS",
+    "BrazeConnector",
     "InfobipConnector",
     "MetaWhatsAppConnector",
     "TwilioConnector",

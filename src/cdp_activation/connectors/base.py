@@ -50,6 +50,9 @@ class Capabilities:
     max_batch_size: int  # recipients per request
     default_rate_per_second: float  # messages per second per sender
     idempotency: bool  # provider de-duplicates a re-sent request carrying our key
+    # The platform keeps the message and its approval itself (a CEP's campaign): there is no
+    # template catalog to check, the "template" a step names is the platform's campaign.
+    platform_owns_templates: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class TemplateRef:
     name: str
     language: str
     parameters: tuple[str, ...] = ()
+    # The audience columns the parameters came from, in the same order (empty when unknown):
+    # providers that take named properties (Braze's trigger properties) use them as keys.
+    parameter_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class OutboundMessage:
     channel: str
     template: TemplateRef | None = None
     body: str | None = None
+    customer_id: str | None = None  # for platforms that address their own users (Braze)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import os
 import dagster as dg
 
 from cdp_activation.resources import (
+    BrazeResource,
     InfobipResource,
     LedgerResource,
     MetaWhatsAppResource,
@@ -70,6 +71,11 @@ def resources() -> dg.Definitions:
                 sms_from=settings.vonage_sms_from,
                 whatsapp_namespace=settings.vonage_whatsapp_namespace,
                 rate_per_second=settings.vonage_rate_per_second,
+            ),
+            "braze": BrazeResource(
+                base_url=settings.braze_base_url,
+                api_key=_env_secret("CDP_BRAZE_API_KEY"),
+                rate_per_second=settings.braze_rate_per_second,
             ),
             "webhook": WebhookResource(
                 url=settings.webhook_url,

@@ -130,7 +130,7 @@ def decide(
     *,
     now: datetime,
     suppressions: pl.DataFrame,
-    catalogs: Mapping[str, Sequence[TemplateInfo]],
+    catalogs: Mapping[str, Sequence[TemplateInfo] | None],
     policy: PolicySpec | None = None,
     recent_sends: pl.DataFrame | None = None,
     max_recipients: int | None = None,
@@ -139,7 +139,8 @@ def decide(
 ) -> Decisions:
     """Decide every customer of `audience` (one row per customer, contract columns present).
 
-    `catalogs` maps a connector name to its template catalog; `suppressions` holds normalised
+    `catalogs` maps a connector name to its template catalog (None: the platform owns its
+    templates, e.g. a Braze campaign, and nothing is checked here); `suppressions` holds normalised
     (phone_e164, channel) rows, channel null for all channels; `recent_sends` holds the
     ledger's accepted messages (customer_id text, channel, purpose, sent_at) for the caps;
     `phone_cache` keeps each distinct number's validation across runs (beside the ledger).
@@ -181,10 +182,10 @@ def decide(
     for step in steps:
         channel = step.channel
         problem = None
-        if step.template is not None:
-            problem = template_problem(
-                catalogs.get(step.connector, ()), step.template, plan.purpose
-            )
+        catalog = catalogs.get(step.connector, ())
+        # None: the platform owns the template (a CEP's campaign) and approves it itself.
+        if step.template is not None and catalog is not None:
+            problem = template_problem(catalog, step.template, plan.purpose)
             if problem:
                 template_problems[channel] = problem
         check = whatsapp_variables_ok if step.template is not None else body_variables_ok
@@ -524,5 +525,12 @@ def with_bodies(frame: pl.DataFrame, plan: ChannelPlanSpec) -> pl.DataFrame:
 
 
 def rendered(frame: pl.DataFrame, plan: ChannelPlanSpec) -> pl.DataFrame:
-    """Decisions rows as they are sent: `body` rendered and `variables` as a list."""
-    return variables_as_lists(with_bodies(frame, plan))
+    """Decisions rows as they are sent: `body` rendered, `variables` as a list, and
+    `variable_names`: the audience columns the values came from (for named properties)."""
+    names: pl.Expr = pl.lit(None, dtype=pl.List(pl.String))
+    for step in plan.steps:
+        columns = step.variable_columns()
+        if columns:
+            value = pl.lit(pl.Series([columns], dtype=pl.List(pl.String)))
+            names = pl.when(pl.col("channel") == step.channel).then(value).otherwise(names)
+    return variables_as_lists(with_bodies(frame, plan)).with_columns(names.alias("variable_names"))

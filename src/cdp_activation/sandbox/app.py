@@ -1,4 +1,4 @@
-"""The sandbox provider: a local ASGI app answering like Meta, Twilio, Infobip and Vonage.
+"""The sandbox provider: a local ASGI app answering like Meta, Twilio, Infobip, Vonage, Braze.
 
 Why emulate instead of mocking: the connectors, the delivery engine, the demo and the tests all
 talk real HTTP to it, so timeouts, connection reuse, status codes and error bodies are exercised
@@ -20,6 +20,9 @@ exactly as in production. Status codes, ids and error bodies follow the vendor s
   bodies whose `type` ends in the x-errors code (1022 template, 1430 recipient, …).
 - Webhook (prefix `/webhook`): `POST /messages` under the contract of `connectors/webhook.py`,
   bearer token; each message `key` is accepted once, a repeat gets its first id back.
+- Braze (prefix `/braze`): `POST /campaigns/trigger/send` (up to 50 recipients, 201 with one
+  `dispatch_id` for the batch; the campaigns of `BRAZE_CAMPAIGNS`) and `POST /users/track`
+  (75 attribute objects, merged into `MessageStore.profiles()`), `Authorization: Bearer`.
 - Control (prefix `/_sandbox`): `GET messages`, `GET attempts`, `GET stats`, `POST reset`,
   `GET health`, and `GET`/`POST faults` to read or change fault injection while running.
 
@@ -69,6 +72,7 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from cdp_activation.settings import (
+    SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,
     SANDBOX_META_TOKEN,
     SANDBOX_TWILIO_ACCOUNT_SID,
@@ -106,6 +110,7 @@ class SandboxConfig:
     vonage_api_key: str = SANDBOX_VONAGE_API_KEY
     vonage_api_secret: str = SANDBOX_VONAGE_API_SECRET
     webhook_token: str = SANDBOX_WEBHOOK_TOKEN
+    braze_api_key: str = SANDBOX_BRAZE_API_KEY
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     seed: int = 0
@@ -161,6 +166,7 @@ _CREDENTIAL_FIELDS = (
     "vonage_api_key",
     "vonage_api_secret",
     "webhook_token",
+    "braze_api_key",
 )
 FAULT_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(SandboxConfig) if f.name not in _CREDENTIAL_FIELDS
@@ -270,7 +276,18 @@ class MessageStore:
     _attempts: list[SandboxAttempt] = field(default_factory=list)
     _seen: Counter[tuple[str, str]] = field(default_factory=Counter)
     _first_ids: dict[tuple[str, str], str] = field(default_factory=dict)
+    _tracked: dict[str, dict[str, Any]] = field(default_factory=dict)  # Braze user attributes
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def track(self, attributes: list[dict[str, Any]]) -> None:
+        """Merge Braze `/users/track` attribute objects into each user's profile."""
+        with self._lock:
+            for item in attributes:
+                self._tracked.setdefault(str(item["external_id"]), {}).update(item)
+
+    def profiles(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return {user: dict(values) for user, values in self._tracked.items()}
 
     def add(self, message: SandboxMessage) -> None:
         with self._lock:
@@ -287,6 +304,7 @@ class MessageStore:
             self._attempts.clear()
             self._seen.clear()
             self._first_ids.clear()
+            self._tracked.clear()
 
     def first_id(self, provider: str, key: str, new_id: str) -> tuple[str, bool]:
         """For providers that de-duplicate on a client key: the id the key was first accepted
@@ -1682,6 +1700,133 @@ async def webhook_messages(request: Request) -> Response:
     return await _batch_request(request, _WEBHOOK)
 
 
+# --------------------------------------------------------------------------------------------
+# Braze (API-triggered campaigns, users/track)
+# --------------------------------------------------------------------------------------------
+
+# The sandbox's API-triggered campaigns and the channel each one sends on.
+BRAZE_CAMPAIGNS: dict[str, str] = {
+    "winback_campaign": "whatsapp",
+    "order_update_campaign": "whatsapp",
+    "sms_winback_campaign": "sms",
+}
+
+
+def _braze_authorized(request: Request, config: SandboxConfig) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), config.braze_api_key)
+
+
+def _braze_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"message": message}, status_code=status, headers=headers)
+
+
+def _parse_braze(request: Request, raw: bytes) -> Response | list[_Candidate]:
+    """`{campaign_id, recipients: [{external_user_id, trigger_properties, attributes}]}`."""
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _braze_error(400, "Invalid JSON")
+    if not isinstance(payload, dict):
+        return _braze_error(400, "Invalid JSON")
+    campaign = payload.get("campaign_id")
+    if campaign not in BRAZE_CAMPAIGNS:
+        return _braze_error(400, f"Invalid campaign_id: campaign {campaign!r} was not found")
+    recipients = payload.get("recipients")
+    if not isinstance(recipients, list) or not 1 <= len(recipients) <= 50:
+        return _braze_error(400, "recipients must be an array of 1 to 50 objects")
+    candidates = []
+    for i, item in enumerate(recipients):
+        user = item.get("external_user_id") if isinstance(item, dict) else None
+        if not isinstance(user, str) or not user:
+            return _braze_error(400, f"recipients[{i}] must have an external_user_id")
+        properties = item.get("trigger_properties") or {}
+        phone = (item.get("attributes") or {}).get("phone")
+        candidates.append(
+            _Candidate(
+                to=phone if isinstance(phone, str) and phone else user,
+                record={
+                    "template_name": campaign,
+                    "parameters": tuple(str(v) for v in properties.values()),
+                },
+                extra={"channel": BRAZE_CAMPAIGNS[campaign], "user": user},
+            )
+        )
+    return candidates
+
+
+def _accept_braze(
+    request: Request, candidate: _Candidate
+) -> tuple[SandboxMessage | None, dict[str, Any]]:
+    dispatch = request.state.braze_dispatch
+    message = SandboxMessage(
+        provider="braze",
+        channel=candidate.extra["channel"],
+        to=candidate.to,
+        provider_message_id=dispatch,
+        received_at=_now().isoformat(),
+        **candidate.record,
+    )
+    return message, {"dispatch_id": dispatch}
+
+
+def _braze_fault_answer(config: SandboxConfig, fault: Fault, draw: float) -> Response:
+    if fault == Fault.THROTTLED:
+        reset = str(int(time.time() + config.retry_after_s))
+        return _braze_error(
+            429,
+            "Rate limit exceeded",
+            headers={
+                "Retry-After": _retry_after_header(config.retry_after_s),
+                "X-RateLimit-Limit": "250000",
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": reset,
+            },
+        )
+    return _braze_error(500 if draw < 0.5 else 503, "Internal Server Error")
+
+
+_BRAZE = _BatchRules(
+    name="braze",
+    authorized=_braze_authorized,
+    unauthorized=lambda: _braze_error(401, "Invalid API key"),
+    parse=_parse_braze,
+    refuse=lambda config, candidate: None,  # Braze answers for the batch, never per user
+    accept=_accept_braze,
+    answer=lambda entries: JSONResponse(
+        {"dispatch_id": entries[0]["dispatch_id"], "message": "success"}, status_code=201
+    ),
+    fault_answer=_braze_fault_answer,
+)
+
+
+async def braze_trigger_send(request: Request) -> Response:
+    """`POST /campaigns/trigger/send`: one dispatch id for the whole batch."""
+    request.state.braze_dispatch = "dispatch_" + uuid.uuid4().hex
+    return await _batch_request(request, _BRAZE)
+
+
+async def braze_users_track(request: Request) -> Response:
+    """`POST /users/track`: up to 75 attribute objects, each with an `external_id`."""
+    config: SandboxConfig = request.app.state.config
+    await _provider_delay(config)
+    if not _braze_authorized(request, config):
+        return _braze_error(401, "Invalid API key")
+    try:
+        payload = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _braze_error(400, "Invalid JSON")
+    attributes = payload.get("attributes") if isinstance(payload, dict) else None
+    if not isinstance(attributes, list) or len(attributes) > 75:
+        return _braze_error(400, "attributes must be an array of at most 75 objects")
+    if not all(isinstance(a, dict) and a.get("external_id") for a in attributes):
+        return _braze_error(400, "every attributes object needs an external_id")
+    request.app.state.store.track(attributes)
+    return JSONResponse(
+        {"attributes_processed": len(attributes), "message": "success"}, status_code=201
+    )
+
+
 def _gone(provider: str, arrived: float) -> SandboxAttempt:
     return SandboxAttempt(
         provider=provider,
@@ -1835,6 +1980,10 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
     ]
     vonage_routes = [Route("/v1/messages", vonage_send_message, methods=["POST"])]
     webhook_routes = [Route("/messages", webhook_messages, methods=["POST"])]
+    braze_routes = [
+        Route("/campaigns/trigger/send", braze_trigger_send, methods=["POST"]),
+        Route("/users/track", braze_users_track, methods=["POST"]),
+    ]
     control_routes = [
         Route("/messages", sandbox_messages, methods=["GET"]),
         Route("/attempts", sandbox_attempts, methods=["GET"]),
@@ -1850,6 +1999,7 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
             Mount("/infobip", routes=infobip_routes),
             Mount("/vonage", routes=vonage_routes),
             Mount("/webhook", routes=webhook_routes),
+            Mount("/braze", routes=braze_routes),
             Mount("/_sandbox", routes=control_routes),
         ]
     )

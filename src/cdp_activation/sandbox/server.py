@@ -146,6 +146,10 @@ class SandboxServer:
             sock.close()
         self._port = None
 
+    def profiles(self) -> dict[str, dict[str, object]]:
+        """Braze user attributes written through `/users/track`, by external id."""
+        return self.store.profiles()
+
     def messages(self) -> list[SandboxMessage]:
         """Accepted messages so far, read straight from the in-process store."""
         return self.store.list()

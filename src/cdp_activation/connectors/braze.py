@@ -1,0 +1,229 @@
+"""Braze connector: API-triggered campaigns, up to 50 recipients a request.
+
+Braze is a customer engagement platform: it holds the channel credentials and the message
+content (an API-triggered campaign), and addresses its own users by `external_user_id`. So a
+plan's step names the campaign as its template (`template.name` = the campaign id), and each
+recipient goes as `{external_user_id: customer_id, trigger_properties: {column: value}}`,
+with the number the policy validated set on the profile (`attributes.phone`), since that is
+the number consent and suppression were checked for.
+
+Request shape from Braze's REST API (`../shared/vendor-specs/braze/`, Postman conversion):
+`POST /campaigns/trigger/send` with `Authorization: Bearer <REST API key>` and
+`{campaign_id, recipients: [..50]}` (each with `send_to_existing_only`); 201
+`{dispatch_id, message}`: one dispatch id for the whole batch (Braze's own dispatch model),
+which each recipient's ledger row keeps. The endpoint has no idempotency key (`send_id` only
+groups analytics), so a lost answer is UNKNOWN.
+
+Classification: 201 is SENT for every recipient; a recipient we cannot address (no customer id,
+no E.164 number) is FAILED before any request; 401/403 stop the activation (credentials);
+400/404 naming the campaign stop it (template: the campaign is missing or not API-triggered);
+any other 400 fails the batch; 429 and 5xx are RETRY, with the wait from `Retry-After` or
+`X-RateLimit-Reset` (epoch seconds). `push_attributes` writes audience membership with
+`POST /users/track`, 75 attribute objects a request.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import httpx
+
+from cdp_activation.connectors.base import (
+    Capabilities,
+    ConnectorError,
+    CredentialsError,
+    OutboundMessage,
+    Outcome,
+    SendResult,
+    TemplateError,
+    check_batch_size,
+    clip,
+    retry_after_seconds,
+)
+from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
+from cdp_activation.masking import mask_phones_in
+
+if TYPE_CHECKING:
+    from cdp_activation.settings import Settings
+
+RECIPIENTS_PER_REQUEST = 50  # /campaigns/trigger/send: "up to 50 specific external_ids"
+ATTRIBUTES_PER_REQUEST = 75  # /users/track: 75 attribute objects per request
+REQUESTS_PER_HOUR = 250_000  # the endpoint's default rate limit with external ids
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+class BrazeConnector:
+    """Triggers a Braze API campaign for batches of up to 50 users."""
+
+    name: ClassVar[str] = "braze"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        # The campaign decides the channel; these are the ones a plan may route to Braze.
+        channels=frozenset({"whatsapp", "sms", "email", "push"}),
+        max_batch_size=RECIPIENTS_PER_REQUEST,
+        # 250,000 requests an hour of 50 recipients each, in recipients per second.
+        default_rate_per_second=REQUESTS_PER_HOUR * RECIPIENTS_PER_REQUEST / 3600,
+        idempotency=False,
+        platform_owns_templates=True,  # the campaign and its WhatsApp template live in Braze
+    )
+    rate_per_second: float | None = None
+
+    def __init__(self, base_url: str, api_key: str, send_to_existing_only: bool = True) -> None:
+        require_settings(self.name, "CDP_BRAZE_", base_url=base_url, api_key=api_key)
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self.send_to_existing_only = send_to_existing_only
+        self._trigger_url = httpx.URL(f"{self.base_url}/campaigns/trigger/send")
+        self._track_url = httpx.URL(f"{self.base_url}/users/track")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BrazeConnector:
+        return cls(base_url=settings.braze_base_url, api_key=settings.braze_key())
+
+    def __repr__(self) -> str:
+        return f"BrazeConnector(base_url={self.base_url!r})"
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _safe(self, text: str) -> str:
+        return mask_phones_in(self.redact(clip(text)))
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
+
+    def recipient(self, message: OutboundMessage) -> dict[str, Any]:
+        """One entry of `recipients`: the user, their trigger properties and their number."""
+        template = message.template
+        properties: dict[str, str] = {}
+        if template is not None:
+            names = template.parameter_names or tuple(
+                str(i) for i in range(1, len(template.parameters) + 1)
+            )
+            properties = dict(zip(names, template.parameters, strict=True))
+        elif message.body is not None:
+            properties = {"body": message.body}
+        return {
+            "external_user_id": message.customer_id,
+            "trigger_properties": properties,
+            "attributes": {"phone": message.to},
+            # Never create a Braze user from here: an unknown id is Braze's to report.
+            "send_to_existing_only": self.send_to_existing_only,
+        }
+
+    def build_payload(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
+        campaigns = {m.template.name for m in messages if m.template is not None}
+        if len(campaigns) != 1:
+            raise TemplateError(
+                "braze sends API-triggered campaigns: every message of a batch needs the same "
+                f"campaign id as its template name, got {sorted(campaigns) or 'none'}"
+            )
+        return {
+            "campaign_id": campaigns.pop(),
+            "recipients": [self.recipient(m) for m in messages],
+        }
+
+    async def send_batch(
+        self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
+    ) -> list[SendResult]:
+        check_batch_size(self, messages)
+        results: list[SendResult] = []
+        sendable: list[OutboundMessage] = []
+        for message in messages:
+            if not message.customer_id or not _E164.match(message.to):
+                results.append(
+                    SendResult(
+                        message.key,
+                        Outcome.FAILED,
+                        error_code="invalid_recipient",
+                        error_message="Braze needs the customer id and an E.164 number",
+                    )
+                )
+            else:
+                sendable.append(message)
+        if not sendable:
+            return results
+        payload = self.build_payload(sendable)
+        try:
+            response = await client.post(self._trigger_url, json=payload, headers=self._headers())
+        except httpx.TransportError as exc:
+            return results + transport_failure(self.name, exc, sendable, self._safe)
+        return results + self.classify(sendable, response)
+
+    def classify(
+        self, messages: Sequence[OutboundMessage], response: httpx.Response
+    ) -> list[SendResult]:
+        status = response.status_code
+        data = json_or_none(response)
+        detail = self._safe(str(data.get("message", "")) if isinstance(data, dict) else "")
+        detail = detail or self._safe(response.text)
+        if response.is_success:
+            dispatch = data.get("dispatch_id") if isinstance(data, dict) else None
+            if not isinstance(dispatch, str) or not dispatch:
+                return [
+                    SendResult(m.key, Outcome.UNKNOWN, error_code=f"http_{status}")
+                    for m in messages
+                ]
+            return [SendResult(m.key, Outcome.SENT, provider_message_id=dispatch) for m in messages]
+        if status in (401, 403):
+            raise CredentialsError(
+                f"Braze refused the REST API key (HTTP {status}): {detail}. Check "
+                "CDP_BRAZE_API_KEY and that the key has the campaigns.trigger.send permission."
+            )
+        if status in (400, 404) and "campaign" in detail.lower():
+            raise TemplateError(f"Braze refused the campaign (HTTP {status}): {detail}")
+        if status == 429 or status >= 500:
+            wait = retry_after_seconds(response.headers)
+            if wait is None and status == 429:
+                wait = _reset_in(response.headers)
+            return [
+                SendResult(
+                    m.key,
+                    Outcome.RETRY,
+                    error_code=f"http_{status}",
+                    error_message=detail,
+                    retry_after=wait,
+                )
+                for m in messages
+            ]
+        return [
+            SendResult(m.key, Outcome.FAILED, error_code=f"http_{status}", error_message=detail)
+            for m in messages
+        ]
+
+    async def push_attributes(
+        self, client: httpx.AsyncClient, attributes: Sequence[dict[str, Any]]
+    ) -> int:
+        """Write user attributes (each with `external_id`) through `/users/track`, 75 a
+        request; returns how many Braze processed. Raises on any refusal."""
+        done = 0
+        for start in range(0, len(attributes), ATTRIBUTES_PER_REQUEST):
+            chunk = list(attributes[start : start + ATTRIBUTES_PER_REQUEST])
+            response = await client.post(
+                self._track_url, json={"attributes": chunk}, headers=self._headers()
+            )
+            data = json_or_none(response)
+            if response.status_code in (401, 403):
+                raise CredentialsError(
+                    f"Braze refused the REST API key (HTTP {response.status_code})"
+                )
+            if not response.is_success:
+                raise ConnectorError(
+                    f"Braze /users/track answered HTTP {response.status_code}: "
+                    f"{self._safe(response.text)}"
+                )
+            done += (
+                int(data.get("attributes_processed", len(chunk))) if isinstance(data, dict) else 0
+            )
+        return done
+
+
+def _reset_in(headers: httpx.Headers) -> float | None:
+    """Seconds until `X-RateLimit-Reset` (an epoch time), Braze's own throttling hint."""
+    value = headers.get("x-ratelimit-reset")
+    try:
+        return max(float(value) - time.time(), 0.0) if value else None
+    except ValueError:
+        return None
