@@ -30,6 +30,8 @@ def settings_for_sandbox(server: SandboxServer) -> Settings:
         webhook_url=f"{server.url}/webhook/messages",
         braze_base_url=f"{server.url}/braze",
         braze_api_key=None,
+        line_base_url=f"{server.url}/line",
+        line_channel_access_token=None,
         meta_access_token=None,
         twilio_auth_token=None,
         infobip_api_key=None,

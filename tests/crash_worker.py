@@ -1,6 +1,6 @@
 """A delivery run in its own process, for the crash test (tests/test_crash.py) to SIGKILL.
 
-    python tests/crash_worker.py LEDGER_FILE SANDBOX_URL N [CHUNK_SIZE]
+    python tests/crash_worker.py LEDGER_FILE SANDBOX_URL N [CONCURRENCY [line DEFERRED_UNTIL]]
 
 It does what a real run does on start, with the real `Ledger`, `deliver` and connectors: plan
 the N rows (a no-op for keys already planned, so a restart never plans twice), turn rows a
@@ -9,12 +9,19 @@ the sandbox at SANDBOX_URL. It prints `delivering <rows>` once it starts sending
 can time its kill from there, and a JSON summary when it finishes.
 
 `audience` is also used by tests/test_faults.py to build the same kind of rows.
+
+With `line DEFERRED_UNTIL` (a Unix time) the rows go to LINE instead, all with one text (so in
+multicasts of 500), and every fifth row is deferred until DEFERRED_UNTIL: a run after that time
+finds them due among the others, so batches made afresh would not be the batches a killed run
+had in the air. LINE de-duplicates on the retry key of a whole request, so rows a crash left in
+flight are sent again (not given up as unknown), and must go out in the same request as before.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from datetime import UTC, datetime
 
 import polars as pl
 
@@ -55,6 +62,30 @@ def audience(n: int) -> pl.DataFrame:
     )
 
 
+def line_audience(n: int, deferred_until: datetime) -> pl.DataFrame:
+    """N LINE users, one shared text; every fifth deferred until `deferred_until`."""
+    return pl.DataFrame(
+        {
+            "customer_id": list(range(1, n + 1)),
+            "phone_e164": [f"+8190{i:08d}" for i in range(1, n + 1)],
+            "recipient": [f"U{i:032x}" for i in range(1, n + 1)],
+            "channel": ["line"] * n,
+            "connector": ["line"] * n,
+            "step": ["initial"] * n,
+            "template_name": [None] * n,
+            "template_language": [None] * n,
+            "variables": [None] * n,
+            "body": ["Spring sale: 20% off everything this week"] * n,
+            "not_before": [deferred_until if i % 5 == 0 else None for i in range(1, n + 1)],
+        },
+        schema_overrides={
+            "variables": pl.List(pl.String),
+            "template_name": pl.String,
+            "template_language": pl.String,
+        },
+    )
+
+
 def sandbox_connectors(url: str) -> dict[str, Connector]:
     """Both connectors, built from settings pointing at the sandbox (as tests/conftest.py does:
     no `.env`, no tokens, so the sandbox's published credentials are used)."""
@@ -62,23 +93,31 @@ def sandbox_connectors(url: str) -> dict[str, Connector]:
         _env_file=None,  # type: ignore[call-arg]  # pydantic-settings init-only option
         meta_base_url=f"{url}/meta",
         twilio_base_url=f"{url}/twilio",
+        line_base_url=f"{url}/line",
         meta_access_token=None,
         twilio_auth_token=None,
+        line_channel_access_token=None,
     )
-    return {name: connector_from_settings(name, settings) for name in CONNECTORS}
+    return {name: connector_from_settings(name, settings) for name in (*CONNECTORS, "line")}
 
 
 def main(argv: list[str]) -> int:
     ledger_file, url, n = argv[1], argv[2], int(argv[3])
     concurrency = int(argv[4]) if len(argv) > 4 else DeliveryOptions.concurrency
+    line = len(argv) > 5 and argv[5] == "line"
     ledger = Ledger(f"sqlite:///{ledger_file}")
-    ledger.plan(ACTIVATION, PARTITION, audience(n))
-    recovered = ledger.recover_interrupted(ACTIVATION, PARTITION)
+    if line:
+        deferred_until = datetime.fromtimestamp(float(argv[6]), UTC)
+        ledger.plan(ACTIVATION, PARTITION, line_audience(n, deferred_until))
+        recovered = ledger.recover_interrupted(ACTIVATION, PARTITION, idempotent=["line"])
+    else:
+        ledger.plan(ACTIVATION, PARTITION, audience(n))
+        recovered = ledger.recover_interrupted(ACTIVATION, PARTITION)
     rows = ledger.pending(ACTIVATION, PARTITION)
-    print(f"delivering {len(rows)} (recovered {recovered} as unknown)", flush=True)
+    print(f"delivering {len(rows)} (recovered {recovered})", flush=True)
     options = DeliveryOptions(
         concurrency=concurrency,
-        rate_per_second=2000,
+        rate_per_second=500 if line else 2000,
         backoff_initial=0.02,
         backoff_max=0.2,
         timeout_seconds=5,

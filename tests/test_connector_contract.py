@@ -30,6 +30,7 @@ from cdp_activation.connectors import (
     CONNECTORS,
     BrazeConnector,
     InfobipConnector,
+    LineConnector,
     VonageConnector,
     WebhookConnector,
     connector_from_settings,
@@ -49,6 +50,7 @@ from cdp_activation.sandbox.app import SandboxConfig
 from cdp_activation.settings import (
     SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,
+    SANDBOX_LINE_TOKEN,
     SANDBOX_META_TOKEN,
     SANDBOX_TWILIO_AUTH_TOKEN,
     SANDBOX_VONAGE_API_KEY,
@@ -92,6 +94,17 @@ def braze(i: int) -> OutboundMessage:
         template=TemplateRef(
             "winback_campaign", "en", ("Ana", "45", f"C{i}"), ("first_name", "days", "code")
         ),
+        customer_id=f"customer-{i}",
+    )
+
+
+def line(i: int) -> OutboundMessage:
+    """A LINE text for one user id; every user gets the same text, so a batch is a multicast."""
+    return OutboundMessage(
+        key=f"contract|2025-01-01|{i}|initial",
+        to=f"U{i:032x}",
+        channel="line",
+        body="We miss you! 20% off with code BACK20",
         customer_id=f"customer-{i}",
     )
 
@@ -165,6 +178,15 @@ CASES: dict[str, Case] = {
         (SANDBOX_BRAZE_API_KEY,),
         braze,
         OutboundMessage("bad", BAD_NUMBER, "whatsapp", template=braze(0).template, customer_id="x"),
+        "invalid_recipient",
+    ),
+    "line": Case(
+        "line_base_url",
+        "/line",
+        {"line_channel_access_token": SecretStr(BAD_SECRET)},
+        (SANDBOX_LINE_TOKEN,),
+        line,
+        OutboundMessage("bad", BAD_NUMBER, "line", body="hi"),
         "invalid_recipient",
     ),
     "webhook": Case(
@@ -615,3 +637,65 @@ def test_braze_pushes_audience_membership_75_attributes_a_request(
     assert asyncio.run(go()) == 160
     profiles = sandbox.profiles()
     assert len(profiles) == 160 and profiles["c7"]["cdp_winback_whatsapp"] is True
+
+
+# --- LINE --------------------------------------------------------------------------------------
+
+
+def test_line_groups_a_batch_by_text_one_multicast_per_shared_text(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("line", sandbox_settings)
+    shared = [line(i) for i in range(300)]
+    personal = [dataclasses.replace(line(i), body=f"Hi {i}!") for i in range(300, 302)]
+    results = send(connector, [*shared, *personal])
+
+    assert {r.outcome for r in results} == {Outcome.SENT}
+    attempts = sandbox.attempts()
+    assert len(attempts) == 3  # one multicast of 300, two pushes
+    by_id = Counter(r.provider_message_id for r in results)
+    assert sorted(by_id.values()) == [1, 1, 300]
+    assert Counter(m.body for m in sandbox.messages())[line(0).body] == 300
+
+
+def test_line_repeated_request_is_answered_409_and_sends_nothing(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """The retry key depends only on the ledger keys: the same recipients, asked again (a run
+    after a crash), are not messaged twice, and keep the first request's id."""
+    connector = connector_from_settings("line", sandbox_settings)
+    batch = [line(i) for i in range(5)]
+    first = send(connector, batch)
+    again = send(connector, list(reversed(batch)))
+
+    assert {r.outcome for r in again} == {Outcome.SENT}
+    assert {r.provider_message_id for r in again} == {r.provider_message_id for r in first}
+    assert [a.result for a in sandbox.attempts()] == ["accepted", "replayed"]
+    assert len(sandbox.messages()) == 5
+
+
+def test_line_classification(sandbox_settings: Settings) -> None:
+    connector = connector_from_settings("line", sandbox_settings)
+    assert isinstance(connector, LineConnector)
+    group = [line(0), line(1)]
+    quota = httpx.Response(429, json={"message": "You have reached your monthly limit."})
+    with pytest.raises(ConnectorError, match="monthly message quota"):
+        connector.classify(group, quota)
+    throttled = httpx.Response(
+        429, json={"message": "The API rate limit has been exceeded."}, headers={"Retry-After": "3"}
+    )
+    assert {(r.outcome, r.retry_after) for r in connector.classify(group, throttled)} == {
+        (Outcome.RETRY, 3.0)
+    }
+    bad = httpx.Response(400, json={"message": "The request body has 1 error(s)"})
+    assert {(r.outcome, r.error_code) for r in connector.classify(group, bad)} == {
+        (Outcome.FAILED, "http_400")
+    }
+    with pytest.raises(CredentialsError):
+        connector.classify(group, httpx.Response(403, json={"message": "Not authorized"}))
+    # A 200 that names no request cannot be matched to a send: UNKNOWN, never SENT.
+    assert {r.outcome for r in connector.classify(group, httpx.Response(200, json={}))} == {
+        Outcome.UNKNOWN
+    }
+    with pytest.raises(TemplateError):
+        send(connector, [dataclasses.replace(line(0), body=None, template=TemplateRef("x", "ja"))])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 
 from cdp_activation.connectors.base import Outcome, SendResult
@@ -234,3 +236,25 @@ def test_unknown_rows_are_planned_again_only_when_asked(ledger_url: str) -> None
     transitions = ledger.history()[["from_state", "to_state"]].rows()
     assert transitions.count(("unknown", "planned")) == 3
     ledger.dispose()
+
+
+def test_a_ledger_from_an_earlier_version_gains_the_new_columns(tmp_path: Path) -> None:
+    """A ledger file made before `request_id` existed opens, keeps its rows, and works."""
+    import sqlalchemy as sa
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    ledger = Ledger(url)
+    ledger.plan("winback", "p", chosen(2))
+    with ledger.engine.begin() as con:
+        con.exec_driver_sql("ALTER TABLE sends DROP COLUMN request_id")
+    ledger.dispose()
+
+    upgraded = Ledger(url)
+    columns = {c["name"] for c in sa.inspect(upgraded.engine).get_columns("sends")}
+    assert "request_id" in columns
+    rows = upgraded.pending("winback", "p")
+    assert [r.request_id for r in rows] == [None, None]
+    upgraded.mark_in_flight([], [(rows[0].id, rows[0].id), (rows[1].id, rows[0].id)])
+    assert upgraded.recover_interrupted("winback", "p", idempotent=["meta_whatsapp"]) == 2
+    assert [r.request_id for r in upgraded.pending("winback", "p")] == [rows[0].id] * 2
+    upgraded.dispose()

@@ -595,3 +595,47 @@ def test_a_platform_that_owns_its_templates_is_not_checked_against_a_catalog() -
         None,
         "whatsapp_template_not_approved",
     )
+
+
+LINE_PLAN = ChannelPlanSpec.model_validate(
+    {
+        "purpose": "marketing",
+        "steps": [
+            {"channel": "line", "connector": "line", "body": "{first_name}さん、20% off"},
+            {"channel": "sms", "connector": "twilio", "body": "Hi {first_name}, use {offer_code}"},
+        ],
+    }
+)
+LINE_USER = "U" + "4af4980629" * 3 + "ab"
+
+
+def test_line_goes_to_the_line_user_id_and_needs_one() -> None:
+    rows = [
+        customer(1, line_user_id=LINE_USER, line_marketing_consent=True),
+        customer(2, line_user_id=None, line_marketing_consent=True),  # never followed
+        customer(3, line_user_id="not-a-line-id", line_marketing_consent=True),
+        customer(4, line_user_id="U" + "0" * 32, line_marketing_consent=False),
+    ]
+    frame = decide(
+        pl.DataFrame(rows),
+        LINE_PLAN,
+        now=NOW,
+        suppressions=NO_SUPPRESSIONS,
+        catalogs={},
+        policy=PolicySpec.model_validate({"quiet_hours": {"enabled": False}}),
+    ).frame
+    assert frame.select("customer_id", "channel", "recipient", "line_reason").rows() == [
+        (1, "line", LINE_USER, None),
+        (2, "sms", customer(2)["phone"], "line_no_address"),
+        (3, "sms", customer(3)["phone"], "line_no_address"),
+        (4, "sms", customer(4)["phone"], "line_no_consent"),
+    ]
+
+
+def test_a_line_step_takes_a_body_not_a_template() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="line has no provider-approved templates"):
+        ChannelPlanSpec.model_validate(
+            {"steps": [{"channel": "line", "connector": "line", "template": WINBACK}]}
+        )

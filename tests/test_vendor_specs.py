@@ -589,3 +589,34 @@ def test_braze_users_track_matches_spec(sandbox: SandboxServer, sandbox_settings
     exchanges = capture(run)
     assert len(exchanges) == 2  # 75 + 5
     validate(exchanges, BRAZE_USERS_SPEC, "/braze", BRAZE_SERVER)
+
+
+# --- LINE -------------------------------------------------------------------------------------
+
+LINE_SPEC = SPECS / "line" / "messaging-api.yml"
+LINE_SERVER = "https://api.line.me"
+
+
+def test_line_multicast_and_push_match_spec(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """One shared text goes as a multicast, a personalised one as a push; both spec-valid,
+    with a UUID retry key, and a repeat answered 409 as the spec documents."""
+    connector = connector_from_settings("line", sandbox_settings)
+    shared = [
+        OutboundMessage(f"k{i}", f"U{i:032x}", "line", body="20% off this week") for i in range(3)
+    ]
+    personal = OutboundMessage("k9", f"U{9:032x}", "line", body="Hi Ana, 20% off this week")
+
+    async def run(client: httpx.AsyncClient) -> None:
+        await connector.send_batch(client, [*shared, personal])
+        await connector.send_batch(client, shared)  # the same request again: 409
+
+    exchanges = capture(run)
+    validate(exchanges, LINE_SPEC, "/line", LINE_SERVER)
+    paths = sorted((r.url.path.rsplit("/", 1)[1], a.status_code) for r, a in exchanges)
+    assert paths == [("multicast", 200), ("multicast", 409), ("push", 200)]
+    for request, _ in exchanges:
+        assert request.headers["authorization"].startswith("Bearer ")
+        assert len(request.headers["x-line-retry-key"]) == 36
+    assert len(sandbox.messages()) == 4

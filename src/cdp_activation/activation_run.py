@@ -31,6 +31,7 @@ from cdp_activation.ledger import (
 )
 from cdp_activation.masking import mask_phone
 from cdp_activation.policy import Decisions, decide, reasons
+from cdp_activation.policy.addresses import address_column
 from cdp_activation.policy.consent import consent_column
 from cdp_activation.policy.engine import DEFER, HOLDOUT, SEND, rendered
 from cdp_activation.policy.phone_cache import PhoneCache
@@ -83,6 +84,8 @@ class Activation:
             columns.append(consent_column(step.channel, purpose))
             if step.channel == "whatsapp" and step.template is None:
                 columns.append(last_inbound_column(step.channel))
+            if (address := address_column(step.channel)) is not None:
+                columns.append(address)
             columns.extend(step.variable_columns())
         return list(dict.fromkeys(columns))
 
@@ -203,6 +206,8 @@ def _expected_types(activation: Activation) -> dict[str, tuple[tuple[str, ...], 
             ("datetime", "null"),
             "a timestamp (with time zone) of the customer's last inbound message",
         )
+        if (address := address_column(step.channel)) is not None:
+            types[address] = text
     return types
 
 

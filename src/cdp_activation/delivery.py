@@ -210,7 +210,7 @@ async def deliver_async(
     async with make_client(
         timeout=options.timeout_seconds, max_in_flight=options.concurrency
     ) as client:
-        marks = _GroupCommit(ledger.mark_in_flight)
+        marks = _GroupCommit(lambda items: _mark_in_flight(ledger, items))
         records = _GroupCommit(ledger.record)
         releases = _GroupCommit(ledger.release)
         queue = iter(batches)  # shared by the workers: each batch goes to exactly one
@@ -250,6 +250,21 @@ async def deliver_async(
     return report
 
 
+def _mark_in_flight(ledger: Ledger, items: list[tuple[int, int | None]]) -> None:
+    """(row id, request id or None) pairs in flight, in one transaction."""
+    ledger.mark_in_flight(
+        [row for row, request in items if request is None],
+        [(row, request) for row, request in items if request is not None],
+    )
+
+
+def groups_requests(connector: Connector) -> bool:
+    """Whether the provider de-duplicates a whole request on one key (LINE's retry key, the
+    webhook's Idempotency-Key): then a request's rows must always travel together, or a resent
+    request would carry a new key and reach its recipients again."""
+    return connector.capabilities.idempotency and connector.capabilities.max_batch_size > 1
+
+
 def rate_of(connector: Connector, options: DeliveryOptions | None = None) -> float:
     """Messages per second for a connector: run option, then configured, then its default."""
     if options is not None and options.rate_per_second:
@@ -261,19 +276,29 @@ def _batches(
     rows: Sequence[PlannedSend], connectors: Mapping[str, Connector]
 ) -> list[tuple[str, list[PlannedSend]]]:
     """The rows in batches of each connector's size, the connectors taking turns (each has its
-    own rate limit, so interleaving keeps all of them busy)."""
+    own rate limit, so interleaving keeps all of them busy).
+
+    Rows a crash left in a request that is de-duplicated as a whole (`request_id` set, see
+    `groups_requests`) go first, each request's rows together as they were, so the request
+    is sent again exactly as before and the provider recognises it.
+    """
     by_connector: dict[str, list[PlannedSend]] = {}
     for row in rows:
         if row.connector not in connectors:
             raise ConnectorError(f"no connector named {row.connector!r} is configured")
         by_connector.setdefault(row.connector, []).append(row)
-    per_connector = [
-        [
-            (name, items[i : i + connectors[name].capabilities.max_batch_size])
-            for i in range(0, len(items), connectors[name].capabilities.max_batch_size)
-        ]
-        for name, items in by_connector.items()
-    ]
+    per_connector: list[list[tuple[str, list[PlannedSend]]]] = []
+    for name, items in by_connector.items():
+        size = connectors[name].capabilities.max_batch_size
+        interrupted: dict[int, list[PlannedSend]] = {}
+        if groups_requests(connectors[name]):
+            for row in items:
+                if row.request_id is not None:
+                    interrupted.setdefault(row.request_id, []).append(row)
+            items = [row for row in items if row.request_id is None]
+        batches = [(name, group) for group in interrupted.values()]
+        batches += [(name, items[i : i + size]) for i in range(0, len(items), size)]
+        per_connector.append(batches)
     return [batch for turn in zip_longest(*per_connector) for batch in turn if batch is not None]
 
 
@@ -298,6 +323,9 @@ async def _send_batch(
     retryable refusal before the activation stopped): they go back to `planned`.
     """
     pending = [to_outbound(r) for r in batch]
+    # The request's id in the ledger, for providers that de-duplicate whole requests: the
+    # first row's own id, kept when a crash makes the batch go out again.
+    request_id = min(row.id for row in batch) if groups_requests(connector) else None
     final: dict[str, SendResult] = {}
     attempts = 0
 
@@ -317,7 +345,7 @@ async def _send_batch(
                     continue  # a Retry-After arrived while this request queued
                 if attempts == 0:
                     # Durably in flight before the request leaves, and not a moment earlier.
-                    await marks.submit([row.id for row in batch])
+                    await marks.submit([(row.id, request_id) for row in batch])
                 attempts += 1
                 report.attempts += 1
                 began = time.perf_counter()

@@ -64,6 +64,11 @@ sends = sa.Table(
     sa.Column("sent_at", sa.DateTime(timezone=True)),  # when the provider accepted it
     sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # Through a provider that de-duplicates a whole request on one key (LINE's retry key, the
+    # webhook's Idempotency-Key): the id of the first row of the request this row last went
+    # in, so a row recovered from a crash is sent again with exactly the same companions and
+    # therefore the same key. Null for one-recipient providers and unsent rows.
+    sa.Column("request_id", sa.BigInteger().with_variant(sa.Integer, "sqlite")),
     sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
     sa.Index("ix_sends_state_sent_at", "state", "sent_at"),
 )
@@ -130,6 +135,7 @@ class PlannedSend:
     message: dict[str, Any]
     attempts: int
     customer_id: str | None = None
+    request_id: int | None = None  # set when a crash interrupted its (grouped) request
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,7 @@ class Ledger:
         self.url = url
         self.engine = open_engine(url)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         triggers = {"sqlite": _SQLITE_TRIGGERS, "postgresql": _POSTGRES_TRIGGERS}
         with self.engine.begin() as con:
             for statement in triggers.get(self.engine.dialect.name, ()):
@@ -330,6 +337,7 @@ class Ledger:
                     sends.c.message,
                     sends.c.attempts,
                     sends.c.customer_id,
+                    sends.c.request_id,
                 )
                 .where(
                     sends.c.activation == activation,
@@ -349,18 +357,33 @@ class Ledger:
                 json.loads(r.message),
                 r.attempts,
                 r.customer_id,
+                r.request_id,
             )
             for r in rows
         ]
 
-    def mark_in_flight(self, ids: Sequence[int]) -> None:
-        """planned -> in_flight, in one statement, just before the requests go out."""
+    def mark_in_flight(self, ids: Sequence[int], requests: Sequence[tuple[int, int]] = ()) -> None:
+        """planned -> in_flight, in one transaction, just before the requests go out.
+
+        `requests` holds (row id, request id) of rows sent through a provider that
+        de-duplicates whole requests: the request id is kept, so a crash-recovered row goes
+        out again in the same request (`PlannedSend.request_id`).
+        """
+        now = _now()
         with self.engine.begin() as con:
             for chunk in _chunks(ids, 5000):
                 con.execute(
                     sa.update(sends)
                     .where(sends.c.id.in_(chunk), sends.c.state == PLANNED)
-                    .values(state=IN_FLIGHT, attempts=sends.c.attempts + 1, updated_at=_now())
+                    .values(state=IN_FLIGHT, attempts=sends.c.attempts + 1, updated_at=now)
+                )
+            if requests:
+                mark = "?" if self.dialect == "sqlite" else "%s"
+                con.exec_driver_sql(
+                    f"UPDATE sends SET state = '{IN_FLIGHT}', attempts = attempts + 1, "
+                    f"request_id = {mark}, updated_at = {mark} "
+                    f"WHERE id = {mark} AND state = '{PLANNED}'",
+                    [(request, _db_time(now, self.dialect), row) for row, request in requests],
                 )
 
     def release(self, ids: Sequence[int]) -> None:
@@ -370,7 +393,12 @@ class Ledger:
                 con.execute(
                     sa.update(sends)
                     .where(sends.c.id.in_(chunk), sends.c.state == IN_FLIGHT)
-                    .values(state=PLANNED, attempts=sends.c.attempts - 1, updated_at=_now())
+                    .values(
+                        state=PLANNED,
+                        attempts=sends.c.attempts - 1,
+                        request_id=None,
+                        updated_at=_now(),
+                    )
                 )
 
     def record(self, results: Iterable[tuple[int, SendResult, int]]) -> None:
@@ -528,6 +556,17 @@ class Ledger:
         return pl.DataFrame(data, infer_schema_length=None)
 
 
+def _add_missing_columns(engine: sa.Engine) -> None:
+    """Bring a ledger made by an earlier version up to this schema: `create_all` makes missing
+    tables, not missing columns. Only nullable columns are ever added, so old rows stay valid."""
+    present = {c["name"] for c in sa.inspect(engine).get_columns("sends")}
+    missing = [c for c in sends.columns if c.name not in present]
+    with engine.begin() as con:
+        for column in missing:
+            kind = column.type.compile(dialect=engine.dialect)
+            con.exec_driver_sql(f"ALTER TABLE sends ADD COLUMN {column.name} {kind}")
+
+
 def _aware(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything the ledger stores is UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -626,7 +665,7 @@ def _plan_rows(
         pl.col("channel").cast(pl.String),
         pl.lit(purpose).alias("purpose"),
         pl.col("connector").cast(pl.String),
-        pl.col("phone_e164").alias("recipient"),
+        pl.col("recipient" if "recipient" in chosen.columns else "phone_e164").alias("recipient"),
         pl.when(pl.col("template_name").is_not_null())
         .then(template)
         .otherwise(body)

@@ -14,6 +14,7 @@ from pydantic import SecretStr
 from cdp_activation.connectors.base import Connector, ConnectorConfigError
 from cdp_activation.connectors.braze import BrazeConnector
 from cdp_activation.connectors.infobip import InfobipConnector
+from cdp_activation.connectors.line import LineConnector
 from cdp_activation.connectors.meta_whatsapp import MetaWhatsAppConnector
 from cdp_activation.connectors.twilio import TwilioConnector
 from cdp_activation.connectors.vonage import VonageConnector
@@ -22,6 +23,7 @@ from cdp_activation.ledger import Ledger
 from cdp_activation.settings import (
     SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,
+    SANDBOX_LINE_TOKEN,
     SANDBOX_META_TOKEN,
     SANDBOX_TWILIO_AUTH_TOKEN,
     SANDBOX_VONAGE_API_SECRET,
@@ -182,6 +184,26 @@ class BrazeResource(ConnectorResource):
                 base_url=self.base_url,
                 api_key=resolve_secret(
                     self.api_key, self.base_url, SANDBOX_BRAZE_API_KEY, "CDP_BRAZE_API_KEY"
+                ),
+            )
+        )
+
+
+class LineResource(ConnectorResource):
+    """LINE Messaging API: multicast and push text messages with `X-Line-Retry-Key`."""
+
+    base_url: str
+    channel_access_token: str | None = None
+
+    def connector(self) -> Connector:
+        return self._with_rate(
+            LineConnector(
+                base_url=self.base_url,
+                channel_access_token=resolve_secret(
+                    self.channel_access_token,
+                    self.base_url,
+                    SANDBOX_LINE_TOKEN,
+                    "CDP_LINE_CHANNEL_ACCESS_TOKEN",
                 ),
             )
         )

@@ -27,6 +27,7 @@ SANDBOX_VONAGE_API_KEY = "sandboxkey"
 SANDBOX_VONAGE_API_SECRET = "sandbox-vonage-secret"
 SANDBOX_WEBHOOK_TOKEN = "sandbox-webhook-token"
 SANDBOX_BRAZE_API_KEY = "sandbox-braze-rest-key"
+SANDBOX_LINE_TOKEN = "sandbox-line-channel-token"
 SANDBOX_PORT = 8787
 
 
@@ -92,6 +93,10 @@ class Settings(BaseSettings):
     braze_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/braze"
     braze_api_key: SecretStr | None = None
     braze_rate_per_second: float | None = None
+    # LINE Messaging API. Real: https://api.line.me
+    line_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/line"
+    line_channel_access_token: SecretStr | None = None
+    line_rate_per_second: float | None = None
 
     webhook_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/webhook/messages"
     # Extra request headers as JSON, e.g. {"Authorization": "Bearer …"}; values are secrets.
@@ -138,6 +143,14 @@ class Settings(BaseSettings):
     def braze_key(self) -> str:
         return resolve_secret(
             self.braze_api_key, self.braze_base_url, SANDBOX_BRAZE_API_KEY, "CDP_BRAZE_API_KEY"
+        )
+
+    def line_token(self) -> str:
+        return resolve_secret(
+            self.line_channel_access_token,
+            self.line_base_url,
+            SANDBOX_LINE_TOKEN,
+            "CDP_LINE_CHANNEL_ACCESS_TOKEN",
         )
 
     def webhook_header_values(self) -> dict[str, str]:

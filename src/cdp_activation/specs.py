@@ -16,6 +16,9 @@ Channel = Literal["whatsapp", "sms", "viber", "line", "kakao", "rcs"]
 Purpose = Literal["marketing", "transactional"]
 TemplateCategory = Literal["marketing", "utility", "authentication"]
 
+# Channels whose messages are plain text the business writes: no template catalog to check.
+BODY_ONLY_CHANNELS = frozenset({"line"})
+
 _BODY_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -121,6 +124,11 @@ class StepSpec(_Strict):
     def _template_or_body(self) -> StepSpec:
         if (self.template is None) == (self.body is None):
             raise ValueError(f"step '{self.channel}': give exactly one of `template` or `body`")
+        if self.channel in BODY_ONLY_CHANNELS and self.template is not None:
+            raise ValueError(
+                f"step '{self.channel}': {self.channel} has no provider-approved templates; "
+                "give the message as `body` (with {column} fields)"
+            )
         return self
 
     def variable_columns(self) -> list[str]:

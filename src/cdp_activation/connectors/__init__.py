@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TypeVar
 from cdp_activation.connectors.base import Connector, ConnectorConfigError
 from cdp_activation.connectors.braze import BrazeConnector
 from cdp_activation.connectors.infobip import InfobipConnector
+from cdp_activation.connectors.line import LineConnector
 from cdp_activation.connectors.meta_whatsapp import MetaWhatsAppConnector
 from cdp_activation.connectors.twilio import TwilioConnector
 from cdp_activation.connectors.vonage import VonageConnector
@@ -75,11 +76,13 @@ register(InfobipConnector)
 register(VonageConnector)
 register(WebhookConnector)
 register(BrazeConnector)
+register(LineConnector)
 
 __all__ = [
     "CONNECTORS",
     "BrazeConnector",
     "InfobipConnector",
+    "LineConnector",
     "MetaWhatsAppConnector",
     "TwilioConnector",
     "VonageConnector",

@@ -12,6 +12,7 @@ from cdp_activation.resources import (
     BrazeResource,
     InfobipResource,
     LedgerResource,
+    LineResource,
     MetaWhatsAppResource,
     TwilioResource,
     VonageResource,
@@ -76,6 +77,11 @@ def resources() -> dg.Definitions:
                 base_url=settings.braze_base_url,
                 api_key=_env_secret("CDP_BRAZE_API_KEY"),
                 rate_per_second=settings.braze_rate_per_second,
+            ),
+            "line": LineResource(
+                base_url=settings.line_base_url,
+                channel_access_token=_env_secret("CDP_LINE_CHANNEL_ACCESS_TOKEN"),
+                rate_per_second=settings.line_rate_per_second,
             ),
             "webhook": WebhookResource(
                 url=settings.webhook_url,

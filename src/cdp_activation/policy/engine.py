@@ -3,9 +3,10 @@
 Order:
 1. customer-level rules: a usable phone number, not globally suppressed, under the overall
    frequency caps;
-2. each channel of the plan: consent for the purpose, not suppressed on the channel, a number
-   that can take the channel, an approved template, the WhatsApp window for free-form
-   messages, valid variables, under the channel's frequency caps;
+2. each channel of the plan: consent for the purpose, an address on the channel (LINE: a user
+   id), not suppressed on the channel, a number that can take the channel, an approved
+   template, the WhatsApp window for free-form messages, valid variables, under the channel's
+   frequency caps;
 3. routing: the first channel that passes, in the customer's country's order;
 4. one message per phone number, the holdout group, the recipient cap;
 5. quiet hours: a chosen recipient in their night is deferred to its end, not dropped.
@@ -28,6 +29,7 @@ import polars as pl
 
 from cdp_activation.connectors.base import TemplateInfo
 from cdp_activation.policy import reasons
+from cdp_activation.policy.addresses import address_column, has_address, recipient
 from cdp_activation.policy.caps import EMPTY_SENDS, capped_customers
 from cdp_activation.policy.codes import enum_from_codes
 from cdp_activation.policy.consent import has_consent
@@ -69,6 +71,7 @@ _CUSTOMER_RULES = (
 )
 _CHANNEL_RULES = (
     reasons.NO_CONSENT,
+    reasons.NO_ADDRESS,
     reasons.CHANNEL_SUPPRESSED,
     reasons.NOT_MOBILE,
     reasons.TEMPLATE_NOT_APPROVED,
@@ -79,8 +82,8 @@ _CHANNEL_RULES = (
 # Taken off a routed customer after routing; their names come first in the reason enum.
 _LATE_REASONS = (reasons.DUPLICATE_PHONE, reasons.OVER_RECIPIENT_CAP, reasons.HOLDOUT)
 # The routing key packs (customer code, order id, each channel's code) into one integer, in
-# mixed radix: customer codes 0-4, at most 255 country orders, channel codes 0-7; six channels
-# at most, so it always fits in 32 bits.
+# mixed radix: customer codes 0-4, at most 255 country orders, channel codes 0-8; six channels
+# at most, so it always fits in 32 bits (5 * 256 * 9**6 < 2**32).
 _CUSTOMER_RADIX = len(_CUSTOMER_RULES) + 1
 _ORDER_RADIX = 256
 _CHANNEL_RADIX = len(_CHANNEL_RULES) + 1
@@ -154,6 +157,8 @@ def decide(
     for step in steps:
         needed |= {f"{step.channel}_{plan.purpose}_consent", f"{step.channel}_last_inbound_at"}
         needed |= set(step.variable_columns())
+        needed |= {c for c in [address_column(step.channel)] if c is not None}
+    addresses = [c for c in dict.fromkeys(map(address_column, channels)) if c is not None]
     frame = audience.select([c for c in audience.columns if c in needed])
     phones = phone_codes(frame["phone"], frame["country"], cache=phone_cache)
     frame = frame.with_columns(phones["phone_e164"], phones["code"].alias("_phone"))
@@ -202,6 +207,7 @@ def decide(
         failures.append(
             [
                 ~has_consent(channel, plan.purpose),
+                ~has_address(channel),
                 pl.col(f"_suppressed_{channel}"),
                 ~number_ok,
                 pl.lit(problem is not None),
@@ -263,7 +269,11 @@ def decide(
     computed = per_row.collect(engine="streaming")
     if not computed["_row"].is_sorted():
         computed = computed.sort("_row")
-    frame = computed.drop("_row").rechunk().with_columns(frame["customer_id"], frame["phone_e164"])
+    frame = (
+        computed.drop("_row")
+        .rechunk()
+        .with_columns(frame["customer_id"], frame["phone_e164"], *(frame[c] for c in addresses))
+    )
     del per_row, computed
 
     # Exclusion reasons: worked out once per distinct combination of codes (a few dozen).
@@ -285,10 +295,14 @@ def decide(
     frame = _apply_cap(frame, max_recipients, salt)
     frame = _decide_and_defer(frame, zones)
     frame = _attach_messages(frame, plan)
-    frame = frame.with_columns(enum_from_codes(pl.col("_reason"), names).alias("reason"))
+    frame = frame.with_columns(
+        enum_from_codes(pl.col("_reason"), names).alias("reason"),
+        recipient(channels).alias("recipient"),
+    )
     keep = [
         "customer_id",
         "phone_e164",
+        "recipient",
         "decision",
         "channel",
         "connector",

@@ -11,6 +11,7 @@ FREQUENCY_CAPPED = "frequency_capped"
 HOLDOUT = "holdout"
 NOT_MOBILE = "not_mobile"
 NO_CONSENT = "no_consent"  # prefixed with the channel, e.g. whatsapp_no_consent
+NO_ADDRESS = "no_address"  # e.g. line_no_address: no LINE user id for the customer
 CHANNEL_SUPPRESSED = "suppressed"  # per channel, e.g. sms_suppressed
 TEMPLATE_NOT_APPROVED = "template_not_approved"
 OUTSIDE_WINDOW = "outside_window"
@@ -31,6 +32,8 @@ CUSTOMER_REASONS: dict[str, str] = {
 # Channel-level reasons, reported as `<channel>_<reason>`.
 CHANNEL_REASONS: dict[str, str] = {
     NO_CONSENT: "No opt-in for this channel and purpose (latest consent record is not an opt-in).",
+    NO_ADDRESS: "No valid address on this channel: LINE needs the customer's LINE user id "
+    "(`line_user_id`, U and 32 hex digits, from a follow event).",
     CHANNEL_SUPPRESSED: "The number is suppressed for this channel.",
     TEMPLATE_NOT_APPROVED: "The template is missing from the provider's catalog, not APPROVED, "
     "or of a category the purpose does not allow.",

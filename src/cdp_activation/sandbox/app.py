@@ -23,6 +23,10 @@ exactly as in production. Status codes, ids and error bodies follow the vendor s
 - Braze (prefix `/braze`): `POST /campaigns/trigger/send` (up to 50 recipients, 201 with one
   `dispatch_id` for the batch; the campaigns of `BRAZE_CAMPAIGNS`) and `POST /users/track`
   (75 attribute objects, merged into `MessageStore.profiles()`), `Authorization: Bearer`.
+- LINE (prefix `/line`): `POST /v2/bot/message/multicast` (1-500 user ids) and
+  `POST /v2/bot/message/push`, text messages, `Authorization: Bearer`; a request repeating
+  an accepted `X-Line-Retry-Key` is answered 409 with `x-line-accepted-request-id` and sends
+  nothing.
 - Control (prefix `/_sandbox`): `GET messages`, `GET attempts`, `GET stats`, `POST reset`,
   `GET health`, and `GET`/`POST faults` to read or change fault injection while running.
 
@@ -74,6 +78,7 @@ from starlette.types import Receive, Scope, Send
 from cdp_activation.settings import (
     SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,
+    SANDBOX_LINE_TOKEN,
     SANDBOX_META_TOKEN,
     SANDBOX_TWILIO_ACCOUNT_SID,
     SANDBOX_TWILIO_AUTH_TOKEN,
@@ -111,6 +116,7 @@ class SandboxConfig:
     vonage_api_secret: str = SANDBOX_VONAGE_API_SECRET
     webhook_token: str = SANDBOX_WEBHOOK_TOKEN
     braze_api_key: str = SANDBOX_BRAZE_API_KEY
+    line_token: str = SANDBOX_LINE_TOKEN
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     seed: int = 0
@@ -167,6 +173,7 @@ _CREDENTIAL_FIELDS = (
     "vonage_api_secret",
     "webhook_token",
     "braze_api_key",
+    "line_token",
 )
 FAULT_FIELDS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(SandboxConfig) if f.name not in _CREDENTIAL_FIELDS
@@ -256,7 +263,9 @@ class SandboxAttempt:
     attempt: int  # 1 for the first request with this body, 2 for its first retry, ...
     arrived: float
     answered: float
-    result: str  # a `Fault` value other than none, "accepted", "rejected" or "client_gone"
+    # A `Fault` value other than none, "accepted", "rejected", "replayed" (a repeat of an
+    # accepted request answered without sending again) or "client_gone".
+    result: str
     status: int | None  # HTTP status answered; None when the connection was dropped
     retry_after: float | None = None
     to: str | None = None  # the recipient, once the request has been parsed
@@ -1082,6 +1091,9 @@ class _BatchRules:
     accept: Callable[[Request, _Candidate], tuple[SandboxMessage | None, dict[str, Any]]]
     answer: Callable[[list[dict[str, Any]]], Response]
     fault_answer: Callable[[SandboxConfig, Fault, float], Response]
+    # Providers that de-duplicate a request on a client key (LINE's X-Line-Retry-Key): the
+    # answer to a repeat of an accepted request, or None (and the key is now remembered).
+    replay: Callable[[Request, list[_Candidate]], Response | None] | None = None
 
 
 async def _batch_request(request: Request, rules: _BatchRules) -> Response:
@@ -1101,6 +1113,9 @@ async def _batch_request(request: Request, rules: _BatchRules) -> Response:
     early = await _fault_before_accept(request, exchange, fault, rules.fault_answer, only)
     if early is not None:
         return early
+    if rules.replay is not None and (replayed := rules.replay(request, parsed)) is not None:
+        exchange.log("replayed", replayed.status_code, to=only)
+        return replayed
     entries: list[dict[str, Any]] = []
     for candidate in parsed:
         refusal = rules.refuse(exchange.config, candidate)
@@ -1827,6 +1842,161 @@ async def braze_users_track(request: Request) -> Response:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# LINE Messaging API (multicast, push; X-Line-Retry-Key)
+# --------------------------------------------------------------------------------------------
+
+_LINE_USER_ID = re.compile(r"^U[0-9a-f]{32}$")
+_LINE_MAX_TEXT = 5000
+
+
+def _line_error(
+    status: int,
+    message: str,
+    details: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict[str, Any] = {"message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _line_authorized(request: Request, config: SandboxConfig) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), config.line_token)
+
+
+def _parse_line(request: Request, raw: bytes) -> Response | list[_Candidate]:
+    """`{to, messages}`: `to` one user id (push) or 1-500 of them (multicast); 1-5 text
+    messages. Errors the way LINE words them: a message and `details` naming the property."""
+    multicast = request.url.path.endswith("/multicast")
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _line_error(400, "The request body has 1 error(s)")
+    if not isinstance(payload, dict):
+        return _line_error(400, "The request body has 1 error(s)")
+    retry_key = request.headers.get("x-line-retry-key")
+    if retry_key is not None:
+        try:
+            uuid.UUID(retry_key)
+        except ValueError:
+            return _line_error(400, "The retry key is invalid; specify a UUID")
+    to = payload.get("to")
+    users = to if multicast else [to]
+    if not isinstance(users, list) or not 1 <= len(users) <= 500:
+        return _line_error(400, "The request body has 1 error(s)", [_line_detail("to")])
+    errors = [
+        _line_detail(f"to[{i}]" if multicast else "to", "The user ID is invalid")
+        for i, user in enumerate(users)
+        if not isinstance(user, str) or not _LINE_USER_ID.match(user)
+    ]
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not 1 <= len(messages) <= 5:
+        errors.append(_line_detail("messages", "Size must be between 1 and 5"))
+        messages = []
+    for i, message in enumerate(messages):
+        text = message.get("text") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or message.get("type") != "text":
+            errors.append(_line_detail(f"messages[{i}].type", "Only text in the sandbox"))
+        elif not isinstance(text, str) or not 1 <= len(text) <= _LINE_MAX_TEXT:
+            errors.append(_line_detail(f"messages[{i}].text", "Length must be 1 to 5000"))
+    if errors:
+        return _line_error(400, f"The request body has {len(errors)} error(s)", errors)
+    body = "\n".join(m["text"] for m in messages)
+    return [
+        _Candidate(to=user, record={"body": body}, extra={"retry_key": retry_key or ""})
+        for user in users
+    ]
+
+
+def _line_detail(prop: str, message: str = "May not be empty") -> dict[str, str]:
+    return {"message": message, "property": prop}
+
+
+def _line_replay(request: Request, candidates: list[_Candidate]) -> Response | None:
+    """A retry key already accepted: 409 with the accepted request's id, nothing sent."""
+    key = candidates[0].extra["retry_key"]
+    if not key:
+        return None
+    store: MessageStore = request.app.state.store
+    accepted, new = store.first_id("line", key, request.state.line_request_id)
+    if new:
+        return None
+    return _line_error(
+        409,
+        "The retry key is already accepted",
+        headers={"x-line-accepted-request-id": accepted, "x-line-request-id": _line_id()},
+    )
+
+
+def _line_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _accept_line(
+    request: Request, candidate: _Candidate
+) -> tuple[SandboxMessage | None, dict[str, Any]]:
+    message = SandboxMessage(
+        provider="line",
+        channel="line",
+        to=candidate.to,
+        provider_message_id=request.state.line_request_id,
+        received_at=_now().isoformat(),
+        idempotency_key=candidate.extra["retry_key"] or None,
+        **candidate.record,
+    )
+    return message, {}
+
+
+def _line_fault_answer(config: SandboxConfig, fault: Fault, draw: float) -> Response:
+    if fault == Fault.THROTTLED:
+        return _line_error(
+            429,
+            "The API rate limit has been exceeded. Try again later.",
+            headers={"Retry-After": _retry_after_header(config.retry_after_s)},
+        )
+    return _line_error(500 if draw < 0.5 else 503, "Internal server error")
+
+
+def _line_rules(answer: Callable[[list[dict[str, Any]]], Response]) -> _BatchRules:
+    return _BatchRules(
+        name="line",
+        authorized=_line_authorized,
+        unauthorized=lambda: _line_error(
+            401,
+            "Authentication failed due to the following reason: invalid token. Confirm that "
+            "the access token in the authorization header is valid.",
+        ),
+        parse=_parse_line,
+        refuse=lambda config, candidate: None,  # LINE answers per request, never per user
+        accept=_accept_line,
+        answer=answer,
+        fault_answer=_line_fault_answer,
+        replay=_line_replay,
+    )
+
+
+async def line_multicast(request: Request) -> Response:
+    """`POST /v2/bot/message/multicast`: 200 `{}`, the request id in `x-line-request-id`."""
+    request.state.line_request_id = ident = _line_id()
+    rules = _line_rules(lambda entries: JSONResponse({}, headers={"x-line-request-id": ident}))
+    return await _batch_request(request, rules)
+
+
+async def line_push(request: Request) -> Response:
+    """`POST /v2/bot/message/push`: 200 with `sentMessages`, the request id in a header."""
+    request.state.line_request_id = ident = _line_id()
+    rules = _line_rules(
+        lambda entries: JSONResponse(
+            {"sentMessages": [{"id": str(uuid.uuid4().int)[:18], "quoteToken": uuid.uuid4().hex}]},
+            headers={"x-line-request-id": ident},
+        )
+    )
+    return await _batch_request(request, rules)
+
+
 def _gone(provider: str, arrived: float) -> SandboxAttempt:
     return SandboxAttempt(
         provider=provider,
@@ -1984,6 +2154,10 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
         Route("/campaigns/trigger/send", braze_trigger_send, methods=["POST"]),
         Route("/users/track", braze_users_track, methods=["POST"]),
     ]
+    line_routes = [
+        Route("/v2/bot/message/multicast", line_multicast, methods=["POST"]),
+        Route("/v2/bot/message/push", line_push, methods=["POST"]),
+    ]
     control_routes = [
         Route("/messages", sandbox_messages, methods=["GET"]),
         Route("/attempts", sandbox_attempts, methods=["GET"]),
@@ -2000,6 +2174,7 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
             Mount("/vonage", routes=vonage_routes),
             Mount("/webhook", routes=webhook_routes),
             Mount("/braze", routes=braze_routes),
+            Mount("/line", routes=line_routes),
             Mount("/_sandbox", routes=control_routes),
         ]
     )
