@@ -31,6 +31,7 @@ from cdp_activation.connectors import (
     BrazeConnector,
     InfobipConnector,
     LineConnector,
+    TwilioConnector,
     VonageConnector,
     WebhookConnector,
     connector_from_settings,
@@ -109,9 +110,23 @@ def line(i: int) -> OutboundMessage:
     )
 
 
+def viber(i: int) -> OutboundMessage:
+    return OutboundMessage(
+        key=f"contract|2025-01-01|{i}|initial",
+        to=f"+38050{i:06d}0",
+        channel="viber",
+        body=f"Hi {i}, 20% off this week",
+        purpose="marketing",
+    )
+
+
 def mixed(i: int) -> OutboundMessage:
     """Both channels in one batch: a connector handling both must split or cope."""
     return whatsapp(i) if i % 2 == 0 else sms(i)
+
+
+def whatsapp_sms_viber(i: int) -> OutboundMessage:
+    return (whatsapp, sms, viber)[i % 3](i)
 
 
 @dataclass(frozen=True)
@@ -166,7 +181,7 @@ CASES: dict[str, Case] = {
         "/vonage",
         {"vonage_api_secret": SecretStr(BAD_SECRET)},
         (SANDBOX_VONAGE_API_SECRET,),
-        mixed,
+        whatsapp_sms_viber,
         OutboundMessage("bad", BAD_NUMBER, "sms", body="hi"),
         "1430",
         _vonage_forms,
@@ -699,3 +714,41 @@ def test_line_classification(sandbox_settings: Settings) -> None:
     }
     with pytest.raises(TemplateError):
         send(connector, [dataclasses.replace(line(0), body=None, template=TemplateRef("x", "ja"))])
+
+
+# --- Twilio WhatsApp ---------------------------------------------------------------------------
+
+
+def test_twilio_sends_whatsapp_with_prefixed_addresses_and_content_templates(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    from cdp_activation.sandbox import twilio_content_sid
+
+    connector = connector_from_settings("twilio", sandbox_settings)
+    assert isinstance(connector, TwilioConnector)
+    sid = twilio_content_sid("order_update", "en")
+    template = OutboundMessage(
+        "k1", "+447911123450", "whatsapp", template=TemplateRef(sid, "en", ("Ana", "A-1"))
+    )
+    form = connector.build_form(template)
+    assert (form["To"], form["From"]) == ("whatsapp:+447911123450", "whatsapp:+14155238886")
+    assert (form["ContentSid"], form["ContentVariables"]) == (sid, '{"1": "Ana", "2": "A-1"}')
+    assert connector.build_form(sms(1))["From"] == "+15005550006"  # SMS keeps its own sender
+
+    not_on_whatsapp = OutboundMessage("k2", "+447911123413", "whatsapp", body="Thanks!")
+    results = {r.key: r for r in send(connector, [template, not_on_whatsapp, sms(1)])}
+    assert results["k1"].outcome is Outcome.SENT
+    assert (results["k2"].outcome, results["k2"].error_code) == (Outcome.FAILED, "63003")
+    assert {(m.channel, m.to) for m in sandbox.messages()} == {
+        ("whatsapp", "+447911123450"),
+        ("sms", sms(1).to),
+    }
+
+
+def test_vonage_tags_viber_messages_by_purpose(sandbox_settings: Settings) -> None:
+    connector = vonage(sandbox_settings)
+    marketing = connector.build_payload(viber(1))
+    assert (marketing["channel"], marketing["from"]) == ("viber_service", "cdpdemo")
+    assert marketing["viber_service"] == {"category": "promotion"}
+    service = connector.build_payload(dataclasses.replace(viber(1), purpose="transactional"))
+    assert service["viber_service"] == {"category": "transaction"}

@@ -45,6 +45,7 @@ def test_state_machine_moves_only_forward(ledger_url: str) -> None:
     ledger.plan("winback", "p", chosen(3))
     rows = ledger.pending("winback", "p")
     assert [r.message["parameters"] for r in rows] == [["Ann", "1"], ["Ann", "2"], ["Ann", "3"]]
+    assert {r.purpose for r in rows} == {"marketing"}  # providers that tag it (Viber) need it
     ids = [r.id for r in rows]
     ledger.mark_in_flight(ids)
     assert ledger.pending("winback", "p") == []

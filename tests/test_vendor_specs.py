@@ -270,6 +270,13 @@ TWILIO_MESSAGES = {
         "sms",
         template=TemplateRef(twilio_content_sid("order_update", "en"), "en", ("Ana", "45")),
     ),
+    "whatsapp-content-template": OutboundMessage(
+        "k3",
+        UK,
+        "whatsapp",
+        template=TemplateRef(twilio_content_sid("order_update", "en"), "en", ("Ana", "45")),
+    ),
+    "whatsapp-session-body": OutboundMessage("k4", UK, "whatsapp", body="Thanks, Ana!"),
 }
 
 
@@ -439,6 +446,9 @@ VONAGE_MESSAGES = {
     ),
     "whatsapp-text": OutboundMessage("k3", UK, "whatsapp", body="Thanks for your reply!"),
     "sms": OutboundMessage("k4", UK, "sms", body="Hi Ana, we miss you!"),
+    "viber-promotion": OutboundMessage(
+        "k5", "+380501234567", "viber", body="Знижка 20% цього тижня", purpose="marketing"
+    ),
 }
 
 

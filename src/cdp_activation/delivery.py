@@ -103,6 +103,7 @@ def to_outbound(row: PlannedSend) -> OutboundMessage:
         template=template,
         body=message.get("body"),
         customer_id=row.customer_id,
+        purpose=row.purpose,
     )
 
 

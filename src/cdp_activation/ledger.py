@@ -136,6 +136,7 @@ class PlannedSend:
     attempts: int
     customer_id: str | None = None
     request_id: int | None = None  # set when a crash interrupted its (grouped) request
+    purpose: str | None = None
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,7 @@ class Ledger:
                     sends.c.attempts,
                     sends.c.customer_id,
                     sends.c.request_id,
+                    sends.c.purpose,
                 )
                 .where(
                     sends.c.activation == activation,
@@ -358,6 +360,7 @@ class Ledger:
                 r.attempts,
                 r.customer_id,
                 r.request_id,
+                r.purpose,
             )
             for r in rows
         ]

@@ -99,6 +99,7 @@ class TwilioResource(ConnectorResource):
     auth_token: str | None = None
     from_number: str
     content_base_url: str | None = None  # the Content API's host; None: `base_url`
+    whatsapp_from: str | None = None  # the WhatsApp sender; None: `from_number`
 
     def connector(self) -> Connector:
         token = self.auth_token
@@ -114,6 +115,7 @@ class TwilioResource(ConnectorResource):
                 ),
                 from_number=self.from_number,
                 content_base_url=self.content_base_url,
+                whatsapp_from=self.whatsapp_from,
             )
         )
 
@@ -152,6 +154,7 @@ class VonageResource(ConnectorResource):
     whatsapp_from: str
     sms_from: str
     whatsapp_namespace: str = ""
+    viber_from: str = ""
 
     def connector(self) -> Connector:
         secret = self.api_secret
@@ -168,6 +171,7 @@ class VonageResource(ConnectorResource):
                 whatsapp_from=self.whatsapp_from,
                 sms_from=self.sms_from,
                 whatsapp_namespace=self.whatsapp_namespace,
+                viber_from=self.viber_from,
             )
         )
 

@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     twilio_account_sid: str = SANDBOX_TWILIO_ACCOUNT_SID
     twilio_auth_token: SecretStr | None = None
     twilio_from: str = "+15005550006"
+    # The WhatsApp sender: a WhatsApp-enabled number or a Messaging Service SID (MG…).
+    twilio_whatsapp_from: str = "+14155238886"
     twilio_rate_per_second: float | None = None  # None: the connector's default
 
     infobip_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/infobip"
@@ -86,6 +88,7 @@ class Settings(BaseSettings):
     vonage_api_secret: SecretStr | None = None
     vonage_whatsapp_from: str = "447700900001"
     vonage_sms_from: str = "447700900002"
+    vonage_viber_from: str = "cdpdemo"  # the Viber Business Messages service id
     vonage_whatsapp_namespace: str = ""  # "<namespace>:" is prefixed to template names when set
     vonage_rate_per_second: float | None = None
     # Braze REST API (API-triggered campaigns). Real: your instance's REST endpoint, e.g.

@@ -77,6 +77,7 @@ class OutboundMessage:
     template: TemplateRef | None = None
     body: str | None = None
     customer_id: str | None = None  # for platforms that address their own users (Braze)
+    purpose: str | None = None  # marketing | transactional, for providers that tag it (Viber)
 
 
 @dataclass(frozen=True)

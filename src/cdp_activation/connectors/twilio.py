@@ -1,14 +1,20 @@
-"""Twilio Programmable Messaging connector (SMS): one form-encoded request per message.
+"""Twilio Programmable Messaging connector (SMS and WhatsApp): one form-encoded request a message.
 
 Request shape from the official spec (`twilio/twilio-oai`, twilio_api_v2010.json):
 `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, `application/x-www-form-urlencoded`,
 HTTP Basic auth AccountSid:AuthToken, 201 with a Message resource. The Messages endpoint has no
 idempotency parameter, so a request whose answer is lost ends UNKNOWN, never resent blindly.
 
+WhatsApp goes through the same resource with both addresses prefixed `whatsapp:` (`To` =
+`whatsapp:+E164`, `From` = `whatsapp:` + the WhatsApp sender, `CDP_TWILIO_WHATSAPP_FROM`, or
+a Messaging Service holding it); a template is a Content template (`ContentSid` +
+`ContentVariables`), a free-form `Body` is a session message, which Twilio refuses outside the
+24-hour window with 63016.
+
 Error classification follows Twilio's error dictionary: 429 / 20429 / 5xx retry; 63027 (template
 not found for the content) stops the activation; 20003 / 401 stops it on credentials; other 4xx
 (21211 invalid To, 21610 opted out, 21614 not mobile, 21408 region disabled, 63016 outside the
-WhatsApp window, …) fail that recipient only.
+WhatsApp window, 63003 not a WhatsApp number, …) fail that recipient only.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ _SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
 
 
 class TwilioConnector(OneRecipientHttpConnector):
-    """Sends SMS through Twilio's Messages resource (API version 2010-04-01)."""
+    """Sends SMS and WhatsApp through Twilio's Messages resource (API version 2010-04-01)."""
 
     name: ClassVar[str] = "twilio"
     retry_codes: ClassVar[frozenset[int]] = RETRY_CODES
@@ -53,7 +59,7 @@ class TwilioConnector(OneRecipientHttpConnector):
     credential_codes: ClassVar[frozenset[int]] = CREDENTIAL_CODES
     base_url_setting: ClassVar[str] = "CDP_TWILIO_BASE_URL"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        channels=frozenset({"sms"}),
+        channels=frozenset({"sms", "whatsapp"}),
         max_batch_size=1,  # one To per Message resource
         # Twilio's API accepts requests far faster than a sender transmits and queues the rest
         # per sender (1 segment/s on a US long code, ~100/s on a short code, up to 4 hours of
@@ -71,6 +77,7 @@ class TwilioConnector(OneRecipientHttpConnector):
         auth_token: str,
         from_number: str,
         content_base_url: str | None = None,
+        whatsapp_from: str | None = None,
     ) -> None:
         require_settings(
             self.name,
@@ -85,6 +92,8 @@ class TwilioConnector(OneRecipientHttpConnector):
         self.content_base_url = (content_base_url or base_url).rstrip("/")
         self.account_sid = account_sid
         self.from_number = from_number
+        # The WhatsApp sender (a number, or a Messaging Service SID); None: `from_number`.
+        self.whatsapp_from = whatsapp_from or from_number
         self._auth_token = auth_token
 
     @classmethod
@@ -96,6 +105,7 @@ class TwilioConnector(OneRecipientHttpConnector):
             auth_token=settings.twilio_token(),
             from_number=settings.twilio_from,
             content_base_url=settings.twilio_content_base_url,
+            whatsapp_from=settings.twilio_whatsapp_from,
         )
 
     def __repr__(self) -> str:
@@ -159,14 +169,18 @@ class TwilioConnector(OneRecipientHttpConnector):
     def build_form(self, message: OutboundMessage) -> dict[str, str]:
         """Form fields of `CreateMessageRequest`: a Body, or ContentSid + ContentVariables.
 
-        A template on SMS means a Twilio Content template: its name must be the Content SID
-        (`HX…`) and the positional parameters become ContentVariables {"1": …, "2": …}.
+        A template means a Twilio Content template: its name must be the Content SID (`HX…`)
+        and the positional parameters become ContentVariables {"1": …, "2": …}. On WhatsApp
+        both addresses carry the `whatsapp:` prefix.
         """
-        form: dict[str, str] = {"To": message.to}
-        if _SERVICE_SID.match(self.from_number):
-            form["MessagingServiceSid"] = self.from_number
+        whatsapp = message.channel == "whatsapp"
+        sender = self.whatsapp_from if whatsapp else self.from_number
+        prefix = "whatsapp:" if whatsapp else ""
+        form: dict[str, str] = {"To": prefix + message.to}
+        if _SERVICE_SID.match(sender):
+            form["MessagingServiceSid"] = sender
         else:
-            form["From"] = self.from_number
+            form["From"] = prefix + sender.removeprefix("whatsapp:")
         if message.body is not None:
             form["Body"] = message.body
         elif message.template is not None:

@@ -1,9 +1,12 @@
-"""Vonage Messages API v1 connector: WhatsApp templates (or text) and SMS, one per request.
+"""Vonage Messages API v1 connector: WhatsApp templates (or text), SMS and Viber, one a request.
 
 Request shape from the spec (`vendor-specs/vonage/messages-olympus.yml`): `POST /v1/messages`
 with a JSON body `{channel, message_type, to, from, client_ref, …}`: `message_type: text` with
 `text` for SMS (and WhatsApp session text), `message_type: template` with `template{name,
-parameters}` and `whatsapp{policy: deterministic, locale}` for WhatsApp templates. Numbers go
+parameters}` and `whatsapp{policy: deterministic, locale}` for WhatsApp templates, and
+`channel: viber_service` text (at most 1,000 characters) from the Viber Business sender id,
+with `viber_service.category` `promotion` for a marketing message (Viber's rule) and
+`transaction` otherwise. Numbers go
 without the leading `+`. Auth: the spec allows `bearerAuth` (JWT) or `basicAuth`; we use HTTP
 Basic with the API key and secret, which needs no application key pair.
 
@@ -63,7 +66,7 @@ class VonageConnector(OneRecipientHttpConnector):
     credential_codes: ClassVar[frozenset[int]] = frozenset()
     base_url_setting: ClassVar[str] = "CDP_VONAGE_BASE_URL"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        channels=frozenset({"whatsapp", "sms"}),
+        channels=frozenset({"whatsapp", "sms", "viber"}),
         max_batch_size=1,  # one `to` per request
         # The spec states no rate. 30 requests/s is Vonage's documented default account
         # throughput for outbound messages; a 429 (code 1000) slows us down beyond that.
@@ -79,6 +82,7 @@ class VonageConnector(OneRecipientHttpConnector):
         whatsapp_from: str,
         sms_from: str,
         whatsapp_namespace: str = "",
+        viber_from: str = "",
     ) -> None:
         require_settings(
             self.name,
@@ -92,6 +96,7 @@ class VonageConnector(OneRecipientHttpConnector):
         self.whatsapp_from = whatsapp_from
         self.sms_from = sms_from
         self.whatsapp_namespace = whatsapp_namespace
+        self.viber_from = viber_from
         self._api_secret = api_secret
         # The Basic header is reversible to the secret: it must be redacted as well.
         self._basic = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
@@ -106,6 +111,7 @@ class VonageConnector(OneRecipientHttpConnector):
             whatsapp_from=settings.vonage_whatsapp_from,
             sms_from=settings.vonage_sms_from,
             whatsapp_namespace=settings.vonage_whatsapp_namespace,
+            viber_from=settings.vonage_viber_from,
         )
 
     def __repr__(self) -> str:
@@ -141,6 +147,22 @@ class VonageConnector(OneRecipientHttpConnector):
                 "from": self.sms_from,
                 "text": message.body,
                 "client_ref": ref,
+            }
+        if message.channel == "viber":
+            if message.body is None:
+                raise TemplateError(
+                    "vonage Viber takes text: give the Viber step a `body` "
+                    f"(message {message.key} has none)"
+                )
+            category = "promotion" if message.purpose == "marketing" else "transaction"
+            return {
+                "channel": "viber_service",
+                "message_type": "text",
+                "to": to,
+                "from": self.viber_from,
+                "text": message.body,
+                "client_ref": ref,
+                "viber_service": {"category": category},
             }
         if message.channel != "whatsapp":
             raise ValueError(f"vonage cannot send channel {message.channel!r}")

@@ -55,6 +55,7 @@ def resources() -> dg.Definitions:
                 auth_token=_env_secret("CDP_TWILIO_AUTH_TOKEN"),
                 from_number=settings.twilio_from,
                 content_base_url=settings.twilio_content_base_url,
+                whatsapp_from=settings.twilio_whatsapp_from,
                 rate_per_second=settings.twilio_rate_per_second,
             ),
             "infobip": InfobipResource(
@@ -71,6 +72,7 @@ def resources() -> dg.Definitions:
                 whatsapp_from=settings.vonage_whatsapp_from,
                 sms_from=settings.vonage_sms_from,
                 whatsapp_namespace=settings.vonage_whatsapp_namespace,
+                viber_from=settings.vonage_viber_from,
                 rate_per_second=settings.vonage_rate_per_second,
             ),
             "braze": BrazeResource(

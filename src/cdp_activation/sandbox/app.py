@@ -781,12 +781,19 @@ def _parse_twilio(request: Request, raw: bytes) -> Response | _Candidate:
         form = {k: v[-1] for k, v in parse_qs(raw.decode(), keep_blank_values=True).items()}
     except UnicodeDecodeError:
         return _twilio_error(400, 21602, "Message body is required.")
-    to = form.get("To", "")
-    if not to:
+    raw_to = form.get("To", "")
+    if not raw_to:
         return _twilio_error(400, 21604, "A 'To' phone number is required.")
+    whatsapp = raw_to.startswith("whatsapp:")
+    to = raw_to.removeprefix("whatsapp:")
     if not _E164.match(to):
-        return _twilio_error(400, 21211, f"Invalid 'To' Phone Number: {to}")
+        return _twilio_error(400, 21211, f"Invalid 'To' Phone Number: {raw_to}")
     sender = form.get("From", "")
+    if sender and whatsapp != sender.startswith("whatsapp:"):
+        # Twilio: "'To' and 'From' must be on the same channel" (error 21910).
+        return _twilio_error(
+            400, 21910, "Invalid From and To pair. From and To should be of the same channel"
+        )
     service = form.get("MessagingServiceSid", "")
     if not sender and not service:
         return _twilio_error(400, 21603, "A 'From' phone number is required.")
@@ -811,12 +818,15 @@ def _parse_twilio(request: Request, raw: bytes) -> Response | _Candidate:
         "parameters": tuple(str(variables[k]) for k in sorted(variables, key=_numeric_key)),
         "body": body or None,
     }
-    return _Candidate(to=to, record=record, extra={"from": sender, "service": service})
+    extra = {"from": sender, "service": service, "channel": "whatsapp" if whatsapp else "sms"}
+    return _Candidate(to=to, record=record, extra=extra)
 
 
 def _refuse_twilio(config: SandboxConfig, candidate: _Candidate) -> Response | None:
     """Twilio's refusals: a Content SID that is not an approved template (63027), or the
-    number opted out (error 21610, by fault rate)."""
+    number opted out (error 21610, by fault rate); on WhatsApp, a number that is not on
+    WhatsApp (63003, the sandbox's digits-ending-in-13 rule; real Twilio reports it in the
+    status callback, the sandbox at once)."""
     content_sid = candidate.record.get("template_name")
     if content_sid:
         approved = {
@@ -826,6 +836,8 @@ def _refuse_twilio(config: SandboxConfig, candidate: _Candidate) -> Response | N
             return _twilio_error(
                 400, 63027, f"Template does not exist or is not approved: {content_sid}"
             )
+    if candidate.extra["channel"] == "whatsapp" and _not_on_whatsapp(candidate.to[1:]):
+        return _twilio_error(400, 63003, "Channel could not find To address")
     rate = config.rate_opted_out
     if rate and _draw(config, "opted_out", candidate.to) < rate:
         return _twilio_error(400, 21610, "Attempt to send to unsubscribed recipient")
@@ -838,7 +850,7 @@ def _accept_twilio(request: Request, candidate: _Candidate) -> tuple[SandboxMess
     created = format_datetime(_now())
     message = SandboxMessage(
         provider="twilio",
-        channel="sms",
+        channel=candidate.extra["channel"],
         to=candidate.to,
         provider_message_id=sid,
         received_at=_now().isoformat(),
@@ -868,7 +880,7 @@ def _accept_twilio(request: Request, candidate: _Candidate) -> tuple[SandboxMess
             "sid": sid,
             "status": "queued",
             "subresource_uris": {"media": f"{uri}/Media.json"},
-            "to": candidate.to,
+            "to": ("whatsapp:" if candidate.extra["channel"] == "whatsapp" else "") + candidate.to,
             "uri": f"{uri}.json",
         },
         status_code=201,
@@ -1472,7 +1484,7 @@ def _parse_vonage(request: Request, raw: bytes) -> Response | _Candidate:
             str(error),
         )
     channel = payload.get("channel")
-    if channel not in ("sms", "whatsapp"):
+    if channel not in ("sms", "whatsapp", "viber_service"):
         return _vonage_error(
             422, f"{_VONAGE_ERRORS}#1400", "Unsupported channel", f"channel {channel!r}"
         )
@@ -1492,6 +1504,10 @@ def _parse_vonage(request: Request, raw: bytes) -> Response | _Candidate:
     kind = payload.get("message_type")
     record: dict[str, Any]
     if kind == "text" and isinstance(payload.get("text"), str):
+        if channel == "viber_service" and len(payload["text"]) > 1000:
+            return _vonage_error(
+                422, f"{_VONAGE_ERRORS}#1010", "Invalid params", "text: at most 1000 characters"
+            )
         record = {"body": payload["text"]}
     elif kind == "template" and channel == "whatsapp":
         template = payload.get("template")
@@ -1533,6 +1549,7 @@ def _parse_vonage(request: Request, raw: bytes) -> Response | _Candidate:
         )
     if not isinstance(to, str):
         to = ""
+    channel = "viber" if channel == "viber_service" else channel
     return _Candidate(to=to, record=record, extra={"channel": channel})
 
 
