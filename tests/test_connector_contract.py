@@ -172,7 +172,7 @@ CASES: dict[str, Case] = {
         "/infobip",
         {"infobip_api_key": SecretStr(BAD_SECRET)},
         (SANDBOX_INFOBIP_API_KEY,),
-        mixed,
+        whatsapp_sms_viber,
         OutboundMessage("bad", BAD_NUMBER, "whatsapp", template=whatsapp(0).template),
         "REJECTED_DESTINATION",
     ),

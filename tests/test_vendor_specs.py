@@ -426,6 +426,26 @@ def test_infobip_sms_batch_matches_spec(sandbox: SandboxServer, sandbox_settings
 
 
 @needs_infobip
+def test_infobip_viber_batch_matches_spec(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("infobip", sandbox_settings)
+    messages = [
+        OutboundMessage(f"k{i}", "+380501234567", "viber", body=f"Знижка {i}", purpose="marketing")
+        for i in range(3)
+    ]
+    exchanges = send_batch_all(connector, messages)
+    validate(
+        exchanges, SPECS / "infobip" / "infobip-viber-openapi.json", "/infobip", INFOBIP_SERVER
+    )
+    [(request, _)] = exchanges
+    assert request.url.path.endswith("/viber/2/messages")
+    body = json.loads(request.content)
+    assert {m["options"]["label"] for m in body["messages"]} == {"PROMOTIONAL"}
+    assert [m.channel for m in sandbox.messages()] == ["viber"] * 3
+
+
+@needs_infobip
 def test_infobip_mixed_batch_is_two_spec_valid_requests(
     sandbox: SandboxServer, sandbox_settings: Settings
 ) -> None:

@@ -121,12 +121,13 @@ class TwilioResource(ConnectorResource):
 
 
 class InfobipResource(ConnectorResource):
-    """Infobip WhatsApp templates (`/whatsapp/1/message/template`) and SMS (`/sms/3/messages`)."""
+    """Infobip WhatsApp templates, SMS (`/sms/3/messages`) and Viber (`/viber/2/messages`)."""
 
     base_url: str
     api_key: str | None = None
     whatsapp_from: str
     sms_sender: str
+    viber_sender: str = ""
 
     def connector(self) -> Connector:
         key = self.api_key
@@ -141,6 +142,7 @@ class InfobipResource(ConnectorResource):
                 ),
                 whatsapp_from=self.whatsapp_from,
                 sms_sender=self.sms_sender,
+                viber_sender=self.viber_sender,
             )
         )
 

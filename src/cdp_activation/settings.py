@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     infobip_api_key: SecretStr | None = None
     infobip_whatsapp_from: str = "441134960000"  # registered WhatsApp sender number
     infobip_sms_sender: str = "InfoSMS"  # alphanumeric or numeric SMS sender id
+    infobip_viber_sender: str = "DemoCompany"  # the Viber Business Messages sender
     infobip_rate_per_second: float | None = None
 
     vonage_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/vonage"

@@ -1,4 +1,4 @@
-"""Infobip connector: WhatsApp templates and SMS, many recipients per request.
+"""Infobip connector: WhatsApp templates, SMS and Viber, many recipients per request.
 
 Request shapes follow Infobip's published OpenAPI (`vendor-specs/infobip/`, v3.210.0):
 
@@ -9,10 +9,14 @@ Request shapes follow Infobip's published OpenAPI (`vendor-specs/infobip/`, v3.2
 - SMS: `POST /sms/3/messages`, schema `SmsRequestEnvelope` `{messages: [{sender,
   destinations: [{to, messageId}], content: {text}}]}`, answered 200 with `SmsResponseEnvelope`
   `{bulkId, messages: [{messageId, status, destination}]}`.
+- Viber: `POST /viber/2/messages`, schema `ViberRequest`, the SMS envelope with typed content
+  (`{type: TEXT, text}`, at most 1,000 characters) and `options.label` PROMOTIONAL for marketing,
+  TRANSACTIONAL otherwise (Viber's rule), from the Viber sender `CDP_INFOBIP_VIBER_SENDER`;
+  answered like SMS.
 
-The two endpoints take different bodies, so a batch holding both channels is split and sent as
-one request per channel (WhatsApp first). Auth is the spec's `APIKeyHeader` scheme:
-`Authorization: App <api key>`.
+The endpoints take different bodies, so a batch holding several channels is split and sent as
+one request per channel (WhatsApp first, then Viber, then SMS). Auth is the spec's
+`APIKeyHeader` scheme: `Authorization: App <api key>`.
 
 We set each message's `messageId` to an id derived from the ledger's idempotency key, so a
 delivery report and the send answer both name the ledger row. Neither spec says Infobip
@@ -89,7 +93,7 @@ class InfobipConnector:
     rate_per_second: float | None = None  # set from configuration; None: the default
     name: ClassVar[str] = "infobip"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        channels=frozenset({"whatsapp", "sms"}),
+        channels=frozenset({"whatsapp", "sms", "viber"}),
         # Neither `BulkMessage.messages` nor `SmsRequestEnvelope.messages` has a maxItems. 100
         # keeps each request body in the tens of kilobytes, still saves 99% of the requests,
         # and bounds what one bad answer costs: a whole-request 400 fails, and a lost answer
@@ -101,11 +105,19 @@ class InfobipConnector:
         idempotency=False,  # the specs document no de-duplication on messageId or bulkId
     )
 
-    def __init__(self, base_url: str, api_key: str, whatsapp_from: str, sms_sender: str) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        whatsapp_from: str,
+        sms_sender: str,
+        viber_sender: str = "",
+    ) -> None:
         require_settings(self.name, "CDP_INFOBIP_", base_url=base_url, api_key=api_key)
         self.base_url = base_url.rstrip("/")
         self.whatsapp_from = whatsapp_from
         self.sms_sender = sms_sender
+        self.viber_sender = viber_sender
         self._api_key = api_key
 
     @classmethod
@@ -116,6 +128,7 @@ class InfobipConnector:
             api_key=settings.infobip_key(),
             whatsapp_from=settings.infobip_whatsapp_from,
             sms_sender=settings.infobip_sms_sender,
+            viber_sender=settings.infobip_viber_sender,
         )
 
     def __repr__(self) -> str:
@@ -131,6 +144,10 @@ class InfobipConnector:
     @property
     def sms_url(self) -> str:
         return f"{self.base_url}/sms/3/messages"
+
+    @property
+    def viber_url(self) -> str:
+        return f"{self.base_url}/viber/2/messages"
 
     def redact(self, text: str) -> str:
         """Replace the API key wherever it appears (headers, echoed bodies)."""
@@ -168,26 +185,32 @@ class InfobipConnector:
 
     def build_sms(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
         """`SmsRequestEnvelope`: one message per recipient (texts differ per customer)."""
+        return {"messages": [self._text_item(m, self.sms_sender, "SMS") for m in messages]}
+
+    def build_viber(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
+        """`ViberRequest`: one TEXT message per recipient, labelled by its purpose."""
         items = []
         for message in messages:
-            if message.body is None:
-                raise TemplateError(
-                    "infobip SMS has no provider templates: render the text and send it as the "
-                    f"body (message {message.key} has none)"
-                )
-            items.append(
-                {
-                    "sender": self.sms_sender,
-                    "destinations": [
-                        {
-                            "to": message.to.removeprefix("+"),
-                            "messageId": client_message_id(message.key),
-                        }
-                    ],
-                    "content": {"text": message.body},
-                }
-            )
+            item = self._text_item(message, self.viber_sender, "Viber")
+            item["content"]["type"] = "TEXT"
+            label = "PROMOTIONAL" if message.purpose == "marketing" else "TRANSACTIONAL"
+            item["options"] = {"label": label}
+            items.append(item)
         return {"messages": items}
+
+    def _text_item(self, message: OutboundMessage, sender: str, what: str) -> dict[str, Any]:
+        if message.body is None:
+            raise TemplateError(
+                f"infobip {what} has no provider templates here: render the text and send it "
+                f"as the body (message {message.key} has none)"
+            )
+        return {
+            "sender": sender,
+            "destinations": [
+                {"to": message.to.removeprefix("+"), "messageId": client_message_id(message.key)}
+            ],
+            "content": {"text": message.body},
+        }
 
     # ---- sending -------------------------------------------------------------------------
 
@@ -205,10 +228,12 @@ class InfobipConnector:
                 )
             by_channel.setdefault(message.channel, []).append(message)
         results: list[SendResult] = []
-        for channel in sorted(by_channel, reverse=True):  # whatsapp before sms
+        for channel in sorted(by_channel, reverse=True):  # whatsapp, viber, sms
             group = by_channel[channel]
             if channel == "whatsapp":
                 url, body = self.whatsapp_url, self.build_whatsapp(group)
+            elif channel == "viber":
+                url, body = self.viber_url, self.build_viber(group)
             else:
                 url, body = self.sms_url, self.build_sms(group)
             results.extend(await self._post(client, url, body, group))

@@ -63,6 +63,7 @@ def resources() -> dg.Definitions:
                 api_key=_env_secret("CDP_INFOBIP_API_KEY"),
                 whatsapp_from=settings.infobip_whatsapp_from,
                 sms_sender=settings.infobip_sms_sender,
+                viber_sender=settings.infobip_viber_sender,
                 rate_per_second=settings.infobip_rate_per_second,
             ),
             "vonage": VonageResource(

@@ -10,7 +10,8 @@ exactly as in production. Status codes, ids and error bodies follow the vendor s
   `{"error": {"message", "type", "code", "error_data", "fbtrace_id"}}`.
 - Twilio (prefix `/twilio`): `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`,
   form-encoded, HTTP Basic auth, `{"code", "message", "more_info", "status"}` error bodies.
-- Infobip (prefix `/infobip`): `POST /whatsapp/1/message/template` and `POST /sms/3/messages`,
+- Infobip (prefix `/infobip`): `POST /whatsapp/1/message/template`, `POST /sms/3/messages` and
+  `POST /viber/2/messages` (text),
   many messages per request, `Authorization: App <key>`; a 200 answer carries a status per
   message (PENDING, or REJECTED for a destination that is not a number); a template that is
   unknown, not approved or given the wrong placeholder count fails the whole request with a
@@ -1296,6 +1297,17 @@ def _parse_infobip_whatsapp(request: Request, raw: bytes) -> Response | list[_Ca
 
 def _parse_infobip_sms(request: Request, raw: bytes) -> Response | list[_Candidate]:
     """Validate an `SmsRequestEnvelope`; each destination of each message is one candidate."""
+    return _parse_infobip_text(raw, "sms")
+
+
+def _parse_infobip_viber(request: Request, raw: bytes) -> Response | list[_Candidate]:
+    """Validate a `ViberRequest` of TEXT messages (the sandbox's only Viber content)."""
+    return _parse_infobip_text(raw, "viber")
+
+
+def _parse_infobip_text(raw: bytes, channel: str) -> Response | list[_Candidate]:
+    """The SMS v3 and Viber v2 envelopes: `{messages: [{sender, destinations: [{to,
+    messageId}], content: {text[, type]}}]}`; Viber's content is typed and 1,000 characters."""
 
     def bad(prop: str, why: str) -> JSONResponse:
         return _infobip_api_error(
@@ -1321,6 +1333,10 @@ def _parse_infobip_sms(request: Request, raw: bytes) -> Response | list[_Candida
             return bad(f"messages[{i}].destinations", "must not be empty")
         if not isinstance(content, dict) or not isinstance(content.get("text"), str):
             return bad(f"messages[{i}].content.text", "must not be null")
+        if channel == "viber" and content.get("type") != "TEXT":
+            return bad(f"messages[{i}].content.type", "must be TEXT in the sandbox")
+        if channel == "viber" and len(content["text"]) > 1000:
+            return bad(f"messages[{i}].content.text", "size must be between 0 and 1000")
         for j, destination in enumerate(destinations):
             if not isinstance(destination, dict) or not isinstance(destination.get("to"), str):
                 return bad(f"messages[{i}].destinations[{j}].to", "must not be blank")
@@ -1328,7 +1344,10 @@ def _parse_infobip_sms(request: Request, raw: bytes) -> Response | list[_Candida
                 _Candidate(
                     to=destination["to"],
                     record={"body": content["text"]},
-                    extra={"message_id": str(destination.get("messageId") or ""), "channel": "sms"},
+                    extra={
+                        "message_id": str(destination.get("messageId") or ""),
+                        "channel": channel,
+                    },
                 )
             )
     return candidates
@@ -1422,6 +1441,7 @@ _INFOBIP_SMS = dataclasses.replace(
     parse=_parse_infobip_sms,
     fault_answer=_infobip_sms_fault,
 )
+_INFOBIP_VIBER = dataclasses.replace(_INFOBIP_SMS, parse=_parse_infobip_viber)
 
 
 async def infobip_whatsapp_template(request: Request) -> Response:
@@ -1432,6 +1452,11 @@ async def infobip_whatsapp_template(request: Request) -> Response:
 async def infobip_sms(request: Request) -> Response:
     """`POST /sms/3/messages`: SMS to many destinations."""
     return await _batch_request(request, _INFOBIP_SMS)
+
+
+async def infobip_viber(request: Request) -> Response:
+    """`POST /viber/2/messages`: Viber Business Messages to many destinations."""
+    return await _batch_request(request, _INFOBIP_VIBER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2164,6 +2189,7 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
     infobip_routes = [
         Route("/whatsapp/1/message/template", infobip_whatsapp_template, methods=["POST"]),
         Route("/sms/3/messages", infobip_sms, methods=["POST"]),
+        Route("/viber/2/messages", infobip_viber, methods=["POST"]),
     ]
     vonage_routes = [Route("/v1/messages", vonage_send_message, methods=["POST"])]
     webhook_routes = [Route("/messages", webhook_messages, methods=["POST"])]
