@@ -34,6 +34,9 @@ SMS_CONNECTOR = "twilio"
 TEMPLATE_NAME = "winback_offer"
 SMS_BODY = "Hi {first_name}, use {offer_code}"
 WA_BODY = "Hi {first_name}!"
+LINE_CONNECTOR = "line"
+LINE_BODY = "{first_name}さん、お久しぶりです"
+LINE_IDS = ["U" + "0123456789abcdef" * 2, "U" + "fedcba9876543210" * 2, None, "", "U123"]
 # Suppression lists carry no country: national numbers in them are read as GB here.
 SUPPRESSION_REGIONS = ["GB"]
 
@@ -281,6 +284,13 @@ def reference_decide(
             reason = None
             if row.get(f"{channel}_{purpose}_consent") is not True:
                 reason = "no_consent"
+            elif channel == "line" and not (
+                isinstance(row.get("line_user_id"), str)
+                and len(row["line_user_id"]) == 33
+                and row["line_user_id"][0] == "U"
+                and all(c in "0123456789abcdef" for c in row["line_user_id"][1:])
+            ):
+                reason = "no_address"  # LINE addresses its users by their LINE user id
             elif (e164, channel) in blocked:
                 reason = "suppressed"
             elif channel in policy.mobile_only and not is_mobile(number):
@@ -458,6 +468,7 @@ def make_plan(kind: str, purpose: str, language: str, n_vars: int) -> ChannelPla
     wa_body = {"channel": "whatsapp", "connector": WHATSAPP_CONNECTOR, "body": WA_BODY}
     sms = {"channel": "sms", "connector": SMS_CONNECTOR, "body": SMS_BODY}
     sms_static = {"channel": "sms", "connector": SMS_CONNECTOR, "body": "Hello from us!"}
+    line = {"channel": "line", "connector": LINE_CONNECTOR, "body": LINE_BODY}
     steps = {
         "wa_template+sms": [wa_template, sms],
         "sms+wa_template": [sms, wa_template],
@@ -466,6 +477,8 @@ def make_plan(kind: str, purpose: str, language: str, n_vars: int) -> ChannelPla
         "sms": [sms],
         "sms_static": [sms_static],
         "wa_template": [wa_template],
+        "line+sms": [line, sms],
+        "wa_template+line": [wa_template, line],
     }[kind]
     return ChannelPlanSpec.model_validate({"purpose": purpose, "steps": steps})
 
@@ -512,6 +525,8 @@ def worlds(draw: st.DrawFn) -> World:
                 "sms",
                 "sms_static",
                 "wa_template",
+                "line+sms",
+                "wa_template+line",
             ]
         )
     )
@@ -531,7 +546,9 @@ def worlds(draw: st.DrawFn) -> World:
                 st.fixed_dictionaries(
                     {
                         "purpose": st.sampled_from(["marketing", "transactional", "any"]),
-                        "channel": st.sampled_from(["any", "whatsapp", "whatsapp", "sms", "sms"]),
+                        "channel": st.sampled_from(
+                            ["any", "whatsapp", "whatsapp", "sms", "sms", "line"]
+                        ),
                         "max_messages": st.integers(1, 2),
                         "days": st.sampled_from([1, 7, 14]),
                     }
@@ -609,6 +626,9 @@ def worlds(draw: st.DrawFn) -> World:
                 "whatsapp_transactional_consent": draw(consent),
                 "sms_transactional_consent": draw(consent),
                 "whatsapp_last_inbound_at": None if inbound is None else now - inbound,
+                "line_marketing_consent": draw(consent),
+                "line_transactional_consent": draw(consent),
+                "line_user_id": draw(st.sampled_from(LINE_IDS)),
             }
         )
 
@@ -623,7 +643,7 @@ def worlds(draw: st.DrawFn) -> World:
             if e164.startswith("+44"):
                 forms.append("national")
             raw = format_number(e164, draw(st.sampled_from(forms)))
-        suppressed.append((raw, draw(st.sampled_from([None, "whatsapp", "sms"]))))
+        suppressed.append((raw, draw(st.sampled_from([None, "whatsapp", "sms", "line"]))))
 
     # ---- template catalog
     right_category = (
@@ -677,7 +697,7 @@ def worlds(draw: st.DrawFn) -> World:
         sends.append(
             (
                 str(draw(st.sampled_from(send_ids))),
-                draw(st.sampled_from(["whatsapp", "sms"])),
+                draw(st.sampled_from(["whatsapp", "sms", "line"])),
                 draw(st.sampled_from(["marketing", "transactional"])),
                 now - age,
             )
@@ -710,6 +730,9 @@ AUDIENCE_SCHEMA = {
     "whatsapp_transactional_consent": pl.Boolean,
     "sms_transactional_consent": pl.Boolean,
     "whatsapp_last_inbound_at": pl.Datetime("us", "UTC"),
+    "line_marketing_consent": pl.Boolean,
+    "line_transactional_consent": pl.Boolean,
+    "line_user_id": pl.String,
 }
 
 
@@ -744,6 +767,11 @@ def engine_decide(world: World) -> dict[Any, Decision]:
     )
     frame = result.frame.select("customer_id", "decision", "channel", "reason", "not_before")
     assert frame.height == len(world.rows), "one decision per customer"
+    # Where each message goes: the LINE user id on LINE, the E.164 number anywhere else.
+    line_ids = {row["customer_id"]: row.get("line_user_id") for row in world.rows}
+    for row in result.frame.filter(pl.col("channel").is_not_null()).iter_rows(named=True):
+        expected = line_ids[row["customer_id"]] if row["channel"] == "line" else row["phone_e164"]
+        assert row["recipient"] == expected, row
     return {
         r["customer_id"]: (r["decision"], r["channel"], r["reason"], r["not_before"])
         for r in frame.iter_rows(named=True)
