@@ -62,8 +62,9 @@ def audience(n: int) -> pl.DataFrame:
     )
 
 
-def line_audience(n: int, deferred_until: datetime) -> pl.DataFrame:
-    """N LINE users, one shared text; every fifth deferred until `deferred_until`."""
+def line_audience(n: int, deferred_until: datetime | None = None, texts: int = 1) -> pl.DataFrame:
+    """N LINE users sharing `texts` different texts (one multicast per text and batch); every
+    fifth deferred until `deferred_until` when given."""
     return pl.DataFrame(
         {
             "customer_id": list(range(1, n + 1)),
@@ -75,13 +76,16 @@ def line_audience(n: int, deferred_until: datetime) -> pl.DataFrame:
             "template_name": [None] * n,
             "template_language": [None] * n,
             "variables": [None] * n,
-            "body": ["Spring sale: 20% off everything this week"] * n,
-            "not_before": [deferred_until if i % 5 == 0 else None for i in range(1, n + 1)],
+            "body": [f"Spring sale: 20% off everything this week ({i % texts})" for i in range(n)],
+            "not_before": [
+                deferred_until if deferred_until and i % 5 == 0 else None for i in range(1, n + 1)
+            ],
         },
         schema_overrides={
             "variables": pl.List(pl.String),
             "template_name": pl.String,
             "template_language": pl.String,
+            "not_before": pl.Datetime("us", "UTC"),
         },
     )
 

@@ -24,7 +24,7 @@ from cdp_activation.delivery import DeliveryOptions, deliver
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.sandbox.app import Fault, SandboxAttempt, SandboxConfig, request_fault
-from crash_worker import audience, sandbox_connectors
+from crash_worker import audience, line_audience, sandbox_connectors
 
 pytestmark = pytest.mark.integration
 
@@ -300,25 +300,30 @@ def test_a_stopped_activation_releases_throttled_messages_instead_of_dead_letter
     assert sandbox.messages() == []
 
 
+@pytest.mark.parametrize("name", ["webhook", "line"])
 def test_through_an_idempotent_provider_lost_answers_are_retried_and_nobody_is_unknown(
-    ledger_url: str, sandbox: SandboxServer
+    name: str, ledger_url: str, sandbox: SandboxServer
 ) -> None:
-    """The webhook receiver de-duplicates on our key: a lost answer or a crash mid-request is
-    asked again with the same key, so every row ends `sent` and the receiver has each once."""
+    """The webhook receiver de-duplicates on our key, LINE on the request's retry key: a lost
+    answer or a crash mid-request is asked again with the same key, so every row ends `sent`
+    and the provider has each once."""
     from cdp_activation.connectors import connector_from_settings
     from conftest import settings_for_sandbox
 
     n = 1000
-    frame = audience(n).with_columns(pl.lit("webhook").alias("connector"))
+    if name == "webhook":
+        frame = audience(n).with_columns(pl.lit("webhook").alias("connector"))
+    else:
+        frame = line_audience(n, texts=200)  # 5 users a text: many multicasts, a few pushes
     ledger = Ledger(ledger_url)
     ledger.plan("idem", "p", frame)
     # A crash left some rows in flight: through an idempotent connector they are re-planned.
     ledger.mark_in_flight([r.id for r in ledger.pending("idem", "p")[:50]])
-    assert ledger.recover_interrupted("idem", "p", idempotent=["webhook"]) == 50
+    assert ledger.recover_interrupted("idem", "p", idempotent=[name]) == 50
     sandbox.configure(rate_timeout=0.02, rate_drop_after_accept=0.05, rate_5xx=0.05)
     settings = settings_for_sandbox(sandbox).model_copy(update={"webhook_batch_size": 10})
-    connector = connector_from_settings("webhook", settings)
-    report = deliver(ledger, ledger.pending("idem", "p"), {"webhook": connector}, OPTIONS)
+    connector = connector_from_settings(name, settings)
+    report = deliver(ledger, ledger.pending("idem", "p"), {name: connector}, OPTIONS)
     states = Counter(ledger.rows("idem", "p")["state"].to_list())
     results = Counter(a.result for a in sandbox.attempts())
     assert results["dropped_after_accept"] > 0 and results["timeout"] > 0
