@@ -752,3 +752,32 @@ def test_vonage_tags_viber_messages_by_purpose(sandbox_settings: Settings) -> No
     assert marketing["viber_service"] == {"category": "promotion"}
     service = connector.build_payload(dataclasses.replace(viber(1), purpose="transactional"))
     assert service["viber_service"] == {"category": "transaction"}
+
+
+def test_braze_canvas_template_enters_users_into_the_canvas(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("braze", sandbox_settings)
+    assert isinstance(connector, BrazeConnector)
+    canvas = [
+        dataclasses.replace(
+            braze(i), template=dataclasses.replace(braze(i).template, name="canvas:winback_canvas")
+        )
+        for i in range(3)
+    ]
+    payload = connector.build_payload(canvas)
+    assert payload["canvas_id"] == "winback_canvas" and "campaign_id" not in payload
+    assert payload["recipients"][0]["canvas_entry_properties"] == {
+        "first_name": "Ana",
+        "days": "45",
+        "code": "C0",
+    }
+    assert "trigger_properties" not in payload["recipients"][0]
+    results = send(connector, canvas)
+    assert {r.outcome for r in results} == {Outcome.SENT}
+    assert {m.template_name for m in sandbox.messages()} == {"canvas:winback_canvas"}
+    unknown = dataclasses.replace(
+        canvas[0], template=dataclasses.replace(canvas[0].template, name="canvas:nope")
+    )
+    with pytest.raises(TemplateError, match="canvas"):
+        send(connector, [unknown])

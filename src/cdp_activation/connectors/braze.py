@@ -1,11 +1,13 @@
-"""Braze connector: API-triggered campaigns, up to 50 recipients a request.
+"""Braze connector: API-triggered campaigns and Canvases, up to 50 recipients a request.
 
 Braze is a customer engagement platform: it holds the channel credentials and the message
 content (an API-triggered campaign), and addresses its own users by `external_user_id`. So a
 plan's step names the campaign as its template (`template.name` = the campaign id), and each
 recipient goes as `{external_user_id: customer_id, trigger_properties: {column: value}}`,
 with the number the policy validated set on the profile (`attributes.phone`), since that is
-the number consent and suppression were checked for.
+the number consent and suppression were checked for. A template named `canvas:<canvas id>`
+enters the users into an API-triggered Canvas instead (`POST /canvas/trigger/send`, the same
+recipients with `canvas_entry_properties`).
 
 Request shape from Braze's REST API (`../shared/vendor-specs/braze/`, Postman conversion):
 `POST /campaigns/trigger/send` with `Authorization: Bearer <REST API key>` and
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 RECIPIENTS_PER_REQUEST = 50  # /campaigns/trigger/send: "up to 50 specific external_ids"
 ATTRIBUTES_PER_REQUEST = 75  # /users/track: 75 attribute objects per request
 REQUESTS_PER_HOUR = 250_000  # the endpoint's default rate limit with external ids
+CANVAS_PREFIX = "canvas:"  # a template named canvas:<id> enters an API-triggered Canvas
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 
@@ -77,6 +80,7 @@ class BrazeConnector:
         self.send_to_existing_only = send_to_existing_only
         self._trigger_url = httpx.URL(f"{self.base_url}/campaigns/trigger/send")
         self._track_url = httpx.URL(f"{self.base_url}/users/track")
+        self._canvas_url = httpx.URL(f"{self.base_url}/canvas/trigger/send")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BrazeConnector:
@@ -114,16 +118,23 @@ class BrazeConnector:
         }
 
     def build_payload(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
+        """`{campaign_id, recipients}`, or `{canvas_id, recipients}` with each recipient's
+        properties as `canvas_entry_properties` for a `canvas:<id>` template."""
         campaigns = {m.template.name for m in messages if m.template is not None}
         if len(campaigns) != 1:
             raise TemplateError(
                 "braze sends API-triggered campaigns: every message of a batch needs the same "
-                f"campaign id as its template name, got {sorted(campaigns) or 'none'}"
+                f"campaign id (or canvas:<canvas id>) as its template name, got "
+                f"{sorted(campaigns) or 'none'}"
             )
-        return {
-            "campaign_id": campaigns.pop(),
-            "recipients": [self.recipient(m) for m in messages],
-        }
+        name = campaigns.pop()
+        recipients = [self.recipient(m) for m in messages]
+        canvas = name.removeprefix(CANVAS_PREFIX) if name.startswith(CANVAS_PREFIX) else None
+        if canvas is None:
+            return {"campaign_id": name, "recipients": recipients}
+        for recipient in recipients:
+            recipient["canvas_entry_properties"] = recipient.pop("trigger_properties")
+        return {"canvas_id": canvas, "recipients": recipients}
 
     async def send_batch(
         self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
@@ -146,8 +157,9 @@ class BrazeConnector:
         if not sendable:
             return results
         payload = self.build_payload(sendable)
+        url = self._canvas_url if "canvas_id" in payload else self._trigger_url
         try:
-            response = await client.post(self._trigger_url, json=payload, headers=self._headers())
+            response = await client.post(url, json=payload, headers=self._headers())
         except httpx.TransportError as exc:
             return results + transport_failure(self.name, exc, sendable, self._safe)
         return results + self.classify(sendable, response)
@@ -172,7 +184,7 @@ class BrazeConnector:
                 f"Braze refused the REST API key (HTTP {status}): {detail}. Check "
                 "CDP_BRAZE_API_KEY and that the key has the campaigns.trigger.send permission."
             )
-        if status in (400, 404) and "campaign" in detail.lower():
+        if status in (400, 404) and ("campaign" in detail.lower() or "canvas" in detail.lower()):
             raise TemplateError(f"Braze refused the campaign (HTTP {status}): {detail}")
         if status == 429 or status >= 500:
             wait = retry_after_seconds(response.headers)

@@ -21,8 +21,9 @@ exactly as in production. Status codes, ids and error bodies follow the vendor s
   bodies whose `type` ends in the x-errors code (1022 template, 1430 recipient, …).
 - Webhook (prefix `/webhook`): `POST /messages` under the contract of `connectors/webhook.py`,
   bearer token; each message `key` is accepted once, a repeat gets its first id back.
-- Braze (prefix `/braze`): `POST /campaigns/trigger/send` (up to 50 recipients, 201 with one
-  `dispatch_id` for the batch; the campaigns of `BRAZE_CAMPAIGNS`) and `POST /users/track`
+- Braze (prefix `/braze`): `POST /campaigns/trigger/send` and `POST /canvas/trigger/send`
+  (up to 50 recipients, 201 with one `dispatch_id` for the batch; the campaigns of
+  `BRAZE_CAMPAIGNS`, the Canvases of `BRAZE_CANVASES`) and `POST /users/track`
   (75 attribute objects, merged into `MessageStore.profiles()`), `Authorization: Bearer`.
 - LINE (prefix `/line`): `POST /v2/bot/message/multicast` (1-500 user ids) and
   `POST /v2/bot/message/push`, text messages, `Authorization: Bearer`; a request repeating
@@ -1767,6 +1768,8 @@ BRAZE_CAMPAIGNS: dict[str, str] = {
     "order_update_campaign": "whatsapp",
     "sms_winback_campaign": "sms",
 }
+# The sandbox's API-triggered Canvases and the channel their first step sends on.
+BRAZE_CANVASES: dict[str, str] = {"winback_canvas": "whatsapp"}
 
 
 def _braze_authorized(request: Request, config: SandboxConfig) -> bool:
@@ -1786,9 +1789,11 @@ def _parse_braze(request: Request, raw: bytes) -> Response | list[_Candidate]:
         return _braze_error(400, "Invalid JSON")
     if not isinstance(payload, dict):
         return _braze_error(400, "Invalid JSON")
-    campaign = payload.get("campaign_id")
-    if campaign not in BRAZE_CAMPAIGNS:
-        return _braze_error(400, f"Invalid campaign_id: campaign {campaign!r} was not found")
+    canvas = request.url.path.endswith("/canvas/trigger/send")
+    known, what = (BRAZE_CANVASES, "canvas") if canvas else (BRAZE_CAMPAIGNS, "campaign")
+    campaign = payload.get(f"{what}_id")
+    if campaign not in known:
+        return _braze_error(400, f"Invalid {what}_id: {what} {campaign!r} was not found")
     recipients = payload.get("recipients")
     if not isinstance(recipients, list) or not 1 <= len(recipients) <= 50:
         return _braze_error(400, "recipients must be an array of 1 to 50 objects")
@@ -1797,16 +1802,16 @@ def _parse_braze(request: Request, raw: bytes) -> Response | list[_Candidate]:
         user = item.get("external_user_id") if isinstance(item, dict) else None
         if not isinstance(user, str) or not user:
             return _braze_error(400, f"recipients[{i}] must have an external_user_id")
-        properties = item.get("trigger_properties") or {}
+        properties = item.get("canvas_entry_properties" if canvas else "trigger_properties") or {}
         phone = (item.get("attributes") or {}).get("phone")
         candidates.append(
             _Candidate(
                 to=phone if isinstance(phone, str) and phone else user,
                 record={
-                    "template_name": campaign,
+                    "template_name": f"canvas:{campaign}" if canvas else campaign,
                     "parameters": tuple(str(v) for v in properties.values()),
                 },
-                extra={"channel": BRAZE_CAMPAIGNS[campaign], "user": user},
+                extra={"channel": known[campaign], "user": user},
             )
         )
     return candidates
@@ -2195,6 +2200,7 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
     webhook_routes = [Route("/messages", webhook_messages, methods=["POST"])]
     braze_routes = [
         Route("/campaigns/trigger/send", braze_trigger_send, methods=["POST"]),
+        Route("/canvas/trigger/send", braze_trigger_send, methods=["POST"]),
         Route("/users/track", braze_users_track, methods=["POST"]),
     ]
     line_routes = [
