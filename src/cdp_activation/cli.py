@@ -1,4 +1,4 @@
-"""The `cdp-activation` command line: demo, run, validate, sandbox, dev."""
+"""The `cdp-activation` command line: demo, run, validate, sandbox, dev, webhooks."""
 
 from __future__ import annotations
 
@@ -202,6 +202,42 @@ def sandbox(host: str, port: int) -> None:
 
     console.print(f"sandbox provider on http://{host}:{port} (Ctrl-C to stop)")
     serve(host, port)
+
+
+@main.group(help="Delivery-status webhooks from the providers into the ledger.")
+def webhooks() -> None:
+    pass
+
+
+@webhooks.command(
+    "serve",
+    help="Receive status webhooks on POST /webhooks/{meta,twilio,infobip,vonage,line,sandbox}; "
+    "each is signature-checked and stored in the ledger before it is answered 200.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, help="Port (default: CDP_WEBHOOKS_PORT, 8788).")
+def webhooks_serve(host: str, port: int | None) -> None:
+    import uvicorn
+
+    from cdp_activation.ledger import Ledger
+    from cdp_activation.webhooks import create_app
+
+    settings = get_settings()
+    secrets = settings.webhook_secrets()
+    port = port or settings.webhooks_port
+    refused = [
+        p
+        for p in ("meta", "twilio", "infobip", "vonage", "line", "sandbox")
+        if secrets.secret_for(p) is None
+    ]
+    console.print(f"status webhooks on http://{host}:{port}/webhooks/<provider> (Ctrl-C to stop)")
+    if refused:
+        console.print(
+            f"[yellow]no signing secret for {', '.join(refused)}: their webhooks are refused "
+            "(401) until one is set (see .env.example)[/]"
+        )
+    app = create_app(Ledger(settings.ledger_url), secrets)
+    uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
 
 
 @main.command(help="Start the sandbox and the Dagster UI (dagster dev) on this project.")

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 
 from cdp_activation.connectors.base import Outcome, SendResult
 from cdp_activation.db import open_engine, read_frame
+from cdp_activation.statuses import CONNECTOR_OF_PROVIDER, STATUS_RANK, StatusEvent
 
 PLANNED = "planned"
 IN_FLIGHT = "in_flight"
@@ -69,8 +70,32 @@ sends = sa.Table(
     # in, so a row recovered from a crash is sent again with exactly the same companions and
     # therefore the same key. Null for one-recipient providers and unsent rows.
     sa.Column("request_id", sa.BigInteger().with_variant(sa.Integer, "sqlite")),
+    # What the provider reported after accepting it (status webhooks): sent, delivered, read
+    # or failed, only ever moving forward (`statuses.STATUS_RANK`), with the latest report's time.
+    sa.Column("delivery_status", sa.String(20)),
+    sa.Column("delivery_status_at", sa.DateTime(timezone=True)),
+    sa.Column("delivery_error_code", sa.String(40)),
     sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
     sa.Index("ix_sends_state_sent_at", "state", "sent_at"),
+    sa.Index("ix_sends_provider_message_id", "provider_message_id"),
+)
+
+# Status webhooks as they arrived, once each: `event_key` identifies a report (provider, its
+# message id, the status and the provider's own time or event id), so a duplicate delivery of
+# the same webhook is ignored. Written before the receiver answers 200, in the same
+# transaction as the statuses they move forward.
+status_events = sa.Table(
+    "status_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("event_key", sa.String(300), nullable=False, unique=True),
+    sa.Column("provider", sa.String(40), nullable=False),
+    sa.Column("provider_message_id", sa.String(200)),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("error_code", sa.String(40)),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("payload", sa.Text),  # the event as the provider sent it (JSON), for audits
 )
 
 
@@ -137,6 +162,13 @@ class PlannedSend:
     customer_id: str | None = None
     request_id: int | None = None  # set when a crash interrupted its (grouped) request
     purpose: str | None = None
+
+
+@dataclass(frozen=True)
+class StatusWrite:
+    received: int  # reports handed in
+    duplicates: int  # already stored (or repeated in the same call): ignored
+    advanced: int  # messages whose delivery_status moved forward
 
 
 @dataclass(frozen=True)
@@ -512,6 +544,96 @@ class Ledger:
             return pl.DataFrame(schema=schema)
         return frame.with_columns(_as_utc(frame, "sent_at")).cast(schema)
 
+    def record_statuses(self, events: Sequence[StatusEvent]) -> StatusWrite:
+        """Store provider status reports and move each message's `delivery_status` forward,
+        in one transaction (the webhook receiver answers 200 only after it commits).
+
+        A report already stored (same `event_key`) is ignored; a report whose status does not
+        outrank the message's current one changes nothing, so duplicates and reordering are
+        harmless. Messages are matched on `provider_message_id` among the rows of the
+        provider's own connector (`CONNECTOR_OF_PROVIDER`); a report for a message the ledger
+        does not know (another system's, or not yet recorded) is kept, unmatched.
+        """
+        if not events:
+            return StatusWrite(received=0, duplicates=0, advanced=0)
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        now = _db_time(_now(), self.dialect)
+        unique = list({e.event_key: e for e in events}.values())
+        rank = " ".join(f"WHEN '{status}' THEN {n}" for status, n in STATUS_RANK.items())
+        advanced = 0
+        with self.engine.begin() as con:
+            known = self._known_event_keys(con, [e.event_key for e in unique])
+            fresh = [e for e in unique if e.event_key not in known]
+            if fresh:
+                con.exec_driver_sql(
+                    "INSERT INTO status_events (event_key, provider, provider_message_id, "
+                    "status, error_code, occurred_at, received_at, payload) VALUES "
+                    f"({', '.join([mark] * 8)}) ON CONFLICT (event_key) DO NOTHING",
+                    [
+                        (
+                            e.event_key,
+                            e.provider,
+                            e.provider_message_id,
+                            e.status,
+                            e.error_code,
+                            _db_time(e.occurred_at, self.dialect),
+                            now,
+                            e.payload,
+                        )
+                        for e in fresh
+                    ],
+                )
+                # Lowest rank first, so several reports of one message in one call end on the
+                # furthest, whatever order they came in.
+                result = con.exec_driver_sql(
+                    f"UPDATE sends SET delivery_status = {mark}, delivery_status_at = {mark}, "
+                    f"delivery_error_code = {mark} WHERE provider_message_id = {mark} AND "
+                    f"connector = {mark} AND (CASE delivery_status {rank} ELSE 0 END) < {mark}",
+                    [
+                        (
+                            e.status,
+                            _db_time(e.occurred_at, self.dialect),
+                            e.error_code,
+                            e.provider_message_id,
+                            CONNECTOR_OF_PROVIDER[e.provider],
+                            STATUS_RANK[e.status],
+                        )
+                        for e in sorted(fresh, key=lambda e: STATUS_RANK[e.status])
+                    ],
+                )
+                advanced = max(result.rowcount or 0, 0)
+        return StatusWrite(
+            received=len(events), duplicates=len(events) - len(fresh), advanced=advanced
+        )
+
+    def _known_event_keys(self, con: sa.Connection, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(keys, 5000):
+            rows = con.execute(
+                sa.select(status_events.c.event_key).where(status_events.c.event_key.in_(chunk))
+            )
+            found.update(r.event_key for r in rows)
+        return found
+
+    def delivery_statuses(self, activation: str, partition_key: str) -> pl.DataFrame:
+        """(idempotency_key, recipient, state, delivery_status, delivery_status_at,
+        delivery_error_code) of one partition's rows."""
+        return read_frame(
+            self.engine,
+            "SELECT idempotency_key, recipient, state, provider_message_id, delivery_status, "
+            "delivery_error_code FROM sends WHERE activation = $1 AND partition_key = $2 "
+            "ORDER BY id",
+            (activation, partition_key),
+            schema={
+                "idempotency_key": pl.String,
+                "recipient": pl.String,
+                "state": pl.String,
+                "provider_message_id": pl.String,
+                "delivery_status": pl.String,
+                "delivery_error_code": pl.String,
+            },
+        )
+
     def counts(self, activation: str, partition_key: str) -> dict[str, int]:
         with self.engine.connect() as con:
             rows = con.execute(
@@ -561,13 +683,19 @@ class Ledger:
 
 def _add_missing_columns(engine: sa.Engine) -> None:
     """Bring a ledger made by an earlier version up to this schema: `create_all` makes missing
-    tables, not missing columns. Only nullable columns are ever added, so old rows stay valid."""
-    present = {c["name"] for c in sa.inspect(engine).get_columns("sends")}
+    tables, not missing columns or indexes. Only nullable columns are ever added, so old rows
+    stay valid."""
+    inspector = sa.inspect(engine)
+    present = {c["name"] for c in inspector.get_columns("sends")}
+    indexes = {i["name"] for i in inspector.get_indexes("sends")}
     missing = [c for c in sends.columns if c.name not in present]
     with engine.begin() as con:
         for column in missing:
             kind = column.type.compile(dialect=engine.dialect)
             con.exec_driver_sql(f"ALTER TABLE sends ADD COLUMN {column.name} {kind}")
+        for index in sends.indexes:
+            if index.name not in indexes:
+                index.create(con)
 
 
 def _aware(value: datetime) -> datetime:

@@ -12,12 +12,16 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdp_activation.connectors.base import ConnectorConfigError
+
+if TYPE_CHECKING:
+    from cdp_activation.webhooks.app import WebhookSecrets
 
 SANDBOX_META_TOKEN = "sandbox-meta-token"
 SANDBOX_TWILIO_ACCOUNT_SID = "AC00000000000000000000000000000000"
@@ -28,6 +32,13 @@ SANDBOX_VONAGE_API_SECRET = "sandbox-vonage-secret"
 SANDBOX_WEBHOOK_TOKEN = "sandbox-webhook-token"
 SANDBOX_BRAZE_API_KEY = "sandbox-braze-rest-key"
 SANDBOX_LINE_TOKEN = "sandbox-line-channel-token"
+# What the sandbox signs its status webhooks with (each provider's own scheme).
+SANDBOX_META_APP_SECRET = "sandbox-meta-app-secret"
+SANDBOX_META_VERIFY_TOKEN = "sandbox-meta-verify-token"
+SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS = "infobip:sandbox-webhook-password"
+SANDBOX_VONAGE_SIGNATURE_SECRET = "sandbox-vonage-signature-secret-0123456789"
+SANDBOX_LINE_CHANNEL_SECRET = "sandbox-line-channel-secret"
+SANDBOX_STATUS_SECRET = "sandbox-status-secret"
 SANDBOX_PORT = 8787
 
 
@@ -102,6 +113,17 @@ class Settings(BaseSettings):
     line_channel_access_token: SecretStr | None = None
     line_rate_per_second: float | None = None
 
+    # Status webhooks in (`cdp-activation webhooks serve`): each provider's signing secret.
+    # Unset against the local sandbox: the sandbox's own; unset elsewhere: that provider's
+    # webhooks are refused (401), never accepted unchecked.
+    meta_app_secret: SecretStr | None = None
+    meta_verify_token: SecretStr | None = None
+    infobip_webhook_credentials: SecretStr | None = None  # "user:password" in the notify URL
+    vonage_signature_secret: SecretStr | None = None
+    line_channel_secret: SecretStr | None = None
+    webhook_public_url: str | None = None  # e.g. https://hooks.example.com (Twilio signs it)
+    webhooks_port: int = 8788
+
     webhook_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/webhook/messages"
     # Extra request headers as JSON, e.g. {"Authorization": "Bearer …"}; values are secrets.
     webhook_headers: dict[str, SecretStr] | None = None
@@ -155,6 +177,37 @@ class Settings(BaseSettings):
             self.line_base_url,
             SANDBOX_LINE_TOKEN,
             "CDP_LINE_CHANNEL_ACCESS_TOKEN",
+        )
+
+    def webhook_secrets(self) -> WebhookSecrets:
+        """The receiver's secrets: configured ones, else the sandbox's against the sandbox."""
+        from cdp_activation.webhooks.app import WebhookSecrets
+
+        def pick(value: SecretStr | None, base_url: str, sandbox: str) -> str | None:
+            if value is not None and value.get_secret_value():
+                return value.get_secret_value()
+            return sandbox if is_loopback(base_url) else None
+
+        twilio = pick(self.twilio_auth_token, self.twilio_base_url, SANDBOX_TWILIO_AUTH_TOKEN)
+        return WebhookSecrets(
+            meta_app_secret=pick(self.meta_app_secret, self.meta_base_url, SANDBOX_META_APP_SECRET),
+            meta_verify_token=pick(
+                self.meta_verify_token, self.meta_base_url, SANDBOX_META_VERIFY_TOKEN
+            ),
+            twilio_auth_token=twilio,
+            infobip_credentials=pick(
+                self.infobip_webhook_credentials,
+                self.infobip_base_url,
+                SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS,
+            ),
+            vonage_signature_secret=pick(
+                self.vonage_signature_secret, self.vonage_base_url, SANDBOX_VONAGE_SIGNATURE_SECRET
+            ),
+            line_channel_secret=pick(
+                self.line_channel_secret, self.line_base_url, SANDBOX_LINE_CHANNEL_SECRET
+            ),
+            sandbox_secret=SANDBOX_STATUS_SECRET if is_loopback(self.webhook_url) else None,
+            public_url=self.webhook_public_url,
         )
 
     def webhook_header_values(self) -> dict[str, str]:

@@ -1,0 +1,46 @@
+"""Delivery statuses reported by providers after they accepted a message (status webhooks).
+
+A provider reports a message `sent` (to the handset network), `delivered`, `read`, or
+`failed`, each provider in its own words (`webhooks/parsers.py` maps them). Reports arrive late,
+twice or out of order, so a status only ever moves forward (`STATUS_RANK`): a `delivered`
+after `read` changes nothing, and neither `delivered` nor `failed` replaces the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+SENT, DELIVERED, READ, FAILED = "sent", "delivered", "read", "failed"
+STATUS_RANK: dict[str, int] = {SENT: 1, DELIVERED: 2, FAILED: 2, READ: 3}
+# Whose sends a provider's webhook may update: a report only ever touches rows its own
+# connector sent (the sandbox's generic status route stands for the JSON webhook connector).
+CONNECTOR_OF_PROVIDER: dict[str, str] = {
+    "meta": "meta_whatsapp",
+    "twilio": "twilio",
+    "infobip": "infobip",
+    "vonage": "vonage",
+    "line": "line",
+    "sandbox": "webhook",
+}
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """One provider report about one message, as the ledger stores it.
+
+    `event_key` identifies the report itself (provider, message, status and the provider's own
+    time or event id): the same webhook delivered twice has the same key and counts once.
+    """
+
+    provider: str
+    provider_message_id: str
+    status: str  # one of STATUS_RANK
+    occurred_at: datetime
+    event_key: str
+    error_code: str | None = None
+    payload: str | None = None  # the provider's JSON for this event, for audits
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUS_RANK:
+            raise ValueError(f"unknown delivery status {self.status!r}")

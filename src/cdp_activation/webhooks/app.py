@@ -1,0 +1,217 @@
+"""The status webhook receiver: `POST /webhooks/{provider}`, signature first, durable before 200.
+
+Order for every request: read the raw body; check the provider's signature (`signatures.py`),
+401 and nothing written when it is missing or wrong (or when no secret is configured for that
+provider: an unverifiable webhook is never trusted); parse it (`parsers.py`), 400 when it is
+not the provider's shape; hand its status events to the group-commit writer and wait until
+they are committed to the ledger (`Ledger.record_statuses`: events stored once, statuses moved
+forward); only then answer 200. A crash before the commit means no 200, so the provider sends
+the webhook again: an accepted event is never lost. Requests arriving while a write is under way
+are written together by the next one, so a burst of webhooks costs a few transactions.
+
+`GET /webhooks/meta` answers Meta's subscription check (`hub.mode=subscribe`,
+`hub.verify_token`, `hub.challenge`). `GET /health` is for load balancers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from cdp_activation.ledger import Ledger
+from cdp_activation.serving import BackgroundServer
+from cdp_activation.statuses import StatusEvent
+from cdp_activation.webhooks import signatures
+from cdp_activation.webhooks.parsers import JSON_PARSERS, parse_twilio
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("meta", "twilio", "infobip", "vonage", "line", "sandbox")
+
+
+@dataclass(frozen=True)
+class WebhookSecrets:
+    """What each provider's webhooks are checked with; None: that provider is refused."""
+
+    meta_app_secret: str | None = None
+    meta_verify_token: str | None = None
+    twilio_auth_token: str | None = None
+    infobip_credentials: str | None = None  # "user:password" of the notify URL's Basic auth
+    vonage_signature_secret: str | None = None
+    line_channel_secret: str | None = None
+    sandbox_secret: str | None = None
+    # The public base URL providers call (behind a proxy the request's own URL differs);
+    # Twilio signs the full URL it called.
+    public_url: str | None = None
+
+    def __repr__(self) -> str:  # never print a secret
+        configured = [p for p in PROVIDERS if self.secret_for(p)]
+        return f"WebhookSecrets(configured={configured}, public_url={self.public_url!r})"
+
+    def secret_for(self, provider: str) -> str | None:
+        return {
+            "meta": self.meta_app_secret,
+            "twilio": self.twilio_auth_token,
+            "infobip": self.infobip_credentials,
+            "vonage": self.vonage_signature_secret,
+            "line": self.line_channel_secret,
+            "sandbox": self.sandbox_secret,
+        }[provider]
+
+
+class _Writer:
+    """Group commit in a worker thread: every request that arrives while a write is under way
+    is written by the next one, and each waits until its own events are committed."""
+
+    def __init__(self, write: Callable[[list[StatusEvent]], Any]) -> None:
+        self._write = write
+        self._queued: list[tuple[Sequence[StatusEvent], asyncio.Future[None]]] = []
+        self._draining: asyncio.Task[None] | None = None
+        self.transactions = 0
+
+    async def submit(self, events: Sequence[StatusEvent]) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queued.append((events, future))
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.create_task(self._drain())
+        await future
+
+    async def _drain(self) -> None:
+        while self._queued:
+            queued, self._queued = self._queued, []
+            try:
+                await asyncio.to_thread(self._write, [e for events, _ in queued for e in events])
+                self.transactions += 1
+            except Exception as err:  # answered 500: the provider retries, nothing is lost
+                log.exception("status webhook write failed for %d request(s)", len(queued))
+                for _, future in queued:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            for _, future in queued:
+                if not future.done():
+                    future.set_result(None)
+
+
+def create_app(ledger: Ledger, secrets: WebhookSecrets) -> Starlette:
+    """The receiver for `ledger`. `app.state.writer.transactions` counts commits (bench)."""
+    writer = _Writer(ledger.record_statuses)
+    warned: set[str] = set()
+
+    async def receive(request: Request) -> Response:
+        provider = request.path_params["provider"]
+        if provider not in PROVIDERS:
+            return JSONResponse(
+                {"error": f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}"},
+                status_code=404,
+            )
+        body = await request.body()
+        secret = secrets.secret_for(provider)
+        if secret is None:
+            if provider not in warned:
+                warned.add(provider)
+                log.warning(
+                    "refusing %s webhooks: no secret configured to check their signature "
+                    "(see the CDP_*_WEBHOOK / signing settings in .env.example)",
+                    provider,
+                )
+            return JSONResponse({"error": "signature not verifiable"}, status_code=401)
+        params = _form(body) if provider == "twilio" else []
+        if not _signed(provider, secret, request, body, params, secrets.public_url):
+            return JSONResponse({"error": "bad or missing signature"}, status_code=401)
+        received = datetime.now(UTC)
+        try:
+            if provider == "twilio":
+                events = parse_twilio(dict(params), received)
+            else:
+                events = JSON_PARSERS[provider](body, received)
+        except ValueError as err:
+            return JSONResponse(
+                {"error": f"not a {provider} status webhook: {err}"}, status_code=400
+            )
+        if events:
+            try:
+                await writer.submit(events)
+            except Exception:
+                return JSONResponse({"error": "not stored; send it again"}, status_code=500)
+        return JSONResponse({"received": len(events)})
+
+    async def verify_meta(request: Request) -> Response:
+        query = request.query_params
+        token = secrets.meta_verify_token
+        if (
+            query.get("hub.mode") == "subscribe"
+            and token
+            and hmac.compare_digest(query.get("hub.verify_token", ""), token)
+        ):
+            return PlainTextResponse(query.get("hub.challenge", ""))
+        return PlainTextResponse("verification failed", status_code=403)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    app = Starlette(
+        routes=[
+            Route("/webhooks/meta", verify_meta, methods=["GET"]),
+            Route("/webhooks/{provider}", receive, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+        ]
+    )
+    app.state.writer = writer
+    return app
+
+
+def _form(body: bytes) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(body.decode(), keep_blank_values=True)
+    except UnicodeDecodeError:
+        return []
+
+
+def _signed(
+    provider: str,
+    secret: str,
+    request: Request,
+    body: bytes,
+    params: list[tuple[str, str]],
+    public_url: str | None,
+) -> bool:
+    headers = request.headers
+    if provider == "meta":
+        return signatures.meta_valid(secret, body, headers.get("x-hub-signature-256"))
+    if provider == "twilio":
+        url = str(request.url)
+        if public_url:
+            url = public_url.rstrip("/") + request.url.path
+            if request.url.query:
+                url += "?" + request.url.query
+        return signatures.twilio_valid(secret, url, params, headers.get("x-twilio-signature"))
+    if provider == "infobip":
+        return signatures.basic_valid(secret, headers.get("authorization"))
+    if provider == "vonage":
+        return signatures.vonage_valid(secret, body, headers.get("authorization"))
+    if provider == "line":
+        return signatures.line_valid(secret, body, headers.get("x-line-signature"))
+    return signatures.sandbox_valid(secret, body, headers.get("x-sandbox-signature"))
+
+
+class WebhookServer(BackgroundServer):
+    """The receiver for `ledger` on 127.0.0.1 in a daemon thread (tests, demo, bench)."""
+
+    name = "webhook receiver"
+
+    def __init__(
+        self, ledger: Ledger, secrets: WebhookSecrets, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        super().__init__(create_app(ledger, secrets), host, port, "/health")

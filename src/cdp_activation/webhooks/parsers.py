@@ -1,0 +1,238 @@
+"""Each provider's status webhook, turned into `StatusEvent`s (sent, delivered, read, failed).
+
+Shapes, from the vendor specs in `../shared/vendor-specs/` and the providers' callback docs:
+
+- Meta: `{object, entry: [{changes: [{field: "messages", value: {statuses: [{id, status,
+  timestamp (Unix seconds), recipient_id, errors: [{code, title}]}]}}]}]}`; message events in
+  the same payload (`value.messages`) are not statuses and are skipped.
+- Twilio: a form POST per status change: `MessageSid`, `MessageStatus` (queued, sending, sent,
+  delivered, undelivered, failed, read, …), `ErrorCode`; no event time, so the time received.
+- Infobip: delivery reports `{results: [{messageId, status: {groupName, name}, error: {id,
+  name}, doneAt}]}` and seen reports `{results: [{messageId, seenAt}]}` (read).
+- Vonage: one status `{message_uuid, status (submitted, delivered, read, rejected,
+  undeliverable), timestamp (ISO 8601), error: {type: ".../messages-olympus#1340"}}`.
+- LINE: `{destination, events: [...]}`: LINE reports no delivery of push or multicast
+  messages, so its events (follow, unfollow, message) carry no status and give none here.
+- Sandbox: `{statuses: [{id, status, timestamp (ISO 8601), error_code}]}`.
+
+Statuses the ledger does not track (queued, accepted, sending, …) are dropped. A payload that is
+not the provider's shape raises `ValueError` (answered 400: the provider will retry or alert).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from cdp_activation.statuses import DELIVERED, FAILED, READ, SENT, StatusEvent
+
+_VONAGE_CODE = re.compile(r"#(\d+)$")
+
+TWILIO_STATUSES = {
+    "sent": SENT,
+    "delivered": DELIVERED,
+    "read": READ,
+    "undelivered": FAILED,
+    "failed": FAILED,
+}
+VONAGE_STATUSES = {
+    "submitted": SENT,
+    "delivered": DELIVERED,
+    "read": READ,
+    "rejected": FAILED,
+    "undeliverable": FAILED,
+}
+INFOBIP_GROUPS = {
+    "PENDING": SENT,
+    "DELIVERED": DELIVERED,
+    "UNDELIVERABLE": FAILED,
+    "EXPIRED": FAILED,
+    "REJECTED": FAILED,
+}
+
+
+def _time(value: Any, received: datetime) -> datetime:
+    """A provider time: Unix seconds, or ISO 8601 (Infobip's `+0000` too); else `received`."""
+    if value is None or value == "":
+        return received
+    try:
+        return datetime.fromtimestamp(float(value), UTC)
+    except (TypeError, ValueError):
+        pass
+    text = str(value).replace(" ", "T", 1)
+    text = re.sub(r"([+-]\d{2})(\d{2})$", r"\1:\2", text)  # +0000 -> +00:00
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return received
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _event(
+    provider: str,
+    message_id: Any,
+    status: str,
+    when: datetime,
+    stamp: Any,
+    error_code: Any,
+    raw: Any,
+) -> StatusEvent:
+    if not isinstance(message_id, str) or not message_id:
+        raise ValueError(f"{provider} status without a message id")
+    return StatusEvent(
+        provider=provider,
+        provider_message_id=message_id,
+        status=status,
+        occurred_at=when,
+        event_key=f"{provider}|{message_id}|{status}|{stamp or ''}",
+        error_code=str(error_code) if error_code not in (None, "", 0, "0") else None,
+        payload=json.dumps(raw, ensure_ascii=False, default=str),
+    )
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"the body is not JSON: {err}") from None
+
+
+def parse_meta(body: bytes, received: datetime) -> list[StatusEvent]:
+    data = _json(body)
+    if not isinstance(data, dict) or not isinstance(data.get("entry"), list):
+        raise ValueError("expected {object, entry: [...]}")
+    events = []
+    for entry in data["entry"]:
+        for change in (entry or {}).get("changes") or []:
+            value = (change or {}).get("value") or {}
+            for status in value.get("statuses") or []:
+                kind = status.get("status")
+                if kind not in (SENT, DELIVERED, READ, FAILED):
+                    continue
+                errors = status.get("errors") or [{}]
+                stamp = status.get("timestamp")
+                events.append(
+                    _event(
+                        "meta",
+                        status.get("id"),
+                        kind,
+                        _time(stamp, received),
+                        stamp,
+                        errors[0].get("code"),
+                        status,
+                    )
+                )
+    return events
+
+
+def parse_twilio(params: Mapping[str, str], received: datetime) -> list[StatusEvent]:
+    sid = params.get("MessageSid") or params.get("SmsSid")
+    kind = TWILIO_STATUSES.get(str(params.get("MessageStatus") or params.get("SmsStatus")))
+    if not sid:
+        raise ValueError("expected a MessageSid")
+    if kind is None:
+        return []
+    # Twilio gives no event time: one report per message and status is the identity.
+    return [_event("twilio", sid, kind, received, None, params.get("ErrorCode"), dict(params))]
+
+
+def parse_infobip(body: bytes, received: datetime) -> list[StatusEvent]:
+    data = _json(body)
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError("expected {results: [...]}")
+    events = []
+    for result in data["results"]:
+        if not isinstance(result, dict):
+            raise ValueError("every result must be an object")
+        if "seenAt" in result and "status" not in result:
+            stamp = result["seenAt"]
+            events.append(
+                _event(
+                    "infobip",
+                    result.get("messageId"),
+                    READ,
+                    _time(stamp, received),
+                    stamp,
+                    None,
+                    result,
+                )
+            )
+            continue
+        status = result.get("status") or {}
+        kind = INFOBIP_GROUPS.get(str(status.get("groupName")))
+        if kind is None:
+            continue
+        error = result.get("error") or {}
+        code = status.get("name") if kind == FAILED else None
+        if kind == FAILED and error.get("name") and error.get("name") != "NO_ERROR":
+            code = error["name"]
+        stamp = result.get("doneAt") or result.get("sentAt")
+        events.append(
+            _event(
+                "infobip",
+                result.get("messageId"),
+                kind,
+                _time(stamp, received),
+                stamp,
+                code,
+                result,
+            )
+        )
+    return events
+
+
+def parse_vonage(body: bytes, received: datetime) -> list[StatusEvent]:
+    data = _json(body)
+    if not isinstance(data, dict) or "message_uuid" not in data:
+        raise ValueError("expected a message status {message_uuid, status, timestamp}")
+    kind = VONAGE_STATUSES.get(str(data.get("status")))
+    if kind is None:
+        return []
+    error = data.get("error") or {}
+    match = _VONAGE_CODE.search(str(error.get("type") or ""))
+    code = match.group(1) if match else error.get("title")
+    stamp = data.get("timestamp")
+    return [_event("vonage", data["message_uuid"], kind, _time(stamp, received), stamp, code, data)]
+
+
+def parse_line(body: bytes, received: datetime) -> list[StatusEvent]:
+    data = _json(body)
+    if not isinstance(data, dict) or not isinstance(data.get("events"), list):
+        raise ValueError("expected {destination, events: [...]}")
+    return []  # LINE reports no delivery of push or multicast messages
+
+
+def parse_sandbox(body: bytes, received: datetime) -> list[StatusEvent]:
+    data = _json(body)
+    if not isinstance(data, dict) or not isinstance(data.get("statuses"), list):
+        raise ValueError("expected {statuses: [...]}")
+    events = []
+    for status in data["statuses"]:
+        kind = (status or {}).get("status")
+        if kind not in (SENT, DELIVERED, READ, FAILED):
+            raise ValueError(f"unknown status {kind!r}")
+        stamp = status.get("timestamp")
+        events.append(
+            _event(
+                "sandbox",
+                status.get("id"),
+                kind,
+                _time(stamp, received),
+                stamp,
+                status.get("error_code"),
+                status,
+            )
+        )
+    return events
+
+
+JSON_PARSERS: dict[str, Callable[[bytes, datetime], list[StatusEvent]]] = {
+    "meta": parse_meta,
+    "infobip": parse_infobip,
+    "vonage": parse_vonage,
+    "line": parse_line,
+    "sandbox": parse_sandbox,
+}
