@@ -341,3 +341,75 @@ def test_ten_thousand_concurrent_webhooks_are_all_in_the_ledger(
     assert stored_events(ledger) == n
     # Group commit: far fewer transactions than requests.
     assert receiver.app.state.writer.transactions < n / 5
+
+
+def test_the_sandbox_reports_back_and_the_ledger_ends_on_each_message_s_last_status(
+    ledger: Ledger,
+) -> None:
+    """Deliver through the sandbox with status webhooks on: 70% delivered (some read), 10%
+    failed with the provider's code, 20% never delivered; a fifth of the reports duplicated,
+    a fifth reordered. Every row ends on the status its message really reached."""
+    from cdp_activation.delivery import DeliveryOptions, deliver
+    from cdp_activation.sandbox import SandboxServer
+    from cdp_activation.sandbox.app import SandboxConfig
+    from cdp_activation.sandbox.status_webhooks import outcome
+    from conftest import settings_for_sandbox
+    from crash_worker import audience, sandbox_connectors
+
+    n = 600
+    with SandboxServer(config=SandboxConfig(seed=7)) as sandbox:
+        secrets = settings_for_sandbox(sandbox).webhook_secrets()
+        with WebhookServer(ledger, secrets) as receiver:
+            sandbox.configure(
+                status_webhooks_url=receiver.url,
+                status_delivered_rate=0.7,
+                status_failed_rate=0.1,
+                status_read_rate=0.5,
+                status_delay_ms=5,
+                status_duplicate_rate=0.2,
+                status_reorder_rate=0.2,
+            )
+            ledger.plan("loop", "p", audience(n))
+            options = DeliveryOptions(rate_per_second=5000, backoff_initial=0.01)
+            deliver(ledger, ledger.pending("loop", "p"), sandbox_connectors(sandbox.url), options)
+            expected = {
+                m.provider_message_id: max(outcome(sandbox.config, m), key=STATUS_ORDER.index)
+                for m in sandbox.messages()
+            }
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                # What a run does after delivering: reports that came before their send's
+                # answer was recorded find it now.
+                ledger.apply_pending_statuses()
+                frame = ledger.delivery_statuses("loop", "p")
+                got = dict(zip(frame["provider_message_id"], frame["delivery_status"], strict=True))
+                if all(got.get(k) == v for k, v in expected.items()):
+                    break
+                time.sleep(0.2)
+    final = ledger.delivery_statuses("loop", "p").filter(pl.col("state") == "sent")
+    got = dict(zip(final["provider_message_id"], final["delivery_status"], strict=True))
+    assert got == expected
+    shares = {s: sum(v == s for v in got.values()) / len(got) for s in STATUS_ORDER}
+    assert 0.25 < shares["read"] < 0.45 and 0.05 < shares["failed"] < 0.15, shares
+    failed_codes = set(final.filter(pl.col("delivery_status") == "failed")["delivery_error_code"])
+    assert failed_codes == {"131026", "30003"}  # Meta's "not on WhatsApp", Twilio's unreachable
+
+
+STATUS_ORDER = ["sent", "delivered", "failed", "read"]
+
+
+def test_a_report_that_beats_its_send_s_answer_is_applied_once_the_send_is_recorded(
+    ledger: Ledger,
+) -> None:
+    """Meta's `sent` webhook can arrive before the delivery engine records the send."""
+    from cdp_activation.statuses import StatusEvent
+
+    early = StatusEvent(
+        "meta", "wamid.EARLY", "delivered", datetime.now(UTC), "meta|wamid.EARLY|delivered|1"
+    )
+    assert ledger.record_statuses([early]).advanced == 0  # no such send yet: kept, unapplied
+    sent_rows(ledger, {"wamid.EARLY": "meta_whatsapp"})
+    assert statuses(ledger) == {"wamid.EARLY": (None, None)}
+    assert ledger.apply_pending_statuses() == 1
+    assert statuses(ledger) == {"wamid.EARLY": ("delivered", None)}
+    assert ledger.apply_pending_statuses() == 0  # applied once

@@ -590,6 +590,8 @@ def deliver_decisions(
         summary.to_send = len(pending)
         preflight({name: connectors[name] for name in {row.connector for row in pending}})
         report = deliver(ledger, pending, connectors, options)
+        # Status webhooks that beat their send's answer to the ledger find it now.
+        ledger.apply_pending_statuses()
         summary.sent = report.sent
         summary.failed = report.failed
         summary.unknown = report.unknown

@@ -96,6 +96,9 @@ status_events = sa.Table(
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("payload", sa.Text),  # the event as the provider sent it (JSON), for audits
+    # Whether it has found its send: a report may arrive before the send's answer is recorded.
+    sa.Column("applied", sa.Boolean, nullable=False, default=False),
+    sa.Index("ix_status_events_applied_received", "applied", "received_at"),
 )
 
 
@@ -551,24 +554,24 @@ class Ledger:
         A report already stored (same `event_key`) is ignored; a report whose status does not
         outrank the message's current one changes nothing, so duplicates and reordering are
         harmless. Messages are matched on `provider_message_id` among the rows of the
-        provider's own connector (`CONNECTOR_OF_PROVIDER`); a report for a message the ledger
-        does not know (another system's, or not yet recorded) is kept, unmatched.
+        provider's own connector (`CONNECTOR_OF_PROVIDER`). A report can arrive before the
+        send's own answer is recorded (Meta's `sent` often does): it is kept unapplied and
+        applied by the next call, or by `apply_pending_statuses`, once the send is known.
         """
         if not events:
             return StatusWrite(received=0, duplicates=0, advanced=0)
         mark = "?" if self.dialect == "sqlite" else "%s"
         now = _db_time(_now(), self.dialect)
         unique = list({e.event_key: e for e in events}.values())
-        rank = " ".join(f"WHEN '{status}' THEN {n}" for status, n in STATUS_RANK.items())
-        advanced = 0
         with self.engine.begin() as con:
             known = self._known_event_keys(con, [e.event_key for e in unique])
             fresh = [e for e in unique if e.event_key not in known]
             if fresh:
                 con.exec_driver_sql(
                     "INSERT INTO status_events (event_key, provider, provider_message_id, "
-                    "status, error_code, occurred_at, received_at, payload) VALUES "
-                    f"({', '.join([mark] * 8)}) ON CONFLICT (event_key) DO NOTHING",
+                    "status, error_code, occurred_at, received_at, payload, applied) VALUES "
+                    f"({', '.join([mark] * 8)}, {'0' if self.dialect == 'sqlite' else 'false'}) "
+                    "ON CONFLICT (event_key) DO NOTHING",
                     [
                         (
                             e.event_key,
@@ -583,28 +586,72 @@ class Ledger:
                         for e in fresh
                     ],
                 )
-                # Lowest rank first, so several reports of one message in one call end on the
-                # furthest, whatever order they came in.
-                result = con.exec_driver_sql(
-                    f"UPDATE sends SET delivery_status = {mark}, delivery_status_at = {mark}, "
-                    f"delivery_error_code = {mark} WHERE provider_message_id = {mark} AND "
-                    f"connector = {mark} AND (CASE delivery_status {rank} ELSE 0 END) < {mark}",
-                    [
-                        (
-                            e.status,
-                            _db_time(e.occurred_at, self.dialect),
-                            e.error_code,
-                            e.provider_message_id,
-                            CONNECTOR_OF_PROVIDER[e.provider],
-                            STATUS_RANK[e.status],
-                        )
-                        for e in sorted(fresh, key=lambda e: STATUS_RANK[e.status])
-                    ],
-                )
-                advanced = max(result.rowcount or 0, 0)
+            advanced = self._apply_statuses(con) if fresh else 0
         return StatusWrite(
             received=len(events), duplicates=len(events) - len(fresh), advanced=advanced
         )
+
+    def apply_pending_statuses(self) -> int:
+        """Apply stored reports that arrived before their send was recorded (see
+        `record_statuses`); returns how many statuses moved. Delivery calls it at the end of
+        a run, so a report that came early is never left unapplied."""
+        with self.engine.begin() as con:
+            return self._apply_statuses(con)
+
+    def _apply_statuses(self, con: sa.Connection) -> int:
+        """Every unapplied report of the last day, lowest rank first, then marked applied
+        where its send exists (a report for a message the ledger never sent stays unapplied
+        and is given up after a day)."""
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        since = _db_time(_now() - timedelta(days=1), self.dialect)
+        false = "0" if self.dialect == "sqlite" else "false"
+        pending = con.exec_driver_sql(
+            "SELECT id, provider, provider_message_id, status, error_code, occurred_at "
+            f"FROM status_events WHERE applied = {false} AND received_at >= {mark}",
+            (since,),
+        ).all()
+        if not pending:
+            return 0
+        # The sends that exist now; a send committed after this read is matched next time (a
+        # report is only marked applied together with the update it made).
+        ids = sorted({r.provider_message_id for r in pending if r.provider_message_id})
+        known: set[str] = set()
+        for chunk in _chunks(ids, 5000):
+            known.update(
+                con.execute(
+                    sa.select(sends.c.provider_message_id).where(
+                        sends.c.provider_message_id.in_(chunk)
+                    )
+                ).scalars()
+            )
+        matched = [r for r in pending if r.provider_message_id in known]
+        if not matched:
+            return 0
+        rank = " ".join(f"WHEN '{status}' THEN {n}" for status, n in STATUS_RANK.items())
+        result = con.exec_driver_sql(
+            f"UPDATE sends SET delivery_status = {mark}, delivery_status_at = {mark}, "
+            f"delivery_error_code = {mark} WHERE provider_message_id = {mark} AND "
+            f"connector = {mark} AND (CASE delivery_status {rank} ELSE 0 END) < {mark}",
+            [
+                (
+                    r.status,
+                    r.occurred_at,
+                    r.error_code,
+                    r.provider_message_id,
+                    CONNECTOR_OF_PROVIDER[r.provider],
+                    STATUS_RANK[r.status],
+                )
+                for r in sorted(matched, key=lambda r: STATUS_RANK[r.status])
+            ],
+        )
+        true = "1" if self.dialect == "sqlite" else "true"
+        for chunk in _chunks([r.id for r in matched], 5000):
+            con.exec_driver_sql(
+                f"UPDATE status_events SET applied = {true} WHERE id IN "
+                f"({', '.join([mark] * len(chunk))})",
+                tuple(chunk),
+            )
+        return max(result.rowcount or 0, 0)
 
     def _known_event_keys(self, con: sa.Connection, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()

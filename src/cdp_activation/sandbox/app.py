@@ -29,6 +29,8 @@ exactly as in production. Status codes, ids and error bodies follow the vendor s
   `POST /v2/bot/message/push`, text messages, `Authorization: Bearer`; a request repeating
   an accepted `X-Line-Retry-Key` is answered 409 with `x-line-accepted-request-id` and sends
   nothing.
+- Status webhooks (`status_webhooks_url`): each accepted message's sent / delivered / read /
+  failed reports, in the provider's shape and signature (`status_webhooks.py`).
 - Control (prefix `/_sandbox`): `GET messages`, `GET attempts`, `GET stats`, `POST reset`,
   `GET health`, and `GET`/`POST faults` to read or change fault injection while running.
 
@@ -77,6 +79,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from cdp_activation.sandbox.status_webhooks import schedule_statuses
 from cdp_activation.settings import (
     SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,
@@ -132,6 +135,19 @@ class SandboxConfig:
     slow_ms: float = 0.0
     rate_not_on_whatsapp: float = 0.0
     rate_opted_out: float = 0.0
+    # Status webhooks back to a receiver (`status_webhooks_url`, e.g. http://127.0.0.1:8788;
+    # empty: none), each provider's shape and signature: per accepted message `sent`, then
+    # `delivered` (share `status_delivered_rate`, of which `status_read_rate` also `read`) or
+    # `failed` with the provider's real code (`status_failed_rate`); the rest stay `sent`
+    # (undelivered). Each report `status_delay_ms` after the previous; a share is sent twice
+    # (`status_duplicate_rate`) or in reverse order (`status_reorder_rate`).
+    status_webhooks_url: str = ""
+    status_delivered_rate: float = 1.0
+    status_failed_rate: float = 0.0
+    status_read_rate: float = 0.0
+    status_delay_ms: float = 20.0
+    status_duplicate_rate: float = 0.0
+    status_reorder_rate: float = 0.0
 
     def __post_init__(self) -> None:
         for name in FAULT_FIELDS:
@@ -143,6 +159,8 @@ class SandboxConfig:
                 raise ValueError(f"sandbox fault setting {name} must not be negative: {value}")
             if name in _RATE_FIELDS and value > 1:
                 raise ValueError(f"sandbox fault rate {name} must be at most 1: {value}")
+        if self.status_delivered_rate + self.status_failed_rate > 1 + 1e-9:
+            raise ValueError("status_delivered_rate + status_failed_rate must not exceed 1")
         exclusive = sum(getattr(self, name) for name in _EXCLUSIVE_RATES)
         if exclusive > 1 + 1e-9:
             raise ValueError(
@@ -150,19 +168,22 @@ class SandboxConfig:
                 "request suffers at most one of these faults"
             )
 
-    def faults(self) -> dict[str, float | int]:
+    def faults(self) -> dict[str, float | int | str]:
         """The behaviour settings (everything but credentials), as `GET /_sandbox/faults`."""
-        return {name: getattr(self, name) for name in FAULT_FIELDS}
+        return {name: getattr(self, name) for name in (*FAULT_FIELDS, *_TEXT_FIELDS)}
 
     def with_faults(self, changes: Mapping[str, Any]) -> SandboxConfig:
         """A copy with some behaviour settings changed; credentials cannot be changed this way
         (the control route is unauthenticated). Raises ValueError for unknown or bad values."""
-        unknown = sorted(set(changes) - set(FAULT_FIELDS))
+        unknown = sorted(set(changes) - set(FAULT_FIELDS) - set(_TEXT_FIELDS))
         if unknown:
             raise ValueError(
                 f"unknown sandbox fault setting(s) {', '.join(unknown)}; known: "
-                f"{', '.join(FAULT_FIELDS)}"
+                f"{', '.join((*FAULT_FIELDS, *_TEXT_FIELDS))}"
             )
+        for name in _TEXT_FIELDS:
+            if name in changes and not isinstance(changes[name], str):
+                raise ValueError(f"sandbox setting {name} must be text")
         return dataclasses.replace(self, **dict(changes))
 
 
@@ -177,8 +198,11 @@ _CREDENTIAL_FIELDS = (
     "braze_api_key",
     "line_token",
 )
+_TEXT_FIELDS = ("status_webhooks_url",)
 FAULT_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(SandboxConfig) if f.name not in _CREDENTIAL_FIELDS
+    f.name
+    for f in dataclasses.fields(SandboxConfig)
+    if f.name not in _CREDENTIAL_FIELDS and f.name not in _TEXT_FIELDS
 )
 _EXCLUSIVE_RATES = ("rate_429", "rate_5xx", "rate_timeout", "rate_drop_after_accept")
 _RATE_FIELDS = frozenset(name for name in FAULT_FIELDS if "rate" in name)
@@ -1081,6 +1105,7 @@ async def _provider_request(request: Request, rules: _ProviderRules) -> Response
         return refused
     message, answer = rules.accept(request, parsed)
     exchange.store.add(message)
+    schedule_statuses(request, message)
     if fault == Fault.DROP_AFTER_ACCEPT:
         exchange.log(fault.value, None, to=parsed.to)
         return _DropConnection()
@@ -1139,6 +1164,7 @@ async def _batch_request(request: Request, rules: _BatchRules) -> Response:
         message, entry = rules.accept(request, candidate)
         if message is not None:
             exchange.store.add(message)
+            schedule_statuses(request, message)
         entries.append(entry)
     answer = rules.answer(entries)
     if fault == Fault.DROP_AFTER_ACCEPT:

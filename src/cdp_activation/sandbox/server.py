@@ -13,6 +13,7 @@ from cdp_activation.sandbox.app import (
     SandboxMessage,
     create_app,
 )
+from cdp_activation.sandbox.status_webhooks import close_client
 from cdp_activation.serving import BackgroundServer
 
 
@@ -49,6 +50,10 @@ class SandboxServer(BackgroundServer):
         `SandboxConfig`. Requests already being answered keep the settings they started with."""
         self.config = self.config.with_faults(faults)
         return self.config
+
+    def stop(self) -> None:
+        close_client(self.app)  # the status webhook client lives in the server's loop
+        super().stop()
 
     def profiles(self) -> dict[str, dict[str, object]]:
         """Braze user attributes written through `/users/track`, by external id."""

@@ -1,0 +1,243 @@
+"""The sandbox's status webhooks: what happened to each accepted message, told back like the
+provider tells it, to a receiver (`cdp-activation webhooks serve`, or a test's).
+
+Per accepted message the outcome is drawn once from the seed and the recipient (so a re-run
+behaves the same): `sent` then `delivered` (and maybe `read`), or `sent` then `failed` with the
+provider's own code for "this number cannot get it" (Meta 131026, Twilio 30003, Infobip
+UNDELIVERABLE_NOT_DELIVERED, Vonage 1340), or `sent` only (never delivered). Each report goes to
+`<status_webhooks_url>/webhooks/<provider>` in that provider's shape, signed with the sandbox's
+published webhook secret for it (`settings.SANDBOX_*`), `status_delay_ms` after the previous
+one; some are sent twice or in reverse order, and an unanswered one is sent again, as real
+providers do.
+
+Braze and LINE give no per-message receipts, so nothing is sent for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import httpx
+
+from cdp_activation.settings import (
+    SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS,
+    SANDBOX_META_APP_SECRET,
+    SANDBOX_STATUS_SECRET,
+    SANDBOX_TWILIO_AUTH_TOKEN,
+    SANDBOX_VONAGE_SIGNATURE_SECRET,
+)
+from cdp_activation.transport import make_client
+from cdp_activation.webhooks import signatures
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from cdp_activation.sandbox.app import SandboxConfig, SandboxMessage
+
+log = logging.getLogger(__name__)
+
+RETRIES = 5  # attempts per webhook (real providers go on for hours or days)
+# Sandbox provider name -> receiver route, and the code of a permanent delivery failure.
+ROUTES = {
+    "meta_whatsapp": "meta",
+    "twilio": "twilio",
+    "infobip": "infobip",
+    "vonage": "vonage",
+    "webhook": "sandbox",
+}
+FAILURE_CODES = {
+    "meta": "131026",
+    "twilio": "30003",
+    "infobip": "UNDELIVERABLE_NOT_DELIVERED",
+    "vonage": "1340",
+    "sandbox": "undeliverable",
+}
+
+
+def outcome(config: SandboxConfig, message: SandboxMessage) -> list[str]:
+    """The statuses this message will report, in order (fixed by the seed and recipient)."""
+    from cdp_activation.sandbox.app import _draw
+
+    draw = _draw(config, "status", message.provider, message.to)
+    if draw < config.status_delivered_rate:
+        read = _draw(config, "read", message.provider, message.to) < config.status_read_rate
+        return ["sent", "delivered", "read"] if read else ["sent", "delivered"]
+    if draw < config.status_delivered_rate + config.status_failed_rate:
+        return ["sent", "failed"]
+    return ["sent"]
+
+
+def schedule_statuses(request: Request, message: SandboxMessage) -> None:
+    """Queue `message`'s status webhooks when the sandbox is told where to send them."""
+    config: SandboxConfig = request.app.state.config
+    route = ROUTES.get(message.provider)
+    if not config.status_webhooks_url or route is None:
+        return
+    state = request.app.state
+    tasks: set[asyncio.Task[None]] | None = getattr(state, "status_tasks", None)
+    if tasks is None:
+        tasks = state.status_tasks = set()  # strong references until each task is done
+    task = asyncio.get_running_loop().create_task(_send_all(request.app, config, message, route))
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def _send_all(app: Any, config: SandboxConfig, message: SandboxMessage, route: str) -> None:
+    from cdp_activation.sandbox.app import _draw
+
+    statuses = outcome(config, message)
+    if _draw(config, "reorder", message.provider, message.to) < config.status_reorder_rate:
+        statuses = list(reversed(statuses))
+    twice = _draw(config, "duplicate", message.provider, message.to) < config.status_duplicate_rate
+    if twice:
+        statuses = statuses + statuses[-1:]
+    client: httpx.AsyncClient | None = getattr(app.state, "status_client", None)
+    if client is None:
+        # httpx's API over aiohttp, as the delivery engine uses: plain httpx queues hundreds
+        # of waiting requests on its pool in quadratic time.
+        client = app.state.status_client = make_client(timeout=10, max_in_flight=64)
+        app.state.status_loop = asyncio.get_running_loop()
+    url = f"{config.status_webhooks_url.rstrip('/')}/webhooks/{route}"
+    started = time.time()
+    for step, status in enumerate(statuses):
+        await asyncio.sleep(config.status_delay_ms / 1000)
+        stamp = started + step  # providers' own times: a second apart, in the true order
+        body, headers = _signed(route, message, status, stamp, url)
+        await _post_with_retries(client, url, body, headers)
+
+
+async def _post_with_retries(
+    client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
+) -> None:
+    """Like a provider: a webhook not answered 2xx is sent again, a few times, then dropped."""
+    for attempt in range(RETRIES):
+        try:
+            response = await client.post(url, content=body, headers=headers)
+            if response.is_success or 400 <= response.status_code < 500:
+                return  # taken, or refused for good (a bad signature is not retried)
+        except httpx.TransportError as err:
+            log.info("sandbox: status webhook to %s: %s", url, type(err).__name__)
+        await asyncio.sleep(0.05 * 2**attempt)
+    log.warning("sandbox: status webhook to %s given up after %d attempts", url, RETRIES)
+
+
+def _signed(
+    route: str, message: SandboxMessage, status: str, stamp: float, url: str
+) -> tuple[bytes, dict[str, str]]:
+    failed = status == "failed"
+    code = FAILURE_CODES[route] if failed else None
+    ident = message.provider_message_id
+    when = datetime.fromtimestamp(stamp, UTC)
+    if route == "meta":
+        entry: dict[str, Any] = {
+            "id": ident,
+            "status": status,
+            "timestamp": str(int(stamp)),
+            "recipient_id": message.to.removeprefix("+"),
+        }
+        if failed:
+            entry["errors"] = [{"code": int(code or 0), "title": "Message undeliverable"}]
+        payload = {
+            "object": "whatsapp_business_account",
+            "entry": [
+                {
+                    "id": "200000000000002",
+                    "changes": [
+                        {
+                            "field": "messages",
+                            "value": {
+                                "messaging_product": "whatsapp",
+                                "metadata": {"phone_number_id": "100000000000001"},
+                                "statuses": [entry],
+                            },
+                        }
+                    ],
+                }
+            ],
+        }
+        body = json.dumps(payload).encode()
+        return body, {
+            "Content-Type": "application/json",
+            "X-Hub-Signature-256": signatures.meta_signature(SANDBOX_META_APP_SECRET, body),
+        }
+    if route == "twilio":
+        form = {
+            "MessageSid": ident,
+            "MessageStatus": "undelivered" if failed else status,
+            "To": message.to,
+        }
+        if code:
+            form["ErrorCode"] = code
+        body = urlencode(form).encode()
+        signature = signatures.twilio_signature(SANDBOX_TWILIO_AUTH_TOKEN, url, form.items())
+        return body, {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": signature,
+        }
+    if route == "infobip":
+        stamp_text = when.strftime("%Y-%m-%dT%H:%M:%S.000+0000")
+        if status == "read":
+            result: dict[str, Any] = {"messageId": ident, "to": message.to, "seenAt": stamp_text}
+        else:
+            group = {"sent": "PENDING", "delivered": "DELIVERED", "failed": "UNDELIVERABLE"}
+            result = {
+                "messageId": ident,
+                "to": message.to.removeprefix("+"),
+                "doneAt": stamp_text,
+                "status": {"groupName": group[status], "name": code or group[status]},
+                "error": {"id": 0, "name": "NO_ERROR"},
+            }
+        body = json.dumps({"results": [result]}).encode()
+        basic = base64.b64encode(SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS.encode()).decode()
+        return body, {"Content-Type": "application/json", "Authorization": f"Basic {basic}"}
+    if route == "vonage":
+        vonage = {"sent": "submitted", "delivered": "delivered", "read": "read"}
+        data: dict[str, Any] = {
+            "message_uuid": ident,
+            "to": message.to.removeprefix("+"),
+            "timestamp": when.isoformat(),
+            "status": "undeliverable" if failed else vonage[status],
+            "channel": message.channel,
+        }
+        if failed:
+            data["error"] = {"type": f"https://developer.nexmo.com/api-errors#{code}"}
+        body = json.dumps(data).encode()
+        token = signatures.vonage_token(SANDBOX_VONAGE_SIGNATURE_SECRET, body, int(time.time()))
+        return body, {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    status_entry = {
+        "id": ident,
+        "status": status,
+        "timestamp": when.isoformat(),
+        "error_code": code,
+    }
+    body = json.dumps({"statuses": [status_entry]}).encode()
+    return body, {"X-Sandbox-Signature": signatures.sandbox_signature(SANDBOX_STATUS_SECRET, body)}
+
+
+def close_client(app: Any) -> None:
+    """Cancel the reports still to send and close their client, in the server's loop (called
+    from another thread, before the server stops)."""
+    client = getattr(app.state, "status_client", None)
+    loop = getattr(app.state, "status_loop", None)
+    if client is None or loop is None or loop.is_closed():
+        return
+    app.state.status_client = None
+
+    async def shutdown() -> None:
+        tasks = list(getattr(app.state, "status_tasks", ()))
+        for task in tasks:  # reports still waiting are dropped, as when a provider stops
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+
+    try:
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=5)
+    except Exception:  # the loop is already going down: nothing left to close cleanly
+        log.debug("sandbox: status webhook client not closed cleanly", exc_info=True)
