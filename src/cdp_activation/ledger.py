@@ -556,7 +556,7 @@ class Ledger:
         harmless. Messages are matched on `provider_message_id` among the rows of the
         provider's own connector (`CONNECTOR_OF_PROVIDER`). A report can arrive before the
         send's own answer is recorded (Meta's `sent` often does): it is kept unapplied and
-        applied by the next call, or by `apply_pending_statuses`, once the send is known.
+        applied by `apply_pending_statuses` (the end of every run) once the send is known.
         """
         if not events:
             return StatusWrite(received=0, duplicates=0, advanced=0)
@@ -586,7 +586,7 @@ class Ledger:
                         for e in fresh
                     ],
                 )
-            advanced = self._apply_statuses(con) if fresh else 0
+            advanced = self._apply_statuses(con, [e.event_key for e in fresh]) if fresh else 0
         return StatusWrite(
             received=len(events), duplicates=len(events) - len(fresh), advanced=advanced
         )
@@ -594,22 +594,34 @@ class Ledger:
     def apply_pending_statuses(self) -> int:
         """Apply stored reports that arrived before their send was recorded (see
         `record_statuses`); returns how many statuses moved. Delivery calls it at the end of
-        a run, so a report that came early is never left unapplied."""
+        every run, so a report that came early is applied as soon as its send is known."""
         with self.engine.begin() as con:
             return self._apply_statuses(con)
 
-    def _apply_statuses(self, con: sa.Connection) -> int:
-        """Every unapplied report of the last day, lowest rank first, then marked applied
-        where its send exists (a report for a message the ledger never sent stays unapplied
-        and is given up after a day)."""
+    def _apply_statuses(self, con: sa.Connection, event_keys: Sequence[str] | None = None) -> int:
+        """Unapplied reports, lowest rank first, marked applied where their send exists: the
+        given ones (a receiver's write), or every one of the last day (`event_keys` None: the
+        end of a run). A report for a message the ledger never sent (another tool's, on the
+        same sender) stays unapplied, is looked at once more at the end of each run for a
+        day, and is given up after that."""
         mark = "?" if self.dialect == "sqlite" else "%s"
-        since = _db_time(_now() - timedelta(days=1), self.dialect)
         false = "0" if self.dialect == "sqlite" else "false"
-        pending = con.exec_driver_sql(
-            "SELECT id, provider, provider_message_id, status, error_code, occurred_at "
-            f"FROM status_events WHERE applied = {false} AND received_at >= {mark}",
-            (since,),
-        ).all()
+        columns = "id, provider, provider_message_id, status, error_code, occurred_at"
+        pending: list[Any] = []
+        if event_keys is None:
+            since = _db_time(_now() - timedelta(days=1), self.dialect)
+            pending = con.exec_driver_sql(
+                f"SELECT {columns} FROM status_events WHERE applied = {false} "
+                f"AND received_at >= {mark}",
+                (since,),
+            ).all()
+        else:
+            for chunk in _chunks(event_keys, 5000):
+                pending += con.exec_driver_sql(
+                    f"SELECT {columns} FROM status_events WHERE event_key IN "
+                    f"({', '.join([mark] * len(chunk))})",
+                    tuple(chunk),
+                ).all()
         if not pending:
             return 0
         # The sends that exist now; a send committed after this read is matched next time (a
