@@ -60,6 +60,11 @@ def test_demo_twice_the_second_run_sends_nothing(tmp_path: Path) -> None:
     assert summary["already_sent"] == 0
     assert isinstance(summary["eligible"], dict) and "whatsapp" in summary["eligible"]
     assert "sent" in first.stdout and "excluded" in first.stdout  # the readable table too
+    # The sandbox reported back through the status webhook receiver: every accepted message
+    # has its latest report in the ledger, most of them delivered or read.
+    reports = summary["delivery_statuses"]
+    assert sum(reports.values()) == summary["sent"]
+    assert reports.get("delivered", 0) + reports.get("read", 0) > summary["sent"] / 2
 
     second = run_cli("demo", "--customers", "3000", "--port", port, "--json", env=env)
     assert second.returncode == 0, second.stderr + second.stdout

@@ -59,15 +59,85 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
         os.environ["CDP_META_BASE_URL"] = f"{url}/meta"
         os.environ["CDP_TWILIO_BASE_URL"] = f"{url}/twilio"
         os.environ["CDP_TWILIO_CONTENT_BASE_URL"] = f"{url}/twilio"
-        for var in ("CDP_META_ACCESS_TOKEN", "CDP_TWILIO_AUTH_TOKEN"):
+        for var in ("CDP_META_ACCESS_TOKEN", "CDP_TWILIO_AUTH_TOKEN", "CDP_META_APP_SECRET"):
             os.environ.pop(var, None)
         # Meta's highest throughput tier; the sandbox has no limit of its own.
         os.environ.setdefault("CDP_META_RATE_PER_SECOND", "1000")
         os.environ.setdefault("CDP_TWILIO_RATE_PER_SECOND", "1000")
+        hooks = None if dry_run else _status_webhooks(stack, url)
         console.print(f"[bold]3/3[/] materialising winback_whatsapp for {partition} via Dagster")
         summary = run_activation("winback_whatsapp", partition, dry_run=dry_run)
+        reports = _settled_statuses("winback_whatsapp", partition) if hooks else None
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
-    _report(summary, as_json, sandbox_url=url)
+    _report(summary, as_json, sandbox_url=url, reports=reports)
+
+
+# How the demo's sandbox reports back: most WhatsApp and SMS messages delivered (half of them
+# read), a few failed with the provider's code, the rest never delivered.
+DEMO_STATUSES = {
+    "status_delivered_rate": 0.85,
+    "status_failed_rate": 0.05,
+    "status_read_rate": 0.5,
+    "status_delay_ms": 50,
+    "status_duplicate_rate": 0.05,
+    "status_reorder_rate": 0.05,
+}
+
+
+def _status_webhooks(stack: ExitStack, sandbox_url: str) -> str | None:
+    """Start the status webhook receiver and point the sandbox's reports at it."""
+    port = _free_port()
+    hooks = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cdp_activation.cli", "webhooks", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    stack.callback(_stop_process, process)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{hooks}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        console.print("    [yellow]status webhook receiver did not start: no delivery reports[/]")
+        return None
+    faults = {**DEMO_STATUSES, "status_webhooks_url": hooks}
+    httpx.post(f"{sandbox_url}/_sandbox/faults", json=faults, timeout=5).raise_for_status()
+    console.print(f"    status webhooks: the sandbox reports back to {hooks}/webhooks/<provider>")
+    return hooks
+
+
+def _settled_statuses(activation: str, partition: str, quiet: float = 1.0) -> dict[str, int]:
+    """Delivery statuses of the partition once the reports stop changing (at most ~15 s)."""
+    from cdp_activation.ledger import Ledger
+
+    ledger = Ledger(get_settings().ledger_url)
+    try:
+        last: dict[str, int] = {}
+        stable_since = time.monotonic()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            ledger.apply_pending_statuses()
+            counts = ledger.delivery_status_counts(activation, partition)
+            if counts != last:
+                last, stable_since = counts, time.monotonic()
+            elif time.monotonic() - stable_since >= quiet:
+                break
+            time.sleep(0.2)
+        return last
+    finally:
+        ledger.dispose()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/3[/] ") -> str:
@@ -279,7 +349,12 @@ def dev(port: int, sandbox_port: int) -> None:
 # ---------------------------------------------------------------- output
 
 
-def _report(summary: Any, as_json: bool, sandbox_url: str | None = None) -> None:
+def _report(
+    summary: Any,
+    as_json: bool,
+    sandbox_url: str | None = None,
+    reports: dict[str, int] | None = None,
+) -> None:
     out = Console()
     title = f"{summary.activation} · partition {summary.partition}"
     if summary.dry_run:
@@ -311,6 +386,10 @@ def _report(summary: Any, as_json: bool, sandbox_url: str | None = None) -> None
     table.add_row("already sent (earlier runs)", f"{summary.already_sent:,}")
     for code, count in summary.error_codes.items():
         table.add_row(f"provider error · {code}", f"{count:,}")
+    if reports:
+        for status in ("delivered", "read", "failed", "sent"):
+            label = "sent, not delivered (yet)" if status == "sent" else status
+            table.add_row(f"delivery reports · {label}", f"{reports.get(status, 0):,}")
     table.add_row("elapsed", f"{summary.elapsed_seconds:,.1f} s")
     out.print(table)
     for check, description in summary.failed_checks.items():
@@ -321,7 +400,10 @@ def _report(summary: Any, as_json: bool, sandbox_url: str | None = None) -> None
         out.print(f"sandbox recorded messages: {sandbox_url}/_sandbox/messages", highlight=False)
     out.print(f"Dagster run {summary.run_id} (see it with `make dev`)", highlight=False)
     if as_json:
-        print(json.dumps(summary.as_json(), sort_keys=True))
+        data = summary.as_json()
+        if reports is not None:
+            data["delivery_statuses"] = reports
+        print(json.dumps(data, sort_keys=True))
     if not summary.success:
         raise SystemExit(1)
 

@@ -674,6 +674,21 @@ class Ledger:
             found.update(r.event_key for r in rows)
         return found
 
+    def delivery_status_counts(self, activation: str, partition_key: str) -> dict[str, int]:
+        """Accepted sends of one partition by their latest delivery report ("sent" when the
+        provider has not reported beyond accepting it)."""
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(sa.func.coalesce(sends.c.delivery_status, "sent"), sa.func.count())
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == SENT,
+                )
+                .group_by(sa.func.coalesce(sends.c.delivery_status, "sent"))
+            ).all()
+        return {status: count for status, count in rows}
+
     def delivery_statuses(self, activation: str, partition_key: str) -> pl.DataFrame:
         """(idempotency_key, recipient, state, delivery_status, delivery_status_at,
         delivery_error_code) of one partition's rows."""
