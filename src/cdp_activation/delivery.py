@@ -20,11 +20,10 @@ import logging
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import zip_longest
 from types import SimpleNamespace
-from typing import Any
 
 import httpx
 from aiolimiter import AsyncLimiter
@@ -44,6 +43,7 @@ from cdp_activation.connectors.base import (
     SendResult,
     TemplateRef,
 )
+from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import Ledger, PlannedSend
 from cdp_activation.transport import make_client
 
@@ -133,43 +133,6 @@ class _Throttle:
             await asyncio.sleep(delay)
 
 
-class _GroupCommit:
-    """Durable writes made as late as possible and as few as possible.
-
-    Each send marks its rows `in_flight` just before its request and records its outcome just
-    after the answer, so a crash can only leave `unknown` the requests that were really in the
-    air. Callers wait until their rows are written; one statement serves every caller that
-    asked in the meantime (group commit), so the ledger still sees bulk writes.
-    """
-
-    def __init__(self, write: Callable[[list[Any]], None]) -> None:
-        self._write = write
-        self._queued: list[tuple[list[Any], asyncio.Future[None]]] = []
-        self._flushing = False
-
-    async def submit(self, items: list[Any]) -> None:
-        if not items:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queued.append((items, future))
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        await future
-
-    def _flush(self) -> None:
-        queued, self._queued = self._queued, []
-        self._flushing = False
-        try:
-            self._write([item for items, _ in queued for item in items])
-        except Exception as err:  # the callers decide; a failed write must not be silent
-            for _, future in queued:
-                future.set_exception(err)
-            return
-        for _, future in queued:
-            future.set_result(None)
-
-
 def deliver(
     ledger: Ledger,
     rows: Sequence[PlannedSend],
@@ -211,9 +174,13 @@ async def deliver_async(
     async with make_client(
         timeout=options.timeout_seconds, max_in_flight=options.concurrency
     ) as client:
-        marks = _GroupCommit(lambda items: _mark_in_flight(ledger, items))
-        records = _GroupCommit(ledger.record)
-        releases = _GroupCommit(ledger.release)
+        marks: GroupCommit[tuple[int, int | None]] = GroupCommit(
+            lambda items: _mark_in_flight(ledger, items), "marking in flight"
+        )
+        records: GroupCommit[tuple[int, SendResult, int]] = GroupCommit(
+            ledger.record, "recording outcomes"
+        )
+        releases: GroupCommit[int] = GroupCommit(ledger.release, "releasing unsent rows")
         queue = iter(batches)  # shared by the workers: each batch goes to exactly one
 
         async def worker() -> None:
@@ -314,8 +281,8 @@ async def _send_batch(
     stop: asyncio.Event,
     stop_error: list[ConnectorError],
     report: DeliveryReport,
-    marks: _GroupCommit,
-    records: _GroupCommit,
+    marks: GroupCommit[tuple[int, int | None]],
+    records: GroupCommit[tuple[int, SendResult, int]],
 ) -> list[int]:
     """Send one batch, retrying what is retryable, and record each outcome in the ledger.
 

@@ -15,13 +15,10 @@ are written together by the next one, so a burst of webhooks costs a few transac
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
@@ -29,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import Ledger
 from cdp_activation.serving import BackgroundServer
 from cdp_activation.statuses import StatusEvent
@@ -70,43 +68,9 @@ class WebhookSecrets:
         }[provider]
 
 
-class _Writer:
-    """Group commit in a worker thread: every request that arrives while a write is under way
-    is written by the next one, and each waits until its own events are committed."""
-
-    def __init__(self, write: Callable[[list[StatusEvent]], Any]) -> None:
-        self._write = write
-        self._queued: list[tuple[Sequence[StatusEvent], asyncio.Future[None]]] = []
-        self._draining: asyncio.Task[None] | None = None
-        self.transactions = 0
-
-    async def submit(self, events: Sequence[StatusEvent]) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queued.append((events, future))
-        if self._draining is None or self._draining.done():
-            self._draining = asyncio.create_task(self._drain())
-        await future
-
-    async def _drain(self) -> None:
-        while self._queued:
-            queued, self._queued = self._queued, []
-            try:
-                await asyncio.to_thread(self._write, [e for events, _ in queued for e in events])
-                self.transactions += 1
-            except Exception as err:  # answered 500: the provider retries, nothing is lost
-                log.exception("status webhook write failed for %d request(s)", len(queued))
-                for _, future in queued:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
-            for _, future in queued:
-                if not future.done():
-                    future.set_result(None)
-
-
 def create_app(ledger: Ledger, secrets: WebhookSecrets) -> Starlette:
     """The receiver for `ledger`. `app.state.writer.transactions` counts commits (bench)."""
-    writer = _Writer(ledger.record_statuses)
+    writer: GroupCommit[StatusEvent] = GroupCommit(ledger.record_statuses, "storing statuses")
     warned: set[str] = set()
 
     async def receive(request: Request) -> Response:
