@@ -23,7 +23,7 @@ install: $(STAMP) ## Create .venv and install the project with its dev tools
 demo: $(STAMP) ## Build the demo warehouse, start the sandbox, run winback_whatsapp for today
 	$(BIN)/cdp-activation demo
 
-dev: $(STAMP) ## Start the sandbox provider and the Dagster UI on http://127.0.0.1:3000
+dev: $(STAMP) ## Start the sandbox, the status webhook receiver and the Dagster UI on http://127.0.0.1:3000
 	$(BIN)/cdp-activation dev
 
 test: $(STAMP) ## Run the whole test suite

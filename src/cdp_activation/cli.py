@@ -310,7 +310,9 @@ def webhooks_serve(host: str, port: int | None) -> None:
     uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
 
 
-@main.command(help="Start the sandbox and the Dagster UI (dagster dev) on this project.")
+@main.command(
+    help="Start the sandbox, the status webhook receiver and the Dagster UI (dagster dev)."
+)
 @click.option("--port", default=3000, show_default=True, help="Dagster UI port.")
 @click.option("--sandbox-port", default=SANDBOX_PORT, show_default=True)
 def dev(port: int, sandbox_port: int) -> None:
@@ -329,6 +331,8 @@ def dev(port: int, sandbox_port: int) -> None:
         env.setdefault("CDP_META_BASE_URL", f"{url}/meta")
         env.setdefault("CDP_TWILIO_BASE_URL", f"{url}/twilio")
         env.setdefault("CDP_TWILIO_CONTENT_BASE_URL", f"{url}/twilio")
+        # The sandbox reports delivery statuses back, as in `make demo`.
+        _status_webhooks(stack, url)
         console.print(f"Dagster UI on http://127.0.0.1:{port}")
         command = [
             sys.executable,
