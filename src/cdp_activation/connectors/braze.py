@@ -45,7 +45,12 @@ from cdp_activation.connectors.base import (
     clip,
     retry_after_seconds,
 )
-from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
+from cdp_activation.connectors.http import (
+    json_or_none,
+    require_settings,
+    transport_failure,
+    whole_request_results,
+)
 from cdp_activation.masking import mask_phones_in
 
 if TYPE_CHECKING:
@@ -173,12 +178,13 @@ class BrazeConnector:
         detail = detail or self._safe(response.text)
         if response.is_success:
             dispatch = data.get("dispatch_id") if isinstance(data, dict) else None
-            if not isinstance(dispatch, str) or not dispatch:
-                return [
-                    SendResult(m.key, Outcome.UNKNOWN, error_code=f"http_{status}")
-                    for m in messages
-                ]
-            return [SendResult(m.key, Outcome.SENT, provider_message_id=dispatch) for m in messages]
+            return whole_request_results(
+                messages,
+                response,
+                accepted=True,
+                provider_message_id=dispatch if isinstance(dispatch, str) else None,
+                detail=detail,
+            )
         if status in (401, 403):
             raise CredentialsError(
                 f"Braze refused the REST API key (HTTP {status}): {detail}. Check "
@@ -186,24 +192,17 @@ class BrazeConnector:
             )
         if status in (400, 404) and ("campaign" in detail.lower() or "canvas" in detail.lower()):
             raise TemplateError(f"Braze refused the campaign (HTTP {status}): {detail}")
-        if status == 429 or status >= 500:
-            wait = retry_after_seconds(response.headers)
-            if wait is None and status == 429:
-                wait = _reset_in(response.headers)
-            return [
-                SendResult(
-                    m.key,
-                    Outcome.RETRY,
-                    error_code=f"http_{status}",
-                    error_message=detail,
-                    retry_after=wait,
-                )
-                for m in messages
-            ]
-        return [
-            SendResult(m.key, Outcome.FAILED, error_code=f"http_{status}", error_message=detail)
-            for m in messages
-        ]
+        wait = retry_after_seconds(response.headers)
+        if wait is None and status == 429:
+            wait = _reset_in(response.headers)
+        return whole_request_results(
+            messages,
+            response,
+            accepted=False,
+            provider_message_id=None,
+            detail=detail,
+            retry_after=wait,
+        )
 
     async def push_attributes(
         self, client: httpx.AsyncClient, attributes: Sequence[dict[str, Any]]

@@ -63,6 +63,42 @@ def transport_failure(
     ]
 
 
+def whole_request_results(
+    messages: Sequence[OutboundMessage],
+    response: httpx.Response,
+    *,
+    accepted: bool,
+    provider_message_id: str | None,
+    detail: str,
+    retry_after: float | None = None,
+) -> list[SendResult]:
+    """The one result every message of a request gets from a provider that answers the request
+    as a whole (Braze, LINE), once the caller has raised for activation-wide errors.
+
+    Accepted with an id: SENT under it; accepted without one: UNKNOWN (it may exist, we cannot
+    tell which it is); 429 and 5xx: RETRY (with `retry_after`); any other answer: FAILED.
+    """
+    status = response.status_code
+    code = f"http_{status}"
+    if accepted:
+        if provider_message_id:
+            return [
+                SendResult(m.key, Outcome.SENT, provider_message_id=provider_message_id)
+                for m in messages
+            ]
+        return [SendResult(m.key, Outcome.UNKNOWN, error_code=code) for m in messages]
+    if status == 429 or status >= 500:
+        return [
+            SendResult(
+                m.key, Outcome.RETRY, error_code=code, error_message=detail, retry_after=retry_after
+            )
+            for m in messages
+        ]
+    return [
+        SendResult(m.key, Outcome.FAILED, error_code=code, error_message=detail) for m in messages
+    ]
+
+
 def json_or_none(response: httpx.Response) -> Any:
     try:
         return response.json()

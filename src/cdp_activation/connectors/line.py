@@ -48,7 +48,12 @@ from cdp_activation.connectors.base import (
     clip,
     retry_after_seconds,
 )
-from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
+from cdp_activation.connectors.http import (
+    json_or_none,
+    require_settings,
+    transport_failure,
+    whole_request_results,
+)
 from cdp_activation.policy.addresses import ADDRESS_PATTERNS
 
 if TYPE_CHECKING:
@@ -177,11 +182,9 @@ class LineConnector:
             ident = response.headers.get(
                 "x-line-accepted-request-id" if status == 409 else "x-line-request-id"
             ) or (_sent_message_id(data) if status == 200 else None)
-            if not ident:
-                return [
-                    SendResult(m.key, Outcome.UNKNOWN, error_code=f"http_{status}") for m in group
-                ]
-            return [SendResult(m.key, Outcome.SENT, provider_message_id=ident) for m in group]
+            return whole_request_results(
+                group, response, accepted=True, provider_message_id=ident, detail=detail
+            )
         if status in (401, 403):
             raise CredentialsError(
                 f"LINE refused the channel access token (HTTP {status}): {detail}. Check "
@@ -192,22 +195,14 @@ class LineConnector:
                 f"LINE: the channel's monthly message quota is used up ({detail}); nothing more "
                 "can be sent this month unless the plan's limit is raised"
             )
-        if status == 429 or status >= 500:
-            wait = retry_after_seconds(response.headers)
-            return [
-                SendResult(
-                    m.key,
-                    Outcome.RETRY,
-                    error_code=f"http_{status}",
-                    error_message=detail,
-                    retry_after=wait,
-                )
-                for m in group
-            ]
-        return [
-            SendResult(m.key, Outcome.FAILED, error_code=f"http_{status}", error_message=detail)
-            for m in group
-        ]
+        return whole_request_results(
+            group,
+            response,
+            accepted=False,
+            provider_message_id=None,
+            detail=detail,
+            retry_after=retry_after_seconds(response.headers),
+        )
 
 
 def _sent_message_id(data: Any) -> str | None:
