@@ -291,15 +291,12 @@ def webhooks_serve(host: str, port: int | None) -> None:
 
     from cdp_activation.ledger import Ledger
     from cdp_activation.webhooks import create_app
+    from cdp_activation.webhooks.app import PROVIDERS
 
     settings = get_settings()
     secrets = settings.webhook_secrets()
     port = port or settings.webhooks_port
-    refused = [
-        p
-        for p in ("meta", "twilio", "infobip", "vonage", "line", "sandbox")
-        if secrets.secret_for(p) is None
-    ]
+    refused = [p for p in PROVIDERS if secrets.secret_for(p) is None]
     console.print(f"status webhooks on http://{host}:{port}/webhooks/<provider> (Ctrl-C to stop)")
     if refused:
         console.print(

@@ -586,7 +586,7 @@ class Ledger:
                         for e in fresh
                     ],
                 )
-            advanced = self._apply_statuses(con, [e.event_key for e in fresh]) if fresh else 0
+            advanced = self._apply_statuses(con, fresh) if fresh else 0
         return StatusWrite(
             received=len(events), duplicates=len(events) - len(fresh), advanced=advanced
         )
@@ -595,35 +595,25 @@ class Ledger:
         """Apply stored reports that arrived before their send was recorded (see
         `record_statuses`); returns how many statuses moved. Delivery calls it at the end of
         every run, so a report that came early is applied as soon as its send is known."""
-        with self.engine.begin() as con:
-            return self._apply_statuses(con)
-
-    def _apply_statuses(self, con: sa.Connection, event_keys: Sequence[str] | None = None) -> int:
-        """Unapplied reports, lowest rank first, marked applied where their send exists: the
-        given ones (a receiver's write), or every one of the last day (`event_keys` None: the
-        end of a run). A report for a message the ledger never sent (another tool's, on the
-        same sender) stays unapplied, is looked at once more at the end of each run for a
-        day, and is given up after that."""
         mark = "?" if self.dialect == "sqlite" else "%s"
         false = "0" if self.dialect == "sqlite" else "false"
-        columns = "id, provider, provider_message_id, status, error_code, occurred_at"
-        pending: list[Any] = []
-        if event_keys is None:
-            since = _db_time(_now() - timedelta(days=1), self.dialect)
+        since = _db_time(_now() - timedelta(days=1), self.dialect)
+        with self.engine.begin() as con:
             pending = con.exec_driver_sql(
-                f"SELECT {columns} FROM status_events WHERE applied = {false} "
+                "SELECT event_key, provider, provider_message_id, status, error_code, "
+                f"occurred_at FROM status_events WHERE applied = {false} "
                 f"AND received_at >= {mark}",
                 (since,),
             ).all()
-        else:
-            for chunk in _chunks(event_keys, 5000):
-                pending += con.exec_driver_sql(
-                    f"SELECT {columns} FROM status_events WHERE event_key IN "
-                    f"({', '.join([mark] * len(chunk))})",
-                    tuple(chunk),
-                ).all()
-        if not pending:
-            return 0
+            return self._apply_statuses(con, pending)
+
+    def _apply_statuses(self, con: sa.Connection, pending: Sequence[Any]) -> int:
+        """Apply `pending` reports (`StatusEvent`s just stored, or unapplied rows read back:
+        anything with their fields), lowest rank first, and mark applied those whose send
+        exists. A report for a message the ledger never sent (another tool's, on the same
+        sender) stays unapplied, is looked at again at the end of each run for a day, and is
+        given up after that."""
+        mark = "?" if self.dialect == "sqlite" else "%s"
         # The sends that exist now; a send committed after this read is matched next time (a
         # report is only marked applied together with the update it made).
         ids = sorted({r.provider_message_id for r in pending if r.provider_message_id})
@@ -647,7 +637,9 @@ class Ledger:
             [
                 (
                     r.status,
-                    r.occurred_at,
+                    _db_time(r.occurred_at, self.dialect)
+                    if isinstance(r.occurred_at, datetime)
+                    else r.occurred_at,  # read back from SQLite: already its text
                     r.error_code,
                     r.provider_message_id,
                     CONNECTOR_OF_PROVIDER[r.provider],
@@ -657,9 +649,9 @@ class Ledger:
             ],
         )
         true = "1" if self.dialect == "sqlite" else "true"
-        for chunk in _chunks([r.id for r in matched], 5000):
+        for chunk in _chunks([r.event_key for r in matched], 5000):
             con.exec_driver_sql(
-                f"UPDATE status_events SET applied = {true} WHERE id IN "
+                f"UPDATE status_events SET applied = {true} WHERE event_key IN "
                 f"({', '.join([mark] * len(chunk))})",
                 tuple(chunk),
             )
@@ -690,8 +682,8 @@ class Ledger:
         return {status: count for status, count in rows}
 
     def delivery_statuses(self, activation: str, partition_key: str) -> pl.DataFrame:
-        """(idempotency_key, recipient, state, delivery_status, delivery_status_at,
-        delivery_error_code) of one partition's rows."""
+        """(idempotency_key, recipient, state, provider_message_id, delivery_status,
+        delivery_error_code) of one partition's rows, in the order they were planned."""
         return read_frame(
             self.engine,
             "SELECT idempotency_key, recipient, state, provider_message_id, delivery_status, "

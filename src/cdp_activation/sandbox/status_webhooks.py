@@ -33,6 +33,7 @@ from cdp_activation.settings import (
     SANDBOX_TWILIO_AUTH_TOKEN,
     SANDBOX_VONAGE_SIGNATURE_SECRET,
 )
+from cdp_activation.statuses import CONNECTOR_OF_PROVIDER
 from cdp_activation.transport import make_client
 from cdp_activation.webhooks import signatures
 
@@ -44,14 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRIES = 5  # attempts per webhook (real providers go on for hours or days)
-# Sandbox provider name -> receiver route, and the code of a permanent delivery failure.
-ROUTES = {
-    "meta_whatsapp": "meta",
-    "twilio": "twilio",
-    "infobip": "infobip",
-    "vonage": "vonage",
-    "webhook": "sandbox",
-}
+# Sandbox provider (= connector) name -> the receiver's route; LINE reports no deliveries.
+ROUTES = {connector: route for route, connector in CONNECTOR_OF_PROVIDER.items() if route != "line"}
+# Each route's code of a permanent delivery failure.
 FAILURE_CODES = {
     "meta": "131026",
     "twilio": "30003",

@@ -29,13 +29,13 @@ from starlette.routing import Route
 from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import Ledger
 from cdp_activation.serving import BackgroundServer
-from cdp_activation.statuses import StatusEvent
+from cdp_activation.statuses import CONNECTOR_OF_PROVIDER, StatusEvent
 from cdp_activation.webhooks import signatures
 from cdp_activation.webhooks.parsers import JSON_PARSERS, parse_twilio
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = ("meta", "twilio", "infobip", "vonage", "line", "sandbox")
+PROVIDERS = tuple(CONNECTOR_OF_PROVIDER)  # one route each: meta, twilio, …, sandbox
 
 
 @dataclass(frozen=True)

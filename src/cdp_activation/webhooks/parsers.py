@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from cdp_activation.statuses import DELIVERED, FAILED, READ, SENT, StatusEvent
+from cdp_activation.statuses import DELIVERED, FAILED, READ, SENT, STATUS_RANK, StatusEvent
 
 _VONAGE_CODE = re.compile(r"#(\d+)$")
 
@@ -110,7 +110,7 @@ def parse_meta(body: bytes, received: datetime) -> list[StatusEvent]:
             value = (change or {}).get("value") or {}
             for status in value.get("statuses") or []:
                 kind = status.get("status")
-                if kind not in (SENT, DELIVERED, READ, FAILED):
+                if kind not in STATUS_RANK:
                     continue
                 errors = status.get("errors") or [{}]
                 stamp = status.get("timestamp")
@@ -212,7 +212,7 @@ def parse_sandbox(body: bytes, received: datetime) -> list[StatusEvent]:
     events = []
     for status in data["statuses"]:
         kind = (status or {}).get("status")
-        if kind not in (SENT, DELIVERED, READ, FAILED):
+        if kind not in STATUS_RANK:
             raise ValueError(f"unknown status {kind!r}")
         stamp = status.get("timestamp")
         events.append(
