@@ -4,6 +4,7 @@ SQLite ledger, a real Dagster instance in a temporary DAGSTER_HOME."""
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -469,3 +470,114 @@ def test_an_audience_can_leave_out_recently_messaged_customers_in_the_warehouse(
     # Everyone winback_whatsapp just messaged is gone from the audience, in the warehouse.
     assert fresh.audience == first.audience - first.sent
     assert "frequency_capped" not in fresh.excluded
+
+
+def test_whatsapp_that_does_not_land_falls_back_to_sms_once_and_a_late_delivery_sends_nothing(
+    env: SimpleNamespace, time_machine: TimeMachineFixture
+) -> None:
+    """The sandbox delivers 70% of WhatsApp messages, fails 10% with 131026 and leaves 20%
+    undelivered, reporting back through signed webhooks (some twice, some out of order).
+    After the plan's 30 minutes exactly the undelivered 30% are due; those with SMS consent
+    get one SMS, linked to their WhatsApp message; a `delivered` that arrives after the
+    fallback is recorded and sends nothing."""
+    from cdp_activation.runner import run_fallback
+    from cdp_activation.sandbox.status_webhooks import outcome
+    from cdp_activation.webhooks import WebhookServer
+    from conftest import settings_for_sandbox
+    from test_webhooks import meta_status, post, signed
+
+    partition = TODAY.isoformat()
+    sandbox = env.sandbox
+    secrets = settings_for_sandbox(sandbox).webhook_secrets()
+    ledger = Ledger(env.ledger_url)
+    with WebhookServer(Ledger(env.ledger_url), secrets) as receiver:
+        sandbox.configure(
+            status_webhooks_url=receiver.url,
+            status_delivered_rate=0.7,
+            status_failed_rate=0.1,
+            status_read_rate=0.5,
+            status_delay_ms=2,
+            status_duplicate_rate=0.1,
+            status_reorder_rate=0.1,
+        )
+        first = run_activation("winback_whatsapp", partition)
+        assert first.success, first.error
+        whatsapp = {m.provider_message_id: m for m in sandbox.messages() if m.provider == "meta"}
+        last = {pid: outcome(sandbox.config, m)[-1] for pid, m in whatsapp.items()}
+        deadline = datetime.now(UTC) + timedelta(seconds=30)
+        while datetime.now(UTC) < deadline:  # the reports arrive
+            ledger.apply_pending_statuses()
+            rows = ledger.rows("winback_whatsapp", partition)
+            got = dict(zip(rows["provider_message_id"], rows["delivery_status"], strict=True))
+            if all(got.get(pid) == status for pid, status in last.items()):
+                break
+        rows = ledger.rows("winback_whatsapp", partition)
+        initial = rows.filter((pl.col("step") == "initial") & (pl.col("channel") == "whatsapp"))
+        accepted_or_refused = initial.filter(pl.col("state").is_in(["sent", "failed"]))
+        landed = accepted_or_refused.filter(pl.col("delivery_status").is_in(["delivered", "read"]))
+        expected_due = set(accepted_or_refused["id"]) - set(landed["id"])
+        share = len(expected_due) / accepted_or_refused.height
+        assert 0.22 < share < 0.38, share  # 20% undelivered + 10% failed (+ refused at send)
+
+        too_early = run_fallback("winback_whatsapp", partition)
+        assert too_early.success, too_early.error
+        # Within the window only the unreachable (131026) fall back.
+        assert set(too_early.due) == {"primary_unreachable"}
+        assert too_early.due_codes == {"131026": too_early.due["primary_unreachable"]}
+
+        time_machine.move_to(RUN_AT + timedelta(minutes=31), tick=True)
+        texts_before = sum(m.provider == "twilio" for m in sandbox.messages())
+        result = run_fallback("winback_whatsapp", partition)
+        assert result.success, result.error
+        assert result.due.get("primary_not_delivered", 0) > 0
+
+        rows = ledger.rows("winback_whatsapp", partition)
+        fallbacks = rows.filter(pl.col("step") == "fallback")
+        assert set(fallbacks["fallback_of"]) == expected_due  # exactly the undelivered
+        assert fallbacks["customer_id"].is_unique().all()
+        # Subject to SMS consent, re-checked against the audience as it is now.
+        activation = Activation.from_spec(
+            "winback_whatsapp", ActivationSpec.model_validate(winback_attributes())
+        )
+        audience = compute_audience(
+            activation,
+            Warehouse(os.environ["CDP_WAREHOUSE_URL"]),
+            partition,
+            {"lapse_threshold": 0.7},
+        ).select(pl.col("customer_id").cast(pl.String), "sms_marketing_consent")
+        checked = fallbacks.join(audience, on="customer_id", how="left")
+        chosen = checked.filter(pl.col("state").is_in(["sent", "failed", "planned"]))
+        refused = checked.filter(pl.col("state") == "excluded")
+        assert chosen.height > 0 and refused.height > 0
+        assert chosen["sms_marketing_consent"].all()
+        assert set(refused["error_code"]) <= {"sms_no_consent", "sms_suppressed", "sms_not_mobile"}
+        no_consent = refused.filter(pl.col("error_code") == "sms_no_consent")
+        assert not no_consent["sms_marketing_consent"].fill_null(False).any()
+        texts = [m for m in sandbox.messages() if m.provider == "twilio"]
+        assert len(texts) - texts_before == result.sent
+        assert fallbacks.filter(pl.col("state") == "sent").height == too_early.sent + result.sent
+        sent_to = {m.to for m in texts}
+        for row in fallbacks.filter(pl.col("state") == "sent").iter_rows(named=True):
+            assert row["recipient"] in sent_to
+
+        # A late `delivered` for a WhatsApp message that fell back: recorded, nothing sent.
+        silent = rows.filter(
+            (pl.col("state") == "sent") & (pl.col("delivery_status").fill_null("sent") == "sent")
+        )["id"]
+        fell_back = fallbacks.filter(
+            (pl.col("state") == "sent") & pl.col("fallback_of").is_in(silent.implode())
+        )["fallback_of"][0]
+        pid = rows.filter(pl.col("id") == fell_back)["provider_message_id"][0]
+        body = meta_status(pid, "delivered", int(datetime.now(UTC).timestamp()))
+        assert (
+            post(f"{receiver.url}/webhooks/meta", signed("meta", secrets, body)).status_code == 200
+        )
+        again = run_fallback("winback_whatsapp", partition)
+        assert again.success and again.due == {} and again.sent == 0
+        after = ledger.rows("winback_whatsapp", partition)
+        assert after.filter(pl.col("id") == fell_back)["delivery_status"][0] == "delivered"
+        assert after.filter(pl.col("step") == "fallback").sort("id")["state"].to_list() == (
+            fallbacks.sort("id")["state"].to_list()
+        )
+        assert sum(m.provider == "twilio" for m in sandbox.messages()) == len(texts)
+    ledger.dispose()

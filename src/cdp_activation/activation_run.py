@@ -24,6 +24,8 @@ from cdp_activation.delivery import DeliveryOptions, deliver, rate_of
 from cdp_activation.ledger import (
     DEAD_LETTER,
     FAILED,
+    FALLBACK_STEP,
+    INITIAL_STEP,
     SENT,
     UNKNOWN,
     Ledger,
@@ -33,7 +35,7 @@ from cdp_activation.masking import mask_phone
 from cdp_activation.policy import Decisions, decide, reasons
 from cdp_activation.policy.addresses import address_column
 from cdp_activation.policy.consent import consent_column
-from cdp_activation.policy.engine import DEFER, HOLDOUT, SEND, rendered
+from cdp_activation.policy.engine import DEFER, EXCLUDE, HOLDOUT, SEND, rendered
 from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
@@ -360,7 +362,7 @@ def compute_decisions(
     )
 
 
-def _md_counts(title: str, counts: Mapping[str, int], describe: bool = False) -> str:
+def md_counts(title: str, counts: Mapping[str, int], describe: bool = False) -> str:
     if not counts:
         return f"_no {title.lower()}_"
     head = f"| {title} | count |" + (" meaning |" if describe else "")
@@ -401,8 +403,8 @@ def decisions_metadata(result: Decisions, plan: ChannelPlanSpec) -> dict[str, An
         "excluded": sum(excluded.values()),
         "deferred": counts[DEFER],
         "holdout": counts[HOLDOUT],
-        "eligible_by_channel": dg.MetadataValue.md(_md_counts("Channel", eligible)),
-        "excluded_by_reason": dg.MetadataValue.md(_md_counts("Reason", excluded, describe=True)),
+        "eligible_by_channel": dg.MetadataValue.md(md_counts("Channel", eligible)),
+        "excluded_by_reason": dg.MetadataValue.md(md_counts("Reason", excluded, describe=True)),
         "sample_messages": dg.MetadataValue.md(sample_messages(result.frame, plan)),
     }
     for channel, count in eligible.items():
@@ -531,13 +533,21 @@ def deliver_decisions(
     dry_run: bool,
     run_id: str | None = None,
     options: DeliveryOptions | None = None,
+    step: str = INITIAL_STEP,
 ) -> DeliverySummary:
+    """Plan `decisions` (rows of one `step`) in the ledger and send what is due of that step.
+
+    For the `fallback` step, refused fallbacks are recorded too (`excluded`, with their
+    reason), so each is decided once, and planned fallbacks whose first message has since
+    been delivered are cancelled before anything is sent.
+    """
     started = time.perf_counter()
     now = datetime.now(UTC)
+    fallback = step == FALLBACK_STEP
     chosen = decisions.filter(pl.col("decision").is_in([SEND, DEFER]))
+    recorded = [SEND, DEFER, HOLDOUT, *([EXCLUDE] if fallback else [])]
     to_plan = rendered(
-        decisions.filter(pl.col("decision").is_in([SEND, DEFER, HOLDOUT])),
-        activation.spec.channel_plan,
+        decisions.filter(pl.col("decision").is_in(recorded)), activation.spec.channel_plan
     )
     summary = DeliverySummary(activation=activation.name, partition=partition_key, dry_run=dry_run)
     summary.holdout = decisions.filter(pl.col("decision") == HOLDOUT).height
@@ -580,13 +590,16 @@ def deliver_decisions(
             + planned.existing.get(UNKNOWN, 0)
             + planned.existing.get(DEAD_LETTER, 0)
         )
-        summary.cancelled = ledger.cancel_unchosen(
+        if fallback:
+            summary.cancelled = ledger.cancel_landed_fallbacks(activation.name, partition_key)
+        summary.cancelled += ledger.cancel_unchosen(
             activation.name,
             partition_key,
             keys,
             reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
+            step=step,
         )
-        pending = ledger.pending(activation.name, partition_key, now)
+        pending = ledger.pending(activation.name, partition_key, now, step=step)
         summary.to_send = len(pending)
         preflight({name: connectors[name] for name in {row.connector for row in pending}})
         report = deliver(ledger, pending, connectors, options)
@@ -599,7 +612,7 @@ def deliver_decisions(
         summary.error_codes = dict(report.error_codes)
         summary.p50_latency_ms = round(report.latency_ms(0.50), 1)
         summary.p95_latency_ms = round(report.latency_ms(0.95), 1)
-        summary.deferred = ledger.deferred(activation.name, partition_key)
+        summary.deferred = ledger.deferred(activation.name, partition_key, step=step)
         summary.ledger_states = ledger.counts(activation.name, partition_key)
         return summary
     finally:
@@ -646,7 +659,7 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
     if summary.dry_run:
         meta["estimated_seconds_at_rate_limit"] = summary.estimated_seconds
     if summary.error_codes:
-        meta["error_codes"] = dg.MetadataValue.md(_md_counts("Error code", summary.error_codes))
+        meta["error_codes"] = dg.MetadataValue.md(md_counts("Error code", summary.error_codes))
         meta["error_codes_json"] = dg.MetadataValue.json(summary.error_codes)
     if summary.ledger_states:
         meta["ledger_states"] = dg.MetadataValue.json(summary.ledger_states)

@@ -38,7 +38,12 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
 def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> None:
     from cdp_activation.demo_data import generate_demo_warehouse
-    from cdp_activation.runner import ensure_dagster_home, run_activation, today_partition
+    from cdp_activation.runner import (
+        ensure_dagster_home,
+        run_activation,
+        run_fallback,
+        today_partition,
+    )
     from cdp_activation.warehouse import duckdb_path
 
     started = time.perf_counter()
@@ -50,7 +55,7 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
     # Anchor the data at the start of the partition's day: every demo run of the same day
     # sees the same warehouse, so a second run has nothing new to send.
     as_of = datetime.combine(datetime.fromisoformat(partition), dtime.min, tzinfo=UTC)
-    console.print(f"[bold]1/3[/] demo warehouse: {customers:,} customers → {path}")
+    console.print(f"[bold]1/4[/] demo warehouse: {customers:,} customers → {path}")
     counts = generate_demo_warehouse(path, customers=customers, seed=seed, as_of=as_of)
     console.print("    " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
     with ExitStack() as stack:
@@ -65,11 +70,20 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
         os.environ.setdefault("CDP_META_RATE_PER_SECOND", "1000")
         os.environ.setdefault("CDP_TWILIO_RATE_PER_SECOND", "1000")
         hooks = None if dry_run else _status_webhooks(stack, url)
-        console.print(f"[bold]3/3[/] materialising winback_whatsapp for {partition} via Dagster")
+        console.print(f"[bold]3/4[/] materialising winback_whatsapp for {partition} via Dagster")
         summary = run_activation("winback_whatsapp", partition, dry_run=dry_run)
         reports = _settled_statuses("winback_whatsapp", partition) if hooks else None
+        fallback = None
+        if reports is not None and summary.success:
+            # The plan falls back after 30 minutes; the demo's statuses have settled, so it
+            # does not wait: whatever is not delivered now falls back now.
+            console.print(
+                "[bold]4/4[/] fallback: SMS where WhatsApp did not land (demo: the plan's "
+                "30-minute window shortened to 0)"
+            )
+            fallback = run_fallback("winback_whatsapp", partition, not_delivered_within_minutes=0)
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
-    _report(summary, as_json, sandbox_url=url, reports=reports)
+    _report(summary, as_json, sandbox_url=url, reports=reports, fallback=fallback)
 
 
 # How the demo's sandbox reports back: most WhatsApp and SMS messages delivered (half of them
@@ -140,7 +154,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/3[/] ") -> str:
+def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/4[/] ") -> str:
     url = f"http://127.0.0.1:{port}"
     try:
         if httpx.get(f"{url}/_sandbox/health", timeout=1).status_code == 200:
@@ -224,6 +238,43 @@ def run(
         except ActivationNotFound as err:
             raise click.ClickException(str(err)) from None
     _report(summary, as_json)
+
+
+@main.command(
+    help="Send an activation's fallback (e.g. SMS) for a partition to customers whose first "
+    "message did not land; what the fallback sensor launches."
+)
+@click.argument("activation")
+@click.option("--partition", help="Partition date, YYYY-MM-DD (default: today, UTC).")
+@click.option("--dry-run", is_flag=True, help="Preview only: decide, send nothing.")
+@click.option(
+    "--not-delivered-within",
+    "minutes",
+    type=float,
+    help="Override the plan's window, in minutes (default: channel_plan.fallback's).",
+)
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
+def fallback(
+    activation: str, partition: str | None, dry_run: bool, minutes: float | None, as_json: bool
+) -> None:
+    from cdp_activation.runner import ActivationNotFound, run_fallback
+
+    with ExitStack() as stack:
+        _start_sandbox_if_needed(stack)
+        try:
+            summary = run_fallback(
+                activation, partition, dry_run=dry_run, not_delivered_within_minutes=minutes
+            )
+        except ActivationNotFound as err:
+            raise click.ClickException(str(err)) from None
+    out = Console()
+    out.print(_fallback_table(summary))
+    if summary.error:
+        out.print(f"[red]run failed[/] {summary.error}", highlight=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps(summary.as_json(), sort_keys=True))
+    if not summary.success:
+        raise SystemExit(1)
 
 
 def _start_sandbox_if_needed(stack: ExitStack) -> None:
@@ -355,6 +406,7 @@ def _report(
     as_json: bool,
     sandbox_url: str | None = None,
     reports: dict[str, int] | None = None,
+    fallback: Any = None,
 ) -> None:
     out = Console()
     title = f"{summary.activation} · partition {summary.partition}"
@@ -393,6 +445,10 @@ def _report(
             table.add_row(f"delivery reports · {label}", f"{reports.get(status, 0):,}")
     table.add_row("elapsed", f"{summary.elapsed_seconds:,.1f} s")
     out.print(table)
+    if fallback is not None:
+        out.print(_fallback_table(fallback))
+        if fallback.error:
+            out.print(f"[red]fallback failed[/] {fallback.error}", highlight=False, soft_wrap=True)
     for check, description in summary.failed_checks.items():
         out.print(f"[red]check failed[/] {check}: {description}", highlight=False)
     if summary.error:
@@ -404,9 +460,45 @@ def _report(
         data = summary.as_json()
         if reports is not None:
             data["delivery_statuses"] = reports
+        if fallback is not None:
+            data["fallback"] = fallback.as_json()
         print(json.dumps(data, sort_keys=True))
-    if not summary.success:
+    if not summary.success or (fallback is not None and not fallback.success):
         raise SystemExit(1)
+
+
+FALLBACK_REASONS = {
+    "primary_unreachable": "failed: cannot receive it there",
+    "primary_not_delivered": "not delivered in time",
+    "primary_not_read": "not read in time",
+}
+
+
+def _fallback_table(summary: Any) -> Table:
+    channel = summary.channel or "fallback"
+    title = f"{summary.activation} · partition {summary.partition} · fallback to {channel}"
+    if summary.dry_run:
+        title += " · DRY RUN (nothing sent)"
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("due a fallback", f"{sum(summary.due.values()):,}")
+    for reason, count in summary.due.items():
+        table.add_row(f"why · {FALLBACK_REASONS.get(reason, reason)}", f"{count:,}")
+    for code, count in summary.due_codes.items():
+        table.add_row(f"first message's error · {code}", f"{count:,}")
+    table.add_row(f"eligible · {channel}", f"{summary.eligible:,}")
+    for reason, count in summary.excluded.items():
+        table.add_row(f"not fallen back · {reason}", f"{count:,}")
+    if summary.deferred:
+        table.add_row("deferred (quiet hours; sent later)", f"{summary.deferred:,}")
+    if summary.cancelled:
+        table.add_row("cancelled (first message delivered meanwhile)", f"{summary.cancelled:,}")
+    if not summary.dry_run:
+        table.add_row(f"fallen back · {channel} sent", f"{summary.sent:,}")
+        table.add_row(f"fallen back · {channel} failed", f"{summary.failed:,}")
+    table.add_row("elapsed", f"{summary.elapsed_seconds:,.1f} s")
+    return table
 
 
 if __name__ == "__main__":

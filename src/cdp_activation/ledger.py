@@ -8,6 +8,11 @@ leaves, so a re-run, a retry or a backfill can never plan or send the same key t
 States: planned -> in_flight -> sent | failed | unknown | dead_letter; a planned row may carry
 `not_before` (quiet hours: deferred, sent by a later run) or end `cancelled` (a later run's
 policy no longer chooses it); a holdout row is written as `holdout` and never sent.
+
+Steps: a customer's first message of a partition is step `initial`; where the channel plan has
+a fallback, a second row, step `fallback`, links to it (`fallback_of`) with the reason it was
+due (`fallback_reason`); a fallback the policy refuses is written `excluded` with the reason
+code in `error_code`, so it is decided once.
 A row found `in_flight` when a run starts was interrupted mid-request: the provider may have
 accepted it, so it becomes `unknown` and is not resent (providers here have no idempotency key).
 
@@ -17,7 +22,7 @@ SQLite (WAL) is the embedded default; PostgreSQL in production (any SQLAlchemy U
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,7 +32,7 @@ import sqlalchemy as sa
 
 from cdp_activation.connectors.base import Outcome, SendResult
 from cdp_activation.db import open_engine, read_frame
-from cdp_activation.statuses import CONNECTOR_OF_PROVIDER, STATUS_RANK, StatusEvent
+from cdp_activation.statuses import STATUS_RANK, StatusEvent, connector_of
 
 PLANNED = "planned"
 IN_FLIGHT = "in_flight"
@@ -37,7 +42,17 @@ UNKNOWN = "unknown"
 DEAD_LETTER = "dead_letter"
 HOLDOUT = "holdout"
 CANCELLED = "cancelled"
-TERMINAL_STATES = frozenset({SENT, FAILED, UNKNOWN, DEAD_LETTER, HOLDOUT, CANCELLED})
+EXCLUDED = "excluded"
+TERMINAL_STATES = frozenset({SENT, FAILED, UNKNOWN, DEAD_LETTER, HOLDOUT, CANCELLED, EXCLUDED})
+
+INITIAL_STEP = "initial"
+FALLBACK_STEP = "fallback"
+# Why a fallback was due (`fallback_reason`): the first message failed with a code meaning the
+# customer cannot receive it on that channel; it was not delivered within the plan's window;
+# it was delivered but not read within the plan's window (only where the plan asks for it).
+PRIMARY_UNREACHABLE = "primary_unreachable"
+PRIMARY_NOT_DELIVERED = "primary_not_delivered"
+PRIMARY_NOT_READ = "primary_not_read"
 
 metadata = sa.MetaData()
 
@@ -75,9 +90,14 @@ sends = sa.Table(
     sa.Column("delivery_status", sa.String(20)),
     sa.Column("delivery_status_at", sa.DateTime(timezone=True)),
     sa.Column("delivery_error_code", sa.String(40)),
+    # A fallback send: the id of the send it stands in for, and why it was due.
+    sa.Column("fallback_of", sa.BigInteger().with_variant(sa.Integer, "sqlite")),
+    sa.Column("fallback_reason", sa.String(40)),
     sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
     sa.Index("ix_sends_state_sent_at", "state", "sent_at"),
     sa.Index("ix_sends_provider_message_id", "provider_message_id"),
+    sa.Index("ix_sends_updated_at", "updated_at"),  # the send log's incremental export
+    sa.Index("ix_sends_fallback_of", "fallback_of"),
 )
 
 # Status webhooks as they arrived, once each: `event_key` identifies a report (provider, its
@@ -98,7 +118,14 @@ status_events = sa.Table(
     sa.Column("payload", sa.Text),  # the event as the provider sent it (JSON), for audits
     # Whether it has found its send: a report may arrive before the send's answer is recorded.
     sa.Column("applied", sa.Boolean, nullable=False, default=False),
+    # Where it came from: null for a webhook, the status source's name for events read from
+    # the warehouse (`status_sources.py`), whose newest `occurred_at` is that source's cursor.
+    sa.Column("source", sa.String(80)),
+    # The customer the report is about, where the provider's id covers a whole batch (a Braze
+    # dispatch id): the report then moves only that customer's send.
+    sa.Column("customer_id", sa.String(120)),
     sa.Index("ix_status_events_applied_received", "applied", "received_at"),
+    sa.Index("ix_status_events_source_occurred", "source", "occurred_at"),
 )
 
 
@@ -358,10 +385,16 @@ class Ledger:
         return pl.DataFrame([(*r[:6], _aware(r[6])) for r in rows], schema=schema, orient="row")
 
     def pending(
-        self, activation: str, partition_key: str, now: datetime | None = None
+        self,
+        activation: str,
+        partition_key: str,
+        now: datetime | None = None,
+        step: str | None = None,
     ) -> list[PlannedSend]:
-        """Planned rows due by `now` (default: now): deferred ones wait for their not_before."""
+        """Planned rows due by `now` (default: now): deferred ones wait for their not_before.
+        `step` keeps one step's rows (a run sends `initial`, the fallback `fallback`)."""
         now = now or _now()
+        only_step = () if step is None else (sends.c.step == step,)
         with self.engine.connect() as con:
             rows = con.execute(
                 sa.select(
@@ -381,6 +414,7 @@ class Ledger:
                     sends.c.partition_key == partition_key,
                     sends.c.state == PLANNED,
                     sa.or_(sends.c.not_before.is_(None), sends.c.not_before <= now),
+                    *only_step,
                 )
                 .order_by(sends.c.id)
             ).all()
@@ -472,17 +506,25 @@ class Ledger:
             con.exec_driver_sql(sql, params)
 
     def cancel_unchosen(
-        self, activation: str, partition_key: str, chosen_keys: Sequence[str], reason: str
+        self,
+        activation: str,
+        partition_key: str,
+        chosen_keys: Sequence[str],
+        reason: str,
+        step: str | None = None,
     ) -> int:
-        """Planned rows of this partition that the latest decisions no longer choose (consent
-        withdrawn since a deferral, say) end `cancelled`: they must not go out."""
+        """Planned rows of this partition (of `step`, if given) that the latest decisions no
+        longer choose (consent withdrawn since a deferral, say) end `cancelled`: they must not
+        go out."""
         keep = set(chosen_keys)
+        only_step = () if step is None else (sends.c.step == step,)
         with self.engine.begin() as con:
             rows = con.execute(
                 sa.select(sends.c.id, sends.c.idempotency_key).where(
                     sends.c.activation == activation,
                     sends.c.partition_key == partition_key,
                     sends.c.state == PLANNED,
+                    *only_step,
                 )
             ).all()
             ids = [r.id for r in rows if r.idempotency_key not in keep]
@@ -494,9 +536,16 @@ class Ledger:
                 )
         return len(ids)
 
-    def deferred(self, activation: str, partition_key: str, now: datetime | None = None) -> int:
-        """Planned rows waiting for their not_before (quiet hours)."""
+    def deferred(
+        self,
+        activation: str,
+        partition_key: str,
+        now: datetime | None = None,
+        step: str | None = None,
+    ) -> int:
+        """Planned rows (of `step`, if given) waiting for their not_before (quiet hours)."""
         now = now or _now()
+        only_step = () if step is None else (sends.c.step == step,)
         with self.engine.connect() as con:
             return con.execute(
                 sa.select(sa.func.count()).where(
@@ -504,12 +553,17 @@ class Ledger:
                     sends.c.partition_key == partition_key,
                     sends.c.state == PLANNED,
                     sends.c.not_before > now,
+                    *only_step,
                 )
             ).scalar_one()
 
-    def due_partitions(self, activation: str, now: datetime | None = None) -> dict[str, datetime]:
-        """Partitions with deferred rows now due, and the latest not_before among them."""
+    def due_partitions(
+        self, activation: str, now: datetime | None = None, step: str | None = None
+    ) -> dict[str, datetime]:
+        """Partitions with deferred rows (of `step`, if given) now due, and the latest
+        not_before among them."""
         now = now or _now()
+        only_step = () if step is None else (sends.c.step == step,)
         with self.engine.connect() as con:
             rows = con.execute(
                 sa.select(sends.c.partition_key, sa.func.max(sends.c.not_before))
@@ -518,10 +572,136 @@ class Ledger:
                     sends.c.state == PLANNED,
                     sends.c.not_before.is_not(None),
                     sends.c.not_before <= now,
+                    *only_step,
                 )
                 .group_by(sends.c.partition_key)
             ).all()
         return {partition: _aware(latest) for partition, latest in rows}
+
+    def due_fallbacks(
+        self,
+        activation: str,
+        fallback_channel: str,
+        *,
+        not_delivered_by: datetime,
+        not_read_by: datetime | None = None,
+        unreachable_codes: Mapping[str, Iterable[str]] | None = None,
+        partition_key: str | None = None,
+    ) -> pl.DataFrame:
+        """First messages (step `initial`, on a channel other than `fallback_channel`) whose
+        fallback is due, with no fallback decided yet (none, or one still `planned`).
+
+        Due, with `fallback_reason`:
+        - `primary_unreachable`: failed, at send time or in a status report, with one of its
+          connector's `unreachable_codes`; at once;
+        - `primary_not_delivered`: sent, failed or dead-lettered, not delivered nor read, and
+          sent (or given up) at or before `not_delivered_by`;
+        - `primary_not_read`: delivered, not read, sent at or before `not_read_by` (if given).
+        `unknown` sends never fall back: the provider may have delivered them. Columns:
+        partition_key, fallback_of (the first message's id), customer_id, channel, connector,
+        fallback_reason, error_code (the failure's code, if any).
+        """
+        first = sends.alias("first")
+        fallback = sends.alias("fallback")
+        status = sa.func.coalesce(first.c.delivery_status, SENT)
+        failure_code = sa.case(
+            (first.c.state == SENT, first.c.delivery_error_code), else_=first.c.error_code
+        )
+        failed = sa.or_(
+            first.c.state.in_([FAILED, DEAD_LETTER]),
+            sa.and_(first.c.state == SENT, status == "failed"),
+        )
+        by_connector = [
+            sa.and_(first.c.connector == connector, failure_code.in_(sorted(codes)))
+            for connector, codes in (unreachable_codes or {}).items()
+            if codes
+        ]
+        unreachable = sa.and_(failed, sa.or_(*by_connector)) if by_connector else sa.false()
+        not_delivered = sa.and_(
+            first.c.state.in_([SENT, FAILED, DEAD_LETTER]),
+            status.not_in(["delivered", "read"]),
+            sa.func.coalesce(first.c.sent_at, first.c.updated_at) <= not_delivered_by,
+        )
+        not_read = (
+            sa.and_(first.c.state == SENT, status == "delivered", first.c.sent_at <= not_read_by)
+            if not_read_by is not None
+            else sa.false()
+        )
+        decided = (
+            sa.select(fallback.c.id)
+            .where(fallback.c.fallback_of == first.c.id, fallback.c.state != PLANNED)
+            .exists()
+        )
+        where = [
+            first.c.activation == activation,
+            first.c.step == INITIAL_STEP,
+            first.c.channel != fallback_channel,
+            sa.or_(unreachable, not_delivered, not_read),
+            ~decided,
+        ]
+        if partition_key is not None:
+            where.append(first.c.partition_key == partition_key)
+        query = sa.select(
+            first.c.partition_key,
+            first.c.id.label("fallback_of"),
+            first.c.customer_id,
+            first.c.channel,
+            first.c.connector,
+            sa.case(
+                (unreachable, PRIMARY_UNREACHABLE),
+                (not_delivered, PRIMARY_NOT_DELIVERED),
+                else_=PRIMARY_NOT_READ,
+            ).label("fallback_reason"),
+            sa.case((failed, failure_code), else_=None).label("error_code"),
+        ).where(*where)
+        schema = {
+            "partition_key": pl.String,
+            "fallback_of": pl.Int64,
+            "customer_id": pl.String,
+            "channel": pl.String,
+            "connector": pl.String,
+            "fallback_reason": pl.String,
+            "error_code": pl.String,
+        }
+        with self.engine.connect() as con:
+            rows = con.execute(query.order_by(first.c.id)).all()
+        return pl.DataFrame([tuple(r) for r in rows], schema=schema, orient="row")
+
+    def cancel_landed_fallbacks(self, activation: str, partition_key: str) -> int:
+        """Planned fallbacks whose first message has since been delivered (or read, for a
+        fallback due because it was not read) end `cancelled`: the customer got it."""
+        first = sends.alias("first")
+        landed = (
+            sa.select(first.c.id)
+            .where(
+                first.c.id == sends.c.fallback_of,
+                sa.or_(
+                    first.c.delivery_status == "read",
+                    sa.and_(
+                        first.c.delivery_status == "delivered",
+                        sends.c.fallback_reason != PRIMARY_NOT_READ,
+                    ),
+                ),
+            )
+            .exists()
+        )
+        with self.engine.begin() as con:
+            result = con.execute(
+                sa.update(sends)
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.step == FALLBACK_STEP,
+                    sends.c.state == PLANNED,
+                    landed,
+                )
+                .values(
+                    state=CANCELLED,
+                    error_message="the first message was delivered before the fallback went out",
+                    updated_at=_now(),
+                )
+            )
+        return result.rowcount or 0
 
     def sends_since(self, since: datetime, exclude: tuple[str, str] | None = None) -> pl.DataFrame:
         """Accepted messages since `since`, one row each (customer_id, channel, purpose,
@@ -569,8 +749,9 @@ class Ledger:
             if fresh:
                 con.exec_driver_sql(
                     "INSERT INTO status_events (event_key, provider, provider_message_id, "
-                    "status, error_code, occurred_at, received_at, payload, applied) VALUES "
-                    f"({', '.join([mark] * 8)}, {'0' if self.dialect == 'sqlite' else 'false'}) "
+                    "status, error_code, occurred_at, received_at, payload, source, "
+                    "customer_id, applied) VALUES "
+                    f"({', '.join([mark] * 10)}, {'0' if self.dialect == 'sqlite' else 'false'}) "
                     "ON CONFLICT (event_key) DO NOTHING",
                     [
                         (
@@ -582,6 +763,8 @@ class Ledger:
                             _db_time(e.occurred_at, self.dialect),
                             now,
                             e.payload,
+                            e.source,
+                            e.customer_id,
                         )
                         for e in fresh
                     ],
@@ -601,7 +784,7 @@ class Ledger:
         with self.engine.begin() as con:
             pending = con.exec_driver_sql(
                 "SELECT event_key, provider, provider_message_id, status, error_code, "
-                f"occurred_at FROM status_events WHERE applied = {false} "
+                f"occurred_at, customer_id FROM status_events WHERE applied = {false} "
                 f"AND received_at >= {mark}",
                 (since,),
             ).all()
@@ -630,10 +813,13 @@ class Ledger:
         if not matched:
             return 0
         rank = " ".join(f"WHEN '{status}' THEN {n}" for status, n in STATUS_RANK.items())
+        changed = _db_time(_now(), self.dialect)  # the send log exports rows changed since
         result = con.exec_driver_sql(
             f"UPDATE sends SET delivery_status = {mark}, delivery_status_at = {mark}, "
-            f"delivery_error_code = {mark} WHERE provider_message_id = {mark} AND "
-            f"connector = {mark} AND (CASE delivery_status {rank} ELSE 0 END) < {mark}",
+            f"delivery_error_code = {mark}, updated_at = {mark} "
+            f"WHERE provider_message_id = {mark} AND connector = {mark} "
+            f"AND customer_id = COALESCE({mark}, customer_id) "
+            f"AND (CASE delivery_status {rank} ELSE 0 END) < {mark}",
             [
                 (
                     r.status,
@@ -641,8 +827,10 @@ class Ledger:
                     if isinstance(r.occurred_at, datetime)
                     else r.occurred_at,  # read back from SQLite: already its text
                     r.error_code,
+                    changed,
                     r.provider_message_id,
-                    CONNECTOR_OF_PROVIDER[r.provider],
+                    connector_of(r.provider),
+                    r.customer_id,
                     STATUS_RANK[r.status],
                 )
                 for r in sorted(matched, key=lambda r: STATUS_RANK[r.status])
@@ -665,6 +853,16 @@ class Ledger:
             )
             found.update(r.event_key for r in rows)
         return found
+
+    def newest_status_time(self, source: str) -> datetime | None:
+        """The provider time of the newest event stored from a status source (its cursor)."""
+        with self.engine.connect() as con:
+            value = con.execute(
+                sa.select(sa.func.max(status_events.c.occurred_at)).where(
+                    status_events.c.source == source
+                )
+            ).scalar_one()
+        return _aware(value) if value is not None else None
 
     def delivery_status_counts(self, activation: str, partition_key: str) -> dict[str, int]:
         """Accepted sends of one partition by their latest delivery report ("sent" when the
@@ -751,15 +949,18 @@ def _add_missing_columns(engine: sa.Engine) -> None:
     """Bring a ledger made by an earlier version up to this schema: `create_all` makes missing
     tables, not missing columns or indexes. Only nullable columns are ever added, so old rows
     stay valid."""
-    present = {c["name"] for c in sa.inspect(engine).get_columns("sends")}
-    missing = [c for c in sends.columns if c.name not in present]
+    inspector = sa.inspect(engine)
     with engine.begin() as con:
-        for column in missing:
-            kind = column.type.compile(dialect=engine.dialect)
-            con.exec_driver_sql(f"ALTER TABLE sends ADD COLUMN {column.name} {kind}")
-        for index in sends.indexes:  # both dialects know IF NOT EXISTS: no index inspection
-            columns = ", ".join(c.name for c in index.columns)
-            con.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {index.name} ON sends ({columns})")
+        for table in (sends, status_events):
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in [c for c in table.columns if c.name not in present]:
+                kind = column.type.compile(dialect=engine.dialect)
+                con.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+            for index in table.indexes:  # both dialects know IF NOT EXISTS: no inspection
+                columns = ", ".join(c.name for c in index.columns)
+                con.exec_driver_sql(
+                    f"CREATE INDEX IF NOT EXISTS {index.name} ON {table.name} ({columns})"
+                )
 
 
 def _aware(value: datetime) -> datetime:
@@ -809,6 +1010,9 @@ _PLAN_COLUMNS = (
     "not_before",
     "planned_at",
     "updated_at",
+    "error_code",
+    "fallback_of",
+    "fallback_reason",
 )
 
 
@@ -826,6 +1030,10 @@ def _plan_rows(
     (parameters from the `variables` list, names from `variable_names` when present: the
     columns they came from), else `{"body"}`. Times are UTC; SQLite gets them as the text
     SQLAlchemy writes (`YYYY-MM-DD HH:MM:SS.ffffff`), so both paths read back alike.
+
+    A `holdout` decision is written `holdout`, an `exclude` one (a refused fallback)
+    `excluded` with its reason code as `error_code`; `fallback_of` and `fallback_reason` are
+    copied when the frame has them (fallback rows).
     """
     customer = pl.col("customer_id").cast(pl.String)
     parameters = pl.coalesce(pl.col("variables"), pl.lit([], dtype=pl.List(pl.String)))
@@ -837,7 +1045,13 @@ def _plan_rows(
         *names,
     ).struct.json_encode()
     body = pl.struct(pl.col("body").cast(pl.String)).struct.json_encode()
-    holdout = (pl.col("decision") == "holdout") if "decision" in chosen.columns else pl.lit(False)
+    decision = pl.col("decision").cast(pl.String) if "decision" in chosen.columns else pl.lit("")
+    excluded = decision == "exclude"
+
+    def optional(column: str, dtype: pl.DataType) -> pl.Expr:
+        present = column in chosen.columns
+        return (pl.col(column) if present else pl.lit(None)).cast(dtype).alias(column)
+
     not_before = (
         pl.col("not_before").cast(pl.Datetime("us", "UTC"))
         if "not_before" in chosen.columns
@@ -860,17 +1074,30 @@ def _plan_rows(
         pl.col("channel").cast(pl.String),
         pl.lit(purpose).alias("purpose"),
         pl.col("connector").cast(pl.String),
-        pl.col("recipient" if "recipient" in chosen.columns else "phone_e164").alias("recipient"),
+        # A refused fallback may have no usable address; the column is not nullable.
+        pl.col("recipient" if "recipient" in chosen.columns else "phone_e164")
+        .fill_null("")
+        .alias("recipient"),
         pl.when(pl.col("template_name").is_not_null())
         .then(template)
         .otherwise(body)
         .alias("message"),
-        pl.when(holdout).then(pl.lit(HOLDOUT)).otherwise(pl.lit(PLANNED)).alias("state"),
+        pl.when(decision == "holdout")
+        .then(pl.lit(HOLDOUT))
+        .when(excluded)
+        .then(pl.lit(EXCLUDED))
+        .otherwise(pl.lit(PLANNED))
+        .alias("state"),
         pl.lit(0).alias("attempts"),
         pl.lit(run_id, dtype=pl.String).alias("run_id"),
         stamp(not_before).alias("not_before"),
         stamp(now).alias("planned_at"),
         stamp(now).alias("updated_at"),
+        pl.when(excluded).then(pl.col("reason").cast(pl.String)).alias("error_code")
+        if "reason" in chosen.columns
+        else pl.lit(None, dtype=pl.String).alias("error_code"),
+        optional("fallback_of", pl.Int64()),
+        optional("fallback_reason", pl.String()),
     )
 
 

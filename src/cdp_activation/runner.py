@@ -83,10 +83,11 @@ def load_definitions() -> dg.Definitions:
 
 
 def activation_names(definitions: dg.Definitions) -> list[str]:
+    """Every activation: the `activation` tag of its main job (its fallback job has a step)."""
     return sorted(
-        job.name.removesuffix("_job")
+        job.tags["activation"]
         for job in definitions.resolve_all_job_defs()
-        if job.name.endswith("_job") and not job.name.startswith("__")
+        if "activation" in job.tags and "step" not in job.tags
     )
 
 
@@ -117,7 +118,6 @@ def run_activation(
             "(each is a folder under src/cdp_activation/defs/activations/)"
         )
     partition = partition or today_partition()
-    job = definitions.resolve_job_def(f"{name}_job")
     ops: dict[str, Any] = {
         f"{name}__deliveries": {"config": {"dry_run": dry_run}},
     }
@@ -125,14 +125,15 @@ def run_activation(
         ops[f"{name}__audience"] = {"config": dict(parameters)}
     if max_recipients is not None:
         ops[f"{name}__decisions"] = {"config": {"max_recipients": max_recipients}}
-    run_config = {"ops": ops, "loggers": {"console": {"config": {"log_level": log_level}}}}
     started = time.perf_counter()
-    result = job.execute_in_process(
-        instance=instance,
-        partition_key=partition,
-        run_config=run_config,
-        raise_on_error=False,
-        tags={"activation": name, "launched_by": "cdp-activation-cli", **(tags or {})},
+    result = _execute(
+        definitions,
+        instance,
+        f"{name}_job",
+        partition,
+        ops,
+        log_level,
+        {"activation": name, **(tags or {})},
     )
     summary = RunSummary(
         activation=name,
@@ -144,6 +145,121 @@ def run_activation(
     _fill_from_events(summary, result, name)
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
     return summary
+
+
+@dataclass
+class FallbackSummary:
+    """What one fallback run found due, decided and sent."""
+
+    activation: str
+    partition: str
+    run_id: str
+    success: bool
+    dry_run: bool
+    channel: str = ""
+    due: dict[str, int] = field(default_factory=dict)  # by fallback_reason
+    due_codes: dict[str, int] = field(default_factory=dict)  # failure codes among the due
+    eligible: int = 0
+    excluded: dict[str, int] = field(default_factory=dict)  # by the policy's reason code
+    sent: int = 0
+    failed: int = 0
+    unknown: int = 0
+    dead_letter: int = 0
+    deferred: int = 0
+    cancelled: int = 0
+    error: str | None = None
+    elapsed_seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def run_fallback(
+    name: str,
+    partition: str | None = None,
+    *,
+    dry_run: bool = False,
+    not_delivered_within_minutes: float | None = None,
+    log_level: str = "CRITICAL",
+    definitions: dg.Definitions | None = None,
+    instance: dg.DagsterInstance | None = None,
+) -> FallbackSummary:
+    """Materialise `<name>/fallback` for one partition (what the fallback sensor launches)."""
+    if instance is None:
+        ensure_dagster_home()
+        instance = dg.DagsterInstance.get()
+    definitions = definitions or load_definitions()
+    job_name = f"{name}_fallback_job"
+    if job_name not in {job.name for job in definitions.resolve_all_job_defs()}:
+        raise ActivationNotFound(
+            f"activation {name!r} has no fallback (channel_plan.fallback in its defs.yaml)"
+        )
+    partition = partition or today_partition()
+    config: dict[str, Any] = {"dry_run": dry_run}
+    if not_delivered_within_minutes is not None:
+        config["not_delivered_within_minutes"] = not_delivered_within_minutes
+    started = time.perf_counter()
+    result = _execute(
+        definitions,
+        instance,
+        job_name,
+        partition,
+        {f"{name}__fallback": {"config": config}},
+        log_level,
+        {"activation": name, "step": "fallback"},
+    )
+    summary = FallbackSummary(name, partition, result.run_id, result.success, dry_run)
+    for event in result.all_events:
+        if event.is_step_materialization:
+            meta = {
+                k: v.value
+                for k, v in event.step_materialization_data.materialization.metadata.items()
+            }
+            summary.due = _int_map(meta.get("due_by_reason_json"))
+            summary.due_codes = _int_map(meta.get("due_by_code_json"))
+            summary.excluded = _int_map(meta.get("excluded_by_reason_json"))
+            summary.eligible = int(meta.get("fallback_eligible", 0))
+            for attr in ("sent", "failed", "unknown", "dead_letter", "deferred", "cancelled"):
+                setattr(summary, attr, int(meta.get(attr, 0)))
+            summary.channel = str(meta.get("channel", ""))
+        elif event.is_step_failure:
+            summary.error = _failure_message(event)
+    summary.elapsed_seconds = round(time.perf_counter() - started, 2)
+    return summary
+
+
+def _execute(
+    definitions: dg.Definitions,
+    instance: dg.DagsterInstance,
+    job_name: str,
+    partition: str,
+    ops: dict[str, Any],
+    log_level: str,
+    tags: Mapping[str, str],
+) -> Any:
+    job = definitions.resolve_job_def(job_name)
+    return job.execute_in_process(
+        instance=instance,
+        partition_key=partition,
+        run_config={"ops": ops, "loggers": {"console": {"config": {"log_level": log_level}}}},
+        raise_on_error=False,
+        tags={"launched_by": "cdp-activation-cli", **tags},
+    )
+
+
+def _int_map(value: Any) -> dict[str, int]:
+    return {str(k): int(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _failure_message(event: Any) -> str:
+    """The innermost cause of a step failure, prefixed with the step."""
+    error = event.step_failure_data.error
+    message = error.message.strip() if error else "step failed"
+    cause = error.cause if error else None
+    while cause is not None:
+        message = cause.message.strip()
+        cause = cause.cause
+    return f"{event.step_key}: {message}"
 
 
 def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
@@ -180,10 +296,4 @@ def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
             if not evaluation.passed:
                 summary.failed_checks[evaluation.check_name] = evaluation.description or "failed"
         elif event.is_step_failure:
-            error = event.step_failure_data.error
-            message = error.message.strip() if error else "step failed"
-            cause = error.cause if error else None
-            while cause is not None:
-                message = cause.message.strip()
-                cause = cause.cause
-            summary.error = f"{event.step_key}: {message}"
+            summary.error = _failure_message(event)

@@ -137,11 +137,56 @@ class StepSpec(_Strict):
         return _BODY_FIELD.findall(self.body or "")
 
 
+class FallbackSpec(_Strict):
+    """When a message on another channel of the plan does not land, send this channel instead.
+
+    A customer's send on any other channel of the plan falls back at once when it failed with
+    a code meaning the customer cannot receive it there (`failure_codes`, by default each
+    connector's `unreachable_codes`, e.g. Meta 131026); when it is not delivered (nor read)
+    `not_delivered_within_minutes` after it was sent; or, if set, when it is delivered but not
+    read within `not_read_within_hours`. The policy is applied again for the fallback channel
+    (consent, suppression, quiet hours, caps) before anything is sent.
+    """
+
+    channel: Channel = Field(description="The plan's channel to fall back to, e.g. sms.")
+    not_delivered_within_minutes: float = Field(
+        default=30.0,
+        description="Fall back when the message is not delivered this many minutes after it "
+        "was sent (failed or unanswered ones included).",
+    )
+    failure_codes: list[str] | None = Field(
+        default=None,
+        description="Provider error codes that fall back at once; default: the connector's "
+        "codes for 'this customer cannot receive it on this channel' (Meta 131026, …).",
+    )
+    not_read_within_hours: float | None = Field(
+        default=None,
+        description="Also fall back when a delivered message is not read within this many "
+        "hours (off by default: the customer then gets two messages).",
+    )
+
+    @field_validator("not_delivered_within_minutes")
+    @classmethod
+    def _minutes(cls, value: float) -> float:
+        if not 0 <= value <= 7 * 24 * 60:
+            raise ValueError("not_delivered_within_minutes must be between 0 and 10080 (7 days)")
+        return value
+
+    @field_validator("not_read_within_hours")
+    @classmethod
+    def _hours(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value <= 7 * 24:
+            raise ValueError("not_read_within_hours must be between 0 and 168 (7 days)")
+        return value
+
+
 class ChannelPlanSpec(_Strict):
-    """Ordered channels: each customer gets the first one they may lawfully receive."""
+    """Ordered channels: each customer gets the first one they may lawfully receive; with a
+    `fallback`, a customer whose message did not land is sent the fallback channel."""
 
     purpose: Purpose = "marketing"
     steps: list[StepSpec]
+    fallback: FallbackSpec | None = None
 
     @model_validator(mode="after")
     def _distinct_channels(self) -> ChannelPlanSpec:
@@ -156,7 +201,18 @@ class ChannelPlanSpec(_Strict):
                     f"template {step.template.name!r} is category {step.template.category!r}, "
                     f"which a {self.purpose} activation may not use"
                 )
+        if self.fallback is not None:
+            if self.fallback.channel not in channels:
+                raise ValueError(
+                    f"fallback.channel {self.fallback.channel!r} is not a channel of the plan "
+                    f"({channels}): add a step for it (its connector and message are used)"
+                )
+            if len(channels) < 2:
+                raise ValueError("a fallback needs another channel in the plan to fall back from")
         return self
+
+    def step_for(self, channel: str) -> StepSpec:
+        return next(step for step in self.steps if step.channel == channel)
 
 
 class ScheduleSpec(_Strict):

@@ -25,6 +25,12 @@ CONNECTOR_OF_PROVIDER: dict[str, str] = {
 }
 
 
+def connector_of(provider: str) -> str:
+    """The connector whose sends a provider's report may update: a webhook route's provider
+    (`CONNECTOR_OF_PROVIDER`), or a connector named directly (a warehouse status source)."""
+    return CONNECTOR_OF_PROVIDER.get(provider, provider)
+
+
 @dataclass(frozen=True)
 class StatusEvent:
     """One provider report about one message, as the ledger stores it.
@@ -40,6 +46,9 @@ class StatusEvent:
     event_key: str
     error_code: str | None = None
     payload: str | None = None  # the provider's JSON for this event, for audits
+    # Only that customer's send moves (a provider id shared by a batch: Braze's dispatch id).
+    customer_id: str | None = None
+    source: str | None = None  # a warehouse status source's name; None for a webhook
 
     def __post_init__(self) -> None:
         if self.status not in STATUS_RANK:

@@ -5,14 +5,16 @@ everything here is naming, configuration and metadata.
 """
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import dagster as dg
 import polars as pl
 from pydantic import Field, create_model
 
 from cdp_activation import activation_run as run
+from cdp_activation import fallback as fb
 from cdp_activation.audience_sql import sql_dialect
+from cdp_activation.ledger import FALLBACK_STEP, INITIAL_STEP
 from cdp_activation.resources import LedgerResource
 from cdp_activation.settings import get_settings
 from cdp_activation.specs import ActivationSpec, coerce_parameter
@@ -254,6 +256,13 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         tags={"activation": name},
         description=f"Run the {name} activation for one day's partition.",
     )
+    fallback = (
+        _fallback_defs(activation, partitions, common, deliveries_key, audience_key, job.name)
+        if spec.channel_plan.fallback is not None
+        else None
+    )
+    # One run of an activation at a time, whichever job: two would race over the ledger rows.
+    jobs_of_activation = [job.name] + ([fallback.job.name] if fallback else [])
 
     @dg.schedule(
         name=f"{name}_schedule",
@@ -266,8 +275,8 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
     )
     def schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
         # Skip, don't stack: a second run of the same activation would race the first.
-        if _active_run(context.instance, job.name):
-            return dg.SkipReason(f"{job.name} is already queued or running")
+        if active := _active_run(context.instance, jobs_of_activation):
+            return dg.SkipReason(f"{active} is already queued or running")
         partition_key = context.scheduled_execution_time.date().isoformat()
         return dg.RunRequest(
             run_key=partition_key, partition_key=partition_key, tags={"activation": name}
@@ -284,9 +293,9 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         "the run applies the policy again before anything is sent.",
     )
     def deferred_sends(context: dg.SensorEvaluationContext, ledger: LedgerResource) -> Any:
-        if _active_run(context.instance, job.name):
-            return dg.SkipReason(f"{job.name} is already queued or running")
-        due = ledger.ledger().due_partitions(name)
+        if active := _active_run(context.instance, jobs_of_activation):
+            return dg.SkipReason(f"{active} is already queued or running")
+        due = ledger.ledger().due_partitions(name, step=INITIAL_STEP)
         if not due:
             return dg.SkipReason("no deferred recipient is due")
         return [
@@ -298,7 +307,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             for partition, latest in sorted(due.items())
         ]
 
-    return dg.Definitions(
+    defs = dg.Definitions(
         assets=[audience, decisions, deliveries],
         asset_checks=[
             audience_contract,
@@ -311,6 +320,158 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         schedules=[schedule],
         sensors=[deferred_sends],
     )
+    if fallback is None:
+        return defs
+    return dg.Definitions.merge(
+        defs,
+        dg.Definitions(
+            assets=[fallback.asset],
+            jobs=[fallback.job],
+            sensors=[_fallback_sensor(activation, fallback.job, jobs_of_activation)],
+        ),
+    )
+
+
+class _Fallback(NamedTuple):
+    asset: dg.AssetsDefinition
+    job: Any  # what define_asset_job returns (an unresolved asset job)
+
+
+def _fallback_defs(
+    activation: run.Activation,
+    partitions: dg.PartitionsDefinition,
+    common: dict[str, Any],
+    deliveries_key: dg.AssetKey,
+    audience_key: dg.AssetKey,
+    main_job: str,
+) -> _Fallback:
+    """The `<name>/fallback` asset and the job that materialises it alone."""
+    name = activation.name
+    plan = activation.spec.channel_plan
+    spec = fb.fallback_spec(activation)
+    step = plan.step_for(spec.channel)
+    key = dg.AssetKey([name, "fallback"])
+    connector_keys = set(activation.spec.connectors())
+    config_class = create_model(
+        f"{_class_name(name)}FallbackConfig",
+        __base__=dg.Config,
+        dry_run=(
+            bool,
+            Field(
+                default=False,
+                description="Preview only: decide who is due a fallback and what the policy "
+                "says, write nothing to the ledger and send nothing.",
+            ),
+        ),
+        not_delivered_within_minutes=(
+            float,
+            Field(
+                default=spec.not_delivered_within_minutes,
+                description="Fall back when the first message is not delivered this many "
+                "minutes after it was sent (from the activation's channel_plan.fallback).",
+            ),
+        ),
+    )
+    read_rule = (
+        f", or not read within {spec.not_read_within_hours:g} h"
+        if spec.not_read_within_hours is not None
+        else ""
+    )
+
+    @dg.asset(
+        key=key,
+        description=f"Fallback to {spec.channel} (via {step.connector}) for customers whose "
+        f"first message did not land: failed with a code meaning they cannot receive it there, "
+        f"or not delivered within {spec.not_delivered_within_minutes:g} minutes{read_rule}. "
+        "The policy is applied again for the fallback channel; ledger rows link to the first "
+        "message. Launched by the fallback sensor.",
+        deps=[deliveries_key],
+        required_resource_keys={"warehouse", "ledger", *connector_keys},
+        code_version="1",
+        **common,
+    )
+    def fallback(context: dg.AssetExecutionContext, config: config_class) -> dg.MaterializeResult:  # type: ignore[valid-type]
+        connectors = _connectors(context, connector_keys)
+        decisions = fb.compute_fallback_decisions(
+            activation,
+            context.resources.warehouse.warehouse(),
+            context.resources.ledger.ledger(),
+            connectors,
+            partition_key=context.partition_key,
+            now=datetime.now(UTC),
+            parameters=_partition_parameters(context, audience_key),
+            not_delivered_within_minutes=config.not_delivered_within_minutes,
+        )
+        summary = fb.deliver_fallback(
+            activation,
+            decisions,
+            context.resources.ledger.ledger(),
+            connectors,
+            partition_key=context.partition_key,
+            dry_run=config.dry_run,
+            run_id=context.run.run_id,
+        )
+        return dg.MaterializeResult(metadata=fb.fallback_metadata(decisions, summary))
+
+    job = dg.define_asset_job(
+        name=f"{name}_fallback_job",
+        selection=dg.AssetSelection.assets(key),
+        tags={"activation": name, "step": FALLBACK_STEP},
+        description=f"Send the {name} fallback ({spec.channel}) to customers of one partition "
+        f"whose first message did not land (see {main_job}).",
+    )
+    return _Fallback(fallback, job)
+
+
+def _fallback_sensor(activation: run.Activation, job: Any, jobs: list[str]) -> dg.SensorDefinition:
+    name = activation.name
+
+    @dg.sensor(
+        name=f"{name}_fallback",
+        job=job,
+        minimum_interval_seconds=60,
+        default_status=dg.DefaultSensorStatus.RUNNING
+        if activation.spec.schedule.enabled
+        else dg.DefaultSensorStatus.STOPPED,
+        description="Launches the fallback of a partition when first messages are due one "
+        "(failed as unreachable, or not delivered in the plan's window), and when fallbacks "
+        "deferred by quiet hours become due.",
+    )
+    def fallback_sensor(context: dg.SensorEvaluationContext, ledger: LedgerResource) -> Any:
+        if active := _active_run(context.instance, jobs):
+            return dg.SkipReason(f"{active} is already queued or running")
+        store = ledger.ledger()
+        now = datetime.now(UTC)
+        due = fb.due_fallbacks(activation, store, now)
+        partitions = set(due["partition_key"].to_list())
+        partitions |= set(store.due_partitions(name, now, step=FALLBACK_STEP))
+        if not partitions:
+            return dg.SkipReason("no first message is due a fallback")
+        # One run per partition and minute at most: a run that finds nothing new sends nothing.
+        minute = now.strftime("%Y-%m-%dT%H:%M")
+        return [
+            dg.RunRequest(
+                run_key=f"{partition}:fallback:{minute}",
+                partition_key=partition,
+                tags={"activation": name, "trigger": "fallback"},
+            )
+            for partition in sorted(partitions)
+        ]
+
+    return fallback_sensor
+
+
+def _partition_parameters(context: dg.AssetExecutionContext, audience_key: dg.AssetKey) -> dict:
+    """The audience parameters the partition's latest run used (its audience metadata), so
+    the fallback sees the audience the first messages went to; empty: the defaults."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=audience_key, asset_partitions=[context.partition_key]),
+        limit=1,
+    ).records
+    if not records:
+        return {}
+    value = records[0].asset_materialization.metadata.get("parameters")
+    return dict(value.value) if value is not None else {}  # type: ignore[arg-type]
 
 
 class DeliveriesConfig(dg.Config):
@@ -321,10 +482,11 @@ class DeliveriesConfig(dg.Config):
     )
 
 
-def _active_run(instance: dg.DagsterInstance, job_name: str) -> bool:
-    """Is a run of this job queued or in progress? (One guard against double sends.)"""
-    return bool(
-        instance.get_run_records(
+def _active_run(instance: dg.DagsterInstance, job_names: list[str]) -> str | None:
+    """The first of these jobs with a run queued or in progress, if any (one guard against
+    double sends)."""
+    for job_name in job_names:
+        if instance.get_run_records(
             dg.RunsFilter(
                 job_name=job_name,
                 statuses=[
@@ -335,8 +497,9 @@ def _active_run(instance: dg.DagsterInstance, job_name: str) -> bool:
                 ],
             ),
             limit=1,
-        )
-    )
+        ):
+            return job_name
+    return None
 
 
 def _connectors(context: Any, names: set[str]) -> dict[str, Any]:

@@ -53,6 +53,9 @@ class Capabilities:
     # The platform keeps the message and its approval itself (a CEP's campaign): there is no
     # template catalog to check, the "template" a step names is the platform's campaign.
     platform_owns_templates: bool = False
+    # Error codes (at send time or in a failed status report) meaning "this customer cannot
+    # receive messages on this channel": a plan's fallback sends the next channel at once.
+    unreachable_codes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

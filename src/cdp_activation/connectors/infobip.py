@@ -103,6 +103,8 @@ class InfobipConnector:
         # endpoint's own throttle (4,000 requests/s) is far above it. Raise per sender tier.
         default_rate_per_second=80.0,
         idempotency=False,  # the specs document no de-duplication on messageId or bulkId
+        # The report's status name when undeliverable, or the network's "unknown subscriber".
+        unreachable_codes=frozenset({"UNDELIVERABLE_NOT_DELIVERED", "EC_UNKNOWN_SUBSCRIBER"}),
     )
 
     def __init__(

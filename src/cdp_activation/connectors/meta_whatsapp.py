@@ -59,6 +59,10 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
         max_batch_size=1,
         default_rate_per_second=80.0,
         idempotency=False,  # /messages has no idempotency key: a lost answer means UNKNOWN
+        # 131026 "Message undeliverable": not a WhatsApp user, an outdated app, or terms not
+        # accepted. 131049 "not delivered to maintain healthy ecosystem engagement" (Meta's
+        # per-user marketing limit) also means WhatsApp will not carry it to this customer.
+        unreachable_codes=frozenset({"131026", "131049"}),
     )
 
     def __init__(

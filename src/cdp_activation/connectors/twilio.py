@@ -68,6 +68,10 @@ class TwilioConnector(OneRecipientHttpConnector):
         # not left queueing (and expiring) at Twilio.
         default_rate_per_second=100.0,
         idempotency=False,  # no IdempotencyKey on Messages: a lost answer means UNKNOWN
+        # WhatsApp 63003 (To is not on the channel), 63024 (invalid recipient); SMS 30003
+        # (unreachable handset), 30005 (unknown handset), 30006 (landline or unreachable
+        # carrier).
+        unreachable_codes=frozenset({"63003", "63024", "30003", "30005", "30006"}),
     )
 
     def __init__(

@@ -72,6 +72,8 @@ class VonageConnector(OneRecipientHttpConnector):
         # throughput for outbound messages; a 429 (code 1000) slows us down beyond that.
         default_rate_per_second=30.0,
         idempotency=False,  # client_ref is echoed in statuses, not used to de-duplicate
+        # 1430 invalid recipient, 1050 number barred on the channel.
+        unreachable_codes=frozenset({"1430", "1050"}),
     )
 
     def __init__(

@@ -100,6 +100,8 @@ class WebhookConnector:
         # Our own receiver sets the pace: 500 msg/s is a safe start; configure it per receiver.
         default_rate_per_second=500.0,
         idempotency=True,  # the contract obliges the receiver to honour Idempotency-Key
+        # The contract's status report code for "this recipient cannot be reached here".
+        unreachable_codes=frozenset({"undeliverable", "invalid_number"}),
     )
 
     def __init__(
@@ -120,6 +122,7 @@ class WebhookConnector:
             max_batch_size=batch_size,
             default_rate_per_second=WebhookConnector.capabilities.default_rate_per_second,
             idempotency=True,
+            unreachable_codes=WebhookConnector.capabilities.unreachable_codes,
         )
 
     @classmethod

@@ -16,6 +16,7 @@ CHANNEL_SUPPRESSED = "suppressed"  # per channel, e.g. sms_suppressed
 TEMPLATE_NOT_APPROVED = "template_not_approved"
 OUTSIDE_WINDOW = "outside_window"
 INVALID_VARIABLES = "invalid_variables"
+LEFT_AUDIENCE = "left_audience"  # fallback only: the audience SQL no longer returns them
 
 # Customer-level reasons: no channel of the plan can be used.
 CUSTOMER_REASONS: dict[str, str] = {
@@ -27,6 +28,8 @@ CUSTOMER_REASONS: dict[str, str] = {
     FREQUENCY_CAPPED: "Reached a frequency cap on every channel (policy.frequency_caps), "
     "counted across all activations from the ledger.",
     HOLDOUT: "In the activation's control group: recorded, never messaged, to measure uplift.",
+    LEFT_AUDIENCE: "Fallback not sent: when it was due, the audience SQL no longer returned "
+    "the customer (they ordered, say, since the first message).",
 }
 
 # Channel-level reasons, reported as `<channel>_<reason>`.

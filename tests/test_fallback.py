@@ -1,0 +1,191 @@
+"""Which first messages are due a fallback, on a real ledger (SQLite and PostgreSQL).
+
+Each customer's first message is put in a known state the way delivery and the status
+receiver put it there (plan, in flight, the provider's answer, status reports), and the
+ledger's selection is checked against the rules of `channel_plan.fallback`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pytest
+
+from cdp_activation.connectors.base import Outcome, SendResult
+from cdp_activation.ledger import (
+    FALLBACK_STEP,
+    PRIMARY_NOT_DELIVERED,
+    PRIMARY_NOT_READ,
+    PRIMARY_UNREACHABLE,
+    Ledger,
+)
+from cdp_activation.statuses import StatusEvent
+
+pytestmark = pytest.mark.integration
+
+CODES = {"meta_whatsapp": frozenset({"131026"})}
+# customer -> (outcome of the send, its error code, the status reports that followed)
+FIRST_MESSAGES: dict[str, tuple[Outcome, str | None, list[tuple[str, str | None]]]] = {
+    "delivered": (Outcome.SENT, None, [("sent", None), ("delivered", None)]),
+    "read": (Outcome.SENT, None, [("delivered", None), ("read", None)]),
+    "silent": (Outcome.SENT, None, []),  # accepted, never reported beyond that
+    "only_sent": (Outcome.SENT, None, [("sent", None)]),
+    "reported_unreachable": (Outcome.SENT, None, [("sent", None), ("failed", "131026")]),
+    "reported_other_failure": (Outcome.SENT, None, [("failed", "131000")]),
+    "refused_unreachable": (Outcome.FAILED, "131026", []),
+    "refused_other": (Outcome.FAILED, "131047", []),
+    "lost_answer": (Outcome.UNKNOWN, None, []),
+    "retries_exhausted": (Outcome.RETRY, "http_503", []),
+}
+
+
+@pytest.fixture
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    ledger = Ledger(ledger_url)
+    _first_messages(ledger)
+    yield ledger
+    ledger.dispose()
+
+
+def _first_messages(ledger: Ledger) -> None:
+    customers = list(FIRST_MESSAGES)
+    n = len(customers)
+    frame = pl.DataFrame(
+        {
+            "customer_id": customers,
+            "phone_e164": [f"+4479111{i:05d}" for i in range(n)],
+            "channel": ["whatsapp"] * n,
+            "connector": ["meta_whatsapp"] * n,
+            "step": ["initial"] * n,
+            "template_name": ["winback_offer"] * n,
+            "template_language": ["en"] * n,
+            "variables": [["Ann"]] * n,
+            "body": [None] * n,
+        },
+        schema_overrides={"body": pl.String},
+    )
+    # An SMS first message never falls back to SMS.
+    sms = frame.head(1).with_columns(
+        customer_id=pl.lit("sms_customer"),
+        channel=pl.lit("sms"),
+        connector=pl.lit("twilio"),
+        template_name=pl.lit(None, dtype=pl.String),
+        body=pl.lit("Hi"),
+    )
+    ledger.plan("winback", "2026-12-01", pl.concat([frame, sms]))
+    rows = {r.customer_id: r for r in ledger.pending("winback", "2026-12-01")}
+    ledger.mark_in_flight([r.id for r in rows.values()])
+    results = []
+    for customer, (outcome, code, _) in FIRST_MESSAGES.items():
+        row = rows[customer]
+        pid = f"wamid.{customer}" if outcome == Outcome.SENT else None
+        results.append((row.id, SendResult(row.idempotency_key, outcome, pid, error_code=code), 1))
+    results.append(
+        (rows["sms_customer"].id, SendResult("k", Outcome.FAILED, None, error_code="30003"), 1)
+    )
+    ledger.record(results)
+    at = datetime.now(UTC)
+    events = [
+        StatusEvent("meta", f"wamid.{customer}", status, at, f"{customer}|{status}", code)
+        for customer, (_, _, reports) in FIRST_MESSAGES.items()
+        for status, code in reports
+    ]
+    ledger.record_statuses(events)
+
+
+def _due(ledger: Ledger, *, window_passed: bool, read_window: bool = False) -> dict[str, str]:
+    now = datetime.now(UTC)
+    by = now + timedelta(minutes=1) if window_passed else now - timedelta(minutes=30)
+    frame = ledger.due_fallbacks(
+        "winback",
+        "sms",
+        not_delivered_by=by,
+        not_read_by=by if read_window else None,
+        unreachable_codes=CODES,
+    )
+    return dict(zip(frame["customer_id"], frame["fallback_reason"], strict=True))
+
+
+def test_before_the_window_only_unreachable_customers_fall_back(ledger: Ledger) -> None:
+    assert _due(ledger, window_passed=False) == {
+        "reported_unreachable": PRIMARY_UNREACHABLE,
+        "refused_unreachable": PRIMARY_UNREACHABLE,
+    }
+
+
+def test_after_the_window_everything_not_delivered_falls_back_but_unknown_never(
+    ledger: Ledger,
+) -> None:
+    assert _due(ledger, window_passed=True) == {
+        "silent": PRIMARY_NOT_DELIVERED,
+        "only_sent": PRIMARY_NOT_DELIVERED,
+        "reported_unreachable": PRIMARY_UNREACHABLE,
+        "reported_other_failure": PRIMARY_NOT_DELIVERED,
+        "refused_unreachable": PRIMARY_UNREACHABLE,
+        "refused_other": PRIMARY_NOT_DELIVERED,
+        "retries_exhausted": PRIMARY_NOT_DELIVERED,
+    }
+
+
+def test_not_read_falls_back_only_when_the_plan_asks(ledger: Ledger) -> None:
+    due = _due(ledger, window_passed=True, read_window=True)
+    assert due["delivered"] == PRIMARY_NOT_READ
+    assert "read" not in due and "lost_answer" not in due
+
+
+def _fallback_rows(ledger: Ledger, customers: list[str], decision: str) -> None:
+    due = ledger.due_fallbacks(
+        "winback",
+        "sms",
+        not_delivered_by=datetime.now(UTC) + timedelta(minutes=1),
+        unreachable_codes=CODES,
+    ).filter(pl.col("customer_id").is_in(customers))
+    n = due.height
+    ledger.plan(
+        "winback",
+        "2026-12-01",
+        due.select("customer_id", "fallback_of", "fallback_reason").with_columns(
+            phone_e164=pl.lit("+447911100000"),
+            channel=pl.lit("sms"),
+            connector=pl.lit("twilio"),
+            step=pl.lit(FALLBACK_STEP),
+            template_name=pl.lit(None, dtype=pl.String),
+            template_language=pl.lit(None, dtype=pl.String),
+            variables=pl.lit(None, dtype=pl.List(pl.String)),
+            body=pl.lit("Hi"),
+            decision=pl.lit(decision),
+            reason=pl.lit("sms_no_consent" if decision == "exclude" else None, dtype=pl.String),
+        ),
+    )
+    assert n == len(customers)
+
+
+def test_a_decided_fallback_is_not_due_again_and_a_planned_one_is_decided_again(
+    ledger: Ledger,
+) -> None:
+    _fallback_rows(ledger, ["silent"], "exclude")
+    _fallback_rows(ledger, ["only_sent"], "send")
+    due = _due(ledger, window_passed=True)
+    assert "silent" not in due  # refused (excluded, with its reason): decided once
+    assert due["only_sent"] == PRIMARY_NOT_DELIVERED  # planned, not sent: the policy looks again
+    rows = ledger.rows("winback").filter(pl.col("step") == FALLBACK_STEP)
+    refused = rows.filter(pl.col("customer_id") == "silent").row(0, named=True)
+    assert (refused["state"], refused["error_code"]) == ("excluded", "sms_no_consent")
+    assert refused["fallback_reason"] == PRIMARY_NOT_DELIVERED
+
+
+def test_a_planned_fallback_whose_first_message_lands_meanwhile_is_cancelled(
+    ledger: Ledger,
+) -> None:
+    _fallback_rows(ledger, ["silent", "only_sent"], "send")
+    late = StatusEvent("meta", "wamid.silent", "delivered", datetime.now(UTC), "late|delivered")
+    assert ledger.record_statuses([late]).advanced == 1
+    assert ledger.cancel_landed_fallbacks("winback", "2026-12-01") == 1
+    rows = ledger.rows("winback").filter(pl.col("step") == FALLBACK_STEP)
+    states = dict(zip(rows["customer_id"], rows["state"], strict=True))
+    assert states == {"silent": "cancelled", "only_sent": "planned"}
+    # Only planned rows of the fallback step are candidates to send.
+    pending = ledger.pending("winback", "2026-12-01", step=FALLBACK_STEP)
+    assert [r.customer_id for r in pending] == ["only_sent"]
