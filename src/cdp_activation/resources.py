@@ -20,6 +20,7 @@ from cdp_activation.connectors.twilio import TwilioConnector
 from cdp_activation.connectors.vonage import VonageConnector
 from cdp_activation.connectors.webhook import DEFAULT_BATCH_SIZE, WebhookConnector
 from cdp_activation.ledger import Ledger
+from cdp_activation.send_log import SendLogExport, export_send_log
 from cdp_activation.settings import (
     SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,
@@ -49,6 +50,16 @@ class LedgerResource(dg.ConfigurableResource):
 
     def ledger(self) -> Ledger:
         return Ledger(self.url)
+
+
+class SendLogResource(dg.ConfigurableResource):
+    """Where the ledger is exported for analysts (`activation_send_log`): a writable DuckDB
+    file or SQLAlchemy URL, by default the warehouse's."""
+
+    url: str
+
+    def export(self, ledger: Ledger) -> SendLogExport:
+        return export_send_log(ledger, self.url)
 
 
 class ConnectorResource(dg.ConfigurableResource):

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
 
     warehouse_url: str = ""  # default: duckdb:///<dagster_home>/demo_warehouse.duckdb
     ledger_url: str = ""  # default: sqlite:///<dagster_home>/ledger.sqlite
+    # Where the send log is written (`activation_send_log`); default: the warehouse. Give a
+    # writable connection here and keep CDP_WAREHOUSE_URL read-only.
+    send_log_url: str = ""
     sandbox_port: int = SANDBOX_PORT
 
     meta_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/meta"
@@ -136,6 +139,8 @@ class Settings(BaseSettings):
             self.warehouse_url = f"duckdb:///{home / 'demo_warehouse.duckdb'}"
         if not self.ledger_url:
             self.ledger_url = f"sqlite:///{home / 'ledger.sqlite'}"
+        if not self.send_log_url:
+            self.send_log_url = self.warehouse_url
 
     def meta_token(self) -> str:
         return resolve_secret(

@@ -14,6 +14,7 @@ from cdp_activation.resources import (
     LedgerResource,
     LineResource,
     MetaWhatsAppResource,
+    SendLogResource,
     TwilioResource,
     VonageResource,
     WarehouseResource,
@@ -33,6 +34,10 @@ def _env_secret(name: str) -> dg.EnvVar | None:
 @dg.definitions
 def resources() -> dg.Definitions:
     settings = get_settings()
+    # The send log goes to the warehouse unless a (writable) URL of its own is set.
+    send_log_variable = (
+        "CDP_SEND_LOG_URL" if os.environ.get("CDP_SEND_LOG_URL") else "CDP_WAREHOUSE_URL"
+    )
     return dg.Definitions(
         resources={
             # A database URL may hold a password: when it comes from the environment it stays
@@ -41,6 +46,7 @@ def resources() -> dg.Definitions:
                 url=_env_or("CDP_WAREHOUSE_URL", settings.warehouse_url)
             ),
             "ledger": LedgerResource(url=_env_or("CDP_LEDGER_URL", settings.ledger_url)),
+            "send_log": SendLogResource(url=_env_or(send_log_variable, settings.send_log_url)),
             "meta_whatsapp": MetaWhatsAppResource(
                 base_url=settings.meta_base_url,
                 api_version=settings.meta_api_version,

@@ -1,0 +1,41 @@
+"""Shared asset: the send log, the ledger exported to the warehouse for analysts."""
+
+import dagster as dg
+
+from cdp_activation.resources import LedgerResource, SendLogResource
+from cdp_activation.send_log import SEND_LOG_TABLE
+
+
+@dg.asset(
+    key="send_log",
+    group_name="send_log",
+    kinds={"sql"},
+    description=f"Every send of every activation, exported from the ledger to the warehouse "
+    f"table `{SEND_LOG_TABLE}` (one row per send in its latest state: step, channel, state, "
+    "delivery status, fallback link and reason, holdouts), incrementally. For analysts to join "
+    "to outcomes; no phone numbers or message texts.",
+)
+def send_log(ledger: LedgerResource, send_log: SendLogResource) -> dg.MaterializeResult:
+    store = ledger.ledger()
+    try:
+        export = send_log.export(store)
+    finally:
+        store.dispose()
+    return dg.MaterializeResult(
+        metadata={
+            "exported_rows": export.exported,
+            "dagster/row_count": export.table_rows,
+            "table": SEND_LOG_TABLE,
+            "changed_since": export.since.isoformat() if export.since else "the beginning",
+        }
+    )
+
+
+send_log_job = dg.define_asset_job("export_send_log", selection=dg.AssetSelection.assets(send_log))
+
+send_log_schedule = dg.ScheduleDefinition(
+    job=send_log_job,
+    cron_schedule="*/15 * * * *",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Export the ledger's new and changed sends every 15 minutes (off until turned on).",
+)

@@ -1,0 +1,129 @@
+"""The send log: the ledger exported incrementally to a real warehouse (DuckDB, PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import polars as pl
+import pytest
+import sqlalchemy as sa
+
+from cdp_activation.connectors.base import Outcome, SendResult
+from cdp_activation.defs.send_log import send_log
+from cdp_activation.ledger import Ledger, sends
+from cdp_activation.resources import LedgerResource, SendLogResource
+from cdp_activation.send_log import COLUMNS, SEND_LOG_TABLE, export_send_log
+from cdp_activation.statuses import StatusEvent
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["duckdb", "postgresql"])
+def warehouse_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "duckdb":
+        yield f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+        return
+    base = os.environ.get("TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("TEST_POSTGRES_URL is not set (CI sets it)")
+    schema = f"send_log_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
+    with admin.begin() as con:
+        con.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as con:
+            con.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def read_log(url: str) -> pl.DataFrame:
+    if url.startswith("duckdb:///"):
+        with duckdb.connect(url.removeprefix("duckdb:///")) as con:
+            return con.sql(f"SELECT * FROM {SEND_LOG_TABLE} ORDER BY send_id").pl()
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as con:
+            return pl.read_database(f"SELECT * FROM {SEND_LOG_TABLE} ORDER BY send_id", con)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    """Three customers: one sent, one failed, one held out."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    frame = pl.DataFrame(
+        {
+            "customer_id": ["c1", "c2", "c3"],
+            "phone_e164": ["+447911100001", "+447911100002", "+447911100003"],
+            "channel": ["whatsapp"] * 3,
+            "connector": ["meta_whatsapp"] * 3,
+            "step": ["initial"] * 3,
+            "template_name": ["winback_offer"] * 3,
+            "template_language": ["en"] * 3,
+            "variables": [["Ann"], ["Bob"], ["Cy"]],
+            "body": [None, None, None],
+            "decision": ["send", "send", "holdout"],
+        },
+        schema_overrides={"body": pl.String},
+    )
+    ledger.plan("winback", "2026-12-01", frame)
+    rows = ledger.pending("winback", "2026-12-01")
+    ledger.mark_in_flight([r.id for r in rows])
+    ledger.record(
+        [
+            (rows[0].id, SendResult(rows[0].idempotency_key, Outcome.SENT, "wamid.1"), 1),
+            (rows[1].id, SendResult(rows[1].idempotency_key, Outcome.FAILED, None, "131026"), 1),
+        ]
+    )
+    yield ledger
+    ledger.dispose()
+
+
+def test_the_ledger_is_exported_once_per_send_and_changes_follow_incrementally(
+    ledger: Ledger, warehouse_url: str
+) -> None:
+    first = export_send_log(ledger, warehouse_url)
+    assert (first.exported, first.since, first.table_rows) == (3, None, 3)
+    log = read_log(warehouse_url)
+    assert log.columns == list(COLUMNS)  # no phone number, no message text
+    assert dict(zip(log["customer_id"], log["state"], strict=True)) == {
+        "c1": "sent",
+        "c2": "failed",
+        "c3": "holdout",
+    }
+    assert export_send_log(ledger, warehouse_url).table_rows == 3  # again: no duplicate
+
+    # Time passes: the rows exported earlier are older than the export's overlap.
+    with ledger.engine.begin() as con:
+        con.execute(sends.update().values(updated_at=datetime.now(UTC) - timedelta(days=1)))
+    nothing_new = export_send_log(ledger, warehouse_url)
+    assert nothing_new.exported == 0 and nothing_new.table_rows == 3
+
+    # A status report changes one send: only it is exported, and the log shows it.
+    read = StatusEvent("meta", "wamid.1", "read", datetime.now(UTC), "meta|wamid.1|read")
+    assert ledger.record_statuses([read]).advanced == 1
+    changed = export_send_log(ledger, warehouse_url)
+    assert (changed.exported, changed.table_rows) == (1, 3)
+    log = read_log(warehouse_url)
+    assert log.filter(pl.col("customer_id") == "c1")["delivery_status"].to_list() == ["read"]
+
+
+def test_the_send_log_asset_exports_through_its_resources(ledger: Ledger, tmp_path: Path) -> None:
+    url = f"duckdb:///{tmp_path / 'analytics.duckdb'}"
+    result = dg.materialize(
+        [send_log],
+        resources={"ledger": LedgerResource(url=ledger.url), "send_log": SendLogResource(url=url)},
+    )
+    assert result.success
+    meta = result.asset_materializations_for_node("send_log")[0].metadata
+    assert meta["exported_rows"].value == 3 and meta["dagster/row_count"].value == 3
+    assert read_log(url).height == 3
