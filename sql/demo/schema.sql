@@ -55,3 +55,15 @@ CREATE OR REPLACE TABLE orders (
     amount      DECIMAL(10, 2) NOT NULL,
     currency    VARCHAR NOT NULL      -- ISO 4217
 );
+
+-- Braze Currents' WhatsApp message events as they land in a warehouse (read by the status
+-- source sql/statuses/braze_currents.sql). Empty in the demo, which sends through Meta and
+-- Twilio, whose statuses come back as webhooks.
+CREATE OR REPLACE TABLE braze_currents_whatsapp_events (
+    id                  VARCHAR NOT NULL,  -- the event's id
+    event_type          VARCHAR NOT NULL,  -- users.messages.whatsapp.{Send,Delivery,Read,Failure}
+    external_user_id    VARCHAR,
+    dispatch_id         VARCHAR,
+    "time"              BIGINT NOT NULL,   -- Unix seconds
+    provider_error_code VARCHAR
+);

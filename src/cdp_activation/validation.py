@@ -1,8 +1,8 @@
 """`cdp-activation validate`: check every activation and audience SQL file, report all problems.
 
 Unlike loading the Dagster definitions, which stops at the first broken activation, this walks
-every `defs.yaml` and every `sql/audiences/*.sql` and collects each problem with its file, line
-and field, so an analyst fixes them in one pass.
+every `defs.yaml`, every `sql/audiences/*.sql` and `sql/statuses/*.sql`, and collects each
+problem with its file, line and field, so an analyst fixes them in one pass.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from cdp_activation.audience_sql import AudienceSQLError, load_audience_sql, sql
 from cdp_activation.connectors import CONNECTORS
 from cdp_activation.settings import get_settings
 from cdp_activation.specs import ActivationSpec
+from cdp_activation.status_sources import STATUS_SQL_DIR
 
 COMPONENT_TYPES = {
     "cdp_activation.components.ActivationComponent",
@@ -40,7 +41,7 @@ def validate_project(root: Path) -> tuple[list[str], list[str]]:
         problems.extend(found)
         if not found:
             valid.append(name)
-    for path in sorted((root / "sql" / "audiences").glob("*.sql")):
+    for path in sorted([*(root / "sql" / "audiences").glob("*.sql"), *statuses_sql(root)]):
         try:
             load_audience_sql(path, dialect)
         except AudienceSQLError as err:
@@ -48,6 +49,11 @@ def validate_project(root: Path) -> tuple[list[str], list[str]]:
             if message not in problems and not any(message in p for p in problems):
                 problems.append(message)
     return valid, problems
+
+
+def statuses_sql(root: Path) -> list[Path]:
+    """The status sources' SQL: read-only single SELECTs, like audiences."""
+    return sorted((root / STATUS_SQL_DIR).glob("*.sql"))
 
 
 def validate_defs_yaml(path: Path, root: Path, dialect: str = "duckdb") -> list[str]:
