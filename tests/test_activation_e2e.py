@@ -526,10 +526,31 @@ def test_whatsapp_that_does_not_land_falls_back_to_sms_once_and_a_late_delivery_
         assert too_early.due_codes == {"131026": too_early.due["primary_unreachable"]}
 
         time_machine.move_to(RUN_AT + timedelta(minutes=31), tick=True)
+        # The sensor asks for the partition's fallback once the window has passed.
+        assert [r.partition_key for r in fallback_sensor_requests(env)] == [partition]
         texts_before = sum(m.provider == "twilio" for m in sandbox.messages())
+        decided = ledger.rows("winback_whatsapp", partition).filter(
+            (pl.col("step") == "fallback") & (pl.col("state") != "planned")
+        )
+        assert decided.height == too_early.sent + too_early.failed + sum(
+            too_early.excluded.values()
+        )
+        preview = run_fallback("winback_whatsapp", partition, dry_run=True)
+        assert preview.success and preview.sent == 0 and preview.eligible > 0
+        assert sum(preview.due.values()) == len(expected_due) - decided.height
+        assert sum(m.provider == "twilio" for m in sandbox.messages()) == texts_before
+        after_preview = ledger.rows("winback_whatsapp", partition)
+        assert after_preview.filter(pl.col("step") == "fallback").height == (
+            too_early.sent
+            + too_early.failed
+            + sum(too_early.excluded.values())
+            + too_early.deferred
+        )
         result = run_fallback("winback_whatsapp", partition)
         assert result.success, result.error
         assert result.due.get("primary_not_delivered", 0) > 0
+        first_messages = result.first_messages
+        assert first_messages.get("delivered", 0) + first_messages.get("read", 0) == landed.height
 
         rows = ledger.rows("winback_whatsapp", partition)
         fallbacks = rows.filter(pl.col("step") == "fallback")
@@ -580,4 +601,16 @@ def test_whatsapp_that_does_not_land_falls_back_to_sms_once_and_a_late_delivery_
             fallbacks.sort("id")["state"].to_list()
         )
         assert sum(m.provider == "twilio" for m in sandbox.messages()) == len(texts)
+        assert isinstance(fallback_sensor_requests(env), dg.SkipReason)
     ledger.dispose()
+
+
+def fallback_sensor_requests(env: SimpleNamespace) -> Any:
+    from cdp_activation.resources import LedgerResource
+    from cdp_activation.runner import load_definitions
+
+    sensor = load_definitions().resolve_sensor_def("winback_whatsapp_fallback")
+    with dg.build_sensor_context(
+        instance=dg.DagsterInstance.get(), resources={"ledger": LedgerResource(url=env.ledger_url)}
+    ) as context:
+        return sensor(context)

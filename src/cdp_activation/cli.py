@@ -126,7 +126,7 @@ def _status_webhooks(stack: ExitStack, sandbox_url: str) -> str | None:
 
 def _settled_statuses(activation: str, partition: str, quiet: float = 1.0) -> dict[str, int]:
     """Delivery statuses of the partition once the reports stop changing (at most ~15 s)."""
-    from cdp_activation.ledger import Ledger
+    from cdp_activation.ledger import INITIAL_STEP, Ledger
 
     ledger = Ledger(get_settings().ledger_url)
     try:
@@ -135,7 +135,7 @@ def _settled_statuses(activation: str, partition: str, quiet: float = 1.0) -> di
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             ledger.apply_pending_statuses()
-            counts = ledger.delivery_status_counts(activation, partition)
+            counts = ledger.delivery_status_counts(activation, partition, step=INITIAL_STEP)
             if counts != last:
                 last, stable_since = counts, time.monotonic()
             elif time.monotonic() - stable_since >= quiet:
@@ -482,6 +482,14 @@ def _fallback_table(summary: Any) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
+    first = summary.first_messages
+    if first:
+        landed = first.get("delivered", 0) + first.get("read", 0)
+        table.add_row("first messages · delivered or read", f"{landed:,}")
+        for status, count in sorted(first.items()):
+            if status not in ("delivered", "read"):
+                label = "sent, not delivered" if status == "sent" else status
+                table.add_row(f"first messages · {label}", f"{count:,}")
     table.add_row("due a fallback", f"{sum(summary.due.values()):,}")
     for reason, count in summary.due.items():
         table.add_row(f"why · {FALLBACK_REASONS.get(reason, reason)}", f"{count:,}")

@@ -238,15 +238,23 @@ def deliver_fallback(
     )
 
 
-def fallback_metadata(decisions: FallbackDecisions, summary: DeliverySummary) -> dict[str, Any]:
-    """The fallback asset's materialisation metadata: why customers were due, what the policy
-    decided for the fallback channel, and what was sent."""
+def fallback_metadata(
+    decisions: FallbackDecisions, summary: DeliverySummary, first_messages: Mapping[str, int]
+) -> dict[str, Any]:
+    """The fallback asset's materialisation metadata: what became of the first messages, why
+    customers were due, what the policy decided for the fallback channel, and what was sent.
+    `first_messages` is `Ledger.first_message_outcomes`."""
     import dagster as dg
 
     from cdp_activation.activation_run import delivery_metadata
 
     excluded = decisions.excluded_by_reason()
+    landed = first_messages.get("delivered", 0) + first_messages.get("read", 0)
     meta: dict[str, Any] = {
+        "first_messages_delivered": landed,
+        "first_messages_not_delivered": sum(first_messages.values()) - landed,
+        "first_messages": dg.MetadataValue.md(md_counts("First message", first_messages)),
+        "first_messages_json": dg.MetadataValue.json(dict(first_messages)),
         "channel": decisions.channel,
         "fallback_due": sum(decisions.due_by_reason.values()),
         "fallback_eligible": decisions.eligible(),

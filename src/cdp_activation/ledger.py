@@ -854,6 +854,30 @@ class Ledger:
             found.update(r.event_key for r in rows)
         return found
 
+    def first_message_outcomes(
+        self, activation: str, partition_key: str, fallback_channel: str
+    ) -> dict[str, int]:
+        """First messages (step `initial`) on the channels that fall back, by what became of
+        them: the latest delivery status of an accepted one (`sent` if none beyond it), else
+        its state (`failed`, `unknown`, `planned`, …)."""
+        outcome = sa.case(
+            (sends.c.state == SENT, sa.func.coalesce(sends.c.delivery_status, SENT)),
+            else_=sends.c.state,
+        )
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(outcome, sa.func.count())
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.step == INITIAL_STEP,
+                    sends.c.channel != fallback_channel,
+                    sends.c.state != HOLDOUT,
+                )
+                .group_by(outcome)
+            ).all()
+        return {status: count for status, count in rows}
+
     def newest_status_time(self, source: str) -> datetime | None:
         """The provider time of the newest event stored from a status source (its cursor)."""
         with self.engine.connect() as con:
@@ -864,9 +888,12 @@ class Ledger:
             ).scalar_one()
         return _aware(value) if value is not None else None
 
-    def delivery_status_counts(self, activation: str, partition_key: str) -> dict[str, int]:
-        """Accepted sends of one partition by their latest delivery report ("sent" when the
-        provider has not reported beyond accepting it)."""
+    def delivery_status_counts(
+        self, activation: str, partition_key: str, step: str | None = None
+    ) -> dict[str, int]:
+        """Accepted sends of one partition (of `step`, if given) by their latest delivery
+        report ("sent" when the provider has not reported beyond accepting it)."""
+        only_step = () if step is None else (sends.c.step == step,)
         with self.engine.connect() as con:
             rows = con.execute(
                 sa.select(sa.func.coalesce(sends.c.delivery_status, "sent"), sa.func.count())
@@ -874,6 +901,7 @@ class Ledger:
                     sends.c.activation == activation,
                     sends.c.partition_key == partition_key,
                     sends.c.state == SENT,
+                    *only_step,
                 )
                 .group_by(sa.func.coalesce(sends.c.delivery_status, "sent"))
             ).all()

@@ -157,6 +157,7 @@ class FallbackSummary:
     success: bool
     dry_run: bool
     channel: str = ""
+    first_messages: dict[str, int] = field(default_factory=dict)  # by outcome (delivered, …)
     due: dict[str, int] = field(default_factory=dict)  # by fallback_reason
     due_codes: dict[str, int] = field(default_factory=dict)  # failure codes among the due
     eligible: int = 0
@@ -215,6 +216,7 @@ def run_fallback(
                 k: v.value
                 for k, v in event.step_materialization_data.materialization.metadata.items()
             }
+            summary.first_messages = _int_map(meta.get("first_messages_json"))
             summary.due = _int_map(meta.get("due_by_reason_json"))
             summary.due_codes = _int_map(meta.get("due_by_code_json"))
             summary.excluded = _int_map(meta.get("excluded_by_reason_json"))

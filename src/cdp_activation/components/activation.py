@@ -392,26 +392,31 @@ def _fallback_defs(
     )
     def fallback(context: dg.AssetExecutionContext, config: config_class) -> dg.MaterializeResult:  # type: ignore[valid-type]
         connectors = _connectors(context, connector_keys)
-        decisions = fb.compute_fallback_decisions(
-            activation,
-            context.resources.warehouse.warehouse(),
-            context.resources.ledger.ledger(),
-            connectors,
-            partition_key=context.partition_key,
-            now=datetime.now(UTC),
-            parameters=_partition_parameters(context, audience_key),
-            not_delivered_within_minutes=config.not_delivered_within_minutes,
-        )
-        summary = fb.deliver_fallback(
-            activation,
-            decisions,
-            context.resources.ledger.ledger(),
-            connectors,
-            partition_key=context.partition_key,
-            dry_run=config.dry_run,
-            run_id=context.run.run_id,
-        )
-        return dg.MaterializeResult(metadata=fb.fallback_metadata(decisions, summary))
+        store = context.resources.ledger.ledger()
+        try:
+            decisions = fb.compute_fallback_decisions(
+                activation,
+                context.resources.warehouse.warehouse(),
+                store,
+                connectors,
+                partition_key=context.partition_key,
+                now=datetime.now(UTC),
+                parameters=_partition_parameters(context, audience_key),
+                not_delivered_within_minutes=config.not_delivered_within_minutes,
+            )
+            summary = fb.deliver_fallback(
+                activation,
+                decisions,
+                store,
+                connectors,
+                partition_key=context.partition_key,
+                dry_run=config.dry_run,
+                run_id=context.run.run_id,
+            )
+            outcomes = store.first_message_outcomes(name, context.partition_key, spec.channel)
+        finally:
+            store.dispose()
+        return dg.MaterializeResult(metadata=fb.fallback_metadata(decisions, summary, outcomes))
 
     job = dg.define_asset_job(
         name=f"{name}_fallback_job",
