@@ -602,6 +602,19 @@ def test_whatsapp_that_does_not_land_falls_back_to_sms_once_and_a_late_delivery_
         )
         assert sum(m.provider == "twilio" for m in sandbox.messages()) == len(texts)
         assert isinstance(fallback_sensor_requests(env), dg.SkipReason)
+
+        # A fallback run killed while its requests were in the air leaves rows in flight:
+        # the next run makes them `unknown` (Twilio has no idempotency key) and resends none.
+        from cdp_activation.ledger import sends
+
+        in_air = fallbacks.filter(pl.col("state") == "sent")["id"].head(5).to_list()
+        with ledger.engine.begin() as con:
+            con.execute(sends.update().where(sends.c.id.in_(in_air)).values(state="in_flight"))
+        recovered = run_fallback("winback_whatsapp", partition)
+        assert recovered.success and recovered.sent == 0
+        states = ledger.rows("winback_whatsapp", partition).filter(pl.col("id").is_in(in_air))
+        assert set(states["state"]) == {"unknown"}
+        assert sum(m.provider == "twilio" for m in sandbox.messages()) == len(texts)
     ledger.dispose()
 
 

@@ -568,15 +568,7 @@ def deliver_decisions(
             summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
             return summary
 
-        resend_unknown = activation.spec.delivery.resend_unknown
-        idempotent = [
-            n for n, c in connectors.items() if c.capabilities.idempotency or resend_unknown
-        ]
-        summary.recovered_in_flight = ledger.recover_interrupted(
-            activation.name, partition_key, idempotent
-        )
-        if resend_unknown:  # opted in: the customer may get these twice
-            summary.resent_unknown = ledger.replan_unknown(activation.name, partition_key)
+        recover_interrupted(activation, ledger, connectors, partition_key, summary)
         planned = ledger.plan(
             activation.name,
             partition_key,
@@ -620,6 +612,25 @@ def deliver_decisions(
         if summary.elapsed_seconds and summary.sent:
             summary.throughput_per_second = round(summary.sent / summary.elapsed_seconds, 1)
         ledger.dispose()
+
+
+def recover_interrupted(
+    activation: Activation,
+    ledger: Ledger,
+    connectors: Mapping[str, Connector],
+    partition_key: str,
+    summary: DeliverySummary,
+) -> None:
+    """Before anything is planned or sent: rows a crashed run left in flight become `unknown`
+    (or `planned` again through an idempotent provider), and with `resend_unknown` the
+    partition's unknown rows are planned again."""
+    resend_unknown = activation.spec.delivery.resend_unknown
+    idempotent = [n for n, c in connectors.items() if c.capabilities.idempotency or resend_unknown]
+    summary.recovered_in_flight = ledger.recover_interrupted(
+        activation.name, partition_key, idempotent
+    )
+    if resend_unknown:  # opted in: the customer may get these twice
+        summary.resent_unknown = ledger.replan_unknown(activation.name, partition_key)
 
 
 def _estimate_seconds(chosen: pl.DataFrame, connectors: Mapping[str, Connector], n: int) -> float:

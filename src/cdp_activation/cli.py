@@ -486,10 +486,10 @@ def _fallback_table(summary: Any) -> Table:
     if first:
         landed = first.get("delivered", 0) + first.get("read", 0)
         table.add_row("first messages · delivered or read", f"{landed:,}")
+        labels = {"sent": "sent, not delivered", "planned": "deferred, not sent yet"}
         for status, count in sorted(first.items()):
             if status not in ("delivered", "read"):
-                label = "sent, not delivered" if status == "sent" else status
-                table.add_row(f"first messages · {label}", f"{count:,}")
+                table.add_row(f"first messages · {labels.get(status, status)}", f"{count:,}")
     table.add_row("due a fallback", f"{sum(summary.due.values()):,}")
     for reason, count in summary.due.items():
         table.add_row(f"why · {FALLBACK_REASONS.get(reason, reason)}", f"{count:,}")

@@ -35,6 +35,7 @@ from cdp_activation.activation_run import (
     compute_decisions,
     deliver_decisions,
     md_counts,
+    recover_interrupted,
 )
 from cdp_activation.connectors import connector_class
 from cdp_activation.connectors.base import Connector
@@ -220,7 +221,9 @@ def deliver_fallback(
     if decisions.frame.is_empty():
         summary = DeliverySummary(activation.name, partition_key, dry_run)
         if not dry_run:
-            # Nothing newly due; planned fallbacks whose first message landed since are moot.
+            # Nothing newly due: still mend what a crashed run left in flight, and cancel
+            # planned fallbacks whose first message has landed since.
+            recover_interrupted(activation, ledger, connectors, partition_key, summary)
             summary.cancelled = ledger.cancel_landed_fallbacks(activation.name, partition_key)
             summary.ledger_states = ledger.counts(activation.name, partition_key)
         ledger.dispose()
