@@ -476,7 +476,7 @@ FALLBACK_REASONS = {
 
 def _fallback_table(summary: Any) -> Table:
     channel = summary.channel or "fallback"
-    title = f"{summary.activation} · partition {summary.partition} · fallback to {channel}"
+    title = f"{summary.activation} · {summary.partition} · fallback to {channel}"
     if summary.dry_run:
         title += " · DRY RUN (nothing sent)"
     table = Table(title=title, show_header=False, title_justify="left")
