@@ -627,3 +627,99 @@ def fallback_sensor_requests(env: SimpleNamespace) -> Any:
         instance=dg.DagsterInstance.get(), resources={"ledger": LedgerResource(url=env.ledger_url)}
     ) as context:
         return sensor(context)
+
+
+def test_a_large_send_needs_a_recent_matching_preview_plan_then_apply(
+    env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partition = TODAY.isoformat()
+    monkeypatch.setenv("CDP_CONFIRM_ABOVE", "100")
+    blind = run_activation("winback_whatsapp", partition)
+    assert not blind.success
+    assert "Not sent: this send would message" in (blind.error or "")
+    assert "has no preview of" in (blind.error or "")
+    assert_nothing_sent(env, blind, "winback_whatsapp")
+
+    preview = run_activation("winback_whatsapp", partition, dry_run=True)
+    assert preview.success and sum(preview.eligible.values()) > 100
+    # The audience moved a lot since the preview (a stricter threshold): previewed again first.
+    moved = run_activation("winback_whatsapp", partition, parameters={"lapse_threshold": 0.9})
+    assert not moved.success and "more than 10%" in (moved.error or "")
+    assert_nothing_sent(env, moved, "winback_whatsapp")
+
+    monkeypatch.setenv("CDP_PREVIEW_VALID_HOURS", "0.0001")  # the preview is now too old
+    stale = run_activation("winback_whatsapp", partition)
+    assert not stale.success and "older than" in (stale.error or "")
+    monkeypatch.delenv("CDP_PREVIEW_VALID_HOURS")
+
+    sent = run_activation("winback_whatsapp", partition)
+    assert sent.success, sent.error
+    assert sent.sent > 100 and len(env.sandbox.messages()) == sent.sent
+
+
+def test_scheduled_runs_send_without_a_preview_and_the_launchpad_default_is_a_dry_run(
+    env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cdp_activation.runner import load_definitions
+
+    partition = TODAY.isoformat()
+    monkeypatch.setenv("CDP_CONFIRM_ABOVE", "100")
+    definitions = load_definitions()
+    # The Launchpad with nothing changed: every default, dry_run included.
+    launchpad = definitions.resolve_job_def("winback_whatsapp_job").execute_in_process(
+        instance=dg.DagsterInstance.get(), partition_key=partition
+    )
+    assert launchpad.success
+    assert env.sandbox.messages() == [] and ledger_rows(env).is_empty()
+    # What the schedule asks for: a real send, not asked for a preview.
+    schedule = definitions.resolve_schedule_def("winback_whatsapp_schedule")
+    request = schedule.evaluate_tick(
+        dg.build_schedule_context(
+            instance=dg.DagsterInstance.get(),
+            scheduled_execution_time=RUN_AT,
+            repository_def=definitions.get_repository_def(),
+        )
+    ).run_requests[0]
+    assert request.run_config == {
+        "ops": {"winback_whatsapp__deliveries": {"config": {"dry_run": False}}}
+    }
+    scheduled = run_activation(
+        "winback_whatsapp", partition, tags={"dagster/schedule_name": schedule.name}
+    )
+    assert scheduled.success, scheduled.error
+    assert scheduled.sent > 100
+
+
+def test_the_preview_prices_every_message_and_the_marketer_s_choices_apply(
+    env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prices = env.tmp / "prices.yaml"
+    prices.write_text(
+        "currency: EUR\nchannels: {whatsapp: {marketing: 2.0, transactional: 9.0}, sms: 1.0}\n"
+        "countries: {GB: {sms: 10.0}}\n"
+    )
+    monkeypatch.setenv("CDP_PRICES_FILE", str(prices))
+    partition = TODAY.isoformat()
+    preview = run_activation("winback_whatsapp", partition, dry_run=True)
+    assert preview.success, preview.error
+    assert ledger_rows(env).is_empty()  # a preview writes nothing
+    # Every WhatsApp message at 2.0, every SMS at 1.0, except British SMS at 10.0.
+    assert preview.currency == "EUR"
+    flat = 2.0 * preview.eligible["whatsapp"] + 1.0 * preview.eligible["sms"]
+    assert preview.estimated_cost is not None
+    british_sms = (preview.estimated_cost - flat) / 9.0
+    assert british_sms > 0 and british_sms.is_integer()
+    assert "+44" not in preview.sample_messages.replace("+44*", "")  # numbers masked
+
+    # Another template, not approved: nobody gets WhatsApp, each with the reason.
+    pending = run_activation("winback_whatsapp", partition, dry_run=True, template="spring_sale")
+    assert pending.success
+    assert "whatsapp" not in pending.eligible
+    assert any("whatsapp_template_not_approved" in r for r in pending.excluded)
+    # A send window of the whole day: nobody is deferred at 14:00 UTC.
+    all_day = run_activation(
+        "winback_whatsapp", partition, dry_run=True, send_window=("00:00", "23:59")
+    )
+    assert all_day.success and all_day.deferred == 0 and preview.deferred > 0
+    bad = run_activation("winback_whatsapp", partition, dry_run=True, send_window=("9am", "5pm"))
+    assert not bad.success and "send window 9am-5pm" in (bad.error or "")

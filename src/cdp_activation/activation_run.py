@@ -6,6 +6,7 @@ The Dagster assets call these functions; tests and the CLI can call them without
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 import polars as pl
+from pydantic import ValidationError
 
 from cdp_activation.audience_sql import AudienceQuery, load_audience_sql
 from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
@@ -40,8 +42,9 @@ from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
 from cdp_activation.policy.window import last_inbound_column
-from cdp_activation.settings import is_loopback, project_root
-from cdp_activation.specs import ActivationSpec, ChannelPlanSpec, coerce_parameter
+from cdp_activation.pricing import estimate_cost, load_prices
+from cdp_activation.settings import get_settings, is_loopback, project_root
+from cdp_activation.specs import ActivationSpec, ChannelPlanSpec, QuietHoursSpec, coerce_parameter
 from cdp_activation.warehouse import Warehouse
 
 
@@ -362,6 +365,72 @@ def compute_decisions(
     )
 
 
+def with_run_choices(
+    activation: Activation,
+    template: str | None = None,
+    send_window: tuple[str, str] | None = None,
+) -> Activation:
+    """The activation with a run's Launchpad choices: another template name for the plan's
+    first template step, and the local send window (the complement of the quiet hours).
+    Invalid values are refused with the field's name; the policy still checks the template
+    against the provider's catalog."""
+    spec = activation.spec
+    plan = spec.channel_plan
+    steps = list(plan.steps)
+    if template:
+        index = next((i for i, s in enumerate(steps) if s.template is not None), None)
+        if index is None:
+            raise ValueError(f"template {template!r}: the plan of {activation.name} has none")
+        old = steps[index]
+        steps[index] = old.model_copy(
+            update={"template": old.template.model_copy(update={"name": template})}  # type: ignore[union-attr]
+        )
+    policy = spec.policy
+    if send_window is not None:
+        start, end = send_window
+        try:
+            quiet = QuietHoursSpec(enabled=policy.quiet_hours.enabled, start=end, end=start)
+        except ValidationError as err:
+            message = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"send window {start}-{end}: {message}") from None
+        policy = policy.model_copy(update={"quiet_hours": quiet})
+    changed = spec.model_copy(
+        update={"channel_plan": plan.model_copy(update={"steps": steps}), "policy": policy}
+    )
+    return dataclasses.replace(activation, spec=changed)
+
+
+def cost_metadata(
+    result: Decisions, audience: pl.DataFrame, plan: ChannelPlanSpec
+) -> dict[str, Any]:
+    """The preview's estimated cost: every chosen message at its unit price for the
+    customer's country and the channel (`pricing.py`; CDP_PRICES_FILE)."""
+    import dagster as dg
+
+    prices = load_prices(get_settings().prices_path())
+    chosen = result.chosen.select(pl.col("customer_id").cast(pl.String), "channel").join(
+        audience.select(pl.col("customer_id").cast(pl.String), "country"),
+        on="customer_id",
+        how="left",
+    )
+    total, by_channel, unpriced = estimate_cost(chosen, prices, plan.purpose)
+    lines = [f"| channel | estimated cost ({prices.currency}) |", "|---|---:|"]
+    lines += [f"| {c} | {v:,.2f} |" for c, v in by_channel.items()]
+    meta: dict[str, Any] = {
+        "estimated_cost": dg.MetadataValue.float(total),
+        "currency": prices.currency,
+        "estimated_cost_by_channel": dg.MetadataValue.md("\n".join(lines)),
+    }
+    if unpriced:
+        meta["messages_without_a_price"] = unpriced
+    return meta
+
+
+def eligible_count(decisions: pl.DataFrame) -> int:
+    """Customers a run would message, now or after their quiet hours."""
+    return decisions.filter(pl.col("decision").is_in([SEND, DEFER])).height
+
+
 def md_counts(title: str, counts: Mapping[str, int], describe: bool = False) -> str:
     if not counts:
         return f"_no {title.lower()}_"
@@ -503,6 +572,7 @@ class DeliverySummary:
     activation: str
     partition: str
     dry_run: bool
+    eligible: int = 0  # chosen now or after quiet hours (what a preview is compared on)
     to_send: int = 0
     deferred: int = 0
     holdout: int = 0
@@ -550,6 +620,7 @@ def deliver_decisions(
         decisions.filter(pl.col("decision").is_in(recorded)), activation.spec.channel_plan
     )
     summary = DeliverySummary(activation=activation.name, partition=partition_key, dry_run=dry_run)
+    summary.eligible = chosen.height
     summary.holdout = decisions.filter(pl.col("decision") == HOLDOUT).height
     keys = [
         idempotency_key(activation.name, partition_key, str(c), s)
@@ -650,6 +721,7 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
 
     meta: dict[str, Any] = {
         "dry_run": summary.dry_run,
+        "eligible": summary.eligible,
         "to_send": summary.to_send,
         "deferred": summary.deferred,
         "holdout": summary.holdout,

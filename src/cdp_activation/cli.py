@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, suppress
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime
 from datetime import time as dtime
 from typing import Any
@@ -55,7 +56,7 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
     # Anchor the data at the start of the partition's day: every demo run of the same day
     # sees the same warehouse, so a second run has nothing new to send.
     as_of = datetime.combine(datetime.fromisoformat(partition), dtime.min, tzinfo=UTC)
-    console.print(f"[bold]1/4[/] demo warehouse: {customers:,} customers → {path}")
+    console.print(f"[bold]1/5[/] demo warehouse: {customers:,} customers → {path}")
     counts = generate_demo_warehouse(path, customers=customers, seed=seed, as_of=as_of)
     console.print("    " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
     with ExitStack() as stack:
@@ -70,15 +71,29 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
         os.environ.setdefault("CDP_META_RATE_PER_SECOND", "1000")
         os.environ.setdefault("CDP_TWILIO_RATE_PER_SECOND", "1000")
         hooks = None if dry_run else _status_webhooks(stack, url)
-        console.print(f"[bold]3/4[/] materialising winback_whatsapp for {partition} via Dagster")
-        summary = run_activation("winback_whatsapp", partition, dry_run=dry_run)
-        reports = _settled_statuses("winback_whatsapp", partition) if hooks else None
+        # Plan, then apply: the preview a marketer checks before a send, through Dagster.
+        console.print(f"[bold]3/5[/] preview (dry run) of winback_whatsapp for {partition}")
+        summary = run_activation("winback_whatsapp", partition, dry_run=True)
+        if summary.success:
+            cost = summary.estimated_cost or 0.0
+            console.print(
+                f"    would send {summary.to_send:,} now ({summary.deferred:,} deferred by "
+                f"quiet hours), estimated cost {cost:,.2f} {summary.currency}, about "
+                f"{summary.estimated_seconds or 0:,.0f} s at the providers' rate limits",
+                highlight=False,
+            )
+        reports = None
+        if not dry_run and summary.success:
+            console.print(f"[bold]4/5[/] sending winback_whatsapp for {partition} via Dagster")
+            with _progress_bar("winback_whatsapp", partition):
+                summary = run_activation("winback_whatsapp", partition, dry_run=False)
+            reports = _settled_statuses("winback_whatsapp", partition) if hooks else None
         fallback = None
         if reports is not None and summary.success:
             # The plan falls back after 30 minutes; the demo's statuses have settled, so it
             # does not wait: whatever is not delivered now falls back now.
             console.print(
-                "[bold]4/4[/] fallback: SMS where WhatsApp did not land (demo: the plan's "
+                "[bold]5/5[/] fallback: SMS where WhatsApp did not land (demo: the plan's "
                 "30-minute window shortened to 0)"
             )
             fallback = run_fallback("winback_whatsapp", partition, not_delivered_within_minutes=0)
@@ -154,7 +169,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/4[/] ") -> str:
+def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/5[/] ") -> str:
     url = f"http://127.0.0.1:{port}"
     try:
         if httpx.get(f"{url}/_sandbox/health", timeout=1).status_code == 200:
@@ -208,6 +223,12 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
     help="Audience SQL parameter, e.g. --param lapse_threshold=0.8 (repeatable).",
 )
 @click.option("--max-recipients", type=int, help="Cap the recipients of this run.")
+@click.option("--template", help="Another approved template for the plan's template step.")
+@click.option(
+    "--send-window",
+    metavar="HH:MM-HH:MM",
+    help="Local hours messages may go out, e.g. 09:00-20:00 (default: the activation's).",
+)
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
 def run(
     activation: str,
@@ -215,9 +236,55 @@ def run(
     dry_run: bool,
     params: tuple[str, ...],
     max_recipients: int | None,
+    template: str | None,
+    send_window: str | None,
     as_json: bool,
 ) -> None:
-    from cdp_activation.runner import ActivationNotFound, run_activation
+    summary = _run(activation, partition, dry_run, params, max_recipients, template, send_window)
+    _report(summary, as_json)
+
+
+@main.command(
+    help="Preview one activation for a partition (a dry run): who would be messaged on which "
+    "channel, who not and why, sample messages (numbers masked), estimated cost and duration. "
+    "Nothing is sent; a real send of more than CDP_CONFIRM_ABOVE recipients needs it first."
+)
+@click.argument("activation")
+@click.option("--partition", help="Partition date, YYYY-MM-DD (default: today, UTC).")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Audience SQL parameter, e.g. --param lapse_threshold=0.8 (repeatable).",
+)
+@click.option("--max-recipients", type=int, help="Cap the recipients of this run.")
+@click.option("--template", help="Another approved template for the plan's template step.")
+@click.option("--send-window", metavar="HH:MM-HH:MM", help="Local hours messages may go out.")
+@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
+def preview(
+    activation: str,
+    partition: str | None,
+    params: tuple[str, ...],
+    max_recipients: int | None,
+    template: str | None,
+    send_window: str | None,
+    as_json: bool,
+) -> None:
+    summary = _run(activation, partition, True, params, max_recipients, template, send_window)
+    _report(summary, as_json, show_samples=True)
+
+
+def _run(
+    activation: str,
+    partition: str | None,
+    dry_run: bool,
+    params: tuple[str, ...],
+    max_recipients: int | None,
+    template: str | None,
+    send_window: str | None,
+) -> Any:
+    from cdp_activation.runner import ActivationNotFound, run_activation, today_partition
 
     parameters: dict[str, Any] = {}
     for item in params:
@@ -225,19 +292,86 @@ def run(
         if not sep:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         parameters[key] = _yaml_scalar(value)
+    window = None
+    if send_window is not None:
+        start, sep, end = send_window.partition("-")
+        if not sep:
+            raise click.BadParameter(
+                f"{send_window!r} is not HH:MM-HH:MM", param_hint="--send-window"
+            )
+        window = (start.strip(), end.strip())
+    partition = partition or today_partition()
     with ExitStack() as stack:
         _start_sandbox_if_needed(stack)
+        if not dry_run:
+            stack.enter_context(_progress_bar(activation, partition))
         try:
-            summary = run_activation(
+            return run_activation(
                 activation,
                 partition,
                 dry_run=dry_run,
                 parameters=parameters,
                 max_recipients=max_recipients,
+                template=template,
+                send_window=window,
             )
         except ActivationNotFound as err:
             raise click.ClickException(str(err)) from None
-    _report(summary, as_json)
+
+
+@contextmanager
+def _progress_bar(activation: str, partition: str, every: float = 0.5) -> Iterator[None]:
+    """A progress bar (done of due, rate, ETA) for a real send, drawn from the ledger by a
+    thread while the run goes on; nothing shows until rows are planned."""
+    import threading
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from cdp_activation.ledger import Ledger
+
+    stop = threading.Event()
+    ledger = Ledger(get_settings().ledger_url)
+    start_done, _ = ledger.progress(activation, partition)
+    columns = (
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+
+    def poll(progress: Progress) -> None:
+        task = None
+        finished = False
+        while not finished:
+            finished = stop.wait(every)  # one last look once the run is over
+            done, left = ledger.progress(activation, partition)
+            done -= start_done
+            if task is None and left == 0:
+                continue
+            total = done + left
+            if task is None:
+                task = progress.add_task("send", total=total, rate="")
+            speed = progress.tasks[task].speed
+            rate = f"{speed:,.0f} msg/s" if speed else ""
+            progress.update(task, completed=done, total=total, rate=rate)
+
+    with Progress(*columns, console=console, transient=False) as progress:
+        thread = threading.Thread(target=poll, args=(progress,), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            ledger.dispose()
 
 
 @main.command(
@@ -407,6 +541,7 @@ def _report(
     sandbox_url: str | None = None,
     reports: dict[str, int] | None = None,
     fallback: Any = None,
+    show_samples: bool = False,
 ) -> None:
     out = Console()
     title = f"{summary.activation} · partition {summary.partition}"
@@ -430,6 +565,8 @@ def _report(
         table.add_row("would send", f"{summary.to_send:,}")
         if summary.estimated_seconds is not None:
             table.add_row("estimated duration", f"{summary.estimated_seconds:,.1f} s")
+    if summary.estimated_cost is not None:
+        table.add_row(f"estimated cost ({summary.currency})", f"{summary.estimated_cost:,.2f}")
     else:
         table.add_row("sent", f"{summary.sent:,}")
         table.add_row("failed", f"{summary.failed:,}")
@@ -445,6 +582,11 @@ def _report(
             table.add_row(f"delivery reports · {label}", f"{reports.get(status, 0):,}")
     table.add_row("elapsed", f"{summary.elapsed_seconds:,.1f} s")
     out.print(table)
+    if show_samples and summary.sample_messages:
+        from rich.markdown import Markdown
+
+        out.print("[bold]sample messages[/] (phone numbers masked)")
+        out.print(Markdown(summary.sample_messages))
     if fallback is not None:
         out.print(_fallback_table(fallback))
         if fallback.error:

@@ -557,6 +557,29 @@ class Ledger:
                 )
             ).scalar_one()
 
+    def progress(
+        self, activation: str, partition_key: str, now: datetime | None = None
+    ) -> tuple[int, int]:
+        """(done, left) of one partition: rows with an outcome (sent, failed, unknown,
+        dead-lettered), and rows due to go (planned and due, or in flight). For a progress bar;
+        deferred rows are in neither."""
+        now = now or _now()
+        done = sends.c.state.in_([SENT, FAILED, UNKNOWN, DEAD_LETTER])
+        due = sa.or_(
+            sends.c.state == IN_FLIGHT,
+            sa.and_(
+                sends.c.state == PLANNED,
+                sa.or_(sends.c.not_before.is_(None), sends.c.not_before <= now),
+            ),
+        )
+        with self.engine.connect() as con:
+            row = con.execute(
+                sa.select(sa.func.count().filter(done), sa.func.count().filter(due)).where(
+                    sends.c.activation == activation, sends.c.partition_key == partition_key
+                )
+            ).one()
+        return int(row[0]), int(row[1])
+
     def due_partitions(
         self, activation: str, now: datetime | None = None, step: str | None = None
     ) -> dict[str, datetime]:

@@ -48,6 +48,10 @@ class RunSummary:
     already_sent: int = 0
     resent_unknown: int = 0  # unknown rows sent again (delivery.resend_unknown)
     error_codes: dict[str, int] = field(default_factory=dict)
+    estimated_cost: float | None = None
+    currency: str = ""
+    estimated_cost_by_channel: str = ""  # Markdown table
+    sample_messages: str = ""  # Markdown table, phone numbers masked
     failed_checks: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     elapsed_seconds: float = 0.0
@@ -98,6 +102,8 @@ def run_activation(
     dry_run: bool = False,
     parameters: Mapping[str, Any] | None = None,
     max_recipients: int | None = None,
+    template: str | None = None,
+    send_window: tuple[str, str] | None = None,
     log_level: str = "CRITICAL",  # the caller reports; Dagster's own log has the details
     definitions: dg.Definitions | None = None,
     instance: dg.DagsterInstance | None = None,
@@ -123,8 +129,15 @@ def run_activation(
     }
     if parameters:
         ops[f"{name}__audience"] = {"config": dict(parameters)}
+    choices: dict[str, Any] = {}
     if max_recipients is not None:
-        ops[f"{name}__decisions"] = {"config": {"max_recipients": max_recipients}}
+        choices["max_recipients"] = max_recipients
+    if template is not None:
+        choices["template"] = template
+    if send_window is not None:
+        choices["send_window_start"], choices["send_window_end"] = send_window
+    if choices:
+        ops[f"{name}__decisions"] = {"config": choices}
     started = time.perf_counter()
     result = _execute(
         definitions,
@@ -284,6 +297,13 @@ def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
                     if k.startswith("excluded_") and k != "excluded_by_reason"
                 }
                 summary.holdout = int(meta.get("holdout", 0))
+                if "estimated_cost" in meta:
+                    summary.estimated_cost = float(meta["estimated_cost"])
+                    summary.currency = str(meta.get("currency", ""))
+                    summary.estimated_cost_by_channel = str(
+                        meta.get("estimated_cost_by_channel", "")
+                    )
+                summary.sample_messages = str(meta.get("sample_messages", ""))
             elif key == "deliveries":
                 # Every count the deliveries asset recorded that the summary also reports.
                 for attr in COUNTS & meta.keys():

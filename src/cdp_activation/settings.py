@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cdp_activation.confirmation import ConfirmPolicy
 from cdp_activation.connectors.base import ConnectorConfigError
 
 if TYPE_CHECKING:
@@ -72,6 +73,14 @@ class Settings(BaseSettings):
     # Where the send log is written (`activation_send_log`); default: the warehouse. Give a
     # writable connection here and keep CDP_WAREHOUSE_URL read-only.
     send_log_url: str = ""
+    # Plan, then apply (confirmation.py): a send of more than `confirm_above` recipients needs
+    # a preview of the same partition in the last `preview_valid_hours`, whose count it may
+    # not exceed or undercut by more than `preview_max_change` (a share).
+    confirm_above: int = 1000
+    preview_valid_hours: float = 24.0
+    preview_max_change: float = 0.10
+    # Unit prices for the preview's cost estimate (pricing.py); default: the packaged list.
+    prices_file: str = ""
     sandbox_port: int = SANDBOX_PORT
 
     meta_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/meta"
@@ -141,6 +150,10 @@ class Settings(BaseSettings):
             self.ledger_url = f"sqlite:///{home / 'ledger.sqlite'}"
         if not self.send_log_url:
             self.send_log_url = self.warehouse_url
+
+    def prices_path(self) -> Path | None:
+        """The price list file (CDP_PRICES_FILE), or None for the packaged one."""
+        return Path(self.prices_file) if self.prices_file else None
 
     def meta_token(self) -> str:
         return resolve_secret(
@@ -247,6 +260,16 @@ def resolve_secret(
     raise ConnectorConfigError(
         f"{env_name} is not set, and the connector points at {base_url}, which is not the local "
         f"sandbox. Set {env_name} in the environment (or .env) to the provider's credential."
+    )
+
+
+def confirm_policy() -> ConfirmPolicy:
+    """The confirm-before-send thresholds of the current environment."""
+    settings = get_settings()
+    return ConfirmPolicy(
+        confirm_above=settings.confirm_above,
+        valid_hours=settings.preview_valid_hours,
+        max_change=settings.preview_max_change,
     )
 
 

@@ -14,9 +14,10 @@ from pydantic import Field, create_model
 from cdp_activation import activation_run as run
 from cdp_activation import fallback as fb
 from cdp_activation.audience_sql import sql_dialect
+from cdp_activation.confirmation import Preview, confirmation_problem
 from cdp_activation.ledger import FALLBACK_STEP, INITIAL_STEP
 from cdp_activation.resources import LedgerResource
-from cdp_activation.settings import get_settings
+from cdp_activation.settings import confirm_policy, get_settings
 from cdp_activation.specs import ActivationSpec, coerce_parameter
 from cdp_activation.templates_catalog import CATALOG_CONNECTORS
 
@@ -54,12 +55,26 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         f"{s.channel} ({s.template.name if s.template else 'text'} via {s.connector})"
         for s in spec.channel_plan.steps
     )
+    fallback_text = (
+        f"; fallback to {spec.channel_plan.fallback.channel} when not delivered within "
+        f"{spec.channel_plan.fallback.not_delivered_within_minutes:g} min"
+        if spec.channel_plan.fallback
+        else ""
+    )
     common: dict[str, Any] = {
         "group_name": name,
         "partitions_def": partitions,
         "owners": [spec.owner] if spec.owner else None,
         "tags": {"activation": name},
         "kinds": {"polars"},
+        # What a marketer reads on each asset of the campaign map (the Definition tab).
+        "metadata": {
+            "channel_plan": f"{spec.channel_plan.purpose}: {plan_text}{fallback_text}",
+            "audience_sql": dg.MetadataValue.path(spec.audience.sql),
+            "activation_yaml": dg.MetadataValue.path(
+                f"src/cdp_activation/defs/activations/{name}/defs.yaml"
+            ),
+        },
     }
 
     audience_config = _audience_config_class(activation)
@@ -83,6 +98,8 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         context.add_output_metadata(run.audience_metadata(frame, params, context.partition_key))
         return frame
 
+    quiet = spec.policy.quiet_hours
+    first_template = next((s.template for s in spec.channel_plan.steps if s.template), None)
     decisions_config = create_model(
         f"{_class_name(name)}DecisionsConfig",
         __base__=dg.Config,
@@ -92,6 +109,31 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
                 default=spec.limits.max_recipients,
                 description="Most customers this run may message; beyond it they are excluded "
                 "(over_recipient_cap), chosen by a stable hash. Empty: no cap.",
+            ),
+        ),
+        template=(
+            str | None,
+            Field(
+                default=first_template.name if first_template else None,
+                description="The template of the plan's first template step (e.g. another "
+                "approved WhatsApp template with the same variables). It must be APPROVED in "
+                "the provider's catalog, or nobody is sent it (template_not_approved).",
+            ),
+        ),
+        send_window_start=(
+            str,
+            Field(
+                default=quiet.end,
+                description="Earliest local time of day (HH:MM, in each customer's time zone) "
+                "a message may go out; earlier ones wait until then.",
+            ),
+        ),
+        send_window_end=(
+            str,
+            Field(
+                default=quiet.start,
+                description="Latest local time of day (HH:MM) a message may go out; later "
+                "ones wait until the next day's window.",
             ),
         ),
     )
@@ -112,8 +154,13 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         audience: pl.DataFrame,
     ) -> pl.DataFrame:
         connectors = _connectors(context, connector_keys)
-        result = run.compute_decisions(
+        chosen_activation = run.with_run_choices(
             activation,
+            template=config.template,
+            send_window=(config.send_window_start, config.send_window_end),
+        )
+        result = run.compute_decisions(
+            chosen_activation,
             audience,
             context.resources.warehouse.warehouse(),
             connectors,
@@ -122,7 +169,10 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             ledger=context.resources.ledger.ledger(),
             partition_key=context.partition_key,
         )
-        context.add_output_metadata(run.decisions_metadata(result, activation.spec.channel_plan))
+        plan = chosen_activation.spec.channel_plan
+        context.add_output_metadata(
+            {**run.decisions_metadata(result, plan), **run.cost_metadata(result, audience, plan)}
+        )
         return result.frame
 
     @dg.asset(
@@ -138,6 +188,20 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         context: dg.AssetExecutionContext, config: DeliveriesConfig, decisions: pl.DataFrame
     ) -> dg.MaterializeResult:
         connectors = _connectors(context, connector_keys)
+        if not config.dry_run and not _automated(context):
+            eligible = run.eligible_count(decisions)
+            problem = confirmation_problem(
+                name,
+                context.partition_key,
+                eligible,
+                _latest_preview(context, deliveries_key),
+                datetime.now(UTC),
+                confirm_policy(),
+            )
+            if problem:
+                raise dg.Failure(
+                    description=f"Not sent: {problem}", metadata={"eligible": eligible}
+                )
         summary = run.deliver_decisions(
             activation,
             decisions,
@@ -279,7 +343,10 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             return dg.SkipReason(f"{active} is already queued or running")
         partition_key = context.scheduled_execution_time.date().isoformat()
         return dg.RunRequest(
-            run_key=partition_key, partition_key=partition_key, tags={"activation": name}
+            run_key=partition_key,
+            partition_key=partition_key,
+            tags={"activation": name},
+            run_config=_send_for_real(f"{name}__deliveries"),
         )
 
     @dg.sensor(
@@ -303,6 +370,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
                 run_key=f"{partition}:deferred:{latest.isoformat()}",
                 partition_key=partition,
                 tags={"activation": name, "trigger": "deferred_sends"},
+                run_config=_send_for_real(f"{name}__deliveries"),
             )
             for partition, latest in sorted(due.items())
         ]
@@ -358,9 +426,10 @@ def _fallback_defs(
         dry_run=(
             bool,
             Field(
-                default=False,
-                description="Preview only: decide who is due a fallback and what the policy "
-                "says, write nothing to the ledger and send nothing.",
+                default=True,
+                description="Preview only (the default when launched by hand): decide who is "
+                "due a fallback and what the policy says, write nothing and send nothing. Set "
+                "false to send; the fallback sensor sends for real.",
             ),
         ),
         not_delivered_within_minutes=(
@@ -459,6 +528,7 @@ def _fallback_sensor(activation: run.Activation, job: Any, jobs: list[str]) -> d
                 run_key=f"{partition}:fallback:{minute}",
                 partition_key=partition,
                 tags={"activation": name, "trigger": "fallback"},
+                run_config=_send_for_real(f"{name}__fallback"),
             )
             for partition in sorted(partitions)
         ]
@@ -481,10 +551,37 @@ def _partition_parameters(context: dg.AssetExecutionContext, audience_key: dg.As
 
 class DeliveriesConfig(dg.Config):
     dry_run: bool = Field(
-        default=False,
-        description="Preview only: compute what would be sent and how long it would take, "
-        "write nothing to the ledger and send nothing.",
+        default=True,
+        description="Preview only (the default): compute who would be messaged, what it would "
+        "cost and how long it would take; write nothing to the ledger and send nothing. Set "
+        "false to send. A send of more than CDP_CONFIRM_ABOVE recipients needs a preview of "
+        "the same partition first (plan, then apply); schedules and sensors send for real.",
     )
+
+
+def _send_for_real(op: str) -> dict[str, Any]:
+    """Run config of an automated run: the Launchpad's default is a dry run, not theirs."""
+    return {"ops": {op: {"config": {"dry_run": False}}}}
+
+
+def _automated(context: dg.AssetExecutionContext) -> bool:
+    """Launched by a schedule or a sensor (the data engineers' automation), not by hand."""
+    tags = context.run.tags
+    return "dagster/schedule_name" in tags or "dagster/sensor_name" in tags
+
+
+def _latest_preview(context: dg.AssetExecutionContext, key: dg.AssetKey) -> Preview | None:
+    """The newest dry run of this asset's partition, from the instance's materialisations."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[context.partition_key]), limit=50
+    ).records
+    for record in records:  # newest first
+        meta = record.asset_materialization.metadata
+        dry = meta.get("dry_run")
+        if dry is not None and dry.value is True and "eligible" in meta:
+            at = datetime.fromtimestamp(record.timestamp, UTC)
+            return Preview(eligible=int(meta["eligible"].value), at=at, run_id=record.run_id)
+    return None
 
 
 def _active_run(instance: dg.DagsterInstance, job_names: list[str]) -> str | None:
