@@ -431,16 +431,13 @@ def eligible_count(decisions: pl.DataFrame) -> int:
     return decisions.filter(pl.col("decision").is_in([SEND, DEFER])).height
 
 
-def md_counts(title: str, counts: Mapping[str, int], describe: bool = False) -> str:
+def md_counts(title: str, counts: Mapping[str, int]) -> str:
+    """A Markdown table of counts, the count first: long codes must not push it out of view
+    in the UI's narrow metadata column."""
     if not counts:
         return f"_no {title.lower()}_"
-    head = f"| {title} | count |" + (" meaning |" if describe else "")
-    rule = "|---|---:|" + ("---|" if describe else "")
-    lines = [
-        f"| `{k}` | {v:,} |" + (f" {reasons.describe(k)} |" if describe else "")
-        for k, v in counts.items()
-    ]
-    return "\n".join([head, rule, *lines])
+    lines = [f"| {v:,} | `{k}` |" for k, v in counts.items()]
+    return "\n".join([f"| count | {title} |", "|---:|---|", *lines])
 
 
 def sample_messages(decisions: pl.DataFrame, plan: ChannelPlanSpec, per_channel: int = 3) -> str:
@@ -473,7 +470,11 @@ def decisions_metadata(result: Decisions, plan: ChannelPlanSpec) -> dict[str, An
         "deferred": counts[DEFER],
         "holdout": counts[HOLDOUT],
         "eligible_by_channel": dg.MetadataValue.md(md_counts("Channel", eligible)),
-        "excluded_by_reason": dg.MetadataValue.md(md_counts("Reason", excluded, describe=True)),
+        "excluded_by_reason": dg.MetadataValue.md(md_counts("Reason", excluded)),
+        "reason_meanings": dg.MetadataValue.md(
+            "\n".join(f"- `{code}`: {reasons.describe(code)}" for code in excluded)
+            or "_nobody excluded_"
+        ),
         "sample_messages": dg.MetadataValue.md(sample_messages(result.frame, plan)),
     }
     for channel, count in eligible.items():

@@ -263,7 +263,7 @@ def fallback_metadata(
         "fallback_eligible": decisions.eligible(),
         "fallback_excluded": sum(excluded.values()),
         "due_by_reason": dg.MetadataValue.md(md_counts("Why due", decisions.due_by_reason)),
-        "excluded_by_reason": dg.MetadataValue.md(md_counts("Reason", excluded, describe=True)),
+        "excluded_by_reason": dg.MetadataValue.md(md_counts("Reason", excluded)),
         "due_by_reason_json": dg.MetadataValue.json(decisions.due_by_reason),
         "due_by_code_json": dg.MetadataValue.json(decisions.due_by_code),
         "excluded_by_reason_json": dg.MetadataValue.json(excluded),
