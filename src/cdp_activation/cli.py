@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime
 from datetime import time as dtime
@@ -200,6 +201,18 @@ def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/5[/] ") -> st
     raise click.ClickException(f"the sandbox provider did not answer on {url} within 20 s")
 
 
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the process group, then SIGKILL after 20 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _stop_process(process: subprocess.Popen[bytes]) -> None:
     process.terminate()
     try:
@@ -211,25 +224,35 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
 # ---------------------------------------------------------------- run
 
 
+def _run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options `run` and `preview` share: which partition, and the Launchpad's choices."""
+    options = (
+        click.argument("activation"),
+        click.option("--partition", help="Partition date, YYYY-MM-DD (default: today, UTC)."),
+        click.option(
+            "--param",
+            "params",
+            multiple=True,
+            metavar="NAME=VALUE",
+            help="Audience SQL parameter, e.g. --param lapse_threshold=0.8 (repeatable).",
+        ),
+        click.option("--max-recipients", type=int, help="Cap the recipients of this run."),
+        click.option("--template", help="Another approved template for the plan's template step."),
+        click.option(
+            "--send-window",
+            metavar="HH:MM-HH:MM",
+            help="Local hours messages may go out, e.g. 09:00-20:00 (default: the activation's).",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="End with one JSON line."),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command(help="Run one activation through Dagster for a partition (default: today).")
-@click.argument("activation")
-@click.option("--partition", help="Partition date, YYYY-MM-DD (default: today, UTC).")
+@_run_options
 @click.option("--dry-run", is_flag=True, help="Preview only: decide, estimate, send nothing.")
-@click.option(
-    "--param",
-    "params",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="Audience SQL parameter, e.g. --param lapse_threshold=0.8 (repeatable).",
-)
-@click.option("--max-recipients", type=int, help="Cap the recipients of this run.")
-@click.option("--template", help="Another approved template for the plan's template step.")
-@click.option(
-    "--send-window",
-    metavar="HH:MM-HH:MM",
-    help="Local hours messages may go out, e.g. 09:00-20:00 (default: the activation's).",
-)
-@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
 def run(
     activation: str,
     partition: str | None,
@@ -249,19 +272,7 @@ def run(
     "channel, who not and why, sample messages (numbers masked), estimated cost and duration. "
     "Nothing is sent; a real send of more than CDP_CONFIRM_ABOVE recipients needs it first."
 )
-@click.argument("activation")
-@click.option("--partition", help="Partition date, YYYY-MM-DD (default: today, UTC).")
-@click.option(
-    "--param",
-    "params",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="Audience SQL parameter, e.g. --param lapse_threshold=0.8 (repeatable).",
-)
-@click.option("--max-recipients", type=int, help="Cap the recipients of this run.")
-@click.option("--template", help="Another approved template for the plan's template step.")
-@click.option("--send-window", metavar="HH:MM-HH:MM", help="Local hours messages may go out.")
-@click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
+@_run_options
 def preview(
     activation: str,
     partition: str | None,
@@ -528,8 +539,13 @@ def dev(port: int, sandbox_port: int) -> None:
             "-p",
             str(port),
         ]
+        # Its own process group, stopped as a whole however this command ends (Ctrl-C or a
+        # SIGTERM from a supervisor): otherwise its webserver, daemon and code server outlive us.
+        process = subprocess.Popen(command, cwd=project_root(), env=env, start_new_session=True)
+        stack.callback(_stop_group, process)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         with suppress(KeyboardInterrupt):
-            subprocess.run(command, cwd=project_root(), env=env, check=False)
+            process.wait()
 
 
 # ---------------------------------------------------------------- output

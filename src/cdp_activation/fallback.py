@@ -42,7 +42,7 @@ from cdp_activation.connectors.base import Connector
 from cdp_activation.delivery import DeliveryOptions
 from cdp_activation.ledger import FALLBACK_STEP, Ledger
 from cdp_activation.policy import reasons
-from cdp_activation.policy.engine import EXCLUDE
+from cdp_activation.policy.engine import EXCLUDE, excluded_by_reason
 from cdp_activation.specs import ChannelPlanSpec, FallbackSpec, HoldoutSpec
 from cdp_activation.warehouse import Warehouse
 
@@ -67,15 +67,7 @@ class FallbackDecisions:
         return self.frame.filter(pl.col("decision") != EXCLUDE).height
 
     def excluded_by_reason(self) -> dict[str, int]:
-        if self.frame.is_empty():
-            return {}
-        counts = (
-            self.frame.filter(pl.col("decision") == EXCLUDE)
-            .group_by(pl.col("reason").cast(pl.String))
-            .len()
-            .sort(["len", "reason"], descending=[True, False])
-        )
-        return dict(zip(counts["reason"].to_list(), counts["len"].to_list(), strict=True))
+        return {} if self.frame.is_empty() else excluded_by_reason(self.frame)
 
 
 def fallback_spec(activation: Activation) -> FallbackSpec:

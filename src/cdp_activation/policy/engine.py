@@ -118,13 +118,18 @@ class Decisions:
         return dict(zip(counts["channel"].to_list(), counts["len"].to_list(), strict=True))
 
     def excluded_by_reason(self) -> dict[str, int]:
-        counts = (
-            self.frame.filter(pl.col("decision") == EXCLUDE)
-            .group_by(pl.col("reason").cast(pl.String))
-            .len()
-            .sort(["len", "reason"], descending=[True, False])
-        )
-        return dict(zip(counts["reason"].to_list(), counts["len"].to_list(), strict=True))
+        return excluded_by_reason(self.frame)
+
+
+def excluded_by_reason(frame: pl.DataFrame) -> dict[str, int]:
+    """Excluded customers of a decisions frame by reason code, most first."""
+    counts = (
+        frame.filter(pl.col("decision") == EXCLUDE)
+        .group_by(pl.col("reason").cast(pl.String))
+        .len()
+        .sort(["len", "reason"], descending=[True, False])
+    )
+    return dict(zip(counts["reason"].to_list(), counts["len"].to_list(), strict=True))
 
 
 def decide(
