@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -59,7 +60,17 @@ def test_demo_twice_the_second_run_sends_nothing(tmp_path: Path) -> None:
     assert summary["sent"] + summary["deferred"] > 0
     assert summary["already_sent"] == 0
     assert isinstance(summary["eligible"], dict) and "whatsapp" in summary["eligible"]
-    assert "sent" in first.stdout and "excluded" in first.stdout  # the readable table too
+    # The readable table too: each count on its own row.
+    for label, count in (("sent", summary["sent"]), ("failed", summary["failed"])):
+        assert re.search(rf"│ {label} +│ +{count:,} │", first.stdout), first.stdout
+    assert "excluded ·" in first.stdout
+    # It previewed before it sent, and ended with the SMS fallback.
+    assert "preview (dry run)" in first.stderr and "would send" in first.stderr
+    fallback = summary["fallback"]
+    assert fallback["success"] and fallback["channel"] == "sms"
+    decided = fallback["sent"] + fallback["failed"] + fallback["deferred"]
+    assert sum(fallback["due"].values()) == decided + sum(fallback["excluded"].values())
+    assert re.search(rf"│ fallen back · sms sent +│ +{fallback['sent']:,} │", first.stdout)
     # The sandbox reported back through the status webhook receiver: every accepted message
     # has its latest report in the ledger, most of them delivered or read.
     reports = summary["delivery_statuses"]

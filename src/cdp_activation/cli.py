@@ -577,12 +577,12 @@ def _report(
         table.add_row("deferred (quiet hours; sent later)", f"{summary.deferred:,}")
     if summary.cancelled:
         table.add_row("cancelled (no longer chosen)", f"{summary.cancelled:,}")
+    if summary.estimated_cost is not None:
+        table.add_row(f"estimated cost ({summary.currency})", f"{summary.estimated_cost:,.2f}")
     if summary.dry_run:
         table.add_row("would send", f"{summary.to_send:,}")
         if summary.estimated_seconds is not None:
             table.add_row("estimated duration", f"{summary.estimated_seconds:,.1f} s")
-    if summary.estimated_cost is not None:
-        table.add_row(f"estimated cost ({summary.currency})", f"{summary.estimated_cost:,.2f}")
     else:
         table.add_row("sent", f"{summary.sent:,}")
         table.add_row("failed", f"{summary.failed:,}")
