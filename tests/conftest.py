@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,15 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
             "TEST_POSTGRES_URL is not set (CI sets it; locally: "
             "TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/test)"
         )
-    schema = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    with scratch_postgres_schema(base, "ledger_test") as url:
+        yield url
+
+
+@contextmanager
+def scratch_postgres_schema(base: str, prefix: str) -> Iterator[str]:
+    """A fresh schema on the PostgreSQL at `base`, dropped afterwards: yields a psycopg URL
+    whose search_path is that schema, so tests never see each other's tables."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     url = base.replace("postgresql://", "postgresql+psycopg://", 1)
     admin = sa.create_engine(url)
     with admin.begin() as con:

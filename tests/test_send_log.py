@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +19,7 @@ from cdp_activation.ledger import Ledger, sends
 from cdp_activation.resources import LedgerResource, SendLogResource
 from cdp_activation.send_log import COLUMNS, SEND_LOG_TABLE, export_send_log
 from cdp_activation.statuses import StatusEvent
+from conftest import scratch_postgres_schema
 
 pytestmark = pytest.mark.integration
 
@@ -32,23 +32,15 @@ def warehouse_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[st
     base = os.environ.get("TEST_POSTGRES_URL")
     if not base:
         pytest.skip("TEST_POSTGRES_URL is not set (CI sets it)")
-    schema = f"send_log_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
-    with admin.begin() as con:
-        con.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{base}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as con:
-            con.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with scratch_postgres_schema(base, "send_log") as url:
+        yield url
 
 
 def read_log(url: str) -> pl.DataFrame:
     if url.startswith("duckdb:///"):
         with duckdb.connect(url.removeprefix("duckdb:///")) as con:
             return con.sql(f"SELECT * FROM {SEND_LOG_TABLE} ORDER BY send_id").pl()
-    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = sa.create_engine(url)
     try:
         with engine.connect() as con:
             return pl.read_database(f"SELECT * FROM {SEND_LOG_TABLE} ORDER BY send_id", con)

@@ -253,18 +253,8 @@ def _run_options(command: Callable[..., None]) -> Callable[..., None]:
 @main.command(help="Run one activation through Dagster for a partition (default: today).")
 @_run_options
 @click.option("--dry-run", is_flag=True, help="Preview only: decide, estimate, send nothing.")
-def run(
-    activation: str,
-    partition: str | None,
-    dry_run: bool,
-    params: tuple[str, ...],
-    max_recipients: int | None,
-    template: str | None,
-    send_window: str | None,
-    as_json: bool,
-) -> None:
-    summary = _run(activation, partition, dry_run, params, max_recipients, template, send_window)
-    _report(summary, as_json)
+def run(dry_run: bool, as_json: bool, **options: Any) -> None:
+    _report(_run(dry_run=dry_run, **options), as_json)
 
 
 @main.command(
@@ -273,17 +263,8 @@ def run(
     "Nothing is sent; a real send of more than CDP_CONFIRM_ABOVE recipients needs it first."
 )
 @_run_options
-def preview(
-    activation: str,
-    partition: str | None,
-    params: tuple[str, ...],
-    max_recipients: int | None,
-    template: str | None,
-    send_window: str | None,
-    as_json: bool,
-) -> None:
-    summary = _run(activation, partition, True, params, max_recipients, template, send_window)
-    _report(summary, as_json, show_samples=True)
+def preview(as_json: bool, **options: Any) -> None:
+    _report(_run(dry_run=True, **options), as_json, show_samples=True)
 
 
 def _run(
