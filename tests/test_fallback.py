@@ -20,6 +20,7 @@ from cdp_activation.ledger import (
     PRIMARY_NOT_READ,
     PRIMARY_UNREACHABLE,
     Ledger,
+    sends,
 )
 from cdp_activation.statuses import StatusEvent
 
@@ -135,7 +136,9 @@ def test_not_read_falls_back_only_when_the_plan_asks(ledger: Ledger) -> None:
     assert "read" not in due and "lost_answer" not in due
 
 
-def _fallback_rows(ledger: Ledger, customers: list[str], decision: str) -> None:
+def _fallback_rows(
+    ledger: Ledger, customers: list[str], decision: str, not_before: datetime | None = None
+) -> None:
     due = ledger.due_fallbacks(
         "winback",
         "sms",
@@ -157,6 +160,7 @@ def _fallback_rows(ledger: Ledger, customers: list[str], decision: str) -> None:
             body=pl.lit("Hi"),
             decision=pl.lit(decision),
             reason=pl.lit("sms_no_consent" if decision == "exclude" else None, dtype=pl.String),
+            not_before=pl.lit(not_before, dtype=pl.Datetime("us", "UTC")),
         ),
     )
     assert n == len(customers)
@@ -189,3 +193,55 @@ def test_a_planned_fallback_whose_first_message_lands_meanwhile_is_cancelled(
     # Only planned rows of the fallback step are candidates to send.
     pending = ledger.pending("winback", "2026-12-01", step=FALLBACK_STEP)
     assert [r.customer_id for r in pending] == ["only_sent"]
+
+
+def test_the_sensor_asks_only_for_new_decisions_and_for_fallbacks_now_due(ledger: Ledger) -> None:
+    """A fallback deferred by quiet hours is decided: its partition is not asked for again
+    until the deferral ends (a run a minute all night, each re-running the audience SQL,
+    otherwise); one a failed run planned and never sent is asked for at once."""
+    now = datetime.now(UTC)
+    undecided = {"silent", "only_sent", "reported_other_failure", "refused_other"}
+    undecided |= {"retries_exhausted", "reported_unreachable", "refused_unreachable"}
+
+    def sensor_view() -> tuple[set[str], set[str]]:
+        due = ledger.due_fallbacks(
+            "winback",
+            "sms",
+            not_delivered_by=now + timedelta(minutes=1),
+            unreachable_codes=CODES,
+            undecided_only=True,
+        )
+        return set(due["customer_id"]), ledger.partitions_with_pending("winback", "fallback", now)
+
+    assert sensor_view() == (undecided, set())
+    # Everyone decided: one refused, one deferred to the morning, the rest planned and unsent.
+    _fallback_rows(ledger, ["silent"], "exclude")
+    _fallback_rows(ledger, ["only_sent"], "defer", not_before=now + timedelta(hours=8))
+    assert sensor_view() == (undecided - {"silent", "only_sent"}, set())
+    rest = sorted(undecided - {"silent", "only_sent"})
+    _fallback_rows(ledger, rest, "send")
+    assert sensor_view() == (set(), {"2026-12-01"})  # planned and never sent: run again
+    with ledger.engine.begin() as con:  # they went out; only the deferred one is left
+        con.execute(
+            sends.update()
+            .where(sends.c.step == FALLBACK_STEP, sends.c.customer_id.in_(rest))
+            .values(state="sent")
+        )
+    assert sensor_view() == (set(), set())
+    assert ledger.partitions_with_pending("winback", "fallback", now + timedelta(hours=9)) == {
+        "2026-12-01"
+    }
+    # A run (not the sensor) still decides the deferred one again: consent may have changed.
+    run_view = ledger.due_fallbacks(
+        "winback", "sms", not_delivered_by=now + timedelta(minutes=1), unreachable_codes=CODES
+    )
+    assert set(run_view["customer_id"]) == {"only_sent"}
+    # Past the sensor's horizon nothing is looked at.
+    stale = ledger.due_fallbacks(
+        "winback",
+        "sms",
+        not_delivered_by=now + timedelta(minutes=1),
+        unreachable_codes=CODES,
+        changed_since=now + timedelta(minutes=1),
+    )
+    assert stale.is_empty()

@@ -46,6 +46,10 @@ from cdp_activation.policy.engine import EXCLUDE, excluded_by_reason
 from cdp_activation.specs import ChannelPlanSpec, FallbackSpec, HoldoutSpec
 from cdp_activation.warehouse import Warehouse
 
+# How far back the sensor looks for first messages due a fallback: one whose row has not
+# changed for a week is past any fallback worth sending, and the ledger only grows.
+SENSOR_HORIZON = timedelta(days=7)
+
 
 class NoFallbackPlanned(ValueError):
     """The activation's channel plan has no `fallback`."""
@@ -119,8 +123,10 @@ def due_fallbacks(
     now: datetime,
     partition_key: str | None = None,
     not_delivered_within_minutes: float | None = None,
+    **options: Any,
 ) -> pl.DataFrame:
-    """`Ledger.due_fallbacks` with the plan's windows and codes (see there for columns)."""
+    """`Ledger.due_fallbacks` with the plan's windows and codes (see there for columns and
+    `options`)."""
     spec = fallback_spec(activation)
     minutes = (
         spec.not_delivered_within_minutes
@@ -136,7 +142,19 @@ def due_fallbacks(
         else None,
         unreachable_codes=unreachable_codes(activation),
         partition_key=partition_key,
+        **options,
     )
+
+
+def partitions_due(activation: Activation, ledger: Ledger, now: datetime) -> set[str]:
+    """Partitions whose fallback run has something to do (the sensor's question): first
+    messages due a fallback and not yet decided, changed within `SENSOR_HORIZON`, or planned
+    fallbacks now due (quiet hours over, or left unsent by a failed run)."""
+    due = due_fallbacks(
+        activation, ledger, now, undecided_only=True, changed_since=now - SENSOR_HORIZON
+    )
+    pending = ledger.partitions_with_pending(activation.name, FALLBACK_STEP, now)
+    return set(due["partition_key"].to_list()) | pending
 
 
 def compute_fallback_decisions(

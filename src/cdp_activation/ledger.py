@@ -394,7 +394,6 @@ class Ledger:
         """Planned rows due by `now` (default: now): deferred ones wait for their not_before.
         `step` keeps one step's rows (a run sends `initial`, the fallback `fallback`)."""
         now = now or _now()
-        only_step = () if step is None else (sends.c.step == step,)
         with self.engine.connect() as con:
             rows = con.execute(
                 sa.select(
@@ -414,7 +413,7 @@ class Ledger:
                     sends.c.partition_key == partition_key,
                     sends.c.state == PLANNED,
                     sa.or_(sends.c.not_before.is_(None), sends.c.not_before <= now),
-                    *only_step,
+                    *_of_step(step),
                 )
                 .order_by(sends.c.id)
             ).all()
@@ -517,14 +516,13 @@ class Ledger:
         longer choose (consent withdrawn since a deferral, say) end `cancelled`: they must not
         go out."""
         keep = set(chosen_keys)
-        only_step = () if step is None else (sends.c.step == step,)
         with self.engine.begin() as con:
             rows = con.execute(
                 sa.select(sends.c.id, sends.c.idempotency_key).where(
                     sends.c.activation == activation,
                     sends.c.partition_key == partition_key,
                     sends.c.state == PLANNED,
-                    *only_step,
+                    *_of_step(step),
                 )
             ).all()
             ids = [r.id for r in rows if r.idempotency_key not in keep]
@@ -545,7 +543,6 @@ class Ledger:
     ) -> int:
         """Planned rows (of `step`, if given) waiting for their not_before (quiet hours)."""
         now = now or _now()
-        only_step = () if step is None else (sends.c.step == step,)
         with self.engine.connect() as con:
             return con.execute(
                 sa.select(sa.func.count()).where(
@@ -553,7 +550,7 @@ class Ledger:
                     sends.c.partition_key == partition_key,
                     sends.c.state == PLANNED,
                     sends.c.not_before > now,
-                    *only_step,
+                    *_of_step(step),
                 )
             ).scalar_one()
 
@@ -586,7 +583,6 @@ class Ledger:
         """Partitions with deferred rows (of `step`, if given) now due, and the latest
         not_before among them."""
         now = now or _now()
-        only_step = () if step is None else (sends.c.step == step,)
         with self.engine.connect() as con:
             rows = con.execute(
                 sa.select(sends.c.partition_key, sa.func.max(sends.c.not_before))
@@ -595,11 +591,30 @@ class Ledger:
                     sends.c.state == PLANNED,
                     sends.c.not_before.is_not(None),
                     sends.c.not_before <= now,
-                    *only_step,
+                    *_of_step(step),
                 )
                 .group_by(sends.c.partition_key)
             ).all()
         return {partition: _aware(latest) for partition, latest in rows}
+
+    def partitions_with_pending(
+        self, activation: str, step: str, now: datetime | None = None
+    ) -> set[str]:
+        """Partitions holding planned rows of `step` that are due (deferred ones whose time has
+        come, or ones a failed or killed run planned and never sent)."""
+        now = now or _now()
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(sends.c.partition_key)
+                .distinct()
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.step == step,
+                    sends.c.state == PLANNED,
+                    sa.or_(sends.c.not_before.is_(None), sends.c.not_before <= now),
+                )
+            ).scalars()
+            return set(rows)
 
     def due_fallbacks(
         self,
@@ -610,9 +625,14 @@ class Ledger:
         not_read_by: datetime | None = None,
         unreachable_codes: Mapping[str, Iterable[str]] | None = None,
         partition_key: str | None = None,
+        undecided_only: bool = False,
+        changed_since: datetime | None = None,
     ) -> pl.DataFrame:
         """First messages (step `initial`, on a channel other than `fallback_channel`) whose
-        fallback is due, with no fallback decided yet (none, or one still `planned`).
+        fallback is due, with no fallback decided yet (none, or one still `planned`, which a
+        run decides again; `undecided_only`: none at all, what the sensor looks for, so a
+        fallback deferred by quiet hours does not launch a run every minute). `changed_since`
+        keeps first messages whose row changed since then (the sensor's horizon).
 
         Due, with `fallback_reason`:
         - `primary_unreachable`: failed, at send time or in a status report, with one of its
@@ -650,20 +670,20 @@ class Ledger:
             if not_read_by is not None
             else sa.false()
         )
-        decided = (
-            sa.select(fallback.c.id)
-            .where(fallback.c.fallback_of == first.c.id, fallback.c.state != PLANNED)
-            .exists()
-        )
+        decided = sa.select(fallback.c.id).where(fallback.c.fallback_of == first.c.id)
+        if not undecided_only:
+            decided = decided.where(fallback.c.state != PLANNED)
         where = [
             first.c.activation == activation,
             first.c.step == INITIAL_STEP,
             first.c.channel != fallback_channel,
             sa.or_(unreachable, not_delivered, not_read),
-            ~decided,
+            ~decided.exists(),
         ]
         if partition_key is not None:
             where.append(first.c.partition_key == partition_key)
+        if changed_since is not None:
+            where.append(first.c.updated_at >= changed_since)
         query = sa.select(
             first.c.partition_key,
             first.c.id.label("fallback_of"),
@@ -916,7 +936,6 @@ class Ledger:
     ) -> dict[str, int]:
         """Accepted sends of one partition (of `step`, if given) by their latest delivery
         report ("sent" when the provider has not reported beyond accepting it)."""
-        only_step = () if step is None else (sends.c.step == step,)
         with self.engine.connect() as con:
             rows = con.execute(
                 sa.select(sa.func.coalesce(sends.c.delivery_status, "sent"), sa.func.count())
@@ -924,7 +943,7 @@ class Ledger:
                     sends.c.activation == activation,
                     sends.c.partition_key == partition_key,
                     sends.c.state == SENT,
-                    *only_step,
+                    *_of_step(step),
                 )
                 .group_by(sa.func.coalesce(sends.c.delivery_status, "sent"))
             ).all()
@@ -994,6 +1013,11 @@ class Ledger:
         # hundred rows can all be `unknown`, with no provider id, and a later `sent` row's id
         # would not fit the Null column inferred from them.
         return pl.DataFrame(data, infer_schema_length=None)
+
+
+def _of_step(step: str | None) -> tuple[sa.ColumnElement[bool], ...]:
+    """The WHERE condition keeping one step's rows (none when `step` is None)."""
+    return () if step is None else (sends.c.step == step,)
 
 
 def _add_missing_columns(engine: sa.Engine) -> None:

@@ -362,7 +362,11 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
     def deferred_sends(context: dg.SensorEvaluationContext, ledger: LedgerResource) -> Any:
         if active := _active_run(context.instance, jobs_of_activation):
             return dg.SkipReason(f"{active} is already queued or running")
-        due = ledger.ledger().due_partitions(name, step=INITIAL_STEP)
+        store = ledger.ledger()
+        try:
+            due = store.due_partitions(name, step=INITIAL_STEP)
+        finally:
+            store.dispose()  # the sensor runs every few minutes in a long-lived daemon
         if not due:
             return dg.SkipReason("no deferred recipient is due")
         return [
@@ -516,9 +520,10 @@ def _fallback_sensor(activation: run.Activation, job: Any, jobs: list[str]) -> d
             return dg.SkipReason(f"{active} is already queued or running")
         store = ledger.ledger()
         now = datetime.now(UTC)
-        due = fb.due_fallbacks(activation, store, now)
-        partitions = set(due["partition_key"].to_list())
-        partitions |= set(store.due_partitions(name, now, step=FALLBACK_STEP))
+        try:
+            partitions = fb.partitions_due(activation, store, now)
+        finally:
+            store.dispose()  # the sensor runs every minute in a long-lived daemon
         if not partitions:
             return dg.SkipReason("no first message is due a fallback")
         # One run per partition and minute at most: a run that finds nothing new sends nothing.
