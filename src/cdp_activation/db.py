@@ -108,3 +108,14 @@ def _read_arrow_postgres(engine: sa.Engine, sql: str, params: Sequence[Any]) -> 
     with adbc_pg.connect(uri) as con, con.cursor() as cur:
         cur.execute(sql, tuple(params))
         return cur.fetch_arrow_table()
+
+
+def as_utc(frame: pl.DataFrame, column: str) -> pl.Expr:
+    """`column` of `frame` as a UTC datetime: converted from another zone, taken as UTC when it
+    has none (SQLite hands times back naive; a warehouse may store them so), parsed if text."""
+    dtype = frame.schema[column]
+    if isinstance(dtype, pl.Datetime) and dtype.time_zone:
+        return pl.col(column).dt.convert_time_zone("UTC")
+    if isinstance(dtype, pl.Datetime):
+        return pl.col(column).dt.replace_time_zone("UTC")
+    return pl.col(column).str.to_datetime(time_zone="UTC")

@@ -31,7 +31,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from cdp_activation.connectors.base import Outcome, SendResult
-from cdp_activation.db import open_engine, read_frame
+from cdp_activation.db import as_utc, open_engine, read_frame
 from cdp_activation.statuses import STATUS_RANK, StatusEvent, connector_of
 
 PLANNED = "planned"
@@ -768,7 +768,7 @@ class Ledger:
             frame = pl.read_database(query, con)
         if frame.is_empty():
             return pl.DataFrame(schema=schema)
-        return frame.with_columns(_as_utc(frame, "sent_at")).cast(schema)
+        return frame.with_columns(as_utc(frame, "sent_at")).cast(schema)
 
     def record_statuses(self, events: Sequence[StatusEvent]) -> StatusWrite:
         """Store provider status reports and move each message's `delivery_status` forward,
@@ -1041,15 +1041,6 @@ def _add_missing_columns(engine: sa.Engine) -> None:
 def _aware(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything the ledger stores is UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _as_utc(frame: pl.DataFrame, column: str) -> pl.Expr:
-    dtype = frame.schema[column]
-    if isinstance(dtype, pl.Datetime) and dtype.time_zone:
-        return pl.col(column).dt.convert_time_zone("UTC")
-    if isinstance(dtype, pl.Datetime):
-        return pl.col(column).dt.replace_time_zone("UTC")
-    return pl.col(column).str.to_datetime(time_zone="UTC")
 
 
 def _db_time(value: datetime, dialect: str) -> datetime | str:

@@ -29,6 +29,7 @@ import polars as pl
 
 from cdp_activation.audience_sql import AudienceQuery, load_audience_sql
 from cdp_activation.connectors import CONNECTORS
+from cdp_activation.db import as_utc
 from cdp_activation.ledger import Ledger
 from cdp_activation.statuses import STATUS_RANK, StatusEvent
 from cdp_activation.warehouse import Warehouse
@@ -91,16 +92,15 @@ def status_events(source: StatusSource, frame: pl.DataFrame) -> list[StatusEvent
     problems = _problems(source, frame)
     if problems:
         raise StatusSourceError("\n".join(problems))
-    text = pl.col
     optional = [
-        (text(c).cast(pl.String) if c in frame.columns else pl.lit(None, pl.String)).alias(c)
+        (pl.col(c).cast(pl.String) if c in frame.columns else pl.lit(None, pl.String)).alias(c)
         for c in ("customer_id", "error_code")
     ]
     rows = frame.select(
-        text("connector").cast(pl.String),
-        text("provider_message_id").cast(pl.String),
-        text("status").cast(pl.String).str.to_lowercase(),
-        _utc(frame, "occurred_at"),
+        pl.col("connector").cast(pl.String),
+        pl.col("provider_message_id").cast(pl.String),
+        pl.col("status").cast(pl.String).str.to_lowercase(),
+        as_utc(frame, "occurred_at"),
         *optional,
     )
     return [
@@ -157,10 +157,3 @@ def _problems(source: StatusSource, frame: pl.DataFrame) -> list[str]:
 def _sample(values: pl.Series, n: int = 5) -> str:
     distinct: Sequence[str] = values.unique().sort().head(n).to_list()
     return ", ".join(repr(v) for v in distinct)
-
-
-def _utc(frame: pl.DataFrame, column: str) -> pl.Expr:
-    dtype = frame.schema[column]
-    if isinstance(dtype, pl.Datetime) and dtype.time_zone:
-        return pl.col(column).dt.convert_time_zone("UTC")
-    return pl.col(column).dt.replace_time_zone("UTC")  # a naive time: taken as UTC
