@@ -7,11 +7,11 @@ The price list is YAML (`prices.yaml` beside this module, or the file named by
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_PRICES = Path(__file__).with_name("prices.yaml")
 
@@ -23,7 +23,7 @@ class PerPurpose(BaseModel):
     transactional: float = Field(ge=0)
 
 
-Price = float | PerPurpose
+Price = Annotated[float, Field(ge=0)] | PerPurpose
 
 
 class PriceList(BaseModel):
@@ -34,14 +34,6 @@ class PriceList(BaseModel):
     currency: str = "USD"
     channels: dict[str, Price] = Field(default_factory=dict)
     countries: dict[str, dict[str, Price]] = Field(default_factory=dict)
-
-    @field_validator("channels")
-    @classmethod
-    def _non_negative(cls, value: dict[str, Price]) -> dict[str, Price]:
-        for channel, price in value.items():
-            if isinstance(price, float | int) and price < 0:
-                raise ValueError(f"price of {channel} is negative")
-        return value
 
     def unit_price(
         self, channel: str, country: str | None, purpose: Literal["marketing", "transactional"]
