@@ -7,9 +7,9 @@ no messages in memory). Each measurement runs in a fresh subprocess, so its CPU 
 (`getrusage`, user + system) is its own:
 
 - batch 1: Meta template messages, one recipient a request, through the real delivery engine
-  (`ledger.plan` of N rows into a fresh SQLite ledger, `ledger.pending`, then `deliver` with the
-  rate limit off and C requests in flight), against a bare aiohttp loop posting the same
-  payloads at the same concurrency to the same sandbox;
+  (`ledger.plan` of N rows into a fresh SQLite ledger, then `deliver`, which claims each batch
+  from the ledger, with the rate limit off and C requests in flight), against a bare aiohttp
+  loop posting the same payloads at the same concurrency to the same sandbox;
 - batch 200: the JSON webhook connector in batches of 200 (Infobip / LINE style), same engine
   and ledger, against a bare aiohttp loop posting the same 200-message arrays.
 
@@ -84,7 +84,7 @@ def _connector(kind: str, url: str) -> Any:
 
 
 def run_engine(kind: str, url: str, count: int, concurrency: int) -> dict[str, Any]:
-    from cdp_activation.delivery import DeliveryOptions, deliver
+    from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
     from cdp_activation.ledger import Ledger
 
     connector = _connector(kind, url)
@@ -95,12 +95,13 @@ def run_engine(kind: str, url: str, count: int, concurrency: int) -> dict[str, A
         ledger.plan("bench", "p", frame)
         plan = time.perf_counter() - began
         began = time.perf_counter()
-        rows = ledger.pending("bench", "p")
+        due = ledger.due_counts("bench", "p", "initial", datetime.now(UTC))
         read = time.perf_counter() - began
         options = DeliveryOptions(concurrency=concurrency, rate_per_second=1e9)
         before = resource.getrusage(resource.RUSAGE_SELF)
         began = time.perf_counter()
-        report = deliver(ledger, rows, {connector.name: connector}, options)
+        scope = DeliveryScope("bench", "p")
+        report = deliver(ledger, scope, {connector.name: connector}, options)
         wall = time.perf_counter() - began
         after = resource.getrusage(resource.RUSAGE_SELF)
         states = ledger.counts("bench", "p")
@@ -108,7 +109,8 @@ def run_engine(kind: str, url: str, count: int, concurrency: int) -> dict[str, A
     return {
         "wall": wall,
         "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-        "done": report.sent + report.failed + report.unknown + report.dead_letter,
+        "done": report.sent + report.failed + report.unknown,
+        "due": sum(due.values()),
         "sent": report.sent,
         "plan_us": plan * 1e6 / count,
         "pending_us": read * 1e6 / count,

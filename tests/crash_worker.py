@@ -1,12 +1,17 @@
 """A delivery run in its own process, for the crash test (tests/test_crash.py) to SIGKILL.
 
-    python tests/crash_worker.py LEDGER_FILE SANDBOX_URL N [CONCURRENCY [line DEFERRED_UNTIL]]
+    python tests/crash_worker.py LEDGER SANDBOX_URL N [CONCURRENCY [line DEFERRED_UNTIL]]
+
+LEDGER is a SQLite file or a database URL. Environment: CRASH_WORKER_LEASE (seconds, default
+30), CRASH_WORKER_MAX_ATTEMPTS (default 4), CRASH_WORKER_RATE (messages/s, default 2000) and
+CRASH_WORKER_TIMEOUT (the client's timeout, default 5 s).
 
 It does what a real run does on start, with the real `Ledger`, `deliver` and connectors: plan
-the N rows (a no-op for keys already planned, so a restart never plans twice), turn rows a
-killed predecessor left in flight into `unknown`, then deliver whatever is still `planned` to
-the sandbox at SANDBOX_URL. It prints `delivering <rows>` once it starts sending, so the test
-can time its kill from there, and a JSON summary when it finishes.
+the N rows (a no-op for keys already planned, so a restart never plans twice), turn rows that
+gone workers left in flight into `unknown`, then claim and deliver whatever is due to the
+sandbox at SANDBOX_URL. It prints `delivering <rows>` once it starts sending, so the test can
+time its kill from there, and a JSON summary when it finishes (with `error` and exit status 3
+when the delivery stopped early: provider down, interrupted).
 
 `audience` is also used by tests/test_faults.py to build the same kind of rows.
 
@@ -20,15 +25,22 @@ flight are sent again (not given up as unknown), and must go out in the same req
 from __future__ import annotations
 
 import json
+import os
+import queue
+import signal
+import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import polars as pl
 
 from cdp_activation.connectors import connector_from_settings
-from cdp_activation.connectors.base import Connector
-from cdp_activation.delivery import DeliveryOptions, deliver
-from cdp_activation.ledger import Ledger
+from cdp_activation.connectors.base import Connector, ConnectorError
+from cdp_activation.delivery import DeliveryOptions, DeliveryReport, DeliveryScope, deliver
+from cdp_activation.ledger import LeaseLost, Ledger
 from cdp_activation.settings import Settings
 
 ACTIVATION = "crash_test"
@@ -106,10 +118,10 @@ def sandbox_connectors(url: str) -> dict[str, Connector]:
 
 
 def main(argv: list[str]) -> int:
-    ledger_file, url, n = argv[1], argv[2], int(argv[3])
+    ledger_at, url, n = argv[1], argv[2], int(argv[3])
     concurrency = int(argv[4]) if len(argv) > 4 else DeliveryOptions.concurrency
     line = len(argv) > 5 and argv[5] == "line"
-    ledger = Ledger(f"sqlite:///{ledger_file}")
+    ledger = Ledger(ledger_at if "://" in ledger_at else f"sqlite:///{ledger_at}")
     if line:
         deferred_until = datetime.fromtimestamp(float(argv[6]), UTC)
         ledger.plan(ACTIVATION, PARTITION, line_audience(n, deferred_until))
@@ -117,26 +129,94 @@ def main(argv: list[str]) -> int:
     else:
         ledger.plan(ACTIVATION, PARTITION, audience(n))
         recovered = ledger.recover_interrupted(ACTIVATION, PARTITION)
-    rows = ledger.pending(ACTIVATION, PARTITION)
-    print(f"delivering {len(rows)} (recovered {recovered})", flush=True)
+    due = ledger.due_counts(ACTIVATION, PARTITION, "initial", datetime.now(UTC))
+    print(f"delivering {sum(due.values())} (recovered {recovered})", flush=True)
     options = DeliveryOptions(
         concurrency=concurrency,
-        rate_per_second=500 if line else 2000,
+        rate_per_second=500 if line else float(os.environ.get("CRASH_WORKER_RATE", 2000)),
         backoff_initial=0.02,
         backoff_max=0.2,
-        timeout_seconds=5,
+        timeout_seconds=float(os.environ.get("CRASH_WORKER_TIMEOUT", 5)),
+        lease_seconds=float(os.environ.get("CRASH_WORKER_LEASE", 30)),
+        max_attempts=int(os.environ.get("CRASH_WORKER_MAX_ATTEMPTS", 4)),
     )
-    report = deliver(ledger, rows, sandbox_connectors(url), options)
+    error = None
+    try:
+        report = deliver(
+            ledger, DeliveryScope(ACTIVATION, PARTITION), sandbox_connectors(url), options
+        )
+    except (ConnectorError, LeaseLost) as stopped:
+        error = f"{type(stopped).__name__}: {stopped}"
+        report = getattr(stopped, "report", None) or DeliveryReport()
     summary = {
         "sent": report.sent,
         "failed": report.failed,
         "unknown": report.unknown,
-        "dead_letter": report.dead_letter,
+        "retried": report.retried,
         "recovered": recovered,
+        "error": error,
     }
     print(json.dumps(summary), flush=True)
     ledger.dispose()
-    return 0
+    return 0 if error is None else 3
+
+
+WORKER = Path(__file__)
+
+
+class Worker:
+    """This script in its own process, its stdout read by a thread so waiting for a line can
+    time out. `env` adds CRASH_WORKER_* settings."""
+
+    def __init__(
+        self,
+        ledger: Path | str,
+        url: str,
+        concurrency: int,
+        *extra: str,
+        n: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), str(ledger), url, str(n), str(concurrency), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # the connectors' warnings; the tests read the ledger
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.strip())
+
+    def wait_for(self, prefix: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line.startswith(prefix):
+                return line
+        raise TimeoutError(f"the worker did not print {prefix!r} within {timeout} s")
+
+    def summary(self, timeout: float) -> dict[str, object]:
+        """The JSON summary it prints when its delivery ends."""
+        return json.loads(self.wait_for("{", timeout))
+
+    def signal(self, sig: signal.Signals = signal.SIGKILL) -> bool:
+        """Send `sig` and wait for the process to end; True if it was still running."""
+        running = self.process.poll() is None
+        if running:
+            self.process.send_signal(sig)
+        self.process.wait(60)
+        return running
+
+    def kill(self) -> bool:
+        return self.signal(signal.SIGKILL)
 
 
 if __name__ == "__main__":

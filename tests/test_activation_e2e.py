@@ -202,6 +202,60 @@ def test_an_unapproved_template_fails_the_blocking_check_and_sends_nothing(
     assert_nothing_sent(env, summary, "pending_promo")
 
 
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("winbak_offer", "template 'winbak_offer' (en) is not in the provider's catalog"),
+        ("spring_sale", "template 'spring_sale' (en) is PENDING, not APPROVED"),
+        ("order_update", "template 'order_update' is category UTILITY in the catalog"),
+    ],
+    ids=["typo", "pending", "utility-for-marketing"],
+)
+def test_a_run_template_that_template_approved_would_refuse_fails_and_sends_nothing(
+    env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, template: str, problem: str
+) -> None:
+    # `--template` / the Launchpad's `template` pass the same rules as defs.yaml's template.
+    # Before, the policy excluded everyone from WhatsApp (template_not_approved) and the run
+    # quietly sent them SMS instead. A real send, no preview needed: only the check stops it.
+    monkeypatch.setenv("CDP_CONFIRM_ABOVE", "1000000")
+    summary = run_activation(
+        "winback_whatsapp", TODAY.isoformat(), dry_run=False, template=template
+    )
+    assert not summary.success
+    error = summary.error or ""
+    assert error.startswith("winback_whatsapp__decisions: ")
+    assert "\n" not in error  # one line
+    assert f"Not sent: run template {template!r} refused: {problem}" in error
+    # What to do: the usable templates, or defs.yaml's.
+    assert "Choose an APPROVED marketing template of meta_whatsapp in en taking 3" in error
+    assert "(winback_offer)" in error and "unset to send 'winback_offer' from defs.yaml" in error
+    assert summary.eligible == {}  # nothing was even decided
+    assert_nothing_sent(env, summary, "winback_whatsapp")
+
+
+def test_an_approved_run_template_is_what_template_approved_checks_and_it_sends(
+    env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # defs.yaml names a PENDING template; the run chooses an APPROVED one: the blocking check
+    # evaluates the run's template, so the run goes ahead and sends that one.
+    monkeypatch.setenv("CDP_CONFIRM_ABOVE", "1000000")
+    attributes = copy.deepcopy(winback_attributes())
+    attributes["channel_plan"]["steps"][0]["template"]["name"] = "spring_sale"  # PENDING
+    definitions = custom_definitions(env.tmp, "spring_promo", attributes)
+    summary = run_activation(
+        "spring_promo",
+        TODAY.isoformat(),
+        dry_run=False,
+        template="winback_offer",
+        definitions=definitions,
+    )
+    assert summary.success, (summary.error, summary.failed_checks)
+    assert summary.failed_checks == {}
+    assert summary.eligible["whatsapp"] > 0 and summary.sent > 0
+    whatsapp = {m.template_name for m in env.sandbox.messages() if m.channel == "whatsapp"}
+    assert whatsapp == {"winback_offer"}
+
+
 def test_a_query_the_warehouse_refuses_is_a_clear_error_and_sends_nothing(
     env: SimpleNamespace,
 ) -> None:
@@ -711,11 +765,11 @@ def test_the_preview_prices_every_message_and_the_marketer_s_choices_apply(
     assert british_sms > 0 and british_sms.is_integer()
     assert "+44" not in preview.sample_messages.replace("+44*", "")  # numbers masked
 
-    # Another template, not approved: nobody gets WhatsApp, each with the reason.
+    # Another template, not approved: the run fails, rather than moving everyone to SMS.
     pending = run_activation("winback_whatsapp", partition, dry_run=True, template="spring_sale")
-    assert pending.success
-    assert "whatsapp" not in pending.eligible
-    assert any("whatsapp_template_not_approved" in r for r in pending.excluded)
+    assert not pending.success
+    assert "'spring_sale' (en) is PENDING, not APPROVED" in (pending.error or "")
+    assert pending.eligible == {}
     # A send window of the whole day: nobody is deferred at 14:00 UTC.
     all_day = run_activation(
         "winback_whatsapp", partition, dry_run=True, send_window=("00:00", "23:59")

@@ -10,12 +10,7 @@ client is gone, exactly the case "never twice" is about.
 from __future__ import annotations
 
 import json
-import queue
 import random
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,55 +22,14 @@ from cdp_activation.delivery import DeliveryOptions
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.sandbox.app import SandboxConfig
-from crash_worker import ACTIVATION, PARTITION
+from crash_worker import ACTIVATION, PARTITION, Worker
 
 pytestmark = pytest.mark.integration
 
 N = 3000
 KILLS = 6
 SEED = 20250101
-WORKER = Path(__file__).with_name("crash_worker.py")
 TERMINAL = {"sent", "failed", "unknown", "dead_letter"}
-
-
-class Worker:
-    """One worker process, its stdout read by a thread so waiting for a line can time out."""
-
-    def __init__(
-        self, ledger_file: Path, url: str, concurrency: int, *extra: str, n: int = N
-    ) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(WORKER), str(ledger_file), url, str(n), str(concurrency), *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,  # the connectors' warnings; the test reads the ledger
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.put(line.strip())
-
-    def wait_for(self, prefix: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line.startswith(prefix):
-                return line
-        raise TimeoutError(f"the worker did not print {prefix!r} within {timeout} s")
-
-    def kill(self) -> bool:
-        """SIGKILL; True if it was still running (the kill interrupted something)."""
-        running = self.process.poll() is None
-        if running:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-        return running
 
 
 @pytest.mark.parametrize("concurrency", [DeliveryOptions.concurrency, 4])
@@ -91,15 +45,15 @@ def test_sigkill_at_random_points_sends_nobody_twice_and_loses_nobody(
         landed: list[str] = []
         # The first kill is timed from the start, so it may land in start-up or planning; the
         # others from the moment the worker starts sending, so they land mid-delivery.
-        worker = Worker(ledger_file, sandbox.url, concurrency)
+        worker = Worker(ledger_file, sandbox.url, concurrency, n=N)
         time.sleep(rng.uniform(0.2, 1.5))
         landed.append(f"start+{'killed' if worker.kill() else 'finished'}")
         for _ in range(KILLS):
-            worker = Worker(ledger_file, sandbox.url, concurrency)
+            worker = Worker(ledger_file, sandbox.url, concurrency, n=N)
             started = worker.wait_for("delivering", timeout=30)
             time.sleep(rng.uniform(0.2, 1.5))
             landed.append(f"{started.split()[1]}:{'killed' if worker.kill() else 'finished'}")
-        final = Worker(ledger_file, sandbox.url, concurrency)
+        final = Worker(ledger_file, sandbox.url, concurrency, n=N)
         final.wait_for("delivering", timeout=30)
         summary = json.loads(final.wait_for("{", timeout=60))
         assert final.process.wait(10) == 0

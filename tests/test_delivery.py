@@ -10,7 +10,7 @@ import pytest
 
 from cdp_activation.connectors import connector_from_settings
 from cdp_activation.connectors.base import TemplateError
-from cdp_activation.delivery import DeliveryOptions, deliver
+from cdp_activation.delivery import DeliveryOptions, DeliveryScope, ProviderUnavailable, deliver
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings
@@ -47,6 +47,7 @@ def connectors(settings: Settings) -> dict:
 
 
 FAST = DeliveryOptions(backoff_initial=0.01, backoff_max=0.05, max_attempts=3)
+SCOPE = DeliveryScope("winback", "p")
 
 
 def test_every_planned_row_is_sent_once_and_recorded(
@@ -55,7 +56,7 @@ def test_every_planned_row_is_sent_once_and_recorded(
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     frame = decisions(numbers(300))
     ledger.plan("winback", "p", frame)
-    report = deliver(ledger, ledger.pending("winback", "p"), connectors(sandbox_settings), FAST)
+    report = deliver(ledger, SCOPE, connectors(sandbox_settings), FAST)
 
     rows = ledger.rows("winback", "p")
     received = sandbox.messages()
@@ -84,16 +85,19 @@ def test_a_template_problem_stops_the_activation_and_sends_nothing(
     frame = decisions(numbers(40), template="spring_sale").filter(pl.col("channel") == "whatsapp")
     ledger.plan("winback", "p", frame)
     with pytest.raises(TemplateError) as raised:
-        deliver(ledger, ledger.pending("winback", "p"), connectors(sandbox_settings), FAST)
+        deliver(ledger, SCOPE, connectors(sandbox_settings), FAST)
     assert "spring_sale" in str(raised.value)
     assert sandbox.messages() == []
     # Nobody is lost: every row is back to planned, to go once the template is fixed.
     assert ledger.counts("winback", "p") == {"planned": 20}
 
 
-def test_an_unreachable_provider_is_retried_then_dead_lettered(
+def test_an_unreachable_provider_stops_the_step_and_gives_up_on_nobody(
     tmp_path, sandbox_settings: Settings
 ) -> None:
+    """A provider that refuses every connection is down, not a reason to dead-letter: the
+    step stops naming the connector and its error, and every row stays planned, due again
+    after its backoff, for the next run."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -105,12 +109,16 @@ def test_an_unreachable_provider_is_retried_then_dead_lettered(
     )
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     ledger.plan("winback", "p", decisions(numbers(4)))
-    report = deliver(ledger, ledger.pending("winback", "p"), connectors(settings), FAST)
-    assert report.dead_letter == 4
-    assert report.attempts == 4 * FAST.max_attempts
+    with pytest.raises(ProviderUnavailable) as stopped:
+        deliver(ledger, SCOPE, connectors(settings), FAST)
+    assert "accepted nothing" in str(stopped.value) and "ConnectError" in str(stopped.value)
+    report = stopped.value.report  # type: ignore[attr-defined]
+    assert report.sent == report.failed == report.unknown == 0
     rows = ledger.rows("winback", "p")
-    assert rows["state"].to_list() == ["dead_letter"] * 4
-    assert rows["attempts"].to_list() == [FAST.max_attempts] * 4
+    assert rows["state"].to_list() == ["planned"] * 4
+    assert rows["claimed_by"].to_list() == [None] * 4
+    assert max(rows["attempts"].to_list()) == FAST.max_attempts
+    assert rows["not_before"].null_count() == 0  # each waits out its backoff in the ledger
 
 
 def test_a_long_send_logs_its_progress_with_rate_and_eta(
@@ -121,7 +129,7 @@ def test_a_long_send_logs_its_progress_with_rate_and_eta(
     sandbox.configure(latency_ms=20)
     options = DeliveryOptions(concurrency=4, progress_seconds=0.1)
     with caplog.at_level("INFO", logger="cdp_activation.delivery"):
-        deliver(ledger, ledger.pending("winback", "p"), connectors(sandbox_settings), options)
+        deliver(ledger, SCOPE, connectors(sandbox_settings), options)
     lines = [r.getMessage() for r in caplog.records if "delivery progress" in r.getMessage()]
     assert len(lines) >= 3
     assert all("/200 done" in line and "msg/s" in line and "ETA" in line for line in lines)

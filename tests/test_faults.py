@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 
 from cdp_activation.connectors.base import OutboundMessage, Outcome, TemplateError, TemplateRef
-from cdp_activation.delivery import DeliveryOptions, deliver
+from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.sandbox.app import Fault, SandboxAttempt, SandboxConfig, request_fault
@@ -40,7 +40,10 @@ FAULTS = {
 }
 CLIENT_TIMEOUT = 0.5  # the sandbox holds timed-out requests far longer than this
 OPTIONS = DeliveryOptions(
-    max_attempts=4,
+    # A message tries this often in one run before it waits for the next: 15% of requests
+    # are throttled or fail here, so 4 tries in a row happen to one message in a few
+    # thousand, and the run would (rightly) end incomplete.
+    max_attempts=10,
     rate_per_second=2000,  # the sandbox has no limit of its own; 429s are what slow us down
     backoff_initial=0.02,
     backoff_max=0.2,
@@ -180,9 +183,7 @@ def test_faults_end_every_row_in_one_terminal_state_and_nobody_twice(
     ledger.plan("faults", "p", audience(n))
     sandbox.configure(**FAULTS)
     began = time.monotonic()
-    report = deliver(
-        ledger, ledger.pending("faults", "p"), sandbox_connectors(sandbox.url), OPTIONS
-    )
+    report = deliver(ledger, DeliveryScope("faults", "p"), sandbox_connectors(sandbox.url), OPTIONS)
     elapsed = time.monotonic() - began
     time.sleep(0.1)  # let the sandbox finish logging answers already on the wire
     rows = ledger.rows("faults", "p")
@@ -224,10 +225,14 @@ def test_faults_end_every_row_in_one_terminal_state_and_nobody_twice(
     dropped = {a.to for a in attempts if a.result == Fault.DROP_AFTER_ACCEPT}
     assert {by_recipient[to]["state"] for to in dropped} == {"unknown"}
     assert states["unknown"] == results["timeout"] + results["dropped_after_accept"]
-    # Dead letters are messages throttled or failed on every attempt, never accepted.
-    dead = rows.filter(pl.col("state") == "dead_letter")
-    assert set(dead["attempts"].to_list()) <= {OPTIONS.max_attempts}
-    assert not set(dead["recipient"].to_list()) & {m.to for m in accepted}
+    # Throttled and failed requests were tried again until accepted: nobody dead-lettered,
+    # and every retry waited in the ledger (planned), not in flight.
+    assert states["dead_letter"] == 0
+    history = ledger.history()
+    retried = history.filter(
+        (pl.col("from_state") == "in_flight") & (pl.col("to_state") == "planned")
+    )
+    assert retried.height >= results["throttled"] + results["server_error"]
 
     assert_retry_after_honoured(attempts)
     ledger.dispose()
@@ -266,8 +271,8 @@ def test_a_429_pauses_every_request_to_that_connector(tmp_path, sandbox: Sandbox
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     ledger.plan("pause", "p", audience(120).filter(pl.col("channel") == "sms"))
     sandbox.configure(seed=3, rate_429=0.2, retry_after_s=retry_after)
-    report = deliver(ledger, ledger.pending("pause", "p"), sandbox_connectors(sandbox.url), options)
-    assert report.sent + report.dead_letter == 60
+    report = deliver(ledger, DeliveryScope("pause", "p"), sandbox_connectors(sandbox.url), options)
+    assert report.sent == 60
     attempts = sandbox.attempts()
     throttled = [a for a in attempts if a.result == Fault.THROTTLED]
     assert len(throttled) >= 10
@@ -292,9 +297,8 @@ def test_a_stopped_activation_releases_throttled_messages_instead_of_dead_letter
     sandbox.configure(rate_429=1.0, retry_after_s=0.3, latency_ms=20)
     # The connectors take turns, so SMS 429s arrive before and while the WhatsApp template
     # error stops the run.
-    rows = ledger.pending("stop", "p")
     with pytest.raises(TemplateError):
-        deliver(ledger, rows, sandbox_connectors(sandbox.url), OPTIONS)
+        deliver(ledger, DeliveryScope("stop", "p"), sandbox_connectors(sandbox.url), OPTIONS)
     assert Counter(a.result for a in sandbox.attempts())["throttled"] > 0
     assert ledger.counts("stop", "p") == {"planned": 40}
     assert sandbox.messages() == []
@@ -323,7 +327,7 @@ def test_through_an_idempotent_provider_lost_answers_are_retried_and_nobody_is_u
     sandbox.configure(rate_timeout=0.02, rate_drop_after_accept=0.05, rate_5xx=0.05)
     settings = settings_for_sandbox(sandbox).model_copy(update={"webhook_batch_size": 10})
     connector = connector_from_settings(name, settings)
-    report = deliver(ledger, ledger.pending("idem", "p"), {name: connector}, OPTIONS)
+    report = deliver(ledger, DeliveryScope("idem", "p"), {name: connector}, OPTIONS)
     states = Counter(ledger.rows("idem", "p")["state"].to_list())
     results = Counter(a.result for a in sandbox.attempts())
     assert results["dropped_after_accept"] > 0 and results["timeout"] > 0

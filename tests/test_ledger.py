@@ -259,3 +259,53 @@ def test_a_ledger_from_an_earlier_version_gains_the_new_columns(tmp_path: Path) 
     assert upgraded.recover_interrupted("winback", "p", idempotent=["meta_whatsapp"]) == 2
     assert [r.request_id for r in upgraded.pending("winback", "p")] == [rows[0].id] * 2
     upgraded.dispose()
+
+
+def test_claims_hand_each_row_to_one_worker_and_only_gone_workers_are_recovered(
+    ledger_url: str,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cdp_activation.ledger import ClaimRequest, LeaseLost, Settlement
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(10))
+    first = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    second = ledger.register_worker("winback", "p", "initial", lease_seconds=0.2)
+    want = [ClaimRequest("meta_whatsapp", 3)]
+    [a] = ledger.claim(first, "winback", "p", "initial", want)
+    [b] = ledger.claim(second, "winback", "p", "initial", want)
+    assert len(a) == len(b) == 3 and not {r.id for r in a} & {r.id for r in b}
+    assert {r.attempts for r in a + b} == {1}
+    # A retryable answer waits in the ledger (planned, due later), not in flight.
+    retry_at = datetime.now(UTC) + timedelta(minutes=5)
+    ledger.settle(first, [Settlement(a[0].id, "planned", error_code="429", not_before=retry_at)])
+    ledger.settle(first, [Settlement(a[1].id, "sent", provider_message_id="wamid.1")])
+    # Another worker's answer for a row it does not hold changes nothing.
+    ledger.settle(second, [Settlement(a[2].id, "failed")])
+    assert ledger.counts("winback", "p") == {"planned": 5, "in_flight": 4, "sent": 1}
+    # Both workers live (this process): nothing is recovered, whatever their rows.
+    assert ledger.recover_interrupted("winback", "p") == 0
+    # The second one's lease lapses (it stopped renewing): its rows are recovered, and it
+    # may not claim again; the first one's are left alone.
+    import time
+
+    time.sleep(0.3)
+    assert ledger.recover_interrupted("winback", "p") == 3
+    try:
+        ledger.claim(second, "winback", "p", "initial", want)
+        raise AssertionError("a worker that lost its lease claimed rows")
+    except LeaseLost:
+        pass
+    assert not ledger.heartbeat(second) and ledger.heartbeat(first)
+    assert ledger.counts("winback", "p") == {"planned": 5, "in_flight": 1, "sent": 1, "unknown": 3}
+    # A stopped worker's rows are recovered at once.
+    ledger.stop_worker(first)
+    assert ledger.recover_interrupted("winback", "p") == 1
+    # Planned rows a stopped run left are due: the deferred-sends sensor sees the partition.
+    assert set(ledger.due_partitions("winback")) == {"p"}
+    # Rows past the send deadline are dead-lettered with their reason, not sent late; the
+    # one backing off until later is not due yet, so not late either.
+    assert ledger.expire_overdue("winback", "p", "initial", timedelta(seconds=0)) == 4
+    assert ledger.dead_letters_by_reason("winback", "p") == {"send_deadline_passed": 4}
+    ledger.dispose()

@@ -35,7 +35,13 @@ from cdp_activation.connectors import (
     TwilioConnector,
     connector_from_settings,
 )
-from cdp_activation.connectors.base import OutboundMessage, Outcome, TemplateInfo, TemplateRef
+from cdp_activation.connectors.base import (
+    OutboundMessage,
+    Outcome,
+    TemplateInfo,
+    TemplateRef,
+    send_reference,
+)
 from cdp_activation.sandbox import SandboxServer, load_catalog, twilio_content_sid
 from cdp_activation.settings import Settings
 
@@ -177,6 +183,13 @@ META_MESSAGES = {
         "whatsapp",
         template=TemplateRef("order_update", "en", ("Ana", "A-10023")),
     ),
+    "template-with-reference": OutboundMessage(
+        "k3",
+        UK,
+        "whatsapp",
+        template=TemplateRef("winback_offer", "de", ("Ana", "45", "X20")),
+        reference=send_reference(9_223_372_036_854_775_807),  # the largest 64-bit send id
+    ),
 }
 
 
@@ -191,6 +204,10 @@ def test_meta_send_matches_spec(
     assert request.method == "POST"
     assert request.headers["authorization"].startswith("Bearer ")
     assert request.headers["content-type"] == "application/json"
+    # Meta's spec documents biz_opaque_callback_data (string, at most 512) for calls only; the
+    # Cloud API messages reference gives the same field and limit for /messages.
+    body = json.loads(request.content)
+    assert body.get("biz_opaque_callback_data") == message.reference
 
 
 @pytest.mark.xfail(
@@ -302,6 +319,24 @@ def test_twilio_messaging_service_sender_matches_spec(
     exchanges = send_all(connector, [TWILIO_MESSAGES["sms-body"]])
     validate(exchanges, TWILIO_SPEC, "/twilio", TWILIO_SERVER)
     assert b"MessagingServiceSid=MG" in exchanges[0][0].content
+
+
+@pytest.mark.parametrize("message", TWILIO_MESSAGES.values(), ids=TWILIO_MESSAGES.keys())
+def test_twilio_status_callback_carrying_the_reference_matches_spec(
+    message: OutboundMessage, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """With a status-callback base URL, each send's StatusCallback is that URL plus its `ref`:
+    a `format: uri` field of CreateMessageRequest, and the sandbox keeps it for its reports."""
+    base = "https://hooks.example.com/webhooks/twilio"
+    settings = sandbox_settings.model_copy(update={"twilio_status_callback_url": base})
+    connector = connector_from_settings("twilio", settings)
+    with_ref = dataclasses.replace(message, reference=send_reference(77))
+    exchanges = send_all(connector, [with_ref])
+    validate(exchanges, TWILIO_SPEC, "/twilio", TWILIO_SERVER)
+    form = dict(httpx.QueryParams(exchanges[0][0].content.decode()))
+    assert form["StatusCallback"] == f"{base}?ref=cdp-77"
+    [accepted] = sandbox.messages()
+    assert accepted.status_callback == f"{base}?ref=cdp-77"
 
 
 BAD_REQUESTS = {
@@ -456,6 +491,42 @@ def test_infobip_mixed_batch_is_two_spec_valid_requests(
     validate([sms_exchange], INFOBIP_SMS_SPEC, "/infobip", INFOBIP_SERVER)
 
 
+@needs_infobip
+def test_infobip_callback_data_matches_spec_on_every_channel(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """The reference is `callbackData` on a WhatsApp message and `webhooks.callbackData` on an
+    SMS v3 or Viber v2 message (each spec: a string of at most 4,000 characters)."""
+    connector = connector_from_settings("infobip", sandbox_settings)
+    messages = [
+        dataclasses.replace(_wa("k1", UK), reference=send_reference(1)),
+        OutboundMessage("k2", UK, "sms", body="Hi", reference=send_reference(2)),
+        OutboundMessage(
+            "k3", "+380501234567", "viber", body="Знижка", purpose="marketing", reference="cdp-3"
+        ),
+    ]
+    whatsapp_exchange, viber_exchange, sms_exchange = send_batch_all(connector, messages)
+    validate([whatsapp_exchange], INFOBIP_WHATSAPP_SPEC, "/infobip", INFOBIP_SERVER)
+    validate(
+        [viber_exchange],
+        SPECS / "infobip" / "infobip-viber-openapi.json",
+        "/infobip",
+        INFOBIP_SERVER,
+    )
+    validate([sms_exchange], INFOBIP_SMS_SPEC, "/infobip", INFOBIP_SERVER)
+    [whatsapp] = json.loads(whatsapp_exchange[0].content)["messages"]
+    [viber] = json.loads(viber_exchange[0].content)["messages"]
+    [sms] = json.loads(sms_exchange[0].content)["messages"]
+    assert whatsapp["callbackData"] == "cdp-1"
+    assert sms["webhooks"] == {"callbackData": "cdp-2"}
+    assert viber["webhooks"] == {"callbackData": "cdp-3"}
+    assert {m.channel: m.callback_data for m in sandbox.messages()} == {
+        "whatsapp": "cdp-1",
+        "sms": "cdp-2",
+        "viber": "cdp-3",
+    }
+
+
 # --- Vonage -----------------------------------------------------------------------------------
 
 
@@ -468,6 +539,12 @@ VONAGE_MESSAGES = {
     "sms": OutboundMessage("k4", UK, "sms", body="Hi Ana, we miss you!"),
     "viber-promotion": OutboundMessage(
         "k5", "+380501234567", "viber", body="Знижка 20% цього тижня", purpose="marketing"
+    ),
+    "whatsapp-template-with-reference": dataclasses.replace(
+        _wa("k6", UK), reference=send_reference(9_223_372_036_854_775_807)
+    ),
+    "sms-with-reference": OutboundMessage(
+        "k7", UK, "sms", body="Hi Ana!", reference=send_reference(7)
     ),
 }
 
@@ -522,6 +599,9 @@ def test_vonage_send_matches_spec(
     body = json.loads(request.content)
     assert len(body["client_ref"]) <= 40
     assert not body["to"].startswith("+")
+    if message.reference is not None:  # the send's reference, echoed in every status
+        assert body["client_ref"] == message.reference
+        assert [m.callback_data for m in sandbox.messages()] == [message.reference]
 
 
 @needs_vonage
@@ -564,8 +644,44 @@ def test_vonage_spec_bug_is_still_there(sandbox: SandboxServer, sandbox_settings
             "http://127.0.0.1:1/infobip/sms/3/messages",
             {"messages": [{"content": {"text": "hi"}}]},  # no destinations
         ),
+        (
+            INFOBIP_WHATSAPP_SPEC,
+            "http://127.0.0.1:1/infobip/whatsapp/1/message/template",
+            {
+                "messages": [
+                    {
+                        "from": "4411",
+                        "to": UK[1:],
+                        "content": {
+                            "templateName": "winback_offer",
+                            "templateData": {"body": {"placeholders": []}},
+                            "language": "en",
+                        },
+                        "callbackData": "x" * 4001,  # over the 4,000 characters allowed
+                    }
+                ]
+            },
+        ),
+        (
+            INFOBIP_SMS_SPEC,
+            "http://127.0.0.1:1/infobip/sms/3/messages",
+            {
+                "messages": [
+                    {
+                        "destinations": [{"to": UK[1:]}],
+                        "content": {"text": "hi"},
+                        "webhooks": {"callbackData": "x" * 4001},
+                    }
+                ]
+            },
+        ),
     ],
-    ids=["whatsapp-no-content", "sms-no-destinations"],
+    ids=[
+        "whatsapp-no-content",
+        "sms-no-destinations",
+        "whatsapp-callback-data-too-long",
+        "sms-callback-data-too-long",
+    ],
 )
 def test_infobip_spec_validation_catches_a_bad_request(
     path: Path, url: str, body: dict[str, Any]

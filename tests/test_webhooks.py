@@ -11,9 +11,10 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -21,11 +22,13 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from cdp_activation.connectors.base import Outcome, SendResult
+from cdp_activation.connectors.base import Outcome, SendResult, send_id_of, send_reference
 from cdp_activation.ledger import Ledger
+from cdp_activation.statuses import StatusEvent
 from cdp_activation.transport import make_client
 from cdp_activation.webhooks import WebhookSecrets, WebhookServer
 from cdp_activation.webhooks import signatures as sig
+from cdp_activation.webhooks.parsers import parse_infobip, parse_meta, parse_twilio, parse_vonage
 
 pytestmark = pytest.mark.integration
 
@@ -349,7 +352,7 @@ def test_the_sandbox_reports_back_and_the_ledger_ends_on_each_message_s_last_sta
     """Deliver through the sandbox with status webhooks on: 70% delivered (some read), 10%
     failed with the provider's code, 20% never delivered; a fifth of the reports duplicated,
     a fifth reordered. Every row ends on the status its message really reached."""
-    from cdp_activation.delivery import DeliveryOptions, deliver
+    from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
     from cdp_activation.sandbox import SandboxServer
     from cdp_activation.sandbox.app import SandboxConfig
     from cdp_activation.sandbox.status_webhooks import outcome
@@ -371,7 +374,7 @@ def test_the_sandbox_reports_back_and_the_ledger_ends_on_each_message_s_last_sta
             )
             ledger.plan("loop", "p", audience(n))
             options = DeliveryOptions(rate_per_second=5000, backoff_initial=0.01)
-            deliver(ledger, ledger.pending("loop", "p"), sandbox_connectors(sandbox.url), options)
+            deliver(ledger, DeliveryScope("loop", "p"), sandbox_connectors(sandbox.url), options)
             expected = {
                 m.provider_message_id: max(outcome(sandbox.config, m), key=STATUS_ORDER.index)
                 for m in sandbox.messages()
@@ -413,3 +416,96 @@ def test_a_report_that_beats_its_send_s_answer_is_applied_once_the_send_is_recor
     assert ledger.apply_pending_statuses() == 1
     assert statuses(ledger) == {"wamid.EARLY": ("delivered", None)}
     assert ledger.apply_pending_statuses() == 0  # applied once
+
+
+# --- send references echoed back (issue 13: unknowns are reconciled) -------------------------
+
+
+def _meta_report(reference: object) -> bytes:
+    data = json.loads(meta_status("wamid.R", "delivered", 1764680000))
+    data["entry"][0]["changes"][0]["value"]["statuses"][0]["biz_opaque_callback_data"] = reference
+    return json.dumps(data).encode()
+
+
+def _infobip_report(reference: object) -> bytes:
+    result = json.loads(REPORTS["infobip"]())["results"][0]
+    result["callbackData"] = reference  # delivery reports carry it (seen reports do not)
+    return json.dumps({"results": [result]}).encode()
+
+
+def _vonage_report(reference: object) -> bytes:
+    data = json.loads(REPORTS["vonage"]())
+    data["client_ref"] = reference
+    return json.dumps(data).encode()
+
+
+NOW = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+ECHOING_PARSERS: dict[str, Callable[[object], list[StatusEvent]]] = {
+    "meta-biz_opaque_callback_data": lambda ref: parse_meta(_meta_report(ref), NOW),
+    "infobip-delivery-callbackData": lambda ref: parse_infobip(_infobip_report(ref), NOW),
+    "vonage-client_ref": lambda ref: parse_vonage(_vonage_report(ref), NOW),
+    "twilio-ref-query": lambda ref: parse_twilio(
+        {"MessageSid": "SM-R", "MessageStatus": "delivered"},
+        NOW,
+        {} if ref is None else {"ref": str(ref)},
+    ),
+}
+
+
+@pytest.mark.parametrize("parse", ECHOING_PARSERS.values(), ids=ECHOING_PARSERS.keys())
+def test_the_echoed_send_reference_lands_in_the_status_event(
+    parse: Callable[[object], list[StatusEvent]],
+) -> None:
+    [event] = parse(send_reference(4242))
+    assert event.reference == "cdp-4242"
+    assert send_id_of(event.reference) == 4242
+    # Without one, or with a value that is not a send reference (a Vonage client_ref derived
+    # from the ledger key by an older send, someone else's callback data): none.
+    for other in (None, "3f1c2a4e-8d3b-5b7e-9a0f-3c5d7e9b1a20", "cdp-", "cdp-12x", "cdp-007"):
+        [event] = parse(other)
+        assert event.reference is None, other
+
+
+def test_send_reference_round_trip() -> None:
+    assert send_reference(0) == "cdp-0"
+    largest = 2**63 - 1
+    assert send_id_of(send_reference(largest)) == largest
+    assert len(send_reference(largest)) <= 40  # fits Vonage's client_ref
+    for not_ours in (None, "", "cdp", "CDP-1", "cdp--1", "cdp-1.0", "cdp-١٢", "x-cdp-1"):
+        assert send_id_of(not_ours) is None, not_ours
+    with pytest.raises(ValueError):
+        send_reference(-1)
+
+
+class RecordingLedger(Ledger):
+    """A real ledger that also keeps every status event the receiver hands it."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.events: list[StatusEvent] = []
+
+    def record_statuses(self, events: Sequence[StatusEvent]) -> Any:
+        self.events.extend(events)
+        return super().record_statuses(events)
+
+
+def test_twilio_s_ref_comes_from_the_signed_callback_url(ledger_url: str) -> None:
+    """Twilio posts to the StatusCallback URL we sent and signs that URL, query included: the
+    `ref` is read from it, and a report whose signature leaves the query out is refused (a
+    forged `ref` cannot be slipped in). Behind a proxy the public URL carries the same query."""
+    ledger = RecordingLedger(ledger_url)
+    body = urlencode({"MessageSid": "SM-R", "MessageStatus": "delivered"}).encode()
+    try:
+        with WebhookServer(ledger, SECRETS) as server:
+            bare = f"{server.url}/webhooks/twilio"
+            url = f"{bare}?ref=cdp-31"
+            assert post(url, signed("twilio", SECRETS, body, bare)).status_code == 401
+            assert post(url, signed("twilio", SECRETS, body, url)).status_code == 200
+        public = WebhookSecrets(twilio_auth_token="twilio-token", public_url="https://h.example")
+        with WebhookServer(ledger, public) as server:
+            signed_url = "https://h.example/webhooks/twilio?ref=cdp-32"
+            local = f"{server.url}/webhooks/twilio?ref=cdp-32"
+            assert post(local, signed("twilio", public, body, signed_url)).status_code == 200
+    finally:
+        ledger.dispose()
+    assert [e.reference for e in ledger.events] == ["cdp-31", "cdp-32"]

@@ -22,14 +22,22 @@ from pydantic import ValidationError
 
 from cdp_activation.audience_sql import AudienceQuery, load_audience_sql
 from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
-from cdp_activation.delivery import DeliveryOptions, deliver, rate_of
+from cdp_activation.delivery import (
+    DeliveryOptions,
+    DeliveryReport,
+    DeliveryScope,
+    deliver,
+    rate_of,
+)
 from cdp_activation.ledger import (
     DEAD_LETTER,
     FAILED,
     FALLBACK_STEP,
+    IN_FLIGHT,
     INITIAL_STEP,
     SENT,
     UNKNOWN,
+    LeaseLost,
     Ledger,
     idempotency_key,
 )
@@ -44,7 +52,13 @@ from cdp_activation.policy.templates import template_problem
 from cdp_activation.policy.window import last_inbound_column
 from cdp_activation.pricing import estimate_cost, load_prices
 from cdp_activation.settings import get_settings, is_loopback, project_root
-from cdp_activation.specs import ActivationSpec, ChannelPlanSpec, QuietHoursSpec, coerce_parameter
+from cdp_activation.specs import (
+    CATEGORIES_FOR_PURPOSE,
+    ActivationSpec,
+    ChannelPlanSpec,
+    QuietHoursSpec,
+    coerce_parameter,
+)
 from cdp_activation.warehouse import Warehouse
 
 
@@ -298,7 +312,19 @@ def preflight(connectors: Mapping[str, Connector], timeout: float = 5.0) -> None
             raise ConnectorError(unreachable(name, connector, err)) from None
 
 
-def template_problems(activation: Activation, connectors: Mapping[str, Connector]) -> list[str]:
+def template_problems(
+    activation: Activation,
+    connectors: Mapping[str, Connector],
+    template: str | None = None,
+) -> list[str]:
+    """Why the plan's templates may not be sent (the blocking `template_approved` check):
+    each must be in its provider's catalog, APPROVED, of a category the purpose allows, with
+    the parameters the plan maps. `template` is the run's choice for the first template step
+    (`--template`, the Launchpad's `template`): the check is of what the run would send."""
+    override = template_override_problem(activation, template, connectors)
+    if override is not None:
+        return [override]
+    activation = with_run_choices(activation, template=template)
     catalogs = fetch_catalogs(activation, connectors)
     problems = []
     for step in activation.spec.channel_plan.steps:
@@ -314,6 +340,48 @@ def template_problems(activation: Activation, connectors: Mapping[str, Connector
         if problem:
             problems.append(problem)
     return problems
+
+
+def template_override_problem(
+    activation: Activation, template: str | None, connectors: Mapping[str, Connector]
+) -> str | None:
+    """Why a run's template choice (`--template`, the Launchpad's `template`) may not be sent,
+    in one actionable line; None when it may, or when it is defs.yaml's own template.
+
+    The rules are the `template_approved` check's. Without this, a typo or a PENDING template
+    would not fail the run: the policy would exclude every customer from the step
+    (template_not_approved) and quietly move them to the next channel of the plan.
+    """
+    first = next((s for s in activation.spec.channel_plan.steps if s.template is not None), None)
+    if not template or first is None or first.template is None or template == first.template.name:
+        return None
+    chosen = with_run_choices(activation, template=template)
+    step = next(s for s in chosen.spec.channel_plan.steps if s.template is not None)
+    assert step.template is not None
+    catalog = fetch_catalogs(chosen, connectors).get(step.connector)
+    if catalog is None:
+        return None  # the platform approves its own campaigns: nothing to check here
+    purpose = chosen.spec.channel_plan.purpose
+    problem = template_problem(catalog, step.template, purpose)
+    if problem is None:
+        return None
+    spec = step.template
+    usable = sorted(
+        {
+            info.name
+            for info in catalog
+            if info.language == spec.language
+            and template_problem(catalog, spec.model_copy(update={"name": info.name}), purpose)
+            is None
+        }
+    )
+    categories = " or ".join(sorted(CATEGORIES_FOR_PURPOSE[purpose]))
+    return (
+        f"run template {template!r} refused: {problem}. Choose an APPROVED {categories} "
+        f"template of {step.connector} in {spec.language} taking {len(spec.variables)} "
+        f"parameter(s) ({', '.join(usable) or 'none in the catalog'}), or leave --template "
+        f"(the Launchpad's template) unset to send {first.template.name!r} from defs.yaml"
+    )
 
 
 def load_suppressions(
@@ -567,8 +635,8 @@ def invalid_phone_share(decisions: pl.DataFrame) -> float:
 
 @dataclass
 class DeliverySummary:
-    """What the deliveries step did; recorded as the asset's metadata (which the CLI's
-    `RunSummary` reads back)."""
+    """What the deliveries step did, and where the whole partition stands; recorded as the
+    asset's metadata (which the CLI's `RunSummary` reads back)."""
 
     activation: str
     partition: str
@@ -586,6 +654,10 @@ class DeliverySummary:
     already_done_other: int = 0
     recovered_in_flight: int = 0
     resent_unknown: int = 0  # unknown rows planned again (delivery.resend_unknown)
+    retried: int = 0  # retryable answers waited out in the ledger, then sent again
+    waiting: int = 0  # planned and due, not sent by this run (a stopped or failed step)
+    in_flight_elsewhere: int = 0  # held right now by another run's worker
+    unknown_reconciled: int = 0  # the partition's `unknown` sends a status report proved sent
     elapsed_seconds: float = 0.0
     throughput_per_second: float = 0.0
     p50_latency_ms: float = 0.0
@@ -593,6 +665,28 @@ class DeliverySummary:
     estimated_seconds: float = 0.0
     error_codes: dict[str, int] = field(default_factory=dict)
     ledger_states: dict[str, int] = field(default_factory=dict)
+    dead_letter_by_reason: dict[str, int] = field(default_factory=dict)  # the partition's
+    stopped_by: str | None = None  # why the step stopped before sending everything due
+
+
+class DeliveryFailed(Exception):
+    """The deliveries step stopped before everything due was sent (provider down, refused
+    credentials or template, interrupted): `summary` says where the partition stands, and
+    every message not sent stays planned for the next run."""
+
+    def __init__(self, message: str, summary: DeliverySummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def delivery_options() -> DeliveryOptions:
+    """The delivery engine's settings (CDP_DELIVERY_*), checked when they are read."""
+    settings = get_settings()
+    return DeliveryOptions(
+        concurrency=settings.delivery_concurrency,
+        max_attempts=settings.delivery_max_attempts,
+        lease_seconds=settings.delivery_lease_seconds,
+    )
 
 
 def deliver_decisions(
@@ -610,7 +704,8 @@ def deliver_decisions(
 
     For the `fallback` step, refused fallbacks are recorded too (`excluded`, with their
     reason), so each is decided once, and planned fallbacks whose first message has since
-    been delivered are cancelled before anything is sent.
+    been delivered are cancelled before anything is sent. Raises `DeliveryFailed` (with the
+    summary) when the step stopped before sending everything due.
     """
     started = time.perf_counter()
     now = datetime.now(UTC)
@@ -640,6 +735,7 @@ def deliver_decisions(
             summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
             return summary
 
+        options = options or delivery_options()
         recover_interrupted(activation, ledger, connectors, partition_key, summary)
         planned = ledger.plan(
             activation.name,
@@ -663,27 +759,54 @@ def deliver_decisions(
             reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
             step=step,
         )
-        pending = ledger.pending(activation.name, partition_key, now, step=step)
-        summary.to_send = len(pending)
-        preflight({name: connectors[name] for name in {row.connector for row in pending}})
-        report = deliver(ledger, pending, connectors, options)
+        ledger.expire_overdue(
+            activation.name, partition_key, step, activation.spec.delivery.send_deadline()
+        )
+        due = ledger.due_counts(activation.name, partition_key, step, now)
+        summary.to_send = sum(due.values())
+        preflight({name: connectors[name] for name in due if name in connectors})
+        scope = DeliveryScope(activation.name, partition_key, step, run_id)
+        failure: BaseException | None = None
+        try:
+            report = deliver(ledger, scope, connectors, options)
+        except (ConnectorError, LeaseLost) as err:
+            failure = err
+            report = getattr(err, "report", None) or DeliveryReport()
         # Status webhooks that beat their send's answer to the ledger find it now.
         ledger.apply_pending_statuses()
-        summary.sent = report.sent
-        summary.failed = report.failed
-        summary.unknown = report.unknown
-        summary.dead_letter = report.dead_letter
-        summary.error_codes = dict(report.error_codes)
-        summary.p50_latency_ms = round(report.latency_ms(0.50), 1)
-        summary.p95_latency_ms = round(report.latency_ms(0.95), 1)
-        summary.deferred = ledger.deferred(activation.name, partition_key, step=step)
-        summary.ledger_states = ledger.counts(activation.name, partition_key)
+        _fill_from_report(summary, report)
+        _fill_partition(summary, ledger, step)
+        if failure is not None:
+            summary.stopped_by = str(failure)
+            raise DeliveryFailed(str(failure), summary) from failure
         return summary
     finally:
         summary.elapsed_seconds = round(time.perf_counter() - started, 3)
         if summary.elapsed_seconds and summary.sent:
             summary.throughput_per_second = round(summary.sent / summary.elapsed_seconds, 1)
         ledger.dispose()
+
+
+def _fill_from_report(summary: DeliverySummary, report: DeliveryReport) -> None:
+    summary.sent = report.sent
+    summary.failed = report.failed
+    summary.unknown = report.unknown
+    summary.retried = report.retried
+    summary.error_codes = dict(report.error_codes)
+    summary.p50_latency_ms = round(report.latency_ms(0.50), 1)
+    summary.p95_latency_ms = round(report.latency_ms(0.95), 1)
+
+
+def _fill_partition(summary: DeliverySummary, ledger: Ledger, step: str) -> None:
+    """Where the whole partition stands after this run (not only what this run did)."""
+    name, partition = summary.activation, summary.partition
+    summary.deferred = ledger.deferred(name, partition, step=step)
+    summary.ledger_states = ledger.counts(name, partition)
+    summary.waiting = sum(ledger.due_counts(name, partition, step, datetime.now(UTC)).values())
+    summary.in_flight_elsewhere = summary.ledger_states.get(IN_FLIGHT, 0)
+    summary.dead_letter_by_reason = ledger.dead_letters_by_reason(name, partition)
+    summary.unknown_reconciled = ledger.reconciled_count(name, partition)
+    summary.dead_letter = sum(summary.dead_letter_by_reason.values())
 
 
 def recover_interrupted(
@@ -693,9 +816,10 @@ def recover_interrupted(
     partition_key: str,
     summary: DeliverySummary,
 ) -> None:
-    """Before anything is planned or sent: rows a crashed run left in flight become `unknown`
-    (or `planned` again through an idempotent provider), and with `resend_unknown` the
-    partition's unknown rows are planned again."""
+    """Before anything is planned or sent: rows that workers which are gone (killed, stopped,
+    or silent past their lease) left in flight become `unknown` (or `planned` again through an
+    idempotent provider), and with `resend_unknown` the partition's unknown rows are planned
+    again. Rows a living worker holds are left alone."""
     resend_unknown = activation.spec.delivery.resend_unknown
     idempotent = [n for n, c in connectors.items() if c.capabilities.idempotency or resend_unknown]
     summary.recovered_in_flight = ledger.recover_interrupted(
@@ -735,6 +859,10 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         "already_done_other": summary.already_done_other,
         "recovered_in_flight": summary.recovered_in_flight,
         "resent_unknown": summary.resent_unknown,
+        "retried": summary.retried,
+        "waiting": summary.waiting,
+        "in_flight_elsewhere": summary.in_flight_elsewhere,
+        "unknown_reconciled": summary.unknown_reconciled,
         "elapsed_seconds": summary.elapsed_seconds,
         "throughput_per_second": summary.throughput_per_second,
         "p50_latency_ms": summary.p50_latency_ms,
@@ -747,4 +875,14 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         meta["error_codes_json"] = dg.MetadataValue.json(summary.error_codes)
     if summary.ledger_states:
         meta["ledger_states"] = dg.MetadataValue.json(summary.ledger_states)
+        meta["partition_states"] = dg.MetadataValue.md(
+            md_counts("State (whole partition)", summary.ledger_states)
+        )
+    if summary.dead_letter_by_reason:
+        meta["dead_letter_by_reason"] = dg.MetadataValue.md(
+            md_counts("Dead-letter reason", summary.dead_letter_by_reason)
+        )
+        meta["dead_letter_by_reason_json"] = dg.MetadataValue.json(summary.dead_letter_by_reason)
+    if summary.stopped_by:
+        meta["stopped_by"] = summary.stopped_by
     return meta

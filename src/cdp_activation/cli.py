@@ -19,12 +19,31 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from cdp_activation.settings import SANDBOX_PORT, get_settings, project_root
+from cdp_activation.settings import SANDBOX_PORT, SettingsError, get_settings, project_root
 
 console = Console(stderr=True)
 
 
-@click.group(help="Activate warehouse audiences on WhatsApp, SMS and more, safely, with Dagster.")
+class _Main(click.Group):
+    """Settings that make no sense (CDP_*) end any command with one line, not a traceback,
+    also when Dagster wraps the error (read while loading the definitions)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, SettingsError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise click.ClickException(str(cause)) from None
+
+
+@click.group(
+    cls=_Main,
+    help="Activate warehouse audiences on WhatsApp, SMS and more, safely, with Dagster.",
+)
 def main() -> None:
     pass
 
@@ -50,6 +69,7 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
 
     started = time.perf_counter()
     home = ensure_dagster_home()
+    queue = _queue()  # each run waits behind any other run of winback_whatsapp, and says so
     settings = get_settings()
     path = duckdb_path(settings.warehouse_url) or home / "demo_warehouse.duckdb"
     os.environ["CDP_WAREHOUSE_URL"] = f"duckdb:///{path}"
@@ -74,7 +94,7 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
         hooks = None if dry_run else _status_webhooks(stack, url)
         # Plan, then apply: the preview a marketer checks before a send, through Dagster.
         console.print(f"[bold]3/5[/] preview (dry run) of winback_whatsapp for {partition}")
-        summary = run_activation("winback_whatsapp", partition, dry_run=True)
+        summary = run_activation("winback_whatsapp", partition, dry_run=True, queue=queue)
         if summary.success:
             cost = summary.estimated_cost or 0.0
             console.print(
@@ -87,7 +107,7 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
         if not dry_run and summary.success:
             console.print(f"[bold]4/5[/] sending winback_whatsapp for {partition} via Dagster")
             with _progress_bar("winback_whatsapp", partition):
-                summary = run_activation("winback_whatsapp", partition, dry_run=False)
+                summary = run_activation("winback_whatsapp", partition, dry_run=False, queue=queue)
             reports = _settled_statuses("winback_whatsapp", partition) if hooks else None
         fallback = None
         if reports is not None and summary.success:
@@ -97,7 +117,9 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
                 "[bold]5/5[/] fallback: SMS where WhatsApp did not land (demo: the plan's "
                 "30-minute window shortened to 0)"
             )
-            fallback = run_fallback("winback_whatsapp", partition, not_delivered_within_minutes=0)
+            fallback = run_fallback(
+                "winback_whatsapp", partition, not_delivered_within_minutes=0, queue=queue
+            )
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
     _report(summary, as_json, sandbox_url=url, reports=reports, fallback=fallback)
 
@@ -224,6 +246,76 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
 # ---------------------------------------------------------------- run
 
 
+class Busy(click.ClickException):
+    """Another run of the activation is queued or in progress (--no-wait, --wait-timeout)."""
+
+    exit_code = 75  # EX_TEMPFAIL: nothing was started; try again later
+
+
+def _queue_options(command: Callable[..., None]) -> Callable[..., None]:
+    """How a run waits behind another run of the same activation (one at a time)."""
+    options = (
+        click.option(
+            "--no-wait",
+            is_flag=True,
+            help="If another run of this activation is queued or in progress, fail at once "
+            "(exit 75) instead of waiting behind it.",
+        ),
+        click.option(
+            "--wait-timeout",
+            type=click.FloatRange(min=0),
+            metavar="SECONDS",
+            help="Wait at most this long behind another run of this activation, then fail "
+            "(exit 75). Default: as long as it takes, like Dagster's run queue.",
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _queue(no_wait: bool = False, wait_timeout: float | None = None) -> Any:
+    """The runner's `RunQueue`, telling the user (once per run) which run it waits behind."""
+    from cdp_activation.runner import RunQueue
+
+    def on_wait(active: Any) -> None:
+        console.print(
+            f"waiting behind run {active.describe()}… (Ctrl-C stops waiting; --no-wait fails "
+            "instead)",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    def on_stale(active: Any, why: str) -> None:
+        console.print(
+            f"[yellow]run {active.describe()} will never finish: {why}; marked it failed[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    return RunQueue(wait=not no_wait, timeout=wait_timeout, on_wait=on_wait, on_stale=on_stale)
+
+
+@contextmanager
+def _one_run_at_a_time(activation: str, no_wait: bool, wait_timeout: float | None) -> Iterator[Any]:
+    """Wait (or fail) until no other run of the activation is queued or in progress, then
+    yield the queue for the runner, which looks once more right before it starts."""
+    import dataclasses
+
+    from cdp_activation.runner import ActivationBusy, wait_for_turn
+
+    queue = _queue(no_wait, wait_timeout)
+    began = time.monotonic()
+    try:
+        wait_for_turn(activation, queue)
+        if wait_timeout is not None:
+            left = max(0.0, wait_timeout - (time.monotonic() - began))
+            queue = dataclasses.replace(queue, timeout=left)
+        yield queue
+    except ActivationBusy as err:
+        raise Busy(str(err)) from None
+
+
 def _run_options(command: Callable[..., None]) -> Callable[..., None]:
     """The options `run` and `preview` share: which partition, and the Launchpad's choices."""
     options = (
@@ -245,6 +337,7 @@ def _run_options(command: Callable[..., None]) -> Callable[..., None]:
         ),
         click.option("--json", "as_json", is_flag=True, help="End with one JSON line."),
     )
+    command = _queue_options(command)
     for option in reversed(options):
         command = option(command)
     return command
@@ -275,6 +368,8 @@ def _run(
     max_recipients: int | None,
     template: str | None,
     send_window: str | None,
+    no_wait: bool = False,
+    wait_timeout: float | None = None,
 ) -> Any:
     from cdp_activation.runner import ActivationNotFound, run_activation, today_partition
 
@@ -294,6 +389,9 @@ def _run(
         window = (start.strip(), end.strip())
     partition = partition or today_partition()
     with ExitStack() as stack:
+        # First wait behind any other run of the activation: the progress bar counts from
+        # where the ledger stands once this run's turn comes.
+        queue = stack.enter_context(_one_run_at_a_time(activation, no_wait, wait_timeout))
         _start_sandbox_if_needed(stack)
         if not dry_run:
             stack.enter_context(_progress_bar(activation, partition))
@@ -306,6 +404,7 @@ def _run(
                 max_recipients=max_recipients,
                 template=template,
                 send_window=window,
+                queue=queue,
             )
         except ActivationNotFound as err:
             raise click.ClickException(str(err)) from None
@@ -380,16 +479,28 @@ def _progress_bar(activation: str, partition: str, every: float = 0.5) -> Iterat
     help="Override the plan's window, in minutes (default: channel_plan.fallback's).",
 )
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
+@_queue_options
 def fallback(
-    activation: str, partition: str | None, dry_run: bool, minutes: float | None, as_json: bool
+    activation: str,
+    partition: str | None,
+    dry_run: bool,
+    minutes: float | None,
+    as_json: bool,
+    no_wait: bool,
+    wait_timeout: float | None,
 ) -> None:
     from cdp_activation.runner import ActivationNotFound, run_fallback
 
     with ExitStack() as stack:
+        queue = stack.enter_context(_one_run_at_a_time(activation, no_wait, wait_timeout))
         _start_sandbox_if_needed(stack)
         try:
             summary = run_fallback(
-                activation, partition, dry_run=dry_run, not_delivered_within_minutes=minutes
+                activation,
+                partition,
+                dry_run=dry_run,
+                not_delivered_within_minutes=minutes,
+                queue=queue,
             )
         except ActivationNotFound as err:
             raise click.ClickException(str(err)) from None
@@ -567,10 +678,13 @@ def _report(
     else:
         table.add_row("sent", f"{summary.sent:,}")
         table.add_row("failed", f"{summary.failed:,}")
-        if summary.unknown or summary.dead_letter:
-            table.add_row("unknown (not resent)", f"{summary.unknown:,}")
-            table.add_row("dead-lettered", f"{summary.dead_letter:,}")
+        if summary.unknown:
+            table.add_row("unknown (answer lost; not resent)", f"{summary.unknown:,}")
+        if summary.retried:
+            table.add_row("retried after 429/5xx (waited in the ledger)", f"{summary.retried:,}")
     table.add_row("already sent (earlier runs)", f"{summary.already_sent:,}")
+    if not summary.dry_run:
+        _partition_rows(table, summary)
     for code, count in summary.error_codes.items():
         table.add_row(f"provider error · {code}", f"{count:,}")
     if reports:
@@ -604,6 +718,33 @@ def _report(
         print(json.dumps(data, sort_keys=True))
     if not summary.success or (fallback is not None and not fallback.success):
         raise SystemExit(1)
+
+
+PARTITION_STATES = {
+    "planned": "planned (waiting or deferred)",
+    "in_flight": "in flight (another run is sending)",
+    "unknown": "unknown (may have reached the provider)",
+    "dead_letter": "dead-lettered",
+}
+
+
+def _partition_rows(table: Table, summary: Any) -> None:
+    """The whole partition as it stands after the run: what is still waiting, and why."""
+    if summary.recovered_in_flight:
+        table.add_row(
+            "recovered from a stopped run (now unknown)", f"{summary.recovered_in_flight:,}"
+        )
+    if summary.unknown_reconciled:
+        table.add_row("unknown, then proved sent by a report", f"{summary.unknown_reconciled:,}")
+    for state, count in sorted(summary.partition_states.items()):
+        table.add_row(f"partition · {PARTITION_STATES.get(state, state)}", f"{count:,}")
+    for reason, count in sorted(summary.dead_letter_by_reason.items()):
+        table.add_row(f"partition · dead-lettered · {reason}", f"{count:,}")
+    if summary.waiting:
+        table.add_row(
+            "[yellow]still waiting to be sent[/] (next run or the deferred-sends sensor)",
+            f"{summary.waiting:,}",
+        )
 
 
 FALLBACK_REASONS = {

@@ -1,39 +1,43 @@
-"""Delivery: planned ledger rows -> connector batches, rate-limited and retried, results recorded.
+"""Delivery: due ledger rows -> connector batches, claimed, rate-limited, retried, recorded.
 
-Rows go out in batches of each connector's size through a pool of workers (a sliding window:
-a worker takes the next batch as soon as its request is answered), under the connector's rate
-limit. A batch is marked in_flight just before its request and its outcomes written just
-after the answer, both by group commit (one statement for every batch that asked in the
-meantime). Transient failures (429, 5xx, a request that never left) are retried with jittered
-exponential backoff that honours Retry-After; permanent ones are recorded, never retried. A
-Retry-After answer also pauses every request to that connector until it has passed: throttling
-is about the sender, not one message, so the other messages must slow down too. A template or
-credentials error stops the whole activation: requests not yet made, and messages the provider
-refused with a retryable answer, are released back to `planned` for the next run.
+The ledger is the only arbiter of who sends what. A delivery registers a worker in the ledger
+(a lease it renews while it lives) and its coroutines take turns at claiming: one statement
+moves a batch of due rows `planned -> in_flight` for this worker and returns them (group
+commit: every coroutine that asked meanwhile is served by the same transaction), the request
+goes out, and the answer is recorded by the next group commit. So a row is sent only by the
+worker the ledger handed it to, however many runs overlap, and `in_flight` means "may be on
+the wire": a crash at any instant leaves in flight only requests that had left or were leaving.
+
+A retryable answer (429, 5xx, a request that never left) puts the row back to `planned`, due
+again after a jittered exponential backoff that honours Retry-After; the backoff is waited out
+in the ledger, not in flight, and any worker may take the row when it is due. A Retry-After
+also pauses every request to that connector (throttling is about the sender). A message that
+used up its attempts in this run waits for a later run; when its provider accepted nothing
+since that message's first try, or failed many requests in a row, the provider is taken to be
+down and the step stops: every row not yet sent stays `planned`, none is given up on. A
+template or credentials error stops the step the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import math
+import signal
 import statistics
+import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import zip_longest
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import httpx
 from aiolimiter import AsyncLimiter
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_result,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+from tenacity import wait_exponential_jitter
 
 from cdp_activation.connectors.base import (
     Connector,
@@ -42,9 +46,21 @@ from cdp_activation.connectors.base import (
     Outcome,
     SendResult,
     TemplateRef,
+    send_reference,
 )
 from cdp_activation.group_commit import GroupCommit
-from cdp_activation.ledger import Ledger, PlannedSend
+from cdp_activation.ledger import (
+    FAILED,
+    INITIAL_STEP,
+    PLANNED,
+    SENT,
+    UNKNOWN,
+    ClaimRequest,
+    LeaseLost,
+    Ledger,
+    PlannedSend,
+    Settlement,
+)
 from cdp_activation.transport import make_client
 
 log = logging.getLogger(__name__)
@@ -52,16 +68,67 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DeliveryOptions:
-    concurrency: int = 32
-    max_attempts: int = 4
-    rate_per_second: float | None = None  # None: the connector's default
+    concurrency: int = 32  # requests in the air at once
+    max_attempts: int = 4  # requests per message in one run; then it waits for a later run
+    rate_per_second: float | None = None  # None: the connector's configured or default rate
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
     timeout_seconds: float = 15.0
     progress_seconds: float = 5.0  # a progress log line this often (done, rate, ETA)
+    lease_seconds: float = 30.0  # a worker silent this long is taken for dead
+    retry_later_seconds: float = 300.0  # how long a message that used its attempts waits
+    # Requests in a row that a connector failed (5xx, no connection, no answer) with none
+    # accepted in between: the provider is down, the step stops.
+    outage_after: int = 12
+
+    def __post_init__(self) -> None:
+        for name in (
+            "concurrency",
+            "max_attempts",
+            "backoff_initial",
+            "backoff_max",
+            "timeout_seconds",
+            "progress_seconds",
+            "lease_seconds",
+            "retry_later_seconds",
+            "outage_after",
+        ):
+            if getattr(self, name) <= 0:
+                value = getattr(self, name)
+                raise ValueError(f"delivery option {name} must be greater than 0, got {value}")
+        if self.rate_per_second is not None and self.rate_per_second <= 0:
+            raise ValueError(
+                "delivery option rate_per_second must be greater than 0, "
+                f"got {self.rate_per_second}"
+            )
 
 
-MAX_RETRY_AFTER = 60.0  # seconds: a provider's longer Retry-After is capped (then dead-lettered)
+@dataclass(frozen=True)
+class DeliveryScope:
+    """The rows one delivery sends: one activation's partition, one step."""
+
+    activation: str
+    partition_key: str
+    step: str = INITIAL_STEP
+    run_id: str | None = None
+
+
+MAX_RETRY_AFTER = 60.0  # seconds: a provider's longer Retry-After is capped
+
+
+class ProviderUnavailable(ConnectorError):
+    """A provider kept failing (down, refusing connections, throttling without end): the step
+    stopped and every row not yet sent stays planned for the next run."""
+
+
+class DeliveryIncomplete(ConnectorError):
+    """Some messages were not accepted after every attempt this run allowed; they stay
+    planned and a later run sends them."""
+
+
+class DeliveryInterrupted(ConnectorError):
+    """The process was asked to stop (SIGTERM, Ctrl-C): requests in the air were answered and
+    recorded, nothing else was claimed."""
 
 
 @dataclass
@@ -69,13 +136,16 @@ class DeliveryReport:
     sent: int = 0
     failed: int = 0
     unknown: int = 0
-    dead_letter: int = 0
+    dead_letter: int = 0  # kept for callers; the engine itself never dead-letters
+    retried: int = 0  # retryable answers whose message went back to wait for its next try
+    retry_later: int = 0  # messages that used their attempts: planned for a later run
     attempts: int = 0
     throttled: int = 0  # answers carrying Retry-After, each pausing its connector
     error_codes: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     stopped_by: str | None = None
+    last_error: dict[str, str] = field(default_factory=dict)  # per connector
 
     def latency_ms(self, quantile: float) -> float:
         if not self.latencies:
@@ -104,11 +174,8 @@ def to_outbound(row: PlannedSend) -> OutboundMessage:
         body=message.get("body"),
         customer_id=row.customer_id,
         purpose=row.purpose,
+        reference=send_reference(row.id),
     )
-
-
-class _Stop(Exception):
-    """Raised inside a send task once the activation has been stopped."""
 
 
 class _Throttle:
@@ -130,100 +197,401 @@ class _Throttle:
 
     async def wait(self, stop: asyncio.Event) -> None:
         while (delay := self.remaining()) > 0 and not stop.is_set():
-            await asyncio.sleep(delay)
+            await _sleep_unless(stop, delay)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if the delivery is stopped meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=max(seconds, 0.0))
 
 
 def deliver(
     ledger: Ledger,
-    rows: Sequence[PlannedSend],
+    scope: DeliveryScope,
     connectors: Mapping[str, Connector],
     options: DeliveryOptions | None = None,
 ) -> DeliveryReport:
-    """Send every row (already `planned` in the ledger) and record each outcome."""
-    return asyncio.run(deliver_async(ledger, rows, connectors, options or DeliveryOptions()))
+    """Send every due `planned` row of `scope` and record each outcome (see the module doc).
+
+    Raises `ProviderUnavailable`, `DeliveryIncomplete`, `DeliveryInterrupted`, `LeaseLost` or
+    another `ConnectorError` when the step did not finish: what was not sent stays planned.
+    """
+    return asyncio.run(deliver_async(ledger, scope, connectors, options or DeliveryOptions()))
+
+
+class _Delivery:
+    """One delivery's shared state: the stop signal, its cause, per-connector health."""
+
+    def __init__(self, ledger: Ledger, scope: DeliveryScope, options: DeliveryOptions) -> None:
+        self.ledger = ledger
+        self.scope = scope
+        self.options = options
+        self.report = DeliveryReport()
+        self.stop = asyncio.Event()
+        self.error: BaseException | None = None
+        self.tries: Counter[int] = Counter()  # requests per row in this run
+        self.first_try: dict[int, float] = {}
+        self.last_accepted: dict[str, float] = {}  # connector -> monotonic time
+        self.failing: Counter[str] = Counter()  # connector -> requests failed in a row
+        self.in_the_air: Counter[str] = Counter()  # connector -> batches awaiting an answer
+        self.backoff = wait_exponential_jitter(
+            multiplier=options.backoff_initial,
+            max=options.backoff_max,
+            jitter=options.backoff_initial,
+        )
+
+    def fail(self, error: BaseException) -> None:
+        """Stop claiming; the first cause is the one raised at the end."""
+        if self.error is None:
+            self.error = error
+            self.report.stopped_by = str(error)
+        self.stop.set()
+
+    @property
+    def horizon(self) -> timedelta:
+        """How far ahead a delivery waits for rows to fall due (retries it backed off)."""
+        return timedelta(seconds=MAX_RETRY_AFTER + self.options.backoff_max + 1.0)
+
+    def settle(
+        self,
+        connector: Connector,
+        rows: Sequence[PlannedSend],
+        results: Sequence[SendResult],
+        refused: ConnectorError | None,
+    ) -> list[Settlement]:
+        """What becomes of each row of an answered request (see the module doc)."""
+        now = datetime.now(UTC)
+        name = connector.name
+        by_key = {r.key: r for r in results}
+        out: list[Settlement] = []
+        retryable: list[tuple[PlannedSend, SendResult]] = []
+        accepted = False
+        for row in rows:
+            self.tries[row.id] += 1
+            self.first_try.setdefault(row.id, time.monotonic())
+            if refused is not None:
+                # The provider refused the request as a whole: nothing was accepted.
+                out.append(
+                    Settlement(row.id, PLANNED, error_message=connector.redact(str(refused)))
+                )
+                continue
+            result = by_key.get(row.idempotency_key) or SendResult(
+                row.idempotency_key,
+                Outcome.UNKNOWN,
+                error_message="the provider's answer did not mention this message",
+            )
+            if result.outcome == Outcome.UNKNOWN and connector.capabilities.idempotency:
+                # The provider de-duplicates on our key: a lost answer is safe to ask again.
+                result = replace(result, outcome=Outcome.RETRY)
+            if result.outcome == Outcome.RETRY:
+                retryable.append((row, result))
+                continue
+            if result.outcome in (Outcome.SENT, Outcome.FAILED):
+                accepted = True  # the provider is up and answering
+            state = {Outcome.SENT: SENT, Outcome.FAILED: FAILED}.get(result.outcome, UNKNOWN)
+            out.append(
+                Settlement(
+                    row.id,
+                    state,
+                    provider_message_id=result.provider_message_id,
+                    error_code=result.error_code,
+                    error_message=result.error_message,
+                )
+            )
+            self._count(state, result)
+            if state == UNKNOWN:
+                self.report.last_error[name] = _describe(result)
+        if accepted:
+            self.last_accepted[name] = time.monotonic()
+            self.failing[name] = 0
+        elif any(r.retry_after is None for _, r in retryable) or any(
+            s.state == UNKNOWN for s in out
+        ):
+            self.failing[name] += 1  # throttling (Retry-After) is not failing
+        hinted = [r.retry_after for _, r in retryable if r.retry_after is not None]
+        if hinted:
+            self.report.throttled += len(hinted)
+        out += self._retry(name, retryable, now, max(hinted, default=0.0))
+        if self.failing[name] >= self.options.outage_after:
+            self.fail(
+                ProviderUnavailable(
+                    f"{name} failed {self.failing[name]} requests in a row and accepted none "
+                    f"(last error: {self.report.last_error.get(name, 'no answer')}); the step "
+                    "stopped and every message not sent yet stays planned for the next run"
+                )
+            )
+        return out
+
+    def _retry(
+        self,
+        name: str,
+        retryable: list[tuple[PlannedSend, SendResult]],
+        now: datetime,
+        hinted: float,
+    ) -> list[Settlement]:
+        out = []
+        for row, result in retryable:
+            self.report.error_codes[result.error_code or "retry"] += 1
+            self.report.last_error[name] = _describe(result)
+            tries = self.tries[row.id]
+            if tries >= self.options.max_attempts:
+                wait = self.options.retry_later_seconds
+                self.report.retry_later += 1
+                if self.last_accepted.get(name, -math.inf) < self.first_try[row.id]:
+                    self.fail(
+                        ProviderUnavailable(
+                            f"{name} accepted nothing while one message was tried "
+                            f"{tries} times (last error: {_describe(result)}); the step "
+                            "stopped and every message not sent yet stays planned for the "
+                            "next run"
+                        )
+                    )
+            else:
+                attempt = SimpleNamespace(attempt_number=tries)
+                wait = max(self.backoff(attempt), min(hinted, MAX_RETRY_AFTER))  # type: ignore[arg-type]
+                self.report.retried += 1
+            out.append(
+                Settlement(
+                    row.id,
+                    PLANNED,
+                    error_code=result.error_code,
+                    error_message=result.error_message,
+                    not_before=now + timedelta(seconds=wait),
+                )
+            )
+        return out
+
+    def _count(self, state: str, result: SendResult) -> None:
+        if state == SENT:
+            self.report.sent += 1
+        elif state == FAILED:
+            self.report.failed += 1
+        else:
+            self.report.unknown += 1
+        if result.error_code:
+            self.report.error_codes[result.error_code] += 1
+
+
+def _describe(result: SendResult) -> str:
+    parts = [p for p in (result.error_code, result.error_message) if p]
+    return " ".join(parts)[:200] or result.outcome.value
 
 
 async def deliver_async(
     ledger: Ledger,
-    rows: Sequence[PlannedSend],
+    scope: DeliveryScope,
     connectors: Mapping[str, Connector],
     options: DeliveryOptions,
 ) -> DeliveryReport:
-    """Send the rows' batches through a pool of `options.concurrency` workers.
+    """Claim and send the scope's due rows with `options.concurrency` requests in the air.
 
-    Each worker takes the next batch as soon as its previous one is answered (a sliding
-    window, never a barrier that waits for the slowest request of a group), so the number of
-    requests in the air stays at the concurrency; rows are marked in flight per batch just
-    before its request, so a crash leaves `unknown` only what was really in the air.
+    Each coroutine claims its next batch as soon as its previous one is answered (a sliding
+    window, never a barrier), so the requests in the air stay at the concurrency, and a row
+    is claimed only once its request is about to leave (rate limit and pauses waited first).
     """
-    report = DeliveryReport()
+    run = _Delivery(ledger, scope, options)
+    report = run.report
     started = time.perf_counter()
-    limiters = {name: AsyncLimiter(rate_of(c, options), 1) for name, c in connectors.items()}
-    throttles = {name: _Throttle() for name in connectors}
+    due = await asyncio.to_thread(
+        ledger.due_counts,
+        scope.activation,
+        scope.partition_key,
+        scope.step,
+        datetime.now(UTC) + run.horizon,
+    )
+    missing = sorted(set(due) - set(connectors))
+    if missing:
+        raise ConnectorError(f"no connector named {missing[0]!r} is configured")
+    if not due:
+        return report
+    worker_id = await asyncio.to_thread(
+        ledger.register_worker,
+        scope.activation,
+        scope.partition_key,
+        scope.step,
+        options.lease_seconds,
+        scope.run_id,
+    )
+    limiters = {name: AsyncLimiter(rate_of(connectors[name], options), 1) for name in due}
+    throttles = {name: _Throttle() for name in due}
     semaphore = asyncio.Semaphore(options.concurrency)
-    stop = asyncio.Event()
-    stop_error: list[ConnectorError] = []
-    batches = _batches(rows, connectors)
+    claims: GroupCommit[ClaimRequest] = GroupCommit(
+        lambda requests: ledger.claim(
+            worker_id, scope.activation, scope.partition_key, scope.step, requests
+        ),
+        "claiming",
+    )
+    settles: GroupCommit[Settlement] = GroupCommit(
+        lambda items: ledger.settle(worker_id, items), "recording outcomes"
+    )
     # A million rows are a million long-lived objects: without this every full collection
     # walks them all again, and the cost per message grew with the run (bench/throughput.py).
     gc.collect()
     gc.freeze()
 
-    # httpx API over an aiohttp transport: plain httpx collapses past a few requests in flight
-    # (bench/results_delivery.md); the transport maps errors exactly as httpx would.
-    async with make_client(
-        timeout=options.timeout_seconds, max_in_flight=options.concurrency
-    ) as client:
-        marks: GroupCommit[tuple[int, int | None]] = GroupCommit(
-            lambda items: _mark_in_flight(ledger, items), "marking in flight"
-        )
-        records: GroupCommit[tuple[int, SendResult, int]] = GroupCommit(
-            ledger.record, "recording outcomes"
-        )
-        releases: GroupCommit[int] = GroupCommit(ledger.release, "releasing unsent rows")
-        queue = iter(batches)  # shared by the workers: each batch goes to exactly one
+    async def send_from(name: str, client: httpx.AsyncClient) -> None:
+        connector = connectors[name]
+        size = connector.capabilities.max_batch_size
+        whole = groups_requests(connector)
+        limiter, throttle = limiters[name], throttles[name]
+        while not run.stop.is_set():
+            await throttle.wait(run.stop)
+            rows: list[PlannedSend] = []
+            results: list[SendResult] = []
+            refused: ConnectorError | None = None
+            async with semaphore:
+                if run.stop.is_set():
+                    return
+                await limiter.acquire(min(size, limiter.max_rate))
+                if run.stop.is_set():
+                    return
+                if throttle.remaining() > 0:
+                    continue  # a Retry-After arrived while this request queued
+                claimed = await claims.submit([ClaimRequest(name, size, whole)])
+                rows = claimed[0] if claimed else []
+                if rows:
+                    run.in_the_air[name] += 1
+                    began = time.perf_counter()
+                    try:
+                        results = await connector.send_batch(client, [to_outbound(r) for r in rows])
+                    except ConnectorError as err:
+                        refused = err
+                    report.attempts += 1
+                    report.latencies.append(time.perf_counter() - began)
+            if not rows:
+                if not await wait_for_due(name):
+                    return
+                continue
+            try:
+                await settles.submit(run.settle(connector, rows, results, refused))
+            finally:
+                run.in_the_air[name] -= 1
+            if refused is not None:
+                run.fail(refused)
+                return
+            hinted = [r.retry_after for r in results if r.retry_after is not None]
+            if hinted:
+                throttle.hold(min(max(hinted), MAX_RETRY_AFTER))
 
-        async def worker() -> None:
-            for name, batch in queue:
-                if stop.is_set():
-                    return  # the rest was never marked: it stays planned
-                never_sent = await _send_batch(
-                    client,
-                    connectors[name],
-                    limiters[name],
-                    throttles[name],
-                    semaphore,
-                    batch,
-                    options,
-                    stop,
-                    stop_error,
-                    report,
-                    marks,
-                    records,
-                )
-                await releases.submit(never_sent)
+    async def wait_for_due(name: str) -> bool:
+        """Nothing is due now: wait for the next row of this connector falling due within
+        the horizon (a retry backing off), or for a batch still in the air that may come
+        back retryable; False when there is nothing left to wait for."""
+        while not run.stop.is_set():
+            now = datetime.now(UTC)
+            next_due = await asyncio.to_thread(
+                ledger.next_due,
+                scope.activation,
+                scope.partition_key,
+                scope.step,
+                name,
+                now + run.horizon,
+            )
+            if next_due is not None:
+                delay = (next_due - now).total_seconds()
+                await _sleep_unless(run.stop, min(max(delay, 0.005), 1.0))
+                return True
+            if run.in_the_air[name] == 0:
+                return False
+            await _sleep_unless(run.stop, 0.05)
+        return False
 
-        progress = asyncio.create_task(
-            _log_progress_every(report, len(rows), started, options.progress_seconds)
-        )
+    async def guarded(name: str, client: httpx.AsyncClient) -> None:
         try:
-            await asyncio.gather(*(worker() for _ in range(min(options.concurrency, len(batches)))))
-        finally:
-            progress.cancel()
-            gc.unfreeze()
+            await send_from(name, client)
+        except Exception as err:  # a failed claim or write stops the delivery, loudly
+            run.fail(err)
+
+    async def keep_lease() -> None:
+        while True:
+            await asyncio.sleep(options.lease_seconds / 3)
+            try:
+                alive = await asyncio.to_thread(ledger.heartbeat, worker_id)
+            except Exception as err:  # the ledger is unreachable: the claims will say so too
+                log.warning("could not renew the delivery lease: %s", err)
+                continue
+            if not alive:
+                run.fail(LeaseLost(f"delivery worker {worker_id[:8]} lost its lease"))
+                return
+
+    def workers_for(name: str) -> int:
+        batches = math.ceil(due[name] / connectors[name].capabilities.max_batch_size)
+        return max(1, min(options.concurrency, batches))
+
+    restore = _stop_on_signals(run)
+    try:
+        async with make_client(
+            timeout=options.timeout_seconds, max_in_flight=options.concurrency
+        ) as client:
+            lease = asyncio.create_task(keep_lease())
+            progress = asyncio.create_task(
+                _log_progress_every(report, sum(due.values()), started, options.progress_seconds)
+            )
+            try:
+                await asyncio.gather(
+                    *(guarded(name, client) for name in due for _ in range(workers_for(name)))
+                )
+            finally:
+                lease.cancel()
+                progress.cancel()
+    finally:
+        restore()
+        gc.unfreeze()
+        await asyncio.to_thread(ledger.stop_worker, worker_id)
     report.elapsed = time.perf_counter() - started
-    if stop_error:
-        report.stopped_by = str(stop_error[0])
-        raise stop_error[0]
+    if run.error is not None:
+        raise _with_report(report, run.error)
+    if report.retry_later:
+        last = "; ".join(f"{n}: {e}" for n, e in sorted(report.last_error.items()))
+        raise _with_report(
+            report,
+            DeliveryIncomplete(
+                f"{report.retry_later} message(s) were not accepted after {options.max_attempts} "
+                f"attempts each (last error: {last}); they stay planned and the next run or the "
+                f"deferred-sends sensor retries them in {options.retry_later_seconds:g} s"
+            ),
+        )
     return report
 
 
-def _mark_in_flight(ledger: Ledger, items: list[tuple[int, int | None]]) -> None:
-    """(row id, request id or None) pairs in flight, in one transaction."""
-    ledger.mark_in_flight(
-        [row for row, request in items if request is None],
-        [(row, request) for row, request in items if request is not None],
-    )
+def _with_report(report: DeliveryReport, error: BaseException) -> BaseException:
+    """`error` carrying what the delivery did before it stopped (`error.report`)."""
+    error.report = report  # type: ignore[attr-defined]
+    return error
+
+
+def _stop_on_signals(run: _Delivery) -> Callable[[], None]:
+    """SIGTERM and SIGINT stop claiming; requests in the air are answered and recorded, then
+    the delivery raises `DeliveryInterrupted`. A second signal interrupts at once. Only in the
+    main thread (where signals are delivered); returns what restores the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(sig: signal.Signals) -> None:
+        if isinstance(run.error, DeliveryInterrupted):
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            return
+        log.warning("%s: finishing the requests in the air, claiming nothing more", sig.name)
+        run.fail(
+            DeliveryInterrupted(
+                f"stopped by {sig.name}: requests in the air were answered and recorded; "
+                "every message not sent yet stays planned for the next run"
+            )
+        )
+
+    for sig in previous:
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def groups_requests(connector: Connector) -> bool:
@@ -240,173 +608,6 @@ def rate_of(connector: Connector, options: DeliveryOptions | None = None) -> flo
     return connector.rate_per_second or connector.capabilities.default_rate_per_second
 
 
-def _batches(
-    rows: Sequence[PlannedSend], connectors: Mapping[str, Connector]
-) -> list[tuple[str, list[PlannedSend]]]:
-    """The rows in batches of each connector's size, the connectors taking turns (each has its
-    own rate limit, so interleaving keeps all of them busy).
-
-    Rows a crash left in a request that is de-duplicated as a whole (`request_id` set, see
-    `groups_requests`) go first, each request's rows together as they were, so the request
-    is sent again exactly as before and the provider recognises it.
-    """
-    by_connector: dict[str, list[PlannedSend]] = {}
-    for row in rows:
-        if row.connector not in connectors:
-            raise ConnectorError(f"no connector named {row.connector!r} is configured")
-        by_connector.setdefault(row.connector, []).append(row)
-    per_connector: list[list[tuple[str, list[PlannedSend]]]] = []
-    for name, items in by_connector.items():
-        size = connectors[name].capabilities.max_batch_size
-        interrupted: dict[int, list[PlannedSend]] = {}
-        if groups_requests(connectors[name]):
-            for row in items:
-                if row.request_id is not None:
-                    interrupted.setdefault(row.request_id, []).append(row)
-            items = [row for row in items if row.request_id is None]
-        batches = [(name, group) for group in interrupted.values()]
-        batches += [(name, items[i : i + size]) for i in range(0, len(items), size)]
-        per_connector.append(batches)
-    return [batch for turn in zip_longest(*per_connector) for batch in turn if batch is not None]
-
-
-async def _send_batch(
-    client: httpx.AsyncClient,
-    connector: Connector,
-    limiter: AsyncLimiter,
-    throttle: _Throttle,
-    semaphore: asyncio.Semaphore,
-    batch: list[PlannedSend],
-    options: DeliveryOptions,
-    stop: asyncio.Event,
-    stop_error: list[ConnectorError],
-    report: DeliveryReport,
-    marks: GroupCommit[tuple[int, int | None]],
-    records: GroupCommit[tuple[int, SendResult, int]],
-) -> list[int]:
-    """Send one batch, retrying what is retryable, and record each outcome in the ledger.
-
-    Returns the ids of rows never accepted (the activation stopped first, or the provider
-    refused the whole request with a template or credentials error, or answered it with a
-    retryable refusal before the activation stopped): they go back to `planned`.
-    """
-    pending = [to_outbound(r) for r in batch]
-    # The request's id in the ledger, for providers that de-duplicate whole requests: the
-    # first row's own id, kept when a crash makes the batch go out again.
-    request_id = min(row.id for row in batch) if groups_requests(connector) else None
-    final: dict[str, SendResult] = {}
-    attempts = 0
-
-    async def attempt_once() -> list[SendResult]:
-        nonlocal pending, attempts
-        while True:
-            # Wait out a connector pause before taking a slot, so one throttled provider does
-            # not hold the semaphore the other connectors share.
-            await throttle.wait(stop)
-            if stop.is_set():
-                raise _Stop
-            async with semaphore:
-                await limiter.acquire(len(pending))
-                if stop.is_set():
-                    raise _Stop
-                if throttle.remaining() > 0:
-                    continue  # a Retry-After arrived while this request queued
-                if attempts == 0:
-                    # Durably in flight before the request leaves, and not a moment earlier.
-                    await marks.submit([(row.id, request_id) for row in batch])
-                attempts += 1
-                report.attempts += 1
-                began = time.perf_counter()
-                results = await connector.send_batch(client, pending)
-                report.latencies.append(time.perf_counter() - began)
-            break
-        if connector.capabilities.idempotency:
-            # The provider de-duplicates on our key: an answer lost in the air is safe to ask
-            # again, so UNKNOWN is retried (with the same key) instead of given up on.
-            results = [
-                replace(r, outcome=Outcome.RETRY) if r.outcome == Outcome.UNKNOWN else r
-                for r in results
-            ]
-        final.update((r.key, r) for r in results)
-        hinted = [r.retry_after for r in results if r.retry_after is not None]
-        if hinted:
-            report.throttled += len(hinted)
-            throttle.hold(min(max(hinted), MAX_RETRY_AFTER))
-        pending = [m for m in pending if m.key in final and final[m.key].outcome == Outcome.RETRY]
-        return [final[m.key] for m in pending]
-
-    backoff = wait_exponential_jitter(
-        multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
-    )
-
-    def pause_before(attempt: int, retryable: list[SendResult]) -> float:
-        """Jittered exponential backoff before `attempt` (2, 3, …), at least Retry-After."""
-        hinted = max((r.retry_after or 0.0 for r in retryable), default=0.0)
-        return max(
-            backoff(SimpleNamespace(attempt_number=attempt - 1)), min(hinted, MAX_RETRY_AFTER)
-        )
-
-    def wait(state: RetryCallState) -> float:
-        retryable: list[SendResult] = state.outcome.result() if state.outcome else []
-        return pause_before(state.attempt_number + 2, retryable)
-
-    try:
-        # Most batches are answered at the first try: tenacity only drives the retries.
-        retryable = await attempt_once()
-        if retryable and options.max_attempts > 1:
-            await asyncio.sleep(pause_before(2, retryable))
-            retrying = AsyncRetrying(
-                stop=stop_after_attempt(options.max_attempts - 1),
-                wait=wait,
-                retry=retry_if_result(bool),  # retry while some messages are still retryable
-                retry_error_callback=lambda state: state.outcome.result() if state.outcome else [],
-                reraise=True,
-            )
-            await retrying(attempt_once)
-    except _Stop:
-        # What is still pending was refused with a retryable answer (or never sent) and not
-        # retried because the activation stopped: not accepted, retries not exhausted, so it
-        # goes back to `planned` for the next run rather than to dead_letter.
-        for message in pending:
-            final.pop(message.key, None)
-    except ConnectorError as err:
-        stop_error.append(err)
-        stop.set()
-        # The provider refused the request as a whole: those messages were not accepted.
-        for message in pending:
-            final.pop(message.key, None)
-    recorded: list[tuple[int, SendResult, int]] = []
-    never_sent: list[int] = []
-    for row in batch:
-        result = final.get(row.idempotency_key)
-        if result is None and (stop.is_set() or attempts == 0):
-            never_sent.append(row.id)
-            continue
-        if result is None:
-            result = SendResult(
-                row.idempotency_key,
-                Outcome.UNKNOWN,
-                error_message="the provider's answer did not mention this message",
-            )
-        recorded.append((row.id, result, row.attempts + attempts))
-        _count(report, result)
-    await records.submit(recorded)
-    return never_sent
-
-
-def _count(report: DeliveryReport, result: SendResult) -> None:
-    if result.outcome == Outcome.SENT:
-        report.sent += 1
-    elif result.outcome == Outcome.FAILED:
-        report.failed += 1
-    elif result.outcome == Outcome.UNKNOWN:
-        report.unknown += 1
-    else:
-        report.dead_letter += 1
-    if result.error_code:
-        report.error_codes[result.error_code] += 1
-
-
 async def _log_progress_every(
     report: DeliveryReport, total: int, started: float, seconds: float = 5.0
 ) -> None:
@@ -417,7 +618,7 @@ async def _log_progress_every(
 
 
 def _log_progress(report: DeliveryReport, total: int, started: float) -> None:
-    done = report.sent + report.failed + report.unknown + report.dead_letter
+    done = report.sent + report.failed + report.unknown
     elapsed = time.perf_counter() - started
     rate = done / elapsed if elapsed else 0.0
     eta = (total - done) / rate if rate else 0.0

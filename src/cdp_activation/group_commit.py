@@ -1,6 +1,8 @@
 """Group commit: many coroutines' writes in one database transaction, each waiting for its own.
 
-Callers `await submit(items)` and return only once their items are durably written. While a
+Callers `await submit(items)` and return only once their items are durably written; a write that
+returns a list (one result per item, as a claim does: the rows handed to each request) gives
+each caller the results of its own items. While a
 write is under way (in a worker thread, so the event loop goes on sending and receiving; SQLite
 and psycopg release the GIL while they work), everything submitted meanwhile is queued and
 written together by the next transaction. So a burst of callers costs a few transactions, and
@@ -25,25 +27,28 @@ class GroupCommit(Generic[T]):
     def __init__(self, write: Callable[[list[T]], Any], name: str = "write") -> None:
         self._write = write
         self._name = name
-        self._queued: list[tuple[Sequence[T], asyncio.Future[None]]] = []
+        self._queued: list[tuple[Sequence[T], asyncio.Future[list[Any] | None]]] = []
         self._draining: asyncio.Task[None] | None = None
         self.transactions = 0  # writes made (benchmarks, tests)
 
-    async def submit(self, items: Sequence[T]) -> None:
-        """Queue `items` and wait until they are written; a failed write raises here."""
+    async def submit(self, items: Sequence[T]) -> list[Any] | None:
+        """Queue `items` and wait until they are written; a failed write raises here. Returns
+        this caller's share of the write's results, when the write returns any."""
         if not items:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            return []
+        future: asyncio.Future[list[Any] | None] = asyncio.get_running_loop().create_future()
         self._queued.append((items, future))
         if self._draining is None or self._draining.done():
             self._draining = asyncio.create_task(self._drain())
-        await future
+        return await future
 
     async def _drain(self) -> None:
         while self._queued:
             queued, self._queued = self._queued, []
             try:
-                await asyncio.to_thread(self._write, [i for items, _ in queued for i in items])
+                results = await asyncio.to_thread(
+                    self._write, [i for items, _ in queued for i in items]
+                )
                 self.transactions += 1
             except Exception as err:  # each caller decides; a failed write is never silent
                 log.warning("%s failed for %d caller(s): %s", self._name, len(queued), err)
@@ -51,6 +56,11 @@ class GroupCommit(Generic[T]):
                     if not future.done():
                         future.set_exception(err)
                 continue
-            for _, future in queued:
+            offset = 0
+            for items, future in queued:
+                share = None
+                if isinstance(results, list):
+                    share = results[offset : offset + len(items)]
+                    offset += len(items)
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result(share)

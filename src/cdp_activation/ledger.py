@@ -22,6 +22,9 @@ SQLite (WAL) is the embedded default; PostgreSQL in production (any SQLAlchemy U
 from __future__ import annotations
 
 import json
+import os
+import socket
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,8 +33,9 @@ from typing import Any
 import polars as pl
 import sqlalchemy as sa
 
-from cdp_activation.connectors.base import Outcome, SendResult
+from cdp_activation.connectors.base import Outcome, SendResult, send_id_of
 from cdp_activation.db import as_utc, open_engine, read_frame
+from cdp_activation.processes import process_gone
 from cdp_activation.statuses import STATUS_RANK, StatusEvent, connector_of
 
 PLANNED = "planned"
@@ -93,6 +97,9 @@ sends = sa.Table(
     # A fallback send: the id of the send it stands in for, and why it was due.
     sa.Column("fallback_of", sa.BigInteger().with_variant(sa.Integer, "sqlite")),
     sa.Column("fallback_reason", sa.String(40)),
+    # The delivery worker (`delivery_workers.id`) that claimed it: only that worker sends it,
+    # and only while that worker's lease lives (see `claim`, `recover_interrupted`).
+    sa.Column("claimed_by", sa.String(64)),
     sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
     sa.Index("ix_sends_state_sent_at", "state", "sent_at"),
     sa.Index("ix_sends_provider_message_id", "provider_message_id"),
@@ -124,6 +131,9 @@ status_events = sa.Table(
     # The customer the report is about, where the provider's id covers a whole batch (a Braze
     # dispatch id): the report then moves only that customer's send.
     sa.Column("customer_id", sa.String(120)),
+    # The send's reference the provider echoed (`connectors.base.send_reference`): reconciles
+    # a send whose own answer was lost (`unknown`) with what the provider reports about it.
+    sa.Column("reference", sa.String(40)),
     sa.Index("ix_status_events_applied_received", "applied", "received_at"),
     sa.Index("ix_status_events_source_occurred", "source", "occurred_at"),
 )
@@ -144,6 +154,27 @@ send_events = sa.Table(
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_send_events_send_id", "send_id"),
 )
+
+# Every process that sends registers here and renews its lease (`heartbeat_at`) while it lives;
+# the rows it claimed are recovered only once it is gone: stopped, its lease expired, or (on this
+# host) its process no longer running. One small UPDATE renews the lease of all its rows.
+delivery_workers = sa.Table(
+    "delivery_workers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("activation", sa.String(120), nullable=False),
+    sa.Column("partition_key", sa.String(40), nullable=False),
+    sa.Column("step", sa.String(40), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),  # alive | stopped | expired
+    sa.Column("lease_seconds", sa.Float, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_delivery_workers_state", "state"),
+)
+WORKER_ALIVE, WORKER_STOPPED, WORKER_EXPIRED = "alive", "stopped", "expired"
 
 _EVENT_COLUMNS = "send_id, from_state, to_state, attempts, error_code, run_id, at"
 _SQLITE_TRIGGERS = (
@@ -199,12 +230,50 @@ class StatusWrite:
     received: int  # reports handed in
     duplicates: int  # already stored (or repeated in the same call): ignored
     advanced: int  # messages whose delivery_status moved forward
+    reconciled: int = 0  # `unknown` sends a report proved accepted: now `sent`
 
 
 @dataclass(frozen=True)
 class PlanResult:
     planned: int  # new rows written by this call
     existing: dict[str, int]  # keys already in the ledger, by their current state
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """Up to `limit` due rows of one connector for one request. `whole_requests`: the provider
+    de-duplicates whole requests (`delivery.groups_requests`), so rows a crash left in a
+    request are claimed together again, and fresh rows are stamped with their request's id."""
+
+    connector: str
+    limit: int
+    whole_requests: bool = False
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What became of one claimed row once its request was answered (`Ledger.settle`).
+
+    `state` is terminal (sent, failed, unknown) or `planned`: a retryable answer (429, 5xx, a
+    request that never left) puts the row back, due again at `not_before`; `unsent` means the
+    request was never made (the step stopped first), so its attempt is given back.
+    """
+
+    row_id: int
+    state: str
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    not_before: datetime | None = None
+    unsent: bool = False
+
+
+class LeaseLost(RuntimeError):
+    """This worker was taken for dead (its lease expired) and its rows were recovered by
+    another process: it must stop claiming."""
+
+
+DEADLINE_PASSED = "send_deadline_passed"  # dead_letter reason: not sent within max_send_delay
 
 
 def _now() -> datetime:
@@ -217,10 +286,13 @@ class Ledger:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = open_engine(url)
-        metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
         triggers = {"sqlite": _SQLITE_TRIGGERS, "postgresql": _POSTGRES_TRIGGERS}
+        # One process at a time creates or upgrades the schema: runs and workers that start
+        # together would otherwise race to create the same tables and triggers.
         with self.engine.begin() as con:
+            _lock_schema(con)
+            metadata.create_all(con)
+            _add_missing_columns(con)
             for statement in triggers.get(self.engine.dialect.name, ()):
                 con.exec_driver_sql(statement)
 
@@ -239,21 +311,35 @@ class Ledger:
         (a row still planned takes the latest `not_before`).
 
         The rows are built in polars (keys, message JSON, timestamps) and handed to the
-        driver as plain tuples in one `executemany`: no per-row work in Python.
+        driver as plain tuples in one `executemany`: no per-row work in Python. Rows already
+        in the ledger are neither rewritten nor locked (a run planning the partition while
+        another sends from it must not wait for, or deadlock with, that run's writes); only
+        planned rows whose deferral changed are updated.
         """
         if chosen.is_empty():
             return PlanResult(planned=0, existing={})
         rows = _plan_rows(activation, partition_key, chosen, run_id, purpose, self.dialect)
-        existing_keys = self._partition_states(activation, partition_key)
-        existing = (
-            rows.select("idempotency_key")
-            .join(existing_keys, on="idempotency_key", how="inner")
-            .group_by("state")
-            .len()
+        known = rows.select("idempotency_key", "not_before").join(
+            self._partition_states(activation, partition_key),
+            on="idempotency_key",
+            how="inner",
+            suffix="_now",
         )
-        counts = dict(existing.iter_rows())
+        counts = dict(known.group_by("state").len().iter_rows())
+        redeferred = known.filter(
+            (pl.col("state") == PLANNED) & pl.col("not_before").ne_missing(pl.col("not_before_now"))
+        )
+        mark = self._mark
         with self.engine.begin() as con:
             con.exec_driver_sql(self._insert_sql(), rows.rows())
+            if not redeferred.is_empty():
+                con.exec_driver_sql(
+                    f"UPDATE sends SET not_before = {mark} WHERE idempotency_key = {mark} "
+                    f"AND state = '{PLANNED}'",
+                    redeferred.sort("idempotency_key")
+                    .select("not_before", "idempotency_key")
+                    .rows(),
+                )
         return PlanResult(planned=rows.height - sum(counts.values()), existing=counts)
 
     @property
@@ -261,23 +347,24 @@ class Ledger:
         return self.engine.dialect.name
 
     def _insert_sql(self) -> str:
-        """The driver-level upsert of `_PLAN_COLUMNS` (see `_insert` for the rule)."""
-        mark = "?" if self.dialect == "sqlite" else "%s"
+        """The driver-level insert of `_PLAN_COLUMNS`; keys already present are skipped."""
         columns = ", ".join(_PLAN_COLUMNS)
-        values = ", ".join([mark] * len(_PLAN_COLUMNS))
+        values = ", ".join([self._mark] * len(_PLAN_COLUMNS))
         return (
             f"INSERT INTO sends ({columns}) VALUES ({values}) "
-            "ON CONFLICT (idempotency_key) DO UPDATE SET not_before = excluded.not_before "
-            f"WHERE sends.state = '{PLANNED}'"
+            "ON CONFLICT (idempotency_key) DO NOTHING"
         )
 
     def _partition_states(self, activation: str, partition_key: str) -> pl.DataFrame:
-        """(idempotency_key, state) of every row of one partition, in one read."""
+        """(idempotency_key, state, not_before) of every row of one partition, in one read;
+        `not_before` as `_plan_rows` writes it (SQLite: its text)."""
+        when = pl.String if self.dialect == "sqlite" else pl.Datetime("us", "UTC")
         return read_frame(
             self.engine,
-            "SELECT idempotency_key, state FROM sends WHERE activation = $1 AND partition_key = $2",
+            "SELECT idempotency_key, state, not_before FROM sends "
+            "WHERE activation = $1 AND partition_key = $2",
             (activation, partition_key),
-            schema={"idempotency_key": pl.String, "state": pl.String},
+            schema={"idempotency_key": pl.String, "state": pl.String, "not_before": when},
         )
 
     def states_of(self, keys: Sequence[str]) -> dict[str, int]:
@@ -297,10 +384,265 @@ class Ledger:
                 counts[state] = counts.get(state, 0) + count
         return counts
 
+    # ------------------------------------------------------------ claims and leases
+
+    def register_worker(
+        self,
+        activation: str,
+        partition_key: str,
+        step: str,
+        lease_seconds: float,
+        run_id: str | None = None,
+    ) -> str:
+        """A new delivery worker, alive with a fresh lease; returns its id (`claimed_by`)."""
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be greater than 0, got {lease_seconds}")
+        worker_id = uuid.uuid4().hex
+        now = _now()
+        with self.engine.begin() as con:
+            con.execute(
+                sa.insert(delivery_workers).values(
+                    id=worker_id,
+                    run_id=run_id,
+                    activation=activation,
+                    partition_key=partition_key,
+                    step=step,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    state=WORKER_ALIVE,
+                    lease_seconds=lease_seconds,
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
+        return worker_id
+
+    def heartbeat(self, worker_id: str) -> bool:
+        """Renew a worker's lease (one row, whatever it holds); False when it has lost it."""
+        with self.engine.begin() as con:
+            return self._renew(con, worker_id)
+
+    def _renew(self, con: sa.Connection, worker_id: str) -> bool:
+        result = con.execute(
+            sa.update(delivery_workers)
+            .where(delivery_workers.c.id == worker_id, delivery_workers.c.state == WORKER_ALIVE)
+            .values(heartbeat_at=_now())
+        )
+        return (result.rowcount or 0) == 1
+
+    def stop_worker(self, worker_id: str) -> None:
+        """The worker is done: rows it still holds in flight (a step interrupted mid-request)
+        are recovered by the next run at once, without waiting for the lease."""
+        with self.engine.begin() as con:
+            con.execute(
+                sa.update(delivery_workers)
+                .where(delivery_workers.c.id == worker_id, delivery_workers.c.state == WORKER_ALIVE)
+                .values(state=WORKER_STOPPED)
+            )
+
+    def claim(
+        self,
+        worker_id: str,
+        activation: str,
+        partition_key: str,
+        step: str,
+        requests: Sequence[ClaimRequest],
+        now: datetime | None = None,
+    ) -> list[list[PlannedSend]]:
+        """Atomically move due `planned` rows to `in_flight` for `worker_id` and return them,
+        one list per request, in one transaction that also renews the worker's lease.
+
+        A row is sent only by the worker this returned it to: PostgreSQL picks rows with
+        `FOR UPDATE SKIP LOCKED` (concurrent claimers never wait for or share a row), SQLite
+        runs the whole claim under its single write lock. Raises `LeaseLost` when the worker
+        was taken for dead meanwhile.
+        """
+        now = now or _now()
+        results: list[list[PlannedSend]] = [[] for _ in requests]
+        with self.engine.begin() as con:
+            if not self._renew(con, worker_id):
+                raise LeaseLost(
+                    f"delivery worker {worker_id[:8]} lost its lease (it was stalled longer than "
+                    "its lease and another run recovered its rows): it stops here"
+                )
+            scope = (activation, partition_key, step)
+            shared: dict[str, list[int]] = {}
+            for index, request in enumerate(requests):
+                if request.whole_requests:
+                    results[index] = self._claim_request(con, worker_id, scope, request, now)
+                else:
+                    shared.setdefault(request.connector, []).append(index)
+            for connector, indexes in shared.items():
+                total = sum(requests[i].limit for i in indexes)
+                rows = self._claim_rows(con, worker_id, scope, connector, total, now, False)
+                for i in indexes:
+                    results[i], rows = rows[: requests[i].limit], rows[requests[i].limit :]
+        return results
+
+    def _claim_request(
+        self,
+        con: sa.Connection,
+        worker_id: str,
+        scope: tuple[str, str, str],
+        request: ClaimRequest,
+        now: datetime,
+    ) -> list[PlannedSend]:
+        """One whole request's rows: first a request a crash or a retry left (`request_id`
+        set), exactly as it was; else fresh rows, stamped with their request's id."""
+        mark = self._mark
+        activation, partition_key, step = scope
+        due = (
+            f"activation = {mark} AND partition_key = {mark} AND state = '{PLANNED}' "
+            f"AND step = {mark} AND connector = {mark} "
+            f"AND (not_before IS NULL OR not_before <= {mark})"
+        )
+        args = (activation, partition_key, step, request.connector, _db_time(now, self.dialect))
+        request_id = con.exec_driver_sql(
+            f"SELECT MIN(request_id) FROM sends WHERE {due} AND request_id IS NOT NULL", args
+        ).scalar()
+        if request_id is not None:
+            lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
+            select = (
+                f"SELECT id FROM sends WHERE activation = {mark} AND partition_key = {mark} "
+                f"AND state = '{PLANNED}' AND request_id = {mark}{lock}"
+            )
+            return self._claim_where(
+                con, worker_id, select, (activation, partition_key, request_id), now
+            )
+        rows = self._claim_rows(
+            con, worker_id, scope, request.connector, request.limit, now, fresh_only=True
+        )
+        if rows:
+            first = min(r.id for r in rows)
+            for chunk in _chunks([r.id for r in rows], 5000):
+                con.execute(sa.update(sends).where(sends.c.id.in_(chunk)).values(request_id=first))
+            rows = [_with_request(r, first) for r in rows]
+        return rows
+
+    def _claim_rows(
+        self,
+        con: sa.Connection,
+        worker_id: str,
+        scope: tuple[str, str, str],
+        connector: str,
+        limit: int,
+        now: datetime,
+        fresh_only: bool,
+    ) -> list[PlannedSend]:
+        """Up to `limit` due planned rows of one connector, earliest due first (the
+        `ix_sends_due` index walks exactly those)."""
+        if limit <= 0:
+            return []
+        mark = self._mark
+        activation, partition_key, step = scope
+        fresh = " AND request_id IS NULL" if fresh_only else ""
+        if self.dialect == "postgresql":
+            order, lock = "not_before NULLS FIRST", " FOR UPDATE SKIP LOCKED"
+        else:
+            order, lock = "not_before", ""
+        select = (
+            f"SELECT id FROM sends WHERE activation = {mark} AND partition_key = {mark} "
+            f"AND state = '{PLANNED}' AND step = {mark} AND connector = {mark}{fresh} "
+            f"AND (not_before IS NULL OR not_before <= {mark}) ORDER BY {order} "
+            f"LIMIT {mark}{lock}"
+        )
+        args = (activation, partition_key, step, connector, _db_time(now, self.dialect), limit)
+        return self._claim_where(con, worker_id, select, args, now)
+
+    def _claim_where(
+        self,
+        con: sa.Connection,
+        worker_id: str,
+        select: str,
+        args: tuple[Any, ...],
+        now: datetime,
+    ) -> list[PlannedSend]:
+        """planned -> in_flight for the rows `select` picks, returned (one statement)."""
+        mark = self._mark
+        columns = (
+            "id, idempotency_key, channel, connector, recipient, message, attempts, "
+            "customer_id, request_id, purpose"
+        )
+        stamp = _db_time(now, self.dialect)
+        if self.dialect == "postgresql":
+            returning = ", ".join(f"sends.{c.strip()}" for c in columns.split(","))
+            sql = (
+                f"UPDATE sends SET state = '{IN_FLIGHT}', claimed_by = {mark}, "
+                f"attempts = sends.attempts + 1, updated_at = {mark} FROM ({select}) AS due "
+                f"WHERE sends.id = due.id RETURNING {returning}"
+            )
+        else:
+            sql = (
+                f"UPDATE sends SET state = '{IN_FLIGHT}', claimed_by = {mark}, "
+                f"attempts = attempts + 1, updated_at = {mark} WHERE id IN ({select}) "
+                f"RETURNING {columns}"
+            )
+        rows = con.exec_driver_sql(sql, (worker_id, stamp, *args)).all()
+        claimed = [
+            PlannedSend(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9])
+            for r in rows
+        ]
+        claimed.sort(key=lambda r: r.id)
+        return claimed
+
+    def settle(self, worker_id: str, settlements: Iterable[Settlement]) -> None:
+        """Write what became of claimed rows, in one transaction: terminal states (a late
+        answer may also correct a row another run recovered as `unknown`), and rows back to
+        `planned` (due again at their `not_before`) that the provider did not take. Rows the
+        worker no longer holds are left alone."""
+        now = _db_time(_now(), self.dialect)
+        final, retry, unsent = [], [], []
+        for s in settlements:
+            message = (s.error_message or "")[:500] or None
+            if s.state == PLANNED:
+                due = _db_time(s.not_before, self.dialect) if s.not_before else None
+                target = unsent if s.unsent else retry
+                target.append((due, s.error_code, message, now, s.row_id, worker_id))
+            else:
+                sent_at = now if s.state == SENT else None
+                row = (s.state, s.provider_message_id, s.error_code, message, now, sent_at)
+                final.append((*row, s.row_id, worker_id))
+        for params in (final, retry, unsent):  # one lock order for every writer: by id
+            params.sort(key=lambda p: p[-2])
+        mark = self._mark
+        held = f"WHERE id = {mark} AND claimed_by = {mark}"
+        with self.engine.begin() as con:
+            if final:
+                con.exec_driver_sql(
+                    f"UPDATE sends SET state = {mark}, provider_message_id = {mark}, "
+                    f"error_code = {mark}, error_message = {mark}, updated_at = {mark}, "
+                    f"sent_at = {mark} {held} AND state IN ('{IN_FLIGHT}', '{UNKNOWN}')",
+                    final,
+                )
+            if retry:
+                con.exec_driver_sql(
+                    f"UPDATE sends SET state = '{PLANNED}', not_before = {mark}, "
+                    f"error_code = {mark}, error_message = {mark}, updated_at = {mark}, "
+                    f"claimed_by = NULL {held} AND state = '{IN_FLIGHT}'",
+                    retry,
+                )
+            if unsent:
+                con.exec_driver_sql(
+                    f"UPDATE sends SET state = '{PLANNED}', not_before = COALESCE({mark}, "
+                    f"not_before), error_code = {mark}, error_message = {mark}, "
+                    f"updated_at = {mark}, claimed_by = NULL, request_id = NULL, "
+                    f"attempts = attempts - 1 {held} AND state = '{IN_FLIGHT}'",
+                    unsent,
+                )
+
+    @property
+    def _mark(self) -> str:
+        return "?" if self.dialect == "sqlite" else "%s"
+
     def recover_interrupted(
         self, activation: str, partition_key: str, idempotent: Iterable[str] = ()
     ) -> int:
-        """Rows left in flight by a crashed run: the provider may have accepted them.
+        """Rows left in flight by workers that are gone: the provider may have accepted them.
+
+        A worker is gone when it stopped, when its lease expired (no heartbeat for
+        `lease_seconds`: a stalled or partitioned process), or when it ran on this host and
+        its process no longer exists (killed); rows in flight with no worker at all (written
+        by an earlier version) count as gone too. A living worker's rows are never touched.
 
         Through a connector whose provider de-duplicates on our key (`idempotent`), they go
         back to `planned` and are sent again with the same key; through any other they become
@@ -308,32 +650,187 @@ class Ledger:
         the activation opts in with `resend_unknown` (`replan_unknown`).
         """
         retryable = list(idempotent)
-        where = (
+        now = _now()
+        in_partition = (
             sends.c.activation == activation,
             sends.c.partition_key == partition_key,
             sends.c.state == IN_FLIGHT,
         )
         with self.engine.begin() as con:
+            self._lock_for_write(con)
+            holders = set(
+                con.execute(sa.select(sends.c.claimed_by).distinct().where(*in_partition))
+                .scalars()
+                .all()
+            )
+            if not holders:
+                return 0
+            gone = self._expire_gone_workers(con, [h for h in holders if h is not None], now)
+            if None in holders:
+                gone.add(None)
+            if not gone:
+                return 0
+            named = [g for g in gone if g is not None]
+            by_gone = sa.or_(
+                sends.c.claimed_by.in_(named) if named else sa.false(),
+                sends.c.claimed_by.is_(None) if None in gone else sa.false(),
+            )
             replanned = 0
             if retryable:
                 replanned = (
                     con.execute(
                         sa.update(sends)
-                        .where(*where, sends.c.connector.in_(retryable))
-                        .values(state=PLANNED, updated_at=_now())
+                        .where(*in_partition, by_gone, sends.c.connector.in_(retryable))
+                        .values(state=PLANNED, claimed_by=None, updated_at=now)
                     ).rowcount
                     or 0
                 )
             result = con.execute(
                 sa.update(sends)
-                .where(*where)
+                .where(*in_partition, by_gone)
                 .values(
                     state=UNKNOWN,
-                    error_message="run interrupted while the request was in flight",
-                    updated_at=_now(),
+                    error_message="its worker stopped while the request was in flight",
+                    updated_at=now,
                 )
             )
             return replanned + (result.rowcount or 0)
+
+    def _expire_gone_workers(
+        self, con: sa.Connection, worker_ids: Sequence[str], now: datetime
+    ) -> set[str | None]:
+        """Of these workers, the ones that are gone, marked `expired` (so a stalled one that
+        wakes up finds it lost its lease); ids with no worker row count as gone."""
+        workers = {
+            w.id: w
+            for w in con.execute(
+                sa.select(delivery_workers).where(delivery_workers.c.id.in_(list(worker_ids)))
+            )
+        }
+        gone: set[str | None] = {w for w in worker_ids if w not in workers}
+        for worker in workers.values():
+            if worker.state != WORKER_ALIVE:
+                gone.add(worker.id)
+                continue
+            lapsed = now - timedelta(seconds=worker.lease_seconds)
+            if process_gone(worker.host, worker.pid, _aware(worker.started_at).timestamp()):
+                condition = delivery_workers.c.state == WORKER_ALIVE
+            else:
+                # Only if the lease is still lapsed as this statement runs: a heartbeat that
+                # wins the race keeps the worker alive.
+                condition = sa.and_(
+                    delivery_workers.c.state == WORKER_ALIVE,
+                    delivery_workers.c.heartbeat_at <= lapsed,
+                )
+            expired = con.execute(
+                sa.update(delivery_workers)
+                .where(delivery_workers.c.id == worker.id, condition)
+                .values(state=WORKER_EXPIRED)
+            )
+            if expired.rowcount:
+                gone.add(worker.id)
+        return gone
+
+    def _lock_for_write(self, con: sa.Connection) -> None:
+        """SQLite: take the write lock now (waiting out the busy timeout), so a transaction
+        that reads before it writes cannot fail to upgrade its lock under concurrency."""
+        if self.dialect == "sqlite":
+            con.exec_driver_sql("UPDATE delivery_workers SET state = state WHERE 0")
+
+    def expire_overdue(
+        self, activation: str, partition_key: str, step: str, max_delay: timedelta
+    ) -> int:
+        """Planned rows of a step due for longer than `max_delay` (a win-back that could not
+        leave within a day is pointless) end `dead_letter`, reason `send_deadline_passed`."""
+        now = _now()
+        cutoff = now - max_delay
+        with self.engine.begin() as con:
+            result = con.execute(
+                sa.update(sends)
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.step == step,
+                    sends.c.state == PLANNED,
+                    sa.func.coalesce(sends.c.not_before, sends.c.planned_at) < cutoff,
+                )
+                .values(
+                    state=DEAD_LETTER,
+                    error_code=DEADLINE_PASSED,
+                    error_message=f"not sent within the send deadline ({max_delay})",
+                    updated_at=now,
+                )
+            )
+        return result.rowcount or 0
+
+    def due_counts(
+        self, activation: str, partition_key: str, step: str, until: datetime
+    ) -> dict[str, int]:
+        """Planned rows of a step due by `until`, per connector."""
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(sends.c.connector, sa.func.count())
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == PLANNED,
+                    sends.c.step == step,
+                    sa.or_(sends.c.not_before.is_(None), sends.c.not_before <= until),
+                )
+                .group_by(sends.c.connector)
+            ).all()
+        return {connector: count for connector, count in rows}
+
+    def next_due(
+        self, activation: str, partition_key: str, step: str, connector: str, until: datetime
+    ) -> datetime | None:
+        """When the next planned row of this connector falls due, if by `until` (None: none
+        does); a row with no `not_before` is due now."""
+        with self.engine.connect() as con:
+            row = con.execute(
+                sa.select(
+                    sa.func.count().filter(sends.c.not_before.is_(None)),
+                    sa.func.min(sends.c.not_before),
+                ).where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == PLANNED,
+                    sends.c.step == step,
+                    sends.c.connector == connector,
+                    sa.or_(sends.c.not_before.is_(None), sends.c.not_before <= until),
+                )
+            ).one()
+        if row[0]:
+            return _now()
+        return _aware(row[1]) if row[1] is not None else None
+
+    def dead_letters_by_reason(self, activation: str, partition_key: str) -> dict[str, int]:
+        """The partition's dead letters by reason (`error_code`: `send_deadline_passed`, or an
+        earlier version's last error for retries it gave up)."""
+        reason = sa.func.coalesce(sends.c.error_code, "retries_exhausted")
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(reason, sa.func.count())
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == DEAD_LETTER,
+                )
+                .group_by(reason)
+            ).all()
+        return {code: count for code, count in rows}
+
+    def in_flight_elsewhere(self, activation: str, partition_key: str, worker_id: str) -> int:
+        """Rows of the partition another worker holds in flight right now."""
+        with self.engine.connect() as con:
+            return con.execute(
+                sa.select(sa.func.count()).where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == IN_FLIGHT,
+                    sa.or_(sends.c.claimed_by.is_(None), sends.c.claimed_by != worker_id),
+                )
+            ).scalar_one()
 
     def replan_unknown(self, activation: str, partition_key: str) -> int:
         """`unknown` rows of this partition back to `planned`, to be sent again.
@@ -580,22 +1077,24 @@ class Ledger:
     def due_partitions(
         self, activation: str, now: datetime | None = None, step: str | None = None
     ) -> dict[str, datetime]:
-        """Partitions with deferred rows (of `step`, if given) now due, and the latest
-        not_before among them."""
+        """Partitions with planned rows (of `step`, if given) now due: deferred ones whose
+        time has come, retries backed off, and rows a stopped or failed run left waiting; with
+        the latest of their `not_before` (or last change), which moves whenever a run touched
+        them, so a sensor keyed on it asks again after each attempt."""
         now = now or _now()
+        latest = sa.func.max(sa.func.coalesce(sends.c.not_before, sends.c.updated_at))
         with self.engine.connect() as con:
             rows = con.execute(
-                sa.select(sends.c.partition_key, sa.func.max(sends.c.not_before))
+                sa.select(sends.c.partition_key, latest)
                 .where(
                     sends.c.activation == activation,
                     sends.c.state == PLANNED,
-                    sends.c.not_before.is_not(None),
-                    sends.c.not_before <= now,
+                    sa.or_(sends.c.not_before.is_(None), sends.c.not_before <= now),
                     *_of_step(step),
                 )
                 .group_by(sends.c.partition_key)
             ).all()
-        return {partition: _aware(latest) for partition, latest in rows}
+        return {partition: _aware(when) for partition, when in rows}
 
     def partitions_with_pending(
         self, activation: str, step: str, now: datetime | None = None
@@ -793,8 +1292,8 @@ class Ledger:
                 con.exec_driver_sql(
                     "INSERT INTO status_events (event_key, provider, provider_message_id, "
                     "status, error_code, occurred_at, received_at, payload, source, "
-                    "customer_id, applied) VALUES "
-                    f"({', '.join([mark] * 10)}, {'0' if self.dialect == 'sqlite' else 'false'}) "
+                    "customer_id, reference, applied) VALUES "
+                    f"({', '.join([mark] * 11)}, {'0' if self.dialect == 'sqlite' else 'false'}) "
                     "ON CONFLICT (event_key) DO NOTHING",
                     [
                         (
@@ -808,13 +1307,18 @@ class Ledger:
                             e.payload,
                             e.source,
                             e.customer_id,
+                            e.reference,
                         )
                         for e in fresh
                     ],
                 )
+            reconciled = self._reconcile(con, fresh) if fresh else 0
             advanced = self._apply_statuses(con, fresh) if fresh else 0
         return StatusWrite(
-            received=len(events), duplicates=len(events) - len(fresh), advanced=advanced
+            received=len(events),
+            duplicates=len(events) - len(fresh),
+            advanced=advanced,
+            reconciled=reconciled,
         )
 
     def apply_pending_statuses(self) -> int:
@@ -827,11 +1331,53 @@ class Ledger:
         with self.engine.begin() as con:
             pending = con.exec_driver_sql(
                 "SELECT event_key, provider, provider_message_id, status, error_code, "
-                f"occurred_at, customer_id FROM status_events WHERE applied = {false} "
-                f"AND received_at >= {mark}",
+                f"occurred_at, customer_id, reference FROM status_events "
+                f"WHERE applied = {false} AND received_at >= {mark}",
                 (since,),
             ).all()
+            self._reconcile(con, pending)
             return self._apply_statuses(con, pending)
+
+    def _reconcile(self, con: sa.Connection, reports: Sequence[Any]) -> int:
+        """`unknown` sends (their answer was lost) that a report names by our reference: the
+        provider has them, so they become `sent` with the provider's id, and the report then
+        moves their delivery status like any other. Only rows of the report's own connector,
+        still without a provider id, change."""
+        mark = self._mark
+        now = _db_time(_now(), self.dialect)
+        params = []
+        for report in reports:
+            send_id = send_id_of(getattr(report, "reference", None))
+            if send_id is None or not report.provider_message_id:
+                continue
+            params.append(
+                (report.provider_message_id, now, now, send_id, connector_of(report.provider))
+            )
+        if not params:
+            return 0
+        result = con.exec_driver_sql(
+            f"UPDATE sends SET state = '{SENT}', provider_message_id = {mark}, "
+            f"sent_at = {mark}, updated_at = {mark}, error_message = 'reconciled: the "
+            "provider reported it after its answer was lost' "
+            f"WHERE id = {mark} AND connector = {mark} AND state = '{UNKNOWN}' "
+            "AND provider_message_id IS NULL",
+            params,
+        )
+        return max(result.rowcount or 0, 0)
+
+    def reconciled_count(self, activation: str, partition_key: str) -> int:
+        """Sends of the partition that were `unknown` and were proved accepted by a report."""
+        with self.engine.connect() as con:
+            return con.execute(
+                sa.select(sa.func.count())
+                .select_from(send_events.join(sends, sends.c.id == send_events.c.send_id))
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    send_events.c.from_state == UNKNOWN,
+                    send_events.c.to_state == SENT,
+                )
+            ).scalar_one()
 
     def _apply_statuses(self, con: sa.Connection, pending: Sequence[Any]) -> int:
         """Apply `pending` reports (`StatusEvent`s just stored, or unapplied rows read back:
@@ -1020,22 +1566,41 @@ def _of_step(step: str | None) -> tuple[sa.ColumnElement[bool], ...]:
     return () if step is None else (sends.c.step == step,)
 
 
-def _add_missing_columns(engine: sa.Engine) -> None:
+def _lock_schema(con: sa.Connection) -> None:
+    """Hold the ledger's schema lock until `con`'s transaction ends."""
+    if con.dialect.name == "postgresql":
+        con.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('cdp_activation.ledger'))")
+    elif con.dialect.name == "sqlite":
+        # pysqlite opens a transaction at the first write: the DELETE takes the write lock
+        # (waiting out the busy timeout), and the DDL that follows runs inside it.
+        con.exec_driver_sql("CREATE TABLE IF NOT EXISTS ledger_schema_lock (id INTEGER)")
+        con.exec_driver_sql("DELETE FROM ledger_schema_lock")
+
+
+def _add_missing_columns(con: sa.Connection) -> None:
     """Bring a ledger made by an earlier version up to this schema: `create_all` makes missing
     tables, not missing columns or indexes. Only nullable columns are ever added, so old rows
     stay valid."""
-    inspector = sa.inspect(engine)
-    with engine.begin() as con:
-        for table in (sends, status_events):
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in [c for c in table.columns if c.name not in present]:
-                kind = column.type.compile(dialect=engine.dialect)
-                con.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
-            for index in table.indexes:  # both dialects know IF NOT EXISTS: no inspection
-                columns = ", ".join(c.name for c in index.columns)
-                con.exec_driver_sql(
-                    f"CREATE INDEX IF NOT EXISTS {index.name} ON {table.name} ({columns})"
-                )
+    inspector = sa.inspect(con)
+    for table in (sends, status_events):
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in [c for c in table.columns if c.name not in present]:
+            kind = column.type.compile(dialect=con.dialect)
+            con.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+        for index in table.indexes:  # both dialects know IF NOT EXISTS: no inspection
+            columns = ", ".join(c.name for c in index.columns)
+            con.exec_driver_sql(
+                f"CREATE INDEX IF NOT EXISTS {index.name} ON {table.name} ({columns})"
+            )
+    # The claim's walk (`Ledger._claim_rows`): one partition's planned rows of a step and
+    # connector, those with no `not_before` first, then by it, so the rows due now come
+    # first and deferred ones are never read. SQLite sorts NULLs first already; PostgreSQL
+    # must be told. Not declared on the Table: `create_all` cannot say NULLS FIRST.
+    nulls_first = " NULLS FIRST" if con.dialect.name == "postgresql" else ""
+    con.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS ix_sends_due ON sends (activation, partition_key, "
+        f"state, step, connector, not_before{nulls_first})"
+    )
 
 
 def _aware(value: datetime) -> datetime:
@@ -1164,6 +1729,21 @@ def _plan_rows(
         else pl.lit(None, dtype=pl.String).alias("error_code"),
         optional("fallback_of", pl.Int64()),
         optional("fallback_reason", pl.String()),
+    )
+
+
+def _with_request(row: PlannedSend, request_id: int) -> PlannedSend:
+    return PlannedSend(
+        row.id,
+        row.idempotency_key,
+        row.channel,
+        row.connector,
+        row.recipient,
+        row.message,
+        row.attempts,
+        row.customer_id,
+        request_id,
+        row.purpose,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import dagster as dg
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from cdp_activation.connectors.base import Connector, ConnectorConfigError
 from cdp_activation.connectors.braze import BrazeConnector
@@ -65,7 +65,9 @@ class SendLogResource(dg.ConfigurableResource):
 class ConnectorResource(dg.ConfigurableResource):
     """A provider connector; `connector()` builds the plain-Python client."""
 
-    rate_per_second: float | None = None  # messages/s for this sender; None: connector default
+    # Messages/s for this sender; None: the connector's default. Zero or less is refused (a
+    # Launchpad override too), as CDP_*_RATE_PER_SECOND is.
+    rate_per_second: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     def connector(self) -> Connector:
         raise NotImplementedError
@@ -111,6 +113,8 @@ class TwilioResource(ConnectorResource):
     from_number: str
     content_base_url: str | None = None  # the Content API's host; None: `base_url`
     whatsapp_from: str | None = None  # the WhatsApp sender; None: `from_number`
+    # Where Twilio posts status callbacks, each with `?ref=cdp-<send id>` (empty: none).
+    status_callback_url: str = ""
 
     def connector(self) -> Connector:
         token = self.auth_token
@@ -127,6 +131,7 @@ class TwilioResource(ConnectorResource):
                 from_number=self.from_number,
                 content_base_url=self.content_base_url,
                 whatsapp_from=self.whatsapp_from,
+                status_callback_url=self.status_callback_url,
             )
         )
 
@@ -235,7 +240,7 @@ class WebhookResource(ConnectorResource):
 
     url: str
     headers_json: str | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, gt=0)
 
     def connector(self) -> Connector:
         headers: dict[str, SecretStr] | None = None

@@ -7,8 +7,11 @@ a run launched there: same assets, checks, partitions and metadata.
 from __future__ import annotations
 
 import os
+import random
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,13 +19,255 @@ from typing import Any
 
 import dagster as dg
 
-from cdp_activation.settings import project_root
+from cdp_activation.processes import process_gone, started_at
+from cdp_activation.settings import get_settings, project_root
 
 SUMMARY_KEYS = ("audience", "eligible", "excluded", "sent", "failed", "already_sent")
 
 
 class ActivationNotFound(LookupError):
     pass
+
+
+# ---------------------------------------------------------------- one run per activation
+#
+# Runs launched through Dagster's queue (Launchpad, schedules, sensors) wait there: the
+# instance's dagster.yaml allows one in-progress run per value of the `activation` run tag.
+# `execute_in_process`, which the CLI uses, never goes through that queue, so the runner does
+# the same before it starts: it waits until no run of the activation (either job, any
+# partition) is queued or in progress on the instance, and says which run it waits behind.
+# The check and the start of our own run are not one atomic step: two processes that look in
+# the same few milliseconds can both start. The ledger's claim guard (a row is sent only by
+# the process that moved it planned -> in_flight) keeps that harmless; this only makes it rare.
+
+HOST_TAG = "cdp/host"
+PID_TAG = "cdp/pid"
+PID_START_TAG = "cdp/pid_start"  # boot id and start time of that pid: pids get reused
+
+UNFINISHED = (
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+    dg.DagsterRunStatus.SUSPENDED,
+)
+RUNNING = (dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
+
+
+@dataclass(frozen=True)
+class ActiveRun:
+    """A run of an activation that is queued or in progress on the instance."""
+
+    run_id: str
+    activation: str
+    job_name: str
+    status: str
+    partition: str | None
+    since: datetime | None  # when it started (or was queued)
+    launched_by: str
+
+    def describe(self) -> str:
+        """`1a2b3c4d (winback_whatsapp, partition 2026-12-04, started 21:05 UTC by …)`."""
+        what = self.activation
+        if self.job_name.endswith("_fallback_job"):
+            what += " fallback"
+        if self.partition:
+            what += f", partition {self.partition}"
+        verb = {
+            "QUEUED": "queued",
+            "NOT_STARTED": "created",
+            "STARTING": "starting",
+            "CANCELING": "being canceled, started",
+            "SUSPENDED": "suspended, started",
+        }.get(self.status, "started")
+        if self.since is not None:
+            since = self.since.astimezone(UTC)
+            today = datetime.now(UTC).date()
+            fmt = "%H:%M UTC" if since.date() == today else "%Y-%m-%d %H:%M UTC"
+            verb += f" {since.strftime(fmt)}"
+        return f"{self.run_id[:8]} ({what}, {verb} by {self.launched_by})"
+
+
+class ActivationBusy(RuntimeError):
+    """Another run of the activation is queued or in progress, and we were not to wait (or
+    waited as long as we were allowed to)."""
+
+    def __init__(self, active: ActiveRun, waited: float | None = None) -> None:
+        self.active = active
+        self.waited = waited
+        if waited is None:
+            message = (
+                f"{active.activation} is busy: run {active.describe()} is not finished; "
+                "try again when it is, or leave out --no-wait to wait behind it"
+            )
+        else:
+            message = (
+                f"gave up after {waited:,.0f} s waiting behind run {active.describe()}; "
+                "nothing was started"
+            )
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class RunQueue:
+    """How a run waits for the activation's other runs (see `wait_for_turn`).
+
+    `wait=False` fails at once with `ActivationBusy`; `timeout` (seconds) fails after that
+    long; `None` waits as long as it takes, as Dagster's own run queue does. `on_wait` is
+    called once for each run waited behind; `on_stale` when a run whose process is gone is
+    marked failed instead of waited for.
+    """
+
+    wait: bool = True
+    timeout: float | None = None
+    on_wait: Callable[[ActiveRun], None] | None = None
+    on_stale: Callable[[ActiveRun, str], None] | None = None
+    poll_seconds: float = 1.0
+
+
+def wait_for_turn(
+    name: str, queue: RunQueue | None = None, instance: dg.DagsterInstance | None = None
+) -> None:
+    """Return once no run of activation `name` is queued or in progress on the instance.
+
+    A run this host started with `execute_in_process` whose process is gone (SIGKILL, power
+    loss) stays STARTED in Dagster's run storage forever; it is marked failed, not waited for.
+    Runs launched elsewhere (other hosts, Dagster's run workers) are waited for: Dagster's run
+    monitoring, or the UI's Terminate, ends those.
+    """
+    queue = queue or RunQueue()
+    if instance is None:
+        ensure_dagster_home()
+        instance = dg.DagsterInstance.get()
+    announced: set[str] = set()
+    began = time.monotonic()
+    while True:
+        active = active_runs(instance, name, on_stale=queue.on_stale)
+        if not active:
+            return
+        first = active[0]
+        if not queue.wait:
+            raise ActivationBusy(first)
+        waited = time.monotonic() - began
+        if queue.timeout is not None and waited >= queue.timeout:
+            raise ActivationBusy(first, waited=waited)
+        if first.run_id not in announced:
+            announced.add(first.run_id)
+            if queue.on_wait is not None:
+                queue.on_wait(first)
+        # Jittered: two processes waiting behind the same run rarely look at the same instant.
+        pause = queue.poll_seconds * random.uniform(0.75, 1.25)
+        if queue.timeout is not None:
+            pause = max(0.0, min(pause, queue.timeout - waited))
+        time.sleep(pause)
+
+
+def active_runs(
+    instance: dg.DagsterInstance,
+    name: str,
+    on_stale: Callable[[ActiveRun, str], None] | None = None,
+) -> list[ActiveRun]:
+    """The activation's queued or in-progress runs, running ones first, then oldest first.
+
+    A run belongs to the activation if it carries its `activation` tag (both of its jobs do)
+    or materialises one of its assets (a run launched from the asset graph has no job tags).
+    Runs this host started whose process is gone are marked failed and left out.
+    """
+    found: list[tuple[bool, float, ActiveRun]] = []
+    for record in instance.get_run_records(dg.RunsFilter(statuses=list(UNFINISHED))):
+        run = record.dagster_run
+        if not _belongs_to(run, name):
+            continue
+        active = _active_run(record, name)
+        gone = _process_gone(run.tags)
+        if gone is not None and run.status != dg.DagsterRunStatus.QUEUED:
+            _mark_dead(instance, run, gone)
+            if on_stale is not None:
+                on_stale(active, gone)
+            continue
+        since = active.since.timestamp() if active.since else 0.0
+        found.append((run.status not in RUNNING, since, active))
+    return [active for *_, active in sorted(found, key=lambda item: item[:2])]
+
+
+def _belongs_to(run: Any, name: str) -> bool:
+    if run.tags.get("activation") == name:
+        return True
+    keys = [*(run.asset_selection or ()), *(c.asset_key for c in run.asset_check_selection or ())]
+    return any(key.path[0] == name for key in keys)
+
+
+def _active_run(record: Any, name: str) -> ActiveRun:
+    run = record.dagster_run
+    tags = run.tags
+    if record.start_time is not None:
+        since: datetime | None = datetime.fromtimestamp(record.start_time, UTC)
+    else:
+        since = record.create_timestamp
+    return ActiveRun(
+        run_id=run.run_id,
+        activation=name,
+        job_name=run.job_name,
+        status=run.status.value,
+        partition=tags.get("dagster/partition"),
+        since=since,
+        launched_by=_launched_by(tags),
+    )
+
+
+def _launched_by(tags: Mapping[str, str]) -> str:
+    if "launched_by" in tags:
+        who = tags["launched_by"]
+        if PID_TAG in tags:
+            who += f", pid {tags[PID_TAG]} on {tags.get(HOST_TAG, '?')}"
+        return who
+    for tag, label in (
+        ("dagster/schedule_name", "schedule"),
+        ("dagster/sensor_name", "sensor"),
+        ("dagster/backfill", "backfill"),
+    ):
+        if tag in tags:
+            return f"{label} {tags[tag]}"
+    return tags.get("dagster/user", "the Dagster UI")
+
+
+def _process_tags() -> dict[str, str]:
+    """Who runs this run: host, pid and its start time, so another process can tell if it is
+    still alive (`processes.process_gone`)."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    start = started_at()
+    if start is not None:
+        tags[PID_START_TAG] = f"{start:.2f}"
+    return tags
+
+
+def _process_gone(tags: Mapping[str, str]) -> str | None:
+    """Why the process that runs a run is certainly gone; None if alive or not ours to tell
+    (another host, or a run without our tags)."""
+    host, pid_text = tags.get(HOST_TAG), tags.get(PID_TAG)
+    if not host or not pid_text:
+        return None
+    try:
+        pid = int(pid_text)
+        start = float(tags[PID_START_TAG]) if PID_START_TAG in tags else None
+    except ValueError:
+        return None
+    return process_gone(host, pid, start)
+
+
+def _mark_dead(instance: dg.DagsterInstance, run: Any, why: str) -> None:
+    current = instance.get_run_by_id(run.run_id)
+    if current is None or current.is_finished:
+        return
+    instance.report_run_failed(
+        current,
+        message=f"Marked failed by cdp-activation (pid {os.getpid()} on "
+        f"{socket.gethostname()}): {why}, so the run will never finish. Rows it left in "
+        "flight are recovered by the ledger once their lease expires.",
+    )
+    with suppress(Exception):  # slots only exist with op-granularity pools
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
 
 
 @dataclass
@@ -47,6 +292,15 @@ class RunSummary:
     dead_letter: int = 0
     already_sent: int = 0
     resent_unknown: int = 0  # unknown rows sent again (delivery.resend_unknown)
+    retried: int = 0  # retryable answers waited out in the ledger, then sent again
+    # Where the whole partition stands after the run, not only what this run did:
+    waiting: int = 0  # planned and due, not sent (a stopped run): the next run sends them
+    in_flight_elsewhere: int = 0  # held right now by another run
+    unknown_reconciled: int = 0  # unknown sends a status report proved accepted
+    recovered_in_flight: int = 0  # rows a gone worker left in flight, recovered by this run
+    partition_states: dict[str, int] = field(default_factory=dict)
+    dead_letter_by_reason: dict[str, int] = field(default_factory=dict)
+    stopped_by: str | None = None  # why sending stopped early (provider down, interrupted)
     error_codes: dict[str, int] = field(default_factory=dict)
     estimated_cost: float | None = None
     currency: str = ""
@@ -108,11 +362,15 @@ def run_activation(
     definitions: dg.Definitions | None = None,
     instance: dg.DagsterInstance | None = None,
     tags: Mapping[str, str] | None = None,
+    queue: RunQueue | None = RunQueue(),
 ) -> RunSummary:
     """Materialise `<name>/audience -> decisions -> deliveries` for one partition.
 
-    By default the project's definitions run on the instance under DAGSTER_HOME.
+    By default the project's definitions run on the instance under DAGSTER_HOME. It starts
+    once no other run of the activation is queued or in progress there (`wait_for_turn`);
+    `queue=None` skips that wait (tests of the ledger's own guard against overlapping runs).
     """
+    get_settings()  # a setting that makes no sense fails here, in one line, before anything
     if instance is None:
         ensure_dagster_home()
         instance = dg.DagsterInstance.get()
@@ -138,6 +396,8 @@ def run_activation(
         choices["send_window_start"], choices["send_window_end"] = send_window
     if choices:
         ops[f"{name}__decisions"] = {"config": choices}
+    if queue is not None:
+        wait_for_turn(name, queue, instance)
     started = time.perf_counter()
     result = _execute(
         definitions,
@@ -197,8 +457,11 @@ def run_fallback(
     log_level: str = "CRITICAL",
     definitions: dg.Definitions | None = None,
     instance: dg.DagsterInstance | None = None,
+    queue: RunQueue | None = RunQueue(),
 ) -> FallbackSummary:
-    """Materialise `<name>/fallback` for one partition (what the fallback sensor launches)."""
+    """Materialise `<name>/fallback` for one partition (what the fallback sensor launches),
+    once no other run of the activation is queued or in progress (see `run_activation`)."""
+    get_settings()
     if instance is None:
         ensure_dagster_home()
         instance = dg.DagsterInstance.get()
@@ -212,6 +475,8 @@ def run_fallback(
     config: dict[str, Any] = {"dry_run": dry_run}
     if not_delivered_within_minutes is not None:
         config["not_delivered_within_minutes"] = not_delivered_within_minutes
+    if queue is not None:
+        wait_for_turn(name, queue, instance)
     started = time.perf_counter()
     result = _execute(
         definitions,
@@ -258,7 +523,7 @@ def _execute(
         partition_key=partition,
         run_config={"ops": ops, "loggers": {"console": {"config": {"log_level": log_level}}}},
         raise_on_error=False,
-        tags={"launched_by": "cdp-activation-cli", **tags},
+        tags={"launched_by": "cdp-activation-cli", **_process_tags(), **tags},
     )
 
 
@@ -274,6 +539,10 @@ def _failure_message(event: Any) -> str:
     while cause is not None:
         message = cause.message.strip()
         cause = cause.cause
+    # "dagster._core.definitions.events.Failure: Not sent: …" → "Not sent: …": the class of
+    # a deliberate failure says nothing to the user; other errors keep their class.
+    for prefix in ("dagster._core.definitions.events.Failure: ", "dagster.Failure: "):
+        message = message.removeprefix(prefix)
     return f"{event.step_key}: {message}"
 
 
@@ -305,17 +574,27 @@ def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
                     )
                 summary.sample_messages = str(meta.get("sample_messages", ""))
             elif key == "deliveries":
-                # Every count the deliveries asset recorded that the summary also reports.
-                for attr in COUNTS & meta.keys():
-                    setattr(summary, attr, int(meta[attr]))
-                if "estimated_seconds_at_rate_limit" in meta:
-                    summary.estimated_seconds = float(meta["estimated_seconds_at_rate_limit"])
-                codes = meta.get("error_codes_json")
-                if isinstance(codes, dict):
-                    summary.error_codes = {str(k): int(v) for k, v in codes.items()}
+                _fill_deliveries(summary, meta)
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
             if not evaluation.passed:
                 summary.failed_checks[evaluation.check_name] = evaluation.description or "failed"
         elif event.is_step_failure:
             summary.error = _failure_message(event)
+            # A deliveries step that stopped early says where the partition stands.
+            failure = event.step_failure_data.user_failure_data
+            if failure is not None and event.step_key.endswith("__deliveries"):
+                _fill_deliveries(summary, {k: v.value for k, v in failure.metadata.items()})
+
+
+def _fill_deliveries(summary: RunSummary, meta: Mapping[str, Any]) -> None:
+    """The deliveries asset's metadata (of its materialisation, or of its failure)."""
+    for attr in COUNTS & meta.keys():
+        setattr(summary, attr, int(meta[attr]))
+    if "estimated_seconds_at_rate_limit" in meta:
+        summary.estimated_seconds = float(meta["estimated_seconds_at_rate_limit"])
+    summary.error_codes = _int_map(meta.get("error_codes_json")) or summary.error_codes
+    summary.partition_states = _int_map(meta.get("ledger_states"))
+    summary.dead_letter_by_reason = _int_map(meta.get("dead_letter_by_reason_json"))
+    if meta.get("stopped_by"):
+        summary.stopped_by = str(meta["stopped_by"])

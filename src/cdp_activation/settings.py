@@ -10,12 +10,14 @@ default needs no configuration; against any other URL a missing credential is an
 from __future__ import annotations
 
 import os
+import re
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlparse
 
-from pydantic import SecretStr
+import pydantic_settings
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdp_activation.confirmation import ConfirmPolicy
@@ -41,6 +43,15 @@ SANDBOX_VONAGE_SIGNATURE_SECRET = "sandbox-vonage-signature-secret-0123456789"
 SANDBOX_LINE_CHANNEL_SECRET = "sandbox-line-channel-secret"
 SANDBOX_STATUS_SECRET = "sandbox-status-secret"
 SANDBOX_PORT = 8787
+
+# Numbers that only make sense above zero (a rate, a size, a count, a duration): anything else
+# is refused when the settings are read, naming the variable (`SettingsError`), rather than
+# failing mid-send or silently meaning "the default". Infinity and NaN are refused too.
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveCount = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+NonNegativeCount = Annotated[int, Field(ge=0)]
+Port = Annotated[int, Field(gt=0, le=65535)]
 
 
 @cache
@@ -76,19 +87,20 @@ class Settings(BaseSettings):
     # Plan, then apply (confirmation.py): a send of more than `confirm_above` recipients needs
     # a preview of the same partition in the last `preview_valid_hours`, whose count it may
     # not exceed or undercut by more than `preview_max_change` (a share).
-    confirm_above: int = 1000
-    preview_valid_hours: float = 24.0
-    preview_max_change: float = 0.10
+    # 0: every send needs a preview; 0.0 change: the send must match the preview exactly.
+    confirm_above: NonNegativeCount = 1000
+    preview_valid_hours: Positive = 24.0
+    preview_max_change: NonNegative = 0.10
     # Unit prices for the preview's cost estimate (pricing.py); default: the packaged list.
     prices_file: str = ""
-    sandbox_port: int = SANDBOX_PORT
+    sandbox_port: Port = SANDBOX_PORT
 
     meta_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/meta"
     meta_api_version: str = "v23.0"
     meta_phone_number_id: str = "100000000000001"
     meta_waba_id: str = "200000000000002"
     meta_access_token: SecretStr | None = None
-    meta_rate_per_second: float | None = None  # None: the connector's default (80 msg/s)
+    meta_rate_per_second: Positive | None = None  # None: the connector's default (80 msg/s)
 
     twilio_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"
     # Content API (templates and their WhatsApp approvals). Real: https://content.twilio.com
@@ -98,14 +110,17 @@ class Settings(BaseSettings):
     twilio_from: str = "+15005550006"
     # The WhatsApp sender: a WhatsApp-enabled number or a Messaging Service SID (MG…).
     twilio_whatsapp_from: str = "+14155238886"
-    twilio_rate_per_second: float | None = None  # None: the connector's default
+    twilio_rate_per_second: Positive | None = None  # None: the connector's default
+    # The public URL of our Twilio status webhook, e.g. https://hooks.example.com/webhooks/twilio:
+    # each message's StatusCallback is this plus ?ref=cdp-<send id>; empty: none sent.
+    twilio_status_callback_url: str = ""
 
     infobip_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/infobip"
     infobip_api_key: SecretStr | None = None
     infobip_whatsapp_from: str = "441134960000"  # registered WhatsApp sender number
     infobip_sms_sender: str = "InfoSMS"  # alphanumeric or numeric SMS sender id
     infobip_viber_sender: str = "DemoCompany"  # the Viber Business Messages sender
-    infobip_rate_per_second: float | None = None
+    infobip_rate_per_second: Positive | None = None
 
     vonage_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/vonage"
     vonage_api_key: str = SANDBOX_VONAGE_API_KEY  # an account id, not a secret
@@ -114,16 +129,16 @@ class Settings(BaseSettings):
     vonage_sms_from: str = "447700900002"
     vonage_viber_from: str = "cdpdemo"  # the Viber Business Messages service id
     vonage_whatsapp_namespace: str = ""  # "<namespace>:" is prefixed to template names when set
-    vonage_rate_per_second: float | None = None
+    vonage_rate_per_second: Positive | None = None
     # Braze REST API (API-triggered campaigns). Real: your instance's REST endpoint, e.g.
     # https://rest.fra-01.braze.eu
     braze_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/braze"
     braze_api_key: SecretStr | None = None
-    braze_rate_per_second: float | None = None
+    braze_rate_per_second: Positive | None = None
     # LINE Messaging API. Real: https://api.line.me
     line_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/line"
     line_channel_access_token: SecretStr | None = None
-    line_rate_per_second: float | None = None
+    line_rate_per_second: Positive | None = None
 
     # Status webhooks in (`cdp-activation webhooks serve`): each provider's signing secret.
     # Unset against the local sandbox: the sandbox's own; unset elsewhere: that provider's
@@ -134,13 +149,38 @@ class Settings(BaseSettings):
     vonage_signature_secret: SecretStr | None = None
     line_channel_secret: SecretStr | None = None
     webhook_public_url: str | None = None  # e.g. https://hooks.example.com (Twilio signs it)
-    webhooks_port: int = 8788
+    webhooks_port: Port = 8788
 
     webhook_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/webhook/messages"
     # Extra request headers as JSON, e.g. {"Authorization": "Bearer …"}; values are secrets.
     webhook_headers: dict[str, SecretStr] | None = None
-    webhook_batch_size: int = 200
-    webhook_rate_per_second: float | None = None
+    webhook_batch_size: PositiveCount = 200
+    webhook_rate_per_second: Positive | None = None
+
+    # The delivery engine (delivery.py).
+    # Requests in flight at once across all connectors (each still within its own rate).
+    delivery_concurrency: PositiveCount = 32
+    # Tries per message, the first one included, before a retryable failure is dead-lettered.
+    delivery_max_attempts: PositiveCount = 4
+    # Seconds the engine's lease on the rows it is sending lasts unless renewed; once it
+    # has expired, its holder is taken to have died and the rows may be recovered.
+    delivery_lease_seconds: Positive = 30.0
+
+    @field_validator(
+        "meta_rate_per_second",
+        "twilio_rate_per_second",
+        "infobip_rate_per_second",
+        "vonage_rate_per_second",
+        "braze_rate_per_second",
+        "line_rate_per_second",
+        "webhook_rate_per_second",
+        "webhook_headers",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """`CDP_X=` with nothing after it (as in .env.example) leaves X unset: the default."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     def model_post_init(self, _context: object) -> None:
         home = _default_dagster_home()
@@ -274,5 +314,81 @@ def confirm_policy() -> ConfirmPolicy:
 
 
 def get_settings() -> Settings:
-    """Fresh settings from the current environment (cheap; not cached so tests can vary env)."""
-    return Settings()
+    """Fresh settings from the current environment (cheap; not cached so tests can vary env).
+
+    Raises `SettingsError` (one line naming each bad variable) for a value that makes no sense.
+    """
+    try:
+        return Settings()
+    except ValidationError as err:
+        message = settings_error_message(err)
+    except pydantic_settings.SettingsError as err:  # a JSON value that does not parse
+        message = _source_error_message(err)
+    # Raised outside the `except`: the pydantic error, which holds the raw input (a secret's
+    # too), is not chained onto this one and so never reaches a traceback or a run's log.
+    raise SettingsError(message)
+
+
+class SettingsError(ValueError):
+    """Settings that make no sense, refused before anything is planned or sent: one line
+    naming each variable, what it must be and what it means. Never holds a secret's value."""
+
+
+# What a number means, for the error that refuses it.
+_MEANINGS = {
+    "confirm_above": "recipients a send may have without a preview; 0: preview every send",
+    "preview_valid_hours": "hours a preview stays valid for the send that follows it",
+    "preview_max_change": "a share of the preview's count, e.g. 0.1 for 10%",
+    "sandbox_port": "a TCP port, 1-65535",
+    "webhooks_port": "a TCP port, 1-65535",
+    "webhook_batch_size": "messages per webhook request",
+    "delivery_concurrency": "requests in flight at once",
+    "delivery_max_attempts": "tries per message, the first one included",
+    "delivery_lease_seconds": "seconds a delivery lease lasts",
+}
+_RATE_MEANING = "messages per second; unset it to use the connector's default"
+_SECRET_WORDS = ("url", "token", "secret", "key", "password", "credentials", "headers", "sid")
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field ("meta_rate_per_second" ->
+    "CDP_META_RATE_PER_SECOND")."""
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def _may_show(field: str) -> bool:
+    """Whether a bad value of this field may be echoed: never a secret, nor a URL or anything
+    else that may hold a credential."""
+    info = Settings.model_fields.get(field)
+    if info is None or "SecretStr" in str(info.annotation):
+        return False
+    return not any(word in field for word in _SECRET_WORDS)
+
+
+def settings_error_message(err: ValidationError) -> str:
+    """One line for every refused setting: `CDP_X=value: must be … (what it means)`."""
+    parts: list[str] = []
+    for error in err.errors():
+        field, *inner = [str(part) for part in error["loc"]] or ["?"]
+        name = env_name(field) + "".join(f"[{part!r}]" for part in inner)
+        value: Any = error.get("input")
+        if _may_show(field) and isinstance(value, str | int | float) and len(str(value)) <= 40:
+            name = f"{name}={value}"
+        msg = str(error["msg"]).removeprefix("Value error, ")
+        if msg.startswith("Input should be "):
+            msg = "must be " + msg.removeprefix("Input should be ")
+        meaning = _RATE_MEANING if field.endswith("_rate_per_second") else _MEANINGS.get(field)
+        if not _may_show(field):
+            meaning = "; ".join(filter(None, (meaning, "its value is not shown")))
+        part = f"{name}: {msg}" + (f" ({meaning})" if meaning else "")
+        if part not in parts:
+            parts.append(part)
+    return "; ".join(parts) or "invalid settings"
+
+
+def _source_error_message(err: pydantic_settings.SettingsError) -> str:
+    """pydantic-settings' own error (a JSON value that does not parse), with the variable."""
+    found = re.search(r'field "([^"]+)"', str(err))
+    if found is None:
+        return "a CDP_* setting could not be read (its value is not shown)"
+    return f"{env_name(found.group(1))}: must be valid JSON (its value is not shown)"

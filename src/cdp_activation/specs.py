@@ -7,7 +7,7 @@ them as input, and the Dagster component (`components/activation.py`) is a thin 
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import date, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -333,8 +333,44 @@ class PolicySpec(_Strict):
         return value
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """`90m`, `24h`, `2d`, `30s` (or a timedelta) as a positive timedelta."""
+    if isinstance(value, timedelta):
+        duration = value
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration: write e.g. 30m, 24h or 2d")
+        duration = timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    if duration <= timedelta(0):
+        raise ValueError(f"{value!r}: a duration must be greater than 0")
+    return duration
+
+
 class DeliverySpec(_Strict):
     """How sends that may or may not have reached the provider are treated."""
+
+    max_send_delay: str = Field(
+        default="24h",
+        description="How long a message may wait to leave (provider outages, retries, "
+        "deferrals) after it was first due: past it, it ends `dead_letter` with reason "
+        "`send_deadline_passed` instead of going out late (a win-back that cannot leave within "
+        "a day is pointless). Written like 90m, 24h or 2d.",
+    )
+
+    @field_validator("max_send_delay")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value.strip()
+
+    def send_deadline(self) -> timedelta:
+        """`max_send_delay` as a timedelta."""
+        return parse_duration(self.max_send_delay)
 
     resend_unknown: bool = Field(
         default=False,

@@ -49,6 +49,10 @@ class StatusEvent:
     # Only that customer's send moves (a provider id shared by a batch: Braze's dispatch id).
     customer_id: str | None = None
     source: str | None = None  # a warehouse status source's name; None for a webhook
+    # The send's reference the provider echoed ("cdp-<send id>", see `connectors.base.
+    # send_reference`): names the ledger row even when the send's answer, and with it the
+    # provider message id, was lost. None when the report carries none (or not ours).
+    reference: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUS_RANK:

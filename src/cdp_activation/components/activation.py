@@ -66,6 +66,8 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         "partitions_def": partitions,
         "owners": [spec.owner] if spec.owner else None,
         "tags": {"activation": name},
+        # One run of the activation at a time from the asset graph too (dagster.yaml: pools).
+        "pool": f"activation-{name}",
         "kinds": {"polars"},
         # What a marketer reads on each asset of the campaign map (the Definition tab).
         "metadata": {
@@ -116,8 +118,10 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             Field(
                 default=first_template.name if first_template else None,
                 description="The template of the plan's first template step (e.g. another "
-                "approved WhatsApp template with the same variables). It must be APPROVED in "
-                "the provider's catalog, or nobody is sent it (template_not_approved).",
+                "approved WhatsApp template with the same variables). It must pass the "
+                "template_approved check (in the provider's catalog, APPROVED, of a category "
+                "the purpose allows, with the plan's variables), or the run fails before "
+                "anything is decided or sent.",
             ),
         ),
         send_window_start=(
@@ -159,6 +163,10 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             template=config.template,
             send_window=(config.send_window_start, config.send_window_end),
         )
+        # Another template than defs.yaml's passes template_approved's rules before anything
+        # is decided: otherwise the policy would quietly move everyone to the next channel.
+        if problem := run.template_override_problem(activation, config.template, connectors):
+            raise dg.Failure(description=f"Not sent: {problem}")
         result = run.compute_decisions(
             chosen_activation,
             audience,
@@ -202,15 +210,22 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
                 raise dg.Failure(
                     description=f"Not sent: {problem}", metadata={"eligible": eligible}
                 )
-        summary = run.deliver_decisions(
-            activation,
-            decisions,
-            context.resources.ledger.ledger(),
-            connectors,
-            partition_key=context.partition_key,
-            dry_run=config.dry_run,
-            run_id=context.run.run_id,
-        )
+        try:
+            summary = run.deliver_decisions(
+                activation,
+                decisions,
+                context.resources.ledger.ledger(),
+                connectors,
+                partition_key=context.partition_key,
+                dry_run=config.dry_run,
+                run_id=context.run.run_id,
+            )
+        except run.DeliveryFailed as failed:
+            # The run fails, saying why and where the partition stands; nothing is lost.
+            raise dg.Failure(
+                description=f"Not everything was sent: {failed}",
+                metadata=run.delivery_metadata(failed.summary),
+            ) from None
         return dg.MaterializeResult(metadata=run.delivery_metadata(summary))
 
     @dg.asset_check(
@@ -236,13 +251,16 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         name="template_approved",
         blocking=True,
         partitions_def=partitions,
-        description="Every template of the plan is in the provider's catalog, APPROVED, of a "
-        "category the purpose allows, with the parameters the plan maps.",
+        description="Every template the run sends (the plan's, or the run's `template` "
+        "choice) is in the provider's catalog, APPROVED, of a category the purpose allows, "
+        "with the parameters the plan maps.",
         required_resource_keys=connector_keys,
     )
     def template_approved(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         connectors = _connectors(context, connector_keys)
-        problems = run.template_problems(activation, connectors)
+        default = first_template.name if first_template else None
+        template = _run_choice(context, decisions_key, "template", default)
+        problems = run.template_problems(activation, connectors, template=template)
         return dg.AssetCheckResult(
             passed=not problems,
             severity=dg.AssetCheckSeverity.ERROR,
@@ -356,8 +374,9 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         default_status=dg.DefaultSensorStatus.RUNNING
         if spec.schedule.enabled
         else dg.DefaultSensorStatus.STOPPED,
-        description="Re-runs a partition when recipients deferred by quiet hours become due; "
-        "the run applies the policy again before anything is sent.",
+        description="Re-runs a partition when recipients deferred by quiet hours become due, "
+        "or when a stopped run (provider down, interrupted) left recipients waiting; the run "
+        "applies the policy again before anything is sent.",
     )
     def deferred_sends(context: dg.SensorEvaluationContext, ledger: LedgerResource) -> Any:
         if active := _active_run(context.instance, jobs_of_activation):
@@ -368,7 +387,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         finally:
             store.dispose()  # the sensor runs every few minutes in a long-lived daemon
         if not due:
-            return dg.SkipReason("no deferred recipient is due")
+            return dg.SkipReason("no deferred or waiting recipient is due")
         return [
             dg.RunRequest(
                 run_key=f"{partition}:deferred:{latest.isoformat()}",
@@ -562,6 +581,15 @@ class DeliveriesConfig(dg.Config):
         "false to send. A send of more than CDP_CONFIRM_ABOVE recipients needs a preview of "
         "the same partition first (plan, then apply); schedules and sensors send for real.",
     )
+
+
+def _run_choice(context: Any, key: dg.AssetKey, field: str, default: Any) -> Any:
+    """A field of an asset's config as the run sets it (the Launchpad, `--template`, a run
+    request), else the default: what a check evaluates is what the run uses."""
+    ops = (context.run.run_config or {}).get("ops") or {}
+    config = (ops.get("__".join(key.path)) or {}).get("config") or {}
+    value = config.get(field)
+    return default if value is None else value
 
 
 def _send_for_real(op: str) -> dict[str, Any]:

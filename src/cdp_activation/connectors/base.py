@@ -81,6 +81,36 @@ class OutboundMessage:
     body: str | None = None
     customer_id: str | None = None  # for platforms that address their own users (Braze)
     purpose: str | None = None  # marketing | transactional, for providers that tag it (Viber)
+    # The send's reference (`send_reference(send_id)`, e.g. "cdp-123"), passed where the
+    # provider echoes it in its status reports (Meta `biz_opaque_callback_data`, Infobip
+    # `callbackData`, Vonage `client_ref`, Twilio's `StatusCallback` URL), so a report names
+    # the ledger row even when the send's answer (and its provider id) was lost.
+    reference: str | None = None
+
+
+_REFERENCE_PREFIX = "cdp-"
+
+
+def send_reference(send_id: int) -> str:
+    """The reference a send carries to the provider: "cdp-<ledger row id>".
+
+    Short on purpose (Vonage's `client_ref` takes at most 40 characters; "cdp-" and a 64-bit
+    id are 24), opaque to the provider, and the same on every retry of the row.
+    """
+    if isinstance(send_id, bool) or not isinstance(send_id, int) or send_id < 0:
+        raise ValueError(f"a send id is a non-negative integer, got {send_id!r}")
+    return f"{_REFERENCE_PREFIX}{send_id}"
+
+
+def send_id_of(reference: str | None) -> int | None:
+    """The ledger row id a provider echoed back ("cdp-123" -> 123); None for anything else."""
+    if not reference or not reference.startswith(_REFERENCE_PREFIX):
+        return None
+    digits = reference[len(_REFERENCE_PREFIX) :]
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 19:
+        return None
+    send_id = int(digits)
+    return send_id if str(send_id) == digits else None  # "cdp-007" is not one we sent
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,10 @@ one request per channel (WhatsApp first, then Viber, then SMS). Auth is the spec
 `APIKeyHeader` scheme: `Authorization: App <api key>`.
 
 We set each message's `messageId` to an id derived from the ledger's idempotency key, so a
-delivery report and the send answer both name the ledger row. Neither spec says Infobip
+delivery report and the send answer both name the ledger row. When the send carries a reference
+(`OutboundMessage.reference`, "cdp-<send id>") it goes in `callbackData`, which Infobip echoes
+in the delivery report: on the WhatsApp message itself, under `webhooks.callbackData` for SMS v3
+and Viber v2. Neither spec says Infobip
 de-duplicates on `messageId` (or on `bulkId`), so the connector does NOT claim idempotency: an
 answer lost after sending leaves the whole request UNKNOWN.
 
@@ -74,6 +77,8 @@ _MESSAGE_ID_NAMESPACE = uuid.UUID("6f1c2a4e-8d3b-5b7e-9a0f-3c5d7e9b1a20")
 SENT_GROUPS = frozenset({"PENDING", "DELIVERED"})
 _ACCOUNT_STOPS = {"REJECTED_NOT_ENOUGH_CREDITS": ConnectorError}
 _CONFIG_STOPS = {"REJECTED_SENDER": ConnectorConfigError}
+# callbackData: at most 4,000 characters in every spec (Viber's text message: at least 1).
+CALLBACK_DATA_MAX = 4000
 _TEMPLATE_FIELDS = ("content.template", "content.language", "templatename", "placeholders")
 
 
@@ -169,20 +174,19 @@ class InfobipConnector:
                     "infobip sends WhatsApp templates only (the template endpoint); message "
                     f"{message.key} has no template"
                 )
-            items.append(
-                {
-                    "from": self.whatsapp_from,
-                    "to": message.to.removeprefix("+"),
-                    "messageId": client_message_id(message.key),
-                    "content": {
-                        "templateName": message.template.name,
-                        "templateData": {
-                            "body": {"placeholders": list(message.template.parameters)}
-                        },
-                        "language": message.template.language,
-                    },
-                }
-            )
+            item: dict[str, Any] = {
+                "from": self.whatsapp_from,
+                "to": message.to.removeprefix("+"),
+                "messageId": client_message_id(message.key),
+                "content": {
+                    "templateName": message.template.name,
+                    "templateData": {"body": {"placeholders": list(message.template.parameters)}},
+                    "language": message.template.language,
+                },
+            }
+            if message.reference is not None:
+                item["callbackData"] = _callback_data(message)
+            items.append(item)
         return {"messages": items}
 
     def build_sms(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
@@ -206,13 +210,17 @@ class InfobipConnector:
                 f"infobip {what} has no provider templates here: render the text and send it "
                 f"as the body (message {message.key} has none)"
             )
-        return {
+        item: dict[str, Any] = {
             "sender": sender,
             "destinations": [
                 {"to": message.to.removeprefix("+"), "messageId": client_message_id(message.key)}
             ],
             "content": {"text": message.body},
         }
+        if message.reference is not None:
+            # SMS v3 and Viber v2 take it under the message's `webhooks` options.
+            item["webhooks"] = {"callbackData": _callback_data(message)}
+        return item
 
     # ---- sending -------------------------------------------------------------------------
 
@@ -353,6 +361,17 @@ class InfobipConnector:
                 SendResult(message.key, Outcome.FAILED, error_code=name, error_message=description)
             )
         return results
+
+
+def _callback_data(message: OutboundMessage) -> str:
+    """The send's reference as `callbackData`, which Infobip returns in the delivery report."""
+    reference = message.reference or ""
+    if not 1 <= len(reference) <= CALLBACK_DATA_MAX:
+        raise ValueError(
+            f"message {message.key}: a reference must be 1 to {CALLBACK_DATA_MAX} characters "
+            "(Infobip's callbackData)"
+        )
+    return reference
 
 
 def _infobip_error(data: Any) -> tuple[str | None, str]:

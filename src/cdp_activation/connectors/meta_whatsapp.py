@@ -42,6 +42,7 @@ TEMPLATE_CODES = frozenset({132000, 132001, 132005, 132007, 132012, 132015, 1320
 CREDENTIAL_CODES = frozenset({190, 10, 200})
 _ANY_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 _USER_AGENT = "cdp-activation/0.1.0"  # the spec's User-Agent pattern wants name/x.y.z
+META_CALLBACK_DATA_MAX = 512  # biz_opaque_callback_data's documented maximum length
 
 
 class MetaWhatsAppConnector(OneRecipientHttpConnector):
@@ -122,12 +123,23 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
         return self.messages_url
 
     def build_payload(self, message: OutboundMessage) -> dict[str, Any]:
-        """The `/messages` JSON body: `TemplateMessage`, or `TextMessage` when `body` is set."""
+        """The `/messages` JSON body: `TemplateMessage`, or `TextMessage` when `body` is set.
+
+        The send's reference goes in `biz_opaque_callback_data` (at most 512 characters),
+        which Meta returns in the `statuses` objects of the message's status webhooks.
+        """
         base: dict[str, Any] = {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
             "to": message.to,
         }
+        if message.reference is not None:
+            if len(message.reference) > META_CALLBACK_DATA_MAX:
+                raise ValueError(
+                    f"message {message.key}: reference longer than Meta's "
+                    f"{META_CALLBACK_DATA_MAX}-character biz_opaque_callback_data"
+                )
+            base["biz_opaque_callback_data"] = message.reference
         if message.body is not None:
             return {**base, "type": "text", "text": {"preview_url": False, "body": message.body}}
         if message.template is None:

@@ -4,6 +4,9 @@ Request shape from the official spec (`twilio/twilio-oai`, twilio_api_v2010.json
 `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`, `application/x-www-form-urlencoded`,
 HTTP Basic auth AccountSid:AuthToken, 201 with a Message resource. The Messages endpoint has no
 idempotency parameter, so a request whose answer is lost ends UNKNOWN, never resent blindly.
+When `CDP_TWILIO_STATUS_CALLBACK_URL` (the public URL of our `/webhooks/twilio`) is set, a send
+carrying a reference ("cdp-<send id>") asks for its statuses at that URL plus `?ref=cdp-<id>`
+(`StatusCallback`), so a status report names the ledger row even when the answer was lost.
 
 WhatsApp goes through the same resource with both addresses prefixed `whatsapp:` (`To` =
 `whatsapp:+E164`, `From` = `whatsapp:` + the WhatsApp sender, `CDP_TWILIO_WHATSAPP_FROM`, or
@@ -22,12 +25,13 @@ from __future__ import annotations
 import json
 import re
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import httpx
 
 from cdp_activation.connectors.base import (
     Capabilities,
+    ConnectorConfigError,
     ConnectorError,
     CredentialsError,
     OutboundMessage,
@@ -82,6 +86,7 @@ class TwilioConnector(OneRecipientHttpConnector):
         from_number: str,
         content_base_url: str | None = None,
         whatsapp_from: str | None = None,
+        status_callback_url: str | None = None,
     ) -> None:
         require_settings(
             self.name,
@@ -98,6 +103,9 @@ class TwilioConnector(OneRecipientHttpConnector):
         self.from_number = from_number
         # The WhatsApp sender (a number, or a Messaging Service SID); None: `from_number`.
         self.whatsapp_from = whatsapp_from or from_number
+        # The public URL of our Twilio status webhook (`…/webhooks/twilio`); None: no
+        # StatusCallback is sent (the Messaging Service's or account's own callback applies).
+        self.status_callback_url = _checked_callback_base(status_callback_url or None)
         self._auth_token = auth_token
 
     @classmethod
@@ -110,6 +118,7 @@ class TwilioConnector(OneRecipientHttpConnector):
             from_number=settings.twilio_from,
             content_base_url=settings.twilio_content_base_url,
             whatsapp_from=settings.twilio_whatsapp_from,
+            status_callback_url=settings.twilio_status_callback_url,
         )
 
     def __repr__(self) -> str:
@@ -198,6 +207,8 @@ class TwilioConnector(OneRecipientHttpConnector):
             form["ContentVariables"] = json.dumps(variables, ensure_ascii=False)
         else:
             raise ValueError(f"message {message.key} has neither a template nor a body")
+        if message.reference is not None and self.status_callback_url:
+            form["StatusCallback"] = status_callback(self.status_callback_url, message.reference)
         return form
 
     async def _request(self, client: httpx.AsyncClient, message: OutboundMessage) -> httpx.Response:
@@ -228,6 +239,34 @@ class TwilioConnector(OneRecipientHttpConnector):
         self, message: OutboundMessage, code: int | None, detail: str
     ) -> TemplateError:
         return TemplateError(f"Twilio rejected the content template (code {code}): {detail}")
+
+
+def status_callback(base_url: str, reference: str) -> str:
+    """The StatusCallback URL of one send: `base_url` with `ref=<reference>` added to its query
+    (percent-encoded; an existing query is kept as it is). Twilio posts every status of the
+    message to exactly this URL and signs it, query string included."""
+    parts = urlsplit(base_url)
+    ref = urlencode({"ref": reference})
+    query = f"{parts.query}&{ref}" if parts.query else ref
+    return urlunsplit(parts._replace(query=query))
+
+
+def _checked_callback_base(url: str | None) -> str | None:
+    """Refuse a status-callback base Twilio would reject or we could not read back."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or "_" in parts.hostname:
+        raise ConnectorConfigError(
+            f"CDP_TWILIO_STATUS_CALLBACK_URL must be an http(s) URL with a valid host name "
+            f"(Twilio refuses underscores), got {url!r}"
+        )
+    if parts.fragment or "ref" in parse_qs(parts.query):
+        raise ConnectorConfigError(
+            "CDP_TWILIO_STATUS_CALLBACK_URL must not carry a fragment or its own `ref` "
+            f"parameter (each send's reference is added as ref=…), got {url!r}"
+        )
+    return url
 
 
 def _content_info(content: dict[str, Any]) -> TemplateInfo:

@@ -10,9 +10,11 @@ with `viber_service.category` `promotion` for a marketing message (Viber's rule)
 without the leading `+`. Auth: the spec allows `bearerAuth` (JWT) or `basicAuth`; we use HTTP
 Basic with the API key and secret, which needs no application key pair.
 
-`client_ref` (≤ 40 characters) carries an id derived from the ledger key, so status webhooks
-name the ledger row. The spec only says the reference is echoed in every status, not that
-Vonage de-duplicates on it, so no idempotency is claimed: a lost answer means UNKNOWN.
+`client_ref` (≤ 40 characters) carries the send's reference (`OutboundMessage.reference`,
+"cdp-<send id>"), or without one an id derived from the ledger key, so status webhooks name the
+ledger row even when the send's answer was lost. The spec only says the reference is echoed
+in every status, not that Vonage de-duplicates on it, so no idempotency is claimed: a lost
+answer means UNKNOWN.
 
 Classification (the spec's responses and its `x-errors` code table; the code is the fragment of
 the error `type` URL, e.g. `…/messages-olympus#1022`):
@@ -52,9 +54,24 @@ from cdp_activation.connectors.infobip import client_message_id
 if TYPE_CHECKING:
     from cdp_activation.settings import Settings
 
+CLIENT_REF_MAX = 40  # the spec: "Client reference of up to 40 characters"
 RETRY_CODES = frozenset({1000})
 TEMPLATE_CODES = frozenset({1022})
 _CODE_IN_TYPE = re.compile(r"#(\d+)$")
+
+
+def client_reference(message: OutboundMessage) -> str:
+    """`client_ref`: the send's reference ("cdp-<send id>") when it has one, else an id derived
+    from the ledger key. Vonage puts it in every status of the message; it must fit 40
+    characters, so a longer reference is refused here rather than by Vonage (422, code 1450)."""
+    if message.reference is None:
+        return client_message_id(message.key)
+    if not 1 <= len(message.reference) <= CLIENT_REF_MAX:
+        raise ValueError(
+            f"message {message.key}: a reference must be 1 to {CLIENT_REF_MAX} characters "
+            "(Vonage's client_ref)"
+        )
+    return message.reference
 
 
 class VonageConnector(OneRecipientHttpConnector):
@@ -135,7 +152,7 @@ class VonageConnector(OneRecipientHttpConnector):
     def build_payload(self, message: OutboundMessage) -> dict[str, Any]:
         """The `/v1/messages` body for one message (see the module docstring)."""
         to = message.to.removeprefix("+")
-        ref = client_message_id(message.key)
+        ref = client_reference(message)
         if message.channel == "sms":
             if message.body is None:
                 raise TemplateError(

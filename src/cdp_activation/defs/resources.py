@@ -62,6 +62,7 @@ def resources() -> dg.Definitions:
                 from_number=settings.twilio_from,
                 content_base_url=settings.twilio_content_base_url,
                 whatsapp_from=settings.twilio_whatsapp_from,
+                status_callback_url=settings.twilio_status_callback_url,
                 rate_per_second=settings.twilio_rate_per_second,
             ),
             "infobip": InfobipResource(

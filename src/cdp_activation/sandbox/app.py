@@ -71,7 +71,7 @@ from enum import StrEnum
 from functools import cache
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -96,6 +96,9 @@ _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _PLACEHOLDER = re.compile(r"\{\{\s*(\d+)\s*\}\}")
 _TWILIO_BODY_LIMIT = 1600  # characters; Twilio error 21617 beyond it
 _NOT_APPROVED = {"PENDING", "REJECTED", "IN_APPEAL", "PENDING_DELETION", "DELETED"}
+_META_CALLBACK_DATA_MAX = 512  # biz_opaque_callback_data
+_INFOBIP_CALLBACK_DATA_MAX = 4000  # callbackData
+_VONAGE_CLIENT_REF_MAX = 40  # client_ref
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,10 @@ class SandboxMessage:
     parameters: tuple[str, ...] = ()
     body: str | None = None
     idempotency_key: str | None = None  # the client's Idempotency-Key header, when it sent one
+    # What the provider echoes in this message's status reports: Meta's
+    # `biz_opaque_callback_data`, Infobip's `callbackData`, Vonage's `client_ref`.
+    callback_data: str | None = None
+    status_callback: str | None = None  # Twilio: the StatusCallback URL its reports go to
 
     @property
     def content_key(self) -> tuple[Any, ...]:
@@ -529,6 +536,16 @@ def _parse_meta(request: Request, raw: bytes) -> Response | _Candidate:
     if not isinstance(to, str) or not digits.isdigit() or not 7 <= len(digits) <= 15:
         return _meta_error(400, 100, "(#100) Invalid parameter", details="Invalid 'to' parameter")
 
+    callback_data = payload.get("biz_opaque_callback_data")
+    if callback_data is not None and (
+        not isinstance(callback_data, str) or len(callback_data) > _META_CALLBACK_DATA_MAX
+    ):
+        return _meta_error(
+            400,
+            100,
+            "(#100) Invalid parameter",
+            details="biz_opaque_callback_data must be a string of at most 512 characters",
+        )
     kind = payload.get("type", "text")
     record: dict[str, Any]
     if kind == "template":
@@ -568,7 +585,7 @@ def _parse_meta(request: Request, raw: bytes) -> Response | _Candidate:
             100,
             f'(#100) Param type must be one of {{TEMPLATE, TEXT}} - got "{kind}".',
         )
-    return _Candidate(to=to, record=record)
+    return _Candidate(to=to, record={**record, "callback_data": callback_data})
 
 
 def _refuse_meta(config: SandboxConfig, candidate: _Candidate) -> Response | None:
@@ -831,6 +848,9 @@ def _parse_twilio(request: Request, raw: bytes) -> Response | _Candidate:
         return _twilio_error(
             400, 21617, "The concatenated message body exceeds the 1600 character limit."
         )
+    status_callback = form.get("StatusCallback") or None
+    if status_callback is not None and not _callback_url_ok(status_callback):
+        return _twilio_error(400, 21609, f"Invalid StatusCallback url: {status_callback}")
     variables: dict[str, Any] = {}
     if content_sid:
         try:
@@ -843,9 +863,20 @@ def _parse_twilio(request: Request, raw: bytes) -> Response | _Candidate:
         "template_name": content_sid or None,
         "parameters": tuple(str(variables[k]) for k in sorted(variables, key=_numeric_key)),
         "body": body or None,
+        "status_callback": status_callback,
     }
     extra = {"from": sender, "service": service, "channel": "whatsapp" if whatsapp else "sms"}
     return _Candidate(to=to, record=record, extra=extra)
+
+
+def _callback_url_ok(url: str) -> bool:
+    """Twilio's rule for a StatusCallback: an http(s) URL with a host name, no underscores."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(host) and "_" not in (host or "")
 
 
 def _refuse_twilio(config: SandboxConfig, candidate: _Candidate) -> Response | None:
@@ -1284,6 +1315,16 @@ def _parse_infobip_whatsapp(request: Request, raw: bytes) -> Response | list[_Ca
                 "Bad request",
                 {f"{where}.content.templateData.body.placeholders": ["must not be null"]},
             )
+        callback_data = item.get("callbackData")
+        if callback_data is not None and (
+            not isinstance(callback_data, str) or len(callback_data) > _INFOBIP_CALLBACK_DATA_MAX
+        ):
+            return _infobip_exception(
+                400,
+                "BAD_REQUEST",
+                "Bad request",
+                {f"{where}.callbackData": ["size must be between 0 and 4000"]},
+            )
         template = _find_template(str(name), str(language))
         if template is None or template["status"] != "APPROVED":
             return _infobip_exception(
@@ -1315,6 +1356,7 @@ def _parse_infobip_whatsapp(request: Request, raw: bytes) -> Response | list[_Ca
                     "template_name": name,
                     "template_language": language,
                     "parameters": tuple(placeholders),
+                    "callback_data": callback_data,
                 },
                 extra={"message_id": str(item.get("messageId") or ""), "channel": "whatsapp"},
             )
@@ -1364,13 +1406,21 @@ def _parse_infobip_text(raw: bytes, channel: str) -> Response | list[_Candidate]
             return bad(f"messages[{i}].content.type", "must be TEXT in the sandbox")
         if channel == "viber" and len(content["text"]) > 1000:
             return bad(f"messages[{i}].content.text", "size must be between 0 and 1000")
+        webhooks = item.get("webhooks")
+        if webhooks is not None and not isinstance(webhooks, dict):
+            return bad(f"messages[{i}].webhooks", "must be an object")
+        callback_data = (webhooks or {}).get("callbackData")
+        if callback_data is not None and (
+            not isinstance(callback_data, str) or len(callback_data) > _INFOBIP_CALLBACK_DATA_MAX
+        ):
+            return bad(f"messages[{i}].webhooks.callbackData", "size must be between 0 and 4000")
         for j, destination in enumerate(destinations):
             if not isinstance(destination, dict) or not isinstance(destination.get("to"), str):
                 return bad(f"messages[{i}].destinations[{j}].to", "must not be blank")
             candidates.append(
                 _Candidate(
                     to=destination["to"],
-                    record={"body": content["text"]},
+                    record={"body": content["text"], "callback_data": callback_data},
                     extra={
                         "message_id": str(destination.get("messageId") or ""),
                         "channel": channel,
@@ -1541,7 +1591,7 @@ def _parse_vonage(request: Request, raw: bytes) -> Response | _Candidate:
             422, f"{_VONAGE_ERRORS}#1400", "Unsupported channel", f"channel {channel!r}"
         )
     ref = payload.get("client_ref")
-    if ref is not None and (not isinstance(ref, str) or len(ref) > 40):
+    if ref is not None and (not isinstance(ref, str) or len(ref) > _VONAGE_CLIENT_REF_MAX):
         return _vonage_error(
             422,
             f"{_VONAGE_ERRORS}#1450",
@@ -1602,6 +1652,7 @@ def _parse_vonage(request: Request, raw: bytes) -> Response | _Candidate:
     if not isinstance(to, str):
         to = ""
     channel = "viber" if channel == "viber_service" else channel
+    record["callback_data"] = ref
     return _Candidate(to=to, record=record, extra={"channel": channel})
 
 

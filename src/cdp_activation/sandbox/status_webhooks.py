@@ -1,6 +1,12 @@
 """The sandbox's status webhooks: what happened to each accepted message, told back like the
 provider tells it, to a receiver (`cdp-activation webhooks serve`, or a test's).
 
+Each report echoes what the send asked to have echoed, where the provider puts it: Meta's
+`biz_opaque_callback_data` in the status object, Infobip's `callbackData` in the delivery report
+(not in a seen report), Vonage's `client_ref`; a Twilio message sent with a `StatusCallback` has
+its reports posted (and signed) to exactly that URL, query string included, instead of
+`<status_webhooks_url>/webhooks/twilio` (while status webhooks are on at all).
+
 Per accepted message the outcome is drawn once from the seed and the recipient (so a re-run
 behaves the same): `sent` then `delivered` (and maybe `read`), or `sent` then `failed` with the
 provider's own code for "this number cannot get it" (Meta 131026, Twilio 30003, Infobip
@@ -70,22 +76,40 @@ def outcome(config: SandboxConfig, message: SandboxMessage) -> list[str]:
     return ["sent"]
 
 
+def report_url(config: SandboxConfig, message: SandboxMessage) -> str | None:
+    """Where `message`'s status reports go; None when nowhere: status webhooks are off (no
+    `status_webhooks_url`: the sandbox never calls out unasked) or the provider reports no
+    deliveries. A Twilio message sent with a StatusCallback gets its reports at exactly that
+    URL, as Twilio does; every other report goes to `<status_webhooks_url>/webhooks/<route>`."""
+    route = ROUTES.get(message.provider)
+    if route is None or not config.status_webhooks_url:
+        return None
+    if route == "twilio" and message.status_callback:
+        return message.status_callback
+    return f"{config.status_webhooks_url.rstrip('/')}/webhooks/{route}"
+
+
 def schedule_statuses(request: Request, message: SandboxMessage) -> None:
     """Queue `message`'s status webhooks when the sandbox is told where to send them."""
     config: SandboxConfig = request.app.state.config
     route = ROUTES.get(message.provider)
-    if not config.status_webhooks_url or route is None:
+    url = report_url(config, message)
+    if url is None or route is None:
         return
     state = request.app.state
     tasks: set[asyncio.Task[None]] | None = getattr(state, "status_tasks", None)
     if tasks is None:
         tasks = state.status_tasks = set()  # strong references until each task is done
-    task = asyncio.get_running_loop().create_task(_send_all(request.app, config, message, route))
+    task = asyncio.get_running_loop().create_task(
+        _send_all(request.app, config, message, route, url)
+    )
     tasks.add(task)
     task.add_done_callback(tasks.discard)
 
 
-async def _send_all(app: Any, config: SandboxConfig, message: SandboxMessage, route: str) -> None:
+async def _send_all(
+    app: Any, config: SandboxConfig, message: SandboxMessage, route: str, url: str
+) -> None:
     from cdp_activation.sandbox.app import _draw
 
     statuses = outcome(config, message)
@@ -100,7 +124,6 @@ async def _send_all(app: Any, config: SandboxConfig, message: SandboxMessage, ro
         # of waiting requests on its pool in quadratic time.
         client = app.state.status_client = make_client(timeout=10, max_in_flight=64)
         app.state.status_loop = asyncio.get_running_loop()
-    url = f"{config.status_webhooks_url.rstrip('/')}/webhooks/{route}"
     started = time.time()
     for step, status in enumerate(statuses):
         await asyncio.sleep(config.status_delay_ms / 1000)
@@ -140,6 +163,8 @@ def _signed(
         }
         if failed:
             entry["errors"] = [{"code": int(code or 0), "title": "Message undeliverable"}]
+        if message.callback_data is not None:
+            entry["biz_opaque_callback_data"] = message.callback_data
         payload = {
             "object": "whatsapp_business_account",
             "entry": [
@@ -190,6 +215,8 @@ def _signed(
                 "status": {"groupName": group[status], "name": code or group[status]},
                 "error": {"id": 0, "name": "NO_ERROR"},
             }
+            if message.callback_data is not None:  # delivery reports carry it; seen ones do not
+                result["callbackData"] = message.callback_data
         body = json.dumps({"results": [result]}).encode()
         basic = base64.b64encode(SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS.encode()).decode()
         return body, {"Content-Type": "application/json", "Authorization": f"Basic {basic}"}
@@ -202,6 +229,8 @@ def _signed(
             "status": "undeliverable" if failed else vonage[status],
             "channel": message.channel,
         }
+        if message.callback_data is not None:
+            data["client_ref"] = message.callback_data
         if failed:
             data["error"] = {"type": f"https://developer.nexmo.com/api-errors#{code}"}
         body = json.dumps(data).encode()

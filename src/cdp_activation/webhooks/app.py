@@ -97,7 +97,9 @@ def create_app(ledger: Ledger, secrets: WebhookSecrets) -> Starlette:
         received = datetime.now(UTC)
         try:
             if provider == "twilio":
-                events = parse_twilio(dict(params), received)
+                # The StatusCallback URL we gave Twilio carries the send's `ref`; the signature
+                # just checked covers that URL, query string included.
+                events = parse_twilio(dict(params), received, request.query_params)
             else:
                 events = JSON_PARSERS[provider](body, received)
         except ValueError as err:

@@ -15,6 +15,12 @@ Shapes, from the vendor specs in `../shared/vendor-specs/` and the providers' ca
   messages, so its events (follow, unfollow, message) carry no status and give none here.
 - Sandbox: `{statuses: [{id, status, timestamp (ISO 8601), error_code}]}`.
 
+Each event's `reference` is the send reference ("cdp-<send id>") the provider echoed, when
+the send carried one: Meta's `biz_opaque_callback_data` in the status object, Infobip's
+`callbackData` in the report, Vonage's `client_ref`, and for Twilio the `ref` query parameter of
+the StatusCallback URL the report was posted to. It names the ledger row even when the send's
+answer (and with it the provider's message id) was lost.
+
 Statuses the ledger does not track (queued, accepted, sending, …) are dropped. A payload that is
 not the provider's shape raises `ValueError` (answered 400: the provider will retry or alert).
 """
@@ -27,6 +33,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from cdp_activation.connectors.base import send_id_of
 from cdp_activation.statuses import DELIVERED, FAILED, READ, SENT, STATUS_RANK, StatusEvent
 
 _VONAGE_CODE = re.compile(r"#(\d+)$")
@@ -79,6 +86,7 @@ def _event(
     stamp: Any,
     error_code: Any,
     raw: Any,
+    reference: Any = None,
 ) -> StatusEvent:
     if not isinstance(message_id, str) or not message_id:
         raise ValueError(f"{provider} status without a message id")
@@ -90,7 +98,15 @@ def _event(
         event_key=f"{provider}|{message_id}|{status}|{stamp or ''}",
         error_code=str(error_code) if error_code not in (None, "", 0, "0") else None,
         payload=json.dumps(raw, ensure_ascii=False, default=str),
+        reference=_reference(reference),
     )
+
+
+def _reference(value: Any) -> str | None:
+    """The echoed value when it is one of our send references ("cdp-<send id>"), else None: a
+    Vonage `client_ref` derived from the ledger key (sends without a reference) or another
+    system's callback data names no ledger row."""
+    return value if isinstance(value, str) and send_id_of(value) is not None else None
 
 
 def _json(body: bytes) -> Any:
@@ -123,12 +139,17 @@ def parse_meta(body: bytes, received: datetime) -> list[StatusEvent]:
                         stamp,
                         errors[0].get("code"),
                         status,
+                        status.get("biz_opaque_callback_data"),
                     )
                 )
     return events
 
 
-def parse_twilio(params: Mapping[str, str], received: datetime) -> list[StatusEvent]:
+def parse_twilio(
+    params: Mapping[str, str], received: datetime, query: Mapping[str, str] | None = None
+) -> list[StatusEvent]:
+    """A Twilio status callback: `params` its form, `query` the query string of the URL it was
+    posted to (the StatusCallback URL we sent, which carries the send's `ref`)."""
     sid = params.get("MessageSid") or params.get("SmsSid")
     kind = TWILIO_STATUSES.get(str(params.get("MessageStatus") or params.get("SmsStatus")))
     if not sid:
@@ -136,7 +157,12 @@ def parse_twilio(params: Mapping[str, str], received: datetime) -> list[StatusEv
     if kind is None:
         return []
     # Twilio gives no event time: one report per message and status is the identity.
-    return [_event("twilio", sid, kind, received, None, params.get("ErrorCode"), dict(params))]
+    reference = (query or {}).get("ref")
+    return [
+        _event(
+            "twilio", sid, kind, received, None, params.get("ErrorCode"), dict(params), reference
+        )
+    ]
 
 
 def parse_infobip(body: bytes, received: datetime) -> list[StatusEvent]:
@@ -158,6 +184,7 @@ def parse_infobip(body: bytes, received: datetime) -> list[StatusEvent]:
                     stamp,
                     None,
                     result,
+                    result.get("callbackData"),
                 )
             )
             continue
@@ -179,6 +206,7 @@ def parse_infobip(body: bytes, received: datetime) -> list[StatusEvent]:
                 stamp,
                 code,
                 result,
+                result.get("callbackData"),
             )
         )
     return events
@@ -195,7 +223,18 @@ def parse_vonage(body: bytes, received: datetime) -> list[StatusEvent]:
     match = _VONAGE_CODE.search(str(error.get("type") or ""))
     code = match.group(1) if match else error.get("title")
     stamp = data.get("timestamp")
-    return [_event("vonage", data["message_uuid"], kind, _time(stamp, received), stamp, code, data)]
+    return [
+        _event(
+            "vonage",
+            data["message_uuid"],
+            kind,
+            _time(stamp, received),
+            stamp,
+            code,
+            data,
+            data.get("client_ref"),
+        )
+    ]
 
 
 def parse_line(body: bytes, received: datetime) -> list[StatusEvent]:
