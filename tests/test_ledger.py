@@ -246,7 +246,8 @@ def test_a_ledger_from_an_earlier_version_gains_the_new_columns(tmp_path: Path) 
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     ledger = Ledger(url)
     ledger.plan("winback", "p", chosen(2))
-    with ledger.engine.begin() as con:
+    with ledger.engine.begin() as con:  # as it was: no request_id, nor the index on it
+        con.exec_driver_sql("DROP INDEX ix_sends_requests")
         con.exec_driver_sql("ALTER TABLE sends DROP COLUMN request_id")
     ledger.dispose()
 
@@ -308,4 +309,61 @@ def test_claims_hand_each_row_to_one_worker_and_only_gone_workers_are_recovered(
     # one backing off until later is not due yet, so not late either.
     assert ledger.expire_overdue("winback", "p", "initial", timedelta(seconds=0)) == 4
     assert ledger.dead_letters_by_reason("winback", "p") == {"send_deadline_passed": 4}
+    ledger.dispose()
+
+
+def test_a_request_that_must_go_out_whole_is_never_split(ledger_url: str) -> None:
+    """Through a provider that de-duplicates a whole request on a key made from its rows
+    (LINE, the webhook), a request whose answer was lost is asked again with exactly the same
+    rows: none of them is cancelled or dead-lettered alone. A request the provider surely
+    did not take (a 5xx) forgets its grouping."""
+    from datetime import UTC, datetime, timedelta
+
+    from cdp_activation.ledger import ClaimRequest, Settlement
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(6))
+    worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    [group] = ledger.claim(
+        worker, "winback", "p", "initial", [ClaimRequest("meta_whatsapp", 3, True)]
+    )
+    [other] = ledger.claim(
+        worker, "winback", "p", "initial", [ClaimRequest("meta_whatsapp", 3, True)]
+    )
+    assert {r.request_id for r in group} == {group[0].id}
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    # The first request's answer was lost (asked again with its key); the second got a 503.
+    ledger.settle(
+        worker, [Settlement(r.id, "planned", not_before=soon, uncertain=True) for r in group]
+    )
+    ledger.settle(worker, [Settlement(r.id, "planned", not_before=soon) for r in other])
+    rows = ledger.rows("winback", "p").sort("id")
+    assert rows["request_id"].to_list() == [group[0].id] * 3 + [None] * 3
+    # A later run no longer chooses the first customer of each request: only the one of the
+    # request that may already be at the provider stays.
+    keys = [idempotency_key("winback", "p", str(c), "initial") for c in (2, 3, 5, 6)]
+    assert ledger.cancel_unchosen("winback", "p", keys, "consent withdrawn") == 1
+    # Once due, the first request is claimed again whole: the same rows, hence the same key.
+    import time
+
+    time.sleep(1.1)
+    whole = [ClaimRequest("meta_whatsapp", 3, True)]
+    [again] = ledger.claim(worker, "winback", "p", "initial", whole)
+    assert sorted(r.id for r in again) == sorted(r.id for r in group)
+    # Its answer is lost again; its rows fall due at different times (jitter). Past the
+    # deadline a grouped request is dead-lettered whole, or not at all.
+    past, later = datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(hours=1)
+    ledger.settle(
+        worker,
+        [
+            Settlement(r.id, "planned", not_before=past if i == 0 else later, uncertain=True)
+            for i, r in enumerate(again)
+        ],
+    )
+    assert ledger.expire_overdue("winback", "p", "initial", timedelta(seconds=0)) == 2
+    with ledger.engine.begin() as con:
+        from cdp_activation.ledger import sends
+
+        con.execute(sends.update().where(sends.c.request_id.is_not(None)).values(not_before=past))
+    assert ledger.expire_overdue("winback", "p", "initial", timedelta(seconds=0)) == 3
     ledger.dispose()

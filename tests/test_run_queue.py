@@ -349,7 +349,10 @@ def test_a_run_whose_process_was_killed_is_marked_failed_not_waited_for(home: Pa
 
 
 def test_which_processes_count_as_gone() -> None:
-    host = socket.gethostname()
+    from cdp_activation.processes import host_id
+
+    host = host_id()
+    name = socket.gethostname()
     ours = {HOST_TAG: host, PID_TAG: str(os.getpid())}
     assert _process_gone(ours) is None
     # A zombie (killed, not yet reaped) is gone.
@@ -365,7 +368,7 @@ def test_which_processes_count_as_gone() -> None:
     # The pid is alive, but it is not the process that started the run (pid reused): this
     # one started long after the run's recorded start.
     reused = {**ours, PID_START_TAG: "1000.00"}
-    assert _process_gone(reused) == f"pid {os.getpid()} on {host} is another process now"
+    assert _process_gone(reused) == f"pid {os.getpid()} on {name} is another process now"
     # Another host's runs are not ours to judge; nor runs without our tags.
     assert _process_gone({HOST_TAG: "elsewhere", PID_TAG: str(child.pid)}) is None
     assert _process_gone({}) is None

@@ -656,7 +656,9 @@ class DeliverySummary:
     resent_unknown: int = 0  # unknown rows planned again (delivery.resend_unknown)
     retried: int = 0  # retryable answers waited out in the ledger, then sent again
     waiting: int = 0  # planned and due, not sent by this run (a stopped or failed step)
-    in_flight_elsewhere: int = 0  # held right now by another run's worker
+    # In flight now: another run is sending them, or a stopped one left them (recovered by
+    # the next run once its worker is gone).
+    in_flight: int = 0
     unknown_reconciled: int = 0  # the partition's `unknown` sends a status report proved sent
     elapsed_seconds: float = 0.0
     throughput_per_second: float = 0.0
@@ -803,7 +805,7 @@ def _fill_partition(summary: DeliverySummary, ledger: Ledger, step: str) -> None
     summary.deferred = ledger.deferred(name, partition, step=step)
     summary.ledger_states = ledger.counts(name, partition)
     summary.waiting = sum(ledger.due_counts(name, partition, step, datetime.now(UTC)).values())
-    summary.in_flight_elsewhere = summary.ledger_states.get(IN_FLIGHT, 0)
+    summary.in_flight = summary.ledger_states.get(IN_FLIGHT, 0)
     summary.dead_letter_by_reason = ledger.dead_letters_by_reason(name, partition)
     summary.unknown_reconciled = ledger.reconciled_count(name, partition)
     summary.dead_letter = sum(summary.dead_letter_by_reason.values())
@@ -861,7 +863,7 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         "resent_unknown": summary.resent_unknown,
         "retried": summary.retried,
         "waiting": summary.waiting,
-        "in_flight_elsewhere": summary.in_flight_elsewhere,
+        "in_flight": summary.in_flight,
         "unknown_reconciled": summary.unknown_reconciled,
         "elapsed_seconds": summary.elapsed_seconds,
         "throughput_per_second": summary.throughput_per_second,

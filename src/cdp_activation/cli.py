@@ -722,7 +722,7 @@ def _report(
 
 PARTITION_STATES = {
     "planned": "planned (waiting or deferred)",
-    "in_flight": "in flight (another run is sending)",
+    "in_flight": "in flight (another run, or recovered by the next)",
     "unknown": "unknown (may have reached the provider)",
     "dead_letter": "dead-lettered",
 }

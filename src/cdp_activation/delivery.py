@@ -36,8 +36,14 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import httpx
+import sqlalchemy as sa
 from aiolimiter import AsyncLimiter
-from tenacity import wait_exponential_jitter
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from cdp_activation.connectors.base import (
     Connector,
@@ -230,6 +236,7 @@ class _Delivery:
         self.report = DeliveryReport()
         self.stop = asyncio.Event()
         self.error: BaseException | None = None
+        self.interrupted = False  # a first SIGTERM/SIGINT arrived
         self.tries: Counter[int] = Counter()  # requests per row in this run
         self.first_try: dict[int, float] = {}
         self.last_accepted: dict[str, float] = {}  # connector -> monotonic time
@@ -265,7 +272,7 @@ class _Delivery:
         name = connector.name
         by_key = {r.key: r for r in results}
         out: list[Settlement] = []
-        retryable: list[tuple[PlannedSend, SendResult]] = []
+        retryable: list[tuple[PlannedSend, SendResult, bool]] = []
         accepted = False
         for row in rows:
             self.tries[row.id] += 1
@@ -281,11 +288,12 @@ class _Delivery:
                 Outcome.UNKNOWN,
                 error_message="the provider's answer did not mention this message",
             )
+            uncertain = False
             if result.outcome == Outcome.UNKNOWN and connector.capabilities.idempotency:
                 # The provider de-duplicates on our key: a lost answer is safe to ask again.
-                result = replace(result, outcome=Outcome.RETRY)
+                result, uncertain = replace(result, outcome=Outcome.RETRY), True
             if result.outcome == Outcome.RETRY:
-                retryable.append((row, result))
+                retryable.append((row, result, uncertain))
                 continue
             if result.outcome in (Outcome.SENT, Outcome.FAILED):
                 accepted = True  # the provider is up and answering
@@ -305,11 +313,11 @@ class _Delivery:
         if accepted:
             self.last_accepted[name] = time.monotonic()
             self.failing[name] = 0
-        elif any(r.retry_after is None for _, r in retryable) or any(
+        elif any(r.retry_after is None for _, r, _ in retryable) or any(
             s.state == UNKNOWN for s in out
         ):
             self.failing[name] += 1  # throttling (Retry-After) is not failing
-        hinted = [r.retry_after for _, r in retryable if r.retry_after is not None]
+        hinted = [r.retry_after for _, r, _ in retryable if r.retry_after is not None]
         if hinted:
             self.report.throttled += len(hinted)
         out += self._retry(name, retryable, now, max(hinted, default=0.0))
@@ -326,12 +334,12 @@ class _Delivery:
     def _retry(
         self,
         name: str,
-        retryable: list[tuple[PlannedSend, SendResult]],
+        retryable: list[tuple[PlannedSend, SendResult, bool]],
         now: datetime,
         hinted: float,
     ) -> list[Settlement]:
         out = []
-        for row, result in retryable:
+        for row, result, uncertain in retryable:
             self.report.error_codes[result.error_code or "retry"] += 1
             self.report.last_error[name] = _describe(result)
             tries = self.tries[row.id]
@@ -358,6 +366,7 @@ class _Delivery:
                     error_code=result.error_code,
                     error_message=result.error_message,
                     not_before=now + timedelta(seconds=wait),
+                    uncertain=uncertain,
                 )
             )
         return out
@@ -371,6 +380,20 @@ class _Delivery:
             self.report.unknown += 1
         if result.error_code:
             self.report.error_codes[result.error_code] += 1
+
+
+def _settle_retrying(ledger: Ledger, worker_id: str, items: list[Settlement]) -> None:
+    """`Ledger.settle`, tried again on a transient database error (a lock timeout, a
+    deadlock, a dropped connection): it is safe to repeat, and answers known but not written
+    would otherwise end `unknown`."""
+    for attempt in Retrying(
+        retry=retry_if_exception_type(sa.exc.OperationalError),
+        stop=stop_after_attempt(4),
+        wait=wait_exponential_jitter(multiplier=0.05, max=1.0),
+        reraise=True,
+    ):
+        with attempt:
+            ledger.settle(worker_id, items)
 
 
 def _describe(result: SendResult) -> str:
@@ -423,7 +446,7 @@ async def deliver_async(
         "claiming",
     )
     settles: GroupCommit[Settlement] = GroupCommit(
-        lambda items: ledger.settle(worker_id, items), "recording outcomes"
+        lambda items: _settle_retrying(ledger, worker_id, items), "recording outcomes"
     )
     # A million rows are a million long-lived objects: without this every full collection
     # walks them all again, and the cost per message grew with the run (bench/throughput.py).
@@ -451,10 +474,17 @@ async def deliver_async(
                 claimed = await claims.submit([ClaimRequest(name, size, whole)])
                 rows = claimed[0] if claimed else []
                 if rows:
+                    try:
+                        outbound = [to_outbound(r) for r in rows]
+                    except Exception as err:  # a row the engine cannot read: nothing left
+                        await settles.submit([Settlement(r.id, PLANNED, unsent=True) for r in rows])
+                        raise ValueError(
+                            f"a {name} message in the ledger is malformed: {err}"
+                        ) from err
                     run.in_the_air[name] += 1
                     began = time.perf_counter()
                     try:
-                        results = await connector.send_batch(client, [to_outbound(r) for r in rows])
+                        results = await connector.send_batch(client, outbound)
                     except ConnectorError as err:
                         refused = err
                     report.attempts += 1
@@ -571,10 +601,11 @@ def _stop_on_signals(run: _Delivery) -> Callable[[], None]:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def on_signal(sig: signal.Signals) -> None:
-        if isinstance(run.error, DeliveryInterrupted):
+        if run.interrupted:
             for task in asyncio.all_tasks(loop):
                 task.cancel()
             return
+        run.interrupted = True
         log.warning("%s: finishing the requests in the air, claiming nothing more", sig.name)
         run.fail(
             DeliveryInterrupted(

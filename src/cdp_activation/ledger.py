@@ -13,8 +13,11 @@ Steps: a customer's first message of a partition is step `initial`; where the ch
 a fallback, a second row, step `fallback`, links to it (`fallback_of`) with the reason it was
 due (`fallback_reason`); a fallback the policy refuses is written `excluded` with the reason
 code in `error_code`, so it is decided once.
-A row found `in_flight` when a run starts was interrupted mid-request: the provider may have
-accepted it, so it becomes `unknown` and is not resent (providers here have no idempotency key).
+A row is sent only by the delivery worker that claimed it (`claim`: planned -> in_flight for
+that worker, one statement); workers hold a lease (`delivery_workers`). A row left `in_flight`
+by a worker that is gone was interrupted mid-request: the provider may have accepted it, so it
+becomes `unknown` and is not resent (Meta, Twilio, Infobip and Vonage take no idempotency
+key), unless its provider de-duplicates on our key. A living worker's rows are never touched.
 
 SQLite (WAL) is the embedded default; PostgreSQL in production (any SQLAlchemy URL).
 """
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ import sqlalchemy as sa
 
 from cdp_activation.connectors.base import Outcome, SendResult, send_id_of
 from cdp_activation.db import as_utc, open_engine, read_frame
-from cdp_activation.processes import process_gone
+from cdp_activation.processes import host_id, process_gone
 from cdp_activation.statuses import STATUS_RANK, StatusEvent, connector_of
 
 PLANNED = "planned"
@@ -266,6 +268,9 @@ class Settlement:
     error_message: str | None = None
     not_before: datetime | None = None
     unsent: bool = False
+    # The provider may have taken the request (a lost answer, asked again through a provider
+    # that de-duplicates on our key): the row keeps its request, to go out again exactly so.
+    uncertain: bool = False
 
 
 class LeaseLost(RuntimeError):
@@ -293,8 +298,9 @@ class Ledger:
             _lock_schema(con)
             metadata.create_all(con)
             _add_missing_columns(con)
-            for statement in triggers.get(self.engine.dialect.name, ()):
-                con.exec_driver_sql(statement)
+            if not _has_trigger(con):
+                for statement in triggers.get(self.engine.dialect.name, ()):
+                    con.exec_driver_sql(statement)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -407,7 +413,7 @@ class Ledger:
                     activation=activation,
                     partition_key=partition_key,
                     step=step,
-                    host=socket.gethostname(),
+                    host=host_id(),
                     pid=os.getpid(),
                     state=WORKER_ALIVE,
                     lease_seconds=lease_seconds,
@@ -426,7 +432,7 @@ class Ledger:
         result = con.execute(
             sa.update(delivery_workers)
             .where(delivery_workers.c.id == worker_id, delivery_workers.c.state == WORKER_ALIVE)
-            .values(heartbeat_at=_now())
+            .values(heartbeat_at=self._db_now())
         )
         return (result.rowcount or 0) == 1
 
@@ -596,8 +602,11 @@ class Ledger:
             message = (s.error_message or "")[:500] or None
             if s.state == PLANNED:
                 due = _db_time(s.not_before, self.dialect) if s.not_before else None
-                target = unsent if s.unsent else retry
-                target.append((due, s.error_code, message, now, s.row_id, worker_id))
+                if s.unsent:
+                    unsent.append((due, s.error_code, message, now, s.row_id, worker_id))
+                else:
+                    keep = 1 if s.uncertain else 0
+                    retry.append((due, s.error_code, message, now, keep, s.row_id, worker_id))
             else:
                 sent_at = now if s.state == SENT else None
                 row = (s.state, s.provider_message_id, s.error_code, message, now, sent_at)
@@ -615,10 +624,15 @@ class Ledger:
                     final,
                 )
             if retry:
+                # The provider did not take it: due again at `not_before`, with any request
+                # it went in forgotten (a new one may be made), unless the answer was
+                # uncertain. Also from `unknown`: a run that took this worker for dead may
+                # have recovered it, but this answer says it never reached the provider.
                 con.exec_driver_sql(
                     f"UPDATE sends SET state = '{PLANNED}', not_before = {mark}, "
                     f"error_code = {mark}, error_message = {mark}, updated_at = {mark}, "
-                    f"claimed_by = NULL {held} AND state = '{IN_FLIGHT}'",
+                    f"request_id = CASE WHEN {mark} = 1 THEN request_id ELSE NULL END, "
+                    f"claimed_by = NULL {held} AND state IN ('{IN_FLIGHT}', '{UNKNOWN}')",
                     retry,
                 )
             if unsent:
@@ -626,13 +640,18 @@ class Ledger:
                     f"UPDATE sends SET state = '{PLANNED}', not_before = COALESCE({mark}, "
                     f"not_before), error_code = {mark}, error_message = {mark}, "
                     f"updated_at = {mark}, claimed_by = NULL, request_id = NULL, "
-                    f"attempts = attempts - 1 {held} AND state = '{IN_FLIGHT}'",
+                    f"attempts = attempts - 1 {held} AND state IN ('{IN_FLIGHT}', '{UNKNOWN}')",
                     unsent,
                 )
 
     @property
     def _mark(self) -> str:
         return "?" if self.dialect == "sqlite" else "%s"
+
+    def _db_now(self) -> Any:
+        """The time leases are stamped and judged by: PostgreSQL's own clock, so workers on
+        hosts whose clocks differ agree; SQLite's file lives on one host, whose clock it is."""
+        return sa.func.now() if self.dialect == "postgresql" else _now()
 
     def recover_interrupted(
         self, activation: str, partition_key: str, idempotent: Iterable[str] = ()
@@ -712,7 +731,6 @@ class Ledger:
             if worker.state != WORKER_ALIVE:
                 gone.add(worker.id)
                 continue
-            lapsed = now - timedelta(seconds=worker.lease_seconds)
             if process_gone(worker.host, worker.pid, _aware(worker.started_at).timestamp()):
                 condition = delivery_workers.c.state == WORKER_ALIVE
             else:
@@ -720,7 +738,7 @@ class Ledger:
                 # wins the race keeps the worker alive.
                 condition = sa.and_(
                     delivery_workers.c.state == WORKER_ALIVE,
-                    delivery_workers.c.heartbeat_at <= lapsed,
+                    delivery_workers.c.heartbeat_at <= self._lapsed(worker.lease_seconds, now),
                 )
             expired = con.execute(
                 sa.update(delivery_workers)
@@ -730,6 +748,12 @@ class Ledger:
             if expired.rowcount:
                 gone.add(worker.id)
         return gone
+
+    def _lapsed(self, lease_seconds: float, now: datetime) -> Any:
+        """The heartbeat time before which a lease of `lease_seconds` has lapsed."""
+        if self.dialect == "postgresql":
+            return sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, lease_seconds)
+        return now - timedelta(seconds=lease_seconds)
 
     def _lock_for_write(self, con: sa.Connection) -> None:
         """SQLite: take the write lock now (waiting out the busy timeout), so a transaction
@@ -744,6 +768,19 @@ class Ledger:
         leave within a day is pointless) end `dead_letter`, reason `send_deadline_passed`."""
         now = _now()
         cutoff = now - max_delay
+        due_since = sa.func.coalesce(sends.c.not_before, sends.c.planned_at)
+        # A request that must go out again whole (`request_id`) expires whole, or not at all:
+        # a smaller one would carry another key and reach its other recipients again.
+        member = sends.alias("member")
+        member_not_late = (
+            sa.select(member.c.id)
+            .where(
+                member.c.request_id == sends.c.request_id,
+                member.c.state == PLANNED,
+                sa.func.coalesce(member.c.not_before, member.c.planned_at) >= cutoff,
+            )
+            .exists()
+        )
         with self.engine.begin() as con:
             result = con.execute(
                 sa.update(sends)
@@ -752,7 +789,8 @@ class Ledger:
                     sends.c.partition_key == partition_key,
                     sends.c.step == step,
                     sends.c.state == PLANNED,
-                    sa.func.coalesce(sends.c.not_before, sends.c.planned_at) < cutoff,
+                    due_since < cutoff,
+                    sa.or_(sends.c.request_id.is_(None), ~member_not_late),
                 )
                 .values(
                     state=DEAD_LETTER,
@@ -785,24 +823,25 @@ class Ledger:
         self, activation: str, partition_key: str, step: str, connector: str, until: datetime
     ) -> datetime | None:
         """When the next planned row of this connector falls due, if by `until` (None: none
-        does); a row with no `not_before` is due now."""
+        does); a row with no `not_before` is due now. One probe of `ix_sends_due`."""
+        nulls_first = " NULLS FIRST" if self.dialect == "postgresql" else ""
+        mark = self._mark
         with self.engine.connect() as con:
-            row = con.execute(
-                sa.select(
-                    sa.func.count().filter(sends.c.not_before.is_(None)),
-                    sa.func.min(sends.c.not_before),
-                ).where(
-                    sends.c.activation == activation,
-                    sends.c.partition_key == partition_key,
-                    sends.c.state == PLANNED,
-                    sends.c.step == step,
-                    sends.c.connector == connector,
-                    sa.or_(sends.c.not_before.is_(None), sends.c.not_before <= until),
-                )
-            ).one()
-        if row[0]:
+            row = con.exec_driver_sql(
+                f"SELECT 1, not_before FROM sends WHERE activation = {mark} "
+                f"AND partition_key = {mark} AND state = '{PLANNED}' AND step = {mark} "
+                f"AND connector = {mark} AND (not_before IS NULL OR not_before <= {mark}) "
+                f"ORDER BY not_before{nulls_first} LIMIT 1",
+                (activation, partition_key, step, connector, _db_time(until, self.dialect)),
+            ).first()
+        if row is None:
+            return None
+        if row[1] is None:
             return _now()
-        return _aware(row[1]) if row[1] is not None else None
+        when = row[1]
+        if isinstance(when, str):  # SQLite's text
+            when = datetime.fromisoformat(when)
+        return _aware(when)
 
     def dead_letters_by_reason(self, activation: str, partition_key: str) -> dict[str, int]:
         """The partition's dead letters by reason (`error_code`: `send_deadline_passed`, or an
@@ -819,18 +858,6 @@ class Ledger:
                 .group_by(reason)
             ).all()
         return {code: count for code, count in rows}
-
-    def in_flight_elsewhere(self, activation: str, partition_key: str, worker_id: str) -> int:
-        """Rows of the partition another worker holds in flight right now."""
-        with self.engine.connect() as con:
-            return con.execute(
-                sa.select(sa.func.count()).where(
-                    sends.c.activation == activation,
-                    sends.c.partition_key == partition_key,
-                    sends.c.state == IN_FLIGHT,
-                    sa.or_(sends.c.claimed_by.is_(None), sends.c.claimed_by != worker_id),
-                )
-            ).scalar_one()
 
     def replan_unknown(self, activation: str, partition_key: str) -> int:
         """`unknown` rows of this partition back to `planned`, to be sent again.
@@ -1011,7 +1038,9 @@ class Ledger:
     ) -> int:
         """Planned rows of this partition (of `step`, if given) that the latest decisions no
         longer choose (consent withdrawn since a deferral, say) end `cancelled`: they must not
-        go out."""
+        go out. A row of a request that must go out again whole (`request_id`: its provider
+        may already have it, and de-duplicates the request on its key) is left in it: taken
+        out, the request would carry another key and reach its other recipients twice."""
         keep = set(chosen_keys)
         with self.engine.begin() as con:
             rows = con.execute(
@@ -1019,6 +1048,7 @@ class Ledger:
                     sends.c.activation == activation,
                     sends.c.partition_key == partition_key,
                     sends.c.state == PLANNED,
+                    sends.c.request_id.is_(None),
                     *_of_step(step),
                 )
             ).all()
@@ -1095,6 +1125,36 @@ class Ledger:
                 .group_by(sends.c.partition_key)
             ).all()
         return {partition: _aware(when) for partition, when in rows}
+
+    def partitions_to_recover(self, activation: str) -> set[str]:
+        """Partitions with rows left in flight by workers that are gone (killed, stopped, or
+        silent past their lease): a run of the partition recovers them. Reads only."""
+        with self.engine.connect() as con:
+            held = con.execute(
+                sa.select(sends.c.partition_key, sends.c.claimed_by)
+                .distinct()
+                .where(sends.c.activation == activation, sends.c.state == IN_FLIGHT)
+            ).all()
+            if not held:
+                return set()
+            ids = sorted({w for _, w in held if w is not None})
+            workers = {
+                w.id: w
+                for w in con.execute(
+                    sa.select(delivery_workers).where(delivery_workers.c.id.in_(ids))
+                )
+            }
+        now = _now()
+
+        def gone(worker_id: str | None) -> bool:
+            worker = workers.get(worker_id) if worker_id else None
+            if worker is None or worker.state != WORKER_ALIVE:
+                return True
+            lapsed = _aware(worker.heartbeat_at) + timedelta(seconds=worker.lease_seconds)
+            started = _aware(worker.started_at).timestamp()
+            return lapsed < now or process_gone(worker.host, worker.pid, started) is not None
+
+        return {partition for partition, worker_id in held if gone(worker_id)}
 
     def partitions_with_pending(
         self, activation: str, step: str, now: datetime | None = None
@@ -1580,26 +1640,63 @@ def _lock_schema(con: sa.Connection) -> None:
 def _add_missing_columns(con: sa.Connection) -> None:
     """Bring a ledger made by an earlier version up to this schema: `create_all` makes missing
     tables, not missing columns or indexes. Only nullable columns are ever added, so old rows
-    stay valid."""
+    stay valid. On PostgreSQL only what is missing is created: even `CREATE INDEX IF NOT
+    EXISTS` takes a lock that waits behind every open write, so opening a ledger would queue
+    behind running deliveries."""
     inspector = sa.inspect(con)
+    postgres = con.dialect.name == "postgresql"
+    existing: set[str] | None = None
+    if postgres:
+        existing = set(
+            con.exec_driver_sql(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+            ).scalars()
+        )
+    indexes: list[tuple[str, str]] = []
     for table in (sends, status_events):
         present = {c["name"] for c in inspector.get_columns(table.name)}
         for column in [c for c in table.columns if c.name not in present]:
             kind = column.type.compile(dialect=con.dialect)
             con.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
-        for index in table.indexes:  # both dialects know IF NOT EXISTS: no inspection
+        for index in table.indexes:
             columns = ", ".join(c.name for c in index.columns)
-            con.exec_driver_sql(
-                f"CREATE INDEX IF NOT EXISTS {index.name} ON {table.name} ({columns})"
-            )
+            indexes.append((index.name, f"ON {table.name} ({columns})"))
     # The claim's walk (`Ledger._claim_rows`): one partition's planned rows of a step and
-    # connector, those with no `not_before` first, then by it, so the rows due now come
-    # first and deferred ones are never read. SQLite sorts NULLs first already; PostgreSQL
-    # must be told. Not declared on the Table: `create_all` cannot say NULLS FIRST.
-    nulls_first = " NULLS FIRST" if con.dialect.name == "postgresql" else ""
-    con.exec_driver_sql(
-        "CREATE INDEX IF NOT EXISTS ix_sends_due ON sends (activation, partition_key, "
-        f"state, step, connector, not_before{nulls_first})"
+    # connector, those with no `not_before` first, then by it, so the rows due now come first
+    # and deferred ones are never read. SQLite sorts NULLs first already; PostgreSQL must be
+    # told. Not declared on the Table: `create_all` cannot say NULLS FIRST.
+    nulls_first = " NULLS FIRST" if postgres else ""
+    indexes.append(
+        (
+            "ix_sends_due",
+            "ON sends (activation, partition_key, state, step, connector, "
+            f"not_before{nulls_first})",
+        )
+    )
+    # Requests that must go out again whole (`Ledger._claim_request`): few rows, found fast.
+    indexes.append(
+        (
+            "ix_sends_requests",
+            "ON sends (activation, partition_key, request_id) "
+            f"WHERE state = '{PLANNED}' AND request_id IS NOT NULL",
+        )
+    )
+    for name, definition in indexes:
+        if existing is None or name not in existing:
+            con.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
+
+
+def _has_trigger(con: sa.Connection) -> bool:
+    """Whether the history trigger exists (PostgreSQL; SQLite's are `IF NOT EXISTS`):
+    replacing it would lock `sends` against every running delivery."""
+    if con.dialect.name != "postgresql":
+        return False
+    return bool(
+        con.exec_driver_sql(
+            "SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = 'sends_events' "
+            "AND c.relname = 'sends' AND n.nspname = current_schema()"
+        ).first()
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import dagster as dg
 
-from cdp_activation.processes import process_gone, started_at
+from cdp_activation.processes import host_id, process_gone, started_at
 from cdp_activation.settings import get_settings, project_root
 
 SUMMARY_KEYS = ("audience", "eligible", "excluded", "sent", "failed", "already_sent")
@@ -220,7 +220,8 @@ def _launched_by(tags: Mapping[str, str]) -> str:
     if "launched_by" in tags:
         who = tags["launched_by"]
         if PID_TAG in tags:
-            who += f", pid {tags[PID_TAG]} on {tags.get(HOST_TAG, '?')}"
+            host = tags.get(HOST_TAG, "?").split(":", 1)[0]  # the hostname of `host_id()`
+            who += f", pid {tags[PID_TAG]} on {host}"
         return who
     for tag, label in (
         ("dagster/schedule_name", "schedule"),
@@ -235,7 +236,7 @@ def _launched_by(tags: Mapping[str, str]) -> str:
 def _process_tags() -> dict[str, str]:
     """Who runs this run: host, pid and its start time, so another process can tell if it is
     still alive (`processes.process_gone`)."""
-    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    tags = {HOST_TAG: host_id(), PID_TAG: str(os.getpid())}
     start = started_at()
     if start is not None:
         tags[PID_START_TAG] = f"{start:.2f}"
@@ -295,7 +296,7 @@ class RunSummary:
     retried: int = 0  # retryable answers waited out in the ledger, then sent again
     # Where the whole partition stands after the run, not only what this run did:
     waiting: int = 0  # planned and due, not sent (a stopped run): the next run sends them
-    in_flight_elsewhere: int = 0  # held right now by another run
+    in_flight: int = 0  # another run is sending them, or the next run recovers them
     unknown_reconciled: int = 0  # unknown sends a status report proved accepted
     recovered_in_flight: int = 0  # rows a gone worker left in flight, recovered by this run
     partition_states: dict[str, int] = field(default_factory=dict)

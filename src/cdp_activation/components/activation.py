@@ -375,27 +375,33 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         if spec.schedule.enabled
         else dg.DefaultSensorStatus.STOPPED,
         description="Re-runs a partition when recipients deferred by quiet hours become due, "
-        "or when a stopped run (provider down, interrupted) left recipients waiting; the run "
-        "applies the policy again before anything is sent.",
+        "when a stopped run (provider down, interrupted) left recipients waiting, or when a "
+        "killed run left sends in flight to recover; the run applies the policy again before "
+        "anything is sent.",
     )
     def deferred_sends(context: dg.SensorEvaluationContext, ledger: LedgerResource) -> Any:
         if active := _active_run(context.instance, jobs_of_activation):
             return dg.SkipReason(f"{active} is already queued or running")
         store = ledger.ledger()
         try:
-            due = store.due_partitions(name, step=INITIAL_STEP)
+            due = set(store.due_partitions(name, step=INITIAL_STEP))
+            due |= store.partitions_to_recover(name)
         finally:
             store.dispose()  # the sensor runs every few minutes in a long-lived daemon
         if not due:
             return dg.SkipReason("no deferred or waiting recipient is due")
+        # One run per partition per tick while something stays due: a run that could not
+        # send (provider still down) leaves the rows as they were, and is tried again at the
+        # next tick rather than never (a key made of the rows alone would not change).
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M")
         return [
             dg.RunRequest(
-                run_key=f"{partition}:deferred:{latest.isoformat()}",
+                run_key=f"{partition}:due:{stamp}",
                 partition_key=partition,
                 tags={"activation": name, "trigger": "deferred_sends"},
                 run_config=_send_for_real(f"{name}__deliveries"),
             )
-            for partition, latest in sorted(due.items())
+            for partition in sorted(due)
         ]
 
     defs = dg.Definitions(
