@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings
+from cdp_activation.statuses import StatusEvent
 
 
 def settings_for_sandbox(server: SandboxServer) -> Settings:
@@ -105,3 +112,65 @@ def scratch_postgres_schema(base: str, prefix: str) -> Iterator[str]:
         with admin.begin() as con:
             con.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+class RecordingLedger(Ledger):
+    """A real ledger that also keeps every status event the receiver hands it."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.events: list[StatusEvent] = []
+
+    def record_statuses(self, events: Sequence[StatusEvent]) -> Any:
+        self.events.extend(events)
+        return super().record_statuses(events)
+
+
+@dataclass
+class CliProject:
+    """The real `cdp-activation` command on a small demo warehouse of its own, a fresh
+    DAGSTER_HOME and ledger, and the connectors on a sandbox; no `.env`, no CDP_* of ours."""
+
+    tmp: Path
+    home: Path
+    ledger_file: Path
+    env: dict[str, str]
+
+    @property
+    def ledger_url(self) -> str:
+        return f"sqlite:///{self.ledger_file}"
+
+    def run(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "cdp-activation"), *args],
+            cwd=self.tmp,  # no `.env` from the checkout
+            env={**self.env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+
+def cli_project(tmp_path: Path, sandbox: SandboxServer, customers: int = 500) -> CliProject:
+    """See `CliProject`. No preview is asked for (CDP_CONFIRM_ABOVE is high): a test's own
+    subject is what stops a send."""
+    from cdp_activation.demo_data import generate_demo_warehouse
+
+    warehouse = tmp_path / "demo.duckdb"
+    as_of = datetime.combine(datetime.now(UTC).date(), time.min, tzinfo=UTC)
+    generate_demo_warehouse(warehouse, customers=customers, seed=7, as_of=as_of)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    ledger_file = tmp_path / "ledger.sqlite"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CDP_", "DAGSTER_"))}
+    env.update(
+        DAGSTER_HOME=str(home),
+        CDP_WAREHOUSE_URL=f"duckdb:///{warehouse}",
+        CDP_LEDGER_URL=f"sqlite:///{ledger_file}",
+        CDP_META_BASE_URL=f"{sandbox.url}/meta",
+        CDP_TWILIO_BASE_URL=f"{sandbox.url}/twilio",
+        CDP_TWILIO_CONTENT_BASE_URL=f"{sandbox.url}/twilio",
+        CDP_CONFIRM_ABOVE="1000000",
+    )
+    return CliProject(tmp_path, home, ledger_file, env)

@@ -37,7 +37,6 @@ from cdp_activation.connectors.base import (
     send_reference,
 )
 from cdp_activation.connectors.twilio import status_callback
-from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxMessage, SandboxServer, twilio_content_sid
 from cdp_activation.settings import (
     SANDBOX_META_TOKEN,
@@ -45,8 +44,8 @@ from cdp_activation.settings import (
     SANDBOX_TWILIO_AUTH_TOKEN,
     Settings,
 )
-from cdp_activation.statuses import StatusEvent
 from cdp_activation.webhooks import WebhookServer
+from conftest import RecordingLedger
 
 pytestmark = pytest.mark.integration
 
@@ -230,18 +229,6 @@ def test_the_sandbox_refuses_what_the_providers_refuse(sandbox: SandboxServer) -
 
 
 # --- and the status reports bring it back ----------------------------------------------------
-
-
-class RecordingLedger(Ledger):
-    """A real ledger that also keeps every status event the receiver hands it."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.events: list[StatusEvent] = []
-
-    def record_statuses(self, events: Sequence[StatusEvent]) -> Any:
-        self.events.extend(events)
-        return super().record_statuses(events)
 
 
 @pytest.fixture

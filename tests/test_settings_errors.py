@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from datetime import UTC, datetime, time
 from pathlib import Path
 
 import dagster as dg
 import pytest
 from pydantic import ValidationError
 
-from cdp_activation.demo_data import generate_demo_warehouse
 from cdp_activation.resources import MetaWhatsAppResource, WebhookResource
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import SettingsError, get_settings, project_root
+from conftest import cli_project
 
 ROOT = project_root()
 BIN = Path(sys.executable).parent
@@ -227,33 +225,8 @@ def test_a_dagster_run_is_refused_before_anything_runs(
 def test_the_cli_refuses_a_negative_rate_in_one_line_and_writes_nothing(
     tmp_path: Path, sandbox: SandboxServer
 ) -> None:
-    warehouse = tmp_path / "demo.duckdb"
-    as_of = datetime.combine(datetime.now(UTC).date(), time.min, tzinfo=UTC)
-    generate_demo_warehouse(warehouse, customers=500, seed=7, as_of=as_of)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    ledger = tmp_path / "ledger.sqlite"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CDP_", "DAGSTER_"))}
-    env.update(
-        DAGSTER_HOME=str(home),
-        CDP_WAREHOUSE_URL=f"duckdb:///{warehouse}",
-        CDP_LEDGER_URL=f"sqlite:///{ledger}",
-        CDP_META_BASE_URL=f"{sandbox.url}/meta",
-        CDP_TWILIO_BASE_URL=f"{sandbox.url}/twilio",
-        CDP_TWILIO_CONTENT_BASE_URL=f"{sandbox.url}/twilio",
-        CDP_CONFIRM_ABOVE="1000000",  # no preview needed: only the settings stop the send
-    )
-
-    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "cdp-activation"), *args],
-            cwd=tmp_path,  # no `.env` from the checkout
-            env={**env, **extra},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+    project = cli_project(tmp_path, sandbox)
+    ledger, home, cli = project.ledger_file, project.home, project.run
 
     for command in ("run", "preview"):
         result = cli(command, "winback_whatsapp", CDP_META_RATE_PER_SECOND="-5")

@@ -11,10 +11,9 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -29,6 +28,7 @@ from cdp_activation.transport import make_client
 from cdp_activation.webhooks import WebhookSecrets, WebhookServer
 from cdp_activation.webhooks import signatures as sig
 from cdp_activation.webhooks.parsers import parse_infobip, parse_meta, parse_twilio, parse_vonage
+from conftest import RecordingLedger
 
 pytestmark = pytest.mark.integration
 
@@ -475,18 +475,6 @@ def test_send_reference_round_trip() -> None:
         assert send_id_of(not_ours) is None, not_ours
     with pytest.raises(ValueError):
         send_reference(-1)
-
-
-class RecordingLedger(Ledger):
-    """A real ledger that also keeps every status event the receiver hands it."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.events: list[StatusEvent] = []
-
-    def record_statuses(self, events: Sequence[StatusEvent]) -> Any:
-        self.events.extend(events)
-        return super().record_statuses(events)
 
 
 def test_twilio_s_ref_comes_from_the_signed_callback_url(ledger_url: str) -> None:
