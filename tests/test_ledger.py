@@ -367,3 +367,27 @@ def test_a_request_that_must_go_out_whole_is_never_split(ledger_url: str) -> Non
         con.execute(sends.update().where(sends.c.request_id.is_not(None)).values(not_before=past))
     assert ledger.expire_overdue("winback", "p", "initial", timedelta(seconds=0)) == 3
     ledger.dispose()
+
+
+def test_dead_letters_an_earlier_version_gave_up_on_are_planned_again(ledger_url: str) -> None:
+    """Before the claiming ledger, a message throttled or failed on every attempt ended
+    `dead_letter` (never accepted). Within the send deadline it is planned again; a dead
+    letter of the deadline itself is not."""
+    from datetime import timedelta
+
+    from cdp_activation.ledger import DEADLINE_PASSED, sends
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(3))
+    with ledger.engine.begin() as con:
+        con.execute(sends.update().values(state="dead_letter", error_code="503"))
+        con.execute(
+            sends.update().where(sends.c.customer_id == "3").values(error_code=DEADLINE_PASSED)
+        )
+    assert ledger.revive_given_up("winback", "p", "initial", timedelta(hours=24)) == 2
+    assert ledger.counts("winback", "p") == {"planned": 2, "dead_letter": 1}
+    # Past the deadline nothing comes back.
+    with ledger.engine.begin() as con:
+        con.execute(sends.update().values(state="dead_letter", error_code=None))
+    assert ledger.revive_given_up("winback", "p", "initial", timedelta(seconds=-1)) == 0
+    ledger.dispose()

@@ -655,6 +655,7 @@ class DeliverySummary:
     recovered_in_flight: int = 0
     resent_unknown: int = 0  # unknown rows planned again (delivery.resend_unknown)
     retried: int = 0  # retryable answers waited out in the ledger, then sent again
+    revived: int = 0  # dead letters an earlier version gave up on, planned again
     waiting: int = 0  # planned and due, not sent by this run (a stopped or failed step)
     # In flight now: another run is sending them, or a stopped one left them (recovered by
     # the next run once its worker is gone).
@@ -761,9 +762,9 @@ def deliver_decisions(
             reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
             step=step,
         )
-        ledger.expire_overdue(
-            activation.name, partition_key, step, activation.spec.delivery.send_deadline()
-        )
+        deadline = activation.spec.delivery.send_deadline()
+        summary.revived = ledger.revive_given_up(activation.name, partition_key, step, deadline)
+        ledger.expire_overdue(activation.name, partition_key, step, deadline)
         due = ledger.due_counts(activation.name, partition_key, step, now)
         summary.to_send = sum(due.values())
         preflight({name: connectors[name] for name in due if name in connectors})
@@ -862,6 +863,7 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         "recovered_in_flight": summary.recovered_in_flight,
         "resent_unknown": summary.resent_unknown,
         "retried": summary.retried,
+        "revived": summary.revived,
         "waiting": summary.waiting,
         "in_flight": summary.in_flight,
         "unknown_reconciled": summary.unknown_reconciled,

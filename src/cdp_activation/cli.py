@@ -734,6 +734,8 @@ def _partition_rows(table: Table, summary: Any) -> None:
         table.add_row(
             "recovered from a stopped run (now unknown)", f"{summary.recovered_in_flight:,}"
         )
+    if summary.revived:
+        table.add_row("given up by an earlier version, sent again", f"{summary.revived:,}")
     if summary.unknown_reconciled:
         table.add_row("unknown, then proved sent by a report", f"{summary.unknown_reconciled:,}")
     for state, count in sorted(summary.partition_states.items()):

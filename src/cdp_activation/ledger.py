@@ -761,6 +761,29 @@ class Ledger:
         if self.dialect == "sqlite":
             con.exec_driver_sql("UPDATE delivery_workers SET state = state WHERE 0")
 
+    def revive_given_up(
+        self, activation: str, partition_key: str, step: str, max_delay: timedelta
+    ) -> int:
+        """Dead letters an earlier version gave up on after its retries (429, 5xx, no
+        connection: never accepted by the provider) go back to `planned` while they are within
+        the send deadline: nobody who could still be reached is given up on. Dead letters of
+        the deadline itself stay."""
+        now = _now()
+        with self.engine.begin() as con:
+            result = con.execute(
+                sa.update(sends)
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.step == step,
+                    sends.c.state == DEAD_LETTER,
+                    sa.or_(sends.c.error_code.is_(None), sends.c.error_code != DEADLINE_PASSED),
+                    sa.func.coalesce(sends.c.not_before, sends.c.planned_at) >= now - max_delay,
+                )
+                .values(state=PLANNED, claimed_by=None, request_id=None, updated_at=now)
+            )
+        return result.rowcount or 0
+
     def expire_overdue(
         self, activation: str, partition_key: str, step: str, max_delay: timedelta
     ) -> int:
