@@ -10,6 +10,7 @@ twice, or a row given up on that could still be sent, fails the test.
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import time
@@ -40,9 +41,13 @@ FAULTS = {
 
 
 def ledger_rows(url: str) -> pl.DataFrame:
+    return ledger_rows_of(url, ACTIVATION, PARTITION)
+
+
+def ledger_rows_of(url: str, activation: str, partition: str | None = None) -> pl.DataFrame:
     ledger = Ledger(url)
     try:
-        return ledger.rows(ACTIVATION, PARTITION)
+        return ledger.rows(activation, partition)
     finally:
         ledger.dispose()
 
@@ -299,3 +304,61 @@ def test_a_lost_answer_followed_by_a_status_report_ends_delivered_not_unknown(
     assert all(
         by_to[r["recipient"]] == r["provider_message_id"] for r in lost.iter_rows(named=True)
     )
+
+
+@pytest.mark.e2e
+def test_two_cli_runs_that_bypass_the_run_queue_still_send_each_key_once(
+    tmp_path: Path, sandbox: SandboxServer
+) -> None:
+    """The issue's first finding, as a user met it: two `cdp-activation run` of the same
+    activation and day on one ledger, the second started while the first is sending. Each has
+    its own DAGSTER_HOME, so Dagster's queue and the CLI's wait cannot see each other (the
+    queue misconfigured or bypassed): the ledger alone keeps every key to one send."""
+    import subprocess
+    import sys
+
+    from conftest import cli_project
+
+    project = cli_project(tmp_path, sandbox, customers=4000)
+    other_home = tmp_path / "other_dagster_home"
+    other_home.mkdir()
+    (other_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # Slow enough that the second run plans while the first is still sending; quiet hours off
+    # (a send window of the whole day), so the test does not depend on the hour it runs at.
+    slow = {"CDP_META_RATE_PER_SECOND": "60", "CDP_TWILIO_RATE_PER_SECOND": "60"}
+    command = [
+        str(Path(sys.executable).parent / "cdp-activation"),
+        "run",
+        "winback_whatsapp",
+        "--send-window",
+        "00:00-23:59",
+    ]
+    runs = []
+    for home in (project.home, other_home):
+        env = {**project.env, **slow, "DAGSTER_HOME": str(home)}
+        runs.append(
+            subprocess.Popen(
+                [*command, "--json"],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+        time.sleep(2.5)  # the second starts while the first is planning or sending
+    outputs = [run.communicate(timeout=240)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    summaries = [
+        json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+        for out in outputs
+    ]
+    rows = ledger_rows_of(project.ledger_url, "winback_whatsapp")
+    accepted = sandbox.messages()
+    print(f"\ntwo CLI runs: sent {[s['sent'] for s in summaries]}; accepted {len(accepted)}")
+    assert all(s["sent"] for s in summaries), "the runs did not overlap: nothing was proved"
+    twice = {to: n for to, n in Counter(m.to for m in accepted).items() if n > 1}
+    assert twice == {}
+    assert sum(s["sent"] for s in summaries) == len(accepted)
+    assert rows.filter(pl.col("state") == "sent").height == len(accepted)
+    assert rows.filter(pl.col("state") == "in_flight").is_empty()
