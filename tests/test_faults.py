@@ -335,3 +335,40 @@ def test_through_an_idempotent_provider_lost_answers_are_retried_and_nobody_is_u
     assert sandbox.duplicates() == {}
     assert len({m.to for m in sandbox.messages()}) == len(sandbox.messages()) == n
     ledger.dispose()
+
+
+def test_a_request_that_may_have_landed_keeps_its_rows_together_whatever_comes_after(
+    tmp_path, sandbox: SandboxServer
+) -> None:
+    """LINE de-duplicates a request on a key made from its recipients. A multicast accepted
+    but whose answer was lost must go out again with exactly the same recipients, even if the
+    next try is answered 5xx (which says nothing of the first): otherwise a later request of
+    other companions carries another key, and LINE sends to the first ones twice."""
+    from cdp_activation.connectors import connector_from_settings
+    from cdp_activation.delivery import ProviderUnavailable
+    from conftest import settings_for_sandbox
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    ledger.plan("land", "p", line_audience(60, texts=3))
+    line = {"line": connector_from_settings("line", settings_for_sandbox(sandbox))}
+    options = dataclasses.replace(OPTIONS, outage_after=1, max_attempts=1, retry_later_seconds=0.01)
+    scope = DeliveryScope("land", "p")
+
+    def requests() -> dict[int, int]:
+        return dict(Counter(ledger.rows("land", "p")["request_id"].to_list()))
+
+    sandbox.configure(rate_drop_after_accept=1.0)  # accepted, answer lost
+    with pytest.raises(ProviderUnavailable):
+        deliver(ledger, scope, line, options)
+    first = requests()
+    assert None not in first and len(sandbox.messages()) == 60
+    sandbox.configure(rate_drop_after_accept=0.0, rate_5xx=1.0)  # the retry: 503
+    with pytest.raises(ProviderUnavailable):
+        deliver(ledger, scope, line, options)
+    assert requests() == first  # still grouped as when they may have landed
+    sandbox.configure(rate_5xx=0.0)
+    report = deliver(ledger, scope, line, OPTIONS)
+    assert report.sent == 60 and ledger.counts("land", "p") == {"sent": 60}
+    assert sandbox.duplicates() == {} and len(sandbox.messages()) == 60
+    assert Counter(a.result for a in sandbox.attempts())["replayed"] > 0
+    ledger.dispose()

@@ -288,7 +288,9 @@ class _Delivery:
                 Outcome.UNKNOWN,
                 error_message="the provider's answer did not mention this message",
             )
-            uncertain = False
+            # A request asked again may have reached the provider the first time: its rows
+            # keep their request whatever the answer now (a 5xx now says nothing of then).
+            uncertain = row.resent_request
             if result.outcome == Outcome.UNKNOWN and connector.capabilities.idempotency:
                 # The provider de-duplicates on our key: a lost answer is safe to ask again.
                 result, uncertain = replace(result, outcome=Outcome.RETRY), True

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -87,9 +88,10 @@ sends = sa.Table(
     sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     # Through a provider that de-duplicates a whole request on one key (LINE's retry key, the
-    # webhook's Idempotency-Key): the id of the first row of the request this row last went
-    # in, so a row recovered from a crash is sent again with exactly the same companions and
-    # therefore the same key. Null for one-recipient providers and unsent rows.
+    # webhook's Idempotency-Key): the number of the request this row last went in (random,
+    # see `_claim_request`), kept while the provider may have that request, so the row goes
+    # out again with exactly the same companions and therefore the same key. Null for
+    # one-recipient providers, unsent rows, and requests the provider surely did not take.
     sa.Column("request_id", sa.BigInteger().with_variant(sa.Integer, "sqlite")),
     # What the provider reported after accepting it (status webhooks): sent, delivered, read
     # or failed, only ever moving forward (`statuses.STATUS_RANK`), with the latest report's time.
@@ -223,8 +225,11 @@ class PlannedSend:
     message: dict[str, Any]
     attempts: int
     customer_id: str | None = None
-    request_id: int | None = None  # set when a crash interrupted its (grouped) request
+    request_id: int | None = None  # the (grouped) request it goes in, when it has one
     purpose: str | None = None
+    # Claimed as a request made before (a lost answer, a crash): the provider may have it,
+    # so whatever the answer now, the row keeps its request (`Settlement.uncertain`).
+    resent_request: bool = False
 
 
 @dataclass(frozen=True)
@@ -512,17 +517,23 @@ class Ledger:
                 f"SELECT id FROM sends WHERE activation = {mark} AND partition_key = {mark} "
                 f"AND state = '{PLANNED}' AND request_id = {mark}{lock}"
             )
-            return self._claim_where(
+            rows = self._claim_where(
                 con, worker_id, select, (activation, partition_key, request_id), now
             )
+            return [replace(r, resent_request=True) for r in rows]
         rows = self._claim_rows(
             con, worker_id, scope, request.connector, request.limit, now, fresh_only=True
         )
         if rows:
-            first = min(r.id for r in rows)
+            # A fresh number, never a row's id: rows of a request the provider surely did not
+            # take forget it (`settle`), and the smallest id of a later batch would then be an
+            # earlier request's number, merging two requests into one of another key.
+            request_id = secrets.randbits(62)
             for chunk in _chunks([r.id for r in rows], 5000):
-                con.execute(sa.update(sends).where(sends.c.id.in_(chunk)).values(request_id=first))
-            rows = [_with_request(r, first) for r in rows]
+                con.execute(
+                    sa.update(sends).where(sends.c.id.in_(chunk)).values(request_id=request_id)
+                )
+            rows = [_with_request(r, request_id) for r in rows]
         return rows
 
     def _claim_rows(
@@ -639,7 +650,7 @@ class Ledger:
                 con.exec_driver_sql(
                     f"UPDATE sends SET state = '{PLANNED}', not_before = COALESCE({mark}, "
                     f"not_before), error_code = {mark}, error_message = {mark}, "
-                    f"updated_at = {mark}, claimed_by = NULL, request_id = NULL, "
+                    f"updated_at = {mark}, claimed_by = NULL, "
                     f"attempts = attempts - 1 {held} AND state IN ('{IN_FLIGHT}', '{UNKNOWN}')",
                     unsent,
                 )
@@ -1853,18 +1864,7 @@ def _plan_rows(
 
 
 def _with_request(row: PlannedSend, request_id: int) -> PlannedSend:
-    return PlannedSend(
-        row.id,
-        row.idempotency_key,
-        row.channel,
-        row.connector,
-        row.recipient,
-        row.message,
-        row.attempts,
-        row.customer_id,
-        request_id,
-        row.purpose,
-    )
+    return replace(row, request_id=request_id)
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
