@@ -1031,7 +1031,9 @@ class Ledger:
                 )
 
     def record(self, results: Iterable[tuple[int, SendResult, int]]) -> None:
-        """Write outcomes (row id, result, attempts made) in bulk; only from in_flight.
+        """Write final outcomes (row id, result, attempts made) in bulk; only from in_flight.
+        For rows marked by `mark_in_flight` (tests, tools); the delivery engine claims and
+        `settle`s instead.
 
         One driver-level `executemany` of plain tuples (SQLAlchemy's per-row parameter
         handling cost more than the database's own work).
@@ -1747,11 +1749,14 @@ def _db_time(value: datetime, dialect: str) -> datetime | str:
 
 
 def _state_for(outcome: Outcome) -> str:
+    """The state `record` writes for an outcome. RETRY here means "given up" (`dead_letter`):
+    only tools and tests record that; the delivery engine puts a retryable row back to
+    `planned` (`settle`), and dead-letters only past the send deadline."""
     return {
         Outcome.SENT: SENT,
         Outcome.FAILED: FAILED,
         Outcome.UNKNOWN: UNKNOWN,
-        Outcome.RETRY: DEAD_LETTER,  # retries exhausted
+        Outcome.RETRY: DEAD_LETTER,
     }[outcome]
 
 
