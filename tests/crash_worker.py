@@ -4,7 +4,8 @@
 
 LEDGER is a SQLite file or a database URL. Environment: CRASH_WORKER_LEASE (seconds, default
 30), CRASH_WORKER_MAX_ATTEMPTS (default 4), CRASH_WORKER_RATE (messages/s, default 2000) and
-CRASH_WORKER_TIMEOUT (the client's timeout, default 5 s).
+CRASH_WORKER_TIMEOUT (the client's timeout, default 5 s) and CRASH_WORKER_RATE_LIMIT_URL (a
+Redis URL: the rate shared with every worker using it).
 
 It does what a real run does on start, with the real `Ledger`, `deliver` and connectors: plan
 the N rows (a no-op for keys already planned, so a restart never plans twice), turn rows that
@@ -139,6 +140,7 @@ def main(argv: list[str]) -> int:
         timeout_seconds=float(os.environ.get("CRASH_WORKER_TIMEOUT", 5)),
         lease_seconds=float(os.environ.get("CRASH_WORKER_LEASE", 30)),
         max_attempts=int(os.environ.get("CRASH_WORKER_MAX_ATTEMPTS", 4)),
+        rate_limit_url=os.environ.get("CRASH_WORKER_RATE_LIMIT_URL") or None,
     )
     error = None
     try:

@@ -689,6 +689,7 @@ def delivery_options() -> DeliveryOptions:
         concurrency=settings.delivery_concurrency,
         max_attempts=settings.delivery_max_attempts,
         lease_seconds=settings.delivery_lease_seconds,
+        rate_limit_url=settings.rate_limit_url or None,
     )
 
 

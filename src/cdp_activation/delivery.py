@@ -67,6 +67,7 @@ from cdp_activation.ledger import (
     PlannedSend,
     Settlement,
 )
+from cdp_activation.rate_limits import SharedLimiter, sender_key
 from cdp_activation.transport import make_client
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ class DeliveryOptions:
     # Requests in a row that a connector failed (5xx, no connection, no answer) with none
     # accepted in between: the provider is down, the step stops.
     outage_after: int = 12
+    # Redis URL of rate limits shared with every other process sending for the same sender
+    # (rate_limits.py); None: this process limits itself.
+    rate_limit_url: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -204,6 +208,39 @@ class _Throttle:
     async def wait(self, stop: asyncio.Event) -> None:
         while (delay := self.remaining()) > 0 and not stop.is_set():
             await _sleep_unless(stop, delay)
+
+    async def share(self, seconds: float) -> None:
+        """Tell the other processes sending for this sender (nobody, here)."""
+
+
+class _SharedThrottle(_Throttle):
+    """The pause shared through the rate limit's Redis: every process sending for the sender
+    waits out a Retry-After that any of them was given."""
+
+    def __init__(self, limiter: SharedLimiter) -> None:
+        super().__init__()
+        self.limiter = limiter
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        shared = await self.limiter.pause_until() - time.time()
+        if shared > 0:
+            self.hold(shared)
+        await super().wait(stop)
+
+    async def share(self, seconds: float) -> None:
+        await self.limiter.hold(seconds)
+
+
+def _limits_for(
+    connector: Connector, options: DeliveryOptions
+) -> tuple[AsyncLimiter | SharedLimiter, _Throttle]:
+    """The connector's rate limit and Retry-After pause: this process's own, or shared with
+    every process sending for the same sender (`options.rate_limit_url`)."""
+    rate = rate_of(connector, options)
+    if not options.rate_limit_url:
+        return AsyncLimiter(rate, 1), _Throttle()
+    shared = SharedLimiter(options.rate_limit_url, sender_key(connector), rate)
+    return shared, _SharedThrottle(shared)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
@@ -438,8 +475,9 @@ async def deliver_async(
         options.lease_seconds,
         scope.run_id,
     )
-    limiters = {name: AsyncLimiter(rate_of(connectors[name], options), 1) for name in due}
-    throttles = {name: _Throttle() for name in due}
+    limits = {name: _limits_for(connectors[name], options) for name in due}
+    limiters = {name: limit for name, (limit, _) in limits.items()}
+    throttles = {name: throttle for name, (_, throttle) in limits.items()}
     semaphore = asyncio.Semaphore(options.concurrency)
     claims: GroupCommit[ClaimRequest] = GroupCommit(
         lambda requests: ledger.claim(
@@ -505,6 +543,7 @@ async def deliver_async(
             hinted = [r.retry_after for r in results if r.retry_after is not None]
             if hinted:
                 throttle.hold(min(max(hinted), MAX_RETRY_AFTER))
+                await throttle.share(min(max(hinted), MAX_RETRY_AFTER))
 
     async def wait_for_due(name: str) -> bool:
         """Nothing is due now: wait for the next row of this connector falling due within

@@ -165,6 +165,16 @@ class Settings(BaseSettings):
     # Seconds the engine's lease on the rows it is sending lasts unless renewed; once it
     # has expired, its holder is taken to have died and the rows may be recovered.
     delivery_lease_seconds: Positive = 30.0
+    # Rate limits shared by every process sending for one sender (rate_limits.py): a Redis
+    # URL, e.g. redis://127.0.0.1:6379/0. Empty: each process limits itself (one process).
+    rate_limit_url: str = ""
+
+    @field_validator("rate_limit_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if value and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("must be a redis:// URL (or empty for per-process limits)")
+        return value
 
     @field_validator(
         "meta_rate_per_second",
