@@ -298,8 +298,8 @@ def unreachable(name: str, connector: Connector, err: Exception) -> str:
 def preflight(connectors: Mapping[str, Connector], timeout: float = 5.0) -> None:
     """Refuse to start sending when a provider cannot even be connected to.
 
-    Without this, an unreachable provider would turn every planned row into a dead letter
-    after its retries; stopping first leaves them planned for the next run.
+    Without this, a run against an unreachable provider would claim rows and try each until
+    the step stopped; stopping first leaves every row planned, untouched, for the next run.
     """
     for name, connector in connectors.items():
         url = httpx.URL(str(getattr(connector, "base_url", "")))

@@ -160,7 +160,8 @@ class Settings(BaseSettings):
     # The delivery engine (delivery.py).
     # Requests in flight at once across all connectors (each still within its own rate).
     delivery_concurrency: PositiveCount = 32
-    # Tries per message, the first one included, before a retryable failure is dead-lettered.
+    # Tries per message in one run, the first one included; a message that used them waits
+    # for a later run (it is never dead-lettered for that, only past its send deadline).
     delivery_max_attempts: PositiveCount = 4
     # Seconds the engine's lease on the rows it is sending lasts unless renewed; once it
     # has expired, its holder is taken to have died and the rows may be recovered.
