@@ -79,17 +79,6 @@ def test_rows_left_in_flight_by_a_crash_become_unknown_not_resent(ledger_url: st
     ledger.dispose()
 
 
-def test_release_returns_unsent_rows_to_planned(ledger_url: str) -> None:
-    ledger = Ledger(ledger_url)
-    ledger.plan("winback", "p", chosen(2))
-    rows = ledger.pending("winback", "p")
-    ledger.mark_in_flight([r.id for r in rows])
-    ledger.release([rows[1].id])
-    assert ledger.counts("winback", "p") == {"in_flight": 1, "planned": 1}
-    assert ledger.pending("winback", "p")[0].attempts == 0
-    ledger.dispose()
-
-
 def test_idempotency_key_names_activation_partition_customer_and_step() -> None:
     assert idempotency_key("winback", "2026-11-23", "42", "initial") == (
         "winback|2026-11-23|42|initial"
@@ -187,19 +176,23 @@ def test_every_state_change_is_in_the_history_with_its_time_and_attempts(
     ledger_url: str,
 ) -> None:
     ledger = Ledger(ledger_url)
+    from cdp_activation.ledger import ClaimRequest, Settlement
+
     ledger.plan("winback", "p", chosen(3), run_id="run-1")
-    rows = ledger.pending("winback", "p")
+    worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    [rows] = ledger.claim(worker, "winback", "p", "initial", [ClaimRequest("meta_whatsapp", 3)])
     ids = [r.id for r in rows]
-    ledger.mark_in_flight(ids)
-    ledger.record(
+    ledger.settle(
+        worker,
         [
-            (ids[0], SendResult(rows[0].idempotency_key, Outcome.SENT, "wamid.1"), 1),
-            (ids[1], SendResult(rows[1].idempotency_key, Outcome.FAILED, None, "131026"), 1),
-        ]
+            Settlement(ids[0], "sent", provider_message_id="wamid.1"),
+            Settlement(ids[1], "failed", error_code="131026"),
+            # Never requested: back to planned, its attempt given back.
+            Settlement(ids[2], "planned", unsent=True),
+        ],
     )
-    ledger.release([ids[2]])  # never requested: back to planned, attempt given back
-    # A write that changes no state (a stale result) leaves no event.
-    ledger.record([(ids[0], SendResult(rows[0].idempotency_key, Outcome.FAILED), 2)])
+    # A write that changes no state (a stale result for a row no longer held) leaves no event.
+    ledger.settle(worker, [Settlement(ids[0], "failed")])
     history = ledger.history()
     by_key = {
         key: list(zip(group["from_state"], group["to_state"], group["attempts"], strict=True))

@@ -146,7 +146,6 @@ class DeliveryReport:
     sent: int = 0
     failed: int = 0
     unknown: int = 0
-    dead_letter: int = 0  # kept for callers; the engine itself never dead-letters
     retried: int = 0  # retryable answers whose message went back to wait for its next try
     retry_later: int = 0  # messages that used their attempts: planned for a later run
     attempts: int = 0
@@ -154,7 +153,6 @@ class DeliveryReport:
     error_codes: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
-    stopped_by: str | None = None
     last_error: dict[str, str] = field(default_factory=dict)  # per connector
 
     def latency_ms(self, quantile: float) -> float:
@@ -266,9 +264,7 @@ def deliver(
 class _Delivery:
     """One delivery's shared state: the stop signal, its cause, per-connector health."""
 
-    def __init__(self, ledger: Ledger, scope: DeliveryScope, options: DeliveryOptions) -> None:
-        self.ledger = ledger
-        self.scope = scope
+    def __init__(self, options: DeliveryOptions) -> None:
         self.options = options
         self.report = DeliveryReport()
         self.stop = asyncio.Event()
@@ -289,7 +285,6 @@ class _Delivery:
         """Stop claiming; the first cause is the one raised at the end."""
         if self.error is None:
             self.error = error
-            self.report.stopped_by = str(error)
         self.stop.set()
 
     @property
@@ -452,7 +447,7 @@ async def deliver_async(
     window, never a barrier), so the requests in the air stay at the concurrency, and a row
     is claimed only once its request is about to leave (rate limit and pauses waited first).
     """
-    run = _Delivery(ledger, scope, options)
+    run = _Delivery(options)
     report = run.report
     started = time.perf_counter()
     due = await asyncio.to_thread(

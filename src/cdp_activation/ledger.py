@@ -742,7 +742,7 @@ class Ledger:
             if worker.state != WORKER_ALIVE:
                 gone.add(worker.id)
                 continue
-            if process_gone(worker.host, worker.pid, _aware(worker.started_at).timestamp()):
+            if _process_of_gone(worker):
                 condition = delivery_workers.c.state == WORKER_ALIVE
             else:
                 # Only if the lease is still lapsed as this statement runs: a heartbeat that
@@ -1015,21 +1015,6 @@ class Ledger:
                     [(request, _db_time(now, self.dialect), row) for row, request in requests],
                 )
 
-    def release(self, ids: Sequence[int]) -> None:
-        """in_flight -> planned for rows whose request was never made (a stopped run)."""
-        with self.engine.begin() as con:
-            for chunk in _chunks(ids, 5000):
-                con.execute(
-                    sa.update(sends)
-                    .where(sends.c.id.in_(chunk), sends.c.state == IN_FLIGHT)
-                    .values(
-                        state=PLANNED,
-                        attempts=sends.c.attempts - 1,
-                        request_id=None,
-                        updated_at=_now(),
-                    )
-                )
-
     def record(self, results: Iterable[tuple[int, SendResult, int]]) -> None:
         """Write final outcomes (row id, result, attempts made) in bulk; only from in_flight.
         For rows marked by `mark_in_flight` (tests, tools); the delivery engine claims and
@@ -1187,8 +1172,7 @@ class Ledger:
             if worker is None or worker.state != WORKER_ALIVE:
                 return True
             lapsed = _aware(worker.heartbeat_at) + timedelta(seconds=worker.lease_seconds)
-            started = _aware(worker.started_at).timestamp()
-            return lapsed < now or process_gone(worker.host, worker.pid, started) is not None
+            return lapsed < now or _process_of_gone(worker)
 
         return {partition for partition, worker_id in held if gone(worker_id)}
 
@@ -1655,6 +1639,12 @@ class Ledger:
         # hundred rows can all be `unknown`, with no provider id, and a later `sent` row's id
         # would not fit the Null column inferred from them.
         return pl.DataFrame(data, infer_schema_length=None)
+
+
+def _process_of_gone(worker: Any) -> bool:
+    """Whether a `delivery_workers` row's process is certainly gone (on this host)."""
+    started = _aware(worker.started_at).timestamp()
+    return process_gone(worker.host, worker.pid, started) is not None
 
 
 def _of_step(step: str | None) -> tuple[sa.ColumnElement[bool], ...]:

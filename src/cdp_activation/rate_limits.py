@@ -67,7 +67,7 @@ class SharedLimiter:
     def __init__(self, url: str, sender: str, rate: float) -> None:
         self.url = url
         self.sender = sender
-        self.max_rate = max(1.0, float(int(rate)) or 1.0)
+        self.max_rate = float(max(1, int(rate)))  # the window counts whole messages
         self._item = RateLimitItemPerSecond(int(self.max_rate), 1)
         self._storage = RedisStorage(
             _storage_uri(url), implementation="redispy", key_prefix=KEY_PREFIX
