@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from cdp_activation.rate_limits import RateLimitUnavailable, SharedLimiter, masked
@@ -113,3 +114,61 @@ def test_redis_down_stops_the_step_rather_than_send_unthrottled(
     assert ledger.counts("limited", "p") == {"planned": 20}
     assert sandbox.attempts() == []
     ledger.dispose()
+
+
+@needs_redis
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-process"])
+def test_a_429_pauses_every_delivery_sending_for_that_sender(tmp_path: Path, shared: bool) -> None:
+    """Two deliveries of one partition at once (two runs, or two workers) send for one Twilio
+    account. After a 429, neither starts a request until its Retry-After has passed: the
+    pause is the sender's, through Redis. Requests already started still arrive, within
+    `grace` (a claim's write and a settle's, then Redis). Without the shared pause
+    (per-process), the other delivery keeps sending through the pause: shown too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
+    from cdp_activation.ledger import Ledger
+    from cdp_activation.sandbox.app import Fault
+    from crash_worker import audience, sandbox_connectors
+
+    retry_after, grace, concurrency = 0.5, 0.25, 4
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    ledger = Ledger(ledger_url)
+    ledger.plan("pause", "p", audience(240).filter(pl.col("channel") == "sms"))
+    options = DeliveryOptions(
+        concurrency=concurrency,
+        rate_per_second=2000,
+        max_attempts=10,
+        backoff_initial=0.02,
+        backoff_max=0.2,
+        rate_limit_url=REDIS if shared else None,
+    )
+    with SandboxServer(config=SandboxConfig(seed=5, rate_429=0.1, retry_after_s=retry_after)) as sb:
+        connectors = sandbox_connectors(sb.url)
+
+        def one() -> int:
+            own = Ledger(ledger_url)
+            try:
+                return deliver(own, DeliveryScope("pause", "p"), connectors, options).sent
+            finally:
+                own.dispose()
+
+        with ThreadPoolExecutor(2) as pool:
+            sent = [f.result(timeout=120) for f in [pool.submit(one), pool.submit(one)]]
+        attempts = sb.attempts()
+    ledger.dispose()
+    assert sum(sent) == 120 and all(sent), sent
+    throttled = [a for a in attempts if a.result == Fault.THROTTLED]
+    assert len(throttled) >= 5
+    late = []
+    for answer in throttled:
+        during = [a.arrived - answer.answered for a in attempts]
+        late += [t for t in during if grace < t < retry_after - 0.01]
+    print(
+        f"\n{'shared' if shared else 'per-process'}: {len(throttled)} 429s, "
+        f"{len(late)} requests arrived during a pause after its grace"
+    )
+    if shared:
+        assert late == [], sorted(late)[:10]
+    else:
+        assert late, "without the shared pause the other delivery should have kept sending"
