@@ -670,6 +670,8 @@ class DeliverySummary:
     ledger_states: dict[str, int] = field(default_factory=dict)
     dead_letter_by_reason: dict[str, int] = field(default_factory=dict)  # the partition's
     stopped_by: str | None = None  # why the step stopped before sending everything due
+    started_at: float = 0.0  # epoch seconds when the step began (its workers may be elsewhere)
+    workers: list[dict[str, Any]] = field(default_factory=list)  # each claim worker's figures
 
 
 class DeliveryFailed(Exception):
@@ -704,91 +706,160 @@ def deliver_decisions(
     options: DeliveryOptions | None = None,
     step: str = INITIAL_STEP,
 ) -> DeliverySummary:
-    """Plan `decisions` (rows of one `step`) in the ledger and send what is due of that step.
+    """Plan `decisions` (rows of one `step`) in the ledger and send what is due of that step,
+    in this process: `prepare_delivery`, one `send_due`, `finish_delivery`. (Dagster runs
+    the three as separate steps, with `delivery.workers` claim workers in the middle.)
+
+    Raises `DeliveryFailed` (with the summary) when the step stopped before sending
+    everything due.
+    """
+    try:
+        summary = prepare_delivery(
+            activation, decisions, ledger, connectors, partition_key, dry_run, run_id, step
+        )
+        if dry_run:
+            return summary
+        scope = DeliveryScope(activation.name, partition_key, step, run_id)
+        report = send_due(ledger, scope, connectors, options)
+        return finish_delivery(summary, [report], ledger, step)
+    finally:
+        ledger.dispose()
+
+
+def prepare_delivery(
+    activation: Activation,
+    decisions: pl.DataFrame,
+    ledger: Ledger,
+    connectors: Mapping[str, Connector],
+    partition_key: str,
+    dry_run: bool,
+    run_id: str | None = None,
+    step: str = INITIAL_STEP,
+) -> DeliverySummary:
+    """Everything before the first claim: a dry run's whole preview; otherwise mend what
+    gone workers left in flight, plan the rows, cancel what the policy no longer chooses (and,
+    for the `fallback` step, fallbacks whose first message has since landed), revive rows an
+    earlier version gave up on, expire overdue ones, and check the connectors answer.
 
     For the `fallback` step, refused fallbacks are recorded too (`excluded`, with their
-    reason), so each is decided once, and planned fallbacks whose first message has since
-    been delivered are cancelled before anything is sent. Raises `DeliveryFailed` (with the
-    summary) when the step stopped before sending everything due.
+    reason), so each is decided once. Raises `ConnectorError` when a connector does not answer
+    or refuses the credentials (nothing claimed).
     """
-    started = time.perf_counter()
     now = datetime.now(UTC)
     fallback = step == FALLBACK_STEP
     chosen = decisions.filter(pl.col("decision").is_in([SEND, DEFER]))
-    recorded = [SEND, DEFER, HOLDOUT, *([EXCLUDE] if fallback else [])]
-    to_plan = rendered(
-        decisions.filter(pl.col("decision").is_in(recorded)), activation.spec.channel_plan
-    )
     summary = DeliverySummary(activation=activation.name, partition=partition_key, dry_run=dry_run)
+    summary.started_at = time.time()
     summary.eligible = chosen.height
     summary.holdout = decisions.filter(pl.col("decision") == HOLDOUT).height
     keys = [
         idempotency_key(activation.name, partition_key, str(c), s)
         for c, s in zip(chosen["customer_id"].to_list(), chosen["step"].to_list(), strict=True)
     ]
-    try:
-        if dry_run:
-            existing = ledger.states_of(keys)
-            summary.already_sent = existing.get(SENT, 0)
-            summary.already_done_other = sum(existing.values()) - summary.already_sent
-            due = chosen.filter(
-                pl.col("not_before").is_null() | (pl.col("not_before") <= now)
-            ).height
-            summary.to_send = max(0, due - sum(existing.values()))
-            summary.deferred = chosen.height - due
-            summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
-            return summary
-
-        options = options or delivery_options()
-        recover_interrupted(activation, ledger, connectors, partition_key, summary)
-        planned = ledger.plan(
-            activation.name,
-            partition_key,
-            to_plan,
-            run_id=run_id,
-            purpose=activation.spec.channel_plan.purpose,
-        )
-        summary.already_sent = planned.existing.get(SENT, 0)
-        summary.already_done_other = (
-            planned.existing.get(FAILED, 0)
-            + planned.existing.get(UNKNOWN, 0)
-            + planned.existing.get(DEAD_LETTER, 0)
-        )
-        if fallback:
-            summary.cancelled = ledger.cancel_landed_fallbacks(activation.name, partition_key)
-        summary.cancelled += ledger.cancel_unchosen(
-            activation.name,
-            partition_key,
-            keys,
-            reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
-            step=step,
-        )
-        deadline = activation.spec.delivery.send_deadline()
-        summary.revived = ledger.revive_given_up(activation.name, partition_key, step, deadline)
-        ledger.expire_overdue(activation.name, partition_key, step, deadline)
-        due = ledger.due_counts(activation.name, partition_key, step, now)
-        summary.to_send = sum(due.values())
-        preflight({name: connectors[name] for name in due if name in connectors})
-        scope = DeliveryScope(activation.name, partition_key, step, run_id)
-        failure: BaseException | None = None
-        try:
-            report = deliver(ledger, scope, connectors, options)
-        except (ConnectorError, LeaseLost) as err:
-            failure = err
-            report = getattr(err, "report", None) or DeliveryReport()
-        # Status webhooks that beat their send's answer to the ledger find it now.
-        ledger.apply_pending_statuses()
-        _fill_from_report(summary, report)
-        _fill_partition(summary, ledger, step)
-        if failure is not None:
-            summary.stopped_by = str(failure)
-            raise DeliveryFailed(str(failure), summary) from failure
+    if dry_run:
+        existing = ledger.states_of(keys)
+        summary.already_sent = existing.get(SENT, 0)
+        summary.already_done_other = sum(existing.values()) - summary.already_sent
+        due = chosen.filter(pl.col("not_before").is_null() | (pl.col("not_before") <= now)).height
+        summary.to_send = max(0, due - sum(existing.values()))
+        summary.deferred = chosen.height - due
+        summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
+        _stamp_elapsed(summary)
         return summary
-    finally:
-        summary.elapsed_seconds = round(time.perf_counter() - started, 3)
-        if summary.elapsed_seconds and summary.sent:
-            summary.throughput_per_second = round(summary.sent / summary.elapsed_seconds, 1)
-        ledger.dispose()
+
+    recorded = [SEND, DEFER, HOLDOUT, *([EXCLUDE] if fallback else [])]
+    to_plan = rendered(
+        decisions.filter(pl.col("decision").is_in(recorded)), activation.spec.channel_plan
+    )
+    recover_interrupted(activation, ledger, connectors, partition_key, summary)
+    planned = ledger.plan(
+        activation.name,
+        partition_key,
+        to_plan,
+        run_id=run_id,
+        purpose=activation.spec.channel_plan.purpose,
+    )
+    summary.already_sent = planned.existing.get(SENT, 0)
+    summary.already_done_other = (
+        planned.existing.get(FAILED, 0)
+        + planned.existing.get(UNKNOWN, 0)
+        + planned.existing.get(DEAD_LETTER, 0)
+    )
+    if fallback:
+        summary.cancelled = ledger.cancel_landed_fallbacks(activation.name, partition_key)
+    summary.cancelled += ledger.cancel_unchosen(
+        activation.name,
+        partition_key,
+        keys,
+        reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
+        step=step,
+    )
+    deadline = activation.spec.delivery.send_deadline()
+    summary.revived = ledger.revive_given_up(activation.name, partition_key, step, deadline)
+    ledger.expire_overdue(activation.name, partition_key, step, deadline)
+    due = ledger.due_counts(activation.name, partition_key, step, now)
+    summary.to_send = sum(due.values())
+    preflight({name: connectors[name] for name in due if name in connectors})
+    return summary
+
+
+def send_due(
+    ledger: Ledger,
+    scope: DeliveryScope,
+    connectors: Mapping[str, Connector],
+    options: DeliveryOptions | None = None,
+    worker: str = "1",
+) -> DeliveryReport:
+    """One claim worker: claim and send due rows of `scope` until none are due. Any number
+    of these may run at once, in any processes or hosts sharing the ledger (the claim hands
+    each row to one of them). A worker that stopped early says why in `stopped_by`; what it
+    did not send stays planned."""
+    try:
+        report = deliver(ledger, scope, connectors, options or delivery_options())
+    except (ConnectorError, LeaseLost) as err:
+        report = getattr(err, "report", None) or DeliveryReport()
+        report.stopped_by = str(err)
+    report.worker = worker
+    return report
+
+
+def finish_delivery(
+    summary: DeliverySummary,
+    reports: list[DeliveryReport],
+    ledger: Ledger,
+    step: str = INITIAL_STEP,
+) -> DeliverySummary:
+    """After every claim worker stopped: statuses that beat their send's answer find it, the
+    workers' reports are summed, and the summary says where the whole partition stands.
+    Raises `DeliveryFailed` (with the summary) when a worker stopped before everything due
+    was sent."""
+    ledger.apply_pending_statuses()
+    report = DeliveryReport.combined(reports)
+    _fill_from_report(summary, report)
+    summary.workers = [
+        {
+            "worker": r.worker,
+            "sent": r.sent,
+            "seconds": round(r.elapsed, 2),
+            "per_second": round(r.sent / r.elapsed, 1) if r.elapsed else 0.0,
+            **({"stopped_by": r.stopped_by} if r.stopped_by else {}),
+        }
+        for r in reports
+    ]
+    _fill_partition(summary, ledger, step)
+    _stamp_elapsed(summary)
+    stopped = [r.stopped_by for r in reports if r.stopped_by]
+    if stopped:
+        summary.stopped_by = stopped[0]
+        raise DeliveryFailed(stopped[0], summary)
+    return summary
+
+
+def _stamp_elapsed(summary: DeliverySummary) -> None:
+    """Wall time since the step began (across processes: `started_at` is epoch seconds)."""
+    summary.elapsed_seconds = round(time.time() - summary.started_at, 3)
+    if summary.elapsed_seconds and summary.sent:
+        summary.throughput_per_second = round(summary.sent / summary.elapsed_seconds, 1)
 
 
 def _fill_from_report(summary: DeliverySummary, report: DeliveryReport) -> None:
@@ -888,6 +959,20 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
             md_counts("Dead-letter reason", summary.dead_letter_by_reason)
         )
         meta["dead_letter_by_reason_json"] = dg.MetadataValue.json(summary.dead_letter_by_reason)
+    if len(summary.workers) > 1:
+        meta["workers"] = len(summary.workers)
+        meta["per_worker"] = dg.MetadataValue.md(_workers_table(summary.workers))
+        meta["per_worker_json"] = dg.MetadataValue.json(summary.workers)
     if summary.stopped_by:
         meta["stopped_by"] = summary.stopped_by
     return meta
+
+
+def _workers_table(workers: list[dict[str, Any]]) -> str:
+    lines = ["| Worker | Sent | Seconds | Sent/s | Stopped by |", "|---|---:|---:|---:|---|"]
+    for w in workers:
+        lines.append(
+            f"| {w['worker']} | {w['sent']:,} | {w['seconds']} | {w['per_second']:,} | "
+            f"{w.get('stopped_by', '')} |"
+        )
+    return "\n".join(lines)

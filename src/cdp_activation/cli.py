@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime
 from datetime import time as dtime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -346,6 +347,12 @@ def _run_options(command: Callable[..., None]) -> Callable[..., None]:
 @main.command(help="Run one activation through Dagster for a partition (default: today).")
 @_run_options
 @click.option("--dry-run", is_flag=True, help="Preview only: decide, estimate, send nothing.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Claim workers to send from at once, each a process (or a Celery task with "
+    "CDP_CELERY_BROKER_URL); default: delivery.workers in the activation's defs.yaml.",
+)
 def run(dry_run: bool, as_json: bool, **options: Any) -> None:
     _report(_run(dry_run=dry_run, **options), as_json)
 
@@ -370,6 +377,7 @@ def _run(
     send_window: str | None,
     no_wait: bool = False,
     wait_timeout: float | None = None,
+    workers: int | None = None,
 ) -> Any:
     from cdp_activation.runner import ActivationNotFound, run_activation, today_partition
 
@@ -405,6 +413,7 @@ def _run(
                 template=template,
                 send_window=window,
                 queue=queue,
+                workers=workers,
             )
         except ActivationNotFound as err:
             raise click.ClickException(str(err)) from None
@@ -593,6 +602,53 @@ def webhooks_serve(host: str, port: int | None) -> None:
         )
     app = create_app(Ledger(settings.ledger_url), secrets)
     uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
+
+
+@main.command(
+    name="celery-worker",
+    help="Start a Dagster Celery worker for the activation jobs (CDP_CELERY_BROKER_URL): it "
+    "takes steps of any run, claim workers included, until stopped. Start as many as you "
+    "like, on any host sharing the broker, the PostgreSQL ledger and Dagster's PostgreSQL "
+    "instance (docs/scaling.md).",
+)
+@click.option("--name", help="Worker name (default: dagster-<random>@<host>).")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Steps this worker runs at once, each in its own process.",
+)
+def celery_worker(name: str | None, concurrency: int) -> None:
+    from cdp_activation import scaling
+    from cdp_activation.runner import ensure_dagster_home
+
+    settings = get_settings()
+    if not settings.celery_broker_url:
+        raise click.ClickException(
+            "CDP_CELERY_BROKER_URL is not set: a Celery worker needs the broker the runs use "
+            "(e.g. pyamqp://guest:guest@127.0.0.1:5672//)"
+        )
+    try:
+        scaling.check_broker(settings.celery_broker_url)
+    except scaling.ScalingError as err:
+        raise click.ClickException(str(err)) from None
+    home = ensure_dagster_home()
+    config = scaling.write_worker_yaml(home / "celery" / "worker.yaml")
+    command = [
+        str(Path(sys.executable).parent / "dagster-celery"),
+        "worker",
+        "start",
+        "-A",
+        "dagster_celery.app",
+        "-y",
+        str(config),
+        *(["--name", name] if name else []),
+        "--",
+        f"--concurrency={concurrency}",
+    ]
+    # This process becomes the worker: signals (Ctrl-C, SIGTERM) reach it as they would.
+    os.execv(command[0], command)
 
 
 @main.command(

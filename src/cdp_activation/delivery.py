@@ -154,6 +154,29 @@ class DeliveryReport:
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     last_error: dict[str, str] = field(default_factory=dict)  # per connector
+    worker: str = ""  # which claim worker of the step (activation_run.send_due)
+    stopped_by: str | None = None  # why that worker stopped early (activation_run.send_due)
+
+    @classmethod
+    def combined(cls, reports: Sequence[DeliveryReport]) -> DeliveryReport:
+        """The sum of several claim workers' reports (elapsed: the longest)."""
+        total = cls()
+        for r in reports:
+            for name in (
+                "sent",
+                "failed",
+                "unknown",
+                "retried",
+                "retry_later",
+                "attempts",
+                "throttled",
+            ):
+                setattr(total, name, getattr(total, name) + getattr(r, name))
+            total.error_codes.update(r.error_codes)
+            total.latencies.extend(r.latencies)
+            total.elapsed = max(total.elapsed, r.elapsed)
+            total.last_error.update(r.last_error)
+        return total
 
     def latency_ms(self, quantile: float) -> float:
         if not self.latencies:

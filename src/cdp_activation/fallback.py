@@ -33,13 +33,15 @@ from cdp_activation.activation_run import (
     DeliverySummary,
     compute_audience,
     compute_decisions,
-    deliver_decisions,
+    finish_delivery,
     md_counts,
+    prepare_delivery,
     recover_interrupted,
+    send_due,
 )
 from cdp_activation.connectors import connector_class
 from cdp_activation.connectors.base import Connector
-from cdp_activation.delivery import DeliveryOptions
+from cdp_activation.delivery import DeliveryOptions, DeliveryScope
 from cdp_activation.ledger import FALLBACK_STEP, Ledger
 from cdp_activation.policy import reasons
 from cdp_activation.policy.engine import EXCLUDE, excluded_by_reason
@@ -227,28 +229,50 @@ def deliver_fallback(
     run_id: str | None = None,
     options: DeliveryOptions | None = None,
 ) -> DeliverySummary:
-    """Record and send the fallbacks (as `deliver_decisions` does for first messages)."""
-    if decisions.frame.is_empty():
-        summary = DeliverySummary(activation.name, partition_key, dry_run)
-        if not dry_run:
-            # Nothing newly due: still mend what a crashed run left in flight, and cancel
-            # planned fallbacks whose first message has landed since.
-            recover_interrupted(activation, ledger, connectors, partition_key, summary)
-            summary.cancelled = ledger.cancel_landed_fallbacks(activation.name, partition_key)
-            summary.ledger_states = ledger.counts(activation.name, partition_key)
+    """Record and send the fallbacks in this process (as `deliver_decisions` does for first
+    messages): `prepare_fallback`, one `send_due`, `finish_delivery`."""
+    try:
+        summary = prepare_fallback(
+            activation, decisions, ledger, connectors, partition_key, dry_run, run_id
+        )
+        if dry_run or decisions.frame.is_empty():
+            return summary
+        scope = DeliveryScope(activation.name, partition_key, FALLBACK_STEP, run_id)
+        report = send_due(ledger, scope, connectors, options)
+        return finish_delivery(summary, [report], ledger, FALLBACK_STEP)
+    finally:
         ledger.dispose()
-        return summary
-    return deliver_decisions(
-        activation,
-        decisions.frame,
-        ledger,
-        connectors,
-        partition_key=partition_key,
-        dry_run=dry_run,
-        run_id=run_id,
-        options=options,
-        step=FALLBACK_STEP,
-    )
+
+
+def prepare_fallback(
+    activation: Activation,
+    decisions: FallbackDecisions,
+    ledger: Ledger,
+    connectors: Mapping[str, Connector],
+    partition_key: str,
+    dry_run: bool,
+    run_id: str | None = None,
+) -> DeliverySummary:
+    """`prepare_delivery` for the fallback step. With nothing newly due, it still mends what a
+    crashed run left in flight and cancels planned fallbacks whose first message has landed
+    since; then there is nothing for claim workers to do."""
+    if not decisions.frame.is_empty():
+        return prepare_delivery(
+            activation,
+            decisions.frame,
+            ledger,
+            connectors,
+            partition_key,
+            dry_run,
+            run_id,
+            step=FALLBACK_STEP,
+        )
+    summary = DeliverySummary(activation.name, partition_key, dry_run)
+    if not dry_run:
+        recover_interrupted(activation, ledger, connectors, partition_key, summary)
+        summary.cancelled = ledger.cancel_landed_fallbacks(activation.name, partition_key)
+        summary.ledger_states = ledger.counts(activation.name, partition_key)
+    return summary
 
 
 def fallback_metadata(

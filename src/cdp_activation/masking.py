@@ -8,6 +8,7 @@ digits let a person match it against a row they already hold. Everything between
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit, urlunsplit
 
 from phonenumbers import COUNTRY_CODE_TO_REGION_CODE
 
@@ -41,3 +42,12 @@ def mask_phone(e164: str) -> str:
 def mask_phones_in(text: str) -> str:
     """Mask every phone-number-looking run of 8-15 digits (optionally after '+') in `text`."""
     return _PHONE_IN_TEXT.sub(lambda m: mask_phone(m.group(0)), text)
+
+
+def masked(url: str) -> str:
+    """A URL with its password replaced, for messages (a broker's, Redis's)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio
 from limits import RateLimitItemPerSecond
@@ -26,21 +25,13 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from cdp_activation.connectors.base import ConnectorError
+from cdp_activation.masking import masked
 
 KEY_PREFIX = "cdp_activation"
 
 
 class RateLimitUnavailable(ConnectorError):
     """The shared rate limit's store cannot be reached: nothing may be sent unthrottled."""
-
-
-def masked(url: str) -> str:
-    """The URL with its password replaced, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Limiter(Protocol):

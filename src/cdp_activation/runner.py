@@ -365,12 +365,17 @@ def run_activation(
     instance: dg.DagsterInstance | None = None,
     tags: Mapping[str, str] | None = None,
     queue: RunQueue | None = RunQueue(),
+    workers: int | None = None,
 ) -> RunSummary:
     """Materialise `<name>/audience -> decisions -> deliveries` for one partition.
 
     By default the project's definitions run on the instance under DAGSTER_HOME. It starts
     once no other run of the activation is queued or in progress there (`wait_for_turn`);
     `queue=None` skips that wait (tests of the ledger's own guard against overlapping runs).
+
+    `workers` (default: the activation's `delivery.workers`) above 1 runs the job on its
+    executor, so the claim workers are processes (or Celery tasks), not one after another in
+    this process; that needs the instance under DAGSTER_HOME, not an ephemeral one.
     """
     get_settings()  # a setting that makes no sense fails here, in one line, before anything
     if instance is None:
@@ -384,9 +389,10 @@ def run_activation(
             "(each is a folder under src/cdp_activation/defs/activations/)"
         )
     partition = partition or today_partition()
-    ops: dict[str, Any] = {
-        f"{name}__deliveries": {"config": {"dry_run": dry_run}},
-    }
+    delivery_config: dict[str, Any] = {"dry_run": dry_run}
+    if workers is not None:
+        delivery_config["workers"] = workers
+    ops: dict[str, Any] = {f"{name}__deliveries": {"config": delivery_config}}
     if parameters:
         ops[f"{name}__audience"] = {"config": dict(parameters)}
     choices: dict[str, Any] = {}
@@ -409,6 +415,7 @@ def run_activation(
         ops,
         log_level,
         {"activation": name, **(tags or {})},
+        in_process=_workers_of(definitions, name, workers) == 1,
     )
     summary = RunSummary(
         activation=name,
@@ -518,15 +525,60 @@ def _execute(
     ops: dict[str, Any],
     log_level: str,
     tags: Mapping[str, str],
+    in_process: bool = True,
 ) -> Any:
-    job = definitions.resolve_job_def(job_name)
-    return job.execute_in_process(
+    run_config = {"ops": ops, "loggers": {"console": {"config": {"log_level": log_level}}}}
+    run_tags = {"launched_by": "cdp-activation-cli", **_process_tags(), **tags}
+    if not in_process:
+        # On the job's own executor (defs/executor.py): each step a process or Celery task,
+        # loaded again from this module by whichever process runs it.
+        job = dg.build_reconstructable_job(
+            __name__, "project_job", reconstructable_args=(job_name,)
+        )
+        with dg.execute_job(
+            job,
+            instance=instance,
+            run_config=run_config,
+            tags={**run_tags, "dagster/partition": partition},
+            raise_on_error=False,
+        ) as result:
+            return _Finished(result.run_id, result.success, list(result.all_events))
+    return definitions.resolve_job_def(job_name).execute_in_process(
         instance=instance,
         partition_key=partition,
-        run_config={"ops": ops, "loggers": {"console": {"config": {"log_level": log_level}}}},
+        run_config=run_config,
         raise_on_error=False,
-        tags={"launched_by": "cdp-activation-cli", **_process_tags(), **tags},
+        tags=run_tags,
     )
+
+
+@dataclass
+class _Finished:
+    """What the runner reads of a run executed out of process (its result closes with it)."""
+
+    run_id: str
+    success: bool
+    all_events: list[Any]
+
+
+def project_job(job_name: str) -> dg.JobDefinition:
+    """A job of the project's definitions (what each step process of a run loads)."""
+    return load_definitions().resolve_job_def(job_name)
+
+
+def _workers_of(definitions: dg.Definitions, name: str, workers: int | None) -> int:
+    """The claim workers a run of `name` will fan out into."""
+    if workers is not None:
+        return workers
+    job = definitions.resolve_job_def(f"{name}_job")
+    if not job.graph.has_node_named(f"{name}__deliveries"):
+        return 1
+    # The deliveries graph's run config (components/fan_out.py), default from defs.yaml.
+    mapping = getattr(
+        job.graph.node_named(f"{name}__deliveries").definition, "config_mapping", None
+    )
+    field = mapping.config_schema.config_type.fields.get("workers") if mapping else None
+    return int(field.default_value) if field is not None else 1
 
 
 def _int_map(value: Any) -> dict[str, int]:
@@ -546,6 +598,20 @@ def _failure_message(event: Any) -> str:
     for prefix in ("dagster._core.definitions.events.Failure: ", "dagster.Failure: "):
         message = message.removeprefix(prefix)
     return f"{event.step_key}: {message}"
+
+
+def _run_failure_message(event: Any) -> str:
+    """Why a run failed outside any step (its executor refused to start, e.g. the Celery
+    executor's checks): the innermost error, without its class."""
+    error = getattr(event.event_specific_data, "error", None)
+    if error is None:
+        return event.message or "the run failed"
+    while error.cause is not None:
+        error = error.cause
+    message = error.message.strip()
+    head, sep, rest = message.partition(": ")
+    # "cdp_activation.scaling.ScalingError: the Celery broker …" → "the Celery broker …"
+    return rest if sep and head.rsplit(".", 1)[-1] == error.cls_name else message
 
 
 def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
@@ -581,11 +647,13 @@ def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
             evaluation = event.event_specific_data
             if not evaluation.passed:
                 summary.failed_checks[evaluation.check_name] = evaluation.description or "failed"
+        elif event.is_run_failure and summary.error is None:
+            summary.error = _run_failure_message(event)
         elif event.is_step_failure:
             summary.error = _failure_message(event)
             # A deliveries step that stopped early says where the partition stands.
             failure = event.step_failure_data.user_failure_data
-            if failure is not None and event.step_key.endswith("__deliveries"):
+            if failure is not None and event.step_key.startswith(f"{name}__deliveries"):
                 _fill_deliveries(summary, {k: v.value for k, v in failure.metadata.items()})
 
 

@@ -166,9 +166,30 @@ class Settings(BaseSettings):
     # Seconds the engine's lease on the rows it is sending lasts unless renewed; once it
     # has expired, its holder is taken to have died and the rows may be recovered.
     delivery_lease_seconds: Positive = 30.0
+    # Most claim workers one activation's delivery may fan out into (`delivery.workers` in
+    # defs.yaml, `workers` in the Launchpad, `--workers` in the CLI): a guard against a typo
+    # that would start a thousand processes.
+    delivery_max_workers: PositiveCount = 32
     # Rate limits shared by every process sending for one sender (rate_limits.py): a Redis
     # URL, e.g. redis://127.0.0.1:6379/0. Empty: each process limits itself (one process).
     rate_limit_url: str = ""
+
+    # Dagster's Celery executor for the activation jobs (docs/scaling.md): the broker the
+    # Celery workers listen to, e.g. pyamqp://guest:guest@127.0.0.1:5672// or
+    # redis://127.0.0.1:6379/1, and where they put results. Empty: the multiprocess executor.
+    celery_broker_url: str = ""
+    celery_backend_url: str = "rpc://"
+
+    @field_validator("celery_broker_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        schemes = ("amqp://", "pyamqp://", "amqps://", "redis://", "rediss://")
+        if value and not value.startswith(schemes):
+            raise ValueError(
+                "must be a RabbitMQ (pyamqp://) or Redis (redis://) URL, or empty for the "
+                "multiprocess executor"
+            )
+        return value
 
     @field_validator("rate_limit_url")
     @classmethod
@@ -356,6 +377,7 @@ _MEANINGS = {
     "delivery_concurrency": "requests in flight at once",
     "delivery_max_attempts": "tries per message, the first one included",
     "delivery_lease_seconds": "seconds a delivery lease lasts",
+    "delivery_max_workers": "the most claim workers a delivery may fan out into",
 }
 _RATE_MEANING = "messages per second; unset it to use the connector's default"
 _SECRET_WORDS = ("url", "token", "secret", "key", "password", "credentials", "headers", "sid")

@@ -351,6 +351,16 @@ def parse_duration(value: Any) -> timedelta:
     return duration
 
 
+def check_workers(value: int) -> int:
+    """A number of claim workers: at least 1, at most CDP_DELIVERY_MAX_WORKERS."""
+    from cdp_activation.settings import get_settings
+
+    most = get_settings().delivery_max_workers
+    if not 1 <= value <= most:
+        raise ValueError(f"must be between 1 and {most} (CDP_DELIVERY_MAX_WORKERS), got {value}")
+    return value
+
+
 class DeliverySpec(_Strict):
     """How sends that may or may not have reached the provider are treated."""
 
@@ -371,6 +381,20 @@ class DeliverySpec(_Strict):
     def send_deadline(self) -> timedelta:
         """`max_send_delay` as a timedelta."""
         return parse_duration(self.max_send_delay)
+
+    workers: int = Field(
+        default=1,
+        description="Claim workers the deliveries (and fallback) step fans out into, each "
+        "claiming batches from the ledger until none are due, as separate Dagster steps (the "
+        "multiprocess executor on one machine, the Celery executor across machines; "
+        "docs/scaling.md). 1, the default, sends from the step's own process. More than 1 "
+        "needs a PostgreSQL ledger to be worth it. At most CDP_DELIVERY_MAX_WORKERS (32).",
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int) -> int:
+        return check_workers(value)
 
     resend_unknown: bool = Field(
         default=False,

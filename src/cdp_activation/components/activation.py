@@ -14,11 +14,13 @@ from pydantic import Field, create_model
 from cdp_activation import activation_run as run
 from cdp_activation import fallback as fb
 from cdp_activation.audience_sql import sql_dialect
+from cdp_activation.components import fan_out
 from cdp_activation.confirmation import Preview, confirmation_problem
+from cdp_activation.delivery import DeliveryReport
 from cdp_activation.ledger import FALLBACK_STEP, INITIAL_STEP
 from cdp_activation.resources import LedgerResource
 from cdp_activation.settings import confirm_policy, get_settings
-from cdp_activation.specs import ActivationSpec, coerce_parameter
+from cdp_activation.specs import ActivationSpec, check_workers, coerce_parameter
 from cdp_activation.templates_catalog import CATALOG_CONNECTORS
 
 _PY_TYPES: dict[str, type] = {"float": float, "int": int, "str": str, "bool": bool, "date": str}
@@ -157,7 +159,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         config: decisions_config,  # type: ignore[valid-type]
         audience: pl.DataFrame,
     ) -> pl.DataFrame:
-        connectors = _connectors(context, connector_keys)
+        connectors = fan_out.connectors_of(context, connector_keys)
         chosen_activation = run.with_run_choices(
             activation,
             template=config.template,
@@ -183,19 +185,31 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         )
         return result.frame
 
-    @dg.asset(
-        key=deliveries_key,
-        description="Sends the decided messages through the connectors in batches, recording "
-        "every send in the ledger (planned before any request; never twice per partition).",
-        ins={"decisions": dg.AssetIn(decisions_key)},
-        required_resource_keys={"ledger", *connector_keys},
-        code_version="1",
-        **common,
+    pool = f"activation-{name}"
+    deliveries_config = create_model(
+        f"{_class_name(name)}DeliveriesConfig",
+        __base__=DeliveriesConfig,
+        workers=fan_out.workers_config(spec.delivery.workers),
     )
-    def deliveries(
-        context: dg.AssetExecutionContext, config: DeliveriesConfig, decisions: pl.DataFrame
-    ) -> dg.MaterializeResult:
-        connectors = _connectors(context, connector_keys)
+    prepare_name = f"{name}__deliveries_prepare"
+
+    @dg.op(
+        name=prepare_name,
+        description="Checks the send was previewed when it must be, plans the decided rows "
+        "in the ledger (never twice per partition), mends what gone workers left in flight and "
+        "checks the connectors answer; then hands out the claim workers.",
+        ins={"decisions": dg.In()},
+        out={"prepared": dg.Out(), "tickets": dg.DynamicOut(int)},
+        required_resource_keys={"ledger", *connector_keys},
+        pool=pool,
+    )
+    def prepare_sends(
+        context: dg.OpExecutionContext,
+        config: deliveries_config,  # type: ignore[valid-type]
+        decisions: pl.DataFrame,
+    ) -> Any:
+        connectors = fan_out.connectors_of(context, connector_keys)
+        workers = _checked_workers(config.workers)
         if not config.dry_run and not _automated(context):
             eligible = run.eligible_count(decisions)
             problem = confirmation_problem(
@@ -210,23 +224,55 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
                 raise dg.Failure(
                     description=f"Not sent: {problem}", metadata={"eligible": eligible}
                 )
+        store = context.resources.ledger.ledger()
         try:
-            summary = run.deliver_decisions(
+            summary = run.prepare_delivery(
                 activation,
                 decisions,
-                context.resources.ledger.ledger(),
+                store,
                 connectors,
                 partition_key=context.partition_key,
                 dry_run=config.dry_run,
                 run_id=context.run.run_id,
             )
-        except run.DeliveryFailed as failed:
-            # The run fails, saying why and where the partition stands; nothing is lost.
-            raise dg.Failure(
-                description=f"Not everything was sent: {failed}",
-                metadata=run.delivery_metadata(failed.summary),
-            ) from None
-        return dg.MaterializeResult(metadata=run.delivery_metadata(summary))
+        finally:
+            store.dispose()
+        yield dg.Output(fan_out.Prepared(summary), "prepared")
+        yield from fan_out.tickets(summary, workers)
+
+    claim_sends = fan_out.claim_op(
+        f"{name}__deliveries_claim",
+        activation=name,
+        step=INITIAL_STEP,
+        connector_keys=connector_keys,
+        pool=pool,
+    )
+
+    @dg.op(
+        name=f"{name}__deliveries_finish",
+        description="Sums the claim workers' reports and records where the partition stands.",
+        out=dg.Out(dg.Nothing),
+        required_resource_keys={"ledger"},
+        pool=pool,
+    )
+    def finish_sends(
+        context: dg.OpExecutionContext, prepared: fan_out.Prepared, reports: list
+    ) -> dg.Output:
+        summary = _finished(context, prepared.summary, reports, INITIAL_STEP)
+        return dg.Output(None, metadata=run.delivery_metadata(summary))
+
+    @dg.graph_asset(
+        key=deliveries_key,
+        description="Sends the decided messages through the connectors in batches, recording "
+        "every send in the ledger (planned before any request; never twice per partition), "
+        "from `workers` claim workers at once (delivery.workers; docs/scaling.md).",
+        ins={"decisions": dg.AssetIn(decisions_key)},
+        config=fan_out.mapped_to(prepare_name, deliveries_config),
+        **_graph_common(common),
+    )
+    def deliveries(decisions: pl.DataFrame) -> Any:
+        prepared, claims = prepare_sends(decisions)
+        return finish_sends(prepared, claims.map(claim_sends).collect())
 
     @dg.asset_check(
         asset=audience_key,
@@ -257,7 +303,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         required_resource_keys=connector_keys,
     )
     def template_approved(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        connectors = _connectors(context, connector_keys)
+        connectors = fan_out.connectors_of(context, connector_keys)
         default = first_template.name if first_template else None
         template = _run_choice(context, decisions_key, "template", default)
         problems = run.template_problems(activation, connectors, template=template)
@@ -476,20 +522,26 @@ def _fallback_defs(
         else ""
     )
 
-    @dg.asset(
-        key=key,
-        description=f"Fallback to {spec.channel} (via {step.connector}) for customers whose "
-        f"first message did not land: failed with a code meaning they cannot receive it there, "
-        f"or not delivered within {spec.not_delivered_within_minutes:g} minutes{read_rule}. "
-        "The policy is applied again for the fallback channel; ledger rows link to the first "
-        "message. Launched by the fallback sensor.",
-        deps=[deliveries_key],
-        required_resource_keys={"warehouse", "ledger", *connector_keys},
-        code_version="1",
-        **common,
+    config_class = create_model(
+        f"{_class_name(name)}FallbackWorkersConfig",
+        __base__=config_class,
+        workers=fan_out.workers_config(activation.spec.delivery.workers),
     )
-    def fallback(context: dg.AssetExecutionContext, config: config_class) -> dg.MaterializeResult:  # type: ignore[valid-type]
-        connectors = _connectors(context, connector_keys)
+    pool = common["pool"]
+    prepare_name = f"{name}__fallback_prepare"
+
+    @dg.op(
+        name=prepare_name,
+        description="Finds the customers due a fallback, applies the policy for the fallback "
+        "channel, plans the rows in the ledger; then hands out the claim workers.",
+        ins={"after": dg.In(dg.Nothing)},
+        out={"prepared": dg.Out(), "tickets": dg.DynamicOut(int)},
+        required_resource_keys={"warehouse", "ledger", *connector_keys},
+        pool=pool,
+    )
+    def prepare_fallback(context: dg.OpExecutionContext, config: config_class) -> Any:  # type: ignore[valid-type]
+        connectors = fan_out.connectors_of(context, connector_keys)
+        workers = _checked_workers(config.workers)
         store = context.resources.ledger.ledger()
         try:
             decisions = fb.compute_fallback_decisions(
@@ -502,7 +554,7 @@ def _fallback_defs(
                 parameters=_partition_parameters(context, audience_key),
                 not_delivered_within_minutes=config.not_delivered_within_minutes,
             )
-            summary = fb.deliver_fallback(
+            summary = fb.prepare_fallback(
                 activation,
                 decisions,
                 store,
@@ -511,10 +563,52 @@ def _fallback_defs(
                 dry_run=config.dry_run,
                 run_id=context.run.run_id,
             )
+        finally:
+            store.dispose()
+        yield dg.Output(fan_out.Prepared(summary, decisions), "prepared")
+        yield from fan_out.tickets(summary, workers)
+
+    claim_fallbacks = fan_out.claim_op(
+        f"{name}__fallback_claim",
+        activation=name,
+        step=FALLBACK_STEP,
+        connector_keys=connector_keys,
+        pool=pool,
+    )
+
+    @dg.op(
+        name=f"{name}__fallback_finish",
+        description="Sums the claim workers' reports and records what became of the first "
+        "messages and the fallbacks.",
+        out=dg.Out(dg.Nothing),
+        required_resource_keys={"ledger"},
+        pool=pool,
+    )
+    def finish_fallback(
+        context: dg.OpExecutionContext, prepared: fan_out.Prepared, reports: list
+    ) -> dg.Output:
+        summary = _finished(context, prepared.summary, reports, FALLBACK_STEP)
+        store = context.resources.ledger.ledger()
+        try:
             outcomes = store.first_message_outcomes(name, context.partition_key, spec.channel)
         finally:
             store.dispose()
-        return dg.MaterializeResult(metadata=fb.fallback_metadata(decisions, summary, outcomes))
+        return dg.Output(None, metadata=fb.fallback_metadata(prepared.extra, summary, outcomes))
+
+    @dg.graph_asset(
+        key=key,
+        description=f"Fallback to {spec.channel} (via {step.connector}) for customers whose "
+        f"first message did not land: failed with a code meaning they cannot receive it there, "
+        f"or not delivered within {spec.not_delivered_within_minutes:g} minutes{read_rule}. "
+        "The policy is applied again for the fallback channel; ledger rows link to the first "
+        "message. Launched by the fallback sensor.",
+        ins={"after": dg.AssetIn(deliveries_key, dagster_type=dg.Nothing)},
+        config=fan_out.mapped_to(prepare_name, config_class),
+        **_graph_common(common),
+    )
+    def fallback(after: Any) -> Any:
+        prepared, claims = prepare_fallback(after)
+        return finish_fallback(prepared, claims.map(claim_fallbacks).collect())
 
     job = dg.define_asset_job(
         name=f"{name}_fallback_job",
@@ -579,6 +673,42 @@ def _partition_parameters(context: dg.AssetExecutionContext, audience_key: dg.As
     return dict(value.value) if value is not None else {}  # type: ignore[arg-type]
 
 
+def _graph_common(common: dict[str, Any]) -> dict[str, Any]:
+    """The asset arguments a graph-backed asset takes (its ops carry the pool)."""
+    return {k: v for k, v in common.items() if k != "pool"} | {"code_version": "1"}
+
+
+def _checked_workers(workers: int) -> int:
+    """The run's `workers` within CDP_DELIVERY_MAX_WORKERS, or a one-line failure."""
+    try:
+        return check_workers(workers)
+    except ValueError as err:
+        raise dg.Failure(description=f"Not sent: workers {err}") from None
+
+
+def _finished(
+    context: dg.OpExecutionContext,
+    summary: run.DeliverySummary,
+    reports: list[DeliveryReport],
+    step: str,
+) -> run.DeliverySummary:
+    """The finish op of a delivery step: a dry run's preview as it is; otherwise the workers'
+    reports summed into where the partition stands (a failure when one stopped early)."""
+    if summary.dry_run:
+        return summary
+    store = context.resources.ledger.ledger()
+    try:
+        return run.finish_delivery(summary, reports, store, step)
+    except run.DeliveryFailed as failed:
+        # The run fails, saying why and where the partition stands; nothing is lost.
+        raise dg.Failure(
+            description=f"Not everything was sent: {failed}",
+            metadata=run.delivery_metadata(failed.summary),
+        ) from None
+    finally:
+        store.dispose()
+
+
 class DeliveriesConfig(dg.Config):
     dry_run: bool = Field(
         default=True,
@@ -641,11 +771,6 @@ def _active_run(instance: dg.DagsterInstance, job_names: list[str]) -> str | Non
         ):
             return job_name
     return None
-
-
-def _connectors(context: Any, names: set[str]) -> dict[str, Any]:
-    """The plain-Python connectors behind the run's connector resources."""
-    return {name: getattr(context.resources, name).connector() for name in names}
 
 
 def _class_name(name: str) -> str:

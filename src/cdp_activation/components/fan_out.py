@@ -1,0 +1,96 @@
+"""A delivery step as Dagster runs it: prepare -> N claim workers -> finish.
+
+The deliveries and fallback assets are graph-backed: one op prepares (plans the rows in the
+ledger, mends what gone workers left, checks the connectors), `workers` claim ops send (each
+claims batches from the ledger until none are due: the ledger's claim hands every row to one
+of them, whichever process or host they run in), and one op sums their reports into the
+asset's materialisation. With the multiprocess executor each claim op is a process; with the
+Celery executor each is a task on whichever worker takes it (docs/scaling.md). The work itself
+is `activation_run.prepare_delivery`, `send_due` and `finish_delivery`.
+"""
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import dagster as dg
+
+from cdp_activation import activation_run as run
+from cdp_activation.delivery import DeliveryReport, DeliveryScope
+
+
+class Prepared(NamedTuple):
+    """What the prepare op hands the finish op (through the IO manager)."""
+
+    summary: run.DeliverySummary
+    extra: Any = None  # what the finish op's metadata needs besides (fallback decisions)
+
+
+def connectors_of(context: Any, names: set[str]) -> dict[str, Any]:
+    """The plain-Python connectors behind the run's connector resources."""
+    return {name: getattr(context.resources, name).connector() for name in names}
+
+
+def tickets(summary: run.DeliverySummary, workers: int) -> Iterator[dg.DynamicOutput]:
+    """One dynamic output per claim worker, none when there is nothing to claim (a dry run,
+    or nothing due): then the finish op runs at once with no reports."""
+    if summary.dry_run or summary.to_send <= 0:
+        return
+    for worker in range(1, workers + 1):
+        yield dg.DynamicOutput(worker, mapping_key=f"w{worker}", output_name="tickets")
+
+
+def claim_op(
+    op_name: str, *, activation: str, step: str, connector_keys: set[str], pool: str
+) -> dg.OpDefinition:
+    """The claim worker op of one activation's step."""
+
+    @dg.op(
+        name=op_name,
+        description=f"One claim worker of {activation}'s {step} step: claims due rows from the "
+        "ledger in batches and sends them until none are due.",
+        required_resource_keys={"ledger", *connector_keys},
+        pool=pool,
+    )
+    def claim(context: dg.OpExecutionContext, ticket: int) -> DeliveryReport:
+        scope = DeliveryScope(activation, context.partition_key, step, context.run.run_id)
+        store = context.resources.ledger.ledger()
+        try:
+            report = run.send_due(
+                store, scope, connectors_of(context, connector_keys), worker=str(ticket)
+            )
+        finally:
+            store.dispose()
+        context.log.info(
+            f"claim worker {ticket}: {report.sent:,} sent, {report.failed:,} failed, "
+            f"{report.unknown:,} unknown in {report.elapsed:.1f} s"
+            + (f"; stopped: {report.stopped_by}" if report.stopped_by else "")
+        )
+        return report
+
+    return claim
+
+
+def workers_config(workers: int) -> tuple[type, Any]:
+    """The `workers` field of a delivery step's run config (its default from defs.yaml)."""
+    from pydantic import Field
+
+    return (
+        int,
+        Field(
+            default=workers,
+            ge=1,
+            description="Claim workers to fan the sending out into (separate Dagster steps; "
+            "processes with the multiprocess executor, Celery tasks with the Celery executor). "
+            "Default: delivery.workers in the activation's defs.yaml.",
+        ),
+    )
+
+
+def mapped_to(op_name: str, config_class: type[dg.Config]) -> dg.ConfigMapping:
+    """The graph asset's run config (what the Launchpad shows under the asset's name) passed
+    whole to its prepare op, so `ops: {<name>__deliveries: {config: …}}` stays as it was."""
+
+    def to_prepare(config: dict[str, Any]) -> dict[str, Any]:
+        return {op_name: {"config": dict(config)}}
+
+    return dg.ConfigMapping(config_fn=to_prepare, config_schema=config_class.to_config_schema())
