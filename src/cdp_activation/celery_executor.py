@@ -22,6 +22,11 @@ class _CheckedCeleryExecutor(CeleryExecutor):
         if problem := scaling.celery_problem(storage, get_settings().ledger_url):
             raise scaling.ScalingError(f"Not sent: {problem}")
         scaling.check_broker(self.broker)
+        if not scaling.celery_workers(self.broker, self.backend):
+            plan_context.log.warning(
+                "No Celery worker answers on this broker: the run's steps wait in its queue "
+                "until one starts (`cdp-activation celery-worker`, docs/scaling.md)."
+            )
         yield from super().execute(plan_context, execution_plan)
 
 

@@ -647,8 +647,11 @@ def celery_worker(name: str | None, concurrency: int) -> None:
         "--",
         f"--concurrency={concurrency}",
     ]
+    # dagster-celery starts `celery` from PATH: this environment's, even when not activated.
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]))
     # This process becomes the worker: signals (Ctrl-C, SIGTERM) reach it as they would.
-    os.execv(command[0], command)
+    os.execve(command[0], command, env)
 
 
 @main.command(

@@ -693,9 +693,19 @@ class Ledger:
                 .scalars()
                 .all()
             )
+            # Workers of the partition still marked alive, rows or not: one killed between
+            # two claims holds nothing, and is marked expired here all the same.
+            alive = con.execute(
+                sa.select(delivery_workers.c.id).where(
+                    delivery_workers.c.activation == activation,
+                    delivery_workers.c.partition_key == partition_key,
+                    delivery_workers.c.state == WORKER_ALIVE,
+                )
+            ).scalars()
+            named = {h for h in holders if h is not None} | set(alive)
+            gone = self._expire_gone_workers(con, sorted(named), now)
             if not holders:
                 return 0
-            gone = self._expire_gone_workers(con, [h for h in holders if h is not None], now)
             if None in holders:
                 gone.add(None)
             if not gone:

@@ -58,6 +58,17 @@ def check_broker(url: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def celery_workers(broker: str, backend: str, timeout: float = 2.0) -> int:
+    """How many Celery workers answer a ping on this broker now."""
+    from dagster_celery.make_app import make_app
+
+    app = make_app({"broker": broker, "backend": backend})
+    try:
+        return len(app.control.ping(timeout=timeout) or [])
+    finally:
+        app.close()
+
+
 def celery_problem(instance_storage: str, ledger_url: str) -> str | None:
     """Why the Celery executor cannot run here, if it cannot: its workers are other hosts,
     and SQLite (the ledger's or Dagster's own storage) is one host's file."""

@@ -13,7 +13,7 @@ import os
 import re
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import pydantic_settings
@@ -179,6 +179,13 @@ class Settings(BaseSettings):
     # redis://127.0.0.1:6379/1, and where they put results. Empty: the multiprocess executor.
     celery_broker_url: str = ""
     celery_backend_url: str = "rpc://"
+    # Which executor runs an activation's steps: empty picks Celery when a broker is set and
+    # the multiprocess executor otherwise; "k8s" runs each step as a Kubernetes Job
+    # (dagster-k8s, the `k8s` extra; docs/scaling.md).
+    executor: Literal["", "multiprocess", "celery", "k8s"] = ""
+    # Kubernetes: the ConfigMap and Secret holding the CDP_* variables every step pod needs.
+    k8s_env_config_map: str = "cdp-activation-env"
+    k8s_env_secret: str = "cdp-activation-secrets"
 
     @field_validator("celery_broker_url")
     @classmethod
