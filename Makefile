@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo dev test lint validate bench clean
+.PHONY: help install demo dev test lint validate bench scale-demo clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ demo: $(STAMP) ## Build the demo warehouse, start the sandbox, run winback_whats
 dev: $(STAMP) ## Start the sandbox, the status webhook receiver and the Dagster UI on http://127.0.0.1:3000
 	$(BIN)/cdp-activation dev
 
+scale-demo: $(STAMP) ## One activation on 4 Celery workers: local RabbitMQ + PostgreSQL, 1M customers
+	$(BIN)/cdp-activation scale-demo --workers $(or $(WORKERS),4)
+
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/pytest
 
@@ -42,4 +45,4 @@ bench: $(STAMP) ## Run the benchmarks; figures go to bench/results.md
 
 clean: ## Remove .venv and everything generated under dagster_home/
 	rm -rf $(VENV) .pytest_cache .ruff_cache
-	find dagster_home -mindepth 1 ! -name 'dagster.yaml' ! -name 'dagster.postgres.yaml.example' -exec rm -rf {} +
+	find dagster_home -mindepth 1 ! -name 'dagster.yaml' ! -name 'dagster.*.yaml.example' -exec rm -rf {} +

@@ -165,3 +165,21 @@ def test_dagster_refuses_a_wrong_defs_yaml_naming_file_line_and_field(tmp_path: 
     assert f"{defs}:" in output
     assert "lapse_threshold" in output
     assert "'high' is not a valid float" in output
+
+
+@pytest.mark.parametrize("workers", ["0", "33"])
+def test_validate_refuses_delivery_workers_out_of_bounds_naming_file_and_field(
+    tmp_path: Path, workers: str
+) -> None:
+    root = scratch_project(tmp_path)
+    defs = root / WINBACK
+    text = defs.read_text().replace(
+        "  partitions_start_date:", f"  delivery:\n    workers: {workers}\n  partitions_start_date:"
+    )
+    defs.write_text(text)
+    valid, problems = validate_project(root)
+    assert "winback_whatsapp" not in valid
+    line = text.splitlines().index(f"    workers: {workers}") + 1
+    joined = "\n".join(problems)
+    assert f"{defs}:{line}: delivery.workers" in joined, joined
+    assert f"must be between 1 and 32 (CDP_DELIVERY_MAX_WORKERS), got {workers}" in joined

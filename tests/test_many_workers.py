@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ import sqlalchemy as sa
 
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
+from cdp_activation.scale_demo import Processes
 from conftest import cli_project
 from test_never_twice import FAULTS, assert_each_key_once
 
@@ -201,44 +201,6 @@ def test_an_unreachable_broker_fails_the_run_naming_it_with_the_password_masked(
     assert not sandbox.messages()
 
 
-class CeleryWorkers:
-    """`cdp-activation celery-worker` processes (one step at a time each), stopped with
-    everything they started when the test ends."""
-
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.env = env
-        self.cwd = cwd
-        self.processes: list[subprocess.Popen] = []
-
-    def start(self, n: int) -> None:
-        cli = str(Path(sys.executable).parent / "cdp-activation")
-        for i in range(n):
-            self.processes.append(
-                subprocess.Popen(
-                    [cli, "celery-worker", "--name", f"test{i}-{uuid.uuid4().hex[:6]}"],
-                    cwd=self.cwd,
-                    env=self.env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,  # their own group: stopped together below
-                )
-            )
-
-    def stop(self) -> None:
-        for process in self.processes:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-        deadline = time.monotonic() + 20
-        for process in self.processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
 class Killer(threading.Thread):
     """SIGKILLs a random claim worker holding a lease every `every` seconds, `kills` times."""
 
@@ -294,8 +256,8 @@ def test_four_celery_workers_send_20000_once_through_faults_and_kills(
             "CDP_DELIVERY_LEASE_SECONDS": "10",
         }
         _purge_broker()
-        workers = CeleryWorkers(env, tmp_path)
-        workers.start(4)
+        workers = Processes()
+        workers.celery_workers(4, env, tmp_path)
         killer = Killer(ledger_url, kills=10, every=0.7)
         runs: list[dict] = []
         try:

@@ -655,6 +655,62 @@ def celery_worker(name: str | None, concurrency: int) -> None:
 
 
 @main.command(
+    name="scale-demo",
+    help="One activation on N Celery workers on this machine: RabbitMQ, PostgreSQL (fresh "
+    "databases for Dagster's instance and the ledger), a large demo warehouse and the sandbox; "
+    "prints each worker's and the total throughput, then stops everything it started.",
+)
+@click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True)
+@click.option("--customers", type=int, default=1_000_000, show_default=True)
+@click.option("--max-recipients", type=int, default=100_000, show_default=True)
+@click.option(
+    "--postgres",
+    default="postgresql://postgres@127.0.0.1:5432/postgres",
+    show_default=True,
+    help="A PostgreSQL server URL (a database on it to connect to first).",
+)
+@click.option("--broker", default="pyamqp://guest:guest@127.0.0.1:5672//", show_default=True)
+def scale_demo(
+    workers: int, customers: int, max_recipients: int, postgres: str, broker: str
+) -> None:
+    from cdp_activation import scale_demo as demo
+    from cdp_activation.scaling import ScalingError
+
+    try:
+        summary = demo.run(
+            workers=workers,
+            customers=customers,
+            max_recipients=max_recipients,
+            postgres=postgres,
+            broker=broker,
+            say=lambda text: console.print(text, highlight=False),
+        )
+    except ScalingError as err:
+        raise click.ClickException(str(err)) from None
+    table = Table(title=f"winback_whatsapp on {workers} Celery workers")
+    for column in ("claim worker", "sent", "seconds", "sent/s"):
+        table.add_column(column, justify="right")
+    for w in summary.get("per_worker") or []:
+        table.add_row(
+            w["worker"], f"{w['sent']:,}", f"{w['seconds']:.1f}", f"{w['per_second']:,.0f}"
+        )
+    elapsed = summary.get("elapsed_seconds") or 0.0
+    table.add_row(
+        "total",
+        f"{summary.get('sent', 0):,}",
+        f"{elapsed:.1f}",
+        f"{summary.get('sent', 0) / elapsed:,.0f}" if elapsed else "",
+    )
+    console.print(table)
+    console.print(
+        "total seconds are the whole run's (audience, policy, Dagster steps); a worker's are "
+        "its sending alone"
+    )
+    if not summary.get("success"):
+        raise click.ClickException(f"the run failed: {summary.get('error')}")
+
+
+@main.command(
     help="Start the sandbox, the status webhook receiver and the Dagster UI (dagster dev)."
 )
 @click.option("--port", default=3000, show_default=True, help="Dagster UI port.")

@@ -303,6 +303,7 @@ class RunSummary:
     partition_states: dict[str, int] = field(default_factory=dict)
     dead_letter_by_reason: dict[str, int] = field(default_factory=dict)
     stopped_by: str | None = None  # why sending stopped early (provider down, interrupted)
+    per_worker: list[dict[str, Any]] = field(default_factory=list)  # claim workers' figures
     error_codes: dict[str, int] = field(default_factory=dict)
     estimated_cost: float | None = None
     currency: str = ""
@@ -668,3 +669,5 @@ def _fill_deliveries(summary: RunSummary, meta: Mapping[str, Any]) -> None:
     summary.dead_letter_by_reason = _int_map(meta.get("dead_letter_by_reason_json"))
     if meta.get("stopped_by"):
         summary.stopped_by = str(meta["stopped_by"])
+    if isinstance(meta.get("per_worker_json"), list):
+        summary.per_worker = list(meta["per_worker_json"])
