@@ -24,9 +24,8 @@ import sys
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import psutil
@@ -35,7 +34,7 @@ import sqlalchemy as sa
 
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
-from cdp_activation.scale_demo import Processes
+from cdp_activation.scale_demo import Processes, fresh_database
 from conftest import cli_project
 from test_never_twice import FAULTS, assert_each_key_once
 
@@ -69,22 +68,10 @@ def require_broker() -> None:
         pytest.skip(f"no RabbitMQ to run Celery workers against: {err}")
 
 
-@contextmanager
-def scratch_database(base: str) -> Iterator[str]:
+def scratch_database(base: str) -> Any:
     """A fresh PostgreSQL database on the server at `base`, dropped afterwards (its URL
     without a driver: callers name theirs)."""
-    name = f"cdp_scale_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(
-        base.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
-    )
-    with admin.connect() as con:
-        con.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield base.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as con:
-            con.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    return fresh_database(base, f"cdp_scale_{uuid.uuid4().hex[:10]}")
 
 
 def ledger_rows(url: str, partition: str) -> pl.DataFrame:

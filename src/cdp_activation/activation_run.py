@@ -719,11 +719,22 @@ def deliver_decisions(
         )
         if dry_run:
             return summary
-        scope = DeliveryScope(activation.name, partition_key, step, run_id)
-        report = send_due(ledger, scope, connectors, options)
-        return finish_delivery(summary, [report], ledger, step)
+        return send_and_finish(summary, ledger, connectors, step, run_id, options)
     finally:
         ledger.dispose()
+
+
+def send_and_finish(
+    summary: DeliverySummary,
+    ledger: Ledger,
+    connectors: Mapping[str, Connector],
+    step: str,
+    run_id: str | None,
+    options: DeliveryOptions | None = None,
+) -> DeliverySummary:
+    """A prepared step's sending in this process: one claim worker, then `finish_delivery`."""
+    scope = DeliveryScope(summary.activation, summary.partition, step, run_id)
+    return finish_delivery(summary, [send_due(ledger, scope, connectors, options)], ledger, step)
 
 
 def prepare_delivery(

@@ -33,15 +33,14 @@ from cdp_activation.activation_run import (
     DeliverySummary,
     compute_audience,
     compute_decisions,
-    finish_delivery,
     md_counts,
     prepare_delivery,
     recover_interrupted,
-    send_due,
+    send_and_finish,
 )
 from cdp_activation.connectors import connector_class
 from cdp_activation.connectors.base import Connector
-from cdp_activation.delivery import DeliveryOptions, DeliveryScope
+from cdp_activation.delivery import DeliveryOptions
 from cdp_activation.ledger import FALLBACK_STEP, Ledger
 from cdp_activation.policy import reasons
 from cdp_activation.policy.engine import EXCLUDE, excluded_by_reason
@@ -237,9 +236,7 @@ def deliver_fallback(
         )
         if dry_run or decisions.frame.is_empty():
             return summary
-        scope = DeliveryScope(activation.name, partition_key, FALLBACK_STEP, run_id)
-        report = send_due(ledger, scope, connectors, options)
-        return finish_delivery(summary, [report], ledger, FALLBACK_STEP)
+        return send_and_finish(summary, ledger, connectors, FALLBACK_STEP, run_id, options)
     finally:
         ledger.dispose()
 
