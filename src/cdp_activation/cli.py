@@ -588,7 +588,7 @@ def webhooks_serve(host: str, port: int | None) -> None:
 
     from cdp_activation.ledger import Ledger
     from cdp_activation.webhooks import create_app
-    from cdp_activation.webhooks.app import PROVIDERS
+    from cdp_activation.webhooks.app import PROVIDERS, access_log_config
 
     settings = get_settings()
     secrets = settings.webhook_secrets()
@@ -600,8 +600,10 @@ def webhooks_serve(host: str, port: int | None) -> None:
             f"[yellow]no signing secret for {', '.join(refused)}: their webhooks are refused "
             "(401) until one is set (see .env.example)[/]"
         )
-    app = create_app(Ledger(settings.ledger_url), secrets)
-    uvicorn.run(app, host=host, port=port, log_level="info", lifespan="off")
+    app = create_app(
+        Ledger(settings.ledger_url), secrets, max_body_bytes=settings.webhook_max_body_bytes
+    )
+    uvicorn.run(app, host=host, port=port, log_config=access_log_config(), lifespan="off")
 
 
 @main.command(

@@ -150,6 +150,8 @@ class Settings(BaseSettings):
     line_channel_secret: SecretStr | None = None
     webhook_public_url: str | None = None  # e.g. https://hooks.example.com (Twilio signs it)
     webhooks_port: Port = 8788
+    # The largest webhook body the receiver reads (413 beyond, before it is read whole).
+    webhook_max_body_bytes: PositiveCount = 1_048_576
 
     webhook_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/webhook/messages"
     # Extra request headers as JSON, e.g. {"Authorization": "Bearer …"}; values are secrets.
@@ -385,6 +387,7 @@ _MEANINGS = {
     "delivery_max_attempts": "tries per message, the first one included",
     "delivery_lease_seconds": "seconds a delivery lease lasts",
     "delivery_max_workers": "the most claim workers a delivery may fan out into",
+    "webhook_max_body_bytes": "bytes of the largest webhook body the receiver reads",
 }
 _RATE_MEANING = "messages per second; unset it to use the connector's default"
 _SECRET_WORDS = ("url", "token", "secret", "key", "password", "credentials", "headers", "sid")

@@ -15,7 +15,6 @@ are written together by the next one, so a burst of webhooks costs a few transac
 
 from __future__ import annotations
 
-import hmac
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,8 +67,34 @@ class WebhookSecrets:
         }[provider]
 
 
-def create_app(ledger: Ledger, secrets: WebhookSecrets) -> Starlette:
-    """The receiver for `ledger`. `app.state.writer.transactions` counts commits (bench)."""
+MAX_BODY_BYTES = 1 << 20  # a status webhook is a few KB; Meta batches stay well under
+
+
+class BodyTooLarge(Exception):
+    """The request's body is larger than the receiver takes."""
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The body, read as a stream and given up on past `limit` bytes (a declared
+    Content-Length above it is refused before anything is read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    ledger: Ledger, secrets: WebhookSecrets, max_body_bytes: int = MAX_BODY_BYTES
+) -> Starlette:
+    """The receiver for `ledger`. `app.state.writer.transactions` counts commits (bench).
+    Bodies above `max_body_bytes` are refused (413) before they are read whole."""
     writer: GroupCommit[StatusEvent] = GroupCommit(ledger.record_statuses, "storing statuses")
     warned: set[str] = set()
 
@@ -80,7 +105,12 @@ def create_app(ledger: Ledger, secrets: WebhookSecrets) -> Starlette:
                 {"error": f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}"},
                 status_code=404,
             )
-        body = await request.body()
+        try:
+            body = await read_capped(request, max_body_bytes)
+        except BodyTooLarge:
+            return JSONResponse(
+                {"error": f"body larger than {max_body_bytes:,} bytes"}, status_code=413
+            )
         secret = secrets.secret_for(provider)
         if secret is None:
             if provider not in warned:
@@ -106,6 +136,15 @@ def create_app(ledger: Ledger, secrets: WebhookSecrets) -> Starlette:
             return JSONResponse(
                 {"error": f"not a {provider} status webhook: {err}"}, status_code=400
             )
+        except Exception as err:  # signed, but a shape no parser expects: still bad input
+            log.warning(
+                "refused a signed %s webhook of an unexpected shape (%s)",
+                provider,
+                type(err).__name__,
+            )
+            return JSONResponse(
+                {"error": f"not a {provider} status webhook: unexpected shape"}, status_code=400
+            )
         if events:
             try:
                 await writer.submit(events)
@@ -119,7 +158,7 @@ def create_app(ledger: Ledger, secrets: WebhookSecrets) -> Starlette:
         if (
             query.get("hub.mode") == "subscribe"
             and token
-            and hmac.compare_digest(query.get("hub.verify_token", ""), token)
+            and signatures.same(query.get("hub.verify_token", ""), token)
         ):
             return PlainTextResponse(query.get("hub.challenge", ""))
         return PlainTextResponse("verification failed", status_code=403)
@@ -172,12 +211,40 @@ def _signed(
     return signatures.sandbox_valid(secret, body, headers.get("x-sandbox-signature"))
 
 
+class WithoutQueryStrings(logging.Filter):
+    """Strips query strings from uvicorn's access log lines: a verify token, a `ref` or
+    anything else a caller put in a URL stays out of the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
+def access_log_config() -> dict:
+    """uvicorn's logging configuration with `WithoutQueryStrings` on its access log."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["without_query_strings"] = {"()": WithoutQueryStrings}
+    config["handlers"]["access"]["filters"] = ["without_query_strings"]
+    return config
+
+
 class WebhookServer(BackgroundServer):
     """The receiver for `ledger` on 127.0.0.1 in a daemon thread (tests, demo, bench)."""
 
     name = "webhook receiver"
 
     def __init__(
-        self, ledger: Ledger, secrets: WebhookSecrets, host: str = "127.0.0.1", port: int = 0
+        self,
+        ledger: Ledger,
+        secrets: WebhookSecrets,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
-        super().__init__(create_app(ledger, secrets), host, port, "/health")
+        super().__init__(create_app(ledger, secrets, max_body_bytes), host, port, "/health")

@@ -4,7 +4,8 @@
 - Twilio: `X-Twilio-Signature: <base64 HMAC-SHA1, keyed by the auth token, of the full URL
   Twilio called followed by every POST parameter's name and value, sorted by name>`.
 - Vonage: `Authorization: Bearer <JWT>` signed HS256 with the account's signature secret; its
-  `payload_hash` claim is the SHA-256 hex of the raw body (so the body cannot be swapped).
+  `payload_hash` claim (required) is the SHA-256 hex of the raw body (so the body cannot be
+  swapped), and its `iat` must be within 5 minutes of now (so it cannot be replayed later).
 - LINE: `X-Line-Signature: <base64 HMAC-SHA256 of the raw body, keyed by the channel secret>`.
 - Infobip: notify URLs carry HTTP Basic credentials we choose (`Authorization: Basic …`);
   Infobip signs nothing else, so that shared secret is the check.
@@ -18,9 +19,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
 from collections.abc import Iterable
 
 import jwt
+
+
+def same(given: str | None, expected: str) -> bool:
+    """Constant-time equality of a header or token against the expected value; any text at
+    all (non-ASCII included) is simply unequal, never an error."""
+    if given is None:
+        return False
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
 
 
 def _hmac(key: str, data: bytes, digest: str = "sha256") -> bytes:
@@ -36,7 +48,7 @@ def meta_valid(app_secret: str, body: bytes, header: str | None) -> bool:
     if not header or not header.startswith("sha256="):
         return False
     expected = _hmac(app_secret, body).hex()
-    return hmac.compare_digest(header.removeprefix("sha256="), expected)
+    return same(header.removeprefix("sha256="), expected)
 
 
 def twilio_signature(auth_token: str, url: str, params: Iterable[tuple[str, str]]) -> str:
@@ -48,9 +60,7 @@ def twilio_signature(auth_token: str, url: str, params: Iterable[tuple[str, str]
 def twilio_valid(
     auth_token: str, url: str, params: Iterable[tuple[str, str]], header: str | None
 ) -> bool:
-    return bool(header) and hmac.compare_digest(
-        str(header), twilio_signature(auth_token, url, params)
-    )
+    return bool(header) and same(header, twilio_signature(auth_token, url, params))
 
 
 def vonage_token(signature_secret: str, body: bytes, issued_at: int) -> str:
@@ -64,7 +74,19 @@ def vonage_token(signature_secret: str, body: bytes, issued_at: int) -> str:
     return jwt.encode(claims, signature_secret, algorithm="HS256")
 
 
-def vonage_valid(signature_secret: str, body: bytes, authorization: str | None) -> bool:
+VONAGE_MAX_SKEW_SECONDS = 300.0
+
+
+def vonage_valid(
+    signature_secret: str,
+    body: bytes,
+    authorization: str | None,
+    max_skew: float = VONAGE_MAX_SKEW_SECONDS,
+    now: float | None = None,
+) -> bool:
+    """The JWT is signed with the secret, carries the body's `payload_hash` (without it the
+    same token would vouch for any body) and was issued within `max_skew` seconds of now
+    (an old token replayed is refused)."""
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         return False
@@ -73,14 +95,16 @@ def vonage_valid(signature_secret: str, body: bytes, authorization: str | None) 
             token.strip(),
             signature_secret,
             algorithms=["HS256"],
-            options={"require": ["iat"]},
+            options={"require": ["iat", "payload_hash"], "verify_iat": False},
         )
     except jwt.InvalidTokenError:
         return False
-    payload_hash = claims.get("payload_hash")
-    if payload_hash is None:
-        return True  # older signed webhooks carry no body hash; the JWT itself is still signed
-    return hmac.compare_digest(str(payload_hash), hashlib.sha256(body).hexdigest())
+    issued = claims.get("iat")
+    if not isinstance(issued, int | float):
+        return False
+    if abs((time.time() if now is None else now) - issued) > max_skew:
+        return False
+    return same(str(claims["payload_hash"]), hashlib.sha256(body).hexdigest())
 
 
 def line_signature(channel_secret: str, body: bytes) -> str:
@@ -88,7 +112,7 @@ def line_signature(channel_secret: str, body: bytes) -> str:
 
 
 def line_valid(channel_secret: str, body: bytes, header: str | None) -> bool:
-    return bool(header) and hmac.compare_digest(str(header), line_signature(channel_secret, body))
+    return bool(header) and same(header, line_signature(channel_secret, body))
 
 
 def basic_valid(credentials: str, authorization: str | None) -> bool:
@@ -97,7 +121,7 @@ def basic_valid(credentials: str, authorization: str | None) -> bool:
     if scheme.lower() != "basic":
         return False
     expected = base64.b64encode(credentials.encode()).decode()
-    return hmac.compare_digest(encoded.strip(), expected)
+    return same(encoded.strip(), expected)
 
 
 def sandbox_signature(secret: str, body: bytes) -> str:
@@ -105,4 +129,4 @@ def sandbox_signature(secret: str, body: bytes) -> str:
 
 
 def sandbox_valid(secret: str, body: bytes, header: str | None) -> bool:
-    return bool(header) and hmac.compare_digest(str(header), sandbox_signature(secret, body))
+    return bool(header) and same(header, sandbox_signature(secret, body))
