@@ -781,3 +781,86 @@ def test_braze_canvas_template_enters_users_into_the_canvas(
     )
     with pytest.raises(TemplateError, match="canvas"):
         send(connector, [unknown])
+
+
+# An upstream that echoes what it was sent (a debugging proxy, a misconfigured gateway, an
+# error page quoting the request): every credential must be redacted in every encoding.
+TRICKY_SECRET = "Sx/9+k=Tok:en%41-0123456789"
+
+
+def _echo_app() -> Any:
+    from urllib.parse import quote
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    async def echo(request: Request) -> Any:
+        if request.url.path == "/health":
+            return PlainTextResponse("ok")
+        body = (await request.body()).decode(errors="replace")
+        auth = request.headers.get("authorization", "")
+        others = [f"{k}={v}" for k, v in request.headers.items() if k != "authorization"]
+        # The credential first, so no clipping of the error text hides the leak.
+        echoed = f"auth={auth} quoted={quote(auth, safe='')} {' '.join(others)} body={body}"
+        payload = {
+            "error": {"message": echoed, "code": 1, "type": echoed},
+            "message": echoed,
+            "errors": [{"title": echoed, "code": 1, "detail": echoed}],
+            "detail": echoed,
+            "title": echoed,
+        }
+        return JSONResponse(payload, status_code=request.app.state.status)
+
+    app = Starlette(routes=[Route("/{path:path}", echo, methods=["GET", "POST"])])
+    app.state.status = 400
+    return app
+
+
+@pytest.fixture(scope="module")
+def echo_upstream() -> Iterator[Any]:
+    from cdp_activation.serving import BackgroundServer
+
+    with BackgroundServer(_echo_app()) as server:
+        yield server
+
+
+def _secret_settings(name: str, settings: Settings) -> dict[str, Any]:
+    """The connector's credential set to TRICKY_SECRET (as `bad_credentials` names it)."""
+    update: dict[str, Any] = {}
+    for field_name, value in CASES[name].bad_credentials.items():
+        if isinstance(value, dict):  # webhook headers
+            update[field_name] = {"Authorization": SecretStr(f"Bearer {TRICKY_SECRET}")}
+        else:
+            update[field_name] = SecretStr(TRICKY_SECRET)
+    return update
+
+
+@pytest.mark.parametrize("status", [400, 401, 500])
+@pytest.mark.parametrize("name", NAMES)
+def test_an_echoing_upstream_never_sees_a_credential_leak_through(
+    name: str, status: int, echo_upstream: Any, sandbox_settings: Settings
+) -> None:
+    from cdp_activation.masking import secret_forms
+    case = CASES[name]
+    echo_upstream.app.state.status = status
+    connector = build(
+        name,
+        sandbox_settings,
+        **{case.url_field: echo_upstream.url + case.url_suffix},
+        **_secret_settings(name, sandbox_settings),
+    )
+    shown: list[str] = []
+    try:
+        results = send(connector, [case.message(0)])
+        shown += [f"{r.error_code} {r.error_message}" for r in results]
+    except ConnectorError as err:
+        shown += [str(err), repr(err)]
+    text = "\n".join(shown)
+    assert "auth=" in text, text  # the echo (credential first) reached what users see
+    user = getattr(connector, "account_sid", None) or getattr(connector, "api_key", None)
+    secrets = [TRICKY_SECRET] + ([f"{user}:{TRICKY_SECRET}"] if user else [])
+    for secret in secrets:
+        for form in secret_forms(secret):
+            assert form not in text, (name, status, form, text)

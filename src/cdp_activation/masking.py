@@ -7,8 +7,10 @@ digits let a person match it against a row they already hold. Everything between
 
 from __future__ import annotations
 
+import base64
 import re
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Iterable
+from urllib.parse import quote, quote_plus, urlsplit, urlunsplit
 
 from phonenumbers import COUNTRY_CODE_TO_REGION_CODE
 
@@ -51,3 +53,26 @@ def masked(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every form a credential travels in and an upstream may echo back: as it is,
+    URL-encoded (both ways), and base64 (standard and URL-safe, with and without padding;
+    a "user:password" pair is what an HTTP Basic header carries)."""
+    forms = {secret, quote(secret, safe=""), quote_plus(secret)}
+    raw = secret.encode()
+    for encoded in (base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()):
+        forms |= {encoded, encoded.rstrip("="), quote(encoded, safe="")}
+    return {f for f in forms if f}
+
+
+def redact_secrets(text: str, secrets: Iterable[str | None]) -> str:
+    """`text` with every form of every secret (`secret_forms`) replaced by `***`; pass a
+    Basic-auth pair as "user:password" to cover its header too."""
+    forms = set()
+    for secret in secrets:
+        if secret:
+            forms |= secret_forms(secret)
+    for form in sorted(forms, key=len, reverse=True):  # the longest first: no half-replaced
+        text = text.replace(form, "***")
+    return text

@@ -51,7 +51,7 @@ from cdp_activation.connectors.http import (
     transport_failure,
     whole_request_results,
 )
-from cdp_activation.masking import mask_phones_in
+from cdp_activation.masking import mask_phones_in, redact_secrets
 
 if TYPE_CHECKING:
     from cdp_activation.settings import Settings
@@ -95,10 +95,10 @@ class BrazeConnector:
         return f"BrazeConnector(base_url={self.base_url!r})"
 
     def redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
+        return redact_secrets(text, [self._api_key])
 
     def _safe(self, text: str) -> str:
-        return mask_phones_in(self.redact(clip(text)))
+        return mask_phones_in(clip(self.redact(text)))
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}

@@ -29,7 +29,7 @@ from cdp_activation.connectors.base import (
     retry_after_seconds,
     transport_outcome,
 )
-from cdp_activation.masking import mask_phone, mask_phones_in
+from cdp_activation.masking import mask_phone, mask_phones_in, redact_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -153,15 +153,13 @@ class OneRecipientHttpConnector:
         return httpx.URL(self._endpoint())
 
     def redact(self, text: str) -> str:
-        """Replace every credential wherever it appears (headers, URLs, echoed bodies)."""
-        for secret in self._secrets():
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        """Replace every credential, in every encoding, wherever it appears (headers, URLs,
+        echoed bodies)."""
+        return redact_secrets(text, self._secrets())
 
     def safe(self, text: str, to: str) -> str:
         """Provider text made fit for logs: clipped, credentials removed, numbers masked."""
-        text = self.redact(clip(text))
+        text = clip(self.redact(text))
         if to:
             text = text.replace(to, mask_phone(to))
         return mask_phones_in(text)

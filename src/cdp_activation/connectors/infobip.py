@@ -65,7 +65,7 @@ from cdp_activation.connectors.base import (
     retry_after_seconds,
 )
 from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
-from cdp_activation.masking import mask_phones_in
+from cdp_activation.masking import mask_phones_in, redact_secrets
 
 if TYPE_CHECKING:
     from cdp_activation.settings import Settings
@@ -158,10 +158,10 @@ class InfobipConnector:
 
     def redact(self, text: str) -> str:
         """Replace the API key wherever it appears (headers, echoed bodies)."""
-        return text.replace(self._api_key, "***") if self._api_key else text
+        return redact_secrets(text, [self._api_key])
 
     def _safe(self, text: str) -> str:
-        return mask_phones_in(self.redact(clip(text)))
+        return mask_phones_in(clip(self.redact(text)))
 
     # ---- request bodies ------------------------------------------------------------------
 

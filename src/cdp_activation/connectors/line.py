@@ -54,6 +54,7 @@ from cdp_activation.connectors.http import (
     transport_failure,
     whole_request_results,
 )
+from cdp_activation.masking import redact_secrets
 from cdp_activation.policy.addresses import ADDRESS_PATTERNS
 
 if TYPE_CHECKING:
@@ -105,10 +106,10 @@ class LineConnector:
         return f"LineConnector(base_url={self.base_url!r})"
 
     def redact(self, text: str) -> str:
-        return text.replace(self._token, "***") if self._token else text
+        return redact_secrets(text, [self._token])
 
     def _safe(self, text: str) -> str:
-        return self.redact(clip(text))
+        return clip(self.redact(text))
 
     def requests(self, messages: Sequence[OutboundMessage]) -> list[list[OutboundMessage]]:
         """The messages grouped into requests: one per distinct text, in first-seen order."""

@@ -174,7 +174,8 @@ class TwilioConnector(OneRecipientHttpConnector):
             params = {"PageSize": page_size, "PageToken": token[0]}
 
     def _secrets(self) -> tuple[str, ...]:
-        return (self._auth_token,)
+        # The Basic header (AccountSid:AuthToken, base64) is reversible to the token.
+        return (self._auth_token, f"{self.account_sid}:{self._auth_token}")
 
     def _endpoint(self) -> str:
         return self.messages_url

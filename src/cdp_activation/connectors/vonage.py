@@ -30,7 +30,6 @@ the error `type` URL, e.g. `…/messages-olympus#1022`):
 
 from __future__ import annotations
 
-import base64
 import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -117,8 +116,8 @@ class VonageConnector(OneRecipientHttpConnector):
         self.whatsapp_namespace = whatsapp_namespace
         self.viber_from = viber_from
         self._api_secret = api_secret
-        # The Basic header is reversible to the secret: it must be redacted as well.
-        self._basic = base64.b64encode(f"{api_key}:{api_secret}".encode()).decode()
+        # The Basic header (base64 of this pair) is reversible to the secret.
+        self._basic_pair = f"{api_key}:{api_secret}"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VonageConnector:
@@ -144,7 +143,7 @@ class VonageConnector(OneRecipientHttpConnector):
         return f"{self.base_url}/v1/messages"
 
     def _secrets(self) -> tuple[str, ...]:
-        return (self._api_secret, self._basic)
+        return (self._api_secret, self._basic_pair)
 
     def _endpoint(self) -> str:
         return self.messages_url

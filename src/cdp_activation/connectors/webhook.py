@@ -30,6 +30,8 @@ and 5xx are RETRY (with Retry-After); any other 4xx fails every message of the b
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
@@ -49,7 +51,7 @@ from cdp_activation.connectors.base import (
     retry_after_seconds,
 )
 from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
-from cdp_activation.masking import mask_phones_in
+from cdp_activation.masking import mask_phones_in, redact_secrets
 
 if TYPE_CHECKING:
     from cdp_activation.settings import Settings
@@ -142,17 +144,18 @@ class WebhookConnector:
 
     def redact(self, text: str) -> str:
         """Replace every configured header value, and any token after a scheme word in it."""
+        secrets = []
         for value in self._headers.values():
-            if not value:
-                continue
-            text = text.replace(value, "***")
             _, _, token = value.partition(" ")
-            if len(token) >= 8:  # "Bearer <token>": the bare token can be echoed too
-                text = text.replace(token, "***")
-        return text
+            # "Bearer <token>": the bare token can be echoed too; "Basic <b64>": its pair.
+            secrets += [value, token if len(token) >= 8 else ""]
+            if value.lower().startswith("basic ") and len(token) >= 8:
+                with contextlib.suppress(ValueError):
+                    secrets.append(base64.b64decode(token, validate=True).decode())
+        return redact_secrets(text, secrets)
 
     def _safe(self, text: str) -> str:
-        return mask_phones_in(self.redact(clip(text)))
+        return mask_phones_in(clip(self.redact(text)))
 
     async def send_batch(
         self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
