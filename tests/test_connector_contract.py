@@ -843,6 +843,7 @@ def test_an_echoing_upstream_never_sees_a_credential_leak_through(
     name: str, status: int, echo_upstream: Any, sandbox_settings: Settings
 ) -> None:
     from cdp_activation.masking import secret_forms
+
     case = CASES[name]
     echo_upstream.app.state.status = status
     connector = build(

@@ -581,3 +581,31 @@ def test_connectors_satisfy_the_protocol(sandbox_settings: Settings) -> None:
 )
 def test_mask_phone(number: str, masked: str) -> None:
     assert mask_phone(number) == masked
+
+
+@pytest.mark.parametrize(
+    ("text", "hidden"),
+    [
+        ("Invalid 'To' number +52 5514 403693 for SMS", "5514 403693"),
+        ("recipient +1 (415) 555-0100 unsubscribed", "555-0100"),
+        ("number +44.7911.123456 is not on WhatsApp", "7911.123456"),
+        ("to=+447911123456&x=1", "7911123456"),
+        ("user 447911123456 blocked", "7911123456"),
+    ],
+)
+def test_numbers_in_provider_text_are_masked_however_written(text: str, hidden: str) -> None:
+    from cdp_activation.masking import mask_phones_in
+
+    masked = mask_phones_in(text)
+    assert hidden not in masked, masked
+    assert "*" in masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["at 2026-12-04 10:00:00 UTC", "code 131026", "retry in 30 s", "price 0.0135 USD", "+5 more"],
+)
+def test_dates_codes_and_amounts_are_left_alone(text: str) -> None:
+    from cdp_activation.masking import mask_phones_in
+
+    assert mask_phones_in(text) == text

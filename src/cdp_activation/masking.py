@@ -16,6 +16,9 @@ from phonenumbers import COUNTRY_CODE_TO_REGION_CODE
 
 # E.164 numbers inside free text (provider error bodies echo the number we sent).
 _PHONE_IN_TEXT = re.compile(r"(?<![\w*])\+?\d{8,15}(?!\w)")
+# International numbers written for people: "+52 55 1440 3693", "+1 (415) 555-0100",
+# "+44.7911.123456" (a leading + keeps dates and amounts out).
+_SPACED_PHONE = re.compile(r"(?<![\w*+])\+\d{1,4}(?:[ .\-]?\(?\d{1,6}\)?){1,7}(?![\w*])")
 
 
 def _country_code(digits: str) -> str:
@@ -42,8 +45,15 @@ def mask_phone(e164: str) -> str:
 
 
 def mask_phones_in(text: str) -> str:
-    """Mask every phone-number-looking run of 8-15 digits (optionally after '+') in `text`."""
+    """Mask every phone-number-looking run of 8-15 digits (optionally after '+') in `text`,
+    and every '+'-led number written with spaces, dots, dashes or brackets."""
+    text = _SPACED_PHONE.sub(_mask_spaced, text)
     return _PHONE_IN_TEXT.sub(lambda m: mask_phone(m.group(0)), text)
+
+
+def _mask_spaced(match: re.Match[str]) -> str:
+    digits = re.sub(r"\D", "", match.group(0))
+    return mask_phone("+" + digits) if 8 <= len(digits) <= 15 else match.group(0)
 
 
 def masked(url: str) -> str:
