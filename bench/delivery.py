@@ -198,6 +198,7 @@ async def _run_connector(
 
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
+        sandbox=True,
         meta_base_url=f"{url}/meta",
         meta_access_token=None,
     )
@@ -242,6 +243,7 @@ async def _run_baseline(
 
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
+        sandbox=True,
         meta_base_url=f"{url}/meta",
         meta_access_token=None,
     )

@@ -87,6 +87,7 @@ def rate_accuracy(rate: float, seconds: float) -> dict[str, float]:
     with SandboxServer() as sandbox:
         settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
+            sandbox=True,
             meta_base_url=f"{sandbox.url}/meta",
             twilio_base_url=f"{sandbox.url}/twilio",
         )

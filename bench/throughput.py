@@ -74,6 +74,7 @@ def _connector(kind: str, url: str) -> Any:
 
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
+        sandbox=True,
         meta_base_url=f"{url}/meta",
         webhook_url=f"{url}/webhook/messages",
         webhook_batch_size=200,

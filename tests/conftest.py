@@ -21,15 +21,20 @@ from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings
 from cdp_activation.statuses import StatusEvent
 
+# The tests run against the sandbox with its published credentials (CDP_SANDBOX), as `make
+# demo` and `make dev` do; tests of what happens without it take it away themselves.
+os.environ["CDP_SANDBOX"] = "1"
+
 
 def settings_for_sandbox(server: SandboxServer) -> Settings:
     """Settings whose connectors talk to `server`, ignoring any `.env` or CDP_* tokens.
 
-    Tokens are left unset on purpose: against a loopback URL the sandbox credentials are used,
-    which is exactly the embedded default a fresh checkout runs with.
+    Tokens are left unset on purpose: in sandbox mode the sandbox credentials are used,
+    which is exactly what `make demo` and `make dev` run with.
     """
     return Settings(
         _env_file=None,  # type: ignore[call-arg]  # pydantic-settings init-only option
+        sandbox=True,
         meta_base_url=f"{server.url}/meta",
         twilio_base_url=f"{server.url}/twilio",
         twilio_content_base_url=f"{server.url}/twilio",
@@ -165,6 +170,7 @@ def cli_project(tmp_path: Path, sandbox: SandboxServer, customers: int = 500) ->
     ledger_file = tmp_path / "ledger.sqlite"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CDP_", "DAGSTER_"))}
     env.update(
+        CDP_SANDBOX="1",
         DAGSTER_HOME=str(home),
         CDP_WAREHOUSE_URL=f"duckdb:///{warehouse}",
         CDP_LEDGER_URL=f"sqlite:///{ledger_file}",

@@ -108,6 +108,7 @@ def sandbox_connectors(url: str) -> dict[str, Connector]:
     no `.env`, no tokens, so the sandbox's published credentials are used)."""
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]  # pydantic-settings init-only option
+        sandbox=True,
         meta_base_url=f"{url}/meta",
         twilio_base_url=f"{url}/twilio",
         line_base_url=f"{url}/line",

@@ -29,6 +29,7 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CDP_", "DAGSTER_"))}
+    env["CDP_SANDBOX"] = "1"  # the sandbox's credentials, as `make demo` has them
     env.update(extra)
     return env
 

@@ -381,6 +381,7 @@ def test_which_processes_count_as_gone() -> None:
 
 def cli_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CDP_", "DAGSTER_"))}
+    env["CDP_SANDBOX"] = "1"
     # Nowhere near the local sandbox: the CLI must not start one for these runs.
     env.update(
         DAGSTER_HOME=str(home),

@@ -51,7 +51,7 @@ from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
 from cdp_activation.policy.window import last_inbound_column
 from cdp_activation.pricing import estimate_cost, load_prices
-from cdp_activation.settings import get_settings, is_loopback, project_root
+from cdp_activation.settings import get_settings, is_loopback, project_root, sandbox_mode
 from cdp_activation.specs import (
     CATEGORIES_FOR_PURPOSE,
     ActivationSpec,
@@ -289,7 +289,7 @@ def unreachable(name: str, connector: Connector, err: Exception) -> str:
     base = connector.redact(str(getattr(connector, "base_url", "?")))
     hint = (
         " The local sandbox is not running: start it with `cdp-activation sandbox` (or `make dev`)."
-        if is_loopback(base)
+        if sandbox_mode() and is_loopback(base)
         else " Check the connector's base URL setting and the network path to the provider."
     )
     return f"cannot reach {name} at {base} ({type(err).__name__}).{hint}"

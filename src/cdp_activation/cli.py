@@ -69,6 +69,8 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
     from cdp_activation.warehouse import duckdb_path
 
     started = time.perf_counter()
+    # The demo runs against the local sandbox, with its published credentials: say so.
+    os.environ["CDP_SANDBOX"] = "1"
     home = ensure_dagster_home()
     queue = _queue()  # each run waits behind any other run of winback_whatsapp, and says so
     settings = get_settings()
@@ -524,12 +526,12 @@ def fallback(
 
 
 def _start_sandbox_if_needed(stack: ExitStack) -> None:
-    """The embedded default needs no setup: if the connectors point at the local sandbox and
-    nothing answers there, run one for the duration of the command."""
+    """The embedded default needs no setup: in sandbox mode (CDP_SANDBOX), if the connectors
+    point at the local sandbox and nothing answers there, run one for the command's duration."""
     settings = get_settings()
     sandbox = f"http://127.0.0.1:{settings.sandbox_port}/"
     urls = (settings.meta_base_url, settings.twilio_base_url)
-    if any(url.startswith(sandbox) for url in urls):
+    if settings.sandbox and any(url.startswith(sandbox) for url in urls):
         _sandbox_url(stack, settings.sandbox_port, step="")
 
 
@@ -722,6 +724,7 @@ def dev(port: int, sandbox_port: int) -> None:
     from cdp_activation.runner import ensure_dagster_home
     from cdp_activation.warehouse import duckdb_path
 
+    os.environ["CDP_SANDBOX"] = "1"  # the UI, the daemon and its runs use the sandbox
     home = ensure_dagster_home()
     path = duckdb_path(get_settings().warehouse_url)
     if path is not None and not path.exists():

@@ -258,7 +258,7 @@ class WebhookResource(ConnectorResource):
         return self._with_rate(
             WebhookConnector(
                 url=self.url,
-                headers=webhook_headers_or_sandbox(headers, self.url),
+                headers=webhook_headers_or_sandbox(headers),
                 batch_size=self.batch_size,
             )
         )

@@ -144,6 +144,7 @@ def run(
             sandbox_url = f"http://127.0.0.1:{port}"
             env = {k: v for k, v in os.environ.items() if not k.startswith(("CDP_", "DAGSTER"))}
             env |= {
+                "CDP_SANDBOX": "1",  # the sandbox's published credentials
                 "DAGSTER_HOME": str(home),
                 "DAGSTER_PG_URL": dagster_db.replace("postgresql://", "postgresql+psycopg2://"),
                 "CDP_LEDGER_URL": ledger_db.replace("postgresql://", "postgresql+psycopg://"),

@@ -159,6 +159,12 @@ class Settings(BaseSettings):
     webhook_batch_size: PositiveCount = 200
     webhook_rate_per_second: Positive | None = None
 
+    # CDP_SANDBOX=1: provider credentials and webhook signing secrets left unset take the local
+    # sandbox's published ones (`make demo`, `make dev` and the tests turn it on). Off, an unset
+    # credential is an error and an unset signing secret refuses that provider's webhooks,
+    # whatever address a base URL points at: the sandbox is never inferred from an address.
+    sandbox: bool = False
+
     # The delivery engine (delivery.py).
     # Requests in flight at once across all connectors (each still within its own rate).
     delivery_concurrency: PositiveCount = 32
@@ -238,7 +244,11 @@ class Settings(BaseSettings):
 
     def meta_token(self) -> str:
         return resolve_secret(
-            self.meta_access_token, self.meta_base_url, SANDBOX_META_TOKEN, "CDP_META_ACCESS_TOKEN"
+            self.meta_access_token,
+            self.meta_base_url,
+            SANDBOX_META_TOKEN,
+            "CDP_META_ACCESS_TOKEN",
+            self.sandbox,
         )
 
     def twilio_token(self) -> str:
@@ -247,6 +257,7 @@ class Settings(BaseSettings):
             self.twilio_base_url,
             SANDBOX_TWILIO_AUTH_TOKEN,
             "CDP_TWILIO_AUTH_TOKEN",
+            self.sandbox,
         )
 
     def infobip_key(self) -> str:
@@ -255,6 +266,7 @@ class Settings(BaseSettings):
             self.infobip_base_url,
             SANDBOX_INFOBIP_API_KEY,
             "CDP_INFOBIP_API_KEY",
+            self.sandbox,
         )
 
     def vonage_secret(self) -> str:
@@ -263,11 +275,16 @@ class Settings(BaseSettings):
             self.vonage_base_url,
             SANDBOX_VONAGE_API_SECRET,
             "CDP_VONAGE_API_SECRET",
+            self.sandbox,
         )
 
     def braze_key(self) -> str:
         return resolve_secret(
-            self.braze_api_key, self.braze_base_url, SANDBOX_BRAZE_API_KEY, "CDP_BRAZE_API_KEY"
+            self.braze_api_key,
+            self.braze_base_url,
+            SANDBOX_BRAZE_API_KEY,
+            "CDP_BRAZE_API_KEY",
+            self.sandbox,
         )
 
     def line_token(self) -> str:
@@ -276,16 +293,17 @@ class Settings(BaseSettings):
             self.line_base_url,
             SANDBOX_LINE_TOKEN,
             "CDP_LINE_CHANNEL_ACCESS_TOKEN",
+            self.sandbox,
         )
 
     def webhook_secrets(self) -> WebhookSecrets:
-        """The receiver's secrets: configured ones, else the sandbox's against the sandbox."""
+        """The receiver's secrets: configured ones, else the sandbox's in sandbox mode."""
         from cdp_activation.webhooks.app import WebhookSecrets
 
         def pick(value: SecretStr | None, base_url: str, sandbox: str) -> str | None:
             if value is not None and value.get_secret_value():
                 return value.get_secret_value()
-            return sandbox if is_loopback(base_url) else None
+            return sandbox if self.sandbox else None
 
         twilio = pick(self.twilio_auth_token, self.twilio_base_url, SANDBOX_TWILIO_AUTH_TOKEN)
         return WebhookSecrets(
@@ -305,42 +323,68 @@ class Settings(BaseSettings):
             line_channel_secret=pick(
                 self.line_channel_secret, self.line_base_url, SANDBOX_LINE_CHANNEL_SECRET
             ),
-            sandbox_secret=SANDBOX_STATUS_SECRET if is_loopback(self.webhook_url) else None,
+            sandbox_secret=SANDBOX_STATUS_SECRET if self.sandbox else None,
             public_url=self.webhook_public_url,
         )
 
     def webhook_header_values(self) -> dict[str, str]:
         """The webhook's extra headers; against the sandbox, its bearer token when none set."""
-        return webhook_headers_or_sandbox(self.webhook_headers, self.webhook_url)
+        return webhook_headers_or_sandbox(self.webhook_headers, self.sandbox)
 
 
-def webhook_headers_or_sandbox(headers: dict[str, SecretStr] | None, url: str) -> dict[str, str]:
-    """Configured headers as plain strings; the sandbox's token against a loopback URL.
+def webhook_headers_or_sandbox(
+    headers: dict[str, SecretStr] | None, sandbox: bool | None = None
+) -> dict[str, str]:
+    """Configured headers as plain strings; in sandbox mode, the sandbox's token when none.
 
-    A receiver need not want any header, so nothing set against a non-loopback URL is not an
+    A receiver need not want any header, so nothing set outside sandbox mode is not an
     error (unlike a provider credential): the request simply carries no extra headers.
     """
     if headers:
         return {name: value.get_secret_value() for name, value in headers.items()}
-    if is_loopback(url):
+    if sandbox_mode(sandbox):
         return {"Authorization": f"Bearer {SANDBOX_WEBHOOK_TOKEN}"}
     return {}
 
 
+def export_dotenv(path: str | Path = ".env") -> None:
+    """Put the CDP_* values of `.env` (the file `Settings` reads) into the environment, where
+    it has none of its own, so the Dagster resources (`dg.EnvVar`) and every step process see
+    the same configuration as the CLI: one source, whichever way a run starts."""
+    from dotenv import dotenv_values
+
+    file = Path(path)
+    if not file.is_file():
+        return
+    for name, value in dotenv_values(file).items():
+        if name.upper().startswith("CDP_") and value is not None and name not in os.environ:
+            os.environ[name] = value
+
+
+def sandbox_mode(sandbox: bool | None = None) -> bool:
+    """`sandbox` when given, else CDP_SANDBOX from the environment (and .env)."""
+    return get_settings().sandbox if sandbox is None else sandbox
+
+
 def resolve_secret(
-    value: str | SecretStr | None, base_url: str, sandbox_value: str, env_name: str
+    value: str | SecretStr | None,
+    base_url: str,
+    sandbox_value: str,
+    env_name: str,
+    sandbox: bool | None = None,
 ) -> str:
-    """The credential to use: the configured one, else the sandbox's own against the local
-    sandbox, else a clear error naming the variable to set."""
+    """The credential to use: the configured one, else the sandbox's own in sandbox mode
+    (CDP_SANDBOX), else a clear error naming the variable to set."""
     if isinstance(value, SecretStr):
         value = value.get_secret_value()
     if value:
         return value
-    if is_loopback(base_url):
+    if sandbox_mode(sandbox):
         return sandbox_value
     raise ConnectorConfigError(
-        f"{env_name} is not set, and the connector points at {base_url}, which is not the local "
-        f"sandbox. Set {env_name} in the environment (or .env) to the provider's credential."
+        f"{env_name} is not set (the connector points at {base_url}). Set {env_name} in the "
+        "environment or .env to the provider's credential, or CDP_SANDBOX=1 to use the local "
+        "sandbox's published one."
     )
 
 

@@ -20,7 +20,7 @@ from cdp_activation.resources import (
     WarehouseResource,
     WebhookResource,
 )
-from cdp_activation.settings import get_settings
+from cdp_activation.settings import export_dotenv, get_settings
 
 
 def _env_or(name: str, default: str) -> str | dg.EnvVar:
@@ -33,6 +33,7 @@ def _env_secret(name: str) -> dg.EnvVar | None:
 
 @dg.definitions
 def resources() -> dg.Definitions:
+    export_dotenv()  # secrets only in .env reach the resources as they reach the CLI
     settings = get_settings()
     # The send log goes to the warehouse unless a (writable) URL of its own is set.
     send_log_variable = (
