@@ -777,3 +777,20 @@ def test_the_preview_prices_every_message_and_the_marketer_s_choices_apply(
     assert all_day.success and all_day.deferred == 0 and preview.deferred > 0
     bad = run_activation("winback_whatsapp", partition, dry_run=True, send_window=("9am", "5pm"))
     assert not bad.success and "send window 9am-5pm" in (bad.error or "")
+
+
+def test_null_customer_ids_are_reported_as_null_not_as_a_duplicated_none() -> None:
+    import polars as pl
+    import yaml
+
+    from cdp_activation.activation_run import Activation, audience_problems
+    from cdp_activation.specs import ActivationSpec
+
+    defs_yaml = ROOT / "src/cdp_activation/defs/activations/winback_whatsapp/defs.yaml"
+    attributes = yaml.safe_load(defs_yaml.read_text())["attributes"]
+    activation = Activation.from_spec("winback_whatsapp", ActivationSpec.model_validate(attributes))
+    frame = pl.DataFrame({"customer_id": [1, None, 2, None, 2]}, schema={"customer_id": pl.Int64})
+    problems = "\n".join(audience_problems(activation, frame))
+    assert "2 row(s) have a null customer_id" in problems
+    assert "1 id(s) appear more than once, e.g. 2" in problems
+    assert "None" not in problems

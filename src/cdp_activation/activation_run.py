@@ -183,7 +183,9 @@ def audience_problems(activation: Activation, frame: pl.DataFrame) -> list[str]:
         nulls = frame["customer_id"].null_count()
         if nulls:
             problems.append(f"{where}: {nulls:,} row(s) have a null customer_id")
-        duplicated = frame.filter(pl.col("customer_id").is_duplicated())["customer_id"]
+        # Nulls are reported above, once: not as a duplicated id "None".
+        ids = frame["customer_id"].drop_nulls()
+        duplicated = ids.filter(ids.is_duplicated())
         if len(duplicated):
             unique = duplicated.unique().sort()
             sample = ", ".join(str(v) for v in unique.head(5).to_list())
