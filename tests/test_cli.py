@@ -184,3 +184,29 @@ def test_validate_refuses_delivery_workers_out_of_bounds_naming_file_and_field(
     joined = "\n".join(problems)
     assert f"{defs}:{line}: delivery.workers" in joined, joined
     assert f"must be between 1 and 32 (CDP_DELIVERY_MAX_WORKERS), got {workers}" in joined
+
+
+@pytest.mark.parametrize(
+    ("ledger", "reason"),
+    [
+        ("/etc/hostname/ledger.sqlite", "File exists: /etc/hostname"),
+        ("/proc/no-such-dir/ledger.sqlite", "No such file or directory: /proc/no-such-dir"),
+    ],
+)
+def test_a_ledger_that_cannot_be_opened_is_one_line_naming_the_setting(
+    tmp_path: Path, ledger: str, reason: str
+) -> None:
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    result = run_cli(
+        "run",
+        "winback_whatsapp",
+        env=clean_env(
+            CDP_LEDGER_URL=f"sqlite:///{ledger}", DAGSTER_HOME=str(tmp_path), CDP_SANDBOX="0"
+        ),
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert f"CDP_LEDGER_URL=sqlite:///{ledger}: cannot open the ledger ({reason})" in output
+    assert "Traceback" not in output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -38,7 +38,9 @@ import sqlalchemy as sa
 
 from cdp_activation.connectors.base import Outcome, SendResult, send_id_of
 from cdp_activation.db import as_utc, open_engine, read_frame
+from cdp_activation.masking import masked
 from cdp_activation.processes import host_id, process_gone
+from cdp_activation.settings import SettingsError
 from cdp_activation.statuses import STATUS_RANK, StatusEvent, connector_of
 
 PLANNED = "planned"
@@ -290,22 +292,42 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+class LedgerUnavailable(SettingsError):
+    """The ledger cannot be opened or created where CDP_LEDGER_URL points: said in one line,
+    naming the setting and what to check, before anything is planned or sent."""
+
+    @classmethod
+    def of(cls, url: str, err: BaseException) -> LedgerUnavailable:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        if isinstance(err, OSError) and err.filename:
+            reason = f"{err.strerror or type(err).__name__}: {err.filename}"
+        hint = (
+            "the folder must exist or be creatable, and be writable, by this user"
+            if url.startswith("sqlite")
+            else "the database must answer and accept these credentials"
+        )
+        return cls(f"CDP_LEDGER_URL={masked(url)}: cannot open the ledger ({reason}); {hint}")
+
+
 class Ledger:
     """SQLAlchemy Core access to the `sends` table; every write is a bulk statement."""
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = open_engine(url)
         triggers = {"sqlite": _SQLITE_TRIGGERS, "postgresql": _POSTGRES_TRIGGERS}
-        # One process at a time creates or upgrades the schema: runs and workers that start
-        # together would otherwise race to create the same tables and triggers.
-        with self.engine.begin() as con:
-            _lock_schema(con)
-            metadata.create_all(con)
-            _add_missing_columns(con)
-            if not _has_trigger(con):
-                for statement in triggers.get(self.engine.dialect.name, ()):
-                    con.exec_driver_sql(statement)
+        try:
+            self.engine = open_engine(url)
+            # One process at a time creates or upgrades the schema: runs and workers that
+            # start together would otherwise race to create the same tables and triggers.
+            with self.engine.begin() as con:
+                _lock_schema(con)
+                metadata.create_all(con)
+                _add_missing_columns(con)
+                if not _has_trigger(con):
+                    for statement in triggers.get(self.engine.dialect.name, ()):
+                        con.exec_driver_sql(statement)
+        except (sa.exc.OperationalError, OSError) as err:
+            raise LedgerUnavailable.of(url, err) from None
 
     def dispose(self) -> None:
         self.engine.dispose()
