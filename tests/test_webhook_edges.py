@@ -286,3 +286,30 @@ def test_the_access_log_keeps_no_query_string(tmp_path: Path) -> None:
     assert "GET /webhooks/meta" in output  # the access log is on
     assert "the-verify-token-123" not in output
     assert "hub." not in output
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    params=st.dictionaries(
+        st.sampled_from(
+            ["MessageSid", "MessageStatus", "ErrorCode", "To", "From", "SmsSid", "Price", "x"]
+        ),
+        st.text(max_size=30),
+        max_size=6,
+    ),
+    ref=st.one_of(st.none(), st.text(max_size=20)),
+)
+def test_no_signed_twilio_form_makes_the_receiver_fail(
+    receiver: WebhookServer, params: dict[str, str], ref: str | None
+) -> None:
+    from urllib.parse import urlencode
+
+    url = f"{receiver.url}/webhooks/twilio"
+    if ref is not None:
+        url += "?" + urlencode({"ref": ref})
+    body = urlencode(params).encode()
+    request = signed("twilio", SECRETS, body, url=url)
+    answer = httpx.post(url, content=request.body, headers=request.headers, timeout=10)
+    assert answer.status_code in (200, 400), (params, ref, answer.text)
