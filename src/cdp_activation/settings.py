@@ -229,6 +229,12 @@ class Settings(BaseSettings):
         """`CDP_X=` with nothing after it (as in .env.example) leaves X unset: the default."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("sandbox", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: Any) -> Any:
+        """`CDP_SANDBOX=` with nothing after it (as in .env.example) is off."""
+        return False if isinstance(value, str) and not value.strip() else value
+
     def model_post_init(self, _context: object) -> None:
         home = _default_dagster_home()
         if not self.warehouse_url:
