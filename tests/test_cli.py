@@ -210,3 +210,49 @@ def test_a_ledger_that_cannot_be_opened_is_one_line_naming_the_setting(
     assert f"CDP_LEDGER_URL=sqlite:///{ledger}: cannot open the ledger ({reason})" in output
     assert "Traceback" not in output
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_validate_runs_each_audience_in_the_warehouse_and_checks_its_templates(
+    tmp_path: Path, sandbox: object
+) -> None:
+    """What only a preview found before: columns and types the warehouse returns, a table
+    that is not there, a template not in the provider's catalog (the sandbox's, live)."""
+    from conftest import cli_project
+
+    project = cli_project(tmp_path / "p", sandbox, customers=200)  # type: ignore[arg-type]
+    root = scratch_project(tmp_path)
+    env = {**project.env, "CDP_PROJECT_ROOT": str(root)}
+    winback_sql = root / "sql/audiences/winback_whatsapp.sql"
+    sql = winback_sql.read_text()
+    replace = "    co.whatsapp_marketing_consent,"
+    assert replace in sql
+    winback_sql.write_text(
+        sql.replace(
+            replace,
+            "    CASE WHEN co.whatsapp_marketing_consent THEN 'Y' ELSE 'N' END"
+            " AS whatsapp_marketing_consent,",
+        )
+    )
+    shipped = root / "src/cdp_activation/defs/activations/order_shipped_update/defs.yaml"
+    shipped_text = shipped.read_text()
+    template = re.search(r"name: (\w+)", shipped_text.split("template:", 1)[1])
+    assert template is not None
+    shipped.write_text(shipped_text.replace(template.group(1), "no_such_template", 1))
+
+    offline = run_cli("validate", "--offline", env=env, cwd=root)
+    assert offline.returncode == 0, offline.stdout + offline.stderr  # the files are fine
+
+    live = run_cli("validate", env=env, cwd=root)
+    output = live.stdout + live.stderr
+    assert live.returncode == 1, output
+    assert "column whatsapp_marketing_consent must be boolean" in output
+    assert "no_such_template" in output
+    assert "ok  " not in output  # neither activation is ok
+
+    winback_sql.write_text(sql.replace("FROM customers AS c", "FROM no_such_table AS c"))
+    missing = run_cli("validate", env=env, cwd=root)
+    assert missing.returncode == 1
+    said = missing.stdout + missing.stderr
+    assert "the audience of winback_whatsapp fails in the warehouse" in said, said
+    assert "no_such_table does not exist" in said
+    assert "Traceback" not in said

@@ -548,12 +548,26 @@ def _yaml_scalar(value: str) -> Any:
 
 
 @main.command(help="Check every activation (defs.yaml) and audience SQL file; list all problems.")
-def validate() -> None:
-    from cdp_activation.validation import validate_project
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Check the files only: skip running each audience with LIMIT 0 in the warehouse and "
+    "checking its templates in the provider's catalog.",
+)
+def validate(offline: bool) -> None:
+    from cdp_activation.validation import check_live, validate_project
 
-    valid, problems = validate_project(project_root())
+    root = project_root()
+    valid, problems = validate_project(root)
+    notes: list[str] = []
+    if not offline and valid:
+        live, notes = check_live(root, valid)
+        problems += [problem for found in live.values() for problem in found]
+        valid = [name for name in valid if name not in live]
     for name in valid:
         console.print(f"[green]ok[/]  {name}")
+    for note in notes:
+        console.print(f"[yellow]note[/] {note}", highlight=False, soft_wrap=True)
     for problem in problems:
         console.print(f"[red]error[/] {problem}", highlight=False, soft_wrap=True)
     if problems:

@@ -113,3 +113,109 @@ def _line_of(node: Any, loc: list[str]) -> int:
             break
         line = node.start_mark.line + 1
     return line
+
+
+def check_live(root: Path, names: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """(problems by activation, notes) of the valid activations `names` against what they
+    will meet:
+    each audience query run with `LIMIT 0` in the warehouse (it runs, and returns the
+    contract's columns with the right types), and each template in its provider's catalog
+    (name, approval, category, parameters). What cannot be reached is a note saying it was
+    not checked, not a problem."""
+    from cdp_activation.activation_run import (
+        Activation,
+        audience_problems,
+        partition_parameters,
+        template_problems,
+    )
+    from cdp_activation.connectors import connector_from_settings
+    from cdp_activation.connectors.base import ConnectorError
+    from cdp_activation.masking import masked
+    from cdp_activation.specs import coerce_parameter
+    from cdp_activation.warehouse import Warehouse
+
+    settings = get_settings()
+    dialect = sql_dialect(settings.warehouse_url)
+    warehouse = Warehouse(settings.warehouse_url)
+    found: dict[str, list[str]] = {}
+    notes: list[str] = []
+    today = partition_parameters(_today())
+    try:
+        warehouse.read_table_sql("SELECT 1 AS reachable")
+        reachable = True
+    except Exception as err:  # not there, or not answering: said, not judged
+        reachable = False
+        notes.append(
+            f"audiences not run in the warehouse ({masked(settings.warehouse_url)}): "
+            f"{_first_line(err)}"
+        )
+    for name in names:
+        problems = found.setdefault(name, [])
+        path = activations_dir(root) / name / "defs.yaml"
+        spec = ActivationSpec.model_validate(yaml.safe_load(path.read_text())["attributes"])
+        activation = Activation.from_spec(name, spec, root, dialect)
+        params = dict(today)
+        for pname, pspec in spec.audience.parameters.items():
+            if pspec.default is not None:
+                params[pname] = coerce_parameter(pspec.type, pspec.default)
+        if reachable:
+            try:
+                frame = warehouse.query(
+                    _limit_zero(activation.query, dialect), params, _empty_tables(activation)
+                )
+            except Exception as err:  # the warehouse's own error: one line of it
+                problems.append(
+                    f"{activation.query.path}: the audience of {name} fails in the warehouse "
+                    f"({masked(settings.warehouse_url)}): {_first_line(err)}"
+                )
+                continue
+            problems.extend(audience_problems(activation, frame))
+        try:
+            connectors = {
+                step.connector: connector_from_settings(step.connector, settings)
+                for step in spec.channel_plan.steps
+            }
+            problems.extend(f"{path}: {p}" for p in template_problems(activation, connectors))
+        except (ConnectorError, ValueError) as err:
+            notes.append(f"{name}: templates not checked: {str(err).splitlines()[0]}")
+    return {name: problems for name, problems in found.items() if problems}, notes
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _today() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).date().isoformat()
+
+
+def _limit_zero(query: Any, dialect: str) -> Any:
+    """The audience query wrapped to return its columns and no row."""
+    from sqlglot import exp
+
+    from cdp_activation.audience_sql import AudienceQuery
+
+    tree = exp.select("*").from_(query.tree.subquery("audience")).limit(0)
+    return AudienceQuery(
+        path=query.path, text=tree.sql(dialect=dialect), parameters=query.parameters, tree=tree
+    )
+
+
+def _empty_tables(activation: Any) -> dict[str, Any] | None:
+    """The framework tables the query reads, empty (their columns are what matters)."""
+    from cdp_activation.activation_run import LEDGER_RECENT_SENDS
+    from cdp_activation.ledger import Ledger
+
+    if not activation.query.reads_table(LEDGER_RECENT_SENDS):
+        return None
+    from datetime import UTC, datetime
+
+    ledger = Ledger(get_settings().ledger_url)
+    try:
+        recent = ledger.recent_sends(datetime.now(UTC), exclude=(activation.name, ""))
+    finally:
+        ledger.dispose()
+    return {LEDGER_RECENT_SENDS: recent.head(0).to_arrow()}
