@@ -256,3 +256,31 @@ def test_validate_runs_each_audience_in_the_warehouse_and_checks_its_templates(
     assert "the audience of winback_whatsapp fails in the warehouse" in said, said
     assert "no_such_table does not exist" in said
     assert "Traceback" not in said
+
+
+def test_a_broken_activation_is_one_line_naming_it_and_its_file(tmp_path: Path) -> None:
+    root = scratch_project(tmp_path)
+    sql = root / "sql/audiences/order_shipped_update.sql"
+    text = sql.read_text()
+    assert "\nSELECT\n" in text
+    sql.write_text(text.replace("\nSELECT\n", "\nSELEC\n", 1))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    result = run_cli(
+        "run",
+        "winback_whatsapp",
+        "--dry-run",
+        env=clean_env(
+            PYTHONPATH=str(root / "src"),
+            CDP_PROJECT_ROOT=str(root),
+            DAGSTER_HOME=str(tmp_path / "home"),
+            CDP_SANDBOX="0",
+        ),
+        cwd=root,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: activation order_shipped_update cannot be loaded: ")
+    assert f"{sql}:" in lines[0] and "SQL does not parse at `" in lines[0]

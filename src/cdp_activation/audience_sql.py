@@ -103,7 +103,16 @@ def parse_audience_sql(text: str, path: Path, dialect: str = "duckdb") -> Audien
         line = first.get("line", "?")
         col = first.get("col", "?")
         desc = first.get("description", str(err))
-        raise AudienceSQLError(f"{path}:{line}:{col}: SQL does not parse: {desc}") from None
+        # sqlglot's words name its parser's state ("alias does not support CTE"): the line
+        # it stopped at, and a look at the lines before it, is what helps.
+        source = text.splitlines()
+        shown = (
+            source[line - 1].strip()[:60]
+            if isinstance(line, int) and 0 < line <= len(source)
+            else ""
+        )
+        at = f" at `{shown}` (a typo may be on a line just before)" if shown else ""
+        raise AudienceSQLError(f"{path}:{line}:{col}: SQL does not parse{at}: {desc}") from None
     if not statements:
         raise AudienceSQLError(f"{path}: the file holds no SQL statement")
     if len(statements) > 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -20,7 +21,7 @@ from typing import Any
 import dagster as dg
 
 from cdp_activation.processes import host_id, process_gone, started_at
-from cdp_activation.settings import get_settings, project_root
+from cdp_activation.settings import SettingsError, get_settings, project_root
 
 SUMMARY_KEYS = ("audience", "eligible", "excluded", "sent", "failed", "already_sent")
 
@@ -337,10 +338,41 @@ def today_partition() -> str:
     return datetime.now(UTC).date().isoformat()
 
 
+class DefinitionsError(SettingsError):
+    """An activation (its defs.yaml or its SQL) cannot be loaded: said in one line, naming
+    it, instead of the traceback of the component tree."""
+
+
 def load_definitions() -> dg.Definitions:
     from cdp_activation.definitions import defs
 
-    return defs()
+    try:
+        return defs()
+    except SettingsError:
+        raise
+    except Exception as err:
+        raise DefinitionsError(_definitions_problem(err)) from None
+
+
+def _definitions_problem(err: BaseException) -> str:
+    """One line: which activation, and the innermost reason."""
+    where = re.search(r"activations/(\w+)", str(err))
+    # The first error of ours (or pydantic's, for defs.yaml) along the chain says it best;
+    # below it are the parser's own words.
+    chain: list[BaseException] = [err]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
+    inner = next(
+        (e for e in chain if type(e).__module__.startswith(("cdp_activation", "pydantic"))),
+        chain[-1],
+    )
+    lines = [line.strip() for line in str(inner).strip().splitlines() if line.strip()]
+    reason = " ".join(lines[:3]) if lines else type(inner).__name__
+    subject = f"activation {where.group(1)}" if where else "the project's definitions"
+    return (
+        f"{subject} cannot be loaded: {reason[:400]} (`cdp-activation validate` lists every "
+        "problem with its file and line)"
+    )
 
 
 def activation_names(definitions: dg.Definitions) -> list[str]:
