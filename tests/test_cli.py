@@ -258,29 +258,29 @@ def test_validate_runs_each_audience_in_the_warehouse_and_checks_its_templates(
     assert "Traceback" not in said
 
 
-def test_a_broken_activation_is_one_line_naming_it_and_its_file(tmp_path: Path) -> None:
+def test_a_broken_activation_is_one_line_and_the_others_still_run(
+    tmp_path: Path, sandbox: object
+) -> None:
+    from conftest import cli_project
+
+    project = cli_project(tmp_path / "p", sandbox, customers=200)  # type: ignore[arg-type]
     root = scratch_project(tmp_path)
     sql = root / "sql/audiences/order_shipped_update.sql"
     text = sql.read_text()
     assert "\nSELECT\n" in text
     sql.write_text(text.replace("\nSELECT\n", "\nSELEC\n", 1))
-    (tmp_path / "home").mkdir()
-    (tmp_path / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    result = run_cli(
-        "run",
-        "winback_whatsapp",
-        "--dry-run",
-        env=clean_env(
-            PYTHONPATH=str(root / "src"),
-            CDP_PROJECT_ROOT=str(root),
-            DAGSTER_HOME=str(tmp_path / "home"),
-            CDP_SANDBOX="0",
-        ),
-        cwd=root,
-    )
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    env = {**project.env, "PYTHONPATH": str(root / "src"), "CDP_PROJECT_ROOT": str(root)}
+
+    broken = run_cli("preview", "order_shipped_update", env=env, cwd=root)
+    assert broken.returncode == 1
+    assert "Traceback" not in broken.stderr
+    lines = broken.stderr.strip().splitlines()
+    assert len(lines) == 1, broken.stderr
     assert lines[0].startswith("Error: activation order_shipped_update cannot be loaded: ")
     assert f"{sql}:" in lines[0] and "SQL does not parse at `" in lines[0]
+
+    other = run_cli("preview", "winback_whatsapp", "--json", env=env, cwd=root)
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert json.loads(other.stdout.strip().splitlines()[-1])["success"]
+    notes = [line for line in other.stderr.splitlines() if "order_shipped_update" in line]
+    assert len(notes) == 1 and "is broken and was left out" in notes[0], other.stderr

@@ -419,6 +419,21 @@ def _run(
             )
         except ActivationNotFound as err:
             raise click.ClickException(str(err)) from None
+        finally:
+            _say_left_out(activation)
+
+
+def _say_left_out(running: str) -> None:
+    """One line per other activation that could not be loaded (and so was left out)."""
+    from cdp_activation.runner import broken_activations
+
+    for name, reason in sorted(broken_activations().items()):
+        if name != running:
+            console.print(
+                f"[yellow]note[/] activation {name} is broken and was left out: {reason}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @contextmanager

@@ -343,15 +343,27 @@ class DefinitionsError(SettingsError):
     it, instead of the traceback of the component tree."""
 
 
-def load_definitions() -> dg.Definitions:
+def load_definitions(tolerant: bool = False) -> dg.Definitions:
+    """The project's definitions. `tolerant` (the CLI): a broken activation is left out and
+    its reason kept (`broken_activations`), so the others still run."""
     from cdp_activation.definitions import defs
 
+    if tolerant:
+        # In the environment, so the step processes of a run load the same way.
+        os.environ["CDP_TOLERATE_BROKEN_ACTIVATIONS"] = "1"
     try:
         return defs()
     except SettingsError:
         raise
     except Exception as err:
         raise DefinitionsError(_definitions_problem(err)) from None
+
+
+def broken_activations() -> dict[str, str]:
+    """Activations a tolerant load left out, with why (one line each)."""
+    from cdp_activation.components.activation import BROKEN
+
+    return dict(BROKEN)
 
 
 def _definitions_problem(err: BaseException) -> str:
@@ -414,8 +426,13 @@ def run_activation(
     if instance is None:
         ensure_dagster_home()
         instance = dg.DagsterInstance.get()
-    definitions = definitions or load_definitions()
+    definitions = definitions or load_definitions(tolerant=True)
     names = activation_names(definitions)
+    if name not in names and name in broken_activations():
+        raise DefinitionsError(
+            f"activation {name} cannot be loaded: {broken_activations()[name]} "
+            "(`cdp-activation validate` lists every problem with its file and line)"
+        )
     if name not in names:
         raise ActivationNotFound(
             f"no activation named {name!r}; known: {', '.join(names) or 'none'} "
@@ -507,7 +524,9 @@ def run_fallback(
     if instance is None:
         ensure_dagster_home()
         instance = dg.DagsterInstance.get()
-    definitions = definitions or load_definitions()
+    definitions = definitions or load_definitions(tolerant=True)
+    if name in broken_activations():
+        raise DefinitionsError(f"activation {name} cannot be loaded: {broken_activations()[name]}")
     job_name = f"{name}_fallback_job"
     if job_name not in {job.name for job in definitions.resolve_all_job_defs()}:
         raise ActivationNotFound(
@@ -596,7 +615,7 @@ class _Finished:
 
 def project_job(job_name: str) -> dg.JobDefinition:
     """A job of the project's definitions (what each step process of a run loads)."""
-    return load_definitions().resolve_job_def(job_name)
+    return load_definitions(tolerant=True).resolve_job_def(job_name)
 
 
 def _workers_of(definitions: dg.Definitions, name: str, workers: int | None) -> int:

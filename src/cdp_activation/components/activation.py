@@ -4,6 +4,7 @@ The component only wires Dagster to the plain modules (`activation_run` does the
 everything here is naming, configuration and metadata.
 """
 
+import os
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -26,17 +27,56 @@ from cdp_activation.templates_catalog import CATALOG_CONNECTORS
 _PY_TYPES: dict[str, type] = {"float": float, "int": int, "str": str, "bool": bool, "date": str}
 
 
+# CDP_TOLERATE_BROKEN_ACTIVATIONS=1 (the CLI sets it): an activation that cannot be loaded
+# is left out, its reason kept here, so the others still run; `dagster dev` and
+# `dagster definitions validate` keep refusing the whole code location instead.
+BROKEN: dict[str, str] = {}
+
+
+def _tolerating() -> bool:
+    return os.environ.get("CDP_TOLERATE_BROKEN_ACTIVATIONS") == "1"
+
+
 class ActivationComponent(dg.Component, dg.Resolvable, ActivationSpec):
     """An audience SQL + a channel plan + connectors + a schedule: one thing a marketer runs."""
 
+    @classmethod
+    def load(cls, attributes: Any, context: dg.ComponentLoadContext) -> Any:
+        try:
+            return super().load(attributes, context)
+        except Exception as err:
+            if not _tolerating():
+                raise
+            BROKEN[context.path.name] = _first_line(err)
+            return _LeftOut()
+
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
         name = context.path.name
-        spec = ActivationSpec.model_validate(
-            self.model_dump(include=set(ActivationSpec.model_fields))
-        )
-        # The audience SQL is checked in the dialect of the warehouse it will run on.
-        dialect = sql_dialect(get_settings().warehouse_url)
-        return build_activation_defs(run.Activation.from_spec(name, spec, dialect=dialect))
+        try:
+            spec = ActivationSpec.model_validate(
+                self.model_dump(include=set(ActivationSpec.model_fields))
+            )
+            # The audience SQL is checked in the dialect of the warehouse it will run on.
+            dialect = sql_dialect(get_settings().warehouse_url)
+            activation = run.Activation.from_spec(name, spec, dialect=dialect)
+        except Exception as err:
+            if not _tolerating():
+                raise
+            BROKEN[name] = _first_line(err)
+            return dg.Definitions()
+        return build_activation_defs(activation)
+
+
+class _LeftOut(dg.Component):
+    """A broken activation left out of a tolerant load (see BROKEN)."""
+
+    def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:
+        return dg.Definitions()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return " ".join(lines[:3])[:400] if lines else type(err).__name__
 
 
 def build_activation_defs(activation: run.Activation) -> dg.Definitions:
