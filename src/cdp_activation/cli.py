@@ -821,7 +821,12 @@ def _report(
     if summary.estimated_cost is not None:
         table.add_row(f"estimated cost ({summary.currency})", f"{summary.estimated_cost:,.2f}")
     if summary.dry_run:
-        table.add_row("would send", f"{summary.to_send:,}")
+        # The count a real send's preview guard compares (CDP_CONFIRM_ABOVE, max change).
+        table.add_row(
+            "would message (now, or once their quiet hours end)",
+            f"{sum(summary.eligible.values()):,}",
+        )
+        table.add_row("would send now", f"{summary.to_send:,}")
         if summary.estimated_seconds is not None:
             table.add_row("estimated duration", f"{summary.estimated_seconds:,.1f} s")
     else:

@@ -47,21 +47,23 @@ def confirmation_problem(
     )
     if preview is None:
         return (
-            f"this send would message {eligible:,} customers, more than {policy.confirm_above:,}"
-            f" (CDP_CONFIRM_ABOVE), and {activation} has no preview of {partition}. {how}"
+            f"this send would message {eligible:,} customers (now, or once their quiet hours "
+            f"end), more than {policy.confirm_above:,} (CDP_CONFIRM_ABOVE), and {activation} "
+            f"has no preview of {partition}. {how}"
         )
     age = now - preview.at
     if age > timedelta(hours=policy.valid_hours):
         return (
             f"the last preview of {activation} for {partition} is {_hours(age)} old, older than "
             f"{policy.valid_hours:g} h (CDP_PREVIEW_VALID_HOURS), and this send would message "
-            f"{eligible:,} customers. {how}"
+            f"{eligible:,} customers (now, or once their quiet hours end). {how}"
         )
     change = (eligible - preview.eligible) / max(preview.eligible, 1)
     if abs(change) > policy.max_change:
         return (
-            f"{eligible:,} customers would be messaged, but the preview of "
-            f"{preview.at:%Y-%m-%d %H:%M} UTC showed {preview.eligible:,} ({change:+.0%}, more "
+            f"{eligible:,} customers would be messaged (now, or once their quiet hours end), "
+            f"but the preview of {preview.at:%Y-%m-%d %H:%M} UTC showed {preview.eligible:,} "
+            f"({change:+.0%}, more "
             f"than {policy.max_change:.0%}, CDP_PREVIEW_MAX_CHANGE): the audience or its "
             f"consent changed since. {how}"
         )
