@@ -313,3 +313,25 @@ def test_no_signed_twilio_form_makes_the_receiver_fail(
     request = signed("twilio", SECRETS, body, url=url)
     answer = httpx.post(url, content=request.body, headers=request.headers, timeout=10)
     assert answer.status_code in (200, 400), (params, ref, answer.text)
+
+
+@pytest.mark.parametrize("provider", ["meta", "twilio", "infobip", "vonage"])
+def test_a_stored_report_keeps_no_phone_number(ledger: Ledger, provider: str) -> None:
+    """Reports are kept for audits (status_events.payload); who the customer is, the
+    ledger's row already says: the number is not stored again."""
+    with WebhookServer(ledger, SECRETS) as server:
+        url = f"{server.url}/webhooks/{provider}"
+        body = REPORTS[provider]().replace(b"m-" + provider.encode(), b"pii-" + provider.encode())
+        assert post(url, signed(provider, SECRETS, body, url=url)).status_code == 200
+    with ledger.engine.connect() as con:
+        payloads = [
+            row[0]
+            for row in con.exec_driver_sql(
+                "SELECT payload FROM status_events WHERE provider_message_id = ?",
+                (f"pii-{provider}",),
+            )
+        ]
+    assert payloads, "the report was stored"
+    for payload in payloads:
+        assert "7911123456" not in payload, payload
+        assert "7700900001" not in payload, payload

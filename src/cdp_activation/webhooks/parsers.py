@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cdp_activation.connectors.base import send_id_of
+from cdp_activation.masking import mask_phones_in
 from cdp_activation.statuses import DELIVERED, FAILED, READ, SENT, STATUS_RANK, StatusEvent
 
 _VONAGE_CODE = re.compile(r"#(\d+)$")
@@ -97,9 +98,31 @@ def _event(
         occurred_at=when,
         event_key=f"{provider}|{message_id}|{status}|{stamp or ''}",
         error_code=str(error_code) if error_code not in (None, "", 0, "0") else None,
-        payload=json.dumps(raw, ensure_ascii=False, default=str),
+        payload=json.dumps(_without_recipients(raw), ensure_ascii=False, default=str),
         reference=_reference(reference),
     )
+
+
+# Fields of the providers' reports that hold the customer's number (or the sender's): the
+# ledger's row already says who it was, so the stored report keeps none of them.
+_RECIPIENT_FIELDS = frozenset(
+    {"recipient_id", "wa_id", "to", "from", "msisdn", "phone", "destination", "sender"}
+)
+
+
+def _without_recipients(raw: Any) -> Any:
+    """The report as stored for audits: recipient fields dropped, other numbers masked."""
+    if isinstance(raw, dict):
+        return {
+            k: _without_recipients(v)
+            for k, v in raw.items()
+            if str(k).lower() not in _RECIPIENT_FIELDS
+        }
+    if isinstance(raw, list):
+        return [_without_recipients(v) for v in raw]
+    if isinstance(raw, str):
+        return mask_phones_in(raw)
+    return raw
 
 
 def _reference(value: Any) -> str | None:
