@@ -138,7 +138,9 @@ def test_workers_out_of_bounds_are_refused_naming_the_field(
     project = cli_project(tmp_path, sandbox, customers=200)
     run = project.run("run", ACTIVATION, "--workers", "50", *ALL_DAY)
     assert run.returncode != 0
-    assert "workers must be between 1 and 32 (CDP_DELIVERY_MAX_WORKERS), got 50" in run.stdout
+    said = run.stdout + run.stderr
+    assert "workers must be between 1 and 32 (CDP_DELIVERY_MAX_WORKERS), got 50" in said
+    assert "Traceback" not in said
     assert ledger_rows(project.ledger_url, today()).is_empty()  # nothing planned or sent
     assert not sandbox.messages()
 

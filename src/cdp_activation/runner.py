@@ -22,6 +22,7 @@ import dagster as dg
 
 from cdp_activation.processes import host_id, process_gone, started_at
 from cdp_activation.settings import SettingsError, get_settings, project_root
+from cdp_activation.specs import check_workers
 
 SUMMARY_KEYS = ("audience", "eligible", "excluded", "sent", "failed", "already_sent")
 
@@ -441,7 +442,10 @@ def run_activation(
     partition = partition or today_partition()
     delivery_config: dict[str, Any] = {"dry_run": dry_run}
     if workers is not None:
-        delivery_config["workers"] = workers
+        try:
+            delivery_config["workers"] = check_workers(workers)
+        except ValueError as err:  # before anything runs, in one line
+            raise SettingsError(f"workers {err}") from None
     ops: dict[str, Any] = {f"{name}__deliveries": {"config": delivery_config}}
     if parameters:
         ops[f"{name}__audience"] = {"config": dict(parameters)}
