@@ -23,7 +23,8 @@ def test_a_small_send_needs_no_preview() -> None:
 def test_a_large_send_without_a_preview_is_refused_with_what_to_do() -> None:
     message = problem(1001, None)
     assert message is not None
-    assert "1,001 customers, more than 1,000" in message
+    # The same count the preview shows: now, or once their quiet hours end.
+    assert "1,001 customers (now, or once their quiet hours end), more than 1,000" in message
     assert "has no preview of 2026-12-02" in message
     assert "dry_run: true" in message and "cdp-activation preview winback" in message
 
