@@ -26,6 +26,7 @@ from cdp_activation.delivery import (
     DeliveryOptions,
     DeliveryReport,
     DeliveryScope,
+    claim_horizon,
     deliver,
     rate_of,
 )
@@ -645,6 +646,7 @@ class DeliverySummary:
     dry_run: bool
     eligible: int = 0  # chosen now or after quiet hours (what a preview is compared on)
     to_send: int = 0
+    claimable: int = 0  # due now or within a delivery's wait: what claim workers are for
     deferred: int = 0
     holdout: int = 0
     cancelled: int = 0
@@ -812,7 +814,13 @@ def prepare_delivery(
     ledger.expire_overdue(activation.name, partition_key, step, deadline)
     due = ledger.due_counts(activation.name, partition_key, step, now)
     summary.to_send = sum(due.values())
-    preflight({name: connectors[name] for name in due if name in connectors})
+    # What claim workers would find: due now, or within the wait of a delivery (a retry an
+    # earlier run backed off), which they wait out, as one in-process delivery does.
+    soon = ledger.due_counts(
+        activation.name, partition_key, step, now + claim_horizon(delivery_options())
+    )
+    summary.claimable = sum(soon.values())
+    preflight({name: connectors[name] for name in soon if name in connectors})
     return summary
 
 

@@ -284,6 +284,11 @@ def deliver(
     return asyncio.run(deliver_async(ledger, scope, connectors, options or DeliveryOptions()))
 
 
+def claim_horizon(options: DeliveryOptions) -> timedelta:
+    """How far ahead a delivery waits for rows to fall due (retries it backed off)."""
+    return timedelta(seconds=MAX_RETRY_AFTER + options.backoff_max + 1.0)
+
+
 class _Delivery:
     """One delivery's shared state: the stop signal, its cause, per-connector health."""
 
@@ -312,8 +317,7 @@ class _Delivery:
 
     @property
     def horizon(self) -> timedelta:
-        """How far ahead a delivery waits for rows to fall due (retries it backed off)."""
-        return timedelta(seconds=MAX_RETRY_AFTER + self.options.backoff_max + 1.0)
+        return claim_horizon(self.options)
 
     def settle(
         self,

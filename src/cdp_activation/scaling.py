@@ -69,18 +69,20 @@ def celery_workers(broker: str, backend: str, timeout: float = 2.0) -> int:
         app.close()
 
 
-def celery_problem(instance_storage: str, ledger_url: str) -> str | None:
-    """Why the Celery executor cannot run here, if it cannot: its workers are other hosts,
-    and SQLite (the ledger's or Dagster's own storage) is one host's file."""
+def celery_problem(
+    instance_storage: str, ledger_url: str, executor: str = "the Celery executor"
+) -> str | None:
+    """Why `executor` cannot run here, if it cannot: its workers are other hosts, and SQLite
+    (the ledger's or Dagster's own storage) is one host's file."""
     if ledger_url.startswith("sqlite"):
         return (
-            "the Celery executor needs a ledger every worker host can reach: set "
-            "CDP_LEDGER_URL to a PostgreSQL URL (the ledger is SQLite, one host's file)"
+            f"{executor} needs a ledger every worker host can reach: set CDP_LEDGER_URL to a "
+            "PostgreSQL URL (the ledger is SQLite, one host's file)"
         )
     if "sqlite" in instance_storage.lower():
         return (
-            "the Celery executor needs Dagster's instance on PostgreSQL (its workers read and "
-            "write the run's events from other hosts): use "
-            "dagster_home/dagster.postgres.yaml.example as DAGSTER_HOME's dagster.yaml"
+            f"{executor} needs Dagster's instance on PostgreSQL (its workers read and write "
+            "the run's events from other hosts): use dagster_home/dagster.postgres.yaml.example "
+            "as DAGSTER_HOME's dagster.yaml"
         )
     return None

@@ -32,8 +32,8 @@ def connectors_of(context: Any, names: set[str]) -> dict[str, Any]:
 
 def tickets(summary: run.DeliverySummary, workers: int) -> Iterator[dg.DynamicOutput]:
     """One dynamic output per claim worker, none when there is nothing to claim (a dry run,
-    or nothing due): then the finish op runs at once with no reports."""
-    if summary.dry_run or summary.to_send <= 0:
+    or nothing due now or within a delivery's wait): then the finish op runs at once."""
+    if summary.dry_run or summary.claimable <= 0:
         return
     for worker in range(1, workers + 1):
         yield dg.DynamicOutput(worker, mapping_key=f"w{worker}", output_name="tickets")

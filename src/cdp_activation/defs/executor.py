@@ -43,8 +43,8 @@ def _k8s_executor() -> dg.ExecutorDefinition:
     """Each step a Kubernetes Job (dagster-k8s), its CDP_* variables from a ConfigMap and a
     Secret. Pods are other hosts: a SQLite ledger cannot be shared with them."""
     settings = get_settings()
-    if problem := scaling.celery_problem("", settings.ledger_url):
-        raise scaling.ScalingError(problem.replace("the Celery executor", "CDP_EXECUTOR=k8s"))
+    if problem := scaling.celery_problem("", settings.ledger_url, "CDP_EXECUTOR=k8s"):
+        raise scaling.ScalingError(problem)
     from dagster_k8s import k8s_job_executor
 
     return k8s_job_executor.configured(
