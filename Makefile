@@ -3,22 +3,34 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+LOCK := requirements/dev.lock
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo dev test lint validate bench scale-demo clean
+.PHONY: help install lock audit demo dev test lint validate bench scale-demo clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# Exactly what was tested: every package pinned with its hashes in $(LOCK) (pip refuses any
+# other file), pip itself first from requirements/pip.lock, then the project, built offline.
+$(STAMP): pyproject.toml $(LOCK) requirements/pip.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "cdp-activation needs Python 3.11 or newer (set PYTHON=python3.11)")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/pip.lock
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the project with its dev tools
+install: $(STAMP) ## Create .venv and install the project with its dev tools, from the lock
+
+lock: $(STAMP) ## Re-resolve requirements/dev.lock from pyproject.toml (UPGRADE=1: newest releases)
+	$(BIN)/uv pip compile pyproject.toml requirements/tools.in --extra dev --universal \
+	  --python-version 3.11 --generate-hashes --quiet $(if $(UPGRADE),--upgrade) -o $(LOCK)
+	awk '/^pip==/{p=1} p{print} p && !/\\$$/{exit}' $(LOCK) > requirements/pip.lock
+
+audit: $(STAMP) ## Check the lock against known vulnerabilities (pip-audit; needs PyPI's JSON API)
+	$(BIN)/python requirements/audit.py
 
 demo: $(STAMP) ## Build the demo warehouse, start the sandbox, run winback_whatsapp for today
 	$(BIN)/cdp-activation demo
@@ -33,8 +45,8 @@ test: $(STAMP) ## Run the whole test suite
 	$(BIN)/pytest
 
 lint: $(STAMP) ## ruff lint and format check
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench requirements
+	$(BIN)/ruff format --check src tests bench requirements
 
 validate: $(STAMP) ## Check every activation and SQL file, then the Dagster definitions
 	$(BIN)/cdp-activation validate
