@@ -490,7 +490,10 @@ def test_the_template_catalog_asset_syncs_from_the_provider(
     asset = catalog_asset(connector)
     result = dg.materialize(
         [asset],
-        resources={connector: resources().resources[connector]},
+        resources={
+            connector: resources().resources[connector],
+            "ledger": resources().resources["ledger"],
+        },
         instance=dg.DagsterInstance.get(),
     )
     assert result.success

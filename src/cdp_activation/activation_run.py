@@ -671,6 +671,8 @@ class DeliverySummary:
     p95_latency_ms: float = 0.0
     estimated_seconds: float = 0.0
     error_codes: dict[str, int] = field(default_factory=dict)
+    # Sent, but qualified by the provider (Meta: held_for_quality_assessment, paused).
+    accepted_as: dict[str, int] = field(default_factory=dict)
     ledger_states: dict[str, int] = field(default_factory=dict)
     dead_letter_by_reason: dict[str, int] = field(default_factory=dict)  # the partition's
     stopped_by: str | None = None  # why the step stopped before sending everything due
@@ -889,6 +891,7 @@ def _fill_from_report(summary: DeliverySummary, report: DeliveryReport) -> None:
     summary.unknown = report.unknown
     summary.retried = report.retried
     summary.error_codes = dict(report.error_codes)
+    summary.accepted_as = dict(report.provider_statuses)
     summary.p50_latency_ms = round(report.latency_ms(0.50), 1)
     summary.p95_latency_ms = round(report.latency_ms(0.95), 1)
 
@@ -970,6 +973,11 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
     if summary.error_codes:
         meta["error_codes"] = dg.MetadataValue.md(md_counts("Error code", summary.error_codes))
         meta["error_codes_json"] = dg.MetadataValue.json(summary.error_codes)
+    if summary.accepted_as:
+        meta["accepted_as"] = dg.MetadataValue.md(
+            md_counts("Accepted as (provider's word)", summary.accepted_as)
+        )
+        meta["accepted_as_json"] = dg.MetadataValue.json(summary.accepted_as)
     if summary.ledger_states:
         meta["ledger_states"] = dg.MetadataValue.json(summary.ledger_states)
         meta["partition_states"] = dg.MetadataValue.md(

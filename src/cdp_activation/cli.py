@@ -841,6 +841,8 @@ def _report(
         _partition_rows(table, summary)
     for code, count in summary.error_codes.items():
         table.add_row(f"provider error · {code}", f"{count:,}")
+    for word, count in summary.accepted_as.items():
+        table.add_row(f"sent, accepted as {word.replace('_', ' ')}", f"{count:,}")
     if reports:
         for status in ("delivered", "read", "failed", "sent"):
             label = "sent, not delivered (yet)" if status == "sent" else status

@@ -15,7 +15,9 @@ also pauses every request to that connector (throttling is about the sender). A 
 used up its attempts in this run waits for a later run; when its provider accepted nothing
 since that message's first try, or failed many requests in a row, the provider is taken to be
 down and the step stops: every row not yet sent stays `planned`, none is given up on. A
-template or credentials error stops the step the same way.
+template or credentials error stops the step the same way. A template whose newest word in
+the ledger is PAUSED or DISABLED (Meta's template status webhook; `template_states.py`) stops
+only its connector: claimed rows go back unsent, the other connectors of the step go on.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from cdp_activation.ledger import (
     Settlement,
 )
 from cdp_activation.rate_limits import SharedLimiter, sender_key
+from cdp_activation.template_states import TemplateGate, TemplateState
 from cdp_activation.transport import make_client
 
 log = logging.getLogger(__name__)
@@ -131,6 +134,11 @@ class ProviderUnavailable(ConnectorError):
     stopped and every row not yet sent stays planned for the next run."""
 
 
+class TemplateBlocked(ConnectorError):
+    """A template this step sends is paused or disabled (its newest word in the ledger's
+    `template_states`): its rows were not sent and stay planned."""
+
+
 class DeliveryIncomplete(ConnectorError):
     """Some messages were not accepted after every attempt this run allowed; they stay
     planned and a later run sends them."""
@@ -151,6 +159,8 @@ class DeliveryReport:
     attempts: int = 0
     throttled: int = 0  # answers carrying Retry-After, each pausing its connector
     error_codes: Counter[str] = field(default_factory=Counter)
+    # Accepted messages the provider qualified (Meta: held_for_quality_assessment, paused).
+    provider_statuses: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     last_error: dict[str, str] = field(default_factory=dict)  # per connector
@@ -173,6 +183,7 @@ class DeliveryReport:
             ):
                 setattr(total, name, getattr(total, name) + getattr(r, name))
             total.error_codes.update(r.error_codes)
+            total.provider_statuses.update(r.provider_statuses)
             total.latencies.extend(r.latencies)
             total.elapsed = max(total.elapsed, r.elapsed)
             total.last_error.update(r.last_error)
@@ -303,6 +314,8 @@ class _Delivery:
         self.last_accepted: dict[str, float] = {}  # connector -> monotonic time
         self.failing: Counter[str] = Counter()  # connector -> requests failed in a row
         self.in_the_air: Counter[str] = Counter()  # connector -> batches awaiting an answer
+        # Connectors stopped while the others go on (a paused template): connector -> why.
+        self.halted: dict[str, ConnectorError] = {}
         self.backoff = wait_exponential_jitter(
             multiplier=options.backoff_initial,
             max=options.backoff_max,
@@ -366,6 +379,7 @@ class _Delivery:
                     provider_message_id=result.provider_message_id,
                     error_code=result.error_code,
                     error_message=result.error_message,
+                    provider_status=result.provider_status,
                 )
             )
             self._count(state, result)
@@ -441,6 +455,8 @@ class _Delivery:
             self.report.unknown += 1
         if result.error_code:
             self.report.error_codes[result.error_code] += 1
+        if result.provider_status and result.provider_status != "accepted":
+            self.report.provider_statuses[result.provider_status] += 1
 
 
 def _settle_retrying(ledger: Ledger, worker_id: str, items: list[Settlement]) -> None:
@@ -510,6 +526,7 @@ async def deliver_async(
     settles: GroupCommit[Settlement] = GroupCommit(
         lambda items: _settle_retrying(ledger, worker_id, items), "recording outcomes"
     )
+    gate = TemplateGate(ledger.engine)
     # A million rows are a million long-lived objects: without this every full collection
     # walks them all again, and the cost per message grew with the run (bench/throughput.py).
     gc.collect()
@@ -520,7 +537,7 @@ async def deliver_async(
         size = connector.capabilities.max_batch_size
         whole = groups_requests(connector)
         limiter, throttle = limiters[name], throttles[name]
-        while not run.stop.is_set():
+        while not run.stop.is_set() and name not in run.halted:
             await throttle.wait(run.stop)
             rows: list[PlannedSend] = []
             results: list[SendResult] = []
@@ -535,6 +552,11 @@ async def deliver_async(
                     continue  # a Retry-After arrived while this request queued
                 claimed = await claims.submit([ClaimRequest(name, size, whole)])
                 rows = claimed[0] if claimed else []
+                blocked = await gate.blocking(name, rows) if rows else None
+                if blocked is not None:
+                    await settles.submit([Settlement(r.id, PLANNED, unsent=True) for r in rows])
+                    run.halted.setdefault(name, _blocked_error(blocked))
+                    return
                 if rows:
                     try:
                         outbound = [to_outbound(r) for r in rows]
@@ -635,6 +657,8 @@ async def deliver_async(
     report.elapsed = time.perf_counter() - started
     if run.error is not None:
         raise _with_report(report, run.error)
+    if run.halted:
+        raise _with_report(report, next(iter(run.halted.values())))
     if report.retry_later:
         last = "; ".join(f"{n}: {e}" for n, e in sorted(report.last_error.items()))
         raise _with_report(
@@ -646,6 +670,13 @@ async def deliver_async(
             ),
         )
     return report
+
+
+def _blocked_error(state: TemplateState) -> TemplateBlocked:
+    return TemplateBlocked(
+        f"{state.describe()}: its messages were not sent and stay planned; they go on the next "
+        "run once the template is approved again (the other channels of this step went on)"
+    )
 
 
 def _with_report(report: DeliveryReport, error: BaseException) -> BaseException:

@@ -84,6 +84,9 @@ sends = sa.Table(
     sa.Column("provider_message_id", sa.String(200)),
     sa.Column("error_code", sa.String(40)),
     sa.Column("error_message", sa.String(500)),
+    # The provider's own word on an accepted message, where it gives one (Meta's
+    # `message_status`: accepted, held_for_quality_assessment, paused).
+    sa.Column("provider_status", sa.String(40)),
     sa.Column("run_id", sa.String(64)),
     sa.Column("not_before", sa.DateTime(timezone=True)),  # deferred (quiet hours) until then
     sa.Column("sent_at", sa.DateTime(timezone=True)),  # when the provider accepted it
@@ -182,6 +185,22 @@ delivery_workers = sa.Table(
 )
 WORKER_ALIVE, WORKER_STOPPED, WORKER_EXPIRED = "alive", "stopped", "expired"
 
+# The newest word on each provider template (`template_states.py`): a status webhook (Meta's
+# `message_template_status_update`) or a catalog sync. A template whose newest word is PAUSED
+# or DISABLED is not sent: its rows stay planned until it is approved again.
+template_states = sa.Table(
+    "template_states",
+    metadata,
+    sa.Column("connector", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(512), primary_key=True),
+    sa.Column("language", sa.String(20), primary_key=True),
+    sa.Column("status", sa.String(40), nullable=False),
+    sa.Column("reason", sa.String(300)),
+    sa.Column("source", sa.String(20), nullable=False),  # webhook | catalog
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 _EVENT_COLUMNS = "send_id, from_state, to_state, attempts, error_code, run_id, at"
 _SQLITE_TRIGGERS = (
     f"""CREATE TRIGGER IF NOT EXISTS sends_planned AFTER INSERT ON sends BEGIN
@@ -275,6 +294,7 @@ class Settlement:
     error_message: str | None = None
     not_before: datetime | None = None
     unsent: bool = False
+    provider_status: str | None = None  # the provider's word on an accepted message
     # The provider may have taken the request (a lost answer, asked again through a provider
     # that de-duplicates on our key): the row keeps its request, to go out again exactly so.
     uncertain: bool = False
@@ -642,7 +662,15 @@ class Ledger:
                     retry.append((due, s.error_code, message, now, keep, s.row_id, worker_id))
             else:
                 sent_at = now if s.state == SENT else None
-                row = (s.state, s.provider_message_id, s.error_code, message, now, sent_at)
+                row = (
+                    s.state,
+                    s.provider_message_id,
+                    s.error_code,
+                    message,
+                    (s.provider_status or "")[:40] or None,
+                    now,
+                    sent_at,
+                )
                 final.append((*row, s.row_id, worker_id))
         for params in (final, retry, unsent):  # one lock order for every writer: by id
             params.sort(key=lambda p: p[-2])
@@ -652,8 +680,9 @@ class Ledger:
             if final:
                 con.exec_driver_sql(
                     f"UPDATE sends SET state = {mark}, provider_message_id = {mark}, "
-                    f"error_code = {mark}, error_message = {mark}, updated_at = {mark}, "
-                    f"sent_at = {mark} {held} AND state IN ('{IN_FLIGHT}', '{UNKNOWN}')",
+                    f"error_code = {mark}, error_message = {mark}, provider_status = {mark}, "
+                    f"updated_at = {mark}, sent_at = {mark} {held} "
+                    f"AND state IN ('{IN_FLIGHT}', '{UNKNOWN}')",
                     final,
                 )
             if retry:

@@ -307,6 +307,7 @@ class RunSummary:
     stopped_by: str | None = None  # why sending stopped early (provider down, interrupted)
     per_worker: list[dict[str, Any]] = field(default_factory=list)  # claim workers' figures
     error_codes: dict[str, int] = field(default_factory=dict)
+    accepted_as: dict[str, int] = field(default_factory=dict)  # Meta: held, paused
     estimated_cost: float | None = None
     currency: str = ""
     estimated_cost_by_channel: str = ""  # Markdown table
@@ -721,6 +722,7 @@ def _fill_deliveries(summary: RunSummary, meta: Mapping[str, Any]) -> None:
         summary.estimated_seconds = float(meta["estimated_seconds_at_rate_limit"])
     summary.error_codes = _int_map(meta.get("error_codes_json")) or summary.error_codes
     summary.partition_states = _int_map(meta.get("ledger_states"))
+    summary.accepted_as = _int_map(meta.get("accepted_as_json")) or summary.accepted_as
     summary.dead_letter_by_reason = _int_map(meta.get("dead_letter_by_reason_json"))
     if meta.get("stopped_by"):
         summary.stopped_by = str(meta["stopped_by"])

@@ -123,6 +123,9 @@ class SendResult:
     error_code: str | None = None
     error_message: str | None = None
     retry_after: float | None = None  # seconds, from Retry-After where given
+    # The provider's own word on an accepted message, where it gives one (Meta's
+    # `message_status`: accepted, held_for_quality_assessment, paused).
+    provider_status: str | None = None
 
 
 @dataclass(frozen=True)

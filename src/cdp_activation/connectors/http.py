@@ -130,6 +130,10 @@ class OneRecipientHttpConnector:
         """The provider's message id in a success body, or None."""
         raise NotImplementedError
 
+    def _accepted_status(self, data: Any) -> str | None:
+        """The provider's word on an accepted message (Meta's `message_status`), if any."""
+        return None
+
     def _error(self, data: Any, response: httpx.Response) -> tuple[int | None, str]:
         """(provider error code, provider message) of an error answer."""
         raise NotImplementedError
@@ -191,7 +195,12 @@ class OneRecipientHttpConnector:
         if response.is_success:
             message_id = self._accepted_id(data)
             if message_id:
-                return SendResult(message.key, Outcome.SENT, provider_message_id=message_id)
+                return SendResult(
+                    message.key,
+                    Outcome.SENT,
+                    provider_message_id=message_id,
+                    provider_status=self._accepted_status(data),
+                )
             # 2xx without an id: the message may exist, but we cannot tell which it is.
             return SendResult(
                 message.key,

@@ -168,6 +168,16 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
     def _accepted_id(self, data: Any) -> str | None:
         return _first_message_id(data)
 
+    def _accepted_status(self, data: Any) -> str | None:
+        """`messages[0].message_status` (spec `MessageStatus`): accepted,
+        held_for_quality_assessment (Meta holds a marketing message while it judges the
+        template's quality) or paused (its delivery is paused). Accepted all the same: the
+        status webhooks say what became of it."""
+        messages = data.get("messages") if isinstance(data, dict) else None
+        first = messages[0] if isinstance(messages, list) and messages else None
+        status = first.get("message_status") if isinstance(first, dict) else None
+        return status[:40] if isinstance(status, str) and status else None
+
     def _error(self, data: Any, response: httpx.Response) -> tuple[int | None, str]:
         return _meta_error(data)
 

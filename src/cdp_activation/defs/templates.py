@@ -1,9 +1,17 @@
 """Shared assets: each template-capable connector's catalog, synced from the provider."""
 
+from datetime import UTC, datetime
+
 import dagster as dg
 
 from cdp_activation.resources import ConnectorResource
-from cdp_activation.templates_catalog import catalog_frame, catalog_markdown, fetch_catalog
+from cdp_activation.template_states import CATALOG, latest_states, record_states
+from cdp_activation.templates_catalog import (
+    catalog_frame,
+    catalog_markdown,
+    catalog_states,
+    fetch_catalog,
+)
 
 SOURCES = {
     "meta_whatsapp": (
@@ -24,19 +32,35 @@ def catalog_asset(connector_name: str) -> dg.AssetsDefinition:
         key=dg.AssetKey(["templates", connector_name]),
         group_name="templates",
         kinds={"whatsapp"},
-        required_resource_keys={connector_name},
+        required_resource_keys={connector_name, "ledger"},
         description=f"{SOURCES[connector_name]}: name, language, category, status, "
-        "parameters. Decisions re-read the catalog live before any send.",
+        "parameters, and the last status webhook's word on each (a PAUSED or DISABLED word "
+        "stops its sends until a newer one approves it). Decisions re-read the catalog live "
+        "before any send.",
     )
     def templates(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         resource: ConnectorResource = getattr(context.resources, connector_name)
-        frame = catalog_frame(fetch_catalog(resource.connector()))
+        read_at = datetime.now(UTC)
+        catalog = fetch_catalog(resource.connector())
+        ledger = context.resources.ledger.ledger()
+        try:
+            heard = latest_states(ledger.engine, connector_name)
+            # The catalog is the provider's word now: newer than any webhook before it.
+            record_states(ledger.engine, catalog_states(connector_name, catalog, read_at))
+        finally:
+            ledger.dispose()
+        frame = catalog_frame(catalog, heard)
         metadata: dict[str, object] = {
             "dagster/row_count": frame.height,
             "catalog": dg.MetadataValue.md(catalog_markdown(frame)),
         }
         for status, count in frame.group_by("status").len().sort("status").iter_rows():
             metadata[f"templates_{str(status).lower()}"] = count
+        paused = [s for s in heard if s.blocked and s.source != CATALOG]
+        if paused:
+            metadata["paused_by_webhook"] = dg.MetadataValue.md(
+                "\n".join(f"- {s.describe()}" for s in paused)
+            )
         return dg.MaterializeResult(metadata=metadata)
 
     return templates

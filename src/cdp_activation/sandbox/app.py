@@ -79,7 +79,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from cdp_activation.sandbox.status_webhooks import schedule_statuses
+from cdp_activation.sandbox.status_webhooks import schedule_statuses, schedule_template_update
 from cdp_activation.settings import (
     SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,
@@ -138,6 +138,10 @@ class SandboxConfig:
     slow_ms: float = 0.0
     rate_not_on_whatsapp: float = 0.0
     rate_opted_out: float = 0.0
+    # Share of accepted Meta template messages answered `message_status:
+    # held_for_quality_assessment` (Meta holding a marketing message while it judges the
+    # template) instead of `accepted`.
+    meta_held_rate: float = 0.0
     # Status webhooks back to a receiver (`status_webhooks_url`, e.g. http://127.0.0.1:8788;
     # empty: none), each provider's shape and signature: per accepted message `sent`, then
     # `delivered` (share `status_delivered_rate`, of which `status_read_rate` also `read`) or
@@ -470,11 +474,29 @@ def _meta_authorized(request: Request, config: SandboxConfig) -> bool:
     return bool(token) and hmac.compare_digest(token.strip(), config.meta_token)
 
 
-def _find_template(name: str, language: str) -> dict[str, Any] | None:
+def _find_template(
+    name: str, language: str, statuses: Mapping[tuple[str, str], str] | None = None
+) -> dict[str, Any] | None:
+    """The catalog's template, with the status a test set (`POST /_sandbox/templates`)."""
     for template in load_catalog():
         if template["name"] == name and template["language"] == language:
-            return template
+            return _with_status(template, statuses)
     return None
+
+
+def _with_status(
+    template: dict[str, Any], statuses: Mapping[tuple[str, str], str] | None
+) -> dict[str, Any]:
+    status = (statuses or {}).get((template["name"], template["language"]))
+    return template if status is None else {**template, "status": status}
+
+
+def _template_statuses(request: Request) -> dict[tuple[str, str], str]:
+    """Template statuses changed while running (name, language) -> status; per app."""
+    state = request.app.state
+    if not hasattr(state, "template_statuses"):
+        state.template_statuses = {}
+    return state.template_statuses  # type: ignore[no-any-return]
 
 
 def _template_error(template: dict[str, Any] | None, name: str, language: str) -> Response | None:
@@ -554,7 +576,7 @@ def _parse_meta(request: Request, raw: bytes) -> Response | _Candidate:
             return _meta_error(400, 100, "(#100) The parameter template['name'] is required.")
         name = tpl["name"]
         language = (tpl.get("language") or {}).get("code", "")
-        template = _find_template(name, language)
+        template = _find_template(name, language, _template_statuses(request))
         refused = _template_error(template, name, language)
         if refused is not None or template is None:
             return refused or _meta_error(400, 132001, "(#132001) Template not found")
@@ -613,11 +635,16 @@ def _accept_meta(request: Request, candidate: _Candidate) -> tuple[SandboxMessag
         idempotency_key=request.headers.get("idempotency-key"),
         **candidate.record,
     )
+    config: SandboxConfig = request.app.state.config
+    status = "accepted"
+    held = config.meta_held_rate
+    if "template_name" in candidate.record and held and _draw(config, "held", wamid) < held:
+        status = "held_for_quality_assessment"
     answer = JSONResponse(
         {
             "messaging_product": "whatsapp",
             "contacts": [{"input": candidate.to, "wa_id": candidate.to.removeprefix("+")}],
-            "messages": [{"id": wamid, "message_status": "accepted"}],
+            "messages": [{"id": wamid, "message_status": status}],
         }
     )
     return message, answer
@@ -674,9 +701,10 @@ async def meta_list_templates(request: Request) -> Response:
         if index is None:
             return _meta_error(400, 100, "(#100) Invalid cursor", details="after")
         start = index + 1
+    statuses = _template_statuses(request)
     templates = [
         t
-        for t in load_catalog()
+        for t in (_with_status(t, statuses) for t in load_catalog())
         if (not query.get("name") or t["name"] == query["name"])
         and (not query.get("status") or t["status"] == query["status"].upper())
     ]
@@ -2230,6 +2258,7 @@ async def sandbox_stats(request: Request) -> Response:
 
 async def sandbox_reset(request: Request) -> Response:
     request.app.state.store.clear()
+    request.app.state.template_statuses = {}
     return JSONResponse({"reset": True})
 
 
@@ -2247,6 +2276,42 @@ async def sandbox_faults(request: Request) -> Response:
             return JSONResponse({"error": str(error)}, status_code=400)
         request.app.state.config = config
     return JSONResponse(config.faults())
+
+
+# Meta's template statuses (`message_template_status_update` events a test may play).
+TEMPLATE_STATUSES = frozenset(
+    {"APPROVED", "PAUSED", "DISABLED", "REJECTED", "PENDING", "REINSTATED", "FLAGGED"}
+)
+
+
+async def sandbox_templates(request: Request) -> Response:
+    """`GET`: the WhatsApp catalog as it stands. `POST {name, language, status[, reason]}`:
+    change a template's status while running, as Meta does when it pauses a template whose
+    quality fell; when status webhooks are on, the receiver is told with Meta's signed
+    `message_template_status_update`. 400 for an unknown status, 404 for an unknown template."""
+    statuses = _template_statuses(request)
+    if request.method == "POST":
+        try:
+            change = json.loads(await request.body() or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            change = None
+        if not isinstance(change, dict) or not all(
+            isinstance(change.get(k), str) for k in ("name", "language", "status")
+        ):
+            return JSONResponse({"error": "expected {name, language, status}"}, status_code=400)
+        status = change["status"].upper()
+        if status not in TEMPLATE_STATUSES:
+            return JSONResponse(
+                {"error": f"status must be one of {', '.join(sorted(TEMPLATE_STATUSES))}"},
+                status_code=400,
+            )
+        if _find_template(change["name"], change["language"]) is None:
+            return JSONResponse({"error": "no such template in the catalog"}, status_code=404)
+        # REINSTATED and FLAGGED are events, not statuses: the template is APPROVED again.
+        kept = "APPROVED" if status in ("REINSTATED", "FLAGGED") else status
+        statuses[(change["name"], change["language"])] = kept
+        schedule_template_update(request, change["name"], change["language"], status, change)
+    return JSONResponse([_with_status(t, statuses) for t in load_catalog()])
 
 
 async def sandbox_health(request: Request) -> Response:
@@ -2290,6 +2355,7 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
         Route("/stats", sandbox_stats, methods=["GET"]),
         Route("/reset", sandbox_reset, methods=["POST"]),
         Route("/faults", sandbox_faults, methods=["GET", "POST"]),
+        Route("/templates", sandbox_templates, methods=["GET", "POST"]),
         Route("/health", sandbox_health, methods=["GET"]),
     ]
     app = _SandboxApp(

@@ -72,8 +72,10 @@ class SandboxServer(BackgroundServer):
         return self.store.duplicates()
 
     def reset(self) -> None:
-        """Forget accepted messages and requests (between tests); fault settings stay."""
+        """Forget accepted messages, requests and template status changes (between tests);
+        fault settings stay."""
         self.store.clear()
+        self.app.state.template_statuses = {}
 
 
 def serve(host: str = "127.0.0.1", port: int = 8787, config: SandboxConfig | None = None) -> None:

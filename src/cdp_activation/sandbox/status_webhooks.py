@@ -96,15 +96,64 @@ def schedule_statuses(request: Request, message: SandboxMessage) -> None:
     url = report_url(config, message)
     if url is None or route is None:
         return
-    state = request.app.state
-    tasks: set[asyncio.Task[None]] | None = getattr(state, "status_tasks", None)
+    _track(request.app, _send_all(request.app, config, message, route, url))
+
+
+def schedule_template_update(
+    request: Request, name: str, language: str, event: str, change: dict[str, Any]
+) -> None:
+    """Tell the receiver that a WhatsApp template changed status, as Meta does: a signed
+    `message_template_status_update` to `<status_webhooks_url>/webhooks/meta` (when status
+    webhooks are on)."""
+    config: SandboxConfig = request.app.state.config
+    if not config.status_webhooks_url:
+        return
+    url = f"{config.status_webhooks_url.rstrip('/')}/webhooks/meta"
+    value: dict[str, Any] = {
+        "event": event,
+        "message_template_id": int.from_bytes(f"{name}|{language}".encode()[:6], "big"),
+        "message_template_name": name,
+        "message_template_language": language,
+        "reason": str(change.get("reason") or "NONE"),
+    }
+    if event == "DISABLED":
+        value["disable_info"] = {"disable_date": int(time.time())}
+    payload = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "200000000000002",
+                "time": int(time.time()),
+                "changes": [{"field": "message_template_status_update", "value": value}],
+            }
+        ],
+    }
+    body = json.dumps(payload).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "X-Hub-Signature-256": signatures.meta_signature(SANDBOX_META_APP_SECRET, body),
+    }
+    _track(request.app, _post_with_retries(_client(request.app), url, body, headers))
+
+
+def _track(app: Any, work: Any) -> None:
+    """Run `work` in the server's loop, held by a strong reference until it is done."""
+    tasks: set[asyncio.Task[None]] | None = getattr(app.state, "status_tasks", None)
     if tasks is None:
-        tasks = state.status_tasks = set()  # strong references until each task is done
-    task = asyncio.get_running_loop().create_task(
-        _send_all(request.app, config, message, route, url)
-    )
+        tasks = app.state.status_tasks = set()
+    task = asyncio.get_running_loop().create_task(work)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    client: httpx.AsyncClient | None = getattr(app.state, "status_client", None)
+    if client is None:
+        # httpx's API over aiohttp, as the delivery engine uses: plain httpx queues hundreds
+        # of waiting requests on its pool in quadratic time.
+        client = app.state.status_client = make_client(timeout=10, max_in_flight=64)
+        app.state.status_loop = asyncio.get_running_loop()
+    return client
 
 
 async def _send_all(
@@ -118,12 +167,7 @@ async def _send_all(
     twice = _draw(config, "duplicate", message.provider, message.to) < config.status_duplicate_rate
     if twice:
         statuses = statuses + statuses[-1:]
-    client: httpx.AsyncClient | None = getattr(app.state, "status_client", None)
-    if client is None:
-        # httpx's API over aiohttp, as the delivery engine uses: plain httpx queues hundreds
-        # of waiting requests on its pool in quadratic time.
-        client = app.state.status_client = make_client(timeout=10, max_in_flight=64)
-        app.state.status_loop = asyncio.get_running_loop()
+    client = _client(app)
     started = time.time()
     for step, status in enumerate(statuses):
         await asyncio.sleep(config.status_delay_ms / 1000)

@@ -5,9 +5,12 @@ Order for every request: read the raw body; check the provider's signature (`sig
 provider: an unverifiable webhook is never trusted); parse it (`parsers.py`), 400 when it is
 not the provider's shape; hand its status events to the group-commit writer and wait until
 they are committed to the ledger (`Ledger.record_statuses`: events stored once, statuses moved
-forward); only then answer 200. A crash before the commit means no 200, so the provider sends
-the webhook again: an accepted event is never lost. Requests arriving while a write is under way
-are written together by the next one, so a burst of webhooks costs a few transactions.
+forward); only then answer 200. A Meta webhook may also carry template status changes
+(`message_template_status_update`: PAUSED, DISABLED, APPROVED…), kept in `template_states`
+before the 200 as well: the delivery engine stops sending a paused template on that word.
+A crash before the commit means no 200, so the provider sends the webhook again: an accepted
+event is never lost. Requests arriving while a write is under way are written together by the
+next one, so a burst of webhooks costs a few transactions.
 
 `GET /webhooks/meta` answers Meta's subscription check (`hub.mode=subscribe`,
 `hub.verify_token`, `hub.challenge`). `GET /health` is for load balancers.
@@ -15,6 +18,7 @@ are written together by the next one, so a burst of webhooks costs a few transac
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,8 +33,9 @@ from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import Ledger
 from cdp_activation.serving import BackgroundServer
 from cdp_activation.statuses import CONNECTOR_OF_PROVIDER, StatusEvent
+from cdp_activation.template_states import record_states
 from cdp_activation.webhooks import signatures
-from cdp_activation.webhooks.parsers import JSON_PARSERS, parse_twilio
+from cdp_activation.webhooks.parsers import JSON_PARSERS, parse_meta_template_updates, parse_twilio
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +137,7 @@ def create_app(
                 events = parse_twilio(dict(params), received, request.query_params)
             else:
                 events = JSON_PARSERS[provider](body, received)
+            templates = parse_meta_template_updates(body, received) if provider == "meta" else []
         except ValueError as err:
             return JSONResponse(
                 {"error": f"not a {provider} status webhook: {err}"}, status_code=400
@@ -145,12 +151,14 @@ def create_app(
             return JSONResponse(
                 {"error": f"not a {provider} status webhook: unexpected shape"}, status_code=400
             )
-        if events:
-            try:
+        try:
+            if events:
                 await writer.submit(events)
-            except Exception:
-                return JSONResponse({"error": "not stored; send it again"}, status_code=500)
-        return JSONResponse({"received": len(events)})
+            if templates:  # rare (a template changed status): no group commit needed
+                await asyncio.to_thread(record_states, ledger.engine, templates)
+        except Exception:
+            return JSONResponse({"error": "not stored; send it again"}, status_code=500)
+        return JSONResponse({"received": len(events) + len(templates)})
 
     async def verify_meta(request: Request) -> Response:
         query = request.query_params

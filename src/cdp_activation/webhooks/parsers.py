@@ -4,7 +4,8 @@ Shapes, from the vendor specs in `../shared/vendor-specs/` and the providers' ca
 
 - Meta: `{object, entry: [{changes: [{field: "messages", value: {statuses: [{id, status,
   timestamp (Unix seconds), recipient_id, errors: [{code, title}]}]}}]}]}`; message events in
-  the same payload (`value.messages`) are not statuses and are skipped.
+  the same payload (`value.messages`) are not statuses and are skipped. Template status
+  changes (`field: message_template_status_update`) are read by `parse_meta_template_updates`.
 - Twilio: a form POST per status change: `MessageSid`, `MessageStatus` (queued, sending, sent,
   delivered, undelivered, failed, read, …), `ErrorCode`; no event time, so the time received.
 - Infobip: delivery reports `{results: [{messageId, status: {groupName, name}, error: {id,
@@ -35,7 +36,16 @@ from typing import Any
 
 from cdp_activation.connectors.base import send_id_of
 from cdp_activation.masking import mask_phones_in
-from cdp_activation.statuses import DELIVERED, FAILED, READ, SENT, STATUS_RANK, StatusEvent
+from cdp_activation.statuses import (
+    DELIVERED,
+    FAILED,
+    READ,
+    SENT,
+    STATUS_RANK,
+    StatusEvent,
+    connector_of,
+)
+from cdp_activation.template_states import TemplateState
 
 _VONAGE_CODE = re.compile(r"#(\d+)$")
 
@@ -166,6 +176,41 @@ def parse_meta(body: bytes, received: datetime) -> list[StatusEvent]:
                     )
                 )
     return events
+
+
+def parse_meta_template_updates(body: bytes, received: datetime) -> list[TemplateState]:
+    """Meta's `message_template_status_update` changes in a signed webhook (APPROVED, PAUSED,
+    DISABLED, …): `{entry: [{id: <WABA id>, time, changes: [{field, value: {event,
+    message_template_id, message_template_name, message_template_language, reason}}]}]}`."""
+    data = _json(body)
+    if not isinstance(data, dict) or not isinstance(data.get("entry"), list):
+        raise ValueError("expected {object, entry: [...]}")
+    states = []
+    for entry in data["entry"]:
+        for change in (entry or {}).get("changes") or []:
+            if (change or {}).get("field") != "message_template_status_update":
+                continue
+            value = change.get("value") or {}
+            event = value.get("event")
+            name = value.get("message_template_name")
+            language = value.get("message_template_language")
+            if not all(isinstance(v, str) and v for v in (event, name, language)):
+                raise ValueError("a template status update without event, name or language")
+            other = value.get("other_info")
+            reason = value.get("reason") or (
+                other.get("title") if isinstance(other, dict) else None
+            )
+            states.append(
+                TemplateState(
+                    connector=connector_of("meta"),
+                    name=name,
+                    language=language,
+                    status=event.upper(),
+                    occurred_at=_time(entry.get("time"), received),
+                    reason=str(reason) if reason is not None else None,
+                )
+            )
+    return states
 
 
 def parse_twilio(
