@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 def receiver_checks(server: WebhookServer) -> tuple[int, int, int]:
     """(Meta report signed with the sandbox's app secret, Meta subscription check with the
     sandbox's verify token, /webhooks/sandbox signed with the sandbox's status secret)."""
-    body = meta_status("m-1", "failed", 1764680000, code=131026)
+    body = meta_status("m-1", "failed", int(time.time()), code=131026)
     meta = httpx.post(
         f"{server.url}/webhooks/meta",
         content=body,

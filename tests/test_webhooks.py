@@ -49,6 +49,18 @@ WRONG = WebhookSecrets(
     line_channel_secret="not-it",
     sandbox_secret="not-it",
 )
+
+
+# Reports are about sends planned during the test: their times are now, not fixed dates (a
+# report dated before its send was planned is ignored as a replay).
+def report_ts() -> int:
+    return int(time.time())
+
+
+def report_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 CONNECTOR = {"meta": "meta_whatsapp", "twilio": "twilio", "infobip": "infobip", "vonage": "vonage"}
 
 
@@ -106,7 +118,7 @@ def signed(provider: str, secrets: WebhookSecrets, body: bytes, url: str = "") -
 
 # One delivered report per provider, in its own shape, for message id "m-<provider>".
 REPORTS: dict[str, Callable[[], bytes]] = {
-    "meta": lambda: meta_status("m-meta", "delivered", 1764680000),
+    "meta": lambda: meta_status("m-meta", "delivered", report_ts()),
     "twilio": lambda: urlencode(
         {"MessageSid": "m-twilio", "MessageStatus": "delivered", "To": "+447911123456"}
     ).encode(),
@@ -116,7 +128,7 @@ REPORTS: dict[str, Callable[[], bytes]] = {
                 {
                     "messageId": "m-infobip",
                     "to": "447911123456",
-                    "doneAt": "2026-12-02T10:00:00.000+0000",
+                    "doneAt": f"{report_iso()}.000+0000",
                     "status": {
                         "groupId": 3,
                         "groupName": "DELIVERED",
@@ -133,7 +145,7 @@ REPORTS: dict[str, Callable[[], bytes]] = {
             "message_uuid": "m-vonage",
             "to": "447911123456",
             "from": "447700900001",
-            "timestamp": "2026-12-02T10:00:00Z",
+            "timestamp": f"{report_iso()}Z",
             "status": "delivered",
             "channel": "whatsapp",
         }
@@ -154,22 +166,27 @@ def receiver(ledger: Ledger) -> Iterator[WebhookServer]:
         yield server
 
 
-def sent_rows(ledger: Ledger, provider_ids: dict[str, str]) -> None:
-    """One accepted send per (provider message id -> connector), as delivery records them."""
-    frame = pl.DataFrame(
+def one_send(*connectors: str) -> pl.DataFrame:
+    """Planned WhatsApp template sends, one per connector given."""
+    n = len(connectors)
+    return pl.DataFrame(
         {
-            "customer_id": list(range(len(provider_ids))),
-            "phone_e164": [f"+44791112{i:04d}" for i in range(len(provider_ids))],
-            "channel": ["whatsapp"] * len(provider_ids),
-            "connector": list(provider_ids.values()),
-            "step": ["initial"] * len(provider_ids),
-            "template_name": ["winback_offer"] * len(provider_ids),
-            "template_language": ["en"] * len(provider_ids),
-            "variables": [["Ann"]] * len(provider_ids),
-            "body": [None] * len(provider_ids),
+            "customer_id": list(range(n)),
+            "phone_e164": [f"+44791112{i:04d}" for i in range(n)],
+            "channel": ["whatsapp"] * n,
+            "connector": list(connectors),
+            "step": ["initial"] * n,
+            "template_name": ["winback_offer"] * n,
+            "template_language": ["en"] * n,
+            "variables": [["Ann"]] * n,
+            "body": [None] * n,
         }
     )
-    ledger.plan("hooks", "p", frame)
+
+
+def sent_rows(ledger: Ledger, provider_ids: dict[str, str]) -> None:
+    """One accepted send per (provider message id -> connector), as delivery records them."""
+    ledger.plan("hooks", "p", one_send(*provider_ids.values()))
     rows = ledger.pending("hooks", "p")
     ledger.mark_in_flight([r.id for r in rows])
     ledger.record(
@@ -222,18 +239,62 @@ def test_duplicated_and_reordered_reports_only_move_forward(
 ) -> None:
     sent_rows(ledger, {"wamid.A": "meta_whatsapp", "wamid.B": "meta_whatsapp"})
     url = f"{receiver.url}/webhooks/meta"
+    at = report_ts()
     sequence = [
-        meta_status("wamid.A", "read", 1764680300),
-        meta_status("wamid.A", "delivered", 1764680200),  # late: read already
-        meta_status("wamid.A", "sent", 1764680100),  # later still
-        meta_status("wamid.A", "read", 1764680300),  # the same webhook again
-        meta_status("wamid.B", "failed", 1764680100, code=131026),
-        meta_status("wamid.B", "delivered", 1764680200),  # cannot undo a failure
+        meta_status("wamid.A", "read", at + 300),
+        meta_status("wamid.A", "delivered", at + 200),  # late: read already
+        meta_status("wamid.A", "sent", at + 100),  # later still
+        meta_status("wamid.A", "read", at + 300),  # the same webhook again
+        meta_status("wamid.B", "failed", at + 100, code=131026),
+        meta_status("wamid.B", "delivered", at + 200),  # cannot undo a failure
     ]
     for body in sequence:
         assert post(url, signed("meta", SECRETS, body)).status_code == 200
     assert statuses(ledger) == {"wamid.A": ("read", None), "wamid.B": ("failed", "131026")}
     assert stored_events(ledger) == 5  # the repeated read is stored once
+
+
+@pytest.mark.parametrize("provider", ["meta", "twilio_ref", "infobip", "vonage"])
+def test_a_report_dated_long_before_its_send_is_flagged_and_changes_nothing(
+    ledger: Ledger, receiver: WebhookServer, provider: str
+) -> None:
+    """A correctly signed report from a year ago (a replay, or about a message of another
+    ledger whose send ids restarted) neither moves a status nor proves an `unknown` send."""
+    year_ago = int(time.time()) - 365 * 86400
+    stamp = datetime.fromtimestamp(year_ago, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    if provider == "twilio_ref":
+        # A Twilio report naming send cdp-1 through its StatusCallback `ref`: the row is
+        # `unknown` (its answer was lost); an old report must not make it `sent`.
+        ledger.plan("hooks", "p", one_send("twilio"))
+        (row,) = ledger.pending("hooks", "p")
+        ledger.mark_in_flight([row.id])
+        ledger.record([(row.id, SendResult(row.idempotency_key, Outcome.UNKNOWN), 1)])
+        event = StatusEvent(
+            "twilio",
+            "SMold",
+            "delivered",
+            datetime.fromtimestamp(year_ago, UTC),
+            "twilio|SMold|delivered",
+            reference=send_reference(row.id),
+        )
+        write = ledger.record_statuses([event])
+        assert (write.reconciled, write.stale) == (0, 0)  # no such provider id: not applied
+        assert ledger.counts("hooks", "p") == {"unknown": 1}
+        return
+    sent_rows(ledger, {f"m-{provider}": CONNECTOR[provider]})
+    old = {
+        "meta": lambda: meta_status("m-meta", "delivered", year_ago),
+        "infobip": lambda: REPORTS["infobip"]().replace(report_iso().encode(), stamp.encode()),
+        "vonage": lambda: REPORTS["vonage"]().replace(report_iso().encode(), stamp.encode()),
+    }[provider]()
+    assert stamp.encode() in old or provider == "meta"
+    answer = post(f"{receiver.url}/webhooks/{provider}", signed(provider, SECRETS, old))
+    assert answer.status_code == 200  # taken (the provider must not retry it), not applied
+    assert statuses(ledger) == {f"m-{provider}": (None, None)}
+    with ledger.engine.connect() as con:
+        flags = con.execute(sa.text("SELECT applied, ignored FROM status_events")).all()
+    assert [(bool(a), i) for a, i in flags] == [(False, "older_than_send")]
+    assert ledger.apply_pending_statuses() == 0  # and never tried again
 
 
 def test_meta_subscription_check(receiver: WebhookServer) -> None:
@@ -268,7 +329,7 @@ def test_line_signature_is_checked_and_its_events_carry_no_status(
             "events": [
                 {
                     "type": "follow",
-                    "timestamp": 1764680000,
+                    "timestamp": report_ts(),
                     "source": {"type": "user", "userId": "U1"},
                 }
             ],
@@ -422,7 +483,7 @@ def test_a_report_that_beats_its_send_s_answer_is_applied_once_the_send_is_recor
 
 
 def _meta_report(reference: object) -> bytes:
-    data = json.loads(meta_status("wamid.R", "delivered", 1764680000))
+    data = json.loads(meta_status("wamid.R", "delivered", report_ts()))
     data["entry"][0]["changes"][0]["value"]["statuses"][0]["biz_opaque_callback_data"] = reference
     return json.dumps(data).encode()
 

@@ -25,6 +25,7 @@ SQLite (WAL) is the embedded default; PostgreSQL in production (any SQLAlchemy U
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import uuid
@@ -42,6 +43,8 @@ from cdp_activation.masking import masked
 from cdp_activation.processes import host_id, process_gone
 from cdp_activation.settings import SettingsError
 from cdp_activation.statuses import STATUS_RANK, StatusEvent, connector_of
+
+log = logging.getLogger(__name__)
 
 PLANNED = "planned"
 IN_FLIGHT = "in_flight"
@@ -134,6 +137,9 @@ status_events = sa.Table(
     sa.Column("payload", sa.Text),  # the event as the provider sent it (JSON), for audits
     # Whether it has found its send: a report may arrive before the send's answer is recorded.
     sa.Column("applied", sa.Boolean, nullable=False, default=False),
+    # Why a stored report was left unapplied for good: `older_than_send` (its time is before
+    # the send was planned: a replay, or a report of another ledger's message).
+    sa.Column("ignored", sa.String(40)),
     # Where it came from: null for a webhook, the status source's name for events read from
     # the warehouse (`status_sources.py`), whose newest `occurred_at` is that source's cursor.
     sa.Column("source", sa.String(80)),
@@ -259,6 +265,7 @@ class StatusWrite:
     duplicates: int  # already stored (or repeated in the same call): ignored
     advanced: int  # messages whose delivery_status moved forward
     reconciled: int = 0  # `unknown` sends a report proved accepted: now `sent`
+    stale: int = 0  # reports older than their send: kept, flagged, never applied
 
 
 @dataclass(frozen=True)
@@ -304,6 +311,11 @@ class LeaseLost(RuntimeError):
     """This worker was taken for dead (its lease expired) and its rows were recovered by
     another process: it must stop claiming."""
 
+
+# How far a provider's clock may be behind ours: a status report dated earlier than this
+# before its send was planned cannot be about that send.
+STATUS_CLOCK_SKEW = timedelta(minutes=10)
+OLDER_THAN_SEND = "older_than_send"  # status_events.ignored
 
 DEADLINE_PASSED = "send_deadline_passed"  # dead_letter reason: not sent within max_send_delay
 
@@ -1454,12 +1466,21 @@ class Ledger:
                     ],
                 )
             reconciled = self._reconcile(con, fresh) if fresh else 0
-            advanced = self._apply_statuses(con, fresh) if fresh else 0
+            advanced, stale = self._apply_statuses(con, fresh) if fresh else (0, 0)
+        if stale:
+            log.warning(
+                "ignored %d status report(s) dated before their send was planned (a replay, "
+                "or a report of another ledger's message); kept in status_events, flagged "
+                "ignored = '%s'",
+                stale,
+                OLDER_THAN_SEND,
+            )
         return StatusWrite(
             received=len(events),
             duplicates=len(events) - len(fresh),
             advanced=advanced,
             reconciled=reconciled,
+            stale=stale,
         )
 
     def apply_pending_statuses(self) -> int:
@@ -1473,11 +1494,11 @@ class Ledger:
             pending = con.exec_driver_sql(
                 "SELECT event_key, provider, provider_message_id, status, error_code, "
                 f"occurred_at, customer_id, reference FROM status_events "
-                f"WHERE applied = {false} AND received_at >= {mark}",
+                f"WHERE applied = {false} AND ignored IS NULL AND received_at >= {mark}",
                 (since,),
             ).all()
             self._reconcile(con, pending)
-            return self._apply_statuses(con, pending)
+            return self._apply_statuses(con, pending)[0]
 
     def _reconcile(self, con: sa.Connection, reports: Sequence[Any]) -> int:
         """`unknown` sends (their answer was lost) that a report names by our reference: the
@@ -1491,17 +1512,27 @@ class Ledger:
             send_id = send_id_of(getattr(report, "reference", None))
             if send_id is None or not report.provider_message_id:
                 continue
+            latest_plan = _db_time(_as_time(report.occurred_at) + STATUS_CLOCK_SKEW, self.dialect)
             params.append(
-                (report.provider_message_id, now, now, send_id, connector_of(report.provider))
+                (
+                    report.provider_message_id,
+                    now,
+                    now,
+                    send_id,
+                    connector_of(report.provider),
+                    latest_plan,
+                )
             )
         if not params:
             return 0
+        # A report dated before the send was planned names another message (a reference of
+        # another ledger, whose ids restarted): it proves nothing here.
         result = con.exec_driver_sql(
             f"UPDATE sends SET state = '{SENT}', provider_message_id = {mark}, "
             f"sent_at = {mark}, updated_at = {mark}, error_message = 'reconciled: the "
             "provider reported it after its answer was lost' "
             f"WHERE id = {mark} AND connector = {mark} AND state = '{UNKNOWN}' "
-            "AND provider_message_id IS NULL",
+            f"AND provider_message_id IS NULL AND planned_at <= {mark}",
             params,
         )
         return max(result.rowcount or 0, 0)
@@ -1520,28 +1551,43 @@ class Ledger:
                 )
             ).scalar_one()
 
-    def _apply_statuses(self, con: sa.Connection, pending: Sequence[Any]) -> int:
+    def _apply_statuses(self, con: sa.Connection, pending: Sequence[Any]) -> tuple[int, int]:
         """Apply `pending` reports (`StatusEvent`s just stored, or unapplied rows read back:
         anything with their fields), lowest rank first, and mark applied those whose send
         exists. A report for a message the ledger never sent (another tool's, on the same
         sender) stays unapplied, is looked at again at the end of each run for a day, and is
-        given up after that."""
+        given up after that. A report dated before its send was planned (beyond
+        `STATUS_CLOCK_SKEW`) is a replay or another message's: flagged `ignored`, never
+        applied. Returns (statuses moved, reports flagged)."""
         mark = "?" if self.dialect == "sqlite" else "%s"
         # The sends that exist now; a send committed after this read is matched next time (a
         # report is only marked applied together with the update it made).
         ids = sorted({r.provider_message_id for r in pending if r.provider_message_id})
-        known: set[str] = set()
+        planned_at: dict[tuple[str, str], datetime] = {}
         for chunk in _chunks(ids, 5000):
-            known.update(
-                con.execute(
-                    sa.select(sends.c.provider_message_id).where(
-                        sends.c.provider_message_id.in_(chunk)
-                    )
-                ).scalars()
+            rows = con.execute(
+                sa.select(sends.c.provider_message_id, sends.c.connector, sends.c.planned_at).where(
+                    sends.c.provider_message_id.in_(chunk)
+                )
+            ).all()
+            planned_at.update({(r[0], r[1]): _aware(r[2]) for r in rows})
+        matched, stale = [], []
+        for report in pending:
+            planned = planned_at.get((report.provider_message_id, connector_of(report.provider)))
+            if planned is None:
+                continue
+            if _as_time(report.occurred_at) + STATUS_CLOCK_SKEW < planned:
+                stale.append(report.event_key)
+            else:
+                matched.append(report)
+        for chunk in _chunks(stale, 5000):
+            con.exec_driver_sql(
+                f"UPDATE status_events SET ignored = '{OLDER_THAN_SEND}' WHERE event_key IN "
+                f"({', '.join([mark] * len(chunk))})",
+                tuple(chunk),
             )
-        matched = [r for r in pending if r.provider_message_id in known]
         if not matched:
-            return 0
+            return 0, len(stale)
         rank = " ".join(f"WHEN '{status}' THEN {n}" for status, n in STATUS_RANK.items())
         changed = _db_time(_now(), self.dialect)  # the send log exports rows changed since
         result = con.exec_driver_sql(
@@ -1573,7 +1619,7 @@ class Ledger:
                 f"({', '.join([mark] * len(chunk))})",
                 tuple(chunk),
             )
-        return max(result.rowcount or 0, 0)
+        return max(result.rowcount or 0, 0), len(stale)
 
     def _known_event_keys(self, con: sa.Connection, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -1785,6 +1831,11 @@ def _has_trigger(con: sa.Connection) -> bool:
             "AND c.relname = 'sends' AND n.nspname = current_schema()"
         ).first()
     )
+
+
+def _as_time(value: datetime | str) -> datetime:
+    """A stored time, aware: SQLite's rows read back hold the text it was written as."""
+    return _aware(value if isinstance(value, datetime) else datetime.fromisoformat(value))
 
 
 def _aware(value: datetime) -> datetime:
