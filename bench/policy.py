@@ -121,7 +121,7 @@ def child(mode: str, rows: int, cache_file: str) -> dict[str, Any]:
         )
         chosen = result.height
     else:
-        cache = PhoneCache(f"sqlite:///{cache_file}")
+        cache = PhoneCache(f"sqlite:///{cache_file}", key=b"bench-pii-hash-key")
         regions = sorted(audience["country"].drop_nulls().unique().to_list())
         suppressions = normalise_suppressions(raw_suppressions, regions, cache)
         decisions = decide(

@@ -146,6 +146,8 @@ EDGE_CASES = [
     "n/a",
 ]
 
+KEY = b"test-pii-hash-key"  # the phone cache's keyed digests
+
 
 def reference(raw: str | None, region: str | None = None) -> tuple[str | None, str, str | None]:
     """What phonenumbers says, called directly (not through any code under test)."""
@@ -288,7 +290,7 @@ def test_normalise_keeps_its_contract() -> None:
 
 @pytest.fixture
 def cache(ledger_url: str) -> Iterator[PhoneCache]:
-    phone_cache = PhoneCache(ledger_url)
+    phone_cache = PhoneCache(ledger_url, key=KEY)
     yield phone_cache
     phone_cache.dispose()
 
@@ -348,7 +350,7 @@ def test_cache_lookup_and_store_in_bulk(cache: PhoneCache) -> None:
 
 def test_a_new_phonenumbers_version_invalidates_cached_answers(ledger_url: str) -> None:
     pairs = pl.DataFrame({"raw": ["07400 123456"], "region": ["GB"]})
-    stale = PhoneCache(ledger_url, version="0.0.1")
+    stale = PhoneCache(ledger_url, key=KEY, version="0.0.1")
     stale.store(
         pairs.with_columns(
             pl.lit(None, dtype=pl.String).alias("e164"),
@@ -357,7 +359,7 @@ def test_a_new_phonenumbers_version_invalidates_cached_answers(ledger_url: str) 
         )
     )
     stale.dispose()
-    current = PhoneCache(ledger_url)
+    current = PhoneCache(ledger_url, key=KEY)
     try:
         assert current.lookup(pairs).is_empty()  # the old answer is not served
         before = phonenumbers_calls()
@@ -368,7 +370,7 @@ def test_a_new_phonenumbers_version_invalidates_cached_answers(ledger_url: str) 
         assert out["phone_status"].to_list() == ["ok"]
         assert current.lookup(pairs)["status"].to_list() == ["ok"]  # replaced, not duplicated
         with current.engine.connect() as con:
-            rows = con.execute(sa.text("SELECT count(*) FROM phone_numbers")).scalar_one()
+            rows = con.execute(sa.text("SELECT count(*) FROM phone_lookups")).scalar_one()
         assert rows == 1
     finally:
         current.dispose()
@@ -379,7 +381,7 @@ def test_cache_shares_the_ledger_engine(ledger_url: str, tmp_path: Path) -> None
 
     ledger = Ledger(ledger_url)
     try:
-        cache = PhoneCache(ledger.engine)
+        cache = PhoneCache(ledger.engine, key=KEY)
         normalise_frame(pl.DataFrame({"phone": ["07400 123456"], "country": ["GB"]}), cache=cache)
         assert cache.count() == 1
         cache.dispose()  # leaves the ledger's engine usable
@@ -387,3 +389,40 @@ def test_cache_shares_the_ledger_engine(ledger_url: str, tmp_path: Path) -> None
             assert con.execute(sa.text("SELECT count(*) FROM sends")).scalar_one() == 0
     finally:
         ledger.dispose()
+
+
+def test_the_cache_keeps_no_phone_number_and_is_useless_without_its_key(ledger_url: str) -> None:
+    """What is stored per number: a keyed digest, a country code and a digit count. The E.164
+    form comes back from the raw value; a form that cannot (letters) is not cached."""
+    frame = pl.DataFrame(
+        {
+            "phone": ["07400 123456", "+44 (0)20 7946 0958", "1-800-FLOWERS", "030 1234567"],
+            "country": ["GB", "GB", "US", "DE"],
+        }
+    )
+    cache = PhoneCache(ledger_url, key=KEY)
+    try:
+        expected = normalise_frame(frame)
+        assert normalise_frame(frame, cache=cache).equals(expected)
+        assert cache.count() == 3  # the vanity number is parsed every time instead
+        with cache.engine.connect() as con:
+            stored = " ".join(
+                str(value)
+                for row in con.execute(sa.text("SELECT * FROM phone_lookups"))
+                for value in row
+            )
+        for number in expected["phone_e164"].drop_nulls().to_list():
+            national = number[3:]
+            assert national not in stored and number not in stored
+        before = phonenumbers_calls()
+        assert normalise_frame(frame, cache=cache).equals(expected)
+        assert phonenumbers_calls() - before == 1  # only the vanity number
+    finally:
+        cache.dispose()
+    other = PhoneCache(ledger_url, key=b"another key")
+    try:
+        assert other.lookup(
+            frame.select(pl.col("phone").alias("raw"), pl.col("country").alias("region"))
+        ).is_empty()
+    finally:
+        other.dispose()

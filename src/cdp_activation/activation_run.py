@@ -43,6 +43,7 @@ from cdp_activation.ledger import (
     idempotency_key,
 )
 from cdp_activation.masking import mask_phone
+from cdp_activation.pii import pii_key
 from cdp_activation.policy import Decisions, decide, reasons
 from cdp_activation.policy.addresses import address_column
 from cdp_activation.policy.consent import consent_column
@@ -412,7 +413,9 @@ def compute_decisions(
 ) -> Decisions:
     validate_audience(activation, audience)  # the blocking check said so; never decide on less
     regions = sorted(audience["country"].drop_nulls().unique().to_list())
-    cache = PhoneCache(ledger.engine) if ledger is not None else None
+    # No key, no cache: nothing derived from a number is kept (pii.py).
+    key = pii_key()
+    cache = PhoneCache(ledger.engine, key=key) if ledger is not None and key else None
     suppressions = load_suppressions(activation, warehouse, regions, cache)
     catalogs = fetch_catalogs(activation, connectors)
     policy = activation.spec.policy

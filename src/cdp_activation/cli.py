@@ -602,6 +602,70 @@ def sandbox(host: str, port: int) -> None:
     serve(host, port)
 
 
+@main.command(
+    help="Take personal data out of finished sends, status reports and the phone cache older "
+    "than the retention (CDP_PII_RETENTION_DAYS, 90 by default). Rows still to send are kept."
+)
+@click.option("--days", type=click.IntRange(min=1), help="Retention in days (default: setting).")
+def purge(days: int | None) -> None:
+    from cdp_activation.ledger import Ledger
+    from cdp_activation.pii import purge as purge_ledger
+
+    settings = get_settings()
+    days = days or settings.pii_retention_days
+    ledger = Ledger(settings.ledger_url)
+    try:
+        done = purge_ledger(ledger, days, storage_dir=_dagster_storage())
+    finally:
+        ledger.dispose()
+    console.print(
+        f"older than {days} days: {done.sends:,} sends lost their number and message text, "
+        f"{done.status_reports:,} status reports their payload; {done.phone_cache:,} phone "
+        f"cache entries and {done.outputs:,} stored step outputs removed",
+        highlight=False,
+    )
+
+
+def _dagster_storage() -> Path:
+    """Where the Dagster instance keeps step outputs (its storage directory)."""
+    import dagster as dg
+
+    from cdp_activation.runner import ensure_dagster_home
+
+    ensure_dagster_home()
+    with dg.DagsterInstance.get() as instance:
+        return Path(instance.storage_directory())
+
+
+@main.command(
+    help="Erase customers (a data subject's request): their numbers, message texts and status "
+    "payloads leave the ledger, their customer id becomes a pseudonym there and in the send "
+    "log, planned sends to them are cancelled, and the phone cache is emptied."
+)
+@click.argument("customer_ids", nargs=-1, required=True)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def erase(customer_ids: tuple[str, ...], yes: bool) -> None:
+    from cdp_activation.ledger import Ledger
+    from cdp_activation.pii import erase as erase_customers
+
+    if not yes:
+        click.confirm(f"Erase {len(customer_ids)} customer(s)? This cannot be undone", abort=True)
+    settings = get_settings()
+    ledger = Ledger(settings.ledger_url)
+    try:
+        done = erase_customers(
+            ledger, customer_ids, settings.send_log_url, storage_dir=_dagster_storage()
+        )
+    finally:
+        ledger.dispose()
+    console.print(
+        f"erased: {done.sends:,} sends, {done.status_reports:,} status reports, "
+        f"{done.send_log:,} send log rows rewritten; phone cache emptied ({done.phone_cache:,}), "
+        f"{done.outputs:,} stored step outputs deleted",
+        highlight=False,
+    )
+
+
 @main.group(help="Delivery-status webhooks from the providers into the ledger.")
 def webhooks() -> None:
     pass

@@ -42,6 +42,7 @@ SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS = "infobip:sandbox-webhook-password"
 SANDBOX_VONAGE_SIGNATURE_SECRET = "sandbox-vonage-signature-secret-0123456789"
 SANDBOX_LINE_CHANNEL_SECRET = "sandbox-line-channel-secret"
 SANDBOX_STATUS_SECRET = "sandbox-status-secret"
+SANDBOX_PII_HASH_KEY = "sandbox-pii-hash-key"
 SANDBOX_PORT = 8787
 
 # Numbers that only make sense above zero (a rate, a size, a count, a duration): anything else
@@ -164,6 +165,13 @@ class Settings(BaseSettings):
     # credential is an error and an unset signing secret refuses that provider's webhooks,
     # whatever address a base URL points at: the sandbox is never inferred from an address.
     sandbox: bool = False
+
+    # Personal data (pii.py). The key of the keyed hashes kept instead of phone numbers (the
+    # phone cache); unset (outside sandbox mode), nothing derived from a number is kept and
+    # the cache is off. Rows older than the retention lose their number, message text and
+    # provider payloads (`cdp-activation purge`, the daily `purge_personal_data` job).
+    pii_hash_key: SecretStr | None = None
+    pii_retention_days: PositiveCount = 90
 
     # The delivery engine (delivery.py).
     # Requests in flight at once across all connectors (each still within its own rate).

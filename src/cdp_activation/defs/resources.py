@@ -21,6 +21,7 @@ from cdp_activation.resources import (
     WebhookResource,
 )
 from cdp_activation.settings import export_dotenv, get_settings
+from cdp_activation.storage import SealedFilesystemIOManager
 
 
 def _env_or(name: str, default: str) -> str | dg.EnvVar:
@@ -47,6 +48,9 @@ def resources() -> dg.Definitions:
                 url=_env_or("CDP_WAREHOUSE_URL", settings.warehouse_url)
             ),
             "ledger": LedgerResource(url=_env_or("CDP_LEDGER_URL", settings.ledger_url)),
+            # Step outputs hold whole audiences: sealed on disk (storage.py), not pickled in
+            # clear like Dagster's default.
+            "io_manager": SealedFilesystemIOManager(),
             "send_log": SendLogResource(url=_env_or(send_log_variable, settings.send_log_url)),
             "meta_whatsapp": MetaWhatsAppResource(
                 base_url=settings.meta_base_url,

@@ -1,20 +1,33 @@
-"""A durable cache of phonenumbers' answers, beside the ledger, keyed on (raw, region).
+"""A durable cache of phonenumbers' answers, beside the ledger, that holds no phone number.
 
 Numbers already in E.164 form are judged in polars (`phones.fast_codes`) and never reach
 phonenumbers, so only the others — national formats, spaces, junk — are worth keeping: each
 costs ~80 µs of `phonenumbers.parse`, and a CRM column holds the same strings run after run.
 
-Same database as the ledger (SQLite by default, PostgreSQL in production): one more table,
-created if absent. Every row carries the `phonenumbers` version that produced it; a lookup sees
-only rows of the running version, and a store overwrites rows of any other, so upgrading
-phonenumbers (new ranges, new regions) silently re-validates instead of serving stale answers.
+What is kept per (raw, region) is not the number but:
+- `digest`: a keyed BLAKE2b digest of the raw value and region (`pii.keyed_digests`, key
+  CDP_PII_HASH_KEY): it finds the entry again from the same raw value, and without the key
+  it cannot be matched against candidate numbers;
+- a recipe for the E.164 form instead of the form itself: its country calling code and how
+  many trailing digits of the raw value follow it (`+44` and the last 10 digits of
+  "07400 123456"). The E.164 form is rebuilt from the raw value the audience brings again;
+  a number whose E.164 form is not such a suffix (vanity letters, "(0)" inside) is not cached
+  and simply parsed each run;
+- status, number type, the phonenumbers version, and when it was stored (for `purge`).
 
-Both directions are one set-based statement per chunk — the keys travel as a JSON document
+Same database as the ledger (SQLite by default, PostgreSQL in production): one table, created
+if absent; the earlier `phone_numbers` table, which held raw numbers, is dropped on sight.
+A lookup sees only rows of the running phonenumbers version, and a store overwrites rows of
+any other, so upgrading phonenumbers silently re-validates instead of serving stale answers.
+
+Both directions are one set-based statement per chunk — keys travel as a JSON document
 (SQLite, `json_each`) or as arrays (PostgreSQL, `unnest`) — never a round trip per row.
 """
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from typing import Any
 
 import phonenumbers
@@ -26,18 +39,21 @@ from cdp_activation.db import open_engine, read_frame
 METADATA_VERSION: str = phonenumbers.__version__
 _CHUNK = 200_000  # keys per statement: large enough to amortise, small enough for memory
 _SCAN_RATIO = 4  # read the whole table when asked for at least a quarter of its rows
+TABLE = "phone_lookups"
+_RAW_NUMBERS_TABLE = "phone_numbers"  # the earlier cache, keyed on raw numbers: dropped
 
 metadata = sa.MetaData()
 
-phone_numbers = sa.Table(
-    "phone_numbers",
+phone_lookups = sa.Table(
+    TABLE,
     metadata,
-    sa.Column("raw", sa.Text, primary_key=True),
-    sa.Column("region", sa.Text, primary_key=True),  # '' when the audience gave none
-    sa.Column("e164", sa.Text, nullable=True),
+    sa.Column("digest", sa.String(64), primary_key=True),
+    sa.Column("country_code", sa.Integer, nullable=True),  # null: not a valid number
+    sa.Column("digits", sa.Integer, nullable=True),  # trailing digits of the raw value kept
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("number_type", sa.Text, nullable=True),
     sa.Column("metadata_version", sa.Text, nullable=False),
+    sa.Column("stored_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 RESULT_SCHEMA: dict[str, pl.DataType] = {
@@ -47,51 +63,58 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "status": pl.String(),
     "number_type": pl.String(),
 }
-_VALUES = ("e164", "status", "number_type", "metadata_version")
+_STORED_SCHEMA: dict[str, pl.DataType] = {
+    "digest": pl.String(),
+    "country_code": pl.Int64(),
+    "digits": pl.Int64(),
+    "status": pl.String(),
+    "number_type": pl.String(),
+}
+_COLUMNS = ", ".join(_STORED_SCHEMA)
 
 _SQLITE_LOOKUP = sa.text(
-    "SELECT p.raw, p.region, p.e164, p.status, p.number_type"
-    " FROM json_each(:keys) AS k"
-    " JOIN phone_numbers AS p"
-    "   ON p.raw = json_extract(k.value, '$.raw') AND p.region = json_extract(k.value, '$.region')"
-    " WHERE p.metadata_version = :version"
+    f"SELECT {', '.join('p.' + c for c in _STORED_SCHEMA)} FROM json_each(:keys) AS k"
+    f" JOIN {TABLE} AS p ON p.digest = k.value WHERE p.metadata_version = :version"
 )
 _POSTGRES_LOOKUP = sa.text(
-    "SELECT p.raw, p.region, p.e164, p.status, p.number_type"
-    " FROM unnest(CAST(:raws AS text[]), CAST(:regions AS text[])) AS k(raw, region)"
-    " JOIN phone_numbers AS p ON p.raw = k.raw AND p.region = k.region"
-    " WHERE p.metadata_version = :version"
+    f"SELECT {', '.join('p.' + c for c in _STORED_SCHEMA)}"
+    " FROM unnest(CAST(:digests AS text[])) AS k(digest)"
+    f" JOIN {TABLE} AS p ON p.digest = k.digest WHERE p.metadata_version = :version"
 )
 _UPSERT_TAIL = (
-    " ON CONFLICT (raw, region) DO UPDATE SET"
-    " e164 = excluded.e164, status = excluded.status, number_type = excluded.number_type,"
-    " metadata_version = excluded.metadata_version"
-    " WHERE phone_numbers.metadata_version <> excluded.metadata_version"
+    " ON CONFLICT (digest) DO UPDATE SET"
+    " country_code = excluded.country_code, digits = excluded.digits,"
+    " status = excluded.status, number_type = excluded.number_type,"
+    " metadata_version = excluded.metadata_version, stored_at = excluded.stored_at"
+    f" WHERE {TABLE}.metadata_version <> excluded.metadata_version"
 )
+_INSERT = f"INSERT INTO {TABLE} ({_COLUMNS}, metadata_version, stored_at)"
 _SQLITE_STORE = sa.text(
-    "INSERT INTO phone_numbers (raw, region, e164, status, number_type, metadata_version)"
-    " SELECT json_extract(value, '$.raw'), json_extract(value, '$.region'),"
-    "  json_extract(value, '$.e164'), json_extract(value, '$.status'),"
-    "  json_extract(value, '$.number_type'), :version"
+    _INSERT + " SELECT json_extract(value, '$.digest'), json_extract(value, '$.country_code'),"
+    "  json_extract(value, '$.digits'), json_extract(value, '$.status'),"
+    "  json_extract(value, '$.number_type'), :version, :stored_at"
     " FROM json_each(:rows) WHERE true"  # `WHERE true`: SQLite's upsert-after-SELECT rule
-    + _UPSERT_TAIL
+     + _UPSERT_TAIL
 )
 _POSTGRES_STORE = sa.text(
-    "INSERT INTO phone_numbers (raw, region, e164, status, number_type, metadata_version)"
-    " SELECT k.raw, k.region, k.e164, k.status, k.number_type, :version"
-    " FROM unnest(CAST(:raws AS text[]), CAST(:regions AS text[]), CAST(:e164s AS text[]),"
-    "  CAST(:statuses AS text[]), CAST(:types AS text[]))"
-    "  AS k(raw, region, e164, status, number_type)" + _UPSERT_TAIL
+    _INSERT + " SELECT k.digest, k.country_code, k.digits, k.status, k.number_type, :version,"
+    "  :stored_at"
+    " FROM unnest(CAST(:digests AS text[]), CAST(:codes AS integer[]),"
+    "  CAST(:digit_counts AS integer[]), CAST(:statuses AS text[]), CAST(:types AS text[]))"
+    "  AS k(digest, country_code, digits, status, number_type)" + _UPSERT_TAIL
 )
 
 
 class PhoneCache:
-    """(raw, region) → (E.164, status, type), as phonenumbers `METADATA_VERSION` answered it.
+    """(raw, region) → (E.164, status, type), as phonenumbers `METADATA_VERSION` answered it,
+    kept under keyed digests (`key`: see `pii.pii_key`).
 
     Give it the ledger's URL (or its engine, to share the connection pool).
     """
 
-    def __init__(self, url_or_engine: str | sa.Engine, *, version: str = METADATA_VERSION):
+    def __init__(
+        self, url_or_engine: str | sa.Engine, *, key: bytes, version: str = METADATA_VERSION
+    ):
         if isinstance(url_or_engine, sa.Engine):
             self.engine = url_or_engine
             self._owns_engine = False
@@ -103,9 +126,12 @@ class PhoneCache:
             raise RuntimeError(
                 f"phone cache dialect {self.dialect!r} is not supported (use SQLite or PostgreSQL)"
             )
+        self.key = key
         self.version = version
         self._every: pl.DataFrame | None = None  # the whole table, once read (see lookup)
-        metadata.create_all(self.engine)
+        with self.engine.begin() as con:
+            con.exec_driver_sql(f"DROP TABLE IF EXISTS {_RAW_NUMBERS_TABLE}")
+            metadata.create_all(con)
 
     def _every_row(self) -> pl.DataFrame:
         """Every cached answer of this version, read once per `PhoneCache` and kept: a run
@@ -113,9 +139,9 @@ class PhoneCache:
         if self._every is None:
             self._every = read_frame(
                 self.engine,
-                f"SELECT {', '.join(RESULT_SCHEMA)} FROM phone_numbers WHERE metadata_version = $1",
+                f"SELECT {_COLUMNS} FROM {TABLE} WHERE metadata_version = $1",
                 (self.version,),
-                schema=RESULT_SCHEMA,
+                schema=_STORED_SCHEMA,
             )
         return self._every
 
@@ -123,6 +149,15 @@ class PhoneCache:
         """Close the pool, if this cache opened it (a shared ledger engine is left alone)."""
         if self._owns_engine:
             self.engine.dispose()
+
+    def _keyed(self, pairs: pl.DataFrame) -> pl.DataFrame:
+        """`pairs` (raw, region) with their `digest`."""
+        from cdp_activation.pii import keyed_digests
+
+        joined = [f"{raw}\x1f{region}" for raw, region in pairs.select("raw", "region").rows()]
+        return pairs.with_columns(
+            pl.Series("digest", keyed_digests(joined, self.key), dtype=pl.String)
+        )
 
     def lookup(self, pairs: pl.DataFrame) -> pl.DataFrame:
         """Cached answers for the (raw, region) rows of `pairs`; pairs never seen are absent.
@@ -132,73 +167,122 @@ class PhoneCache:
         keys = _storable(pairs.select("raw", "region").unique())
         if keys.is_empty():
             return pl.DataFrame(schema=RESULT_SCHEMA)
+        keys = self._keyed(keys)
         if self._every is None:
             with self.engine.connect() as con:
                 cached = int(
-                    con.execute(sa.select(sa.func.count()).select_from(phone_numbers)).scalar_one()
+                    con.execute(sa.select(sa.func.count()).select_from(phone_lookups)).scalar_one()
                 )
-            if len(keys) * _SCAN_RATIO < cached:
-                return self._lookup_keys(keys)
+            stored = (
+                self._lookup_keys(keys["digest"])
+                if len(keys) * _SCAN_RATIO < cached
+                else self._every_row()
+            )
+        else:
+            stored = self._every_row()
         # Asked for a good share of the table (the usual warm run), or read already: one
         # sequential read as Arrow and a hash join here beat a JSON decode and a seek per key.
-        return self._every_row().join(keys, on=["raw", "region"], how="semi")
+        found = keys.join(stored, on="digest", how="inner")
+        digits = pl.col("raw").str.replace_all("[^0-9]", "")  # ASCII digits, as `_recipe`
+        e164 = pl.when(pl.col("country_code").is_not_null()).then(
+            pl.concat_str(
+                pl.lit("+"),
+                pl.col("country_code").cast(pl.String),
+                digits.str.tail(pl.col("digits")),
+            )
+        )
+        return found.select("raw", "region", e164.alias("e164"), "status", "number_type").cast(
+            RESULT_SCHEMA  # type: ignore[arg-type]
+        )
 
-    def _lookup_keys(self, keys: pl.DataFrame) -> pl.DataFrame:
-        """The cached answers for `keys`, looked up by index, a chunk of keys a statement."""
+    def _lookup_keys(self, digests: pl.Series) -> pl.DataFrame:
+        """The cached rows for `digests`, looked up by index, a chunk of keys a statement."""
         found: list[pl.DataFrame] = []
         with self.engine.connect() as con:
-            for start in range(0, len(keys), _CHUNK):
-                chunk = keys.slice(start, _CHUNK)
+            for start in range(0, len(digests), _CHUNK):
+                chunk = digests.slice(start, _CHUNK).to_list()
                 if self.dialect == "sqlite":
-                    params: dict[str, Any] = {"keys": chunk.write_json()}
+                    params: dict[str, Any] = {"keys": json.dumps(chunk)}
                     statement = _SQLITE_LOOKUP
                 else:
-                    params = {"raws": chunk["raw"].to_list(), "regions": chunk["region"].to_list()}
+                    params = {"digests": chunk}
                     statement = _POSTGRES_LOOKUP
                 rows = con.execute(statement, {**params, "version": self.version}).all()
                 if rows:
-                    found.append(pl.DataFrame(rows, schema=RESULT_SCHEMA, orient="row"))
-        return pl.concat(found) if found else pl.DataFrame(schema=RESULT_SCHEMA)
+                    found.append(pl.DataFrame(rows, schema=_STORED_SCHEMA, orient="row"))
+        return pl.concat(found) if found else pl.DataFrame(schema=_STORED_SCHEMA)
 
     def store(self, results: pl.DataFrame) -> None:
         """Keep answers (`raw, region, e164, status, number_type`) for later runs.
 
         Rows already cached for this version are left as they are; rows of another version
-        are replaced.
+        are replaced. A valid number whose E.164 form cannot be rebuilt from its raw value's
+        trailing digits is not kept.
         """
         rows = _storable(results.select(list(RESULT_SCHEMA)).unique(subset=["raw", "region"]))
+        recipes = [_recipe(raw, e164) for raw, e164 in rows.select("raw", "e164").rows()]
+        rows = rows.with_columns(
+            pl.Series("country_code", [r[0] for r in recipes], dtype=pl.Int64),
+            pl.Series("digits", [r[1] for r in recipes], dtype=pl.Int64),
+            pl.Series("keep", [r[2] for r in recipes], dtype=pl.Boolean),
+        ).filter("keep")
+        stored = self._keyed(rows).select(list(_STORED_SCHEMA))
         if self._every is not None:
-            kept = self._every.join(rows, on=["raw", "region"], how="anti")
-            self._every = pl.concat([kept, rows.cast(RESULT_SCHEMA)])  # type: ignore[arg-type]
+            kept = self._every.join(stored, on="digest", how="anti")
+            self._every = pl.concat([kept, stored.cast(_STORED_SCHEMA)])  # type: ignore[arg-type]
+        now = datetime.now(UTC)
+        stamp: Any = now.strftime("%Y-%m-%d %H:%M:%S.%f") if self.dialect == "sqlite" else now
         with self.engine.begin() as con:
-            for start in range(0, len(rows), _CHUNK):
-                chunk = rows.slice(start, _CHUNK)
+            for start in range(0, len(stored), _CHUNK):
+                chunk = stored.slice(start, _CHUNK)
+                common = {"version": self.version, "stored_at": stamp}
                 if self.dialect == "sqlite":
-                    con.execute(
-                        _SQLITE_STORE, {"rows": chunk.write_json(), "version": self.version}
-                    )
+                    con.execute(_SQLITE_STORE, {"rows": chunk.write_json(), **common})
                 else:
                     con.execute(
                         _POSTGRES_STORE,
                         {
-                            "raws": chunk["raw"].to_list(),
-                            "regions": chunk["region"].to_list(),
-                            "e164s": chunk["e164"].to_list(),
+                            "digests": chunk["digest"].to_list(),
+                            "codes": chunk["country_code"].to_list(),
+                            "digit_counts": chunk["digits"].to_list(),
                             "statuses": chunk["status"].to_list(),
                             "types": chunk["number_type"].to_list(),
-                            "version": self.version,
+                            **common,
                         },
                     )
 
     def count(self) -> int:
         """Rows cached for this version (for tests and benchmarks)."""
-        query = sa.select(sa.func.count()).where(phone_numbers.c.metadata_version == self.version)
+        query = sa.select(sa.func.count()).where(phone_lookups.c.metadata_version == self.version)
         with self.engine.connect() as con:
             return int(con.execute(query).scalar_one())
 
+    def purge(self, before: datetime | None) -> int:
+        """Remove entries stored before `before` (all of them when None); returns how many."""
+        statement = sa.delete(phone_lookups)
+        if before is not None:
+            statement = statement.where(phone_lookups.c.stored_at < before)
+        with self.engine.begin() as con:
+            removed = con.execute(statement).rowcount
+        self._every = None
+        return max(removed or 0, 0)
+
+
+def _recipe(raw: str, e164: str | None) -> tuple[int | None, int | None, bool]:
+    """(country code, trailing digits of `raw`, keep?) that rebuild `e164` from `raw`."""
+    if e164 is None:
+        return None, None, True  # invalid or missing: nothing to rebuild
+    number = e164.removeprefix("+")
+    digits = "".join(c for c in raw if c in "0123456789")
+    for code_length in (1, 2, 3):
+        code, national = number[:code_length], number[code_length:]
+        if national and code[0] != "0" and digits.endswith(national):
+            return int(code), len(national), True
+    return None, None, False
+
 
 def _storable(frame: pl.DataFrame) -> pl.DataFrame:
-    """Rows a database can key on: a raw value, no NUL (PostgreSQL text cannot hold one)."""
+    """Rows a database can key on: a raw value, no NUL."""
     return frame.filter(
         pl.col("raw").is_not_null() & ~pl.col("raw").str.contains("\x00", literal=True)
     ).with_columns(pl.col("region").fill_null(""))

@@ -1,0 +1,267 @@
+"""Personal data (issue 15, item 10): where numbers may be kept, for how long, and erasure.
+
+- After a real run through Dagster (sends, status webhooks, the fallback, the send log
+  export), no phone number of the audience is anywhere in the Dagster instance's storage, its
+  logs or the send log, in any common format.
+- `purge` takes numbers, message texts and provider payloads out of what is past the
+  retention, and never touches a row still to send.
+- `erase` does it at once for given customers, pseudonymises their id in the ledger and the
+  send log, cancels what was still planned for them, and empties the phone cache.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, time, timedelta
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+import sqlalchemy as sa
+from time_machine import TimeMachineFixture
+
+from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
+from cdp_activation.ledger import Ledger, send_events, sends, status_events
+from cdp_activation.pii import ERASED, erase, purge
+from cdp_activation.policy.phone_cache import PhoneCache
+from cdp_activation.policy.phones import normalise_frame
+from cdp_activation.sandbox import SandboxServer
+from cdp_activation.send_log import SEND_LOG_TABLE, export_send_log
+from cdp_activation.storage import stored_outputs
+from cdp_activation.webhooks import WebhookServer
+from conftest import settings_for_sandbox
+from crash_worker import audience, sandbox_connectors
+
+pytestmark = pytest.mark.integration
+
+OPTIONS = DeliveryOptions(rate_per_second=5000, backoff_initial=0.01)
+KEY = b"test-pii-hash-key"
+
+
+def number_forms(e164: str) -> set[str]:
+    """The ways a number may be written down: E.164, its digits, national with a 0."""
+    digits = e164.removeprefix("+")
+    national = digits[2:]  # every number here is +44 (two-digit country code)
+    return {e164, digits, "0" + national}
+
+
+def leaked(text: str, numbers: list[str]) -> list[str]:
+    """The numbers of `numbers` written in `text` in any form (spaces, dashes, brackets
+    between digits ignored)."""
+    squeezed = re.sub(r"(?<=\d)[\s\-().]+(?=\d)", "", text)
+    return [n for n in numbers if any(form in squeezed for form in number_forms(n))]
+
+
+@pytest.fixture
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    ledger = Ledger(ledger_url)
+    yield ledger
+    ledger.dispose()
+
+
+def sent_with_statuses(ledger: Ledger, sandbox: SandboxServer, n: int = 40) -> list[str]:
+    """`n` sends through the sandbox, with its status webhooks stored; returns the numbers."""
+    with WebhookServer(ledger, settings_for_sandbox(sandbox).webhook_secrets()) as receiver:
+        sandbox.configure(status_webhooks_url=receiver.url, status_delay_ms=1)
+        ledger.plan("pii", "p", audience(n))
+        deliver(ledger, DeliveryScope("pii", "p"), sandbox_connectors(sandbox.url), OPTIONS)
+        deadline = datetime.now(UTC) + timedelta(seconds=20)
+        while datetime.now(UTC) < deadline:
+            with ledger.engine.connect() as con:
+                stored = con.execute(sa.select(sa.func.count()).select_from(status_events))
+                if stored.scalar_one() >= n - 2:  # a sent and a delivered report each, at least
+                    break
+    return [m.to for m in sandbox.messages()]
+
+
+def ledger_text(ledger: Ledger) -> str:
+    """Every value the ledger's sends and status reports hold, as one text."""
+    with ledger.engine.connect() as con:
+        rows = [*con.execute(sa.select(sends)), *con.execute(sa.select(status_events))]
+    return "\n".join(" ".join(str(v) for v in row) for row in rows)
+
+
+def test_purge_takes_personal_data_out_of_what_is_past_the_retention_only(
+    ledger: Ledger, sandbox: SandboxServer
+) -> None:
+    numbers = sent_with_statuses(ledger, sandbox)
+    assert leaked(ledger_text(ledger), numbers)  # the ledger needs them while it sends
+    waiting = audience(3).with_columns(pl.Series("customer_id", [901, 902, 903]))
+    ledger.plan("pii", "later", waiting.with_columns(pl.lit("+447911000999").alias("phone_e164")))
+    cache = PhoneCache(ledger.engine, key=KEY)
+    normalise_frame(pl.DataFrame({"phone": ["07400 123456"], "country": ["GB"]}), cache=cache)
+    assert cache.count() == 1
+
+    assert purge(ledger, days=90).sends == 0  # nothing is 90 days old yet
+    done = purge(ledger, days=90, now=datetime.now(UTC) + timedelta(days=91))
+    assert done.sends == 40 and done.status_reports > 0 and done.phone_cache == 1
+    text = ledger_text(ledger)
+    assert leaked(text, numbers) == []
+    with ledger.engine.connect() as con:
+        finished = con.execute(
+            sa.select(sends.c.recipient, sends.c.message, sends.c.error_message).where(
+                sends.c.partition_key == "p"
+            )
+        ).all()
+        payloads = con.execute(sa.select(status_events.c.payload)).scalars().all()
+        planned = con.execute(
+            sa.select(sends.c.recipient, sends.c.message).where(sends.c.partition_key == "later")
+        ).all()
+    assert {r.recipient for r in finished} == {ERASED}
+    assert {r.error_message for r in finished} == {None}
+    assert all(set(json.loads(r.message)) <= {"template", "language"} for r in finished)
+    assert set(payloads) == {None}
+    # Rows still to send keep what they need to be sent.
+    assert {r.recipient for r in planned} == {"+447911000999"}
+    assert all(
+        "parameters" in json.loads(r.message) or "body" in json.loads(r.message) for r in planned
+    )
+    # Counts, states and codes stay for reporting; purging again finds nothing to do.
+    assert sum(ledger.counts("pii", "p").values()) == 40
+    again = purge(ledger, days=90, now=datetime.now(UTC) + timedelta(days=91))
+    assert (again.sends, again.status_reports) == (0, 0)
+
+
+def test_erase_removes_a_customer_everywhere_and_cancels_what_was_still_planned(
+    ledger: Ledger, sandbox: SandboxServer, tmp_path: Path
+) -> None:
+    numbers = sent_with_statuses(ledger, sandbox, n=10)
+    ledger.plan("pii", "tomorrow", audience(2))  # customers 1 and 2, not sent yet
+    send_log = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    export_send_log(ledger, send_log)
+    cache = PhoneCache(ledger.engine, key=KEY)
+    normalise_frame(pl.DataFrame({"phone": ["07400 123456"], "country": ["GB"]}), cache=cache)
+
+    done = erase(ledger, ["1", "2"], send_log)
+    assert done.sends == 4 and done.phone_cache == 1 and done.send_log >= 4
+    erased_numbers = [n for n in numbers if n.endswith(("00000001", "00000002"))]
+    assert len(erased_numbers) == 2
+    text = ledger_text(ledger)
+    assert leaked(text, erased_numbers) == []
+    assert leaked(text, [n for n in numbers if n not in erased_numbers])  # the others stay
+    with ledger.engine.connect() as con:
+        rows = con.execute(
+            sa.select(sends.c.customer_id, sends.c.partition_key, sends.c.state).where(
+                sends.c.customer_id.like("erased-%")
+            )
+        ).all()
+        ids = set(con.execute(sa.select(sends.c.customer_id)).scalars())
+        history = con.execute(sa.select(sa.func.count()).select_from(send_events)).scalar_one()
+    assert len(rows) == 4 and not {"1", "2"} & ids
+    assert len({r.customer_id for r in rows}) == 2  # one pseudonym per customer
+    assert {r.state for r in rows if r.partition_key == "tomorrow"} == {"cancelled"}
+    assert history > 0  # the state history stays (it holds no personal data)
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as con:
+        logged = {r[0] for r in con.execute(f"SELECT customer_id FROM {SEND_LOG_TABLE}").fetchall()}
+    assert not {"1", "2"} & logged and len([c for c in logged if c.startswith("erased-")]) == 2
+    assert PhoneCache(ledger.engine, key=KEY).count() == 0
+
+
+def test_no_number_in_dagster_storage_logs_or_the_send_log_after_a_run(
+    tmp_path: Path,
+    sandbox: SandboxServer,
+    monkeypatch: pytest.MonkeyPatch,
+    time_machine: TimeMachineFixture,
+) -> None:
+    """The whole path a marketer triggers: preview, send, statuses back, fallback, send log;
+    then every file of the Dagster instance (run and event storage, compute logs), the
+    captured log lines and the send log are searched for the numbers that were messaged."""
+    import logging
+
+    from cdp_activation.cli import DEMO_STATUSES
+    from cdp_activation.demo_data import generate_demo_warehouse
+    from cdp_activation.runner import run_activation, run_fallback, today_partition
+
+    today = datetime.now(UTC).date()
+    time_machine.move_to(datetime.combine(today, time(14, 0), tzinfo=UTC), tick=True)  # awake
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    warehouse = tmp_path / "demo.duckdb"
+    as_of = datetime.combine(today, time.min, tzinfo=UTC)
+    generate_demo_warehouse(warehouse, customers=1_500, seed=11, as_of=as_of)
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    for name, value in {
+        "DAGSTER_HOME": str(home),
+        "CDP_WAREHOUSE_URL": f"duckdb:///{warehouse}",
+        "CDP_LEDGER_URL": ledger_url,
+        "CDP_META_BASE_URL": f"{sandbox.url}/meta",
+        "CDP_TWILIO_BASE_URL": f"{sandbox.url}/twilio",
+        "CDP_TWILIO_CONTENT_BASE_URL": f"{sandbox.url}/twilio",
+        "CDP_META_RATE_PER_SECOND": "5000",
+        "CDP_TWILIO_RATE_PER_SECOND": "5000",
+    }.items():
+        monkeypatch.setenv(name, value)
+    captured: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append(self.format(record))
+
+    handler = Keep()
+    logging.getLogger().addHandler(handler)
+    ledger = Ledger(ledger_url)
+    try:
+        with WebhookServer(ledger, settings_for_sandbox(sandbox).webhook_secrets()) as receiver:
+            sandbox.configure(status_webhooks_url=receiver.url, **DEMO_STATUSES)
+            partition = today_partition()
+            assert run_activation("winback_whatsapp", partition, dry_run=True).success
+            summary = run_activation("winback_whatsapp", partition, dry_run=False)
+            assert summary.success and summary.sent > 50, summary.error
+            run_fallback("winback_whatsapp", partition, not_delivered_within_minutes=0)
+        export_send_log(ledger, f"duckdb:///{warehouse}")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        ledger.dispose()
+    numbers = sorted({m.to for m in sandbox.messages()})
+    assert len(numbers) > 50
+
+    files = [p for p in home.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".db" for p in files)  # the instance's SQLite storage was written
+    stored = "\n".join(p.read_bytes().decode("utf-8", "replace") for p in files)
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        log_rows = con.execute(f"SELECT * FROM {SEND_LOG_TABLE}").fetchall()
+    send_log_text = "\n".join(" ".join(str(v) for v in row) for row in log_rows)
+    assert len(log_rows) >= summary.sent
+    all_numbers = [n for n in numbers if n.startswith("+44")] or numbers
+    assert leaked(stored, all_numbers) == []
+    kept = stored_outputs(home / "storage")
+    assert kept  # the audience and decisions were kept, sealed
+    assert leaked("\n".join(captured), all_numbers) == []
+    assert leaked(send_log_text, all_numbers) == []
+    # Past the retention, the sealed outputs go too.
+    ledger = Ledger(ledger_url)
+    try:
+        later = datetime.now(UTC) + timedelta(days=91)
+        assert purge(ledger, 90, now=later, storage_dir=home / "storage").outputs == len(kept)
+    finally:
+        ledger.dispose()
+    assert stored_outputs(home / "storage") == []
+
+
+def test_stored_outputs_are_sealed_and_need_a_key_outside_the_sandbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cdp_activation.settings import SettingsError
+    from cdp_activation.storage import seal, storage_cipher, unseal
+
+    cipher = storage_cipher()  # sandbox mode: the published key
+    sealed = seal(cipher, b"+447911123456")
+    assert b"447911123456" not in sealed and unseal(cipher, sealed, "x") == b"+447911123456"
+    tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    with pytest.raises(SettingsError, match="cannot be read with this CDP_PII_HASH_KEY"):
+        unseal(cipher, tampered, "x")
+    monkeypatch.setenv("CDP_SANDBOX", "")
+    monkeypatch.delenv("CDP_PII_HASH_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env here
+    with pytest.raises(SettingsError) as refused:
+        storage_cipher()
+    assert "CDP_PII_HASH_KEY is not set" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    monkeypatch.setenv("CDP_PII_HASH_KEY", "a-long-random-production-key")
+    other = storage_cipher()
+    with pytest.raises(SettingsError):
+        unseal(other, sealed, "x")  # another key cannot read what the sandbox's sealed
