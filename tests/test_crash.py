@@ -57,7 +57,7 @@ def test_sigkill_at_random_points_sends_nobody_twice_and_loses_nobody(
         final.wait_for("delivering", timeout=30)
         summary = json.loads(final.wait_for("{", timeout=60))
         assert final.process.wait(10) == 0
-        time.sleep(0.2)  # requests of killed workers still being answered: let them finish
+        sandbox.wait_idle()  # requests of killed workers still being answered
         accepted = sandbox.messages()
         gone = sum(a.result == "client_gone" for a in sandbox.attempts())
 
@@ -136,7 +136,7 @@ def test_sigkill_through_line_resends_each_interrupted_request_whole_and_nobody_
         recovered += int(started.split("recovered ")[1].rstrip(")"))
         summary = json.loads(final.wait_for("{", timeout=90))
         assert final.process.wait(10) == 0
-        time.sleep(0.5)  # requests of killed workers still being answered
+        sandbox.wait_idle()  # requests of killed workers still being answered
         accepted = sandbox.messages()
         replayed = [a for a in sandbox.attempts() if a.result == "replayed"]
 

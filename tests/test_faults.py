@@ -167,9 +167,10 @@ def test_latency_jitter_and_slow_requests_delay_answers(sandbox: SandboxServer) 
     sandbox.configure(latency_ms=30, latency_jitter_ms=20, slow_rate=1.0, slow_ms=50)
     began = time.monotonic()
     assert one(sandbox, "twilio", "+447900000005")[0] == Outcome.SENT
-    assert 0.08 <= time.monotonic() - began < 0.5
+    assert time.monotonic() - began >= 0.08  # at least latency + slow (no upper bound:
+    # a loaded machine may take longer, and that is not what is tested)
     [attempt] = sandbox.attempts()
-    assert 0.08 <= attempt.answered - attempt.arrived < 0.15
+    assert attempt.answered - attempt.arrived >= 0.08
 
 
 # --- the delivery engine under faults ---------------------------------------------------------
@@ -185,7 +186,7 @@ def test_faults_end_every_row_in_one_terminal_state_and_nobody_twice(
     began = time.monotonic()
     report = deliver(ledger, DeliveryScope("faults", "p"), sandbox_connectors(sandbox.url), OPTIONS)
     elapsed = time.monotonic() - began
-    time.sleep(0.1)  # let the sandbox finish logging answers already on the wire
+    sandbox.wait_idle()  # answers already on the wire are logged
     rows = ledger.rows("faults", "p")
     accepted = sandbox.messages()
     attempts = sandbox.attempts()

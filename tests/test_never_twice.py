@@ -188,7 +188,7 @@ def test_signals_at_random_instants_under_faults_lose_nobody_and_send_nobody_twi
         final = Worker(ledger_url, sandbox.url, 16, n=3000, env={"CRASH_WORKER_MAX_ATTEMPTS": "50"})
         summary = final.summary(timeout=180)
         assert final.process.wait(30) == 0, summary
-        time.sleep(0.3)  # answers of killed workers still on the wire
+        sandbox.wait_idle()  # answers of killed workers still on the wire
         accepted = sandbox.messages()
         received = {a.to for a in sandbox.attempts()}
     rows = ledger_rows(ledger_url)
@@ -245,7 +245,7 @@ def test_a_stopped_worker_keeps_its_rows_until_its_lease_expires(ledger_url: str
         woken = frozen.summary(timeout=60)
         assert frozen.process.wait(30) == 3
         assert "LeaseLost" in str(woken["error"])
-        time.sleep(0.5)
+        sandbox.wait_idle()  # the woken worker's requests are all answered
         accepted = sandbox.messages()
     rows = ledger_rows(ledger_url)
     assert_each_key_once(accepted, rows)

@@ -57,8 +57,16 @@ def main() -> None:
 @click.option("--seed", default=42, show_default=True, help="Seed of the demo data.")
 @click.option("--port", default=SANDBOX_PORT, show_default=True, help="Sandbox port.")
 @click.option("--dry-run", is_flag=True, help="Preview only: send nothing.")
+@click.option(
+    "--send-window",
+    metavar="HH:MM-HH:MM",
+    help="Local hours messages may go out (default: the activation's quiet hours apply: at "
+    "03:00 UTC in winter every demo customer is asleep and every message waits).",
+)
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
-def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> None:
+def demo(
+    customers: int, seed: int, port: int, dry_run: bool, send_window: str | None, as_json: bool
+) -> None:
     from cdp_activation.demo_data import generate_demo_warehouse
     from cdp_activation.runner import (
         ensure_dagster_home,
@@ -69,6 +77,7 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
     from cdp_activation.warehouse import duckdb_path
 
     started = time.perf_counter()
+    window = _window(send_window)
     # The demo runs against the local sandbox, with its published credentials: say so.
     os.environ["CDP_SANDBOX"] = "1"
     home = ensure_dagster_home()
@@ -97,7 +106,9 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
         hooks = None if dry_run else _status_webhooks(stack, url)
         # Plan, then apply: the preview a marketer checks before a send, through Dagster.
         console.print(f"[bold]3/5[/] preview (dry run) of winback_whatsapp for {partition}")
-        summary = run_activation("winback_whatsapp", partition, dry_run=True, queue=queue)
+        summary = run_activation(
+            "winback_whatsapp", partition, dry_run=True, queue=queue, send_window=window
+        )
         if summary.success:
             cost = summary.estimated_cost or 0.0
             console.print(
@@ -110,7 +121,9 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
         if not dry_run and summary.success:
             console.print(f"[bold]4/5[/] sending winback_whatsapp for {partition} via Dagster")
             with _progress_bar("winback_whatsapp", partition):
-                summary = run_activation("winback_whatsapp", partition, dry_run=False, queue=queue)
+                summary = run_activation(
+                    "winback_whatsapp", partition, dry_run=False, queue=queue, send_window=window
+                )
             reports = _settled_statuses("winback_whatsapp", partition) if hooks else None
         fallback = None
         if reports is not None and summary.success:
@@ -125,6 +138,16 @@ def demo(customers: int, seed: int, port: int, dry_run: bool, as_json: bool) -> 
             )
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
     _report(summary, as_json, sandbox_url=url, reports=reports, fallback=fallback)
+
+
+def _window(send_window: str | None) -> tuple[str, str] | None:
+    """`--send-window HH:MM-HH:MM` as (start, end)."""
+    if send_window is None:
+        return None
+    start, sep, end = send_window.partition("-")
+    if not sep:
+        raise click.BadParameter(f"{send_window!r} is not HH:MM-HH:MM", param_hint="--send-window")
+    return start.strip(), end.strip()
 
 
 # How the demo's sandbox reports back: most WhatsApp and SMS messages delivered (half of them
@@ -389,14 +412,7 @@ def _run(
         if not sep:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         parameters[key] = _yaml_scalar(value)
-    window = None
-    if send_window is not None:
-        start, sep, end = send_window.partition("-")
-        if not sep:
-            raise click.BadParameter(
-                f"{send_window!r} is not HH:MM-HH:MM", param_hint="--send-window"
-            )
-        window = (start.strip(), end.strip())
+    window = _window(send_window)
     partition = partition or today_partition()
     with ExitStack() as stack:
         # First wait behind any other run of the activation: the progress bar counts from

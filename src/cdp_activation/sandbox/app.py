@@ -324,6 +324,7 @@ class MessageStore:
     _first_ids: dict[tuple[str, str], str] = field(default_factory=dict)
     _tracked: dict[str, dict[str, Any]] = field(default_factory=dict)  # Braze user attributes
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _in_progress: int = 0
 
     def track(self, attributes: list[dict[str, Any]]) -> None:
         """Merge Braze `/users/track` attribute objects into each user's profile."""
@@ -367,6 +368,20 @@ class MessageStore:
         with self._lock:
             self._seen[(provider, request_hash)] += 1
             return self._seen[(provider, request_hash)]
+
+    def arrived(self) -> None:
+        with self._lock:
+            self._in_progress += 1
+
+    def answered(self) -> None:
+        with self._lock:
+            self._in_progress -= 1
+
+    @property
+    def in_progress(self) -> int:
+        """Requests received and not answered yet (held for latency, a timeout, …)."""
+        with self._lock:
+            return self._in_progress
 
     def log(self, attempt: SandboxAttempt) -> None:
         with self._lock:
@@ -2239,9 +2254,16 @@ class _SandboxApp(Starlette):
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            scope[_RAW_SEND] = send
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        scope[_RAW_SEND] = send
+        store: MessageStore = self.state.store
+        store.arrived()
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            store.answered()
 
 
 async def sandbox_messages(request: Request) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import uvicorn
@@ -70,6 +71,22 @@ class SandboxServer(BackgroundServer):
     def duplicates(self) -> dict[tuple[Any, ...], int]:
         """Messages accepted more than once (same provider, recipient and content)."""
         return self.store.duplicates()
+
+    def wait_idle(self, timeout: float = 30.0, quiet: float = 0.05) -> None:
+        """Wait until no request is being answered (none for `quiet` seconds in a row): the
+        requests of a killed client, still held for their latency, have all been answered and
+        recorded. Raises TimeoutError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        idle_since: float | None = None
+        while time.monotonic() < deadline:
+            if self.store.in_progress == 0:
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since >= quiet:
+                    return
+            else:
+                idle_since = None
+            time.sleep(0.005)
+        raise TimeoutError(f"the sandbox still answers {self.store.in_progress} request(s)")
 
     def reset(self) -> None:
         """Forget accepted messages, requests and template status changes (between tests);
