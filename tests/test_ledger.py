@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import polars as pl
@@ -244,6 +245,9 @@ def test_a_ledger_from_an_earlier_version_gains_the_new_columns(tmp_path: Path) 
         con.exec_driver_sql("ALTER TABLE sends DROP COLUMN request_id")
     ledger.dispose()
 
+    import cdp_activation.ledger as ledger_module
+
+    ledger_module._MIGRATED.discard(url)  # as a new process of the new version finds it
     upgraded = Ledger(url)
     columns = {c["name"] for c in sa.inspect(upgraded.engine).get_columns("sends")}
     assert "request_id" in columns
@@ -253,6 +257,40 @@ def test_a_ledger_from_an_earlier_version_gains_the_new_columns(tmp_path: Path) 
     assert upgraded.recover_interrupted("winback", "p", idempotent=["meta_whatsapp"]) == 2
     assert [r.request_id for r in upgraded.pending("winback", "p")] == [rows[0].id] * 2
     upgraded.dispose()
+
+
+def test_the_schema_is_migrated_once_per_process_not_on_every_opening(ledger_url: str) -> None:
+    """A sensor opens the ledger every minute: only the first opening in a process creates or
+    upgrades the schema (and on PostgreSQL takes the schema lock); a dropped schema is seen."""
+    import sqlalchemy as sa
+
+    import cdp_activation.ledger as ledger_module
+
+    ledger_module._MIGRATED.discard(ledger_url)
+    first = Ledger(ledger_url)
+    first.dispose()
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    sa.event.listen(sa.Engine, "before_cursor_execute", record)
+    try:
+        again = Ledger(ledger_url)
+        again.plan("winback", "p", chosen(1))
+    finally:
+        sa.event.remove(sa.Engine, "before_cursor_execute", record)
+    schema_work = [
+        s for s in statements if re.search(r"\b(CREATE|ALTER|advisory|ledger_schema_lock)", s)
+    ]
+    assert schema_work == [] and statements  # it did work, and none of it was DDL
+    with again.engine.begin() as con:  # the schema goes away (a test, an operator)
+        for table in ("send_events", "sends"):
+            con.exec_driver_sql(f"DROP TABLE {table}")
+    again.dispose()
+    reopened = Ledger(ledger_url)  # sees it is gone and creates it again
+    assert reopened.counts("winback", "p") == {}
+    reopened.dispose()
 
 
 def test_claims_hand_each_row_to_one_worker_and_only_gone_workers_are_recovered(

@@ -619,6 +619,19 @@ def sandbox(host: str, port: int) -> None:
 
 
 @main.command(
+    help="Create or upgrade the ledger's schema (CDP_LEDGER_URL) now, e.g. at deployment; "
+    "otherwise each process does it on its first use of the ledger."
+)
+def migrate() -> None:
+    from cdp_activation.ledger import Ledger
+
+    settings = get_settings()
+    ledger = Ledger(settings.ledger_url)  # opening it the first time in a process migrates
+    ledger.dispose()
+    console.print("ledger schema is up to date", highlight=False)
+
+
+@main.command(
     help="Take personal data out of finished sends, status reports and the phone cache older "
     "than the retention (CDP_PII_RETENTION_DAYS, 90 by default). Rows still to send are kept."
 )

@@ -346,20 +346,28 @@ class Ledger:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        triggers = {"sqlite": _SQLITE_TRIGGERS, "postgresql": _POSTGRES_TRIGGERS}
         try:
             self.engine = open_engine(url)
-            # One process at a time creates or upgrades the schema: runs and workers that
-            # start together would otherwise race to create the same tables and triggers.
-            with self.engine.begin() as con:
-                _lock_schema(con)
-                metadata.create_all(con)
-                _add_missing_columns(con)
-                if not _has_trigger(con):
-                    for statement in triggers.get(self.engine.dialect.name, ()):
-                        con.exec_driver_sql(statement)
+            if url not in _MIGRATED or not _has_sends(self.engine):
+                self.migrate()
         except (sa.exc.OperationalError, OSError) as err:
             raise LedgerUnavailable.of(url, err) from None
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema (tables, added columns, indexes, triggers). Done on a
+        ledger's first opening in each process (or by `cdp-activation migrate`), not on every
+        one: a sensor opening the ledger every minute takes no schema lock."""
+        triggers = {"sqlite": _SQLITE_TRIGGERS, "postgresql": _POSTGRES_TRIGGERS}
+        # One process at a time creates or upgrades the schema: runs and workers that start
+        # together would otherwise race to create the same tables and triggers.
+        with self.engine.begin() as con:
+            _lock_schema(con)
+            metadata.create_all(con)
+            _add_missing_columns(con)
+            if not _has_trigger(con):
+                for statement in triggers.get(self.engine.dialect.name, ()):
+                    con.exec_driver_sql(statement)
+        _MIGRATED.add(self.url)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -1768,6 +1776,15 @@ def _lock_schema(con: sa.Connection) -> None:
         # (waiting out the busy timeout), and the DDL that follows runs inside it.
         con.exec_driver_sql("CREATE TABLE IF NOT EXISTS ledger_schema_lock (id INTEGER)")
         con.exec_driver_sql("DELETE FROM ledger_schema_lock")
+
+
+_MIGRATED: set[str] = set()  # ledger URLs this process brought up to this schema
+
+
+def _has_sends(engine: sa.Engine) -> bool:
+    """The `sends` table is there (a catalog read, no lock): the schema was not dropped."""
+    with engine.connect() as con:
+        return sa.inspect(con).has_table("sends")
 
 
 def _add_missing_columns(con: sa.Connection) -> None:
