@@ -30,6 +30,7 @@ from cdp_activation.delivery import (
     deliver,
     rate_of,
 )
+from cdp_activation.errors import CdpError
 from cdp_activation.ledger import (
     DEAD_LETTER,
     FAILED,
@@ -64,7 +65,7 @@ from cdp_activation.specs import (
 from cdp_activation.warehouse import Warehouse
 
 
-class AudienceContractError(ValueError):
+class AudienceContractError(CdpError, ValueError):
     """The audience query's result breaks the contract (columns, nulls, duplicates)."""
 
 
@@ -683,10 +684,12 @@ class DeliverySummary:
     workers: list[dict[str, Any]] = field(default_factory=list)  # each claim worker's figures
 
 
-class DeliveryFailed(Exception):
+class DeliveryFailed(CdpError):
     """The deliveries step stopped before everything due was sent (provider down, refused
     credentials or template, interrupted): `summary` says where the partition stands, and
     every message not sent stays planned for the next run."""
+
+    transient = True
 
     def __init__(self, message: str, summary: DeliverySummary) -> None:
         super().__init__(message)

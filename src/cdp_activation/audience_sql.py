@@ -15,6 +15,8 @@ from sqlglot.dialects import Dialect
 from sqlglot.errors import ParseError
 from sqlglot.tokens import TokenType
 
+from cdp_activation.errors import CdpError
+
 READ_ONLY_ROOTS = (exp.Select, exp.SetOperation)
 WRITE_NODES = (exp.Insert, exp.Update, exp.Delete, exp.Merge, exp.Create, exp.Drop, exp.Alter)
 
@@ -41,7 +43,7 @@ def sql_dialect(url: str) -> str:
     return _DIALECTS[scheme]
 
 
-class AudienceSQLError(ValueError):
+class AudienceSQLError(CdpError, ValueError):
     """The audience SQL file cannot be used as it is; the message names file and line."""
 
 

@@ -20,23 +20,23 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from cdp_activation.settings import SANDBOX_PORT, SettingsError, get_settings, project_root
+from cdp_activation.errors import cdp_error_in
+from cdp_activation.settings import SANDBOX_PORT, get_settings, project_root
 
 console = Console(stderr=True)
 
 
 class _Main(click.Group):
-    """Settings that make no sense (CDP_*) end any command with one line, not a traceback,
-    also when Dagster wraps the error (read while loading the definitions)."""
+    """Any of the project's errors (`errors.CdpError`: bad settings, SQL, templates,
+    credentials, a provider down) ends a command with one line, not a traceback, also when
+    Dagster wraps it; `--debug` shows the traceback. Anything else is a bug: traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except Exception as err:
-            cause: BaseException | None = err
-            while cause is not None and not isinstance(cause, SettingsError):
-                cause = cause.__cause__ or cause.__context__
-            if cause is None:
+            cause = cdp_error_in(err)
+            if cause is None or (ctx.obj or {}).get("debug"):
                 raise
             raise click.ClickException(str(cause)) from None
 
@@ -45,8 +45,10 @@ class _Main(click.Group):
     cls=_Main,
     help="Activate warehouse audiences on WhatsApp, SMS and more, safely, with Dagster.",
 )
-def main() -> None:
-    pass
+@click.option("--debug", is_flag=True, help="Show the traceback of an error, not one line.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    ctx.obj = {"debug": debug}
 
 
 # ---------------------------------------------------------------- demo

@@ -27,6 +27,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from cdp_activation.demo_data import DEMO_TABLES
+from cdp_activation.errors import CdpError
 from cdp_activation.warehouse import postgres_endpoint, postgres_uri, redact_password
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ PRIMARY_KEYS = {"customers": "customer_id"}
 """Keys worth having in PostgreSQL (DuckDB's schema declares the same one)."""
 
 
-class DemoLoadError(RuntimeError):
+class DemoLoadError(CdpError, RuntimeError):
     """The demo warehouse could not be copied; the message says which table and why."""
 
 

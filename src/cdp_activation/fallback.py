@@ -41,6 +41,7 @@ from cdp_activation.activation_run import (
 from cdp_activation.connectors import connector_class
 from cdp_activation.connectors.base import Connector
 from cdp_activation.delivery import DeliveryOptions
+from cdp_activation.errors import CdpError
 from cdp_activation.ledger import FALLBACK_STEP, Ledger
 from cdp_activation.policy import reasons
 from cdp_activation.policy.engine import EXCLUDE, excluded_by_reason
@@ -52,7 +53,7 @@ from cdp_activation.warehouse import Warehouse
 SENSOR_HORIZON = timedelta(days=7)
 
 
-class NoFallbackPlanned(ValueError):
+class NoFallbackPlanned(CdpError, ValueError):
     """The activation's channel plan has no `fallback`."""
 
 

@@ -39,6 +39,7 @@ import sqlalchemy as sa
 
 from cdp_activation.connectors.base import Outcome, SendResult, send_id_of
 from cdp_activation.db import as_utc, open_engine, read_frame
+from cdp_activation.errors import CdpError
 from cdp_activation.masking import masked
 from cdp_activation.processes import host_id, process_gone
 from cdp_activation.settings import SettingsError
@@ -307,9 +308,11 @@ class Settlement:
     uncertain: bool = False
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(CdpError, RuntimeError):
     """This worker was taken for dead (its lease expired) and its rows were recovered by
     another process: it must stop claiming."""
+
+    transient = True
 
 
 # How far a provider's clock may be behind ours: a status report dated earlier than this

@@ -20,6 +20,7 @@ from typing import Any
 
 import dagster as dg
 
+from cdp_activation.errors import CdpError
 from cdp_activation.processes import host_id, process_gone, started_at
 from cdp_activation.settings import SettingsError, get_settings, project_root
 from cdp_activation.specs import check_workers
@@ -91,9 +92,11 @@ class ActiveRun:
         return f"{self.run_id[:8]} ({what}, {verb} by {self.launched_by})"
 
 
-class ActivationBusy(RuntimeError):
+class ActivationBusy(CdpError, RuntimeError):
     """Another run of the activation is queued or in progress, and we were not to wait (or
     waited as long as we were allowed to)."""
+
+    transient = True
 
     def __init__(self, active: ActiveRun, waited: float | None = None) -> None:
         self.active = active

@@ -11,11 +11,12 @@ from typing import Any
 
 import yaml
 
+from cdp_activation.errors import CdpError
 from cdp_activation.masking import masked
 from cdp_activation.settings import get_settings
 
 
-class ScalingError(RuntimeError):
+class ScalingError(CdpError, RuntimeError):
     """A many-worker setup that cannot work, found before anything is claimed or sent."""
 
 

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdp_activation.confirmation import ConfirmPolicy
 from cdp_activation.connectors.base import ConnectorConfigError
+from cdp_activation.errors import CdpError
 
 if TYPE_CHECKING:
     from cdp_activation.webhooks.app import WebhookSecrets
@@ -428,7 +429,7 @@ def get_settings() -> Settings:
     raise SettingsError(message)
 
 
-class SettingsError(ValueError):
+class SettingsError(CdpError, ValueError):
     """Settings that make no sense, refused before anything is planned or sent: one line
     naming each variable, what it must be and what it means. Never holds a secret's value."""
 

@@ -30,6 +30,7 @@ import polars as pl
 from cdp_activation.audience_sql import AudienceQuery, load_audience_sql
 from cdp_activation.connectors import CONNECTORS
 from cdp_activation.db import as_utc
+from cdp_activation.errors import CdpError
 from cdp_activation.ledger import Ledger
 from cdp_activation.statuses import STATUS_RANK, StatusEvent
 from cdp_activation.warehouse import Warehouse
@@ -40,7 +41,7 @@ FIRST_LOOKBACK = timedelta(days=7)
 OVERLAP = timedelta(hours=1)
 
 
-class StatusSourceError(ValueError):
+class StatusSourceError(CdpError, ValueError):
     """A status source's rows break its contract; nothing was written."""
 
 

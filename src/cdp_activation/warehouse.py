@@ -70,6 +70,7 @@ from sqlglot.dialects import Dialect
 from sqlglot.tokens import TokenType
 
 from cdp_activation.audience_sql import AudienceQuery, sql_dialect
+from cdp_activation.errors import CdpError
 
 DEFAULT_STATEMENT_TIMEOUT_S = 300.0
 """Five minutes: a real audience query on a warehouse takes seconds to a minute; one that runs
@@ -87,7 +88,7 @@ _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _BINDABLE = (bool, int, float, Decimal, str, date, datetime, type(None))
 
 
-class WarehouseError(RuntimeError):
+class WarehouseError(CdpError, RuntimeError):
     """The warehouse refused or failed a query; the message says which file and why."""
 
 

@@ -16,6 +16,8 @@ from typing import ClassVar, Protocol, runtime_checkable
 
 import httpx
 
+from cdp_activation.errors import CdpError
+
 
 class Outcome(StrEnum):
     """What a provider's answer means for one message."""
@@ -26,20 +28,29 @@ class Outcome(StrEnum):
     UNKNOWN = "unknown"  # may have been accepted (timeout after sending, connection lost)
 
 
-class ConnectorError(Exception):
-    """Base class of errors that stop a whole activation, not just one recipient."""
+class ConnectorError(CdpError):
+    """Base class of errors that stop a whole activation, not just one recipient; by
+    default transient (the provider may answer later), terminal where a subclass says so."""
+
+    transient: ClassVar[bool] = True
 
 
 class CredentialsError(ConnectorError):
     """The provider refused our credentials (401/403, Meta code 190, Twilio 20003)."""
 
+    transient: ClassVar[bool] = False
+
 
 class TemplateError(ConnectorError):
     """The template itself is wrong (missing, not approved, wrong parameters): stop sending."""
 
+    transient: ClassVar[bool] = False
+
 
 class ConnectorConfigError(ConnectorError):
     """A connector is configured wrongly (missing base URL, sender id or credential)."""
+
+    transient: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,38 @@
+"""The root of every error cdp-activation raises on purpose, and its two kinds.
+
+`CdpError.transient` says what an operator (or a scheduler) should do about it:
+- terminal (False): trying again changes nothing until something is fixed — a setting, the
+  audience SQL, a template, a credential. The message names what and where.
+- transient (True): the same run may succeed later — a provider down, a rate limiter not
+  answering, a run interrupted, a partition busy. Nothing was lost: what was not sent stays
+  planned in the ledger.
+
+The CLI prints any of them as one line (the traceback with `cdp-activation --debug`); an
+exception that is not a `CdpError` is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class CdpError(Exception):
+    """Base of the project's own errors (see the module doc)."""
+
+    transient: ClassVar[bool] = False
+
+    @property
+    def kind(self) -> str:
+        return "transient" if self.transient else "terminal"
+
+
+def cdp_error_in(err: BaseException) -> CdpError | None:
+    """The first `CdpError` in `err`'s chain of causes (Dagster wraps what a step raised)."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, CdpError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
