@@ -61,6 +61,7 @@ from cdp_activation.specs import (
     ChannelPlanSpec,
     QuietHoursSpec,
     coerce_parameter,
+    storable_parameters,
 )
 from cdp_activation.warehouse import Warehouse
 
@@ -252,7 +253,7 @@ def audience_metadata(
         "dagster/row_count": frame.height,
         "audience_size": frame.height,
         "partition": partition_key,
-        "parameters": dg.MetadataValue.json({k: str(v) for k, v in parameters.items()}),
+        "parameters": dg.MetadataValue.json(storable_parameters(parameters)),
         "dagster/column_schema": dg.TableSchema(
             columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()]
         ),

@@ -70,6 +70,19 @@ def coerce_parameter(kind: str, value: Any) -> Any:
         raise ValueError(f"{value!r} is not a valid {kind}: {err}") from None
 
 
+def storable_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as JSON keeps them, typed (a date as ISO text): `coerce_parameter` takes each
+    back to the same value (`True` stays a boolean, not the text "True")."""
+    return {
+        name: value.isoformat()
+        if isinstance(value, date)
+        else value
+        if value is None or isinstance(value, bool | int | float | str)
+        else str(value)
+        for name, value in parameters.items()
+    }
+
+
 class AudienceSpec(_Strict):
     """Where the audience SQL is and the defaults of its parameters."""
 
