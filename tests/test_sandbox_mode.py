@@ -113,6 +113,8 @@ def project_without_sandbox_mode(tmp_path: Path, sandbox: SandboxServer) -> Any:
     """A CLI project against `sandbox` whose environment does not say CDP_SANDBOX."""
     project = cli_project(tmp_path, sandbox, customers=300)
     project.env.pop("CDP_SANDBOX")
+    # As a real deployment has it: the key that seals Dagster's stored outputs (storage.py).
+    project.env["CDP_PII_HASH_KEY"] = "a-long-random-key-of-this-deployment"
     return project
 
 

@@ -20,7 +20,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from cdp_activation.errors import cdp_error_in
+from cdp_activation.errors import EX_TEMPFAIL, cdp_error_in
 from cdp_activation.settings import SANDBOX_PORT, get_settings, project_root
 
 console = Console(stderr=True)
@@ -34,11 +34,15 @@ class _Main(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.ClickException:
+            raise  # already the one line (and exit status) a command chose
         except Exception as err:
             cause = cdp_error_in(err)
             if cause is None or (ctx.obj or {}).get("debug"):
                 raise
-            raise click.ClickException(str(cause)) from None
+            failure = click.ClickException(str(cause))
+            failure.exit_code = EX_TEMPFAIL if cause.transient else 1
+            raise failure from None
 
 
 @click.group(
@@ -277,7 +281,7 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
 class Busy(click.ClickException):
     """Another run of the activation is queued or in progress (--no-wait, --wait-timeout)."""
 
-    exit_code = 75  # EX_TEMPFAIL: nothing was started; try again later
+    exit_code = EX_TEMPFAIL  # nothing was started; try again later
 
 
 def _queue_options(command: Callable[..., None]) -> Callable[..., None]:

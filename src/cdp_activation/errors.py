@@ -7,8 +7,9 @@
   answering, a run interrupted, a partition busy. Nothing was lost: what was not sent stays
   planned in the ledger.
 
-The CLI prints any of them as one line (the traceback with `cdp-activation --debug`); an
-exception that is not a `CdpError` is a bug and keeps its traceback.
+The CLI prints any of them as one line (the traceback with `cdp-activation --debug`) and
+exits 1 for a terminal one, 75 (EX_TEMPFAIL) for a transient one, so a scheduler can tell
+"fix it" from "retry"; an exception that is not a `CdpError` is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -34,5 +35,9 @@ def cdp_error_in(err: BaseException) -> CdpError | None:
         if isinstance(cause, CdpError):
             return cause
         seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
+        # `raise … from None` hides the context: what it replaced is not this error's cause.
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     return None
+
+
+EX_TEMPFAIL = 75  # the exit status of a transient error: try again later (sysexits.h)
