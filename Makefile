@@ -44,9 +44,10 @@ scale-demo: $(STAMP) ## One activation on 4 Celery workers: local RabbitMQ + Pos
 test: $(STAMP) ## Run the whole test suite
 	$(BIN)/pytest
 
-lint: $(STAMP) ## ruff lint and format check
+lint: $(STAMP) ## ruff lint and format check, mypy over src/
 	$(BIN)/ruff check src tests bench requirements
 	$(BIN)/ruff format --check src tests bench requirements
+	$(BIN)/mypy src/cdp_activation
 
 validate: $(STAMP) ## Check every activation and SQL file, then the Dagster definitions
 	$(BIN)/cdp-activation validate

@@ -253,7 +253,7 @@ def audience_metadata(
         "dagster/row_count": frame.height,
         "audience_size": frame.height,
         "partition": partition_key,
-        "parameters": dg.MetadataValue.json(storable_parameters(parameters)),
+        "parameters": dg.MetadataValue.json(storable_parameters(dict(parameters))),
         "dagster/column_schema": dg.TableSchema(
             columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()]
         ),
@@ -821,8 +821,8 @@ def prepare_delivery(
     deadline = activation.spec.delivery.send_deadline()
     summary.revived = ledger.revive_given_up(activation.name, partition_key, step, deadline)
     ledger.expire_overdue(activation.name, partition_key, step, deadline)
-    due = ledger.due_counts(activation.name, partition_key, step, now)
-    summary.to_send = sum(due.values())
+    due_now = ledger.due_counts(activation.name, partition_key, step, now)
+    summary.to_send = sum(due_now.values())
     # What claim workers would find: due now, or within the wait of a delivery (a retry an
     # earlier run backed off), which they wait out, as one in-process delivery does.
     soon = ledger.due_counts(

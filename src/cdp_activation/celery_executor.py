@@ -30,7 +30,7 @@ class _CheckedCeleryExecutor(CeleryExecutor):
         yield from super().execute(plan_context, execution_plan)
 
 
-@dg.executor(
+@dg.executor(  # type: ignore[call-overload]  # its config schema is the Celery executor's
     name="celery",
     config_schema=celery_executor.config_schema,
     requirements=dg.multiple_process_executor_requirements(),

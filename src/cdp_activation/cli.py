@@ -41,7 +41,7 @@ class _Main(click.Group):
             if cause is None or (ctx.obj or {}).get("debug"):
                 raise
             failure = click.ClickException(str(cause))
-            failure.exit_code = EX_TEMPFAIL if cause.transient else 1
+            failure.exit_code = EX_TEMPFAIL if cause.transient else 1  # type: ignore[misc]
             raise failure from None
 
 

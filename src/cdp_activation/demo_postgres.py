@@ -130,7 +130,7 @@ def _copy_table(
     definitions = [
         sql.SQL("{} {}{}").format(
             sql.Identifier(name),
-            sql.SQL(postgres_type(kind)),  # type: ignore[arg-type]  # from our own mapping
+            sql.SQL(postgres_type(kind)),  # from our own mapping
             sql.SQL("" if nullable == "YES" else " NOT NULL"),
         )
         for name, kind, nullable in columns

@@ -776,8 +776,8 @@ class Ledger:
                     delivery_workers.c.state == WORKER_ALIVE,
                 )
             ).scalars()
-            named = {h for h in holders if h is not None} | set(alive)
-            gone = self._expire_gone_workers(con, sorted(named), now)
+            living = {h for h in holders if h is not None} | set(alive)
+            gone = self._expire_gone_workers(con, sorted(living), now)
             if not holders:
                 return 0
             if None in holders:
@@ -1015,13 +1015,13 @@ class Ledger:
             query = query.where(sends.c.idempotency_key.in_(list(idempotency_keys)))
         with self.engine.connect() as con:
             rows = con.execute(query).all()
-        schema = {
-            "idempotency_key": pl.String,
-            "from_state": pl.String,
-            "to_state": pl.String,
-            "attempts": pl.Int64,
-            "error_code": pl.String,
-            "run_id": pl.String,
+        schema: dict[str, pl.DataType] = {
+            "idempotency_key": pl.String(),
+            "from_state": pl.String(),
+            "to_state": pl.String(),
+            "attempts": pl.Int64(),
+            "error_code": pl.String(),
+            "run_id": pl.String(),
             "at": pl.Datetime("us", "UTC"),
         }
         return pl.DataFrame([(*r[:6], _aware(r[6])) for r in rows], schema=schema, orient="row")
@@ -1421,12 +1421,14 @@ class Ledger:
                     sa.and_(sends.c.activation == exclude[0], sends.c.partition_key == exclude[1])
                 )
             )
-        schema = {
-            "customer_id": pl.String,
-            "channel": pl.String,
-            "purpose": pl.String,
-            "sent_at": pl.Datetime("us", "UTC"),
-        }
+        schema = pl.Schema(
+            {
+                "customer_id": pl.String(),
+                "channel": pl.String(),
+                "purpose": pl.String(),
+                "sent_at": pl.Datetime("us", "UTC"),
+            }
+        )
         with self.engine.connect() as con:
             frame = pl.read_database(query, con)
         if frame.is_empty():
@@ -1813,7 +1815,7 @@ def _add_missing_columns(con: sa.Connection) -> None:
             con.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
         for index in table.indexes:
             columns = ", ".join(c.name for c in index.columns)
-            indexes.append((index.name, f"ON {table.name} ({columns})"))
+            indexes.append((str(index.name), f"ON {table.name} ({columns})"))
     # The claim's walk (`Ledger._claim_rows`): one partition's planned rows of a step and
     # connector, those with no `not_before` first, then by it, so the rows due now come first
     # and deferred ones are never read. SQLite sorts NULLs first already; PostgreSQL must be

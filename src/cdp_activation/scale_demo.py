@@ -102,7 +102,7 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited during start-up")
+            raise RuntimeError(f"{process.args!r} exited during start-up")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -143,7 +144,7 @@ class _SQLAlchemySink:
         self.engine.dispose()
 
     def _table(self, name: str) -> sa.Table:
-        kinds = {
+        kinds: dict[pl.DataType, sa.types.TypeEngine[Any]] = {
             pl.Int64(): sa.BigInteger(),
             pl.String(): sa.Text(),
             _UTC: sa.DateTime(timezone=True),

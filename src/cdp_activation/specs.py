@@ -331,7 +331,7 @@ class PolicySpec(_Strict):
         description="Per-country channel order overriding the plan's, e.g. UA: [viber, sms].",
     )
     mobile_only: list[Channel] = Field(
-        default_factory=lambda: ["sms"],
+        default_factory=lambda: list[Channel](["sms"]),
         description="Channels that need a mobile number (a fixed line cannot take an SMS).",
     )
 

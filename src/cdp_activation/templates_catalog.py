@@ -21,14 +21,14 @@ from cdp_activation.template_states import CATALOG, TemplateState
 # Connectors whose template catalog is a shared asset (`templates/<connector>`).
 CATALOG_CONNECTORS = frozenset({"meta_whatsapp", "twilio"})
 
-SCHEMA = {
-    "name": pl.String,
-    "language": pl.String,
-    "category": pl.String,
-    "status": pl.String,
-    "body_parameter_count": pl.Int64,
-    "friendly_name": pl.String,  # Twilio: the Content template's own name beside its SID
-    "webhook_status": pl.String,  # the newest status webhook's word on it, if any
+SCHEMA: dict[str, pl.DataType] = {
+    "name": pl.String(),
+    "language": pl.String(),
+    "category": pl.String(),
+    "status": pl.String(),
+    "body_parameter_count": pl.Int64(),
+    "friendly_name": pl.String(),  # Twilio: the Content template's own name beside its SID
+    "webhook_status": pl.String(),  # the newest status webhook's word on it, if any
     "webhook_at": pl.Datetime("us", "UTC"),
 }
 

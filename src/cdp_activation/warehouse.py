@@ -117,7 +117,7 @@ def postgres_endpoint(url: str) -> str:
     parts = urlsplit(postgres_uri(url))
     host = parts.hostname or "localhost (Unix socket)"
     try:
-        port = parts.port or 5432
+        port: int | str = parts.port or 5432
     except ValueError:
         port = "?"
     database = parts.path.lstrip("/") or "(default database)"
@@ -480,8 +480,11 @@ class Warehouse:
         params: Mapping[str, Any],
         tables: Mapping[str, pa.Table] | None,
     ) -> pl.DataFrame:
-        frames = [pl.from_arrow(b) for b in self._sqlalchemy_batches(query, params, tables, None)]
-        return pl.concat(frames) if frames else pl.DataFrame()  # type: ignore[arg-type]
+        frames = [
+            pl.DataFrame(pl.from_arrow(b))
+            for b in self._sqlalchemy_batches(query, params, tables, None)
+        ]
+        return pl.concat(frames) if frames else pl.DataFrame()
 
     def _sqlalchemy_batches(
         self,
@@ -511,7 +514,7 @@ class Warehouse:
                     iter_batches=True,
                     batch_size=batch_rows,
                 ):
-                    yield from chunk.to_arrow().to_batches()  # type: ignore[union-attr]
+                    yield from chunk.to_arrow().to_batches()
         except sa.exc.SQLAlchemyError as err:
             orig = getattr(err, "orig", None)
             message = f"{err.__class__.__name__}: {orig if orig else err}"

@@ -700,7 +700,9 @@ def _fallback_sensor(activation: run.Activation, job: Any, jobs: list[str]) -> d
     return fallback_sensor
 
 
-def _partition_parameters(context: dg.AssetExecutionContext, audience_key: dg.AssetKey) -> dict:
+def _partition_parameters(
+    context: dg.AssetExecutionContext | dg.OpExecutionContext, audience_key: dg.AssetKey
+) -> dict[str, Any]:
     """The audience parameters the partition's latest run used (its audience metadata), so
     the fallback sees the audience the first messages went to; empty: the defaults."""
     records = context.instance.fetch_materializations(
@@ -709,7 +711,8 @@ def _partition_parameters(context: dg.AssetExecutionContext, audience_key: dg.As
     ).records
     if not records:
         return {}
-    value = records[0].asset_materialization.metadata.get("parameters")
+    materialization = records[0].asset_materialization
+    value = materialization.metadata.get("parameters") if materialization else None
     return dict(value.value) if value is not None else {}  # type: ignore[arg-type]
 
 
@@ -773,23 +776,28 @@ def _send_for_real(op: str) -> dict[str, Any]:
     return {"ops": {op: {"config": {"dry_run": False}}}}
 
 
-def _automated(context: dg.AssetExecutionContext) -> bool:
+def _automated(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> bool:
     """Launched by a schedule or a sensor (the data engineers' automation), not by hand."""
     tags = context.run.tags
     return "dagster/schedule_name" in tags or "dagster/sensor_name" in tags
 
 
-def _latest_preview(context: dg.AssetExecutionContext, key: dg.AssetKey) -> Preview | None:
+def _latest_preview(
+    context: dg.AssetExecutionContext | dg.OpExecutionContext, key: dg.AssetKey
+) -> Preview | None:
     """The newest dry run of this asset's partition, from the instance's materialisations."""
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=key, asset_partitions=[context.partition_key]), limit=50
     ).records
     for record in records:  # newest first
+        if record.asset_materialization is None:
+            continue
         meta = record.asset_materialization.metadata
         dry = meta.get("dry_run")
         if dry is not None and dry.value is True and "eligible" in meta:
             at = datetime.fromtimestamp(record.timestamp, UTC)
-            return Preview(eligible=int(meta["eligible"].value), at=at, run_id=record.run_id)
+            eligible = int(meta["eligible"].value)  # type: ignore[arg-type]  # an int we wrote
+            return Preview(eligible=eligible, at=at, run_id=record.run_id)
     return None
 
 

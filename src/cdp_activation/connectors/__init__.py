@@ -48,7 +48,7 @@ def register(cls: C) -> C:
     return cls
 
 
-def connector_class(name: str) -> type:
+def connector_class(name: str) -> type[Connector]:
     """The class registered as `name`; `ValueError` listing the known names otherwise."""
     try:
         return _REGISTRY[name]

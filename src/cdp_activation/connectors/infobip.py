@@ -338,7 +338,8 @@ class InfobipConnector:
                     )
                 )
                 continue
-            state = item.get("status") if isinstance(item.get("status"), dict) else {}
+            reported = item.get("status")
+            state: dict[str, Any] = reported if isinstance(reported, dict) else {}
             group = str(state.get("groupName", "")).upper()
             name = str(state.get("name", "")) or group or "UNKNOWN_STATUS"
             description = self._safe(str(state.get("description", "")))

@@ -1,6 +1,7 @@
 """Shared assets: each template-capable connector's catalog, synced from the provider."""
 
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 
@@ -50,7 +51,7 @@ def catalog_asset(connector_name: str) -> dg.AssetsDefinition:
         finally:
             ledger.dispose()
         frame = catalog_frame(catalog, heard)
-        metadata: dict[str, object] = {
+        metadata: dict[str, Any] = {
             "dagster/row_count": frame.height,
             "catalog": dg.MetadataValue.md(catalog_markdown(frame)),
         }

@@ -9,6 +9,8 @@ account (`U` + 32 hex digits, from a follow event), which the audience returns a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 
 # Channels addressed by a platform id, and the audience column holding it.
@@ -30,7 +32,7 @@ def has_address(channel: str) -> pl.Expr:
     return pl.col(column).cast(pl.String).str.contains(ADDRESS_PATTERNS[channel]).fill_null(False)
 
 
-def recipient(channels: list[str]) -> pl.Expr:
+def recipient(channels: Sequence[str]) -> pl.Expr:
     """Where each decided message goes: the channel's address column, else `phone_e164`."""
     expr = pl.col("phone_e164")
     for channel in channels:

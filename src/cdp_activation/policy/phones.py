@@ -25,12 +25,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, cached_property, lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import phonenumbers
 import polars as pl
 from phonenumbers import PhoneMetadata, PhoneNumberType
-from phonenumbers.phonenumberutil import (
+from phonenumbers.phonenumberutil import (  # type: ignore[attr-defined]  # stubs omit one
     COUNTRY_CODE_TO_REGION_CODE,
     REGION_CODE_FOR_NON_GEO_ENTITY,
     region_code_for_country_code,
@@ -199,7 +199,7 @@ class _Region:
         unknown = pl.lit(_UNKNOWN, dtype=_CODE_DTYPE)
         if self.general is None:
             return unknown
-        chain = pl.when(~self.general.matches(nsn, length)).then(unknown)
+        chain: Any = pl.when(~self.general.matches(nsn, length)).then(unknown)
         if rare is not None:
             chain = chain.when(rare).then(pl.lit(_RARE, dtype=_CODE_DTYPE))
         else:
@@ -236,7 +236,7 @@ def _groups_can_be_empty(pattern: str) -> bool:
     `_maybe_strip_national_prefix_carrier_code`; a group that can match nothing might still
     take part and trigger the transform rule, which only phonenumbers can then apply.
     """
-    from re import _parser  # the stdlib's own parser, to measure each group's minimum width
+    from re import _parser  # type: ignore[attr-defined]  # the stdlib's own parser, to measure each group's minimum width
 
     def walk(items: _parser.SubPattern) -> bool:
         for op, arg in items:
@@ -296,7 +296,7 @@ def _country(cc: int) -> _Country | None:
     patterns: list[str] = []
     if prefix:
         patterns.append(f"^(?:{prefix})")
-        if main.national_prefix_transform_rule:
+        if main is not None and main.national_prefix_transform_rule:
             harmless = not _groups_can_be_empty(prefix)
     regions: list[_Region] = []
     if len(region_codes) == 1:
@@ -453,7 +453,7 @@ def _fast_chunk(raws: pl.Series) -> pl.Series:
     parts = [_invalid(frame.filter(pl.col("cc").is_null()))]  # parse(): unknown country code
     groups = frame.filter(pl.col("cc").is_not_null()).partition_by("cc", as_dict=True)
     for (cc_value,), group in groups.items():
-        country = _country(int(cc_value))  # type: ignore[arg-type]
+        country = _country(int(cc_value))
         if country is None:
             parts.append(group.select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code")))
         else:

@@ -7,6 +7,8 @@ country is read in each country of the audience: over-matching suppresses, which
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import polars as pl
 
 from cdp_activation.policy.phone_cache import PhoneCache
@@ -22,7 +24,7 @@ def normalise_suppressions(
     entry's own `country` when the list has one, else in every region of the audience. All of
     it goes through the same vectorised, cached normalisation as the audience's numbers.
     """
-    schema = {"phone_e164": pl.String, "channel": pl.String}
+    schema = pl.Schema({"phone_e164": pl.String(), "channel": pl.String()})
     if suppressions.is_empty():
         return pl.DataFrame(schema=schema)
     entries = suppressions.select(
@@ -54,7 +56,7 @@ def normalise_suppressions(
 
 
 def suppressed_flags(
-    number: pl.Expr, suppressed: pl.DataFrame, channels: list[str]
+    number: pl.Expr, suppressed: pl.DataFrame, channels: Sequence[str]
 ) -> dict[str, pl.Expr]:
     """`_suppressed_all` and `_suppressed_<channel>`: is the row's number on the list.
 

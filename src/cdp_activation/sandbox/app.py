@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import builtins
 import dataclasses
 import hashlib
 import hmac
@@ -159,12 +160,17 @@ class SandboxConfig:
     def __post_init__(self) -> None:
         for name in FAULT_FIELDS:
             value = getattr(self, name)
-            wanted: type | tuple[type, ...] = int if name == "seed" else (int, float)
-            if isinstance(value, bool) or not isinstance(value, wanted):
+            whole = name == "seed"
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or (whole and not isinstance(value, int))
+            ):
                 raise ValueError(f"sandbox fault setting {name} must be a number, got {value!r}")
-            if name != "seed" and value < 0:
+            number = float(value)
+            if name != "seed" and number < 0:
                 raise ValueError(f"sandbox fault setting {name} must not be negative: {value}")
-            if name in _RATE_FIELDS and value > 1:
+            if name in _RATE_FIELDS and number > 1:
                 raise ValueError(f"sandbox fault rate {name} must be at most 1: {value}")
         if self.status_delivered_rate + self.status_failed_rate > 1 + 1e-9:
             raise ValueError("status_delivered_rate + status_failed_rate must not exceed 1")
@@ -387,7 +393,7 @@ class MessageStore:
         with self._lock:
             self._attempts.append(attempt)
 
-    def attempts(self) -> list[SandboxAttempt]:
+    def attempts(self) -> builtins.list[SandboxAttempt]:
         """Every provider request so far, in the order they were answered."""
         with self._lock:
             return list(self._attempts)
@@ -511,7 +517,8 @@ def _template_statuses(request: Request) -> dict[tuple[str, str], str]:
     state = request.app.state
     if not hasattr(state, "template_statuses"):
         state.template_statuses = {}
-    return state.template_statuses  # type: ignore[no-any-return]
+    statuses: dict[tuple[str, str], str] = state.template_statuses
+    return statuses
 
 
 def _template_error(template: dict[str, Any] | None, name: str, language: str) -> Response | None:

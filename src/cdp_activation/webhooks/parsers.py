@@ -194,7 +194,9 @@ def parse_meta_template_updates(body: bytes, received: datetime) -> list[Templat
             event = value.get("event")
             name = value.get("message_template_name")
             language = value.get("message_template_language")
-            if not all(isinstance(v, str) and v for v in (event, name, language)):
+            if not (isinstance(event, str) and event and isinstance(name, str) and name) or not (
+                isinstance(language, str) and language
+            ):
                 raise ValueError("a template status update without event, name or language")
             other = value.get("other_info")
             reason = value.get("reason") or (
