@@ -44,22 +44,25 @@ from cdp_activation.masking import masked
 from cdp_activation.processes import host_id, process_gone
 from cdp_activation.settings import SettingsError
 from cdp_activation.statuses import STATUS_RANK, StatusEvent, connector_of
+from cdp_activation.vocabulary import (  # noqa: F401  # re-exported: the ledger's words
+    CANCELLED,
+    DEAD_LETTER,
+    EXCLUDED,
+    FAILED,
+    FALLBACK_STEP,
+    HOLDOUT,
+    IN_FLIGHT,
+    INITIAL_STEP,
+    PLANNED,
+    SENT,
+    TERMINAL_STATES,
+    UNKNOWN,
+    idempotency_key,
+    idempotency_key_expr,
+)
 
 log = logging.getLogger(__name__)
 
-PLANNED = "planned"
-IN_FLIGHT = "in_flight"
-SENT = "sent"
-FAILED = "failed"
-UNKNOWN = "unknown"
-DEAD_LETTER = "dead_letter"
-HOLDOUT = "holdout"
-CANCELLED = "cancelled"
-EXCLUDED = "excluded"
-TERMINAL_STATES = frozenset({SENT, FAILED, UNKNOWN, DEAD_LETTER, HOLDOUT, CANCELLED, EXCLUDED})
-
-INITIAL_STEP = "initial"
-FALLBACK_STEP = "fallback"
 # Why a fallback was due (`fallback_reason`): the first message failed with a code meaning the
 # customer cannot receive it on that channel; it was not delivered within the plan's window;
 # it was delivered but not read within the plan's window (only where the plan asks for it).
@@ -235,10 +238,6 @@ _POSTGRES_TRIGGERS = (
     "CREATE OR REPLACE TRIGGER sends_events AFTER INSERT OR UPDATE OF state ON sends "
     "FOR EACH ROW EXECUTE FUNCTION record_send_event()",
 )
-
-
-def idempotency_key(activation: str, partition_key: str, customer_id: str, step: str) -> str:
-    return f"{activation}|{partition_key}|{customer_id}|{step}"
 
 
 @dataclass(frozen=True)
@@ -1954,9 +1953,8 @@ def _plan_rows(
         return value.dt.strftime("%Y-%m-%d %H:%M:%S.%6f") if dialect == "sqlite" else value
 
     return chosen.select(
-        pl.concat_str(
-            [pl.lit(activation), pl.lit(partition_key), customer, pl.col("step").cast(pl.String)],
-            separator="|",
+        idempotency_key_expr(
+            activation, partition_key, customer, pl.col("step").cast(pl.String)
         ).alias("idempotency_key"),
         pl.lit(activation).alias("activation"),
         pl.lit(partition_key).alias("partition_key"),

@@ -54,11 +54,9 @@ from cdp_activation.policy.templates import (
 )
 from cdp_activation.policy.window import in_window
 from cdp_activation.specs import ChannelPlanSpec, PolicySpec, StepSpec
+from cdp_activation.vocabulary import DECISIONS, DEFER, EXCLUDE, HOLDOUT, SEND
+from cdp_activation.vocabulary import INITIAL_STEP as STEP  # the plan's first send
 
-STEP = "initial"  # the plan's first send; a later fallback send is another step
-
-SEND, DEFER, HOLDOUT, EXCLUDE = "send", "defer", "holdout", "exclude"
-DECISIONS: tuple[str, ...] = (SEND, DEFER, HOLDOUT, EXCLUDE)
 # Number types that can receive an SMS (phonenumbers' names); a fixed line cannot.
 MOBILE_TYPES = ("mobile", "fixed_line_or_mobile")
 

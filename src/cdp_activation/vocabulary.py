@@ -1,0 +1,45 @@
+"""The words every layer shares: a send's states, its steps, the policy's decisions, and the
+idempotency key that makes a send unique. One definition each; everything else imports them.
+
+States (`sends.state`): planned -> in_flight -> sent | failed | unknown | dead_letter; planned
+rows may end `cancelled`; `holdout` and `excluded` rows are written as such and never sent.
+Steps: a customer's first message of a partition is `initial`, its fallback `fallback`.
+Decisions (the policy's, per customer): send, defer (quiet hours), holdout, exclude.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+PLANNED = "planned"
+IN_FLIGHT = "in_flight"
+SENT = "sent"
+FAILED = "failed"
+UNKNOWN = "unknown"
+DEAD_LETTER = "dead_letter"
+HOLDOUT = "holdout"
+CANCELLED = "cancelled"
+EXCLUDED = "excluded"
+TERMINAL_STATES = frozenset({SENT, FAILED, UNKNOWN, DEAD_LETTER, HOLDOUT, CANCELLED, EXCLUDED})
+
+INITIAL_STEP = "initial"
+FALLBACK_STEP = "fallback"
+
+SEND, DEFER, EXCLUDE = "send", "defer", "exclude"
+DECISIONS: tuple[str, ...] = (SEND, DEFER, HOLDOUT, EXCLUDE)
+
+KEY_SEPARATOR = "|"
+
+
+def idempotency_key(activation: str, partition_key: str, customer_id: str, step: str) -> str:
+    """The key a send is unique by: activation, partition, customer and step."""
+    return KEY_SEPARATOR.join((activation, partition_key, customer_id, step))
+
+
+def idempotency_key_expr(
+    activation: str, partition_key: str, customer: pl.Expr, step: pl.Expr
+) -> pl.Expr:
+    """`idempotency_key` for every row of a frame, in polars (the same parts and separator)."""
+    return pl.concat_str(
+        [pl.lit(activation), pl.lit(partition_key), customer, step], separator=KEY_SEPARATOR
+    )
