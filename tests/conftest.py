@@ -102,6 +102,14 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def ledger(ledger_url: str) -> Iterator[Ledger]:
+    """A `Ledger` on `ledger_url` (SQLite, and PostgreSQL when TEST_POSTGRES_URL is set)."""
+    ledger = Ledger(ledger_url)
+    yield ledger
+    ledger.dispose()
+
+
 @contextmanager
 def scratch_postgres_schema(base: str, prefix: str) -> Iterator[str]:
     """A fresh schema on the PostgreSQL at `base`, dropped afterwards: yields a psycopg URL

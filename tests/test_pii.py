@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 
@@ -53,13 +52,6 @@ def leaked(text: str, numbers: list[str]) -> list[str]:
     between digits ignored)."""
     squeezed = re.sub(r"(?<=\d)[\s\-().]+(?=\d)", "", text)
     return [n for n in numbers if any(form in squeezed for form in number_forms(n))]
-
-
-@pytest.fixture
-def ledger(ledger_url: str) -> Iterator[Ledger]:
-    ledger = Ledger(ledger_url)
-    yield ledger
-    ledger.dispose()
 
 
 def sent_with_statuses(ledger: Ledger, sandbox: SandboxServer, n: int = 40) -> list[str]:

@@ -62,13 +62,6 @@ def template_update(
 
 
 @pytest.fixture
-def ledger(ledger_url: str) -> Iterator[Ledger]:
-    ledger = Ledger(ledger_url)
-    yield ledger
-    ledger.dispose()
-
-
-@pytest.fixture
 def receiver(ledger: Ledger, sandbox: SandboxServer) -> Iterator[WebhookServer]:
     with WebhookServer(ledger, settings_for_sandbox(sandbox).webhook_secrets()) as server:
         yield server

@@ -154,13 +154,6 @@ REPORTS: dict[str, Callable[[], bytes]] = {
 
 
 @pytest.fixture
-def ledger(ledger_url: str) -> Iterator[Ledger]:
-    ledger = Ledger(ledger_url)
-    yield ledger
-    ledger.dispose()
-
-
-@pytest.fixture
 def receiver(ledger: Ledger) -> Iterator[WebhookServer]:
     with WebhookServer(ledger, SECRETS) as server:
         yield server
