@@ -22,6 +22,7 @@ import hashlib
 
 import jwt
 
+from cdp_activation.sandbox import signing
 from cdp_activation.webhooks import signatures as sig
 
 TWILIO_URL = "https://mycompany.com/myapp.php?foo=1&bar=2"
@@ -37,6 +38,7 @@ TWILIO_PARAMS = {
 def test_twilio_documented_example() -> None:
     expected = "RSOYDt4T1cUTdK1PDd93/VVr8B8="
     assert sig.twilio_signature("12345", TWILIO_URL, TWILIO_PARAMS.items()) == expected
+    assert signing.twilio_header("12345", TWILIO_URL, TWILIO_PARAMS) == expected  # the sandbox
     assert sig.twilio_valid("12345", TWILIO_URL, TWILIO_PARAMS.items(), expected)
     tampered = {**TWILIO_PARAMS, "Digits": "9999"}
     assert not sig.twilio_valid("12345", TWILIO_URL, tampered.items(), expected)
@@ -47,6 +49,7 @@ def test_x_hub_signature_256_published_example() -> None:
     secret, body = "It's a Secret to Everybody", b"Hello, World!"
     expected = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
     assert sig.meta_signature(secret, body) == expected
+    assert signing.meta_header(secret, body) == expected  # the sandbox's own
     assert sig.meta_valid(secret, body, expected)
     assert not sig.meta_valid(secret, b"Hello, World?", expected)
 
@@ -76,6 +79,6 @@ def test_vonage_hs256_against_rfc_7515_and_its_own_claims() -> None:
     assert not sig.vonage_valid(key.decode("latin-1"), b"{}", f"Bearer {RFC7515_JWS}")
     # What the sandbox signs verifies with the same library and secret, and binds the body.
     body = b'{"status": "delivered"}'
-    token = sig.vonage_token("a-signature-secret-of-32-bytes-or-more", body, 1_700_000_000)
+    token = signing.vonage_bearer("a-signature-secret-of-32-bytes-or-more", body, 1_700_000_000)
     decoded = jwt.decode(token, "a-signature-secret-of-32-bytes-or-more", algorithms=["HS256"])
     assert decoded["payload_hash"] == hashlib.sha256(body).hexdigest()

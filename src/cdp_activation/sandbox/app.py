@@ -80,6 +80,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from cdp_activation.sandbox.draws import draw
 from cdp_activation.sandbox.status_webhooks import schedule_statuses, schedule_template_update
 from cdp_activation.settings import (
     SANDBOX_BRAZE_API_KEY,
@@ -232,11 +233,8 @@ class Fault(StrEnum):
 
 
 def _draw(config: SandboxConfig, *parts: object) -> float:
-    """A uniform number in [0, 1) fixed by the seed and `parts`: reproducible across runs and
-    independent of the order concurrent requests arrive in (unlike a shared random.Random)."""
-    text = "|".join(str(p) for p in (config.seed, *parts))
-    digest = hashlib.sha256(text.encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    """`draws.draw` with the configured seed."""
+    return draw(config.seed, *parts)
 
 
 def request_fault(config: SandboxConfig, provider: str, request_hash: str, attempt: int) -> Fault:

@@ -32,6 +32,8 @@ from urllib.parse import urlencode
 
 import httpx
 
+from cdp_activation.sandbox import signing
+from cdp_activation.sandbox.draws import draw
 from cdp_activation.settings import (
     SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS,
     SANDBOX_META_APP_SECRET,
@@ -41,7 +43,6 @@ from cdp_activation.settings import (
 )
 from cdp_activation.statuses import CONNECTOR_OF_PROVIDER
 from cdp_activation.transport import make_client
-from cdp_activation.webhooks import signatures
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -65,13 +66,11 @@ FAILURE_CODES = {
 
 def outcome(config: SandboxConfig, message: SandboxMessage) -> list[str]:
     """The statuses this message will report, in order (fixed by the seed and recipient)."""
-    from cdp_activation.sandbox.app import _draw
-
-    draw = _draw(config, "status", message.provider, message.to)
-    if draw < config.status_delivered_rate:
-        read = _draw(config, "read", message.provider, message.to) < config.status_read_rate
+    drawn = draw(config.seed, "status", message.provider, message.to)
+    if drawn < config.status_delivered_rate:
+        read = draw(config.seed, "read", message.provider, message.to) < config.status_read_rate
         return ["sent", "delivered", "read"] if read else ["sent", "delivered"]
-    if draw < config.status_delivered_rate + config.status_failed_rate:
+    if drawn < config.status_delivered_rate + config.status_failed_rate:
         return ["sent", "failed"]
     return ["sent"]
 
@@ -131,7 +130,7 @@ def schedule_template_update(
     body = json.dumps(payload).encode()
     headers = {
         "Content-Type": "application/json",
-        "X-Hub-Signature-256": signatures.meta_signature(SANDBOX_META_APP_SECRET, body),
+        "X-Hub-Signature-256": signing.meta_header(SANDBOX_META_APP_SECRET, body),
     }
     _track(request.app, _post_with_retries(_client(request.app), url, body, headers))
 
@@ -159,12 +158,12 @@ def _client(app: Any) -> httpx.AsyncClient:
 async def _send_all(
     app: Any, config: SandboxConfig, message: SandboxMessage, route: str, url: str
 ) -> None:
-    from cdp_activation.sandbox.app import _draw
-
     statuses = outcome(config, message)
-    if _draw(config, "reorder", message.provider, message.to) < config.status_reorder_rate:
+    if draw(config.seed, "reorder", message.provider, message.to) < config.status_reorder_rate:
         statuses = list(reversed(statuses))
-    twice = _draw(config, "duplicate", message.provider, message.to) < config.status_duplicate_rate
+    twice = (
+        draw(config.seed, "duplicate", message.provider, message.to) < config.status_duplicate_rate
+    )
     if twice:
         statuses = statuses + statuses[-1:]
     client = _client(app)
@@ -230,7 +229,7 @@ def _signed(
         body = json.dumps(payload).encode()
         return body, {
             "Content-Type": "application/json",
-            "X-Hub-Signature-256": signatures.meta_signature(SANDBOX_META_APP_SECRET, body),
+            "X-Hub-Signature-256": signing.meta_header(SANDBOX_META_APP_SECRET, body),
         }
     if route == "twilio":
         form = {
@@ -241,7 +240,7 @@ def _signed(
         if code:
             form["ErrorCode"] = code
         body = urlencode(form).encode()
-        signature = signatures.twilio_signature(SANDBOX_TWILIO_AUTH_TOKEN, url, form.items())
+        signature = signing.twilio_header(SANDBOX_TWILIO_AUTH_TOKEN, url, form)
         return body, {
             "Content-Type": "application/x-www-form-urlencoded",
             "X-Twilio-Signature": signature,
@@ -278,7 +277,7 @@ def _signed(
         if failed:
             data["error"] = {"type": f"https://developer.nexmo.com/api-errors#{code}"}
         body = json.dumps(data).encode()
-        token = signatures.vonage_token(SANDBOX_VONAGE_SIGNATURE_SECRET, body, int(time.time()))
+        token = signing.vonage_bearer(SANDBOX_VONAGE_SIGNATURE_SECRET, body, int(time.time()))
         return body, {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     status_entry = {
         "id": ident,
@@ -287,7 +286,7 @@ def _signed(
         "error_code": code,
     }
     body = json.dumps({"statuses": [status_entry]}).encode()
-    return body, {"X-Sandbox-Signature": signatures.sandbox_signature(SANDBOX_STATUS_SECRET, body)}
+    return body, {"X-Sandbox-Signature": signing.sandbox_header(SANDBOX_STATUS_SECRET, body)}
 
 
 def close_client(app: Any) -> None:
