@@ -53,7 +53,6 @@ from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
 from cdp_activation.policy.window import last_inbound_column
-from cdp_activation.pricing import estimate_cost, load_prices
 from cdp_activation.settings import get_settings, is_loopback, project_root, sandbox_mode
 from cdp_activation.specs import (
     CATEGORIES_FOR_PURPOSE,
@@ -61,7 +60,6 @@ from cdp_activation.specs import (
     ChannelPlanSpec,
     QuietHoursSpec,
     coerce_parameter,
-    storable_parameters,
 )
 from cdp_activation.warehouse import Warehouse
 
@@ -241,27 +239,6 @@ def validate_audience(activation: Activation, frame: pl.DataFrame) -> None:
     problems = audience_problems(activation, frame)
     if problems:
         raise AudienceContractError("\n".join(problems))
-
-
-def audience_metadata(
-    frame: pl.DataFrame, parameters: Mapping[str, Any], partition_key: str
-) -> dict[str, Any]:
-    import dagster as dg
-
-    nulls = {c: frame[c].null_count() for c in frame.columns}
-    return {
-        "dagster/row_count": frame.height,
-        "audience_size": frame.height,
-        "partition": partition_key,
-        "parameters": dg.MetadataValue.json(storable_parameters(dict(parameters))),
-        "dagster/column_schema": dg.TableSchema(
-            columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()]
-        ),
-        "null_counts": dg.MetadataValue.md(
-            "| column | nulls |\n|---|---:|\n"
-            + "\n".join(f"| {c} | {n:,} |" for c, n in nulls.items())
-        ),
-    }
 
 
 # ---------------------------------------------------------------- decisions
@@ -476,44 +453,9 @@ def with_run_choices(
     return dataclasses.replace(activation, spec=changed)
 
 
-def cost_metadata(
-    result: Decisions, audience: pl.DataFrame, plan: ChannelPlanSpec
-) -> dict[str, Any]:
-    """The preview's estimated cost: every chosen message at its unit price for the
-    customer's country and the channel (`pricing.py`; CDP_PRICES_FILE)."""
-    import dagster as dg
-
-    prices = load_prices(get_settings().prices_path())
-    chosen = result.chosen.select(pl.col("customer_id").cast(pl.String), "channel").join(
-        audience.select(pl.col("customer_id").cast(pl.String), "country"),
-        on="customer_id",
-        how="left",
-    )
-    total, by_channel, unpriced = estimate_cost(chosen, prices, plan.purpose)
-    lines = [f"| channel | estimated cost ({prices.currency}) |", "|---|---:|"]
-    lines += [f"| {c} | {v:,.2f} |" for c, v in by_channel.items()]
-    meta: dict[str, Any] = {
-        "estimated_cost": dg.MetadataValue.float(total),
-        "currency": prices.currency,
-        "estimated_cost_by_channel": dg.MetadataValue.md("\n".join(lines)),
-    }
-    if unpriced:
-        meta["messages_without_a_price"] = unpriced
-    return meta
-
-
 def eligible_count(decisions: pl.DataFrame) -> int:
     """Customers a run would message, now or after their quiet hours."""
     return decisions.filter(pl.col("decision").is_in([SEND, DEFER])).height
-
-
-def md_counts(title: str, counts: Mapping[str, int]) -> str:
-    """A Markdown table of counts, the count first: long codes must not push it out of view
-    in the UI's narrow metadata column."""
-    if not counts:
-        return f"_no {title.lower()}_"
-    lines = [f"| {v:,} | `{k}` |" for k, v in counts.items()]
-    return "\n".join([f"| count | {title} |", "|---:|---|", *lines])
 
 
 def sample_messages(decisions: pl.DataFrame, plan: ChannelPlanSpec, per_channel: int = 3) -> str:
@@ -531,35 +473,6 @@ def sample_messages(decisions: pl.DataFrame, plan: ChannelPlanSpec, per_channel:
             text = text.replace("|", "\\|").replace("\n", " ")
             lines.append(f"| {channel} | {mask_phone(row['phone_e164'])} | {text} |")
     return "\n".join(lines)
-
-
-def decisions_metadata(result: Decisions, plan: ChannelPlanSpec) -> dict[str, Any]:
-    import dagster as dg
-
-    eligible = result.eligible_by_channel()
-    excluded = result.excluded_by_reason()
-    counts = result.counts()
-    meta: dict[str, Any] = {
-        "audience_size": result.frame.height,
-        "eligible": sum(eligible.values()),
-        "excluded": sum(excluded.values()),
-        "deferred": counts[DEFER],
-        "holdout": counts[HOLDOUT],
-        "eligible_by_channel": dg.MetadataValue.md(md_counts("Channel", eligible)),
-        "excluded_by_reason": dg.MetadataValue.md(md_counts("Reason", excluded)),
-        "reason_meanings": dg.MetadataValue.md(
-            "\n".join(f"- `{code}`: {reasons.describe(code)}" for code in excluded)
-            or "_nobody excluded_"
-        ),
-        "sample_messages": dg.MetadataValue.md(sample_messages(result.frame, plan)),
-    }
-    for channel, count in eligible.items():
-        meta[f"eligible_{channel}"] = count
-    for reason, count in excluded.items():
-        meta[f"excluded_{reason}"] = count
-    if result.template_problems:
-        meta["template_problems"] = dg.MetadataValue.json(result.template_problems)
-    return meta
 
 
 def policy_breaches(
@@ -594,23 +507,6 @@ def policy_breaches(
         + on_channel,
         "chosen_with_a_reason": chosen.filter(pl.col("reason").is_not_null()).height,
     }
-
-
-def previous_audience_size(instance: Any, asset_key: Any, run_id: str) -> int | None:
-    """The audience size of the last successful earlier run (any partition), or None."""
-    import dagster as dg
-
-    result = instance.fetch_materializations(asset_key, limit=20)
-    for record in result.records:
-        if record.run_id == run_id:
-            continue
-        run = instance.get_run_by_id(record.run_id)
-        if run is None or run.status != dg.DagsterRunStatus.SUCCESS:
-            continue
-        size = record.asset_materialization.metadata.get("audience_size")
-        if size is not None:
-            return int(size.value)
-    return None
 
 
 def audience_size_problem(size: int, previous: int | None, factor: float) -> str | None:
@@ -945,70 +841,3 @@ def _estimate_seconds(chosen: pl.DataFrame, connectors: Mapping[str, Connector],
         rate = rate_of(connectors[name])
         seconds = max(seconds, (n * count / total) / rate)
     return round(seconds, 1)
-
-
-def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
-    import dagster as dg
-
-    meta: dict[str, Any] = {
-        "dry_run": summary.dry_run,
-        "eligible": summary.eligible,
-        "to_send": summary.to_send,
-        "deferred": summary.deferred,
-        "holdout": summary.holdout,
-        "cancelled": summary.cancelled,
-        "sent": summary.sent,
-        "failed": summary.failed,
-        "unknown": summary.unknown,
-        "dead_letter": summary.dead_letter,
-        "already_sent": summary.already_sent,
-        "already_done_other": summary.already_done_other,
-        "recovered_in_flight": summary.recovered_in_flight,
-        "resent_unknown": summary.resent_unknown,
-        "retried": summary.retried,
-        "revived": summary.revived,
-        "waiting": summary.waiting,
-        "in_flight": summary.in_flight,
-        "unknown_reconciled": summary.unknown_reconciled,
-        "elapsed_seconds": summary.elapsed_seconds,
-        "throughput_per_second": summary.throughput_per_second,
-        "p50_latency_ms": summary.p50_latency_ms,
-        "p95_latency_ms": summary.p95_latency_ms,
-    }
-    if summary.dry_run:
-        meta["estimated_seconds_at_rate_limit"] = summary.estimated_seconds
-    if summary.error_codes:
-        meta["error_codes"] = dg.MetadataValue.md(md_counts("Error code", summary.error_codes))
-        meta["error_codes_json"] = dg.MetadataValue.json(summary.error_codes)
-    if summary.accepted_as:
-        meta["accepted_as"] = dg.MetadataValue.md(
-            md_counts("Accepted as (provider's word)", summary.accepted_as)
-        )
-        meta["accepted_as_json"] = dg.MetadataValue.json(summary.accepted_as)
-    if summary.ledger_states:
-        meta["ledger_states"] = dg.MetadataValue.json(summary.ledger_states)
-        meta["partition_states"] = dg.MetadataValue.md(
-            md_counts("State (whole partition)", summary.ledger_states)
-        )
-    if summary.dead_letter_by_reason:
-        meta["dead_letter_by_reason"] = dg.MetadataValue.md(
-            md_counts("Dead-letter reason", summary.dead_letter_by_reason)
-        )
-        meta["dead_letter_by_reason_json"] = dg.MetadataValue.json(summary.dead_letter_by_reason)
-    if len(summary.workers) > 1:
-        meta["workers"] = len(summary.workers)
-        meta["per_worker"] = dg.MetadataValue.md(_workers_table(summary.workers))
-        meta["per_worker_json"] = dg.MetadataValue.json(summary.workers)
-    if summary.stopped_by:
-        meta["stopped_by"] = summary.stopped_by
-    return meta
-
-
-def _workers_table(workers: list[dict[str, Any]]) -> str:
-    lines = ["| Worker | Sent | Seconds | Sent/s | Stopped by |", "|---|---:|---:|---:|---|"]
-    for w in workers:
-        lines.append(
-            f"| {w['worker']} | {w['sent']:,} | {w['seconds']} | {w['per_second']:,} | "
-            f"{w.get('stopped_by', '')} |"
-        )
-    return "\n".join(lines)

@@ -33,7 +33,6 @@ from cdp_activation.activation_run import (
     DeliverySummary,
     compute_audience,
     compute_decisions,
-    md_counts,
     prepare_delivery,
     recover_interrupted,
     send_and_finish,
@@ -271,39 +270,6 @@ def prepare_fallback(
         summary.cancelled = ledger.cancel_landed_fallbacks(activation.name, partition_key)
         summary.ledger_states = ledger.counts(activation.name, partition_key)
     return summary
-
-
-def fallback_metadata(
-    decisions: FallbackDecisions, summary: DeliverySummary, first_messages: Mapping[str, int]
-) -> dict[str, Any]:
-    """The fallback asset's materialisation metadata: what became of the first messages, why
-    customers were due, what the policy decided for the fallback channel, and what was sent.
-    `first_messages` is `Ledger.first_message_outcomes`."""
-    import dagster as dg
-
-    from cdp_activation.activation_run import delivery_metadata
-
-    excluded = decisions.excluded_by_reason()
-    landed = first_messages.get("delivered", 0) + first_messages.get("read", 0)
-    meta: dict[str, Any] = {
-        "first_messages_delivered": landed,
-        "first_messages_not_delivered": sum(first_messages.values()) - landed,
-        "first_messages": dg.MetadataValue.md(md_counts("First message", first_messages)),
-        "first_messages_json": dg.MetadataValue.json(dict(first_messages)),
-        "channel": decisions.channel,
-        "fallback_due": sum(decisions.due_by_reason.values()),
-        "fallback_eligible": decisions.eligible(),
-        "fallback_excluded": sum(excluded.values()),
-        "due_by_reason": dg.MetadataValue.md(md_counts("Why due", decisions.due_by_reason)),
-        "excluded_by_reason": dg.MetadataValue.md(md_counts("Reason", excluded)),
-        "due_by_reason_json": dg.MetadataValue.json(decisions.due_by_reason),
-        "due_by_code_json": dg.MetadataValue.json(decisions.due_by_code),
-        "excluded_by_reason_json": dg.MetadataValue.json(excluded),
-        **delivery_metadata(summary),
-    }
-    for reason, count in decisions.due_by_reason.items():
-        meta[f"due_{reason}"] = count
-    return meta
 
 
 def _counts(frame: pl.DataFrame, column: str) -> dict[str, int]:

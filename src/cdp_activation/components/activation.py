@@ -16,6 +16,7 @@ from cdp_activation import activation_run as run
 from cdp_activation import fallback as fb
 from cdp_activation.audience_sql import sql_dialect
 from cdp_activation.components import fan_out
+from cdp_activation.components import metadata as asset_meta
 from cdp_activation.confirmation import Preview, confirmation_problem
 from cdp_activation.delivery import DeliveryReport
 from cdp_activation.ledger import FALLBACK_STEP, INITIAL_STEP
@@ -139,7 +140,9 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             parameters=params,
             ledger=context.resources.ledger.ledger(),
         )
-        context.add_output_metadata(run.audience_metadata(frame, params, context.partition_key))
+        context.add_output_metadata(
+            asset_meta.audience_metadata(frame, params, context.partition_key)
+        )
         return frame
 
     quiet = spec.policy.quiet_hours
@@ -221,7 +224,10 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         )
         plan = chosen_activation.spec.channel_plan
         context.add_output_metadata(
-            {**run.decisions_metadata(result, plan), **run.cost_metadata(result, audience, plan)}
+            {
+                **asset_meta.decisions_metadata(result, plan),
+                **asset_meta.cost_metadata(result, audience, plan),
+            }
         )
         return result.frame
 
@@ -299,7 +305,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         context: dg.OpExecutionContext, prepared: fan_out.Prepared, reports: list
     ) -> dg.Output:
         summary = _finished(context, prepared.summary, reports, INITIAL_STEP)
-        return dg.Output(None, metadata=run.delivery_metadata(summary))
+        return dg.Output(None, metadata=asset_meta.delivery_metadata(summary))
 
     @dg.graph_asset(
         key=deliveries_key,
@@ -392,7 +398,9 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
     def audience_size_stable(
         context: dg.AssetCheckExecutionContext, audience: pl.DataFrame
     ) -> dg.AssetCheckResult:
-        previous = run.previous_audience_size(context.instance, audience_key, context.run.run_id)
+        previous = asset_meta.previous_audience_size(
+            context.instance, audience_key, context.run.run_id
+        )
         problem = run.audience_size_problem(
             audience.height, previous, spec.limits.max_audience_change
         )
@@ -633,7 +641,9 @@ def _fallback_defs(
             outcomes = store.first_message_outcomes(name, context.partition_key, spec.channel)
         finally:
             store.dispose()
-        return dg.Output(None, metadata=fb.fallback_metadata(prepared.extra, summary, outcomes))
+        return dg.Output(
+            None, metadata=asset_meta.fallback_metadata(prepared.extra, summary, outcomes)
+        )
 
     @dg.graph_asset(
         key=key,
@@ -746,7 +756,7 @@ def _finished(
         # The run fails, saying why and where the partition stands; nothing is lost.
         raise dg.Failure(
             description=f"Not everything was sent: {failed}",
-            metadata=run.delivery_metadata(failed.summary),
+            metadata=asset_meta.delivery_metadata(failed.summary),
         ) from None
     finally:
         store.dispose()

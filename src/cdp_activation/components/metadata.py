@@ -1,0 +1,206 @@
+"""What the activation's assets record in Dagster (their materialisation metadata): built here,
+at the Dagster edge, from the plain results the core returns (`activation_run`, `fallback`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from cdp_activation.activation_run import DeliverySummary, sample_messages
+from cdp_activation.fallback import FallbackDecisions
+from cdp_activation.policy import Decisions, reasons
+from cdp_activation.policy.engine import DEFER, HOLDOUT
+from cdp_activation.pricing import estimate_cost, load_prices
+from cdp_activation.settings import get_settings
+from cdp_activation.specs import ChannelPlanSpec, storable_parameters
+
+
+def audience_metadata(
+    frame: pl.DataFrame, parameters: Mapping[str, Any], partition_key: str
+) -> dict[str, Any]:
+    nulls = {c: frame[c].null_count() for c in frame.columns}
+    return {
+        "dagster/row_count": frame.height,
+        "audience_size": frame.height,
+        "partition": partition_key,
+        "parameters": dg.MetadataValue.json(storable_parameters(dict(parameters))),
+        "dagster/column_schema": dg.TableSchema(
+            columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()]
+        ),
+        "null_counts": dg.MetadataValue.md(
+            "| column | nulls |\n|---|---:|\n"
+            + "\n".join(f"| {c} | {n:,} |" for c, n in nulls.items())
+        ),
+    }
+
+
+def cost_metadata(
+    result: Decisions, audience: pl.DataFrame, plan: ChannelPlanSpec
+) -> dict[str, Any]:
+    """The preview's estimated cost: every chosen message at its unit price for the
+    customer's country and the channel (`pricing.py`; CDP_PRICES_FILE)."""
+    prices = load_prices(get_settings().prices_path())
+    chosen = result.chosen.select(pl.col("customer_id").cast(pl.String), "channel").join(
+        audience.select(pl.col("customer_id").cast(pl.String), "country"),
+        on="customer_id",
+        how="left",
+    )
+    total, by_channel, unpriced = estimate_cost(chosen, prices, plan.purpose)
+    lines = [f"| channel | estimated cost ({prices.currency}) |", "|---|---:|"]
+    lines += [f"| {c} | {v:,.2f} |" for c, v in by_channel.items()]
+    meta: dict[str, Any] = {
+        "estimated_cost": dg.MetadataValue.float(total),
+        "currency": prices.currency,
+        "estimated_cost_by_channel": dg.MetadataValue.md("\n".join(lines)),
+    }
+    if unpriced:
+        meta["messages_without_a_price"] = unpriced
+    return meta
+
+
+def md_counts(title: str, counts: Mapping[str, int]) -> str:
+    """A Markdown table of counts, the count first: long codes must not push it out of view
+    in the UI's narrow metadata column."""
+    if not counts:
+        return f"_no {title.lower()}_"
+    lines = [f"| {v:,} | `{k}` |" for k, v in counts.items()]
+    return "\n".join([f"| count | {title} |", "|---:|---|", *lines])
+
+
+def decisions_metadata(result: Decisions, plan: ChannelPlanSpec) -> dict[str, Any]:
+    eligible = result.eligible_by_channel()
+    excluded = result.excluded_by_reason()
+    counts = result.counts()
+    meta: dict[str, Any] = {
+        "audience_size": result.frame.height,
+        "eligible": sum(eligible.values()),
+        "excluded": sum(excluded.values()),
+        "deferred": counts[DEFER],
+        "holdout": counts[HOLDOUT],
+        "eligible_by_channel": dg.MetadataValue.md(md_counts("Channel", eligible)),
+        "excluded_by_reason": dg.MetadataValue.md(md_counts("Reason", excluded)),
+        "reason_meanings": dg.MetadataValue.md(
+            "\n".join(f"- `{code}`: {reasons.describe(code)}" for code in excluded)
+            or "_nobody excluded_"
+        ),
+        "sample_messages": dg.MetadataValue.md(sample_messages(result.frame, plan)),
+    }
+    for channel, count in eligible.items():
+        meta[f"eligible_{channel}"] = count
+    for reason, count in excluded.items():
+        meta[f"excluded_{reason}"] = count
+    if result.template_problems:
+        meta["template_problems"] = dg.MetadataValue.json(result.template_problems)
+    return meta
+
+
+def previous_audience_size(instance: Any, asset_key: Any, run_id: str) -> int | None:
+    """The audience size of the last successful earlier run (any partition), or None."""
+    result = instance.fetch_materializations(asset_key, limit=20)
+    for record in result.records:
+        if record.run_id == run_id:
+            continue
+        run = instance.get_run_by_id(record.run_id)
+        if run is None or run.status != dg.DagsterRunStatus.SUCCESS:
+            continue
+        size = record.asset_materialization.metadata.get("audience_size")
+        if size is not None:
+            return int(size.value)
+    return None
+
+
+def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "dry_run": summary.dry_run,
+        "eligible": summary.eligible,
+        "to_send": summary.to_send,
+        "deferred": summary.deferred,
+        "holdout": summary.holdout,
+        "cancelled": summary.cancelled,
+        "sent": summary.sent,
+        "failed": summary.failed,
+        "unknown": summary.unknown,
+        "dead_letter": summary.dead_letter,
+        "already_sent": summary.already_sent,
+        "already_done_other": summary.already_done_other,
+        "recovered_in_flight": summary.recovered_in_flight,
+        "resent_unknown": summary.resent_unknown,
+        "retried": summary.retried,
+        "revived": summary.revived,
+        "waiting": summary.waiting,
+        "in_flight": summary.in_flight,
+        "unknown_reconciled": summary.unknown_reconciled,
+        "elapsed_seconds": summary.elapsed_seconds,
+        "throughput_per_second": summary.throughput_per_second,
+        "p50_latency_ms": summary.p50_latency_ms,
+        "p95_latency_ms": summary.p95_latency_ms,
+    }
+    if summary.dry_run:
+        meta["estimated_seconds_at_rate_limit"] = summary.estimated_seconds
+    if summary.error_codes:
+        meta["error_codes"] = dg.MetadataValue.md(md_counts("Error code", summary.error_codes))
+        meta["error_codes_json"] = dg.MetadataValue.json(summary.error_codes)
+    if summary.accepted_as:
+        meta["accepted_as"] = dg.MetadataValue.md(
+            md_counts("Accepted as (provider's word)", summary.accepted_as)
+        )
+        meta["accepted_as_json"] = dg.MetadataValue.json(summary.accepted_as)
+    if summary.ledger_states:
+        meta["ledger_states"] = dg.MetadataValue.json(summary.ledger_states)
+        meta["partition_states"] = dg.MetadataValue.md(
+            md_counts("State (whole partition)", summary.ledger_states)
+        )
+    if summary.dead_letter_by_reason:
+        meta["dead_letter_by_reason"] = dg.MetadataValue.md(
+            md_counts("Dead-letter reason", summary.dead_letter_by_reason)
+        )
+        meta["dead_letter_by_reason_json"] = dg.MetadataValue.json(summary.dead_letter_by_reason)
+    if len(summary.workers) > 1:
+        meta["workers"] = len(summary.workers)
+        meta["per_worker"] = dg.MetadataValue.md(_workers_table(summary.workers))
+        meta["per_worker_json"] = dg.MetadataValue.json(summary.workers)
+    if summary.stopped_by:
+        meta["stopped_by"] = summary.stopped_by
+    return meta
+
+
+def _workers_table(workers: list[dict[str, Any]]) -> str:
+    lines = ["| Worker | Sent | Seconds | Sent/s | Stopped by |", "|---|---:|---:|---:|---|"]
+    for w in workers:
+        lines.append(
+            f"| {w['worker']} | {w['sent']:,} | {w['seconds']} | {w['per_second']:,} | "
+            f"{w.get('stopped_by', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def fallback_metadata(
+    decisions: FallbackDecisions, summary: DeliverySummary, first_messages: Mapping[str, int]
+) -> dict[str, Any]:
+    """The fallback asset's materialisation metadata: what became of the first messages, why
+    customers were due, what the policy decided for the fallback channel, and what was sent.
+    `first_messages` is `Ledger.first_message_outcomes`."""
+    excluded = decisions.excluded_by_reason()
+    landed = first_messages.get("delivered", 0) + first_messages.get("read", 0)
+    meta: dict[str, Any] = {
+        "first_messages_delivered": landed,
+        "first_messages_not_delivered": sum(first_messages.values()) - landed,
+        "first_messages": dg.MetadataValue.md(md_counts("First message", first_messages)),
+        "first_messages_json": dg.MetadataValue.json(dict(first_messages)),
+        "channel": decisions.channel,
+        "fallback_due": sum(decisions.due_by_reason.values()),
+        "fallback_eligible": decisions.eligible(),
+        "fallback_excluded": sum(excluded.values()),
+        "due_by_reason": dg.MetadataValue.md(md_counts("Why due", decisions.due_by_reason)),
+        "excluded_by_reason": dg.MetadataValue.md(md_counts("Reason", excluded)),
+        "due_by_reason_json": dg.MetadataValue.json(decisions.due_by_reason),
+        "due_by_code_json": dg.MetadataValue.json(decisions.due_by_code),
+        "excluded_by_reason_json": dg.MetadataValue.json(excluded),
+        **delivery_metadata(summary),
+    }
+    for reason, count in decisions.due_by_reason.items():
+        meta[f"due_{reason}"] = count
+    return meta
