@@ -24,12 +24,12 @@ from time_machine import TimeMachineFixture
 
 from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
 from cdp_activation.ledger import Ledger, send_events, sends, status_events
-from cdp_activation.pii import ERASED, erase, purge
+from cdp_activation.pii import stored_outputs
 from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.phones import normalise_frame
+from cdp_activation.retention import ERASED, erase, purge
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.send_log import SEND_LOG_TABLE, export_send_log
-from cdp_activation.storage import stored_outputs
 from cdp_activation.webhooks import WebhookServer
 from conftest import settings_for_sandbox
 from crash_worker import audience, sandbox_connectors

@@ -644,7 +644,7 @@ def migrate() -> None:
 @click.option("--days", type=click.IntRange(min=1), help="Retention in days (default: setting).")
 def purge(days: int | None) -> None:
     from cdp_activation.ledger import Ledger
-    from cdp_activation.pii import purge as purge_ledger
+    from cdp_activation.retention import purge as purge_ledger
 
     settings = get_settings()
     days = days or settings.pii_retention_days
@@ -681,7 +681,7 @@ def _dagster_storage() -> Path:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def erase(customer_ids: tuple[str, ...], yes: bool) -> None:
     from cdp_activation.ledger import Ledger
-    from cdp_activation.pii import erase as erase_customers
+    from cdp_activation.retention import erase as erase_customers
 
     if not yes:
         click.confirm(f"Erase {len(customer_ids)} customer(s)? This cannot be undone", abort=True)

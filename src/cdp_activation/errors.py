@@ -27,6 +27,31 @@ class CdpError(Exception):
         return "transient" if self.transient else "terminal"
 
 
+class ConnectorError(CdpError):
+    """Base class of errors that stop a whole activation, not just one recipient; by
+    default transient (the provider may answer later), terminal where a subclass says so."""
+
+    transient: ClassVar[bool] = True
+
+
+class CredentialsError(ConnectorError):
+    """The provider refused our credentials (401/403, Meta code 190, Twilio 20003)."""
+
+    transient: ClassVar[bool] = False
+
+
+class TemplateError(ConnectorError):
+    """The template itself is wrong (missing, not approved, wrong parameters): stop sending."""
+
+    transient: ClassVar[bool] = False
+
+
+class ConnectorConfigError(ConnectorError):
+    """A connector is configured wrongly (missing base URL, sender id or credential)."""
+
+    transient: ClassVar[bool] = False
+
+
 def cdp_error_in(err: BaseException) -> CdpError | None:
     """The first `CdpError` in `err`'s chain of causes (Dagster wraps what a step raised)."""
     seen: set[int] = set()

@@ -37,7 +37,7 @@ from typing import Any
 import polars as pl
 import sqlalchemy as sa
 
-from cdp_activation.connectors.base import Outcome, SendResult, send_id_of
+from cdp_activation.contracts import Outcome, SendResult, send_id_of
 from cdp_activation.db import as_utc, open_engine, read_frame
 from cdp_activation.errors import CdpError
 from cdp_activation.masking import masked

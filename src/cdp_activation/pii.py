@@ -4,14 +4,15 @@
   cache), the key is a keyed BLAKE2b digest (`CDP_PII_HASH_KEY`): without the key a digest
   cannot be matched against the ~10^10 possible numbers of a country. No key configured
   (outside sandbox mode) means nothing derived from a number is kept at all.
-- **Retention** (`CDP_PII_RETENTION_DAYS`, 90 by default): `purge` takes the number, the
-  message text and the provider's error text out of finished sends older than that, the raw
-  payloads out of older status reports, and old entries out of the phone cache. Counts, states,
-  codes, times and customer ids stay, so reporting and the send log keep working.
-- **Erasure** (a data subject's request): `erase` does the same at once for given customer
-  ids, whatever their age, replaces their customer id with a pseudonym in the ledger and the
-  send log, empties the phone cache (a cache: the next run validates numbers again) and
-  deletes Dagster's stored step outputs (`storage.py`: sealed copies of whole audiences).
+- **Retention** (`retention.py`; `CDP_PII_RETENTION_DAYS`, 90 by default): `purge` takes
+  the number, the message text and the provider's error text out of finished sends older
+  than that, the raw payloads out of older status reports, and old entries out of the phone
+  cache. Counts, states, codes, times and customer ids stay, so reporting and the send log
+  keep working.
+- **Erasure** (a data subject's request; `retention.py`): `erase` does the same at once for
+  given customer ids, whatever their age, replaces their customer id with a pseudonym in the
+  ledger and the send log, empties the phone cache (a cache: the next run validates numbers
+  again) and deletes Dagster's stored step outputs (`storage.py`: sealed whole audiences).
 - **Dagster's stored outputs** are sealed with a key derived from the same CDP_PII_HASH_KEY
   (`storage.py`) and removed by `purge` once past the retention.
 """
@@ -19,28 +20,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import sqlalchemy as sa
-
-from cdp_activation.ledger import (
-    IN_FLIGHT,
-    PLANNED,
-    Ledger,
-    idempotency_key,
-    sends,
-    status_events,
-)
 from cdp_activation.settings import SANDBOX_PII_HASH_KEY, get_settings, sandbox_mode
 
 DIGEST_BYTES = 16  # 128 bits: no collision among any warehouse's numbers
-ERASED = ""  # what a purged or erased row keeps as its recipient
-ERASED_PREFIX = "erased-"  # the pseudonym that replaces an erased customer id
 
 
 def pii_key() -> bytes | None:
@@ -58,166 +43,9 @@ def keyed_digests(values: Sequence[str], key: bytes) -> list[str]:
     return [blake(v.encode(), key=key, digest_size=DIGEST_BYTES).hexdigest() for v in values]
 
 
-def minimal_message(message: str) -> str:
-    """A send's stored message without its text or variables: which template it was, only."""
-    try:
-        data = json.loads(message)
-    except (TypeError, ValueError):
-        return "{}"
-    kept = {k: data[k] for k in ("template", "language") if isinstance(data, dict) and k in data}
-    return json.dumps(kept)
+SEALED_EXTENSION = ".sealed"  # Dagster's stored step outputs, sealed by storage.py
 
 
-@dataclass(frozen=True)
-class Purged:
-    sends: int  # rows whose number, message text and error text were taken out
-    status_reports: int  # stored reports whose payload was dropped
-    phone_cache: int  # phone cache entries removed
-    send_log: int = 0  # send log rows rewritten with the pseudonym (erasure only)
-    outputs: int = 0  # Dagster's sealed step outputs removed
-
-
-def purge(
-    ledger: Ledger,
-    days: int | None = None,
-    now: datetime | None = None,
-    storage_dir: Path | None = None,
-) -> Purged:
-    """Take personal data out of everything older than `days` (CDP_PII_RETENTION_DAYS):
-    finished sends (any state but planned or in flight, last changed before the cutoff), status
-    reports received before it, phone cache entries stored before it, and Dagster's sealed step
-    outputs written before it under `storage_dir`. Safe to run at any time and as often as
-    wanted: rows still to be sent are never touched."""
-    days = days if days is not None else get_settings().pii_retention_days
-    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
-    finished = sa.and_(
-        sends.c.state.not_in([PLANNED, IN_FLIGHT]),
-        sends.c.updated_at < cutoff,
-        sa.or_(sends.c.recipient != ERASED, sends.c.error_message.is_not(None)),
-    )
-    with ledger.engine.begin() as con:
-        cleared = _clear_sends(con, finished)
-        reports = con.execute(
-            sa.update(status_events)
-            .where(status_events.c.received_at < cutoff, status_events.c.payload.is_not(None))
-            .values(payload=None)
-        ).rowcount
-    from cdp_activation.policy.phone_cache import PhoneCache
-
-    cache = PhoneCache(ledger.engine, key=b"purge")  # the key plays no part in a purge
-    outputs = _remove_outputs(storage_dir, before=cutoff)
-    return Purged(cleared, max(reports or 0, 0), cache.purge(before=cutoff), outputs=outputs)
-
-
-def _remove_outputs(storage_dir: Path | None, before: datetime | None) -> int:
-    """Delete sealed step outputs under `storage_dir` written before `before` (all: None)."""
-    if storage_dir is None or not storage_dir.is_dir():
-        return 0
-    from cdp_activation.storage import stored_outputs
-
-    removed = 0
-    for path in stored_outputs(storage_dir):
-        if before is None or datetime.fromtimestamp(path.stat().st_mtime, UTC) < before:
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _clear_sends(con: sa.Connection, where: sa.ColumnElement[bool]) -> int:
-    """Number, message text and error text out of the `sends` rows matching `where`."""
-    rows = con.execute(sa.select(sends.c.id, sends.c.message).where(where)).all()
-    for start in range(0, len(rows), 5000):
-        chunk = rows[start : start + 5000]
-        con.execute(
-            sa.update(sends)
-            .where(sends.c.id == sa.bindparam("row_id"))
-            .values(recipient=ERASED, message=sa.bindparam("kept"), error_message=None),
-            [{"row_id": r.id, "kept": minimal_message(r.message)} for r in chunk],
-        )
-    return len(rows)
-
-
-def erase(
-    ledger: Ledger,
-    customer_ids: Sequence[str],
-    send_log_url: str | None = None,
-    storage_dir: Path | None = None,
-) -> Purged:
-    """A data subject's erasure: every send of these customers loses its number, message text
-    and error text, their customer id becomes a pseudonym (`erased-…`, one per customer) in
-    the ledger and in the send log, their status reports lose their payloads, the phone cache
-    is emptied and Dagster's stored step outputs (whole audiences, sealed) under `storage_dir`
-    are deleted. Rows still planned are cancelled first: nobody erased is messaged."""
-    wanted = sorted({str(c) for c in customer_ids if str(c)})
-    if not wanted:
-        return Purged(0, 0, 0)
-    pseudonyms = {c: f"{ERASED_PREFIX}{uuid.uuid4().hex[:16]}" for c in wanted}
-    now = datetime.now(UTC)
-    with ledger.engine.begin() as con:
-        rows = con.execute(
-            sa.select(
-                sends.c.id,
-                sends.c.activation,
-                sends.c.partition_key,
-                sends.c.customer_id,
-                sends.c.step,
-                sends.c.provider_message_id,
-            ).where(sends.c.customer_id.in_(wanted))
-        ).all()
-        con.execute(
-            sa.update(sends)
-            .where(sends.c.customer_id.in_(wanted), sends.c.state == PLANNED)
-            .values(state="cancelled", error_message=None, updated_at=now)
-        )
-        cleared = _clear_sends(con, sends.c.customer_id.in_(wanted))
-        for start in range(0, len(rows), 5000):
-            chunk = rows[start : start + 5000]
-            con.execute(
-                sa.update(sends)
-                .where(sends.c.id == sa.bindparam("row_id"))
-                .values(
-                    customer_id=sa.bindparam("pseudonym"),
-                    idempotency_key=sa.bindparam("key"),
-                    updated_at=now,
-                ),
-                [
-                    {
-                        "row_id": r.id,
-                        "pseudonym": pseudonyms[r.customer_id],
-                        "key": idempotency_key(
-                            r.activation, r.partition_key, pseudonyms[r.customer_id], r.step
-                        ),
-                    }
-                    for r in chunk
-                ],
-            )
-        message_ids = [r.provider_message_id for r in rows if r.provider_message_id]
-        reports = 0
-        for start in range(0, max(len(message_ids), 1), 5000):
-            chunk = message_ids[start : start + 5000]
-            reports += max(
-                con.execute(
-                    sa.update(status_events)
-                    .where(
-                        sa.or_(
-                            status_events.c.provider_message_id.in_(chunk),
-                            status_events.c.customer_id.in_(wanted),
-                        )
-                    )
-                    .values(payload=None, customer_id=None)
-                ).rowcount
-                or 0,
-                0,
-            )
-    from cdp_activation.policy.phone_cache import PhoneCache
-
-    emptied = PhoneCache(ledger.engine, key=b"erase").purge(before=None)
-    logged = 0
-    if send_log_url:
-        # The erased rows changed just now: the incremental export rewrites each of them
-        # with its pseudonym (the send log never held numbers or message text).
-        from cdp_activation.send_log import export_send_log
-
-        logged = export_send_log(ledger, send_log_url).exported
-    outputs = _remove_outputs(storage_dir, before=None)
-    return Purged(cleared, reports, emptied, logged, outputs)
+def stored_outputs(storage_dir: Path) -> list[Path]:
+    """The sealed step output files under a Dagster storage directory."""
+    return [p for p in storage_dir.rglob(f"*{SEALED_EXTENSION}") if p.is_file()]

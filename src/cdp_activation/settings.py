@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import pydantic_settings
@@ -21,11 +22,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdp_activation.confirmation import ConfirmPolicy
-from cdp_activation.connectors.base import ConnectorConfigError
-from cdp_activation.errors import CdpError
-
-if TYPE_CHECKING:
-    from cdp_activation.webhooks.app import WebhookSecrets
+from cdp_activation.errors import CdpError, ConnectorConfigError
+from cdp_activation.statuses import CONNECTOR_OF_PROVIDER
 
 SANDBOX_META_TOKEN = "sandbox-meta-token"
 SANDBOX_TWILIO_ACCOUNT_SID = "AC00000000000000000000000000000000"
@@ -313,7 +311,6 @@ class Settings(BaseSettings):
 
     def webhook_secrets(self) -> WebhookSecrets:
         """The receiver's secrets: configured ones, else the sandbox's in sandbox mode."""
-        from cdp_activation.webhooks.app import WebhookSecrets
 
         def pick(value: SecretStr | None, base_url: str, sandbox: str) -> str | None:
             if value is not None and value.get_secret_value():
@@ -411,6 +408,36 @@ def confirm_policy() -> ConfirmPolicy:
         valid_hours=settings.preview_valid_hours,
         max_change=settings.preview_max_change,
     )
+
+
+@dataclass(frozen=True)
+class WebhookSecrets:
+    """What each provider's webhooks are checked with; None: that provider is refused."""
+
+    meta_app_secret: str | None = None
+    meta_verify_token: str | None = None
+    twilio_auth_token: str | None = None
+    infobip_credentials: str | None = None  # "user:password" of the notify URL's Basic auth
+    vonage_signature_secret: str | None = None
+    line_channel_secret: str | None = None
+    sandbox_secret: str | None = None
+    # The public base URL providers call (behind a proxy the request's own URL differs);
+    # Twilio signs the full URL it called.
+    public_url: str | None = None
+
+    def __repr__(self) -> str:  # never print a secret
+        configured = [p for p in CONNECTOR_OF_PROVIDER if self.secret_for(p)]
+        return f"WebhookSecrets(configured={configured}, public_url={self.public_url!r})"
+
+    def secret_for(self, provider: str) -> str | None:
+        return {
+            "meta": self.meta_app_secret,
+            "twilio": self.twilio_auth_token,
+            "infobip": self.infobip_credentials,
+            "vonage": self.vonage_signature_secret,
+            "line": self.line_channel_secret,
+            "sandbox": self.sandbox_secret,
+        }[provider]
 
 
 def get_settings() -> Settings:

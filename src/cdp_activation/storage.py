@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -23,9 +22,9 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from upath import UPath
 
+from cdp_activation.pii import SEALED_EXTENSION
 from cdp_activation.settings import SettingsError
 
-EXTENSION = ".sealed"
 _NONCE_BYTES = 12
 
 
@@ -62,7 +61,7 @@ def unseal(cipher: AESGCM, sealed: bytes, where: str) -> bytes:
 class SealedPickleIOManager(dg.UPathIOManager):
     """Pickles, sealed (see the module doc); paths as Dagster's filesystem IO manager's."""
 
-    extension = EXTENSION
+    extension = SEALED_EXTENSION
 
     def __init__(self, base_dir: str) -> None:
         super().__init__(base_path=UPath(base_dir))
@@ -90,8 +89,3 @@ class SealedFilesystemIOManager(dg.ConfigurableIOManagerFactory):
         if base is None:
             base = context.instance.storage_directory() if context.instance else "storage"
         return SealedPickleIOManager(base)
-
-
-def stored_outputs(storage_dir: Path) -> list[Path]:
-    """The sealed output files under a Dagster storage directory."""
-    return [p for p in storage_dir.rglob(f"*{EXTENSION}") if p.is_file()]

@@ -28,6 +28,9 @@ FALLBACK_STEP = "fallback"
 SEND, DEFER, EXCLUDE = "send", "defer", "exclude"
 DECISIONS: tuple[str, ...] = (SEND, DEFER, HOLDOUT, EXCLUDE)
 
+# What an address that is not a phone number looks like, per channel (LINE's user ids).
+ADDRESS_PATTERNS: dict[str, str] = {"line": r"^U[0-9a-f]{32}$"}
+
 KEY_SEPARATOR = "|"
 
 

@@ -8,49 +8,26 @@ into a `SendResult` whose `outcome` tells the delivery engine what to do next.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from enum import StrEnum
 from typing import ClassVar, Protocol, runtime_checkable
 
 import httpx
 
-from cdp_activation.errors import CdpError
-
-
-class Outcome(StrEnum):
-    """What a provider's answer means for one message."""
-
-    SENT = "sent"  # accepted by the provider; provider_message_id is set
-    FAILED = "failed"  # permanent for this recipient: never retried
-    RETRY = "retry"  # not accepted, safe to send again (429, 5xx, connect error)
-    UNKNOWN = "unknown"  # may have been accepted (timeout after sending, connection lost)
-
-
-class ConnectorError(CdpError):
-    """Base class of errors that stop a whole activation, not just one recipient; by
-    default transient (the provider may answer later), terminal where a subclass says so."""
-
-    transient: ClassVar[bool] = True
-
-
-class CredentialsError(ConnectorError):
-    """The provider refused our credentials (401/403, Meta code 190, Twilio 20003)."""
-
-    transient: ClassVar[bool] = False
-
-
-class TemplateError(ConnectorError):
-    """The template itself is wrong (missing, not approved, wrong parameters): stop sending."""
-
-    transient: ClassVar[bool] = False
-
-
-class ConnectorConfigError(ConnectorError):
-    """A connector is configured wrongly (missing base URL, sender id or credential)."""
-
-    transient: ClassVar[bool] = False
+from cdp_activation.contracts import (  # noqa: F401  # re-exported: part of a connector's contract
+    Outcome,
+    SendResult,
+    TemplateInfo,
+    send_id_of,
+    send_reference,
+)
+from cdp_activation.errors import (  # noqa: F401  # re-exported: a connector raises them
+    ConnectorConfigError,
+    ConnectorError,
+    CredentialsError,
+    TemplateError,
+)
 
 
 @dataclass(frozen=True)
@@ -97,61 +74,6 @@ class OutboundMessage:
     # `callbackData`, Vonage `client_ref`, Twilio's `StatusCallback` URL), so a report names
     # the ledger row even when the send's answer (and its provider id) was lost.
     reference: str | None = None
-
-
-_REFERENCE_PREFIX = "cdp-"
-
-
-def send_reference(send_id: int) -> str:
-    """The reference a send carries to the provider: "cdp-<ledger row id>".
-
-    Short on purpose (Vonage's `client_ref` takes at most 40 characters; "cdp-" and a 64-bit
-    id are 24), opaque to the provider, and the same on every retry of the row.
-    """
-    if isinstance(send_id, bool) or not isinstance(send_id, int) or send_id < 0:
-        raise ValueError(f"a send id is a non-negative integer, got {send_id!r}")
-    return f"{_REFERENCE_PREFIX}{send_id}"
-
-
-def send_id_of(reference: str | None) -> int | None:
-    """The ledger row id a provider echoed back ("cdp-123" -> 123); None for anything else."""
-    if not reference or not reference.startswith(_REFERENCE_PREFIX):
-        return None
-    digits = reference[len(_REFERENCE_PREFIX) :]
-    if not digits.isascii() or not digits.isdigit() or len(digits) > 19:
-        return None
-    send_id = int(digits)
-    return send_id if str(send_id) == digits else None  # "cdp-007" is not one we sent
-
-
-@dataclass(frozen=True)
-class SendResult:
-    """The provider's answer for one message."""
-
-    key: str
-    outcome: Outcome
-    provider_message_id: str | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    retry_after: float | None = None  # seconds, from Retry-After where given
-    # The provider's own word on an accepted message, where it gives one (Meta's
-    # `message_status`: accepted, held_for_quality_assessment, paused).
-    provider_status: str | None = None
-
-
-@dataclass(frozen=True)
-class TemplateInfo:
-    """One entry of a provider's template catalog."""
-
-    name: str
-    language: str
-    category: str  # MARKETING | UTILITY | AUTHENTICATION
-    status: str  # APPROVED | PENDING | REJECTED | PAUSED | DISABLED
-    body_parameter_count: int = 0
-    # The body's parameter names in order: "1", "2", … for positional templates ({{1}}), the
-    # names of a named one ({{first_name}}); empty when the catalog does not say.
-    parameter_names: tuple[str, ...] = ()
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable

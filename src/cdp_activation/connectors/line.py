@@ -55,7 +55,7 @@ from cdp_activation.connectors.http import (
     whole_request_results,
 )
 from cdp_activation.masking import redact_secrets
-from cdp_activation.policy.addresses import ADDRESS_PATTERNS
+from cdp_activation.vocabulary import ADDRESS_PATTERNS
 
 if TYPE_CHECKING:
     from cdp_activation.settings import Settings

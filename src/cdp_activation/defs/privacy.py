@@ -4,8 +4,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from cdp_activation.pii import purge
 from cdp_activation.resources import LedgerResource
+from cdp_activation.retention import purge
 from cdp_activation.settings import get_settings
 
 

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import polars as pl
 
+from cdp_activation.vocabulary import ADDRESS_PATTERNS  # what a valid address looks like
+
 # Channels addressed by a platform id, and the audience column holding it.
 ADDRESS_COLUMNS: dict[str, str] = {"line": "line_user_id"}
-# What a valid address of each such channel looks like (LINE: "U" and 32 lowercase hex digits).
-ADDRESS_PATTERNS: dict[str, str] = {"line": r"^U[0-9a-f]{32}$"}
 
 
 def address_column(channel: str) -> str | None:

@@ -27,7 +27,7 @@ from datetime import datetime
 
 import polars as pl
 
-from cdp_activation.connectors.base import TemplateInfo
+from cdp_activation.contracts import TemplateInfo
 from cdp_activation.policy import reasons
 from cdp_activation.policy.addresses import address_column, has_address, recipient
 from cdp_activation.policy.caps import EMPTY_SENDS, capped_customers

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import polars as pl
 
-from cdp_activation.connectors.base import TemplateInfo
+from cdp_activation.contracts import TemplateInfo
 from cdp_activation.specs import CATEGORIES_FOR_PURPOSE, TemplateSpec
 
 MAX_PARAMETER_LENGTH = 1024

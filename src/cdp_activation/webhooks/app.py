@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl
 
@@ -32,6 +31,7 @@ from starlette.routing import Route
 from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import Ledger
 from cdp_activation.serving import BackgroundServer
+from cdp_activation.settings import WebhookSecrets
 from cdp_activation.statuses import CONNECTOR_OF_PROVIDER, StatusEvent
 from cdp_activation.template_states import record_states
 from cdp_activation.webhooks import signatures
@@ -40,36 +40,6 @@ from cdp_activation.webhooks.parsers import JSON_PARSERS, parse_meta_template_up
 log = logging.getLogger(__name__)
 
 PROVIDERS = tuple(CONNECTOR_OF_PROVIDER)  # one route each: meta, twilio, …, sandbox
-
-
-@dataclass(frozen=True)
-class WebhookSecrets:
-    """What each provider's webhooks are checked with; None: that provider is refused."""
-
-    meta_app_secret: str | None = None
-    meta_verify_token: str | None = None
-    twilio_auth_token: str | None = None
-    infobip_credentials: str | None = None  # "user:password" of the notify URL's Basic auth
-    vonage_signature_secret: str | None = None
-    line_channel_secret: str | None = None
-    sandbox_secret: str | None = None
-    # The public base URL providers call (behind a proxy the request's own URL differs);
-    # Twilio signs the full URL it called.
-    public_url: str | None = None
-
-    def __repr__(self) -> str:  # never print a secret
-        configured = [p for p in PROVIDERS if self.secret_for(p)]
-        return f"WebhookSecrets(configured={configured}, public_url={self.public_url!r})"
-
-    def secret_for(self, provider: str) -> str | None:
-        return {
-            "meta": self.meta_app_secret,
-            "twilio": self.twilio_auth_token,
-            "infobip": self.infobip_credentials,
-            "vonage": self.vonage_signature_secret,
-            "line": self.line_channel_secret,
-            "sandbox": self.sandbox_secret,
-        }[provider]
 
 
 MAX_BODY_BYTES = 1 << 20  # a status webhook is a few KB; Meta batches stay well under

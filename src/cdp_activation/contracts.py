@@ -1,0 +1,75 @@
+"""The types the layers hand one another, defined below all of them: a provider's answer for
+one message (`Outcome`, `SendResult`), the reference a send carries and gets echoed back
+(`send_reference`, `send_id_of`), and an entry of a provider's template catalog
+(`TemplateInfo`). Connectors produce them, the delivery engine and the ledger record them,
+the policy reads catalogs: none of those needs to import another for these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    """What a provider's answer means for one message."""
+
+    SENT = "sent"  # accepted by the provider; provider_message_id is set
+    FAILED = "failed"  # permanent for this recipient: never retried
+    RETRY = "retry"  # not accepted, safe to send again (429, 5xx, connect error)
+    UNKNOWN = "unknown"  # may have been accepted (timeout after sending, connection lost)
+
+
+_REFERENCE_PREFIX = "cdp-"
+
+
+def send_reference(send_id: int) -> str:
+    """The reference a send carries to the provider: "cdp-<ledger row id>".
+
+    Short on purpose (Vonage's `client_ref` takes at most 40 characters; "cdp-" and a 64-bit
+    id are 24), opaque to the provider, and the same on every retry of the row.
+    """
+    if isinstance(send_id, bool) or not isinstance(send_id, int) or send_id < 0:
+        raise ValueError(f"a send id is a non-negative integer, got {send_id!r}")
+    return f"{_REFERENCE_PREFIX}{send_id}"
+
+
+def send_id_of(reference: str | None) -> int | None:
+    """The ledger row id a provider echoed back ("cdp-123" -> 123); None for anything else."""
+    if not reference or not reference.startswith(_REFERENCE_PREFIX):
+        return None
+    digits = reference[len(_REFERENCE_PREFIX) :]
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 19:
+        return None
+    send_id = int(digits)
+    return send_id if str(send_id) == digits else None  # "cdp-007" is not one we sent
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The provider's answer for one message."""
+
+    key: str
+    outcome: Outcome
+    provider_message_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    retry_after: float | None = None  # seconds, from Retry-After where given
+    # The provider's own word on an accepted message, where it gives one (Meta's
+    # `message_status`: accepted, held_for_quality_assessment, paused).
+    provider_status: str | None = None
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """One entry of a provider's template catalog."""
+
+    name: str
+    language: str
+    category: str  # MARKETING | UTILITY | AUTHENTICATION
+    status: str  # APPROVED | PENDING | REJECTED | PAUSED | DISABLED
+    body_parameter_count: int = 0
+    # The body's parameter names in order: "1", "2", … for positional templates ({{1}}), the
+    # names of a named one ({{first_name}}); empty when the catalog does not say.
+    parameter_names: tuple[str, ...] = ()
+    extra: dict[str, str] = field(default_factory=dict)
