@@ -23,6 +23,7 @@ import sqlalchemy as sa
 
 from cdp_activation.connectors.base import Outcome, SendResult, send_id_of, send_reference
 from cdp_activation.ledger import Ledger
+from cdp_activation.sandbox import signing
 from cdp_activation.statuses import StatusEvent
 from cdp_activation.transport import make_client
 from cdp_activation.webhooks import WebhookSecrets, WebhookServer
@@ -109,7 +110,7 @@ def signed(provider: str, secrets: WebhookSecrets, body: bytes, url: str = "") -
         basic = base64.b64encode(secret.encode()).decode()
         return Post(body, {"Authorization": f"Basic {basic}", "Content-Type": "application/json"})
     if provider == "vonage":
-        token = sig.vonage_token(secret, body, int(time.time()))
+        token = signing.vonage_bearer(secret, body, int(time.time()))
         return Post(body, {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     if provider == "line":
         return Post(body, {"X-Line-Signature": sig.line_signature(secret, body)})

@@ -63,17 +63,6 @@ def twilio_valid(
     return bool(header) and same(header, twilio_signature(auth_token, url, params))
 
 
-def vonage_token(signature_secret: str, body: bytes, issued_at: int) -> str:
-    """A Vonage-style signed webhook JWT (HS256) for `body`, as the sandbox sends it."""
-    claims = {
-        "iat": issued_at,
-        "jti": hashlib.sha256(body + str(issued_at).encode()).hexdigest()[:32],
-        "iss": "Vonage",
-        "payload_hash": hashlib.sha256(body).hexdigest(),
-    }
-    return jwt.encode(claims, signature_secret, algorithm="HS256")
-
-
 VONAGE_MAX_SKEW_SECONDS = 300.0
 
 
