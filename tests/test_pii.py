@@ -83,19 +83,26 @@ def test_purge_takes_personal_data_out_of_what_is_past_the_retention_only(
     assert leaked(ledger_text(ledger), numbers)  # the ledger needs them while it sends
     waiting = audience(3).with_columns(pl.Series("customer_id", [901, 902, 903]))
     ledger.plan("pii", "later", waiting.with_columns(pl.lit("+447911000999").alias("phone_e164")))
+    # A refused fallback: written `excluded` with no number, but with the message's variables.
+    refused = audience(1).with_columns(
+        pl.lit(None, dtype=pl.String).alias("phone_e164"),
+        pl.lit("exclude").alias("decision"),
+        pl.lit("sms_no_consent").alias("reason"),
+    )
+    ledger.plan("pii", "refused", refused)
     cache = PhoneCache(ledger.engine, key=KEY)
     normalise_frame(pl.DataFrame({"phone": ["07400 123456"], "country": ["GB"]}), cache=cache)
     assert cache.count() == 1
 
     assert purge(ledger, days=90).sends == 0  # nothing is 90 days old yet
     done = purge(ledger, days=90, now=datetime.now(UTC) + timedelta(days=91))
-    assert done.sends == 40 and done.status_reports > 0 and done.phone_cache == 1
+    assert done.sends == 41 and done.status_reports > 0 and done.phone_cache == 1
     text = ledger_text(ledger)
     assert leaked(text, numbers) == []
     with ledger.engine.connect() as con:
         finished = con.execute(
             sa.select(sends.c.recipient, sends.c.message, sends.c.error_message).where(
-                sends.c.partition_key == "p"
+                sends.c.partition_key.in_(["p", "refused"])
             )
         ).all()
         payloads = con.execute(sa.select(status_events.c.payload)).scalars().all()

@@ -14,6 +14,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from cdp_activation.ledger import (
+    CANCELLED,
     IN_FLIGHT,
     PLANNED,
     Ledger,
@@ -22,6 +23,7 @@ from cdp_activation.ledger import (
     status_events,
 )
 from cdp_activation.pii import stored_outputs
+from cdp_activation.policy.phone_cache import remove_entries
 from cdp_activation.settings import get_settings
 
 ERASED = ""  # what a purged or erased row keeps as its recipient
@@ -63,7 +65,14 @@ def purge(
     finished = sa.and_(
         sends.c.state.not_in([PLANNED, IN_FLIGHT]),
         sends.c.updated_at < cutoff,
-        sa.or_(sends.c.recipient != ERASED, sends.c.error_message.is_not(None)),
+        # Not purged yet: a number, an error text, or a message with its text or variables
+        # (a refused fallback has no number, but its variables are personal too).
+        sa.or_(
+            sends.c.recipient != ERASED,
+            sends.c.error_message.is_not(None),
+            sends.c.message.contains('"parameters"'),
+            sends.c.message.contains('"body"'),
+        ),
     )
     with ledger.engine.begin() as con:
         cleared = _clear_sends(con, finished)
@@ -72,11 +81,9 @@ def purge(
             .where(status_events.c.received_at < cutoff, status_events.c.payload.is_not(None))
             .values(payload=None)
         ).rowcount
-    from cdp_activation.policy.phone_cache import PhoneCache
-
-    cache = PhoneCache(ledger.engine, key=b"purge")  # the key plays no part in a purge
+    cache = remove_entries(ledger.engine, before=cutoff)
     outputs = _remove_outputs(storage_dir, before=cutoff)
-    return Purged(cleared, max(reports or 0, 0), cache.purge(before=cutoff), outputs=outputs)
+    return Purged(cleared, max(reports or 0, 0), cache, outputs=outputs)
 
 
 def _remove_outputs(storage_dir: Path | None, before: datetime | None) -> int:
@@ -135,7 +142,7 @@ def erase(
         con.execute(
             sa.update(sends)
             .where(sends.c.customer_id.in_(wanted), sends.c.state == PLANNED)
-            .values(state="cancelled", error_message=None, updated_at=now)
+            .values(state=CANCELLED, error_message=None, updated_at=now)
         )
         cleared = _clear_sends(con, sends.c.customer_id.in_(wanted))
         for start in range(0, len(rows), 5000):
@@ -159,27 +166,31 @@ def erase(
                     for r in chunk
                 ],
             )
+        # Their status reports: those stored with their customer id (status sources), then
+        # those of their sends' provider message ids.
+        forget = {"payload": None, "customer_id": None}
+        reports = (
+            con.execute(
+                sa.update(status_events)
+                .where(status_events.c.customer_id.in_(wanted))
+                .values(**forget)
+            ).rowcount
+            or 0
+        )
         message_ids = [r.provider_message_id for r in rows if r.provider_message_id]
-        reports = 0
-        for start in range(0, max(len(message_ids), 1), 5000):
-            chunk = message_ids[start : start + 5000]
-            reports += max(
+        for start in range(0, len(message_ids), 5000):
+            reports += (
                 con.execute(
                     sa.update(status_events)
                     .where(
-                        sa.or_(
-                            status_events.c.provider_message_id.in_(chunk),
-                            status_events.c.customer_id.in_(wanted),
-                        )
+                        status_events.c.provider_message_id.in_(message_ids[start : start + 5000]),
+                        status_events.c.payload.is_not(None),
                     )
-                    .values(payload=None, customer_id=None)
+                    .values(**forget)
                 ).rowcount
-                or 0,
-                0,
+                or 0
             )
-    from cdp_activation.policy.phone_cache import PhoneCache
-
-    emptied = PhoneCache(ledger.engine, key=b"erase").purge(before=None)
+    emptied = remove_entries(ledger.engine, before=None)
     logged = 0
     if send_log_url:
         # The erased rows changed just now: the incremental export rewrites each of them

@@ -129,9 +129,7 @@ class PhoneCache:
         self.key = key
         self.version = version
         self._every: pl.DataFrame | None = None  # the whole table, once read (see lookup)
-        with self.engine.begin() as con:
-            con.exec_driver_sql(f"DROP TABLE IF EXISTS {_RAW_NUMBERS_TABLE}")
-            metadata.create_all(con)
+        ensure_table(self.engine)
 
     def _every_row(self) -> pl.DataFrame:
         """Every cached answer of this version, read once per `PhoneCache` and kept: a run
@@ -257,15 +255,31 @@ class PhoneCache:
         with self.engine.connect() as con:
             return int(con.execute(query).scalar_one())
 
-    def purge(self, before: datetime | None) -> int:
-        """Remove entries stored before `before` (all of them when None); returns how many."""
-        statement = sa.delete(phone_lookups)
-        if before is not None:
-            statement = statement.where(phone_lookups.c.stored_at < before)
-        with self.engine.begin() as con:
-            removed = con.execute(statement).rowcount
-        self._every = None
-        return max(removed or 0, 0)
+
+_READY: set[str] = set()  # database URLs whose table this process made sure of
+
+
+def ensure_table(engine: sa.Engine) -> None:
+    """Create the table if absent and drop the earlier one that held raw numbers: once per
+    database and process (a run builds a cache per decision step; no DDL each time)."""
+    url = engine.url.render_as_string(hide_password=False)
+    if url in _READY and sa.inspect(engine).has_table(TABLE):
+        return
+    with engine.begin() as con:
+        con.exec_driver_sql(f"DROP TABLE IF EXISTS {_RAW_NUMBERS_TABLE}")
+        metadata.create_all(con)
+    _READY.add(url)
+
+
+def remove_entries(engine: sa.Engine, before: datetime | None) -> int:
+    """Delete the cache's entries stored before `before` (all of them when None); returns how
+    many. No key is needed: an entry is found by its age, not by its number."""
+    ensure_table(engine)
+    statement = sa.delete(phone_lookups)
+    if before is not None:
+        statement = statement.where(phone_lookups.c.stored_at < before)
+    with engine.begin() as con:
+        return max(con.execute(statement).rowcount or 0, 0)
 
 
 def _recipe(raw: str, e164: str | None) -> tuple[int | None, int | None, bool]:

@@ -178,17 +178,24 @@ def parse_meta(body: bytes, received: datetime) -> list[StatusEvent]:
     return events
 
 
+_TEMPLATE_FIELD = b"message_template_status_update"
+
+
 def parse_meta_template_updates(body: bytes, received: datetime) -> list[TemplateState]:
     """Meta's `message_template_status_update` changes in a signed webhook (APPROVED, PAUSED,
     DISABLED, …): `{entry: [{id: <WABA id>, time, changes: [{field, value: {event,
-    message_template_id, message_template_name, message_template_language, reason}}]}]}`."""
+    message_template_id, message_template_name, message_template_language, reason}}]}]}`.
+
+    Status webhooks (the receiver's bulk) never name that field: they are not decoded twice."""
+    if _TEMPLATE_FIELD not in body:
+        return []
     data = _json(body)
     if not isinstance(data, dict) or not isinstance(data.get("entry"), list):
         raise ValueError("expected {object, entry: [...]}")
     states = []
     for entry in data["entry"]:
         for change in (entry or {}).get("changes") or []:
-            if (change or {}).get("field") != "message_template_status_update":
+            if (change or {}).get("field") != _TEMPLATE_FIELD.decode():
                 continue
             value = change.get("value") or {}
             event = value.get("event")
