@@ -24,6 +24,13 @@ def _summary(path: Path) -> tuple[str, str]:
     )
 
 
+def publish(path: Path, text: str) -> None:
+    """A benchmark's report: printed, written to its results file, and indexed."""
+    print(text)
+    path.write_text(text)
+    refresh()
+
+
 def refresh() -> None:
     """Rewrite the index at the end of bench/results.md (kept above the marker: the rest)."""
     head = RESULTS.read_text(encoding="utf-8").split(MARKER)[0].rstrip() if RESULTS.exists() else ""

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench.delivery import ROOT, _cpu_model
-from bench.index import refresh as refresh_index
+from bench.index import publish
 
 RESULTS = ROOT / "bench" / "results_limiter.md"
 
@@ -172,9 +172,7 @@ def main(argv: list[str]) -> int:
             print(row, file=sys.stderr)
             rows.append(row)
     text = report(rows, ("python -m bench limiter " + " ".join(argv)).strip())
-    print(text)
-    RESULTS.write_text(text)
-    refresh_index()
+    publish(RESULTS, text)
     return 0
 
 

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.index import refresh as refresh_index
+from bench.index import publish
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data"
@@ -205,9 +205,7 @@ def main(argv: list[str]) -> int:
         "loaded. The timed work is the suppression list's normalisation and `decide()`.",
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    RESULTS.write_text(text)
-    refresh_index()
+    publish(RESULTS, text)
     return 0
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.delivery import ROOT, Sandbox, _cpu_model
-from bench.index import refresh as refresh_index
+from bench.index import publish
 from bench.throughput import LATENCY_MS, _connector, _decisions
 
 RESULTS = ROOT / "bench" / "results_scaling.md"
@@ -320,9 +320,7 @@ def main(argv: list[str]) -> int:
         sandbox.close()
     command = ("python -m bench scaling " + " ".join(argv)).strip()
     text = report(rows, limiter, command, args.limiter_rate)
-    print(text)
-    RESULTS.write_text(text)
-    refresh_index()
+    publish(RESULTS, text)
     return 0
 
 

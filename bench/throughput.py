@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench.delivery import ROOT, Sandbox, _cpu_model, _messages
-from bench.index import refresh as refresh_index
+from bench.index import publish
 
 RESULTS = ROOT / "bench" / "results_throughput.md"
 _BENCH = (sys.executable, "-m", "bench", "throughput")
@@ -257,9 +257,7 @@ def main(argv: list[str]) -> int:
         sandbox.close()
     command = "python -m bench throughput " + " ".join(argv)
     text = report(rows, command.strip())
-    print(text)
-    RESULTS.write_text(text)
-    refresh_index()
+    publish(RESULTS, text)
     return 0
 
 

@@ -136,7 +136,6 @@ def test_a_paused_template_stops_only_its_connector_and_its_rows_stay_planned_un
     with pytest.raises(TemplateBlocked):
         deliver(ledger, DeliveryScope("pause", "p"), connectors, OPTIONS)
     assert post_meta(receiver, template_update("APPROVED", now), secret).status_code == 200
-    time.sleep(0.01)
     deliver(ledger, DeliveryScope("pause", "p"), connectors, OPTIONS)
     # +447900000013 is "not on WhatsApp" in the sandbox: failed, as Meta answers.
     expected = {"twilio:sent": 20, "meta_whatsapp:sent": 19, "meta_whatsapp:failed": 1}

@@ -512,10 +512,7 @@ def _with_status(
 
 def _template_statuses(request: Request) -> dict[tuple[str, str], str]:
     """Template statuses changed while running (name, language) -> status; per app."""
-    state = request.app.state
-    if not hasattr(state, "template_statuses"):
-        state.template_statuses = {}
-    statuses: dict[tuple[str, str], str] = state.template_statuses
+    statuses: dict[tuple[str, str], str] = request.app.state.template_statuses
     return statuses
 
 
@@ -2399,4 +2396,5 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
     )
     app.state.config = config or SandboxConfig()
     app.state.store = store if store is not None else MessageStore()
+    app.state.template_statuses = {}  # POST /_sandbox/templates
     return app
