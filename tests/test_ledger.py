@@ -293,6 +293,25 @@ def test_the_schema_is_migrated_once_per_process_not_on_every_opening(ledger_url
     reopened.dispose()
 
 
+def test_a_run_opens_the_ledger_once_and_closes_it_at_teardown(ledger_url: str) -> None:
+    """Every step of a run in one process shares one ledger (one engine, one pool), opened on
+    first use and closed when Dagster tears the run's resources down."""
+    import dagster as dg
+
+    from cdp_activation.resources import LedgerResource
+
+    with dg.build_resources({"ledger": LedgerResource(url=ledger_url)}) as resources:
+        first = resources.ledger.ledger()
+        first.plan("winback", "p", chosen(2))
+        again = resources.ledger.ledger()
+        assert again is first
+        assert again.counts("winback", "p") == {"planned": 2}
+        pool = first.engine.pool
+        assert pool.checkedin() >= 1  # the connection stays pooled for the next step
+    assert first.engine.pool is not pool  # disposed at teardown: its pool was replaced
+    assert pool.checkedin() == 0
+
+
 def test_claims_hand_each_row_to_one_worker_and_only_gone_workers_are_recovered(
     ledger_url: str,
 ) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import dagster as dg
-from pydantic import Field, SecretStr
+from pydantic import Field, PrivateAttr, SecretStr
 
 from cdp_activation.connectors.base import Connector, ConnectorConfigError
 from cdp_activation.connectors.braze import BrazeConnector
@@ -47,9 +47,19 @@ class LedgerResource(dg.ConfigurableResource):
     """The send ledger: SQLite file by default, PostgreSQL in production."""
 
     url: str
+    _opened: Ledger | None = PrivateAttr(default=None)
 
     def ledger(self) -> Ledger:
-        return Ledger(self.url)
+        """The run's ledger: opened (and, the first time in this process, migrated) on first
+        use, then shared by every step of the run in this process, and closed at teardown."""
+        if self._opened is None:
+            self._opened = Ledger(self.url)
+        return self._opened
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._opened is not None:
+            self._opened.dispose()
+            self._opened = None
 
 
 class SendLogResource(dg.ConfigurableResource):

@@ -271,18 +271,15 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
                     description=f"Not sent: {problem}", metadata={"eligible": eligible}
                 )
         store = context.resources.ledger.ledger()
-        try:
-            summary = run.prepare_delivery(
-                activation,
-                decisions,
-                store,
-                connectors,
-                partition_key=context.partition_key,
-                dry_run=config.dry_run,
-                run_id=context.run.run_id,
-            )
-        finally:
-            store.dispose()
+        summary = run.prepare_delivery(
+            activation,
+            decisions,
+            store,
+            connectors,
+            partition_key=context.partition_key,
+            dry_run=config.dry_run,
+            run_id=context.run.run_id,
+        )
         yield dg.Output(fan_out.Prepared(summary), "prepared")
         yield from fan_out.tickets(summary, workers)
 
@@ -591,28 +588,25 @@ def _fallback_defs(
         connectors = fan_out.connectors_of(context, connector_keys)
         workers = _checked_workers(config.workers)
         store = context.resources.ledger.ledger()
-        try:
-            decisions = fb.compute_fallback_decisions(
-                activation,
-                context.resources.warehouse.warehouse(),
-                store,
-                connectors,
-                partition_key=context.partition_key,
-                now=datetime.now(UTC),
-                parameters=_partition_parameters(context, audience_key),
-                not_delivered_within_minutes=config.not_delivered_within_minutes,
-            )
-            summary = fb.prepare_fallback(
-                activation,
-                decisions,
-                store,
-                connectors,
-                partition_key=context.partition_key,
-                dry_run=config.dry_run,
-                run_id=context.run.run_id,
-            )
-        finally:
-            store.dispose()
+        decisions = fb.compute_fallback_decisions(
+            activation,
+            context.resources.warehouse.warehouse(),
+            store,
+            connectors,
+            partition_key=context.partition_key,
+            now=datetime.now(UTC),
+            parameters=_partition_parameters(context, audience_key),
+            not_delivered_within_minutes=config.not_delivered_within_minutes,
+        )
+        summary = fb.prepare_fallback(
+            activation,
+            decisions,
+            store,
+            connectors,
+            partition_key=context.partition_key,
+            dry_run=config.dry_run,
+            run_id=context.run.run_id,
+        )
         yield dg.Output(fan_out.Prepared(summary, decisions), "prepared")
         yield from fan_out.tickets(summary, workers)
 
@@ -636,11 +630,9 @@ def _fallback_defs(
         context: dg.OpExecutionContext, prepared: fan_out.Prepared, reports: list
     ) -> dg.Output:
         summary = _finished(context, prepared.summary, reports, FALLBACK_STEP)
-        store = context.resources.ledger.ledger()
-        try:
-            outcomes = store.first_message_outcomes(name, context.partition_key, spec.channel)
-        finally:
-            store.dispose()
+        outcomes = context.resources.ledger.ledger().first_message_outcomes(
+            name, context.partition_key, spec.channel
+        )
         return dg.Output(
             None, metadata=asset_meta.fallback_metadata(prepared.extra, summary, outcomes)
         )
@@ -758,8 +750,6 @@ def _finished(
             description=f"Not everything was sent: {failed}",
             metadata=asset_meta.delivery_metadata(failed.summary),
         ) from None
-    finally:
-        store.dispose()
 
 
 class DeliveriesConfig(dg.Config):

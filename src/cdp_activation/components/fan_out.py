@@ -54,12 +54,9 @@ def claim_op(
     def claim(context: dg.OpExecutionContext, ticket: int) -> DeliveryReport:
         scope = DeliveryScope(activation, context.partition_key, step, context.run.run_id)
         store = context.resources.ledger.ledger()
-        try:
-            report = run.send_due(
-                store, scope, connectors_of(context, connector_keys), worker=str(ticket)
-            )
-        finally:
-            store.dispose()
+        report = run.send_due(
+            store, scope, connectors_of(context, connector_keys), worker=str(ticket)
+        )
         context.log.info(
             f"claim worker {ticket}: {report.sent:,} sent, {report.failed:,} failed, "
             f"{report.unknown:,} unknown in {report.elapsed:.1f} s"

@@ -15,11 +15,8 @@ from cdp_activation.settings import get_settings
 )
 def purge_personal_data_op(context: dg.OpExecutionContext, ledger: LedgerResource) -> None:
     days = get_settings().pii_retention_days
-    store = ledger.ledger()
-    try:
-        done = purge(store, days, storage_dir=Path(context.instance.storage_directory()))
-    finally:
-        store.dispose()
+    storage_dir = Path(context.instance.storage_directory())
+    done = purge(ledger.ledger(), days, storage_dir=storage_dir)
     context.log.info(
         f"older than {days} days: {done.sends} sends, {done.status_reports} status reports, "
         f"{done.phone_cache} phone cache entries and {done.outputs} stored step outputs purged"

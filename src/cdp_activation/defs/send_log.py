@@ -16,11 +16,7 @@ from cdp_activation.send_log import SEND_LOG_TABLE
     "to outcomes; no phone numbers or message texts.",
 )
 def send_log(ledger: LedgerResource, send_log: SendLogResource) -> dg.MaterializeResult:
-    store = ledger.ledger()
-    try:
-        export = send_log.export(store)
-    finally:
-        store.dispose()
+    export = send_log.export(ledger.ledger())
     return dg.MaterializeResult(
         metadata={
             "exported_rows": export.exported,

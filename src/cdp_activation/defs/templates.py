@@ -43,13 +43,10 @@ def catalog_asset(connector_name: str) -> dg.AssetsDefinition:
         resource: ConnectorResource = getattr(context.resources, connector_name)
         read_at = datetime.now(UTC)
         catalog = fetch_catalog(resource.connector())
-        ledger = context.resources.ledger.ledger()
-        try:
-            heard = latest_states(ledger.engine, connector_name)
-            # The catalog is the provider's word now: newer than any webhook before it.
-            record_states(ledger.engine, catalog_states(connector_name, catalog, read_at))
-        finally:
-            ledger.dispose()
+        engine = context.resources.ledger.ledger().engine
+        heard = latest_states(engine, connector_name)
+        # The catalog is the provider's word now: newer than any webhook before it.
+        record_states(engine, catalog_states(connector_name, catalog, read_at))
         frame = catalog_frame(catalog, heard)
         metadata: dict[str, Any] = {
             "dagster/row_count": frame.height,

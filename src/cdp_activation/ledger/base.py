@@ -1,0 +1,102 @@
+"""What every part of the ledger shares: the engine, the dialect's placeholders and clock,
+and the time helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from cdp_activation.db import open_engine
+from cdp_activation.ledger.schema import _MIGRATED, LedgerUnavailable, _has_sends, migrate, sends
+from cdp_activation.processes import process_gone
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def of_step(step: str | None) -> tuple[sa.ColumnElement[bool], ...]:
+    """The WHERE condition keeping one step's rows (none when `step` is None)."""
+    return () if step is None else (sends.c.step == step,)
+
+
+def as_time(value: datetime | str) -> datetime:
+    """A stored time, aware: SQLite's rows read back hold the text it was written as."""
+    return aware(value if isinstance(value, datetime) else datetime.fromisoformat(value))
+
+
+def aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything the ledger stores is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def db_time(value: datetime, dialect: str) -> datetime | str:
+    """A UTC time as the driver takes it: SQLite as the text SQLAlchemy writes and reads."""
+    if dialect == "sqlite":
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return value
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def worker_process_gone(worker: Any) -> bool:
+    """Whether a `delivery_workers` row's process is certainly gone (on this host)."""
+    started = aware(worker.started_at).timestamp()
+    return process_gone(worker.host, worker.pid, started) is not None
+
+
+class LedgerBase:
+    """The engine and the dialect's helpers that every part of the ledger uses."""
+
+    url: str
+    engine: sa.Engine
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = open_engine(url)
+            if url not in _MIGRATED or not _has_sends(self.engine):
+                self.migrate()
+        except (sa.exc.OperationalError, OSError) as err:
+            raise LedgerUnavailable.of(url, err) from None
+
+    def migrate(self) -> None:
+        """Create or upgrade the schema (tables, added columns, indexes, triggers). Done on a
+        ledger's first opening in each process (or by `cdp-activation migrate`), not on every
+        one: a sensor opening the ledger every minute takes no schema lock."""
+        migrate(self.engine)
+        _MIGRATED.add(self.url)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @property
+    def _mark(self) -> str:
+        return "?" if self.dialect == "sqlite" else "%s"
+
+    def _db_now(self) -> Any:
+        """The time leases are stamped and judged by: PostgreSQL's own clock, so workers on
+        hosts whose clocks differ agree; SQLite's file lives on one host, whose clock it is."""
+        return sa.func.now() if self.dialect == "postgresql" else utc_now()
+
+    def _lapsed(self, lease_seconds: float, now: datetime) -> Any:
+        """The heartbeat time before which a lease of `lease_seconds` has lapsed."""
+        if self.dialect == "postgresql":
+            return sa.func.now() - sa.func.make_interval(0, 0, 0, 0, 0, 0, lease_seconds)
+        return now - timedelta(seconds=lease_seconds)
+
+    def _lock_for_write(self, con: sa.Connection) -> None:
+        """SQLite: take the write lock now (waiting out the busy timeout), so a transaction
+        that reads before it writes cannot fail to upgrade its lock under concurrency."""
+        if self.dialect == "sqlite":
+            con.exec_driver_sql("UPDATE delivery_workers SET state = state WHERE 0")

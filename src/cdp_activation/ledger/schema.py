@@ -1,0 +1,295 @@
+"""The ledger's tables, its history triggers and `migrate()`: created or upgraded once per
+process (or by `cdp-activation migrate`), never on every opening."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from cdp_activation.masking import masked
+from cdp_activation.settings import SettingsError
+from cdp_activation.vocabulary import (
+    PLANNED,
+)
+
+metadata = sa.MetaData()
+
+sends = sa.Table(
+    "sends",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("idempotency_key", sa.String(300), nullable=False, unique=True),
+    sa.Column("activation", sa.String(120), nullable=False),
+    sa.Column("partition_key", sa.String(40), nullable=False),
+    sa.Column("customer_id", sa.String(120), nullable=False),
+    sa.Column("step", sa.String(40), nullable=False),
+    sa.Column("channel", sa.String(20), nullable=False),
+    sa.Column("purpose", sa.String(20), nullable=False, default="marketing"),
+    sa.Column("connector", sa.String(40), nullable=False),
+    sa.Column("recipient", sa.String(40), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),  # JSON: template + variables, or body
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("provider_message_id", sa.String(200)),
+    sa.Column("error_code", sa.String(40)),
+    sa.Column("error_message", sa.String(500)),
+    # The provider's own word on an accepted message, where it gives one (Meta's
+    # `message_status`: accepted, held_for_quality_assessment, paused).
+    sa.Column("provider_status", sa.String(40)),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("not_before", sa.DateTime(timezone=True)),  # deferred (quiet hours) until then
+    sa.Column("sent_at", sa.DateTime(timezone=True)),  # when the provider accepted it
+    sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # Through a provider that de-duplicates a whole request on one key (LINE's retry key, the
+    # webhook's Idempotency-Key): the number of the request this row last went in (random,
+    # see `_claim_request`), kept while the provider may have that request, so the row goes
+    # out again with exactly the same companions and therefore the same key. Null for
+    # one-recipient providers, unsent rows, and requests the provider surely did not take.
+    sa.Column("request_id", sa.BigInteger().with_variant(sa.Integer, "sqlite")),
+    # What the provider reported after accepting it (status webhooks): sent, delivered, read
+    # or failed, only ever moving forward (`statuses.STATUS_RANK`), with the latest report's time.
+    sa.Column("delivery_status", sa.String(20)),
+    sa.Column("delivery_status_at", sa.DateTime(timezone=True)),
+    sa.Column("delivery_error_code", sa.String(40)),
+    # A fallback send: the id of the send it stands in for, and why it was due.
+    sa.Column("fallback_of", sa.BigInteger().with_variant(sa.Integer, "sqlite")),
+    sa.Column("fallback_reason", sa.String(40)),
+    # The delivery worker (`delivery_workers.id`) that claimed it: only that worker sends it,
+    # and only while that worker's lease lives (see `claim`, `recover_interrupted`).
+    sa.Column("claimed_by", sa.String(64)),
+    sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
+    sa.Index("ix_sends_state_sent_at", "state", "sent_at"),
+    sa.Index("ix_sends_provider_message_id", "provider_message_id"),
+    sa.Index("ix_sends_updated_at", "updated_at"),  # the send log's incremental export
+    sa.Index("ix_sends_fallback_of", "fallback_of"),
+)
+
+# Status webhooks as they arrived, once each: `event_key` identifies a report (provider, its
+# message id, the status and the provider's own time or event id), so a duplicate delivery of
+# the same webhook is ignored. Written before the receiver answers 200, in the same
+# transaction as the statuses they move forward.
+status_events = sa.Table(
+    "status_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("event_key", sa.String(300), nullable=False, unique=True),
+    sa.Column("provider", sa.String(40), nullable=False),
+    sa.Column("provider_message_id", sa.String(200)),
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("error_code", sa.String(40)),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("payload", sa.Text),  # the event as the provider sent it (JSON), for audits
+    # Whether it has found its send: a report may arrive before the send's answer is recorded.
+    sa.Column("applied", sa.Boolean, nullable=False, default=False),
+    # Why a stored report was left unapplied for good: `older_than_send` (its time is before
+    # the send was planned: a replay, or a report of another ledger's message).
+    sa.Column("ignored", sa.String(40)),
+    # Where it came from: null for a webhook, the status source's name for events read from
+    # the warehouse (`status_sources.py`), whose newest `occurred_at` is that source's cursor.
+    sa.Column("source", sa.String(80)),
+    # The customer the report is about, where the provider's id covers a whole batch (a Braze
+    # dispatch id): the report then moves only that customer's send.
+    sa.Column("customer_id", sa.String(120)),
+    # The send's reference the provider echoed (`connectors.base.send_reference`): reconciles
+    # a send whose own answer was lost (`unknown`) with what the provider reports about it.
+    sa.Column("reference", sa.String(40)),
+    sa.Index("ix_status_events_applied_received", "applied", "received_at"),
+    sa.Index("ix_status_events_source_occurred", "source", "occurred_at"),
+)
+
+
+# One row per state change of a send, written by the database itself (triggers on `sends`), so
+# no code path can change a state without leaving its trace, in the same transaction.
+send_events = sa.Table(
+    "send_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("send_id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), nullable=False),
+    sa.Column("from_state", sa.String(20)),  # null: the row was planned (inserted)
+    sa.Column("to_state", sa.String(20), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("error_code", sa.String(40)),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_send_events_send_id", "send_id"),
+)
+
+# Every process that sends registers here and renews its lease (`heartbeat_at`) while it lives;
+# the rows it claimed are recovered only once it is gone: stopped, its lease expired, or (on this
+# host) its process no longer running. One small UPDATE renews the lease of all its rows.
+delivery_workers = sa.Table(
+    "delivery_workers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("run_id", sa.String(64)),
+    sa.Column("activation", sa.String(120), nullable=False),
+    sa.Column("partition_key", sa.String(40), nullable=False),
+    sa.Column("step", sa.String(40), nullable=False),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),  # alive | stopped | expired
+    sa.Column("lease_seconds", sa.Float, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_delivery_workers_state", "state"),
+)
+WORKER_ALIVE, WORKER_STOPPED, WORKER_EXPIRED = "alive", "stopped", "expired"
+
+# The newest word on each provider template (`template_states.py`): a status webhook (Meta's
+# `message_template_status_update`) or a catalog sync. A template whose newest word is PAUSED
+# or DISABLED is not sent: its rows stay planned until it is approved again.
+template_states = sa.Table(
+    "template_states",
+    metadata,
+    sa.Column("connector", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(512), primary_key=True),
+    sa.Column("language", sa.String(20), primary_key=True),
+    sa.Column("status", sa.String(40), nullable=False),
+    sa.Column("reason", sa.String(300)),
+    sa.Column("source", sa.String(20), nullable=False),  # webhook | catalog
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+_EVENT_COLUMNS = "send_id, from_state, to_state, attempts, error_code, run_id, at"
+_SQLITE_TRIGGERS = (
+    f"""CREATE TRIGGER IF NOT EXISTS sends_planned AFTER INSERT ON sends BEGIN
+        INSERT INTO send_events ({_EVENT_COLUMNS})
+        VALUES (NEW.id, NULL, NEW.state, NEW.attempts, NEW.error_code, NEW.run_id,
+                NEW.updated_at);
+    END""",
+    f"""CREATE TRIGGER IF NOT EXISTS sends_changed AFTER UPDATE OF state ON sends
+    WHEN OLD.state IS NOT NEW.state BEGIN
+        INSERT INTO send_events ({_EVENT_COLUMNS})
+        VALUES (NEW.id, OLD.state, NEW.state, NEW.attempts, NEW.error_code, NEW.run_id,
+                NEW.updated_at);
+    END""",
+)
+_POSTGRES_TRIGGERS = (
+    f"""CREATE OR REPLACE FUNCTION record_send_event() RETURNS trigger AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' OR OLD.state IS DISTINCT FROM NEW.state THEN
+            INSERT INTO send_events ({_EVENT_COLUMNS})
+            VALUES (NEW.id, CASE WHEN TG_OP = 'INSERT' THEN NULL ELSE OLD.state END,
+                    NEW.state, NEW.attempts, NEW.error_code, NEW.run_id, NEW.updated_at);
+        END IF;
+        RETURN NULL;
+    END $$ LANGUAGE plpgsql""",
+    "CREATE OR REPLACE TRIGGER sends_events AFTER INSERT OR UPDATE OF state ON sends "
+    "FOR EACH ROW EXECUTE FUNCTION record_send_event()",
+)
+
+
+class LedgerUnavailable(SettingsError):
+    """The ledger cannot be opened or created where CDP_LEDGER_URL points: said in one line,
+    naming the setting and what to check, before anything is planned or sent."""
+
+    @classmethod
+    def of(cls, url: str, err: BaseException) -> LedgerUnavailable:
+        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        if isinstance(err, OSError) and err.filename:
+            reason = f"{err.strerror or type(err).__name__}: {err.filename}"
+        hint = (
+            "the folder must exist or be creatable, and be writable, by this user"
+            if url.startswith("sqlite")
+            else "the database must answer and accept these credentials"
+        )
+        return cls(f"CDP_LEDGER_URL={masked(url)}: cannot open the ledger ({reason}); {hint}")
+
+
+def _lock_schema(con: sa.Connection) -> None:
+    """Hold the ledger's schema lock until `con`'s transaction ends."""
+    if con.dialect.name == "postgresql":
+        con.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('cdp_activation.ledger'))")
+    elif con.dialect.name == "sqlite":
+        # pysqlite opens a transaction at the first write: the DELETE takes the write lock
+        # (waiting out the busy timeout), and the DDL that follows runs inside it.
+        con.exec_driver_sql("CREATE TABLE IF NOT EXISTS ledger_schema_lock (id INTEGER)")
+        con.exec_driver_sql("DELETE FROM ledger_schema_lock")
+
+
+_MIGRATED: set[str] = set()  # ledger URLs this process brought up to this schema
+
+
+def _has_sends(engine: sa.Engine) -> bool:
+    """The `sends` table is there (a catalog read, no lock): the schema was not dropped."""
+    with engine.connect() as con:
+        return sa.inspect(con).has_table("sends")
+
+
+def _add_missing_columns(con: sa.Connection) -> None:
+    """Bring a ledger made by an earlier version up to this schema: `create_all` makes missing
+    tables, not missing columns or indexes. Only nullable columns are ever added, so old rows
+    stay valid. On PostgreSQL only what is missing is created: even `CREATE INDEX IF NOT
+    EXISTS` takes a lock that waits behind every open write, so opening a ledger would queue
+    behind running deliveries."""
+    inspector = sa.inspect(con)
+    postgres = con.dialect.name == "postgresql"
+    existing: set[str] | None = None
+    if postgres:
+        existing = set(
+            con.exec_driver_sql(
+                "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+            ).scalars()
+        )
+    indexes: list[tuple[str, str]] = []
+    for table in (sends, status_events):
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in [c for c in table.columns if c.name not in present]:
+            kind = column.type.compile(dialect=con.dialect)
+            con.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
+        for index in table.indexes:
+            columns = ", ".join(c.name for c in index.columns)
+            indexes.append((str(index.name), f"ON {table.name} ({columns})"))
+    # The claim's walk (`Ledger._claim_rows`): one partition's planned rows of a step and
+    # connector, those with no `not_before` first, then by it, so the rows due now come first
+    # and deferred ones are never read. SQLite sorts NULLs first already; PostgreSQL must be
+    # told. Not declared on the Table: `create_all` cannot say NULLS FIRST.
+    nulls_first = " NULLS FIRST" if postgres else ""
+    indexes.append(
+        (
+            "ix_sends_due",
+            "ON sends (activation, partition_key, state, step, connector, "
+            f"not_before{nulls_first})",
+        )
+    )
+    # Requests that must go out again whole (`Ledger._claim_request`): few rows, found fast.
+    indexes.append(
+        (
+            "ix_sends_requests",
+            "ON sends (activation, partition_key, request_id) "
+            f"WHERE state = '{PLANNED}' AND request_id IS NOT NULL",
+        )
+    )
+    for name, definition in indexes:
+        if existing is None or name not in existing:
+            con.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
+
+
+def _has_trigger(con: sa.Connection) -> bool:
+    """Whether the history trigger exists (PostgreSQL; SQLite's are `IF NOT EXISTS`):
+    replacing it would lock `sends` against every running delivery."""
+    if con.dialect.name != "postgresql":
+        return False
+    return bool(
+        con.exec_driver_sql(
+            "SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = 'sends_events' "
+            "AND c.relname = 'sends' AND n.nspname = current_schema()"
+        ).first()
+    )
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Create or upgrade the schema: tables, added columns, indexes, the history triggers.
+    One process at a time: runs and workers that start together would otherwise race to create
+    the same tables and triggers."""
+    triggers = {"sqlite": _SQLITE_TRIGGERS, "postgresql": _POSTGRES_TRIGGERS}
+    with engine.begin() as con:
+        _lock_schema(con)
+        metadata.create_all(con)
+        _add_missing_columns(con)
+        if not _has_trigger(con):
+            for statement in triggers.get(engine.dialect.name, ()):
+                con.exec_driver_sql(statement)

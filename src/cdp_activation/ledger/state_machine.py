@@ -1,0 +1,809 @@
+"""Sends and their state machine: planning, claims and leases, settling answers, recovering
+what a crash left in flight, cancelling and expiring."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import polars as pl
+import sqlalchemy as sa
+
+from cdp_activation.contracts import Outcome, SendResult
+from cdp_activation.db import read_frame
+from cdp_activation.ledger.base import (
+    LedgerBase,
+    chunks,
+    db_time,
+    of_step,
+    utc_now,
+    worker_process_gone,
+)
+from cdp_activation.ledger.records import (
+    DEADLINE_PASSED,
+    ClaimRequest,
+    LeaseLost,
+    PlannedSend,
+    PlanResult,
+    Settlement,
+)
+from cdp_activation.ledger.schema import (
+    WORKER_ALIVE,
+    WORKER_EXPIRED,
+    WORKER_STOPPED,
+    delivery_workers,
+    sends,
+)
+from cdp_activation.processes import host_id
+from cdp_activation.vocabulary import (
+    CANCELLED,
+    DEAD_LETTER,
+    EXCLUDED,
+    FAILED,
+    HOLDOUT,
+    IN_FLIGHT,
+    PLANNED,
+    SENT,
+    UNKNOWN,
+    idempotency_key_expr,
+)
+
+
+class SendStates(LedgerBase):
+    """Planned rows and their states: plan, claim, settle, recover."""
+
+    def plan(
+        self,
+        activation: str,
+        partition_key: str,
+        chosen: pl.DataFrame,
+        run_id: str | None = None,
+        purpose: str = "marketing",
+    ) -> PlanResult:
+        """Write a planned row per chosen decision; keys already present are left untouched
+        (a row still planned takes the latest `not_before`).
+
+        The rows are built in polars (keys, message JSON, timestamps) and handed to the
+        driver as plain tuples in one `executemany`: no per-row work in Python. Rows already
+        in the ledger are neither rewritten nor locked (a run planning the partition while
+        another sends from it must not wait for, or deadlock with, that run's writes); only
+        planned rows whose deferral changed are updated.
+        """
+        if chosen.is_empty():
+            return PlanResult(planned=0, existing={})
+        rows = _plan_rows(activation, partition_key, chosen, run_id, purpose, self.dialect)
+        known = rows.select("idempotency_key", "not_before").join(
+            self._partition_states(activation, partition_key),
+            on="idempotency_key",
+            how="inner",
+            suffix="_now",
+        )
+        counts = dict(known.group_by("state").len().iter_rows())
+        redeferred = known.filter(
+            (pl.col("state") == PLANNED) & pl.col("not_before").ne_missing(pl.col("not_before_now"))
+        )
+        mark = self._mark
+        with self.engine.begin() as con:
+            con.exec_driver_sql(self._insert_sql(), rows.rows())
+            if not redeferred.is_empty():
+                con.exec_driver_sql(
+                    f"UPDATE sends SET not_before = {mark} WHERE idempotency_key = {mark} "
+                    f"AND state = '{PLANNED}'",
+                    redeferred.sort("idempotency_key")
+                    .select("not_before", "idempotency_key")
+                    .rows(),
+                )
+        return PlanResult(planned=rows.height - sum(counts.values()), existing=counts)
+
+    def _insert_sql(self) -> str:
+        """The driver-level insert of `_PLAN_COLUMNS`; keys already present are skipped."""
+        columns = ", ".join(_PLAN_COLUMNS)
+        values = ", ".join([self._mark] * len(_PLAN_COLUMNS))
+        return (
+            f"INSERT INTO sends ({columns}) VALUES ({values}) "
+            "ON CONFLICT (idempotency_key) DO NOTHING"
+        )
+
+    def _partition_states(self, activation: str, partition_key: str) -> pl.DataFrame:
+        """(idempotency_key, state, not_before) of every row of one partition, in one read;
+        `not_before` as `_plan_rows` writes it (SQLite: its text)."""
+        when = pl.String if self.dialect == "sqlite" else pl.Datetime("us", "UTC")
+        return read_frame(
+            self.engine,
+            "SELECT idempotency_key, state, not_before FROM sends "
+            "WHERE activation = $1 AND partition_key = $2",
+            (activation, partition_key),
+            schema={"idempotency_key": pl.String, "state": pl.String, "not_before": when},
+        )
+
+    def states_of(self, keys: Sequence[str]) -> dict[str, int]:
+        """How many of these idempotency keys are in the ledger, by state (reads only)."""
+        with self.engine.connect() as con:
+            return self._states_of(con, keys)
+
+    def _states_of(self, con: sa.Connection, keys: Sequence[str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for chunk in chunks(keys, 5000):
+            rows = con.execute(
+                sa.select(sends.c.state, sa.func.count())
+                .where(sends.c.idempotency_key.in_(chunk))
+                .group_by(sends.c.state)
+            ).all()
+            for state, count in rows:
+                counts[state] = counts.get(state, 0) + count
+        return counts
+
+    def register_worker(
+        self,
+        activation: str,
+        partition_key: str,
+        step: str,
+        lease_seconds: float,
+        run_id: str | None = None,
+    ) -> str:
+        """A new delivery worker, alive with a fresh lease; returns its id (`claimed_by`)."""
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds must be greater than 0, got {lease_seconds}")
+        worker_id = uuid.uuid4().hex
+        now = utc_now()
+        with self.engine.begin() as con:
+            con.execute(
+                sa.insert(delivery_workers).values(
+                    id=worker_id,
+                    run_id=run_id,
+                    activation=activation,
+                    partition_key=partition_key,
+                    step=step,
+                    host=host_id(),
+                    pid=os.getpid(),
+                    state=WORKER_ALIVE,
+                    lease_seconds=lease_seconds,
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
+        return worker_id
+
+    def heartbeat(self, worker_id: str) -> bool:
+        """Renew a worker's lease (one row, whatever it holds); False when it has lost it."""
+        with self.engine.begin() as con:
+            return self._renew(con, worker_id)
+
+    def _renew(self, con: sa.Connection, worker_id: str) -> bool:
+        result = con.execute(
+            sa.update(delivery_workers)
+            .where(delivery_workers.c.id == worker_id, delivery_workers.c.state == WORKER_ALIVE)
+            .values(heartbeat_at=self._db_now())
+        )
+        return (result.rowcount or 0) == 1
+
+    def stop_worker(self, worker_id: str) -> None:
+        """The worker is done: rows it still holds in flight (a step interrupted mid-request)
+        are recovered by the next run at once, without waiting for the lease."""
+        with self.engine.begin() as con:
+            con.execute(
+                sa.update(delivery_workers)
+                .where(delivery_workers.c.id == worker_id, delivery_workers.c.state == WORKER_ALIVE)
+                .values(state=WORKER_STOPPED)
+            )
+
+    def claim(
+        self,
+        worker_id: str,
+        activation: str,
+        partition_key: str,
+        step: str,
+        requests: Sequence[ClaimRequest],
+        now: datetime | None = None,
+    ) -> list[list[PlannedSend]]:
+        """Atomically move due `planned` rows to `in_flight` for `worker_id` and return them,
+        one list per request, in one transaction that also renews the worker's lease.
+
+        A row is sent only by the worker this returned it to: PostgreSQL picks rows with
+        `FOR UPDATE SKIP LOCKED` (concurrent claimers never wait for or share a row), SQLite
+        runs the whole claim under its single write lock. Raises `LeaseLost` when the worker
+        was taken for dead meanwhile.
+        """
+        now = now or utc_now()
+        results: list[list[PlannedSend]] = [[] for _ in requests]
+        with self.engine.begin() as con:
+            if not self._renew(con, worker_id):
+                raise LeaseLost(
+                    f"delivery worker {worker_id[:8]} lost its lease (it was stalled longer than "
+                    "its lease and another run recovered its rows): it stops here"
+                )
+            scope = (activation, partition_key, step)
+            shared: dict[str, list[int]] = {}
+            for index, request in enumerate(requests):
+                if request.whole_requests:
+                    results[index] = self._claim_request(con, worker_id, scope, request, now)
+                else:
+                    shared.setdefault(request.connector, []).append(index)
+            for connector, indexes in shared.items():
+                total = sum(requests[i].limit for i in indexes)
+                rows = self._claim_rows(con, worker_id, scope, connector, total, now, False)
+                for i in indexes:
+                    results[i], rows = rows[: requests[i].limit], rows[requests[i].limit :]
+        return results
+
+    def _claim_request(
+        self,
+        con: sa.Connection,
+        worker_id: str,
+        scope: tuple[str, str, str],
+        request: ClaimRequest,
+        now: datetime,
+    ) -> list[PlannedSend]:
+        """One whole request's rows: first a request a crash or a retry left (`request_id`
+        set), exactly as it was; else fresh rows, stamped with their request's id."""
+        mark = self._mark
+        activation, partition_key, step = scope
+        due = (
+            f"activation = {mark} AND partition_key = {mark} AND state = '{PLANNED}' "
+            f"AND step = {mark} AND connector = {mark} "
+            f"AND (not_before IS NULL OR not_before <= {mark})"
+        )
+        args = (activation, partition_key, step, request.connector, db_time(now, self.dialect))
+        request_id = con.exec_driver_sql(
+            f"SELECT MIN(request_id) FROM sends WHERE {due} AND request_id IS NOT NULL", args
+        ).scalar()
+        if request_id is not None:
+            lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
+            select = (
+                f"SELECT id FROM sends WHERE activation = {mark} AND partition_key = {mark} "
+                f"AND state = '{PLANNED}' AND request_id = {mark}{lock}"
+            )
+            rows = self._claim_where(
+                con, worker_id, select, (activation, partition_key, request_id), now
+            )
+            return [replace(r, resent_request=True) for r in rows]
+        rows = self._claim_rows(
+            con, worker_id, scope, request.connector, request.limit, now, fresh_only=True
+        )
+        if rows:
+            # A fresh number, never a row's id: rows of a request the provider surely did not
+            # take forget it (`settle`), and the smallest id of a later batch would then be an
+            # earlier request's number, merging two requests into one of another key.
+            request_id = secrets.randbits(62)
+            for chunk in chunks([r.id for r in rows], 5000):
+                con.execute(
+                    sa.update(sends).where(sends.c.id.in_(chunk)).values(request_id=request_id)
+                )
+            rows = [_with_request(r, request_id) for r in rows]
+        return rows
+
+    def _claim_rows(
+        self,
+        con: sa.Connection,
+        worker_id: str,
+        scope: tuple[str, str, str],
+        connector: str,
+        limit: int,
+        now: datetime,
+        fresh_only: bool,
+    ) -> list[PlannedSend]:
+        """Up to `limit` due planned rows of one connector, earliest due first (the
+        `ix_sends_due` index walks exactly those)."""
+        if limit <= 0:
+            return []
+        mark = self._mark
+        activation, partition_key, step = scope
+        fresh = " AND request_id IS NULL" if fresh_only else ""
+        if self.dialect == "postgresql":
+            order, lock = "not_before NULLS FIRST", " FOR UPDATE SKIP LOCKED"
+        else:
+            order, lock = "not_before", ""
+        select = (
+            f"SELECT id FROM sends WHERE activation = {mark} AND partition_key = {mark} "
+            f"AND state = '{PLANNED}' AND step = {mark} AND connector = {mark}{fresh} "
+            f"AND (not_before IS NULL OR not_before <= {mark}) ORDER BY {order} "
+            f"LIMIT {mark}{lock}"
+        )
+        args = (activation, partition_key, step, connector, db_time(now, self.dialect), limit)
+        return self._claim_where(con, worker_id, select, args, now)
+
+    def _claim_where(
+        self,
+        con: sa.Connection,
+        worker_id: str,
+        select: str,
+        args: tuple[Any, ...],
+        now: datetime,
+    ) -> list[PlannedSend]:
+        """planned -> in_flight for the rows `select` picks, returned (one statement)."""
+        mark = self._mark
+        columns = (
+            "id, idempotency_key, channel, connector, recipient, message, attempts, "
+            "customer_id, request_id, purpose"
+        )
+        stamp = db_time(now, self.dialect)
+        if self.dialect == "postgresql":
+            returning = ", ".join(f"sends.{c.strip()}" for c in columns.split(","))
+            sql = (
+                f"UPDATE sends SET state = '{IN_FLIGHT}', claimed_by = {mark}, "
+                f"attempts = sends.attempts + 1, updated_at = {mark} FROM ({select}) AS due "
+                f"WHERE sends.id = due.id RETURNING {returning}"
+            )
+        else:
+            sql = (
+                f"UPDATE sends SET state = '{IN_FLIGHT}', claimed_by = {mark}, "
+                f"attempts = attempts + 1, updated_at = {mark} WHERE id IN ({select}) "
+                f"RETURNING {columns}"
+            )
+        rows = con.exec_driver_sql(sql, (worker_id, stamp, *args)).all()
+        claimed = [
+            PlannedSend(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9])
+            for r in rows
+        ]
+        claimed.sort(key=lambda r: r.id)
+        return claimed
+
+    def settle(self, worker_id: str, settlements: Iterable[Settlement]) -> None:
+        """Write what became of claimed rows, in one transaction: terminal states (a late
+        answer may also correct a row another run recovered as `unknown`), and rows back to
+        `planned` (due again at their `not_before`) that the provider did not take. Rows the
+        worker no longer holds are left alone."""
+        now = db_time(utc_now(), self.dialect)
+        final, retry, unsent = [], [], []
+        for s in settlements:
+            message = (s.error_message or "")[:500] or None
+            if s.state == PLANNED:
+                due = db_time(s.not_before, self.dialect) if s.not_before else None
+                if s.unsent:
+                    unsent.append((due, s.error_code, message, now, s.row_id, worker_id))
+                else:
+                    keep = 1 if s.uncertain else 0
+                    retry.append((due, s.error_code, message, now, keep, s.row_id, worker_id))
+            else:
+                sent_at = now if s.state == SENT else None
+                row = (
+                    s.state,
+                    s.provider_message_id,
+                    s.error_code,
+                    message,
+                    (s.provider_status or "")[:40] or None,
+                    now,
+                    sent_at,
+                )
+                final.append((*row, s.row_id, worker_id))
+        for params in (final, retry, unsent):  # one lock order for every writer: by id
+            params.sort(key=lambda p: p[-2])
+        mark = self._mark
+        held = f"WHERE id = {mark} AND claimed_by = {mark}"
+        with self.engine.begin() as con:
+            if final:
+                con.exec_driver_sql(
+                    f"UPDATE sends SET state = {mark}, provider_message_id = {mark}, "
+                    f"error_code = {mark}, error_message = {mark}, provider_status = {mark}, "
+                    f"updated_at = {mark}, sent_at = {mark} {held} "
+                    f"AND state IN ('{IN_FLIGHT}', '{UNKNOWN}')",
+                    final,
+                )
+            if retry:
+                # The provider did not take it: due again at `not_before`, with any request
+                # it went in forgotten (a new one may be made), unless the answer was
+                # uncertain. Also from `unknown`: a run that took this worker for dead may
+                # have recovered it, but this answer says it never reached the provider.
+                con.exec_driver_sql(
+                    f"UPDATE sends SET state = '{PLANNED}', not_before = {mark}, "
+                    f"error_code = {mark}, error_message = {mark}, updated_at = {mark}, "
+                    f"request_id = CASE WHEN {mark} = 1 THEN request_id ELSE NULL END, "
+                    f"claimed_by = NULL {held} AND state IN ('{IN_FLIGHT}', '{UNKNOWN}')",
+                    retry,
+                )
+            if unsent:
+                con.exec_driver_sql(
+                    f"UPDATE sends SET state = '{PLANNED}', not_before = COALESCE({mark}, "
+                    f"not_before), error_code = {mark}, error_message = {mark}, "
+                    f"updated_at = {mark}, claimed_by = NULL, "
+                    f"attempts = attempts - 1 {held} AND state IN ('{IN_FLIGHT}', '{UNKNOWN}')",
+                    unsent,
+                )
+
+    def recover_interrupted(
+        self, activation: str, partition_key: str, idempotent: Iterable[str] = ()
+    ) -> int:
+        """Rows left in flight by workers that are gone: the provider may have accepted them.
+
+        A worker is gone when it stopped, when its lease expired (no heartbeat for
+        `lease_seconds`: a stalled or partitioned process), or when it ran on this host and
+        its process no longer exists (killed); rows in flight with no worker at all (written
+        by an earlier version) count as gone too. A living worker's rows are never touched.
+
+        Through a connector whose provider de-duplicates on our key (`idempotent`), they go
+        back to `planned` and are sent again with the same key; through any other they become
+        `unknown` and are never resent (a resend could message the customer twice), unless
+        the activation opts in with `resend_unknown` (`replan_unknown`).
+        """
+        retryable = list(idempotent)
+        now = utc_now()
+        in_partition = (
+            sends.c.activation == activation,
+            sends.c.partition_key == partition_key,
+            sends.c.state == IN_FLIGHT,
+        )
+        with self.engine.begin() as con:
+            self._lock_for_write(con)
+            holders = set(
+                con.execute(sa.select(sends.c.claimed_by).distinct().where(*in_partition))
+                .scalars()
+                .all()
+            )
+            # Workers of the partition still marked alive, rows or not: one killed between
+            # two claims holds nothing, and is marked expired here all the same.
+            alive = con.execute(
+                sa.select(delivery_workers.c.id).where(
+                    delivery_workers.c.activation == activation,
+                    delivery_workers.c.partition_key == partition_key,
+                    delivery_workers.c.state == WORKER_ALIVE,
+                )
+            ).scalars()
+            living = {h for h in holders if h is not None} | set(alive)
+            gone = self._expire_gone_workers(con, sorted(living), now)
+            if not holders:
+                return 0
+            if None in holders:
+                gone.add(None)
+            if not gone:
+                return 0
+            named = [g for g in gone if g is not None]
+            by_gone = sa.or_(
+                sends.c.claimed_by.in_(named) if named else sa.false(),
+                sends.c.claimed_by.is_(None) if None in gone else sa.false(),
+            )
+            replanned = 0
+            if retryable:
+                replanned = (
+                    con.execute(
+                        sa.update(sends)
+                        .where(*in_partition, by_gone, sends.c.connector.in_(retryable))
+                        .values(state=PLANNED, claimed_by=None, updated_at=now)
+                    ).rowcount
+                    or 0
+                )
+            result = con.execute(
+                sa.update(sends)
+                .where(*in_partition, by_gone)
+                .values(
+                    state=UNKNOWN,
+                    error_message="its worker stopped while the request was in flight",
+                    updated_at=now,
+                )
+            )
+            return replanned + (result.rowcount or 0)
+
+    def _expire_gone_workers(
+        self, con: sa.Connection, worker_ids: Sequence[str], now: datetime
+    ) -> set[str | None]:
+        """Of these workers, the ones that are gone, marked `expired` (so a stalled one that
+        wakes up finds it lost its lease); ids with no worker row count as gone."""
+        workers = {
+            w.id: w
+            for w in con.execute(
+                sa.select(delivery_workers).where(delivery_workers.c.id.in_(list(worker_ids)))
+            )
+        }
+        gone: set[str | None] = {w for w in worker_ids if w not in workers}
+        for worker in workers.values():
+            if worker.state != WORKER_ALIVE:
+                gone.add(worker.id)
+                continue
+            if worker_process_gone(worker):
+                condition = delivery_workers.c.state == WORKER_ALIVE
+            else:
+                # Only if the lease is still lapsed as this statement runs: a heartbeat that
+                # wins the race keeps the worker alive.
+                condition = sa.and_(
+                    delivery_workers.c.state == WORKER_ALIVE,
+                    delivery_workers.c.heartbeat_at <= self._lapsed(worker.lease_seconds, now),
+                )
+            expired = con.execute(
+                sa.update(delivery_workers)
+                .where(delivery_workers.c.id == worker.id, condition)
+                .values(state=WORKER_EXPIRED)
+            )
+            if expired.rowcount:
+                gone.add(worker.id)
+        return gone
+
+    def revive_given_up(
+        self, activation: str, partition_key: str, step: str, max_delay: timedelta
+    ) -> int:
+        """Dead letters an earlier version gave up on after its retries (429, 5xx, no
+        connection: never accepted by the provider) go back to `planned` while they are within
+        the send deadline: nobody who could still be reached is given up on. Dead letters of
+        the deadline itself stay."""
+        now = utc_now()
+        with self.engine.begin() as con:
+            result = con.execute(
+                sa.update(sends)
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.step == step,
+                    sends.c.state == DEAD_LETTER,
+                    sa.or_(sends.c.error_code.is_(None), sends.c.error_code != DEADLINE_PASSED),
+                    sa.func.coalesce(sends.c.not_before, sends.c.planned_at) >= now - max_delay,
+                )
+                .values(state=PLANNED, claimed_by=None, request_id=None, updated_at=now)
+            )
+        return result.rowcount or 0
+
+    def expire_overdue(
+        self, activation: str, partition_key: str, step: str, max_delay: timedelta
+    ) -> int:
+        """Planned rows of a step due for longer than `max_delay` (a win-back that could not
+        leave within a day is pointless) end `dead_letter`, reason `send_deadline_passed`."""
+        now = utc_now()
+        cutoff = now - max_delay
+        due_since = sa.func.coalesce(sends.c.not_before, sends.c.planned_at)
+        # A request that must go out again whole (`request_id`) expires whole, or not at all:
+        # a smaller one would carry another key and reach its other recipients again.
+        member = sends.alias("member")
+        member_not_late = (
+            sa.select(member.c.id)
+            .where(
+                member.c.request_id == sends.c.request_id,
+                member.c.state == PLANNED,
+                sa.func.coalesce(member.c.not_before, member.c.planned_at) >= cutoff,
+            )
+            .exists()
+        )
+        with self.engine.begin() as con:
+            result = con.execute(
+                sa.update(sends)
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.step == step,
+                    sends.c.state == PLANNED,
+                    due_since < cutoff,
+                    sa.or_(sends.c.request_id.is_(None), ~member_not_late),
+                )
+                .values(
+                    state=DEAD_LETTER,
+                    error_code=DEADLINE_PASSED,
+                    error_message=f"not sent within the send deadline ({max_delay})",
+                    updated_at=now,
+                )
+            )
+        return result.rowcount or 0
+
+    def replan_unknown(self, activation: str, partition_key: str) -> int:
+        """`unknown` rows of this partition back to `planned`, to be sent again.
+
+        Only for activations that opted in (`delivery.resend_unknown`): the provider may have
+        accepted them, so a customer may get the message twice. Their history keeps the
+        `unknown` state they left.
+        """
+        with self.engine.begin() as con:
+            result = con.execute(
+                sa.update(sends)
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == UNKNOWN,
+                )
+                .values(state=PLANNED, updated_at=utc_now())
+            )
+        return result.rowcount or 0
+
+    def mark_in_flight(self, ids: Sequence[int], requests: Sequence[tuple[int, int]] = ()) -> None:
+        """planned -> in_flight, in one transaction, just before the requests go out.
+
+        `requests` holds (row id, request id) of rows sent through a provider that
+        de-duplicates whole requests: the request id is kept, so a crash-recovered row goes
+        out again in the same request (`PlannedSend.request_id`).
+        """
+        now = utc_now()
+        with self.engine.begin() as con:
+            for chunk in chunks(ids, 5000):
+                con.execute(
+                    sa.update(sends)
+                    .where(sends.c.id.in_(chunk), sends.c.state == PLANNED)
+                    .values(state=IN_FLIGHT, attempts=sends.c.attempts + 1, updated_at=now)
+                )
+            if requests:
+                mark = "?" if self.dialect == "sqlite" else "%s"
+                con.exec_driver_sql(
+                    f"UPDATE sends SET state = '{IN_FLIGHT}', attempts = attempts + 1, "
+                    f"request_id = {mark}, updated_at = {mark} "
+                    f"WHERE id = {mark} AND state = '{PLANNED}'",
+                    [(request, db_time(now, self.dialect), row) for row, request in requests],
+                )
+
+    def record(self, results: Iterable[tuple[int, SendResult, int]]) -> None:
+        """Write final outcomes (row id, result, attempts made) in bulk; only from in_flight.
+        For rows marked by `mark_in_flight` (tests, tools); the delivery engine claims and
+        `settle`s instead.
+
+        One driver-level `executemany` of plain tuples (SQLAlchemy's per-row parameter
+        handling cost more than the database's own work).
+        """
+        now = utc_now()
+        stamp = db_time(now, self.dialect)
+        params = [
+            (
+                _state_for(result.outcome),
+                attempts,
+                result.provider_message_id,
+                result.error_code,
+                (result.error_message or "")[:500] or None,
+                stamp,
+                stamp if result.outcome == Outcome.SENT else None,
+                row_id,
+            )
+            for row_id, result, attempts in results
+        ]
+        if not params:
+            return
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        sql = (
+            f"UPDATE sends SET state = {mark}, attempts = {mark}, provider_message_id = {mark}, "
+            f"error_code = {mark}, error_message = {mark}, updated_at = {mark}, "
+            f"sent_at = {mark} WHERE id = {mark} AND state = '{IN_FLIGHT}'"
+        )
+        with self.engine.begin() as con:
+            con.exec_driver_sql(sql, params)
+
+    def cancel_unchosen(
+        self,
+        activation: str,
+        partition_key: str,
+        chosen_keys: Sequence[str],
+        reason: str,
+        step: str | None = None,
+    ) -> int:
+        """Planned rows of this partition (of `step`, if given) that the latest decisions no
+        longer choose (consent withdrawn since a deferral, say) end `cancelled`: they must not
+        go out. A row of a request that must go out again whole (`request_id`: its provider
+        may already have it, and de-duplicates the request on its key) is left in it: taken
+        out, the request would carry another key and reach its other recipients twice."""
+        keep = set(chosen_keys)
+        with self.engine.begin() as con:
+            rows = con.execute(
+                sa.select(sends.c.id, sends.c.idempotency_key).where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.state == PLANNED,
+                    sends.c.request_id.is_(None),
+                    *of_step(step),
+                )
+            ).all()
+            ids = [r.id for r in rows if r.idempotency_key not in keep]
+            for chunk in chunks(ids, 5000):
+                con.execute(
+                    sa.update(sends)
+                    .where(sends.c.id.in_(chunk), sends.c.state == PLANNED)
+                    .values(state=CANCELLED, error_message=reason[:500], updated_at=utc_now())
+                )
+        return len(ids)
+
+
+def _state_for(outcome: Outcome) -> str:
+    """The state `record` writes for an outcome. RETRY here means "given up" (`dead_letter`):
+    only tools and tests record that; the delivery engine puts a retryable row back to
+    `planned` (`settle`), and dead-letters only past the send deadline."""
+    return {
+        Outcome.SENT: SENT,
+        Outcome.FAILED: FAILED,
+        Outcome.UNKNOWN: UNKNOWN,
+        Outcome.RETRY: DEAD_LETTER,
+    }[outcome]
+
+
+_PLAN_COLUMNS = (
+    "idempotency_key",
+    "activation",
+    "partition_key",
+    "customer_id",
+    "step",
+    "channel",
+    "purpose",
+    "connector",
+    "recipient",
+    "message",
+    "state",
+    "attempts",
+    "run_id",
+    "not_before",
+    "planned_at",
+    "updated_at",
+    "error_code",
+    "fallback_of",
+    "fallback_reason",
+)
+
+
+def _plan_rows(
+    activation: str,
+    partition_key: str,
+    chosen: pl.DataFrame,
+    run_id: str | None,
+    purpose: str,
+    dialect: str,
+) -> pl.DataFrame:
+    """The `sends` rows of `chosen` decisions (columns `_PLAN_COLUMNS`), built in polars.
+
+    The message is JSON: `{"template", "language", "parameters"[, "names"]}` for a template
+    (parameters from the `variables` list, names from `variable_names` when present: the
+    columns they came from), else `{"body"}`. Times are UTC; SQLite gets them as the text
+    SQLAlchemy writes (`YYYY-MM-DD HH:MM:SS.ffffff`), so both paths read back alike.
+
+    A `holdout` decision is written `holdout`, an `exclude` one (a refused fallback)
+    `excluded` with its reason code as `error_code`; `fallback_of` and `fallback_reason` are
+    copied when the frame has them (fallback rows).
+    """
+    customer = pl.col("customer_id").cast(pl.String)
+    parameters = pl.coalesce(pl.col("variables"), pl.lit([], dtype=pl.List(pl.String)))
+    names = [pl.col("variable_names").alias("names")] if "variable_names" in chosen.columns else []
+    template = pl.struct(
+        pl.col("template_name").cast(pl.String).alias("template"),
+        pl.col("template_language").cast(pl.String).alias("language"),
+        parameters.alias("parameters"),
+        *names,
+    ).struct.json_encode()
+    body = pl.struct(pl.col("body").cast(pl.String)).struct.json_encode()
+    decision = pl.col("decision").cast(pl.String) if "decision" in chosen.columns else pl.lit("")
+    excluded = decision == "exclude"
+
+    def optional(column: str, dtype: pl.DataType) -> pl.Expr:
+        present = column in chosen.columns
+        return (pl.col(column) if present else pl.lit(None)).cast(dtype).alias(column)
+
+    not_before = (
+        pl.col("not_before").cast(pl.Datetime("us", "UTC"))
+        if "not_before" in chosen.columns
+        else pl.lit(None, dtype=pl.Datetime("us", "UTC"))
+    )
+    now = pl.lit(utc_now(), dtype=pl.Datetime("us", "UTC"))
+
+    def stamp(value: pl.Expr) -> pl.Expr:
+        return value.dt.strftime("%Y-%m-%d %H:%M:%S.%6f") if dialect == "sqlite" else value
+
+    return chosen.select(
+        idempotency_key_expr(
+            activation, partition_key, customer, pl.col("step").cast(pl.String)
+        ).alias("idempotency_key"),
+        pl.lit(activation).alias("activation"),
+        pl.lit(partition_key).alias("partition_key"),
+        customer.alias("customer_id"),
+        pl.col("step").cast(pl.String),
+        pl.col("channel").cast(pl.String),
+        pl.lit(purpose).alias("purpose"),
+        pl.col("connector").cast(pl.String),
+        # A refused fallback may have no usable address; the column is not nullable.
+        pl.col("recipient" if "recipient" in chosen.columns else "phone_e164")
+        .fill_null("")
+        .alias("recipient"),
+        pl.when(pl.col("template_name").is_not_null())
+        .then(template)
+        .otherwise(body)
+        .alias("message"),
+        pl.when(decision == "holdout")
+        .then(pl.lit(HOLDOUT))
+        .when(excluded)
+        .then(pl.lit(EXCLUDED))
+        .otherwise(pl.lit(PLANNED))
+        .alias("state"),
+        pl.lit(0).alias("attempts"),
+        pl.lit(run_id, dtype=pl.String).alias("run_id"),
+        stamp(not_before).alias("not_before"),
+        stamp(now).alias("planned_at"),
+        stamp(now).alias("updated_at"),
+        pl.when(excluded).then(pl.col("reason").cast(pl.String)).alias("error_code")
+        if "reason" in chosen.columns
+        else pl.lit(None, dtype=pl.String).alias("error_code"),
+        optional("fallback_of", pl.Int64()),
+        optional("fallback_reason", pl.String()),
+    )
+
+
+def _with_request(row: PlannedSend, request_id: int) -> PlannedSend:
+    return replace(row, request_id=request_id)

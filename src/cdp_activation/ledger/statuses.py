@@ -1,0 +1,245 @@
+"""Status intake: provider reports stored once each, moving sends' delivery status forward
+and reconciling `unknown` sends a report proves accepted."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from cdp_activation.contracts import send_id_of
+from cdp_activation.ledger.base import LedgerBase, as_time, aware, chunks, db_time, utc_now
+from cdp_activation.ledger.records import OLDER_THAN_SEND, STATUS_CLOCK_SKEW, StatusWrite
+from cdp_activation.ledger.schema import send_events, sends, status_events
+from cdp_activation.statuses import STATUS_RANK, StatusEvent, connector_of
+from cdp_activation.vocabulary import (
+    SENT,
+    UNKNOWN,
+)
+
+log = logging.getLogger(__name__)
+
+
+class StatusIntake(LedgerBase):
+    """Provider status reports into the ledger."""
+
+    def record_statuses(self, events: Sequence[StatusEvent]) -> StatusWrite:
+        """Store provider status reports and move each message's `delivery_status` forward,
+        in one transaction (the webhook receiver answers 200 only after it commits).
+
+        A report already stored (same `event_key`) is ignored; a report whose status does not
+        outrank the message's current one changes nothing, so duplicates and reordering are
+        harmless. Messages are matched on `provider_message_id` among the rows of the
+        provider's own connector (`CONNECTOR_OF_PROVIDER`). A report can arrive before the
+        send's own answer is recorded (Meta's `sent` often does): it is kept unapplied and
+        applied by `apply_pending_statuses` (the end of every run) once the send is known.
+        """
+        if not events:
+            return StatusWrite(received=0, duplicates=0, advanced=0)
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        now = db_time(utc_now(), self.dialect)
+        unique = list({e.event_key: e for e in events}.values())
+        with self.engine.begin() as con:
+            known = self._known_event_keys(con, [e.event_key for e in unique])
+            fresh = [e for e in unique if e.event_key not in known]
+            if fresh:
+                con.exec_driver_sql(
+                    "INSERT INTO status_events (event_key, provider, provider_message_id, "
+                    "status, error_code, occurred_at, received_at, payload, source, "
+                    "customer_id, reference, applied) VALUES "
+                    f"({', '.join([mark] * 11)}, {'0' if self.dialect == 'sqlite' else 'false'}) "
+                    "ON CONFLICT (event_key) DO NOTHING",
+                    [
+                        (
+                            e.event_key,
+                            e.provider,
+                            e.provider_message_id,
+                            e.status,
+                            e.error_code,
+                            db_time(e.occurred_at, self.dialect),
+                            now,
+                            e.payload,
+                            e.source,
+                            e.customer_id,
+                            e.reference,
+                        )
+                        for e in fresh
+                    ],
+                )
+            reconciled = self._reconcile(con, fresh) if fresh else 0
+            advanced, stale = self._apply_statuses(con, fresh) if fresh else (0, 0)
+        if stale:
+            log.warning(
+                "ignored %d status report(s) dated before their send was planned (a replay, "
+                "or a report of another ledger's message); kept in status_events, flagged "
+                "ignored = '%s'",
+                stale,
+                OLDER_THAN_SEND,
+            )
+        return StatusWrite(
+            received=len(events),
+            duplicates=len(events) - len(fresh),
+            advanced=advanced,
+            reconciled=reconciled,
+            stale=stale,
+        )
+
+    def apply_pending_statuses(self) -> int:
+        """Apply stored reports that arrived before their send was recorded (see
+        `record_statuses`); returns how many statuses moved. Delivery calls it at the end of
+        every run, so a report that came early is applied as soon as its send is known."""
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        false = "0" if self.dialect == "sqlite" else "false"
+        since = db_time(utc_now() - timedelta(days=1), self.dialect)
+        with self.engine.begin() as con:
+            pending = con.exec_driver_sql(
+                "SELECT event_key, provider, provider_message_id, status, error_code, "
+                f"occurred_at, customer_id, reference FROM status_events "
+                f"WHERE applied = {false} AND ignored IS NULL AND received_at >= {mark}",
+                (since,),
+            ).all()
+            self._reconcile(con, pending)
+            return self._apply_statuses(con, pending)[0]
+
+    def _reconcile(self, con: sa.Connection, reports: Sequence[Any]) -> int:
+        """`unknown` sends (their answer was lost) that a report names by our reference: the
+        provider has them, so they become `sent` with the provider's id, and the report then
+        moves their delivery status like any other. Only rows of the report's own connector,
+        still without a provider id, change."""
+        mark = self._mark
+        now = db_time(utc_now(), self.dialect)
+        params = []
+        for report in reports:
+            send_id = send_id_of(getattr(report, "reference", None))
+            if send_id is None or not report.provider_message_id:
+                continue
+            latest_plan = db_time(as_time(report.occurred_at) + STATUS_CLOCK_SKEW, self.dialect)
+            params.append(
+                (
+                    report.provider_message_id,
+                    now,
+                    now,
+                    send_id,
+                    connector_of(report.provider),
+                    latest_plan,
+                )
+            )
+        if not params:
+            return 0
+        # A report dated before the send was planned names another message (a reference of
+        # another ledger, whose ids restarted): it proves nothing here.
+        result = con.exec_driver_sql(
+            f"UPDATE sends SET state = '{SENT}', provider_message_id = {mark}, "
+            f"sent_at = {mark}, updated_at = {mark}, error_message = 'reconciled: the "
+            "provider reported it after its answer was lost' "
+            f"WHERE id = {mark} AND connector = {mark} AND state = '{UNKNOWN}' "
+            f"AND provider_message_id IS NULL AND planned_at <= {mark}",
+            params,
+        )
+        return max(result.rowcount or 0, 0)
+
+    def reconciled_count(self, activation: str, partition_key: str) -> int:
+        """Sends of the partition that were `unknown` and were proved accepted by a report."""
+        with self.engine.connect() as con:
+            return con.execute(
+                sa.select(sa.func.count())
+                .select_from(send_events.join(sends, sends.c.id == send_events.c.send_id))
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    send_events.c.from_state == UNKNOWN,
+                    send_events.c.to_state == SENT,
+                )
+            ).scalar_one()
+
+    def _apply_statuses(self, con: sa.Connection, pending: Sequence[Any]) -> tuple[int, int]:
+        """Apply `pending` reports (`StatusEvent`s just stored, or unapplied rows read back:
+        anything with their fields), lowest rank first, and mark applied those whose send
+        exists. A report for a message the ledger never sent (another tool's, on the same
+        sender) stays unapplied, is looked at again at the end of each run for a day, and is
+        given up after that. A report dated before its send was planned (beyond
+        `STATUS_CLOCK_SKEW`) is a replay or another message's: flagged `ignored`, never
+        applied. Returns (statuses moved, reports flagged)."""
+        mark = "?" if self.dialect == "sqlite" else "%s"
+        # The sends that exist now; a send committed after this read is matched next time (a
+        # report is only marked applied together with the update it made).
+        ids = sorted({r.provider_message_id for r in pending if r.provider_message_id})
+        planned_at: dict[tuple[str, str], datetime] = {}
+        for chunk in chunks(ids, 5000):
+            rows = con.execute(
+                sa.select(sends.c.provider_message_id, sends.c.connector, sends.c.planned_at).where(
+                    sends.c.provider_message_id.in_(chunk)
+                )
+            ).all()
+            planned_at.update({(r[0], r[1]): aware(r[2]) for r in rows})
+        matched, stale = [], []
+        for report in pending:
+            planned = planned_at.get((report.provider_message_id, connector_of(report.provider)))
+            if planned is None:
+                continue
+            if as_time(report.occurred_at) + STATUS_CLOCK_SKEW < planned:
+                stale.append(report.event_key)
+            else:
+                matched.append(report)
+        for chunk in chunks(stale, 5000):
+            con.exec_driver_sql(
+                f"UPDATE status_events SET ignored = '{OLDER_THAN_SEND}' WHERE event_key IN "
+                f"({', '.join([mark] * len(chunk))})",
+                tuple(chunk),
+            )
+        if not matched:
+            return 0, len(stale)
+        rank = " ".join(f"WHEN '{status}' THEN {n}" for status, n in STATUS_RANK.items())
+        changed = db_time(utc_now(), self.dialect)  # the send log exports rows changed since
+        result = con.exec_driver_sql(
+            f"UPDATE sends SET delivery_status = {mark}, delivery_status_at = {mark}, "
+            f"delivery_error_code = {mark}, updated_at = {mark} "
+            f"WHERE provider_message_id = {mark} AND connector = {mark} "
+            f"AND customer_id = COALESCE({mark}, customer_id) "
+            f"AND (CASE delivery_status {rank} ELSE 0 END) < {mark}",
+            [
+                (
+                    r.status,
+                    db_time(r.occurred_at, self.dialect)
+                    if isinstance(r.occurred_at, datetime)
+                    else r.occurred_at,  # read back from SQLite: already its text
+                    r.error_code,
+                    changed,
+                    r.provider_message_id,
+                    connector_of(r.provider),
+                    r.customer_id,
+                    STATUS_RANK[r.status],
+                )
+                for r in sorted(matched, key=lambda r: STATUS_RANK[r.status])
+            ],
+        )
+        true = "1" if self.dialect == "sqlite" else "true"
+        for chunk in chunks([r.event_key for r in matched], 5000):
+            con.exec_driver_sql(
+                f"UPDATE status_events SET applied = {true} WHERE event_key IN "
+                f"({', '.join([mark] * len(chunk))})",
+                tuple(chunk),
+            )
+        return max(result.rowcount or 0, 0), len(stale)
+
+    def _known_event_keys(self, con: sa.Connection, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in chunks(keys, 5000):
+            rows = con.execute(
+                sa.select(status_events.c.event_key).where(status_events.c.event_key.in_(chunk))
+            )
+            found.update(r.event_key for r in rows)
+        return found
+
+    def newest_status_time(self, source: str) -> datetime | None:
+        """The provider time of the newest event stored from a status source (its cursor)."""
+        with self.engine.connect() as con:
+            value = con.execute(
+                sa.select(sa.func.max(status_events.c.occurred_at)).where(
+                    status_events.c.source == source
+                )
+            ).scalar_one()
+        return aware(value) if value is not None else None
