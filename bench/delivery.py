@@ -59,7 +59,7 @@ def sandbox_app() -> Any:
     The real store keeps every accepted message and request in memory; a million-message run
     would measure the sandbox's memory growth instead of the client.
     """
-    from cdp_activation.sandbox.app import MessageStore, SandboxConfig, create_app
+    from cdp_activation.sandbox import MessageStore, SandboxConfig, create_app
 
     class CountingStore(MessageStore):
         """Keeps nothing: a million recorded messages and attempts (and the garbage collector

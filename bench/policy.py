@@ -82,7 +82,7 @@ def child(mode: str, rows: int, cache_file: str) -> dict[str, Any]:
     from cdp_activation.policy import decide
     from cdp_activation.policy.phone_cache import PhoneCache
     from cdp_activation.policy.suppression import normalise_suppressions
-    from cdp_activation.sandbox.app import load_catalog
+    from cdp_activation.sandbox import load_catalog
     from cdp_activation.specs import ActivationSpec
 
     audience = pl.read_parquet(audience_file(rows))

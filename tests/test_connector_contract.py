@@ -46,8 +46,7 @@ from cdp_activation.connectors.base import (
     TemplateError,
     TemplateRef,
 )
-from cdp_activation.sandbox import SandboxServer
-from cdp_activation.sandbox.app import SandboxConfig
+from cdp_activation.sandbox import SandboxConfig, SandboxServer
 from cdp_activation.settings import (
     SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,

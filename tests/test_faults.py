@@ -22,8 +22,13 @@ import pytest
 from cdp_activation.connectors.base import OutboundMessage, Outcome, TemplateError, TemplateRef
 from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
 from cdp_activation.ledger import Ledger
-from cdp_activation.sandbox import SandboxServer
-from cdp_activation.sandbox.app import Fault, SandboxAttempt, SandboxConfig, request_fault
+from cdp_activation.sandbox import (
+    Fault,
+    SandboxAttempt,
+    SandboxConfig,
+    SandboxServer,
+    request_fault,
+)
 from crash_worker import audience, line_audience, sandbox_connectors
 
 pytestmark = pytest.mark.integration

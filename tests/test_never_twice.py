@@ -21,8 +21,7 @@ import polars as pl
 import pytest
 
 from cdp_activation.ledger import Ledger
-from cdp_activation.sandbox import SandboxServer
-from cdp_activation.sandbox.app import SandboxConfig
+from cdp_activation.sandbox import SandboxConfig, SandboxServer
 from crash_worker import ACTIVATION, PARTITION, Worker
 
 pytestmark = pytest.mark.integration

@@ -15,8 +15,7 @@ import polars as pl
 import pytest
 
 from cdp_activation.rate_limits import RateLimitUnavailable, SharedLimiter, masked
-from cdp_activation.sandbox import SandboxServer
-from cdp_activation.sandbox.app import SandboxConfig
+from cdp_activation.sandbox import SandboxConfig, SandboxServer
 from crash_worker import Worker
 
 pytestmark = pytest.mark.integration
@@ -128,7 +127,7 @@ def test_a_429_pauses_every_delivery_sending_for_that_sender(tmp_path: Path, sha
 
     from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
     from cdp_activation.ledger import Ledger
-    from cdp_activation.sandbox.app import Fault
+    from cdp_activation.sandbox import Fault
     from crash_worker import audience, sandbox_connectors
 
     retry_after, grace, concurrency = 0.5, 0.25, 4

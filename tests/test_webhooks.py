@@ -408,8 +408,7 @@ def test_the_sandbox_reports_back_and_the_ledger_ends_on_each_message_s_last_sta
     failed with the provider's code, 20% never delivered; a fifth of the reports duplicated,
     a fifth reordered. Every row ends on the status its message really reached."""
     from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
-    from cdp_activation.sandbox import SandboxServer
-    from cdp_activation.sandbox.app import SandboxConfig
+    from cdp_activation.sandbox import SandboxConfig, SandboxServer
     from cdp_activation.sandbox.status_webhooks import outcome
     from conftest import settings_for_sandbox
     from crash_worker import audience, sandbox_connectors

@@ -7,13 +7,8 @@ from typing import Any
 
 import uvicorn
 
-from cdp_activation.sandbox.app import (
-    MessageStore,
-    SandboxAttempt,
-    SandboxConfig,
-    SandboxMessage,
-    create_app,
-)
+from cdp_activation.sandbox.app import create_app
+from cdp_activation.sandbox.core import MessageStore, SandboxAttempt, SandboxConfig, SandboxMessage
 from cdp_activation.sandbox.status_webhooks import close_client
 from cdp_activation.serving import BackgroundServer
 

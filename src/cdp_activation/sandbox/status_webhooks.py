@@ -47,7 +47,7 @@ from cdp_activation.transport import make_client
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from cdp_activation.sandbox.app import SandboxConfig, SandboxMessage
+    from cdp_activation.sandbox.core import SandboxConfig, SandboxMessage
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""One module per emulated provider: its routes, request checks and answers."""

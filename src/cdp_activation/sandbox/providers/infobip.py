@@ -1,0 +1,350 @@
+"""Infobip (prefix `/infobip`): `POST /whatsapp/1/message/template`, `POST /sms/3/messages` and
+`POST /viber/2/messages`, many messages per request, `Authorization: App <key>`."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cdp_activation.sandbox.catalog import body_parameter_count, find_template
+from cdp_activation.sandbox.core import Fault, SandboxConfig, SandboxMessage, digits_ok, utc_now
+from cdp_activation.sandbox.exchange import BatchRules, Candidate, batch_request, retry_after_header
+
+_INFOBIP_CALLBACK_DATA_MAX = 4000  # callbackData
+
+
+_INFOBIP_PENDING = {
+    "groupId": 1,
+    "groupName": "PENDING",
+    "id": 7,
+    "name": "PENDING_ENROUTE",
+    "description": "Message sent to next instance",
+}
+_INFOBIP_REJECTED_DESTINATION = {
+    "groupId": 5,
+    "groupName": "REJECTED",
+    "id": 51,
+    "name": "REJECTED_DESTINATION",
+    "description": "Invalid destination address",
+}
+
+
+def _infobip_exception(
+    status: int,
+    message_id: str,
+    text: str,
+    validation: dict[str, list[str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The WhatsApp API's error body: `{"requestError": {"serviceException": {...}}}`."""
+    exception: dict[str, Any] = {"messageId": message_id, "text": text}
+    if validation:
+        exception["validationErrors"] = validation
+    return JSONResponse(
+        {"requestError": {"serviceException": exception}}, status_code=status, headers=headers
+    )
+
+
+def _infobip_api_error(
+    status: int,
+    code: str,
+    description: str,
+    action: str,
+    violations: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The SMS v3 API's `ApiError` body."""
+    return JSONResponse(
+        {
+            "errorCode": code,
+            "description": description,
+            "action": action,
+            "violations": violations or [],
+            "resources": [],
+        },
+        status_code=status,
+        headers=headers,
+    )
+
+
+def _infobip_authorized(request: Request, config: SandboxConfig) -> bool:
+    """`Authorization: App <api key>` (the spec's APIKeyHeader scheme)."""
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    expected = config.infobip_api_key
+    return scheme == "App" and bool(key) and hmac.compare_digest(key.strip(), expected)
+
+
+def _parse_infobip_whatsapp(request: Request, raw: bytes) -> Response | list[Candidate]:
+    """Validate a `BulkMessage` of template messages; a wrong template fails the request."""
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _infobip_exception(400, "BAD_REQUEST", "Bad request")
+    items = payload.get("messages") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or not items:
+        return _infobip_exception(
+            400, "BAD_REQUEST", "Bad request", {"messages": ["must not be empty"]}
+        )
+    candidates = []
+    for i, item in enumerate(items):
+        where = f"messages[{i}]"
+        content = item.get("content") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or not isinstance(content, dict):
+            return _infobip_exception(
+                400, "BAD_REQUEST", "Bad request", {f"{where}.content": ["must not be null"]}
+            )
+        missing = [f for f in ("from", "to") if not isinstance(item.get(f), str) or not item[f]]
+        if missing:
+            return _infobip_exception(
+                400,
+                "BAD_REQUEST",
+                "Bad request",
+                {f"{where}.{f}": ["must not be blank"] for f in missing},
+            )
+        name = content.get("templateName")
+        language = content.get("language")
+        body = (content.get("templateData") or {}).get("body")
+        placeholders = body.get("placeholders") if isinstance(body, dict) else None
+        if not isinstance(placeholders, list) or not all(
+            isinstance(p, str) and p for p in placeholders
+        ):
+            return _infobip_exception(
+                400,
+                "BAD_REQUEST",
+                "Bad request",
+                {f"{where}.content.templateData.body.placeholders": ["must not be null"]},
+            )
+        callback_data = item.get("callbackData")
+        if callback_data is not None and (
+            not isinstance(callback_data, str) or len(callback_data) > _INFOBIP_CALLBACK_DATA_MAX
+        ):
+            return _infobip_exception(
+                400,
+                "BAD_REQUEST",
+                "Bad request",
+                {f"{where}.callbackData": ["size must be between 0 and 4000"]},
+            )
+        template = find_template(str(name), str(language))
+        if template is None or template["status"] != "APPROVED":
+            return _infobip_exception(
+                400,
+                "BAD_REQUEST",
+                "Bad request",
+                {
+                    f"{where}.content.templateName": [
+                        f"template {name} in language {language} does not exist or is not approved"
+                    ]
+                },
+            )
+        expected = body_parameter_count(template)
+        if len(placeholders) != expected:
+            return _infobip_exception(
+                400,
+                "BAD_REQUEST",
+                "Bad request",
+                {
+                    f"{where}.content.templateData.body.placeholders": [
+                        f"template expects {expected} placeholders, got {len(placeholders)}"
+                    ]
+                },
+            )
+        candidates.append(
+            Candidate(
+                to=item["to"],
+                record={
+                    "template_name": name,
+                    "template_language": language,
+                    "parameters": tuple(placeholders),
+                    "callback_data": callback_data,
+                },
+                extra={"message_id": str(item.get("messageId") or ""), "channel": "whatsapp"},
+            )
+        )
+    return candidates
+
+
+def _parse_infobip_sms(request: Request, raw: bytes) -> Response | list[Candidate]:
+    """Validate an `SmsRequestEnvelope`; each destination of each message is one candidate."""
+    return _parse_infobip_text(raw, "sms")
+
+
+def _parse_infobip_viber(request: Request, raw: bytes) -> Response | list[Candidate]:
+    """Validate a `ViberRequest` of TEXT messages (the sandbox's only Viber content)."""
+    return _parse_infobip_text(raw, "viber")
+
+
+def _parse_infobip_text(raw: bytes, channel: str) -> Response | list[Candidate]:
+    """The SMS v3 and Viber v2 envelopes: `{messages: [{sender, destinations: [{to,
+    messageId}], content: {text[, type]}}]}`; Viber's content is typed and 1,000 characters."""
+
+    def bad(prop: str, why: str) -> JSONResponse:
+        return _infobip_api_error(
+            400,
+            "E400",
+            "Request cannot be processed.",
+            "Check the syntax, violations and adjust the request.",
+            [{"property": prop, "violation": why}],
+        )
+
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return bad("body", "Invalid JSON.")
+    items = payload.get("messages") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or not items:
+        return bad("messages", "must not be empty")
+    candidates = []
+    for i, item in enumerate(items):
+        destinations = item.get("destinations") if isinstance(item, dict) else None
+        content = item.get("content") if isinstance(item, dict) else None
+        if not isinstance(destinations, list) or not destinations:
+            return bad(f"messages[{i}].destinations", "must not be empty")
+        if not isinstance(content, dict) or not isinstance(content.get("text"), str):
+            return bad(f"messages[{i}].content.text", "must not be null")
+        if channel == "viber" and content.get("type") != "TEXT":
+            return bad(f"messages[{i}].content.type", "must be TEXT in the sandbox")
+        if channel == "viber" and len(content["text"]) > 1000:
+            return bad(f"messages[{i}].content.text", "size must be between 0 and 1000")
+        webhooks = item.get("webhooks")
+        if webhooks is not None and not isinstance(webhooks, dict):
+            return bad(f"messages[{i}].webhooks", "must be an object")
+        callback_data = (webhooks or {}).get("callbackData")
+        if callback_data is not None and (
+            not isinstance(callback_data, str) or len(callback_data) > _INFOBIP_CALLBACK_DATA_MAX
+        ):
+            return bad(f"messages[{i}].webhooks.callbackData", "size must be between 0 and 4000")
+        for j, destination in enumerate(destinations):
+            if not isinstance(destination, dict) or not isinstance(destination.get("to"), str):
+                return bad(f"messages[{i}].destinations[{j}].to", "must not be blank")
+            candidates.append(
+                Candidate(
+                    to=destination["to"],
+                    record={"body": content["text"], "callback_data": callback_data},
+                    extra={
+                        "message_id": str(destination.get("messageId") or ""),
+                        "channel": channel,
+                    },
+                )
+            )
+    return candidates
+
+
+def _refuse_infobip(config: SandboxConfig, candidate: Candidate) -> dict[str, Any] | None:
+    """A destination that is not a number is REJECTED in the 200 answer, as Infobip does."""
+    if digits_ok(candidate.to):
+        return None
+    return _infobip_entry(candidate, candidate.extra["message_id"] or str(uuid.uuid4()), False)
+
+
+def _infobip_entry(candidate: Candidate, message_id: str, accepted: bool) -> dict[str, Any]:
+    status = dict(_INFOBIP_PENDING if accepted else _INFOBIP_REJECTED_DESTINATION)
+    if candidate.extra["channel"] == "sms":
+        return {
+            "messageId": message_id,
+            "status": status,
+            "destination": candidate.to,
+            "details": {"messageCount": 1},
+        }
+    return {"to": candidate.to, "messageCount": 1, "messageId": message_id, "status": status}
+
+
+def _accept_infobip(
+    request: Request, candidate: Candidate
+) -> tuple[SandboxMessage | None, dict[str, Any]]:
+    message_id = candidate.extra["message_id"] or str(uuid.uuid4())
+    message = SandboxMessage(
+        provider="infobip",
+        channel=candidate.extra["channel"],
+        to="+" + candidate.to.removeprefix("+"),
+        provider_message_id=message_id,
+        received_at=utc_now().isoformat(),
+        **candidate.record,
+    )
+    return message, _infobip_entry(candidate, message_id, True)
+
+
+def _infobip_answer(entries: list[dict[str, Any]]) -> Response:
+    body: dict[str, Any] = {"messages": entries}
+    if len(entries) > 1:  # "Bulk ID will be received only when you send … more than one"
+        body["bulkId"] = str(uuid.uuid4().int % 10**19)
+    return JSONResponse(body)
+
+
+def _infobip_whatsapp_fault(config: SandboxConfig, fault: Fault, draw: float) -> Response:
+    if fault == Fault.THROTTLED:
+        return _infobip_exception(
+            429,
+            "TOO_MANY_REQUESTS",
+            "Too many requests",
+            headers={"Retry-After": retry_after_header(config.retry_after_s)},
+        )
+    if draw < 0.5:
+        return _infobip_exception(500, "GENERAL_ERROR", "Something went wrong.")
+    return _infobip_exception(503, "SERVICE_UNAVAILABLE", "Service temporarily unavailable.")
+
+
+def _infobip_sms_fault(config: SandboxConfig, fault: Fault, draw: float) -> Response:
+    if fault == Fault.THROTTLED:
+        return _infobip_api_error(
+            429,
+            "E429",
+            "Too many requests sent.",
+            "Check request rate limit specified in the API endpoint documentation resource.",
+            headers={"Retry-After": retry_after_header(config.retry_after_s)},
+        )
+    status = 500 if draw < 0.5 else 503
+    return _infobip_api_error(status, f"E{status}", "Something went wrong.", "Contact the support.")
+
+
+_INFOBIP_WHATSAPP = BatchRules(
+    name="infobip",
+    authorized=_infobip_authorized,
+    unauthorized=lambda: _infobip_exception(401, "UNAUTHORIZED", "Invalid login details"),
+    parse=_parse_infobip_whatsapp,
+    refuse=_refuse_infobip,
+    accept=_accept_infobip,
+    answer=_infobip_answer,
+    fault_answer=_infobip_whatsapp_fault,
+)
+_INFOBIP_SMS = dataclasses.replace(
+    _INFOBIP_WHATSAPP,
+    unauthorized=lambda: _infobip_api_error(
+        401,
+        "E401",
+        "The request lacks valid authentication credentials for the requested resource.",
+        "Check the resources and adjust authentication credentials.",
+    ),
+    parse=_parse_infobip_sms,
+    fault_answer=_infobip_sms_fault,
+)
+_INFOBIP_VIBER = dataclasses.replace(_INFOBIP_SMS, parse=_parse_infobip_viber)
+
+
+async def infobip_whatsapp_template(request: Request) -> Response:
+    """`POST /whatsapp/1/message/template`: template messages to many recipients."""
+    return await batch_request(request, _INFOBIP_WHATSAPP)
+
+
+async def infobip_sms(request: Request) -> Response:
+    """`POST /sms/3/messages`: SMS to many destinations."""
+    return await batch_request(request, _INFOBIP_SMS)
+
+
+async def infobip_viber(request: Request) -> Response:
+    """`POST /viber/2/messages`: Viber Business Messages to many destinations."""
+    return await batch_request(request, _INFOBIP_VIBER)
+
+
+PREFIX = "/infobip"
+ROUTES = [
+    Route("/whatsapp/1/message/template", infobip_whatsapp_template, methods=["POST"]),
+    Route("/sms/3/messages", infobip_sms, methods=["POST"]),
+    Route("/viber/2/messages", infobip_viber, methods=["POST"]),
+]
