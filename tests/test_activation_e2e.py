@@ -17,7 +17,7 @@ import pytest
 import yaml
 from time_machine import TimeMachineFixture
 
-from cdp_activation.activation_run import Activation, compute_audience
+from cdp_activation.activation_run import Activation, DeliverySummary, compute_audience
 from cdp_activation.audience_sql import AudienceSQLError
 from cdp_activation.components.activation import build_activation_defs
 from cdp_activation.defs.resources import resources
@@ -154,6 +154,15 @@ def test_winback_runs_end_to_end_and_a_rerun_sends_nothing_twice(env: SimpleName
     assert "winback_offer" in sample and "*****" in sample
     assert not any(m.to in sample for m in received)
     assert not any(phone in sample for phone in rows["recipient"].to_list())
+    # Each step's part of the run summary is one JSON entry, from which the CLI rebuilds it.
+    assert metadata["summary"].value["eligible"] == first.eligible
+    deliveries = instance.get_latest_materialization_event(
+        dg.AssetKey(["winback_whatsapp", "deliveries"])
+    )
+    assert deliveries is not None
+    recorded = DeliverySummary.from_json(deliveries.asset_materialization.metadata["summary"].value)
+    assert (recorded.already_sent, recorded.sent) == (first.sent, 0)  # the second run's
+    assert recorded.ledger_states == second.partition_states
 
 
 def test_dry_run_previews_and_sends_nothing(env: SimpleNamespace) -> None:

@@ -125,7 +125,7 @@ def test_three_workers_on_one_machine_send_everyone_once(
         if r.event_log_entry.dagster_event is not None
         and r.event_log_entry.dagster_event.is_step_materialization
         and r.event_log_entry.dagster_event.asset_key.path[-1] == "deliveries"
-    )["per_worker_json"].value
+    )["summary"].value["workers"]
     assert sum(w["sent"] for w in per_worker) == summary["sent"]
     rows = ledger_rows(project.ledger_url, summary["partition"])
     assert rows.filter(pl.col("state") == "sent").height == summary["sent"]

@@ -580,6 +580,17 @@ class DeliverySummary:
     started_at: float = 0.0  # epoch seconds when the step began (its workers may be elsewhere)
     workers: list[dict[str, Any]] = field(default_factory=list)  # each claim worker's figures
 
+    def as_json(self) -> dict[str, Any]:
+        """Recorded whole as the deliveries asset's `summary` metadata entry."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> DeliverySummary:
+        """Rebuilt from `as_json` (by the CLI); names an older version did not record keep
+        their defaults, names this one does not know are left out."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
 
 class DeliveryFailed(CdpError):
     """The deliveries step stopped before everything due was sent (provider down, refused

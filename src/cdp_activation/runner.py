@@ -13,13 +13,14 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from cdp_activation.activation_run import DeliverySummary
 from cdp_activation.errors import CdpError
 from cdp_activation.processes import host_id, process_gone, started_at
 from cdp_activation.settings import SettingsError, get_settings, project_root
@@ -326,9 +327,50 @@ class RunSummary:
         data["excluded_total"] = sum(self.excluded.values())
         return data
 
+    def take_decisions(self, part: Mapping[str, Any]) -> None:
+        """The decisions asset's `summary` entry (`components.metadata.decisions_metadata`)."""
+        self.eligible = {k: int(v) for k, v in (part.get("eligible") or {}).items()}
+        self.excluded = {k: int(v) for k, v in (part.get("excluded") or {}).items()}
+        self.holdout = int(part.get("holdout", 0))
+        if part.get("estimated_cost") is not None:
+            self.estimated_cost = float(part["estimated_cost"])
+            self.currency = str(part.get("currency", ""))
+            self.estimated_cost_by_channel = str(part.get("estimated_cost_by_channel", ""))
+        self.sample_messages = str(part.get("sample_messages", ""))
 
-COUNTS = frozenset(
-    f.name for f in fields(RunSummary) if f.type in ("int", int) and f.name != "audience"
+    def take_delivery(self, delivery: DeliverySummary) -> None:
+        """What the deliveries step did and where the partition stands."""
+        for name in _DELIVERY_COUNTS:
+            setattr(self, name, getattr(delivery, name))
+        if delivery.dry_run:
+            self.estimated_seconds = delivery.estimated_seconds
+        self.error_codes = dict(delivery.error_codes) or self.error_codes
+        self.accepted_as = dict(delivery.accepted_as) or self.accepted_as
+        self.partition_states = dict(delivery.ledger_states)
+        self.dead_letter_by_reason = dict(delivery.dead_letter_by_reason)
+        self.stopped_by = delivery.stopped_by or self.stopped_by
+        if len(delivery.workers) > 1:
+            self.per_worker = list(delivery.workers)
+
+
+# The counts a run summary takes from its deliveries step as they are.
+_DELIVERY_COUNTS = (
+    "to_send",
+    "deferred",
+    "holdout",
+    "cancelled",
+    "sent",
+    "failed",
+    "unknown",
+    "dead_letter",
+    "already_sent",
+    "resent_unknown",
+    "retried",
+    "revived",
+    "waiting",
+    "in_flight",
+    "unknown_reconciled",
+    "recovered_in_flight",
 )
 
 
@@ -514,6 +556,18 @@ class FallbackSummary:
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def take(self, part: Mapping[str, Any], delivery: Mapping[str, Any]) -> None:
+        """The fallback asset's `fallback` and `summary` entries."""
+        self.channel = str(part.get("channel", ""))
+        self.first_messages = _int_map(part.get("first_messages"))
+        self.due = _int_map(part.get("due"))
+        self.due_codes = _int_map(part.get("due_codes"))
+        self.excluded = _int_map(part.get("excluded"))
+        self.eligible = int(part.get("eligible", 0))
+        sent = DeliverySummary.from_json(delivery)
+        for name in ("sent", "failed", "unknown", "dead_letter", "deferred", "cancelled"):
+            setattr(self, name, getattr(sent, name))
+
 
 def run_fallback(
     name: str,
@@ -563,14 +617,7 @@ def run_fallback(
                 k: v.value
                 for k, v in event.step_materialization_data.materialization.metadata.items()
             }
-            summary.first_messages = _int_map(meta.get("first_messages_json"))
-            summary.due = _int_map(meta.get("due_by_reason_json"))
-            summary.due_codes = _int_map(meta.get("due_by_code_json"))
-            summary.excluded = _int_map(meta.get("excluded_by_reason_json"))
-            summary.eligible = int(meta.get("fallback_eligible", 0))
-            for attr in ("sent", "failed", "unknown", "dead_letter", "deferred", "cancelled"):
-                setattr(summary, attr, int(meta.get(attr, 0)))
-            summary.channel = str(meta.get("channel", ""))
+            summary.take(meta.get("fallback") or {}, meta.get("summary") or {})
         elif event.is_step_failure:
             summary.error = _failure_message(event)
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
@@ -683,26 +730,9 @@ def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
             if key == "audience":
                 summary.audience = int(meta.get("audience_size", 0))
             elif key == "decisions":
-                summary.eligible = {
-                    k.removeprefix("eligible_"): int(v)
-                    for k, v in meta.items()
-                    if k.startswith("eligible_") and k != "eligible_by_channel"
-                }
-                summary.excluded = {
-                    k.removeprefix("excluded_"): int(v)
-                    for k, v in meta.items()
-                    if k.startswith("excluded_") and k != "excluded_by_reason"
-                }
-                summary.holdout = int(meta.get("holdout", 0))
-                if "estimated_cost" in meta:
-                    summary.estimated_cost = float(meta["estimated_cost"])
-                    summary.currency = str(meta.get("currency", ""))
-                    summary.estimated_cost_by_channel = str(
-                        meta.get("estimated_cost_by_channel", "")
-                    )
-                summary.sample_messages = str(meta.get("sample_messages", ""))
+                summary.take_decisions(meta.get("summary") or {})
             elif key == "deliveries":
-                _fill_deliveries(summary, meta)
+                summary.take_delivery(DeliverySummary.from_json(meta.get("summary") or {}))
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
             if not evaluation.passed:
@@ -714,20 +744,6 @@ def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
             # A deliveries step that stopped early says where the partition stands.
             failure = event.step_failure_data.user_failure_data
             if failure is not None and event.step_key.startswith(f"{name}__deliveries"):
-                _fill_deliveries(summary, {k: v.value for k, v in failure.metadata.items()})
-
-
-def _fill_deliveries(summary: RunSummary, meta: Mapping[str, Any]) -> None:
-    """The deliveries asset's metadata (of its materialisation, or of its failure)."""
-    for attr in COUNTS & meta.keys():
-        setattr(summary, attr, int(meta[attr]))
-    if "estimated_seconds_at_rate_limit" in meta:
-        summary.estimated_seconds = float(meta["estimated_seconds_at_rate_limit"])
-    summary.error_codes = _int_map(meta.get("error_codes_json")) or summary.error_codes
-    summary.partition_states = _int_map(meta.get("ledger_states"))
-    summary.accepted_as = _int_map(meta.get("accepted_as_json")) or summary.accepted_as
-    summary.dead_letter_by_reason = _int_map(meta.get("dead_letter_by_reason_json"))
-    if meta.get("stopped_by"):
-        summary.stopped_by = str(meta["stopped_by"])
-    if isinstance(meta.get("per_worker_json"), list):
-        summary.per_worker = list(meta["per_worker_json"])
+                recorded = failure.metadata.get("summary")
+                if recorded is not None:
+                    summary.take_delivery(DeliverySummary.from_json(recorded.value))

@@ -225,8 +225,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         plan = chosen_activation.spec.channel_plan
         context.add_output_metadata(
             {
-                **asset_meta.decisions_metadata(result, plan),
-                **asset_meta.cost_metadata(result, audience, plan),
+                **asset_meta.decisions_metadata(result, plan, audience),
             }
         )
         return result.frame

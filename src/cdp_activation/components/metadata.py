@@ -70,10 +70,16 @@ def md_counts(title: str, counts: Mapping[str, int]) -> str:
     return "\n".join([f"| count | {title} |", "|---:|---|", *lines])
 
 
-def decisions_metadata(result: Decisions, plan: ChannelPlanSpec) -> dict[str, Any]:
+def decisions_metadata(
+    result: Decisions, plan: ChannelPlanSpec, audience: pl.DataFrame
+) -> dict[str, Any]:
+    """The decisions asset's metadata: counts for the UI, the estimated cost, and `summary`,
+    the run summary's part as one JSON entry (`runner.RunSummary` is rebuilt from it)."""
     eligible = result.eligible_by_channel()
     excluded = result.excluded_by_reason()
     counts = result.counts()
+    samples = sample_messages(result.frame, plan)
+    cost = cost_metadata(result, audience, plan)
     meta: dict[str, Any] = {
         "audience_size": result.frame.height,
         "eligible": sum(eligible.values()),
@@ -86,7 +92,19 @@ def decisions_metadata(result: Decisions, plan: ChannelPlanSpec) -> dict[str, An
             "\n".join(f"- `{code}`: {reasons.describe(code)}" for code in excluded)
             or "_nobody excluded_"
         ),
-        "sample_messages": dg.MetadataValue.md(sample_messages(result.frame, plan)),
+        "sample_messages": dg.MetadataValue.md(samples),
+        **cost,
+        "summary": dg.MetadataValue.json(
+            {
+                "eligible": eligible,
+                "excluded": excluded,
+                "holdout": counts[HOLDOUT],
+                "estimated_cost": cost["estimated_cost"].value,
+                "currency": cost["currency"],
+                "estimated_cost_by_channel": cost["estimated_cost_by_channel"].value,
+                "sample_messages": samples,
+            }
+        ),
     }
     for channel, count in eligible.items():
         meta[f"eligible_{channel}"] = count
@@ -113,7 +131,10 @@ def previous_audience_size(instance: Any, asset_key: Any, run_id: str) -> int | 
 
 
 def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
+    """The deliveries step's metadata: its figures for the UI, and `summary`, the whole
+    `DeliverySummary` as one JSON entry, which the CLI rebuilds (`DeliverySummary.from_json`)."""
     meta: dict[str, Any] = {
+        "summary": dg.MetadataValue.json(summary.as_json()),
         "dry_run": summary.dry_run,
         "eligible": summary.eligible,
         "to_send": summary.to_send,
@@ -142,14 +163,11 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         meta["estimated_seconds_at_rate_limit"] = summary.estimated_seconds
     if summary.error_codes:
         meta["error_codes"] = dg.MetadataValue.md(md_counts("Error code", summary.error_codes))
-        meta["error_codes_json"] = dg.MetadataValue.json(summary.error_codes)
     if summary.accepted_as:
         meta["accepted_as"] = dg.MetadataValue.md(
             md_counts("Accepted as (provider's word)", summary.accepted_as)
         )
-        meta["accepted_as_json"] = dg.MetadataValue.json(summary.accepted_as)
     if summary.ledger_states:
-        meta["ledger_states"] = dg.MetadataValue.json(summary.ledger_states)
         meta["partition_states"] = dg.MetadataValue.md(
             md_counts("State (whole partition)", summary.ledger_states)
         )
@@ -157,11 +175,9 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         meta["dead_letter_by_reason"] = dg.MetadataValue.md(
             md_counts("Dead-letter reason", summary.dead_letter_by_reason)
         )
-        meta["dead_letter_by_reason_json"] = dg.MetadataValue.json(summary.dead_letter_by_reason)
     if len(summary.workers) > 1:
         meta["workers"] = len(summary.workers)
         meta["per_worker"] = dg.MetadataValue.md(_workers_table(summary.workers))
-        meta["per_worker_json"] = dg.MetadataValue.json(summary.workers)
     if summary.stopped_by:
         meta["stopped_by"] = summary.stopped_by
     return meta
@@ -189,17 +205,23 @@ def fallback_metadata(
         "first_messages_delivered": landed,
         "first_messages_not_delivered": sum(first_messages.values()) - landed,
         "first_messages": dg.MetadataValue.md(md_counts("First message", first_messages)),
-        "first_messages_json": dg.MetadataValue.json(dict(first_messages)),
         "channel": decisions.channel,
         "fallback_due": sum(decisions.due_by_reason.values()),
         "fallback_eligible": decisions.eligible(),
         "fallback_excluded": sum(excluded.values()),
         "due_by_reason": dg.MetadataValue.md(md_counts("Why due", decisions.due_by_reason)),
         "excluded_by_reason": dg.MetadataValue.md(md_counts("Reason", excluded)),
-        "due_by_reason_json": dg.MetadataValue.json(decisions.due_by_reason),
-        "due_by_code_json": dg.MetadataValue.json(decisions.due_by_code),
-        "excluded_by_reason_json": dg.MetadataValue.json(excluded),
         **delivery_metadata(summary),
+        "fallback": dg.MetadataValue.json(
+            {
+                "channel": decisions.channel,
+                "first_messages": dict(first_messages),
+                "due": decisions.due_by_reason,
+                "due_codes": decisions.due_by_code,
+                "eligible": decisions.eligible(),
+                "excluded": excluded,
+            }
+        ),
     }
     for reason, count in decisions.due_by_reason.items():
         meta[f"due_{reason}"] = count
