@@ -48,7 +48,7 @@ def _serve(argv: list[str]) -> int:
         from cdp_activation.ledger import Ledger
         from cdp_activation.webhooks import WebhookSecrets, create_app
 
-        app = create_app(Ledger(url), WebhookSecrets(meta_app_secret=SECRET))
+        app = create_app(Ledger(url), WebhookSecrets({"meta": SECRET}))
     else:
 
         async def ok(request):  # type: ignore[no-untyped-def]

@@ -1,11 +1,12 @@
 """One contract every registered connector keeps, checked against the live sandbox over HTTP.
 
-Each case below is parametrised over EVERY connector in the registry (a new connector without a
-`CASES` entry fails `test_every_registered_connector_has_a_contract_case`), so the promises of
-DESIGN §5 hold for all of them the same way: batch limits respected, each accepted message
-recorded once with the provider's id returned, per-recipient failures FAILED, throttling and
-server errors RETRY (with Retry-After), bad credentials stop the activation without leaking the
-secret, a refused connection is RETRY and a silent server UNKNOWN, and `redact()` hides secrets.
+Each case below is parametrised over EVERY installed connector plugin, from the `ContractCase`
+it declares (a plugin without one fails `test_every_registered_connector_has_a_contract_case`),
+so the promises of DESIGN §5 hold for all of them the same way: batch limits respected, each
+accepted message recorded once with the provider's id returned, per-recipient failures
+FAILED, throttling and server errors RETRY (with Retry-After), bad credentials stop the
+activation without leaking the secret, a refused connection is RETRY and a silent server
+UNKNOWN, and `redact()` hides secrets.
 
 Faults come from the sandbox's own fault injection (a module-scoped server of our own, so
 changing its faults cannot disturb other tests), never from mocks.
@@ -14,12 +15,12 @@ changing its faults cannot disturb other tests), never from mocks.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
+import json
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -46,15 +47,10 @@ from cdp_activation.connectors.base import (
     TemplateError,
     TemplateRef,
 )
+from cdp_activation.connectors.samples import braze, line, sms, viber, whatsapp, whatsapp_or_sms
+from cdp_activation.plugins import ConnectorPlugin, plugins
 from cdp_activation.sandbox import SandboxConfig, SandboxServer
 from cdp_activation.settings import (
-    SANDBOX_BRAZE_API_KEY,
-    SANDBOX_INFOBIP_API_KEY,
-    SANDBOX_LINE_TOKEN,
-    SANDBOX_META_TOKEN,
-    SANDBOX_TWILIO_AUTH_TOKEN,
-    SANDBOX_VONAGE_API_KEY,
-    SANDBOX_VONAGE_API_SECRET,
     SANDBOX_WEBHOOK_TOKEN,
     Settings,
 )
@@ -63,74 +59,11 @@ from conftest import settings_for_sandbox
 pytestmark = pytest.mark.integration
 
 BAD_SECRET = "not-the-right-secret-0123456789"
-BAD_NUMBER = "12345"  # not a phone number anywhere: every provider refuses this recipient
-
-
-def whatsapp(i: int) -> OutboundMessage:
-    # Numbers end in 0: never the sandbox's "not on WhatsApp" rule (digits ending in 13).
-    return OutboundMessage(
-        key=f"contract|2025-01-01|{i}|initial",
-        to=f"+4479{i:07d}0",
-        channel="whatsapp",
-        template=TemplateRef("winback_offer", "en", ("Ana", "45", f"C{i}")),
-    )
-
-
-def sms(i: int) -> OutboundMessage:
-    return OutboundMessage(
-        key=f"contract|2025-01-01|{i}|initial",
-        to=f"+4479{i:07d}0",
-        channel="sms",
-        body=f"Hi {i}, we miss you!",
-    )
-
-
-def braze(i: int) -> OutboundMessage:
-    """An API-triggered Braze campaign for one user, trigger properties by column name."""
-    return OutboundMessage(
-        key=f"contract|2025-01-01|{i}|initial",
-        to=f"+4479{i:07d}0",
-        channel="whatsapp",
-        template=TemplateRef(
-            "winback_campaign", "en", ("Ana", "45", f"C{i}"), ("first_name", "days", "code")
-        ),
-        customer_id=f"customer-{i}",
-    )
-
-
-def line(i: int) -> OutboundMessage:
-    """A LINE text for one user id; every user gets the same text, so a batch is a multicast."""
-    return OutboundMessage(
-        key=f"contract|2025-01-01|{i}|initial",
-        to=f"U{i:032x}",
-        channel="line",
-        body="We miss you! 20% off with code BACK20",
-        customer_id=f"customer-{i}",
-    )
-
-
-def viber(i: int) -> OutboundMessage:
-    return OutboundMessage(
-        key=f"contract|2025-01-01|{i}|initial",
-        to=f"+38050{i:06d}0",
-        channel="viber",
-        body=f"Hi {i}, 20% off this week",
-        purpose="marketing",
-    )
-
-
-def mixed(i: int) -> OutboundMessage:
-    """Both channels in one batch: a connector handling both must split or cope."""
-    return whatsapp(i) if i % 2 == 0 else sms(i)
-
-
-def whatsapp_sms_viber(i: int) -> OutboundMessage:
-    return (whatsapp, sms, viber)[i % 3](i)
 
 
 @dataclass(frozen=True)
 class Case:
-    """What the contract needs to know about one connector to exercise it."""
+    """What the contract needs to know about one connector, from its plugin's `ContractCase`."""
 
     url_field: str  # Settings field holding its base URL
     url_suffix: str  # path under the sandbox URL
@@ -139,79 +72,34 @@ class Case:
     message: Callable[[int], OutboundMessage]
     bad_recipient: OutboundMessage
     failure_code: str
-    secret_forms: Callable[[str], tuple[str, ...]] = field(default=lambda secret: (secret,))
+    secret_forms: Callable[[str], tuple[str, ...]]
 
 
-def _vonage_forms(secret: str) -> tuple[str, ...]:
-    basic = base64.b64encode(f"{SANDBOX_VONAGE_API_KEY}:{secret}".encode()).decode()
-    return (secret, basic)
+def case_of(plugin: ConnectorPlugin) -> Case:
+    contract = plugin.contract
+    assert contract is not None, f"{plugin.name} declares no ContractCase"
+    url = "base_url" if "base_url" in plugin.settings.model_fields else "url"
+    credential = contract.credential
+    if "dict" in str(plugin.settings.model_fields[credential].annotation):  # request headers
+        bad: Any = {"Authorization": SecretStr(f"Bearer {BAD_SECRET}")}
+        real = (SANDBOX_WEBHOOK_TOKEN,)
+    else:
+        bad = SecretStr(BAD_SECRET)
+        real = (plugin.sandbox_value(credential) or "",)
+    return Case(
+        plugin.flat_name(url),
+        plugin.sandbox,
+        {plugin.flat_name(credential): bad},
+        real,
+        contract.message,
+        contract.bad_recipient,
+        contract.failure_code,
+        contract.secret_forms,
+    )
 
 
 CASES: dict[str, Case] = {
-    "meta_whatsapp": Case(
-        "meta_base_url",
-        "/meta",
-        {"meta_access_token": SecretStr(BAD_SECRET)},
-        (SANDBOX_META_TOKEN,),
-        whatsapp,
-        OutboundMessage("bad", BAD_NUMBER, "whatsapp", template=whatsapp(0).template),
-        "100",
-    ),
-    "twilio": Case(
-        "twilio_base_url",
-        "/twilio",
-        {"twilio_auth_token": SecretStr(BAD_SECRET)},
-        (SANDBOX_TWILIO_AUTH_TOKEN,),
-        sms,
-        OutboundMessage("bad", BAD_NUMBER, "sms", body="hi"),
-        "21211",
-    ),
-    "infobip": Case(
-        "infobip_base_url",
-        "/infobip",
-        {"infobip_api_key": SecretStr(BAD_SECRET)},
-        (SANDBOX_INFOBIP_API_KEY,),
-        whatsapp_sms_viber,
-        OutboundMessage("bad", BAD_NUMBER, "whatsapp", template=whatsapp(0).template),
-        "REJECTED_DESTINATION",
-    ),
-    "vonage": Case(
-        "vonage_base_url",
-        "/vonage",
-        {"vonage_api_secret": SecretStr(BAD_SECRET)},
-        (SANDBOX_VONAGE_API_SECRET,),
-        whatsapp_sms_viber,
-        OutboundMessage("bad", BAD_NUMBER, "sms", body="hi"),
-        "1430",
-        _vonage_forms,
-    ),
-    "braze": Case(
-        "braze_base_url",
-        "/braze",
-        {"braze_api_key": SecretStr(BAD_SECRET)},
-        (SANDBOX_BRAZE_API_KEY,),
-        braze,
-        OutboundMessage("bad", BAD_NUMBER, "whatsapp", template=braze(0).template, customer_id="x"),
-        "invalid_recipient",
-    ),
-    "line": Case(
-        "line_base_url",
-        "/line",
-        {"line_channel_access_token": SecretStr(BAD_SECRET)},
-        (SANDBOX_LINE_TOKEN,),
-        line,
-        OutboundMessage("bad", BAD_NUMBER, "line", body="hi"),
-        "invalid_recipient",
-    ),
-    "webhook": Case(
-        "webhook_url",
-        "/webhook/messages",
-        {"webhook_headers": {"Authorization": SecretStr(f"Bearer {BAD_SECRET}")}},
-        (SANDBOX_WEBHOOK_TOKEN,),
-        mixed,
-        OutboundMessage("bad", BAD_NUMBER, "sms", body="hi"),
-        "invalid_number",
-    ),
+    name: case_of(plugin) for name, plugin in plugins().items() if plugin.contract
 }
 NAMES = sorted(CONNECTORS)
 
@@ -459,7 +347,7 @@ def vonage(settings: Settings) -> VonageConnector:
 def test_infobip_splits_a_mixed_batch_into_one_request_per_channel(
     sandbox: SandboxServer, sandbox_settings: Settings
 ) -> None:
-    send(infobip(sandbox_settings), [mixed(i) for i in range(10)])
+    send(infobip(sandbox_settings), [whatsapp_or_sms(i) for i in range(10)])
     attempts = sandbox.attempts()
     assert [a.result for a in attempts] == ["accepted", "accepted"]
     assert Counter(m.channel for m in sandbox.messages()) == {"whatsapp": 5, "sms": 5}
@@ -492,7 +380,7 @@ def _infobip_status(group: str, name: str) -> dict[str, object]:
 def test_infobip_classification(sandbox_settings: Settings) -> None:
     connector = infobip(sandbox_settings)
     messages = [whatsapp(0), whatsapp(1)]
-    from cdp_activation.connectors.infobip import client_message_id
+    from cdp_activation.connectors.http import client_message_id
 
     ids = [client_message_id(m.key) for m in messages]
     answer = httpx.Response(
@@ -581,21 +469,35 @@ def test_webhook_batch_size_and_headers_come_from_settings(sandbox_settings: Set
     assert WebhookConnector.capabilities.max_batch_size == 200
 
 
-def test_new_connector_secrets_reach_dagster_as_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_connector_secret_reaches_dagster_as_an_env_var(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The resources are derived from the plugins: every credential of every connector is a
+    `dg.EnvVar` when set (resolved at run time, never shown), the receiver's signing secrets
+    stay out of them, and their other settings are plain config."""
     import dagster as dg
 
     from cdp_activation.defs.resources import resources
 
-    monkeypatch.setenv("CDP_INFOBIP_API_KEY", "infobip-secret-key")
-    monkeypatch.setenv("CDP_VONAGE_API_SECRET", "vonage-secret")
-    monkeypatch.setenv("CDP_WEBHOOK_HEADERS", '{"Authorization": "Bearer webhook-secret"}')
+    values: dict[tuple[str, str], str] = {}
+    for name, plugin in plugins().items():
+        for field_name in plugin.settings.model_fields:
+            if plugin.is_secret(field_name):
+                value = f"{name}-{field_name}-secret"
+                if "dict" in str(plugin.settings.model_fields[field_name].annotation):
+                    value = json.dumps({"Authorization": f"Bearer {value}"})
+                monkeypatch.setenv(plugin.env_name(field_name), value)
+                values[(name, field_name)] = value
     configured = resources().resources
-    assert isinstance(configured["infobip"].api_key, dg.EnvVar)
-    assert isinstance(configured["vonage"].api_secret, dg.EnvVar)
-    assert isinstance(configured["webhook"].headers_json, dg.EnvVar)
+    assert {name for name, _ in values} <= set(configured)
+    for name, field_name in values:
+        plugin = plugins()[name]
+        if plugin.for_receiver_only(field_name):
+            assert field_name not in type(configured[name]).model_fields
+        else:
+            assert isinstance(getattr(configured[name], field_name), dg.EnvVar)
     shown = repr(configured)
-    for secret in ("infobip-secret-key", "vonage-secret", "webhook-secret"):
-        assert secret not in shown
+    assert not [v for v in values.values() if v in shown]
 
 
 def test_new_connector_resources_default_to_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,9 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
+from cdp_activation.connectors import connector_from_settings
 from cdp_activation.connectors.base import ConnectorConfigError
 from cdp_activation.ledger import Ledger
-from cdp_activation.resources import MetaWhatsAppResource
+from cdp_activation.resources import connector_resource
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import (
     SANDBOX_META_APP_SECRET,
@@ -50,16 +51,16 @@ def test_a_local_base_url_without_a_token_is_an_error_outside_sandbox_mode(
 ) -> None:
     settings = Settings(_env_file=None, meta_base_url=LOCAL_NOT_SANDBOX, meta_access_token=None)  # type: ignore[call-arg]
     with pytest.raises(ConnectorConfigError) as raised:
-        settings.meta_token()
+        connector_from_settings("meta_whatsapp", settings)
     assert "CDP_META_ACCESS_TOKEN is not set" in str(raised.value)
     assert "CDP_SANDBOX=1" in str(raised.value)
-    resource = MetaWhatsAppResource(
+    resource = connector_resource("meta_whatsapp")(
         base_url=LOCAL_NOT_SANDBOX, api_version="v23.0", phone_number_id="1", waba_id="2"
     )
     with pytest.raises(ConnectorConfigError, match="CDP_META_ACCESS_TOKEN"):
         resource.connector()
     sandboxed = Settings(_env_file=None, meta_base_url=LOCAL_NOT_SANDBOX, sandbox=True)  # type: ignore[call-arg]
-    assert sandboxed.meta_token() == SANDBOX_META_TOKEN
+    assert connector_from_settings("meta_whatsapp", sandboxed)._access_token == SANDBOX_META_TOKEN
 
 
 @pytest.fixture

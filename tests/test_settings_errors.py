@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 from pydantic import ValidationError
 
-from cdp_activation.resources import MetaWhatsAppResource, WebhookResource
+from cdp_activation.resources import connector_resource
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import SettingsError, get_settings, project_root
 from conftest import cli_project
@@ -169,11 +169,11 @@ def test_a_secret_s_value_is_never_echoed(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_connector_resources_refuse_the_same_values_from_the_launchpad() -> None:
     with pytest.raises(ValidationError, match="greater than 0"):
-        MetaWhatsAppResource(
+        connector_resource("meta_whatsapp")(
             base_url="http://127.0.0.1:1/meta", phone_number_id="1", waba_id="2", rate_per_second=0
         )
     with pytest.raises(ValidationError, match="greater than 0"):
-        WebhookResource(url="http://127.0.0.1:1/hook", batch_size=0)
+        connector_resource("webhook")(url="http://127.0.0.1:1/hook", batch_size=0)
 
 
 def test_the_cli_prints_the_one_line_when_dagster_wraps_the_error(

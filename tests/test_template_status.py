@@ -107,7 +107,7 @@ def test_the_parser_reads_meta_s_documented_template_update() -> None:
 def test_a_paused_template_stops_only_its_connector_and_its_rows_stay_planned_until_approved(
     ledger: Ledger, sandbox: SandboxServer, receiver: WebhookServer
 ) -> None:
-    secret = settings_for_sandbox(sandbox).webhook_secrets().meta_app_secret or ""
+    secret = settings_for_sandbox(sandbox).webhook_secrets().secret_for("meta") or ""
     now = int(time.time())
     # A forged word (wrong signature) changes nothing.
     forged = post_meta(receiver, template_update("PAUSED", now - 60), "not-the-app-secret")
@@ -214,9 +214,9 @@ def test_the_catalog_asset_shows_the_webhook_s_word(
     import dagster as dg
 
     from cdp_activation.defs.templates import catalog_asset
-    from cdp_activation.resources import LedgerResource, MetaWhatsAppResource
+    from cdp_activation.resources import LedgerResource, connector_resource
 
-    secret = settings_for_sandbox(sandbox).webhook_secrets().meta_app_secret or ""
+    secret = settings_for_sandbox(sandbox).webhook_secrets().secret_for("meta") or ""
     at = int(time.time()) - 5
     body = template_update("PAUSED", at, reason="LOW_QUALITY")
     assert post_meta(receiver, body, secret).status_code == 200
@@ -224,7 +224,7 @@ def test_the_catalog_asset_shows_the_webhook_s_word(
     result = dg.materialize(
         [catalog_asset("meta_whatsapp")],
         resources={
-            "meta_whatsapp": MetaWhatsAppResource(
+            "meta_whatsapp": connector_resource("meta_whatsapp")(
                 base_url=settings.meta_base_url,
                 phone_number_id=settings.meta_phone_number_id,
                 waba_id=settings.meta_waba_id,

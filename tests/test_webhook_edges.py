@@ -214,7 +214,7 @@ def test_a_non_ascii_verify_token_is_refused_not_a_500(receiver: WebhookServer) 
 
 
 def vonage_post(claims: dict, body: bytes) -> tuple[bytes, dict[str, str]]:
-    token = jwt.encode(claims, SECRETS.vonage_signature_secret, algorithm="HS256")
+    token = jwt.encode(claims, SECRETS.secret_for("vonage"), algorithm="HS256")
     return body, {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
 

@@ -34,21 +34,25 @@ from conftest import RecordingLedger
 pytestmark = pytest.mark.integration
 
 SECRETS = WebhookSecrets(
-    meta_app_secret="meta-app-secret",
-    meta_verify_token="verify-me",
-    twilio_auth_token="twilio-token",
-    infobip_credentials="infobip:hook-password",
-    vonage_signature_secret="vonage-signature-secret-of-32-bytes-or-more",
-    line_channel_secret="line-channel-secret",
-    sandbox_secret="sandbox-secret",
+    {
+        "meta": "meta-app-secret",
+        "twilio": "twilio-token",
+        "infobip": "infobip:hook-password",
+        "vonage": "vonage-signature-secret-of-32-bytes-or-more",
+        "line": "line-channel-secret",
+        "sandbox": "sandbox-secret",
+    },
+    subscribe_tokens={"meta": "verify-me"},
 )
 WRONG = WebhookSecrets(
-    meta_app_secret="not-it",
-    twilio_auth_token="not-it",
-    infobip_credentials="infobip:not-it",
-    vonage_signature_secret="not-the-vonage-signature-secret-either!",
-    line_channel_secret="not-it",
-    sandbox_secret="not-it",
+    {
+        "meta": "not-it",
+        "twilio": "not-it",
+        "infobip": "infobip:not-it",
+        "vonage": "not-the-vonage-signature-secret-either!",
+        "line": "not-it",
+        "sandbox": "not-it",
+    }
 )
 
 
@@ -337,7 +341,7 @@ def test_line_signature_is_checked_and_its_events_carry_no_status(
 def test_a_malformed_body_is_400_and_an_unconfigured_provider_is_refused(
     ledger: Ledger,
 ) -> None:
-    only_meta = WebhookSecrets(meta_app_secret="meta-app-secret")
+    only_meta = WebhookSecrets({"meta": "meta-app-secret"})
     with WebhookServer(ledger, only_meta) as server:
         bad = post(f"{server.url}/webhooks/meta", signed("meta", only_meta, b"{not json"))
         assert bad.status_code == 400
@@ -349,9 +353,7 @@ def test_a_malformed_body_is_400_and_an_unconfigured_provider_is_refused(
 
 
 def test_twilio_signs_the_public_url_behind_a_proxy(ledger: Ledger) -> None:
-    secrets = WebhookSecrets(
-        twilio_auth_token="twilio-token", public_url="https://hooks.example.com"
-    )
+    secrets = WebhookSecrets({"twilio": "twilio-token"}, public_url="https://hooks.example.com")
     sent_rows(ledger, {"SM1": "twilio"})
     body = urlencode(
         {"MessageSid": "SM1", "MessageStatus": "undelivered", "ErrorCode": "30003"}
@@ -543,7 +545,7 @@ def test_twilio_s_ref_comes_from_the_signed_callback_url(ledger_url: str) -> Non
             url = f"{bare}?ref=cdp-31"
             assert post(url, signed("twilio", SECRETS, body, bare)).status_code == 401
             assert post(url, signed("twilio", SECRETS, body, url)).status_code == 200
-        public = WebhookSecrets(twilio_auth_token="twilio-token", public_url="https://h.example")
+        public = WebhookSecrets({"twilio": "twilio-token"}, public_url="https://h.example")
         with WebhookServer(ledger, public) as server:
             signed_url = "https://h.example/webhooks/twilio?ref=cdp-32"
             local = f"{server.url}/webhooks/twilio?ref=cdp-32"

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cdp_activation.errors import EX_TEMPFAIL, cdp_error_in
+from cdp_activation.plugins import plugins, status_routes
 from cdp_activation.settings import SANDBOX_PORT, get_settings, project_root
 
 console = Console(stderr=True)
@@ -567,7 +568,7 @@ def _start_sandbox_if_needed(stack: ExitStack) -> None:
     point at the local sandbox and nothing answers there, run one for the command's duration."""
     settings = get_settings()
     sandbox = f"http://127.0.0.1:{settings.sandbox_port}/"
-    urls = (settings.meta_base_url, settings.twilio_base_url)
+    urls = [p.base_url(settings.connector_settings(name)) for name, p in plugins().items()]
     if settings.sandbox and any(url.startswith(sandbox) for url in urls):
         _sandbox_url(stack, settings.sandbox_port, step="")
 
@@ -614,7 +615,21 @@ def validate(offline: bool) -> None:
 # ---------------------------------------------------------------- sandbox / dev
 
 
-@main.command(help="Serve the local sandbox provider (Meta WhatsApp + Twilio emulation).")
+@main.command(
+    help="List the installed connectors (entry points `cdp_activation.connectors`): what each "
+    "sends, how much per request, its settings and its status webhook route, as Markdown. "
+    "Their settings are checked first."
+)
+def connectors() -> None:
+    from cdp_activation.connector_tables import connectors_markdown, webhooks_markdown
+
+    get_settings()  # a bad setting of any connector: one line naming it
+    click.echo(connectors_markdown())
+    click.echo()
+    click.echo(webhooks_markdown())
+
+
+@main.command(help="Serve the local sandbox provider (every provider it emulates).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=SANDBOX_PORT, show_default=True)
 def sandbox(host: str, port: int) -> None:
@@ -718,12 +733,12 @@ def webhooks_serve(host: str, port: int | None) -> None:
 
     from cdp_activation.ledger import Ledger
     from cdp_activation.webhooks import create_app
-    from cdp_activation.webhooks.app import PROVIDERS, access_log_config
+    from cdp_activation.webhooks.app import access_log_config
 
     settings = get_settings()
     secrets = settings.webhook_secrets()
     port = port or settings.webhooks_port
-    refused = [p for p in PROVIDERS if secrets.secret_for(p) is None]
+    refused = [route for route in status_routes() if secrets.secret_for(route) is None]
     console.print(f"status webhooks on http://{host}:{port}/webhooks/<provider> (Ctrl-C to stop)")
     if refused:
         console.print(

@@ -2,12 +2,14 @@
 one message (`Outcome`, `SendResult`), the reference a send carries and gets echoed back
 (`send_reference`, `send_id_of`), and an entry of a provider's template catalog
 (`TemplateInfo`). Connectors produce them, the delivery engine and the ledger record them,
-the policy reads catalogs: none of those needs to import another for these.
+the policy reads catalogs, and the newest word on a template (`TemplateState`, from a
+status webhook or a catalog sync): none of those needs to import another for these.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 
 
@@ -73,3 +75,34 @@ class TemplateInfo:
     # names of a named one ({{first_name}}); empty when the catalog does not say.
     parameter_names: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+
+
+# Statuses a template cannot be sent in. PAUSED (Meta pauses a template whose quality fell,
+# for 3 or 6 hours, or until edited) and DISABLED are what Meta announces while a template is
+# in use; the others mean it is gone or was never approved.
+BLOCKING = frozenset({"PAUSED", "DISABLED", "REJECTED", "PENDING_DELETION", "DELETED", "ARCHIVED"})
+WEBHOOK, CATALOG = "webhook", "catalog"
+
+
+@dataclass(frozen=True)
+class TemplateState:
+    connector: str
+    name: str
+    language: str
+    status: str
+    occurred_at: datetime
+    reason: str | None = None
+    source: str = WEBHOOK
+
+    @property
+    def blocked(self) -> bool:
+        return self.status.upper() in BLOCKING
+
+    def describe(self) -> str:
+        """One line for a run's summary: which template, what status, since when, and why."""
+        reason = f", reason {self.reason}" if self.reason and self.reason != "NONE" else ""
+        told = "its status webhook" if self.source == WEBHOOK else "the template catalog"
+        return (
+            f"template {self.name!r} ({self.language}) is {self.status} at {self.connector} "
+            f"since {self.occurred_at:%Y-%m-%d %H:%M} UTC ({told}{reason})"
+        )

@@ -52,6 +52,11 @@ class ConnectorConfigError(ConnectorError):
     transient: ClassVar[bool] = False
 
 
+class SettingsError(CdpError, ValueError):
+    """Settings that make no sense, refused before anything is planned or sent: one line
+    naming each variable, what it must be and what it means. Never holds a secret's value."""
+
+
 def cdp_error_in(err: BaseException) -> CdpError | None:
     """The first `CdpError` in `err`'s chain of causes (Dagster wraps what a step raised)."""
     seen: set[int] = set()

@@ -9,40 +9,55 @@ default needs no configuration; against any other URL a missing credential is an
 
 from __future__ import annotations
 
+import copy
 import os
 import re
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlparse
 
 import pydantic_settings
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdp_activation.confirmation import ConfirmPolicy
-from cdp_activation.errors import CdpError, ConnectorConfigError
-from cdp_activation.statuses import CONNECTOR_OF_PROVIDER
-
-SANDBOX_META_TOKEN = "sandbox-meta-token"
-SANDBOX_TWILIO_ACCOUNT_SID = "AC00000000000000000000000000000000"
-SANDBOX_TWILIO_AUTH_TOKEN = "sandbox-twilio-token"
-SANDBOX_INFOBIP_API_KEY = "sandbox-infobip-key"
-SANDBOX_VONAGE_API_KEY = "sandboxkey"
-SANDBOX_VONAGE_API_SECRET = "sandbox-vonage-secret"
-SANDBOX_WEBHOOK_TOKEN = "sandbox-webhook-token"
-SANDBOX_BRAZE_API_KEY = "sandbox-braze-rest-key"
-SANDBOX_LINE_TOKEN = "sandbox-line-channel-token"
-# What the sandbox signs its status webhooks with (each provider's own scheme).
-SANDBOX_META_APP_SECRET = "sandbox-meta-app-secret"
-SANDBOX_META_VERIFY_TOKEN = "sandbox-meta-verify-token"
-SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS = "infobip:sandbox-webhook-password"
-SANDBOX_VONAGE_SIGNATURE_SECRET = "sandbox-vonage-signature-secret-0123456789"
-SANDBOX_LINE_CHANNEL_SECRET = "sandbox-line-channel-secret"
-SANDBOX_STATUS_SECRET = "sandbox-status-secret"
-SANDBOX_PII_HASH_KEY = "sandbox-pii-hash-key"
-SANDBOX_PORT = 8787
+from cdp_activation.errors import ConnectorConfigError, SettingsError
+from cdp_activation.plugins import (
+    ConnectorPlugin,
+    ConnectorSettings,
+    Credentials,
+    WebhookSecrets,
+    plugin,
+    plugins,
+    status_routes,
+)
+from cdp_activation.sandbox_credentials import (  # noqa: F401  # re-exported
+    SANDBOX_BRAZE_API_KEY,
+    SANDBOX_INFOBIP_API_KEY,
+    SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS,
+    SANDBOX_LINE_CHANNEL_SECRET,
+    SANDBOX_LINE_TOKEN,
+    SANDBOX_META_APP_SECRET,
+    SANDBOX_META_TOKEN,
+    SANDBOX_META_VERIFY_TOKEN,
+    SANDBOX_PII_HASH_KEY,
+    SANDBOX_PORT,
+    SANDBOX_STATUS_SECRET,
+    SANDBOX_TWILIO_ACCOUNT_SID,
+    SANDBOX_TWILIO_AUTH_TOKEN,
+    SANDBOX_VONAGE_API_KEY,
+    SANDBOX_VONAGE_API_SECRET,
+    SANDBOX_VONAGE_SIGNATURE_SECRET,
+    SANDBOX_WEBHOOK_TOKEN,
+)
 
 # Numbers that only make sense above zero (a rate, a size, a count, a duration): anything else
 # is refused when the settings are read, naming the variable (`SettingsError`), rather than
@@ -74,8 +89,9 @@ def is_loopback(url: str) -> bool:
     return host in {"127.0.0.1", "localhost", "::1"}
 
 
-class Settings(BaseSettings):
-    """All deployment settings. Field `x` is read from environment variable `CDP_X`."""
+class CoreSettings(BaseSettings):
+    """The project's own deployment settings. Field `x` is read from the variable `CDP_X`;
+    `Settings` adds every connector's (`plugins.py`)."""
 
     model_config = SettingsConfigDict(env_prefix="CDP_", env_file=".env", extra="ignore")
 
@@ -95,69 +111,14 @@ class Settings(BaseSettings):
     prices_file: str = ""
     sandbox_port: Port = SANDBOX_PORT
 
-    meta_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/meta"
-    meta_api_version: str = "v23.0"
-    meta_phone_number_id: str = "100000000000001"
-    meta_waba_id: str = "200000000000002"
-    meta_access_token: SecretStr | None = None
-    meta_rate_per_second: Positive | None = None  # None: the connector's default (80 msg/s)
-
-    twilio_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"
-    # Content API (templates and their WhatsApp approvals). Real: https://content.twilio.com
-    twilio_content_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"
-    twilio_account_sid: str = SANDBOX_TWILIO_ACCOUNT_SID
-    twilio_auth_token: SecretStr | None = None
-    twilio_from: str = "+15005550006"
-    # The WhatsApp sender: a WhatsApp-enabled number or a Messaging Service SID (MG…).
-    twilio_whatsapp_from: str = "+14155238886"
-    twilio_rate_per_second: Positive | None = None  # None: the connector's default
-    # The public URL of our Twilio status webhook, e.g. https://hooks.example.com/webhooks/twilio:
-    # each message's StatusCallback is this plus ?ref=cdp-<send id>; empty: none sent.
-    twilio_status_callback_url: str = ""
-
-    infobip_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/infobip"
-    infobip_api_key: SecretStr | None = None
-    infobip_whatsapp_from: str = "441134960000"  # registered WhatsApp sender number
-    infobip_sms_sender: str = "InfoSMS"  # alphanumeric or numeric SMS sender id
-    infobip_viber_sender: str = "DemoCompany"  # the Viber Business Messages sender
-    infobip_rate_per_second: Positive | None = None
-
-    vonage_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/vonage"
-    vonage_api_key: str = SANDBOX_VONAGE_API_KEY  # an account id, not a secret
-    vonage_api_secret: SecretStr | None = None
-    vonage_whatsapp_from: str = "447700900001"
-    vonage_sms_from: str = "447700900002"
-    vonage_viber_from: str = "cdpdemo"  # the Viber Business Messages service id
-    vonage_whatsapp_namespace: str = ""  # "<namespace>:" is prefixed to template names when set
-    vonage_rate_per_second: Positive | None = None
-    # Braze REST API (API-triggered campaigns). Real: your instance's REST endpoint, e.g.
-    # https://rest.fra-01.braze.eu
-    braze_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/braze"
-    braze_api_key: SecretStr | None = None
-    braze_rate_per_second: Positive | None = None
-    # LINE Messaging API. Real: https://api.line.me
-    line_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/line"
-    line_channel_access_token: SecretStr | None = None
-    line_rate_per_second: Positive | None = None
-
-    # Status webhooks in (`cdp-activation webhooks serve`): each provider's signing secret.
-    # Unset against the local sandbox: the sandbox's own; unset elsewhere: that provider's
-    # webhooks are refused (401), never accepted unchecked.
-    meta_app_secret: SecretStr | None = None
-    meta_verify_token: SecretStr | None = None
-    infobip_webhook_credentials: SecretStr | None = None  # "user:password" in the notify URL
-    vonage_signature_secret: SecretStr | None = None
-    line_channel_secret: SecretStr | None = None
+    # The status webhook receiver (`cdp-activation webhooks serve`); each connector's signing
+    # secret is among its own settings (CDP_META_APP_SECRET, …). Unset against the sandbox
+    # (CDP_SANDBOX=1): the sandbox's own; unset elsewhere: that provider's webhooks are
+    # refused (401), never accepted unchecked.
     webhook_public_url: str | None = None  # e.g. https://hooks.example.com (Twilio signs it)
     webhooks_port: Port = 8788
     # The largest webhook body the receiver reads (413 beyond, before it is read whole).
     webhook_max_body_bytes: PositiveCount = 1_048_576
-
-    webhook_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/webhook/messages"
-    # Extra request headers as JSON, e.g. {"Authorization": "Bearer …"}; values are secrets.
-    webhook_headers: dict[str, SecretStr] | None = None
-    webhook_batch_size: PositiveCount = 200
-    webhook_rate_per_second: Positive | None = None
 
     # CDP_SANDBOX=1: provider credentials and webhook signing secrets left unset take the local
     # sandbox's published ones (`make demo`, `make dev` and the tests turn it on). Off, an unset
@@ -220,21 +181,19 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis:// URL (or empty for per-process limits)")
         return value
 
-    @field_validator(
-        "meta_rate_per_second",
-        "twilio_rate_per_second",
-        "infobip_rate_per_second",
-        "vonage_rate_per_second",
-        "braze_rate_per_second",
-        "line_rate_per_second",
-        "webhook_rate_per_second",
-        "webhook_headers",
-        mode="before",
-    )
+    @model_validator(mode="before")
     @classmethod
-    def _empty_is_unset(cls, value: Any) -> Any:
-        """`CDP_X=` with nothing after it (as in .env.example) leaves X unset: the default."""
-        return None if isinstance(value, str) and not value.strip() else value
+    def _empty_is_unset(cls, data: Any) -> Any:
+        """`CDP_X=` with nothing after it (as in .env.example) leaves an optional X unset: the
+        default (a rate: the connector's own)."""
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, info in cls.model_fields.items() if info.default is None}
+        return {
+            key: value
+            for key, value in data.items()
+            if not (key in optional and isinstance(value, str) and not value.strip())
+        }
 
     @field_validator("sandbox", mode="before")
     @classmethod
@@ -255,108 +214,25 @@ class Settings(BaseSettings):
         """The price list file (CDP_PRICES_FILE), or None for the packaged one."""
         return Path(self.prices_file) if self.prices_file else None
 
-    def meta_token(self) -> str:
-        return resolve_secret(
-            self.meta_access_token,
-            self.meta_base_url,
-            SANDBOX_META_TOKEN,
-            "CDP_META_ACCESS_TOKEN",
-            self.sandbox,
-        )
-
-    def twilio_token(self) -> str:
-        return resolve_secret(
-            self.twilio_auth_token,
-            self.twilio_base_url,
-            SANDBOX_TWILIO_AUTH_TOKEN,
-            "CDP_TWILIO_AUTH_TOKEN",
-            self.sandbox,
-        )
-
-    def infobip_key(self) -> str:
-        return resolve_secret(
-            self.infobip_api_key,
-            self.infobip_base_url,
-            SANDBOX_INFOBIP_API_KEY,
-            "CDP_INFOBIP_API_KEY",
-            self.sandbox,
-        )
-
-    def vonage_secret(self) -> str:
-        return resolve_secret(
-            self.vonage_api_secret,
-            self.vonage_base_url,
-            SANDBOX_VONAGE_API_SECRET,
-            "CDP_VONAGE_API_SECRET",
-            self.sandbox,
-        )
-
-    def braze_key(self) -> str:
-        return resolve_secret(
-            self.braze_api_key,
-            self.braze_base_url,
-            SANDBOX_BRAZE_API_KEY,
-            "CDP_BRAZE_API_KEY",
-            self.sandbox,
-        )
-
-    def line_token(self) -> str:
-        return resolve_secret(
-            self.line_channel_access_token,
-            self.line_base_url,
-            SANDBOX_LINE_TOKEN,
-            "CDP_LINE_CHANNEL_ACCESS_TOKEN",
-            self.sandbox,
-        )
+    def connector_settings(self, name: str) -> ConnectorSettings:
+        """The settings of the connector `name`, as its plugin declares them."""
+        found = plugin(name)
+        values = {f: getattr(self, found.flat_name(f)) for f in found.settings.model_fields}
+        return found.settings.model_validate(values)
 
     def webhook_secrets(self) -> WebhookSecrets:
-        """The receiver's secrets: configured ones, else the sandbox's in sandbox mode."""
-
-        def pick(value: SecretStr | None, base_url: str, sandbox: str) -> str | None:
-            if value is not None and value.get_secret_value():
-                return value.get_secret_value()
-            return sandbox if self.sandbox else None
-
-        twilio = pick(self.twilio_auth_token, self.twilio_base_url, SANDBOX_TWILIO_AUTH_TOKEN)
-        return WebhookSecrets(
-            meta_app_secret=pick(self.meta_app_secret, self.meta_base_url, SANDBOX_META_APP_SECRET),
-            meta_verify_token=pick(
-                self.meta_verify_token, self.meta_base_url, SANDBOX_META_VERIFY_TOKEN
-            ),
-            twilio_auth_token=twilio,
-            infobip_credentials=pick(
-                self.infobip_webhook_credentials,
-                self.infobip_base_url,
-                SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS,
-            ),
-            vonage_signature_secret=pick(
-                self.vonage_signature_secret, self.vonage_base_url, SANDBOX_VONAGE_SIGNATURE_SECRET
-            ),
-            line_channel_secret=pick(
-                self.line_channel_secret, self.line_base_url, SANDBOX_LINE_CHANNEL_SECRET
-            ),
-            sandbox_secret=SANDBOX_STATUS_SECRET if self.sandbox else None,
-            public_url=self.webhook_public_url,
-        )
-
-    def webhook_header_values(self) -> dict[str, str]:
-        """The webhook's extra headers; against the sandbox, its bearer token when none set."""
-        return webhook_headers_or_sandbox(self.webhook_headers, self.sandbox)
-
-
-def webhook_headers_or_sandbox(
-    headers: dict[str, SecretStr] | None, sandbox: bool | None = None
-) -> dict[str, str]:
-    """Configured headers as plain strings; in sandbox mode, the sandbox's token when none.
-
-    A receiver need not want any header, so nothing set outside sandbox mode is not an
-    error (unlike a provider credential): the request simply carries no extra headers.
-    """
-    if headers:
-        return {name: value.get_secret_value() for name, value in headers.items()}
-    if sandbox_mode(sandbox):
-        return {"Authorization": f"Bearer {SANDBOX_WEBHOOK_TOKEN}"}
-    return {}
+        """The receiver's secrets per status webhook route: configured ones, else the
+        sandbox's published ones in sandbox mode."""
+        secrets: dict[str, str | None] = {}
+        tokens: dict[str, str | None] = {}
+        for route, found in status_routes().items():
+            hook = found.status_webhook
+            assert hook is not None
+            credentials = Credentials(found, self.connector_settings(found.name), self.sandbox)
+            secrets[route] = credentials.optional(hook.secret)
+            if hook.subscribe_token:
+                tokens[route] = credentials.optional(hook.subscribe_token)
+        return WebhookSecrets(secrets, tokens, self.webhook_public_url)
 
 
 def export_dotenv(path: str | Path = ".env") -> None:
@@ -410,34 +286,32 @@ def confirm_policy() -> ConfirmPolicy:
     )
 
 
-@dataclass(frozen=True)
-class WebhookSecrets:
-    """What each provider's webhooks are checked with; None: that provider is refused."""
+def _with_connector_fields(base: type[CoreSettings]) -> type[CoreSettings]:
+    """`base` plus every installed connector's settings, each under its variable's name
+    (`CDP_META_ACCESS_TOKEN` is the field `meta_access_token`): one class reads, checks and
+    reports on every variable alike."""
+    fields: dict[str, Any] = {}
+    for found in plugins().values():
+        for name, info in found.settings.model_fields.items():
+            fields[found.flat_name(name)] = (info.annotation, copy.copy(info))
+    return create_model("Settings", __base__=base, __module__=__name__, **fields)
 
-    meta_app_secret: str | None = None
-    meta_verify_token: str | None = None
-    twilio_auth_token: str | None = None
-    infobip_credentials: str | None = None  # "user:password" of the notify URL's Basic auth
-    vonage_signature_secret: str | None = None
-    line_channel_secret: str | None = None
-    sandbox_secret: str | None = None
-    # The public base URL providers call (behind a proxy the request's own URL differs);
-    # Twilio signs the full URL it called.
-    public_url: str | None = None
 
-    def __repr__(self) -> str:  # never print a secret
-        configured = [p for p in CONNECTOR_OF_PROVIDER if self.secret_for(p)]
-        return f"WebhookSecrets(configured={configured}, public_url={self.public_url!r})"
+@cache
+def settings_class() -> type[CoreSettings]:
+    """`Settings`, built on first use: the connector plugins are loaded then, so a broken or
+    clashing plugin is reported like any other setting (one line), not as an import error."""
+    return _with_connector_fields(CoreSettings)
 
-    def secret_for(self, provider: str) -> str | None:
-        return {
-            "meta": self.meta_app_secret,
-            "twilio": self.twilio_auth_token,
-            "infobip": self.infobip_credentials,
-            "vonage": self.vonage_signature_secret,
-            "line": self.line_channel_secret,
-            "sandbox": self.sandbox_secret,
-        }[provider]
+
+if TYPE_CHECKING:
+    Settings = CoreSettings
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name == "Settings":
+            return settings_class()
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_settings() -> Settings:
@@ -446,7 +320,7 @@ def get_settings() -> Settings:
     Raises `SettingsError` (one line naming each bad variable) for a value that makes no sense.
     """
     try:
-        return Settings()
+        return settings_class()()
     except ValidationError as err:
         message = settings_error_message(err)
     except pydantic_settings.SettingsError as err:  # a JSON value that does not parse
@@ -454,11 +328,6 @@ def get_settings() -> Settings:
     # Raised outside the `except`: the pydantic error, which holds the raw input (a secret's
     # too), is not chained onto this one and so never reaches a traceback or a run's log.
     raise SettingsError(message)
-
-
-class SettingsError(CdpError, ValueError):
-    """Settings that make no sense, refused before anything is planned or sent: one line
-    naming each variable, what it must be and what it means. Never holds a secret's value."""
 
 
 # What a number means, for the error that refuses it.
@@ -479,35 +348,45 @@ _RATE_MEANING = "messages per second; unset it to use the connector's default"
 _SECRET_WORDS = ("url", "token", "secret", "key", "password", "credentials", "headers", "sid")
 
 
-def env_name(field: str) -> str:
+def env_name(field: str, plugin: ConnectorPlugin | None = None) -> str:
     """The environment variable of a settings field ("meta_rate_per_second" ->
-    "CDP_META_RATE_PER_SECOND")."""
-    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+    "CDP_META_RATE_PER_SECOND"), or of a field of a connector's own settings."""
+    if plugin is not None:
+        return plugin.env_name(field)
+    return f"{CoreSettings.model_config.get('env_prefix', '')}{field}".upper()
 
 
-def _may_show(field: str) -> bool:
+def _may_show(field: str, plugin: ConnectorPlugin | None = None) -> bool:
     """Whether a bad value of this field may be echoed: never a secret, nor a URL or anything
     else that may hold a credential."""
-    info = Settings.model_fields.get(field)
+    model = plugin.settings if plugin is not None else settings_class()
+    info = model.model_fields.get(field)
     if info is None or "SecretStr" in str(info.annotation):
+        return False
+    if plugin is not None and plugin.is_secret(field):
         return False
     return not any(word in field for word in _SECRET_WORDS)
 
 
-def settings_error_message(err: ValidationError) -> str:
-    """One line for every refused setting: `CDP_X=value: must be … (what it means)`."""
+def settings_error_message(err: ValidationError, plugin: ConnectorPlugin | None = None) -> str:
+    """One line for every refused setting: `CDP_X=value: must be … (what it means)`; the
+    fields of `plugin`'s own settings when given."""
     parts: list[str] = []
     for error in err.errors():
         field, *inner = [str(part) for part in error["loc"]] or ["?"]
-        name = env_name(field) + "".join(f"[{part!r}]" for part in inner)
+        name = env_name(field, plugin) + "".join(f"[{part!r}]" for part in inner)
         value: Any = error.get("input")
-        if _may_show(field) and isinstance(value, str | int | float) and len(str(value)) <= 40:
+        show = _may_show(field, plugin)
+        if show and isinstance(value, str | int | float) and len(str(value)) <= 40:
             name = f"{name}={value}"
         msg = str(error["msg"]).removeprefix("Value error, ")
         if msg.startswith("Input should be "):
             msg = "must be " + msg.removeprefix("Input should be ")
-        meaning = _RATE_MEANING if field.endswith("_rate_per_second") else _MEANINGS.get(field)
-        if not _may_show(field):
+        flat = plugin.flat_name(field) if plugin is not None else field
+        meaning = _RATE_MEANING if flat.endswith("_rate_per_second") else _MEANINGS.get(flat)
+        if field == "rate_per_second":
+            meaning = _RATE_MEANING
+        if not show:
             meaning = "; ".join(filter(None, (meaning, "its value is not shown")))
         part = f"{name}: {msg}" + (f" ({meaning})" if meaning else "")
         if part not in parts:

@@ -13,22 +13,16 @@ from datetime import datetime
 
 SENT, DELIVERED, READ, FAILED = "sent", "delivered", "read", "failed"
 STATUS_RANK: dict[str, int] = {SENT: 1, DELIVERED: 2, FAILED: 2, READ: 3}
-# Whose sends a provider's webhook may update: a report only ever touches rows its own
-# connector sent (the sandbox's generic status route stands for the JSON webhook connector).
-CONNECTOR_OF_PROVIDER: dict[str, str] = {
-    "meta": "meta_whatsapp",
-    "twilio": "twilio",
-    "infobip": "infobip",
-    "vonage": "vonage",
-    "line": "line",
-    "sandbox": "webhook",
-}
 
 
 def connector_of(provider: str) -> str:
-    """The connector whose sends a provider's report may update: a webhook route's provider
-    (`CONNECTOR_OF_PROVIDER`), or a connector named directly (a warehouse status source)."""
-    return CONNECTOR_OF_PROVIDER.get(provider, provider)
+    """The connector whose sends a provider's report may update: the plugin whose status
+    webhook route it came in by (`plugins.status_routes`: "meta" -> meta_whatsapp, "sandbox"
+    -> webhook), or a connector named directly (a warehouse status source)."""
+    from cdp_activation.plugins import status_routes  # the registry, read at first use
+
+    found = status_routes().get(provider)
+    return found.name if found is not None else provider
 
 
 @dataclass(frozen=True)

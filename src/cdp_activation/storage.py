@@ -22,8 +22,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from upath import UPath
 
+from cdp_activation.errors import SettingsError
 from cdp_activation.pii import SEALED_EXTENSION
-from cdp_activation.settings import SettingsError
 
 _NONCE_BYTES = 12
 

@@ -17,44 +17,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgres_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from cdp_activation.contracts import (  # noqa: F401  # re-exported: the template words
+    BLOCKING,
+    CATALOG,
+    WEBHOOK,
+    TemplateState,
+)
 from cdp_activation.ledger import PlannedSend, template_states
-
-# Statuses a template cannot be sent in. PAUSED (Meta pauses a template whose quality fell,
-# for 3 or 6 hours, or until edited) and DISABLED are what Meta announces while a template is
-# in use; the others mean it is gone or was never approved.
-BLOCKING = frozenset({"PAUSED", "DISABLED", "REJECTED", "PENDING_DELETION", "DELETED", "ARCHIVED"})
-WEBHOOK, CATALOG = "webhook", "catalog"
-
-
-@dataclass(frozen=True)
-class TemplateState:
-    connector: str
-    name: str
-    language: str
-    status: str
-    occurred_at: datetime
-    reason: str | None = None
-    source: str = WEBHOOK
-
-    @property
-    def blocked(self) -> bool:
-        return self.status.upper() in BLOCKING
-
-    def describe(self) -> str:
-        """One line for a run's summary: which template, what status, since when, and why."""
-        reason = f", reason {self.reason}" if self.reason and self.reason != "NONE" else ""
-        told = "its status webhook" if self.source == WEBHOOK else "the template catalog"
-        return (
-            f"template {self.name!r} ({self.language}) is {self.status} at {self.connector} "
-            f"since {self.occurred_at:%Y-%m-%d %H:%M} UTC ({told}{reason})"
-        )
 
 
 def record_states(engine: sa.Engine, states: Sequence[TemplateState]) -> None:

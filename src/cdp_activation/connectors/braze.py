@@ -29,10 +29,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import httpx
+from pydantic import SecretStr
 
+from cdp_activation.connectors import samples
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorError,
@@ -52,9 +54,17 @@ from cdp_activation.connectors.http import (
     whole_request_results,
 )
 from cdp_activation.masking import mask_phones_in, redact_secrets
-
-if TYPE_CHECKING:
-    from cdp_activation.settings import Settings
+from cdp_activation.plugins import (
+    ConnectorPlugin,
+    ConnectorSettings,
+    ContractCase,
+    Credentials,
+    credential,
+)
+from cdp_activation.sandbox_credentials import (
+    SANDBOX_BRAZE_API_KEY,
+    SANDBOX_PORT,
+)
 
 RECIPIENTS_PER_REQUEST = 50  # /campaigns/trigger/send: "up to 50 specific external_ids"
 ATTRIBUTES_PER_REQUEST = 75  # /users/track: 75 attribute objects per request
@@ -86,10 +96,6 @@ class BrazeConnector:
         self._trigger_url = httpx.URL(f"{self.base_url}/campaigns/trigger/send")
         self._track_url = httpx.URL(f"{self.base_url}/users/track")
         self._canvas_url = httpx.URL(f"{self.base_url}/canvas/trigger/send")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> BrazeConnector:
-        return cls(base_url=settings.braze_base_url, api_key=settings.braze_key())
 
     def __repr__(self) -> str:
         return f"BrazeConnector(base_url={self.base_url!r})"
@@ -238,3 +244,40 @@ def _reset_in(headers: httpx.Headers) -> float | None:
         return max(float(value) - time.time(), 0.0) if value else None
     except ValueError:
         return None
+
+
+# --- its plugin: settings, contract case ------------------------------------------------------
+
+
+class BrazeSettings(ConnectorSettings):
+    """CDP_BRAZE_*: the instance's REST endpoint and a REST API key."""
+
+    # Real: your instance's REST endpoint, e.g. https://rest.fra-01.braze.eu
+    base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/braze"
+    api_key: SecretStr | None = credential(SANDBOX_BRAZE_API_KEY)
+
+    def build(self, credentials: Credentials) -> BrazeConnector:
+        return BrazeConnector(base_url=self.base_url, api_key=credentials.get("api_key"))
+
+
+PLUGIN = ConnectorPlugin(
+    name="braze",
+    title="Braze",
+    connector=BrazeConnector,
+    settings=BrazeSettings,
+    env_prefix="braze",
+    docs="API-triggered campaigns and Canvases (`/campaigns/trigger/send`), 50 a request",
+    sandbox="/braze",
+    contract=ContractCase(
+        message=samples.braze,
+        bad_recipient=OutboundMessage(
+            "bad",
+            samples.BAD_NUMBER,
+            "whatsapp",
+            template=samples.braze(0).template,
+            customer_id="x",
+        ),
+        failure_code="invalid_recipient",
+        credential="api_key",
+    ),
+)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -231,3 +232,16 @@ class OneRecipientHttpConnector:
             f"unexpected HTTP {status} from {self.redact(self._endpoint())}; check "
             f"{self.base_url_setting}"
         )
+
+
+_MESSAGE_ID_NAMESPACE = uuid.UUID("6f1c2a4e-8d3b-5b7e-9a0f-3c5d7e9b1a20")
+
+
+def client_message_id(key: str) -> str:
+    """A stable id (UUID5, 36 characters) for a ledger idempotency key.
+
+    The key itself may exceed a provider's field limit (Infobip `messageId` ≤ 200, Vonage
+    `client_ref` ≤ 40) and carries the activation and customer id, which a provider has no need
+    to see; the UUID5 is short, opaque and the same on every retry.
+    """
+    return str(uuid.uuid5(_MESSAGE_ID_NAMESPACE, key))

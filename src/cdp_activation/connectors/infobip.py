@@ -45,12 +45,13 @@ Classification:
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import httpx
+from pydantic import SecretStr
 
+from cdp_activation.connectors import samples
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorConfigError,
@@ -64,32 +65,37 @@ from cdp_activation.connectors.base import (
     clip,
     retry_after_seconds,
 )
-from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
+from cdp_activation.connectors.http import (
+    client_message_id,
+    json_or_none,
+    require_settings,
+    transport_failure,
+)
 from cdp_activation.masking import mask_phones_in, redact_secrets
-
-if TYPE_CHECKING:
-    from cdp_activation.settings import Settings
+from cdp_activation.plugins import (
+    ConnectorPlugin,
+    ConnectorSettings,
+    ContractCase,
+    Credentials,
+    StatusWebhook,
+    credential,
+)
+from cdp_activation.sandbox_credentials import (
+    SANDBOX_INFOBIP_API_KEY,
+    SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS,
+    SANDBOX_PORT,
+)
+from cdp_activation.webhooks import parsers, signatures
 
 logger = logging.getLogger(__name__)
 
 # Fixed namespace: the same ledger key always yields the same client message id.
-_MESSAGE_ID_NAMESPACE = uuid.UUID("6f1c2a4e-8d3b-5b7e-9a0f-3c5d7e9b1a20")
 SENT_GROUPS = frozenset({"PENDING", "DELIVERED"})
 _ACCOUNT_STOPS = {"REJECTED_NOT_ENOUGH_CREDITS": ConnectorError}
 _CONFIG_STOPS = {"REJECTED_SENDER": ConnectorConfigError}
 # callbackData: at most 4,000 characters in every spec (Viber's text message: at least 1).
 CALLBACK_DATA_MAX = 4000
 _TEMPLATE_FIELDS = ("content.template", "content.language", "templatename", "placeholders")
-
-
-def client_message_id(key: str) -> str:
-    """A stable id (UUID5, 36 characters) for a ledger idempotency key.
-
-    The key itself may exceed a provider's field limit (Infobip `messageId` ≤ 200, Vonage
-    `client_ref` ≤ 40) and carries the activation and customer id, which a provider has no need
-    to see; the UUID5 is short, opaque and the same on every retry.
-    """
-    return str(uuid.uuid5(_MESSAGE_ID_NAMESPACE, key))
 
 
 class InfobipConnector:
@@ -126,17 +132,6 @@ class InfobipConnector:
         self.sms_sender = sms_sender
         self.viber_sender = viber_sender
         self._api_key = api_key
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> InfobipConnector:
-        """Build from deployment settings (API key from the environment or the sandbox's)."""
-        return cls(
-            base_url=settings.infobip_base_url,
-            api_key=settings.infobip_key(),
-            whatsapp_from=settings.infobip_whatsapp_from,
-            sms_sender=settings.infobip_sms_sender,
-            viber_sender=settings.infobip_viber_sender,
-        )
 
     def __repr__(self) -> str:
         return (
@@ -405,3 +400,60 @@ def _infobip_error(data: Any) -> tuple[str | None, str]:
 def _mentions_template(text: str) -> bool:
     lowered = text.lower()
     return any(field in lowered for field in _TEMPLATE_FIELDS)
+
+
+# --- its plugin: settings, status webhooks, contract case -------------------------------------
+
+
+class InfobipSettings(ConnectorSettings):
+    """CDP_INFOBIP_*: the API key, the senders per channel, and the Basic credentials its
+    delivery reports' notify URL carries."""
+
+    base_url: str = (
+        f"http://127.0.0.1:{SANDBOX_PORT}/infobip"  # real: https://<you>.api.infobip.com
+    )
+    api_key: SecretStr | None = credential(SANDBOX_INFOBIP_API_KEY)
+    whatsapp_from: str = "441134960000"  # registered WhatsApp sender number
+    sms_sender: str = "InfoSMS"  # alphanumeric or numeric SMS sender id
+    viber_sender: str = "DemoCompany"  # the Viber Business Messages sender
+    # "user:password" in the notify URL of delivery reports (Infobip signs nothing else).
+    webhook_credentials: SecretStr | None = credential(
+        SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS, receiver=True
+    )
+
+    def build(self, credentials: Credentials) -> InfobipConnector:
+        return InfobipConnector(
+            base_url=self.base_url,
+            api_key=credentials.get("api_key"),
+            whatsapp_from=self.whatsapp_from,
+            sms_sender=self.sms_sender,
+            viber_sender=self.viber_sender,
+        )
+
+
+PLUGIN = ConnectorPlugin(
+    name="infobip",
+    title="Infobip",
+    connector=InfobipConnector,
+    settings=InfobipSettings,
+    env_prefix="infobip",
+    docs="WhatsApp templates, SMS (`/sms/3/messages`) and Viber, many messages per request",
+    status_webhook=StatusWebhook(
+        route="infobip",
+        secret="webhook_credentials",
+        verify=lambda secret, request: signatures.basic_valid(
+            secret, request.headers.get("authorization")
+        ),
+        parse=lambda request: parsers.parse_infobip(request.body, request.received),
+        checked_with="HTTP Basic credentials in the notify URL",
+    ),
+    sandbox="/infobip",
+    contract=ContractCase(
+        message=samples.whatsapp_sms_viber,
+        bad_recipient=OutboundMessage(
+            "bad", samples.BAD_NUMBER, "whatsapp", template=samples.whatsapp(0).template
+        ),
+        failure_code="REJECTED_DESTINATION",
+        credential="api_key",
+    ),
+)

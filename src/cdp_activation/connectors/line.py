@@ -32,10 +32,12 @@ import asyncio
 import re
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import httpx
+from pydantic import SecretStr
 
+from cdp_activation.connectors import samples
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorError,
@@ -55,10 +57,21 @@ from cdp_activation.connectors.http import (
     whole_request_results,
 )
 from cdp_activation.masking import redact_secrets
+from cdp_activation.plugins import (
+    ConnectorPlugin,
+    ConnectorSettings,
+    ContractCase,
+    Credentials,
+    StatusWebhook,
+    credential,
+)
+from cdp_activation.sandbox_credentials import (
+    SANDBOX_LINE_CHANNEL_SECRET,
+    SANDBOX_LINE_TOKEN,
+    SANDBOX_PORT,
+)
 from cdp_activation.vocabulary import ADDRESS_PATTERNS
-
-if TYPE_CHECKING:
-    from cdp_activation.settings import Settings
+from cdp_activation.webhooks import parsers, signatures
 
 USERS_PER_MULTICAST = 500
 MAX_TEXT = 5000  # characters of a text message
@@ -97,10 +110,6 @@ class LineConnector:
         self._token = channel_access_token
         self._multicast_url = httpx.URL(f"{self.base_url}/v2/bot/message/multicast")
         self._push_url = httpx.URL(f"{self.base_url}/v2/bot/message/push")
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> LineConnector:
-        return cls(base_url=settings.line_base_url, channel_access_token=settings.line_token())
 
     def __repr__(self) -> str:
         return f"LineConnector(base_url={self.base_url!r})"
@@ -215,3 +224,46 @@ def _sent_message_id(data: Any) -> str | None:
         ident = sent[0].get("id")
         return str(ident) if ident else None
     return None
+
+
+# --- its plugin: settings, status webhooks, contract case -------------------------------------
+
+
+class LineSettings(ConnectorSettings):
+    """CDP_LINE_*: the channel access token, and the channel secret its webhooks are signed
+    with."""
+
+    base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/line"  # real: https://api.line.me
+    channel_access_token: SecretStr | None = credential(SANDBOX_LINE_TOKEN)
+    channel_secret: SecretStr | None = credential(SANDBOX_LINE_CHANNEL_SECRET, receiver=True)
+
+    def build(self, credentials: Credentials) -> LineConnector:
+        return LineConnector(
+            base_url=self.base_url, channel_access_token=credentials.get("channel_access_token")
+        )
+
+
+PLUGIN = ConnectorPlugin(
+    name="line",
+    title="LINE Messaging API",
+    connector=LineConnector,
+    settings=LineSettings,
+    env_prefix="line",
+    docs="LINE text messages by multicast (up to 500 user ids) and push, with X-Line-Retry-Key",
+    status_webhook=StatusWebhook(
+        route="line",
+        secret="channel_secret",
+        verify=lambda secret, request: signatures.line_valid(
+            secret, request.body, request.headers.get("x-line-signature")
+        ),
+        parse=lambda request: parsers.parse_line(request.body, request.received),
+        checked_with="`X-Line-Signature` (HMAC-SHA256 of the body)",
+    ),
+    sandbox="/line",
+    contract=ContractCase(
+        message=samples.line,
+        bad_recipient=OutboundMessage("bad", samples.BAD_NUMBER, "line", body="hi"),
+        failure_code="invalid_recipient",
+        credential="channel_access_token",
+    ),
+)

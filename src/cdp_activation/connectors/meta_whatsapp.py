@@ -15,10 +15,12 @@ classification below follows Meta's published Cloud API error codes:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import httpx
+from pydantic import SecretStr
 
+from cdp_activation.connectors import samples
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorConfigError,
@@ -33,9 +35,23 @@ from cdp_activation.connectors.http import (
     json_or_none,
     require_settings,
 )
-
-if TYPE_CHECKING:
-    from cdp_activation.settings import Settings
+from cdp_activation.contracts import TemplateState
+from cdp_activation.plugins import (
+    ConnectorPlugin,
+    ConnectorSettings,
+    ContractCase,
+    Credentials,
+    StatusWebhook,
+    WebhookRequest,
+    credential,
+)
+from cdp_activation.sandbox_credentials import (
+    SANDBOX_META_APP_SECRET,
+    SANDBOX_META_TOKEN,
+    SANDBOX_META_VERIFY_TOKEN,
+    SANDBOX_PORT,
+)
+from cdp_activation.webhooks import parsers, signatures
 
 RETRY_CODES = frozenset({130429, 131056, 131057, 131000, 131016, 4, 80007})
 TEMPLATE_CODES = frozenset({132000, 132001, 132005, 132007, 132012, 132015, 132016})
@@ -87,17 +103,6 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
         self.phone_number_id = phone_number_id
         self.waba_id = waba_id
         self._access_token = access_token
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> MetaWhatsAppConnector:
-        """Build from deployment settings (token from the environment or the sandbox default)."""
-        return cls(
-            base_url=settings.meta_base_url,
-            api_version=settings.meta_api_version,
-            phone_number_id=settings.meta_phone_number_id,
-            waba_id=settings.meta_waba_id,
-            access_token=settings.meta_token(),
-        )
 
     def __repr__(self) -> str:
         return (
@@ -284,3 +289,64 @@ def _template_info(item: dict[str, Any]) -> TemplateInfo:
         parameter_names=names,
         extra=extra,
     )
+
+
+# --- its plugin: settings, status webhooks, contract case -------------------------------------
+
+
+class MetaWhatsAppSettings(ConnectorSettings):
+    """CDP_META_*: the WhatsApp Business phone number and account, the system user's token,
+    and the app secret its status webhooks are signed with."""
+
+    base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/meta"  # real: https://graph.facebook.com
+    api_version: str = "v23.0"
+    phone_number_id: str = "100000000000001"
+    waba_id: str = "200000000000002"
+    access_token: SecretStr | None = credential(SANDBOX_META_TOKEN)
+    app_secret: SecretStr | None = credential(SANDBOX_META_APP_SECRET, receiver=True)
+    verify_token: SecretStr | None = credential(SANDBOX_META_VERIFY_TOKEN, receiver=True)
+
+    def build(self, credentials: Credentials) -> MetaWhatsAppConnector:
+        return MetaWhatsAppConnector(
+            base_url=self.base_url,
+            api_version=self.api_version,
+            phone_number_id=self.phone_number_id,
+            waba_id=self.waba_id,
+            access_token=credentials.get("access_token"),
+        )
+
+
+def _meta_signed(secret: str, request: WebhookRequest) -> bool:
+    return signatures.meta_valid(secret, request.body, request.headers.get("x-hub-signature-256"))
+
+
+def _meta_template_updates(request: WebhookRequest) -> list[TemplateState]:
+    return parsers.parse_meta_template_updates(request.body, request.received)
+
+
+PLUGIN = ConnectorPlugin(
+    name="meta_whatsapp",
+    title="Meta WhatsApp Cloud API",
+    connector=MetaWhatsAppConnector,
+    settings=MetaWhatsAppSettings,
+    env_prefix="meta",
+    docs="WhatsApp templates and text through the Graph API `/{phone_number_id}/messages`",
+    status_webhook=StatusWebhook(
+        route="meta",
+        secret="app_secret",
+        verify=_meta_signed,
+        parse=lambda request: parsers.parse_meta(request.body, request.received),
+        template_updates=_meta_template_updates,
+        subscribe_token="verify_token",
+        checked_with="`X-Hub-Signature-256` (HMAC-SHA256 of the body)",
+    ),
+    sandbox="/meta",
+    contract=ContractCase(
+        message=samples.whatsapp,
+        bad_recipient=OutboundMessage(
+            "bad", samples.BAD_NUMBER, "whatsapp", template=samples.whatsapp(0).template
+        ),
+        failure_code="100",
+        credential="access_token",
+    ),
+)

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
+from pydantic import SecretStr
 
+from cdp_activation.connectors import samples
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorConfigError,
@@ -43,9 +45,23 @@ from cdp_activation.connectors.http import (
     json_or_none,
     require_settings,
 )
-
-if TYPE_CHECKING:
-    from cdp_activation.settings import Settings
+from cdp_activation.plugins import (
+    ConnectorPlugin,
+    ConnectorSettings,
+    ContractCase,
+    Credentials,
+    StatusWebhook,
+    WebhookRequest,
+    credential,
+    setting,
+)
+from cdp_activation.sandbox_credentials import (
+    SANDBOX_PORT,
+    SANDBOX_TWILIO_ACCOUNT_SID,
+    SANDBOX_TWILIO_AUTH_TOKEN,
+)
+from cdp_activation.statuses import StatusEvent
+from cdp_activation.webhooks import parsers, signatures
 
 RETRY_CODES = frozenset({20429})
 TEMPLATE_CODES = frozenset({63027})
@@ -107,19 +123,6 @@ class TwilioConnector(OneRecipientHttpConnector):
         # StatusCallback is sent (the Messaging Service's or account's own callback applies).
         self.status_callback_url = _checked_callback_base(status_callback_url or None)
         self._auth_token = auth_token
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TwilioConnector:
-        """Build from deployment settings (token from the environment or the sandbox default)."""
-        return cls(
-            base_url=settings.twilio_base_url,
-            account_sid=settings.twilio_account_sid,
-            auth_token=settings.twilio_token(),
-            from_number=settings.twilio_from,
-            content_base_url=settings.twilio_content_base_url,
-            whatsapp_from=settings.twilio_whatsapp_from,
-            status_callback_url=settings.twilio_status_callback_url,
-        )
 
     def __repr__(self) -> str:
         return (
@@ -294,3 +297,77 @@ def _content_info(content: dict[str, Any]) -> TemplateInfo:
 def _parameter_order(name: str) -> tuple[int, str]:
     """Numbered variables in numeric order ("2" before "10"), named ones after, by name."""
     return (int(name), "") if name.isdigit() else (1 << 30, name)
+
+
+# --- its plugin: settings, status webhooks, contract case -------------------------------------
+
+
+class TwilioSettings(ConnectorSettings):
+    """CDP_TWILIO_*: the account, its auth token (which also signs status callbacks), the
+    senders, and where Twilio posts status callbacks."""
+
+    base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"  # real: https://api.twilio.com
+    # Content API (templates and their WhatsApp approvals). Real: https://content.twilio.com
+    content_base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/twilio"
+    account_sid: str = SANDBOX_TWILIO_ACCOUNT_SID
+    auth_token: SecretStr | None = credential(SANDBOX_TWILIO_AUTH_TOKEN)
+    from_number: str = setting("+15005550006", env="CDP_TWILIO_FROM", doc="the SMS sender")
+    # The WhatsApp sender: a WhatsApp-enabled number or a Messaging Service SID (MG…).
+    whatsapp_from: str = "+14155238886"
+    # The public URL of our Twilio status webhook, e.g. https://hooks.example.com/webhooks/twilio:
+    # each message's StatusCallback is this plus ?ref=cdp-<send id>; empty: none sent.
+    status_callback_url: str = ""
+
+    def build(self, credentials: Credentials) -> TwilioConnector:
+        return TwilioConnector(
+            base_url=self.base_url,
+            account_sid=self.account_sid,
+            auth_token=credentials.get("auth_token"),
+            from_number=self.from_number,
+            content_base_url=self.content_base_url,
+            whatsapp_from=self.whatsapp_from,
+            status_callback_url=self.status_callback_url,
+        )
+
+
+def _form(request: WebhookRequest) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(request.body.decode(), keep_blank_values=True)
+    except UnicodeDecodeError:
+        return []
+
+
+def _twilio_signed(secret: str, request: WebhookRequest) -> bool:
+    """Twilio signs the full URL it called (the StatusCallback, query string included) and
+    the form's parameters."""
+    header = request.headers.get("x-twilio-signature")
+    return signatures.twilio_valid(secret, request.url, _form(request), header)
+
+
+def _twilio_statuses(request: WebhookRequest) -> list[StatusEvent]:
+    # The StatusCallback URL we gave Twilio carries the send's `ref`.
+    return parsers.parse_twilio(dict(_form(request)), request.received, request.query)
+
+
+PLUGIN = ConnectorPlugin(
+    name="twilio",
+    title="Twilio Programmable Messaging",
+    connector=TwilioConnector,
+    settings=TwilioSettings,
+    env_prefix="twilio",
+    docs="SMS and WhatsApp (Content API templates) through `Accounts/{sid}/Messages.json`",
+    status_webhook=StatusWebhook(
+        route="twilio",
+        secret="auth_token",
+        verify=_twilio_signed,
+        parse=_twilio_statuses,
+        checked_with="`X-Twilio-Signature` (HMAC-SHA1 of the URL and the sorted form)",
+    ),
+    sandbox="/twilio",
+    contract=ContractCase(
+        message=samples.sms,
+        bad_recipient=OutboundMessage("bad", samples.BAD_NUMBER, "sms", body="hi"),
+        failure_code="21211",
+        credential="auth_token",
+    ),
+)

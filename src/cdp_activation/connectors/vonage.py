@@ -30,11 +30,14 @@ the error `type` URL, e.g. `…/messages-olympus#1022`):
 
 from __future__ import annotations
 
+import base64
 import re
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import httpx
+from pydantic import SecretStr
 
+from cdp_activation.connectors import samples
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorError,
@@ -45,13 +48,25 @@ from cdp_activation.connectors.base import (
 )
 from cdp_activation.connectors.http import (
     OneRecipientHttpConnector,
+    client_message_id,
     json_or_none,
     require_settings,
 )
-from cdp_activation.connectors.infobip import client_message_id
-
-if TYPE_CHECKING:
-    from cdp_activation.settings import Settings
+from cdp_activation.plugins import (
+    ConnectorPlugin,
+    ConnectorSettings,
+    ContractCase,
+    Credentials,
+    StatusWebhook,
+    credential,
+)
+from cdp_activation.sandbox_credentials import (
+    SANDBOX_PORT,
+    SANDBOX_VONAGE_API_KEY,
+    SANDBOX_VONAGE_API_SECRET,
+    SANDBOX_VONAGE_SIGNATURE_SECRET,
+)
+from cdp_activation.webhooks import parsers, signatures
 
 CLIENT_REF_MAX = 40  # the spec: "Client reference of up to 40 characters"
 RETRY_CODES = frozenset({1000})
@@ -118,19 +133,6 @@ class VonageConnector(OneRecipientHttpConnector):
         self._api_secret = api_secret
         # The Basic header (base64 of this pair) is reversible to the secret.
         self._basic_pair = f"{api_key}:{api_secret}"
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> VonageConnector:
-        """Build from deployment settings (secret from the environment or the sandbox's)."""
-        return cls(
-            base_url=settings.vonage_base_url,
-            api_key=settings.vonage_api_key,
-            api_secret=settings.vonage_secret(),
-            whatsapp_from=settings.vonage_whatsapp_from,
-            sms_from=settings.vonage_sms_from,
-            whatsapp_namespace=settings.vonage_whatsapp_namespace,
-            viber_from=settings.vonage_viber_from,
-        )
 
     def __repr__(self) -> str:
         return (
@@ -250,3 +252,64 @@ class VonageConnector(OneRecipientHttpConnector):
             f"Vonage rejected template {which} (code {code}): {detail}. Check the template "
             "name, namespace, locale and parameter count."
         )
+
+
+# --- its plugin: settings, status webhooks, contract case -------------------------------------
+
+
+class VonageSettings(ConnectorSettings):
+    """CDP_VONAGE_*: the account's key and secret (HTTP Basic), the senders, and the
+    signature secret its status webhooks' JWTs are signed with."""
+
+    base_url: str = f"http://127.0.0.1:{SANDBOX_PORT}/vonage"  # real: https://api.nexmo.com
+    api_key: str = SANDBOX_VONAGE_API_KEY  # an account id, not a secret
+    api_secret: SecretStr | None = credential(SANDBOX_VONAGE_API_SECRET)
+    whatsapp_from: str = "447700900001"
+    sms_from: str = "447700900002"
+    viber_from: str = "cdpdemo"  # the Viber Business Messages service id
+    whatsapp_namespace: str = ""  # "<namespace>:" is prefixed to template names when set
+    signature_secret: SecretStr | None = credential(SANDBOX_VONAGE_SIGNATURE_SECRET, receiver=True)
+
+    def build(self, credentials: Credentials) -> VonageConnector:
+        return VonageConnector(
+            base_url=self.base_url,
+            api_key=self.api_key,
+            api_secret=credentials.get("api_secret"),
+            whatsapp_from=self.whatsapp_from,
+            sms_from=self.sms_from,
+            whatsapp_namespace=self.whatsapp_namespace,
+            viber_from=self.viber_from,
+        )
+
+
+def _vonage_secret_forms(secret: str) -> tuple[str, ...]:
+    """The secret alone, and inside the Basic pair it travels in."""
+    basic = base64.b64encode(f"{SANDBOX_VONAGE_API_KEY}:{secret}".encode()).decode()
+    return (secret, basic)
+
+
+PLUGIN = ConnectorPlugin(
+    name="vonage",
+    title="Vonage Messages API",
+    connector=VonageConnector,
+    settings=VonageSettings,
+    env_prefix="vonage",
+    docs="WhatsApp, SMS and Viber through `/v1/messages`, one message per request",
+    status_webhook=StatusWebhook(
+        route="vonage",
+        secret="signature_secret",
+        verify=lambda secret, request: signatures.vonage_valid(
+            secret, request.body, request.headers.get("authorization")
+        ),
+        parse=lambda request: parsers.parse_vonage(request.body, request.received),
+        checked_with="signed JWT (HS256) with `payload_hash`",
+    ),
+    sandbox="/vonage",
+    contract=ContractCase(
+        message=samples.whatsapp_sms_viber,
+        bad_recipient=OutboundMessage("bad", samples.BAD_NUMBER, "sms", body="hi"),
+        failure_code="1430",
+        credential="api_secret",
+        secret_forms=_vonage_secret_forms,
+    ),
+)

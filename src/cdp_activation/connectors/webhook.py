@@ -35,10 +35,12 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import httpx
+from pydantic import SecretStr
 
+from cdp_activation.connectors import samples
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorConfigError,
@@ -52,9 +54,21 @@ from cdp_activation.connectors.base import (
 )
 from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
 from cdp_activation.masking import mask_phones_in, redact_secrets
-
-if TYPE_CHECKING:
-    from cdp_activation.settings import Settings
+from cdp_activation.plugins import (
+    ConnectorPlugin,
+    ConnectorSettings,
+    ContractCase,
+    Credentials,
+    PositiveCount,
+    StatusWebhook,
+    credential,
+)
+from cdp_activation.sandbox_credentials import (
+    SANDBOX_PORT,
+    SANDBOX_STATUS_SECRET,
+    SANDBOX_WEBHOOK_TOKEN,
+)
+from cdp_activation.webhooks import parsers, signatures
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +139,6 @@ class WebhookConnector:
             default_rate_per_second=WebhookConnector.capabilities.default_rate_per_second,
             idempotency=True,
             unreachable_codes=WebhookConnector.capabilities.unreachable_codes,
-        )
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> WebhookConnector:
-        """Build from deployment settings (headers from the environment or the sandbox's)."""
-        return cls(
-            url=settings.webhook_url,
-            headers=settings.webhook_header_values(),
-            batch_size=settings.webhook_batch_size,
         )
 
     def __repr__(self) -> str:
@@ -247,3 +252,66 @@ class WebhookConnector:
                     )
                 )
         return results
+
+
+# --- its plugin: settings, status webhooks, contract case -------------------------------------
+
+
+class WebhookSettings(ConnectorSettings):
+    """CDP_WEBHOOK_*: the receiver's URL, the headers it wants (values are secrets), the batch
+    size, and the secret its status reports are signed with."""
+
+    url: str = f"http://127.0.0.1:{SANDBOX_PORT}/webhook/messages"
+    # Extra request headers as JSON, e.g. {"Authorization": "Bearer …"}; values are secrets.
+    headers: dict[str, SecretStr] | None = credential(None)
+    batch_size: PositiveCount = DEFAULT_BATCH_SIZE
+    # The key of the `X-Sandbox-Signature` HMAC on its status reports (POST /webhooks/sandbox).
+    status_secret: SecretStr | None = credential(SANDBOX_STATUS_SECRET, receiver=True)
+
+    def build(self, credentials: Credentials) -> WebhookConnector:
+        return WebhookConnector(
+            url=self.url,
+            headers=webhook_headers_or_sandbox(self.headers, credentials.sandbox),
+            batch_size=self.batch_size,
+        )
+
+
+def webhook_headers_or_sandbox(
+    headers: Mapping[str, SecretStr] | None, sandbox: bool
+) -> dict[str, str]:
+    """Configured headers as plain strings; in sandbox mode, the sandbox's token when none.
+
+    A receiver need not want any header, so nothing set outside sandbox mode is not an
+    error (unlike a provider credential): the request simply carries no extra headers.
+    """
+    if headers:
+        return {name: value.get_secret_value() for name, value in headers.items()}
+    if sandbox:
+        return {"Authorization": f"Bearer {SANDBOX_WEBHOOK_TOKEN}"}
+    return {}
+
+
+PLUGIN = ConnectorPlugin(
+    name="webhook",
+    title="JSON webhook",
+    connector=WebhookConnector,
+    settings=WebhookSettings,
+    env_prefix="webhook",
+    docs="any channel, as JSON batches to your own endpoint, with an Idempotency-Key",
+    status_webhook=StatusWebhook(
+        route="sandbox",
+        secret="status_secret",
+        verify=lambda secret, request: signatures.sandbox_valid(
+            secret, request.body, request.headers.get("x-sandbox-signature")
+        ),
+        parse=lambda request: parsers.parse_sandbox(request.body, request.received),
+        checked_with="`X-Sandbox-Signature` (HMAC-SHA256 of the body)",
+    ),
+    sandbox="/webhook/messages",
+    contract=ContractCase(
+        message=samples.whatsapp_or_sms,
+        bad_recipient=OutboundMessage("bad", samples.BAD_NUMBER, "sms", body="hi"),
+        failure_code="invalid_number",
+        credential="headers",
+    ),
+)

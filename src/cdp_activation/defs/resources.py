@@ -5,22 +5,19 @@ sandbox); secrets are `dg.EnvVar`s when set, so they stay out of the UI and run 
 """
 
 import os
+from typing import Any
 
 import dagster as dg
 
+from cdp_activation.plugins import plugins
 from cdp_activation.resources import (
-    BrazeResource,
-    InfobipResource,
+    ConnectorResource,
     LedgerResource,
-    LineResource,
-    MetaWhatsAppResource,
     SendLogResource,
-    TwilioResource,
-    VonageResource,
     WarehouseResource,
-    WebhookResource,
+    connector_resource,
 )
-from cdp_activation.settings import export_dotenv, get_settings
+from cdp_activation.settings import Settings, export_dotenv, get_settings
 from cdp_activation.storage import SealedFilesystemIOManager
 
 
@@ -30,6 +27,20 @@ def _env_or(name: str, default: str) -> str | dg.EnvVar:
 
 def _env_secret(name: str) -> dg.EnvVar | None:
     return dg.EnvVar(name) if os.environ.get(name) else None
+
+
+def _connector(name: str, settings: Settings) -> ConnectorResource:
+    """The connector's resource: its settings as they are now, secrets as EnvVars (resolved at
+    run time, never shown in the UI) when set."""
+    resource = connector_resource(name)
+    found = plugins()[name]
+    values: dict[str, Any] = {}
+    for field in resource.model_fields:
+        if found.is_secret(field):
+            values[field] = _env_secret(found.env_name(field))
+        else:
+            values[field] = getattr(settings, found.flat_name(field))
+    return resource(**values)
 
 
 @dg.definitions
@@ -52,57 +63,7 @@ def resources() -> dg.Definitions:
             # clear like Dagster's default.
             "io_manager": SealedFilesystemIOManager(),
             "send_log": SendLogResource(url=_env_or(send_log_variable, settings.send_log_url)),
-            "meta_whatsapp": MetaWhatsAppResource(
-                base_url=settings.meta_base_url,
-                api_version=settings.meta_api_version,
-                phone_number_id=settings.meta_phone_number_id,
-                waba_id=settings.meta_waba_id,
-                access_token=_env_secret("CDP_META_ACCESS_TOKEN"),
-                rate_per_second=settings.meta_rate_per_second,
-            ),
-            "twilio": TwilioResource(
-                base_url=settings.twilio_base_url,
-                account_sid=settings.twilio_account_sid,
-                auth_token=_env_secret("CDP_TWILIO_AUTH_TOKEN"),
-                from_number=settings.twilio_from,
-                content_base_url=settings.twilio_content_base_url,
-                whatsapp_from=settings.twilio_whatsapp_from,
-                status_callback_url=settings.twilio_status_callback_url,
-                rate_per_second=settings.twilio_rate_per_second,
-            ),
-            "infobip": InfobipResource(
-                base_url=settings.infobip_base_url,
-                api_key=_env_secret("CDP_INFOBIP_API_KEY"),
-                whatsapp_from=settings.infobip_whatsapp_from,
-                sms_sender=settings.infobip_sms_sender,
-                viber_sender=settings.infobip_viber_sender,
-                rate_per_second=settings.infobip_rate_per_second,
-            ),
-            "vonage": VonageResource(
-                base_url=settings.vonage_base_url,
-                api_key=settings.vonage_api_key,
-                api_secret=_env_secret("CDP_VONAGE_API_SECRET"),
-                whatsapp_from=settings.vonage_whatsapp_from,
-                sms_from=settings.vonage_sms_from,
-                whatsapp_namespace=settings.vonage_whatsapp_namespace,
-                viber_from=settings.vonage_viber_from,
-                rate_per_second=settings.vonage_rate_per_second,
-            ),
-            "braze": BrazeResource(
-                base_url=settings.braze_base_url,
-                api_key=_env_secret("CDP_BRAZE_API_KEY"),
-                rate_per_second=settings.braze_rate_per_second,
-            ),
-            "line": LineResource(
-                base_url=settings.line_base_url,
-                channel_access_token=_env_secret("CDP_LINE_CHANNEL_ACCESS_TOKEN"),
-                rate_per_second=settings.line_rate_per_second,
-            ),
-            "webhook": WebhookResource(
-                url=settings.webhook_url,
-                headers_json=_env_secret("CDP_WEBHOOK_HEADERS"),
-                batch_size=settings.webhook_batch_size,
-                rate_per_second=settings.webhook_rate_per_second,
-            ),
+            # One resource per installed connector, derived from its plugin.
+            **{name: _connector(name, settings) for name in plugins()},
         }
     )

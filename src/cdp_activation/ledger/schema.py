@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from cdp_activation.errors import SettingsError
 from cdp_activation.masking import masked
-from cdp_activation.settings import SettingsError
 from cdp_activation.vocabulary import (
     PLANNED,
 )

@@ -33,7 +33,7 @@ class StatusIntake(LedgerBase):
         A report already stored (same `event_key`) is ignored; a report whose status does not
         outrank the message's current one changes nothing, so duplicates and reordering are
         harmless. Messages are matched on `provider_message_id` among the rows of the
-        provider's own connector (`CONNECTOR_OF_PROVIDER`). A report can arrive before the
+        provider's own connector (`statuses.connector_of`). A report can arrive before the
         send's own answer is recorded (Meta's `sent` often does): it is kept unapplied and
         applied by `apply_pending_statuses` (the end of every run) once the send is known.
         """

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from cdp_activation.sandbox.draws import draw
-from cdp_activation.settings import (
+from cdp_activation.sandbox_credentials import (
     SANDBOX_BRAZE_API_KEY,
     SANDBOX_INFOBIP_API_KEY,
     SANDBOX_LINE_TOKEN,

@@ -34,14 +34,13 @@ import httpx
 
 from cdp_activation.sandbox import signing
 from cdp_activation.sandbox.draws import draw
-from cdp_activation.settings import (
+from cdp_activation.sandbox_credentials import (
     SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS,
     SANDBOX_META_APP_SECRET,
     SANDBOX_STATUS_SECRET,
     SANDBOX_TWILIO_AUTH_TOKEN,
     SANDBOX_VONAGE_SIGNATURE_SECRET,
 )
-from cdp_activation.statuses import CONNECTOR_OF_PROVIDER
 from cdp_activation.transport import make_client
 
 if TYPE_CHECKING:
@@ -52,8 +51,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRIES = 5  # attempts per webhook (real providers go on for hours or days)
-# Sandbox provider (= connector) name -> the receiver's route; LINE reports no deliveries.
-ROUTES = {connector: route for route, connector in CONNECTOR_OF_PROVIDER.items() if route != "line"}
+# Where the receiver takes each emulated connector's status reports (its `/webhooks/<route>`).
+ROUTES = {
+    "meta_whatsapp": "meta",
+    "twilio": "twilio",
+    "infobip": "infobip",
+    "vonage": "vonage",
+    "webhook": "sandbox",
+}
 # Each route's code of a permanent delivery failure.
 FAILURE_CODES = {
     "meta": "131026",

@@ -12,7 +12,8 @@ A crash before the commit means no 200, so the provider sends the webhook again:
 event is never lost. Requests arriving while a write is under way are written together by the
 next one, so a burst of webhooks costs a few transactions.
 
-`GET /webhooks/meta` answers Meta's subscription check (`hub.mode=subscribe`,
+Each route is a connector plugin's (`StatusWebhook`): its check and parser live with the
+connector. `GET /webhooks/<route>` answers a subscription check (Meta's `hub.mode=subscribe`,
 `hub.verify_token`, `hub.challenge`). `GET /health` is for load balancers.
 """
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
-from urllib.parse import parse_qsl
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,17 +30,13 @@ from starlette.routing import Route
 
 from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import Ledger
+from cdp_activation.plugins import WebhookRequest, WebhookSecrets, status_routes
 from cdp_activation.serving import BackgroundServer
-from cdp_activation.settings import WebhookSecrets
-from cdp_activation.statuses import CONNECTOR_OF_PROVIDER, StatusEvent
+from cdp_activation.statuses import StatusEvent
 from cdp_activation.template_states import record_states
 from cdp_activation.webhooks import signatures
-from cdp_activation.webhooks.parsers import JSON_PARSERS, parse_meta_template_updates, parse_twilio
 
 log = logging.getLogger(__name__)
-
-PROVIDERS = tuple(CONNECTOR_OF_PROVIDER)  # one route each: meta, twilio, …, sandbox
-
 
 MAX_BODY_BYTES = 1 << 20  # a status webhook is a few KB; Meta batches stay well under
 
@@ -73,53 +69,56 @@ def create_app(
     writer: GroupCommit[StatusEvent] = GroupCommit(ledger.record_statuses, "storing statuses")
     warned: set[str] = set()
 
+    routes = status_routes()
+
     async def receive(request: Request) -> Response:
-        provider = request.path_params["provider"]
-        if provider not in PROVIDERS:
+        route = request.path_params["provider"]
+        found = routes.get(route)
+        if found is None or found.status_webhook is None:
             return JSONResponse(
-                {"error": f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}"},
+                {"error": f"unknown provider {route!r}; one of {', '.join(sorted(routes))}"},
                 status_code=404,
             )
+        hook = found.status_webhook
         try:
             body = await read_capped(request, max_body_bytes)
         except BodyTooLarge:
             return JSONResponse(
                 {"error": f"body larger than {max_body_bytes:,} bytes"}, status_code=413
             )
-        secret = secrets.secret_for(provider)
+        secret = secrets.secret_for(route)
         if secret is None:
-            if provider not in warned:
-                warned.add(provider)
+            if route not in warned:
+                warned.add(route)
                 log.warning(
                     "refusing %s webhooks: no secret configured to check their signature "
-                    "(see the CDP_*_WEBHOOK / signing settings in .env.example)",
-                    provider,
+                    "(%s; see .env.example)",
+                    route,
+                    found.env_name(hook.secret),
                 )
             return JSONResponse({"error": "signature not verifiable"}, status_code=401)
-        params = _form(body) if provider == "twilio" else []
-        if not _signed(provider, secret, request, body, params, secrets.public_url):
+        call = WebhookRequest(
+            body=body,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            url=_called_url(request, secrets.public_url),
+            query=dict(request.query_params),
+            received=datetime.now(UTC),
+        )
+        if not hook.verify(secret, call):
             return JSONResponse({"error": "bad or missing signature"}, status_code=401)
-        received = datetime.now(UTC)
         try:
-            if provider == "twilio":
-                # The StatusCallback URL we gave Twilio carries the send's `ref`; the signature
-                # just checked covers that URL, query string included.
-                events = parse_twilio(dict(params), received, request.query_params)
-            else:
-                events = JSON_PARSERS[provider](body, received)
-            templates = parse_meta_template_updates(body, received) if provider == "meta" else []
+            events = hook.parse(call)
+            templates = hook.template_updates(call) if hook.template_updates else []
         except ValueError as err:
-            return JSONResponse(
-                {"error": f"not a {provider} status webhook: {err}"}, status_code=400
-            )
+            return JSONResponse({"error": f"not a {route} status webhook: {err}"}, status_code=400)
         except Exception as err:  # signed, but a shape no parser expects: still bad input
             log.warning(
                 "refused a signed %s webhook of an unexpected shape (%s)",
-                provider,
+                route,
                 type(err).__name__,
             )
             return JSONResponse(
-                {"error": f"not a {provider} status webhook: unexpected shape"}, status_code=400
+                {"error": f"not a {route} status webhook: unexpected shape"}, status_code=400
             )
         try:
             if events:
@@ -130,9 +129,12 @@ def create_app(
             return JSONResponse({"error": "not stored; send it again"}, status_code=500)
         return JSONResponse({"received": len(events) + len(templates)})
 
-    async def verify_meta(request: Request) -> Response:
+    async def subscribe(request: Request) -> Response:
+        """A provider's subscription check (Meta: `hub.mode=subscribe`, `hub.verify_token`,
+        answered with `hub.challenge`)."""
+        route = request.path_params["provider"]
         query = request.query_params
-        token = secrets.meta_verify_token
+        token = secrets.subscribe_token(route)
         if (
             query.get("hub.mode") == "subscribe"
             and token
@@ -146,7 +148,7 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/webhooks/meta", verify_meta, methods=["GET"]),
+            Route("/webhooks/{provider}", subscribe, methods=["GET"]),
             Route("/webhooks/{provider}", receive, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
         ]
@@ -155,38 +157,12 @@ def create_app(
     return app
 
 
-def _form(body: bytes) -> list[tuple[str, str]]:
-    try:
-        return parse_qsl(body.decode(), keep_blank_values=True)
-    except UnicodeDecodeError:
-        return []
-
-
-def _signed(
-    provider: str,
-    secret: str,
-    request: Request,
-    body: bytes,
-    params: list[tuple[str, str]],
-    public_url: str | None,
-) -> bool:
-    headers = request.headers
-    if provider == "meta":
-        return signatures.meta_valid(secret, body, headers.get("x-hub-signature-256"))
-    if provider == "twilio":
-        url = str(request.url)
-        if public_url:
-            url = public_url.rstrip("/") + request.url.path
-            if request.url.query:
-                url += "?" + request.url.query
-        return signatures.twilio_valid(secret, url, params, headers.get("x-twilio-signature"))
-    if provider == "infobip":
-        return signatures.basic_valid(secret, headers.get("authorization"))
-    if provider == "vonage":
-        return signatures.vonage_valid(secret, body, headers.get("authorization"))
-    if provider == "line":
-        return signatures.line_valid(secret, body, headers.get("x-line-signature"))
-    return signatures.sandbox_valid(secret, body, headers.get("x-sandbox-signature"))
+def _called_url(request: Request, public_url: str | None) -> str:
+    """The URL the provider called: behind a proxy, the public base URL and this path."""
+    if not public_url:
+        return str(request.url)
+    url = public_url.rstrip("/") + request.url.path
+    return url + ("?" + request.url.query if request.url.query else "")
 
 
 class WithoutQueryStrings(logging.Filter):

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cdp_activation.connectors.base import send_id_of
+from cdp_activation.contracts import TemplateState
 from cdp_activation.masking import mask_phones_in
 from cdp_activation.statuses import (
     DELIVERED,
@@ -45,7 +46,6 @@ from cdp_activation.statuses import (
     StatusEvent,
     connector_of,
 )
-from cdp_activation.template_states import TemplateState
 
 _VONAGE_CODE = re.compile(r"#(\d+)$")
 

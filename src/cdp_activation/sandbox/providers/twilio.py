@@ -41,7 +41,7 @@ from cdp_activation.sandbox.exchange import (
     provider_request,
     retry_after_header,
 )
-from cdp_activation.settings import (
+from cdp_activation.sandbox_credentials import (
     SANDBOX_TWILIO_ACCOUNT_SID,
 )
 
