@@ -3,6 +3,7 @@ connectors` prints and what docs/connectors.md shows (a test keeps the two the s
 
 from __future__ import annotations
 
+from cdp_activation.connectors.base import Capabilities
 from cdp_activation.plugins import ConnectorPlugin, plugins
 
 
@@ -21,7 +22,7 @@ def connectors_markdown() -> str:
     header = "| name | provider | channels | per request | default rate | idempotent | settings |"
     lines = [header, "|---|---|---|---:|---:|---|---|"]
     for name, plugin in sorted(plugins().items()):
-        caps = plugin.connector.capabilities
+        caps: Capabilities = getattr(plugin.connector, "capabilities")  # noqa: B009
         lines.append(
             f"| `{name}` | {plugin.title} | {', '.join(sorted(caps.channels))} | "
             f"{caps.max_batch_size:,} | {caps.default_rate_per_second:,.0f}/s | "
