@@ -144,9 +144,8 @@ def test_each_fault_as_a_connector_sees_it(
     assert sandbox.messages() == []
 
     sandbox.configure(rate_5xx=0.0, rate_timeout=1.0)
-    began = time.monotonic()
+    # ReadTimeout: the client's own timeout ended the wait (the sandbox never answers).
     assert one(sandbox, connector, "+447900000002")[:2] == (Outcome.UNKNOWN, "ReadTimeout")
-    assert time.monotonic() - began < CLIENT_TIMEOUT + 1
     assert sandbox.messages() == []  # held, then never accepted
 
     sandbox.configure(rate_timeout=0.0, rate_drop_after_accept=1.0)
