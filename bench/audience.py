@@ -56,7 +56,7 @@ REQUIRED = ("customer_id", "phone", "country", "whatsapp_marketing_consent", "fi
 
 def demo_file(size: int) -> Path:
     """bench/data/demo_<size>.duckdb, generated unless a file of that size is there."""
-    from cdp_activation.demo_data import generate_demo_warehouse
+    from cdp_activation.demo.data import generate_demo_warehouse
 
     path = DATA / f"demo_{size}.duckdb"
     marker = path.with_suffix(".json")
@@ -75,8 +75,8 @@ def postgres_schema(url: str, size: int) -> str:
     """Schema bench_<size> in PostgreSQL, loaded from the DuckDB demo unless already there."""
     import psycopg
 
-    from cdp_activation.demo_postgres import load_demo_into_postgres
-    from cdp_activation.warehouse import postgres_uri
+    from cdp_activation.audience.warehouse import postgres_uri
+    from cdp_activation.demo.postgres import load_demo_into_postgres
 
     schema = f"bench_{size}"
     tag = f"cdp-activation bench demo customers={size} seed={SEED} as_of={AS_OF.isoformat()}"
@@ -105,7 +105,7 @@ def transport_table(url: str, schema: str) -> str:
     query's own cost (which is the same for all of them)."""
     import psycopg
 
-    from cdp_activation.warehouse import postgres_uri
+    from cdp_activation.audience.warehouse import postgres_uri
 
     table = "bench_transport"
     with psycopg.connect(postgres_uri(schema_url(url, schema)), autocommit=True) as con:
@@ -140,7 +140,7 @@ def _literal(value: Any) -> str:
 
 def literal_sql(dialect: str, params: dict[str, Any]) -> str:
     """The winback query with its parameters pasted in: for tools that cannot bind (psql)."""
-    from cdp_activation.audience_sql import load_audience_sql
+    from cdp_activation.audience.sql import load_audience_sql
 
     query = load_audience_sql(WINBACK, dialect)
     sql = query.for_dialect(dialect)
@@ -169,7 +169,7 @@ def _params(name: str) -> dict[str, Any]:
 
 def _query(spec: dict[str, Any], dialect: str) -> Any:
     """The winback audience, or the spec's own SQL (e.g. a whole table, for memory figures)."""
-    from cdp_activation.audience_sql import load_audience_sql, parse_audience_sql
+    from cdp_activation.audience.sql import load_audience_sql, parse_audience_sql
 
     if "sql" in spec:
         return parse_audience_sql(spec["sql"], Path("table.sql"), dialect)
@@ -183,8 +183,8 @@ def child_main(argv: list[str]) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cdp_activation.audience_sql import load_audience_sql
-    from cdp_activation.warehouse import Warehouse
+    from cdp_activation.audience.sql import load_audience_sql
+    from cdp_activation.audience.warehouse import Warehouse
 
     url, params = spec.get("url", ""), _params(spec.get("params", "default"))
     rows = 0
@@ -236,7 +236,7 @@ def child_main(argv: list[str]) -> int:
                 cur.execute(spec["sql_bound"], (-1.0,))
             rows = cur.fetch_arrow_table().num_rows
     elif kind == "t_framework":
-        from cdp_activation.audience_sql import parse_audience_sql
+        from cdp_activation.audience.sql import parse_audience_sql
 
         warehouse = Warehouse(url)
         query = parse_audience_sql(spec["sql_named"], Path("transport.sql"), "postgres")
@@ -341,7 +341,7 @@ def duckdb_scenario(size: int, repeat: int) -> list[tuple[str, Figure, Figure | 
 
 def postgres_scenario(url: str, repeat: int) -> tuple[list[Any], list[Any]]:
     """Framework vs psql at PG_SIZE customers, and the transport comparison."""
-    from cdp_activation.warehouse import postgres_uri
+    from cdp_activation.audience.warehouse import postgres_uri
 
     schema = postgres_schema(url, PG_SIZE)
     wurl = schema_url(url, schema)
@@ -562,7 +562,7 @@ def main(argv: list[str]) -> int:
 def _server_version(url: str) -> str:
     import psycopg
 
-    from cdp_activation.warehouse import postgres_uri
+    from cdp_activation.audience.warehouse import postgres_uri
 
     with psycopg.connect(postgres_uri(url)) as con:
         row = con.execute("SHOW server_version").fetchone()

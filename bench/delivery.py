@@ -8,7 +8,8 @@ CPU time (`getrusage`, user + system) is its own:
 
 - baseline: a bare aiohttp loop posting the connector's JSON payloads (no httpx, no connector);
 - httpx: the real `MetaWhatsAppConnector.send_batch` (batch size 1) on plain `httpx.AsyncClient`;
-- make_client: the same on `cdp_activation.transport.make_client` (httpx API, aiohttp transport);
+- make_client: the same on `cdp_activation.delivery.transport.make_client` (httpx API,
+  aiohttp transport);
 - httpx-aiohttp: the same on the `httpx-aiohttp` package's transport, when it is installed.
 
 `concurrency` workers send messages back to back until N are done or `--budget` seconds have
@@ -193,8 +194,8 @@ async def _run_connector(
     import httpx
 
     from cdp_activation.connectors import MetaWhatsAppConnector, connector_from_settings
+    from cdp_activation.delivery.transport import make_client
     from cdp_activation.settings import Settings
-    from cdp_activation.transport import make_client
 
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -404,11 +405,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -
             )
     lines += [
         "",
-        "`make_client` (httpx API, `cdp_activation.transport.AiohttpTransport`) is the delivery "
-        "client: plain httpx/httpcore spends milliseconds of CPU per request once many are in "
-        "flight, so it cannot keep 64 or 256 requests moving. What remains between make_client "
-        "and the bare aiohttp loop is httpx's own request/response building and the connector "
-        "(~0.3 ms a message), the price of keeping httpx as the connectors' API. The "
+        "`make_client` (httpx API, `cdp_activation.delivery.transport.AiohttpTransport`) is the "
+        "delivery client: plain httpx/httpcore spends milliseconds of CPU per request once many "
+        "are in flight, so it cannot keep 64 or 256 requests moving. What remains between "
+        "make_client and the bare aiohttp loop is httpx's own request/response building and the "
+        "connector (~0.3 ms a message), the price of keeping httpx as the connectors' API. The "
         "`httpx-aiohttp` package is as fast but maps aiohttp's `ServerDisconnectedError` (the "
         "provider hung up after reading the request) to `httpx.ConnectTimeout`, which the "
         "connectors treat as never sent and resend: a possible duplicate message. Our transport "

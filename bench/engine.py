@@ -77,7 +77,7 @@ def ledger_costs(url: str, rows: int) -> dict[str, float]:
 
 def rate_accuracy(rate: float, seconds: float) -> dict[str, float]:
     from cdp_activation.connectors import connector_from_settings
-    from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
+    from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, deliver
     from cdp_activation.ledger import Ledger
     from cdp_activation.sandbox import SandboxServer
     from cdp_activation.settings import Settings

@@ -58,7 +58,7 @@ async def _drive(acquire: Any, admissions: int, concurrency: int) -> tuple[float
 
 
 async def redis_run(admissions: int, concurrency: int) -> tuple[float, float]:
-    from cdp_activation.rate_limits import SharedLimiter
+    from cdp_activation.delivery.rate_limits import SharedLimiter
 
     url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
     limiter = SharedLimiter(url, f"bench-{uuid.uuid4().hex[:8]}", rate=10_000_000)

@@ -53,7 +53,7 @@ LABELS = {
 
 def warehouse_file(rows: int) -> Path:
     """The demo warehouse with `rows` customers, generated unless already there."""
-    from cdp_activation.demo_data import generate_demo_warehouse
+    from cdp_activation.demo.data import generate_demo_warehouse
 
     names = (
         [f"demo_{rows // 1_000_000}m.duckdb", f"demo_{rows}.duckdb"]

@@ -72,8 +72,8 @@ class Schema:
 
 def child_main(argv: list[str]) -> int:
     """One claim worker: load, connect, say ready, wait for the start line, send, report."""
-    from cdp_activation.activation_run import send_due
-    from cdp_activation.delivery import DeliveryOptions, DeliveryScope
+    from cdp_activation.activation.run import send_due
+    from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope
     from cdp_activation.ledger import Ledger
 
     url, ledger_url, concurrency, rate = argv[0], argv[1], int(argv[2]), float(argv[3])

@@ -85,7 +85,7 @@ def _connector(kind: str, url: str) -> Any:
 
 
 def run_engine(kind: str, url: str, count: int, concurrency: int) -> dict[str, Any]:
-    from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
+    from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, deliver
     from cdp_activation.ledger import Ledger
 
     connector = _connector(kind, url)

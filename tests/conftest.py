@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from cdp_activation.feedback.statuses import StatusEvent
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings
-from cdp_activation.statuses import StatusEvent
 
 # The tests run against the sandbox with its published credentials (CDP_SANDBOX), as `make
 # demo` and `make dev` do; tests of what happens without it take it away themselves.
@@ -167,7 +167,7 @@ class CliProject:
 def cli_project(tmp_path: Path, sandbox: SandboxServer, customers: int = 500) -> CliProject:
     """See `CliProject`. No preview is asked for (CDP_CONFIRM_ABOVE is high): a test's own
     subject is what stops a send."""
-    from cdp_activation.demo_data import generate_demo_warehouse
+    from cdp_activation.demo.data import generate_demo_warehouse
 
     warehouse = tmp_path / "demo.duckdb"
     as_of = datetime.combine(datetime.now(UTC).date(), time.min, tzinfo=UTC)

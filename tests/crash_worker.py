@@ -40,7 +40,7 @@ import polars as pl
 
 from cdp_activation.connectors import connector_from_settings
 from cdp_activation.connectors.base import Connector, ConnectorError
-from cdp_activation.delivery import DeliveryOptions, DeliveryReport, DeliveryScope, deliver
+from cdp_activation.delivery.engine import DeliveryOptions, DeliveryReport, DeliveryScope, deliver
 from cdp_activation.ledger import LeaseLost, Ledger
 from cdp_activation.settings import Settings
 

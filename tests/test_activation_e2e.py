@@ -17,17 +17,17 @@ import pytest
 import yaml
 from time_machine import TimeMachineFixture
 
-from cdp_activation.activation_run import Activation, DeliverySummary, compute_audience
-from cdp_activation.audience_sql import AudienceSQLError
+from cdp_activation.activation.run import Activation, DeliverySummary, compute_audience
+from cdp_activation.activation.spec import ActivationSpec
+from cdp_activation.audience.sql import AudienceSQLError
+from cdp_activation.audience.warehouse import Warehouse
+from cdp_activation.cli.runner import RunSummary, run_activation
 from cdp_activation.components.activation import build_activation_defs
 from cdp_activation.defs.resources import resources
-from cdp_activation.demo_data import generate_demo_warehouse
+from cdp_activation.demo.data import generate_demo_warehouse
 from cdp_activation.ledger import Ledger
-from cdp_activation.runner import RunSummary, run_activation
 from cdp_activation.sandbox import SandboxServer, twilio_content_sid
 from cdp_activation.settings import project_root
-from cdp_activation.specs import ActivationSpec
-from cdp_activation.warehouse import Warehouse
 
 pytestmark = pytest.mark.e2e
 
@@ -349,7 +349,7 @@ def test_a_mistyped_parameter_is_refused_before_anything_runs(env: SimpleNamespa
 
 
 def test_unknown_partition_and_activation_are_clear_errors(env: SimpleNamespace) -> None:
-    from cdp_activation.runner import ActivationNotFound
+    from cdp_activation.cli.runner import ActivationNotFound
 
     with pytest.raises(ActivationNotFound, match="winback_whatsapp"):
         run_activation("winback_whatsap", TODAY.isoformat())
@@ -546,9 +546,9 @@ def test_whatsapp_that_does_not_land_falls_back_to_sms_once_and_a_late_delivery_
     After the plan's 30 minutes exactly the undelivered 30% are due; those with SMS consent
     get one SMS, linked to their WhatsApp message; a `delivered` that arrives after the
     fallback is recorded and sends nothing."""
-    from cdp_activation.runner import run_fallback
+    from cdp_activation.cli.runner import run_fallback
+    from cdp_activation.feedback.webhooks import WebhookServer
     from cdp_activation.sandbox.status_webhooks import outcome
-    from cdp_activation.webhooks import WebhookServer
     from conftest import settings_for_sandbox
     from test_webhooks import meta_status, post, signed
 
@@ -685,8 +685,8 @@ def test_whatsapp_that_does_not_land_falls_back_to_sms_once_and_a_late_delivery_
 
 
 def fallback_sensor_requests(env: SimpleNamespace) -> Any:
-    from cdp_activation.resources import LedgerResource
-    from cdp_activation.runner import load_definitions
+    from cdp_activation.cli.runner import load_definitions
+    from cdp_activation.components.resources import LedgerResource
 
     sensor = load_definitions().resolve_sensor_def("winback_whatsapp_fallback")
     with dg.build_sensor_context(
@@ -726,7 +726,7 @@ def test_a_large_send_needs_a_recent_matching_preview_plan_then_apply(
 def test_scheduled_runs_send_without_a_preview_and_the_launchpad_default_is_a_dry_run(
     env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cdp_activation.runner import load_definitions
+    from cdp_activation.cli.runner import load_definitions
 
     partition = TODAY.isoformat()
     monkeypatch.setenv("CDP_CONFIRM_ABOVE", "100")
@@ -795,8 +795,8 @@ def test_null_customer_ids_are_reported_as_null_not_as_a_duplicated_none() -> No
     import polars as pl
     import yaml
 
-    from cdp_activation.activation_run import Activation, audience_problems
-    from cdp_activation.specs import ActivationSpec
+    from cdp_activation.activation.run import Activation, audience_problems
+    from cdp_activation.activation.spec import ActivationSpec
 
     defs_yaml = ROOT / "src/cdp_activation/defs/activations/winback_whatsapp/defs.yaml"
     attributes = yaml.safe_load(defs_yaml.read_text())["attributes"]

@@ -29,13 +29,13 @@ import httpx
 import pytest
 import yaml
 
-from cdp_activation.activation_run import Activation, compute_audience
-from cdp_activation.demo_data import generate_demo_warehouse
+from cdp_activation.activation.run import Activation, compute_audience
+from cdp_activation.activation.spec import ActivationSpec
+from cdp_activation.audience.warehouse import Warehouse
+from cdp_activation.demo.data import generate_demo_warehouse
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import project_root
-from cdp_activation.specs import ActivationSpec
-from cdp_activation.warehouse import Warehouse
 
 pytestmark = pytest.mark.e2e
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from cdp_activation.activation.validation import validate_project
 from cdp_activation.settings import project_root
-from cdp_activation.validation import validate_project
 
 ROOT = project_root()
 BIN = Path(sys.executable).parent

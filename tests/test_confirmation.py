@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cdp_activation.confirmation import ConfirmPolicy, Preview, confirmation_problem
+from cdp_activation.activation.confirmation import ConfirmPolicy, Preview, confirmation_problem
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 POLICY = ConfirmPolicy(confirm_above=1000, valid_hours=24, max_change=0.10)

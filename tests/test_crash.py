@@ -18,7 +18,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cdp_activation.delivery import DeliveryOptions
+from cdp_activation.delivery.engine import DeliveryOptions
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxConfig, SandboxServer
 from crash_worker import ACTIVATION, PARTITION, Worker

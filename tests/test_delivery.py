@@ -10,7 +10,12 @@ import pytest
 
 from cdp_activation.connectors import connector_from_settings
 from cdp_activation.connectors.base import TemplateError
-from cdp_activation.delivery import DeliveryOptions, DeliveryScope, ProviderUnavailable, deliver
+from cdp_activation.delivery.engine import (
+    DeliveryOptions,
+    DeliveryScope,
+    ProviderUnavailable,
+    deliver,
+)
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings
@@ -128,7 +133,7 @@ def test_a_long_send_logs_its_progress_with_rate_and_eta(
     ledger.plan("winback", "p", decisions(numbers(200)))
     sandbox.configure(latency_ms=20)
     options = DeliveryOptions(concurrency=4, progress_seconds=0.1)
-    with caplog.at_level("INFO", logger="cdp_activation.delivery"):
+    with caplog.at_level("INFO", logger="cdp_activation.delivery.engine"):
         deliver(ledger, SCOPE, connectors(sandbox_settings), options)
     lines = [r.getMessage() for r in caplog.records if "delivery progress" in r.getMessage()]
     assert len(lines) >= 3

@@ -17,7 +17,7 @@ import phonenumbers
 import pytest
 from phonenumbers import PhoneNumberType
 
-from cdp_activation.demo_data import DEMO_TABLES, fill_demo_warehouse, generate_demo_warehouse
+from cdp_activation.demo.data import DEMO_TABLES, fill_demo_warehouse, generate_demo_warehouse
 
 N = 20_000
 SEED = 42

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 import sqlglot
 
-from cdp_activation.audience_sql import AudienceSQLError, load_audience_sql, sql_dialect
+from cdp_activation.audience.sql import AudienceSQLError, load_audience_sql, sql_dialect
 from cdp_activation.settings import project_root
 
 AUDIENCES = sorted((project_root() / "sql" / "audiences").glob("*.sql"))

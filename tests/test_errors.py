@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cdp_activation.activation_run import DeliveryFailed
-from cdp_activation.audience_sql import AudienceSQLError
-from cdp_activation.cli import main
+from cdp_activation.activation.run import DeliveryFailed
+from cdp_activation.audience.sql import AudienceSQLError
+from cdp_activation.cli.main import main
 from cdp_activation.connectors.base import ConnectorError, CredentialsError, TemplateError
-from cdp_activation.delivery import ProviderUnavailable, TemplateBlocked
+from cdp_activation.delivery.engine import ProviderUnavailable, TemplateBlocked
 from cdp_activation.errors import CdpError, cdp_error_in
 from cdp_activation.ledger import LeaseLost, LedgerUnavailable
 from cdp_activation.settings import SettingsError

@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 
 from cdp_activation.connectors.base import Outcome, SendResult
+from cdp_activation.feedback.statuses import StatusEvent
 from cdp_activation.ledger import (
     FALLBACK_STEP,
     PRIMARY_NOT_DELIVERED,
@@ -22,7 +23,6 @@ from cdp_activation.ledger import (
     Ledger,
     sends,
 )
-from cdp_activation.statuses import StatusEvent
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 
 from cdp_activation.connectors.base import OutboundMessage, Outcome, TemplateError, TemplateRef
-from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
+from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, deliver
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import (
     Fault,
@@ -350,7 +350,7 @@ def test_a_request_that_may_have_landed_keeps_its_rows_together_whatever_comes_a
     next try is answered 5xx (which says nothing of the first): otherwise a later request of
     other companions carries another key, and LINE sends to the first ones twice."""
     from cdp_activation.connectors import connector_from_settings
-    from cdp_activation.delivery import ProviderUnavailable
+    from cdp_activation.delivery.engine import ProviderUnavailable
     from conftest import settings_for_sandbox
 
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")

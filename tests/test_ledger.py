@@ -298,7 +298,7 @@ def test_a_run_opens_the_ledger_once_and_closes_it_at_teardown(ledger_url: str) 
     first use and closed when Dagster tears the run's resources down."""
     import dagster as dg
 
-    from cdp_activation.resources import LedgerResource
+    from cdp_activation.components.resources import LedgerResource
 
     with dg.build_resources({"ledger": LedgerResource(url=ledger_url)}) as resources:
         first = resources.ledger.ledger()

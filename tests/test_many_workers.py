@@ -32,9 +32,9 @@ import psutil
 import pytest
 import sqlalchemy as sa
 
+from cdp_activation.demo.scale import Processes, fresh_database
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
-from cdp_activation.scale_demo import Processes, fresh_database
 from conftest import cli_project
 from test_never_twice import FAULTS, assert_each_key_once
 

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from phonenumbers import PhoneMetadata
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
-from cdp_activation.demo_data import generate_demo_warehouse
+from cdp_activation.demo.data import generate_demo_warehouse
 from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.phones import (
     PHONE_TYPES,

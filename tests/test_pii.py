@@ -22,15 +22,15 @@ import pytest
 import sqlalchemy as sa
 from time_machine import TimeMachineFixture
 
-from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
+from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, deliver
+from cdp_activation.feedback.send_log import SEND_LOG_TABLE, export_send_log
+from cdp_activation.feedback.webhooks import WebhookServer
 from cdp_activation.ledger import Ledger, send_events, sends, status_events
 from cdp_activation.pii import stored_outputs
 from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.phones import normalise_frame
 from cdp_activation.retention import ERASED, erase, purge
 from cdp_activation.sandbox import SandboxServer
-from cdp_activation.send_log import SEND_LOG_TABLE, export_send_log
-from cdp_activation.webhooks import WebhookServer
 from conftest import settings_for_sandbox
 from crash_worker import audience, sandbox_connectors
 
@@ -170,9 +170,9 @@ def test_no_number_in_dagster_storage_logs_or_the_send_log_after_a_run(
     captured log lines and the send log are searched for the numbers that were messaged."""
     import logging
 
-    from cdp_activation.cli import DEMO_STATUSES
-    from cdp_activation.demo_data import generate_demo_warehouse
-    from cdp_activation.runner import run_activation, run_fallback, today_partition
+    from cdp_activation.cli.main import DEMO_STATUSES
+    from cdp_activation.cli.runner import run_activation, run_fallback, today_partition
+    from cdp_activation.demo.data import generate_demo_warehouse
 
     today = datetime.now(UTC).date()
     time_machine.move_to(datetime.combine(today, time(14, 0), tzinfo=UTC), tick=True)  # awake

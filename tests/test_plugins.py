@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cdp_activation.connector_tables import connectors_markdown, webhooks_markdown
+from cdp_activation.cli.connector_tables import connectors_markdown, webhooks_markdown
 from cdp_activation.plugins import plugins
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ from cdp_activation.connectors.base import Capabilities, OutboundMessage, Outcom
 from cdp_activation.plugins import (
     ConnectorPlugin, ConnectorSettings, ContractCase, Credentials, StatusWebhook, credential,
 )
-from cdp_activation.statuses import StatusEvent
+from cdp_activation.feedback.statuses import StatusEvent
 
 
 class AcmeConnector:
@@ -90,11 +90,11 @@ import hashlib, hmac, json, sys
 import dagster as dg
 import httpx
 from cdp_activation.connectors import CONNECTORS, connector_from_settings
-from cdp_activation.connector_tables import connectors_markdown, webhooks_markdown
+from cdp_activation.cli.connector_tables import connectors_markdown, webhooks_markdown
 from cdp_activation.defs.resources import resources
 from cdp_activation.ledger import Ledger
 from cdp_activation.settings import get_settings
-from cdp_activation.webhooks import WebhookServer
+from cdp_activation.feedback.webhooks import WebhookServer
 
 settings = get_settings()
 connector = connector_from_settings("acme", settings)

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import yaml
 
-from cdp_activation.pricing import PriceList, estimate_cost, load_prices
+from cdp_activation.activation.pricing import PriceList, estimate_cost, load_prices
 
 PRICES = PriceList.model_validate(
     {

@@ -33,7 +33,7 @@ from dagster._core.remote_origin import (
 )
 from dagster._utils.tags import TagConcurrencyLimitsCounter
 
-from cdp_activation.runner import (
+from cdp_activation.cli.runner import (
     HOST_TAG,
     PID_START_TAG,
     PID_TAG,
@@ -149,7 +149,7 @@ def test_the_instance_allows_one_run_per_activation(home: Path) -> None:
 
 
 def test_the_project_assets_are_in_their_activation_pool() -> None:
-    from cdp_activation.runner import activation_names, load_definitions
+    from cdp_activation.cli.runner import activation_names, load_definitions
 
     definitions = load_definitions()
     names = activation_names(definitions)
@@ -298,7 +298,7 @@ def test_no_wait_and_a_timeout_fail_naming_the_run(home: Path) -> None:
 WORKER = """
 import time
 from test_run_queue import PARTITION, toy_definitions
-from cdp_activation.runner import run_activation
+from cdp_activation.cli.runner import run_activation
 
 def hold():
     print("started", flush=True)

@@ -18,10 +18,12 @@ from typing import Any
 import httpx
 import pytest
 
+from cdp_activation.components.resources import connector_resource
 from cdp_activation.connectors import connector_from_settings
 from cdp_activation.connectors.base import ConnectorConfigError
+from cdp_activation.feedback.webhooks import WebhookServer
+from cdp_activation.feedback.webhooks import signatures as sig
 from cdp_activation.ledger import Ledger
-from cdp_activation.resources import connector_resource
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import (
     SANDBOX_META_APP_SECRET,
@@ -30,8 +32,6 @@ from cdp_activation.settings import (
     SANDBOX_STATUS_SECRET,
     Settings,
 )
-from cdp_activation.webhooks import WebhookServer
-from cdp_activation.webhooks import signatures as sig
 from conftest import cli_project
 from test_webhooks import meta_status
 

@@ -13,12 +13,12 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
+from cdp_activation.components.resources import LedgerResource, SendLogResource
 from cdp_activation.connectors.base import Outcome, SendResult
 from cdp_activation.defs.send_log import send_log
+from cdp_activation.feedback.send_log import COLUMNS, SEND_LOG_TABLE, export_send_log
+from cdp_activation.feedback.statuses import StatusEvent
 from cdp_activation.ledger import Ledger, sends
-from cdp_activation.resources import LedgerResource, SendLogResource
-from cdp_activation.send_log import COLUMNS, SEND_LOG_TABLE, export_send_log
-from cdp_activation.statuses import StatusEvent
 from conftest import scratch_postgres_schema
 
 pytestmark = pytest.mark.integration

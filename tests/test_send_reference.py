@@ -37,6 +37,7 @@ from cdp_activation.connectors.base import (
     send_reference,
 )
 from cdp_activation.connectors.twilio import status_callback
+from cdp_activation.feedback.webhooks import WebhookServer
 from cdp_activation.sandbox import SandboxMessage, SandboxServer, twilio_content_sid
 from cdp_activation.settings import (
     SANDBOX_META_TOKEN,
@@ -44,7 +45,6 @@ from cdp_activation.settings import (
     SANDBOX_TWILIO_AUTH_TOKEN,
     Settings,
 )
-from cdp_activation.webhooks import WebhookServer
 from conftest import RecordingLedger
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 from pydantic import ValidationError
 
-from cdp_activation.resources import connector_resource
+from cdp_activation.components.resources import connector_resource
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import SettingsError, get_settings, project_root
 from conftest import cli_project
@@ -181,7 +181,8 @@ def test_the_cli_prints_the_one_line_when_dagster_wraps_the_error(
 ) -> None:
     from click.testing import CliRunner
 
-    from cdp_activation import cli, validation
+    from cdp_activation.cli import main as cli
+    from cdp_activation.cli import validation
 
     def load(_root: Path) -> None:
         try:
@@ -201,7 +202,7 @@ def test_the_cli_prints_the_one_line_when_dagster_wraps_the_error(
 def test_a_dagster_run_is_refused_before_anything_runs(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from cdp_activation.runner import run_activation
+    from cdp_activation.cli.runner import run_activation
 
     home = tmp_path / "dagster_home"
     home.mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cdp_activation.rate_limits import RateLimitUnavailable, SharedLimiter, masked
+from cdp_activation.delivery.rate_limits import RateLimitUnavailable, SharedLimiter, masked
 from cdp_activation.sandbox import SandboxConfig, SandboxServer
 from crash_worker import Worker
 
@@ -96,7 +96,7 @@ def test_redis_down_stops_the_step_rather_than_send_unthrottled(
 ) -> None:
     """With the shared limit configured and its Redis gone, nothing is sent unthrottled: the
     step stops before it claims a row, naming the URL with its password masked."""
-    from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
+    from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, deliver
     from cdp_activation.ledger import Ledger
     from crash_worker import audience, sandbox_connectors
 
@@ -125,7 +125,7 @@ def test_a_429_pauses_every_delivery_sending_for_that_sender(tmp_path: Path, sha
     (per-process), the other delivery keeps sending through the pause: shown too."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
+    from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, deliver
     from cdp_activation.ledger import Ledger
     from cdp_activation.sandbox import Fault
     from crash_worker import audience, sandbox_connectors

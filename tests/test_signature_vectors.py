@@ -22,8 +22,8 @@ import hashlib
 
 import jwt
 
+from cdp_activation.feedback.webhooks import signatures as sig
 from cdp_activation.sandbox import signing
-from cdp_activation.webhooks import signatures as sig
 
 TWILIO_URL = "https://mycompany.com/myapp.php?foo=1&bar=2"
 TWILIO_PARAMS = {

@@ -13,18 +13,18 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
+from cdp_activation.audience.warehouse import Warehouse
+from cdp_activation.components.resources import LedgerResource, WarehouseResource
 from cdp_activation.connectors.base import Outcome, SendResult
 from cdp_activation.defs.status_sources import status_source_asset
-from cdp_activation.ledger import Ledger
-from cdp_activation.resources import LedgerResource, WarehouseResource
-from cdp_activation.settings import project_root
-from cdp_activation.status_sources import (
+from cdp_activation.feedback.status_sources import (
     STATUS_SQL_DIR,
     StatusSource,
     StatusSourceError,
     read_status_source,
 )
-from cdp_activation.warehouse import Warehouse
+from cdp_activation.ledger import Ledger
+from cdp_activation.settings import project_root
 
 pytestmark = pytest.mark.integration
 

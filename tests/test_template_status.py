@@ -21,13 +21,13 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from cdp_activation.delivery import DeliveryOptions, DeliveryScope, TemplateBlocked, deliver
+from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, TemplateBlocked, deliver
+from cdp_activation.feedback.template_states import latest_states
+from cdp_activation.feedback.webhooks import WebhookServer
+from cdp_activation.feedback.webhooks import signatures as sig
+from cdp_activation.feedback.webhooks.parsers import parse_meta_template_updates
 from cdp_activation.ledger import SENT, Ledger, sends
 from cdp_activation.sandbox import SandboxServer
-from cdp_activation.template_states import latest_states
-from cdp_activation.webhooks import WebhookServer
-from cdp_activation.webhooks import signatures as sig
-from cdp_activation.webhooks.parsers import parse_meta_template_updates
 from conftest import settings_for_sandbox
 from crash_worker import audience, sandbox_connectors
 
@@ -213,8 +213,8 @@ def test_the_catalog_asset_shows_the_webhook_s_word(
 ) -> None:
     import dagster as dg
 
+    from cdp_activation.components.resources import LedgerResource, connector_resource
     from cdp_activation.defs.templates import catalog_asset
-    from cdp_activation.resources import LedgerResource, connector_resource
 
     secret = settings_for_sandbox(sandbox).webhook_secrets().secret_for("meta") or ""
     at = int(time.time()) - 5

@@ -33,9 +33,9 @@ from cdp_activation.connectors.base import (
     SendResult,
     TemplateRef,
 )
+from cdp_activation.delivery.transport import AiohttpTransport, make_client
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings
-from cdp_activation.transport import AiohttpTransport, make_client
 from test_connectors import meta, twilio  # the same builders as the connector tests
 
 pytestmark = pytest.mark.integration

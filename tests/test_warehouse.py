@@ -22,11 +22,11 @@ import pytest
 import sqlglot
 from polars.testing import assert_frame_equal
 
-from cdp_activation.audience_sql import AudienceQuery, load_audience_sql
-from cdp_activation.demo_data import DEMO_TABLES, generate_demo_warehouse
-from cdp_activation.demo_postgres import DemoLoadError, load_demo_into_postgres
+from cdp_activation.audience.sql import AudienceQuery, load_audience_sql
+from cdp_activation.audience.warehouse import Warehouse, WarehouseError
+from cdp_activation.demo.data import DEMO_TABLES, generate_demo_warehouse
+from cdp_activation.demo.postgres import DemoLoadError, load_demo_into_postgres
 from cdp_activation.settings import project_root
-from cdp_activation.warehouse import Warehouse, WarehouseError
 
 AS_OF = datetime(2025, 6, 1, tzinfo=UTC)
 PARAMS = {"lapse_threshold": 0.7, "as_of": AS_OF}

@@ -26,9 +26,9 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cdp_activation.feedback.webhooks import WebhookServer
+from cdp_activation.feedback.webhooks import signatures as sig
 from cdp_activation.ledger import Ledger
-from cdp_activation.webhooks import WebhookServer
-from cdp_activation.webhooks import signatures as sig
 from test_webhooks import REPORTS, SECRETS, post, signed
 
 pytestmark = pytest.mark.integration

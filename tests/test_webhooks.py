@@ -22,13 +22,18 @@ import pytest
 import sqlalchemy as sa
 
 from cdp_activation.connectors.base import Outcome, SendResult, send_id_of, send_reference
+from cdp_activation.delivery.transport import make_client
+from cdp_activation.feedback.statuses import StatusEvent
+from cdp_activation.feedback.webhooks import WebhookSecrets, WebhookServer
+from cdp_activation.feedback.webhooks import signatures as sig
+from cdp_activation.feedback.webhooks.parsers import (
+    parse_infobip,
+    parse_meta,
+    parse_twilio,
+    parse_vonage,
+)
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import signing
-from cdp_activation.statuses import StatusEvent
-from cdp_activation.transport import make_client
-from cdp_activation.webhooks import WebhookSecrets, WebhookServer
-from cdp_activation.webhooks import signatures as sig
-from cdp_activation.webhooks.parsers import parse_infobip, parse_meta, parse_twilio, parse_vonage
 from conftest import RecordingLedger
 
 pytestmark = pytest.mark.integration
@@ -409,7 +414,7 @@ def test_the_sandbox_reports_back_and_the_ledger_ends_on_each_message_s_last_sta
     """Deliver through the sandbox with status webhooks on: 70% delivered (some read), 10%
     failed with the provider's code, 20% never delivered; a fifth of the reports duplicated,
     a fifth reordered. Every row ends on the status its message really reached."""
-    from cdp_activation.delivery import DeliveryOptions, DeliveryScope, deliver
+    from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, deliver
     from cdp_activation.sandbox import SandboxConfig, SandboxServer
     from cdp_activation.sandbox.status_webhooks import outcome
     from conftest import settings_for_sandbox
@@ -461,7 +466,7 @@ def test_a_report_that_beats_its_send_s_answer_is_applied_once_the_send_is_recor
     ledger: Ledger,
 ) -> None:
     """Meta's `sent` webhook can arrive before the delivery engine records the send."""
-    from cdp_activation.statuses import StatusEvent
+    from cdp_activation.feedback.statuses import StatusEvent
 
     early = StatusEvent(
         "meta", "wamid.EARLY", "delivered", datetime.now(UTC), "meta|wamid.EARLY|delivered|1"

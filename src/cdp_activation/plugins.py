@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from cdp_activation.contracts import TemplateState
 from cdp_activation.errors import ConnectorConfigError, SettingsError
-from cdp_activation.statuses import StatusEvent
+from cdp_activation.feedback.statuses import StatusEvent
 
 ENTRY_POINT_GROUP = "cdp_activation.connectors"
 

@@ -195,7 +195,7 @@ def erase(
     if send_log_url:
         # The erased rows changed just now: the incremental export rewrites each of them
         # with its pseudonym (the send log never held numbers or message text).
-        from cdp_activation.send_log import export_send_log
+        from cdp_activation.feedback.send_log import export_send_log
 
         logged = export_send_log(ledger, send_log_url).exported
     outputs = _remove_outputs(storage_dir, before=None)

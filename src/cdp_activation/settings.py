@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cdp_activation.confirmation import ConfirmPolicy
+from cdp_activation.activation.confirmation import ConfirmPolicy
 from cdp_activation.errors import ConnectorConfigError, SettingsError
 from cdp_activation.plugins import (
     ConnectorPlugin,

@@ -12,18 +12,18 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, create_model
 
-from cdp_activation import activation_run as run
-from cdp_activation import fallback as fb
-from cdp_activation.audience_sql import sql_dialect
+from cdp_activation.activation import run as run
+from cdp_activation.activation.confirmation import Preview, confirmation_problem
+from cdp_activation.activation.spec import ActivationSpec, check_workers, coerce_parameter
+from cdp_activation.audience.sql import sql_dialect
 from cdp_activation.components import fan_out
 from cdp_activation.components import metadata as asset_meta
-from cdp_activation.confirmation import Preview, confirmation_problem
-from cdp_activation.delivery import DeliveryReport
+from cdp_activation.components.resources import LedgerResource
+from cdp_activation.delivery.engine import DeliveryReport
+from cdp_activation.feedback import fallback as fb
+from cdp_activation.feedback.template_catalog import CATALOG_CONNECTORS
 from cdp_activation.ledger import FALLBACK_STEP, INITIAL_STEP
-from cdp_activation.resources import LedgerResource
 from cdp_activation.settings import confirm_policy, get_settings
-from cdp_activation.specs import ActivationSpec, check_workers, coerce_parameter
-from cdp_activation.templates_catalog import CATALOG_CONNECTORS
 
 _PY_TYPES: dict[str, type] = {"float": float, "int": int, "str": str, "bool": bool, "date": str}
 

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 import dagster as dg
 
-from cdp_activation import activation_run as run
-from cdp_activation.delivery import DeliveryReport, DeliveryScope
+from cdp_activation.activation import run as run
+from cdp_activation.delivery.engine import DeliveryReport, DeliveryScope
 
 
 class Prepared(NamedTuple):

@@ -71,6 +71,7 @@ from cdp_activation.connectors.http import (
     require_settings,
     transport_failure,
 )
+from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.masking import mask_phones_in, redact_secrets
 from cdp_activation.plugins import (
     ConnectorPlugin,
@@ -85,7 +86,6 @@ from cdp_activation.sandbox_credentials import (
     SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS,
     SANDBOX_PORT,
 )
-from cdp_activation.webhooks import parsers, signatures
 
 logger = logging.getLogger(__name__)
 

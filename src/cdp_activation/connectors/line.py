@@ -56,6 +56,7 @@ from cdp_activation.connectors.http import (
     transport_failure,
     whole_request_results,
 )
+from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.masking import redact_secrets
 from cdp_activation.plugins import (
     ConnectorPlugin,
@@ -71,7 +72,6 @@ from cdp_activation.sandbox_credentials import (
     SANDBOX_PORT,
 )
 from cdp_activation.vocabulary import ADDRESS_PATTERNS
-from cdp_activation.webhooks import parsers, signatures
 
 USERS_PER_MULTICAST = 500
 MAX_TEXT = 5000  # characters of a text message

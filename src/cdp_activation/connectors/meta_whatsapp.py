@@ -36,6 +36,7 @@ from cdp_activation.connectors.http import (
     require_settings,
 )
 from cdp_activation.contracts import TemplateState
+from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.plugins import (
     ConnectorPlugin,
     ConnectorSettings,
@@ -51,7 +52,6 @@ from cdp_activation.sandbox_credentials import (
     SANDBOX_META_VERIFY_TOKEN,
     SANDBOX_PORT,
 )
-from cdp_activation.webhooks import parsers, signatures
 
 RETRY_CODES = frozenset({130429, 131056, 131057, 131000, 131016, 4, 80007})
 TEMPLATE_CODES = frozenset({132000, 132001, 132005, 132007, 132012, 132015, 132016})

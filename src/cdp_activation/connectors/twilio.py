@@ -45,6 +45,8 @@ from cdp_activation.connectors.http import (
     json_or_none,
     require_settings,
 )
+from cdp_activation.feedback.statuses import StatusEvent
+from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.plugins import (
     ConnectorPlugin,
     ConnectorSettings,
@@ -60,8 +62,6 @@ from cdp_activation.sandbox_credentials import (
     SANDBOX_TWILIO_ACCOUNT_SID,
     SANDBOX_TWILIO_AUTH_TOKEN,
 )
-from cdp_activation.statuses import StatusEvent
-from cdp_activation.webhooks import parsers, signatures
 
 RETRY_CODES = frozenset({20429})
 TEMPLATE_CODES = frozenset({63027})

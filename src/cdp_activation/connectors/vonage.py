@@ -52,6 +52,7 @@ from cdp_activation.connectors.http import (
     json_or_none,
     require_settings,
 )
+from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.plugins import (
     ConnectorPlugin,
     ConnectorSettings,
@@ -66,7 +67,6 @@ from cdp_activation.sandbox_credentials import (
     SANDBOX_VONAGE_API_SECRET,
     SANDBOX_VONAGE_SIGNATURE_SECRET,
 )
-from cdp_activation.webhooks import parsers, signatures
 
 CLIENT_REF_MAX = 40  # the spec: "Client reference of up to 40 characters"
 RETRY_CODES = frozenset({1000})

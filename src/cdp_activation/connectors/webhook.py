@@ -53,6 +53,7 @@ from cdp_activation.connectors.base import (
     retry_after_seconds,
 )
 from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
+from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.masking import mask_phones_in, redact_secrets
 from cdp_activation.plugins import (
     ConnectorPlugin,
@@ -68,7 +69,6 @@ from cdp_activation.sandbox_credentials import (
     SANDBOX_STATUS_SECRET,
     SANDBOX_WEBHOOK_TOKEN,
 )
-from cdp_activation.webhooks import parsers, signatures
 
 logger = logging.getLogger(__name__)
 

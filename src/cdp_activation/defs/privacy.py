@@ -4,7 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from cdp_activation.resources import LedgerResource
+from cdp_activation.components.resources import LedgerResource
 from cdp_activation.retention import purge
 from cdp_activation.settings import get_settings
 

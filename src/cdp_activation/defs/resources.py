@@ -9,14 +9,14 @@ from typing import Any
 
 import dagster as dg
 
-from cdp_activation.plugins import plugins
-from cdp_activation.resources import (
+from cdp_activation.components.resources import (
     ConnectorResource,
     LedgerResource,
     SendLogResource,
     WarehouseResource,
     connector_resource,
 )
+from cdp_activation.plugins import plugins
 from cdp_activation.settings import Settings, export_dotenv, get_settings
 from cdp_activation.storage import SealedFilesystemIOManager
 

@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from cdp_activation.resources import LedgerResource, SendLogResource
-from cdp_activation.send_log import SEND_LOG_TABLE
+from cdp_activation.components.resources import LedgerResource, SendLogResource
+from cdp_activation.feedback.send_log import SEND_LOG_TABLE
 
 
 @dg.asset(

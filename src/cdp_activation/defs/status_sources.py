@@ -3,10 +3,10 @@ statuses a platform exports to the warehouse into the ledger, on a schedule."""
 
 import dagster as dg
 
-from cdp_activation.audience_sql import sql_dialect
-from cdp_activation.resources import LedgerResource, WarehouseResource
+from cdp_activation.audience.sql import sql_dialect
+from cdp_activation.components.resources import LedgerResource, WarehouseResource
+from cdp_activation.feedback.status_sources import StatusSource, read_status_source, status_sources
 from cdp_activation.settings import get_settings, project_root
-from cdp_activation.status_sources import StatusSource, read_status_source, status_sources
 
 
 def status_source_asset(source: StatusSource) -> dg.AssetsDefinition:

@@ -5,14 +5,14 @@ from typing import Any
 
 import dagster as dg
 
-from cdp_activation.resources import ConnectorResource
-from cdp_activation.template_states import CATALOG, latest_states, record_states
-from cdp_activation.templates_catalog import (
+from cdp_activation.components.resources import ConnectorResource
+from cdp_activation.feedback.template_catalog import (
     catalog_frame,
     catalog_markdown,
     catalog_states,
     fetch_catalog,
 )
+from cdp_activation.feedback.template_states import CATALOG, latest_states, record_states
 
 SOURCES = {
     "meta_whatsapp": (

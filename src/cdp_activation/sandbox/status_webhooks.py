@@ -32,6 +32,7 @@ from urllib.parse import urlencode
 
 import httpx
 
+from cdp_activation.delivery.transport import make_client
 from cdp_activation.sandbox import signing
 from cdp_activation.sandbox.draws import draw
 from cdp_activation.sandbox_credentials import (
@@ -41,7 +42,6 @@ from cdp_activation.sandbox_credentials import (
     SANDBOX_TWILIO_AUTH_TOKEN,
     SANDBOX_VONAGE_SIGNATURE_SECRET,
 )
-from cdp_activation.transport import make_client
 
 if TYPE_CHECKING:
     from starlette.requests import Request

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cdp_activation.feedback.webhooks.app import WebhookServer, create_app
     from cdp_activation.plugins import WebhookSecrets
-    from cdp_activation.webhooks.app import WebhookServer, create_app
 
 __all__ = ["WebhookSecrets", "WebhookServer", "create_app"]
 
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
 
         return WebhookSecrets
     if name in ("WebhookServer", "create_app"):
-        from cdp_activation.webhooks import app
+        from cdp_activation.feedback.webhooks import app
 
         return getattr(app, name)
     raise AttributeError(name)

@@ -20,9 +20,9 @@ import duckdb
 import polars as pl
 import sqlalchemy as sa
 
+from cdp_activation.audience.warehouse import duckdb_path
 from cdp_activation.db import with_driver
 from cdp_activation.ledger import Ledger, sends
-from cdp_activation.warehouse import duckdb_path
 
 SEND_LOG_TABLE = "activation_send_log"
 OVERLAP = timedelta(minutes=5)

@@ -13,12 +13,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cdp_activation.activation_run import Activation
-from cdp_activation.audience_sql import AudienceSQLError, load_audience_sql, sql_dialect
+from cdp_activation.activation.run import Activation
+from cdp_activation.activation.spec import ActivationSpec
+from cdp_activation.audience.sql import AudienceSQLError, load_audience_sql, sql_dialect
 from cdp_activation.connectors import CONNECTORS
+from cdp_activation.feedback.status_sources import STATUS_SQL_DIR
 from cdp_activation.settings import get_settings
-from cdp_activation.specs import ActivationSpec
-from cdp_activation.status_sources import STATUS_SQL_DIR
 
 COMPONENT_TYPES = {
     "cdp_activation.components.ActivationComponent",
@@ -122,17 +122,17 @@ def check_live(root: Path, names: list[str]) -> tuple[dict[str, list[str]], list
     contract's columns with the right types), and each template in its provider's catalog
     (name, approval, category, parameters). What cannot be reached is a note saying it was
     not checked, not a problem."""
-    from cdp_activation.activation_run import (
+    from cdp_activation.activation.run import (
         Activation,
         audience_problems,
         partition_parameters,
         template_problems,
     )
+    from cdp_activation.activation.spec import coerce_parameter
+    from cdp_activation.audience.warehouse import Warehouse
     from cdp_activation.connectors import connector_from_settings
     from cdp_activation.connectors.base import ConnectorError
     from cdp_activation.masking import masked
-    from cdp_activation.specs import coerce_parameter
-    from cdp_activation.warehouse import Warehouse
 
     settings = get_settings()
     dialect = sql_dialect(settings.warehouse_url)
@@ -196,7 +196,7 @@ def _limit_zero(query: Any, dialect: str) -> Any:
     """The audience query wrapped to return its columns and no row."""
     from sqlglot import exp
 
-    from cdp_activation.audience_sql import AudienceQuery
+    from cdp_activation.audience.sql import AudienceQuery
 
     tree = exp.select("*").from_(query.tree.subquery("audience")).limit(0)
     return AudienceQuery(
@@ -206,7 +206,7 @@ def _limit_zero(query: Any, dialect: str) -> Any:
 
 def _empty_tables(activation: Any) -> dict[str, Any] | None:
     """The framework tables the query reads, empty (their columns are what matters)."""
-    from cdp_activation.activation_run import LEDGER_RECENT_SENDS
+    from cdp_activation.activation.run import LEDGER_RECENT_SENDS
     from cdp_activation.ledger import Ledger
 
     if not activation.query.reads_table(LEDGER_RECENT_SENDS):

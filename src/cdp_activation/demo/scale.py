@@ -122,7 +122,7 @@ def run(
     say: Any = print,
 ) -> dict[str, Any]:
     """Set everything up, run the win-back once on `workers` Celery workers, tear down."""
-    from cdp_activation.demo_data import generate_demo_warehouse
+    from cdp_activation.demo.data import generate_demo_warehouse
     from cdp_activation.scaling import check_broker
 
     check_broker(broker)

@@ -20,9 +20,17 @@ import httpx
 import polars as pl
 from pydantic import ValidationError
 
-from cdp_activation.audience_sql import AudienceQuery, load_audience_sql
+from cdp_activation.activation.spec import (
+    CATEGORIES_FOR_PURPOSE,
+    ActivationSpec,
+    ChannelPlanSpec,
+    QuietHoursSpec,
+    coerce_parameter,
+)
+from cdp_activation.audience.sql import AudienceQuery, load_audience_sql
+from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
-from cdp_activation.delivery import (
+from cdp_activation.delivery.engine import (
     DeliveryOptions,
     DeliveryReport,
     DeliveryScope,
@@ -54,14 +62,6 @@ from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
 from cdp_activation.policy.window import last_inbound_column
 from cdp_activation.settings import get_settings, is_loopback, project_root, sandbox_mode
-from cdp_activation.specs import (
-    CATEGORIES_FOR_PURPOSE,
-    ActivationSpec,
-    ChannelPlanSpec,
-    QuietHoursSpec,
-    coerce_parameter,
-)
-from cdp_activation.warehouse import Warehouse
 
 
 class AudienceContractError(CdpError, ValueError):

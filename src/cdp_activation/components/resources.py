@@ -14,12 +14,12 @@ from typing import Any, ClassVar
 import dagster as dg
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, create_model
 
+from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.connectors.base import Connector, ConnectorConfigError
+from cdp_activation.feedback.send_log import SendLogExport, export_send_log
 from cdp_activation.ledger import Ledger
 from cdp_activation.plugins import ConnectorSettings, plugin
-from cdp_activation.send_log import SendLogExport, export_send_log
 from cdp_activation.settings import sandbox_mode, settings_error_message
-from cdp_activation.warehouse import Warehouse
 
 
 class WarehouseResource(dg.ConfigurableResource):

@@ -36,8 +36,7 @@ from typing import Any
 
 from cdp_activation.connectors.base import send_id_of
 from cdp_activation.contracts import TemplateState
-from cdp_activation.masking import mask_phones_in
-from cdp_activation.statuses import (
+from cdp_activation.feedback.statuses import (
     DELIVERED,
     FAILED,
     READ,
@@ -46,6 +45,7 @@ from cdp_activation.statuses import (
     StatusEvent,
     connector_of,
 )
+from cdp_activation.masking import mask_phones_in
 
 _VONAGE_CODE = re.compile(r"#(\d+)$")
 

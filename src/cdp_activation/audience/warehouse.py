@@ -69,7 +69,7 @@ import sqlalchemy as sa
 from sqlglot.dialects import Dialect
 from sqlglot.tokens import TokenType
 
-from cdp_activation.audience_sql import AudienceQuery, sql_dialect
+from cdp_activation.audience.sql import AudienceQuery, sql_dialect
 from cdp_activation.errors import CdpError
 
 DEFAULT_STATEMENT_TIMEOUT_S = 300.0

@@ -74,14 +74,14 @@ def main(ctx: click.Context, debug: bool) -> None:
 def demo(
     customers: int, seed: int, port: int, dry_run: bool, send_window: str | None, as_json: bool
 ) -> None:
-    from cdp_activation.demo_data import generate_demo_warehouse
-    from cdp_activation.runner import (
+    from cdp_activation.audience.warehouse import duckdb_path
+    from cdp_activation.cli.runner import (
         ensure_dagster_home,
         run_activation,
         run_fallback,
         today_partition,
     )
-    from cdp_activation.warehouse import duckdb_path
+    from cdp_activation.demo.data import generate_demo_warehouse
 
     started = time.perf_counter()
     window = _window(send_window)
@@ -174,7 +174,7 @@ def _status_webhooks(stack: ExitStack, sandbox_url: str) -> str | None:
     port = _free_port()
     hooks = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "cdp_activation.cli", "webhooks", "serve", "--port", str(port)],
+        [sys.executable, "-m", "cdp_activation.cli.main", "webhooks", "serve", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -235,7 +235,7 @@ def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/5[/] ") -> st
         pass
     # Its own process, as a real provider would be: it must not share our interpreter's GIL.
     process = subprocess.Popen(
-        [sys.executable, "-m", "cdp_activation.cli", "sandbox", "--port", str(port)],
+        [sys.executable, "-m", "cdp_activation.cli.main", "sandbox", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -309,7 +309,7 @@ def _queue_options(command: Callable[..., None]) -> Callable[..., None]:
 
 def _queue(no_wait: bool = False, wait_timeout: float | None = None) -> Any:
     """The runner's `RunQueue`, telling the user (once per run) which run it waits behind."""
-    from cdp_activation.runner import RunQueue
+    from cdp_activation.cli.runner import RunQueue
 
     def on_wait(active: Any) -> None:
         console.print(
@@ -335,7 +335,7 @@ def _one_run_at_a_time(activation: str, no_wait: bool, wait_timeout: float | Non
     yield the queue for the runner, which looks once more right before it starts."""
     import dataclasses
 
-    from cdp_activation.runner import ActivationBusy, wait_for_turn
+    from cdp_activation.cli.runner import ActivationBusy, wait_for_turn
 
     queue = _queue(no_wait, wait_timeout)
     began = time.monotonic()
@@ -411,7 +411,7 @@ def _run(
     wait_timeout: float | None = None,
     workers: int | None = None,
 ) -> Any:
-    from cdp_activation.runner import ActivationNotFound, run_activation, today_partition
+    from cdp_activation.cli.runner import ActivationNotFound, run_activation, today_partition
 
     parameters: dict[str, Any] = {}
     for item in params:
@@ -448,7 +448,7 @@ def _run(
 
 def _say_left_out(running: str) -> None:
     """One line per other activation that could not be loaded (and so was left out)."""
-    from cdp_activation.runner import broken_activations
+    from cdp_activation.cli.runner import broken_activations
 
     for name, reason in sorted(broken_activations().items()):
         if name != running:
@@ -538,7 +538,7 @@ def fallback(
     no_wait: bool,
     wait_timeout: float | None,
 ) -> None:
-    from cdp_activation.runner import ActivationNotFound, run_fallback
+    from cdp_activation.cli.runner import ActivationNotFound, run_fallback
 
     with ExitStack() as stack:
         queue = stack.enter_context(_one_run_at_a_time(activation, no_wait, wait_timeout))
@@ -593,7 +593,7 @@ def _yaml_scalar(value: str) -> Any:
     "checking its templates in the provider's catalog.",
 )
 def validate(offline: bool) -> None:
-    from cdp_activation.validation import check_live, validate_project
+    from cdp_activation.activation.validation import check_live, validate_project
 
     root = project_root()
     valid, problems = validate_project(root)
@@ -621,7 +621,7 @@ def validate(offline: bool) -> None:
     "Their settings are checked first."
 )
 def connectors() -> None:
-    from cdp_activation.connector_tables import connectors_markdown, webhooks_markdown
+    from cdp_activation.cli.connector_tables import connectors_markdown, webhooks_markdown
 
     get_settings()  # a bad setting of any connector: one line naming it
     click.echo(connectors_markdown())
@@ -680,7 +680,7 @@ def _dagster_storage() -> Path:
     """Where the Dagster instance keeps step outputs (its storage directory)."""
     import dagster as dg
 
-    from cdp_activation.runner import ensure_dagster_home
+    from cdp_activation.cli.runner import ensure_dagster_home
 
     ensure_dagster_home()
     with dg.DagsterInstance.get() as instance:
@@ -731,9 +731,9 @@ def webhooks() -> None:
 def webhooks_serve(host: str, port: int | None) -> None:
     import uvicorn
 
+    from cdp_activation.feedback.webhooks import create_app
+    from cdp_activation.feedback.webhooks.app import access_log_config
     from cdp_activation.ledger import Ledger
-    from cdp_activation.webhooks import create_app
-    from cdp_activation.webhooks.app import access_log_config
 
     settings = get_settings()
     secrets = settings.webhook_secrets()
@@ -768,7 +768,7 @@ def webhooks_serve(host: str, port: int | None) -> None:
 )
 def celery_worker(name: str | None, concurrency: int) -> None:
     from cdp_activation import scaling
-    from cdp_activation.runner import ensure_dagster_home
+    from cdp_activation.cli.runner import ensure_dagster_home
 
     settings = get_settings()
     if not settings.celery_broker_url:
@@ -820,7 +820,7 @@ def celery_worker(name: str | None, concurrency: int) -> None:
 def scale_demo(
     workers: int, customers: int, max_recipients: int, postgres: str, broker: str
 ) -> None:
-    from cdp_activation import scale_demo as demo
+    from cdp_activation.demo import scale as demo
     from cdp_activation.scaling import ScalingError
 
     try:
@@ -863,9 +863,9 @@ def scale_demo(
 @click.option("--port", default=3000, show_default=True, help="Dagster UI port.")
 @click.option("--sandbox-port", default=SANDBOX_PORT, show_default=True)
 def dev(port: int, sandbox_port: int) -> None:
-    from cdp_activation.demo_data import generate_demo_warehouse
-    from cdp_activation.runner import ensure_dagster_home
-    from cdp_activation.warehouse import duckdb_path
+    from cdp_activation.audience.warehouse import duckdb_path
+    from cdp_activation.cli.runner import ensure_dagster_home
+    from cdp_activation.demo.data import generate_demo_warehouse
 
     os.environ["CDP_SANDBOX"] = "1"  # the UI, the daemon and its runs use the sandbox
     home = ensure_dagster_home()

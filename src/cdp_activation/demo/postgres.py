@@ -26,9 +26,9 @@ import psycopg
 import pyarrow.csv as pacsv
 from psycopg import sql
 
-from cdp_activation.demo_data import DEMO_TABLES
+from cdp_activation.audience.warehouse import postgres_endpoint, postgres_uri, redact_password
+from cdp_activation.demo.data import DEMO_TABLES
 from cdp_activation.errors import CdpError
-from cdp_activation.warehouse import postgres_endpoint, postgres_uri, redact_password
 
 log = logging.getLogger(__name__)
 

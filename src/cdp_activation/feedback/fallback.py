@@ -28,7 +28,7 @@ from typing import Any
 
 import polars as pl
 
-from cdp_activation.activation_run import (
+from cdp_activation.activation.run import (
     Activation,
     DeliverySummary,
     compute_audience,
@@ -37,15 +37,15 @@ from cdp_activation.activation_run import (
     recover_interrupted,
     send_and_finish,
 )
+from cdp_activation.activation.spec import ChannelPlanSpec, FallbackSpec, HoldoutSpec
+from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.connectors import connector_class
 from cdp_activation.connectors.base import Connector
-from cdp_activation.delivery import DeliveryOptions
+from cdp_activation.delivery.engine import DeliveryOptions
 from cdp_activation.errors import CdpError
 from cdp_activation.ledger import FALLBACK_STEP, Ledger
 from cdp_activation.policy import reasons
 from cdp_activation.policy.engine import EXCLUDE, excluded_by_reason
-from cdp_activation.specs import ChannelPlanSpec, FallbackSpec, HoldoutSpec
-from cdp_activation.warehouse import Warehouse
 
 # How far back the sensor looks for first messages due a fallback: one whose row has not
 # changed for a week is past any fallback worth sending, and the ledger only grows.

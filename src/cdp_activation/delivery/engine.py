@@ -56,7 +56,10 @@ from cdp_activation.connectors.base import (
     TemplateRef,
     send_reference,
 )
-from cdp_activation.group_commit import GroupCommit
+from cdp_activation.delivery.rate_limits import SharedLimiter, sender_key
+from cdp_activation.delivery.transport import make_client
+from cdp_activation.feedback.group_commit import GroupCommit
+from cdp_activation.feedback.template_states import TemplateGate, TemplateState
 from cdp_activation.ledger import (
     FAILED,
     INITIAL_STEP,
@@ -69,9 +72,6 @@ from cdp_activation.ledger import (
     PlannedSend,
     Settlement,
 )
-from cdp_activation.rate_limits import SharedLimiter, sender_key
-from cdp_activation.template_states import TemplateGate, TemplateState
-from cdp_activation.transport import make_client
 
 log = logging.getLogger(__name__)
 

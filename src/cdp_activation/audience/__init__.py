@@ -1,0 +1,1 @@
+"""The audience: the warehouse connection and the contract of audience SQL."""
