@@ -78,12 +78,12 @@ def suppressions_file(rows: int) -> Path:
 def child(mode: str, rows: int, cache_file: str) -> dict[str, Any]:
     import polars as pl
 
-    from cdp_activation.activation.spec import ActivationSpec
     from cdp_activation.connectors.meta_whatsapp import _template_info
     from cdp_activation.policy import decide
     from cdp_activation.policy.phone_cache import PhoneCache
     from cdp_activation.policy.suppression import normalise_suppressions
     from cdp_activation.sandbox import load_catalog
+    from cdp_activation.spec import ActivationSpec
 
     audience = pl.read_parquet(audience_file(rows))
     raw_suppressions = pl.read_parquet(suppressions_file(rows))

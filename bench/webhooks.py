@@ -1,7 +1,7 @@
 """Status webhooks in: events per second into the ledger, against a receiver that does nothing.
 
 `python -m bench webhooks [--events N] [--concurrency C] [--postgres URL]` from the repository
-root. The receiver (`cdp_activation.feedback.webhooks.create_app`) runs in its own process under
+root. The receiver (`cdp_activation.feedback.receiver.create_app`) runs in its own process under
 uvicorn on 127.0.0.1, on a fresh SQLite ledger (and on PostgreSQL with `--postgres`); N signed Meta
 status webhooks (one status each, as Meta sends them) are posted over loopback by a bare
 aiohttp loop with C requests in flight. The baseline, in the same run, is the same posts to a
@@ -45,7 +45,7 @@ def _serve(argv: list[str]) -> int:
 
     kind, port, url = argv[0], int(argv[1]), argv[2]
     if kind == "receiver":
-        from cdp_activation.feedback.webhooks import WebhookSecrets, create_app
+        from cdp_activation.feedback.receiver import WebhookSecrets, create_app
         from cdp_activation.ledger import Ledger
 
         app = create_app(Ledger(url), WebhookSecrets({"meta": SECRET}))
@@ -69,7 +69,7 @@ def _serve(argv: list[str]) -> int:
 
 
 def _bodies(n: int) -> list[tuple[bytes, dict[str, str]]]:
-    from cdp_activation.feedback.webhooks.signatures import meta_signature
+    from cdp_activation.connectors.signatures import meta_signature
 
     out = []
     stamp = int(time.time())

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cdp_activation.feedback.statuses import StatusEvent
+from cdp_activation.contracts import StatusEvent
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings

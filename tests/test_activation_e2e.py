@@ -18,7 +18,6 @@ import yaml
 from time_machine import TimeMachineFixture
 
 from cdp_activation.activation.run import Activation, DeliverySummary, compute_audience
-from cdp_activation.activation.spec import ActivationSpec
 from cdp_activation.audience.sql import AudienceSQLError
 from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.cli.runner import RunSummary, run_activation
@@ -28,6 +27,7 @@ from cdp_activation.demo.data import generate_demo_warehouse
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer, twilio_content_sid
 from cdp_activation.settings import project_root
+from cdp_activation.spec import ActivationSpec
 
 pytestmark = pytest.mark.e2e
 
@@ -547,7 +547,7 @@ def test_whatsapp_that_does_not_land_falls_back_to_sms_once_and_a_late_delivery_
     get one SMS, linked to their WhatsApp message; a `delivered` that arrives after the
     fallback is recorded and sends nothing."""
     from cdp_activation.cli.runner import run_fallback
-    from cdp_activation.feedback.webhooks import WebhookServer
+    from cdp_activation.feedback.receiver import WebhookServer
     from cdp_activation.sandbox.status_webhooks import outcome
     from conftest import settings_for_sandbox
     from test_webhooks import meta_status, post, signed
@@ -796,7 +796,7 @@ def test_null_customer_ids_are_reported_as_null_not_as_a_duplicated_none() -> No
     import yaml
 
     from cdp_activation.activation.run import Activation, audience_problems
-    from cdp_activation.activation.spec import ActivationSpec
+    from cdp_activation.spec import ActivationSpec
 
     defs_yaml = ROOT / "src/cdp_activation/defs/activations/winback_whatsapp/defs.yaml"
     attributes = yaml.safe_load(defs_yaml.read_text())["attributes"]

@@ -30,12 +30,12 @@ import pytest
 import yaml
 
 from cdp_activation.activation.run import Activation, compute_audience
-from cdp_activation.activation.spec import ActivationSpec
 from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.demo.data import generate_demo_warehouse
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import project_root
+from cdp_activation.spec import ActivationSpec
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cdp_activation.activation.validation import validate_project
+from cdp_activation.cli.validation import validate_project
 from cdp_activation.settings import project_root
 
 ROOT = project_root()

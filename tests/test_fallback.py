@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from cdp_activation.connectors.base import Outcome, SendResult
-from cdp_activation.feedback.statuses import StatusEvent
+from cdp_activation.contracts import StatusEvent
 from cdp_activation.ledger import (
     FALLBACK_STEP,
     PRIMARY_NOT_DELIVERED,

@@ -259,7 +259,7 @@ def test_a_lost_answer_followed_by_a_status_report_ends_delivered_not_unknown(
     it in status reports, so the report that follows turns it into `sent`, then `delivered`."""
     from cdp_activation.connectors import connector_from_settings
     from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, deliver
-    from cdp_activation.feedback.webhooks.app import WebhookServer
+    from cdp_activation.feedback.receiver import WebhookServer
     from conftest import settings_for_sandbox
     from crash_worker import audience
 

@@ -9,7 +9,7 @@ def test_audience_parameters_are_stored_typed_and_come_back_the_same() -> None:
     import json
     from datetime import date
 
-    from cdp_activation.activation.spec import coerce_parameter, storable_parameters
+    from cdp_activation.spec import coerce_parameter, storable_parameters
 
     given = {"vip_only": True, "threshold": 0.7, "days": 30, "since": date(2026, 1, 31), "c": "GB"}
     kinds = {"vip_only": "bool", "threshold": "float", "days": "int", "since": "date", "c": "str"}

@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from time_machine import TimeMachineFixture
 
 from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, deliver
+from cdp_activation.feedback.receiver import WebhookServer
 from cdp_activation.feedback.send_log import SEND_LOG_TABLE, export_send_log
-from cdp_activation.feedback.webhooks import WebhookServer
 from cdp_activation.ledger import Ledger, send_events, sends, status_events
 from cdp_activation.pii import stored_outputs
 from cdp_activation.policy.phone_cache import PhoneCache

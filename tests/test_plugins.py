@@ -32,7 +32,7 @@ from cdp_activation.connectors.base import Capabilities, OutboundMessage, Outcom
 from cdp_activation.plugins import (
     ConnectorPlugin, ConnectorSettings, ContractCase, Credentials, StatusWebhook, credential,
 )
-from cdp_activation.feedback.statuses import StatusEvent
+from cdp_activation.contracts import StatusEvent
 
 
 class AcmeConnector:
@@ -94,7 +94,7 @@ from cdp_activation.cli.connector_tables import connectors_markdown, webhooks_ma
 from cdp_activation.defs.resources import resources
 from cdp_activation.ledger import Ledger
 from cdp_activation.settings import get_settings
-from cdp_activation.feedback.webhooks import WebhookServer
+from cdp_activation.feedback.receiver import WebhookServer
 
 settings = get_settings()
 connector = connector_from_settings("acme", settings)

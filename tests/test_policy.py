@@ -8,13 +8,13 @@ from typing import Any
 import polars as pl
 import pytest
 
-from cdp_activation.activation.spec import ChannelPlanSpec
 from cdp_activation.connectors.base import TemplateInfo
 from cdp_activation.policy import decide
 from cdp_activation.policy.engine import rendered, variables_as_lists, with_bodies
 from cdp_activation.policy.phones import normalise
 from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
+from cdp_activation.spec import ChannelPlanSpec
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 GB_A = "+447123456701"
@@ -280,7 +280,7 @@ def test_recipient_cap_is_deterministic_and_exact() -> None:
 
 # ---------------------------------------------------------------- policy rules of issue 4
 
-from cdp_activation.activation.spec import PolicySpec  # noqa: E402
+from cdp_activation.spec import PolicySpec  # noqa: E402
 
 
 def frame_of(rows: list[dict[str, Any]], **columns: Any) -> pl.DataFrame:
@@ -470,7 +470,7 @@ def test_country_channel_order_overrides_the_plan() -> None:
 def test_a_country_route_must_use_channels_of_the_plan() -> None:
     from pydantic import ValidationError
 
-    from cdp_activation.activation.spec import ActivationSpec
+    from cdp_activation.spec import ActivationSpec
 
     with pytest.raises(ValidationError, match=r"country_channels.UA uses \['viber'\]"):
         ActivationSpec.model_validate(

@@ -24,15 +24,15 @@ import xxhash
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from cdp_activation.activation.spec import (
+from cdp_activation.connectors.base import TemplateInfo
+from cdp_activation.policy import decide
+from cdp_activation.policy.suppression import normalise_suppressions
+from cdp_activation.spec import (
     CATEGORIES_FOR_PURPOSE,
     ChannelPlanSpec,
     PolicySpec,
     StepSpec,
 )
-from cdp_activation.connectors.base import TemplateInfo
-from cdp_activation.policy import decide
-from cdp_activation.policy.suppression import normalise_suppressions
 
 WHATSAPP_CONNECTOR = "meta_whatsapp"
 SMS_CONNECTOR = "twilio"

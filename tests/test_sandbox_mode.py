@@ -20,9 +20,9 @@ import pytest
 
 from cdp_activation.components.resources import connector_resource
 from cdp_activation.connectors import connector_from_settings
+from cdp_activation.connectors import signatures as sig
 from cdp_activation.connectors.base import ConnectorConfigError
-from cdp_activation.feedback.webhooks import WebhookServer
-from cdp_activation.feedback.webhooks import signatures as sig
+from cdp_activation.feedback.receiver import WebhookServer
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import (

@@ -15,9 +15,9 @@ import sqlalchemy as sa
 
 from cdp_activation.components.resources import LedgerResource, SendLogResource
 from cdp_activation.connectors.base import Outcome, SendResult
+from cdp_activation.contracts import StatusEvent
 from cdp_activation.defs.send_log import send_log
 from cdp_activation.feedback.send_log import COLUMNS, SEND_LOG_TABLE, export_send_log
-from cdp_activation.feedback.statuses import StatusEvent
 from cdp_activation.ledger import Ledger, sends
 from conftest import scratch_postgres_schema
 

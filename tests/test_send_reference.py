@@ -37,7 +37,7 @@ from cdp_activation.connectors.base import (
     send_reference,
 )
 from cdp_activation.connectors.twilio import status_callback
-from cdp_activation.feedback.webhooks import WebhookServer
+from cdp_activation.feedback.receiver import WebhookServer
 from cdp_activation.sandbox import SandboxMessage, SandboxServer, twilio_content_sid
 from cdp_activation.settings import (
     SANDBOX_META_TOKEN,

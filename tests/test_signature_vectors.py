@@ -22,7 +22,7 @@ import hashlib
 
 import jwt
 
-from cdp_activation.feedback.webhooks import signatures as sig
+from cdp_activation.connectors import signatures as sig
 from cdp_activation.sandbox import signing
 
 TWILIO_URL = "https://mycompany.com/myapp.php?foo=1&bar=2"

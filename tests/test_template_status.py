@@ -21,12 +21,12 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
+from cdp_activation.connectors import signatures as sig
+from cdp_activation.connectors.status_parsers import parse_meta_template_updates
 from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, TemplateBlocked, deliver
-from cdp_activation.feedback.template_states import latest_states
-from cdp_activation.feedback.webhooks import WebhookServer
-from cdp_activation.feedback.webhooks import signatures as sig
-from cdp_activation.feedback.webhooks.parsers import parse_meta_template_updates
+from cdp_activation.feedback.receiver import WebhookServer
 from cdp_activation.ledger import SENT, Ledger, sends
+from cdp_activation.ledger.templates import latest_states
 from cdp_activation.sandbox import SandboxServer
 from conftest import settings_for_sandbox
 from crash_worker import audience, sandbox_connectors

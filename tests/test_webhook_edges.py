@@ -26,8 +26,8 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdp_activation.feedback.webhooks import WebhookServer
-from cdp_activation.feedback.webhooks import signatures as sig
+from cdp_activation.connectors import signatures as sig
+from cdp_activation.feedback.receiver import WebhookServer
 from cdp_activation.ledger import Ledger
 from test_webhooks import REPORTS, SECRETS, post, signed
 

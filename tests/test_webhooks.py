@@ -21,17 +21,17 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
+from cdp_activation.connectors import signatures as sig
 from cdp_activation.connectors.base import Outcome, SendResult, send_id_of, send_reference
-from cdp_activation.delivery.transport import make_client
-from cdp_activation.feedback.statuses import StatusEvent
-from cdp_activation.feedback.webhooks import WebhookSecrets, WebhookServer
-from cdp_activation.feedback.webhooks import signatures as sig
-from cdp_activation.feedback.webhooks.parsers import (
+from cdp_activation.connectors.status_parsers import (
     parse_infobip,
     parse_meta,
     parse_twilio,
     parse_vonage,
 )
+from cdp_activation.contracts import StatusEvent
+from cdp_activation.delivery.transport import make_client
+from cdp_activation.feedback.receiver import WebhookSecrets, WebhookServer
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import signing
 from conftest import RecordingLedger
@@ -466,7 +466,7 @@ def test_a_report_that_beats_its_send_s_answer_is_applied_once_the_send_is_recor
     ledger: Ledger,
 ) -> None:
     """Meta's `sent` webhook can arrive before the delivery engine records the send."""
-    from cdp_activation.feedback.statuses import StatusEvent
+    from cdp_activation.contracts import StatusEvent
 
     early = StatusEvent(
         "meta", "wamid.EARLY", "delivered", datetime.now(UTC), "meta|wamid.EARLY|delivered|1"

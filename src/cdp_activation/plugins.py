@@ -27,9 +27,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from cdp_activation.contracts import TemplateState
+from cdp_activation.contracts import StatusEvent, TemplateState
 from cdp_activation.errors import ConnectorConfigError, SettingsError
-from cdp_activation.feedback.statuses import StatusEvent
 
 ENTRY_POINT_GROUP = "cdp_activation.connectors"
 
@@ -307,3 +306,11 @@ class WebhookSecrets:
 
     def subscribe_token(self, route: str) -> str | None:
         return self.subscribe_tokens.get(route)
+
+
+def connector_of(provider: str) -> str:
+    """The connector whose sends a provider's report may update: the plugin whose status
+    webhook route it came in by (`plugins.status_routes`: "meta" -> meta_whatsapp, "sandbox"
+    -> webhook), or a connector named directly (a warehouse status source)."""
+    found = status_routes().get(provider)
+    return found.name if found is not None else provider

@@ -28,7 +28,6 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cdp_activation.activation.confirmation import ConfirmPolicy
 from cdp_activation.errors import ConnectorConfigError, SettingsError
 from cdp_activation.plugins import (
     ConnectorPlugin,
@@ -273,16 +272,6 @@ def resolve_secret(
         f"{env_name} is not set (the connector points at {base_url}). Set {env_name} in the "
         "environment or .env to the provider's credential, or CDP_SANDBOX=1 to use the local "
         "sandbox's published one."
-    )
-
-
-def confirm_policy() -> ConfirmPolicy:
-    """The confirm-before-send thresholds of the current environment."""
-    settings = get_settings()
-    return ConfirmPolicy(
-        confirm_above=settings.confirm_above,
-        valid_hours=settings.preview_valid_hours,
-        max_change=settings.preview_max_change,
     )
 
 

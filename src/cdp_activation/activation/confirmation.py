@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cdp_activation.settings import get_settings
+
 
 @dataclass(frozen=True)
 class Preview:
@@ -72,3 +74,13 @@ def confirmation_problem(
 
 def _hours(age: timedelta) -> str:
     return f"{age.total_seconds() / 3600:.1f} h"
+
+
+def confirm_policy() -> ConfirmPolicy:
+    """The confirm-before-send thresholds of the current environment."""
+    settings = get_settings()
+    return ConfirmPolicy(
+        confirm_above=settings.confirm_above,
+        valid_hours=settings.preview_valid_hours,
+        max_change=settings.preview_max_change,
+    )

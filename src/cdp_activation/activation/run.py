@@ -20,13 +20,6 @@ import httpx
 import polars as pl
 from pydantic import ValidationError
 
-from cdp_activation.activation.spec import (
-    CATEGORIES_FOR_PURPOSE,
-    ActivationSpec,
-    ChannelPlanSpec,
-    QuietHoursSpec,
-    coerce_parameter,
-)
 from cdp_activation.audience.sql import AudienceQuery, load_audience_sql
 from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
@@ -62,6 +55,13 @@ from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
 from cdp_activation.policy.window import last_inbound_column
 from cdp_activation.settings import get_settings, is_loopback, project_root, sandbox_mode
+from cdp_activation.spec import (
+    CATEGORIES_FOR_PURPOSE,
+    ActivationSpec,
+    ChannelPlanSpec,
+    QuietHoursSpec,
+    coerce_parameter,
+)
 
 
 class AudienceContractError(CdpError, ValueError):

@@ -425,7 +425,7 @@ def _run(
         # First wait behind any other run of the activation: the progress bar counts from
         # where the ledger stands once this run's turn comes.
         queue = stack.enter_context(_one_run_at_a_time(activation, no_wait, wait_timeout))
-        _start_sandbox_if_needed(stack)
+        _start_sandbox_if_needed(stack, activation)
         if not dry_run:
             stack.enter_context(_progress_bar(activation, partition))
         try:
@@ -542,7 +542,7 @@ def fallback(
 
     with ExitStack() as stack:
         queue = stack.enter_context(_one_run_at_a_time(activation, no_wait, wait_timeout))
-        _start_sandbox_if_needed(stack)
+        _start_sandbox_if_needed(stack, activation)
         try:
             summary = run_fallback(
                 activation,
@@ -563,14 +563,33 @@ def fallback(
         raise SystemExit(1)
 
 
-def _start_sandbox_if_needed(stack: ExitStack) -> None:
-    """The embedded default needs no setup: in sandbox mode (CDP_SANDBOX), if the connectors
-    point at the local sandbox and nothing answers there, run one for the command's duration."""
+def _start_sandbox_if_needed(stack: ExitStack, activation: str) -> None:
+    """The embedded default needs no setup: in sandbox mode (CDP_SANDBOX), if a connector the
+    activation sends through points at the local sandbox and nothing answers there, run one
+    for the command's duration. A run through other providers starts none."""
     settings = get_settings()
+    if not settings.sandbox:
+        return
     sandbox = f"http://127.0.0.1:{settings.sandbox_port}/"
-    urls = [p.base_url(settings.connector_settings(name)) for name, p in plugins().items()]
-    if settings.sandbox and any(url.startswith(sandbox) for url in urls):
+    names = _connectors_of(activation) or set(plugins())
+    urls = [plugins()[n].base_url(settings.connector_settings(n)) for n in names if n in plugins()]
+    if any(url.startswith(sandbox) for url in urls):
         _sandbox_url(stack, settings.sandbox_port, step="")
+
+
+def _connectors_of(activation: str) -> set[str]:
+    """The connectors an activation's channel plan names, read from its defs.yaml (empty when
+    it cannot be read: the run itself then says what is wrong)."""
+    import yaml
+
+    from cdp_activation import definitions
+
+    path = Path(definitions.__file__).parent / "defs" / "activations" / activation / "defs.yaml"
+    try:
+        plan = (yaml.safe_load(path.read_text()) or {})["attributes"]["channel_plan"]
+        return {str(step["connector"]) for step in plan["steps"]}
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return set()
 
 
 def _yaml_scalar(value: str) -> Any:
@@ -593,7 +612,7 @@ def _yaml_scalar(value: str) -> Any:
     "checking its templates in the provider's catalog.",
 )
 def validate(offline: bool) -> None:
-    from cdp_activation.activation.validation import check_live, validate_project
+    from cdp_activation.cli.validation import check_live, validate_project
 
     root = project_root()
     valid, problems = validate_project(root)
@@ -731,8 +750,7 @@ def webhooks() -> None:
 def webhooks_serve(host: str, port: int | None) -> None:
     import uvicorn
 
-    from cdp_activation.feedback.webhooks import create_app
-    from cdp_activation.feedback.webhooks.app import access_log_config
+    from cdp_activation.feedback.receiver import access_log_config, create_app
     from cdp_activation.ledger import Ledger
 
     settings = get_settings()

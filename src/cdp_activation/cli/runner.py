@@ -21,10 +21,10 @@ from typing import Any
 import dagster as dg
 
 from cdp_activation.activation.run import DeliverySummary
-from cdp_activation.activation.spec import check_workers
 from cdp_activation.errors import CdpError
 from cdp_activation.processes import host_id, process_gone, started_at
 from cdp_activation.settings import SettingsError, get_settings, project_root
+from cdp_activation.spec import check_workers
 
 SUMMARY_KEYS = ("audience", "eligible", "excluded", "sent", "failed", "already_sent")
 

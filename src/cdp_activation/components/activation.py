@@ -13,8 +13,7 @@ import polars as pl
 from pydantic import Field, create_model
 
 from cdp_activation.activation import run as run
-from cdp_activation.activation.confirmation import Preview, confirmation_problem
-from cdp_activation.activation.spec import ActivationSpec, check_workers, coerce_parameter
+from cdp_activation.activation.confirmation import Preview, confirm_policy, confirmation_problem
 from cdp_activation.audience.sql import sql_dialect
 from cdp_activation.components import fan_out
 from cdp_activation.components import metadata as asset_meta
@@ -23,7 +22,8 @@ from cdp_activation.delivery.engine import DeliveryReport
 from cdp_activation.feedback import fallback as fb
 from cdp_activation.feedback.template_catalog import CATALOG_CONNECTORS
 from cdp_activation.ledger import FALLBACK_STEP, INITIAL_STEP
-from cdp_activation.settings import confirm_policy, get_settings
+from cdp_activation.settings import get_settings
+from cdp_activation.spec import ActivationSpec, check_workers, coerce_parameter
 
 _PY_TYPES: dict[str, type] = {"float": float, "int": int, "str": str, "bool": bool, "date": str}
 

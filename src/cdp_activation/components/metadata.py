@@ -11,11 +11,11 @@ import polars as pl
 
 from cdp_activation.activation.pricing import estimate_cost, load_prices
 from cdp_activation.activation.run import DeliverySummary, sample_messages
-from cdp_activation.activation.spec import ChannelPlanSpec, storable_parameters
 from cdp_activation.feedback.fallback import FallbackDecisions
 from cdp_activation.policy import Decisions, reasons
 from cdp_activation.policy.engine import DEFER, HOLDOUT
 from cdp_activation.settings import get_settings
+from cdp_activation.spec import ChannelPlanSpec, storable_parameters
 
 
 def audience_metadata(

@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import SecretStr
 
-from cdp_activation.connectors import samples
+from cdp_activation.connectors import samples, signatures, status_parsers
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorConfigError,
@@ -71,7 +71,6 @@ from cdp_activation.connectors.http import (
     require_settings,
     transport_failure,
 )
-from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.masking import mask_phones_in, redact_secrets
 from cdp_activation.plugins import (
     ConnectorPlugin,
@@ -444,7 +443,7 @@ PLUGIN = ConnectorPlugin(
         verify=lambda secret, request: signatures.basic_valid(
             secret, request.headers.get("authorization")
         ),
-        parse=lambda request: parsers.parse_infobip(request.body, request.received),
+        parse=lambda request: status_parsers.parse_infobip(request.body, request.received),
         checked_with="HTTP Basic credentials in the notify URL",
     ),
     sandbox="/infobip",

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import SecretStr
 
-from cdp_activation.connectors import samples
+from cdp_activation.connectors import samples, signatures, status_parsers
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorError,
@@ -56,7 +56,6 @@ from cdp_activation.connectors.http import (
     transport_failure,
     whole_request_results,
 )
-from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.masking import redact_secrets
 from cdp_activation.plugins import (
     ConnectorPlugin,
@@ -256,7 +255,7 @@ PLUGIN = ConnectorPlugin(
         verify=lambda secret, request: signatures.line_valid(
             secret, request.body, request.headers.get("x-line-signature")
         ),
-        parse=lambda request: parsers.parse_line(request.body, request.received),
+        parse=lambda request: status_parsers.parse_line(request.body, request.received),
         checked_with="`X-Line-Signature` (HMAC-SHA256 of the body)",
     ),
     sandbox="/line",

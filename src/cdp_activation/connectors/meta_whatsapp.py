@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import SecretStr
 
-from cdp_activation.connectors import samples
+from cdp_activation.connectors import samples, signatures, status_parsers
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorConfigError,
@@ -36,7 +36,6 @@ from cdp_activation.connectors.http import (
     require_settings,
 )
 from cdp_activation.contracts import TemplateState
-from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.plugins import (
     ConnectorPlugin,
     ConnectorSettings,
@@ -321,7 +320,7 @@ def _meta_signed(secret: str, request: WebhookRequest) -> bool:
 
 
 def _meta_template_updates(request: WebhookRequest) -> list[TemplateState]:
-    return parsers.parse_meta_template_updates(request.body, request.received)
+    return status_parsers.parse_meta_template_updates(request.body, request.received)
 
 
 PLUGIN = ConnectorPlugin(
@@ -335,7 +334,7 @@ PLUGIN = ConnectorPlugin(
         route="meta",
         secret="app_secret",
         verify=_meta_signed,
-        parse=lambda request: parsers.parse_meta(request.body, request.received),
+        parse=lambda request: status_parsers.parse_meta(request.body, request.received),
         template_updates=_meta_template_updates,
         subscribe_token="verify_token",
         checked_with="`X-Hub-Signature-256` (HMAC-SHA256 of the body)",

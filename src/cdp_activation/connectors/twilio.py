@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 import httpx
 from pydantic import SecretStr
 
-from cdp_activation.connectors import samples
+from cdp_activation.connectors import samples, signatures, status_parsers
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorConfigError,
@@ -45,8 +45,7 @@ from cdp_activation.connectors.http import (
     json_or_none,
     require_settings,
 )
-from cdp_activation.feedback.statuses import StatusEvent
-from cdp_activation.feedback.webhooks import parsers, signatures
+from cdp_activation.contracts import StatusEvent
 from cdp_activation.plugins import (
     ConnectorPlugin,
     ConnectorSettings,
@@ -346,7 +345,7 @@ def _twilio_signed(secret: str, request: WebhookRequest) -> bool:
 
 def _twilio_statuses(request: WebhookRequest) -> list[StatusEvent]:
     # The StatusCallback URL we gave Twilio carries the send's `ref`.
-    return parsers.parse_twilio(dict(_form(request)), request.received, request.query)
+    return status_parsers.parse_twilio(dict(_form(request)), request.received, request.query)
 
 
 PLUGIN = ConnectorPlugin(

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import SecretStr
 
-from cdp_activation.connectors import samples
+from cdp_activation.connectors import samples, signatures, status_parsers
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorError,
@@ -52,7 +52,6 @@ from cdp_activation.connectors.http import (
     json_or_none,
     require_settings,
 )
-from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.plugins import (
     ConnectorPlugin,
     ConnectorSettings,
@@ -301,7 +300,7 @@ PLUGIN = ConnectorPlugin(
         verify=lambda secret, request: signatures.vonage_valid(
             secret, request.body, request.headers.get("authorization")
         ),
-        parse=lambda request: parsers.parse_vonage(request.body, request.received),
+        parse=lambda request: status_parsers.parse_vonage(request.body, request.received),
         checked_with="signed JWT (HS256) with `payload_hash`",
     ),
     sandbox="/vonage",

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import SecretStr
 
-from cdp_activation.connectors import samples
+from cdp_activation.connectors import samples, signatures, status_parsers
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorConfigError,
@@ -53,7 +53,6 @@ from cdp_activation.connectors.base import (
     retry_after_seconds,
 )
 from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
-from cdp_activation.feedback.webhooks import parsers, signatures
 from cdp_activation.masking import mask_phones_in, redact_secrets
 from cdp_activation.plugins import (
     ConnectorPlugin,
@@ -304,7 +303,7 @@ PLUGIN = ConnectorPlugin(
         verify=lambda secret, request: signatures.sandbox_valid(
             secret, request.body, request.headers.get("x-sandbox-signature")
         ),
-        parse=lambda request: parsers.parse_sandbox(request.body, request.received),
+        parse=lambda request: status_parsers.parse_sandbox(request.body, request.received),
         checked_with="`X-Sandbox-Signature` (HMAC-SHA256 of the body)",
     ),
     sandbox="/webhook/messages",

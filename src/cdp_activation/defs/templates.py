@@ -12,7 +12,7 @@ from cdp_activation.feedback.template_catalog import (
     catalog_states,
     fetch_catalog,
 )
-from cdp_activation.feedback.template_states import CATALOG, latest_states, record_states
+from cdp_activation.ledger.templates import CATALOG, latest_states, record_states
 
 SOURCES = {
     "meta_whatsapp": (

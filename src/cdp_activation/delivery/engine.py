@@ -58,8 +58,7 @@ from cdp_activation.connectors.base import (
 )
 from cdp_activation.delivery.rate_limits import SharedLimiter, sender_key
 from cdp_activation.delivery.transport import make_client
-from cdp_activation.feedback.group_commit import GroupCommit
-from cdp_activation.feedback.template_states import TemplateGate, TemplateState
+from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import (
     FAILED,
     INITIAL_STEP,
@@ -72,6 +71,7 @@ from cdp_activation.ledger import (
     PlannedSend,
     Settlement,
 )
+from cdp_activation.ledger.templates import TemplateGate, TemplateState
 
 log = logging.getLogger(__name__)
 

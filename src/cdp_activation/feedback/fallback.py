@@ -37,7 +37,6 @@ from cdp_activation.activation.run import (
     recover_interrupted,
     send_and_finish,
 )
-from cdp_activation.activation.spec import ChannelPlanSpec, FallbackSpec, HoldoutSpec
 from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.connectors import connector_class
 from cdp_activation.connectors.base import Connector
@@ -46,6 +45,7 @@ from cdp_activation.errors import CdpError
 from cdp_activation.ledger import FALLBACK_STEP, Ledger
 from cdp_activation.policy import reasons
 from cdp_activation.policy.engine import EXCLUDE, excluded_by_reason
+from cdp_activation.spec import ChannelPlanSpec, FallbackSpec, HoldoutSpec
 
 # How far back the sensor looks for first messages due a fallback: one whose row has not
 # changed for a week is past any fallback worth sending, and the ledger only grows.

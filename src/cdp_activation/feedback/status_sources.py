@@ -30,9 +30,9 @@ import polars as pl
 from cdp_activation.audience.sql import AudienceQuery, load_audience_sql
 from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.connectors import CONNECTORS
+from cdp_activation.contracts import STATUS_RANK, StatusEvent
 from cdp_activation.db import as_utc
 from cdp_activation.errors import CdpError
-from cdp_activation.feedback.statuses import STATUS_RANK, StatusEvent
 from cdp_activation.ledger import Ledger
 
 STATUS_SQL_DIR = Path("sql") / "statuses"

@@ -16,7 +16,7 @@ import httpx
 import polars as pl
 
 from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
-from cdp_activation.feedback.template_states import CATALOG, TemplateState
+from cdp_activation.ledger.templates import CATALOG, TemplateState
 
 # Connectors whose template catalog is a shared asset (`templates/<connector>`).
 CATALOG_CONNECTORS = frozenset({"meta_whatsapp", "twilio"})

@@ -10,11 +10,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from cdp_activation.contracts import send_id_of
-from cdp_activation.feedback.statuses import STATUS_RANK, StatusEvent, connector_of
+from cdp_activation.contracts import STATUS_RANK, StatusEvent, send_id_of
 from cdp_activation.ledger.base import LedgerBase, as_time, aware, chunks, db_time, utc_now
 from cdp_activation.ledger.records import OLDER_THAN_SEND, STATUS_CLOCK_SKEW, StatusWrite
 from cdp_activation.ledger.schema import send_events, sends, status_events
+from cdp_activation.plugins import connector_of
 from cdp_activation.vocabulary import (
     SENT,
     UNKNOWN,

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
-from cdp_activation.activation.spec import FrequencyCapSpec
+from cdp_activation.spec import FrequencyCapSpec
 
 
 def cap_applies(cap: FrequencyCapSpec, purpose: str) -> bool:

@@ -27,7 +27,6 @@ from datetime import datetime
 
 import polars as pl
 
-from cdp_activation.activation.spec import ChannelPlanSpec, PolicySpec, StepSpec
 from cdp_activation.contracts import TemplateInfo
 from cdp_activation.policy import reasons
 from cdp_activation.policy.addresses import address_column, has_address, recipient
@@ -54,6 +53,7 @@ from cdp_activation.policy.templates import (
     whatsapp_variables_ok,
 )
 from cdp_activation.policy.window import in_window
+from cdp_activation.spec import ChannelPlanSpec, PolicySpec, StepSpec
 from cdp_activation.vocabulary import DECISIONS, DEFER, EXCLUDE, HOLDOUT, SEND
 from cdp_activation.vocabulary import INITIAL_STEP as STEP  # the plan's first send
 

@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import polars as pl
 import pytz
 
-from cdp_activation.activation.spec import QuietHoursSpec
 from cdp_activation.policy.codes import enum_from_codes, map_strings
+from cdp_activation.spec import QuietHoursSpec
 
 
 @cache

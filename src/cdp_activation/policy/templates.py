@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 import polars as pl
 
-from cdp_activation.activation.spec import CATEGORIES_FOR_PURPOSE, TemplateSpec
 from cdp_activation.contracts import TemplateInfo
+from cdp_activation.spec import CATEGORIES_FOR_PURPOSE, TemplateSpec
 
 MAX_PARAMETER_LENGTH = 1024
 

@@ -28,11 +28,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from cdp_activation.feedback.group_commit import GroupCommit
-from cdp_activation.feedback.statuses import StatusEvent
-from cdp_activation.feedback.template_states import record_states
-from cdp_activation.feedback.webhooks import signatures
+from cdp_activation.connectors import signatures
+from cdp_activation.contracts import StatusEvent
+from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import Ledger
+from cdp_activation.ledger.templates import record_states
 from cdp_activation.plugins import WebhookRequest, WebhookSecrets, status_routes
 from cdp_activation.serving import BackgroundServer
 

@@ -14,11 +14,11 @@ import yaml
 from pydantic import ValidationError
 
 from cdp_activation.activation.run import Activation
-from cdp_activation.activation.spec import ActivationSpec
 from cdp_activation.audience.sql import AudienceSQLError, load_audience_sql, sql_dialect
 from cdp_activation.connectors import CONNECTORS
 from cdp_activation.feedback.status_sources import STATUS_SQL_DIR
 from cdp_activation.settings import get_settings
+from cdp_activation.spec import ActivationSpec
 
 COMPONENT_TYPES = {
     "cdp_activation.components.ActivationComponent",
@@ -128,11 +128,11 @@ def check_live(root: Path, names: list[str]) -> tuple[dict[str, list[str]], list
         partition_parameters,
         template_problems,
     )
-    from cdp_activation.activation.spec import coerce_parameter
     from cdp_activation.audience.warehouse import Warehouse
     from cdp_activation.connectors import connector_from_settings
     from cdp_activation.connectors.base import ConnectorError
     from cdp_activation.masking import masked
+    from cdp_activation.spec import coerce_parameter
 
     settings = get_settings()
     dialect = sql_dialect(settings.warehouse_url)

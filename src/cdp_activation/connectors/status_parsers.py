@@ -35,17 +35,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cdp_activation.connectors.base import send_id_of
-from cdp_activation.contracts import TemplateState
-from cdp_activation.feedback.statuses import (
+from cdp_activation.contracts import (
     DELIVERED,
     FAILED,
     READ,
     SENT,
     STATUS_RANK,
     StatusEvent,
-    connector_of,
+    TemplateState,
 )
 from cdp_activation.masking import mask_phones_in
+from cdp_activation.plugins import connector_of
 
 _VONAGE_CODE = re.compile(r"#(\d+)$")
 
