@@ -20,7 +20,7 @@ from cdp_activation.components import metadata as asset_meta
 from cdp_activation.components.resources import LedgerResource
 from cdp_activation.delivery.engine import DeliveryReport
 from cdp_activation.feedback import fallback as fb
-from cdp_activation.feedback.template_catalog import CATALOG_CONNECTORS
+from cdp_activation.feedback.template_catalog import catalog_connectors
 from cdp_activation.ledger import FALLBACK_STEP, INITIAL_STEP
 from cdp_activation.settings import get_settings
 from cdp_activation.spec import ActivationSpec, check_workers, coerce_parameter
@@ -92,7 +92,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
     connector_keys = set(spec.connectors())
     # Lineage to the shared catalog assets (defs/templates.py); decisions still read it live.
     template_connectors = sorted(
-        {s.connector for s in spec.channel_plan.steps if s.template} & CATALOG_CONNECTORS
+        {s.connector for s in spec.channel_plan.steps if s.template} & catalog_connectors()
     )
     plan_text = " → ".join(
         f"{s.channel} ({s.template.name if s.template else 'text'} via {s.connector})"

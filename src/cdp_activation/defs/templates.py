@@ -7,6 +7,7 @@ import dagster as dg
 
 from cdp_activation.components.resources import ConnectorResource
 from cdp_activation.feedback.template_catalog import (
+    catalog_connectors,
     catalog_frame,
     catalog_markdown,
     catalog_states,
@@ -64,9 +65,11 @@ def catalog_asset(connector_name: str) -> dg.AssetsDefinition:
     return templates
 
 
-meta_whatsapp_templates = catalog_asset("meta_whatsapp")
-twilio_templates = catalog_asset("twilio")
-META_TEMPLATES = meta_whatsapp_templates.key
+@dg.definitions
+def catalogs() -> dg.Definitions:
+    """One `templates/<connector>` asset per installed connector with a template catalog."""
+    return dg.Definitions(assets=[catalog_asset(name) for name in sorted(catalog_connectors())])
+
 
 sync_templates_job = dg.define_asset_job(
     "sync_templates", selection=dg.AssetSelection.groups("templates")

@@ -17,9 +17,14 @@ import polars as pl
 
 from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
 from cdp_activation.ledger.templates import CATALOG, TemplateState
+from cdp_activation.plugins import plugins
 
-# Connectors whose template catalog is a shared asset (`templates/<connector>`).
-CATALOG_CONNECTORS = frozenset({"meta_whatsapp", "twilio"})
+
+def catalog_connectors() -> frozenset[str]:
+    """Connectors whose template catalog is a shared asset (`templates/<connector>`): the
+    installed plugins whose connector can list its templates."""
+    return frozenset(name for name, plugin in plugins().items() if plugin.has_catalog)
+
 
 SCHEMA: dict[str, pl.DataType] = {
     "name": pl.String(),
