@@ -31,6 +31,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime
@@ -180,10 +181,13 @@ class Worker:
         n: int,
         env: dict[str, str] | None = None,
     ) -> None:
+        # Its stderr (the connectors' warnings, or why it died) goes to a file, shown when a
+        # line it should print never comes.
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  # lives with the worker
         self.process = subprocess.Popen(
             [sys.executable, str(WORKER), str(ledger), url, str(n), str(concurrency), *extra],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,  # the connectors' warnings; the tests read the ledger
+            stderr=self.stderr,
             text=True,
             env={**os.environ, **(env or {})},
         )
@@ -204,7 +208,12 @@ class Worker:
                 break
             if line.startswith(prefix):
                 return line
-        raise TimeoutError(f"the worker did not print {prefix!r} within {timeout} s")
+        self.stderr.seek(0)
+        said = self.stderr.read()[-3000:]
+        raise TimeoutError(
+            f"the worker did not print {prefix!r} within {timeout} s (exit status "
+            f"{self.process.poll()}); its stderr ends:\n{said}"
+        )
 
     def summary(self, timeout: float) -> dict[str, object]:
         """The JSON summary it prints when its delivery ends."""

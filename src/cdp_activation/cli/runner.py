@@ -556,7 +556,7 @@ class FallbackSummary:
     def as_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
-    def take(self, part: Mapping[str, Any], delivery: Mapping[str, Any]) -> None:
+    def take(self, part: Mapping[str, Any], delivery: Mapping[str, Any] | None) -> None:
         """The fallback asset's `fallback` and `summary` entries."""
         self.channel = str(part.get("channel", ""))
         self.first_messages = _int_map(part.get("first_messages"))
@@ -564,6 +564,8 @@ class FallbackSummary:
         self.due_codes = _int_map(part.get("due_codes"))
         self.excluded = _int_map(part.get("excluded"))
         self.eligible = int(part.get("eligible", 0))
+        if not isinstance(delivery, Mapping):
+            return
         sent = DeliverySummary.from_json(delivery)
         for name in ("sent", "failed", "unknown", "dead_letter", "deferred", "cancelled"):
             setattr(self, name, getattr(sent, name))
@@ -617,7 +619,7 @@ def run_fallback(
                 k: v.value
                 for k, v in event.step_materialization_data.materialization.metadata.items()
             }
-            summary.take(meta.get("fallback") or {}, meta.get("summary") or {})
+            summary.take(meta.get("fallback") or {}, meta.get("summary"))
         elif event.is_step_failure:
             summary.error = _failure_message(event)
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
@@ -731,8 +733,8 @@ def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
                 summary.audience = int(meta.get("audience_size", 0))
             elif key == "decisions":
                 summary.take_decisions(meta.get("summary") or {})
-            elif key == "deliveries":
-                summary.take_delivery(DeliverySummary.from_json(meta.get("summary") or {}))
+            elif key == "deliveries" and isinstance(meta.get("summary"), dict):
+                summary.take_delivery(DeliverySummary.from_json(meta["summary"]))
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
             if not evaluation.passed:
