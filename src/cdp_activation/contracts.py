@@ -145,3 +145,32 @@ class StatusEvent:
     def __post_init__(self) -> None:
         if self.status not in STATUS_RANK:
             raise ValueError(f"unknown delivery status {self.status!r}")
+
+
+# --- inbound messages --------------------------------------------------------------------------
+OPT_OUT, OPT_IN = "out", "in"
+ALL_PURPOSES = "all"  # an opt-out of every message on the channel (STOP), not only marketing
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """One message a customer sent us (a reply, a button tap, STOP), as a provider reported it.
+
+    `text` is what the rules read (a keyword, a button's title): it is never stored whole;
+    `summary` is the short, masked line that is. `opt` says whether the message opts the
+    customer out of (`out`) or back into (`in`) messages on `channel` for `purpose`
+    (`marketing`, or `all`); None for an ordinary reply.
+    """
+
+    provider: str
+    event_key: str
+    message_id: str
+    channel: str
+    sender: str  # E.164, or the provider's user id (LINE)
+    occurred_at: datetime
+    kind: str  # text, button, interactive, media, reaction, location, contacts, system, …
+    text: str = ""
+    summary: str = ""
+    opt: str | None = None
+    purpose: str = ALL_PURPOSES
+    reason: str = ""  # why it is an opt-out or -in: `keyword`, `button`, a provider code

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from cdp_activation.contracts import StatusEvent, TemplateState
+from cdp_activation.contracts import InboundMessage, StatusEvent, TemplateState
 from cdp_activation.errors import ConnectorConfigError, SettingsError
 
 ENTRY_POINT_GROUP = "cdp_activation.connectors"
@@ -139,6 +139,8 @@ class StatusWebhook:
     # (Meta's `hub.verify_token`); None: no such check.
     subscribe_token: str | None = None
     checked_with: str = ""  # for the docs: the provider's signature scheme, in a few words
+    # The customers' own messages the same route carries (replies, button taps, STOP).
+    inbound: Callable[[WebhookRequest], list[InboundMessage]] | None = None
 
 
 @dataclass(frozen=True)

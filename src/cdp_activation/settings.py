@@ -116,6 +116,10 @@ class CoreSettings(BaseSettings):
     # refused (401), never accepted unchecked.
     webhook_public_url: str | None = None  # e.g. https://hooks.example.com (Twilio signs it)
     webhooks_port: Port = 8788
+    # Replies that opt a customer out of (or back into) a channel, comma-separated; empty: the
+    # usual words (STOP, UNSUBSCRIBE, … and START, UNSTOP, …: policy/opt_out.py).
+    opt_out_keywords: str = ""
+    opt_in_keywords: str = ""
     # The largest webhook body the receiver reads (413 beyond, before it is read whole).
     webhook_max_body_bytes: PositiveCount = 1_048_576
 

@@ -46,6 +46,7 @@ from cdp_activation.ledger import (
 )
 from cdp_activation.masking import mask_phone
 from cdp_activation.pii import pii_key
+from cdp_activation.plugins import plugins
 from cdp_activation.policy import Decisions, decide, reasons
 from cdp_activation.policy.addresses import address_column
 from cdp_activation.policy.consent import consent_column
@@ -404,6 +405,13 @@ def compute_decisions(
         # This partition's own sends are a re-run's "already sent", not a reason to cap.
         exclude = (activation.name, partition_key) if partition_key else None
         recent = ledger.sends_since(now - timedelta(days=days), exclude=exclude)
+    opted_out = None
+    if ledger is not None:
+        # What customers told us since the warehouse last heard: opt-outs (their replies, the
+        # providers' refusals) and, for the 24-hour window, their latest WhatsApp message.
+        ledger.suppress_refusals(refusal_codes())
+        opted_out = ledger.opt_outs()
+        audience = with_replies(audience, ledger.last_inbound("whatsapp"))
     return decide(
         audience,
         activation.spec.channel_plan,
@@ -415,7 +423,32 @@ def compute_decisions(
         max_recipients=max_recipients,
         salt=activation.name,
         phone_cache=cache,
+        opt_outs=opted_out,
     )
+
+
+def refusal_codes() -> dict[tuple[str, str], str]:
+    """(connector, error code) -> the purpose an opt-out it means covers, from every installed
+    connector's `opt_out_codes` (Twilio 21610: all; Meta 131050: marketing)."""
+    return {
+        (name, code): purpose
+        for name, found in plugins().items()
+        for code, purpose in getattr(found.connector, "capabilities").opt_out_codes  # noqa: B009
+    }
+
+
+def with_replies(audience: pl.DataFrame, replies: pl.DataFrame) -> pl.DataFrame:
+    """`whatsapp_last_inbound_at` as the later of the warehouse's and the customer's latest
+    WhatsApp message to us (the receiver's), so a free-form message may follow a reply at once."""
+    column = "whatsapp_last_inbound_at"
+    if replies.is_empty() or column not in audience.columns:
+        return audience
+    ids = audience["customer_id"].cast(pl.String).alias("_id")
+    latest = audience.select(ids).join(
+        replies.rename({"customer_id": "_id"}), on="_id", how="left", maintain_order="left"
+    )["last_inbound_at"]
+    merged = pl.max_horizontal(pl.col(column).cast(pl.Datetime("us", "UTC")), latest)
+    return audience.with_columns(merged.alias(column))
 
 
 def with_run_choices(

@@ -763,8 +763,14 @@ def webhooks_serve(host: str, port: int | None) -> None:
             f"[yellow]no signing secret for {', '.join(refused)}: their webhooks are refused "
             "(401) until one is set (see .env.example)[/]"
         )
+    from cdp_activation.policy import opt_out
+
     app = create_app(
-        Ledger(settings.ledger_url), secrets, max_body_bytes=settings.webhook_max_body_bytes
+        Ledger(settings.ledger_url),
+        secrets,
+        max_body_bytes=settings.webhook_max_body_bytes,
+        opt_out_keywords=opt_out.keywords(settings.opt_out_keywords, opt_out.OPT_OUT_KEYWORDS),
+        opt_in_keywords=opt_out.keywords(settings.opt_in_keywords, opt_out.OPT_IN_KEYWORDS),
     )
     uvicorn.run(app, host=host, port=port, log_config=access_log_config(), lifespan="off")
 

@@ -44,6 +44,9 @@ class Capabilities:
     # Error codes (at send time or in a failed status report) meaning "this customer cannot
     # receive messages on this channel": a plan's fallback sends the next channel at once.
     unreachable_codes: frozenset[str] = frozenset()
+    # Error codes meaning "the customer opted out of this sender", with what they cover
+    # (`all`, or `marketing`): the ledger turns such a refusal into an opt-out the policy keeps.
+    opt_out_codes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

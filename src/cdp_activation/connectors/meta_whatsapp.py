@@ -79,6 +79,7 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
         # accepted. 131049 "not delivered to maintain healthy ecosystem engagement" (Meta's
         # per-user marketing limit) also means WhatsApp will not carry it to this customer.
         unreachable_codes=frozenset({"131026", "131049"}),
+        opt_out_codes=(("131050", "marketing"),),
     )
 
     def __init__(
@@ -336,6 +337,7 @@ PLUGIN = ConnectorPlugin(
         verify=_meta_signed,
         parse=lambda request: status_parsers.parse_meta(request.body, request.received),
         template_updates=_meta_template_updates,
+        inbound=lambda request: status_parsers.parse_meta_inbound(request.body, request.received),
         subscribe_token="verify_token",
         checked_with="`X-Hub-Signature-256` (HMAC-SHA256 of the body)",
     ),

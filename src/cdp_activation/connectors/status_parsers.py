@@ -41,6 +41,7 @@ from cdp_activation.contracts import (
     READ,
     SENT,
     STATUS_RANK,
+    InboundMessage,
     StatusEvent,
     TemplateState,
 )
@@ -352,3 +353,95 @@ JSON_PARSERS: dict[str, Callable[[bytes, datetime], list[StatusEvent]]] = {
     "line": parse_line,
     "sandbox": parse_sandbox,
 }
+
+
+# --- inbound messages (replies, button taps, STOP) ---------------------------------------------
+
+
+def _inbound(
+    provider: str, message_id: Any, channel: str, sender: Any, when: datetime, kind: str, text: str
+) -> InboundMessage:
+    if not isinstance(message_id, str) or not message_id:
+        raise ValueError(f"{provider} inbound message without a message id")
+    if not isinstance(sender, str) or not sender.strip():
+        raise ValueError(f"{provider} inbound message without a sender")
+    number = sender.strip().removeprefix("whatsapp:")
+    if number[:1].isdigit():
+        number = "+" + number  # Meta's `from` is the number's digits
+    return InboundMessage(
+        provider=provider,
+        event_key=f"{provider}|inbound|{message_id}",
+        message_id=message_id,
+        channel=channel,
+        sender=number,
+        occurred_at=when,
+        kind=kind,
+        text=text[:200],
+    )
+
+
+def _meta_text(message: dict[str, Any]) -> str:
+    """What the rules read of a Meta message: its text, a button's text, a reply's title."""
+    kind = message.get("type")
+    if kind == "text":
+        return str((message.get("text") or {}).get("body") or "")
+    if kind == "button":
+        button = message.get("button") or {}
+        return str(button.get("text") or button.get("payload") or "")
+    if kind == "interactive":
+        reply = message.get("interactive") or {}
+        chosen = reply.get("button_reply") or reply.get("list_reply") or {}
+        return str(chosen.get("title") or "")
+    return ""
+
+
+def parse_meta_inbound(body: bytes, received: datetime) -> list[InboundMessage]:
+    """The customers' messages of a Meta `messages` webhook (`value.messages`): text, button
+    and interactive replies, media, reactions, locations, contacts, orders, system notices."""
+    if b'"messages"' not in body:
+        return []
+    data = _json(body)
+    if not isinstance(data, dict) or not isinstance(data.get("entry"), list):
+        raise ValueError("expected {object, entry: [...]}")
+    found = []
+    for entry in data["entry"]:
+        for change in (entry or {}).get("changes") or []:
+            value = (change or {}).get("value") or {}
+            for message in value.get("messages") or []:
+                kind = str(message.get("type") or "unknown")
+                if kind in ("image", "video", "audio", "document", "sticker"):
+                    kind = "media"
+                found.append(
+                    _inbound(
+                        "meta",
+                        message.get("id"),
+                        "whatsapp",
+                        message.get("from"),
+                        _time(message.get("timestamp"), received),
+                        kind,
+                        _meta_text(message),
+                    )
+                )
+    return found
+
+
+def parse_twilio_inbound(params: Mapping[str, str], received: datetime) -> list[InboundMessage]:
+    """A Twilio incoming message (SMS or WhatsApp): a form with a `Body` and no delivery
+    status of ours (`SmsStatus` is `received`)."""
+    status = params.get("SmsStatus") or params.get("MessageStatus")
+    if "Body" not in params or status not in (None, "", "received"):
+        return []
+    sender = params.get("From") or ""
+    channel = "whatsapp" if sender.startswith("whatsapp:") else "sms"
+    media = params.get("NumMedia") not in (None, "", "0")
+    return [
+        _inbound(
+            "twilio",
+            params.get("MessageSid") or params.get("SmsMessageSid"),
+            channel,
+            sender,
+            received,
+            "media" if media and not params.get("Body") else "text",
+            params.get("Body") or "",
+        )
+    ]

@@ -91,6 +91,7 @@ class TwilioConnector(OneRecipientHttpConnector):
         # (unreachable handset), 30005 (unknown handset), 30006 (landline or unreachable
         # carrier).
         unreachable_codes=frozenset({"63003", "63024", "30003", "30005", "30006"}),
+        opt_out_codes=(("21610", "all"),),
     )
 
     def __init__(
@@ -360,6 +361,9 @@ PLUGIN = ConnectorPlugin(
         secret="auth_token",
         verify=_twilio_signed,
         parse=_twilio_statuses,
+        inbound=lambda request: status_parsers.parse_twilio_inbound(
+            dict(_form(request)), request.received
+        ),
         checked_with="`X-Twilio-Signature` (HMAC-SHA1 of the URL and the sorted form)",
     ),
     sandbox="/twilio",

@@ -20,6 +20,7 @@ connector. `GET /webhooks/<route>` answers a subscription check (Meta's `hub.mod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from datetime import UTC, datetime
 
@@ -29,11 +30,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from cdp_activation.connectors import signatures
-from cdp_activation.contracts import StatusEvent
+from cdp_activation.contracts import InboundMessage, StatusEvent
 from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import Ledger
 from cdp_activation.ledger.templates import record_states
 from cdp_activation.plugins import WebhookRequest, WebhookSecrets, status_routes
+from cdp_activation.policy import opt_out
 from cdp_activation.serving import BackgroundServer
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,11 @@ async def read_capped(request: Request, limit: int) -> bytes:
 
 
 def create_app(
-    ledger: Ledger, secrets: WebhookSecrets, max_body_bytes: int = MAX_BODY_BYTES
+    ledger: Ledger,
+    secrets: WebhookSecrets,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    opt_out_keywords: frozenset[str] = opt_out.OPT_OUT_KEYWORDS,
+    opt_in_keywords: frozenset[str] = opt_out.OPT_IN_KEYWORDS,
 ) -> Starlette:
     """The receiver for `ledger`. `app.state.writer.transactions` counts commits (bench).
     Bodies above `max_body_bytes` are refused (413) before they are read whole."""
@@ -109,6 +115,10 @@ def create_app(
         try:
             events = hook.parse(call)
             templates = hook.template_updates(call) if hook.template_updates else []
+            inbound = [
+                _kept(opt_out.classify(m, opt_out_keywords, opt_in_keywords))
+                for m in (hook.inbound(call) if hook.inbound else [])
+            ]
         except ValueError as err:
             return JSONResponse({"error": f"not a {route} status webhook: {err}"}, status_code=400)
         except Exception as err:  # signed, but a shape no parser expects: still bad input
@@ -125,9 +135,11 @@ def create_app(
                 await writer.submit(events)
             if templates:  # rare (a template changed status): no group commit needed
                 await asyncio.to_thread(record_states, ledger.engine, templates)
+            if inbound:  # replies: an opt-out takes effect before the provider hears 200
+                await asyncio.to_thread(ledger.record_inbound, inbound)
         except Exception:
             return JSONResponse({"error": "not stored; send it again"}, status_code=500)
-        return JSONResponse({"received": len(events) + len(templates)})
+        return JSONResponse({"received": len(events) + len(templates) + len(inbound)})
 
     async def subscribe(request: Request) -> Response:
         """A provider's subscription check (Meta: `hub.mode=subscribe`, `hub.verify_token`,
@@ -155,6 +167,11 @@ def create_app(
     )
     app.state.writer = writer
     return app
+
+
+def _kept(message: InboundMessage) -> InboundMessage:
+    """The message as it is stored: classified, its text reduced to a summary."""
+    return dataclasses.replace(message, summary=opt_out.summary(message), text="")
 
 
 def _called_url(request: Request, public_url: str | None) -> str:

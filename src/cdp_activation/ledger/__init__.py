@@ -40,6 +40,7 @@ from cdp_activation.ledger.records import (  # noqa: F401  # the ledger's names
     Settlement,
     StatusWrite,
 )
+from cdp_activation.ledger.replies import InboundWrite, Replies  # noqa: F401
 from cdp_activation.ledger.schema import (  # noqa: F401  # the ledger's names
     _MIGRATED,
     WORKER_ALIVE,
@@ -72,7 +73,8 @@ from cdp_activation.vocabulary import (  # noqa: F401  # re-exported: the ledger
 )
 
 
-class Ledger(SendStates, StatusIntake, FallbackQueries, Reads):
+class Ledger(SendStates, StatusIntake, Replies, FallbackQueries, Reads):
     """SQLAlchemy Core access to the ledger; every write is a bulk statement. Its jobs live in
     their own modules: `schema` (tables, `migrate`), `state_machine` (sends and their states),
-    `statuses` (provider reports), `fallback` (the fallback's queries) and `reads`."""
+    `statuses` (provider reports), `replies` (inbound messages, opt-outs), `fallback` (the
+    fallback's queries) and `reads`."""

@@ -152,6 +152,44 @@ template_states = sa.Table(
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# What customers sent us (replies, button taps, STOP), once each by the provider's message id
+# (`event_key`), matched to a customer through the number the ledger last sent to. No message
+# body is kept: `summary` is the kind and, for an opt-out or -in, the word that made it one.
+inbound_events = sa.Table(
+    "inbound_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("event_key", sa.String(300), nullable=False, unique=True),
+    sa.Column("provider", sa.String(40), nullable=False),
+    sa.Column("channel", sa.String(20), nullable=False),
+    sa.Column("customer_id", sa.String(120)),  # null: a number the ledger never sent to
+    sa.Column("kind", sa.String(20), nullable=False),
+    sa.Column("summary", sa.String(120), nullable=False),
+    sa.Column("opt", sa.String(8)),  # out | in | null
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_inbound_events_customer_channel", "customer_id", "channel", "occurred_at"),
+)
+
+# Customers who told us to stop, by channel and purpose (`marketing`, or `all`): from an
+# opt-out keyword or button (`source` the inbound event's key) or a provider's refusal of a
+# send (`source` "send:<id>", `reason` its code). The policy applies them on the next run,
+# before and regardless of the warehouse's consent columns. An opt-in keyword lifts only what a
+# keyword set (`lifted_at`).
+opt_outs = sa.Table(
+    "opt_outs",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("customer_id", sa.String(120), nullable=False),
+    sa.Column("channel", sa.String(20), nullable=False),
+    sa.Column("purpose", sa.String(20), nullable=False),
+    sa.Column("reason", sa.String(40), nullable=False),  # keyword | button | a provider code
+    sa.Column("source", sa.String(300), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("lifted_at", sa.DateTime(timezone=True)),
+    sa.Index("ix_opt_outs_customer_channel", "customer_id", "channel"),
+)
+
 _EVENT_COLUMNS = "send_id, from_state, to_state, attempts, error_code, run_id, at"
 _SQLITE_TRIGGERS = (
     f"""CREATE TRIGGER IF NOT EXISTS sends_planned AFTER INSERT ON sends BEGIN

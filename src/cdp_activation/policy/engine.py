@@ -68,6 +68,7 @@ _CUSTOMER_RULES = (
     reasons.FREQUENCY_CAPPED,
 )
 _CHANNEL_RULES = (
+    reasons.OPTED_OUT,
     reasons.NO_CONSENT,
     reasons.NO_ADDRESS,
     reasons.CHANNEL_SUPPRESSED,
@@ -80,8 +81,8 @@ _CHANNEL_RULES = (
 # Taken off a routed customer after routing; their names come first in the reason enum.
 _LATE_REASONS = (reasons.DUPLICATE_PHONE, reasons.OVER_RECIPIENT_CAP, reasons.HOLDOUT)
 # The routing key packs (customer code, order id, each channel's code) into one integer, in
-# mixed radix: customer codes 0-4, at most 255 country orders, channel codes 0-8; six channels
-# at most, so it always fits in 32 bits (5 * 256 * 9**6 < 2**32).
+# mixed radix: customer codes 0-4, at most 255 country orders, channel codes 0-9; six channels
+# at most, so it always fits in 32 bits (5 * 256 * 10**6 < 2**32).
 _CUSTOMER_RADIX = len(_CUSTOMER_RULES) + 1
 _ORDER_RADIX = 256
 _CHANNEL_RADIX = len(_CHANNEL_RULES) + 1
@@ -142,6 +143,7 @@ def decide(
     max_recipients: int | None = None,
     salt: str = "",
     phone_cache: PhoneCache | None = None,
+    opt_outs: pl.DataFrame | None = None,
 ) -> Decisions:
     """Decide every customer of `audience` (one row per customer, contract columns present).
 
@@ -149,7 +151,10 @@ def decide(
     templates, e.g. a Braze campaign, and nothing is checked here); `suppressions` holds normalised
     (phone_e164, channel) rows, channel null for all channels; `recent_sends` holds the
     ledger's accepted messages (customer_id text, channel, purpose, sent_at) for the caps;
-    `phone_cache` keeps each distinct number's validation across runs (beside the ledger).
+    `phone_cache` keeps each distinct number's validation across runs (beside the ledger);
+    `opt_outs` holds the customers who told us to stop (customer_id text, channel, purpose:
+    `marketing` or `all`), from their replies and the providers' refusals, which exclude them
+    from that channel with `<channel>_opted_out` whatever the warehouse's consent says.
     """
     policy = policy or PolicySpec()
     sends = EMPTY_SENDS if recent_sends is None else recent_sends
@@ -203,12 +208,14 @@ def decide(
             tests[name] = check([column])
             variable_tests.append(pl.col(name))
         tests[f"_capped_{channel}"] = capped(channel)
+        tests[f"_opted_out_{channel}"] = _opted_out(opt_outs, channel, plan.purpose)
         # A free-form WhatsApp message may only go inside the 24-hour customer-care window.
         free_form_whatsapp = channel == "whatsapp" and step.template is None
         window_ok = in_window(channel, now, columns) if free_form_whatsapp else pl.lit(True)
         number_ok = mobile if channel in policy.mobile_only else pl.lit(True)
         failures.append(
             [
+                pl.col(f"_opted_out_{channel}"),
                 ~has_consent(channel, plan.purpose),
                 ~has_address(channel),
                 pl.col(f"_suppressed_{channel}"),
@@ -328,6 +335,18 @@ def _first_failing(failures: Sequence[pl.Expr]) -> pl.Expr:
         hit = failures[position].fill_null(False)
         expr = pl.when(hit).then(pl.lit(position + 1, dtype=pl.UInt8)).otherwise(expr)
     return expr
+
+
+def _opted_out(opt_outs: pl.DataFrame | None, channel: str, purpose: str) -> pl.Expr:
+    """Whether the row's customer opted out of `channel` for `purpose` (or for everything)."""
+    if opt_outs is None or opt_outs.is_empty():
+        return pl.lit(False)
+    ids = opt_outs.filter(
+        (pl.col("channel") == channel) & pl.col("purpose").is_in([purpose, "all"])
+    )["customer_id"].cast(pl.String)
+    if ids.is_empty():
+        return pl.lit(False)
+    return pl.col("customer_id").cast(pl.String).is_in(ids.implode()).fill_null(False)
 
 
 def _channel_weight(index: int) -> int:

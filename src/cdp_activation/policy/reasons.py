@@ -11,6 +11,7 @@ FREQUENCY_CAPPED = "frequency_capped"
 HOLDOUT = "holdout"
 NOT_MOBILE = "not_mobile"
 NO_CONSENT = "no_consent"  # prefixed with the channel, e.g. whatsapp_no_consent
+OPTED_OUT = "opted_out"  # e.g. sms_opted_out: the customer replied STOP, or the provider said so
 NO_ADDRESS = "no_address"  # e.g. line_no_address: no LINE user id for the customer
 CHANNEL_SUPPRESSED = "suppressed"  # per channel, e.g. sms_suppressed
 TEMPLATE_NOT_APPROVED = "template_not_approved"
@@ -34,6 +35,10 @@ CUSTOMER_REASONS: dict[str, str] = {
 
 # Channel-level reasons, reported as `<channel>_<reason>`.
 CHANNEL_REASONS: dict[str, str] = {
+    OPTED_OUT: "The customer opted out here themselves: replied STOP (or another opt-out "
+    'keyword), tapped a template\'s "Stop promotions" button (marketing only), unfollowed, '
+    "or the provider refused a send because they had (Twilio 21610, Meta 131050). Applied "
+    "before, and regardless of, the warehouse's consent columns.",
     NO_CONSENT: "No opt-in for this channel and purpose (latest consent record is not an opt-in).",
     NO_ADDRESS: "No valid address on this channel: LINE needs the customer's LINE user id "
     "(`line_user_id`, U and 32 hex digits, from a follow event).",

@@ -1,0 +1,235 @@
+"""Replies: what customers sent us, and the opt-outs it (or a provider's refusal) made.
+
+An inbound message is stored once (by the provider's message id) and matched to a customer
+through the number (or LINE user id) the ledger last sent to on that channel. An opt-out
+becomes a row of `opt_outs` and cancels that customer's planned sends on the channel at once
+(a deferred send never goes out); an opt-in keyword lifts only what a keyword set. A send the
+provider refused because the customer had opted out (Twilio 21610, Meta 131050) becomes an
+opt-out too (`suppress_refusals`). All of it in the same transaction as the events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+import sqlalchemy as sa
+
+from cdp_activation.contracts import ALL_PURPOSES, OPT_IN, OPT_OUT, InboundMessage
+from cdp_activation.db import read_frame
+from cdp_activation.ledger.base import LedgerBase, aware, chunks, utc_now
+from cdp_activation.ledger.schema import inbound_events, opt_outs, sends
+from cdp_activation.vocabulary import CANCELLED, FAILED, PLANNED
+
+
+@dataclass(frozen=True)
+class InboundWrite:
+    received: int  # messages handed in
+    duplicates: int  # already stored: ignored
+    unmatched: int  # from an address the ledger never sent to: stored without a customer
+    opted_out: int  # opt-outs recorded
+    opted_in: int  # keyword opt-outs lifted
+    cancelled: int  # planned sends cancelled by an opt-out
+
+
+class Replies(LedgerBase):
+    """Inbound messages and opt-outs."""
+
+    def record_inbound(
+        self, messages: Sequence[InboundMessage], received_at: datetime | None = None
+    ) -> InboundWrite:
+        """Store each new message, match it to a customer, and apply its opt-out or -in."""
+        now = received_at or utc_now()
+        unique = {m.event_key: m for m in messages}
+        with self.engine.begin() as con:
+            self._lock_for_write(con)
+            known = self._known_inbound(con, list(unique))
+            fresh = sorted(
+                (m for k, m in unique.items() if k not in known), key=lambda m: m.occurred_at
+            )
+            customers = self._customers_of(con, {(m.channel, m.sender) for m in fresh})
+            rows = []
+            opted_out = opted_in = cancelled = 0
+            for message in fresh:
+                customer = customers.get((message.channel, message.sender))
+                rows.append(
+                    {
+                        "event_key": message.event_key,
+                        "provider": message.provider,
+                        "channel": message.channel,
+                        "customer_id": customer,
+                        "kind": message.kind[:20],
+                        "summary": (message.summary or message.kind)[:120],
+                        "opt": message.opt,
+                        "occurred_at": message.occurred_at,
+                        "received_at": now,
+                    }
+                )
+                if customer is None or message.opt is None:
+                    continue
+                if message.opt == OPT_OUT:
+                    opted_out += 1
+                    cancelled += self._opt_out(
+                        con,
+                        customer,
+                        message.channel,
+                        message.purpose,
+                        message.reason or "keyword",
+                        message.event_key,
+                        now,
+                    )
+                elif message.opt == OPT_IN:
+                    opted_in += self._lift(con, customer, message.channel, now)
+            if rows:
+                con.execute(sa.insert(inbound_events), rows)
+        return InboundWrite(
+            received=len(messages),
+            duplicates=len(messages) - len(fresh),
+            unmatched=sum(1 for r in rows if r["customer_id"] is None),
+            opted_out=opted_out,
+            opted_in=opted_in,
+            cancelled=cancelled,
+        )
+
+    def suppress_refusals(self, codes: Mapping[tuple[str, str], str]) -> int:
+        """Opt-outs for the sends a provider refused because the customer had opted out:
+        `codes` maps (connector, error code) to the purpose it covers (Twilio 21610: `all`;
+        Meta 131050: `marketing`). Each refused send counts once, however often this runs."""
+        if not codes:
+            return 0
+        now = utc_now()
+        added = 0
+        with self.engine.begin() as con:
+            for (connector, code), purpose in sorted(codes.items()):
+                refused = con.execute(
+                    sa.select(sends.c.id, sends.c.customer_id, sends.c.channel).where(
+                        sends.c.connector == connector,
+                        sa.or_(
+                            sa.and_(sends.c.state == FAILED, sends.c.error_code == code),
+                            sends.c.delivery_error_code == code,
+                        ),
+                        ~sa.exists().where(opt_outs.c.source == _send_source(sends.c.id)),
+                    )
+                ).all()
+                for send_id, customer, channel in refused:
+                    added += 1
+                    self._opt_out(con, customer, channel, purpose, code, f"send:{send_id}", now)
+        return added
+
+    def opt_outs(self) -> pl.DataFrame:
+        """The opt-outs in force: (customer_id, channel, purpose), one row each."""
+        return read_frame(
+            self.engine,
+            "SELECT DISTINCT customer_id, channel, purpose FROM opt_outs WHERE lifted_at IS NULL",
+            (),
+            schema={"customer_id": pl.String, "channel": pl.String, "purpose": pl.String},
+        )
+
+    def last_inbound(self, channel: str) -> pl.DataFrame:
+        """Each matched customer's latest message on `channel`: (customer_id, last_inbound_at)."""
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(inbound_events.c.customer_id, sa.func.max(inbound_events.c.occurred_at))
+                .where(
+                    inbound_events.c.channel == channel,
+                    inbound_events.c.customer_id.is_not(None),
+                )
+                .group_by(inbound_events.c.customer_id)
+            ).all()
+        schema = {"customer_id": pl.String(), "last_inbound_at": pl.Datetime("us", "UTC")}
+        return pl.DataFrame([(c, aware(t)) for c, t in rows], schema=schema, orient="row")
+
+    def _known_inbound(self, con: sa.Connection, keys: Sequence[str]) -> set[str]:
+        known: set[str] = set()
+        for chunk in chunks(keys, 5000):
+            known |= set(
+                con.execute(
+                    sa.select(inbound_events.c.event_key).where(
+                        inbound_events.c.event_key.in_(chunk)
+                    )
+                ).scalars()
+            )
+        return known
+
+    def _customers_of(
+        self, con: sa.Connection, addresses: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], str]:
+        """(channel, address) -> the customer the ledger last sent to there."""
+        found: dict[tuple[str, str], str] = {}
+        for channel in {c for c, _ in addresses}:
+            wanted = [a for c, a in addresses if c == channel]
+            for chunk in chunks(wanted, 5000):
+                latest = (
+                    sa.select(sends.c.recipient, sa.func.max(sends.c.id).label("id"))
+                    .where(sends.c.channel == channel, sends.c.recipient.in_(chunk))
+                    .group_by(sends.c.recipient)
+                    .subquery()
+                )
+                for recipient, customer in con.execute(
+                    sa.select(sends.c.recipient, sends.c.customer_id).join(
+                        latest, latest.c.id == sends.c.id
+                    )
+                ):
+                    found[(channel, recipient)] = customer
+        return found
+
+    def _opt_out(
+        self,
+        con: sa.Connection,
+        customer: str,
+        channel: str,
+        purpose: str,
+        reason: str,
+        source: str,
+        now: datetime,
+    ) -> int:
+        """Record one opt-out and cancel the customer's planned sends it covers."""
+        con.execute(
+            sa.insert(opt_outs).values(
+                customer_id=customer,
+                channel=channel,
+                purpose=purpose,
+                reason=reason[:40],
+                source=source[:300],
+                created_at=now,
+            )
+        )
+        covered = [
+            sends.c.customer_id == customer,
+            sends.c.channel == channel,
+            sends.c.state == PLANNED,
+        ]
+        if purpose != ALL_PURPOSES:
+            covered.append(sends.c.purpose == purpose)
+        result = con.execute(
+            sa.update(sends)
+            .where(*covered)
+            .values(
+                state=CANCELLED,
+                error_message=f"the customer opted out ({reason})"[:500],
+                updated_at=now,
+            )
+        )
+        return result.rowcount or 0
+
+    def _lift(self, con: sa.Connection, customer: str, channel: str, now: datetime) -> int:
+        """An opt-in keyword: lift the customer's keyword opt-outs on the channel (never one a
+        button or a provider's refusal made)."""
+        result = con.execute(
+            sa.update(opt_outs)
+            .where(
+                opt_outs.c.customer_id == customer,
+                opt_outs.c.channel == channel,
+                opt_outs.c.reason == "keyword",
+                opt_outs.c.lifted_at.is_(None),
+            )
+            .values(lifted_at=now)
+        )
+        return result.rowcount or 0
+
+
+def _send_source(send_id: sa.ColumnElement[int]) -> sa.ColumnElement[str]:
+    """`opt_outs.source` of a refused send: "send:<id>"."""
+    return sa.literal("send:", sa.String) + sa.cast(send_id, sa.String)

@@ -1,0 +1,301 @@
+"""Replies count: customers' messages are received and kept, STOP and the providers' own
+opt-out answers stop the next run, a planned send to them is cancelled, and a reply opens the
+24-hour WhatsApp window. Real receiver over HTTP, real ledgers, Meta's own spec examples."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlencode
+
+import polars as pl
+import pytest
+import sqlalchemy as sa
+import yaml
+
+from cdp_activation.activation.run import refusal_codes, with_replies
+from cdp_activation.contracts import InboundMessage, Outcome, SendResult
+from cdp_activation.feedback.receiver import WebhookServer
+from cdp_activation.ledger import Ledger
+from cdp_activation.policy import opt_out
+from cdp_activation.policy.engine import decide
+from cdp_activation.spec import ChannelPlanSpec
+from test_webhooks import SECRETS, WRONG, post, signed
+
+META_SPEC = (
+    Path(__file__).resolve().parents[2]
+    / "shared/vendor-specs/meta/business-messaging-api_v23.0.yaml"
+)
+NOW = datetime.now(UTC)
+NO_SUPPRESSIONS = pl.DataFrame(schema={"phone_e164": pl.String, "channel": pl.String})
+
+
+@pytest.fixture
+def receiver(ledger: Ledger) -> Iterator[WebhookServer]:
+    with WebhookServer(ledger, SECRETS) as server:
+        yield server
+
+
+def sent(ledger: Ledger, channel: str, connector: str, customers: dict[str, str]) -> None:
+    """Accepted sends to `customers` (id -> number), as delivery records them."""
+    plan = pl.DataFrame(
+        {
+            "customer_id": list(customers),
+            "phone_e164": list(customers.values()),
+            "channel": [channel] * len(customers),
+            "connector": [connector] * len(customers),
+            "step": ["initial"] * len(customers),
+            "template_name": [None] * len(customers),
+            "template_language": [None] * len(customers),
+            "variables": [None] * len(customers),
+            "body": ["Hi"] * len(customers),
+        },
+        schema_overrides={"template_name": pl.String, "template_language": pl.String},
+    )
+    ledger.plan("winback", "2026-12-01", plan)
+    rows = ledger.pending("winback", "2026-12-01")
+    ledger.mark_in_flight([r.id for r in rows])
+    ledger.record(
+        [(r.id, SendResult(r.idempotency_key, Outcome.SENT, f"m{r.id}"), 1) for r in rows]
+    )
+
+
+def planned_later(
+    ledger: Ledger, channel: str, customer: str, number: str, purpose: str, partition: str
+) -> None:
+    """A send of another activation, planned for later (deferred by quiet hours)."""
+    plan = pl.DataFrame(
+        {
+            "customer_id": [customer],
+            "phone_e164": [number],
+            "channel": [channel],
+            "connector": ["twilio"],
+            "step": ["initial"],
+            "body": ["Back in stock"],
+            "template_name": [None],
+            "template_language": [None],
+            "variables": [None],
+            "not_before": [NOW + timedelta(hours=8)],
+        },
+        schema_overrides={"template_name": pl.String, "template_language": pl.String},
+    )
+    ledger.plan("restock", partition, plan, purpose=purpose)
+
+
+def inbound(
+    text: str, sender: str, channel: str = "sms", kind: str = "text", n: int = 1
+) -> InboundMessage:
+    return opt_out.classify(
+        InboundMessage(
+            "twilio", f"twilio|inbound|SM{n}", f"SM{n}", channel, sender, NOW, kind, text
+        )
+    )
+
+
+def states(ledger: Ledger, activation: str) -> list[str]:
+    return ledger.rows(activation)["state"].to_list()
+
+
+def test_every_inbound_example_of_meta_s_spec_is_verified_and_stored_once(
+    ledger: Ledger, receiver: WebhookServer
+) -> None:
+    if not META_SPEC.is_file():
+        pytest.skip(f"{META_SPEC} is not beside the checkout (../shared/vendor-specs)")
+    spec = yaml.safe_load(META_SPEC.read_text())
+    examples = spec["paths"]["/whatsapp/webhooks"]["post"]["requestBody"]["content"][
+        "application/json"
+    ]["examples"]
+    url = f"{receiver.url}/webhooks/meta"
+    kinds: dict[str, str] = {}  # each message id's kind, as first seen
+    for name, example in examples.items():
+        body = json.dumps(example["value"]).encode()
+        assert post(url, signed("meta", WRONG, body)).status_code == 401, name
+        answer = post(url, signed("meta", SECRETS, body))
+        assert answer.status_code == 200, (name, answer.text)
+        value = example["value"]["entry"][0]["changes"][0]["value"]
+        for message in value.get("messages") or []:
+            kind = message["type"]
+            kinds.setdefault(message["id"], "media" if kind == "image" else kind)
+        assert post(url, signed("meta", SECRETS, body)).status_code == 200  # a redelivery
+    with ledger.engine.connect() as con:
+        rows = con.execute(sa.text("SELECT kind, customer_id, summary FROM inbound_events")).all()
+    # Each message once, by its id (the spec's examples reuse some ids), none twice.
+    assert len(kinds) >= 10 and len(rows) == len(kinds)
+    assert sorted(r.kind for r in rows) == sorted(kinds.values())
+    assert all(r.customer_id is None for r in rows)  # numbers the ledger never sent to
+    bodies = {"Does it come in another color?", "Sheena Nelson"}
+    assert not any(b in r.summary for r in rows for b in bodies)  # no message text is kept
+
+
+def test_stop_opts_out_at_once_cancels_what_is_planned_and_start_lifts_only_that(
+    ledger: Ledger,
+) -> None:
+    sent(ledger, "sms", "twilio", {"c1": "+447700900101", "c2": "+447700900102"})
+    planned_later(ledger, "sms", "c1", "+447700900101", "transactional", "2026-12-02")
+    planned_later(ledger, "whatsapp", "c1", "+447700900101", "marketing", "2026-12-03")
+
+    stop = inbound("  Stop! ", "+447700900101")
+    assert (stop.opt, stop.purpose, stop.reason) == ("out", "all", "keyword")
+    assert inbound("don't stop the offers", "+447700900101").opt is None
+    written = ledger.record_inbound([stop, stop])
+    assert (written.received, written.duplicates, written.opted_out) == (2, 1, 1)
+    assert written.cancelled == 1  # the deferred SMS; the WhatsApp send is another channel
+    assert sorted(states(ledger, "restock")) == ["cancelled", "planned"]
+    assert ledger.opt_outs().rows() == [("c1", "sms", "all")]
+
+    again = ledger.record_inbound([stop])
+    assert (again.duplicates, again.opted_out) == (1, 0)  # a redelivered webhook changes nothing
+
+    unknown = ledger.record_inbound([inbound("STOP", "+447700900999", n=2)])
+    assert (unknown.unmatched, unknown.opted_out) == (1, 0)
+
+    start = ledger.record_inbound([inbound("unstop", "+447700900101", n=3)])
+    assert start.opted_in == 1
+    assert ledger.opt_outs().is_empty()
+
+
+def test_a_stop_promotions_tap_stops_marketing_only_and_start_does_not_lift_it(
+    ledger: Ledger,
+) -> None:
+    sent(ledger, "whatsapp", "meta_whatsapp", {"c1": "+447700900201"})
+    tap = opt_out.classify(
+        InboundMessage(
+            "meta",
+            "meta|inbound|w1",
+            "w1",
+            "whatsapp",
+            "+447700900201",
+            NOW,
+            "button",
+            "Stop promotions",
+        )
+    )
+    assert (tap.opt, tap.purpose, tap.reason) == ("out", "marketing", "button")
+    ledger.record_inbound([tap])
+    ledger.record_inbound(
+        [
+            opt_out.classify(
+                InboundMessage(
+                    "meta",
+                    "meta|inbound|w2",
+                    "w2",
+                    "whatsapp",
+                    "+447700900201",
+                    NOW,
+                    "text",
+                    "START",
+                )
+            )
+        ]
+    )
+    assert ledger.opt_outs().rows() == [("c1", "whatsapp", "marketing")]
+
+
+def test_a_provider_s_opted_out_answer_becomes_an_opt_out_once(ledger: Ledger) -> None:
+    sent(ledger, "whatsapp", "meta_whatsapp", {"c1": "+447700900301"})
+    plan = pl.DataFrame(
+        {
+            "customer_id": ["c2"],
+            "phone_e164": ["+447700900302"],
+            "channel": ["sms"],
+            "connector": ["twilio"],
+            "step": ["initial"],
+            "body": ["Hi"],
+            "template_name": [None],
+            "template_language": [None],
+            "variables": [None],
+        },
+        schema_overrides={"template_name": pl.String, "template_language": pl.String},
+    )
+    ledger.plan("winback", "2026-12-03", plan)
+    [row] = ledger.pending("winback", "2026-12-03")
+    ledger.mark_in_flight([row.id])
+    refused = SendResult(row.idempotency_key, Outcome.FAILED, error_code="21610")
+    ledger.record([(row.id, refused, 1)])
+    codes = refusal_codes()
+    assert codes[("twilio", "21610")] == "all"
+    assert codes[("meta_whatsapp", "131050")] == "marketing"
+    assert ledger.suppress_refusals(codes) == 1
+    assert ledger.suppress_refusals(codes) == 0  # once, however often a run asks
+    assert ledger.opt_outs().rows() == [("c2", "sms", "all")]
+
+
+def test_the_policy_applies_an_opt_out_before_the_warehouse_s_consent() -> None:
+    plan = ChannelPlanSpec.model_validate(
+        {
+            "purpose": "marketing",
+            "steps": [
+                {"channel": "whatsapp", "connector": "meta_whatsapp", "body": "Hi {first_name}"},
+                {"channel": "sms", "connector": "twilio", "body": "Hi {first_name}"},
+            ],
+        }
+    )
+    audience = pl.DataFrame(
+        {
+            "customer_id": [1, 2, 3],
+            "phone": ["+447911123401", "+447911123402", "+447911123403"],
+            "country": ["GB"] * 3,
+            "timezone": ["Europe/London"] * 3,
+            "first_name": ["Ann", "Bo", "Cy"],
+            "whatsapp_marketing_consent": [True, True, False],
+            "sms_marketing_consent": [True, False, True],
+            "whatsapp_last_inbound_at": [NOW - timedelta(days=3)] * 3,
+        }
+    )
+    opted = pl.DataFrame(
+        {
+            "customer_id": ["1", "2", "3"],
+            "channel": ["whatsapp", "whatsapp", "sms"],
+            "purpose": ["marketing", "all", "all"],
+        }
+    )
+    noon = NOW.replace(hour=12, minute=0)
+    # A reply an hour ago opens the 24-hour window that the warehouse does not know of yet.
+    replied = with_replies(
+        audience,
+        pl.DataFrame(
+            {"customer_id": ["1", "2", "3"], "last_inbound_at": [noon - timedelta(hours=1)] * 3},
+            schema_overrides={"last_inbound_at": pl.Datetime("us", "UTC")},
+        ),
+    )
+    decided = decide(
+        replied, plan, now=noon, suppressions=NO_SUPPRESSIONS, catalogs={}, opt_outs=opted
+    ).frame
+    by_id = {r["customer_id"]: r for r in decided.iter_rows(named=True)}
+    assert by_id[1]["whatsapp_reason"] == "whatsapp_opted_out"  # though consent says yes
+    assert by_id[1]["channel"] == "sms"  # only WhatsApp marketing was stopped
+    assert by_id[2]["reason"] == "whatsapp_opted_out+sms_no_consent"
+    assert by_id[3]["reason"] == "whatsapp_no_consent+sms_opted_out"
+    # Nobody opted out: the free-form WhatsApp goes, inside the window the reply opened.
+    nobody = decide(replied, plan, now=noon, suppressions=NO_SUPPRESSIONS, catalogs={}).frame
+    assert nobody.filter(pl.col("customer_id") == 1)["channel"].to_list() == ["whatsapp"]
+    stale = decide(audience, plan, now=noon, suppressions=NO_SUPPRESSIONS, catalogs={}).frame
+    assert stale.filter(pl.col("customer_id") == 1)["whatsapp_reason"].to_list() == [
+        "whatsapp_outside_window"
+    ]
+
+
+def test_a_twilio_stop_through_the_receiver_is_signed_stored_and_applied(
+    ledger: Ledger, receiver: WebhookServer
+) -> None:
+    sent(ledger, "sms", "twilio", {"c9": "+447700900901"})
+    url = f"{receiver.url}/webhooks/twilio"
+    form = urlencode(
+        {
+            "MessageSid": "SMin1",
+            "SmsStatus": "received",
+            "From": "+447700900901",
+            "To": "+15005550006",
+            "Body": "STOP",
+        }
+    ).encode()
+    assert post(url, signed("twilio", WRONG, form, url)).status_code == 401
+    assert ledger.opt_outs().is_empty()
+    answer = post(url, signed("twilio", SECRETS, form, url))
+    assert answer.status_code == 200, answer.text
+    assert ledger.opt_outs().rows() == [("c9", "sms", "all")]
+    with ledger.engine.connect() as con:
+        summary = con.execute(sa.text("SELECT summary FROM inbound_events")).scalar_one()
+    assert summary == "text: opt-out (keyword) STOP"
