@@ -14,6 +14,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 import pytest
+import sqlalchemy as sa
 import yaml
 from time_machine import TimeMachineFixture
 
@@ -568,7 +569,9 @@ def test_whatsapp_that_does_not_land_falls_back_to_sms_once_and_a_late_delivery_
         )
         first = run_activation("winback_whatsapp", partition)
         assert first.success, first.error
-        whatsapp = {m.provider_message_id: m for m in sandbox.messages() if m.provider == "meta"}
+        whatsapp = {
+            m.provider_message_id: m for m in sandbox.messages() if m.provider == "meta_whatsapp"
+        }
         last = {pid: outcome(sandbox.config, m)[-1] for pid, m in whatsapp.items()}
         deadline = datetime.now(UTC) + timedelta(seconds=30)
         while datetime.now(UTC) < deadline:  # the reports arrive
@@ -806,3 +809,55 @@ def test_null_customer_ids_are_reported_as_null_not_as_a_duplicated_none() -> No
     assert "2 row(s) have a null customer_id" in problems
     assert "1 id(s) appear more than once, e.g. 2" in problems
     assert "None" not in problems
+
+
+def test_customers_who_tap_stop_are_not_messaged_there_again(env: SimpleNamespace) -> None:
+    """The sandbox's customers answer: some write back, some tap "Stop promotions" (WhatsApp)
+    or text STOP (SMS). The receiver keeps each message once; a new run the same day keeps
+    the ones who stopped off that channel (`whatsapp_opted_out`) although the warehouse still
+    says they opted in."""
+    from cdp_activation.feedback.receiver import WebhookServer
+    from cdp_activation.sandbox.draws import draw
+    from cdp_activation.sandbox.status_webhooks import outcome
+    from conftest import settings_for_sandbox
+
+    partition = TODAY.isoformat()
+    sandbox = env.sandbox
+    secrets = settings_for_sandbox(sandbox).webhook_secrets()
+    ledger = Ledger(env.ledger_url)
+    with WebhookServer(Ledger(env.ledger_url), secrets) as receiver:
+        sandbox.configure(
+            status_webhooks_url=receiver.url, status_delay_ms=2, reply_rate=0.5, reply_stop_rate=0.5
+        )
+        first = run_activation("winback_whatsapp", partition)
+        assert first.success, first.error
+        config = sandbox.config
+        replied = {
+            (m.channel, m.to): draw(config.seed, "stop", m.provider, m.to) < config.reply_stop_rate
+            for m in sandbox.messages()
+            if "delivered" in outcome(config, m)
+            and draw(config.seed, "reply", m.provider, m.to) < config.reply_rate
+        }
+        deadline = datetime.now(UTC) + timedelta(seconds=30)
+        while datetime.now(UTC) < deadline:  # the replies arrive
+            with ledger.engine.connect() as con:
+                kept = con.execute(sa.text("SELECT count(*) FROM inbound_events")).scalar_one()
+            if kept >= len(replied):
+                break
+        assert kept == len(replied) > 20
+        rows = ledger.rows("winback_whatsapp", partition)
+        addresses = zip(rows["channel"], rows["recipient"], strict=True)
+        customer = dict(zip(addresses, rows["customer_id"], strict=True))
+        expected = {(customer[key], key[0]) for key, stop in replied.items() if stop}
+        stopped = ledger.opt_outs()
+        assert set(zip(stopped["customer_id"], stopped["channel"], strict=True)) == expected
+        whatsapp_stopped = {c for c, channel in expected if channel == "whatsapp"}
+        assert whatsapp_stopped and set(
+            stopped.filter(pl.col("channel") == "whatsapp")["purpose"]
+        ) == {"marketing"}  # the button stops marketing only
+
+        again = run_activation("winback_whatsapp", partition, dry_run=True)
+        assert again.success, again.error
+    assert again.eligible["whatsapp"] == first.eligible["whatsapp"] - len(whatsapp_stopped)
+    assert any("whatsapp_opted_out" in reason for reason in again.excluded)
+    ledger.dispose()

@@ -299,3 +299,16 @@ def test_a_twilio_stop_through_the_receiver_is_signed_stored_and_applied(
     with ledger.engine.connect() as con:
         summary = con.execute(sa.text("SELECT summary FROM inbound_events")).scalar_one()
     assert summary == "text: opt-out (keyword) STOP"
+
+
+def test_an_erased_customer_s_opt_out_outlives_the_erasure(ledger: Ledger) -> None:
+    from cdp_activation.retention import erase
+
+    sent(ledger, "sms", "twilio", {"c1": "+447700900501", "c2": "+447700900502"})
+    ledger.record_inbound([inbound("STOP", "+447700900501")])
+    erase(ledger, ["c1"])
+    [(customer, channel, purpose)] = ledger.opt_outs().rows()
+    assert customer.startswith("erased-") and (channel, purpose) == ("sms", "all")
+    with ledger.engine.connect() as con:
+        ids = set(con.execute(sa.text("SELECT customer_id FROM inbound_events")).scalars())
+    assert ids == {customer}

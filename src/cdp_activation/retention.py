@@ -19,6 +19,8 @@ from cdp_activation.ledger import (
     PLANNED,
     Ledger,
     idempotency_key,
+    inbound_events,
+    opt_outs,
     sends,
     status_events,
 )
@@ -166,6 +168,15 @@ def erase(
                     for r in chunk
                 ],
             )
+        # Their replies and opt-outs keep counting under the pseudonym: an erased customer
+        # who said STOP is still never messaged from a ledger row that names them.
+        for table in (inbound_events, opt_outs):
+            for customer, pseudonym in pseudonyms.items():
+                con.execute(
+                    sa.update(table)
+                    .where(table.c.customer_id == customer)
+                    .values(customer_id=pseudonym)
+                )
         # Their status reports: those stored with their customer id (status sources), then
         # those of their sends' provider message ids.
         forget = {"payload": None, "customer_id": None}

@@ -84,6 +84,12 @@ class SandboxConfig:
     status_delay_ms: float = 20.0
     status_duplicate_rate: float = 0.0
     status_reorder_rate: float = 0.0
+    # Customers answering (Meta and Twilio messages, after `delivered`): a share
+    # `reply_rate` of them replies, and of those a share `reply_stop_rate` opts out (Meta: the
+    # template's "Stop promotions" button; SMS and Twilio WhatsApp: "STOP"); the others write
+    # a line of text. Posted signed, like the provider's, to the receiver's route.
+    reply_rate: float = 0.0
+    reply_stop_rate: float = 0.0
 
     def __post_init__(self) -> None:
         for name in FAULT_FIELDS:

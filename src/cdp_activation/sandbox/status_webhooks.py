@@ -178,6 +178,13 @@ async def _send_all(
         stamp = started + step  # providers' own times: a second apart, in the true order
         body, headers = _signed(route, message, status, stamp, url)
         await _post_with_retries(client, url, body, headers)
+    replies = route in ("meta", "twilio") and "delivered" in statuses
+    if replies and draw(config.seed, "reply", message.provider, message.to) < config.reply_rate:
+        stop = draw(config.seed, "stop", message.provider, message.to) < config.reply_stop_rate
+        await asyncio.sleep(config.status_delay_ms / 1000)
+        inbound = f"{config.status_webhooks_url.rstrip('/')}/webhooks/{route}"
+        body, headers = _reply(route, message, stop, started + len(statuses), inbound)
+        await _post_with_retries(client, inbound, body, headers)
 
 
 async def _post_with_retries(
@@ -292,6 +299,56 @@ def _signed(
     }
     body = json.dumps({"statuses": [status_entry]}).encode()
     return body, {"X-Sandbox-Signature": signing.sandbox_header(SANDBOX_STATUS_SECRET, body)}
+
+
+def _reply(
+    route: str, message: SandboxMessage, stop: bool, stamp: float, url: str
+) -> tuple[bytes, dict[str, str]]:
+    """The customer's answer to `message`, as the provider posts it: a Meta `messages`
+    webhook (a button reply or a text), or a Twilio incoming-message form."""
+    ident = f"in-{message.provider_message_id}"
+    if route == "meta":
+        reply: dict[str, Any] = {
+            "from": message.to.removeprefix("+"),
+            "id": f"wamid.{ident}",
+            "timestamp": str(int(stamp)),
+            "context": {"from": "15550783881", "id": message.provider_message_id},
+        }
+        if stop:
+            reply |= {"type": "button", "button": {"payload": "STOP", "text": "Stop promotions"}}
+        else:
+            reply |= {"type": "text", "text": {"body": "Thanks, looking now"}}
+        value = {
+            "messaging_product": "whatsapp",
+            "metadata": {"phone_number_id": "100000000000001"},
+            "contacts": [{"wa_id": message.to.removeprefix("+")}],
+            "messages": [reply],
+        }
+        payload = {
+            "object": "whatsapp_business_account",
+            "entry": [
+                {"id": "200000000000002", "changes": [{"field": "messages", "value": value}]}
+            ],
+        }
+        body = json.dumps(payload).encode()
+        return body, {
+            "Content-Type": "application/json",
+            "X-Hub-Signature-256": signing.meta_header(SANDBOX_META_APP_SECRET, body),
+        }
+    sender = f"whatsapp:{message.to}" if message.channel == "whatsapp" else message.to
+    form = {
+        "MessageSid": f"SM{ident[-32:]}",
+        "SmsStatus": "received",
+        "From": sender,
+        "To": "+15005550006",
+        "Body": "STOP" if stop else "Thanks",
+        "NumMedia": "0",
+    }
+    body = urlencode(form).encode()
+    return body, {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Twilio-Signature": signing.twilio_header(SANDBOX_TWILIO_AUTH_TOKEN, url, form),
+    }
 
 
 def close_client(app: Any) -> None:
