@@ -78,12 +78,18 @@ def test_demo_twice_the_second_run_sends_nothing(tmp_path: Path) -> None:
     reports = summary["delivery_statuses"]
     assert sum(reports.values()) == summary["sent"]
     assert reports.get("delivered", 0) + reports.get("read", 0) > summary["sent"] / 2
+    # Some customers wrote back (the sandbox plays them), and some of those said stop.
+    replies = summary["replies"]
+    assert replies["replied"] > 0 and 0 < replies["opted_out"] < replies["replied"]
+    assert re.search(rf"│ replies · opted out .*│ +{replies['opted_out']:,} │", first.stdout)
 
     second = run_cli(*demo, "--json", env=env)
     assert second.returncode == 0, second.stderr + second.stdout
     again = json.loads(second.stdout.strip().splitlines()[-1])
     assert again["sent"] == 0
-    assert again["already_sent"] == summary["sent"]
+    # Nothing twice; the ones who opted out in between are no longer chosen at all.
+    left_out = summary["sent"] - again["already_sent"]
+    assert 0 <= left_out <= replies["opted_out"]
     assert again["audience"] == summary["audience"]
     # The runs are in the instance the UI reads.
     assert (home / "history" / "runs.db").exists() or (home / "storage").exists()

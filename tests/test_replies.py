@@ -312,3 +312,37 @@ def test_an_erased_customer_s_opt_out_outlives_the_erasure(ledger: Ledger) -> No
     with ledger.engine.connect() as con:
         ids = set(con.execute(sa.text("SELECT customer_id FROM inbound_events")).scalars())
     assert ids == {customer}
+
+
+def test_replies_and_opt_outs_reach_the_warehouse_once_each(ledger: Ledger, tmp_path: Path) -> None:
+    import duckdb
+
+    from cdp_activation.feedback.send_log import export_replies
+
+    url = f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    sent(ledger, "sms", "twilio", {"c1": "+447700900601", "c2": "+447700900602"})
+    ledger.record_inbound(
+        [inbound("STOP", "+447700900601"), inbound("Thanks", "+447700900602", n=2)]
+    )
+    first = export_replies(ledger, url)
+    assert {t: e.exported for t, e in first.items()} == {
+        "activation_inbound_log": 2,
+        "activation_suppressions": 1,
+    }
+    ledger.record_inbound([inbound("START", "+447700900601", n=3)])  # lifts the opt-out
+    export_replies(ledger, url)
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb")) as con:
+        log = con.execute(
+            "SELECT customer_id, kind, opt, summary FROM activation_inbound_log ORDER BY inbound_id"
+        ).fetchall()
+        suppressions = con.execute(
+            "SELECT customer_id, channel, purpose, reason, lifted_at IS NOT NULL "
+            "FROM activation_suppressions"
+        ).fetchall()
+    assert [(c, k, o) for c, k, o, _ in log] == [
+        ("c1", "text", "out"),
+        ("c2", "text", None),
+        ("c1", "text", "in"),
+    ]
+    assert not any("Thanks" in s for *_, s in log)  # no message text leaves the ledger
+    assert suppressions == [("c1", "sms", "all", "keyword", True)]  # one row, now lifted

@@ -166,6 +166,9 @@ DEMO_STATUSES = {
     "status_delay_ms": 50,
     "status_duplicate_rate": 0.05,
     "status_reorder_rate": 0.05,
+    # Some customers write back, and some of those say stop: the next run leaves them out.
+    "reply_rate": 0.1,
+    "reply_stop_rate": 0.3,
 }
 
 
@@ -196,7 +199,8 @@ def _status_webhooks(stack: ExitStack, sandbox_url: str) -> str | None:
 
 
 def _settled_statuses(activation: str, partition: str, quiet: float = 1.0) -> dict[str, int]:
-    """Delivery statuses of the partition once the reports stop changing (at most ~15 s)."""
+    """Delivery statuses of the partition, and how many of its customers replied and opted
+    out, once the reports stop changing (at most ~15 s)."""
     from cdp_activation.ledger import INITIAL_STEP, Ledger
 
     ledger = Ledger(get_settings().ledger_url)
@@ -207,6 +211,7 @@ def _settled_statuses(activation: str, partition: str, quiet: float = 1.0) -> di
         while time.monotonic() < deadline:
             ledger.apply_pending_statuses()
             counts = ledger.delivery_status_counts(activation, partition, step=INITIAL_STEP)
+            counts |= ledger.reply_counts(activation, partition)
             if counts != last:
                 last, stable_since = counts, time.monotonic()
             elif time.monotonic() - stable_since >= quiet:
@@ -985,6 +990,10 @@ def _report(
         for status in ("delivered", "read", "failed", "sent"):
             label = "sent, not delivered (yet)" if status == "sent" else status
             table.add_row(f"delivery reports · {label}", f"{reports.get(status, 0):,}")
+        table.add_row("replies · customers who wrote back", f"{reports.get('replied', 0):,}")
+        table.add_row(
+            "replies · opted out (left out from now on)", f"{reports.get('opted_out', 0):,}"
+        )
     table.add_row("elapsed", f"{summary.elapsed_seconds:,.1f} s")
     out.print(table)
     if show_samples and summary.sample_messages:
@@ -1006,7 +1015,9 @@ def _report(
     if as_json:
         data = summary.as_json()
         if reports is not None:
-            data["delivery_statuses"] = reports
+            replies = ("replied", "opted_out")
+            data["delivery_statuses"] = {k: v for k, v in reports.items() if k not in replies}
+            data["replies"] = {k: reports.get(k, 0) for k in replies}
         if fallback is not None:
             data["fallback"] = fallback.as_json()
         print(json.dumps(data, sort_keys=True))

@@ -16,7 +16,7 @@ from pydantic import Field, PrivateAttr, SecretStr, ValidationError, create_mode
 
 from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.connectors.base import Connector, ConnectorConfigError
-from cdp_activation.feedback.send_log import SendLogExport, export_send_log
+from cdp_activation.feedback.send_log import SendLogExport, export_replies, export_send_log
 from cdp_activation.ledger import Ledger
 from cdp_activation.plugins import ConnectorSettings, plugin
 from cdp_activation.settings import sandbox_mode, settings_error_message
@@ -58,6 +58,9 @@ class SendLogResource(dg.ConfigurableResource):
 
     def export(self, ledger: Ledger) -> SendLogExport:
         return export_send_log(ledger, self.url)
+
+    def export_replies(self, ledger: Ledger) -> dict[str, SendLogExport]:
+        return export_replies(ledger, self.url)
 
 
 class ConnectorResource(dg.ConfigurableResource):

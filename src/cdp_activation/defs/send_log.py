@@ -3,7 +3,7 @@
 import dagster as dg
 
 from cdp_activation.components.resources import LedgerResource, SendLogResource
-from cdp_activation.feedback.send_log import SEND_LOG_TABLE
+from cdp_activation.feedback.send_log import INBOUND_LOG_TABLE, OPT_OUTS_TABLE, SEND_LOG_TABLE
 
 
 @dg.asset(
@@ -13,12 +13,15 @@ from cdp_activation.feedback.send_log import SEND_LOG_TABLE
     description=f"Every send of every activation, exported from the ledger to the warehouse "
     f"table `{SEND_LOG_TABLE}` (one row per send in its latest state: step, channel, state, "
     "delivery status, fallback link and reason, holdouts), incrementally. For analysts to join "
-    "to outcomes; no phone numbers or message texts.",
+    "to outcomes; no phone numbers or message texts. The customers' replies and opt-outs go "
+    f"to `{INBOUND_LOG_TABLE}` and `{OPT_OUTS_TABLE}` the same way.",
 )
 def send_log(ledger: LedgerResource, send_log: SendLogResource) -> dg.MaterializeResult:
     export = send_log.export(ledger.ledger())
+    replies = send_log.export_replies(ledger.ledger())
     return dg.MaterializeResult(
         metadata={
+            **{f"{table}_exported": done.exported for table, done in replies.items()},
             "exported_rows": export.exported,
             "dagster/row_count": export.table_rows,
             "table": SEND_LOG_TABLE,

@@ -1,5 +1,6 @@
 """The send log: the ledger exported to the warehouse, so analysts can join sends, statuses,
-fallbacks and holdouts to outcomes (`activation_send_log`, one row per send).
+fallbacks and holdouts to outcomes (`activation_send_log`, one row per send), with the
+customers' replies (`activation_inbound_log`) and opt-outs (`activation_suppressions`).
 
 Incremental: each export reads the ledger rows changed since the newest `updated_at` already in
 the table (less a few minutes of overlap, so a row committed late with an earlier stamp is not
@@ -22,7 +23,7 @@ import sqlalchemy as sa
 
 from cdp_activation.audience.warehouse import duckdb_path
 from cdp_activation.db import with_driver
-from cdp_activation.ledger import Ledger, sends
+from cdp_activation.ledger import Ledger, inbound_events, opt_outs, sends
 
 SEND_LOG_TABLE = "activation_send_log"
 OVERLAP = timedelta(minutes=5)
@@ -55,6 +56,47 @@ COLUMNS: dict[str, pl.DataType] = {
 }
 
 
+INBOUND_LOG_TABLE = "activation_inbound_log"
+OPT_OUTS_TABLE = "activation_suppressions"
+# What customers sent us (no text: the kind and a short summary) and the opt-outs in force or
+# lifted, for analysts to count replies and opt-outs per activation and channel.
+INBOUND_COLUMNS: dict[str, pl.DataType] = {
+    "inbound_id": pl.Int64(),
+    "provider": pl.String(),
+    "channel": pl.String(),
+    "customer_id": pl.String(),
+    "kind": pl.String(),
+    "summary": pl.String(),
+    "opt": pl.String(),
+    "occurred_at": _UTC,
+    "updated_at": _UTC,  # when it was received: the export's cursor
+}
+OPT_OUT_COLUMNS: dict[str, pl.DataType] = {
+    "opt_out_id": pl.Int64(),
+    "customer_id": pl.String(),
+    "channel": pl.String(),
+    "purpose": pl.String(),
+    "reason": pl.String(),
+    "created_at": _UTC,
+    "lifted_at": _UTC,
+    "updated_at": _UTC,  # the later of created and lifted: the export's cursor
+}
+
+
+@dataclass(frozen=True)
+class LogTable:
+    """A warehouse table the ledger is exported to: its columns (the first is the key, upserted
+    on) and the ledger rows changed since a time."""
+
+    name: str
+    columns: dict[str, pl.DataType]
+    changed: Any  # (ledger, since) -> pl.DataFrame of `columns`
+
+    @property
+    def key(self) -> str:
+        return next(iter(self.columns))
+
+
 @dataclass(frozen=True)
 class SendLogExport:
     exported: int  # rows upserted by this export
@@ -71,30 +113,74 @@ def changed_sends(ledger: Ledger, since: datetime | None) -> pl.DataFrame:
     query = sa.select(*columns).order_by(sends.c.id)
     if since is not None:
         query = query.where(sends.c.updated_at >= since)
+    return _frame(ledger, query, COLUMNS)
+
+
+def changed_inbound(ledger: Ledger, since: datetime | None) -> pl.DataFrame:
+    """The customers' messages received at or after `since`."""
+    query = sa.select(
+        inbound_events.c.id.label("inbound_id"),
+        *(inbound_events.c[n] for n in list(INBOUND_COLUMNS)[1:-1]),
+        inbound_events.c.received_at.label("updated_at"),
+    ).order_by(inbound_events.c.id)
+    if since is not None:
+        query = query.where(inbound_events.c.received_at >= since)
+    return _frame(ledger, query, INBOUND_COLUMNS)
+
+
+def changed_opt_outs(ledger: Ledger, since: datetime | None) -> pl.DataFrame:
+    """The opt-outs made or lifted at or after `since`."""
+    changed = sa.func.coalesce(opt_outs.c.lifted_at, opt_outs.c.created_at)
+    query = sa.select(
+        opt_outs.c.id.label("opt_out_id"),
+        *(opt_outs.c[n] for n in list(OPT_OUT_COLUMNS)[1:-1]),
+        changed.label("updated_at"),
+    ).order_by(opt_outs.c.id)
+    if since is not None:
+        query = query.where(changed >= since)
+    return _frame(ledger, query, OPT_OUT_COLUMNS)
+
+
+def _frame(ledger: Ledger, query: Any, columns: dict[str, pl.DataType]) -> pl.DataFrame:
     with ledger.engine.connect() as con:
         rows = con.execute(query).all()
     frame = pl.DataFrame(
         [tuple(r) for r in rows],
         schema={
-            name: (pl.Datetime("us") if dtype == _UTC else dtype) for name, dtype in COLUMNS.items()
+            name: (pl.Datetime("us") if dtype == _UTC else dtype) for name, dtype in columns.items()
         },
         orient="row",
     )
-    # The ledger stores UTC; SQLite hands times back without their zone.
+    # The ledger stores UTC; SQLite hands times back without their zone (or as text).
     return frame.with_columns(
-        pl.col(name).dt.replace_time_zone("UTC") for name, dtype in COLUMNS.items() if dtype == _UTC
+        pl.col(name).dt.replace_time_zone("UTC") for name, dtype in columns.items() if dtype == _UTC
     )
+
+
+SEND_LOG = LogTable(SEND_LOG_TABLE, COLUMNS, changed_sends)
+INBOUND_LOG = LogTable(INBOUND_LOG_TABLE, INBOUND_COLUMNS, changed_inbound)
+OPT_OUTS_LOG = LogTable(OPT_OUTS_TABLE, OPT_OUT_COLUMNS, changed_opt_outs)
 
 
 def export_send_log(ledger: Ledger, url: str, table: str = SEND_LOG_TABLE) -> SendLogExport:
     """Upsert the ledger's rows changed since the last export into `table` at `url` (a
     `duckdb:///file` or any SQLAlchemy URL)."""
+    return export_table(ledger, url, LogTable(table, COLUMNS, changed_sends))
+
+
+def export_replies(ledger: Ledger, url: str) -> dict[str, SendLogExport]:
+    """The customers' messages (`activation_inbound_log`) and the opt-outs
+    (`activation_suppressions`), exported the same way."""
+    return {log.name: export_table(ledger, url, log) for log in (INBOUND_LOG, OPT_OUTS_LOG)}
+
+
+def export_table(ledger: Ledger, url: str, log: LogTable) -> SendLogExport:
     sink = _sink(url)
     try:
-        newest = sink.newest(table)
+        newest = sink.newest(log)
         since = (newest - OVERLAP).astimezone(UTC) if newest is not None else None
-        frame = changed_sends(ledger, since)
-        rows = sink.upsert(table, frame)
+        frame = log.changed(ledger, since)
+        rows = sink.upsert(log, frame)
     finally:
         sink.close()
     return SendLogExport(exported=frame.height, since=since, table_rows=rows)
@@ -107,19 +193,20 @@ class _DuckDBSink:
     def close(self) -> None:
         pass
 
-    def newest(self, table: str) -> datetime | None:
+    def newest(self, log: LogTable) -> datetime | None:
         with duckdb.connect(self.path) as con:
-            if not _duckdb_has(con, table):
+            if not _duckdb_has(con, log.name):
                 return None
-            value = con.execute(f'SELECT max(updated_at) FROM "{table}"').fetchone()
+            value = con.execute(f'SELECT max(updated_at) FROM "{log.name}"').fetchone()
         return value[0] if value else None
 
-    def upsert(self, table: str, frame: pl.DataFrame) -> int:
+    def upsert(self, log: LogTable, frame: pl.DataFrame) -> int:
+        table, key = log.name, log.key
         with duckdb.connect(self.path) as con:
             con.register("incoming", frame.to_arrow())
             con.execute("BEGIN")
             con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS FROM incoming LIMIT 0')
-            con.execute(f'DELETE FROM "{table}" WHERE send_id IN (SELECT send_id FROM incoming)')
+            con.execute(f'DELETE FROM "{table}" WHERE {key} IN (SELECT {key} FROM incoming)')
             con.execute(f'INSERT INTO "{table}" BY NAME FROM incoming')
             con.execute("COMMIT")
             count = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
@@ -143,34 +230,34 @@ class _SQLAlchemySink:
     def close(self) -> None:
         self.engine.dispose()
 
-    def _table(self, name: str) -> sa.Table:
+    def _table(self, log: LogTable) -> sa.Table:
         kinds: dict[pl.DataType, sa.types.TypeEngine[Any]] = {
             pl.Int64(): sa.BigInteger(),
             pl.String(): sa.Text(),
             _UTC: sa.DateTime(timezone=True),
         }
         columns = [
-            sa.Column(column, kinds[dtype], primary_key=column == "send_id")
-            for column, dtype in COLUMNS.items()
+            sa.Column(column, kinds[dtype], primary_key=column == log.key)
+            for column, dtype in log.columns.items()
         ]
-        return sa.Table(name, sa.MetaData(), *columns)
+        return sa.Table(log.name, sa.MetaData(), *columns)
 
-    def newest(self, table: str) -> datetime | None:
-        if not sa.inspect(self.engine).has_table(table):
+    def newest(self, log: LogTable) -> datetime | None:
+        if not sa.inspect(self.engine).has_table(log.name):
             return None
-        target = self._table(table)
+        target = self._table(log)
         with self.engine.connect() as con:
             return con.execute(sa.select(sa.func.max(target.c.updated_at))).scalar_one()
 
-    def upsert(self, table: str, frame: pl.DataFrame) -> int:
-        target = self._table(table)
+    def upsert(self, log: LogTable, frame: pl.DataFrame) -> int:
+        target = self._table(log)
         target.metadata.create_all(self.engine)
         rows = frame.to_dicts()
-        ids = frame["send_id"].to_list()
+        ids = frame[log.key].to_list()
         with self.engine.begin() as con:
             for start in range(0, len(ids), 5000):
                 chunk = ids[start : start + 5000]
-                con.execute(sa.delete(target).where(target.c.send_id.in_(chunk)))
+                con.execute(sa.delete(target).where(target.c[log.key].in_(chunk)))
             if rows:
                 con.execute(sa.insert(target), rows)
             return int(con.execute(sa.select(sa.func.count()).select_from(target)).scalar_one())

@@ -141,6 +141,28 @@ class Replies(LedgerBase):
         schema = {"customer_id": pl.String(), "last_inbound_at": pl.Datetime("us", "UTC")}
         return pl.DataFrame([(c, aware(t)) for c, t in rows], schema=schema, orient="row")
 
+    def reply_counts(self, activation: str, partition_key: str) -> dict[str, int]:
+        """Of the customers a partition messaged: how many wrote back, and how many are opted
+        out now (on any channel)."""
+        messaged = (
+            sa.select(sends.c.customer_id)
+            .where(sends.c.activation == activation, sends.c.partition_key == partition_key)
+            .distinct()
+            .scalar_subquery()
+        )
+        with self.engine.connect() as con:
+            replied = con.execute(
+                sa.select(sa.func.count(sa.distinct(inbound_events.c.customer_id))).where(
+                    inbound_events.c.customer_id.in_(messaged)
+                )
+            ).scalar_one()
+            opted_out = con.execute(
+                sa.select(sa.func.count(sa.distinct(opt_outs.c.customer_id))).where(
+                    opt_outs.c.customer_id.in_(messaged), opt_outs.c.lifted_at.is_(None)
+                )
+            ).scalar_one()
+        return {"replied": int(replied), "opted_out": int(opted_out)}
+
     def _known_inbound(self, con: sa.Connection, keys: Sequence[str]) -> set[str]:
         known: set[str] = set()
         for chunk in chunks(keys, 5000):
