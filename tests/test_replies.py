@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlencode
 
+import httpx
 import polars as pl
 import pytest
 import sqlalchemy as sa
@@ -346,3 +347,82 @@ def test_replies_and_opt_outs_reach_the_warehouse_once_each(ledger: Ledger, tmp_
     ]
     assert not any("Thanks" in s for *_, s in log)  # no message text leaves the ledger
     assert suppressions == [("c1", "sms", "all", "keyword", True)]  # one row, now lifted
+
+
+LINE_WEBHOOK_SPEC = META_SPEC.parents[1] / "line" / "webhook.yml"
+
+
+def line_event(kind: str, user: str, n: int, **extra: object) -> dict[str, object]:
+    return {
+        "type": kind,
+        "source": {"type": "user", "userId": user},
+        "timestamp": int(NOW.timestamp() * 1000),
+        "mode": "active",
+        "webhookEventId": f"01HLINE{n:019d}",
+        "deliveryContext": {"isRedelivery": False},
+        **extra,
+    }
+
+
+def test_line_messages_follows_and_an_unfollow_are_kept_and_the_unfollow_opts_out(
+    ledger: Ledger, receiver: WebhookServer
+) -> None:
+    from openapi_core import OpenAPI
+
+    from test_vendor_specs import to_spec_request
+
+    user, other = f"U{1:032x}", f"U{2:032x}"
+    plan = pl.DataFrame(
+        {
+            "customer_id": ["c1"],
+            "recipient": [user],
+            "phone_e164": [None],
+            "channel": ["line"],
+            "connector": ["line"],
+            "step": ["initial"],
+            "body": ["Hi"],
+            "template_name": [None],
+            "template_language": [None],
+            "variables": [None],
+        },
+        schema_overrides={
+            "template_name": pl.String,
+            "template_language": pl.String,
+            "phone_e164": pl.String,
+        },
+    )
+    ledger.plan("winback", "2026-12-04", plan)
+    reply = {
+        "replyToken": "r",
+        "message": {"id": "1", "type": "text", "text": "Thanks!", "quoteToken": "q"},
+    }
+    body = json.dumps(
+        {
+            "destination": "U" + "f" * 32,
+            "events": [
+                line_event("message", user, 1, **reply),
+                line_event("follow", other, 2, replyToken="r", follow={"isUnblocked": False}),
+                line_event("unfollow", user, 3),
+            ],
+        }
+    ).encode()
+    url = f"{receiver.url}/webhooks/line"
+    if LINE_WEBHOOK_SPEC.is_file():  # the body is LINE's own shape
+        request = httpx.Request(
+            "POST",
+            f"{receiver.url}/line/callback",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        OpenAPI.from_file_path(str(LINE_WEBHOOK_SPEC)).validate_request(
+            to_spec_request(request, "/line", "https://example.com")
+        )
+    assert post(url, signed("line", WRONG, body)).status_code == 401
+    assert post(url, signed("line", SECRETS, body)).status_code == 200
+    with ledger.engine.connect() as con:
+        kept = con.execute(
+            sa.text("SELECT kind, customer_id FROM inbound_events ORDER BY id")
+        ).all()
+    assert [tuple(r) for r in kept] == [("text", "c1"), ("follow", None), ("unfollow", "c1")]
+    assert ledger.opt_outs().rows() == [("c1", "line", "all")]
+    assert states(ledger, "winback") == ["cancelled"]  # the planned LINE message never goes

@@ -256,6 +256,7 @@ PLUGIN = ConnectorPlugin(
             secret, request.body, request.headers.get("x-line-signature")
         ),
         parse=lambda request: status_parsers.parse_line(request.body, request.received),
+        inbound=lambda request: status_parsers.parse_line_inbound(request.body, request.received),
         checked_with="`X-Line-Signature` (HMAC-SHA256 of the body)",
     ),
     sandbox="/line",

@@ -28,6 +28,7 @@ not the provider's shape raises `ValueError` (answered 400: the provider will re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -36,8 +37,10 @@ from typing import Any
 
 from cdp_activation.connectors.base import send_id_of
 from cdp_activation.contracts import (
+    ALL_PURPOSES,
     DELIVERED,
     FAILED,
+    OPT_OUT,
     READ,
     SENT,
     STATUS_RANK,
@@ -445,3 +448,42 @@ def parse_twilio_inbound(params: Mapping[str, str], received: datetime) -> list[
             params.get("Body") or "",
         )
     ]
+
+
+def parse_line_inbound(body: bytes, received: datetime) -> list[InboundMessage]:
+    """LINE's webhook events from users: messages (text, media, stickers, locations),
+    follows (recorded, not consent), unfollows (the user blocked the account: an opt-out of
+    every LINE message) and postbacks. Each event once, by its `webhookEventId`."""
+    data = _json(body)
+    if not isinstance(data, dict) or not isinstance(data.get("events"), list):
+        raise ValueError("expected {destination, events: [...]}")
+    found = []
+    for event in data["events"]:
+        kind = str((event or {}).get("type") or "")
+        user = ((event or {}).get("source") or {}).get("userId")
+        if kind not in ("message", "follow", "unfollow", "postback") or not user:
+            continue  # group joins, beacons, memberships…: not a customer's message
+        text = ""
+        if kind == "message":
+            content = event.get("message") or {}
+            kind = "text" if content.get("type") == "text" else "media"
+            if content.get("type") in ("location", "sticker"):
+                kind = str(content["type"])
+            text = str(content.get("text") or "")
+        elif kind == "postback":
+            text = str((event.get("postback") or {}).get("data") or "")
+        message = _inbound(
+            "line",
+            event.get("webhookEventId"),
+            "line",
+            str(user),
+            _time(int(event.get("timestamp") or 0) / 1000 or None, received),
+            kind,
+            text,
+        )
+        if kind == "unfollow":
+            message = dataclasses.replace(
+                message, opt=OPT_OUT, purpose=ALL_PURPOSES, reason="unfollow"
+            )
+        found.append(message)
+    return found
