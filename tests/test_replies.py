@@ -426,3 +426,66 @@ def test_line_messages_follows_and_an_unfollow_are_kept_and_the_unfollow_opts_ou
     assert [tuple(r) for r in kept] == [("text", "c1"), ("follow", None), ("unfollow", "c1")]
     assert ledger.opt_outs().rows() == [("c1", "line", "all")]
     assert states(ledger, "winback") == ["cancelled"]  # the planned LINE message never goes
+
+
+def test_every_inbound_example_of_infobip_s_specs_is_kept_and_an_sms_stop_opts_out(
+    ledger: Ledger, receiver: WebhookServer
+) -> None:
+    specs = META_SPEC.parents[1] / "infobip"
+    if not specs.is_dir():
+        pytest.skip(f"{specs} is not beside the checkout (../shared/vendor-specs)")
+    bodies = []
+    for name, hook in (
+        ("infobip-whatsapp-openapi.json", "receive-inbound-whatsapp-messages"),
+        ("infobip-sms-openapi.json", "receive-inbound-sms-messages"),
+    ):
+        operation = next(iter(json.loads((specs / name).read_text())["webhooks"][hook].values()))
+        examples = operation["requestBody"]["content"]["application/json"]["examples"]
+        bodies += [example["value"] for example in examples.values()]
+    sent(ledger, "sms", "infobip", {"c7": "+385916242493"})
+    stop = {
+        "results": [{"messageId": "mo-stop", "from": "385916242493", "to": "385921004026",
+                     "text": "STOP", "cleanText": "", "keyword": "STOP",
+                     "receivedAt": "2026-12-05T10:00:00.000+0000", "smsCount": 1}],
+        "messageCount": 1, "pendingMessageCount": 0,
+    }  # fmt: skip
+    url = f"{receiver.url}/webhooks/infobip"
+    ids = set()
+    for body in [*bodies, stop]:
+        raw = json.dumps(body).encode()
+        assert post(url, signed("infobip", WRONG, raw)).status_code == 401
+        assert post(url, signed("infobip", SECRETS, raw)).status_code == 200
+        ids |= {r["messageId"] for r in body["results"]}
+    with ledger.engine.connect() as con:
+        kept = con.execute(sa.text("SELECT count(*) FROM inbound_events")).scalar_one()
+    assert len(bodies) >= 20 and kept == len(ids)
+    assert ledger.opt_outs().rows() == [("c7", "sms", "all")]
+
+
+def test_vonage_inbound_messages_are_kept_and_stop_opts_out(
+    ledger: Ledger, receiver: WebhookServer
+) -> None:
+    sent(ledger, "sms", "vonage", {"c8": "+447700900801"})
+    sent_at = NOW.isoformat()
+    bodies = [  # the spec's inbound-message shapes (inboundMessageSMS, WhatsApp Text, Reply)
+        {"channel": "sms", "message_uuid": "v-1", "to": "447700900002", "from": "447700900801",
+         "timestamp": sent_at, "text": "STOP", "message_type": "text"},
+        {"channel": "whatsapp", "message_uuid": "v-2", "to": "447700900001",
+         "from": "447700900899", "timestamp": sent_at, "message_type": "text", "text": "Hi"},
+        {"channel": "whatsapp", "message_uuid": "v-3", "to": "447700900001",
+         "from": "447700900899", "timestamp": sent_at, "message_type": "reply",
+         "reply": {"id": "row1", "title": "9am"}},
+    ]  # fmt: skip
+    url = f"{receiver.url}/webhooks/vonage"
+    for body in bodies:
+        raw = json.dumps(body).encode()
+        assert post(url, signed("vonage", WRONG, raw)).status_code == 401
+        assert post(url, signed("vonage", SECRETS, raw)).status_code == 200
+    with ledger.engine.connect() as con:
+        kept = con.execute(sa.text("SELECT channel, kind FROM inbound_events ORDER BY id")).all()
+    assert [tuple(r) for r in kept] == [
+        ("sms", "text"),
+        ("whatsapp", "text"),
+        ("whatsapp", "interactive"),
+    ]
+    assert ledger.opt_outs().rows() == [("c8", "sms", "all")]

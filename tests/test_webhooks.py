@@ -340,7 +340,9 @@ def test_line_signature_is_checked_and_its_events_carry_no_status(
     ).encode()
     assert post(url, signed("line", WRONG, body)).status_code == 401
     answer = post(url, signed("line", SECRETS, body))
-    assert (answer.status_code, answer.json()) == (200, {"received": 0})
+    # No delivery status; the follow itself is kept (tests/test_replies.py), not as consent.
+    assert (answer.status_code, answer.json()) == (200, {"received": 1})
+    assert ledger.opt_outs().is_empty()
 
 
 def test_a_malformed_body_is_400_and_an_unconfigured_provider_is_refused(

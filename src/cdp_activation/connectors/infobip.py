@@ -444,6 +444,9 @@ PLUGIN = ConnectorPlugin(
             secret, request.headers.get("authorization")
         ),
         parse=lambda request: status_parsers.parse_infobip(request.body, request.received),
+        inbound=lambda request: status_parsers.parse_infobip_inbound(
+            request.body, request.received
+        ),
         checked_with="HTTP Basic credentials in the notify URL",
     ),
     sandbox="/infobip",

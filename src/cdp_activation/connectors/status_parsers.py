@@ -472,9 +472,11 @@ def parse_line_inbound(body: bytes, received: datetime) -> list[InboundMessage]:
             text = str(content.get("text") or "")
         elif kind == "postback":
             text = str((event.get("postback") or {}).get("data") or "")
+        # Its id; an event of an older shape without one is known by who, what and when.
+        ident = event.get("webhookEventId") or f"{kind}-{user}-{event.get('timestamp')}"
         message = _inbound(
             "line",
-            event.get("webhookEventId"),
+            str(ident),
             "line",
             str(user),
             _time(int(event.get("timestamp") or 0) / 1000 or None, received),
@@ -487,3 +489,80 @@ def parse_line_inbound(body: bytes, received: datetime) -> list[InboundMessage]:
             )
         found.append(message)
     return found
+
+
+_INFOBIP_KINDS = {
+    "TEXT": "text",
+    "BUTTON": "button",
+    "LOCATION": "location",
+    "CONTACT": "contacts",
+    "REACTION": "reaction",
+    "ORDER": "order",
+    **dict.fromkeys(("IMAGE", "DOCUMENT", "AUDIO", "VIDEO", "VOICE", "STICKER"), "media"),
+}
+
+
+def parse_infobip_inbound(body: bytes, received: datetime) -> list[InboundMessage]:
+    """Infobip's inbound messages: WhatsApp (`results[].message`, every type of its spec) and
+    SMS MO (`results[].text`). A result with a `receivedAt` and no `status` is one."""
+    if b"receivedAt" not in body:
+        return []
+    data = _json(body)
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+        raise ValueError("expected {results: [...]}")
+    found = []
+    for result in data["results"]:
+        if not isinstance(result, dict) or "receivedAt" not in result or "status" in result:
+            continue
+        message = result.get("message")
+        if isinstance(message, dict):
+            kind = str(message.get("type") or "unknown")
+            kind = _INFOBIP_KINDS.get(
+                kind, "interactive" if kind.startswith("INTERACTIVE") else kind.lower()
+            )
+            text = str(message.get("text") or message.get("title") or "")
+            channel = "whatsapp"
+        else:
+            kind, text, channel = "text", str(result.get("text") or ""), "sms"
+        found.append(
+            _inbound(
+                "infobip",
+                result.get("messageId"),
+                channel,
+                result.get("from"),
+                _time(result.get("receivedAt"), received),
+                kind,
+                text,
+            )
+        )
+    return found
+
+
+_VONAGE_CHANNELS = {"sms": "sms", "mms": "sms", "whatsapp": "whatsapp", "viber_service": "viber"}
+
+
+def parse_vonage_inbound(body: bytes, received: datetime) -> list[InboundMessage]:
+    """A Vonage inbound message (Messages API `inbound-message`): SMS, MMS, WhatsApp (text,
+    media, a reply to buttons or a list) or Viber; a status report has a `status` instead."""
+    if b"message_uuid" not in body:
+        return []
+    data = _json(body)
+    if not isinstance(data, dict) or "status" in data or "from" not in data:
+        return []
+    named = str(data.get("message_type") or "text")
+    kind = {"text": "text", "reply": "interactive", "button": "button"}.get(named, named)
+    if named in ("image", "audio", "video", "file", "sticker", "vcard"):
+        kind = "media"
+    reply = data.get("reply") or data.get("button") or {}
+    text = str(data.get("text") or reply.get("title") or reply.get("text") or "")
+    return [
+        _inbound(
+            "vonage",
+            data.get("message_uuid"),
+            _VONAGE_CHANNELS.get(str(data.get("channel")), str(data.get("channel"))),
+            str(data.get("from") or ""),
+            _time(data.get("timestamp"), received),
+            kind,
+            text,
+        )
+    ]

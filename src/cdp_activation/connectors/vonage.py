@@ -301,6 +301,7 @@ PLUGIN = ConnectorPlugin(
             secret, request.body, request.headers.get("authorization")
         ),
         parse=lambda request: status_parsers.parse_vonage(request.body, request.received),
+        inbound=lambda request: status_parsers.parse_vonage_inbound(request.body, request.received),
         checked_with="signed JWT (HS256) with `payload_hash`",
     ),
     sandbox="/vonage",
