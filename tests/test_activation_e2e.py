@@ -856,8 +856,11 @@ def test_customers_who_tap_stop_are_not_messaged_there_again(env: SimpleNamespac
             stopped.filter(pl.col("channel") == "whatsapp")["purpose"]
         ) == {"marketing"}  # the button stops marketing only
 
-        again = run_activation("winback_whatsapp", partition, dry_run=True)
+        again = run_activation("winback_whatsapp", partition)
         assert again.success, again.error
+    assert again.sent == 0  # nothing twice, and nobody who stopped
     assert again.eligible["whatsapp"] == first.eligible["whatsapp"] - len(whatsapp_stopped)
     assert any("whatsapp_opted_out" in reason for reason in again.excluded)
+    # The run's figures count the partition's customers who wrote back, and who stopped.
+    assert (again.replied, again.opted_out) == (len(replied), len(expected))
     ledger.dispose()

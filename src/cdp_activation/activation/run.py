@@ -599,6 +599,8 @@ class DeliverySummary:
     # the next run once its worker is gone).
     in_flight: int = 0
     unknown_reconciled: int = 0  # the partition's `unknown` sends a status report proved sent
+    replied: int = 0  # the partition's customers who wrote back (any channel, any time)
+    opted_out: int = 0  # … and who are opted out now
     elapsed_seconds: float = 0.0
     throughput_per_second: float = 0.0
     p50_latency_ms: float = 0.0
@@ -853,6 +855,8 @@ def _fill_partition(summary: DeliverySummary, ledger: Ledger, step: str) -> None
     summary.dead_letter_by_reason = ledger.dead_letters_by_reason(name, partition)
     summary.unknown_reconciled = ledger.reconciled_count(name, partition)
     summary.dead_letter = sum(summary.dead_letter_by_reason.values())
+    replies = ledger.reply_counts(name, partition)
+    summary.replied, summary.opted_out = replies["replied"], replies["opted_out"]
 
 
 def recover_interrupted(

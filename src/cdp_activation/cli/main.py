@@ -1045,6 +1045,9 @@ def _partition_rows(table: Table, summary: Any) -> None:
         table.add_row("unknown, then proved sent by a report", f"{summary.unknown_reconciled:,}")
     for state, count in sorted(summary.partition_states.items()):
         table.add_row(f"partition · {PARTITION_STATES.get(state, state)}", f"{count:,}")
+    if getattr(summary, "replied", 0):
+        table.add_row("partition · customers who wrote back", f"{summary.replied:,}")
+        table.add_row("partition · of them opted out", f"{summary.opted_out:,}")
     for reason, count in sorted(summary.dead_letter_by_reason.items()):
         table.add_row(f"partition · dead-lettered · {reason}", f"{count:,}")
     if summary.waiting:

@@ -305,6 +305,8 @@ class RunSummary:
     waiting: int = 0  # planned and due, not sent (a stopped run): the next run sends them
     in_flight: int = 0  # another run is sending them, or the next run recovers them
     unknown_reconciled: int = 0  # unknown sends a status report proved accepted
+    replied: int = 0  # the partition's customers who wrote back
+    opted_out: int = 0  # … and who are opted out now
     recovered_in_flight: int = 0  # rows a gone worker left in flight, recovered by this run
     partition_states: dict[str, int] = field(default_factory=dict)
     dead_letter_by_reason: dict[str, int] = field(default_factory=dict)
@@ -371,6 +373,8 @@ _DELIVERY_COUNTS = (
     "in_flight",
     "unknown_reconciled",
     "recovered_in_flight",
+    "replied",
+    "opted_out",
 )
 
 

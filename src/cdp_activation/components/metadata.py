@@ -154,6 +154,8 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         "waiting": summary.waiting,
         "in_flight": summary.in_flight,
         "unknown_reconciled": summary.unknown_reconciled,
+        "replied": summary.replied,
+        "opted_out": summary.opted_out,
         "elapsed_seconds": summary.elapsed_seconds,
         "throughput_per_second": summary.throughput_per_second,
         "p50_latency_ms": summary.p50_latency_ms,
