@@ -489,3 +489,28 @@ def test_vonage_inbound_messages_are_kept_and_stop_opts_out(
         ("whatsapp", "interactive"),
     ]
     assert ledger.opt_outs().rows() == [("c8", "sms", "all")]
+
+
+def test_the_send_log_asset_counts_replies_and_opt_outs_per_activation(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    import dagster as dg
+
+    from cdp_activation.components.resources import LedgerResource, SendLogResource
+    from cdp_activation.defs.send_log import send_log
+
+    sent(ledger, "sms", "twilio", {"c1": "+447700900701", "c2": "+447700900702"})
+    ledger.record_inbound([inbound("STOP", "+447700900701"), inbound("ok", "+447700900702", n=2)])
+    result = dg.materialize(
+        [send_log],
+        resources={
+            "ledger": LedgerResource(url=ledger.url),
+            "send_log": SendLogResource(url=f"duckdb:///{tmp_path / 'w.duckdb'}"),
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    (event,) = result.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+    assert "| winback | 2 | 1 |" in metadata["replies_by_activation"]
+    assert metadata["activation_inbound_log_exported"] == 2
+    assert metadata["activation_suppressions_exported"] == 1

@@ -19,8 +19,14 @@ from cdp_activation.feedback.send_log import INBOUND_LOG_TABLE, OPT_OUTS_TABLE, 
 def send_log(ledger: LedgerResource, send_log: SendLogResource) -> dg.MaterializeResult:
     export = send_log.export(ledger.ledger())
     replies = send_log.export_replies(ledger.ledger())
+    figures = ledger.ledger().replies_by_activation()
+    table = ["| activation | customers who wrote back | opted out |", "|---|---:|---:|"]
+    table += [
+        f"| {name} | {f['replied']:,} | {f['opted_out']:,} |" for name, f in sorted(figures.items())
+    ]
     return dg.MaterializeResult(
         metadata={
+            "replies_by_activation": dg.MetadataValue.md("\n".join(table)),
             **{f"{table}_exported": done.exported for table, done in replies.items()},
             "exported_rows": export.exported,
             "dagster/row_count": export.table_rows,

@@ -163,6 +163,27 @@ class Replies(LedgerBase):
             ).scalar_one()
         return {"replied": int(replied), "opted_out": int(opted_out)}
 
+    def replies_by_activation(self) -> dict[str, dict[str, int]]:
+        """Per activation: its customers who wrote back, and who are opted out now."""
+        messaged = sa.select(sends.c.activation, sends.c.customer_id).distinct().subquery()
+        counts: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as con:
+            for figure, table, extra in (
+                ("replied", inbound_events, ()),
+                ("opted_out", opt_outs, (opt_outs.c.lifted_at.is_(None),)),
+            ):
+                rows = con.execute(
+                    sa.select(
+                        messaged.c.activation, sa.func.count(sa.distinct(table.c.customer_id))
+                    )
+                    .join(table, table.c.customer_id == messaged.c.customer_id)
+                    .where(*extra)
+                    .group_by(messaged.c.activation)
+                ).all()
+                for activation, count in rows:
+                    counts.setdefault(activation, {"replied": 0, "opted_out": 0})[figure] = count
+        return counts
+
     def _known_inbound(self, con: sa.Connection, keys: Sequence[str]) -> set[str]:
         known: set[str] = set()
         for chunk in chunks(keys, 5000):
