@@ -514,3 +514,25 @@ def test_the_send_log_asset_counts_replies_and_opt_outs_per_activation(
     assert "| winback | 2 | 1 |" in metadata["replies_by_activation"]
     assert metadata["activation_inbound_log_exported"] == 2
     assert metadata["activation_suppressions_exported"] == 1
+
+
+def test_the_same_stop_delivered_many_times_at_once_is_one_reply_and_one_opt_out(
+    ledger: Ledger,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    sent(ledger, "sms", "twilio", {"c1": "+447700900111"})
+    stop = inbound("STOP", "+447700900111")
+    others = [Ledger(ledger.url) for _ in range(6)]  # as many receivers' connections
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            written = list(pool.map(lambda one: one.record_inbound([stop]), others))
+    finally:
+        for other in others:
+            other.dispose()
+    assert sum(w.received - w.duplicates for w in written) >= 1
+    with ledger.engine.connect() as con:
+        kept = con.execute(sa.text("SELECT count(*) FROM inbound_events")).scalar_one()
+    assert kept == 1
+    assert ledger.opt_outs().rows() == [("c1", "sms", "all")]
+    assert ledger.suppress_refusals(refusal_codes()) == 0

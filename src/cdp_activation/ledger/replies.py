@@ -16,6 +16,8 @@ from datetime import datetime
 
 import polars as pl
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgres_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from cdp_activation.contracts import ALL_PURPOSES, OPT_IN, OPT_OUT, InboundMessage
 from cdp_activation.db import read_frame
@@ -82,8 +84,9 @@ class Replies(LedgerBase):
                     )
                 elif message.opt == OPT_IN:
                     opted_in += self._lift(con, customer, message.channel, now)
-            if rows:
-                con.execute(sa.insert(inbound_events), rows)
+            if rows:  # a concurrent delivery of the same webhook may have stored it meanwhile
+                insert = postgres_insert if con.dialect.name == "postgresql" else sqlite_insert
+                con.execute(insert(inbound_events).on_conflict_do_nothing(), rows)
         return InboundWrite(
             received=len(messages),
             duplicates=len(messages) - len(fresh),
@@ -228,9 +231,13 @@ class Replies(LedgerBase):
         source: str,
         now: datetime,
     ) -> int:
-        """Record one opt-out and cancel the customer's planned sends it covers."""
+        """Record one opt-out (once per source, whichever process gets there first: two runs
+        may turn the same refusal into one at the same moment) and cancel the customer's
+        planned sends it covers."""
+        insert = postgres_insert if con.dialect.name == "postgresql" else sqlite_insert
         con.execute(
-            sa.insert(opt_outs).values(
+            insert(opt_outs)
+            .values(
                 customer_id=customer,
                 channel=channel,
                 purpose=purpose,
@@ -238,6 +245,7 @@ class Replies(LedgerBase):
                 source=source[:300],
                 created_at=now,
             )
+            .on_conflict_do_nothing(index_elements=["source"])
         )
         covered = [
             sends.c.customer_id == customer,
