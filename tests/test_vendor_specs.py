@@ -824,3 +824,40 @@ def test_line_multicast_and_push_match_spec(
         assert request.headers["authorization"].startswith("Bearer ")
         assert len(request.headers["x-line-retry-key"]) == 36
     assert len(sandbox.messages()) == 4
+
+
+def test_meta_marketing_messages_api_matches_spec(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """With CDP_META_MARKETING_MESSAGES_API, marketing templates go to `/marketing_messages`
+    (`MarketingMessageRequestPayload`: no biz_opaque_callback_data); utility templates and
+    text keep `/messages`."""
+    settings = sandbox_settings.model_copy(update={"meta_marketing_messages_api": True})
+    connector = connector_from_settings("meta_whatsapp", settings)
+    marketing = dataclasses.replace(
+        META_MESSAGES["template-with-reference"], key="mm1", purpose="marketing"
+    )
+    utility = dataclasses.replace(META_MESSAGES["utility-template"], purpose="transactional")
+    exchanges = send_all(connector, [marketing, utility])
+    validate(exchanges, META_SPEC, "/meta", META_SERVER)
+    paths = [request.url.path.rsplit("/", 1)[-1] for request, _ in exchanges]
+    assert paths == ["marketing_messages", "messages"]
+    body = json.loads(exchanges[0][0].content)
+    assert "biz_opaque_callback_data" not in body and body["type"] == "template"
+    recorded = {m.to: m.endpoint for m in sandbox.messages()}
+    assert recorded == {marketing.to: "marketing_messages", utility.to: "messages"}
+    # The sandbox refuses what the Marketing Messages API does not send.
+    refused = send_all_refused(connector, dataclasses.replace(utility, purpose="marketing"))
+    assert refused.error_code == "100"
+
+
+def send_all_refused(connector: Any, message: OutboundMessage) -> Any:
+    results: list[Any] = []
+
+    async def run(client: httpx.AsyncClient) -> None:
+        results.extend(await connector.send_batch(client, [message]))
+
+    capture(run)
+    [result] = results
+    assert result.outcome is Outcome.FAILED, result
+    return result

@@ -89,6 +89,7 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
         phone_number_id: str,
         waba_id: str,
         access_token: str,
+        marketing_messages: bool = False,
     ) -> None:
         require_settings(
             self.name,
@@ -103,6 +104,11 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
         self.phone_number_id = phone_number_id
         self.waba_id = waba_id
         self._access_token = access_token
+        # Marketing templates through the Marketing Messages API (`/marketing_messages`).
+        self.marketing_messages = marketing_messages
+        self._marketing_url = httpx.URL(
+            f"{self.base_url}/{self.api_version}/{self.phone_number_id}/marketing_messages"
+        )
 
     def __repr__(self) -> str:
         return (
@@ -166,8 +172,22 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
         return {**base, "type": "template", "template": template}
 
     async def _request(self, client: httpx.AsyncClient, message: OutboundMessage) -> httpx.Response:
+        if self.uses_marketing_api(message):
+            payload = self.build_payload(message)
+            # `MarketingMessageRequestPayload` has no `biz_opaque_callback_data`: such a send
+            # is matched to its reports by the message id alone.
+            payload.pop("biz_opaque_callback_data", None)
+            return await client.post(self._marketing_url, json=payload, headers=self._headers())
         return await client.post(
             self.endpoint_url, json=self.build_payload(message), headers=self._headers()
+        )
+
+    def uses_marketing_api(self, message: OutboundMessage) -> bool:
+        """A marketing template, with the Marketing Messages API turned on."""
+        return (
+            self.marketing_messages
+            and message.template is not None
+            and message.purpose == "marketing"
         )
 
     def _accepted_id(self, data: Any) -> str | None:
@@ -305,6 +325,9 @@ class MetaWhatsAppSettings(ConnectorSettings):
     access_token: SecretStr | None = credential(SANDBOX_META_TOKEN)
     app_secret: SecretStr | None = credential(SANDBOX_META_APP_SECRET, receiver=True)
     verify_token: SecretStr | None = credential(SANDBOX_META_VERIFY_TOKEN, receiver=True)
+    # Marketing templates through Meta's Marketing Messages API (`/marketing_messages`);
+    # utility and authentication templates and free-form text keep using `/messages`.
+    marketing_messages_api: bool = False
 
     def build(self, credentials: Credentials) -> MetaWhatsAppConnector:
         return MetaWhatsAppConnector(
@@ -313,6 +336,7 @@ class MetaWhatsAppSettings(ConnectorSettings):
             phone_number_id=self.phone_number_id,
             waba_id=self.waba_id,
             access_token=credentials.get("access_token"),
+            marketing_messages=self.marketing_messages_api,
         )
 
 

@@ -203,6 +203,7 @@ class SandboxMessage:
     # `biz_opaque_callback_data`, Infobip's `callbackData`, Vonage's `client_ref`.
     callback_data: str | None = None
     status_callback: str | None = None  # Twilio: the StatusCallback URL its reports go to
+    endpoint: str = "messages"  # Meta: `messages`, or `marketing_messages` (the MM API)
 
     @property
     def content_key(self) -> tuple[Any, ...]:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hmac
 import json
 import secrets
@@ -189,6 +190,44 @@ def _parse_meta(request: Request, raw: bytes) -> Response | Candidate:
     return Candidate(to=to, record={**record, "callback_data": callback_data})
 
 
+def _parse_meta_marketing(request: Request, raw: bytes) -> Response | Candidate:
+    """A Marketing Messages API body (`MarketingMessageRequestPayload`): a marketing template
+    only, and none of the fields the spec does not list (no `biz_opaque_callback_data`)."""
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        payload = None
+    if isinstance(payload, dict):
+        allowed = {
+            "messaging_product",
+            "recipient_type",
+            "to",
+            "type",
+            "template",
+            "product_policy",
+            "message_activity_sharing",
+        }
+        unknown = sorted(set(payload) - allowed)
+        if unknown:
+            return _meta_error(400, 100, f"(#100) Param {unknown[0]} is not a valid parameter")
+        if payload.get("type") != "template":
+            return _meta_error(400, 100, "(#100) Marketing messages must be templates")
+        tpl = payload.get("template") or {}
+        template = find_template(
+            str(tpl.get("name")), str((tpl.get("language") or {}).get("code", "")), {}
+        )
+        if template is not None and str(template.get("category", "")).upper() != "MARKETING":
+            return _meta_error(
+                400, 100, "(#100) The Marketing Messages API sends marketing templates only"
+            )
+    candidate = _parse_meta(request, raw)
+    if isinstance(candidate, Candidate):
+        return Candidate(
+            to=candidate.to, record={**candidate.record, "endpoint": "marketing_messages"}
+        )
+    return candidate
+
+
 def _refuse_meta(config: SandboxConfig, candidate: Candidate) -> Response | None:
     """Meta's per-recipient refusal: the number has no WhatsApp account (rule or fault rate)."""
     digits = candidate.to.removeprefix("+")
@@ -251,6 +290,12 @@ async def meta_send_message(request: Request) -> Response:
     return await provider_request(request, _META)
 
 
+async def meta_marketing_messages(request: Request) -> Response:
+    """`POST /{version}/{phone_number_id}/marketing_messages`: one marketing template message
+    through the Marketing Messages API (same answers as `/messages`)."""
+    return await provider_request(request, _META_MARKETING)
+
+
 async def meta_list_templates(request: Request) -> Response:
     """`GET /{version}/{waba_id}/message_templates` with `limit`/`after` cursor paging."""
     config: SandboxConfig = request.app.state.config
@@ -299,10 +344,16 @@ _META = ProviderRules(
     accept=_accept_meta,
     fault_answer=_meta_fault_answer,
 )
+_META_MARKETING = dataclasses.replace(_META, parse=_parse_meta_marketing)
 
 
 PREFIX = "/meta"
 ROUTES = [
     Route("/{version}/{phone_number_id}/messages", meta_send_message, methods=["POST"]),
+    Route(
+        "/{version}/{phone_number_id}/marketing_messages",
+        meta_marketing_messages,
+        methods=["POST"],
+    ),
     Route("/{version}/{waba_id}/message_templates", meta_list_templates, methods=["GET"]),
 ]
