@@ -439,8 +439,10 @@ def test_quiet_hours_defer_in_the_recipients_own_time(
     now: datetime, timezone: str, country: str, expected_not_before: datetime | None
 ) -> None:
     phone = {"JP": "+819012345678", "GB": GB_A, "US": "+12015550123"}[country]
+    # Quiet hours are what is tested here: WhatsApp marketing reaches the US in this policy.
+    policy = PolicySpec(whatsapp_marketing_blocked_countries=[])
     frame = decide_frame(
-        [customer(1, timezone=timezone, country=country, phone=phone)], PolicySpec(), now=now
+        [customer(1, timezone=timezone, country=country, phone=phone)], policy, now=now
     )
     row = frame.row(0, named=True)
     assert row["channel"] == "whatsapp"
@@ -639,3 +641,25 @@ def test_a_line_step_takes_a_body_not_a_template() -> None:
         ChannelPlanSpec.model_validate(
             {"steps": [{"channel": "line", "connector": "line", "template": WINBACK}]}
         )
+
+
+def test_whatsapp_marketing_skips_the_us_and_customers_meta_s_limit_refused_lately() -> None:
+    """Meta delivers no marketing templates to US numbers, and refuses a customer for a while
+    once its per-user marketing limit is reached (131049): both go to the plan's next channel
+    (`whatsapp_marketing_unavailable`) instead of WhatsApp, the back-off only for that
+    customer."""
+    us = customer(1, country="US", phone="+12015550123")
+    gb, limited = customer(2), customer(3, phone=GB_B)
+    backoff = pl.DataFrame(
+        {"customer_id": ["3"], "channel": ["whatsapp"], "until": [NOW + timedelta(days=1)]},
+        schema_overrides={"until": pl.Datetime("us", "UTC")},
+    )
+    frame = decide_frame([us, gb, limited], PolicySpec(), marketing_backoff=backoff)
+    reasons_of = {r["customer_id"]: r["whatsapp_reason"] for r in frame.iter_rows(named=True)}
+    assert reasons_of == {
+        1: "whatsapp_marketing_unavailable",
+        2: None,
+        3: "whatsapp_marketing_unavailable",
+    }
+    allowed = decide_frame([us], PolicySpec(whatsapp_marketing_blocked_countries=[]))
+    assert allowed["channel"].to_list() == ["whatsapp"]

@@ -289,6 +289,13 @@ def reference_decide(
             reason = None
             if row.get(f"{channel}_{purpose}_consent") is not True:
                 reason = "no_consent"
+            elif (
+                channel == "whatsapp"
+                and purpose == "marketing"
+                and str(row.get("country") or "").upper()
+                in policy.whatsapp_marketing_blocked_countries
+            ):
+                reason = "marketing_unavailable"  # WhatsApp delivers no marketing there (US)
             elif channel == "line" and not (
                 isinstance(row.get("line_user_id"), str)
                 and len(row["line_user_id"]) == 33

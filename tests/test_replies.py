@@ -536,3 +536,25 @@ def test_the_same_stop_delivered_many_times_at_once_is_one_reply_and_one_opt_out
     assert kept == 1
     assert ledger.opt_outs().rows() == [("c1", "sms", "all")]
     assert ledger.suppress_refusals(refusal_codes()) == 0
+
+
+def test_meta_s_per_user_limit_backs_a_customer_off_for_a_growing_while(ledger: Ledger) -> None:
+    from cdp_activation.activation.run import backoff_codes
+
+    sent(ledger, "whatsapp", "meta_whatsapp", {"c1": "+447700900121", "c2": "+447700900122"})
+    rows = {r["customer_id"]: r["id"] for r in ledger.rows("winback").iter_rows(named=True)}
+    with ledger.engine.begin() as con:  # Meta's status reports: 131049 for c1
+        con.execute(
+            sa.text(
+                "UPDATE sends SET delivery_status = 'failed', delivery_error_code = '131049', "
+                "delivery_status_at = :at WHERE id = :id"
+            ),
+            {"at": NOW, "id": rows["c1"]},
+        )
+    codes = backoff_codes()
+    assert codes["meta_whatsapp"] == frozenset({"131049"})
+    waiting = ledger.marketing_backoff(codes, NOW + timedelta(hours=1))
+    assert waiting["customer_id"].to_list() == ["c1"]
+    [until] = waiting["until"].to_list()
+    assert abs((until - (NOW + timedelta(days=1))).total_seconds()) < 2
+    assert ledger.marketing_backoff(codes, NOW + timedelta(days=1, hours=1)).is_empty()

@@ -334,6 +334,19 @@ class PolicySpec(_Strict):
         default_factory=lambda: list[Channel](["sms"]),
         description="Channels that need a mobile number (a fixed line cannot take an SMS).",
     )
+    whatsapp_marketing_blocked_countries: list[str] = Field(
+        default_factory=lambda: ["US"],
+        description="Countries where WhatsApp delivers no marketing templates (Meta stopped "
+        "delivering them to US numbers): their customers go to the plan's next channel.",
+    )
+
+    @field_validator("whatsapp_marketing_blocked_countries")
+    @classmethod
+    def _blocked(cls, value: list[str]) -> list[str]:
+        for country in value:
+            if not re.match(r"^[A-Z]{2}$", country):
+                raise ValueError(f"{country!r} is not an ISO-3166 alpha-2 country code")
+        return value
 
     @field_validator("country_channels")
     @classmethod

@@ -405,12 +405,13 @@ def compute_decisions(
         # This partition's own sends are a re-run's "already sent", not a reason to cap.
         exclude = (activation.name, partition_key) if partition_key else None
         recent = ledger.sends_since(now - timedelta(days=days), exclude=exclude)
-    opted_out = None
+    opted_out = backoff = None
     if ledger is not None:
         # What customers told us since the warehouse last heard: opt-outs (their replies, the
         # providers' refusals) and, for the 24-hour window, their latest WhatsApp message.
         ledger.suppress_refusals(refusal_codes())
         opted_out = ledger.opt_outs()
+        backoff = ledger.marketing_backoff(backoff_codes(), now)
         audience = with_replies(audience, ledger.last_inbound("whatsapp"))
     return decide(
         audience,
@@ -424,6 +425,7 @@ def compute_decisions(
         salt=activation.name,
         phone_cache=cache,
         opt_outs=opted_out,
+        marketing_backoff=backoff,
     )
 
 
@@ -434,6 +436,14 @@ def refusal_codes() -> dict[tuple[str, str], str]:
         (name, code): purpose
         for name, found in plugins().items()
         for code, purpose in getattr(found.connector, "capabilities").opt_out_codes  # noqa: B009
+    }
+
+
+def backoff_codes() -> dict[str, frozenset[str]]:
+    """Connector -> its `backoff_codes` (Meta 131049), from every installed connector."""
+    return {
+        name: getattr(found.connector, "capabilities").backoff_codes  # noqa: B009
+        for name, found in plugins().items()
     }
 
 

@@ -47,6 +47,10 @@ class Capabilities:
     # Error codes meaning "the customer opted out of this sender", with what they cover
     # (`all`, or `marketing`): the ledger turns such a refusal into an opt-out the policy keeps.
     opt_out_codes: tuple[tuple[str, str], ...] = ()
+    # Error codes meaning "not this customer, not now" (Meta 131049, its per-user marketing
+    # limit): the policy backs off that customer's marketing on the channel for a growing
+    # while (1, 2, 4, then 8 days) instead of falling back at once to another channel.
+    backoff_codes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,13 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
         default_rate_per_second=80.0,
         idempotency=False,  # /messages has no idempotency key: a lost answer means UNKNOWN
         # 131026 "Message undeliverable": not a WhatsApp user, an outdated app, or terms not
-        # accepted. 131049 "not delivered to maintain healthy ecosystem engagement" (Meta's
-        # per-user marketing limit) also means WhatsApp will not carry it to this customer.
-        unreachable_codes=frozenset({"131026", "131049"}),
+        # accepted: the plan's fallback goes at once.
+        unreachable_codes=frozenset({"131026"}),
+        # 131049 "not delivered to maintain healthy ecosystem engagement": Meta's per-user
+        # marketing limit. Not a reason to text everyone it hit at once: the policy backs off
+        # that customer's WhatsApp marketing for a while (and the plan's fallback waits for
+        # its window as for any message not delivered).
+        backoff_codes=frozenset({"131049"}),
         opt_out_codes=(("131050", "marketing"),),
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import polars as pl
 import sqlalchemy as sa
@@ -21,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from cdp_activation.contracts import ALL_PURPOSES, OPT_IN, OPT_OUT, InboundMessage
 from cdp_activation.db import read_frame
-from cdp_activation.ledger.base import LedgerBase, aware, chunks, utc_now
+from cdp_activation.ledger.base import LedgerBase, as_time, aware, chunks, utc_now
 from cdp_activation.ledger.schema import inbound_events, opt_outs, sends
 from cdp_activation.vocabulary import CANCELLED, FAILED, PLANNED
 
@@ -129,6 +129,52 @@ class Replies(LedgerBase):
             (),
             schema={"customer_id": pl.String, "channel": pl.String, "purpose": pl.String},
         )
+
+    def marketing_backoff(
+        self, codes: Mapping[str, frozenset[str]], now: datetime, days: int = 30
+    ) -> pl.DataFrame:
+        """Customers a provider refused for now (`codes`: connector -> its `backoff_codes`,
+        Meta 131049) in the last `days`, with the time until which their marketing on that
+        channel waits: 1 day after the latest refusal, doubling with each earlier one in the
+        window (2, 4, at most 8 days). Columns: customer_id, channel, until."""
+        since = now - timedelta(days=days)
+        rows: list[tuple[str, str, datetime]] = []
+        with self.engine.connect() as con:
+            for connector, wanted in sorted(codes.items()):
+                if not wanted:
+                    continue
+                found = con.execute(
+                    sa.select(
+                        sends.c.customer_id,
+                        sends.c.channel,
+                        sa.func.count(),
+                        sa.func.max(
+                            sa.func.coalesce(sends.c.delivery_status_at, sends.c.updated_at)
+                        ),
+                    )
+                    .where(
+                        sends.c.connector == connector,
+                        sa.or_(
+                            sends.c.error_code.in_(sorted(wanted)),
+                            sends.c.delivery_error_code.in_(sorted(wanted)),
+                        ),
+                        sends.c.updated_at >= since,
+                    )
+                    .group_by(sends.c.customer_id, sends.c.channel)
+                ).all()
+                for customer, channel, times, latest in found:
+                    wait = timedelta(days=2 ** (min(int(times), 4) - 1))
+                    rows.append((customer, channel, as_time(latest) + wait))
+        frame = pl.DataFrame(
+            rows,
+            schema={
+                "customer_id": pl.String,
+                "channel": pl.String,
+                "until": pl.Datetime("us", "UTC"),
+            },
+            orient="row",
+        )
+        return frame.filter(pl.col("until") > now)
 
     def last_inbound(self, channel: str) -> pl.DataFrame:
         """Each matched customer's latest message on `channel`: (customer_id, last_inbound_at)."""

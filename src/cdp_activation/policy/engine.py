@@ -70,6 +70,7 @@ _CUSTOMER_RULES = (
 _CHANNEL_RULES = (
     reasons.OPTED_OUT,
     reasons.NO_CONSENT,
+    reasons.MARKETING_UNAVAILABLE,
     reasons.NO_ADDRESS,
     reasons.CHANNEL_SUPPRESSED,
     reasons.NOT_MOBILE,
@@ -81,8 +82,8 @@ _CHANNEL_RULES = (
 # Taken off a routed customer after routing; their names come first in the reason enum.
 _LATE_REASONS = (reasons.DUPLICATE_PHONE, reasons.OVER_RECIPIENT_CAP, reasons.HOLDOUT)
 # The routing key packs (customer code, order id, each channel's code) into one integer, in
-# mixed radix: customer codes 0-4, at most 255 country orders, channel codes 0-9; six channels
-# at most, so it always fits in 32 bits (5 * 256 * 10**6 < 2**32).
+# mixed radix: customer codes 0-4, at most 255 country orders, channel codes 0-10; six channels
+# at most, so it always fits in 32 bits (5 * 256 * 11**6 < 2**32).
 _CUSTOMER_RADIX = len(_CUSTOMER_RULES) + 1
 _ORDER_RADIX = 256
 _CHANNEL_RADIX = len(_CHANNEL_RULES) + 1
@@ -144,6 +145,7 @@ def decide(
     salt: str = "",
     phone_cache: PhoneCache | None = None,
     opt_outs: pl.DataFrame | None = None,
+    marketing_backoff: pl.DataFrame | None = None,
 ) -> Decisions:
     """Decide every customer of `audience` (one row per customer, contract columns present).
 
@@ -154,7 +156,9 @@ def decide(
     `phone_cache` keeps each distinct number's validation across runs (beside the ledger);
     `opt_outs` holds the customers who told us to stop (customer_id text, channel, purpose:
     `marketing` or `all`), from their replies and the providers' refusals, which exclude them
-    from that channel with `<channel>_opted_out` whatever the warehouse's consent says.
+    from that channel with `<channel>_opted_out` whatever the warehouse's consent says;
+    `marketing_backoff` (customer_id text, channel, until) the customers a provider's per-user
+    limit refused lately, whose marketing there waits (`<channel>_marketing_unavailable`).
     """
     policy = policy or PolicySpec()
     sends = EMPTY_SENDS if recent_sends is None else recent_sends
@@ -209,6 +213,9 @@ def decide(
             variable_tests.append(pl.col(name))
         tests[f"_capped_{channel}"] = capped(channel)
         tests[f"_opted_out_{channel}"] = _opted_out(opt_outs, channel, plan.purpose)
+        tests[f"_unavailable_{channel}"] = _marketing_unavailable(
+            channel, plan.purpose, policy.whatsapp_marketing_blocked_countries, marketing_backoff
+        )
         # A free-form WhatsApp message may only go inside the 24-hour customer-care window.
         free_form_whatsapp = channel == "whatsapp" and step.template is None
         window_ok = in_window(channel, now, columns) if free_form_whatsapp else pl.lit(True)
@@ -217,6 +224,7 @@ def decide(
             [
                 pl.col(f"_opted_out_{channel}"),
                 ~has_consent(channel, plan.purpose),
+                pl.col(f"_unavailable_{channel}"),
                 ~has_address(channel),
                 pl.col(f"_suppressed_{channel}"),
                 ~number_ok,
@@ -347,6 +355,23 @@ def _opted_out(opt_outs: pl.DataFrame | None, channel: str, purpose: str) -> pl.
     if ids.is_empty():
         return pl.lit(False)
     return pl.col("customer_id").cast(pl.String).is_in(ids.implode()).fill_null(False)
+
+
+def _marketing_unavailable(
+    channel: str, purpose: str, blocked: Sequence[str], backoff: pl.DataFrame | None
+) -> pl.Expr:
+    """WhatsApp marketing the channel will not deliver now: a blocked country, or a customer
+    in a per-user-limit back-off."""
+    if channel != "whatsapp" or purpose != "marketing":
+        return pl.lit(False)
+    country = pl.col("country").cast(pl.String).str.to_uppercase().is_in(list(blocked))
+    test = country.fill_null(False) if blocked else pl.lit(False)
+    if backoff is not None and not backoff.is_empty():
+        ids = backoff.filter(pl.col("channel") == channel)["customer_id"].cast(pl.String)
+        if not ids.is_empty():
+            waiting = pl.col("customer_id").cast(pl.String).is_in(ids.implode()).fill_null(False)
+            test = test | waiting
+    return test
 
 
 def _channel_weight(index: int) -> int:

@@ -11,6 +11,7 @@ FREQUENCY_CAPPED = "frequency_capped"
 HOLDOUT = "holdout"
 NOT_MOBILE = "not_mobile"
 NO_CONSENT = "no_consent"  # prefixed with the channel, e.g. whatsapp_no_consent
+MARKETING_UNAVAILABLE = "marketing_unavailable"  # whatsapp_marketing_unavailable
 OPTED_OUT = "opted_out"  # e.g. sms_opted_out: the customer replied STOP, or the provider said so
 NO_ADDRESS = "no_address"  # e.g. line_no_address: no LINE user id for the customer
 CHANNEL_SUPPRESSED = "suppressed"  # per channel, e.g. sms_suppressed
@@ -39,6 +40,10 @@ CHANNEL_REASONS: dict[str, str] = {
     'keyword), tapped a template\'s "Stop promotions" button (marketing only), unfollowed, '
     "or the provider refused a send because they had (Twilio 21610, Meta 131050). Applied "
     "before, and regardless of, the warehouse's consent columns.",
+    MARKETING_UNAVAILABLE: "WhatsApp will not deliver this marketing template now: the "
+    "customer's country gets no WhatsApp marketing templates (policy."
+    "whatsapp_marketing_blocked_countries, US by default), or Meta's per-user marketing limit "
+    "refused them lately (131049; backed off 1, 2, 4, then 8 days).",
     NO_CONSENT: "No opt-in for this channel and purpose (latest consent record is not an opt-in).",
     NO_ADDRESS: "No valid address on this channel: LINE needs the customer's LINE user id "
     "(`line_user_id`, U and 32 hex digits, from a follow event).",
