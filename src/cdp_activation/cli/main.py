@@ -981,7 +981,7 @@ def _report(
             table.add_row("retried after 429/5xx (waited in the ledger)", f"{summary.retried:,}")
     table.add_row("already sent (earlier runs)", f"{summary.already_sent:,}")
     if not summary.dry_run:
-        _partition_rows(table, summary, replies=not reports)
+        _partition_rows(table, summary, with_replies=not reports)
     for code, count in summary.error_codes.items():
         table.add_row(f"provider error · {code}", f"{count:,}")
     for word, count in summary.accepted_as.items():
@@ -1033,7 +1033,7 @@ PARTITION_STATES = {
 }
 
 
-def _partition_rows(table: Table, summary: Any, replies: bool = True) -> None:
+def _partition_rows(table: Table, summary: Any, with_replies: bool = True) -> None:
     """The whole partition as it stands after the run: what is still waiting, and why (and
     its replies, unless the settled delivery reports below count them)."""
     if summary.recovered_in_flight:
@@ -1046,7 +1046,7 @@ def _partition_rows(table: Table, summary: Any, replies: bool = True) -> None:
         table.add_row("unknown, then proved sent by a report", f"{summary.unknown_reconciled:,}")
     for state, count in sorted(summary.partition_states.items()):
         table.add_row(f"partition · {PARTITION_STATES.get(state, state)}", f"{count:,}")
-    if replies and getattr(summary, "replied", 0):
+    if with_replies and summary.replied:
         table.add_row("partition · customers who wrote back", f"{summary.replied:,}")
         table.add_row("partition · of them opted out", f"{summary.opted_out:,}")
     for reason, count in sorted(summary.dead_letter_by_reason.items()):
