@@ -441,3 +441,32 @@ def test_dead_letters_an_earlier_version_gave_up_on_are_planned_again(ledger_url
         con.execute(sends.update().values(state="dead_letter", error_code=None))
     assert ledger.revive_given_up("winback", "p", "initial", timedelta(seconds=-1)) == 0
     ledger.dispose()
+
+
+def test_processes_opening_a_new_sqlite_ledger_at_once_all_get_it(tmp_path: Path) -> None:
+    """Many processes (a run's claim workers, overlapping runs) open a ledger that does not
+    exist yet at the same instant: each one waits for the others' WAL switch and schema
+    creation instead of failing with "database is locked"."""
+    import subprocess
+    import sys
+    import time
+
+    opener = (
+        "import sys, time; from cdp_activation.ledger import Ledger; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+        "Ledger(sys.argv[1]).dispose(); print('ok')"
+    )
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'new-{round_}.sqlite'}"
+        start = str(time.time() + 2.0)  # all of them at once, after their imports
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-c", opener, url, start],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(6)
+        ]
+        outputs = [w.communicate(timeout=120) for w in workers]
+        assert [out.strip() for out, _ in outputs] == ["ok"] * 6, [e[-500:] for _, e in outputs]

@@ -3,6 +3,7 @@ and the time helpers."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -61,10 +62,29 @@ class LedgerBase:
         self.url = url
         try:
             self.engine = open_engine(url)
-            if url not in _MIGRATED or not _has_sends(self.engine):
-                self.migrate()
+            self._bring_up()
         except (sa.exc.OperationalError, OSError) as err:
             raise LedgerUnavailable.of(url, err) from None
+
+    def _bring_up(self) -> None:
+        """Migrate the schema on the first opening in this process. Processes that open a new
+        SQLite ledger at the same instant can find it locked while another one switches it to
+        WAL or creates its tables, beyond the busy timeout's reach: that is waited out (a
+        minute at most), never reported as a ledger that cannot be opened."""
+        deadline = time.monotonic() + (60.0 if self.engine.dialect.name == "sqlite" else 0.0)
+        pause = 0.05
+        while True:
+            try:
+                if self.url not in _MIGRATED or not _has_sends(self.engine):
+                    self.migrate()
+                return
+            except sa.exc.OperationalError as err:
+                locked = "database is locked" in str(err)
+                if not locked or time.monotonic() + pause > deadline:
+                    raise
+                self.engine.dispose()
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def migrate(self) -> None:
         """Create or upgrade the schema (tables, added columns, indexes, triggers). Done on a
