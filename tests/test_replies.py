@@ -558,3 +558,26 @@ def test_meta_s_per_user_limit_backs_a_customer_off_for_a_growing_while(ledger: 
     [until] = waiting["until"].to_list()
     assert abs((until - (NOW + timedelta(days=1))).total_seconds()) < 2
     assert ledger.marketing_backoff(codes, NOW + timedelta(days=1, hours=1)).is_empty()
+
+
+def test_matching_a_reply_and_reading_refusals_never_scan_the_ledger(tmp_path: Path) -> None:
+    """The receiver matches each reply inside its write transaction, and every run reads the
+    refusals: on a ledger of millions of sends both must be index reads, not scans."""
+    from cdp_activation.ledger.replies import _last_sent_to, _refusals
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    try:
+        statements = [
+            _last_sent_to("sms", ["+447700900101", "+447700900102"]),
+            sa.select(_refusals({"twilio": {"21610"}, "meta_whatsapp": {"131049", "131050"}})),
+        ]
+        with ledger.engine.connect() as con:
+            for statement in statements:
+                sql = str(statement.compile(con, compile_kwargs={"literal_binds": True}))
+                plan = " | ".join(
+                    str(row[-1]) for row in con.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
+                )
+                assert "SCAN sends" not in plan, plan
+                assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, plan
+    finally:
+        ledger.dispose()

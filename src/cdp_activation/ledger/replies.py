@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import polars as pl
 import sqlalchemy as sa
@@ -103,23 +104,22 @@ class Replies(LedgerBase):
         if not codes:
             return 0
         now = utc_now()
-        added = 0
+        wanted: dict[str, set[str]] = {}
+        for connector, code in codes:
+            wanted.setdefault(connector, set()).add(code)
+        refused = _refusals(wanted)
+        new = sa.select(refused).where(
+            ~sa.exists().where(opt_outs.c.source == _send_source(refused.c.id))
+        )
+        seen: set[int] = set()
         with self.engine.begin() as con:
-            for (connector, code), purpose in sorted(codes.items()):
-                refused = con.execute(
-                    sa.select(sends.c.id, sends.c.customer_id, sends.c.channel).where(
-                        sends.c.connector == connector,
-                        sa.or_(
-                            sa.and_(sends.c.state == FAILED, sends.c.error_code == code),
-                            sends.c.delivery_error_code == code,
-                        ),
-                        ~sa.exists().where(opt_outs.c.source == _send_source(sends.c.id)),
-                    )
-                ).all()
-                for send_id, customer, channel in refused:
-                    added += 1
-                    self._opt_out(con, customer, channel, purpose, code, f"send:{send_id}", now)
-        return added
+            for send_id, customer, channel, connector, code, _at in con.execute(new).all():
+                if send_id in seen:  # refused at send time and again in a report
+                    continue
+                seen.add(send_id)
+                purpose = codes[(connector, code)]
+                self._opt_out(con, customer, channel, purpose, code, f"send:{send_id}", now)
+        return len(seen)
 
     def opt_outs(self) -> pl.DataFrame:
         """The opt-outs in force: (customer_id, channel, purpose), one row each."""
@@ -138,33 +138,23 @@ class Replies(LedgerBase):
         channel waits: 1 day after the latest refusal, doubling with each earlier one in the
         window (2, 4, at most 8 days). Columns: customer_id, channel, until."""
         since = now - timedelta(days=days)
-        rows: list[tuple[str, str, datetime]] = []
+        refused = _refusals({c: set(w) for c, w in codes.items() if w})
+        query = (
+            sa.select(
+                refused.c.customer_id,
+                refused.c.channel,
+                sa.func.count(sa.distinct(refused.c.id)),
+                sa.func.max(refused.c.at),
+            )
+            .where(refused.c.at >= since)
+            .group_by(refused.c.customer_id, refused.c.channel)
+        )
         with self.engine.connect() as con:
-            for connector, wanted in sorted(codes.items()):
-                if not wanted:
-                    continue
-                found = con.execute(
-                    sa.select(
-                        sends.c.customer_id,
-                        sends.c.channel,
-                        sa.func.count(),
-                        sa.func.max(
-                            sa.func.coalesce(sends.c.delivery_status_at, sends.c.updated_at)
-                        ),
-                    )
-                    .where(
-                        sends.c.connector == connector,
-                        sa.or_(
-                            sends.c.error_code.in_(sorted(wanted)),
-                            sends.c.delivery_error_code.in_(sorted(wanted)),
-                        ),
-                        sends.c.updated_at >= since,
-                    )
-                    .group_by(sends.c.customer_id, sends.c.channel)
-                ).all()
-                for customer, channel, times, latest in found:
-                    wait = timedelta(days=2 ** (min(int(times), 4) - 1))
-                    rows.append((customer, channel, as_time(latest) + wait))
+            found = con.execute(query).all() if codes else []
+        rows: list[tuple[str, str, datetime]] = [
+            (customer, channel, as_time(latest) + timedelta(days=2 ** (min(int(times), 4) - 1)))
+            for customer, channel, times, latest in found
+        ]
         frame = pl.DataFrame(
             rows,
             schema={
@@ -253,17 +243,7 @@ class Replies(LedgerBase):
         for channel in {c for c, _ in addresses}:
             wanted = [a for c, a in addresses if c == channel]
             for chunk in chunks(wanted, 5000):
-                latest = (
-                    sa.select(sends.c.recipient, sa.func.max(sends.c.id).label("id"))
-                    .where(sends.c.channel == channel, sends.c.recipient.in_(chunk))
-                    .group_by(sends.c.recipient)
-                    .subquery()
-                )
-                for recipient, customer in con.execute(
-                    sa.select(sends.c.recipient, sends.c.customer_id).join(
-                        latest, latest.c.id == sends.c.id
-                    )
-                ):
+                for recipient, customer in con.execute(_last_sent_to(channel, chunk)):
                     found[(channel, recipient)] = customer
         return found
 
@@ -330,3 +310,61 @@ class Replies(LedgerBase):
 def _send_source(send_id: sa.ColumnElement[int]) -> sa.ColumnElement[str]:
     """`opt_outs.source` of a refused send: "send:<id>"."""
     return sa.literal("send:", sa.String) + sa.cast(send_id, sa.String)
+
+
+def _refusals(codes: Mapping[str, set[str]]) -> sa.Subquery:
+    """Sends a connector's provider refused with one of its `codes` (connector -> codes), at
+    send time (`failed` with `error_code`) or in a later status report
+    (`delivery_error_code`): (id, customer_id, channel, connector, code, at). Two indexed
+    reads of the few failed rows, never a scan of the ledger."""
+    parts = []
+    for connector, wanted in sorted(codes.items()):
+        listed = sorted(wanted)
+        parts.append(
+            sa.select(
+                sends.c.id,
+                sends.c.customer_id,
+                sends.c.channel,
+                sends.c.connector,
+                sends.c.error_code.label("code"),
+                sends.c.updated_at.label("at"),
+            ).where(
+                sends.c.error_code.in_(listed),
+                sends.c.connector == connector,
+                sends.c.state == FAILED,
+            )
+        )
+        parts.append(
+            sa.select(
+                sends.c.id,
+                sends.c.customer_id,
+                sends.c.channel,
+                sends.c.connector,
+                sends.c.delivery_error_code.label("code"),
+                sa.func.coalesce(sends.c.delivery_status_at, sends.c.updated_at).label("at"),
+            ).where(sends.c.delivery_error_code.in_(listed), sends.c.connector == connector)
+        )
+    if not parts:  # nothing to look for: an empty selection of the same shape
+        parts.append(
+            sa.select(
+                sends.c.id,
+                sends.c.customer_id,
+                sends.c.channel,
+                sends.c.connector,
+                sends.c.error_code.label("code"),
+                sends.c.updated_at.label("at"),
+            ).where(sa.false())
+        )
+    return sa.union(*parts).subquery("refused")
+
+
+def _last_sent_to(channel: str, addresses: Sequence[str]) -> sa.Select[Any]:
+    """(recipient, customer_id) of the latest send to each address on `channel` (an indexed
+    read: `ix_sends_recipient_channel`)."""
+    latest = (
+        sa.select(sends.c.recipient, sa.func.max(sends.c.id).label("id"))
+        .where(sends.c.recipient.in_(list(addresses)), sends.c.channel == channel)
+        .group_by(sends.c.recipient)
+        .subquery()
+    )
+    return sa.select(sends.c.recipient, sends.c.customer_id).join(latest, latest.c.id == sends.c.id)

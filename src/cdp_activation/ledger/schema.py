@@ -62,6 +62,8 @@ sends = sa.Table(
     sa.Index("ix_sends_provider_message_id", "provider_message_id"),
     sa.Index("ix_sends_updated_at", "updated_at"),  # the send log's incremental export
     sa.Index("ix_sends_fallback_of", "fallback_of"),
+    # Who wrote back (`Replies._customers_of`): the send to that address on that channel.
+    sa.Index("ix_sends_recipient_channel", "recipient", "channel"),
 )
 
 # Status webhooks as they arrived, once each: `event_key` identifies a report (provider, its
@@ -298,6 +300,17 @@ def _add_missing_columns(con: sa.Connection) -> None:
             "ix_sends_requests",
             "ON sends (activation, partition_key, request_id) "
             f"WHERE state = '{PLANNED}' AND request_id IS NOT NULL",
+        )
+    )
+    # Refusals that mean "opted out" or "back off" (`Replies._refusals`): failures are few, so
+    # only failed rows are indexed.
+    indexes.append(
+        ("ix_sends_error_code", "ON sends (error_code, connector) WHERE error_code IS NOT NULL")
+    )
+    indexes.append(
+        (
+            "ix_sends_delivery_error_code",
+            "ON sends (delivery_error_code, connector) WHERE delivery_error_code IS NOT NULL",
         )
     )
     for name, definition in indexes:
