@@ -4,6 +4,7 @@ opt-out answers stop the next run, a planned send to them is cancelled, and a re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -174,6 +175,11 @@ def test_a_stop_promotions_tap_stops_marketing_only_and_start_does_not_lift_it(
         )
     )
     assert (tap.opt, tap.purpose, tap.reason) == ("out", "marketing", "button")
+    unread = dataclasses.replace(tap, opt=None, purpose="all", reason="")
+    portuguese = dataclasses.replace(unread, text="Parar promoções")  # accents are folded
+    assert opt_out.classify(portuguese).purpose == "marketing"
+    french = dataclasses.replace(unread, text="Arrêt!", kind="text")
+    assert (opt_out.classify(french).opt, opt_out.classify(french).purpose) == ("out", "all")
     ledger.record_inbound([tap])
     ledger.record_inbound(
         [

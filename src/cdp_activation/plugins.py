@@ -201,6 +201,11 @@ class ConnectorPlugin:
         return connector
 
     @property
+    def capabilities(self) -> Any:
+        """The connector class's `Capabilities` (channels, batch size, codes it declares)."""
+        return getattr(self.connector, "capabilities")  # noqa: B009  # a class attribute
+
+    @property
     def has_catalog(self) -> bool:
         """Whether its templates can be listed (a `templates/<connector>` asset)."""
         return hasattr(self.connector, "fetch_templates")

@@ -435,16 +435,13 @@ def refusal_codes() -> dict[tuple[str, str], str]:
     return {
         (name, code): purpose
         for name, found in plugins().items()
-        for code, purpose in getattr(found.connector, "capabilities").opt_out_codes  # noqa: B009
+        for code, purpose in found.capabilities.opt_out_codes
     }
 
 
 def backoff_codes() -> dict[str, frozenset[str]]:
     """Connector -> its `backoff_codes` (Meta 131049), from every installed connector."""
-    return {
-        name: getattr(found.connector, "capabilities").backoff_codes  # noqa: B009
-        for name, found in plugins().items()
-    }
+    return {name: found.capabilities.backoff_codes for name, found in plugins().items()}
 
 
 def with_replies(audience: pl.DataFrame, replies: pl.DataFrame) -> pl.DataFrame:

@@ -22,7 +22,7 @@ def connectors_markdown() -> str:
     header = "| name | provider | channels | per request | default rate | idempotent | settings |"
     lines = [header, "|---|---|---|---:|---:|---|---|"]
     for name, plugin in sorted(plugins().items()):
-        caps: Capabilities = getattr(plugin.connector, "capabilities")  # noqa: B009
+        caps: Capabilities = plugin.capabilities
         lines.append(
             f"| `{name}` | {plugin.title} | {', '.join(sorted(caps.channels))} | "
             f"{caps.max_batch_size:,} | {caps.default_rate_per_second:,.0f}/s | "

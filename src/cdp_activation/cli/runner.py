@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -355,26 +355,13 @@ class RunSummary:
             self.per_worker = list(delivery.workers)
 
 
-# The counts a run summary takes from its deliveries step as they are.
-_DELIVERY_COUNTS = (
-    "to_send",
-    "deferred",
-    "holdout",
-    "cancelled",
-    "sent",
-    "failed",
-    "unknown",
-    "dead_letter",
-    "already_sent",
-    "resent_unknown",
-    "retried",
-    "revived",
-    "waiting",
-    "in_flight",
-    "unknown_reconciled",
-    "recovered_in_flight",
-    "replied",
-    "opted_out",
+# The counts a run summary takes from its deliveries step as they are: the whole numbers both
+# name alike (`eligible` is a count there and a per-channel table here, so it is not one).
+_DELIVERY_COUNTS = tuple(
+    f.name
+    for f in fields(DeliverySummary)
+    if f.type in ("int", int)
+    and any(g.name == f.name and g.type in ("int", int) for g in fields(RunSummary))
 )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import unicodedata
-from collections.abc import Iterable
+from functools import cache
 
 from cdp_activation.contracts import ALL_PURPOSES, OPT_IN, OPT_OUT, InboundMessage
 
@@ -42,20 +42,25 @@ def _folded(text: str) -> str:
     return plain.upper().rstrip(".!¡?¿ ").lstrip("¡¿ ")
 
 
+@cache
+def _folded_words(words: frozenset[str]) -> frozenset[str]:
+    return frozenset(_folded(w) for w in words)
+
+
 def classify(
     message: InboundMessage,
-    opt_out: Iterable[str] = OPT_OUT_KEYWORDS,
-    opt_in: Iterable[str] = OPT_IN_KEYWORDS,
+    opt_out: frozenset[str] = OPT_OUT_KEYWORDS,
+    opt_in: frozenset[str] = OPT_IN_KEYWORDS,
 ) -> InboundMessage:
     """The message with `opt`, `purpose` and `reason` set when it opts out or back in."""
     word = _folded(message.text)
     if not word:
         return message
-    if message.kind in ("button", "interactive") and word in MARKETING_STOP_BUTTONS:
+    if message.kind in ("button", "interactive") and word in _folded_words(MARKETING_STOP_BUTTONS):
         return dataclasses.replace(message, opt=OPT_OUT, purpose="marketing", reason=BUTTON)
-    if word in {_folded(k) for k in opt_out}:
+    if word in _folded_words(opt_out):
         return dataclasses.replace(message, opt=OPT_OUT, purpose=ALL_PURPOSES, reason=KEYWORD)
-    if word in {_folded(k) for k in opt_in}:
+    if word in _folded_words(opt_in):
         return dataclasses.replace(message, opt=OPT_IN, purpose=ALL_PURPOSES, reason=KEYWORD)
     return message
 
