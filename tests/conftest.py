@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from cdp_activation.contracts import StatusEvent
 from cdp_activation.ledger import Ledger
+from cdp_activation.plugins import plugins
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings
 
@@ -32,24 +33,23 @@ def settings_for_sandbox(server: SandboxServer) -> Settings:
     Tokens are left unset on purpose: in sandbox mode the sandbox credentials are used,
     which is exactly what `make demo` and `make dev` run with.
     """
+    urls: dict[str, Any] = {}
+    secrets: dict[str, Any] = {}
+    for plugin in plugins().values():
+        fields = plugin.settings.model_fields
+        url = "base_url" if "base_url" in fields else "url"
+        if plugin.sandbox and url in fields:
+            urls[plugin.flat_name(url)] = f"{server.url}{plugin.sandbox}"
+        secrets.update({plugin.flat_name(name): None for name in fields if plugin.is_secret(name)})
     return Settings(
         _env_file=None,  # type: ignore[call-arg]  # pydantic-settings init-only option
         sandbox=True,
-        meta_base_url=f"{server.url}/meta",
-        twilio_base_url=f"{server.url}/twilio",
-        twilio_content_base_url=f"{server.url}/twilio",
-        infobip_base_url=f"{server.url}/infobip",
-        vonage_base_url=f"{server.url}/vonage",
-        webhook_url=f"{server.url}/webhook/messages",
-        braze_base_url=f"{server.url}/braze",
-        braze_api_key=None,
-        line_base_url=f"{server.url}/line",
-        line_channel_access_token=None,
-        meta_access_token=None,
-        twilio_auth_token=None,
-        infobip_api_key=None,
-        vonage_api_secret=None,
-        webhook_headers=None,
+        **{
+            **urls,
+            **secrets,
+            "twilio_content_base_url": f"{server.url}/twilio",
+            "webhook_url": f"{server.url}/webhook/messages",
+        },
     )
 
 

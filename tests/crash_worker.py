@@ -104,6 +104,29 @@ def line_audience(n: int, deferred_until: datetime | None = None, texts: int = 1
     )
 
 
+HANDOFF_AT = "2026-12-05T10:00:00Z"  # the attribute's value every profile must end with
+
+
+def handoff_audience(n: int) -> pl.DataFrame:
+    """N customers handed to a Braze Canvas (`braze_audience`), a third through SMS's group."""
+    channels = ["sms" if i % 3 == 0 else "whatsapp" for i in range(1, n + 1)]
+    return pl.DataFrame(
+        {
+            "customer_id": list(range(1, n + 1)),
+            "phone_e164": [f"+4479{i:08d}" for i in range(1, n + 1)],
+            "channel": channels,
+            "connector": ["braze_audience"] * n,
+            "step": ["initial"] * n,
+            "template_name": [f"audience:cdp_winback_at:winback_{c}_group" for c in channels],
+            "template_language": [HANDOFF_AT] * n,
+            "variables": [[f"Name{i}", f"CODE{i}"] for i in range(1, n + 1)],
+            "variable_names": [["first_name", "offer_code"]] * n,
+            "body": [None] * n,
+        },
+        schema_overrides={"variables": pl.List(pl.String), "body": pl.String},
+    )
+
+
 def sandbox_connectors(url: str) -> dict[str, Connector]:
     """Both connectors, built from settings pointing at the sandbox (as tests/conftest.py does:
     no `.env`, no tokens, so the sandbox's published credentials are used)."""
@@ -113,19 +136,26 @@ def sandbox_connectors(url: str) -> dict[str, Connector]:
         meta_base_url=f"{url}/meta",
         twilio_base_url=f"{url}/twilio",
         line_base_url=f"{url}/line",
+        braze_audience_base_url=f"{url}/braze",
+        braze_audience_api_key=None,
         meta_access_token=None,
         twilio_auth_token=None,
         line_channel_access_token=None,
     )
-    return {name: connector_from_settings(name, settings) for name in (*CONNECTORS, "line")}
+    names = (*CONNECTORS, "line", "braze_audience")
+    return {name: connector_from_settings(name, settings) for name in names}
 
 
 def main(argv: list[str]) -> int:
     ledger_at, url, n = argv[1], argv[2], int(argv[3])
     concurrency = int(argv[4]) if len(argv) > 4 else DeliveryOptions.concurrency
     line = len(argv) > 5 and argv[5] == "line"
+    handoff = len(argv) > 5 and argv[5] == "braze_audience"
     ledger = Ledger(ledger_at if "://" in ledger_at else f"sqlite:///{ledger_at}")
-    if line:
+    if handoff:
+        ledger.plan(ACTIVATION, PARTITION, handoff_audience(n))
+        recovered = ledger.recover_interrupted(ACTIVATION, PARTITION, idempotent=[argv[5]])
+    elif line:
         deferred_until = datetime.fromtimestamp(float(argv[6]), UTC)
         ledger.plan(ACTIVATION, PARTITION, line_audience(n, deferred_until))
         recovered = ledger.recover_interrupted(ACTIVATION, PARTITION, idempotent=["line"])

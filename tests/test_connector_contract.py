@@ -47,13 +47,22 @@ from cdp_activation.connectors.base import (
     TemplateError,
     TemplateRef,
 )
-from cdp_activation.connectors.samples import braze, line, sms, viber, whatsapp, whatsapp_or_sms
+from cdp_activation.connectors.samples import (
+    braze,
+    braze_handoff,
+    line,
+    sms,
+    viber,
+    whatsapp,
+    whatsapp_or_sms,
+)
 from cdp_activation.plugins import ConnectorPlugin, plugins
 from cdp_activation.sandbox import SandboxConfig, SandboxServer
 from cdp_activation.settings import (
     SANDBOX_WEBHOOK_TOKEN,
     Settings,
 )
+from cdp_activation.spec import HandoffSpec
 from conftest import settings_for_sandbox
 
 pytestmark = pytest.mark.integration
@@ -211,10 +220,28 @@ def test_full_batches_are_recorded_once_with_the_provider_id(
     assert {m.provider_message_id for m in recorded} == {r.provider_message_id for r in results}
     assert sandbox.duplicates() == {}
     by_to = {m.to: m for m in recorded}
+    handoff = connector.capabilities.handoff
     for message in messages:
         seen = by_to[message.to]
         assert seen.channel == message.channel
-        if message.template is not None:
+        if handoff:  # a profile written, not a message: its attributes are what Braze keeps
+            assert message.template is not None and message.customer_id is not None
+            spec = HandoffSpec.from_message_name(message.template.name)
+            assert spec is not None
+            profile = sandbox.profiles()[message.customer_id]
+            assert profile[spec.attribute] == message.template.language
+            assert profile["phone"] == message.to
+            for column, value in zip(
+                message.template.parameter_names, message.template.parameters, strict=True
+            ):
+                assert profile[column] == value
+            assert profile["subscription_groups"] == [
+                {
+                    "subscription_group_id": spec.subscription_group,
+                    "subscription_state": "subscribed",
+                }
+            ]
+        elif message.template is not None:
             assert seen.template_name == message.template.name
             assert seen.parameters == message.template.parameters
         else:
@@ -539,20 +566,45 @@ def test_braze_unknown_campaign_stops_the_activation(sandbox_settings: Settings)
         send(connector_from_settings("braze", sandbox_settings), [message])
 
 
-def test_braze_pushes_audience_membership_75_attributes_a_request(
+def test_braze_audience_writes_each_profile_once_75_a_request(
     sandbox: SandboxServer, sandbox_settings: Settings
 ) -> None:
-    connector = connector_from_settings("braze", sandbox_settings)
-    assert isinstance(connector, BrazeConnector)
-    attributes = [{"external_id": f"c{i}", "cdp_winback_whatsapp": True} for i in range(160)]
+    connector = connector_from_settings("braze_audience", sandbox_settings)
+    messages = [braze_handoff(i) for i in range(160)]
+    results = send(connector, messages)
 
-    async def go() -> int:
-        async with httpx.AsyncClient(timeout=5) as client:
-            return await connector.push_attributes(client, attributes)
-
-    assert asyncio.run(go()) == 160
+    assert {r.outcome for r in results} == {Outcome.SENT}
+    assert [a.result for a in sandbox.attempts()] == ["accepted"] * 3  # 75 + 75 + 10
     profiles = sandbox.profiles()
-    assert len(profiles) == 160 and profiles["c7"]["cdp_winback_whatsapp"] is True
+    assert len(profiles) == 160
+    assert profiles["customer-7"]["cdp_contract_at"] == "2026-12-05T10:00:00Z"
+    assert profiles["customer-7"]["_update_existing_only"] is True
+
+
+def test_braze_audience_fails_only_the_profiles_braze_names_in_its_errors(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """Braze answers 201 "success" with non-fatal `errors` naming objects by index: those
+    customers fail with the connector's own code, the others are written."""
+    connector = connector_from_settings("braze_audience", sandbox_settings)
+    unknown_group = TemplateRef("audience:cdp_contract_at:no_such_group", "2026-12-05T10:00:00Z")
+    messages = [
+        braze_handoff(0),
+        dataclasses.replace(braze_handoff(1), template=unknown_group),
+        braze_handoff(2),
+    ]
+    results = {r.key: r for r in send(connector, messages)}
+
+    refused = results[messages[1].key]
+    assert (refused.outcome, refused.error_code) == (Outcome.FAILED, "braze_attributes_rejected")
+    assert refused.error_message and "subscription_group_id" in refused.error_message
+    assert {results[m.key].outcome for m in (messages[0], messages[2])} == {Outcome.SENT}
+    assert set(sandbox.profiles()) == {"customer-0", "customer-2"}
+
+
+def test_braze_audience_refuses_a_template_step(sandbox_settings: Settings) -> None:
+    with pytest.raises(TemplateError, match="handoff"):
+        send(connector_from_settings("braze_audience", sandbox_settings), [braze(0)])
 
 
 # --- LINE --------------------------------------------------------------------------------------

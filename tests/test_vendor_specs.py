@@ -34,6 +34,7 @@ from cdp_activation.connectors import (
     MetaWhatsAppConnector,
     TwilioConnector,
     connector_from_settings,
+    samples,
 )
 from cdp_activation.connectors.base import (
     OutboundMessage,
@@ -783,12 +784,15 @@ def test_braze_spec_bug_is_still_there(sandbox: SandboxServer, sandbox_settings:
     validate(capture(run), BRAZE_SEND_SPEC, "/braze", BRAZE_SERVER)
 
 
-def test_braze_users_track_matches_spec(sandbox: SandboxServer, sandbox_settings: Settings) -> None:
-    connector = connector_from_settings("braze", sandbox_settings)
-    attributes = [{"external_id": f"c{i}", "cdp_winback": True} for i in range(80)]
+def test_braze_audience_users_track_matches_spec(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    connector = connector_from_settings("braze_audience", sandbox_settings)
+    messages = [samples.braze_handoff(i) for i in range(80)]
 
     async def run(client: httpx.AsyncClient) -> None:
-        await connector.push_attributes(client, attributes)
+        for start in range(0, len(messages), 75):
+            await connector.send_batch(client, messages[start : start + 75])
 
     exchanges = capture(run)
     assert len(exchanges) == 2  # 75 + 5

@@ -121,8 +121,61 @@ class TemplateSpec(_Strict):
         return value
 
 
+HANDOFF_PREFIX = "audience:"  # a handoff travels as the message name audience:<attribute>[:<group>]
+
+
+class HandoffSpec(_Strict):
+    """Hand the customer to a CEP instead of messaging them: the CEP's own journey (a Braze
+    Canvas entered on the attribute) sends, on the step's channel, to customers the policy
+    has already cleared for it (consent, suppression, opt-outs, caps, quiet hours)."""
+
+    attribute: str = Field(
+        description="Custom attribute set on the CEP's user profile to the time they joined "
+        "this run's audience (a Canvas enters users when it changes), e.g. cdp_winback_at."
+    )
+    subscription_group: str | None = Field(
+        default=None,
+        description="Subscription group id set `subscribed` with the push (the consent the "
+        "policy checked for the step's channel); none: subscription state is left alone.",
+    )
+    properties: list[str] = Field(
+        default_factory=list,
+        description="Audience columns written as attributes of the same names (first_name, "
+        "offer_code, …) for the CEP's message to use; a missing value excludes the customer.",
+    )
+
+    @field_validator("attribute", "properties")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        for name in [value] if isinstance(value, str) else value:
+            if not _IDENT.match(name):
+                raise ValueError(f"{name!r} is not a valid attribute name (letters, digits, _)")
+        return value
+
+    @field_validator("subscription_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z0-9_-]+$", value):
+            raise ValueError(f"{value!r} is not a subscription group id (letters, digits, - and _)")
+        return value
+
+    def message_name(self) -> str:
+        """How the ledger and connector carry it: `audience:<attribute>[:<group>]`."""
+        group = f":{self.subscription_group}" if self.subscription_group else ""
+        return f"{HANDOFF_PREFIX}{self.attribute}{group}"
+
+    @classmethod
+    def from_message_name(cls, name: str) -> HandoffSpec | None:
+        """The handoff a message name carries, or None when it names a template."""
+        if not name.startswith(HANDOFF_PREFIX):
+            return None
+        attribute, _, group = name.removeprefix(HANDOFF_PREFIX).partition(":")
+        return cls(attribute=attribute, subscription_group=group or None)
+
+
 class StepSpec(_Strict):
-    """One channel of the plan: a template, or a text body with {column} fields.
+    """One channel of the plan: a template, a text body with {column} fields, or a `handoff`
+    of the customer to a CEP whose own journey sends (Braze through `braze_audience`).
 
     On WhatsApp a `body` is a free-form session message: policy lets it go only inside the
     customer's 24-hour care window (the audience must return `whatsapp_last_inbound_at`).
@@ -132,11 +185,15 @@ class StepSpec(_Strict):
     connector: str
     template: TemplateSpec | None = None
     body: str | None = None
+    handoff: HandoffSpec | None = None
 
     @model_validator(mode="after")
     def _template_or_body(self) -> StepSpec:
-        if (self.template is None) == (self.body is None):
-            raise ValueError(f"step '{self.channel}': give exactly one of `template` or `body`")
+        given = [x for x in (self.template, self.body, self.handoff) if x is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"step '{self.channel}': give exactly one of `template`, `body` or `handoff`"
+            )
         if self.channel in BODY_ONLY_CHANNELS and self.template is not None:
             raise ValueError(
                 f"step '{self.channel}': {self.channel} has no provider-approved templates; "
@@ -147,7 +204,15 @@ class StepSpec(_Strict):
     def variable_columns(self) -> list[str]:
         if self.template is not None:
             return list(self.template.variables)
+        if self.handoff is not None:
+            return list(self.handoff.properties)
         return _BODY_FIELD.findall(self.body or "")
+
+    def message_name(self) -> str | None:
+        """The template's name, a handoff's `audience:…` name, or None for a text body."""
+        if self.template is not None:
+            return self.template.name
+        return self.handoff.message_name() if self.handoff is not None else None
 
 
 class FallbackSpec(_Strict):
@@ -215,6 +280,11 @@ class ChannelPlanSpec(_Strict):
                     f"which a {self.purpose} activation may not use"
                 )
         if self.fallback is not None:
+            if any(step.handoff is not None for step in self.steps):
+                raise ValueError(
+                    "a plan with a `handoff` step cannot have a `fallback`: the CEP's journey "
+                    "decides what follows a message it sends (no delivery report comes back)"
+                )
             if self.fallback.channel not in channels:
                 raise ValueError(
                     f"fallback.channel {self.fallback.channel!r} is not a channel of the plan "

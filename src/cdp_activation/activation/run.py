@@ -93,6 +93,7 @@ class Activation:
                 f"{query.path}: uses parameter(s) {', '.join(':' + p for p in undeclared)} that "
                 f"activation {name!r} does not declare under audience.parameters"
             )
+        check_step_connectors(spec.channel_plan)
         return cls(name=name, spec=spec, query=query, suppression_sql=root / spec.suppression_sql)
 
     def variable_columns(self) -> list[str]:
@@ -104,12 +105,35 @@ class Activation:
         purpose = self.spec.channel_plan.purpose
         for step in self.spec.channel_plan.steps:
             columns.append(consent_column(step.channel, purpose))
-            if step.channel == "whatsapp" and step.template is None:
+            if step.channel == "whatsapp" and step.body is not None:
                 columns.append(last_inbound_column(step.channel))
             if (address := address_column(step.channel)) is not None:
                 columns.append(address)
             columns.extend(step.variable_columns())
         return list(dict.fromkeys(columns))
+
+
+def check_step_connectors(plan: ChannelPlanSpec) -> None:
+    """A `handoff` step goes to a connector that takes audiences (braze_audience), and a
+    message step to one that sends messages; an unknown connector is reported elsewhere."""
+    installed = plugins()
+    for step in plan.steps:
+        found = installed.get(step.connector)
+        if found is None:
+            continue
+        takes_audiences = found.capabilities.handoff
+        if step.handoff is not None and not takes_audiences:
+            usable = sorted(n for n, p in installed.items() if p.capabilities.handoff)
+            raise ValueError(
+                f"step '{step.channel}': connector {step.connector!r} sends messages and "
+                f"cannot take a `handoff`; use {', '.join(usable) or 'an audience connector'}"
+            )
+        if step.handoff is None and takes_audiences:
+            raise ValueError(
+                f"step '{step.channel}': connector {step.connector!r} takes audience handoffs, "
+                "not messages: give the step a `handoff` (attribute, subscription_group, "
+                "properties) instead of a template or body"
+            )
 
 
 # ---------------------------------------------------------------- audience
@@ -505,7 +529,16 @@ def sample_messages(decisions: pl.DataFrame, plan: ChannelPlanSpec, per_channel:
     for channel in sorted(chosen["channel"].cast(pl.String).unique().to_list()):
         sample = rendered(chosen.filter(pl.col("channel") == channel).head(per_channel), plan)
         for row in sample.iter_rows(named=True):
-            if row["template_name"]:
+            step = plan.step_for(channel)
+            if step.handoff is not None:
+                values = zip(step.handoff.properties, row["variables"] or [], strict=False)
+                group = step.handoff.subscription_group
+                text = (
+                    f"handed to `{step.connector}`: `{step.handoff.attribute}` set, "
+                    + ", ".join(f"{name}={value}" for name, value in values)
+                    + (f"; subscribed to `{group}`" if group else "")
+                )
+            elif row["template_name"]:
                 params = ", ".join(row["variables"] or [])
                 text = f"template `{row['template_name']}` ({row['template_language']}): {params}"
             else:

@@ -51,6 +51,9 @@ class Capabilities:
     # limit): the policy backs off that customer's marketing on the channel for a growing
     # while (1, 2, 4, then 8 days) instead of falling back at once to another channel.
     backoff_codes: frozenset[str] = frozenset()
+    # It takes audience handoffs (a plan step's `handoff`: the customer is written to a CEP,
+    # whose own journey sends), not messages: no delivery report ever follows.
+    handoff: bool = False
 
 
 @dataclass(frozen=True)

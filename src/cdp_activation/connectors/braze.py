@@ -20,8 +20,8 @@ Classification: 201 is SENT for every recipient; a recipient we cannot address (
 no E.164 number) is FAILED before any request; 401/403 stop the activation (credentials);
 400/404 naming the campaign stop it (template: the campaign is missing or not API-triggered);
 any other 400 fails the batch; 429 and 5xx are RETRY, with the wait from `Retry-After` or
-`X-RateLimit-Reset` (epoch seconds). `push_attributes` writes audience membership with
-`POST /users/track`, 75 attribute objects a request.
+`X-RateLimit-Reset` (epoch seconds). Handing an audience to a Canvas instead (`/users/track`) is
+the `braze_audience` connector's job (`braze_audience.py`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from pydantic import SecretStr
 from cdp_activation.connectors import samples
 from cdp_activation.connectors.base import (
     Capabilities,
-    ConnectorError,
     CredentialsError,
     OutboundMessage,
     Outcome,
@@ -67,7 +66,6 @@ from cdp_activation.sandbox_credentials import (
 )
 
 RECIPIENTS_PER_REQUEST = 50  # /campaigns/trigger/send: "up to 50 specific external_ids"
-ATTRIBUTES_PER_REQUEST = 75  # /users/track: 75 attribute objects per request
 REQUESTS_PER_HOUR = 250_000  # the endpoint's default rate limit with external ids
 CANVAS_PREFIX = "canvas:"  # a template named canvas:<id> enters an API-triggered Canvas
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -94,7 +92,6 @@ class BrazeConnector:
         self._api_key = api_key
         self.send_to_existing_only = send_to_existing_only
         self._trigger_url = httpx.URL(f"{self.base_url}/campaigns/trigger/send")
-        self._track_url = httpx.URL(f"{self.base_url}/users/track")
         self._canvas_url = httpx.URL(f"{self.base_url}/canvas/trigger/send")
 
     def __repr__(self) -> str:
@@ -200,7 +197,7 @@ class BrazeConnector:
             raise TemplateError(f"Braze refused the campaign (HTTP {status}): {detail}")
         wait = retry_after_seconds(response.headers)
         if wait is None and status == 429:
-            wait = _reset_in(response.headers)
+            wait = reset_in(response.headers)
         return whole_request_results(
             messages,
             response,
@@ -210,34 +207,8 @@ class BrazeConnector:
             retry_after=wait,
         )
 
-    async def push_attributes(
-        self, client: httpx.AsyncClient, attributes: Sequence[dict[str, Any]]
-    ) -> int:
-        """Write user attributes (each with `external_id`) through `/users/track`, 75 a
-        request; returns how many Braze processed. Raises on any refusal."""
-        done = 0
-        for start in range(0, len(attributes), ATTRIBUTES_PER_REQUEST):
-            chunk = list(attributes[start : start + ATTRIBUTES_PER_REQUEST])
-            response = await client.post(
-                self._track_url, json={"attributes": chunk}, headers=self._headers()
-            )
-            data = json_or_none(response)
-            if response.status_code in (401, 403):
-                raise CredentialsError(
-                    f"Braze refused the REST API key (HTTP {response.status_code})"
-                )
-            if not response.is_success:
-                raise ConnectorError(
-                    f"Braze /users/track answered HTTP {response.status_code}: "
-                    f"{self._safe(response.text)}"
-                )
-            done += (
-                int(data.get("attributes_processed", len(chunk))) if isinstance(data, dict) else 0
-            )
-        return done
 
-
-def _reset_in(headers: httpx.Headers) -> float | None:
+def reset_in(headers: httpx.Headers) -> float | None:
     """Seconds until `X-RateLimit-Reset` (an epoch time), Braze's own throttling hint."""
     value = headers.get("x-ratelimit-reset")
     try:

@@ -51,6 +51,23 @@ def braze(i: int) -> OutboundMessage:
     )
 
 
+def braze_handoff(i: int) -> OutboundMessage:
+    """A customer handed to a Braze Canvas: the attribute's value (the decision's time) where a
+    template has its language, a property by column name, a subscription group."""
+    return OutboundMessage(
+        key=_key(i),
+        to=f"+4479{i:07d}0",
+        channel="whatsapp",
+        template=TemplateRef(
+            "audience:cdp_contract_at:contract_group",
+            "2026-12-05T10:00:00Z",
+            ("Ana",),
+            ("first_name",),
+        ),
+        customer_id=f"customer-{i}",
+    )
+
+
 def line(i: int) -> OutboundMessage:
     """A LINE text for one user id; every user gets the same text, so a batch is a multicast."""
     return OutboundMessage(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import polars as pl
 
@@ -205,7 +205,9 @@ def decide(
             problem = template_problem(catalog, step.template, plan.purpose)
             if problem:
                 template_problems[channel] = problem
-        check = whatsapp_variables_ok if step.template is not None else body_variables_ok
+        # A template's parameters and a handoff's attributes must each have a value; a body's
+        # fields must not leave the text broken.
+        check = body_variables_ok if step.body is not None else whatsapp_variables_ok
         variable_tests = []
         for column in dict.fromkeys(step.variable_columns()):
             name = f"_ok_{check.__name__}_{column}"
@@ -217,7 +219,7 @@ def decide(
             channel, plan.purpose, policy.whatsapp_marketing_blocked_countries, marketing_backoff
         )
         # A free-form WhatsApp message may only go inside the 24-hour customer-care window.
-        free_form_whatsapp = channel == "whatsapp" and step.template is None
+        free_form_whatsapp = channel == "whatsapp" and step.body is not None
         window_ok = in_window(channel, now, columns) if free_form_whatsapp else pl.lit(True)
         number_ok = mobile if channel in policy.mobile_only else pl.lit(True)
         failures.append(
@@ -312,7 +314,7 @@ def decide(
     frame = _one_message_per_phone(frame)
     frame = _apply_cap(frame, max_recipients, salt)
     frame = _decide_and_defer(frame, zones)
-    frame = _attach_messages(frame, plan)
+    frame = _attach_messages(frame, plan, now)
     frame = frame.with_columns(
         enum_from_codes(pl.col("_reason"), names).alias("reason"),
         recipient(channels).alias("recipient"),
@@ -547,17 +549,23 @@ def _per_step(values: Sequence[str | None]) -> pl.Expr:
     return enum_from_codes(pl.lit(positions).gather(pl.col("_step")), names)
 
 
-def _attach_messages(frame: pl.DataFrame, plan: ChannelPlanSpec) -> pl.DataFrame:
-    """Channel, connector and template of each routed customer (variables are already there)."""
+def _attach_messages(frame: pl.DataFrame, plan: ChannelPlanSpec, now: datetime) -> pl.DataFrame:
+    """Channel, connector and template of each routed customer (variables are already there).
+
+    A handoff step's message is its `audience:…` name, and where a template has its language
+    it carries the time of this decision (ISO 8601, UTC): the value its attribute is set to.
+    Planned once into the ledger, a retried push sets the same value again.
+    """
     steps = plan.steps
+    joined_at = now.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     return frame.with_columns(
         _per_step([s.channel for s in steps]).alias("channel"),
         _per_step([s.connector for s in steps]).alias("connector"),
         _per_step([STEP for _ in steps]).alias("step"),
-        _per_step([s.template.name if s.template else None for s in steps]).alias("template_name"),
-        _per_step([s.template.language if s.template else None for s in steps]).alias(
-            "template_language"
-        ),
+        _per_step([s.message_name() for s in steps]).alias("template_name"),
+        _per_step(
+            [s.template.language if s.template else joined_at if s.handoff else None for s in steps]
+        ).alias("template_language"),
     ).drop("_step")
 
 

@@ -264,11 +264,16 @@ class MessageStore:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _in_progress: int = 0
 
-    def track(self, attributes: list[dict[str, Any]]) -> None:
-        """Merge Braze `/users/track` attribute objects into each user's profile."""
+    def track(self, attributes: list[dict[str, Any]]) -> bool:
+        """Merge Braze `/users/track` attribute objects into each user's profile; whether any
+        profile changed."""
+        changed = False
         with self._lock:
             for item in attributes:
-                self._tracked.setdefault(str(item["external_id"]), {}).update(item)
+                profile = self._tracked.setdefault(str(item["external_id"]), {})
+                changed = changed or any(profile.get(k, object()) != v for k, v in item.items())
+                profile.update(item)
+        return changed
 
     def profiles(self) -> dict[str, dict[str, Any]]:
         with self._lock:

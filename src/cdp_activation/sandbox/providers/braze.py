@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -18,7 +19,6 @@ from cdp_activation.sandbox.exchange import (
     BatchRules,
     Candidate,
     batch_request,
-    provider_delay,
     retry_after_header,
 )
 
@@ -128,25 +128,123 @@ async def braze_trigger_send(request: Request) -> Response:
     return await batch_request(request, _BRAZE)
 
 
-async def braze_users_track(request: Request) -> Response:
-    """`POST /users/track`: up to 75 attribute objects, each with an `external_id`."""
-    config: SandboxConfig = request.app.state.config
-    await provider_delay(config)
-    if not _braze_authorized(request, config):
-        return _braze_error(401, "Invalid API key")
+# The sandbox's subscription groups and their channel; another id is refused per user.
+BRAZE_SUBSCRIPTION_GROUPS: dict[str, str] = {
+    "winback_whatsapp_group": "whatsapp",
+    "winback_sms_group": "sms",
+    "contract_group": "whatsapp",
+}
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+def _parse_track(request: Request, raw: bytes) -> Response | list[Candidate]:
+    """`{attributes: [..75 objects, each with an external_id]}`; a malformed object is a
+    non-fatal error of its own (`refuse`), as Braze reports them, not a refused request."""
     try:
-        payload = json.loads(await request.body())
+        payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return _braze_error(400, "Invalid JSON")
     attributes = payload.get("attributes") if isinstance(payload, dict) else None
-    if not isinstance(attributes, list) or len(attributes) > 75:
-        return _braze_error(400, "attributes must be an array of at most 75 objects")
-    if not all(isinstance(a, dict) and a.get("external_id") for a in attributes):
-        return _braze_error(400, "every attributes object needs an external_id")
-    request.app.state.store.track(attributes)
-    return JSONResponse(
-        {"attributes_processed": len(attributes), "message": "success"}, status_code=201
+    if not isinstance(attributes, list) or not 1 <= len(attributes) <= 75:
+        return _braze_error(400, "attributes must be an array of 1 to 75 objects")
+    candidates = []
+    for index, item in enumerate(attributes):
+        if not isinstance(item, dict) or not item.get("external_id"):
+            return _braze_error(400, f"attributes[{index}] needs an external_id")
+        phone = item.get("phone")
+        candidates.append(
+            Candidate(
+                to=phone if isinstance(phone, str) and phone else str(item["external_id"]),
+                record={"item": item},
+                extra={"index": str(index)},
+            )
+        )
+    return candidates
+
+
+def _track_problem(item: dict[str, Any]) -> str | None:
+    """Why Braze would not apply this attributes object, or None."""
+    phone = item.get("phone")
+    if phone is not None and not (isinstance(phone, str) and _E164.match(phone)):
+        return "'phone' must be an E.164 phone number"
+    groups = item.get("subscription_groups", [])
+    if not isinstance(groups, list):
+        return "'subscription_groups' must be an array"
+    for group in groups:
+        if not isinstance(group, dict) or group.get("subscription_group_id") not in (
+            BRAZE_SUBSCRIPTION_GROUPS
+        ):
+            return "'subscription_group_id' is not a valid subscription group"
+        if group.get("subscription_state") not in ("subscribed", "unsubscribed"):
+            return "'subscription_state' must be subscribed or unsubscribed"
+    return None
+
+
+def _refuse_track(config: SandboxConfig, candidate: Candidate) -> dict[str, Any] | None:
+    problem = _track_problem(candidate.record["item"])
+    if problem is None:
+        return None
+    index = int(candidate.extra["index"])
+    return {"error": {"type": problem, "input_array": "attributes", "index": index}}
+
+
+def _accept_track(
+    request: Request, candidate: Candidate
+) -> tuple[SandboxMessage | None, dict[str, Any]]:
+    """Merge the object into the user's profile; a push that changed it is recorded as a
+    message of the `braze_audience` provider (no status report follows: Braze's Canvas sends),
+    one that changed nothing (a retry) is not, as Braze would trigger nothing for it."""
+    item = candidate.record["item"]
+    store = request.app.state.store
+    if not store.track([item]):
+        return None, {"processed": True}  # the profile already held all of it: no new push
+    groups = item.get("subscription_groups") or [{}]
+    channel = BRAZE_SUBSCRIPTION_GROUPS.get(groups[0].get("subscription_group_id"), "audience")
+    values = {k: v for k, v in item.items() if k not in _NOT_PROPERTIES}
+    message = SandboxMessage(
+        provider="braze_audience",
+        channel=channel,
+        to=candidate.to,
+        provider_message_id=str(item["external_id"]),
+        received_at=utc_now().isoformat(),
+        template_name=",".join(sorted(values)),
+        parameters=tuple(str(values[k]) for k in sorted(values)),
     )
+    return message, {"processed": True}
+
+
+_NOT_PROPERTIES = frozenset(
+    {"external_id", "phone", "subscription_groups", "_update_existing_only"}
+)
+
+
+def _track_answer(entries: list[dict[str, Any]]) -> Response:
+    errors = [e["error"] for e in entries if "error" in e]
+    body: dict[str, Any] = {
+        "message": "success",
+        "attributes_processed": len(entries) - len(errors),
+    }
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=201)
+
+
+_TRACK = BatchRules(
+    name="braze_audience",
+    authorized=_braze_authorized,
+    unauthorized=lambda: _braze_error(401, "Invalid API key"),
+    parse=_parse_track,
+    refuse=_refuse_track,
+    accept=_accept_track,
+    answer=_track_answer,
+    fault_answer=_braze_fault_answer,
+)
+
+
+async def braze_users_track(request: Request) -> Response:
+    """`POST /users/track`: up to 75 attribute objects, each with an `external_id`; faults
+    (throttling, 5xx, timeouts, a dropped answer) as on the campaign routes."""
+    return await batch_request(request, _TRACK)
 
 
 PREFIX = "/braze"
