@@ -481,6 +481,32 @@ def test_infobip_viber_batch_matches_spec(
     assert [m.channel for m in sandbox.messages()] == ["viber"] * 3
 
 
+INFOBIP_MESSAGES_SPEC = SPECS / "infobip" / "infobip-messages-api-openapi.json"
+
+
+@needs_infobip
+def test_infobip_rcs_batch_matches_the_messages_api_spec(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """RCS goes through the Messages API: one TEXT message per recipient from the RCS agent,
+    the reference as `webhooks.callbackData`, answered like SMS, all spec-valid."""
+    connector = connector_from_settings("infobip", sandbox_settings)
+    messages = [
+        OutboundMessage(f"k{i}", UK, "rcs", body=f"Hi {i}", reference=send_reference(i))
+        for i in range(3)
+    ]
+    exchanges = send_batch_all(connector, messages)
+    validate(exchanges, INFOBIP_MESSAGES_SPEC, "/infobip", INFOBIP_SERVER)
+    [(request, response)] = exchanges
+    assert request.url.path.endswith("/messages-api/1/messages")
+    first = json.loads(request.content)["messages"][0]
+    assert first["channel"] == "RCS" and first["sender"] == "DemoCompanyRCS"
+    assert first["content"] == {"body": {"type": "TEXT", "text": "Hi 0"}}
+    assert first["webhooks"] == {"callbackData": send_reference(0)}
+    assert [m.channel for m in sandbox.messages()] == ["rcs"] * 3
+    assert {m["status"]["groupName"] for m in response.json()["messages"]} == {"PENDING"}
+
+
 @needs_infobip
 def test_infobip_mixed_batch_is_two_spec_valid_requests(
     sandbox: SandboxServer, sandbox_settings: Settings

@@ -388,3 +388,36 @@ SELECT
     currency
 FROM buyers
 JOIN range(1, 7) AS r(k) ON r.k <= buyers.n;
+
+-- ---------------------------------------------------------------------------------------------
+-- cart_events: about 1% of customers abandoned a cart in the two hours before as_of, each
+-- loaded 5 to 35 s later; a third of them came back and checked out 10 to 40 minutes after.
+-- ---------------------------------------------------------------------------------------------
+
+INSERT INTO cart_events
+WITH abandoned AS (
+    SELECT
+        customer_id AS i,
+        demo_ago(300 + demo_r(customer_id, 'cart_at', 7200)) AS occurred_at
+    FROM customers
+    WHERE demo_r(customer_id, 'cart', 100) = 0
+),
+events AS (
+    SELECT i, 'cart_abandoned' AS event_type, occurred_at FROM abandoned
+    UNION ALL
+    SELECT i, 'checkout_completed', occurred_at + to_seconds(600 + demo_r(i, 'checkout_s', 1800))
+    FROM abandoned
+    WHERE demo_r(i, 'checkout', 3) = 0
+      AND occurred_at + to_seconds(600 + demo_r(i, 'checkout_s', 1800)) < demo_as_of()
+)
+SELECT
+    'ev-' || i || '-' || event_type AS event_id,
+    i AS customer_id,
+    'cart-' || i AS cart_id,
+    event_type,
+    ['running shoes', 'rain jacket', 'espresso machine', 'headphones', 'backpack',
+     'yoga mat'][1 + demo_r(i, 'cart_item', 6)] AS item_name,
+    (19 + demo_r(i, 'cart_value', 18000) / 100)::DECIMAL(10, 2) AS cart_value,
+    occurred_at,
+    least(occurred_at + to_seconds(5 + demo_r(i, 'cart_loaded', 30)), demo_as_of()) AS loaded_at
+FROM events;

@@ -67,3 +67,18 @@ CREATE OR REPLACE TABLE braze_currents_whatsapp_events (
     "time"              BIGINT NOT NULL,   -- Unix seconds
     provider_error_code VARCHAR
 );
+
+-- Shopping-cart events from the web and app tracker, landed by a streaming loader: one row per
+-- event. `loaded_at` is when the row reached the warehouse, which is what an event-driven
+-- activation's sensor watches (sql/events/cart_events.sql); `occurred_at` is when the customer
+-- did it. `cdp-activation demo --live` keeps appending rows.
+CREATE OR REPLACE TABLE cart_events (
+    event_id    VARCHAR NOT NULL,
+    customer_id BIGINT NOT NULL,
+    cart_id     VARCHAR NOT NULL,
+    event_type  VARCHAR NOT NULL,     -- 'cart_abandoned' | 'checkout_completed'
+    item_name   VARCHAR NOT NULL,
+    cart_value  DECIMAL(10, 2) NOT NULL,
+    occurred_at TIMESTAMPTZ NOT NULL,
+    loaded_at   TIMESTAMPTZ NOT NULL
+);

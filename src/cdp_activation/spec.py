@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cdp_activation.partitions import FRAMEWORK_PARAMETERS
+
 Channel = Literal["whatsapp", "sms", "viber", "line", "kakao", "rcs"]
 Purpose = Literal["marketing", "transactional"]
 TemplateCategory = Literal["marketing", "utility", "authentication"]
@@ -92,7 +94,7 @@ class AudienceSpec(_Strict):
     @field_validator("parameters")
     @classmethod
     def _names(cls, value: dict[str, ParameterSpec]) -> dict[str, ParameterSpec]:
-        reserved = {"as_of", "partition_date"}
+        reserved = FRAMEWORK_PARAMETERS
         for name in value:
             if not _IDENT.match(name):
                 raise ValueError(f"parameter name {name!r} is not a valid identifier")
@@ -500,6 +502,57 @@ class DeliverySpec(_Strict):
     )
 
 
+class EventsSpec(_Strict):
+    """An event-driven activation: a sensor looks for new events every `interval_seconds` and
+    runs the windows of `window_minutes` (the partitions) they fall in, so a customer is
+    messaged minutes after the event, once per window (the ledger's key), never after
+    `max_event_age`."""
+
+    sql: str = Field(
+        description="SQL returning one row, `first_event_at`, `last_event_at` and "
+        "`loaded_until`: the earliest and latest event times and the latest load time of the "
+        "events loaded after `:since` (NULLs when there are none). Relative to the root."
+    )
+    window_minutes: int = Field(
+        default=15, description="Length of each partition (a divisor of 60), in minutes."
+    )
+    interval_seconds: int = Field(
+        default=60, description="How often the sensor looks for new events (at least 30 s)."
+    )
+    max_event_age: str = Field(
+        default="1h",
+        description="Events older than this are not activated (a window that ended longer "
+        "ago is not run again); also the activation's deadline to send (delivery."
+        "max_send_delay defaults to it). Written like 45m or 1h.",
+    )
+    enabled: bool = Field(default=False, description="Start the sensor with the code location.")
+
+    @field_validator("window_minutes")
+    @classmethod
+    def _window(cls, value: int) -> int:
+        if value < 1 or 60 % value:
+            raise ValueError(
+                "window_minutes must divide 60: 1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60"
+            )
+        return value
+
+    @field_validator("interval_seconds")
+    @classmethod
+    def _interval(cls, value: int) -> int:
+        if not 30 <= value <= 3600:
+            raise ValueError("interval_seconds must be between 30 and 3600")
+        return value
+
+    @field_validator("max_event_age")
+    @classmethod
+    def _age(cls, value: str) -> str:
+        parse_duration(value)
+        return value.strip()
+
+    def event_age(self) -> timedelta:
+        return parse_duration(self.max_event_age)
+
+
 class ActivationSpec(_Strict):
     """Everything one activation declares: audience, channel plan, schedule and limits."""
 
@@ -516,6 +569,23 @@ class ActivationSpec(_Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     policy: PolicySpec = Field(default_factory=PolicySpec)
     delivery: DeliverySpec = Field(default_factory=DeliverySpec)
+    events: EventsSpec | None = Field(
+        default=None,
+        description="Event-driven instead of daily: window partitions run by a sensor "
+        "(abandoned carts within the hour).",
+    )
+
+    def send_deadline(self) -> timedelta:
+        """How long a message may wait to leave: `delivery.max_send_delay`, or for an
+        event-driven activation that does not set it, its `events.max_event_age`."""
+        if self.events is not None and "max_send_delay" not in self.delivery.model_fields_set:
+            return self.events.event_age()
+        return self.delivery.send_deadline()
+
+    @property
+    def window_minutes(self) -> int | None:
+        """Minutes per partition for an event-driven activation; None: daily partitions."""
+        return self.events.window_minutes if self.events is not None else None
 
     @model_validator(mode="after")
     def _routes_use_plan_channels(self) -> ActivationSpec:

@@ -11,8 +11,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
-from datetime import time as dtime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from cdp_activation.ledger import (
     idempotency_key,
 )
 from cdp_activation.masking import mask_phone
+from cdp_activation.partitions import FRAMEWORK_PARAMETERS, bound_parameters
 from cdp_activation.pii import pii_key
 from cdp_activation.plugins import plugins
 from cdp_activation.policy import Decisions, decide, reasons
@@ -77,6 +77,7 @@ class Activation:
     spec: ActivationSpec
     query: AudienceQuery
     suppression_sql: Path
+    events_query: AudienceQuery | None = None  # an event-driven activation's new-events SQL
 
     @classmethod
     def from_spec(
@@ -85,16 +86,35 @@ class Activation:
         """Load and check the audience SQL in the warehouse's `dialect` (sqlglot name)."""
         root = root or project_root()
         query = load_audience_sql(root / spec.audience.sql, dialect)
-        undeclared = sorted(
-            query.parameters - set(spec.audience.parameters) - {"as_of", "partition_date"}
-        )
+        undeclared = sorted(query.parameters - set(spec.audience.parameters) - FRAMEWORK_PARAMETERS)
         if undeclared:
             raise ValueError(
                 f"{query.path}: uses parameter(s) {', '.join(':' + p for p in undeclared)} that "
                 f"activation {name!r} does not declare under audience.parameters"
             )
+        windowed = {"window_start", "window_end"} & query.parameters
+        if windowed and spec.events is None:
+            raise ValueError(
+                f"{query.path}: uses {', '.join(':' + p for p in sorted(windowed))}, which only "
+                f"an event-driven activation binds: give activation {name!r} an `events` block "
+                "(or use :as_of / :partition_date)"
+            )
+        events_query = None
+        if spec.events is not None:
+            events_query = load_audience_sql(root / spec.events.sql, dialect)
+            if extra := sorted(events_query.parameters - {"since"}):
+                raise ValueError(
+                    f"{events_query.path}: binds only :since (the last load time seen), got "
+                    f"{', '.join(':' + p for p in extra)}"
+                )
         check_step_connectors(spec.channel_plan)
-        return cls(name=name, spec=spec, query=query, suppression_sql=root / spec.suppression_sql)
+        return cls(
+            name=name,
+            spec=spec,
+            query=query,
+            suppression_sql=root / spec.suppression_sql,
+            events_query=events_query,
+        )
 
     def variable_columns(self) -> list[str]:
         columns = [c for step in self.spec.channel_plan.steps for c in step.variable_columns()]
@@ -139,11 +159,10 @@ def check_step_connectors(plan: ChannelPlanSpec) -> None:
 # ---------------------------------------------------------------- audience
 
 
-def partition_parameters(partition_key: str) -> dict[str, Any]:
-    """`partition_date` and `as_of` (end of that day in UTC, or now for today's partition)."""
-    day = date.fromisoformat(partition_key)
-    end = datetime.combine(day + timedelta(days=1), dtime.min, tzinfo=UTC)
-    return {"partition_date": day, "as_of": min(end, datetime.now(UTC))}
+def partition_parameters(partition_key: str, window_minutes: int | None = None) -> dict[str, Any]:
+    """`partition_date` and `as_of` (the end of the day or window in UTC, or now while it is
+    open), and `window_start`/`window_end` for an event-driven activation's window."""
+    return bound_parameters(partition_key, window_minutes)
 
 
 LEDGER_RECENT_SENDS = "ledger_recent_sends"
@@ -164,7 +183,7 @@ def compute_audience(
     can leave out recently messaged customers where the data lives.
     """
     specs = activation.spec.audience.parameters
-    bound: dict[str, Any] = partition_parameters(partition_key)
+    bound: dict[str, Any] = partition_parameters(partition_key, activation.spec.window_minutes)
     for name, value in parameters.items():
         kind = specs[name].type if name in specs else "str"
         try:
@@ -800,7 +819,7 @@ def prepare_delivery(
         reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
         step=step,
     )
-    deadline = activation.spec.delivery.send_deadline()
+    deadline = activation.spec.send_deadline()
     summary.revived = ledger.revive_given_up(activation.name, partition_key, step, deadline)
     ledger.expire_overdue(activation.name, partition_key, step, deadline)
     due_now = ledger.due_counts(activation.name, partition_key, step, now)

@@ -66,6 +66,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 import sqlalchemy as sa
+import tenacity
 from sqlglot.dialects import Dialect
 from sqlglot.tokens import TokenType
 
@@ -298,7 +299,7 @@ class Warehouse:
                 "`cdp-activation demo` or set CDP_WAREHOUSE_URL"
             )
         try:
-            con = duckdb.connect(str(path), read_only=True)
+            con = connect_duckdb(path, read_only=True)
         except duckdb.Error as err:
             raise WarehouseError(f"cannot open DuckDB warehouse {path}: {err}") from None
         try:
@@ -648,3 +649,23 @@ def redact_password(message: str, url: str) -> str:
     for form in {password, unquote(password)}:
         message = message.replace(form, "***")
     return message
+
+
+def _locked(err: BaseException) -> bool:
+    """DuckDB's "another process has the file" (one writer, or readers, at a time)."""
+    return isinstance(err, duckdb.IOException) and "lock" in str(err).lower()
+
+
+def connect_duckdb(path: Path, *, read_only: bool, wait_seconds: float = 30.0) -> Any:
+    """Open a DuckDB file, waiting while another process holds its lock: DuckDB lets one
+    process write *or* several read, so a reader meets a live event loader (`demo --live`)
+    for the milliseconds of its insert, and the other way round."""
+    for attempt in tenacity.Retrying(
+        retry=tenacity.retry_if_exception(_locked),
+        wait=tenacity.wait_random_exponential(multiplier=0.02, max=0.5),
+        stop=tenacity.stop_after_delay(wait_seconds),
+        reraise=True,
+    ):
+        with attempt:
+            return duckdb.connect(str(path), read_only=read_only)
+    raise AssertionError("unreachable")  # Retrying either returns or re-raises

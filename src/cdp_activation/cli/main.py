@@ -71,9 +71,42 @@ def main(ctx: click.Context, debug: bool) -> None:
     "03:00 UTC in winter every demo customer is asleep and every message waits).",
 )
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Instead: keep appending abandoned carts to the demo warehouse (cart_events), for "
+    "the abandoned_cart activation's sensor (make dev) to react to.",
+)
+@click.option(
+    "--activate",
+    is_flag=True,
+    help="With --live: also run abandoned_cart here, as its sensor would (every minute, the "
+    "windows new events fall in), against the sandbox.",
+)
+@click.option(
+    "--events-per-minute", default=12.0, show_default=True, help="With --live: carts a minute."
+)
+@click.option(
+    "--minutes",
+    type=float,
+    default=None,
+    help="With --live: stop after this long (default: until Ctrl-C).",
+)
 def demo(
-    customers: int, seed: int, port: int, dry_run: bool, send_window: str | None, as_json: bool
+    customers: int,
+    seed: int,
+    port: int,
+    dry_run: bool,
+    send_window: str | None,
+    as_json: bool,
+    live: bool,
+    activate: bool,
+    events_per_minute: float,
+    minutes: float | None,
 ) -> None:
+    if live:
+        _live_demo(customers, seed, port, activate, events_per_minute, minutes)
+        return
     from cdp_activation.audience.warehouse import duckdb_path
     from cdp_activation.cli.runner import (
         ensure_dagster_home,
@@ -102,14 +135,7 @@ def demo(
     with ExitStack() as stack:
         url = _sandbox_url(stack, port)
         # The demo always sends to the sandbox, never to a real provider from the environment.
-        os.environ["CDP_META_BASE_URL"] = f"{url}/meta"
-        os.environ["CDP_TWILIO_BASE_URL"] = f"{url}/twilio"
-        os.environ["CDP_TWILIO_CONTENT_BASE_URL"] = f"{url}/twilio"
-        for var in ("CDP_META_ACCESS_TOKEN", "CDP_TWILIO_AUTH_TOKEN", "CDP_META_APP_SECRET"):
-            os.environ.pop(var, None)
-        # Meta's highest throughput tier; the sandbox has no limit of its own.
-        os.environ.setdefault("CDP_META_RATE_PER_SECOND", "1000")
-        os.environ.setdefault("CDP_TWILIO_RATE_PER_SECOND", "1000")
+        _use_sandbox(url)
         hooks = None if dry_run else _status_webhooks(stack, url)
         # Plan, then apply: the preview a marketer checks before a send, through Dagster.
         console.print(f"[bold]3/5[/] preview (dry run) of winback_whatsapp for {partition}")
@@ -145,6 +171,84 @@ def demo(
             )
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
     _report(summary, as_json, sandbox_url=url, reports=reports, fallback=fallback)
+
+
+def _live_demo(
+    customers: int,
+    seed: int,
+    port: int,
+    activate: bool,
+    per_minute: float,
+    minutes: float | None,
+) -> None:
+    """`demo --live`: abandoned carts into the demo warehouse, and with `--activate` the
+    abandoned_cart activation run on them here (cli/live.py)."""
+    from cdp_activation.audience.warehouse import duckdb_path
+    from cdp_activation.cli import live
+    from cdp_activation.cli.runner import ensure_dagster_home, run_activation
+    from cdp_activation.demo.data import generate_demo_warehouse
+
+    os.environ["CDP_SANDBOX"] = "1"
+    home = ensure_dagster_home()
+    path = duckdb_path(get_settings().warehouse_url) or home / "demo_warehouse.duckdb"
+    os.environ["CDP_WAREHOUSE_URL"] = f"duckdb:///{path}"
+    if not _has_table(path, "cart_events"):
+        console.print(f"demo warehouse: {customers:,} customers → {path}")
+        generate_demo_warehouse(path, customers=customers, seed=seed)
+
+    def say(line: str) -> None:
+        console.print(line, highlight=False)
+
+    with ExitStack() as stack:
+        run_window = None
+        if activate:
+            _use_sandbox(_sandbox_url(stack, port, step=""))
+            queue = _queue()
+
+            def run_window(window: str) -> str:
+                summary = run_activation(live.ACTIVATION, window, queue=queue)
+                if not summary.success:
+                    return f"failed: {summary.error}"
+                return f"sent {summary.sent}, excluded {sum(summary.excluded.values())}"
+
+        else:
+            say(
+                "appending abandoned carts; run `make dev` and switch on the sensor "
+                f"{live.ACTIVATION}_events (Automation) to activate them. Ctrl-C stops."
+            )
+        try:
+            total = live.live(path, per_minute, minutes, say, run_window)
+        except KeyboardInterrupt:
+            total = None
+    if total is not None:
+        say(f"{total} abandoned cart(s) appended to {path}")
+
+
+def _has_table(path: Path, table: str) -> bool:
+    if not path.exists():
+        return False
+    from cdp_activation.audience.warehouse import connect_duckdb
+
+    con = connect_duckdb(path, read_only=True)
+    try:
+        found = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
+        ).fetchone()
+    finally:
+        con.close()
+    return bool(found and found[0])
+
+
+def _use_sandbox(url: str) -> None:
+    """Point the demo's connectors at the local sandbox, never a real provider."""
+    os.environ["CDP_META_BASE_URL"] = f"{url}/meta"
+    os.environ["CDP_TWILIO_BASE_URL"] = f"{url}/twilio"
+    os.environ["CDP_TWILIO_CONTENT_BASE_URL"] = f"{url}/twilio"
+    for var in ("CDP_META_ACCESS_TOKEN", "CDP_TWILIO_AUTH_TOKEN", "CDP_META_APP_SECRET"):
+        os.environ.pop(var, None)
+    # Meta's highest throughput tier; the sandbox has no limit of its own.
+    os.environ.setdefault("CDP_META_RATE_PER_SECOND", "1000")
+    os.environ.setdefault("CDP_TWILIO_RATE_PER_SECOND", "1000")
 
 
 def _window(send_window: str | None) -> tuple[str, str] | None:
@@ -416,7 +520,13 @@ def _run(
     wait_timeout: float | None = None,
     workers: int | None = None,
 ) -> Any:
-    from cdp_activation.cli.runner import ActivationNotFound, run_activation, today_partition
+    from cdp_activation.cli.runner import (
+        ActivationNotFound,
+        current_partition,
+        load_definitions,
+        run_activation,
+        today_partition,
+    )
 
     parameters: dict[str, Any] = {}
     for item in params:
@@ -425,12 +535,17 @@ def _run(
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         parameters[key] = _yaml_scalar(value)
     window = _window(send_window)
-    partition = partition or today_partition()
     with ExitStack() as stack:
         # First wait behind any other run of the activation: the progress bar counts from
         # where the ledger stands once this run's turn comes.
         queue = stack.enter_context(_one_run_at_a_time(activation, no_wait, wait_timeout))
         _start_sandbox_if_needed(stack, activation)
+        definitions = load_definitions(tolerant=True)
+        if partition is None:
+            try:
+                partition = current_partition(definitions, activation)
+            except Exception:  # an unknown activation: run_activation says so in one line
+                partition = today_partition()
         if not dry_run:
             stack.enter_context(_progress_bar(activation, partition))
         try:
@@ -444,6 +559,7 @@ def _run(
                 send_window=window,
                 queue=queue,
                 workers=workers,
+                definitions=definitions,
             )
         except ActivationNotFound as err:
             raise click.ClickException(str(err)) from None

@@ -376,6 +376,14 @@ def today_partition() -> str:
     return datetime.now(UTC).date().isoformat()
 
 
+def current_partition(definitions: dg.Definitions, name: str) -> str:
+    """The activation's newest partition: today, or an event-driven activation's open
+    window (`2026-12-05T10:15`)."""
+    partitions = definitions.resolve_job_def(f"{name}_job").partitions_def
+    key = partitions.get_last_partition_key() if partitions is not None else None
+    return key or today_partition()
+
+
 class DefinitionsError(SettingsError):
     """An activation (its defs.yaml or its SQL) cannot be loaded: said in one line, naming
     it, instead of the traceback of the component tree."""
@@ -476,7 +484,7 @@ def run_activation(
             f"no activation named {name!r}; known: {', '.join(names) or 'none'} "
             "(each is a folder under src/cdp_activation/defs/activations/)"
         )
-    partition = partition or today_partition()
+    partition = partition or current_partition(definitions, name)
     delivery_config: dict[str, Any] = {"dry_run": dry_run}
     if workers is not None:
         try:
@@ -587,7 +595,7 @@ def run_fallback(
         raise ActivationNotFound(
             f"activation {name!r} has no fallback (channel_plan.fallback in its defs.yaml)"
         )
-    partition = partition or today_partition()
+    partition = partition or current_partition(definitions, name)
     config: dict[str, Any] = {"dry_run": dry_run}
     if not_delivered_within_minutes is not None:
         config["not_delivered_within_minutes"] = not_delivered_within_minutes

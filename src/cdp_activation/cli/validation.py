@@ -1,12 +1,13 @@
 """`cdp-activation validate`: check every activation and audience SQL file, report all problems.
 
 Unlike loading the Dagster definitions, which stops at the first broken activation, this walks
-every `defs.yaml`, every `sql/audiences/*.sql` and `sql/statuses/*.sql`, and collects each
-problem with its file, line and field, so an analyst fixes them in one pass.
+every `defs.yaml`, every `sql/audiences/*.sql`, `sql/events/*.sql` and `sql/statuses/*.sql`, and
+collects each problem with its file, line and field, so an analyst fixes them in one pass.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from cdp_activation.activation.run import Activation
 from cdp_activation.audience.sql import AudienceSQLError, load_audience_sql, sql_dialect
 from cdp_activation.connectors import CONNECTORS
 from cdp_activation.feedback.status_sources import STATUS_SQL_DIR
+from cdp_activation.partitions import window_key
 from cdp_activation.settings import get_settings
 from cdp_activation.spec import ActivationSpec
 
@@ -41,7 +43,13 @@ def validate_project(root: Path) -> tuple[list[str], list[str]]:
         problems.extend(found)
         if not found:
             valid.append(name)
-    for path in sorted([*(root / "sql" / "audiences").glob("*.sql"), *statuses_sql(root)]):
+    for path in sorted(
+        [
+            *(root / "sql" / "audiences").glob("*.sql"),
+            *(root / "sql" / "events").glob("*.sql"),
+            *statuses_sql(root),
+        ]
+    ):
         try:
             load_audience_sql(path, dialect)
         except AudienceSQLError as err:
@@ -122,6 +130,7 @@ def check_live(root: Path, names: list[str]) -> tuple[dict[str, list[str]], list
     contract's columns with the right types), and each template in its provider's catalog
     (name, approval, category, parameters). What cannot be reached is a note saying it was
     not checked, not a problem."""
+    from cdp_activation.activation.events import new_events
     from cdp_activation.activation.run import (
         Activation,
         audience_problems,
@@ -139,7 +148,6 @@ def check_live(root: Path, names: list[str]) -> tuple[dict[str, list[str]], list
     warehouse = Warehouse(settings.warehouse_url)
     found: dict[str, list[str]] = {}
     notes: list[str] = []
-    today = partition_parameters(_today())
     try:
         warehouse.read_table_sql("SELECT 1 AS reachable")
         reachable = True
@@ -154,7 +162,7 @@ def check_live(root: Path, names: list[str]) -> tuple[dict[str, list[str]], list
         path = activations_dir(root) / name / "defs.yaml"
         spec = ActivationSpec.model_validate(yaml.safe_load(path.read_text())["attributes"])
         activation = Activation.from_spec(name, spec, root, dialect)
-        params = dict(today)
+        params = dict(partition_parameters(_current(spec), spec.window_minutes))
         for pname, pspec in spec.audience.parameters.items():
             if pspec.default is not None:
                 params[pname] = coerce_parameter(pspec.type, pspec.default)
@@ -170,6 +178,14 @@ def check_live(root: Path, names: list[str]) -> tuple[dict[str, list[str]], list
                 )
                 continue
             problems.extend(audience_problems(activation, frame))
+            if activation.events_query is not None:
+                try:
+                    new_events(activation.events_query, warehouse, datetime.now(UTC))
+                except Exception as err:
+                    problems.append(
+                        f"{activation.events_query.path}: the events SQL of {name} fails: "
+                        f"{_first_line(err)}"
+                    )
         try:
             connectors = {
                 step.connector: connector_from_settings(step.connector, settings)
@@ -186,10 +202,12 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _today() -> str:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).date().isoformat()
+def _current(spec: ActivationSpec) -> str:
+    """The activation's current partition: today, or the open window of an event-driven one."""
+    now = datetime.now(UTC)
+    if spec.window_minutes is None:
+        return now.date().isoformat()
+    return window_key(now, spec.window_minutes)
 
 
 def _limit_zero(query: Any, dialect: str) -> Any:

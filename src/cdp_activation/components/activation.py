@@ -12,16 +12,18 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, create_model
 
+from cdp_activation.activation import events
 from cdp_activation.activation import run as run
 from cdp_activation.activation.confirmation import Preview, confirm_policy, confirmation_problem
 from cdp_activation.audience.sql import sql_dialect
 from cdp_activation.components import fan_out
 from cdp_activation.components import metadata as asset_meta
-from cdp_activation.components.resources import LedgerResource
+from cdp_activation.components.resources import LedgerResource, WarehouseResource
 from cdp_activation.delivery.engine import DeliveryReport
 from cdp_activation.feedback import fallback as fb
 from cdp_activation.feedback.template_catalog import catalog_connectors
 from cdp_activation.ledger import FALLBACK_STEP, INITIAL_STEP
+from cdp_activation.partitions import WINDOW_FORMAT, window_cron
 from cdp_activation.settings import get_settings
 from cdp_activation.spec import ActivationSpec, check_workers, coerce_parameter
 
@@ -80,12 +82,24 @@ def _first_line(err: BaseException) -> str:
     return " ".join(lines[:3])[:400] if lines else type(err).__name__
 
 
+def partitions_of(spec: ActivationSpec) -> dg.PartitionsDefinition:
+    """Daily partitions, or an event-driven activation's windows (`2026-12-05T10:15`, UTC).
+    end_offset=1: today (the open window) is a partition too, so it can run now."""
+    if spec.events is None:
+        return dg.DailyPartitionsDefinition(start_date=spec.partitions_start_date, end_offset=1)
+    return dg.TimeWindowPartitionsDefinition(
+        cron_schedule=window_cron(spec.events.window_minutes),
+        start=datetime.fromisoformat(spec.partitions_start_date).replace(tzinfo=UTC),
+        fmt=WINDOW_FORMAT,
+        end_offset=1,
+    )
+
+
 def build_activation_defs(activation: run.Activation) -> dg.Definitions:
     """Assets `<name>/audience -> decisions -> deliveries`, their checks, a job and a schedule."""
     name = activation.name
     spec = activation.spec
-    # end_offset=1: today is a partition too, so a marketer can run today's activation today.
-    partitions = dg.DailyPartitionsDefinition(start_date=spec.partitions_start_date, end_offset=1)
+    partitions = partitions_of(spec)
     audience_key = dg.AssetKey([name, "audience"])
     decisions_key = dg.AssetKey([name, "decisions"])
     deliveries_key = dg.AssetKey([name, "deliveries"])
@@ -397,8 +411,14 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         previous = asset_meta.previous_audience_size(
             context.instance, audience_key, context.run.run_id
         )
-        problem = run.audience_size_problem(
-            audience.height, previous, spec.limits.max_audience_change
+        # An event-driven activation's windows vary by nature (a quiet quarter hour is
+        # empty): there is no usual size to compare with.
+        problem = (
+            None
+            if spec.events is not None
+            else run.audience_size_problem(
+                audience.height, previous, spec.limits.max_audience_change
+            )
         )
         allowed = context.run.tags.get("cdp/allow_audience_change") == "true"
         return dg.AssetCheckResult(
@@ -504,8 +524,10 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             invalid_phone_share,
         ],
         jobs=[job],
-        schedules=[schedule],
-        sensors=[deferred_sends],
+        # An event-driven activation runs on its events, not on a clock.
+        schedules=[schedule] if spec.events is None else [],
+        sensors=[deferred_sends]
+        + ([] if spec.events is None else [_events_sensor(activation, job, jobs_of_activation)]),
     )
     if fallback is None:
         return defs
@@ -517,6 +539,46 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             sensors=[_fallback_sensor(activation, fallback.job, jobs_of_activation)],
         ),
     )
+
+
+def _events_sensor(activation: run.Activation, job: Any, jobs: list[str]) -> dg.SensorDefinition:
+    """`<name>_events`: every `events.interval_seconds`, ask the warehouse what was loaded
+    since the cursor (the latest load time seen) and run the windows it falls in."""
+    name = activation.name
+    spec = activation.spec.events
+    query = activation.events_query
+    assert spec is not None and query is not None
+
+    @dg.sensor(
+        name=f"{name}_events",
+        job=job,
+        minimum_interval_seconds=spec.interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING
+        if spec.enabled
+        else dg.DefaultSensorStatus.STOPPED,
+        description=f"Runs the {spec.window_minutes}-minute windows that new events (`"
+        f"{spec.sql}`) fall in, every {spec.interval_seconds} s; events older than "
+        f"{spec.max_event_age} are left alone. Each customer of a window is messaged once.",
+    )
+    def events_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource) -> Any:
+        if active := _active_run(context.instance, jobs):
+            return dg.SkipReason(f"{active} is already queued or running")
+        looked = events.tick(query, warehouse.warehouse(), spec, context.cursor)
+        if looked.cursor is not None:
+            context.update_cursor(looked.cursor)
+        if looked.skip is not None:
+            return dg.SkipReason(looked.skip)
+        return [
+            dg.RunRequest(
+                run_key=f"{window}:{looked.cursor}",
+                partition_key=window,
+                tags={"activation": name, "trigger": "events"},
+                run_config=_send_for_real(f"{name}__deliveries"),
+            )
+            for window in looked.windows
+        ]
+
+    return events_sensor
 
 
 class _Fallback(NamedTuple):

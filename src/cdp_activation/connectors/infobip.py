@@ -1,4 +1,4 @@
-"""Infobip connector: WhatsApp templates, SMS and Viber, many recipients per request.
+"""Infobip connector: WhatsApp templates, SMS, Viber and RCS, many recipients per request.
 
 Request shapes follow Infobip's published OpenAPI (`vendor-specs/infobip/`, v3.210.0):
 
@@ -13,16 +13,23 @@ Request shapes follow Infobip's published OpenAPI (`vendor-specs/infobip/`, v3.2
   (`{type: TEXT, text}`, at most 1,000 characters) and `options.label` PROMOTIONAL for marketing,
   TRANSACTIONAL otherwise (Viber's rule), from the Viber sender `CDP_INFOBIP_VIBER_SENDER`;
   answered like SMS.
+- RCS: `POST /messages-api/1/messages` (the Messages API, `infobip-messages-api-openapi.json`),
+  schema `MessagesApiMessage` `{channel: RCS, sender, destinations: [{to, messageId}], content:
+  {body: {type: TEXT, text}}, webhooks: {callbackData}}` from the RCS agent
+  `CDP_INFOBIP_RCS_SENDER`, answered like SMS (`{bulkId, messages: [{messageId, status,
+  destination}]}`); its delivery reports (`results[]` with `status`, `error`, `callbackData`)
+  come to the same receiver route as the others'. A phone that cannot take RCS ends
+  UNDELIVERABLE, which a plan's SMS fallback sends on at once, as for WhatsApp.
 
 The endpoints take different bodies, so a batch holding several channels is split and sent as
-one request per channel (WhatsApp first, then Viber, then SMS). Auth is the spec's
+one request per channel (WhatsApp first, then Viber, SMS and RCS). Auth is the spec's
 `APIKeyHeader` scheme: `Authorization: App <api key>`.
 
 We set each message's `messageId` to an id derived from the ledger's idempotency key, so a
 delivery report and the send answer both name the ledger row. When the send carries a reference
 (`OutboundMessage.reference`, "cdp-<send id>") it goes in `callbackData`, which Infobip echoes
 in the delivery report: on the WhatsApp message itself, under `webhooks.callbackData` for SMS v3
-and Viber v2. Neither spec says Infobip
+and Viber v2 and the Messages API. Neither spec says Infobip
 de-duplicates on `messageId` (or on `bulkId`), so the connector does NOT claim idempotency: an
 answer lost after sending leaves the whole request UNKNOWN.
 
@@ -103,7 +110,7 @@ class InfobipConnector:
     rate_per_second: float | None = None  # set from configuration; None: the default
     name: ClassVar[str] = "infobip"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        channels=frozenset({"whatsapp", "sms", "viber"}),
+        channels=frozenset({"whatsapp", "sms", "viber", "rcs"}),
         # Neither `BulkMessage.messages` nor `SmsRequestEnvelope.messages` has a maxItems. 100
         # keeps each request body in the tens of kilobytes, still saves 99% of the requests,
         # and bounds what one bad answer costs: a whole-request 400 fails, and a lost answer
@@ -124,12 +131,14 @@ class InfobipConnector:
         whatsapp_from: str,
         sms_sender: str,
         viber_sender: str = "",
+        rcs_sender: str = "",
     ) -> None:
         require_settings(self.name, "CDP_INFOBIP_", base_url=base_url, api_key=api_key)
         self.base_url = base_url.rstrip("/")
         self.whatsapp_from = whatsapp_from
         self.sms_sender = sms_sender
         self.viber_sender = viber_sender
+        self.rcs_sender = rcs_sender
         self._api_key = api_key
 
     def __repr__(self) -> str:
@@ -149,6 +158,10 @@ class InfobipConnector:
     @property
     def viber_url(self) -> str:
         return f"{self.base_url}/viber/2/messages"
+
+    @property
+    def messages_api_url(self) -> str:
+        return f"{self.base_url}/messages-api/1/messages"
 
     def redact(self, text: str) -> str:
         """Replace the API key wherever it appears (headers, echoed bodies)."""
@@ -198,6 +211,16 @@ class InfobipConnector:
             items.append(item)
         return {"messages": items}
 
+    def build_rcs(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
+        """`MessagesApiRequest`: one RCS TEXT message per recipient (the Messages API)."""
+        items = []
+        for message in messages:
+            item = self._text_item(message, self.rcs_sender, "RCS")
+            item["channel"] = "RCS"
+            item["content"] = {"body": {"type": "TEXT", "text": item["content"]["text"]}}
+            items.append(item)
+        return {"messages": items}
+
     def _text_item(self, message: OutboundMessage, sender: str, what: str) -> dict[str, Any]:
         if message.body is None:
             raise TemplateError(
@@ -212,7 +235,7 @@ class InfobipConnector:
             "content": {"text": message.body},
         }
         if message.reference is not None:
-            # SMS v3 and Viber v2 take it under the message's `webhooks` options.
+            # SMS v3, Viber v2 and the Messages API take it under the message's `webhooks`.
             item["webhooks"] = {"callbackData": _callback_data(message)}
         return item
 
@@ -232,12 +255,14 @@ class InfobipConnector:
                 )
             by_channel.setdefault(message.channel, []).append(message)
         results: list[SendResult] = []
-        for channel in sorted(by_channel, reverse=True):  # whatsapp, viber, sms
+        for channel in sorted(by_channel, reverse=True):  # whatsapp, viber, sms, rcs
             group = by_channel[channel]
             if channel == "whatsapp":
                 url, body = self.whatsapp_url, self.build_whatsapp(group)
             elif channel == "viber":
                 url, body = self.viber_url, self.build_viber(group)
+            elif channel == "rcs":
+                url, body = self.messages_api_url, self.build_rcs(group)
             else:
                 url, body = self.sms_url, self.build_sms(group)
             results.extend(await self._post(client, url, body, group))
@@ -350,7 +375,7 @@ class InfobipConnector:
             if name in _CONFIG_STOPS:
                 raise _CONFIG_STOPS[name](
                     f"Infobip refused the sender ({name}): {description}. Check "
-                    "CDP_INFOBIP_WHATSAPP_FROM / CDP_INFOBIP_SMS_SENDER."
+                    "CDP_INFOBIP_WHATSAPP_FROM / _SMS_SENDER / _VIBER_SENDER / _RCS_SENDER."
                 )
             results.append(
                 SendResult(message.key, Outcome.FAILED, error_code=name, error_message=description)
@@ -415,6 +440,7 @@ class InfobipSettings(ConnectorSettings):
     whatsapp_from: str = "441134960000"  # registered WhatsApp sender number
     sms_sender: str = "InfoSMS"  # alphanumeric or numeric SMS sender id
     viber_sender: str = "DemoCompany"  # the Viber Business Messages sender
+    rcs_sender: str = "DemoCompanyRCS"  # the RCS agent (Messages API `sender`)
     # "user:password" in the notify URL of delivery reports (Infobip signs nothing else).
     webhook_credentials: SecretStr | None = credential(
         SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS, receiver=True
@@ -427,6 +453,7 @@ class InfobipSettings(ConnectorSettings):
             whatsapp_from=self.whatsapp_from,
             sms_sender=self.sms_sender,
             viber_sender=self.viber_sender,
+            rcs_sender=self.rcs_sender,
         )
 
 
@@ -436,7 +463,8 @@ PLUGIN = ConnectorPlugin(
     connector=InfobipConnector,
     settings=InfobipSettings,
     env_prefix="infobip",
-    docs="WhatsApp templates, SMS (`/sms/3/messages`) and Viber, many messages per request",
+    docs="WhatsApp templates, SMS (`/sms/3/messages`), Viber and RCS (the Messages API), "
+    "many messages per request",
     status_webhook=StatusWebhook(
         route="infobip",
         secret="webhook_credentials",
@@ -451,7 +479,7 @@ PLUGIN = ConnectorPlugin(
     ),
     sandbox="/infobip",
     contract=ContractCase(
-        message=samples.whatsapp_sms_viber,
+        message=samples.whatsapp_sms_viber_rcs,
         bad_recipient=OutboundMessage(
             "bad", samples.BAD_NUMBER, "whatsapp", template=samples.whatsapp(0).template
         ),

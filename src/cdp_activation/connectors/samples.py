@@ -84,5 +84,15 @@ def whatsapp_or_sms(i: int) -> OutboundMessage:
     return whatsapp(i) if i % 2 == 0 else sms(i)
 
 
+def rcs(i: int) -> OutboundMessage:
+    return OutboundMessage(
+        key=_key(i), to=f"+4479{i:07d}0", channel="rcs", body=f"Hi {i}, your offer is inside"
+    )
+
+
 def whatsapp_sms_viber(i: int) -> OutboundMessage:
     return (whatsapp, sms, viber)[i % 3](i)
+
+
+def whatsapp_sms_viber_rcs(i: int) -> OutboundMessage:
+    return (whatsapp, sms, viber, rcs)[i % 4](i)

@@ -33,6 +33,7 @@ DEMO_TABLES = (
     "last_inbound_messages",
     "suppressions",
     "orders",
+    "cart_events",
 )
 """The tables the generator fills, in creation order."""
 

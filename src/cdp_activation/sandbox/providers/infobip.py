@@ -1,5 +1,6 @@
-"""Infobip (prefix `/infobip`): `POST /whatsapp/1/message/template`, `POST /sms/3/messages` and
-`POST /viber/2/messages`, many messages per request, `Authorization: App <key>`."""
+"""Infobip (prefix `/infobip`): `POST /whatsapp/1/message/template`, `POST /sms/3/messages`,
+`POST /viber/2/messages` and RCS through `POST /messages-api/1/messages`, many messages per
+request, `Authorization: App <key>`."""
 
 from __future__ import annotations
 
@@ -236,6 +237,62 @@ def _parse_infobip_text(raw: bytes, channel: str) -> Response | list[Candidate]:
     return candidates
 
 
+def _parse_infobip_messages_api(request: Request, raw: bytes) -> Response | list[Candidate]:
+    """Validate a `MessagesApiRequest` of RCS TEXT messages (the channel and content type the
+    sandbox emulates on the Messages API); each destination is one candidate."""
+
+    def bad(prop: str, why: str) -> JSONResponse:
+        return _infobip_api_error(
+            400,
+            "E400",
+            "Request cannot be processed.",
+            "Check the syntax, violations and adjust the request.",
+            [{"property": prop, "violation": why}],
+        )
+
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return bad("body", "Invalid JSON.")
+    items = payload.get("messages") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or not items:
+        return bad("messages", "must not be empty")
+    candidates = []
+    for i, item in enumerate(items):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict):
+            return bad(where, "must be an object")
+        if item.get("channel") != "RCS":
+            return bad(f"{where}.channel", "the sandbox emulates RCS on the Messages API")
+        if not isinstance(item.get("sender"), str) or not item["sender"]:
+            return bad(f"{where}.sender", "must not be blank")
+        body = (item.get("content") or {}).get("body")
+        if not isinstance(body, dict) or body.get("type") != "TEXT":
+            return bad(f"{where}.content.body.type", "must be TEXT in the sandbox")
+        text = body.get("text")
+        if not isinstance(text, str) or not 1 <= len(text) <= 3072:
+            return bad(f"{where}.content.body.text", "size must be between 1 and 3072")
+        callback_data = (item.get("webhooks") or {}).get("callbackData")
+        if callback_data is not None and (
+            not isinstance(callback_data, str) or len(callback_data) > _INFOBIP_CALLBACK_DATA_MAX
+        ):
+            return bad(f"{where}.webhooks.callbackData", "size must be between 0 and 4000")
+        destinations = item.get("destinations")
+        if not isinstance(destinations, list) or not destinations:
+            return bad(f"{where}.destinations", "must not be empty")
+        for j, destination in enumerate(destinations):
+            if not isinstance(destination, dict) or not isinstance(destination.get("to"), str):
+                return bad(f"{where}.destinations[{j}].to", "must not be blank")
+            candidates.append(
+                Candidate(
+                    to=destination["to"],
+                    record={"body": text, "callback_data": callback_data},
+                    extra={"message_id": str(destination.get("messageId") or ""), "channel": "rcs"},
+                )
+            )
+    return candidates
+
+
 def _refuse_infobip(config: SandboxConfig, candidate: Candidate) -> dict[str, Any] | None:
     """A destination that is not a number is REJECTED in the 200 answer, as Infobip does."""
     if digits_ok(candidate.to):
@@ -245,7 +302,7 @@ def _refuse_infobip(config: SandboxConfig, candidate: Candidate) -> dict[str, An
 
 def _infobip_entry(candidate: Candidate, message_id: str, accepted: bool) -> dict[str, Any]:
     status = dict(_INFOBIP_PENDING if accepted else _INFOBIP_REJECTED_DESTINATION)
-    if candidate.extra["channel"] == "sms":
+    if candidate.extra["channel"] in ("sms", "rcs"):
         return {
             "messageId": message_id,
             "status": status,
@@ -325,6 +382,7 @@ _INFOBIP_SMS = dataclasses.replace(
     fault_answer=_infobip_sms_fault,
 )
 _INFOBIP_VIBER = dataclasses.replace(_INFOBIP_SMS, parse=_parse_infobip_viber)
+_INFOBIP_MESSAGES_API = dataclasses.replace(_INFOBIP_SMS, parse=_parse_infobip_messages_api)
 
 
 async def infobip_whatsapp_template(request: Request) -> Response:
@@ -342,9 +400,15 @@ async def infobip_viber(request: Request) -> Response:
     return await batch_request(request, _INFOBIP_VIBER)
 
 
+async def infobip_messages_api(request: Request) -> Response:
+    """`POST /messages-api/1/messages`: RCS messages to many destinations."""
+    return await batch_request(request, _INFOBIP_MESSAGES_API)
+
+
 PREFIX = "/infobip"
 ROUTES = [
     Route("/whatsapp/1/message/template", infobip_whatsapp_template, methods=["POST"]),
     Route("/sms/3/messages", infobip_sms, methods=["POST"]),
     Route("/viber/2/messages", infobip_viber, methods=["POST"]),
+    Route("/messages-api/1/messages", infobip_messages_api, methods=["POST"]),
 ]
