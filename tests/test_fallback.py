@@ -7,6 +7,7 @@ ledger's selection is checked against the rules of `channel_plan.fallback`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -245,3 +246,73 @@ def test_the_sensor_asks_only_for_new_decisions_and_for_fallbacks_now_due(ledger
         changed_since=now + timedelta(minutes=1),
     )
     assert stale.is_empty()
+
+
+def test_an_rcs_message_a_phone_cannot_take_falls_back_to_sms_at_once(ledger_url: str) -> None:
+    """RCS through Infobip's Messages API falls back as WhatsApp does: its delivery report
+    (Infobip's format, parsed as the receiver parses it) says UNDELIVERABLE, one of the
+    connector's unreachable codes, and the SMS is due before the not-delivered window."""
+    from cdp_activation.connectors.infobip import InfobipConnector
+    from cdp_activation.connectors.status_parsers import parse_infobip
+
+    store = Ledger(ledger_url)
+    try:
+        frame = pl.DataFrame(
+            {
+                "customer_id": ["rcs_unreachable", "rcs_delivered"],
+                "phone_e164": ["+447911100001", "+447911100002"],
+                "channel": ["rcs", "rcs"],
+                "connector": ["infobip", "infobip"],
+                "step": ["initial", "initial"],
+                "template_name": [None, None],
+                "template_language": [None, None],
+                "variables": [None, None],
+                "body": ["Your cart is waiting", "Your cart is waiting"],
+            },
+            schema_overrides={
+                "template_name": pl.String,
+                "template_language": pl.String,
+                "variables": pl.List(pl.String),
+            },
+        )
+        store.plan("carts", "2026-12-05T10:15", frame)
+        rows = {r.customer_id: r for r in store.pending("carts", "2026-12-05T10:15")}
+        store.mark_in_flight([r.id for r in rows.values()])
+        store.record(
+            [
+                (r.id, SendResult(r.idempotency_key, Outcome.SENT, f"ib-{c}"), 1)
+                for c, r in rows.items()
+            ]
+        )
+        report = {
+            "results": [
+                {
+                    "event": "DELIVERY",
+                    "channel": "RCS",
+                    "messageId": "ib-rcs_unreachable",
+                    "doneAt": "2026-12-05T10:16:00.000+0000",
+                    "status": {"groupName": "UNDELIVERABLE", "name": "UNDELIVERABLE_NOT_DELIVERED"},
+                    "error": {"id": 0, "name": "NO_ERROR"},
+                },
+                {
+                    "event": "DELIVERY",
+                    "channel": "RCS",
+                    "messageId": "ib-rcs_delivered",
+                    "doneAt": "2026-12-05T10:16:00.000+0000",
+                    "status": {"groupName": "DELIVERED", "name": "DELIVERED_TO_HANDSET"},
+                    "error": {"id": 0, "name": "NO_ERROR"},
+                },
+            ]
+        }
+        store.record_statuses(parse_infobip(json.dumps(report).encode(), datetime.now(UTC)))
+        due = store.due_fallbacks(
+            "carts",
+            "sms",
+            not_delivered_by=datetime.now(UTC) - timedelta(minutes=30),
+            unreachable_codes={"infobip": InfobipConnector.capabilities.unreachable_codes},
+        )
+        assert dict(zip(due["customer_id"], due["fallback_reason"], strict=True)) == {
+            "rcs_unreachable": PRIMARY_UNREACHABLE
+        }
+    finally:
+        store.dispose()
