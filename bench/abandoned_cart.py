@@ -229,5 +229,3 @@ def main(argv: list[str]) -> int:
     RESULTS.write_text(text)
     refresh_index()
     return 0 if p95 <= GOAL_P95_S else 1
-
-

@@ -188,6 +188,12 @@ class StepSpec(_Strict):
     template: TemplateSpec | None = None
     body: str | None = None
     handoff: HandoffSpec | None = None
+    template_code: str | None = Field(
+        default=None,
+        description="KakaoTalk AlimTalk only: the code of the Kakao-approved template whose "
+        "registered text `body` is (its variables as {column} fields). Kakao checks the code "
+        "and the rendered text against the template when the message is sent.",
+    )
 
     @model_validator(mode="after")
     def _template_or_body(self) -> StepSpec:
@@ -201,6 +207,16 @@ class StepSpec(_Strict):
                 f"step '{self.channel}': {self.channel} has no provider-approved templates; "
                 "give the message as `body` (with {column} fields)"
             )
+        if self.channel == "kakao" and (self.body is None or not self.template_code):
+            raise ValueError(
+                "step 'kakao': KakaoTalk AlimTalk sends a Kakao-approved template: give its "
+                "`template_code` and its registered text as `body` (variables as {column})"
+            )
+        if self.template_code is not None and self.channel != "kakao":
+            raise ValueError(
+                f"step '{self.channel}': `template_code` is for KakaoTalk AlimTalk only; give "
+                "a `template` instead"
+            )
         return self
 
     def variable_columns(self) -> list[str]:
@@ -211,10 +227,13 @@ class StepSpec(_Strict):
         return _BODY_FIELD.findall(self.body or "")
 
     def message_name(self) -> str | None:
-        """The template's name, a handoff's `audience:…` name, or None for a text body."""
+        """The template's name, a handoff's `audience:…` name, a KakaoTalk template code, or
+        None for a text body."""
         if self.template is not None:
             return self.template.name
-        return self.handoff.message_name() if self.handoff is not None else None
+        if self.handoff is not None:
+            return self.handoff.message_name()
+        return self.template_code
 
 
 class FallbackSpec(_Strict):
@@ -276,6 +295,11 @@ class ChannelPlanSpec(_Strict):
         if len(set(channels)) != len(channels):
             raise ValueError(f"each channel may appear once in the plan, got {channels}")
         for step in self.steps:
+            if step.channel == "kakao" and self.purpose == "marketing":
+                raise ValueError(
+                    "KakaoTalk AlimTalk carries information only (orders, bookings, "
+                    "deliveries), never advertising: a kakao step needs purpose transactional"
+                )
             if step.template and step.template.category not in CATEGORIES_FOR_PURPOSE[self.purpose]:
                 raise ValueError(
                     f"template {step.template.name!r} is category {step.template.category!r}, "

@@ -1,4 +1,5 @@
-"""Infobip connector: WhatsApp templates, SMS, Viber and RCS, many recipients per request.
+"""Infobip connector: WhatsApp templates, SMS, Viber, RCS and KakaoTalk AlimTalk, many
+recipients per request.
 
 Request shapes follow Infobip's published OpenAPI (`vendor-specs/infobip/`, v3.210.0):
 
@@ -20,6 +21,14 @@ Request shapes follow Infobip's published OpenAPI (`vendor-specs/infobip/`, v3.2
   destination}]}`); its delivery reports (`results[]` with `status`, `error`, `callbackData`)
   come to the same receiver route as the others'. A phone that cannot take RCS ends
   UNDELIVERABLE, which a plan's SMS fallback sends on at once, as for WhatsApp.
+- KakaoTalk AlimTalk: `POST /kakao-alim/1/messages` (Infobip's Kakao Alim API; no OpenAPI
+  file of it is in vendor-specs, the shape is Infobip's API reference for the endpoint)
+  `{messages: [{sender: <Kakao channel sender key>, destinations: [{to, messageId}], content:
+  {templateCode, text, type: TEMPLATE}, webhooks: {callbackData}}]}`: the step's
+  `template_code` and its registered text filled in (`body`), from `CDP_INFOBIP_KAKAO_SENDER`;
+  answered like SMS. Kakao checks the code and text against the approved template; a refusal
+  naming the template stops the activation as for WhatsApp. A phone with no KakaoTalk ends
+  UNDELIVERABLE, so the SMS fallback follows at once.
 
 The endpoints take different bodies, so a batch holding several channels is split and sent as
 one request per channel (WhatsApp first, then Viber, SMS and RCS). Auth is the spec's
@@ -110,7 +119,7 @@ class InfobipConnector:
     rate_per_second: float | None = None  # set from configuration; None: the default
     name: ClassVar[str] = "infobip"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        channels=frozenset({"whatsapp", "sms", "viber", "rcs"}),
+        channels=frozenset({"whatsapp", "sms", "viber", "rcs", "kakao"}),
         # Neither `BulkMessage.messages` nor `SmsRequestEnvelope.messages` has a maxItems. 100
         # keeps each request body in the tens of kilobytes, still saves 99% of the requests,
         # and bounds what one bad answer costs: a whole-request 400 fails, and a lost answer
@@ -132,6 +141,7 @@ class InfobipConnector:
         sms_sender: str,
         viber_sender: str = "",
         rcs_sender: str = "",
+        kakao_sender: str = "",
     ) -> None:
         require_settings(self.name, "CDP_INFOBIP_", base_url=base_url, api_key=api_key)
         self.base_url = base_url.rstrip("/")
@@ -139,6 +149,7 @@ class InfobipConnector:
         self.sms_sender = sms_sender
         self.viber_sender = viber_sender
         self.rcs_sender = rcs_sender
+        self.kakao_sender = kakao_sender
         self._api_key = api_key
 
     def __repr__(self) -> str:
@@ -162,6 +173,10 @@ class InfobipConnector:
     @property
     def messages_api_url(self) -> str:
         return f"{self.base_url}/messages-api/1/messages"
+
+    @property
+    def kakao_url(self) -> str:
+        return f"{self.base_url}/kakao-alim/1/messages"
 
     def redact(self, text: str) -> str:
         """Replace the API key wherever it appears (headers, echoed bodies)."""
@@ -221,6 +236,24 @@ class InfobipConnector:
             items.append(item)
         return {"messages": items}
 
+    def build_kakao(self, messages: Sequence[OutboundMessage]) -> dict[str, Any]:
+        """Kakao Alim: the template code and its registered text, filled in, per recipient."""
+        items = []
+        for message in messages:
+            if message.template is None or message.body is None:
+                raise TemplateError(
+                    "infobip KakaoTalk sends AlimTalk templates: the step needs its "
+                    f"template_code and registered text (message {message.key} lacks one)"
+                )
+            item = self._text_item(message, self.kakao_sender, "KakaoTalk")
+            item["content"] = {
+                "templateCode": message.template.name,
+                "text": message.body,
+                "type": "TEMPLATE",
+            }
+            items.append(item)
+        return {"messages": items}
+
     def _text_item(self, message: OutboundMessage, sender: str, what: str) -> dict[str, Any]:
         if message.body is None:
             raise TemplateError(
@@ -255,7 +288,7 @@ class InfobipConnector:
                 )
             by_channel.setdefault(message.channel, []).append(message)
         results: list[SendResult] = []
-        for channel in sorted(by_channel, reverse=True):  # whatsapp, viber, sms, rcs
+        for channel in sorted(by_channel, reverse=True):  # whatsapp, viber, sms, rcs, kakao
             group = by_channel[channel]
             if channel == "whatsapp":
                 url, body = self.whatsapp_url, self.build_whatsapp(group)
@@ -263,6 +296,8 @@ class InfobipConnector:
                 url, body = self.viber_url, self.build_viber(group)
             elif channel == "rcs":
                 url, body = self.messages_api_url, self.build_rcs(group)
+            elif channel == "kakao":
+                url, body = self.kakao_url, self.build_kakao(group)
             else:
                 url, body = self.sms_url, self.build_sms(group)
             results.extend(await self._post(client, url, body, group))
@@ -375,7 +410,8 @@ class InfobipConnector:
             if name in _CONFIG_STOPS:
                 raise _CONFIG_STOPS[name](
                     f"Infobip refused the sender ({name}): {description}. Check "
-                    "CDP_INFOBIP_WHATSAPP_FROM / _SMS_SENDER / _VIBER_SENDER / _RCS_SENDER."
+                    "CDP_INFOBIP_WHATSAPP_FROM / _SMS_SENDER / _VIBER_SENDER / _RCS_SENDER / "
+                    "_KAKAO_SENDER."
                 )
             results.append(
                 SendResult(message.key, Outcome.FAILED, error_code=name, error_message=description)
@@ -441,6 +477,7 @@ class InfobipSettings(ConnectorSettings):
     sms_sender: str = "InfoSMS"  # alphanumeric or numeric SMS sender id
     viber_sender: str = "DemoCompany"  # the Viber Business Messages sender
     rcs_sender: str = "DemoCompanyRCS"  # the RCS agent (Messages API `sender`)
+    kakao_sender: str = "demo-kakao-sender-key"  # the Kakao channel's sender (profile) key
     # "user:password" in the notify URL of delivery reports (Infobip signs nothing else).
     webhook_credentials: SecretStr | None = credential(
         SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS, receiver=True
@@ -454,6 +491,7 @@ class InfobipSettings(ConnectorSettings):
             sms_sender=self.sms_sender,
             viber_sender=self.viber_sender,
             rcs_sender=self.rcs_sender,
+            kakao_sender=self.kakao_sender,
         )
 
 
@@ -463,8 +501,8 @@ PLUGIN = ConnectorPlugin(
     connector=InfobipConnector,
     settings=InfobipSettings,
     env_prefix="infobip",
-    docs="WhatsApp templates, SMS (`/sms/3/messages`), Viber and RCS (the Messages API), "
-    "many messages per request",
+    docs="WhatsApp templates, SMS (`/sms/3/messages`), Viber, RCS (the Messages API) and "
+    "KakaoTalk AlimTalk, many messages per request",
     status_webhook=StatusWebhook(
         route="infobip",
         secret="webhook_credentials",
@@ -479,7 +517,7 @@ PLUGIN = ConnectorPlugin(
     ),
     sandbox="/infobip",
     contract=ContractCase(
-        message=samples.whatsapp_sms_viber_rcs,
+        message=samples.infobip_channels,
         bad_recipient=OutboundMessage(
             "bad", samples.BAD_NUMBER, "whatsapp", template=samples.whatsapp(0).template
         ),

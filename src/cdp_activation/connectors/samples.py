@@ -94,5 +94,17 @@ def whatsapp_sms_viber(i: int) -> OutboundMessage:
     return (whatsapp, sms, viber)[i % 3](i)
 
 
-def whatsapp_sms_viber_rcs(i: int) -> OutboundMessage:
-    return (whatsapp, sms, viber, rcs)[i % 4](i)
+def kakao(i: int) -> OutboundMessage:
+    """A KakaoTalk AlimTalk message: the template code and its registered text filled in."""
+    return OutboundMessage(
+        key=_key(i),
+        to=f"+821012{i:06d}",
+        channel="kakao",
+        template=TemplateRef("order_shipped_01", "ko"),
+        body=f"Hi Ana, your order A{i} has shipped.",
+    )
+
+
+def infobip_channels(i: int) -> OutboundMessage:
+    """Every channel the Infobip connector sends, in turn."""
+    return (whatsapp, sms, viber, rcs, kakao)[i % 5](i)

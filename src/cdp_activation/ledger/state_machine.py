@@ -733,8 +733,10 @@ def _plan_rows(
 
     The message is JSON: `{"template", "language", "parameters"[, "names"]}` for a template
     (parameters from the `variables` list, names from `variable_names` when present: the
-    columns they came from), else `{"body"}`. Times are UTC; SQLite gets them as the text
-    SQLAlchemy writes (`YYYY-MM-DD HH:MM:SS.ffffff`), so both paths read back alike.
+    columns they came from), `{"template", "language", "body"}` for a KakaoTalk AlimTalk
+    message (its template code and registered text filled in), else `{"body"}`. Times are
+    UTC; SQLite gets them as the text SQLAlchemy writes (`YYYY-MM-DD HH:MM:SS.ffffff`), so
+    both paths read back alike.
 
     A `holdout` decision is written `holdout`, an `exclude` one (a refused fallback)
     `excluded` with its reason code as `error_code`; `fallback_of` and `fallback_reason` are
@@ -748,6 +750,12 @@ def _plan_rows(
         pl.col("template_language").cast(pl.String).alias("language"),
         parameters.alias("parameters"),
         *names,
+    ).struct.json_encode()
+    # A KakaoTalk AlimTalk message is both: its template code and the registered text filled in.
+    template_and_body = pl.struct(
+        pl.col("template_name").cast(pl.String).alias("template"),
+        pl.col("template_language").cast(pl.String).alias("language"),
+        pl.col("body").cast(pl.String),
     ).struct.json_encode()
     body = pl.struct(pl.col("body").cast(pl.String)).struct.json_encode()
     decision = pl.col("decision").cast(pl.String) if "decision" in chosen.columns else pl.lit("")
@@ -782,7 +790,9 @@ def _plan_rows(
         pl.col("recipient" if "recipient" in chosen.columns else "phone_e164")
         .fill_null("")
         .alias("recipient"),
-        pl.when(pl.col("template_name").is_not_null())
+        pl.when(pl.col("template_name").is_not_null() & pl.col("body").is_not_null())
+        .then(template_and_body)
+        .when(pl.col("template_name").is_not_null())
         .then(template)
         .otherwise(body)
         .alias("message"),

@@ -1,6 +1,6 @@
 """Infobip (prefix `/infobip`): `POST /whatsapp/1/message/template`, `POST /sms/3/messages`,
-`POST /viber/2/messages` and RCS through `POST /messages-api/1/messages`, many messages per
-request, `Authorization: App <key>`."""
+`POST /viber/2/messages`, RCS through `POST /messages-api/1/messages` and KakaoTalk AlimTalk
+through `POST /kakao-alim/1/messages`, many messages per request, `Authorization: App <key>`."""
 
 from __future__ import annotations
 
@@ -293,6 +293,72 @@ def _parse_infobip_messages_api(request: Request, raw: bytes) -> Response | list
     return candidates
 
 
+# The sandbox's Kakao-approved AlimTalk templates: code -> the registered text's start (the
+# sandbox checks a message's text begins with it, as Kakao checks the text against the template).
+KAKAO_TEMPLATES: dict[str, str] = {
+    "order_shipped_01": "Hi ",
+    "delivery_update_01": "Your delivery ",
+}
+
+
+def _parse_infobip_kakao(request: Request, raw: bytes) -> Response | list[Candidate]:
+    """Validate a Kakao Alim request: `{messages: [{sender, destinations: [{to, messageId}],
+    content: {templateCode, text, type: TEMPLATE}}]}`; an unknown template code, or a text
+    that is not the template's, refuses the request naming `content.templateCode`."""
+
+    def bad(prop: str, why: str) -> JSONResponse:
+        return _infobip_api_error(
+            400,
+            "E400",
+            "Request cannot be processed.",
+            "Check the syntax, violations and adjust the request.",
+            [{"property": prop, "violation": why}],
+        )
+
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return bad("body", "Invalid JSON.")
+    items = payload.get("messages") if isinstance(payload, dict) else None
+    if not isinstance(items, list) or not items:
+        return bad("messages", "must not be empty")
+    candidates = []
+    for i, item in enumerate(items):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("sender"), str):
+            return bad(f"{where}.sender", "must not be blank")
+        content = item.get("content")
+        if not isinstance(content, dict) or content.get("type") != "TEMPLATE":
+            return bad(f"{where}.content.type", "must be TEMPLATE")
+        code, text = content.get("templateCode"), content.get("text")
+        if not isinstance(text, str) or not 1 <= len(text) <= 1000:
+            return bad(f"{where}.content.text", "size must be between 1 and 1000")
+        start = KAKAO_TEMPLATES.get(str(code))
+        if start is None or not text.startswith(start):
+            return bad(
+                f"{where}.content.templateCode",
+                f"template {code} is not approved for this sender, or the text is not its",
+            )
+        callback_data = (item.get("webhooks") or {}).get("callbackData")
+        destinations = item.get("destinations")
+        if not isinstance(destinations, list) or not destinations:
+            return bad(f"{where}.destinations", "must not be empty")
+        for j, destination in enumerate(destinations):
+            if not isinstance(destination, dict) or not isinstance(destination.get("to"), str):
+                return bad(f"{where}.destinations[{j}].to", "must not be blank")
+            candidates.append(
+                Candidate(
+                    to=destination["to"],
+                    record={"template_name": code, "body": text, "callback_data": callback_data},
+                    extra={
+                        "message_id": str(destination.get("messageId") or ""),
+                        "channel": "kakao",
+                    },
+                )
+            )
+    return candidates
+
+
 def _refuse_infobip(config: SandboxConfig, candidate: Candidate) -> dict[str, Any] | None:
     """A destination that is not a number is REJECTED in the 200 answer, as Infobip does."""
     if digits_ok(candidate.to):
@@ -302,7 +368,7 @@ def _refuse_infobip(config: SandboxConfig, candidate: Candidate) -> dict[str, An
 
 def _infobip_entry(candidate: Candidate, message_id: str, accepted: bool) -> dict[str, Any]:
     status = dict(_INFOBIP_PENDING if accepted else _INFOBIP_REJECTED_DESTINATION)
-    if candidate.extra["channel"] in ("sms", "rcs"):
+    if candidate.extra["channel"] in ("sms", "rcs", "kakao"):
         return {
             "messageId": message_id,
             "status": status,
@@ -383,6 +449,7 @@ _INFOBIP_SMS = dataclasses.replace(
 )
 _INFOBIP_VIBER = dataclasses.replace(_INFOBIP_SMS, parse=_parse_infobip_viber)
 _INFOBIP_MESSAGES_API = dataclasses.replace(_INFOBIP_SMS, parse=_parse_infobip_messages_api)
+_INFOBIP_KAKAO = dataclasses.replace(_INFOBIP_SMS, parse=_parse_infobip_kakao)
 
 
 async def infobip_whatsapp_template(request: Request) -> Response:
@@ -405,10 +472,16 @@ async def infobip_messages_api(request: Request) -> Response:
     return await batch_request(request, _INFOBIP_MESSAGES_API)
 
 
+async def infobip_kakao(request: Request) -> Response:
+    """`POST /kakao-alim/1/messages`: KakaoTalk AlimTalk templates to many destinations."""
+    return await batch_request(request, _INFOBIP_KAKAO)
+
+
 PREFIX = "/infobip"
 ROUTES = [
     Route("/whatsapp/1/message/template", infobip_whatsapp_template, methods=["POST"]),
     Route("/sms/3/messages", infobip_sms, methods=["POST"]),
     Route("/viber/2/messages", infobip_viber, methods=["POST"]),
     Route("/messages-api/1/messages", infobip_messages_api, methods=["POST"]),
+    Route("/kakao-alim/1/messages", infobip_kakao, methods=["POST"]),
 ]
