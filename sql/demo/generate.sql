@@ -421,3 +421,15 @@ SELECT
     occurred_at,
     least(occurred_at + to_seconds(5 + demo_r(i, 'cart_loaded', 30)), demo_as_of()) AS loaded_at
 FROM events;
+
+-- ---------------------------------------------------------------------------------------------
+-- wechat_followers: about 5% of customers follow the Official Account.
+-- ---------------------------------------------------------------------------------------------
+
+INSERT INTO wechat_followers
+SELECT
+    customer_id,
+    'o' || lpad(CAST(customer_id AS VARCHAR), 27, '0') AS openid,
+    demo_ago(3600 + demo_r(customer_id, 'wechat_followed', 700 * 86400)) AS followed_at
+FROM customers
+WHERE demo_r(customer_id, 'wechat', 20) = 0;

@@ -82,3 +82,11 @@ CREATE OR REPLACE TABLE cart_events (
     occurred_at TIMESTAMPTZ NOT NULL,
     loaded_at   TIMESTAMPTZ NOT NULL
 );
+
+-- Followers of the brand's WeChat Official Account: the openid WeChat gave each follower for
+-- the account (28 characters), which template messages are addressed to.
+CREATE OR REPLACE TABLE wechat_followers (
+    customer_id BIGINT NOT NULL,
+    openid      VARCHAR NOT NULL,
+    followed_at TIMESTAMPTZ NOT NULL
+);

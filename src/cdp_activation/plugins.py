@@ -155,6 +155,9 @@ class ContractCase:
     failure_code: str
     credential: str
     secret_forms: Callable[[str], tuple[str, ...]] = field(default=lambda secret: (secret,))
+    # The wait a throttled request is retried after when the provider sends no Retry-After
+    # but a fixed rule (WeChat's minute quota: 60 s); None: the answer's Retry-After.
+    throttle_retry_after: float | None = None
 
 
 @dataclass(frozen=True)

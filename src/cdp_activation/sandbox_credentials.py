@@ -14,6 +14,8 @@ SANDBOX_VONAGE_API_SECRET = "sandbox-vonage-secret"
 SANDBOX_WEBHOOK_TOKEN = "sandbox-webhook-token"
 SANDBOX_BRAZE_API_KEY = "sandbox-braze-rest-key"
 SANDBOX_LINE_TOKEN = "sandbox-line-channel-token"
+SANDBOX_WECHAT_APP_ID = "wxsandbox0000000001"
+SANDBOX_WECHAT_APP_SECRET = "sandbox-wechat-app-secret"
 # What the sandbox signs its status webhooks with (each provider's own scheme).
 SANDBOX_META_APP_SECRET = "sandbox-meta-app-secret"
 SANDBOX_META_VERIFY_TOKEN = "sandbox-meta-verify-token"

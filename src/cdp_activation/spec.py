@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cdp_activation.partitions import FRAMEWORK_PARAMETERS
 
-Channel = Literal["whatsapp", "sms", "viber", "line", "kakao", "rcs"]
+Channel = Literal["whatsapp", "sms", "viber", "line", "kakao", "rcs", "wechat"]
 Purpose = Literal["marketing", "transactional"]
 TemplateCategory = Literal["marketing", "utility", "authentication"]
 
@@ -386,7 +386,7 @@ class FrequencyCapSpec(_Strict):
     counted across every activation from the ledger."""
 
     purpose: Literal["marketing", "transactional", "any"] = "marketing"
-    channel: Literal["whatsapp", "sms", "viber", "line", "kakao", "rcs", "any"] = "any"
+    channel: Literal["whatsapp", "sms", "viber", "line", "kakao", "rcs", "wechat", "any"] = "any"
     max_messages: int = 1
     days: int = 7
 

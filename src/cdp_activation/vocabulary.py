@@ -29,7 +29,10 @@ SEND, DEFER, EXCLUDE = "send", "defer", "exclude"
 DECISIONS: tuple[str, ...] = (SEND, DEFER, HOLDOUT, EXCLUDE)
 
 # What an address that is not a phone number looks like, per channel (LINE's user ids).
-ADDRESS_PATTERNS: dict[str, str] = {"line": r"^U[0-9a-f]{32}$"}
+ADDRESS_PATTERNS: dict[str, str] = {
+    "line": r"^U[0-9a-f]{32}$",
+    "wechat": r"^[A-Za-z0-9_-]{28}$",  # an Official Account's openid of a follower
+}
 
 KEY_SEPARATOR = "|"
 

@@ -105,6 +105,17 @@ def kakao(i: int) -> OutboundMessage:
     )
 
 
+def wechat(i: int) -> OutboundMessage:
+    """A WeChat Official Account template message to one follower's openid (28 characters)."""
+    return OutboundMessage(
+        key=_key(i),
+        to=f"oWeChat{i:021d}",
+        channel="wechat",
+        template=TemplateRef("order_shipped_tmpl_001", "zh_CN", ("Rain jacket", f"A{i}")),
+        customer_id=f"customer-{i}",
+    )
+
+
 def infobip_channels(i: int) -> OutboundMessage:
     """Every channel the Infobip connector sends, in turn."""
     return (whatsapp, sms, viber, rcs, kakao)[i % 5](i)

@@ -14,6 +14,7 @@ from cdp_activation.feedback.template_catalog import (
     fetch_catalog,
 )
 from cdp_activation.ledger.templates import CATALOG, latest_states, record_states
+from cdp_activation.plugins import plugins
 
 SOURCES = {
     "meta_whatsapp": (
@@ -24,6 +25,10 @@ SOURCES = {
         "Twilio Content templates and their WhatsApp approvals, synced from the Content API's "
         "`GET /v1/ContentAndApprovals` (paged); a plan names a template by its Content SID"
     ),
+    "wechat": (
+        "The WeChat Official Account's templates, synced from "
+        "`GET /cgi-bin/template/get_all_private_template`; a plan names one by its template id"
+    ),
 }
 
 
@@ -33,9 +38,10 @@ def catalog_asset(connector_name: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=dg.AssetKey(["templates", connector_name]),
         group_name="templates",
-        kinds={"whatsapp"},
+        kinds=set(sorted(plugins()[connector_name].capabilities.channels)[:3]),
         required_resource_keys={connector_name, "ledger"},
-        description=f"{SOURCES[connector_name]}: name, language, category, status, "
+        description=f"{SOURCES.get(connector_name, plugins()[connector_name].title)}: name, "
+        "language, category, status, "
         "parameters, and the last status webhook's word on each (a PAUSED or DISABLED word "
         "stops its sends until a newer one approves it). Decisions re-read the catalog live "
         "before any send.",

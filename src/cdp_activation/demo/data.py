@@ -34,6 +34,7 @@ DEMO_TABLES = (
     "suppressions",
     "orders",
     "cart_events",
+    "wechat_followers",
 )
 """The tables the generator fills, in creation order."""
 

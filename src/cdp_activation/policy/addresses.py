@@ -3,8 +3,10 @@
 Most channels (WhatsApp, SMS, Viber, RCS) reach a customer at their phone number. LINE does
 not: the Messaging API addresses a user by the id LINE gave them for the business's official
 account (`U` + 32 hex digits, from a follow event), which the audience returns as
-`line_user_id`. The phone number still identifies the customer for suppression, caps and
-"one message per number"; the address is only where the message goes.
+`line_user_id`. WeChat likewise addresses a follower of the Official Account by its openid
+(28 characters), the audience's `wechat_openid`. The phone number still identifies the
+customer for suppression, caps and "one message per number"; the address is only where the
+message goes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import polars as pl
 from cdp_activation.vocabulary import ADDRESS_PATTERNS  # what a valid address looks like
 
 # Channels addressed by a platform id, and the audience column holding it.
-ADDRESS_COLUMNS: dict[str, str] = {"line": "line_user_id"}
+ADDRESS_COLUMNS: dict[str, str] = {"line": "line_user_id", "wechat": "wechat_openid"}
 
 
 def address_column(channel: str) -> str | None:

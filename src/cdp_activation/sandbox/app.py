@@ -66,11 +66,20 @@ from cdp_activation.sandbox.catalog import (
 )
 from cdp_activation.sandbox.core import MessageStore, SandboxConfig
 from cdp_activation.sandbox.exchange import RAW_SEND
-from cdp_activation.sandbox.providers import braze, infobip, line, meta, twilio, vonage, webhook
+from cdp_activation.sandbox.providers import (
+    braze,
+    infobip,
+    line,
+    meta,
+    twilio,
+    vonage,
+    webhook,
+    wechat,
+)
 from cdp_activation.sandbox.status_webhooks import schedule_template_update
 
 # Each provider's module holds its PREFIX and ROUTES.
-PROVIDERS = (meta, twilio, infobip, vonage, webhook, braze, line)
+PROVIDERS = (meta, twilio, infobip, vonage, webhook, braze, line, wechat)
 
 
 class SandboxApp(Starlette):

@@ -25,6 +25,8 @@ from cdp_activation.sandbox_credentials import (
     SANDBOX_VONAGE_API_KEY,
     SANDBOX_VONAGE_API_SECRET,
     SANDBOX_WEBHOOK_TOKEN,
+    SANDBOX_WECHAT_APP_ID,
+    SANDBOX_WECHAT_APP_SECRET,
 )
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
@@ -54,6 +56,8 @@ class SandboxConfig:
     webhook_token: str = SANDBOX_WEBHOOK_TOKEN
     braze_api_key: str = SANDBOX_BRAZE_API_KEY
     line_token: str = SANDBOX_LINE_TOKEN
+    wechat_app_id: str = SANDBOX_WECHAT_APP_ID
+    wechat_app_secret: str = SANDBOX_WECHAT_APP_SECRET
     latency_ms: float = 0.0
     latency_jitter_ms: float = 0.0
     seed: int = 0
@@ -144,6 +148,8 @@ _CREDENTIAL_FIELDS = (
     "webhook_token",
     "braze_api_key",
     "line_token",
+    "wechat_app_id",
+    "wechat_app_secret",
 )
 _TEXT_FIELDS = ("status_webhooks_url",)
 FAULT_FIELDS: tuple[str, ...] = tuple(
