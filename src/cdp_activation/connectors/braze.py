@@ -71,7 +71,33 @@ CANVAS_PREFIX = "canvas:"  # a template named canvas:<id> enters an API-triggere
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 
-class BrazeConnector:
+class BrazeRestApi:
+    """What every Braze REST connector shares: the instance's endpoint, the REST API key as a
+    Bearer token, and keeping that key (and numbers) out of everything logged or raised."""
+
+    name: ClassVar[str]
+    env_prefix: ClassVar[str]  # e.g. "CDP_BRAZE_", named when a setting is missing
+    rate_per_second: float | None = None
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        require_settings(self.name, self.env_prefix, base_url=base_url, api_key=api_key)
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    def redact(self, text: str) -> str:
+        return redact_secrets(text, [self._api_key])
+
+    def _safe(self, text: str) -> str:
+        return mask_phones_in(clip(self.redact(text)))
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
+
+
+class BrazeConnector(BrazeRestApi):
     """Triggers a Braze API campaign for batches of up to 50 users."""
 
     name: ClassVar[str] = "braze"
@@ -84,27 +110,13 @@ class BrazeConnector:
         idempotency=False,
         platform_owns_templates=True,  # the campaign and its WhatsApp template live in Braze
     )
-    rate_per_second: float | None = None
+    env_prefix: ClassVar[str] = "CDP_BRAZE_"
 
     def __init__(self, base_url: str, api_key: str, send_to_existing_only: bool = True) -> None:
-        require_settings(self.name, "CDP_BRAZE_", base_url=base_url, api_key=api_key)
-        self.base_url = base_url.rstrip("/")
-        self._api_key = api_key
+        super().__init__(base_url, api_key)
         self.send_to_existing_only = send_to_existing_only
         self._trigger_url = httpx.URL(f"{self.base_url}/campaigns/trigger/send")
         self._canvas_url = httpx.URL(f"{self.base_url}/canvas/trigger/send")
-
-    def __repr__(self) -> str:
-        return f"BrazeConnector(base_url={self.base_url!r})"
-
-    def redact(self, text: str) -> str:
-        return redact_secrets(text, [self._api_key])
-
-    def _safe(self, text: str) -> str:
-        return mask_phones_in(clip(self.redact(text)))
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
 
     def recipient(self, message: OutboundMessage) -> dict[str, Any]:
         """One entry of `recipients`: the user, their trigger properties and their number."""

@@ -52,9 +52,8 @@ from cdp_activation.connectors.base import (
     clip,
     retry_after_seconds,
 )
-from cdp_activation.connectors.braze import reset_in
-from cdp_activation.connectors.http import json_or_none, require_settings, transport_failure
-from cdp_activation.masking import mask_phones_in, redact_secrets
+from cdp_activation.connectors.braze import BrazeRestApi, reset_in
+from cdp_activation.connectors.http import json_or_none, transport_failure
 from cdp_activation.plugins import (
     ConnectorPlugin,
     ConnectorSettings,
@@ -74,7 +73,7 @@ INVALID_RECIPIENT = "invalid_recipient"
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 
-class BrazeAudienceConnector:
+class BrazeAudienceConnector(BrazeRestApi):
     """Writes handed-off customers to Braze profiles, 75 a request."""
 
     name: ClassVar[str] = "braze_audience"
@@ -87,31 +86,16 @@ class BrazeAudienceConnector:
         platform_owns_templates=True,  # the Canvas and its messages live in Braze
         handoff=True,
     )
-    rate_per_second: float | None = None
+    env_prefix: ClassVar[str] = "CDP_BRAZE_AUDIENCE_"
 
     def __init__(self, base_url: str, api_key: str, update_existing_only: bool = True) -> None:
-        require_settings(self.name, "CDP_BRAZE_AUDIENCE_", base_url=base_url, api_key=api_key)
-        self.base_url = base_url.rstrip("/")
-        self._api_key = api_key
+        super().__init__(base_url, api_key)
         self.update_existing_only = update_existing_only
         self._track_url = httpx.URL(f"{self.base_url}/users/track")
 
-    def __repr__(self) -> str:
-        return f"BrazeAudienceConnector(base_url={self.base_url!r})"
-
-    def redact(self, text: str) -> str:
-        return redact_secrets(text, [self._api_key])
-
-    def _safe(self, text: str) -> str:
-        return mask_phones_in(clip(self.redact(text)))
-
     def _headers(self) -> dict[str, str]:
         # X-Braze-Bulk: Braze routes batch backfills apart from live traffic.
-        return {
-            "Authorization": f"Bearer {self._api_key}",
-            "Accept": "application/json",
-            "X-Braze-Bulk": "true",
-        }
+        return {**super()._headers(), "X-Braze-Bulk": "true"}
 
     def attributes(self, message: OutboundMessage) -> dict[str, Any]:
         """The user attributes object of one handed-off customer."""

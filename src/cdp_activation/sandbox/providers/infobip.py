@@ -181,115 +181,122 @@ def _parse_infobip_viber(request: Request, raw: bytes) -> Response | list[Candid
     return _parse_infobip_text(raw, "viber")
 
 
-def _parse_infobip_text(raw: bytes, channel: str) -> Response | list[Candidate]:
-    """The SMS v3 and Viber v2 envelopes: `{messages: [{sender, destinations: [{to,
-    messageId}], content: {text[, type]}}]}`; Viber's content is typed and 1,000 characters."""
+def _violation(prop: str, why: str) -> JSONResponse:
+    """The SMS v3 / Viber v2 / Messages API / Kakao 400: one `ApiError` violation."""
+    return _infobip_api_error(
+        400,
+        "E400",
+        "Request cannot be processed.",
+        "Check the syntax, violations and adjust the request.",
+        [{"property": prop, "violation": why}],
+    )
 
-    def bad(prop: str, why: str) -> JSONResponse:
-        return _infobip_api_error(
-            400,
-            "E400",
-            "Request cannot be processed.",
-            "Check the syntax, violations and adjust the request.",
-            [{"property": prop, "violation": why}],
-        )
 
+def _envelope(raw: bytes) -> Response | list[Any]:
+    """The request's non-empty `messages` list, or the 400 saying why there is none."""
     try:
         payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return bad("body", "Invalid JSON.")
+        return _violation("body", "Invalid JSON.")
     items = payload.get("messages") if isinstance(payload, dict) else None
     if not isinstance(items, list) or not items:
-        return bad("messages", "must not be empty")
+        return _violation("messages", "must not be empty")
+    return items
+
+
+def _callback_data(item: dict[str, Any], where: str) -> Response | str | None:
+    """`webhooks.callbackData` (at most 4,000 characters), or the 400 saying it is wrong."""
+    webhooks = item.get("webhooks")
+    if webhooks is not None and not isinstance(webhooks, dict):
+        return _violation(f"{where}.webhooks", "must be an object")
+    callback_data = (webhooks or {}).get("callbackData")
+    if callback_data is not None and (
+        not isinstance(callback_data, str) or len(callback_data) > _INFOBIP_CALLBACK_DATA_MAX
+    ):
+        return _violation(f"{where}.webhooks.callbackData", "size must be between 0 and 4000")
+    return callback_data
+
+
+def _destinations(
+    item: dict[str, Any], where: str, record: dict[str, Any], channel: str
+) -> Response | list[Candidate]:
+    """One candidate per `destinations[].to` of a message, each with `record`."""
+    destinations = item.get("destinations")
+    if not isinstance(destinations, list) or not destinations:
+        return _violation(f"{where}.destinations", "must not be empty")
     candidates = []
-    for i, item in enumerate(items):
-        destinations = item.get("destinations") if isinstance(item, dict) else None
-        content = item.get("content") if isinstance(item, dict) else None
-        if not isinstance(destinations, list) or not destinations:
-            return bad(f"messages[{i}].destinations", "must not be empty")
-        if not isinstance(content, dict) or not isinstance(content.get("text"), str):
-            return bad(f"messages[{i}].content.text", "must not be null")
-        if channel == "viber" and content.get("type") != "TEXT":
-            return bad(f"messages[{i}].content.type", "must be TEXT in the sandbox")
-        if channel == "viber" and len(content["text"]) > 1000:
-            return bad(f"messages[{i}].content.text", "size must be between 0 and 1000")
-        webhooks = item.get("webhooks")
-        if webhooks is not None and not isinstance(webhooks, dict):
-            return bad(f"messages[{i}].webhooks", "must be an object")
-        callback_data = (webhooks or {}).get("callbackData")
-        if callback_data is not None and (
-            not isinstance(callback_data, str) or len(callback_data) > _INFOBIP_CALLBACK_DATA_MAX
-        ):
-            return bad(f"messages[{i}].webhooks.callbackData", "size must be between 0 and 4000")
-        for j, destination in enumerate(destinations):
-            if not isinstance(destination, dict) or not isinstance(destination.get("to"), str):
-                return bad(f"messages[{i}].destinations[{j}].to", "must not be blank")
-            candidates.append(
-                Candidate(
-                    to=destination["to"],
-                    record={"body": content["text"], "callback_data": callback_data},
-                    extra={
-                        "message_id": str(destination.get("messageId") or ""),
-                        "channel": channel,
-                    },
-                )
+    for j, destination in enumerate(destinations):
+        if not isinstance(destination, dict) or not isinstance(destination.get("to"), str):
+            return _violation(f"{where}.destinations[{j}].to", "must not be blank")
+        message_id = str(destination.get("messageId") or "")
+        candidates.append(
+            Candidate(
+                to=destination["to"],
+                record=record,
+                extra={"message_id": message_id, "channel": channel},
             )
+        )
+    return candidates
+
+
+def _parse_infobip_text(raw: bytes, channel: str) -> Response | list[Candidate]:
+    """The SMS v3 and Viber v2 envelopes: `{messages: [{sender, destinations: [{to,
+    messageId}], content: {text[, type]}}]}`; Viber's content is typed and 1,000 characters."""
+    items = _envelope(raw)
+    if isinstance(items, Response):
+        return items
+    candidates: list[Candidate] = []
+    for i, item in enumerate(items):
+        where = f"messages[{i}]"
+        content = item.get("content") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or not isinstance(item.get("destinations"), list):
+            return _violation(f"{where}.destinations", "must not be empty")
+        if not isinstance(content, dict) or not isinstance(content.get("text"), str):
+            return _violation(f"{where}.content.text", "must not be null")
+        if channel == "viber" and content.get("type") != "TEXT":
+            return _violation(f"{where}.content.type", "must be TEXT in the sandbox")
+        if channel == "viber" and len(content["text"]) > 1000:
+            return _violation(f"{where}.content.text", "size must be between 0 and 1000")
+        callback_data = _callback_data(item, where)
+        if isinstance(callback_data, Response):
+            return callback_data
+        found = _destinations(
+            item, where, {"body": content["text"], "callback_data": callback_data}, channel
+        )
+        if isinstance(found, Response):
+            return found
+        candidates.extend(found)
     return candidates
 
 
 def _parse_infobip_messages_api(request: Request, raw: bytes) -> Response | list[Candidate]:
     """Validate a `MessagesApiRequest` of RCS TEXT messages (the channel and content type the
     sandbox emulates on the Messages API); each destination is one candidate."""
-
-    def bad(prop: str, why: str) -> JSONResponse:
-        return _infobip_api_error(
-            400,
-            "E400",
-            "Request cannot be processed.",
-            "Check the syntax, violations and adjust the request.",
-            [{"property": prop, "violation": why}],
-        )
-
-    try:
-        payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return bad("body", "Invalid JSON.")
-    items = payload.get("messages") if isinstance(payload, dict) else None
-    if not isinstance(items, list) or not items:
-        return bad("messages", "must not be empty")
-    candidates = []
+    items = _envelope(raw)
+    if isinstance(items, Response):
+        return items
+    candidates: list[Candidate] = []
     for i, item in enumerate(items):
         where = f"messages[{i}]"
         if not isinstance(item, dict):
-            return bad(where, "must be an object")
+            return _violation(where, "must be an object")
         if item.get("channel") != "RCS":
-            return bad(f"{where}.channel", "the sandbox emulates RCS on the Messages API")
+            return _violation(f"{where}.channel", "the sandbox emulates RCS on the Messages API")
         if not isinstance(item.get("sender"), str) or not item["sender"]:
-            return bad(f"{where}.sender", "must not be blank")
+            return _violation(f"{where}.sender", "must not be blank")
         body = (item.get("content") or {}).get("body")
         if not isinstance(body, dict) or body.get("type") != "TEXT":
-            return bad(f"{where}.content.body.type", "must be TEXT in the sandbox")
+            return _violation(f"{where}.content.body.type", "must be TEXT in the sandbox")
         text = body.get("text")
         if not isinstance(text, str) or not 1 <= len(text) <= 3072:
-            return bad(f"{where}.content.body.text", "size must be between 1 and 3072")
-        callback_data = (item.get("webhooks") or {}).get("callbackData")
-        if callback_data is not None and (
-            not isinstance(callback_data, str) or len(callback_data) > _INFOBIP_CALLBACK_DATA_MAX
-        ):
-            return bad(f"{where}.webhooks.callbackData", "size must be between 0 and 4000")
-        destinations = item.get("destinations")
-        if not isinstance(destinations, list) or not destinations:
-            return bad(f"{where}.destinations", "must not be empty")
-        for j, destination in enumerate(destinations):
-            if not isinstance(destination, dict) or not isinstance(destination.get("to"), str):
-                return bad(f"{where}.destinations[{j}].to", "must not be blank")
-            candidates.append(
-                Candidate(
-                    to=destination["to"],
-                    record={"body": text, "callback_data": callback_data},
-                    extra={"message_id": str(destination.get("messageId") or ""), "channel": "rcs"},
-                )
-            )
+            return _violation(f"{where}.content.body.text", "size must be between 1 and 3072")
+        callback_data = _callback_data(item, where)
+        if isinstance(callback_data, Response):
+            return callback_data
+        found = _destinations(item, where, {"body": text, "callback_data": callback_data}, "rcs")
+        if isinstance(found, Response):
+            return found
+        candidates.extend(found)
     return candidates
 
 
@@ -305,57 +312,34 @@ def _parse_infobip_kakao(request: Request, raw: bytes) -> Response | list[Candid
     """Validate a Kakao Alim request: `{messages: [{sender, destinations: [{to, messageId}],
     content: {templateCode, text, type: TEMPLATE}}]}`; an unknown template code, or a text
     that is not the template's, refuses the request naming `content.templateCode`."""
-
-    def bad(prop: str, why: str) -> JSONResponse:
-        return _infobip_api_error(
-            400,
-            "E400",
-            "Request cannot be processed.",
-            "Check the syntax, violations and adjust the request.",
-            [{"property": prop, "violation": why}],
-        )
-
-    try:
-        payload = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return bad("body", "Invalid JSON.")
-    items = payload.get("messages") if isinstance(payload, dict) else None
-    if not isinstance(items, list) or not items:
-        return bad("messages", "must not be empty")
-    candidates = []
+    items = _envelope(raw)
+    if isinstance(items, Response):
+        return items
+    candidates: list[Candidate] = []
     for i, item in enumerate(items):
         where = f"messages[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("sender"), str):
-            return bad(f"{where}.sender", "must not be blank")
+            return _violation(f"{where}.sender", "must not be blank")
         content = item.get("content")
         if not isinstance(content, dict) or content.get("type") != "TEMPLATE":
-            return bad(f"{where}.content.type", "must be TEMPLATE")
+            return _violation(f"{where}.content.type", "must be TEMPLATE")
         code, text = content.get("templateCode"), content.get("text")
         if not isinstance(text, str) or not 1 <= len(text) <= 1000:
-            return bad(f"{where}.content.text", "size must be between 1 and 1000")
+            return _violation(f"{where}.content.text", "size must be between 1 and 1000")
         start = KAKAO_TEMPLATES.get(str(code))
         if start is None or not text.startswith(start):
-            return bad(
+            return _violation(
                 f"{where}.content.templateCode",
                 f"template {code} is not approved for this sender, or the text is not its",
             )
-        callback_data = (item.get("webhooks") or {}).get("callbackData")
-        destinations = item.get("destinations")
-        if not isinstance(destinations, list) or not destinations:
-            return bad(f"{where}.destinations", "must not be empty")
-        for j, destination in enumerate(destinations):
-            if not isinstance(destination, dict) or not isinstance(destination.get("to"), str):
-                return bad(f"{where}.destinations[{j}].to", "must not be blank")
-            candidates.append(
-                Candidate(
-                    to=destination["to"],
-                    record={"template_name": code, "body": text, "callback_data": callback_data},
-                    extra={
-                        "message_id": str(destination.get("messageId") or ""),
-                        "channel": "kakao",
-                    },
-                )
-            )
+        callback_data = _callback_data(item, where)
+        if isinstance(callback_data, Response):
+            return callback_data
+        record = {"template_name": code, "body": text, "callback_data": callback_data}
+        found = _destinations(item, where, record, "kakao")
+        if isinstance(found, Response):
+            return found
+        candidates.extend(found)
     return candidates
 
 
