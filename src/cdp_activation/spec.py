@@ -518,6 +518,21 @@ class DeliverySpec(_Strict):
     def _workers(cls, value: int) -> int:
         return check_workers(value)
 
+    in_flight: int | None = Field(
+        default=None,
+        description="Requests each claim worker keeps in the air at once (per connector); "
+        "empty: CDP_DELIVERY_CONCURRENCY (32). One-recipient providers at a high latency "
+        "send at most in_flight / latency messages a second per worker: raise it there, "
+        "within the provider's rate limit. A run can choose another (Launchpad, --in-flight).",
+    )
+
+    @field_validator("in_flight")
+    @classmethod
+    def _in_flight(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= 1024:
+            raise ValueError("in_flight must be between 1 and 1024")
+        return value
+
     resend_unknown: bool = Field(
         default=False,
         description="Send `unknown` rows again (a request whose answer was lost, or a run "

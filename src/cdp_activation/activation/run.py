@@ -698,11 +698,12 @@ class DeliveryFailed(CdpError):
         self.summary = summary
 
 
-def delivery_options() -> DeliveryOptions:
-    """The delivery engine's settings (CDP_DELIVERY_*), checked when they are read."""
+def delivery_options(in_flight: int | None = None) -> DeliveryOptions:
+    """The delivery engine's settings (CDP_DELIVERY_*), checked when they are read; a run's
+    `in_flight` (defs.yaml, the Launchpad, --in-flight) replaces CDP_DELIVERY_CONCURRENCY."""
     settings = get_settings()
     return DeliveryOptions(
-        concurrency=settings.delivery_concurrency,
+        concurrency=in_flight or settings.delivery_concurrency,
         max_attempts=settings.delivery_max_attempts,
         lease_seconds=settings.delivery_lease_seconds,
         rate_limit_url=settings.rate_limit_url or None,

@@ -494,6 +494,12 @@ def _run_options(command: Callable[..., None]) -> Callable[..., None]:
     help="Claim workers to send from at once, each a process (or a Celery task with "
     "CDP_CELERY_BROKER_URL); default: delivery.workers in the activation's defs.yaml.",
 )
+@click.option(
+    "--in-flight",
+    type=click.IntRange(1, 1024),
+    help="Requests each claim worker keeps in the air at once; default: delivery.in_flight "
+    "in the activation's defs.yaml, else CDP_DELIVERY_CONCURRENCY (32).",
+)
 def run(dry_run: bool, as_json: bool, **options: Any) -> None:
     _report(_run(dry_run=dry_run, **options), as_json)
 
@@ -519,6 +525,7 @@ def _run(
     no_wait: bool = False,
     wait_timeout: float | None = None,
     workers: int | None = None,
+    in_flight: int | None = None,
 ) -> Any:
     from cdp_activation.cli.runner import (
         ActivationNotFound,
@@ -559,6 +566,7 @@ def _run(
                 send_window=window,
                 queue=queue,
                 workers=workers,
+                in_flight=in_flight,
                 definitions=definitions,
             )
         except ActivationNotFound as err:

@@ -457,6 +457,7 @@ def run_activation(
     tags: Mapping[str, str] | None = None,
     queue: RunQueue | None = RunQueue(),
     workers: int | None = None,
+    in_flight: int | None = None,
 ) -> RunSummary:
     """Materialise `<name>/audience -> decisions -> deliveries` for one partition.
 
@@ -464,6 +465,8 @@ def run_activation(
     once no other run of the activation is queued or in progress there (`wait_for_turn`);
     `queue=None` skips that wait (tests of the ledger's own guard against overlapping runs).
 
+    `in_flight` (default: the activation's `delivery.in_flight`, else
+    CDP_DELIVERY_CONCURRENCY) is the requests each claim worker keeps in the air.
     `workers` (default: the activation's `delivery.workers`) above 1 runs the job on its
     executor, so the claim workers are processes (or Celery tasks), not one after another in
     this process; that needs the instance under DAGSTER_HOME, not an ephemeral one.
@@ -491,6 +494,10 @@ def run_activation(
             delivery_config["workers"] = check_workers(workers)
         except ValueError as err:  # before anything runs, in one line
             raise SettingsError(f"workers {err}") from None
+    if in_flight is not None:
+        if not 1 <= in_flight <= 1024:
+            raise SettingsError(f"in_flight must be between 1 and 1024, got {in_flight}")
+        delivery_config["in_flight"] = in_flight
     ops: dict[str, Any] = {f"{name}__deliveries": {"config": delivery_config}}
     if parameters:
         ops[f"{name}__audience"] = {"config": dict(parameters)}

@@ -249,6 +249,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         f"{_class_name(name)}DeliveriesConfig",
         __base__=DeliveriesConfig,
         workers=fan_out.workers_config(spec.delivery.workers),
+        in_flight=fan_out.in_flight_config(spec.delivery.in_flight),
     )
     prepare_name = f"{name}__deliveries_prepare"
 
@@ -258,7 +259,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         "in the ledger (never twice per partition), mends what gone workers left in flight and "
         "checks the connectors answer; then hands out the claim workers.",
         ins={"decisions": dg.In()},
-        out={"prepared": dg.Out(), "tickets": dg.DynamicOut(int)},
+        out={"prepared": dg.Out(), "tickets": dg.DynamicOut(fan_out.Ticket)},
         required_resource_keys={"ledger", *connector_keys},
         pool=pool,
     )
@@ -294,7 +295,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             run_id=context.run.run_id,
         )
         yield dg.Output(fan_out.Prepared(summary), "prepared")
-        yield from fan_out.tickets(summary, workers)
+        yield from fan_out.tickets(summary, workers, config.in_flight)
 
     claim_sends = fan_out.claim_op(
         f"{name}__deliveries_claim",
@@ -632,6 +633,7 @@ def _fallback_defs(
         f"{_class_name(name)}FallbackWorkersConfig",
         __base__=config_class,
         workers=fan_out.workers_config(activation.spec.delivery.workers),
+        in_flight=fan_out.in_flight_config(activation.spec.delivery.in_flight),
     )
     pool = common["pool"]
     prepare_name = f"{name}__fallback_prepare"
@@ -641,7 +643,7 @@ def _fallback_defs(
         description="Finds the customers due a fallback, applies the policy for the fallback "
         "channel, plans the rows in the ledger; then hands out the claim workers.",
         ins={"after": dg.In(dg.Nothing)},
-        out={"prepared": dg.Out(), "tickets": dg.DynamicOut(int)},
+        out={"prepared": dg.Out(), "tickets": dg.DynamicOut(fan_out.Ticket)},
         required_resource_keys={"warehouse", "ledger", *connector_keys},
         pool=pool,
     )
@@ -669,7 +671,7 @@ def _fallback_defs(
             run_id=context.run.run_id,
         )
         yield dg.Output(fan_out.Prepared(summary, decisions), "prepared")
-        yield from fan_out.tickets(summary, workers)
+        yield from fan_out.tickets(summary, workers, config.in_flight)
 
     claim_fallbacks = fan_out.claim_op(
         f"{name}__fallback_claim",

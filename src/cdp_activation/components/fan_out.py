@@ -30,13 +30,24 @@ def connectors_of(context: Any, names: set[str]) -> dict[str, Any]:
     return {name: getattr(context.resources, name).connector() for name in names}
 
 
-def tickets(summary: run.DeliverySummary, workers: int) -> Iterator[dg.DynamicOutput]:
+class Ticket(NamedTuple):
+    """What one claim worker is handed: its number and the requests it keeps in the air."""
+
+    worker: int
+    in_flight: int | None = None  # None: CDP_DELIVERY_CONCURRENCY
+
+
+def tickets(
+    summary: run.DeliverySummary, workers: int, in_flight: int | None = None
+) -> Iterator[dg.DynamicOutput]:
     """One dynamic output per claim worker, none when there is nothing to claim (a dry run,
     or nothing due now or within a delivery's wait): then the finish op runs at once."""
     if summary.dry_run or summary.claimable <= 0:
         return
     for worker in range(1, workers + 1):
-        yield dg.DynamicOutput(worker, mapping_key=f"w{worker}", output_name="tickets")
+        yield dg.DynamicOutput(
+            Ticket(worker, in_flight), mapping_key=f"w{worker}", output_name="tickets"
+        )
 
 
 def claim_op(
@@ -51,11 +62,15 @@ def claim_op(
         required_resource_keys={"ledger", *connector_keys},
         pool=pool,
     )
-    def claim(context: dg.OpExecutionContext, ticket: int) -> DeliveryReport:
+    def claim(context: dg.OpExecutionContext, ticket: Ticket) -> DeliveryReport:
         scope = DeliveryScope(activation, context.partition_key, step, context.run.run_id)
         store = context.resources.ledger.ledger()
         report = run.send_due(
-            store, scope, connectors_of(context, connector_keys), worker=str(ticket)
+            store,
+            scope,
+            connectors_of(context, connector_keys),
+            options=run.delivery_options(ticket.in_flight),
+            worker=str(ticket.worker),
         )
         context.log.info(
             f"claim worker {ticket}: {report.sent:,} sent, {report.failed:,} failed, "
@@ -79,6 +94,22 @@ def workers_config(workers: int) -> tuple[type, Any]:
             description="Claim workers to fan the sending out into (separate Dagster steps; "
             "processes with the multiprocess executor, Celery tasks with the Celery executor). "
             "Default: delivery.workers in the activation's defs.yaml.",
+        ),
+    )
+
+
+def in_flight_config(in_flight: int | None) -> tuple[Any, Any]:
+    """The `in_flight` field of a delivery step's run config (its default from defs.yaml)."""
+    from pydantic import Field
+
+    return (
+        int | None,
+        Field(
+            default=in_flight,
+            ge=1,
+            le=1024,
+            description="Requests each claim worker keeps in the air at once. Default: "
+            "delivery.in_flight in the activation's defs.yaml, else CDP_DELIVERY_CONCURRENCY.",
         ),
     )
 
