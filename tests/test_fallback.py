@@ -284,13 +284,15 @@ def test_an_rcs_message_a_phone_cannot_take_falls_back_to_sms_at_once(ledger_url
                 for c, r in rows.items()
             ]
         )
+        # A report after the send (an older one would be kept as stale, never applied).
+        done_at = (datetime.now(UTC) + timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
         report = {
             "results": [
                 {
                     "event": "DELIVERY",
                     "channel": "RCS",
                     "messageId": "ib-rcs_unreachable",
-                    "doneAt": "2026-12-05T10:16:00.000+0000",
+                    "doneAt": done_at,
                     "status": {"groupName": "UNDELIVERABLE", "name": "UNDELIVERABLE_NOT_DELIVERED"},
                     "error": {"id": 0, "name": "NO_ERROR"},
                 },
@@ -298,7 +300,7 @@ def test_an_rcs_message_a_phone_cannot_take_falls_back_to_sms_at_once(ledger_url
                     "event": "DELIVERY",
                     "channel": "RCS",
                     "messageId": "ib-rcs_delivered",
-                    "doneAt": "2026-12-05T10:16:00.000+0000",
+                    "doneAt": done_at,
                     "status": {"groupName": "DELIVERED", "name": "DELIVERED_TO_HANDSET"},
                     "error": {"id": 0, "name": "NO_ERROR"},
                 },
