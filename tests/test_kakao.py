@@ -119,3 +119,50 @@ def test_an_alimtalk_step_needs_its_code_its_text_and_an_informational_purpose()
                 ],
             }
         )
+
+
+def test_an_infobip_whatsapp_template_is_checked_against_infobip_s_catalog_and_sent(
+    env: SimpleNamespace,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Infobip lists its WhatsApp templates: an approved one passes template_approved and is
+    sent through Infobip (it was excluded as not approved when Infobip listed nothing), a
+    pending one is blocked before anything is sent."""
+    from test_activation_e2e import winback_attributes
+
+    monkeypatch.setenv("CDP_INFOBIP_BASE_URL", f"{env.sandbox.url}/infobip")
+    monkeypatch.delenv("CDP_INFOBIP_API_KEY", raising=False)
+    attributes = winback_attributes()
+    steps = attributes["channel_plan"]["steps"]
+    attributes["channel_plan"] = {
+        **attributes["channel_plan"],
+        "steps": [{**steps[0], "connector": "infobip"}, {**steps[1], "connector": "infobip"}],
+    }
+    definitions = custom_definitions(env.tmp, "winback_infobip", attributes)
+    summary = run_activation(
+        "winback_infobip", TODAY.isoformat(), definitions=definitions, max_recipients=50
+    )
+    assert summary.success, summary.error
+    whatsapp = [m for m in env.sandbox.messages() if m.channel == "whatsapp"]
+    assert whatsapp and {(m.provider, m.template_name) for m in whatsapp} == {
+        ("infobip", "winback_offer")
+    }
+    assert "whatsapp_template_not_approved" not in str(summary.excluded)
+
+    pending = {**steps[0], "connector": "infobip"}
+    pending["template"] = {**pending["template"], "name": "spring_sale", "variables": ["a", "b"]}
+    attributes["channel_plan"] = {"purpose": "marketing", "steps": [pending]}
+    blocked = run_activation(
+        "winback_pending",
+        TODAY.isoformat(),
+        definitions=custom_definitions(
+            env.tmp,
+            "winback_pending",
+            attributes,
+            "SELECT customer_id, phone, country, TRUE AS whatsapp_marketing_consent, "
+            "'x' AS a, 'y' AS b FROM customers LIMIT 5",
+        ),
+    )
+    assert not blocked.success
+    assert "template_approved" in str(blocked.failed_checks)
+    assert len(env.sandbox.messages()) == summary.sent  # the blocked run sent nothing

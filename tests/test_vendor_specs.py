@@ -485,6 +485,33 @@ INFOBIP_MESSAGES_SPEC = SPECS / "infobip" / "infobip-messages-api-openapi.json"
 
 
 @needs_infobip
+def test_infobip_whatsapp_template_catalog_matches_spec(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """The catalog the policy checks Infobip WhatsApp templates against, from
+    `GET /whatsapp/2/senders/{sender}/templates`, request and answer spec-valid."""
+    connector = connector_from_settings("infobip", sandbox_settings)
+    catalog: list[Any] = []
+
+    async def run(client: httpx.AsyncClient) -> None:
+        catalog.extend(await connector.fetch_templates(client))
+
+    exchanges = capture(run)
+    validate(exchanges, INFOBIP_WHATSAPP_SPEC, "/infobip", INFOBIP_SERVER)
+    winback = next(t for t in catalog if (t.name, t.language) == ("winback_offer", "en"))
+    assert (winback.category, winback.status, winback.body_parameter_count) == (
+        "MARKETING",
+        "APPROVED",
+        3,
+    )
+    assert any(t.status == "PENDING" for t in catalog)
+    # Infobip's FIRST_PAUSED is the policy's PAUSED: never sent while paused.
+    paused = next(t for t in catalog if t.name == "paused_promo")
+    assert paused.status == "PAUSED"
+    assert '"FIRST_PAUSED"' in exchanges[0][1].text
+
+
+@needs_infobip
 def test_infobip_rcs_batch_matches_the_messages_api_spec(
     sandbox: SandboxServer, sandbox_settings: Settings
 ) -> None:

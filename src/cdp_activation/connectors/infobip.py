@@ -61,6 +61,7 @@ Classification:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -77,6 +78,7 @@ from cdp_activation.connectors.base import (
     Outcome,
     SendResult,
     TemplateError,
+    TemplateInfo,
     check_batch_size,
     clip,
     retry_after_seconds,
@@ -111,6 +113,15 @@ _CONFIG_STOPS = {"REJECTED_SENDER": ConnectorConfigError}
 # callbackData: at most 4,000 characters in every spec (Viber's text message: at least 1).
 CALLBACK_DATA_MAX = 4000
 _TEMPLATE_FIELDS = ("content.template", "content.language", "templatename", "placeholders")
+# Infobip's template statuses in the words the policy uses: a paused template (first or second
+# time) is PAUSED; a flagged one (low quality, still sendable) and a reinstated one APPROVED.
+_STATUSES = {
+    "FIRST_PAUSED": "PAUSED",
+    "SECOND_PAUSED": "PAUSED",
+    "FLAGGED": "APPROVED",
+    "REINSTATED": "APPROVED",
+}
+_PLACEHOLDER = re.compile(r"\{\{\s*(\d+)\s*\}\}")
 
 
 class InfobipConnector:
@@ -271,6 +282,46 @@ class InfobipConnector:
             # SMS v3, Viber v2 and the Messages API take it under the message's `webhooks`.
             item["webhooks"] = {"callbackData": _callback_data(message)}
         return item
+
+    # ---- the WhatsApp template catalog ---------------------------------------------------
+
+    async def fetch_templates(self, client: httpx.AsyncClient) -> list[TemplateInfo]:
+        """The WhatsApp sender's templates: `GET /whatsapp/2/senders/{sender}/templates`
+        (`TemplatesApiResponse`: name, language, category, status, `structure.body.text`)."""
+        response = await client.get(
+            f"{self.base_url}/whatsapp/2/senders/{self.whatsapp_from}/templates",
+            headers={"Authorization": f"App {self._api_key}", "Accept": "application/json"},
+        )
+        data = json_or_none(response)
+        if response.status_code in (401, 403):
+            raise CredentialsError(
+                f"Infobip refused the API key listing templates (HTTP {response.status_code}). "
+                "Check CDP_INFOBIP_API_KEY and its whatsapp:manage scope."
+            )
+        templates = data.get("templates") if isinstance(data, dict) else None
+        if not response.is_success or not isinstance(templates, list):
+            code, text = _infobip_error(data)
+            raise ConnectorError(
+                f"Infobip did not list the WhatsApp templates of {self.whatsapp_from} "
+                f"(HTTP {response.status_code}, {code}): {self._safe(text or response.text)}"
+            )
+        catalog = []
+        for item in templates:
+            if not isinstance(item, dict):
+                continue
+            body = ((item.get("structure") or {}).get("body") or {}).get("text") or ""
+            numbers = [int(n) for n in _PLACEHOLDER.findall(str(body))]
+            catalog.append(
+                TemplateInfo(
+                    name=str(item.get("name", "")),
+                    language=str(item.get("language", "")),
+                    category=str(item.get("category", "")).upper(),
+                    status=_STATUSES.get(str(item.get("status", "")).upper(), "")
+                    or str(item.get("status", "")).upper(),
+                    body_parameter_count=max(numbers, default=0),
+                )
+            )
+        return catalog
 
     # ---- sending -------------------------------------------------------------------------
 

@@ -25,6 +25,10 @@ SOURCES = {
         "Twilio Content templates and their WhatsApp approvals, synced from the Content API's "
         "`GET /v1/ContentAndApprovals` (paged); a plan names a template by its Content SID"
     ),
+    "infobip": (
+        "WhatsApp templates of the Infobip sender (CDP_INFOBIP_WHATSAPP_FROM), synced from "
+        "`GET /whatsapp/2/senders/{sender}/templates`"
+    ),
     "wechat": (
         "The WeChat Official Account's templates, synced from "
         "`GET /cgi-bin/template/get_all_private_template`; a plan names one by its template id"

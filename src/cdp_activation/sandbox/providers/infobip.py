@@ -14,7 +14,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cdp_activation.sandbox.catalog import body_parameter_count, find_template
+from cdp_activation.sandbox.catalog import (
+    body_parameter_count,
+    find_template,
+    load_catalog,
+    template_statuses_of,
+    with_status,
+)
 from cdp_activation.sandbox.core import Fault, SandboxConfig, SandboxMessage, digits_ok, utc_now
 from cdp_activation.sandbox.exchange import BatchRules, Candidate, batch_request, retry_after_header
 
@@ -456,6 +462,34 @@ async def infobip_messages_api(request: Request) -> Response:
     return await batch_request(request, _INFOBIP_MESSAGES_API)
 
 
+async def infobip_whatsapp_templates(request: Request) -> Response:
+    """`GET /whatsapp/2/senders/{sender}/templates`: the sandbox catalog in Infobip's shape
+    (`TemplatesApiResponse`), with the statuses a test set."""
+    config: SandboxConfig = request.app.state.config
+    if not _infobip_authorized(request, config):
+        return _infobip_exception(401, "UNAUTHORIZED", "Invalid login details")
+    statuses = template_statuses_of(request)
+    templates = []
+    for template in (with_status(t, statuses) for t in load_catalog()):
+        body = next(
+            (c.get("text", "") for c in template.get("components", []) if c.get("type") == "BODY"),
+            "",
+        )
+        templates.append(
+            {
+                "id": template["id"],
+                "businessAccountId": 222,
+                "name": template["name"],
+                "language": template["language"],
+                # Infobip says FIRST_PAUSED (then SECOND_PAUSED) where Meta says PAUSED.
+                "status": "FIRST_PAUSED" if template["status"] == "PAUSED" else template["status"],
+                "category": template["category"],
+                "structure": {"body": {"text": body}, "type": "TEXT"},
+            }
+        )
+    return JSONResponse({"templates": templates})
+
+
 async def infobip_kakao(request: Request) -> Response:
     """`POST /kakao-alim/1/messages`: KakaoTalk AlimTalk templates to many destinations."""
     return await batch_request(request, _INFOBIP_KAKAO)
@@ -468,4 +502,5 @@ ROUTES = [
     Route("/viber/2/messages", infobip_viber, methods=["POST"]),
     Route("/messages-api/1/messages", infobip_messages_api, methods=["POST"]),
     Route("/kakao-alim/1/messages", infobip_kakao, methods=["POST"]),
+    Route("/whatsapp/2/senders/{sender}/templates", infobip_whatsapp_templates, methods=["GET"]),
 ]
