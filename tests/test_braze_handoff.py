@@ -132,3 +132,9 @@ def test_a_handoff_step_needs_an_audience_connector_and_no_fallback() -> None:
         ChannelPlanSpec.model_validate(
             {"steps": [{**steps[0], "handoff": {"attribute": "cdp winback"}}]}
         )
+    # A property that would address another Braze user (or unset the checked number) is refused.
+    for taken in ("external_id", "phone"):
+        with pytest.raises(ValidationError, match=f"{taken} is set by the handoff itself"):
+            ChannelPlanSpec.model_validate(
+                {"steps": [{**steps[0], "handoff": {**HANDOFF, "properties": [taken]}}]}
+            )

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from cdp_activation.cli.runner import run_activation
-from cdp_activation.connectors import connector_from_settings
-from cdp_activation.connectors.base import OutboundMessage, TemplateError, TemplateRef
+from cdp_activation.connectors import connector_from_settings, samples
+from cdp_activation.connectors.base import OutboundMessage, Outcome, TemplateError, TemplateRef
 from cdp_activation.settings import Settings
 from test_activation_e2e import (  # env and warehouse: fixtures this module uses
     TODAY,
@@ -121,3 +121,34 @@ def test_data_that_does_not_fill_the_template_stops_the_send(sandbox_settings: S
     )
     with pytest.raises(TemplateError, match="takes 2 keyword"):
         send(connector, [short])
+
+
+def test_concurrent_sends_share_one_token_and_renew_it_once_when_wechat_drops_it(
+    sandbox: Any,
+) -> None:
+    """A worker starts many requests at once: they ask WeChat for one token, not one each;
+    when WeChat stops honouring it (40001), one renewal serves every request after."""
+    import asyncio
+
+    import httpx
+
+    from conftest import settings_for_sandbox
+
+    connector = connector_from_settings("wechat", settings_for_sandbox(sandbox))
+    state = sandbox.app.state
+    state.wechat_tokens = {}
+
+    async def burst(start: int) -> list[Any]:
+        async with httpx.AsyncClient(timeout=5) as client:
+            batches = [connector.send_batch(client, [samples.wechat(start + i)]) for i in range(24)]
+            results = [r for batch in await asyncio.gather(*batches) for r in batch]
+        # Followers whose openid ends in 13 have unfollowed (the sandbox's rule): not a token issue.
+        return [r for r in results if r.error_code != "43004"]
+
+    first = asyncio.run(burst(0))
+    assert {r.outcome for r in first} == {Outcome.SENT}
+    assert len(state.wechat_tokens) == 1
+    state.wechat_tokens.clear()  # WeChat no longer knows the token: every request gets 40001
+    second = asyncio.run(burst(100))
+    assert {r.outcome for r in second} == {Outcome.SENT}
+    assert len(state.wechat_tokens) == 1  # renewed once, not 24 times

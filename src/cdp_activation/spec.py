@@ -124,6 +124,17 @@ class TemplateSpec(_Strict):
 
 
 HANDOFF_PREFIX = "audience:"  # a handoff travels as the message name audience:<attribute>[:<group>]
+# Keys of a Braze user attributes object that the handoff sets or that identify the user.
+HANDOFF_RESERVED = frozenset(
+    {
+        "external_id",
+        "braze_id",
+        "user_alias",
+        "phone",
+        "subscription_groups",
+        "_update_existing_only",
+    }
+)
 
 
 class HandoffSpec(_Strict):
@@ -160,6 +171,19 @@ class HandoffSpec(_Strict):
         if value is not None and not re.match(r"^[A-Za-z0-9_-]+$", value):
             raise ValueError(f"{value!r} is not a subscription group id (letters, digits, - and _)")
         return value
+
+    @model_validator(mode="after")
+    def _no_reserved_names(self) -> HandoffSpec:
+        # A property named external_id would write the values to another Braze user.
+        names = [self.attribute, *self.properties]
+        if taken := sorted(set(names) & HANDOFF_RESERVED):
+            raise ValueError(
+                f"handoff: {', '.join(taken)} is set by the handoff itself (the customer id, "
+                "the checked number, the subscription state); alias the column in the SQL"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError("handoff: the attribute and each property need their own name")
+        return self
 
     def message_name(self) -> str:
         """How the ledger and connector carry it: `audience:<attribute>[:<group>]`."""
@@ -234,6 +258,16 @@ class StepSpec(_Strict):
         if self.handoff is not None:
             return self.handoff.message_name()
         return self.template_code
+
+    def message_language(self, decided_at: str) -> str | None:
+        """What the ledger keeps beside `message_name`: a template's language, a handoff's
+        attribute value (`decided_at`, the decision's time), `ko` for KakaoTalk, None for a
+        text body."""
+        if self.template is not None:
+            return self.template.language
+        if self.handoff is not None:
+            return decided_at
+        return "ko" if self.template_code else None
 
 
 class FallbackSpec(_Strict):

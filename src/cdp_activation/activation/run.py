@@ -159,12 +159,6 @@ def check_step_connectors(plan: ChannelPlanSpec) -> None:
 # ---------------------------------------------------------------- audience
 
 
-def partition_parameters(partition_key: str, window_minutes: int | None = None) -> dict[str, Any]:
-    """`partition_date` and `as_of` (the end of the day or window in UTC, or now while it is
-    open), and `window_start`/`window_end` for an event-driven activation's window."""
-    return bound_parameters(partition_key, window_minutes)
-
-
 LEDGER_RECENT_SENDS = "ledger_recent_sends"
 
 
@@ -183,7 +177,7 @@ def compute_audience(
     can leave out recently messaged customers where the data lives.
     """
     specs = activation.spec.audience.parameters
-    bound: dict[str, Any] = partition_parameters(partition_key, activation.spec.window_minutes)
+    bound: dict[str, Any] = bound_parameters(partition_key, activation.spec.window_minutes)
     for name, value in parameters.items():
         kind = specs[name].type if name in specs else "str"
         try:

@@ -18,7 +18,7 @@ from cdp_activation.activation.run import Activation
 from cdp_activation.audience.sql import AudienceSQLError, load_audience_sql, sql_dialect
 from cdp_activation.connectors import CONNECTORS
 from cdp_activation.feedback.status_sources import STATUS_SQL_DIR
-from cdp_activation.partitions import window_key
+from cdp_activation.partitions import bound_parameters, window_key
 from cdp_activation.settings import get_settings
 from cdp_activation.spec import ActivationSpec
 
@@ -134,7 +134,6 @@ def check_live(root: Path, names: list[str]) -> tuple[dict[str, list[str]], list
     from cdp_activation.activation.run import (
         Activation,
         audience_problems,
-        partition_parameters,
         template_problems,
     )
     from cdp_activation.audience.warehouse import Warehouse
@@ -162,7 +161,7 @@ def check_live(root: Path, names: list[str]) -> tuple[dict[str, list[str]], list
         path = activations_dir(root) / name / "defs.yaml"
         spec = ActivationSpec.model_validate(yaml.safe_load(path.read_text())["attributes"])
         activation = Activation.from_spec(name, spec, root, dialect)
-        params = dict(partition_parameters(_current(spec), spec.window_minutes))
+        params = dict(bound_parameters(_current(spec), spec.window_minutes))
         for pname, pspec in spec.audience.parameters.items():
             if pspec.default is not None:
                 params[pname] = coerce_parameter(pspec.type, pspec.default)

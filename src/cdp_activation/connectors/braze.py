@@ -69,6 +69,7 @@ RECIPIENTS_PER_REQUEST = 50  # /campaigns/trigger/send: "up to 50 specific exter
 REQUESTS_PER_HOUR = 250_000  # the endpoint's default rate limit with external ids
 CANVAS_PREFIX = "canvas:"  # a template named canvas:<id> enters an API-triggered Canvas
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+INVALID_RECIPIENT = "invalid_recipient"
 
 
 class BrazeRestApi:
@@ -95,6 +96,28 @@ class BrazeRestApi:
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}", "Accept": "application/json"}
+
+    @staticmethod
+    def addressable(
+        messages: Sequence[OutboundMessage],
+    ) -> tuple[list[OutboundMessage], list[SendResult]]:
+        """(the messages Braze can address, a FAILED `invalid_recipient` for each other):
+        Braze needs the customer id, and the E.164 number the policy checked."""
+        sendable: list[OutboundMessage] = []
+        refused: list[SendResult] = []
+        for message in messages:
+            if message.customer_id and _E164.match(message.to):
+                sendable.append(message)
+            else:
+                refused.append(
+                    SendResult(
+                        message.key,
+                        Outcome.FAILED,
+                        error_code=INVALID_RECIPIENT,
+                        error_message="Braze needs the customer id and an E.164 number",
+                    )
+                )
+        return sendable, refused
 
 
 class BrazeConnector(BrazeRestApi):
@@ -160,20 +183,7 @@ class BrazeConnector(BrazeRestApi):
         self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
     ) -> list[SendResult]:
         check_batch_size(self, messages)
-        results: list[SendResult] = []
-        sendable: list[OutboundMessage] = []
-        for message in messages:
-            if not message.customer_id or not _E164.match(message.to):
-                results.append(
-                    SendResult(
-                        message.key,
-                        Outcome.FAILED,
-                        error_code="invalid_recipient",
-                        error_message="Braze needs the customer id and an E.164 number",
-                    )
-                )
-            else:
-                sendable.append(message)
+        sendable, results = self.addressable(messages)
         if not sendable:
             return results
         payload = self.build_payload(sendable)
@@ -260,7 +270,7 @@ PLUGIN = ConnectorPlugin(
             template=samples.braze(0).template,
             customer_id="x",
         ),
-        failure_code="invalid_recipient",
+        failure_code=INVALID_RECIPIENT,
         credential="api_key",
     ),
 )

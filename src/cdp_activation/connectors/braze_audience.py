@@ -33,7 +33,6 @@ from Braze's user attributes object documentation.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -52,7 +51,7 @@ from cdp_activation.connectors.base import (
     clip,
     retry_after_seconds,
 )
-from cdp_activation.connectors.braze import BrazeRestApi, reset_in
+from cdp_activation.connectors.braze import INVALID_RECIPIENT, BrazeRestApi, reset_in
 from cdp_activation.connectors.http import json_or_none, transport_failure
 from cdp_activation.plugins import (
     ConnectorPlugin,
@@ -69,8 +68,6 @@ ATTRIBUTES_PER_REQUEST = 75  # /users/track: "up to 75 … attribute updates" a 
 REQUESTS_PER_MINUTE = 50_000  # its base speed limit
 REJECTED = "braze_attributes_rejected"  # Braze named this object in its non-fatal `errors`
 REQUEST_REJECTED = "braze_request_rejected"  # a 4xx other than credentials or throttling
-INVALID_RECIPIENT = "invalid_recipient"
-_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 
 
 class BrazeAudienceConnector(BrazeRestApi):
@@ -125,20 +122,7 @@ class BrazeAudienceConnector(BrazeRestApi):
         self, client: httpx.AsyncClient, messages: Sequence[OutboundMessage]
     ) -> list[SendResult]:
         check_batch_size(self, messages)
-        results: list[SendResult] = []
-        sendable: list[OutboundMessage] = []
-        for message in messages:
-            if message.customer_id and _E164.match(message.to):
-                sendable.append(message)
-            else:
-                results.append(
-                    SendResult(
-                        message.key,
-                        Outcome.FAILED,
-                        error_code=INVALID_RECIPIENT,
-                        error_message="Braze needs the customer id and an E.164 number",
-                    )
-                )
+        sendable, results = self.addressable(messages)
         if not sendable:
             return results
         payload = {"attributes": [self.attributes(m) for m in sendable]}

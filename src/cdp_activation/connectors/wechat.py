@@ -30,6 +30,7 @@ opt-outs of every purpose (`opt_out_codes`); 40003 (not an openid) and others fa
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from datetime import datetime, timedelta
@@ -102,6 +103,18 @@ class WeChatConnector(OneRecipientHttpConnector):
         self._token: str | None = None
         self._token_until = 0.0
         self._keywords: dict[str, tuple[str, ...]] = {}
+        self._locks: dict[tuple[asyncio.AbstractEventLoop, str], asyncio.Lock] = {}
+
+    def _lock(self, what: str) -> asyncio.Lock:
+        """One `what` ("token", "catalog") fetch at a time in this event loop: the 32 requests
+        a worker starts at once must not each ask WeChat for a token (each renewal with
+        force_refresh would cut the others' token short) or for the catalog."""
+        key = (asyncio.get_running_loop(), what)
+        if key not in self._locks:
+            # A connector can outlive one asyncio.run: locks of a finished loop are dropped.
+            self._locks = {k: v for k, v in self._locks.items() if k[0] is key[0]}
+            self._locks[key] = asyncio.Lock()
+        return self._locks[key]
 
     def __repr__(self) -> str:
         return f"WeChatConnector(base_url={self.base_url!r}, app_id={self.app_id!r})"
@@ -114,9 +127,18 @@ class WeChatConnector(OneRecipientHttpConnector):
 
     # ---- the access token --------------------------------------------------------------------
 
-    async def _access_token(self, client: httpx.AsyncClient, renew: bool = False) -> str:
-        if self._token and not renew and time.monotonic() < self._token_until:
-            return self._token
+    async def _access_token(
+        self, client: httpx.AsyncClient, renew: bool = False, stale: str | None = None
+    ) -> str:
+        """The token, fetched when there is none, it expires, or WeChat refused `stale` (a
+        renewal another request already made is used, not made again)."""
+        async with self._lock("token"):
+            fresh = self._token and time.monotonic() < self._token_until
+            if fresh and (not renew or self._token != stale):
+                return self._token  # type: ignore[return-value]
+            return await self._fetch_token(client, renew)
+
+    async def _fetch_token(self, client: httpx.AsyncClient, renew: bool) -> str:
         response = await client.post(
             f"{self.base_url}/cgi-bin/stable_token",
             json={
@@ -144,8 +166,9 @@ class WeChatConnector(OneRecipientHttpConnector):
 
     async def fetch_templates(self, client: httpx.AsyncClient) -> list[TemplateInfo]:
         """The account's templates: every one listed is usable; its keywords, in order."""
+        token = None
         for renew in (False, True):
-            token = await self._access_token(client, renew=renew)
+            token = await self._access_token(client, renew=renew, stale=token)
             response = await client.get(
                 f"{self.base_url}/cgi-bin/template/get_all_private_template",
                 params={"access_token": token},
@@ -201,12 +224,15 @@ class WeChatConnector(OneRecipientHttpConnector):
     async def _request(self, client: httpx.AsyncClient, message: OutboundMessage) -> httpx.Response:
         template = message.template.name if message.template else ""
         if template not in self._keywords:
-            await self.fetch_templates(client)
+            async with self._lock("catalog"):
+                if template not in self._keywords:  # another request may have fetched it
+                    await self.fetch_templates(client)
         if template not in self._keywords:
             raise TemplateError(f"WeChat template {template!r} is not in the account's templates")
         body = self.payload(message, self._keywords[template])
+        token = None
         for renew in (False, True):
-            token = await self._access_token(client, renew=renew)
+            token = await self._access_token(client, renew=renew, stale=token)
             response = await client.post(
                 self.endpoint_url, params={"access_token": token}, json=body
             )

@@ -563,18 +563,7 @@ def _attach_messages(frame: pl.DataFrame, plan: ChannelPlanSpec, now: datetime) 
         _per_step([s.connector for s in steps]).alias("connector"),
         _per_step([STEP for _ in steps]).alias("step"),
         _per_step([s.message_name() for s in steps]).alias("template_name"),
-        _per_step(
-            [
-                s.template.language
-                if s.template
-                else joined_at
-                if s.handoff
-                else "ko"
-                if s.template_code
-                else None
-                for s in steps
-            ]
-        ).alias("template_language"),
+        _per_step([s.message_language(joined_at) for s in steps]).alias("template_language"),
     ).drop("_step")
 
 
