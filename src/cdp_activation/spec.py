@@ -6,6 +6,7 @@ them as input, and the Dagster component (`components/activation.py`) is a thin 
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import date, timedelta
 from typing import Any, Literal
@@ -190,13 +191,19 @@ class HandoffSpec(_Strict):
         group = f":{self.subscription_group}" if self.subscription_group else ""
         return f"{HANDOFF_PREFIX}{self.attribute}{group}"
 
-    @classmethod
-    def from_message_name(cls, name: str) -> HandoffSpec | None:
-        """The handoff a message name carries, or None when it names a template."""
-        if not name.startswith(HANDOFF_PREFIX):
-            return None
-        attribute, _, group = name.removeprefix(HANDOFF_PREFIX).partition(":")
-        return cls(attribute=attribute, subscription_group=group or None)
+    @staticmethod
+    def from_message_name(name: str) -> HandoffSpec | None:
+        """The handoff a message name carries, or None when it names a template (parsed once
+        per name: the connector asks for every message it sends)."""
+        return _handoff_named(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _handoff_named(name: str) -> HandoffSpec | None:
+    if not name.startswith(HANDOFF_PREFIX):
+        return None
+    attribute, _, group = name.removeprefix(HANDOFF_PREFIX).partition(":")
+    return HandoffSpec(attribute=attribute, subscription_group=group or None)
 
 
 class StepSpec(_Strict):

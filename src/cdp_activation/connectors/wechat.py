@@ -44,6 +44,7 @@ from pydantic import SecretStr
 from cdp_activation.connectors import samples
 from cdp_activation.connectors.base import (
     Capabilities,
+    ConnectorError,
     CredentialsError,
     OutboundMessage,
     Outcome,
@@ -180,8 +181,16 @@ class WeChatConnector(OneRecipientHttpConnector):
         listed = data.get("template_list") if isinstance(data, dict) else None
         if not isinstance(listed, list):
             code, text = self._error(data, response)
-            raise CredentialsError(
-                f"WeChat did not list the account's templates (errcode {code}): {self.redact(text)}"
+            # Only a refused credential stops for good; "system busy" or a 5xx is the
+            # provider's moment, said as such (the run fails and a later one tries again).
+            error = (
+                CredentialsError
+                if code in self.credential_codes or code in TOKEN_CODES
+                else ConnectorError
+            )
+            raise error(
+                f"WeChat did not list the account's templates (errcode {code}): "
+                f"{self.safe(text, '')}"
             )
         catalog = []
         for item in listed:
