@@ -40,6 +40,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # Statement journals (a multi-row write that fires the ledger's history triggers, or an
+    # upsert, keeps one to undo just that statement) and sorters in memory, not temporary
+    # files: 10-17% off the ledger's plan and settle a row (`python -m bench engine`).
+    cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.close()
 
 
