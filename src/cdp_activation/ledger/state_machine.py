@@ -232,9 +232,12 @@ class SendStates(LedgerBase):
                 )
             scope = (activation, partition_key, step)
             shared: dict[str, list[int]] = {}
+            settled: set[str] = set()  # connectors found with no request left to resend
             for index, request in enumerate(requests):
                 if request.whole_requests:
-                    results[index] = self._claim_request(con, worker_id, scope, request, now)
+                    results[index] = self._claim_request(
+                        con, worker_id, scope, request, now, settled
+                    )
                 else:
                     shared.setdefault(request.connector, []).append(index)
             for connector, indexes in shared.items():
@@ -251,9 +254,16 @@ class SendStates(LedgerBase):
         scope: tuple[str, str, str],
         request: ClaimRequest,
         now: datetime,
+        settled: set[str],
     ) -> list[PlannedSend]:
         """One whole request's rows: first a request a crash or a retry left (`request_id`
-        set), exactly as it was; else fresh rows, stamped with their request's id."""
+        set), exactly as it was; else fresh rows, stamped with their request's id.
+
+        A connector in `settled` had none left to resend earlier in this transaction: it is
+        not asked again (one that another worker puts back meanwhile waits for the next
+        claim, never merged with fresh rows)."""
+        if request.connector in settled:
+            return self._claim_fresh(con, worker_id, scope, request, now)
         mark = self._mark
         activation, partition_key, step = scope
         due = (
@@ -262,9 +272,9 @@ class SendStates(LedgerBase):
             f"AND (not_before IS NULL OR not_before <= {mark})"
         )
         args = (activation, partition_key, step, request.connector, db_time(now, self.dialect))
-        request_id = con.exec_driver_sql(
-            f"SELECT MIN(request_id) FROM sends WHERE {due} AND request_id IS NOT NULL", args
-        ).scalar()
+        request_id = _driver_rows(
+            con, f"SELECT MIN(request_id) FROM sends WHERE {due} AND request_id IS NOT NULL", args
+        )[0][0]
         if request_id is not None:
             lock = " FOR UPDATE" if self.dialect == "postgresql" else ""
             select = (
@@ -275,20 +285,31 @@ class SendStates(LedgerBase):
                 con, worker_id, select, (activation, partition_key, request_id), now
             )
             return [replace(r, resent_request=True) for r in rows]
-        rows = self._claim_rows(
-            con, worker_id, scope, request.connector, request.limit, now, fresh_only=True
+        settled.add(request.connector)
+        return self._claim_fresh(con, worker_id, scope, request, now)
+
+    def _claim_fresh(
+        self,
+        con: sa.Connection,
+        worker_id: str,
+        scope: tuple[str, str, str],
+        request: ClaimRequest,
+        now: datetime,
+    ) -> list[PlannedSend]:
+        """A new request's rows, stamped with its number by the claim itself. A fresh number,
+        never a row's id: rows of a request the provider surely did not take forget it
+        (`settle`), and the smallest id of a later batch would then be an earlier request's
+        number, merging two requests into one of another key."""
+        return self._claim_rows(
+            con,
+            worker_id,
+            scope,
+            request.connector,
+            request.limit,
+            now,
+            fresh_only=True,
+            request_id=secrets.randbits(62),
         )
-        if rows:
-            # A fresh number, never a row's id: rows of a request the provider surely did not
-            # take forget it (`settle`), and the smallest id of a later batch would then be an
-            # earlier request's number, merging two requests into one of another key.
-            request_id = secrets.randbits(62)
-            for chunk in chunks([r.id for r in rows], 5000):
-                con.execute(
-                    sa.update(sends).where(sends.c.id.in_(chunk)).values(request_id=request_id)
-                )
-            rows = [_with_request(r, request_id) for r in rows]
-        return rows
 
     def _claim_rows(
         self,
@@ -299,9 +320,10 @@ class SendStates(LedgerBase):
         limit: int,
         now: datetime,
         fresh_only: bool,
+        request_id: int | None = None,
     ) -> list[PlannedSend]:
         """Up to `limit` due planned rows of one connector, earliest due first (the
-        `ix_sends_due` index walks exactly those)."""
+        `ix_sends_due` index walks exactly those), stamped with `request_id` when given."""
         if limit <= 0:
             return []
         mark = self._mark
@@ -318,7 +340,7 @@ class SendStates(LedgerBase):
             f"LIMIT {mark}{lock}"
         )
         args = (activation, partition_key, step, connector, db_time(now, self.dialect), limit)
-        return self._claim_where(con, worker_id, select, args, now)
+        return self._claim_where(con, worker_id, select, args, now, request_id)
 
     def _claim_where(
         self,
@@ -327,9 +349,13 @@ class SendStates(LedgerBase):
         select: str,
         args: tuple[Any, ...],
         now: datetime,
+        request_id: int | None = None,
     ) -> list[PlannedSend]:
-        """planned -> in_flight for the rows `select` picks, returned (one statement)."""
+        """planned -> in_flight for the rows `select` picks, returned (one statement); with
+        `request_id`, the rows become that request's."""
         mark = self._mark
+        stamp_request = "" if request_id is None else f", request_id = {mark}"
+        request = () if request_id is None else (request_id,)
         columns = (
             "id, idempotency_key, channel, connector, recipient, message, attempts, "
             "customer_id, request_id, purpose"
@@ -339,16 +365,18 @@ class SendStates(LedgerBase):
             returning = ", ".join(f"sends.{c.strip()}" for c in columns.split(","))
             sql = (
                 f"UPDATE sends SET state = '{IN_FLIGHT}', claimed_by = {mark}, "
-                f"attempts = sends.attempts + 1, updated_at = {mark} FROM ({select}) AS due "
+                f"attempts = sends.attempts + 1, updated_at = {mark}{stamp_request} "
+                f"FROM ({select}) AS due "
                 f"WHERE sends.id = due.id RETURNING {returning}"
             )
         else:
             sql = (
                 f"UPDATE sends SET state = '{IN_FLIGHT}', claimed_by = {mark}, "
-                f"attempts = attempts + 1, updated_at = {mark} WHERE id IN ({select}) "
+                f"attempts = attempts + 1, updated_at = {mark}{stamp_request} "
+                f"WHERE id IN ({select}) "
                 f"RETURNING {columns}"
             )
-        rows = con.exec_driver_sql(sql, (worker_id, stamp, *args)).all()
+        rows = _driver_rows(con, sql, (worker_id, stamp, *request, *args))
         claimed = [
             PlannedSend(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9])
             for r in rows
@@ -831,6 +859,18 @@ def _plan_rows(
         optional("fallback_of", pl.Int64()),
         optional("fallback_reason", pl.String()),
     )
+
+
+def _driver_rows(con: sa.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
+    """`sql`'s rows, run on the driver's own cursor in `con`'s transaction: a claim runs a
+    statement or two per request, and SQLAlchemy's result set-up (~25 µs a statement) would
+    cost more than SQLite's own work."""
+    cursor = con.connection.cursor()
+    try:
+        cursor.execute(sql, params)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
 
 
 def _sqlite_rows_per_statement(con: sa.Connection, columns: int) -> int:
