@@ -24,7 +24,6 @@ from cdp_activation.ledger.base import (
     LedgerBase,
     chunks,
     db_time,
-    of_step,
     utc_now,
     worker_process_gone,
 )
@@ -712,17 +711,18 @@ class SendStates(LedgerBase):
         may already have it, and de-duplicates the request on its key) is left in it: taken
         out, the request would carry another key and reach its other recipients twice."""
         keep = set(chosen_keys)
+        mark = self._mark
+        of_this_step = "" if step is None else f" AND step = {mark}"
         with self.engine.begin() as con:
-            rows = con.execute(
-                sa.select(sends.c.id, sends.c.idempotency_key).where(
-                    sends.c.activation == activation,
-                    sends.c.partition_key == partition_key,
-                    sends.c.state == PLANNED,
-                    sends.c.request_id.is_(None),
-                    *of_step(step),
-                )
-            ).all()
-            ids = [r.id for r in rows if r.idempotency_key not in keep]
+            # The driver's rows: a partition's planned rows can be a million.
+            rows = _driver_rows(
+                con,
+                f"SELECT id, idempotency_key FROM sends WHERE activation = {mark} "
+                f"AND partition_key = {mark} AND state = '{PLANNED}' "
+                f"AND request_id IS NULL{of_this_step}",
+                (activation, partition_key, *(() if step is None else (step,))),
+            )
+            ids = [row_id for row_id, key in rows if key not in keep]
             for chunk in chunks(ids, 5000):
                 con.execute(
                     sa.update(sends)
