@@ -419,6 +419,43 @@ def test_a_request_that_must_go_out_whole_is_never_split(ledger_url: str) -> Non
     ledger.dispose()
 
 
+def test_one_message_requests_are_claimed_together_each_its_own_request(ledger_url: str) -> None:
+    """Requests of one message each through a de-duplicating provider (the webhook with batch
+    size 1) are claimed in one statement, each row a request with its own number; one whose
+    answer was lost is claimed again first, alone, with its number."""
+    from datetime import UTC, datetime, timedelta
+
+    from cdp_activation.ledger import ClaimRequest, Settlement
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(40))
+    worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    single = ClaimRequest("meta_whatsapp", 1, True)
+    first = ledger.claim(worker, "winback", "p", "initial", [single] * 32)
+    assert [len(g) for g in first] == [1] * 32
+    rows = [g[0] for g in first]
+    assert len({r.id for r in rows}) == 32
+    numbers = [r.request_id for r in rows]
+    assert None not in numbers and len(set(numbers)) == 32
+    assert all(0 < n < 2**62 and n not in {r.id for r in rows} for n in numbers)
+    # Stored as returned: the number is what a resend must carry.
+    stored = ledger.rows("winback", "p").filter(pl.col("state") == "in_flight")
+    assert dict(zip(stored["id"], stored["request_id"], strict=True)) == {
+        r.id: r.request_id for r in rows
+    }
+    # One answer is lost: that request goes out again first, whole, with its own number.
+    lost = rows[5]
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    ledger.settle(worker, [Settlement(lost.id, "planned", not_before=past, uncertain=True)])
+    second = ledger.claim(worker, "winback", "p", "initial", [single] * 10)
+    assert second[0][0].id == lost.id and second[0][0].request_id == lost.request_id
+    assert second[0][0].resent_request
+    fresh = [g[0] for g in second[1:] if g]
+    assert len(fresh) == 8  # the 8 rows left of 40
+    assert not {r.request_id for r in fresh} & set(numbers)
+    ledger.dispose()
+
+
 def test_dead_letters_an_earlier_version_gave_up_on_are_planned_again(ledger_url: str) -> None:
     """Before the claiming ledger, a message throttled or failed on every attempt ended
     `dead_letter` (never accepted). Within the send deadline it is planned again; a dead

@@ -231,19 +231,29 @@ class SendStates(LedgerBase):
                 )
             scope = (activation, partition_key, step)
             shared: dict[str, list[int]] = {}
+            singles: dict[str, list[int]] = {}  # one-message requests, claimed together
             settled: set[str] = set()  # connectors found with no request left to resend
             for index, request in enumerate(requests):
-                if request.whole_requests:
+                if not request.whole_requests:
+                    shared.setdefault(request.connector, []).append(index)
+                elif request.limit == 1 and request.connector in settled:
+                    singles.setdefault(request.connector, []).append(index)
+                else:
                     results[index] = self._claim_request(
                         con, worker_id, scope, request, now, settled
                     )
-                else:
-                    shared.setdefault(request.connector, []).append(index)
             for connector, indexes in shared.items():
                 total = sum(requests[i].limit for i in indexes)
                 rows = self._claim_rows(con, worker_id, scope, connector, total, now, False)
                 for i in indexes:
                     results[i], rows = rows[: requests[i].limit], rows[requests[i].limit :]
+            for connector, indexes in singles.items():
+                # Each row its own request, numbered by the database: one statement for all.
+                rows = self._claim_rows(
+                    con, worker_id, scope, connector, len(indexes), now, True, _EACH_ITS_OWN
+                )
+                for i, row in zip(indexes, rows, strict=False):
+                    results[i] = [row]
         return results
 
     def _claim_request(
@@ -351,10 +361,16 @@ class SendStates(LedgerBase):
         request_id: int | None = None,
     ) -> list[PlannedSend]:
         """planned -> in_flight for the rows `select` picks, returned (one statement); with
-        `request_id`, the rows become that request's."""
+        `request_id`, the rows become that request's (`_EACH_ITS_OWN`: each row a request of
+        its own, numbered by the database)."""
         mark = self._mark
-        stamp_request = "" if request_id is None else f", request_id = {mark}"
-        request = () if request_id is None else (request_id,)
+        request: tuple[int, ...] = ()
+        if request_id is None:
+            stamp_request = ""
+        elif request_id == _EACH_ITS_OWN:
+            stamp_request = f", request_id = {_RANDOM_REQUEST_ID[self.dialect]}"
+        else:
+            stamp_request, request = f", request_id = {mark}", (request_id,)
         columns = (
             "id, idempotency_key, channel, connector, recipient, message, attempts, "
             "customer_id, request_id, purpose"
@@ -859,6 +875,15 @@ def _plan_rows(
         optional("fallback_of", pl.Int64()),
         optional("fallback_reason", pl.String()),
     )
+
+
+# `request_id` for a claim whose rows are each a request of its own: a random 62-bit number
+# per row (never a row's id: see `_claim_fresh`), drawn by the database.
+_EACH_ITS_OWN = -1
+_RANDOM_REQUEST_ID = {
+    "sqlite": "(random() & 4611686018427387903)",
+    "postgresql": "floor(random() * 4611686018427387903)::bigint",
+}
 
 
 def _driver_rows(con: sa.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
