@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from cdp_activation.connectors.base import Outcome, SendResult
 from cdp_activation.ledger import Ledger, idempotency_key
@@ -507,3 +508,28 @@ def test_processes_opening_a_new_sqlite_ledger_at_once_all_get_it(tmp_path: Path
         ]
         outputs = [w.communicate(timeout=120) for w in workers]
         assert [out.strip() for out, _ in outputs] == ["ok"] * 6, [e[-500:] for _, e in outputs]
+
+
+def test_a_claim_failing_in_the_database_raises_sqlalchemys_error(ledger_url: str) -> None:
+    """Claims run on the driver's cursor for speed; a database error still comes out as
+    SQLAlchemy's (what the engine's retries and error reports look for), not the driver's."""
+    import sqlalchemy as sa
+
+    from cdp_activation.ledger import ClaimRequest
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(3))
+    worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    with ledger.engine.begin() as con:
+        con.exec_driver_sql("ALTER TABLE sends RENAME COLUMN request_id TO request_number")
+    try:
+        for request in (ClaimRequest("meta_whatsapp", 1, True), ClaimRequest("meta_whatsapp", 2)):
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                ledger.claim(worker, "winback", "p", "initial", [request])
+            assert "request_id" in str(raised.value.orig)
+        # The connection went back to the pool in order: the ledger still answers.
+        assert ledger.counts("winback", "p") == {"planned": 3}
+    finally:
+        with ledger.engine.begin() as con:
+            con.exec_driver_sql("ALTER TABLE sends RENAME COLUMN request_number TO request_id")
+        ledger.dispose()

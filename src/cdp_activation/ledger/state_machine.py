@@ -3,6 +3,7 @@ what a crash left in flight, cancelling and expiring."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -232,15 +233,15 @@ class SendStates(LedgerBase):
             scope = (activation, partition_key, step)
             shared: dict[str, list[int]] = {}
             singles: dict[str, list[int]] = {}  # one-message requests, claimed together
-            settled: set[str] = set()  # connectors found with no request left to resend
+            no_resend: set[str] = set()  # connectors found with no request left to resend
             for index, request in enumerate(requests):
                 if not request.whole_requests:
                     shared.setdefault(request.connector, []).append(index)
-                elif request.limit == 1 and request.connector in settled:
+                elif request.limit == 1 and request.connector in no_resend:
                     singles.setdefault(request.connector, []).append(index)
                 else:
                     results[index] = self._claim_request(
-                        con, worker_id, scope, request, now, settled
+                        con, worker_id, scope, request, now, no_resend
                     )
             for connector, indexes in shared.items():
                 total = sum(requests[i].limit for i in indexes)
@@ -263,15 +264,15 @@ class SendStates(LedgerBase):
         scope: tuple[str, str, str],
         request: ClaimRequest,
         now: datetime,
-        settled: set[str],
+        no_resend: set[str],
     ) -> list[PlannedSend]:
         """One whole request's rows: first a request a crash or a retry left (`request_id`
         set), exactly as it was; else fresh rows, stamped with their request's id.
 
-        A connector in `settled` had none left to resend earlier in this transaction: it is
+        A connector in `no_resend` had none left to resend earlier in this transaction: it is
         not asked again (one that another worker puts back meanwhile waits for the next
         claim, never merged with fresh rows)."""
-        if request.connector in settled:
+        if request.connector in no_resend:
             return self._claim_fresh(con, worker_id, scope, request, now)
         mark = self._mark
         activation, partition_key, step = scope
@@ -294,7 +295,7 @@ class SendStates(LedgerBase):
                 con, worker_id, select, (activation, partition_key, request_id), now
             )
             return [replace(r, resent_request=True) for r in rows]
-        settled.add(request.connector)
+        no_resend.add(request.connector)
         return self._claim_fresh(con, worker_id, scope, request, now)
 
     def _claim_fresh(
@@ -889,13 +890,21 @@ _RANDOM_REQUEST_ID = {
 def _driver_rows(con: sa.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
     """`sql`'s rows, run on the driver's own cursor in `con`'s transaction: a claim runs a
     statement or two per request, and SQLAlchemy's result set-up (~25 µs a statement) would
-    cost more than SQLite's own work."""
+    cost more than SQLite's own work. A driver error is raised as SQLAlchemy would raise it
+    (`sa.exc.OperationalError` for a lock timeout, which callers retry on), and a connection
+    the database dropped is invalidated, not handed back to the pool."""
+    dbapi_error = con.dialect.loaded_dbapi.Error
     cursor = con.connection.cursor()
     try:
         cursor.execute(sql, params)
         return list(cursor.fetchall())
+    except dbapi_error as err:
+        if con.dialect.is_disconnect(err, con.connection.dbapi_connection, cursor):
+            con.invalidate(err)
+        raise sa.exc.DBAPIError.instance(sql, params, err, dbapi_error) from err
     finally:
-        cursor.close()
+        with contextlib.suppress(Exception):  # a dropped connection's cursor may not close
+            cursor.close()
 
 
 def _sqlite_rows_per_statement(con: sa.Connection, columns: int) -> int:
@@ -936,7 +945,3 @@ def _sqlite_settle(count: int) -> str:
         "WHERE sends.id = s.id AND +sends.claimed_by = s.worker "
         f"AND +sends.state IN ('{IN_FLIGHT}', '{UNKNOWN}')"
     )
-
-
-def _with_request(row: PlannedSend, request_id: int) -> PlannedSend:
-    return replace(row, request_id=request_id)
