@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import polars as pl
@@ -234,6 +234,42 @@ def test_template_variables_follow_whatsapp_rules(value: str | None, ok: bool) -
     decisions = run([customer(1, first_name=value, sms_marketing_consent=False)])
     expected = ("whatsapp", None) if ok else (None, "whatsapp_invalid_variables+sms_no_consent")
     assert decisions[1] == expected
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "text"),
+    [
+        (pl.Int32, 42, "42"),
+        (pl.Float64, 0.5, "0.5"),
+        (pl.Boolean, False, "false"),
+        (pl.Date, date(2026, 11, 23), "2026-11-23"),
+    ],
+)
+def test_variables_of_numbers_dates_and_flags_need_only_a_value(
+    dtype: pl.DataType, value: object, text: str
+) -> None:
+    """A template variable held as a number, a date or a flag is sent as its text; only a
+    missing one excludes the customer (no text is built to check it)."""
+    plan = ChannelPlanSpec.model_validate(
+        {
+            "purpose": "marketing",
+            "steps": [
+                {
+                    "channel": "whatsapp",
+                    "connector": "meta_whatsapp",
+                    "template": {**WINBACK, "variables": ["first_name", "points"]},
+                }
+            ],
+        }
+    )
+    audience = pl.DataFrame(
+        [customer(1), customer(2)],
+        schema_overrides={"whatsapp_last_inbound_at": pl.Datetime("us", "UTC")},
+    ).with_columns(pl.Series("points", [value, None], dtype=dtype))
+    result = decide(audience, plan, now=NOW, suppressions=NO_SUPPRESSIONS, catalogs=APPROVED)
+    rows = {r["customer_id"]: r for r in result.frame.iter_rows(named=True)}
+    assert rows[1]["variables"] == {"1": "Ann1", "2": text}
+    assert (rows[2]["decision"], rows[2]["reason"]) == ("exclude", "whatsapp_invalid_variables")
 
 
 def test_sms_body_is_rendered_per_recipient() -> None:

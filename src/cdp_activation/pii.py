@@ -39,8 +39,13 @@ def pii_key() -> bytes | None:
 
 def keyed_digests(values: Sequence[str], key: bytes) -> list[str]:
     """Hex BLAKE2b digests of `values` under `key` (BLAKE2's own keyed mode, a MAC)."""
-    blake = hashlib.blake2b
-    return [blake(v.encode(), key=key, digest_size=DIGEST_BYTES).hexdigest() for v in values]
+    keyed = hashlib.blake2b(key=key, digest_size=DIGEST_BYTES)  # the key block, hashed once
+    digests = []
+    for value in values:
+        digest = keyed.copy()
+        digest.update(value.encode())
+        digests.append(digest.hexdigest())
+    return digests
 
 
 SEALED_EXTENSION = ".sealed"  # Dagster's stored step outputs, sealed by storage.py

@@ -211,7 +211,7 @@ def decide(
         variable_tests = []
         for column in dict.fromkeys(step.variable_columns()):
             name = f"_ok_{check.__name__}_{column}"
-            tests[name] = check([column])
+            tests[name] = check([column], frame.schema)
             variable_tests.append(pl.col(name))
         tests[f"_capped_{channel}"] = capped(channel)
         tests[f"_opted_out_{channel}"] = _opted_out(opt_outs, channel, plan.purpose)
@@ -289,10 +289,8 @@ def decide(
     computed = per_row.collect(engine="streaming")
     if not computed["_row"].is_sorted():
         computed = computed.sort("_row")
-    frame = (
-        computed.drop("_row")
-        .rechunk()
-        .with_columns(frame["customer_id"], frame["phone_e164"], *(frame[c] for c in addresses))
+    frame = computed.drop("_row").with_columns(
+        frame["customer_id"], frame["phone_e164"], *(frame[c] for c in addresses)
     )
     del per_row, computed
 

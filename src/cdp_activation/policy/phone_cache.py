@@ -152,7 +152,13 @@ class PhoneCache:
         """`pairs` (raw, region) with their `digest`."""
         from cdp_activation.pii import keyed_digests
 
-        joined = [f"{raw}\x1f{region}" for raw, region in pairs.select("raw", "region").rows()]
+        joined = (
+            pairs.select(
+                pl.concat_str(pl.col("raw"), pl.lit("\x1f"), pl.col("region").fill_null(""))
+            )
+            .to_series()
+            .to_list()
+        )
         return pairs.with_columns(
             pl.Series("digest", keyed_digests(joined, self.key), dtype=pl.String)
         )
