@@ -410,15 +410,17 @@ def test_ten_thousand_concurrent_webhooks_are_all_in_the_ledger(
     assert receiver.app.state.writer.transactions < n / 5
 
 
+@pytest.mark.parametrize("batch", [1, 50], ids=["one-a-webhook", "meta-batches-of-50"])
 def test_the_sandbox_reports_back_and_the_ledger_ends_on_each_message_s_last_status(
-    ledger: Ledger,
+    ledger: Ledger, batch: int
 ) -> None:
     """Deliver through the sandbox with status webhooks on: 70% delivered (some read), 10%
     failed with the provider's code, 20% never delivered; a fifth of the reports duplicated,
-    a fifth reordered. Every row ends on the status its message really reached."""
+    a fifth reordered. Every row ends on the status its message really reached, whether Meta
+    sends each report alone or batches them (several statuses a webhook)."""
     from cdp_activation.delivery.engine import DeliveryOptions, DeliveryScope, deliver
     from cdp_activation.sandbox import SandboxConfig, SandboxServer
-    from cdp_activation.sandbox.status_webhooks import outcome
+    from cdp_activation.sandbox.status_webhooks import outcome, status_posts
     from conftest import settings_for_sandbox
     from crash_worker import audience, sandbox_connectors
 
@@ -434,6 +436,7 @@ def test_the_sandbox_reports_back_and_the_ledger_ends_on_each_message_s_last_sta
                 status_delay_ms=5,
                 status_duplicate_rate=0.2,
                 status_reorder_rate=0.2,
+                status_batch_max=batch,
             )
             ledger.plan("loop", "p", audience(n))
             options = DeliveryOptions(rate_per_second=5000, backoff_initial=0.01)
@@ -452,6 +455,12 @@ def test_the_sandbox_reports_back_and_the_ledger_ends_on_each_message_s_last_sta
                 if all(got.get(k) == v for k, v in expected.items()):
                     break
                 time.sleep(0.2)
+            meta = [m for m in sandbox.messages() if m.provider == "meta_whatsapp"]
+            posts = status_posts(sandbox.app)
+    if batch == 1:
+        assert posts == 0  # each report its own webhook, as before
+    else:  # two or more statuses a message, gathered: far fewer webhooks than statuses
+        assert 0 < posts < 2 * len(meta) / 5, (posts, len(meta))
     final = ledger.delivery_statuses("loop", "p").filter(pl.col("state") == "sent")
     got = dict(zip(final["provider_message_id"], final["delivery_status"], strict=True))
     assert got == expected

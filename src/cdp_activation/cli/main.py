@@ -270,6 +270,8 @@ DEMO_STATUSES = {
     "status_delay_ms": 50,
     "status_duplicate_rate": 0.05,
     "status_reorder_rate": 0.05,
+    # Meta gathers its reports into batched webhooks: up to 100 statuses a request here.
+    "status_batch_max": 100,
     # Some customers write back, and some of those say stop: the next run leaves them out.
     "reply_rate": 0.1,
     "reply_stop_rate": 0.3,

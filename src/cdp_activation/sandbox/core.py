@@ -80,7 +80,8 @@ class SandboxConfig:
     # `delivered` (share `status_delivered_rate`, of which `status_read_rate` also `read`) or
     # `failed` with the provider's real code (`status_failed_rate`); the rest stay `sent`
     # (undelivered). Each report `status_delay_ms` after the previous; a share is sent twice
-    # (`status_duplicate_rate`) or in reverse order (`status_reorder_rate`).
+    # (`status_duplicate_rate`) or in reverse order (`status_reorder_rate`). Meta's reports
+    # go up to `status_batch_max` to a webhook, as Meta batches them (1: one each).
     status_webhooks_url: str = ""
     status_delivered_rate: float = 1.0
     status_failed_rate: float = 0.0
@@ -88,6 +89,7 @@ class SandboxConfig:
     status_delay_ms: float = 20.0
     status_duplicate_rate: float = 0.0
     status_reorder_rate: float = 0.0
+    status_batch_max: int = 1
     # Customers answering (Meta and Twilio messages, after `delivered`): a share
     # `reply_rate` of them replies, and of those a share `reply_stop_rate` opts out (Meta: the
     # template's "Stop promotions" button; SMS and Twilio WhatsApp: "STOP"); the others write
@@ -98,7 +100,7 @@ class SandboxConfig:
     def __post_init__(self) -> None:
         for name in FAULT_FIELDS:
             value = getattr(self, name)
-            whole = name == "seed"
+            whole = name in _WHOLE_FIELDS
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
@@ -110,6 +112,11 @@ class SandboxConfig:
                 raise ValueError(f"sandbox fault setting {name} must not be negative: {value}")
             if name in _RATE_FIELDS and number > 1:
                 raise ValueError(f"sandbox fault rate {name} must be at most 1: {value}")
+        if not 1 <= self.status_batch_max <= 1000:
+            raise ValueError(
+                f"sandbox setting status_batch_max must be 1 to 1000 (Meta's largest batch), "
+                f"got {self.status_batch_max}"
+            )
         if self.status_delivered_rate + self.status_failed_rate > 1 + 1e-9:
             raise ValueError("status_delivered_rate + status_failed_rate must not exceed 1")
         exclusive = sum(getattr(self, name) for name in _EXCLUSIVE_RATES)
@@ -157,6 +164,7 @@ FAULT_FIELDS: tuple[str, ...] = tuple(
     for f in dataclasses.fields(SandboxConfig)
     if f.name not in _CREDENTIAL_FIELDS and f.name not in _TEXT_FIELDS
 )
+_WHOLE_FIELDS = ("seed", "status_batch_max")
 _EXCLUSIVE_RATES = ("rate_429", "rate_5xx", "rate_timeout", "rate_drop_after_accept")
 _RATE_FIELDS = frozenset(name for name in FAULT_FIELDS if "rate" in name)
 
