@@ -241,6 +241,61 @@ def test_no_number_in_dagster_storage_logs_or_the_send_log_after_a_run(
     assert stored_outputs(home / "storage") == []
 
 
+def _segments(sealed: bytes) -> list[bytes]:
+    """The sealed segments of a `SealingWriter` file, each with its header (after MAGIC)."""
+    from cdp_activation.storage import MAGIC
+
+    rest, found = sealed[len(MAGIC) :], []
+    while rest:
+        size = 5 + 12 + int.from_bytes(rest[1:5], "big")
+        found.append(rest[:size])
+        rest = rest[size:]
+    return found
+
+
+def test_a_stored_output_larger_than_a_segment_is_sealed_in_segments_none_can_be_moved() -> None:
+    """Outputs past AES-GCM's 2 GiB a message (a 10M-customer decisions frame) are sealed a
+    segment at a time; a segment changed, dropped, moved or added is refused like a changed
+    file, and a file of the earlier single-message kind is still read."""
+    import io
+    import pickle
+
+    from cdp_activation.settings import SettingsError
+    from cdp_activation.storage import (
+        MAGIC,
+        SealingWriter,
+        load_sealed,
+        seal,
+        storage_cipher,
+    )
+
+    cipher = storage_cipher()
+    frame = pl.DataFrame({"phone": [f"+4479111{i:05d}" for i in range(5_000)]})
+    out = io.BytesIO()
+    writer = SealingWriter(cipher, out, segment_bytes=4096)
+    pickle.dump(frame, writer, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.close()
+    sealed = out.getvalue()
+    assert b"447911100042" not in sealed
+    segments = _segments(sealed)
+    assert len(segments) > 5 and sealed.startswith(MAGIC)
+    assert load_sealed(cipher, io.BytesIO(sealed), "x").equals(frame)
+
+    def refused(data: bytes) -> None:
+        with pytest.raises(SettingsError, match="cannot be read with this CDP_PII_HASH_KEY"):
+            load_sealed(cipher, io.BytesIO(data), "x")
+
+    middle = bytearray(sealed)
+    middle[len(sealed) // 2] ^= 1
+    refused(bytes(middle))
+    refused(MAGIC + b"".join(segments[:-1]))  # the last segment cut off
+    refused(MAGIC + b"".join([segments[1], segments[0], *segments[2:]]))  # two swapped
+    refused(sealed + segments[-1])  # one added after the last
+    # Written before segments: one sealed pickle, no header.
+    earlier = seal(cipher, pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL))
+    assert load_sealed(cipher, io.BytesIO(earlier), "x").equals(frame)
+
+
 def test_stored_outputs_are_sealed_and_need_a_key_outside_the_sandbox(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

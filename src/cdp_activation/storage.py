@@ -8,14 +8,22 @@ layout and the same behaviour, sealed with AES-256-GCM under a key derived from
 CDP_PII_HASH_KEY (the sandbox's published one in sandbox mode): the files are unreadable
 without the key, and a file changed on disk is refused instead of unpickled. `pii.purge`
 removes them once past the retention, `pii.erase` at once.
+
+A file is a header (`MAGIC`) and segments of at most `SEGMENT_BYTES` of pickle, each sealed
+on its own (AES-GCM takes at most 2 GiB a message; a 10M-customer decisions frame is more)
+with its position and whether it is the last bound in as associated data, so a segment moved,
+dropped or cut off is refused like a changed one. Pickling streams through the segments: the
+sealed copy never sits in memory whole. Files without the header (written before) are one
+sealed message and are still read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
-from typing import Any
+from typing import IO, Any
 
 import dagster as dg
 from cryptography.exceptions import InvalidTag
@@ -26,6 +34,9 @@ from cdp_activation.errors import SettingsError
 from cdp_activation.pii import SEALED_EXTENSION
 
 _NONCE_BYTES = 12
+MAGIC = b"CDPSEAL2"  # segmented files; without it, one sealed message (the earlier format)
+SEGMENT_BYTES = 64 * 2**20  # pickle bytes a segment: far under AES-GCM's 2 GiB a message
+_HEAD = 5  # a segment's header: 1 byte "last", 4 bytes ciphertext length
 
 
 def storage_cipher() -> AESGCM:
@@ -51,11 +62,124 @@ def seal(cipher: AESGCM, data: bytes) -> bytes:
 def unseal(cipher: AESGCM, sealed: bytes, where: str) -> bytes:
     try:
         return cipher.decrypt(sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:], None)
-    except InvalidTag:
-        raise SettingsError(
-            f"the stored step output {where} cannot be read with this CDP_PII_HASH_KEY (another "
-            "key wrote it, or it was changed on disk); re-run the job from its first step"
-        ) from None
+    except (InvalidTag, ValueError):
+        raise _unreadable(where) from None
+
+
+def _unreadable(where: str) -> SettingsError:
+    return SettingsError(
+        f"the stored step output {where} cannot be read with this CDP_PII_HASH_KEY (another "
+        "key wrote it, or it was changed on disk); re-run the job from its first step"
+    )
+
+
+def _bound(index: int, last: bool) -> bytes:
+    """A segment's associated data: its position, and whether it ends the file."""
+    return MAGIC + index.to_bytes(8, "big") + (b"\x01" if last else b"\x00")
+
+
+class SealingWriter(io.RawIOBase):
+    """A file-like object that seals what is written to `out` a segment at a time (after
+    `MAGIC`); `close` seals the last one. Large writes are sealed from the caller's buffer."""
+
+    def __init__(self, cipher: AESGCM, out: IO[bytes], segment_bytes: int = SEGMENT_BYTES):
+        super().__init__()
+        self._cipher, self._out, self._segment = cipher, out, segment_bytes
+        self._pending = bytearray()
+        self._index = 0
+        out.write(MAGIC)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        if self._pending:
+            room = self._segment - len(self._pending)
+            self._pending += view[:room]
+            view = view[room:]
+            if view:  # the pending segment is full and more follows: it is not the last
+                self._seal(self._pending, last=False)
+                self._pending = bytearray()
+        while len(view) > self._segment:
+            self._seal(view[: self._segment], last=False)
+            view = view[self._segment :]
+        self._pending += view
+        return size
+
+    def close(self) -> None:
+        if not self.closed:
+            self._seal(self._pending, last=True)
+            self._pending = bytearray()
+        super().close()
+
+    def _seal(self, chunk: Any, last: bool) -> None:
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._cipher.encrypt(nonce, chunk, _bound(self._index, last))
+        self._out.write((b"\x01" if last else b"\x00") + len(sealed).to_bytes(4, "big"))
+        self._out.write(nonce)
+        self._out.write(sealed)
+        self._index += 1
+
+
+class UnsealingReader(io.RawIOBase):
+    """What `SealingWriter` wrote, read back a segment at a time from `source` (after
+    `MAGIC`); a segment changed, moved, dropped or cut off raises SettingsError."""
+
+    def __init__(self, cipher: AESGCM, source: IO[bytes], where: str) -> None:
+        super().__init__()
+        self._cipher, self._source, self._where = cipher, source, where
+        self._plain = memoryview(b"")
+        self._index = 0
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._plain:
+            if self._done:
+                return 0
+            self._next()
+        target = memoryview(buffer).cast("B")
+        size = min(len(target), len(self._plain))
+        target[:size] = self._plain[:size]
+        self._plain = self._plain[size:]
+        return size
+
+    def _next(self) -> None:
+        head = self._source.read(_HEAD)
+        if len(head) < _HEAD:
+            raise _unreadable(self._where)  # cut off before its last segment
+        last = head[0] == 1
+        nonce = self._source.read(_NONCE_BYTES)
+        sealed = self._source.read(int.from_bytes(head[1:], "big"))
+        try:
+            plain = self._cipher.decrypt(nonce, sealed, _bound(self._index, last))
+        except (InvalidTag, ValueError):
+            raise _unreadable(self._where) from None
+        if last and self._source.read(1):
+            raise _unreadable(self._where)  # something appended after the last segment
+        self._index += 1
+        self._done = last
+        self._plain = memoryview(plain)
+
+
+def dump_sealed(cipher: AESGCM, obj: Any, out: IO[bytes]) -> None:
+    """Pickle `obj` into `out`, sealed a segment at a time."""
+    writer = SealingWriter(cipher, out)
+    pickle.dump(obj, writer, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.close()
+
+
+def load_sealed(cipher: AESGCM, source: IO[bytes], where: str) -> Any:
+    """What `dump_sealed` wrote (or, without `MAGIC`, one sealed pickle: the earlier files)."""
+    start = source.read(len(MAGIC))
+    if start != MAGIC:
+        return pickle.loads(unseal(cipher, start + source.read(), where))
+    reader = io.BufferedReader(UnsealingReader(cipher, source, where), buffer_size=1 << 20)
+    return pickle.load(reader)
 
 
 class SealedPickleIOManager(dg.UPathIOManager):
@@ -69,13 +193,14 @@ class SealedPickleIOManager(dg.UPathIOManager):
 
     def dump_to_path(self, context: dg.OutputContext, obj: Any, path: UPath) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = seal(self._cipher, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         temporary = path.with_name(path.name + ".partial")
-        temporary.write_bytes(data)
+        with temporary.open("wb") as out:
+            dump_sealed(self._cipher, obj, out)
         temporary.rename(path)  # a reader never sees half a file
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> Any:
-        return pickle.loads(unseal(self._cipher, path.read_bytes(), str(path)))
+        with path.open("rb") as source:
+            return load_sealed(self._cipher, source, str(path))
 
 
 class SealedFilesystemIOManager(dg.ConfigurableIOManagerFactory):
