@@ -150,19 +150,23 @@ class Project:
     with the phone cache (as warm as on any day after the first); the Dagster instance is
     shared, as a deployment's is."""
 
-    def __init__(self, work: Path, customers: int) -> None:
+    def __init__(self, work: Path, customers: int, *, preview: bool = True) -> None:
         from cdp_activation.demo.data import generate_demo_warehouse
 
         self.work = work
         self.warehouse = work / "warehouse.duckdb"
         as_of = datetime.combine(PARTITION, datetime.min.time(), tzinfo=UTC)
+        began = time.perf_counter()
         generate_demo_warehouse(self.warehouse, customers=customers, seed=7, as_of=as_of)
+        self.warehouse_seconds = time.perf_counter() - began
         self.home = work / "dagster_home"
         self.home.mkdir()
         shutil.copy(ROOT / "dagster_home" / "dagster.yaml", self.home / "dagster.yaml")
         self.template = self.home / "ledger-template.sqlite"
         self.ledger = self.template
         self.runs = 0
+        if not preview:
+            return
         env = self.env(None, 200)
         done = subprocess.run(
             [*self.command("preview"), "--json"],

@@ -150,6 +150,44 @@ def _stored(ledger_url: str) -> int:
     return count
 
 
+def _work_per_event(bodies: list[tuple[bytes, dict[str, str]]], ledger_url: str) -> dict:
+    """The receiver's own work per event, without HTTP, in this process (µs of CPU): the
+    signature check, the parse, and the ledger write in transactions of 100 (a busy
+    receiver's group commit)."""
+    from cdp_activation.ledger import Ledger
+    from cdp_activation.plugins import WebhookRequest, status_routes
+
+    hook = status_routes()["meta"].status_webhook
+    assert hook is not None
+    received = datetime.now(UTC)
+    calls = [
+        WebhookRequest(
+            body=body,
+            headers={k.lower(): v for k, v in headers.items()},
+            url="http://127.0.0.1/webhooks/meta",
+            query={},
+            received=received,
+        )
+        for body, headers in bodies
+    ]
+    started = time.process_time()
+    assert all(hook.verify(SECRET, call) for call in calls)
+    verify = time.process_time() - started
+    started = time.process_time()
+    events = [event for call in calls for event in hook.parse(call)]
+    parse = time.process_time() - started
+    ledger = Ledger(ledger_url)
+    try:
+        started = time.process_time()
+        for start in range(0, len(events), 100):
+            ledger.record_statuses(events[start : start + 100])
+        store = time.process_time() - started
+    finally:
+        ledger.dispose()
+    n = len(bodies)
+    return {"verify": verify / n * 1e6, "parse": parse / n * 1e6, "store": store / n * 1e6}
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "_serve":
         return _serve(argv[1:])
@@ -160,6 +198,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     bodies = _bodies(args.events)
     rows = []
+    work: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work["SQLite"] = _work_per_event(bodies, f"sqlite:///{Path(tmp) / 'work.sqlite'}")
     bare = _measure("bare", "", bodies, args.concurrency)
     rows.append(("bare Starlette, answers at once", "", bare, None))
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,6 +226,9 @@ def main(argv: list[str]) -> int:
             Ledger(url).dispose()
             took = _measure("receiver", url, bodies, args.concurrency)
             rows.append(("receiver + PostgreSQL ledger", "PostgreSQL", took, _stored(url)))
+            with admin.begin() as con:
+                con.exec_driver_sql(f"TRUNCATE {schema}.status_events")
+            work["PostgreSQL"] = _work_per_event(bodies, url)
         finally:
             with admin.begin() as con:
                 con.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
@@ -211,10 +255,31 @@ def main(argv: list[str]) -> int:
             f"| {name} | {args.events:,} | {seconds:.2f} | {rate:,.0f} | {ratio:.2f} | {shown} |"
         )
         print(f"{name}: {rate:,.0f} events/s ({ratio:.2f} of the bare app); stored {shown}")
+    per_request = bare / args.events * 1e6  # µs of wall a request costs the bare app here
     lines += [
         "",
         "Every event is signature-checked, parsed, stored once and applied forward-only to the "
         "ledger before its 200; concurrent requests share one transaction (group commit).",
+        "",
+        "The receiver's own work per event, without HTTP (CPU in one process; the ledger "
+        "written 100 events a transaction):",
+        "",
+        "| ledger | signature | parse | store | together | best ratio it leaves |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, parts in work.items():
+        together = sum(parts.values())
+        lines.append(
+            f"| {name} | {parts['verify']:.1f} µs | {parts['parse']:.1f} µs | "
+            f"{parts['store']:.1f} µs | {together:.1f} µs | "
+            f"{per_request / (per_request + together):.2f} |"
+        )
+    lines += [
+        "",
+        f"The bare app takes {per_request:.0f} µs of wall a request here (client and server on "
+        "the same 2 cores). Added to it, the work above alone caps the ratio at the last "
+        "column, before any cost of awaiting the commit: the goal of 0.9 (issue 19) needs the "
+        f"whole receiver within {per_request / 9:.0f} µs an event.",
     ]
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
     refresh_index()
