@@ -658,12 +658,57 @@ def _execute(
             raise_on_error=False,
         ) as result:
             return _Finished(result.run_id, result.success, list(result.all_events))
-    return definitions.resolve_job_def(job_name).execute_in_process(
-        instance=instance,
-        partition_key=partition,
+    return _execute_in_process(
+        definitions.resolve_job_def(job_name), instance, partition, run_config, run_tags
+    )
+
+
+def _execute_in_process(
+    job: dg.JobDefinition,
+    instance: dg.DagsterInstance,
+    partition: str,
+    run_config: Mapping[str, Any],
+    tags: Mapping[str, str],
+) -> Any:
+    """`job.execute_in_process(...)`, without keeping each step's output in memory.
+
+    `execute_in_process` holds every output until the run ends (for its result's
+    `output_for_node`): a 10,000,000-customer run held its audience, its decisions and the
+    prepared plan at once, 10.7 GB (bench/results_e2e.md). The runner reads events, never
+    outputs (the IO manager stores them for the next step), so this is the same execution with
+    Dagster's output capture off: each output is freed once stored. Dagster's own steps, from
+    `JobDefinition.execute_in_process` (dagster 1.13, pinned in pyproject.toml).
+    """
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.definitions.partitions.context import partition_loading_context
+    from dagster._core.execution.execute_in_process import (
+        core_execute_in_process,
+        merge_run_tags,
+    )
+
+    ephemeral = job.as_ephemeral_job(
+        resource_defs={}, input_values={}, op_selection=None, asset_selection=[]
+    )
+    if ephemeral.partitions_def:
+        with partition_loading_context(dynamic_partitions_store=instance) as context:
+            ephemeral.validate_partition_key(
+                partition_key=partition, selected_asset_keys=set(), context=context
+            )
+    return core_execute_in_process(
+        job=InMemoryJob(job_def=ephemeral),
         run_config=run_config,
+        instance=instance,
+        output_capturing_enabled=False,
         raise_on_error=False,
-        tags=run_tags,
+        run_tags=merge_run_tags(
+            job_def=job,
+            partition_key=partition,
+            tags=tags,
+            asset_selection=[],
+            instance=instance,
+            run_config=run_config,
+        ),
+        asset_selection=frozenset(),
     )
 
 

@@ -27,14 +27,22 @@ def audience_metadata(
         "audience_size": frame.height,
         "partition": partition_key,
         "parameters": dg.MetadataValue.json(storable_parameters(dict(parameters))),
-        "dagster/column_schema": dg.TableSchema(
-            columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()]
-        ),
+        "dagster/column_schema": _column_schema(frame.schema),
         "null_counts": dg.MetadataValue.md(
             "| column | nulls |\n|---|---:|\n"
             + "\n".join(f"| {c} | {n:,} |" for c, n in nulls.items())
         ),
     }
+
+
+def _column_schema(schema: pl.Schema) -> dg.TableSchema:
+    """The frame's columns as Dagster's `TableSchema`. Built here, away from the frame: the
+    first `TableSchema` a process makes keeps its caller's local variables for good (Dagster's
+    record class builds its constructor in that frame's namespace), and an audience of
+    10,000,000 rows must not be one of them."""
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name, str(dtype)) for name, dtype in schema.items()]
+    )
 
 
 def cost_metadata(
