@@ -4,11 +4,13 @@
 the demo warehouse of N customers (DuckDB), then `cdp-activation preview winback_gateway` and
 `cdp-activation run winback_gateway` (every lapsed customer with an order and SMS consent, the
 `webhook` connector, batches of `--batch`, 32 requests in flight, a SQLite ledger, a Dagster
-instance) to the peers benchmark's bare endpoint on 127.0.0.1 (bench/peer_endpoint.py, its own
-process, answering at once). For each command: wall time, CPU and peak resident memory of that
-process alone (`wait4`), and for the run Dagster's own timing of each step (audience SQL,
-policy, ledger plan, the claim worker's sending, the summary). Every recipient must arrive
-exactly once (checked). Figures go to bench/results_e2e.md.
+instance; the activation's `limits.max_recipients` stops a run at 1,000,000) to the peers
+benchmark's bare endpoint on 127.0.0.1 (bench/peer_endpoint.py, its own process, answering at
+once). For each command: wall time, CPU and peak resident memory of that process alone
+(`wait4`), and per Dagster step (audience SQL, its checks, the policy, its checks, the ledger
+plan, the claim worker's sending, the summary) its time and the highest resident memory
+sampled while it ran. Every recipient must arrive exactly once (checked). Figures go to
+bench/results_e2e.md.
 """
 
 from __future__ import annotations
