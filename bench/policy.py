@@ -79,7 +79,6 @@ def child(mode: str, rows: int, cache_file: str) -> dict[str, Any]:
     import polars as pl
 
     from cdp_activation.connectors.meta_whatsapp import _template_info
-    from cdp_activation.policy import decide
     from cdp_activation.policy.phone_cache import PhoneCache
     from cdp_activation.policy.suppression import normalise_suppressions
     from cdp_activation.sandbox import load_catalog
@@ -126,18 +125,7 @@ def child(mode: str, rows: int, cache_file: str) -> dict[str, Any]:
         cache = PhoneCache(f"sqlite:///{cache_file}", key=b"bench-pii-hash-key")
         regions = sorted(audience["country"].drop_nulls().unique().to_list())
         suppressions = normalise_suppressions(raw_suppressions, regions, cache)
-        decisions = decide(
-            audience,
-            spec.channel_plan,
-            now=NOW,
-            suppressions=suppressions,
-            catalogs=catalog,
-            policy=spec.policy,
-            recent_sends=recent,
-            max_recipients=None,
-            salt="winback_whatsapp",
-            phone_cache=cache,
-        )
+        decisions = _decide(audience, spec, catalog, suppressions, recent, cache)
         chosen = decisions.chosen.height
         cache.dispose()
     elapsed = time.perf_counter() - started
@@ -153,12 +141,31 @@ def child(mode: str, rows: int, cache_file: str) -> dict[str, Any]:
     }
 
 
+def _decide(
+    audience: Any, spec: Any, catalog: Any, suppressions: Any, recent: Any, cache: Any
+) -> Any:
+    """The benchmark's policy: the winback plan, a 5% holdout, every customer, no cap."""
+    from cdp_activation.policy import decide
+
+    return decide(
+        audience,
+        spec.channel_plan,
+        now=NOW,
+        suppressions=suppressions,
+        catalogs=catalog,
+        policy=spec.policy,
+        recent_sends=recent,
+        max_recipients=None,
+        salt="winback_whatsapp",
+        phone_cache=cache,
+    )
+
+
 def _parts(
     audience: Any, raw_suppressions: Any, recent: Any, spec: Any, catalog: Any, cache_file: str
 ) -> dict[str, Any]:
     """Where a warm run's time goes: each part timed on its own (wall and CPU of the process,
     both cores), in the order `decide` meets them."""
-    from cdp_activation.policy import decide
     from cdp_activation.policy.phone_cache import PhoneCache
     from cdp_activation.policy.phones import fast_codes, phone_codes
     from cdp_activation.policy.suppression import normalise_suppressions
@@ -185,18 +192,7 @@ def _parts(
     )
     decisions = timed(
         "decide() whole (phones again, rules, routing, messages)",
-        lambda: decide(
-            audience,
-            spec.channel_plan,
-            now=NOW,
-            suppressions=suppressions,
-            catalogs=catalog,
-            policy=spec.policy,
-            recent_sends=recent,
-            max_recipients=None,
-            salt="winback_whatsapp",
-            phone_cache=cache,
-        ),
+        lambda: _decide(audience, spec, catalog, suppressions, recent, cache),
     )
     timed("chosen: send and defer rows", lambda: decisions.chosen.height)
     cache.dispose()
