@@ -266,6 +266,29 @@ def test_an_approved_run_template_is_what_template_approved_checks_and_it_sends(
     assert whatsapp == {"winback_offer"}
 
 
+def test_a_fifth_of_bad_numbers_warns_from_the_decisions_counts(env: SimpleNamespace) -> None:
+    """`invalid_phone_share` warns past 10% of the audience with a missing or invalid number
+    (counted from what the decisions step recorded, not by loading its output again), and a
+    warning does not stop the run."""
+    normal = run_activation("winback_whatsapp", TODAY.isoformat(), dry_run=True)
+    assert normal.success and "invalid_phone_share" not in normal.failed_checks
+    sql = (ROOT / "sql/audiences/winback_whatsapp.sql").read_text()
+    broken = "    CASE WHEN c.customer_id % 4 = 0 THEN 'call me' ELSE c.phone END AS phone,\n"
+    assert "    c.phone,\n" in sql
+    sql = sql.replace("    c.phone,\n", broken)
+    definitions = custom_definitions(env.tmp, "bad_numbers", winback_attributes(), sql)
+    summary = run_activation(
+        "bad_numbers", TODAY.isoformat(), dry_run=True, definitions=definitions
+    )
+    assert summary.success, summary.error  # a warning, not a stop
+    invalid = summary.excluded.get("invalid_phone", 0) + summary.excluded.get("missing_phone", 0)
+    expected = invalid / summary.audience
+    assert 0.2 < expected < 0.4
+    assert summary.failed_checks["invalid_phone_share"] == (
+        f"{expected:.1%} of the audience has a missing or invalid number"
+    )
+
+
 def test_a_query_the_warehouse_refuses_is_a_clear_error_and_sends_nothing(
     env: SimpleNamespace,
 ) -> None:

@@ -611,13 +611,13 @@ def audience_size_problem(size: int, previous: int | None, factor: float) -> str
     return None
 
 
-def invalid_phone_share(decisions: pl.DataFrame) -> float:
-    if decisions.is_empty():
+def invalid_phone_share(excluded: Mapping[str, int], audience_size: int) -> float:
+    """The share of the audience excluded for a missing or invalid number, from the decisions'
+    counts by reason (`Decisions.excluded_by_reason`)."""
+    if audience_size <= 0:
         return 0.0
-    invalid = decisions.filter(
-        pl.col("reason").is_in([reasons.INVALID_PHONE, reasons.MISSING_PHONE])
-    ).height
-    return invalid / decisions.height
+    invalid = excluded.get(reasons.INVALID_PHONE, 0) + excluded.get(reasons.MISSING_PHONE, 0)
+    return invalid / audience_size
 
 
 # ---------------------------------------------------------------- deliveries
