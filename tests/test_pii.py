@@ -241,22 +241,37 @@ def test_no_number_in_dagster_storage_logs_or_the_send_log_after_a_run(
     assert stored_outputs(home / "storage") == []
 
 
-def _segments(sealed: bytes) -> list[bytes]:
-    """The sealed segments of a `SealingWriter` file, each with its header (after MAGIC)."""
+def _segments(sealed: bytes) -> tuple[bytes, list[bytes]]:
+    """A `SealingWriter` file's header (MAGIC and its file id) and its sealed segments, each
+    with its own header."""
     from cdp_activation.storage import MAGIC
 
-    rest, found = sealed[len(MAGIC) :], []
+    head, rest, found = sealed[: len(MAGIC) + 16], sealed[len(MAGIC) + 16 :], []
     while rest:
         size = 5 + 12 + int.from_bytes(rest[1:5], "big")
         found.append(rest[:size])
         rest = rest[size:]
-    return found
+    return head, found
+
+
+def _sealed(obj: object, segment_bytes: int) -> bytes:
+    import io
+    import pickle
+
+    from cdp_activation.storage import SealingWriter, storage_cipher
+
+    out = io.BytesIO()
+    writer = SealingWriter(storage_cipher(), out, segment_bytes=segment_bytes)
+    pickle.dump(obj, writer, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.close()
+    return out.getvalue()
 
 
 def test_a_stored_output_larger_than_a_segment_is_sealed_in_segments_none_can_be_moved() -> None:
     """Outputs past AES-GCM's 2 GiB a message (a 10M-customer decisions frame) are sealed a
-    segment at a time; a segment changed, dropped, moved or added is refused like a changed
-    file, and a file of the earlier single-message kind is still read."""
+    segment at a time; a segment changed, dropped, moved, added or taken from another file
+    sealed with the same key is refused like a changed file, and a file of the earlier
+    single-message kind is still read."""
     import io
     import pickle
 
@@ -271,13 +286,9 @@ def test_a_stored_output_larger_than_a_segment_is_sealed_in_segments_none_can_be
 
     cipher = storage_cipher()
     frame = pl.DataFrame({"phone": [f"+4479111{i:05d}" for i in range(5_000)]})
-    out = io.BytesIO()
-    writer = SealingWriter(cipher, out, segment_bytes=4096)
-    pickle.dump(frame, writer, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.close()
-    sealed = out.getvalue()
+    sealed = _sealed(frame, 4096)
     assert b"447911100042" not in sealed
-    segments = _segments(sealed)
+    head, segments = _segments(sealed)
     assert len(segments) > 5 and sealed.startswith(MAGIC)
     assert load_sealed(cipher, io.BytesIO(sealed), "x").equals(frame)
 
@@ -288,9 +299,27 @@ def test_a_stored_output_larger_than_a_segment_is_sealed_in_segments_none_can_be
     middle = bytearray(sealed)
     middle[len(sealed) // 2] ^= 1
     refused(bytes(middle))
-    refused(MAGIC + b"".join(segments[:-1]))  # the last segment cut off
-    refused(MAGIC + b"".join([segments[1], segments[0], *segments[2:]]))  # two swapped
+    refused(head + b"".join(segments[:-1]))  # the last segment cut off
+    refused(head + b"".join([segments[1], segments[0], *segments[2:]]))  # two swapped
     refused(sealed + segments[-1])  # one added after the last
+    # Another output sealed with the same key: none of its segments fits this file, even at
+    # the same position (another customer's frame spliced in).
+    other_head, other = _segments(_sealed(frame.reverse(), 4096))
+    refused(head + b"".join([*segments[:2], other[2], *segments[3:]]))
+    refused(other_head + b"".join(segments))
+    # A pickle that fills its segments exactly still ends in a last segment (never an empty
+    # one that could be dropped unnoticed), and whatever follows the pickle in a file is
+    # refused: the file is read to its last segment.
+    whole = len(pickle.dumps(b"x" * 1000, protocol=pickle.HIGHEST_PROTOCOL))
+    exact_head, exact = _segments(_sealed(b"x" * 1000, whole))
+    assert len(exact) == 1 and exact[0][0] == 1  # one segment, marked last
+    assert load_sealed(cipher, io.BytesIO(exact_head + exact[0]), "x") == b"x" * 1000
+    out = io.BytesIO()
+    writer = SealingWriter(cipher, out, segment_bytes=4096)
+    pickle.dump(frame, writer, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(b"trailing bytes inside the sealed stream")
+    writer.close()
+    refused(out.getvalue())
     # Written before segments: one sealed pickle, no header.
     earlier = seal(cipher, pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL))
     assert load_sealed(cipher, io.BytesIO(earlier), "x").equals(frame)

@@ -9,12 +9,13 @@ CDP_PII_HASH_KEY (the sandbox's published one in sandbox mode): the files are un
 without the key, and a file changed on disk is refused instead of unpickled. `pii.purge`
 removes them once past the retention, `pii.erase` at once.
 
-A file is a header (`MAGIC`) and segments of at most `SEGMENT_BYTES` of pickle, each sealed
-on its own (AES-GCM takes at most 2 GiB a message; a 10M-customer decisions frame is more)
-with its position and whether it is the last bound in as associated data, so a segment moved,
-dropped or cut off is refused like a changed one. Pickling streams through the segments: the
-sealed copy never sits in memory whole. Files without the header (written before) are one
-sealed message and are still read.
+A file is a header (`MAGIC` and a random file id) and segments of at most `SEGMENT_BYTES` of
+pickle, each sealed on its own (AES-GCM takes at most 2 GiB a message; a 10M-customer
+decisions frame is more) with the file id, its position and whether it is the last bound in
+as associated data, so a segment moved, dropped, cut off or taken from another file is
+refused like a changed one; a file is read to its last segment. Pickling streams through
+the segments: the sealed copy never sits in memory whole. Files without the header (written
+before) are one sealed message and are still read.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from cdp_activation.pii import SEALED_EXTENSION
 _NONCE_BYTES = 12
 MAGIC = b"CDPSEAL2"  # segmented files; without it, one sealed message (the earlier format)
 SEGMENT_BYTES = 64 * 2**20  # pickle bytes a segment: far under AES-GCM's 2 GiB a message
+_FILE_ID_BYTES = 16  # after MAGIC: binds every segment to its own file
 _HEAD = 5  # a segment's header: 1 byte "last", 4 bytes ciphertext length
 
 
@@ -73,21 +75,23 @@ def _unreadable(where: str) -> SettingsError:
     )
 
 
-def _bound(index: int, last: bool) -> bytes:
-    """A segment's associated data: its position, and whether it ends the file."""
-    return MAGIC + index.to_bytes(8, "big") + (b"\x01" if last else b"\x00")
+def _bound(file_id: bytes, index: int, last: bool) -> bytes:
+    """A segment's associated data: its file, its position, and whether it ends the file."""
+    return MAGIC + file_id + index.to_bytes(8, "big") + (b"\x01" if last else b"\x00")
 
 
 class SealingWriter(io.RawIOBase):
     """A file-like object that seals what is written to `out` a segment at a time (after
-    `MAGIC`); `close` seals the last one. Large writes are sealed from the caller's buffer."""
+    `MAGIC` and a random file id); `close` seals the last one. Large writes are sealed from
+    the caller's buffer."""
 
     def __init__(self, cipher: AESGCM, out: IO[bytes], segment_bytes: int = SEGMENT_BYTES):
         super().__init__()
         self._cipher, self._out, self._segment = cipher, out, segment_bytes
         self._pending = bytearray()
         self._index = 0
-        out.write(MAGIC)
+        self._file_id = os.urandom(_FILE_ID_BYTES)
+        out.write(MAGIC + self._file_id)
 
     def writable(self) -> bool:
         return True
@@ -116,7 +120,7 @@ class SealingWriter(io.RawIOBase):
 
     def _seal(self, chunk: Any, last: bool) -> None:
         nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._cipher.encrypt(nonce, chunk, _bound(self._index, last))
+        sealed = self._cipher.encrypt(nonce, chunk, _bound(self._file_id, self._index, last))
         self._out.write((b"\x01" if last else b"\x00") + len(sealed).to_bytes(4, "big"))
         self._out.write(nonce)
         self._out.write(sealed)
@@ -125,11 +129,13 @@ class SealingWriter(io.RawIOBase):
 
 class UnsealingReader(io.RawIOBase):
     """What `SealingWriter` wrote, read back a segment at a time from `source` (after
-    `MAGIC`); a segment changed, moved, dropped or cut off raises SettingsError."""
+    `MAGIC`); a segment changed, moved, dropped, cut off or from another file raises
+    SettingsError."""
 
     def __init__(self, cipher: AESGCM, source: IO[bytes], where: str) -> None:
         super().__init__()
         self._cipher, self._source, self._where = cipher, source, where
+        self._file_id = source.read(_FILE_ID_BYTES)
         self._plain = memoryview(b"")
         self._index = 0
         self._done = False
@@ -156,7 +162,7 @@ class UnsealingReader(io.RawIOBase):
         nonce = self._source.read(_NONCE_BYTES)
         sealed = self._source.read(int.from_bytes(head[1:], "big"))
         try:
-            plain = self._cipher.decrypt(nonce, sealed, _bound(self._index, last))
+            plain = self._cipher.decrypt(nonce, sealed, _bound(self._file_id, self._index, last))
         except (InvalidTag, ValueError):
             raise _unreadable(self._where) from None
         if last and self._source.read(1):
@@ -179,7 +185,10 @@ def load_sealed(cipher: AESGCM, source: IO[bytes], where: str) -> Any:
     if start != MAGIC:
         return pickle.loads(unseal(cipher, start + source.read(), where))
     reader = io.BufferedReader(UnsealingReader(cipher, source, where), buffer_size=1 << 20)
-    return pickle.load(reader)
+    obj = pickle.load(reader)
+    if reader.read(1):  # to the last segment: one dropped after the pickle's end is refused
+        raise _unreadable(where)  # (and anything after the pickle inside the file too)
+    return obj
 
 
 class SealedPickleIOManager(dg.UPathIOManager):
