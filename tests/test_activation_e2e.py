@@ -320,6 +320,47 @@ def test_a_query_the_warehouse_refuses_is_a_clear_error_and_sends_nothing(
     assert_nothing_sent(env, summary, "typo_audience")
 
 
+def test_decisions_that_break_consent_or_suppression_are_caught_and_nothing_is_sent(
+    env: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """consented_recipients_only re-checks the policy engine's output on its own: a policy bug
+    that chose customers without consent, on the suppression list, or with an exclusion
+    reason fails the blocking check, and nothing is planned or sent."""
+    from cdp_activation.activation import run as activation_run
+    from cdp_activation.policy.engine import Decisions
+
+    honest = activation_run.compute_decisions
+
+    def broken(*args: Any, **kwargs: Any) -> Decisions:
+        result = honest(*args, **kwargs)
+        frame = result.frame
+        reason = pl.col("reason").cast(pl.String)
+        no_consent = reason == "whatsapp_no_consent+sms_no_consent"
+        suppressed = reason == "suppressed"
+        chosen = no_consent | suppressed
+        frame = frame.with_columns(
+            decision=pl.when(chosen | (reason == "invalid_phone"))
+            .then(pl.lit("send"))
+            .otherwise(pl.col("decision"))
+            .cast(frame.schema["decision"]),
+            channel=pl.when(chosen)
+            .then(pl.lit("whatsapp"))
+            .otherwise(pl.col("channel"))
+            .cast(frame.schema["channel"]),
+            reason=pl.when(chosen).then(None).otherwise(pl.col("reason")),
+        )
+        return Decisions(frame=frame, template_problems=result.template_problems)
+
+    monkeypatch.setattr(activation_run, "compute_decisions", broken)
+    summary = run_activation("winback_whatsapp", TODAY.isoformat())
+    assert not summary.success
+    problem = summary.failed_checks["consented_recipients_only"]
+    assert "chosen without consent for the channel" in problem
+    assert "chosen while on the suppression list" in problem
+    assert "chosen with an exclusion reason" in problem
+    assert_nothing_sent(env, summary, "winback_whatsapp")
+
+
 def test_an_audience_missing_a_contract_column_sends_nothing(env: SimpleNamespace) -> None:
     sql = (ROOT / "sql/audiences/winback_whatsapp.sql").read_text()
     sql = sql.replace("    co.sms_marketing_consent,\n", "")
