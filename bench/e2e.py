@@ -100,8 +100,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=200)
     args = parser.parse_args(argv)
     endpoint = Endpoint(0.0)
+    data = ROOT / "bench" / "data"
+    data.mkdir(parents=True, exist_ok=True)  # a fresh checkout has none
     try:
-        with tempfile.TemporaryDirectory(prefix="cdp-e2e-", dir=ROOT / "bench" / "data") as tmp:
+        with tempfile.TemporaryDirectory(prefix="cdp-e2e-", dir=data) as tmp:
             project = Project(Path(tmp), args.customers, preview=False)
             env = project.env(endpoint, args.batch)
             preview = _process([*project.command("preview"), "--json"], env)

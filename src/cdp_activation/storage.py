@@ -16,6 +16,11 @@ as associated data, so a segment moved, dropped, cut off or taken from another f
 refused like a changed one; a file is read to its last segment. Pickling streams through
 the segments: the sealed copy never sits in memory whole. Files without the header (written
 before) are one sealed message and are still read.
+
+A polars DataFrame larger than a segment is pickled in parts of rows (`_FrameParts`, then
+each part's own pickle): pickling a frame whole builds its serialized copy first, and
+unpickling reads that copy back before the frame is rebuilt, so either way the process held
+the frame twice (gigabytes at 10,000,000 customers). In parts, it holds one part more.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import hashlib
 import io
 import os
 import pickle
+from dataclasses import dataclass
 from typing import IO, Any
 
 import dagster as dg
+import polars as pl
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from upath import UPath
@@ -37,6 +44,7 @@ from cdp_activation.pii import SEALED_EXTENSION
 _NONCE_BYTES = 12
 MAGIC = b"CDPSEAL2"  # segmented files; without it, one sealed message (the earlier format)
 SEGMENT_BYTES = 64 * 2**20  # pickle bytes a segment: far under AES-GCM's 2 GiB a message
+FRAME_PART_BYTES = SEGMENT_BYTES  # a larger DataFrame is pickled in parts of about this size
 _FILE_ID_BYTES = 16  # after MAGIC: binds every segment to its own file
 _HEAD = 5  # a segment's header: 1 byte "last", 4 bytes ciphertext length
 
@@ -85,9 +93,10 @@ class SealingWriter(io.RawIOBase):
     `MAGIC` and a random file id); `close` seals the last one. Large writes are sealed from
     the caller's buffer."""
 
-    def __init__(self, cipher: AESGCM, out: IO[bytes], segment_bytes: int = SEGMENT_BYTES):
+    def __init__(self, cipher: AESGCM, out: IO[bytes], segment_bytes: int | None = None):
         super().__init__()
-        self._cipher, self._out, self._segment = cipher, out, segment_bytes
+        self._cipher, self._out = cipher, out
+        self._segment = segment_bytes or SEGMENT_BYTES
         self._pending = bytearray()
         self._index = 0
         self._file_id = os.urandom(_FILE_ID_BYTES)
@@ -172,10 +181,24 @@ class UnsealingReader(io.RawIOBase):
         self._plain = memoryview(plain)
 
 
+@dataclass(frozen=True)
+class _FrameParts:
+    """Pickled before the parts of a large DataFrame: how many pickled parts follow."""
+
+    parts: int
+
+
 def dump_sealed(cipher: AESGCM, obj: Any, out: IO[bytes]) -> None:
-    """Pickle `obj` into `out`, sealed a segment at a time."""
+    """Pickle `obj` into `out`, sealed a segment at a time (a large DataFrame in parts)."""
     writer = SealingWriter(cipher, out)
-    pickle.dump(obj, writer, protocol=pickle.HIGHEST_PROTOCOL)
+    if isinstance(obj, pl.DataFrame) and obj.estimated_size() > FRAME_PART_BYTES:
+        rows = max(1, int(obj.height * FRAME_PART_BYTES // obj.estimated_size()))
+        offsets = range(0, obj.height, rows)
+        pickle.dump(_FrameParts(len(offsets)), writer, protocol=pickle.HIGHEST_PROTOCOL)
+        for offset in offsets:
+            pickle.dump(obj.slice(offset, rows), writer, protocol=pickle.HIGHEST_PROTOCOL)
+    else:
+        pickle.dump(obj, writer, protocol=pickle.HIGHEST_PROTOCOL)
     writer.close()
 
 
@@ -186,6 +209,9 @@ def load_sealed(cipher: AESGCM, source: IO[bytes], where: str) -> Any:
         return pickle.loads(unseal(cipher, start + source.read(), where))
     reader = io.BufferedReader(UnsealingReader(cipher, source, where), buffer_size=1 << 20)
     obj = pickle.load(reader)
+    if isinstance(obj, _FrameParts):
+        # The parts as they are (no rechunk: that would copy the whole frame once more).
+        obj = pl.concat([pickle.load(reader) for _ in range(obj.parts)], rechunk=False)
     if reader.read(1):  # to the last segment: one dropped after the pickle's end is refused
         raise _unreadable(where)  # (and anything after the pickle inside the file too)
     return obj
