@@ -257,3 +257,12 @@ def test_the_cli_refuses_a_negative_rate_in_one_line_and_writes_nothing(
     sent = cli("run", "winback_whatsapp", "--json", CDP_META_RATE_PER_SECOND="500")
     assert sent.returncode == 0, sent.stderr[-2000:] + sent.stdout[-2000:]
     assert sandbox.messages()
+
+
+def test_a_duckdb_memory_limit_that_is_not_a_size_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = refusal(monkeypatch, CDP_DUCKDB_MEMORY_LIMIT="lots")
+    assert message.startswith("CDP_DUCKDB_MEMORY_LIMIT=lots: ")
+    monkeypatch.setenv("CDP_DUCKDB_MEMORY_LIMIT", "512MiB")
+    assert get_settings().duckdb_memory_limit == "512MiB"

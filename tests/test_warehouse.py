@@ -405,3 +405,36 @@ def test_duckdb_warehouse_file_is_opened_read_only(demo_duckdb: Path) -> None:
         assert frame.height > 0
     finally:
         other.close()
+
+
+def test_a_duckdb_query_past_its_memory_limit_spills_or_says_which_setting_to_raise(
+    demo_duckdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CDP_DUCKDB_MEMORY_LIMIT bounds what an audience query may hold (it runs inside the step
+    that then holds its result): a sort of ~100 MB of text under a 64 MB limit spills to a
+    temporary directory of its own, removed after; what cannot spill (one 100 MB value) is a
+    one-line error naming the setting."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    url = f"duckdb:///{demo_duckdb}"
+    warehouse = Warehouse(url, duckdb_memory_limit="64MB")
+    limit = warehouse.read_table_sql("SELECT current_setting('memory_limit') AS m")["m"][0]
+    assert limit.replace(" ", "") == "61.0MiB"
+    sorted_sql = (
+        "SELECT count(*) AS n, min(h) AS first FROM (SELECT md5(CAST(i AS VARCHAR)) AS h "
+        "FROM range(3000000) AS t(i) ORDER BY h)"
+    )
+    spilled = warehouse.query(raw_query(sorted_sql, "duckdb", name="big_sort.sql"), {})
+    unlimited = Warehouse(url, duckdb_memory_limit="").query(
+        raw_query(sorted_sql, "duckdb", name="big_sort.sql"), {}
+    )
+    assert spilled.to_dicts() == unlimited.to_dicts() and spilled["n"][0] == 3_000_000
+    assert list(tmp_path.iterdir()) == []  # DuckDB removed its spill directory
+    one_value = (
+        "SELECT length(string_agg(md5(CAST(i AS VARCHAR)), ',')) AS n FROM range(3000000) AS t(i)"
+    )
+    with pytest.raises(WarehouseError) as refused:
+        warehouse.query(raw_query(one_value, "duckdb", name="one_value.sql"), {})
+    message = str(refused.value)
+    assert message.startswith("one_value.sql: the query needs more memory")
+    assert "CDP_DUCKDB_MEMORY_LIMIT: 64MB" in message and "\n" not in message
+    assert "SET memory_limit" not in message

@@ -52,8 +52,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -158,12 +160,19 @@ class Warehouse:
     """
 
     def __init__(
-        self, url: str, *, statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S
+        self,
+        url: str,
+        *,
+        statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S,
+        duckdb_memory_limit: str | None = None,
     ) -> None:
         if statement_timeout_s <= 0:
             raise ValueError(f"statement_timeout_s must be > 0, got {statement_timeout_s}")
         self.url = url
         self.statement_timeout_s = statement_timeout_s
+        # DuckDB's `memory_limit` for its queries ("2GB"); past it, they spill to a temporary
+        # directory of their own. None or empty: DuckDB's default.
+        self.duckdb_memory_limit = (duckdb_memory_limit or "").strip() or None
 
     def __repr__(self) -> str:
         return f"Warehouse({redact_url(self.url)!r})"
@@ -305,6 +314,13 @@ class Warehouse:
         try:
             con.execute("SET enable_progress_bar = false")
             con.execute("SET TimeZone = 'UTC'")
+            if self.duckdb_memory_limit:
+                con.execute("SET memory_limit = ?", [self.duckdb_memory_limit])
+                # Spilled blocks go to a directory of this connection's (DuckDB's default is
+                # beside the database file, which a read-only warehouse may not allow);
+                # DuckDB removes its files when the connection closes.
+                spill = Path(tempfile.gettempdir()) / f"cdp-duckdb-{uuid.uuid4().hex}"
+                con.execute("SET temp_directory = ?", [str(spill)])
             for name, table in _checked_tables(tables).items():
                 con.register(name, table)
         except BaseException:
@@ -378,6 +394,8 @@ class Warehouse:
             message = str(err)
             if "read-only" in message:
                 raise self._write_error(query, message) from None
+            if isinstance(err, duckdb.OutOfMemoryException):
+                raise self._memory_error(query, message) from None
             raise self._refused(query, params, message) from None
         finally:
             with lock:
@@ -537,6 +555,17 @@ class Warehouse:
             f"{query.path}: the query ran longer than the warehouse's statement timeout of "
             f"{self.statement_timeout_s:g} s and was cancelled; make it cheaper (a missing join "
             "condition?) or raise the warehouse's statement_timeout_s"
+        )
+
+    def _memory_error(self, query: AudienceQuery, message: str) -> Exception:
+        # DuckDB's own advice (SET memory_limit …) names settings a user cannot reach here.
+        first = message.strip().splitlines()[0]
+        limit = self.duckdb_memory_limit or "DuckDB's default, 80% of RAM"
+        return WarehouseError(
+            f"{query.path}: the query needs more memory than the warehouse may use "
+            f"(CDP_DUCKDB_MEMORY_LIMIT: {limit}), even spilling to disk ({first}); raise "
+            "CDP_DUCKDB_MEMORY_LIMIT or aggregate less (every column of every row of the "
+            "audience is held while it runs)"
         )
 
     def _write_error(self, query: AudienceQuery, message: str) -> Exception:

@@ -144,7 +144,7 @@ def check_live(root: Path, names: list[str]) -> tuple[dict[str, list[str]], list
 
     settings = get_settings()
     dialect = sql_dialect(settings.warehouse_url)
-    warehouse = Warehouse(settings.warehouse_url)
+    warehouse = Warehouse(settings.warehouse_url, duckdb_memory_limit=settings.duckdb_memory_limit)
     found: dict[str, list[str]] = {}
     notes: list[str] = []
     try:

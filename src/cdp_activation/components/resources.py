@@ -26,9 +26,14 @@ class WarehouseResource(dg.ConfigurableResource):
     """Where audience SQL runs: a `duckdb:///file` (read-only) or any SQLAlchemy URL."""
 
     url: str
+    duckdb_memory_limit: str = Field(
+        default="",
+        description="DuckDB's memory_limit for audience queries (CDP_DUCKDB_MEMORY_LIMIT); "
+        "empty: DuckDB's default.",
+    )
 
     def warehouse(self) -> Warehouse:
-        return Warehouse(self.url)
+        return Warehouse(self.url, duckdb_memory_limit=self.duckdb_memory_limit)
 
 
 class LedgerResource(dg.ConfigurableResource):

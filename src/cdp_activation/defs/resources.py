@@ -56,7 +56,8 @@ def resources() -> dg.Definitions:
             # A database URL may hold a password: when it comes from the environment it stays
             # an EnvVar, resolved at run time and never shown in the UI.
             "warehouse": WarehouseResource(
-                url=_env_or("CDP_WAREHOUSE_URL", settings.warehouse_url)
+                url=_env_or("CDP_WAREHOUSE_URL", settings.warehouse_url),
+                duckdb_memory_limit=settings.duckdb_memory_limit,
             ),
             "ledger": LedgerResource(url=_env_or("CDP_LEDGER_URL", settings.ledger_url)),
             # Step outputs hold whole audiences: sealed on disk (storage.py), not pickled in
