@@ -98,6 +98,55 @@ def test_large_plans_are_bulk_written(ledger_url: str) -> None:
     ledger.dispose()
 
 
+def test_a_large_plan_stores_exactly_what_a_small_one_does(
+    ledger_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large plans take the bulk path (PostgreSQL: COPY through a temporary table); every
+    value comes back as the row-by-row path writes it: nulls stay nulls, empty text stays
+    empty, quotes, commas, new lines and non-Latin text in messages survive, times and the
+    refused fallback's reason are kept."""
+    from datetime import UTC, datetime, timedelta
+
+    from cdp_activation.ledger import state_machine
+
+    n = 1_500
+    later = datetime(2026, 12, 5, 18, 30, 15, 123456, tzinfo=UTC)
+    frame = chosen(n).with_columns(
+        variables=pl.Series(
+            [[f'Ann "the, first"\n{i}', "日本語 ✓"] if i % 3 else None for i in range(n)],
+            dtype=pl.List(pl.String),
+        ),
+        body=pl.Series([None if i % 2 else f'Hi, "{i}"\nbye' for i in range(n)]),
+        template_name=pl.Series([None if i % 2 == 0 else "winback_offer" for i in range(n)]),
+        phone_e164=pl.Series([None if i % 5 == 0 else f"+4471234{i:05d}" for i in range(n)]),
+        not_before=pl.Series(
+            [later + timedelta(hours=i) if i % 4 == 0 else None for i in range(n)]
+        ),
+        decision=pl.Series(["exclude" if i % 7 == 0 else "send" for i in range(n)]),
+        reason=pl.Series(["fallback_sms_no_consent" if i % 7 == 0 else None for i in range(n)]),
+        fallback_of=pl.Series([i if i % 6 == 0 else None for i in range(n)], dtype=pl.Int64),
+        fallback_reason=pl.Series(["" if i % 6 == 0 else None for i in range(n)]),
+    )
+    ledger = Ledger(ledger_url)
+    assert ledger.plan("bulk", "p", frame, run_id=None).planned == n
+    monkeypatch.setattr(state_machine, "_COPY_FROM", 10**9)
+    monkeypatch.setattr(state_machine, "_sqlite_rows_per_statement", lambda con, columns: 1)
+    assert ledger.plan("bulk", "q", frame, run_id=None).planned == n
+    rows = ledger.rows("bulk").drop("id", "idempotency_key", "planned_at", "updated_at")
+    ledger.dispose()
+    assert rows.height == 2 * n
+    bulk = rows.filter(pl.col("partition_key") == "p").drop("partition_key").sort("customer_id")
+    one_by_one = rows.filter(pl.col("partition_key") == "q").drop("partition_key")
+    assert bulk.equals(one_by_one.sort("customer_id"))
+    assert bulk.filter(pl.col("customer_id") == "2")["message"][0] == (
+        '{"template":"winback_offer","language":"en","parameters":'
+        '["Ann \\"the, first\\"\\n1","日本語 ✓"]}'
+    )
+    assert bulk["recipient"].null_count() == 0 and (bulk["recipient"] == "").sum() == n // 5
+    assert (bulk["fallback_reason"] == "").sum() == n // 6  # empty, not null
+    assert bulk["error_code"].drop_nulls().unique().to_list() == ["fallback_sms_no_consent"]
+
+
 def test_recent_sends_count_accepted_messages_per_customer_channel_and_purpose(
     ledger_url: str,
 ) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from itertools import chain
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 import sqlalchemy as sa
@@ -102,6 +102,8 @@ class SendStates(LedgerBase):
                 for chunk in ordered.iter_slices(step):
                     values = tuple(chain(*chunk.rows()))
                     con.exec_driver_sql(_sqlite_insert(chunk.height), values)
+            elif rows.height >= _COPY_FROM:
+                _copy_plan(con, rows)
             else:
                 for chunk in rows.iter_slices(_PLAN_ROWS_PER_BATCH):
                     con.exec_driver_sql(self._insert_sql(), chunk.rows())
@@ -764,6 +766,7 @@ def _state_for(outcome: Outcome) -> str:
 
 
 _PLAN_ROWS_PER_BATCH = 10_000  # rows handed to the driver at once (PostgreSQL's executemany)
+_COPY_FROM = 1_000  # PostgreSQL plans of at least this many rows go through COPY
 _PLAN_COLUMNS = (
     "idempotency_key",
     "activation",
@@ -879,6 +882,41 @@ def _plan_rows(
         optional("fallback_of", pl.Int64()),
         optional("fallback_reason", pl.String()),
     )
+
+
+def _copy_plan(con: sa.Connection, rows: pl.DataFrame) -> None:
+    """PostgreSQL: `rows` COPYed (CSV written by polars, a slice at a time) into a temporary
+    table dropped at commit, then inserted into `sends` in key order in one statement, keys
+    already present skipped as `_insert_sql` skips them. COPY's parsing is several times
+    cheaper per row than an `executemany` of bound inserts; the insert's triggers (history)
+    run as for any insert."""
+    columns = ", ".join(_PLAN_COLUMNS)
+    dbapi_error = con.dialect.loaded_dbapi.Error
+    cursor = cast(Any, con.connection.driver_connection).cursor()  # psycopg 3
+    try:
+        cursor.execute(
+            f"CREATE TEMPORARY TABLE plan_rows ON COMMIT DROP AS SELECT {columns} FROM sends "
+            "WITH NO DATA"
+        )
+        with cursor.copy(f"COPY plan_rows ({columns}) FROM STDIN (FORMAT csv)") as copy:
+            for chunk in rows.iter_slices(_PLAN_ROWS_PER_BATCH):
+                # Nulls unquoted and empty, empty text quoted: COPY's CSV tells them apart.
+                copy.write(
+                    chunk.write_csv(
+                        include_header=False, datetime_format="%Y-%m-%d %H:%M:%S.%6f%:z"
+                    )
+                )
+        cursor.execute(
+            f"INSERT INTO sends ({columns}) SELECT {columns} FROM plan_rows "
+            "ORDER BY idempotency_key ON CONFLICT (idempotency_key) DO NOTHING"
+        )
+    except dbapi_error as err:  # raised as SQLAlchemy raises the other statements' errors
+        if con.dialect.is_disconnect(err, con.connection.dbapi_connection, cursor):
+            con.invalidate(err)
+        raise sa.exc.DBAPIError.instance("COPY plan_rows", (), err, dbapi_error) from err
+    finally:
+        with contextlib.suppress(Exception):
+            cursor.close()
 
 
 # `request_id` for a claim whose rows are each a request of its own: a random 62-bit number
