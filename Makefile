@@ -41,8 +41,11 @@ dev: $(STAMP) ## Start the sandbox, the status webhook receiver and the Dagster 
 scale-demo: $(STAMP) ## One activation on 4 Celery workers: local RabbitMQ + PostgreSQL, 1M customers
 	$(BIN)/cdp-activation scale-demo --workers $(or $(WORKERS),4)
 
+# On every core: the crash, kill and many-worker tests spend most of their time waiting on
+# other processes. A file's tests stay on one worker (they share its module's fixtures, and
+# the Celery ones one broker queue).
 test: $(STAMP) ## Run the whole test suite
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile
 
 lint: $(STAMP) ## ruff lint and format check, mypy over src/
 	$(BIN)/ruff check src tests bench requirements
