@@ -64,6 +64,10 @@ sends = sa.Table(
     sa.Index("ix_sends_fallback_of", "fallback_of"),
     # Who wrote back (`Replies._customers_of`): the send to that address on that channel.
     sa.Index("ix_sends_recipient_channel", "recipient", "channel"),
+    # A customer's sends: an opt-out cancels their planned ones (`Replies._opt_out`, inside
+    # the receiver's write transaction: without it, a scan of every planned row that held the
+    # ledger's write lock from the senders for milliseconds a reply), erasure finds them.
+    sa.Index("ix_sends_customer_channel", "customer_id", "channel"),
 )
 
 # Status webhooks as they arrived, once each: `event_key` identifies a report (provider, its
