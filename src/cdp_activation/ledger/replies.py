@@ -273,11 +273,15 @@ class Replies(LedgerBase):
             )
             .on_conflict_do_nothing(index_elements=["source"])
         )
-        covered = [
-            sends.c.customer_id == customer,
-            sends.c.channel == channel,
-            sends.c.state == PLANNED,
-        ]
+        # On SQLite the unary `+` keeps the planner on the customer's index: offered the
+        # `state` one too (a bound `state = ?`), it chose that and read every planned row,
+        # ~2.4 ms an opt-out at 4,000 planned rows, holding the ledger's write lock.
+        planned = (
+            sa.literal_column("+sends.state") == PLANNED
+            if con.dialect.name == "sqlite"
+            else sends.c.state == PLANNED
+        )
+        covered = [sends.c.customer_id == customer, sends.c.channel == channel, planned]
         if purpose != ALL_PURPOSES:
             covered.append(sends.c.purpose == purpose)
         result = con.execute(
