@@ -130,9 +130,7 @@ def test_a_429_pauses_every_delivery_sending_for_that_sender(tmp_path: Path, sha
     from cdp_activation.sandbox import Fault
     from crash_worker import audience, sandbox_connectors
 
-    # `grace` covers a request started before the 429 was answered and slowed on its way
-    # (a claim's write and a settle's, then Redis): 0.31 s seen with the suite on every core.
-    retry_after, grace, concurrency = 1.0, 0.5, 4
+    retry_after, grace, concurrency = 0.5, 0.25, 4
     ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
     ledger = Ledger(ledger_url)
     ledger.plan("pause", "p", audience(240).filter(pl.col("channel") == "sms"))
