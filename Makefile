@@ -43,9 +43,11 @@ scale-demo: $(STAMP) ## One activation on 4 Celery workers: local RabbitMQ + Pos
 
 # On every core: the crash, kill and many-worker tests spend most of their time waiting on
 # other processes. A file's tests stay on one worker (they share its module's fixtures, and
-# the Celery ones one broker queue).
+# the Celery ones one broker queue). Tests marked `serial` time sub-second pauses between
+# requests: they run after, alone, so another worker's load cannot delay a request in flight.
 test: $(STAMP) ## Run the whole test suite
-	$(BIN)/pytest -n auto --dist loadfile
+	$(BIN)/pytest -n auto --dist loadfile -m "not serial"
+	$(BIN)/pytest -m serial
 
 lint: $(STAMP) ## ruff lint and format check, mypy over src/
 	$(BIN)/ruff check src tests bench requirements

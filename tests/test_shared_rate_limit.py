@@ -117,6 +117,7 @@ def test_redis_down_stops_the_step_rather_than_send_unthrottled(
 
 @needs_redis
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-process"])
+@pytest.mark.serial
 def test_a_429_pauses_every_delivery_sending_for_that_sender(tmp_path: Path, shared: bool) -> None:
     """Two deliveries of one partition at once (two runs, or two workers) send for one Twilio
     account. After a 429, neither starts a request until its Retry-After has passed: the
