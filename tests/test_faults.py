@@ -262,7 +262,6 @@ def assert_retry_after_honoured(attempts: list[SandboxAttempt]) -> None:
     print(f"  retries after a 429: {len(gaps)}, shortest wait {min(gaps):.3f}s")
 
 
-@pytest.mark.serial
 def test_a_429_pauses_every_request_to_that_connector(tmp_path, sandbox: SandboxServer) -> None:
     """Throttling is about the sender: after a 429 no request of that connector starts until
     its Retry-After has passed, not only the throttled message's retry.
