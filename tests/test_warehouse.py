@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -438,3 +439,42 @@ def test_a_duckdb_query_past_its_memory_limit_spills_or_says_which_setting_to_ra
     assert message.startswith("one_value.sql: the query needs more memory")
     assert "CDP_DUCKDB_MEMORY_LIMIT: 64MB" in message and "\n" not in message
     assert "SET memory_limit" not in message
+
+
+def test_two_queries_at_once_on_one_duckdb_file_share_its_spill_directory(
+    demo_duckdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections to one DuckDB file in one process share its database and settings (a
+    sensor and a run in one process, two threads of a code server): a query starting while
+    another is spilling keeps the directory in use (DuckDB refuses to switch it) and both
+    answer."""
+    import threading
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    warehouse = Warehouse(f"duckdb:///{demo_duckdb}", duckdb_memory_limit="300MB")
+    long_sort = raw_query(
+        "SELECT count(*) AS n FROM (SELECT md5(CAST(i AS VARCHAR)) AS h "
+        "FROM range(12000000) AS t(i) ORDER BY h)",
+        "duckdb",
+        name="long_sort.sql",
+    )
+    results: dict[str, Any] = {}
+
+    def sort() -> None:
+        try:
+            results["sort"] = warehouse.query(long_sort, {})["n"][0]
+        except Exception as err:  # reported below
+            results["sort"] = err
+
+    thread = threading.Thread(target=sort)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while thread.is_alive() and not any(f for d in tmp_path.iterdir() for f in d.iterdir()):
+        assert time.monotonic() < deadline, "the sort never spilled"
+        time.sleep(0.02)
+    assert thread.is_alive(), "the sort ended before it could be overlapped"
+    # Another query on the same file while the first one's blocks are on disk.
+    assert warehouse.read_table_sql("SELECT 1 AS one")["one"].to_list() == [1]
+    thread.join(120)
+    assert results["sort"] == 12_000_000
+    assert list(tmp_path.iterdir()) == []

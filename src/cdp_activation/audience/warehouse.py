@@ -51,11 +51,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import re
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -315,12 +315,7 @@ class Warehouse:
             con.execute("SET enable_progress_bar = false")
             con.execute("SET TimeZone = 'UTC'")
             if self.duckdb_memory_limit:
-                con.execute("SET memory_limit = ?", [self.duckdb_memory_limit])
-                # Spilled blocks go to a directory of this connection's (DuckDB's default is
-                # beside the database file, which a read-only warehouse may not allow);
-                # DuckDB removes its files when the connection closes.
-                spill = Path(tempfile.gettempdir()) / f"cdp-duckdb-{uuid.uuid4().hex}"
-                con.execute("SET temp_directory = ?", [str(spill)])
+                _limit_memory(con, self.duckdb_memory_limit)
             for name, table in _checked_tables(tables).items():
                 con.register(name, table)
         except BaseException:
@@ -576,6 +571,25 @@ class Warehouse:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _limit_memory(con: duckdb.DuckDBPyConnection, limit: str) -> None:
+    """DuckDB's `memory_limit` for `con`'s database, spilling to this process's own temporary
+    directory (DuckDB's default is beside the database file, which a read-only warehouse may
+    not allow; DuckDB removes it when the database closes).
+
+    Connections to one file in one process share its database and settings: a query of
+    another thread may be spilling there right now, and DuckDB refuses to switch a temporary
+    directory in use, even to the same path. So the directory is set only when it is not
+    already this one; one in use is kept (it works: it is being written)."""
+    con.execute("SET memory_limit = ?", [limit])
+    spill = str(Path(tempfile.gettempdir()) / f"cdp-duckdb-{os.getpid()}")
+    # fetchall: a result left unfinished makes the connection refuse its next statement.
+    if con.execute("SELECT current_setting('temp_directory')").fetchall() == [(spill,)]:
+        return
+    # "Cannot switch temporary directory after the current one has been used": keep it.
+    with contextlib.suppress(duckdb.NotImplementedException):
+        con.execute("SET temp_directory = ?", [spill])
 
 
 def _checked_tables(tables: Mapping[str, pa.Table] | None) -> dict[str, pa.Table]:
