@@ -102,7 +102,7 @@ class SendStates(LedgerBase):
                 for chunk in ordered.iter_slices(step):
                     values = tuple(chain(*chunk.rows()))
                     con.exec_driver_sql(_sqlite_insert(chunk.height), values)
-            elif rows.height >= _COPY_FROM:
+            elif rows.height >= _COPY_FROM and con.dialect.driver == "psycopg":
                 _copy_plan(con, rows)
             else:
                 for chunk in rows.iter_slices(_PLAN_ROWS_PER_BATCH):
@@ -892,7 +892,7 @@ def _copy_plan(con: sa.Connection, rows: pl.DataFrame) -> None:
     run as for any insert."""
     columns = ", ".join(_PLAN_COLUMNS)
     dbapi_error = con.dialect.loaded_dbapi.Error
-    cursor = cast(Any, con.connection.driver_connection).cursor()  # psycopg 3
+    cursor = cast(Any, con.connection.driver_connection).cursor()  # psycopg 3's `copy`
     try:
         cursor.execute(
             f"CREATE TEMPORARY TABLE plan_rows ON COMMIT DROP AS SELECT {columns} FROM sends "
