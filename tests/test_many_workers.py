@@ -24,6 +24,7 @@ import sys
 import threading
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +102,14 @@ def test_three_workers_on_one_machine_send_everyone_once(
     tmp_path: Path, sandbox: SandboxServer
 ) -> None:
     project = cli_project(tmp_path, sandbox, customers=3_000)
+    run_started = datetime.now(UTC)
     run = project.run("run", ACTIVATION, "--workers", "3", *ALL_DAY, "--json")
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["success"], summary
-    assert summary["sent"] + summary["failed"] == summary["to_send"] > 300, summary
+    # At least what was due when the run began: the 00:00-23:59 window leaves a minute of
+    # quiet, and customers deferred over it fall due, and go, while the workers claim.
+    assert summary["sent"] + summary["failed"] >= summary["to_send"] > 300, summary
     # Three claim steps ran, each its own process, and each one's figures are recorded.
     import dagster as dg
 
@@ -129,6 +133,13 @@ def test_three_workers_on_one_machine_send_everyone_once(
     assert sum(w["sent"] for w in per_worker) == summary["sent"]
     rows = ledger_rows(project.ledger_url, summary["partition"])
     assert rows.filter(pl.col("state") == "sent").height == summary["sent"]
+    # Nobody due was left behind: what is still planned waits for its own quiet hours' end.
+    left = [
+        r
+        for r in rows.filter(pl.col("state") == "planned").iter_rows(named=True)
+        if r["not_before"] is None or r["not_before"].replace(tzinfo=UTC) < run_started
+    ]
+    assert not left, left[:3]
     assert_each_key_once(sandbox.messages(), rows)
 
 
