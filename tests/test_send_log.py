@@ -109,6 +109,34 @@ def test_the_ledger_is_exported_once_per_send_and_changes_follow_incrementally(
     assert log.filter(pl.col("customer_id") == "c1")["delivery_status"].to_list() == ["read"]
 
 
+def test_a_send_log_an_earlier_version_made_gains_the_new_columns(
+    ledger: Ledger, warehouse_url: str
+) -> None:
+    """A table exported before `variant` existed: the next export adds the column (old rows
+    null) instead of failing on it."""
+    export_send_log(ledger, warehouse_url)
+    if warehouse_url.startswith("duckdb:///"):
+        with duckdb.connect(warehouse_url.removeprefix("duckdb:///")) as con:
+            con.execute(f"ALTER TABLE {SEND_LOG_TABLE} DROP COLUMN variant")
+    else:
+        engine = sa.create_engine(warehouse_url)
+        with engine.begin() as con:
+            con.exec_driver_sql(f"ALTER TABLE {SEND_LOG_TABLE} DROP COLUMN variant")
+        engine.dispose()
+    assert "variant" not in read_log(warehouse_url).columns
+    with ledger.engine.begin() as con:
+        con.execute(sends.update().where(sends.c.customer_id == "c1").values(variant="short"))
+        con.execute(sends.update().values(updated_at=datetime.now(UTC) + timedelta(seconds=1)))
+    again = export_send_log(ledger, warehouse_url)
+    assert again.exported == 3 and again.table_rows == 3
+    log = read_log(warehouse_url)
+    assert dict(zip(log["customer_id"], log["variant"], strict=True)) == {
+        "c1": "short",
+        "c2": None,
+        "c3": None,
+    }
+
+
 def test_the_send_log_asset_exports_through_its_resources(ledger: Ledger, tmp_path: Path) -> None:
     url = f"duckdb:///{tmp_path / 'analytics.duckdb'}"
     result = dg.materialize(

@@ -454,6 +454,122 @@ class HoldoutSpec(_Strict):
         return value
 
 
+class VariantMessageSpec(_Strict):
+    """A variant's own message on one channel of the plan: another template or text."""
+
+    template: TemplateSpec | None = None
+    body: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> VariantMessageSpec:
+        if (self.template is None) == (self.body is None):
+            raise ValueError("give exactly one of `template` or `body`")
+        return self
+
+
+class SendWindowSpec(_Strict):
+    """Local hours a variant's messages may go out in; outside them they wait for `start`."""
+
+    start: str = Field(description="Local time the window opens (HH:MM).")
+    end: str = Field(description="Local time the window closes (HH:MM).")
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        if not _HHMM.match(value):
+            raise ValueError(f"{value!r} is not a time of day like 18:00")
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SendWindowSpec:
+        if self.start == self.end:
+            raise ValueError("a send window's start and end must differ")
+        return self
+
+
+_VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+
+class VariantSpec(_Strict):
+    """One arm of an experiment: the plan as written, or with its own messages, channel order
+    or send window; or the holdout, recorded and never messaged."""
+
+    name: str = Field(description="Lower-case letters, digits, - and _ (at most 40).")
+    weight: float = Field(description="Relative share of newly assigned customers, above 0.")
+    holdout: bool = Field(
+        default=False, description="The control group: assigned and recorded, never messaged."
+    )
+    messages: dict[Channel, VariantMessageSpec] = Field(
+        default_factory=dict,
+        description="Per channel of the plan, this variant's template or text instead.",
+    )
+    channel_order: list[Channel] | None = Field(
+        default=None, description="The plan's channels in another order (all of them)."
+    )
+    send_window: SendWindowSpec | None = Field(
+        default=None, description="Local hours this variant's messages may go out in."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _VARIANT_NAME.match(value):
+            raise ValueError(
+                f"variant name {value!r}: use lower-case letters, digits, - and _ (at most 40)"
+            )
+        return value
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, value: float) -> float:
+        if not 0 < value < float("inf"):
+            raise ValueError("a variant's weight must be a number above 0")
+        return value
+
+    @model_validator(mode="after")
+    def _holdout_sends_nothing(self) -> VariantSpec:
+        if self.holdout and (self.messages or self.channel_order or self.send_window):
+            raise ValueError(
+                f"variant {self.name!r} is the holdout: it sends nothing, so it takes no "
+                "messages, channel_order or send_window"
+            )
+        return self
+
+
+class ExperimentSpec(_Strict):
+    """A/B/n variants of the activation. Each customer is assigned once, by a stable hash of
+    their id and the `salt`, recorded in the ledger and kept: changing the weights or the
+    audience moves only customers never assigned before."""
+
+    salt: str | None = Field(
+        default=None,
+        description="Hash salt; default: the activation's name. A new salt starts a new "
+        "experiment for customers not yet assigned.",
+    )
+    variants: list[VariantSpec]
+    conversion_sql: str | None = Field(
+        default=None,
+        description="SQL returning conversions (customer_id, converted_at) for the results "
+        "asset; relative to the project root. It may bind :start and :end.",
+    )
+    conversion_window_days: int = Field(
+        default=7, description="A conversion counts within this many days of the decision."
+    )
+
+    @model_validator(mode="after")
+    def _variants(self) -> ExperimentSpec:
+        names = [v.name for v in self.variants]
+        if len(names) < 2:
+            raise ValueError("an experiment needs at least two variants")
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must differ, got {names}")
+        if all(v.holdout for v in self.variants):
+            raise ValueError("an experiment needs a variant that sends")
+        if not 1 <= self.conversion_window_days <= 90:
+            raise ValueError("conversion_window_days must be between 1 and 90")
+        return self
+
+
 class PolicySpec(_Strict):
     """Per-activation policy settings; every field has a safe default."""
 
@@ -654,6 +770,11 @@ class ActivationSpec(_Strict):
         description="Event-driven instead of daily: window partitions run by a sensor "
         "(abandoned carts within the hour).",
     )
+    experiment: ExperimentSpec | None = Field(
+        default=None,
+        description="A/B/n variants with weights and a holdout; lift measured by its "
+        "conversion_sql (`<name>/results`).",
+    )
 
     def send_deadline(self) -> timedelta:
         """How long a message may wait to leave: `delivery.max_send_delay`, or for an
@@ -677,6 +798,52 @@ class ActivationSpec(_Strict):
                     f"policy.country_channels.{country} uses {unknown}, which the channel plan "
                     f"does not have (plan: {sorted(planned)})"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _variants_fit_the_plan(self) -> ActivationSpec:
+        if self.experiment is None:
+            return self
+        plan = self.channel_plan
+        channels = [step.channel for step in plan.steps]
+        if self.policy.holdout.share > 0:
+            raise ValueError(
+                "experiment: give the holdout as a variant (`holdout: true` with its weight), "
+                "not as policy.holdout.share"
+            )
+        for variant in self.experiment.variants:
+            where = f"experiment.variants.{variant.name}"
+            order = variant.channel_order
+            if order is not None and sorted(order) != sorted(channels):
+                raise ValueError(
+                    f"{where}.channel_order {order} must list the plan's channels {channels} "
+                    "once each, in the variant's order"
+                )
+            for channel, message in variant.messages.items():
+                if channel not in channels:
+                    raise ValueError(
+                        f"{where}.messages.{channel}: the plan has no {channel} step "
+                        f"(plan: {channels})"
+                    )
+                if plan.fallback is not None and channel == plan.fallback.channel:
+                    raise ValueError(
+                        f"{where}.messages.{channel}: {channel} is the plan's fallback, which "
+                        "sends the plan's own message; change it in channel_plan"
+                    )
+                step = plan.step_for(channel)
+                kind = "template" if message.template is not None else "body"
+                own = "handoff" if step.handoff else "template" if step.template else "body"
+                if kind != own or step.template_code is not None:
+                    raise ValueError(
+                        f"{where}.messages.{channel}: the plan's {channel} step sends a {own}; "
+                        f"the variant must give a {own} too"
+                    )
+                category = message.template.category if message.template else None
+                if category and category not in CATEGORIES_FOR_PURPOSE[plan.purpose]:
+                    raise ValueError(
+                        f"{where}.messages.{channel}: template category {category!r} is not "
+                        f"allowed for a {plan.purpose} activation"
+                    )
         return self
 
     @field_validator("partitions_start_date")

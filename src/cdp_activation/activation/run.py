@@ -54,12 +54,20 @@ from cdp_activation.policy.engine import DEFER, EXCLUDE, HOLDOUT, SEND, rendered
 from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.suppression import normalise_suppressions
 from cdp_activation.policy.templates import template_problem
+from cdp_activation.policy.variants import (
+    decide_experiment,
+    plans_by_variant,
+    rendered_messages,
+    variant_plan,
+    variant_salt,
+)
 from cdp_activation.policy.window import last_inbound_column
 from cdp_activation.settings import get_settings, is_loopback, project_root, sandbox_mode
 from cdp_activation.spec import (
     CATEGORIES_FOR_PURPOSE,
     ActivationSpec,
     ChannelPlanSpec,
+    ExperimentSpec,
     QuietHoursSpec,
     coerce_parameter,
 )
@@ -78,6 +86,7 @@ class Activation:
     query: AudienceQuery
     suppression_sql: Path
     events_query: AudienceQuery | None = None  # an event-driven activation's new-events SQL
+    conversion_query: AudienceQuery | None = None  # an experiment's conversions (results)
 
     @classmethod
     def from_spec(
@@ -107,6 +116,14 @@ class Activation:
                     f"{events_query.path}: binds only :since (the last load time seen), got "
                     f"{', '.join(':' + p for p in extra)}"
                 )
+        conversion_query = None
+        if spec.experiment is not None and spec.experiment.conversion_sql is not None:
+            conversion_query = load_audience_sql(root / spec.experiment.conversion_sql, dialect)
+            if extra := sorted(conversion_query.parameters - {"start", "end"}):
+                raise ValueError(
+                    f"{conversion_query.path}: binds only :start and :end (the span the "
+                    f"results need), got {', '.join(':' + p for p in extra)}"
+                )
         check_step_connectors(spec.channel_plan)
         return cls(
             name=name,
@@ -114,6 +131,7 @@ class Activation:
             query=query,
             suppression_sql=root / spec.suppression_sql,
             events_query=events_query,
+            conversion_query=conversion_query,
         )
 
     def variable_columns(self) -> list[str]:
@@ -347,8 +365,19 @@ def template_problems(
         return [override]
     activation = with_run_choices(activation, template=template)
     catalogs = fetch_catalogs(activation, connectors)
+    plan = activation.spec.channel_plan
+    # The plan's templates, then each experiment variant's own.
+    checked = [("", step) for step in plan.steps]
+    experiment = activation.spec.experiment
+    for variant in experiment.variants if experiment is not None else []:
+        own, _ = variant_plan(plan, activation.spec.policy, variant)
+        checked += [
+            (f"variant {variant.name}: ", step)
+            for step in own.steps
+            if step.channel in variant.messages
+        ]
     problems = []
-    for step in activation.spec.channel_plan.steps:
+    for prefix, step in checked:
         if step.template is None:
             continue
         catalog = catalogs[step.connector]
@@ -357,10 +386,10 @@ def template_problems(
         if not hasattr(connectors[step.connector], "fetch_templates"):
             problems.append(f"connector {step.connector!r} cannot list its templates")
             continue
-        problem = template_problem(catalog, step.template, activation.spec.channel_plan.purpose)
+        problem = template_problem(catalog, step.template, plan.purpose)
         if problem:
-            problems.append(problem)
-    return problems
+            problems.append(prefix + problem)
+    return list(dict.fromkeys(problems))
 
 
 def template_override_problem(
@@ -450,19 +479,26 @@ def compute_decisions(
         opted_out = ledger.opt_outs()
         backoff = ledger.marketing_backoff(backoff_codes(), now)
         audience = with_replies(audience, ledger.last_inbound("whatsapp"))
-    return decide(
-        audience,
-        activation.spec.channel_plan,
-        now=now,
-        suppressions=suppressions,
-        catalogs=catalogs,
-        policy=policy,
-        recent_sends=recent,
-        max_recipients=max_recipients,
-        salt=activation.name,
-        phone_cache=cache,
-        opt_outs=opted_out,
-        marketing_backoff=backoff,
+    engine: dict[str, Any] = {
+        "now": now,
+        "suppressions": suppressions,
+        "catalogs": catalogs,
+        "policy": policy,
+        "recent_sends": recent,
+        "max_recipients": max_recipients,
+        "salt": activation.name,
+        "phone_cache": cache,
+        "opt_outs": opted_out,
+        "marketing_backoff": backoff,
+    }
+    experiment = activation.spec.experiment
+    if experiment is None:
+        return decide(audience, activation.spec.channel_plan, **engine)
+    # Customers keep the variant the ledger recorded for them; the rest by their hash.
+    salt = variant_salt(experiment, activation.name)
+    recorded = ledger.variant_assignments(activation.name, salt) if ledger is not None else None
+    return decide_experiment(
+        audience, activation.spec.channel_plan, experiment, recorded=recorded, **engine
     )
 
 
@@ -535,10 +571,30 @@ def eligible_count(decisions: pl.DataFrame) -> int:
     return decisions.filter(pl.col("decision").is_in([SEND, DEFER])).height
 
 
-def sample_messages(decisions: pl.DataFrame, plan: ChannelPlanSpec, per_channel: int = 3) -> str:
-    """A Markdown table of rendered messages per channel, phone numbers masked."""
+def sample_messages(
+    decisions: pl.DataFrame,
+    plan: ChannelPlanSpec,
+    per_channel: int = 3,
+    experiment: ExperimentSpec | None = None,
+) -> str:
+    """A Markdown table of rendered messages per channel (and variant, in an experiment),
+    phone numbers masked."""
     chosen = decisions.filter(pl.col("channel").is_not_null())
-    lines = ["| channel | to | message |", "|---|---|---|"]
+    parts = plans_by_variant(chosen, plan, experiment)
+    variants = any(name is not None for name, _, _ in parts)
+    lines = [
+        "| variant | channel | to | message |" if variants else "| channel | to | message |",
+        "|---|---|---|---|" if variants else "|---|---|---|",
+    ]
+    for name, part, own in parts:
+        lines += _sample_lines(part, own, per_channel, f"{name or ''} | " if variants else "")
+    return "\n".join(lines)
+
+
+def _sample_lines(
+    chosen: pl.DataFrame, plan: ChannelPlanSpec, per_channel: int, prefix: str
+) -> list[str]:
+    lines = []
     for channel in sorted(chosen["channel"].cast(pl.String).unique().to_list()):
         sample = rendered(chosen.filter(pl.col("channel") == channel).head(per_channel), plan)
         for row in sample.iter_rows(named=True):
@@ -557,8 +613,8 @@ def sample_messages(decisions: pl.DataFrame, plan: ChannelPlanSpec, per_channel:
             else:
                 text = row["body"]
             text = text.replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {channel} | {mask_phone(row['phone_e164'])} | {text} |")
-    return "\n".join(lines)
+            lines.append(f"| {prefix}{channel} | {mask_phone(row['phone_e164'])} | {text} |")
+    return lines
 
 
 def policy_breaches(
@@ -793,10 +849,18 @@ def prepare_delivery(
         return summary
 
     recorded = [SEND, DEFER, HOLDOUT, *([EXCLUDE] if fallback else [])]
-    to_plan = rendered(
-        decisions.filter(pl.col("decision").is_in(recorded)), activation.spec.channel_plan
+    to_plan = rendered_messages(
+        decisions.filter(pl.col("decision").is_in(recorded)),
+        activation.spec.channel_plan,
+        activation.spec.experiment,
     )
     recover_interrupted(activation, ledger, connectors, partition_key, summary)
+    experiment = activation.spec.experiment
+    if experiment is not None and not fallback and "variant" in to_plan.columns:
+        # Before the plan: a crash between the two leaves assignments a re-run reuses.
+        ledger.record_assignments(
+            activation.name, variant_salt(experiment, activation.name), to_plan
+        )
     planned = ledger.plan(
         activation.name,
         partition_key,

@@ -92,6 +92,12 @@ def main(ctx: click.Context, debug: bool) -> None:
     default=None,
     help="With --live: stop after this long (default: until Ctrl-C).",
 )
+@click.option(
+    "--experiment",
+    is_flag=True,
+    help="Instead of winback_whatsapp, run winback_experiment (three arms, one a holdout), "
+    "simulate the customers' orders of the following week, and print its results.",
+)
 def demo(
     customers: int,
     seed: int,
@@ -103,6 +109,7 @@ def demo(
     activate: bool,
     events_per_minute: float,
     minutes: float | None,
+    experiment: bool,
 ) -> None:
     if live:
         _live_demo(customers, seed, port, activate, events_per_minute, minutes)
@@ -117,11 +124,17 @@ def demo(
     from cdp_activation.demo.data import generate_demo_warehouse
 
     started = time.perf_counter()
+    activation = "winback_experiment" if experiment else "winback_whatsapp"
+    if experiment and send_window is None:
+        # Every arm sends now, whatever the hour: results need sent customers beside the
+        # held-out ones, and the demo's customers live in every time zone.
+        send_window = "00:00-23:59"
+        console.print("demo --experiment: quiet hours lifted (--send-window 00:00-23:59)")
     window = _window(send_window)
     # The demo runs against the local sandbox, with its published credentials: say so.
     os.environ["CDP_SANDBOX"] = "1"
     home = ensure_dagster_home()
-    queue = _queue()  # each run waits behind any other run of winback_whatsapp, and says so
+    queue = _queue()  # each run waits behind any other run of the activation, and says so
     settings = get_settings()
     path = duckdb_path(settings.warehouse_url) or home / "demo_warehouse.duckdb"
     os.environ["CDP_WAREHOUSE_URL"] = f"duckdb:///{path}"
@@ -138,9 +151,9 @@ def demo(
         _use_sandbox(url)
         hooks = None if dry_run else _status_webhooks(stack, url)
         # Plan, then apply: the preview a marketer checks before a send, through Dagster.
-        console.print(f"[bold]3/5[/] preview (dry run) of winback_whatsapp for {partition}")
+        console.print(f"[bold]3/5[/] preview (dry run) of {activation} for {partition}")
         summary = run_activation(
-            "winback_whatsapp", partition, dry_run=True, queue=queue, send_window=window
+            activation, partition, dry_run=True, queue=queue, send_window=window
         )
         if summary.success:
             cost = summary.estimated_cost or 0.0
@@ -152,14 +165,16 @@ def demo(
             )
         reports = None
         if not dry_run and summary.success:
-            console.print(f"[bold]4/5[/] sending winback_whatsapp for {partition} via Dagster")
-            with _progress_bar("winback_whatsapp", partition):
+            console.print(f"[bold]4/5[/] sending {activation} for {partition} via Dagster")
+            with _progress_bar(activation, partition):
                 summary = run_activation(
-                    "winback_whatsapp", partition, dry_run=False, queue=queue, send_window=window
+                    activation, partition, dry_run=False, queue=queue, send_window=window
                 )
-            reports = _settled_statuses("winback_whatsapp", partition) if hooks else None
+            reports = _settled_statuses(activation, partition) if hooks else None
         fallback = None
-        if reports is not None and summary.success:
+        if experiment:
+            pass  # no fallback in the experiment's plan: its results follow the report
+        elif reports is not None and summary.success:
             # The plan falls back after 30 minutes; the demo's statuses have settled, so it
             # does not wait: whatever is not delivered now falls back now.
             console.print(
@@ -167,10 +182,31 @@ def demo(
                 "30-minute window shortened to 0)"
             )
             fallback = run_fallback(
-                "winback_whatsapp", partition, not_delivered_within_minutes=0, queue=queue
+                activation, partition, not_delivered_within_minutes=0, queue=queue
             )
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
     _report(summary, as_json, sandbox_url=url, reports=reports, fallback=fallback)
+    if experiment and reports is not None and summary.success and not as_json:
+        _experiment_results(activation, partition, path)
+
+
+def _experiment_results(activation: str, partition: str, warehouse: Path) -> None:
+    """`demo --experiment`'s last step: the customers' simulated orders of the week after the
+    send (demo/conversions.py), then the results, as `cdp-activation results` prints them."""
+    from cdp_activation.demo.conversions import simulate_conversions
+    from cdp_activation.ledger import Ledger
+
+    console.print(
+        "[bold]5/5[/] the week after: simulated orders (a base chance, more for customers "
+        "whose message was delivered), then the results"
+    )
+    ledger = Ledger(get_settings().ledger_url)
+    try:
+        added = simulate_conversions(warehouse, ledger, activation, partition)
+    finally:
+        ledger.dispose()
+    console.print(f"    {added:,} orders added to the demo warehouse", highlight=False)
+    results.callback(activation, partition, False)  # type: ignore[misc]
 
 
 def _live_demo(
@@ -800,6 +836,76 @@ def migrate() -> None:
     ledger = Ledger(settings.ledger_url)  # opening it the first time in a process migrates
     ledger.dispose()
     console.print("ledger schema is up to date", highlight=False)
+
+
+@main.command(
+    help="Print an experiment's results: conversion per variant and each variant's lift over "
+    "the holdout, with 95% intervals and p-values (the `<name>/results` asset's table)."
+)
+@click.argument("activation")
+@click.option("--partition", help="One day's partition (YYYY-MM-DD); default: every partition.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON line.")
+def results(activation: str, partition: str | None, as_json: bool) -> None:
+    import yaml
+
+    from cdp_activation.activation.results import experiment_results
+    from cdp_activation.activation.run import Activation
+    from cdp_activation.audience.sql import sql_dialect
+    from cdp_activation.audience.warehouse import Warehouse
+    from cdp_activation.cli.validation import activations_dir
+    from cdp_activation.ledger import Ledger
+    from cdp_activation.spec import ActivationSpec
+
+    settings = get_settings()
+    root = project_root()
+    folder = activations_dir(root)
+    path = folder / activation / "defs.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.parent.name for p in folder.glob("*/defs.yaml")))
+        raise click.BadParameter(f"no activation {activation!r} (there are: {known})")
+    spec = ActivationSpec.model_validate(yaml.safe_load(path.read_text())["attributes"])
+    loaded = Activation.from_spec(activation, spec, root, sql_dialect(settings.warehouse_url))
+    warehouse = Warehouse(settings.warehouse_url, duckdb_memory_limit=settings.duckdb_memory_limit)
+    ledger = Ledger(settings.ledger_url)
+    try:
+        found = experiment_results(loaded, ledger, warehouse, partition)
+    finally:
+        ledger.dispose()
+    if as_json:
+        click.echo(json.dumps(found.as_json(), sort_keys=True))
+        return
+    scope = f"partition {partition}" if partition else "every partition"
+    if not found.variants:
+        console.print(
+            f"{activation} ({scope}): no customer's first message has been decided yet; run "
+            f"it first (cdp-activation run {activation})",
+            highlight=False,
+        )
+        return
+    console.print(
+        f"[bold]{activation}[/] · {scope} · a conversion within {found.window_days} days of "
+        f"the decision · baseline `{found.baseline}`",
+        highlight=False,
+    )
+    table = Table("variant", "customers", "conversions", "rate (95% CI)", "lift (95% CI)", "p")
+    for v in found.variants:
+        rate = f"{v.rate:.2%} ({v.rate_low:.2%} to {v.rate_high:.2%})"
+        lift = (
+            "baseline"
+            if v.lift is None
+            else f"{v.lift * 100:+.2f} pts ({(v.lift_low or 0) * 100:+.2f} to "
+            f"{(v.lift_high or 0) * 100:+.2f})"
+        )
+        p = "" if v.p_value is None else f"{v.p_value:.3g}"
+        table.add_row(v.variant, f"{v.customers:,}", f"{v.conversions:,}", rate, lift, p)
+    console.print(table)
+    if found.open_windows:
+        console.print(
+            f"{found.open_windows:,} customers' conversion windows are still open (the last "
+            f"closes {found.window_closes_at:%Y-%m-%d %H:%M} UTC): these figures can still "
+            "change.",
+            highlight=False,
+        )
 
 
 @main.command(

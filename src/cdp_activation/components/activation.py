@@ -20,6 +20,7 @@ from cdp_activation.audience.sql import sql_dialect
 from cdp_activation.components import fan_out
 from cdp_activation.components import metadata as asset_meta
 from cdp_activation.components.resources import LedgerResource, WarehouseResource
+from cdp_activation.components.results import results_defs
 from cdp_activation.delivery.engine import DeliveryReport
 from cdp_activation.feedback import fallback as fb
 from cdp_activation.feedback.template_catalog import catalog_connectors
@@ -278,7 +279,8 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
             partition_key=context.partition_key,
         )
         plan = chosen_activation.spec.channel_plan
-        metadata = asset_meta.decisions_metadata(result, plan, audience)
+        experiment = chosen_activation.spec.experiment
+        metadata = asset_meta.decisions_metadata(result, plan, audience, experiment)
         checks = [
             _consent_result(activation, context, result.frame, audience),
             _phone_share_result(result.excluded_by_reason(), audience.height),
@@ -478,6 +480,8 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         sensors=[deferred_sends]
         + ([] if spec.events is None else [_events_sensor(activation, job, jobs_of_activation)]),
     )
+    if spec.experiment is not None and spec.experiment.conversion_sql is not None:
+        defs = dg.Definitions.merge(defs, results_defs(activation, common, deliveries_key))
     if fallback is None:
         return defs
     return dg.Definitions.merge(

@@ -13,9 +13,10 @@ from cdp_activation.activation.pricing import estimate_cost, load_prices
 from cdp_activation.activation.run import DeliverySummary, sample_messages
 from cdp_activation.feedback.fallback import FallbackDecisions
 from cdp_activation.policy import Decisions, reasons
-from cdp_activation.policy.engine import DEFER, HOLDOUT
+from cdp_activation.policy.engine import DEFER, EXCLUDE, HOLDOUT, SEND
+from cdp_activation.policy.variants import variant_counts
 from cdp_activation.settings import get_settings
-from cdp_activation.spec import ChannelPlanSpec, storable_parameters
+from cdp_activation.spec import ChannelPlanSpec, ExperimentSpec, storable_parameters
 
 
 def audience_metadata(
@@ -79,15 +80,19 @@ def md_counts(title: str, counts: Mapping[str, int]) -> str:
 
 
 def decisions_metadata(
-    result: Decisions, plan: ChannelPlanSpec, audience: pl.DataFrame
+    result: Decisions,
+    plan: ChannelPlanSpec,
+    audience: pl.DataFrame,
+    experiment: ExperimentSpec | None = None,
 ) -> dict[str, Any]:
     """The decisions asset's metadata: counts for the UI, the estimated cost, and `summary`,
     the run summary's part as one JSON entry (`runner.RunSummary` is rebuilt from it)."""
     eligible = result.eligible_by_channel()
     excluded = result.excluded_by_reason()
     counts = result.counts()
-    samples = sample_messages(result.frame, plan)
+    samples = sample_messages(result.frame, plan, experiment=experiment)
     cost = cost_metadata(result, audience, plan)
+    variants = variant_counts(result.frame)
     meta: dict[str, Any] = {
         "audience_size": result.frame.height,
         "eligible": sum(eligible.values()),
@@ -111,6 +116,7 @@ def decisions_metadata(
                 "currency": cost["currency"],
                 "estimated_cost_by_channel": cost["estimated_cost_by_channel"].value,
                 "sample_messages": samples,
+                **({"variants": variants} if variants else {}),
             }
         ),
     }
@@ -120,7 +126,18 @@ def decisions_metadata(
         meta[f"excluded_{reason}"] = count
     if result.template_problems:
         meta["template_problems"] = dg.MetadataValue.json(result.template_problems)
+    if variants:
+        meta["variants"] = dg.MetadataValue.md(md_variants(variants))
     return meta
+
+
+def md_variants(variants: Mapping[str, Mapping[str, int]]) -> str:
+    """An experiment's customers per variant and decision, as a Markdown table."""
+    decisions = (SEND, DEFER, HOLDOUT, EXCLUDE)
+    lines = ["| variant | " + " | ".join(decisions) + " |", "|---|" + "---:|" * len(decisions)]
+    for name, counts in variants.items():
+        lines.append(f"| `{name}` | " + " | ".join(f"{counts.get(d, 0):,}" for d in decisions))
+    return "\n".join(lines)
 
 
 def previous_audience_size(instance: Any, asset_key: Any, run_id: str) -> int | None:

@@ -88,7 +88,8 @@ def fallback_spec(activation: Activation) -> FallbackSpec:
 def fallback_activation(activation: Activation) -> Activation:
     """The activation as the policy sees it for the fallback: a plan of the fallback step
     alone, no per-country channel order, no holdout (held-out customers got no first
-    message to fall back from)."""
+    message to fall back from), no experiment (a fallback row keeps its first message's
+    variant, `due_fallbacks`)."""
     spec = activation.spec
     plan = spec.channel_plan
     step = plan.step_for(fallback_spec(activation).channel)
@@ -100,6 +101,7 @@ def fallback_activation(activation: Activation) -> Activation:
                 "policy": spec.policy.model_copy(
                     update={"country_channels": {}, "holdout": HoldoutSpec()}
                 ),
+                "experiment": None,
             }
         ),
     )
@@ -188,7 +190,7 @@ def compute_fallback_decisions(
     )
     key = pl.col("customer_id").cast(pl.String)
     still_in = audience.filter(key.is_in(due["customer_id"].implode()))
-    links = due.select("customer_id", "fallback_of", "fallback_reason")
+    links = due.select("customer_id", "fallback_of", "fallback_reason", "variant")
     decided = compute_decisions(
         fallback_activation(activation),
         still_in,

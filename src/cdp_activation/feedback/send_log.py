@@ -48,6 +48,7 @@ COLUMNS: dict[str, pl.DataType] = {
     "delivery_error_code": pl.String(),
     "fallback_of": pl.Int64(),
     "fallback_reason": pl.String(),
+    "variant": pl.String(),  # the experiment's arm (null without one)
     "run_id": pl.String(),
     "not_before": _UTC,
     "planned_at": _UTC,
@@ -206,6 +207,19 @@ class _DuckDBSink:
             con.register("incoming", frame.to_arrow())
             con.execute("BEGIN")
             con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS FROM incoming LIMIT 0')
+            # A table an earlier version made lacks the columns added since (`variant`).
+            present = {
+                row[0]
+                for row in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                    [table],
+                ).fetchall()
+            }
+            for column in [c for c in frame.columns if c not in present]:
+                kind = con.execute(f"SELECT typeof({column}) FROM incoming LIMIT 1").fetchall()
+                con.execute(
+                    f'ALTER TABLE "{table}" ADD COLUMN {column} {kind[0][0] if kind else "VARCHAR"}'
+                )
             con.execute(f'DELETE FROM "{table}" WHERE {key} IN (SELECT {key} FROM incoming)')
             con.execute(f'INSERT INTO "{table}" BY NAME FROM incoming')
             con.execute("COMMIT")
@@ -252,6 +266,12 @@ class _SQLAlchemySink:
     def upsert(self, log: LogTable, frame: pl.DataFrame) -> int:
         target = self._table(log)
         target.metadata.create_all(self.engine)
+        # A table an earlier version made lacks the columns added since (`variant`).
+        present = {c["name"] for c in sa.inspect(self.engine).get_columns(log.name)}
+        with self.engine.begin() as con:
+            for column in [c for c in target.columns if c.name not in present]:
+                kind = column.type.compile(dialect=self.engine.dialect)
+                con.exec_driver_sql(f"ALTER TABLE {log.name} ADD COLUMN {column.name} {kind}")
         rows = frame.to_dicts()
         ids = frame[log.key].to_list()
         with self.engine.begin() as con:

@@ -24,6 +24,7 @@ SQLite (WAL) is the embedded default; PostgreSQL in production (any SQLAlchemy U
 
 from __future__ import annotations
 
+from cdp_activation.ledger.assignments import Assignments
 from cdp_activation.ledger.fallback import FallbackQueries
 from cdp_activation.ledger.reads import Reads
 from cdp_activation.ledger.records import (  # noqa: F401  # the ledger's names
@@ -55,6 +56,7 @@ from cdp_activation.ledger.schema import (  # noqa: F401  # the ledger's names
     sends,
     status_events,
     template_states,
+    variant_assignments,
 )
 from cdp_activation.ledger.state_machine import SendStates
 from cdp_activation.ledger.statuses import StatusIntake
@@ -75,8 +77,8 @@ from cdp_activation.vocabulary import (  # noqa: F401  # re-exported: the ledger
 )
 
 
-class Ledger(SendStates, StatusIntake, Replies, FallbackQueries, Reads):
+class Ledger(SendStates, StatusIntake, Replies, FallbackQueries, Assignments, Reads):
     """SQLAlchemy Core access to the ledger; every write is a bulk statement. Its jobs live in
     their own modules: `schema` (tables, `migrate`), `state_machine` (sends and their states),
     `statuses` (provider reports), `replies` (inbound messages, opt-outs), `fallback` (the
-    fallback's queries) and `reads`."""
+    fallback's queries), `assignments` (experiment variants) and `reads`."""

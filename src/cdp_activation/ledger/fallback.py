@@ -128,7 +128,8 @@ class FallbackQueries(LedgerBase):
         - `primary_not_read`: delivered, not read, sent at or before `not_read_by` (if given).
         `unknown` sends never fall back: the provider may have delivered them. Columns:
         partition_key, fallback_of (the first message's id), customer_id, channel, connector,
-        fallback_reason, error_code (the failure's code, if any).
+        fallback_reason, error_code (the failure's code, if any), variant (the first
+        message's experiment variant, if any: its fallback counts in the same arm).
         """
         first = sends.alias("first")
         fallback = sends.alias("fallback")
@@ -182,6 +183,7 @@ class FallbackQueries(LedgerBase):
                 else_=PRIMARY_NOT_READ,
             ).label("fallback_reason"),
             sa.case((failed, failure_code), else_=None).label("error_code"),
+            first.c.variant,
         ).where(*where)
         schema = {
             "partition_key": pl.String,
@@ -191,6 +193,7 @@ class FallbackQueries(LedgerBase):
             "connector": pl.String,
             "fallback_reason": pl.String,
             "error_code": pl.String,
+            "variant": pl.String,
         }
         with self.engine.connect() as con:
             rows = con.execute(query.order_by(first.c.id)).all()

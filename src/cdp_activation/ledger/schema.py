@@ -57,6 +57,9 @@ sends = sa.Table(
     # The delivery worker (`delivery_workers.id`) that claimed it: only that worker sends it,
     # and only while that worker's lease lives (see `claim`, `recover_interrupted`).
     sa.Column("claimed_by", sa.String(64)),
+    # The experiment variant the customer is in (`experiment` in defs.yaml; null without
+    # one): `variant_assignments` keeps it across partitions, the results compare arms by it.
+    sa.Column("variant", sa.String(40)),
     sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
     sa.Index("ix_sends_state_sent_at", "state", "sent_at"),
     sa.Index("ix_sends_provider_message_id", "provider_message_id"),
@@ -68,6 +71,19 @@ sends = sa.Table(
     # the receiver's write transaction: without it, a scan of every planned row that held the
     # ledger's write lock from the senders for milliseconds a reply), erasure finds them.
     sa.Index("ix_sends_customer_channel", "customer_id", "channel"),
+)
+
+# Each customer's experiment variant, per activation and salt, from the first time they were
+# planned: later runs reuse it (`policy/variants.py`), so changing the weights or the audience
+# never moves a customer from one arm to another. Written before the plan that uses it.
+variant_assignments = sa.Table(
+    "variant_assignments",
+    metadata,
+    sa.Column("activation", sa.String(120), primary_key=True),
+    sa.Column("salt", sa.String(120), primary_key=True),
+    sa.Column("customer_id", sa.String(120), primary_key=True),
+    sa.Column("variant", sa.String(40), nullable=False),
+    sa.Column("assigned_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 # Status webhooks as they arrived, once each: `event_key` identifies a report (provider, its

@@ -787,6 +787,7 @@ _PLAN_COLUMNS = (
     "error_code",
     "fallback_of",
     "fallback_reason",
+    "variant",
 )
 
 
@@ -809,7 +810,7 @@ def _plan_rows(
 
     A `holdout` decision is written `holdout`, an `exclude` one (a refused fallback)
     `excluded` with its reason code as `error_code`; `fallback_of` and `fallback_reason` are
-    copied when the frame has them (fallback rows).
+    copied when the frame has them (fallback rows), `variant` too (an experiment's).
     """
     customer = pl.col("customer_id").cast(pl.String)
     parameters = pl.coalesce(pl.col("variables"), pl.lit([], dtype=pl.List(pl.String)))
@@ -881,6 +882,7 @@ def _plan_rows(
         else pl.lit(None, dtype=pl.String).alias("error_code"),
         optional("fallback_of", pl.Int64()),
         optional("fallback_reason", pl.String()),
+        optional("variant", pl.String()),
     )
 
 
