@@ -8,9 +8,11 @@ status webhook or a catalog sync): none of those needs to import another for the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 
 class Outcome(StrEnum):
@@ -120,6 +122,48 @@ STATUS_RANK: dict[str, int] = {SENT: 1, DELIVERED: 2, FAILED: 2, READ: 3}
 
 
 @dataclass(frozen=True)
+class Pricing:
+    """A provider's word on what one message costs: `price` (a positive amount in
+    `currency`) where it says it, else whether it is `billable` and under which `category`
+    and `model` (Meta: the price is then its rate card's for the category and country)."""
+
+    billable: bool | None = None
+    category: str | None = None
+    model: str | None = None
+    price: float | None = None
+    currency: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        billable: Any = None,
+        category: Any = None,
+        model: Any = None,
+        price: Any = None,
+        currency: Any = None,
+    ) -> Pricing | None:
+        """From a report's raw values (a price as text, negative as Twilio writes a charge);
+        None when it holds none of them or a value that is not one."""
+        amount: float | None = None
+        if price not in (None, ""):
+            try:
+                amount = abs(float(price))
+            except (TypeError, ValueError):
+                amount = None
+            if amount is not None and not math.isfinite(amount):
+                amount = None
+        found = cls(
+            billable=billable if isinstance(billable, bool) else None,
+            category=str(category)[:40] if category else None,
+            model=str(model)[:20] if model else None,
+            price=amount,
+            currency=str(currency)[:3].upper() if currency and amount is not None else None,
+        )
+        return None if found == cls() else found
+
+
+@dataclass(frozen=True)
 class StatusEvent:
     """One provider report about one message, as the ledger stores it.
 
@@ -141,6 +185,10 @@ class StatusEvent:
     # send_reference`): names the ledger row even when the send's answer, and with it the
     # provider message id, was lost. None when the report carries none (or not ours).
     reference: str | None = None
+    # What the message costs, as the provider reports it (`Pricing`): Meta's `pricing`
+    # (billable, category, model: the price itself is its rate card's), Infobip's and Vonage's
+    # price per message, Twilio's `Price`. None where the report says nothing of it.
+    pricing: Pricing | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUS_RANK:

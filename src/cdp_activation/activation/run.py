@@ -493,13 +493,26 @@ def compute_decisions(
     }
     experiment = activation.spec.experiment
     if experiment is None:
-        return decide(audience, activation.spec.channel_plan, **engine)
-    # Customers keep the variant the ledger recorded for them; the rest by their hash.
-    salt = variant_salt(experiment, activation.name)
-    recorded = ledger.variant_assignments(activation.name, salt) if ledger is not None else None
-    return decide_experiment(
-        audience, activation.spec.channel_plan, experiment, recorded=recorded, **engine
-    )
+        decided = decide(audience, activation.spec.channel_plan, **engine)
+    else:
+        # Customers keep the variant the ledger recorded for them; the rest by their hash.
+        salt = variant_salt(experiment, activation.name)
+        recorded = ledger.variant_assignments(activation.name, salt) if ledger is not None else None
+        decided = decide_experiment(
+            audience, activation.spec.channel_plan, experiment, recorded=recorded, **engine
+        )
+    return with_country(decided, audience)
+
+
+def with_country(decided: Decisions, audience: pl.DataFrame) -> Decisions:
+    """The decisions with each customer's `country` (upper case, categorical): the ledger
+    keeps it beside the send, to price it by the rate card the provider bills by. The
+    engine keeps the audience's rows in their order, so it is the audience's own column."""
+    frame = decided.frame
+    if frame.height != audience.height:  # never: `decide` answers every row, in order
+        raise AssertionError("the decisions do not match the audience row for row")
+    country = audience["country"].cast(pl.String).str.to_uppercase().cast(pl.Categorical)
+    return dataclasses.replace(decided, frame=frame.with_columns(country.alias("country")))
 
 
 def refusal_codes() -> dict[tuple[str, str], str]:

@@ -45,6 +45,7 @@ from cdp_activation.contracts import (
     SENT,
     STATUS_RANK,
     InboundMessage,
+    Pricing,
     StatusEvent,
     TemplateState,
 )
@@ -102,10 +103,12 @@ def _event(
     error_code: Any,
     raw: Any,
     reference: Any = None,
+    pricing: Pricing | None = None,
 ) -> StatusEvent:
     if not isinstance(message_id, str) or not message_id:
         raise ValueError(f"{provider} status without a message id")
     return StatusEvent(
+        pricing=pricing,
         provider=provider,
         provider_message_id=message_id,
         status=status,
@@ -167,6 +170,9 @@ def parse_meta(body: bytes, received: datetime) -> list[StatusEvent]:
                     continue
                 errors = status.get("errors") or [{}]
                 stamp = status.get("timestamp")
+                # Whether the message is billed, and under which category: the price is the
+                # rate card's (Meta's webhooks carry no amount).
+                pricing = status["pricing"] if isinstance(status.get("pricing"), dict) else {}
                 events.append(
                     _event(
                         "meta",
@@ -177,6 +183,11 @@ def parse_meta(body: bytes, received: datetime) -> list[StatusEvent]:
                         errors[0].get("code"),
                         status,
                         status.get("biz_opaque_callback_data"),
+                        Pricing.of(
+                            billable=pricing.get("billable"),
+                            category=pricing.get("category"),
+                            model=pricing.get("pricing_model"),
+                        ),
                     )
                 )
     return events
@@ -239,9 +250,19 @@ def parse_twilio(
         return []
     # Twilio gives no event time: one report per message and status is the identity.
     reference = (query or {}).get("ref")
+    # A charge, where the callback carries one (the Message resource's `price`, negative).
+    pricing = Pricing.of(price=params.get("Price"), currency=params.get("PriceUnit"))
     return [
         _event(
-            "twilio", sid, kind, received, None, params.get("ErrorCode"), dict(params), reference
+            "twilio",
+            sid,
+            kind,
+            received,
+            None,
+            params.get("ErrorCode"),
+            dict(params),
+            reference,
+            pricing,
         )
     ]
 
@@ -278,6 +299,7 @@ def parse_infobip(body: bytes, received: datetime) -> list[StatusEvent]:
         if kind == FAILED and error.get("name") and error.get("name") != "NO_ERROR":
             code = error["name"]
         stamp = result.get("doneAt") or result.get("sentAt")
+        price = result["price"] if isinstance(result.get("price"), dict) else {}
         events.append(
             _event(
                 "infobip",
@@ -288,6 +310,7 @@ def parse_infobip(body: bytes, received: datetime) -> list[StatusEvent]:
                 code,
                 result,
                 result.get("callbackData"),
+                Pricing.of(price=price.get("pricePerMessage"), currency=price.get("currency")),
             )
         )
     return events
@@ -304,6 +327,7 @@ def parse_vonage(body: bytes, received: datetime) -> list[StatusEvent]:
     match = _VONAGE_CODE.search(str(error.get("type") or ""))
     code = match.group(1) if match else error.get("title")
     stamp = data.get("timestamp")
+    usage = data["usage"] if isinstance(data.get("usage"), dict) else {}
     return [
         _event(
             "vonage",
@@ -314,6 +338,7 @@ def parse_vonage(body: bytes, received: datetime) -> list[StatusEvent]:
             code,
             data,
             data.get("client_ref"),
+            Pricing.of(price=usage.get("price"), currency=usage.get("currency")),
         )
     ]
 

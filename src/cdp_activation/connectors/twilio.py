@@ -22,8 +22,10 @@ WhatsApp window, 63003 not a WhatsApp number, …) fail that recipient only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from collections.abc import Sequence
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -45,7 +47,7 @@ from cdp_activation.connectors.http import (
     json_or_none,
     require_settings,
 )
-from cdp_activation.contracts import StatusEvent
+from cdp_activation.contracts import Pricing, StatusEvent
 from cdp_activation.plugins import (
     ConnectorPlugin,
     ConnectorSettings,
@@ -175,6 +177,43 @@ class TwilioConnector(OneRecipientHttpConnector):
             if not token:
                 return templates
             params = {"PageSize": page_size, "PageToken": token[0]}
+
+    async def fetch_prices(
+        self, client: httpx.AsyncClient, message_ids: Sequence[str], concurrency: int = 8
+    ) -> dict[str, Pricing]:
+        """What Twilio charged each message (`GET …/Messages/{Sid}.json`: `price`, negative,
+        and `price_unit`), for those it has priced; its status callbacks carry no price. A
+        message it does not know (404) or has not priced yet is left out; a 429 or a server
+        error stops early with what was read (the next reconcile asks again)."""
+        found: dict[str, Pricing] = {}
+        stop = asyncio.Event()
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(sid: str) -> None:
+            if stop.is_set():
+                return
+            async with limit:
+                if stop.is_set():
+                    return
+                response = await client.get(
+                    f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
+                    auth=(self.account_sid, self._auth_token),
+                    headers={"Accept": "application/json"},
+                )
+            data = json_or_none(response)
+            if response.status_code in (401, 403):
+                code, detail = self._error(data, response)
+                raise self._credentials_error(response.status_code, code, self.safe(detail, ""))
+            if response.status_code == 429 or response.status_code >= 500:
+                stop.set()
+                return
+            if response.is_success and isinstance(data, dict):
+                pricing = Pricing.of(price=data.get("price"), currency=data.get("price_unit"))
+                if pricing is not None:
+                    found[sid] = pricing
+
+        await asyncio.gather(*(one(sid) for sid in message_ids))
+        return found
 
     def _secrets(self) -> tuple[str, ...]:
         # The Basic header (AccountSid:AuthToken, base64) is reversible to the token.

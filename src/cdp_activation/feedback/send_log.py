@@ -49,6 +49,13 @@ COLUMNS: dict[str, pl.DataType] = {
     "fallback_of": pl.Int64(),
     "fallback_reason": pl.String(),
     "variant": pl.String(),  # the experiment's arm (null without one)
+    "country": pl.String(),
+    # What it cost, as its provider reported it (feedback/costs.py prices the rest).
+    "billable": pl.Boolean(),
+    "pricing_category": pl.String(),
+    "pricing_model": pl.String(),
+    "price": pl.Float64(),
+    "price_currency": pl.String(),
     "run_id": pl.String(),
     "not_before": _UTC,
     "planned_at": _UTC,
@@ -248,6 +255,8 @@ class _SQLAlchemySink:
         kinds: dict[pl.DataType, sa.types.TypeEngine[Any]] = {
             pl.Int64(): sa.BigInteger(),
             pl.String(): sa.Text(),
+            pl.Boolean(): sa.Boolean(),
+            pl.Float64(): sa.Float(),
             _UTC: sa.DateTime(timezone=True),
         }
         columns = [

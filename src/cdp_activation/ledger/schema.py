@@ -60,6 +60,17 @@ sends = sa.Table(
     # The experiment variant the customer is in (`experiment` in defs.yaml; null without
     # one): `variant_assignments` keeps it across partitions, the results compare arms by it.
     sa.Column("variant", sa.String(40)),
+    # The customer's country as the audience gave it (ISO 3166 alpha-2): what the estimate
+    # priced the message at, and what the provider's rate card prices it at.
+    sa.Column("country", sa.String(8)),
+    # What the message cost, as its provider reported it (status reports, `Pricing`): the
+    # amount where it says one, else whether it is billable and under which category and
+    # pricing model (Meta: the rate card's price for that category). Null: nothing reported.
+    sa.Column("billable", sa.Boolean),
+    sa.Column("pricing_category", sa.String(40)),
+    sa.Column("pricing_model", sa.String(20)),
+    sa.Column("price", sa.Float),
+    sa.Column("price_currency", sa.String(3)),
     sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
     sa.Index("ix_sends_state_sent_at", "state", "sent_at"),
     sa.Index("ix_sends_provider_message_id", "provider_message_id"),
@@ -116,6 +127,12 @@ status_events = sa.Table(
     # The send's reference the provider echoed (`connectors.base.send_reference`): reconciles
     # a send whose own answer was lost (`unknown`) with what the provider reports about it.
     sa.Column("reference", sa.String(40)),
+    # The report's word on the message's cost (`contracts.Pricing`), copied to its send.
+    sa.Column("billable", sa.Boolean),
+    sa.Column("pricing_category", sa.String(40)),
+    sa.Column("pricing_model", sa.String(20)),
+    sa.Column("price", sa.Float),
+    sa.Column("price_currency", sa.String(3)),
     sa.Index("ix_status_events_applied_received", "applied", "received_at"),
     sa.Index("ix_status_events_source_occurred", "source", "occurred_at"),
 )

@@ -788,6 +788,7 @@ _PLAN_COLUMNS = (
     "fallback_of",
     "fallback_reason",
     "variant",
+    "country",
 )
 
 
@@ -883,6 +884,7 @@ def _plan_rows(
         optional("fallback_of", pl.Int64()),
         optional("fallback_reason", pl.String()),
         optional("variant", pl.String()),
+        optional("country", pl.String()),
     )
 
 

@@ -4,13 +4,13 @@ and reconciling `unknown` sends a report proves accepted."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 
-from cdp_activation.contracts import STATUS_RANK, StatusEvent, send_id_of
+from cdp_activation.contracts import STATUS_RANK, Pricing, StatusEvent, send_id_of
 from cdp_activation.ledger.base import LedgerBase, as_time, aware, chunks, db_time, utc_now
 from cdp_activation.ledger.records import OLDER_THAN_SEND, STATUS_CLOCK_SKEW, StatusWrite
 from cdp_activation.ledger.schema import send_events, sends, status_events
@@ -49,8 +49,9 @@ class StatusIntake(LedgerBase):
                 con.exec_driver_sql(
                     "INSERT INTO status_events (event_key, provider, provider_message_id, "
                     "status, error_code, occurred_at, received_at, payload, source, "
-                    "customer_id, reference, applied) VALUES "
-                    f"({', '.join([mark] * 11)}, {'0' if self.dialect == 'sqlite' else 'false'}) "
+                    "customer_id, reference, billable, pricing_category, pricing_model, "
+                    "price, price_currency, applied) VALUES "
+                    f"({', '.join([mark] * 16)}, {'0' if self.dialect == 'sqlite' else 'false'}) "
                     "ON CONFLICT (event_key) DO NOTHING",
                     [
                         (
@@ -65,6 +66,7 @@ class StatusIntake(LedgerBase):
                             e.source,
                             e.customer_id,
                             e.reference,
+                            *_pricing_values(e.pricing),
                         )
                         for e in fresh
                     ],
@@ -97,7 +99,8 @@ class StatusIntake(LedgerBase):
         with self.engine.begin() as con:
             pending = con.exec_driver_sql(
                 "SELECT event_key, provider, provider_message_id, status, error_code, "
-                f"occurred_at, customer_id, reference FROM status_events "
+                "occurred_at, customer_id, reference, billable, pricing_category, "
+                f"pricing_model, price, price_currency FROM status_events "
                 f"WHERE applied = {false} AND ignored IS NULL AND received_at >= {mark}",
                 (since,),
             ).all()
@@ -216,6 +219,30 @@ class StatusIntake(LedgerBase):
                 for r in sorted(matched, key=lambda r: STATUS_RANK[r.status])
             ],
         )
+        # What the message cost, whatever the report's rank: Meta says it on `sent`, which
+        # may arrive after `delivered`. A later report's word replaces an earlier one's.
+        priced = [(r, _pricing_of(r)) for r in matched]
+        priced = [(r, p) for r, p in priced if p is not None]
+        if priced:
+            con.exec_driver_sql(
+                f"UPDATE sends SET billable = COALESCE({mark}, billable), "
+                f"pricing_category = COALESCE({mark}, pricing_category), "
+                f"pricing_model = COALESCE({mark}, pricing_model), "
+                f"price = COALESCE({mark}, price), "
+                f"price_currency = COALESCE({mark}, price_currency), updated_at = {mark} "
+                f"WHERE provider_message_id = {mark} AND connector = {mark} "
+                f"AND customer_id = COALESCE({mark}, customer_id)",
+                [
+                    (
+                        *_pricing_values(p),
+                        changed,
+                        r.provider_message_id,
+                        connector_of(r.provider),
+                        r.customer_id,
+                    )
+                    for r, p in priced
+                ],
+            )
         true = "1" if self.dialect == "sqlite" else "true"
         for chunk in chunks([r.event_key for r in matched], 5000):
             con.exec_driver_sql(
@@ -224,6 +251,47 @@ class StatusIntake(LedgerBase):
                 tuple(chunk),
             )
         return max(result.rowcount or 0, 0), len(stale)
+
+    def unpriced_sends(self, connector: str, sent_before: datetime, limit: int) -> list[str]:
+        """Provider ids of accepted sends through `connector`, sent before `sent_before`,
+        with no word on their cost yet: newest first, at most `limit`."""
+        with self.engine.connect() as con:
+            rows = con.execute(
+                sa.select(sends.c.provider_message_id)
+                .where(
+                    sends.c.connector == connector,
+                    sends.c.state == SENT,
+                    sends.c.provider_message_id.is_not(None),
+                    sends.c.price.is_(None),
+                    sends.c.billable.is_(None),
+                    sends.c.sent_at < sent_before,
+                )
+                .order_by(sends.c.sent_at.desc())
+                .limit(limit)
+            ).all()
+        return [r[0] for r in rows]
+
+    def record_prices(self, connector: str, prices: Mapping[str, Pricing]) -> int:
+        """A provider's word on what its messages cost (`Pricing` by provider message id),
+        read from the provider (Twilio's Message resource); returns the sends it priced."""
+        if not prices:
+            return 0
+        mark = self._mark
+        changed = db_time(utc_now(), self.dialect)
+        with self.engine.begin() as con:
+            result = con.exec_driver_sql(
+                f"UPDATE sends SET billable = COALESCE({mark}, billable), "
+                f"pricing_category = COALESCE({mark}, pricing_category), "
+                f"pricing_model = COALESCE({mark}, pricing_model), "
+                f"price = COALESCE({mark}, price), "
+                f"price_currency = COALESCE({mark}, price_currency), updated_at = {mark} "
+                f"WHERE provider_message_id = {mark} AND connector = {mark}",
+                [
+                    (*_pricing_values(pricing), changed, message_id, connector)
+                    for message_id, pricing in sorted(prices.items())
+                ],
+            )
+        return max(result.rowcount or 0, 0)
 
     def _known_event_keys(self, con: sa.Connection, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
@@ -243,3 +311,25 @@ class StatusIntake(LedgerBase):
                 )
             ).scalar_one()
         return aware(value) if value is not None else None
+
+
+def _pricing_values(pricing: Pricing | None) -> tuple[Any, ...]:
+    """A `Pricing` as the five columns the ledger keeps it in (all null: none)."""
+    if pricing is None:
+        return (None, None, None, None, None)
+    return (pricing.billable, pricing.category, pricing.model, pricing.price, pricing.currency)
+
+
+def _pricing_of(report: Any) -> Pricing | None:
+    """A report's pricing: a `StatusEvent`'s own, or a stored row's columns read back."""
+    if isinstance(report, StatusEvent):
+        return report.pricing
+    billable = getattr(report, "billable", None)
+    found = Pricing(
+        billable=None if billable is None else bool(billable),
+        category=getattr(report, "pricing_category", None),
+        model=getattr(report, "pricing_model", None),
+        price=getattr(report, "price", None),
+        currency=getattr(report, "price_currency", None),
+    )
+    return None if found == Pricing() else found

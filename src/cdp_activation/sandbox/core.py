@@ -275,6 +275,7 @@ class MessageStore:
     _seen: Counter[tuple[str, str]] = field(default_factory=Counter)
     _first_ids: dict[tuple[str, str], str] = field(default_factory=dict)
     _tracked: dict[str, dict[str, Any]] = field(default_factory=dict)  # Braze user attributes
+    _by_id: dict[tuple[str, str], SandboxMessage] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _in_progress: int = 0
 
@@ -296,6 +297,12 @@ class MessageStore:
     def add(self, message: SandboxMessage) -> None:
         with self._lock:
             self._messages.append(message)
+            self._by_id[(message.provider, message.provider_message_id)] = message
+
+    def find(self, provider: str, provider_message_id: str) -> SandboxMessage | None:
+        """An accepted message by its provider's id (a Message resource's GET)."""
+        with self._lock:
+            return self._by_id.get((provider, provider_message_id))
 
     def list(self) -> list[SandboxMessage]:
         with self._lock:
@@ -305,6 +312,7 @@ class MessageStore:
         """Forget messages, requests and attempt counters (fault draws start afresh)."""
         with self._lock:
             self._messages.clear()
+            self._by_id.clear()
             self._attempts.clear()
             self._seen.clear()
             self._first_ids.clear()

@@ -37,6 +37,7 @@ import httpx
 
 from cdp_activation.delivery.transport import make_client
 from cdp_activation.sandbox import signing
+from cdp_activation.sandbox.catalog import find_template
 from cdp_activation.sandbox.draws import draw
 from cdp_activation.sandbox_credentials import (
     SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS,
@@ -301,6 +302,11 @@ def _signed(
                 "doneAt": stamp_text,
                 "status": {"groupName": group[status], "name": code or group[status]},
                 "error": {"id": 0, "name": "NO_ERROR"},
+                # What the message was charged (Infobip's delivery reports say it).
+                "price": {
+                    "pricePerMessage": SANDBOX_PRICES.get(message.channel, 0.01),
+                    "currency": "EUR",
+                },
             }
             if message.callback_data is not None:  # delivery reports carry it; seen ones do not
                 result["callbackData"] = message.callback_data
@@ -320,6 +326,11 @@ def _signed(
             data["client_ref"] = message.callback_data
         if failed:
             data["error"] = {"type": f"https://developer.nexmo.com/api-errors#{code}"}
+        elif status == "delivered":  # Vonage's `usage`: the charge, on the delivery report
+            data["usage"] = {
+                "currency": "EUR",
+                "price": f"{SANDBOX_PRICES.get(message.channel, 0.01):.4f}",
+            }
         body = json.dumps(data).encode()
         token = signing.vonage_bearer(SANDBOX_VONAGE_SIGNATURE_SECRET, body, int(time.time()))
         return body, {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
@@ -343,9 +354,40 @@ def _meta_status(message: SandboxMessage, status: str, stamp: float) -> dict[str
     }
     if status == "failed":
         entry["errors"] = [{"code": int(FAILURE_CODES["meta"]), "title": "Message undeliverable"}]
+    else:
+        entry["pricing"] = _meta_pricing(message)
     if message.callback_data is not None:
         entry["biz_opaque_callback_data"] = message.callback_data
     return entry
+
+
+# What the sandbox's Infobip and Vonage charge a message, by channel (EUR): list-price-like.
+SANDBOX_PRICES = {
+    "sms": 0.0450,
+    "whatsapp": 0.0600,
+    "viber": 0.0150,
+    "rcs": 0.0200,
+    "kakao": 0.0130,
+}
+
+
+def _meta_pricing(message: SandboxMessage) -> dict[str, Any]:
+    """Meta's `pricing` of a delivered message (per-message pricing, PMP): a template is billed
+    under its category; a free-form reply inside the customer-care window is free (`service`)."""
+    template = (
+        find_template(message.template_name, message.template_language or "")
+        if message.template_name
+        else None
+    )
+    if template is None:
+        return {
+            "billable": False,
+            "pricing_model": "PMP",
+            "category": "service",
+            "type": "free_customer_service",
+        }
+    category = str(template.get("category", "MARKETING")).lower()
+    return {"billable": True, "pricing_model": "PMP", "category": category, "type": "regular"}
 
 
 def _meta_body(statuses: list[dict[str, Any]]) -> tuple[bytes, dict[str, str]]:

@@ -311,6 +311,40 @@ async def twilio_create_message(request: Request) -> Response:
     return await provider_request(request, _TWILIO)
 
 
+# What the sandbox's Twilio charges a message (USD), as the Message resource's `price` says it
+# (negative: a charge), by channel.
+TWILIO_PRICES = {"sms": "-0.00790", "whatsapp": "-0.00500"}
+
+
+async def twilio_fetch_message(request: Request) -> Response:
+    """`GET /2010-04-01/Accounts/{AccountSid}/Messages/{Sid}.json`: the Message resource,
+    with the `price` Twilio fills in once the message is sent (404, code 20404: unknown)."""
+    config: SandboxConfig = request.app.state.config
+    await provider_delay(config)
+    account_sid = request.path_params["account_sid"]
+    if not _twilio_authorized(request, account_sid, config):
+        return _twilio_error(401, 20003, "Authenticate")
+    sid = request.path_params["sid"]
+    if config.rate_429 and fault_draw(config, "twilio_fetch", sid) < config.rate_429:
+        throttled = _twilio_error(429, 20429, "Too Many Requests")
+        throttled.headers["Retry-After"] = retry_after_header(config.retry_after_s)
+        return throttled
+    message = request.app.state.store.find("twilio", sid)
+    if message is None:
+        return _twilio_error(404, 20404, f"The requested resource {request.url.path} was not found")
+    return JSONResponse(
+        {
+            "account_sid": account_sid,
+            "sid": sid,
+            "status": "delivered",
+            "to": ("whatsapp:" if message.channel == "whatsapp" else "") + message.to,
+            "price": TWILIO_PRICES.get(message.channel, "-0.01000"),
+            "price_unit": "USD",
+            "uri": f"/2010-04-01/Accounts/{account_sid}/Messages/{sid}.json",
+        }
+    )
+
+
 def _numeric_key(key: str) -> tuple[int, str]:
     return (int(key), "") if key.isdigit() else (1 << 30, key)
 
@@ -336,6 +370,11 @@ ROUTES = [
         "/2010-04-01/Accounts/{account_sid}/Messages.json",
         twilio_create_message,
         methods=["POST"],
+    ),
+    Route(
+        "/2010-04-01/Accounts/{account_sid}/Messages/{sid}.json",
+        twilio_fetch_message,
+        methods=["GET"],
     ),
     Route("/v1/ContentAndApprovals", twilio_content_and_approvals, methods=["GET"]),
 ]
