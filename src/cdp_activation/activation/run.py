@@ -579,6 +579,21 @@ def with_run_choices(
     return dataclasses.replace(activation, spec=changed)
 
 
+def decision_counts(decisions: pl.DataFrame) -> pl.DataFrame:
+    """Customers per country, channel, decision and reason (the funnel's first stages)."""
+    country = (
+        pl.col("country").cast(pl.String)
+        if "country" in decisions.columns
+        else pl.lit(None, dtype=pl.String).alias("country")
+    )
+    return decisions.group_by(
+        country,
+        pl.col("channel").cast(pl.String),
+        pl.col("decision").cast(pl.String),
+        pl.col("reason").cast(pl.String),
+    ).agg(pl.len().alias("customers"))
+
+
 def eligible_count(decisions: pl.DataFrame) -> int:
     """Customers a run would message, now or after their quiet hours."""
     return decisions.filter(pl.col("decision").is_in([SEND, DEFER])).height
@@ -868,6 +883,10 @@ def prepare_delivery(
         activation.spec.experiment,
     )
     recover_interrupted(activation, ledger, connectors, partition_key, summary)
+    if not fallback:  # the funnel's audience and eligible stages (sql/reporting/funnel.sql)
+        ledger.record_decision_counts(
+            activation.name, partition_key, step, decision_counts(decisions)
+        )
     experiment = activation.spec.experiment
     if experiment is not None and not fallback and "variant" in to_plan.columns:
         # Before the plan: a crash between the two leaves assignments a re-run reuses.

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from cdp_activation.audience.warehouse import duckdb_path
 from cdp_activation.db import with_driver
-from cdp_activation.ledger import Ledger, inbound_events, opt_outs, sends
+from cdp_activation.ledger import Ledger, decision_counts, inbound_events, opt_outs, sends
 
 SEND_LOG_TABLE = "activation_send_log"
 OVERLAP = timedelta(minutes=5)
@@ -91,6 +91,22 @@ OPT_OUT_COLUMNS: dict[str, pl.DataType] = {
 }
 
 
+DECISION_COUNTS_TABLE = "activation_decision_counts"
+# Each real run's decisions, counted (ledger.decision_counts): the funnel's first stages.
+DECISION_COUNT_COLUMNS: dict[str, pl.DataType] = {
+    "count_key": pl.String(),
+    "activation": pl.String(),
+    "partition_key": pl.String(),
+    "step": pl.String(),
+    "country": pl.String(),
+    "channel": pl.String(),
+    "decision": pl.String(),
+    "reason": pl.String(),
+    "customers": pl.Int64(),
+    "updated_at": _UTC,
+}
+
+
 @dataclass(frozen=True)
 class LogTable:
     """A warehouse table the ledger is exported to: its columns (the first is the key, upserted
@@ -122,6 +138,16 @@ def changed_sends(ledger: Ledger, since: datetime | None) -> pl.DataFrame:
     if since is not None:
         query = query.where(sends.c.updated_at >= since)
     return _frame(ledger, query, COLUMNS)
+
+
+def changed_decision_counts(ledger: Ledger, since: datetime | None) -> pl.DataFrame:
+    """The decision counts written at or after `since`."""
+    query = sa.select(*(decision_counts.c[n] for n in DECISION_COUNT_COLUMNS)).order_by(
+        decision_counts.c.count_key
+    )
+    if since is not None:
+        query = query.where(decision_counts.c.updated_at >= since)
+    return _frame(ledger, query, DECISION_COUNT_COLUMNS)
 
 
 def changed_inbound(ledger: Ledger, since: datetime | None) -> pl.DataFrame:
@@ -168,6 +194,9 @@ def _frame(ledger: Ledger, query: Any, columns: dict[str, pl.DataType]) -> pl.Da
 SEND_LOG = LogTable(SEND_LOG_TABLE, COLUMNS, changed_sends)
 INBOUND_LOG = LogTable(INBOUND_LOG_TABLE, INBOUND_COLUMNS, changed_inbound)
 OPT_OUTS_LOG = LogTable(OPT_OUTS_TABLE, OPT_OUT_COLUMNS, changed_opt_outs)
+DECISION_COUNTS_LOG = LogTable(
+    DECISION_COUNTS_TABLE, DECISION_COUNT_COLUMNS, changed_decision_counts
+)
 
 
 def export_send_log(ledger: Ledger, url: str, table: str = SEND_LOG_TABLE) -> SendLogExport:
@@ -177,9 +206,13 @@ def export_send_log(ledger: Ledger, url: str, table: str = SEND_LOG_TABLE) -> Se
 
 
 def export_replies(ledger: Ledger, url: str) -> dict[str, SendLogExport]:
-    """The customers' messages (`activation_inbound_log`) and the opt-outs
-    (`activation_suppressions`), exported the same way."""
-    return {log.name: export_table(ledger, url, log) for log in (INBOUND_LOG, OPT_OUTS_LOG)}
+    """The customers' messages (`activation_inbound_log`), the opt-outs
+    (`activation_suppressions`) and each run's decisions counted
+    (`activation_decision_counts`), exported the same way."""
+    return {
+        log.name: export_table(ledger, url, log)
+        for log in (INBOUND_LOG, OPT_OUTS_LOG, DECISION_COUNTS_LOG)
+    }
 
 
 def export_table(ledger: Ledger, url: str, log: LogTable) -> SendLogExport:

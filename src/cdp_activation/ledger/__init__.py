@@ -48,6 +48,7 @@ from cdp_activation.ledger.schema import (  # noqa: F401  # the ledger's names
     WORKER_EXPIRED,
     WORKER_STOPPED,
     LedgerUnavailable,
+    decision_counts,
     delivery_workers,
     inbound_events,
     metadata,

@@ -116,3 +116,43 @@ class Assignments(LedgerBase):
                 pl.col("decided_at").str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_zone="UTC")
             )
         return frame.with_columns(pl.col("decided_at").cast(_UTC))
+
+    def record_decision_counts(
+        self, activation: str, partition_key: str, step: str, counts: pl.DataFrame
+    ) -> None:
+        """Keep a real run's decisions, counted (`counts`: country, channel, decision,
+        reason, customers), as this partition and step's: combinations an earlier run had
+        and this one has not drop to 0."""
+        now = db_time(utc_now(), self.dialect)
+        mark = self._mark
+        rows = [
+            (
+                "|".join(str(v or "") for v in (activation, partition_key, step, *r[:4])),
+                activation,
+                partition_key,
+                step,
+                *r,
+                now,
+            )
+            for r in counts.select(
+                pl.col("country").cast(pl.String),
+                pl.col("channel").cast(pl.String),
+                pl.col("decision").cast(pl.String),
+                pl.col("reason").cast(pl.String),
+                pl.col("customers").cast(pl.Int64),
+            ).iter_rows()
+        ]
+        with self.engine.begin() as con:
+            con.exec_driver_sql(
+                f"UPDATE decision_counts SET customers = 0, updated_at = {mark} "
+                f"WHERE activation = {mark} AND partition_key = {mark} AND step = {mark}",
+                (now, activation, partition_key, step),
+            )
+            if rows:
+                con.exec_driver_sql(
+                    "INSERT INTO decision_counts (count_key, activation, partition_key, step, "
+                    "country, channel, decision, reason, customers, updated_at) VALUES "
+                    f"({', '.join([mark] * 10)}) ON CONFLICT (count_key) DO UPDATE SET "
+                    "customers = excluded.customers, updated_at = excluded.updated_at",
+                    rows,
+                )

@@ -97,6 +97,27 @@ variant_assignments = sa.Table(
     sa.Column("assigned_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# What each real run decided, counted: customers per country, channel, decision and reason
+# of one activation, partition and step (the latest run's; a combination a re-run no longer
+# has is kept at 0). The funnel's first stages (sql/reporting/funnel.sql): the ledger keeps
+# only the customers it plans, not the audience they were chosen from.
+decision_counts = sa.Table(
+    "decision_counts",
+    metadata,
+    sa.Column("count_key", sa.String(400), primary_key=True),
+    sa.Column("activation", sa.String(120), nullable=False),
+    sa.Column("partition_key", sa.String(40), nullable=False),
+    sa.Column("step", sa.String(40), nullable=False),
+    sa.Column("country", sa.String(8)),
+    sa.Column("channel", sa.String(20)),
+    sa.Column("decision", sa.String(20), nullable=False),
+    sa.Column("reason", sa.String(200)),
+    sa.Column("customers", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_decision_counts_partition", "activation", "partition_key", "step"),
+    sa.Index("ix_decision_counts_updated_at", "updated_at"),
+)
+
 # Status webhooks as they arrived, once each: `event_key` identifies a report (provider, its
 # message id, the status and the provider's own time or event id), so a duplicate delivery of
 # the same webhook is ignored. Written before the receiver answers 200, in the same
