@@ -210,6 +210,7 @@ class SandboxMessage:
     received_at: str  # ISO 8601, UTC
     template_name: str | None = None
     template_language: str | None = None
+    template_category: str | None = None  # the catalog's, lower case: Meta bills by it
     parameters: tuple[str, ...] = ()
     body: str | None = None
     idempotency_key: str | None = None  # the client's Idempotency-Key header, when it sent one

@@ -37,7 +37,6 @@ import httpx
 
 from cdp_activation.delivery.transport import make_client
 from cdp_activation.sandbox import signing
-from cdp_activation.sandbox.catalog import find_template
 from cdp_activation.sandbox.draws import draw
 from cdp_activation.sandbox_credentials import (
     SANDBOX_INFOBIP_WEBHOOK_CREDENTIALS,
@@ -373,20 +372,16 @@ SANDBOX_PRICES = {
 
 def _meta_pricing(message: SandboxMessage) -> dict[str, Any]:
     """Meta's `pricing` of a delivered message (per-message pricing, PMP): a template is billed
-    under its category; a free-form reply inside the customer-care window is free (`service`)."""
-    template = (
-        find_template(message.template_name, message.template_language or "")
-        if message.template_name
-        else None
-    )
-    if template is None:
+    under its catalog category; a free-form reply inside the customer-care window is free
+    (`service`)."""
+    if message.template_name is None:
         return {
             "billable": False,
             "pricing_model": "PMP",
             "category": "service",
             "type": "free_customer_service",
         }
-    category = str(template.get("category", "MARKETING")).lower()
+    category = message.template_category or "marketing"
     return {"billable": True, "pricing_model": "PMP", "category": category, "type": "regular"}
 
 

@@ -174,6 +174,7 @@ def _parse_meta(request: Request, raw: bytes) -> Response | Candidate:
         record = {
             "template_name": name,
             "template_language": language,
+            "template_category": str(template.get("category") or "").lower() or None,
             "parameters": tuple(params),
         }
     elif kind == "text":
