@@ -144,6 +144,11 @@ class CoreSettings(BaseSettings):
     pii_hash_key: SecretStr | None = None
     pii_retention_days: PositiveCount = 90
 
+    # One message a day across activations (`priority` in defs.yaml): the most messages a
+    # customer gets per channel and day from the activations that declare a priority, the
+    # highest priorities first (activation/daily_cap.py). 0: no such cap.
+    daily_cap: NonNegativeCount = 0
+
     # The delivery engine (delivery.py).
     # Requests in flight at once across all connectors (each still within its own rate).
     delivery_concurrency: PositiveCount = 32
@@ -343,6 +348,7 @@ _MEANINGS = {
     "delivery_max_attempts": "tries per message, the first one included",
     "delivery_lease_seconds": "seconds a delivery lease lasts",
     "delivery_max_workers": "the most claim workers a delivery may fan out into",
+    "daily_cap": "messages per customer, channel and day across prioritised activations; 0: off",
     "webhook_max_body_bytes": "bytes of the largest webhook body the receiver reads",
 }
 _RATE_MEANING = "messages per second; unset it to use the connector's default"

@@ -770,6 +770,12 @@ class ActivationSpec(_Strict):
         description="Event-driven instead of daily: window partitions run by a sensor "
         "(abandoned carts within the hour).",
     )
+    priority: int | None = Field(
+        default=None,
+        description="Takes part in the daily cap across activations (CDP_DAILY_CAP): a "
+        "customer in several prioritised activations' audiences on a day gets the highest "
+        "priority's message (a higher number wins; equal: the first name). None: not capped.",
+    )
     experiment: ExperimentSpec | None = Field(
         default=None,
         description="A/B/n variants with weights and a holdout; lift measured by its "
@@ -799,6 +805,13 @@ class ActivationSpec(_Strict):
                     f"does not have (plan: {sorted(planned)})"
                 )
         return self
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= 1000:
+            raise ValueError("priority must be between 0 and 1000")
+        return value
 
     @model_validator(mode="after")
     def _variants_fit_the_plan(self) -> ActivationSpec:

@@ -19,6 +19,7 @@ import httpx
 import polars as pl
 from pydantic import ValidationError
 
+from cdp_activation.activation.daily_cap import as_recent_sends, daily_claims, taken_per_channel
 from cdp_activation.audience.sql import AudienceQuery, load_audience_sql
 from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.connectors.base import Connector, ConnectorError, TemplateInfo
@@ -49,6 +50,7 @@ from cdp_activation.pii import pii_key
 from cdp_activation.plugins import plugins
 from cdp_activation.policy import Decisions, decide, reasons
 from cdp_activation.policy.addresses import address_column
+from cdp_activation.policy.caps import EMPTY_SENDS
 from cdp_activation.policy.consent import consent_column
 from cdp_activation.policy.engine import DEFER, EXCLUDE, HOLDOUT, SEND, rendered
 from cdp_activation.policy.phone_cache import PhoneCache
@@ -451,19 +453,26 @@ def compute_decisions(
     activation: Activation,
     audience: pl.DataFrame,
     warehouse: Warehouse,
-    connectors: Mapping[str, Connector],
+    connectors: Mapping[str, Connector] | None,
     now: datetime,
     max_recipients: int | None,
     ledger: Ledger | None = None,
     partition_key: str | None = None,
 ) -> Decisions:
+    """The policy's decision for every customer of `audience`. `connectors` None: the
+    templates are taken as approved (another activation's decisions worked out for the daily
+    cap, whose catalogs are its own connectors' to read)."""
     validate_audience(activation, audience)  # the blocking check said so; never decide on less
     regions = sorted(audience["country"].drop_nulls().unique().to_list())
     # No key, no cache: nothing derived from a number is kept (pii.py).
     key = pii_key()
     cache = PhoneCache(ledger.engine, key=key) if ledger is not None and key else None
     suppressions = load_suppressions(activation, warehouse, regions, cache)
-    catalogs = fetch_catalogs(activation, connectors)
+    catalogs: Mapping[str, list[TemplateInfo] | None] = (
+        fetch_catalogs(activation, connectors)
+        if connectors is not None
+        else dict.fromkeys(activation.spec.connectors())
+    )
     policy = activation.spec.policy
     recent = None
     if ledger is not None and policy.frequency_caps:
@@ -491,6 +500,43 @@ def compute_decisions(
         "opt_outs": opted_out,
         "marketing_backoff": backoff,
     }
+    cap = get_settings().daily_cap
+    spec = activation.spec
+    if cap and spec.priority is not None and spec.events is None and ledger and partition_key:
+        # One message a day across activations: what those above this one take today.
+        def decide_other(name: str, other: ActivationSpec, day: str) -> pl.DataFrame:
+            assert ledger is not None
+            them = Activation.from_spec(name, other, dialect=warehouse.dialect)
+            defaults = {
+                k: p.default for k, p in other.audience.parameters.items() if p.default is not None
+            }
+            their_audience = compute_audience(them, warehouse, day, defaults, ledger)
+            theirs = compute_decisions(
+                them,
+                their_audience,
+                warehouse,
+                None,
+                now,
+                other.limits.max_recipients,
+                ledger,
+                day,
+            ).frame
+            return theirs.filter(pl.col("decision").is_in([SEND, DEFER])).select(
+                pl.col("customer_id").cast(pl.String), pl.col("channel").cast(pl.String)
+            )
+
+        claims = daily_claims(activation.name, spec, partition_key, ledger, decide_other)
+        engine["daily_taken"] = taken_per_channel(claims)
+        engine["daily_cap"] = cap
+        pending = as_recent_sends(claims, now)
+        if not pending.is_empty():
+            engine["recent_sends"] = pl.concat(
+                [
+                    engine["recent_sends"] if engine["recent_sends"] is not None else EMPTY_SENDS,
+                    pending,
+                ],
+                how="vertical",
+            )
     experiment = activation.spec.experiment
     if experiment is None:
         decided = decide(audience, activation.spec.channel_plan, **engine)

@@ -78,12 +78,13 @@ _CHANNEL_RULES = (
     reasons.OUTSIDE_WINDOW,
     reasons.INVALID_VARIABLES,
     reasons.FREQUENCY_CAPPED,
+    reasons.DAILY_CAPPED,
 )
 # Taken off a routed customer after routing; their names come first in the reason enum.
 _LATE_REASONS = (reasons.DUPLICATE_PHONE, reasons.OVER_RECIPIENT_CAP, reasons.HOLDOUT)
 # The routing key packs (customer code, order id, each channel's code) into one integer, in
-# mixed radix: customer codes 0-4, at most 255 country orders, channel codes 0-10; six channels
-# at most, so it always fits in 32 bits (5 * 256 * 11**6 < 2**32).
+# mixed radix: customer codes 0-4, at most 255 country orders, channel codes 0-11; six channels
+# at most, so it always fits in 32 bits (5 * 256 * 12**6 < 2**32).
 _CUSTOMER_RADIX = len(_CUSTOMER_RULES) + 1
 _ORDER_RADIX = 256
 _CHANNEL_RADIX = len(_CHANNEL_RULES) + 1
@@ -146,6 +147,8 @@ def decide(
     phone_cache: PhoneCache | None = None,
     opt_outs: pl.DataFrame | None = None,
     marketing_backoff: pl.DataFrame | None = None,
+    daily_taken: pl.DataFrame | None = None,
+    daily_cap: int = 0,
 ) -> Decisions:
     """Decide every customer of `audience` (one row per customer, contract columns present).
 
@@ -158,7 +161,10 @@ def decide(
     `marketing` or `all`), from their replies and the providers' refusals, which exclude them
     from that channel with `<channel>_opted_out` whatever the warehouse's consent says;
     `marketing_backoff` (customer_id text, channel, until) the customers a provider's per-user
-    limit refused lately, whose marketing there waits (`<channel>_marketing_unavailable`).
+    limit refused lately, whose marketing there waits (`<channel>_marketing_unavailable`);
+    `daily_taken` (customer_id text, channel, messages) the day's messages higher-priority
+    activations hold for them, which at `daily_cap` or more exclude the channel
+    (`<channel>_daily_cap`).
     """
     policy = policy or PolicySpec()
     sends = EMPTY_SENDS if recent_sends is None else recent_sends
@@ -214,6 +220,7 @@ def decide(
             tests[name] = check([column], frame.schema)
             variable_tests.append(pl.col(name))
         tests[f"_capped_{channel}"] = capped(channel)
+        tests[f"_daily_{channel}"] = _daily_capped(daily_taken, daily_cap, channel)
         tests[f"_opted_out_{channel}"] = _opted_out(opt_outs, channel, plan.purpose)
         tests[f"_unavailable_{channel}"] = _marketing_unavailable(
             channel, plan.purpose, policy.whatsapp_marketing_blocked_countries, marketing_backoff
@@ -234,6 +241,7 @@ def decide(
                 ~window_ok,
                 ~pl.all_horizontal(variable_tests) if variable_tests else pl.lit(False),
                 pl.col(f"_capped_{channel}"),
+                pl.col(f"_daily_{channel}"),
             ]
         )
     codes = [f"_code{i}" for i in range(len(steps))]
@@ -352,6 +360,17 @@ def _opted_out(opt_outs: pl.DataFrame | None, channel: str, purpose: str) -> pl.
     ids = opt_outs.filter(
         (pl.col("channel") == channel) & pl.col("purpose").is_in([purpose, "all"])
     )["customer_id"].cast(pl.String)
+    if ids.is_empty():
+        return pl.lit(False)
+    return pl.col("customer_id").cast(pl.String).is_in(ids.implode()).fill_null(False)
+
+
+def _daily_capped(taken: pl.DataFrame | None, cap: int, channel: str) -> pl.Expr:
+    """Whether the day's messages on `channel` for the row's customer are all taken."""
+    if not cap or taken is None or taken.is_empty():
+        return pl.lit(False)
+    full = taken.filter((pl.col("channel") == channel) & (pl.col("messages") >= cap))
+    ids = full["customer_id"].cast(pl.String)
     if ids.is_empty():
         return pl.lit(False)
     return pl.col("customer_id").cast(pl.String).is_in(ids.implode()).fill_null(False)

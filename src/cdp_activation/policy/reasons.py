@@ -18,6 +18,7 @@ CHANNEL_SUPPRESSED = "suppressed"  # per channel, e.g. sms_suppressed
 TEMPLATE_NOT_APPROVED = "template_not_approved"
 OUTSIDE_WINDOW = "outside_window"
 INVALID_VARIABLES = "invalid_variables"
+DAILY_CAPPED = "daily_cap"  # e.g. whatsapp_daily_cap: a higher-priority activation has it
 LEFT_AUDIENCE = "left_audience"  # fallback only: the audience SQL no longer returns them
 
 # Customer-level reasons: no channel of the plan can be used.
@@ -56,6 +57,8 @@ CHANNEL_REASONS: dict[str, str] = {
     "rules (newlines, tabs, more than four consecutive spaces, too long).",
     NOT_MOBILE: "The number cannot take this channel (e.g. a fixed line cannot receive SMS).",
     FREQUENCY_CAPPED: "Reached this channel's frequency cap (policy.frequency_caps).",
+    DAILY_CAPPED: "The day's messages on this channel (CDP_DAILY_CAP) go to higher-priority "
+    "activations that chose the customer today (`priority` in defs.yaml), or were sent.",
 }
 
 
