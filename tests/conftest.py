@@ -188,3 +188,23 @@ def cli_project(tmp_path: Path, sandbox: SandboxServer, customers: int = 500) ->
         CDP_CONFIRM_ABOVE="1000000",
     )
     return CliProject(tmp_path, home, ledger_file, env)
+
+
+def materialized(
+    env: dict[str, str], home: Path, select: str, cwd: Path, partition: str | None = None
+) -> Any:
+    """Materialise `select` with the real `dagster asset materialize` in `env`; the metadata
+    of its latest materialisation in the instance at `home`."""
+    import dagster as dg
+
+    command = [
+        str(Path(sys.executable).parent / "dagster"),
+        *("asset", "materialize", "-m", "cdp_activation.definitions", "--select", select),
+        *(("--partition", partition) if partition else ()),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    instance = dg.DagsterInstance.from_config(str(home))
+    event = instance.get_latest_materialization_event(dg.AssetKey.from_user_string(select))
+    assert event is not None and event.asset_materialization is not None
+    return event.asset_materialization.metadata

@@ -5,8 +5,6 @@ converted."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from cdp_activation.connectors.status_parsers import parse_meta
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
-from conftest import cli_project
+from conftest import cli_project, materialized
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 ACTIVATION = "winback_experiment"
@@ -77,23 +75,7 @@ def test_the_funnel_counts_each_stage_after_a_real_run(
             "SELECT 9000000 + row_number() OVER (), c, ordered, 10, 'EUR' FROM extra"
         )
 
-    materialize = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "dagster"),
-            "asset",
-            "materialize",
-            "-m",
-            "cdp_activation.definitions",
-            "--select",
-            "activation_funnel",
-        ],
-        env=project.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert materialize.returncode == 0, materialize.stderr[-3000:]
+    metadata = materialized(project.env, project.home, "activation_funnel", tmp_path)
     with duckdb.connect(str(warehouse), read_only=True) as con:
         funnel = con.sql(
             "SELECT stage, channel, sum(customers) AS n FROM activation_funnel "
@@ -111,12 +93,6 @@ def test_the_funnel_counts_each_stage_after_a_real_run(
     whatsapp = dict(funnel.filter(pl.col("channel") == "whatsapp").select("stage", "n").iter_rows())
     assert whatsapp["sent"] == sent.height
     # The same figures in the asset's metadata, for the UI and its plots.
-    import dagster as dg
-
-    instance = dg.DagsterInstance.from_config(str(project.home))
-    event = instance.get_latest_materialization_event(dg.AssetKey("activation_funnel"))
-    assert event is not None and event.asset_materialization is not None
-    metadata = event.asset_materialization.metadata
     assert metadata["customers_converted"].value == 7
     assert metadata["customers_audience"].value == summary["audience"]
     assert f"| {ACTIVATION} | {partition} |" in metadata["funnel"].value

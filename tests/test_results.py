@@ -24,6 +24,7 @@ from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.ledger import Ledger
 from cdp_activation.settings import project_root
 from cdp_activation.spec import ActivationSpec
+from conftest import materialized
 
 ACTIVATION = "winback_experiment"
 PARTITION = "2026-11-20"
@@ -260,31 +261,7 @@ def test_the_results_command_and_asset_print_the_same_table(tmp_path: Path) -> N
     assert unknown.returncode != 0 and "no activation 'no_such_activation'" in unknown.stderr
 
     # The asset, materialised through Dagster, records the same figures.
-    materialize = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "dagster"),
-            "asset",
-            "materialize",
-            "-m",
-            "cdp_activation.definitions",
-            "--select",
-            f"{ACTIVATION}/results",
-            "--partition",
-            PARTITION,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert materialize.returncode == 0, materialize.stderr[-3000:]
-    import dagster as dg
-
-    instance = dg.DagsterInstance.from_config(str(home))
-    event = instance.get_latest_materialization_event(dg.AssetKey([ACTIVATION, "results"]))
-    assert event is not None and event.asset_materialization is not None
-    metadata = event.asset_materialization.metadata
+    metadata = materialized(env, home, f"{ACTIVATION}/results", tmp_path, PARTITION)
     assert metadata["customers_offer"].value == ARMS["offer"]
     assert metadata["conversion_rate_holdout"].value == pytest.approx(
         truth["holdout"] / ARMS["holdout"]

@@ -3,6 +3,8 @@ process (or by `cdp-activation migrate`), never on every opening."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 from cdp_activation.errors import SettingsError
@@ -12,6 +14,19 @@ from cdp_activation.vocabulary import (
 )
 
 metadata = sa.MetaData()
+
+
+def _pricing_columns() -> list[sa.Column[Any]]:
+    """A provider's word on a message's cost (`contracts.Pricing`), as `sends` and
+    `status_events` both keep it."""
+    return [
+        sa.Column("billable", sa.Boolean),
+        sa.Column("pricing_category", sa.String(40)),
+        sa.Column("pricing_model", sa.String(20)),
+        sa.Column("price", sa.Float),
+        sa.Column("price_currency", sa.String(3)),
+    ]
+
 
 sends = sa.Table(
     "sends",
@@ -66,11 +81,7 @@ sends = sa.Table(
     # What the message cost, as its provider reported it (status reports, `Pricing`): the
     # amount where it says one, else whether it is billable and under which category and
     # pricing model (Meta: the rate card's price for that category). Null: nothing reported.
-    sa.Column("billable", sa.Boolean),
-    sa.Column("pricing_category", sa.String(40)),
-    sa.Column("pricing_model", sa.String(20)),
-    sa.Column("price", sa.Float),
-    sa.Column("price_currency", sa.String(3)),
+    *_pricing_columns(),
     sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
     sa.Index("ix_sends_state_sent_at", "state", "sent_at"),
     sa.Index("ix_sends_provider_message_id", "provider_message_id"),
@@ -149,11 +160,7 @@ status_events = sa.Table(
     # a send whose own answer was lost (`unknown`) with what the provider reports about it.
     sa.Column("reference", sa.String(40)),
     # The report's word on the message's cost (`contracts.Pricing`), copied to its send.
-    sa.Column("billable", sa.Boolean),
-    sa.Column("pricing_category", sa.String(40)),
-    sa.Column("pricing_model", sa.String(20)),
-    sa.Column("price", sa.Float),
-    sa.Column("price_currency", sa.String(3)),
+    *_pricing_columns(),
     sa.Index("ix_status_events_applied_received", "applied", "received_at"),
     sa.Index("ix_status_events_source_occurred", "source", "occurred_at"),
 )
