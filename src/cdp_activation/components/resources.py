@@ -16,7 +16,12 @@ from pydantic import Field, PrivateAttr, SecretStr, ValidationError, create_mode
 
 from cdp_activation.audience.warehouse import Warehouse
 from cdp_activation.connectors.base import Connector, ConnectorConfigError
-from cdp_activation.feedback.send_log import SendLogExport, export_replies, export_send_log
+from cdp_activation.feedback.send_log import (
+    SendLogExport,
+    export_decision_counts,
+    export_replies,
+    export_send_log,
+)
 from cdp_activation.ledger import Ledger
 from cdp_activation.plugins import ConnectorSettings, plugin
 from cdp_activation.settings import sandbox_mode, settings_error_message
@@ -66,6 +71,9 @@ class SendLogResource(dg.ConfigurableResource):
 
     def export_replies(self, ledger: Ledger) -> dict[str, SendLogExport]:
         return export_replies(ledger, self.url)
+
+    def export_decision_counts(self, ledger: Ledger) -> SendLogExport:
+        return export_decision_counts(ledger, self.url)
 
 
 class ConnectorResource(dg.ConfigurableResource):

@@ -3,7 +3,12 @@
 import dagster as dg
 
 from cdp_activation.components.resources import LedgerResource, SendLogResource
-from cdp_activation.feedback.send_log import INBOUND_LOG_TABLE, OPT_OUTS_TABLE, SEND_LOG_TABLE
+from cdp_activation.feedback.send_log import (
+    DECISION_COUNTS_TABLE,
+    INBOUND_LOG_TABLE,
+    OPT_OUTS_TABLE,
+    SEND_LOG_TABLE,
+)
 
 
 @dg.asset(
@@ -14,11 +19,13 @@ from cdp_activation.feedback.send_log import INBOUND_LOG_TABLE, OPT_OUTS_TABLE, 
     f"table `{SEND_LOG_TABLE}` (one row per send in its latest state: step, channel, state, "
     "delivery status, fallback link and reason, holdouts), incrementally. For analysts to join "
     "to outcomes; no phone numbers or message texts. The customers' replies and opt-outs go "
-    f"to `{INBOUND_LOG_TABLE}` and `{OPT_OUTS_TABLE}` the same way.",
+    f"to `{INBOUND_LOG_TABLE}` and `{OPT_OUTS_TABLE}` the same way, and each run's decisions "
+    f"counted to `{DECISION_COUNTS_TABLE}` (the funnel's first stages).",
 )
 def send_log(ledger: LedgerResource, send_log: SendLogResource) -> dg.MaterializeResult:
     export = send_log.export(ledger.ledger())
     replies = send_log.export_replies(ledger.ledger())
+    counts = send_log.export_decision_counts(ledger.ledger())
     figures = ledger.ledger().replies_by_activation()
     table = ["| activation | customers who wrote back | opted out |", "|---|---:|---:|"]
     table += [
@@ -28,6 +35,7 @@ def send_log(ledger: LedgerResource, send_log: SendLogResource) -> dg.Materializ
         metadata={
             "replies_by_activation": dg.MetadataValue.md("\n".join(table)),
             **{f"{table}_exported": done.exported for table, done in replies.items()},
+            f"{DECISION_COUNTS_TABLE}_exported": counts.exported,
             "exported_rows": export.exported,
             "dagster/row_count": export.table_rows,
             "table": SEND_LOG_TABLE,

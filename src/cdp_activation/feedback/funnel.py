@@ -22,8 +22,10 @@ from cdp_activation.activation.run import Activation
 from cdp_activation.audience.warehouse import Warehouse, duckdb_path
 from cdp_activation.db import read_frame, with_driver
 from cdp_activation.feedback.send_log import (
+    DECISION_COUNTS_TABLE,
     LogTable,
     SendLogExport,
+    export_decision_counts,
     export_replies,
     export_send_log,
     export_table,
@@ -102,7 +104,11 @@ def refresh_funnel(
 ) -> tuple[dict[str, SendLogExport], pl.DataFrame]:
     """Export the send log and its companions and the conversions to `url`, (re)create the
     `activation_funnel` view, and read it back. Returns the exports and the funnel."""
-    exports = {"activation_send_log": export_send_log(ledger, url), **export_replies(ledger, url)}
+    exports = {
+        "activation_send_log": export_send_log(ledger, url),
+        DECISION_COUNTS_TABLE: export_decision_counts(ledger, url),
+        **export_replies(ledger, url),
+    }
     log = LogTable(CONVERSIONS_TABLE, CONVERSION_COLUMNS, lambda _ledger, _since: found_conversions)
     exports[CONVERSIONS_TABLE] = export_table(ledger, url, log)
     sql = (project_root() / FUNNEL_SQL).read_text(encoding="utf-8")
