@@ -88,13 +88,22 @@ class SendStates(LedgerBase):
             suffix="_now",
         )
         counts = dict(known.group_by("state").len().iter_rows())
+        # Only keys the ledger does not hold yet go to the INSERT: on PostgreSQL, a unique
+        # check against a row another transaction is updating waits for that transaction,
+        # so inserting every key again made a plan wait behind a stalled sender's open
+        # settle (a SIGSTOPped worker held the next run for good). A key planned meanwhile by
+        # another run is still skipped by ON CONFLICT.
+        rows = rows.join(known.select("idempotency_key"), on="idempotency_key", how="anti")
         redeferred = known.filter(
             (pl.col("state") == PLANNED) & pl.col("not_before").ne_missing(pl.col("not_before_now"))
         )
         mark = self._mark
+        planned = rows.height
         with self.engine.begin() as con:
             # Python tuples a slice at a time: a million rows' tuples at once took ~1.8 GB.
-            if self.dialect == "sqlite":
+            if rows.is_empty():
+                pass
+            elif self.dialect == "sqlite":
                 # Many rows a statement, not one: SQLite pays a statement journal and a trigger
                 # program per statement. In key order, the unique index grows at its end.
                 ordered = rows.sort("idempotency_key")
@@ -115,7 +124,7 @@ class SendStates(LedgerBase):
                     .select("not_before", "idempotency_key")
                     .rows(),
                 )
-        return PlanResult(planned=rows.height - sum(counts.values()), existing=counts)
+        return PlanResult(planned=planned, existing=counts)
 
     def _insert_sql(self) -> str:
         """The driver-level insert of `_PLAN_COLUMNS`; keys already present are skipped."""
