@@ -569,3 +569,26 @@ def test_twilio_s_ref_comes_from_the_signed_callback_url(ledger_url: str) -> Non
     finally:
         ledger.dispose()
     assert [e.reference for e in ledger.events] == ["cdp-31", "cdp-32"]
+
+
+def test_liveness_and_readiness_for_a_load_balancer(ledger: Ledger) -> None:
+    """/healthz answers while the process serves; /readyz only while the ledger (where every
+    report is stored before its 200) answers with its tables, else 503 with the reason."""
+    with WebhookServer(ledger, SECRETS) as server:
+        assert httpx.get(f"{server.url}/healthz", timeout=5).json() == {"status": "ok"}
+        ready = httpx.get(f"{server.url}/readyz", timeout=5)
+        assert (ready.status_code, ready.json()) == (200, {"status": "ready", "ledger": "ok"})
+        # The ledger loses its tables (a wrong database, a dropped schema): not ready.
+        with ledger.engine.begin() as con:
+            con.exec_driver_sql("ALTER TABLE sends RENAME TO sends_moved")
+        try:
+            gone = httpx.get(f"{server.url}/readyz", timeout=10)
+            assert gone.status_code == 503
+            assert gone.json()["status"] == "not ready"
+            assert gone.json()["ledger"].startswith("unavailable: ")
+            assert "sends" in gone.json()["ledger"]  # the database's own reason, one line
+            assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
+        finally:
+            with ledger.engine.begin() as con:
+                con.exec_driver_sql("ALTER TABLE sends_moved RENAME TO sends")
+        assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200

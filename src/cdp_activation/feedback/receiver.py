@@ -34,11 +34,14 @@ from cdp_activation.contracts import InboundMessage, StatusEvent
 from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import Ledger
 from cdp_activation.ledger.templates import record_states
+from cdp_activation.masking import mask_phones_in
 from cdp_activation.plugins import WebhookRequest, WebhookSecrets, status_routes
 from cdp_activation.policy import opt_out
 from cdp_activation.serving import BackgroundServer
 
 log = logging.getLogger(__name__)
+# How long /readyz waits for the ledger to answer.
+READY_TIMEOUT_S = 3.0
 
 MAX_BODY_BYTES = 1 << 20  # a status webhook is a few KB; Meta batches stay well under
 
@@ -156,13 +159,31 @@ def create_app(
         return PlainTextResponse("verification failed", status_code=403)
 
     async def health(request: Request) -> Response:
+        """Liveness: the process serves requests (a load balancer's restart signal)."""
         return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        """Readiness: the ledger answers, with its tables (where a report is stored before
+        its 200); 503 with the reason, masked, when it does not (take it out of rotation:
+        providers retry a webhook that was not answered 200)."""
+        try:
+            await asyncio.wait_for(asyncio.to_thread(ledger.ping), timeout=READY_TIMEOUT_S)
+        except Exception as err:
+            text = str(getattr(err, "orig", None) or err).strip().splitlines() or [""]
+            reason = mask_phones_in(text[0][:200])
+            return JSONResponse(
+                {"status": "not ready", "ledger": f"unavailable: {reason or type(err).__name__}"},
+                status_code=503,
+            )
+        return JSONResponse({"status": "ready", "ledger": "ok"})
 
     app = Starlette(
         routes=[
             Route("/webhooks/{provider}", subscribe, methods=["GET"]),
             Route("/webhooks/{provider}", receive, methods=["POST"]),
-            Route("/health", health, methods=["GET"]),
+            Route("/healthz", health, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),  # the earlier name, kept
+            Route("/readyz", ready, methods=["GET"]),
         ]
     )
     app.state.writer = writer

@@ -26,6 +26,11 @@ from cdp_activation.vocabulary import (
 class Reads(LedgerBase):
     """What the ledger holds, read back."""
 
+    def ping(self) -> None:
+        """Raise unless the ledger answers a read of its `sends` table (readiness)."""
+        with self.engine.connect() as con:
+            con.exec_driver_sql("SELECT 1 FROM sends LIMIT 1").all()
+
     def due_counts(
         self, activation: str, partition_key: str, step: str, until: datetime
     ) -> dict[str, int]:
