@@ -20,7 +20,7 @@ from scipy import stats
 
 from cdp_activation.activation.results import ResultsUnavailable, experiment_results
 from cdp_activation.activation.run import Activation
-from cdp_activation.audience.warehouse import Warehouse
+from cdp_activation.audience.warehouse import Warehouse, WarehouseError
 from cdp_activation.ledger import Ledger
 from cdp_activation.settings import project_root
 from cdp_activation.spec import ActivationSpec
@@ -270,3 +270,33 @@ def test_the_results_command_and_asset_print_the_same_table(tmp_path: Path) -> N
         truth["offer"] / ARMS["offer"] - truth["holdout"] / ARMS["holdout"]
     )
     assert "| `short_offer` |" in metadata["results"].value
+
+
+def test_conversions_that_are_not_timestamps_are_refused_in_one_line(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    plan_experiment(ledger)
+    warehouse = tmp_path / "w.duckdb"
+    with duckdb.connect(str(warehouse)) as con:
+        con.execute("CREATE TABLE orders AS SELECT 1 AS customer_id, '2026-11-21' AS ordered_at")
+    # Text where a time is due: the warehouse refuses the window's comparison, in one line
+    # naming the file (a SQL without the window meets the results' own type check).
+    with pytest.raises(WarehouseError, match=r"sql/conversions/orders.sql: .*explicit cast"):
+        experiment_results(
+            winback_experiment(), ledger, Warehouse(f"duckdb:///{warehouse}"), PARTITION
+        )
+    # A conversion SQL without the window, returning text: the results' own check says so.
+    import dataclasses
+
+    from cdp_activation.audience.sql import parse_audience_sql
+
+    text_query = parse_audience_sql(
+        "SELECT customer_id, ordered_at AS converted_at FROM orders", Path("text.sql")
+    )
+    with pytest.raises(ResultsUnavailable, match=r"converted_at is String, not a timestamp"):
+        experiment_results(
+            dataclasses.replace(winback_experiment(), conversion_query=text_query),
+            ledger,
+            Warehouse(f"duckdb:///{warehouse}"),
+            PARTITION,
+        )

@@ -14,6 +14,7 @@ z-test for the difference, and Newcombe's interval for it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -125,15 +126,13 @@ def compare(
             else:
                 _, p = proportions_ztest([c, c0], [n, n0], alternative="two-sided")
                 p_value = float(p)
-            result = VariantResult(
-                **{
-                    **asdict(result),
-                    "lift": lift,
-                    "lift_low": float(diff_low),
-                    "lift_high": float(diff_high),
-                    "relative_lift": lift / (c0 / n0) if c0 else None,
-                    "p_value": p_value,
-                }
+            result = dataclasses.replace(
+                result,
+                lift=lift,
+                lift_low=float(diff_low),
+                lift_high=float(diff_high),
+                relative_lift=lift / (c0 / n0) if c0 else None,
+                p_value=p_value,
             )
         results.append(result)
     return baseline[0], results
@@ -176,6 +175,11 @@ def experiment_results(
             raise ResultsUnavailable(
                 f"{activation.conversion_query.path}: returns no {', '.join(sorted(missing))} "
                 "column: it must return customer_id and converted_at"
+            )
+        if not isinstance(conversions.schema["converted_at"], pl.Datetime):
+            raise ResultsUnavailable(
+                f"{activation.conversion_query.path}: converted_at is "
+                f"{conversions.schema['converted_at']}, not a timestamp: cast it in the SQL"
             )
         conversions = conversions.with_columns(
             pl.col("converted_at").cast(pl.Datetime("us", "UTC"))

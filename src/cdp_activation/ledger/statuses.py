@@ -225,13 +225,7 @@ class StatusIntake(LedgerBase):
         priced = [(r, p) for r, p in priced if p is not None]
         if priced:
             con.exec_driver_sql(
-                f"UPDATE sends SET billable = COALESCE({mark}, billable), "
-                f"pricing_category = COALESCE({mark}, pricing_category), "
-                f"pricing_model = COALESCE({mark}, pricing_model), "
-                f"price = COALESCE({mark}, price), "
-                f"price_currency = COALESCE({mark}, price_currency), updated_at = {mark} "
-                f"WHERE provider_message_id = {mark} AND connector = {mark} "
-                f"AND customer_id = COALESCE({mark}, customer_id)",
+                _set_pricing(mark) + f" AND customer_id = COALESCE({mark}, customer_id)",
                 [
                     (
                         *_pricing_values(p),
@@ -280,12 +274,7 @@ class StatusIntake(LedgerBase):
         changed = db_time(utc_now(), self.dialect)
         with self.engine.begin() as con:
             result = con.exec_driver_sql(
-                f"UPDATE sends SET billable = COALESCE({mark}, billable), "
-                f"pricing_category = COALESCE({mark}, pricing_category), "
-                f"pricing_model = COALESCE({mark}, pricing_model), "
-                f"price = COALESCE({mark}, price), "
-                f"price_currency = COALESCE({mark}, price_currency), updated_at = {mark} "
-                f"WHERE provider_message_id = {mark} AND connector = {mark}",
+                _set_pricing(mark),
                 [
                     (*_pricing_values(pricing), changed, message_id, connector)
                     for message_id, pricing in sorted(prices.items())
@@ -311,6 +300,17 @@ class StatusIntake(LedgerBase):
                 )
             ).scalar_one()
         return aware(value) if value is not None else None
+
+
+def _set_pricing(mark: str) -> str:
+    """The UPDATE giving a send a provider's word on its cost (the five pricing columns, a
+    null keeping what was there) and `updated_at`, by provider message id and connector."""
+    columns = ("billable", "pricing_category", "pricing_model", "price", "price_currency")
+    values = ", ".join(f"{c} = COALESCE({mark}, {c})" for c in columns)
+    return (
+        f"UPDATE sends SET {values}, updated_at = {mark} "
+        f"WHERE provider_message_id = {mark} AND connector = {mark}"
+    )
 
 
 def _pricing_values(pricing: Pricing | None) -> tuple[Any, ...]:

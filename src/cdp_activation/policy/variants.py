@@ -150,21 +150,25 @@ def _hold(frame: pl.DataFrame) -> pl.DataFrame:
     """The holdout variant's chosen customers held back: decision and reason `holdout`, the
     channel they would have had kept, and their `not_before` too — when the message would
     have gone — so the results compare them with the sent arms from the same moment."""
-    chosen = pl.col("decision").is_in([SEND, DEFER])
-    reason = frame.schema["reason"]
-    categories = reason.categories.to_list()  # type: ignore[attr-defined]
-    if reasons.HOLDOUT not in categories:
-        reason = pl.Enum([*categories, reasons.HOLDOUT])
+    return _relabel(frame, pl.col("decision").is_in([SEND, DEFER]), HOLDOUT, reasons.HOLDOUT)
+
+
+def _relabel(frame: pl.DataFrame, mask: pl.Expr, decision: str, reason: str) -> pl.DataFrame:
+    """The masked rows' decision and reason replaced (the reason enum widened to hold it)."""
+    reason_dtype = frame.schema["reason"]
+    categories = reason_dtype.categories.to_list()  # type: ignore[attr-defined]
+    if reason not in categories:
+        reason_dtype = pl.Enum([*categories, reason])
     return frame.with_columns(
-        pl.when(chosen)
-        .then(pl.lit(HOLDOUT))
+        pl.when(mask)
+        .then(pl.lit(decision))
         .otherwise(pl.col("decision").cast(pl.String))
         .cast(frame.schema["decision"])
         .alias("decision"),
-        pl.when(chosen)
-        .then(pl.lit(reasons.HOLDOUT))
+        pl.when(mask)
+        .then(pl.lit(reason))
         .otherwise(pl.col("reason").cast(pl.String))
-        .cast(reason)
+        .cast(reason_dtype)
         .alias("reason"),
     )
 
@@ -255,23 +259,9 @@ def _concat(frames: Sequence[pl.DataFrame], names: list[str]) -> pl.DataFrame:
 
 def _take_off(frame: pl.DataFrame, mask: pl.Series, reason: str) -> pl.DataFrame:
     """The masked customers excluded with `reason`, their message cleared."""
-    reason_dtype = frame.schema["reason"]
-    categories = reason_dtype.categories.to_list()  # type: ignore[attr-defined]
-    if reason not in categories:
-        reason_dtype = pl.Enum([*categories, reason])
     off = pl.lit(mask)
-    return frame.with_columns(
-        pl.when(off)
-        .then(pl.lit(EXCLUDE))
-        .otherwise(pl.col("decision"))
-        .cast(frame.schema["decision"])
-        .alias("decision"),
-        pl.when(off)
-        .then(pl.lit(reason))
-        .otherwise(pl.col("reason").cast(pl.String))
-        .cast(reason_dtype)
-        .alias("reason"),
-        *(pl.when(off).then(None).otherwise(pl.col(c)).alias(c) for c in _MESSAGE_COLUMNS),
+    return _relabel(frame, off, EXCLUDE, reason).with_columns(
+        pl.when(off).then(None).otherwise(pl.col(c)).alias(c) for c in _MESSAGE_COLUMNS
     )
 
 
