@@ -306,6 +306,7 @@ def test_a_lost_answer_followed_by_a_status_report_ends_delivered_not_unknown(
 
 
 @pytest.mark.e2e
+@pytest.mark.serial  # its two runs must overlap: another worker's load kept them apart once
 def test_two_cli_runs_that_bypass_the_run_queue_still_send_each_key_once(
     tmp_path: Path, sandbox: SandboxServer
 ) -> None:
