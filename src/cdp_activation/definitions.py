@@ -4,6 +4,12 @@ from pathlib import Path
 
 import dagster as dg
 
+from cdp_activation import logs
+
+# CDP_LOG_FORMAT=json: every process that loads the code location (step processes, the daemon,
+# the webserver) writes its lines as JSON.
+logs.configure()
+
 
 @dg.definitions
 def defs() -> dg.Definitions:

@@ -19,6 +19,7 @@ import httpx
 import polars as pl
 from pydantic import ValidationError
 
+from cdp_activation import logs
 from cdp_activation.activation.daily_cap import as_recent_sends, daily_claims, taken_per_channel
 from cdp_activation.audience.sql import AudienceQuery, load_audience_sql
 from cdp_activation.audience.warehouse import Warehouse
@@ -794,6 +795,9 @@ class DeliverySummary:
     p50_latency_ms: float = 0.0
     p95_latency_ms: float = 0.0
     estimated_seconds: float = 0.0
+    # The rate the connectors' limits allow for this step's mix of connectors (the alerts'
+    # "far below the configured rate"); 0 when nothing was chosen.
+    configured_rate_per_second: float = 0.0
     error_codes: dict[str, int] = field(default_factory=dict)
     # Sent, but qualified by the provider (Meta: held_for_quality_assessment, paused).
     accepted_as: dict[str, int] = field(default_factory=dict)
@@ -907,6 +911,8 @@ def prepare_delivery(
     summary.started_at = time.time()
     summary.eligible = chosen.height
     summary.holdout = decisions.filter(pl.col("decision") == HOLDOUT).height
+    if seconds := _seconds_at_rate(chosen, connectors, chosen.height):
+        summary.configured_rate_per_second = round(chosen.height / seconds, 1)
     keys = [
         idempotency_key(activation.name, partition_key, str(c), s)
         for c, s in zip(chosen["customer_id"].to_list(), chosen["step"].to_list(), strict=True)
@@ -1024,6 +1030,8 @@ def finish_delivery(
     stopped = [r.stopped_by for r in reports if r.stopped_by]
     if stopped:
         summary.stopped_by = stopped[0]
+    logs.run_summary({**summary.as_json(), "step": step})
+    if stopped:
         raise DeliveryFailed(stopped[0], summary)
     return summary
 
@@ -1081,12 +1089,18 @@ def recover_interrupted(
 
 
 def _estimate_seconds(chosen: pl.DataFrame, connectors: Mapping[str, Connector], n: int) -> float:
+    return round(_seconds_at_rate(chosen, connectors, n), 1)
+
+
+def _seconds_at_rate(chosen: pl.DataFrame, connectors: Mapping[str, Connector], n: int) -> float:
+    """Seconds `n` of the chosen messages take at their connectors' rate limits (each
+    connector sends its share in parallel with the others)."""
     if n <= 0 or chosen.is_empty():
         return 0.0
     shares = chosen.group_by("connector").len()
     total = chosen.height
     seconds = 0.0
     for name, count in zip(shares["connector"].to_list(), shares["len"].to_list(), strict=True):
-        rate = rate_of(connectors[name])
-        seconds = max(seconds, (n * count / total) / rate)
-    return round(seconds, 1)
+        if name in connectors:
+            seconds = max(seconds, (n * count / total) / rate_of(connectors[name]))
+    return seconds

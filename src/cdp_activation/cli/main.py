@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -41,8 +42,14 @@ class _Main(click.Group):
             cause = cdp_error_in(err)
             if cause is None or (ctx.obj or {}).get("debug"):
                 raise
+            code = EX_TEMPFAIL if cause.transient else 1
+            if (ctx.obj or {}).get("json_logs"):  # the one line, as JSON like the others
+                logging.getLogger("cdp_activation.cli").error(
+                    str(cause), extra={"event": "error", "exit_code": code}
+                )
+                raise click.exceptions.Exit(code) from None
             failure = click.ClickException(str(cause))
-            failure.exit_code = EX_TEMPFAIL if cause.transient else 1  # type: ignore[misc]
+            failure.exit_code = code  # type: ignore[misc]
             raise failure from None
 
 
@@ -53,7 +60,14 @@ class _Main(click.Group):
 @click.option("--debug", is_flag=True, help="Show the traceback of an error, not one line.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
+    from cdp_activation import logs
+
     ctx.obj = {"debug": debug}
+    # CDP_LOG_FORMAT=json: JSON lines (batches, run summaries, errors) on stderr, and none of
+    # the console's text for people (progress bars, tables).
+    if logs.configure():
+        ctx.obj["json_logs"] = True
+        console.quiet = True
 
 
 # ---------------------------------------------------------------- demo

@@ -11,11 +11,21 @@ Kubernetes Job. The CLI's single-worker runs are in process either way
 import dagster as dg
 
 from cdp_activation import scaling
+from cdp_activation.logs import log_format
 from cdp_activation.settings import get_settings
 
 
 @dg.definitions
 def executor() -> dg.Definitions:
+    defs = _executor()
+    if log_format() == "json":  # CDP_LOG_FORMAT=json: Dagster's run log lines as JSON too
+        return dg.Definitions.merge(
+            defs, dg.Definitions(loggers={"console": dg.json_console_logger})
+        )
+    return defs
+
+
+def _executor() -> dg.Definitions:
     settings = get_settings()
     kind = settings.executor or ("celery" if settings.celery_broker_url else "multiprocess")
     if kind == "celery":

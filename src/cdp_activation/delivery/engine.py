@@ -47,6 +47,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from cdp_activation import metrics
 from cdp_activation.connectors.base import (
     Connector,
     ConnectorError,
@@ -72,6 +73,7 @@ from cdp_activation.ledger import (
     Settlement,
 )
 from cdp_activation.ledger.templates import TemplateGate, TemplateState
+from cdp_activation.logs import BATCHES
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +305,9 @@ def claim_horizon(options: DeliveryOptions) -> timedelta:
 class _Delivery:
     """One delivery's shared state: the stop signal, its cause, per-connector health."""
 
-    def __init__(self, options: DeliveryOptions) -> None:
+    def __init__(self, options: DeliveryOptions, scope: DeliveryScope | None = None) -> None:
         self.options = options
+        self.scope = scope or DeliveryScope("", "")
         self.report = DeliveryReport()
         self.stop = asyncio.Event()
         self.error: BaseException | None = None
@@ -346,6 +349,7 @@ class _Delivery:
         out: list[Settlement] = []
         retryable: list[tuple[PlannedSend, SendResult, bool]] = []
         accepted = False
+        before = self._counts()
         for row in rows:
             self.tries[row.id] += 1
             self.first_try.setdefault(row.id, time.monotonic())
@@ -395,7 +399,9 @@ class _Delivery:
         hinted = [r.retry_after for _, r, _ in retryable if r.retry_after is not None]
         if hinted:
             self.report.throttled += len(hinted)
+            metrics.THROTTLED.labels(name).inc(len(hinted))
         out += self._retry(name, retryable, now, max(hinted, default=0.0))
+        self._observe(name, before, len(rows), refused)
         if self.failing[name] >= self.options.outage_after:
             self.fail(
                 ProviderUnavailable(
@@ -405,6 +411,51 @@ class _Delivery:
                 )
             )
         return out
+
+    def _counts(self) -> tuple[int, int, int, int, int]:
+        r = self.report
+        return r.sent, r.failed, r.unknown, r.retried, r.retry_later
+
+    def _observe(
+        self,
+        name: str,
+        before: tuple[int, int, int, int, int],
+        size: int,
+        refused: ConnectorError | None,
+    ) -> None:
+        """One answered request into the metrics and the batch log line (`logs.py`): what
+        became of its messages, never who they were."""
+        outcomes = dict(
+            zip(
+                ("sent", "failed", "unknown", "retry", "retry_later"),
+                (now - then for now, then in zip(self._counts(), before, strict=True)),
+                strict=True,
+            )
+        )
+        if refused is not None:
+            outcomes["refused"] = size
+        for outcome, count in outcomes.items():
+            if count:
+                metrics.MESSAGES.labels(self.scope.activation, name, outcome).inc(count)
+        if BATCHES.isEnabledFor(logging.INFO):
+            troubled = refused is not None or outcomes["unknown"] or outcomes["retry"]
+            BATCHES.info(
+                "batch of %d to %s: %s",
+                size,
+                name,
+                ", ".join(f"{k} {v}" for k, v in outcomes.items() if v) or "nothing settled",
+                extra={
+                    "event": "batch",
+                    "activation": self.scope.activation,
+                    "partition": self.scope.partition_key,
+                    "step": self.scope.step,
+                    "run_id": self.scope.run_id,
+                    "connector": name,
+                    "messages": size,
+                    **outcomes,
+                    "error": self.report.last_error.get(name) if troubled else None,
+                },
+            )
 
     def _retry(
         self,
@@ -490,7 +541,7 @@ async def deliver_async(
     window, never a barrier), so the requests in the air stay at the concurrency, and a row
     is claimed only once its request is about to leave (rate limit and pauses waited first).
     """
-    run = _Delivery(options)
+    run = _Delivery(options, scope)
     report = run.report
     started = time.perf_counter()
     due = await asyncio.to_thread(
@@ -517,15 +568,19 @@ async def deliver_async(
     limiters = {name: limit for name, (limit, _) in limits.items()}
     throttles = {name: throttle for name, (_, throttle) in limits.items()}
     semaphore = asyncio.Semaphore(options.concurrency)
-    claims: GroupCommit[ClaimRequest] = GroupCommit(
-        lambda requests: ledger.claim(
-            worker_id, scope.activation, scope.partition_key, scope.step, requests
-        ),
-        "claiming",
-    )
-    settles: GroupCommit[Settlement] = GroupCommit(
-        lambda items: _settle_retrying(ledger, worker_id, items), "recording outcomes"
-    )
+
+    def claim(requests: list[ClaimRequest]) -> list[list[PlannedSend]]:
+        with metrics.timed(metrics.LEDGER_LATENCY, "claim"):
+            return ledger.claim(
+                worker_id, scope.activation, scope.partition_key, scope.step, requests
+            )
+
+    def record(items: list[Settlement]) -> None:
+        with metrics.timed(metrics.LEDGER_LATENCY, "record"):
+            _settle_retrying(ledger, worker_id, items)
+
+    claims: GroupCommit[ClaimRequest] = GroupCommit(claim, "claiming")
+    settles: GroupCommit[Settlement] = GroupCommit(record, "recording outcomes")
     gate = TemplateGate(ledger.engine)
     # A million rows are a million long-lived objects: without this every full collection
     # walks them all again, and the cost per message grew with the run (bench/throughput.py).
@@ -545,7 +600,8 @@ async def deliver_async(
             async with semaphore:
                 if run.stop.is_set():
                     return
-                await limiter.acquire(min(size, limiter.max_rate))
+                with metrics.timed(metrics.LIMITER_WAIT, name):
+                    await limiter.acquire(min(size, limiter.max_rate))
                 if run.stop.is_set():
                     return
                 if throttle.remaining() > 0:
@@ -572,7 +628,9 @@ async def deliver_async(
                     except ConnectorError as err:
                         refused = err
                     report.attempts += 1
-                    report.latencies.append(time.perf_counter() - began)
+                    took = time.perf_counter() - began
+                    report.latencies.append(took)
+                    metrics.PROVIDER_LATENCY.labels(name).observe(took)
             if not rows:
                 if not await wait_for_due(name):
                     return
@@ -586,8 +644,10 @@ async def deliver_async(
                 return
             hinted = [r.retry_after for r in results if r.retry_after is not None]
             if hinted:
-                throttle.hold(min(max(hinted), MAX_RETRY_AFTER))
-                await throttle.share(min(max(hinted), MAX_RETRY_AFTER))
+                pause = min(max(hinted), MAX_RETRY_AFTER)
+                metrics.RETRY_AFTER_SECONDS.labels(name).inc(pause)
+                throttle.hold(pause)
+                await throttle.share(pause)
 
     async def wait_for_due(name: str) -> bool:
         """Nothing is due now: wait for the next row of this connector falling due within

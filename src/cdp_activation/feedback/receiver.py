@@ -14,14 +14,20 @@ next one, so a burst of webhooks costs a few transactions.
 
 Each route is a connector plugin's (`StatusWebhook`): its check and parser live with the
 connector. `GET /webhooks/<route>` answers a subscription check (Meta's `hub.mode=subscribe`,
-`hub.verify_token`, `hub.challenge`). `GET /health` is for load balancers.
+`hub.verify_token`, `hub.challenge`). `GET /healthz` (liveness) and `GET /readyz` (the ledger
+answers) are for load balancers; `GET /metrics` answers Prometheus (`metrics.py`): requests and
+events by provider, signature refusals, and, with `CDP_METRICS_DIR`, every sending process's
+figures too. Signature refusals are also counted in the ledger per route and minute, for the
+alert on them (`alerts/`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 from starlette.applications import Starlette
@@ -29,11 +35,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from cdp_activation import metrics
 from cdp_activation.connectors import signatures
 from cdp_activation.contracts import InboundMessage, StatusEvent
 from cdp_activation.group_commit import GroupCommit
 from cdp_activation.ledger import Ledger
 from cdp_activation.ledger.templates import record_states
+from cdp_activation.logs import MaskPhones, json_formatter, log_format
 from cdp_activation.masking import mask_phones_in
 from cdp_activation.plugins import WebhookRequest, WebhookSecrets, status_routes
 from cdp_activation.policy import opt_out
@@ -76,12 +84,29 @@ def create_app(
     """The receiver for `ledger`. `app.state.writer.transactions` counts commits (bench).
     Bodies above `max_body_bytes` are refused (413) before they are read whole."""
     writer: GroupCommit[StatusEvent] = GroupCommit(ledger.record_statuses, "storing statuses")
+    # Refusals are counted in the ledger off the request's path: a burst of forged webhooks
+    # costs one write at a time, and a refusal is answered without waiting for it.
+    refusals: GroupCommit[str] = GroupCommit(ledger.record_refusals, "counting refusals")
+    counting: set[asyncio.Task[object]] = set()
     warned: set[str] = set()
 
     routes = status_routes()
 
+    def refuse(route: str, error: str) -> Response:
+        metrics.SIGNATURE_REFUSALS.labels(route).inc()
+        task = asyncio.create_task(_quietly(refusals.submit([route])))
+        counting.add(task)
+        task.add_done_callback(counting.discard)
+        return JSONResponse({"error": error}, status_code=401)
+
     async def receive(request: Request) -> Response:
         route = request.path_params["provider"]
+        response = await handle(request, route)
+        known = route if route in routes else "unknown"  # no label per made-up path
+        metrics.WEBHOOK_REQUESTS.labels(known, str(response.status_code)).inc()
+        return response
+
+    async def handle(request: Request, route: str) -> Response:
         found = routes.get(route)
         if found is None or found.status_webhook is None:
             return JSONResponse(
@@ -105,7 +130,7 @@ def create_app(
                     route,
                     found.env_name(hook.secret),
                 )
-            return JSONResponse({"error": "signature not verifiable"}, status_code=401)
+            return refuse(route, "signature not verifiable")
         call = WebhookRequest(
             body=body,
             headers={k.lower(): v for k, v in request.headers.items()},
@@ -114,7 +139,7 @@ def create_app(
             received=datetime.now(UTC),
         )
         if not hook.verify(secret, call):
-            return JSONResponse({"error": "bad or missing signature"}, status_code=401)
+            return refuse(route, "bad or missing signature")
         try:
             events = hook.parse(call)
             templates = hook.template_updates(call) if hook.template_updates else []
@@ -142,6 +167,12 @@ def create_app(
                 await asyncio.to_thread(ledger.record_inbound, inbound)
         except Exception:
             return JSONResponse({"error": "not stored; send it again"}, status_code=500)
+        for event in events:
+            metrics.WEBHOOK_EVENTS.labels(route, event.status).inc()
+        if templates:
+            metrics.WEBHOOK_EVENTS.labels(route, "template").inc(len(templates))
+        if inbound:
+            metrics.WEBHOOK_EVENTS.labels(route, "reply").inc(len(inbound))
         return JSONResponse({"received": len(events) + len(templates) + len(inbound)})
 
     async def subscribe(request: Request) -> Response:
@@ -177,6 +208,10 @@ def create_app(
             )
         return JSONResponse({"status": "ready", "ledger": "ok"})
 
+    async def scrape(request: Request) -> Response:
+        body, content_type = await asyncio.to_thread(metrics.exposition)
+        return Response(body, media_type=content_type)
+
     app = Starlette(
         routes=[
             Route("/webhooks/{provider}", subscribe, methods=["GET"]),
@@ -184,10 +219,18 @@ def create_app(
             Route("/healthz", health, methods=["GET"]),
             Route("/health", health, methods=["GET"]),  # the earlier name, kept
             Route("/readyz", ready, methods=["GET"]),
+            Route("/metrics", scrape, methods=["GET"]),
         ]
     )
     app.state.writer = writer
     return app
+
+
+async def _quietly(write: Awaitable[object]) -> None:
+    """A refusal's count: a ledger that cannot take it now is said once per failure by the
+    group commit's own warning, never to the caller."""
+    with contextlib.suppress(Exception):
+        await write
 
 
 def _kept(message: InboundMessage) -> InboundMessage:
@@ -223,6 +266,14 @@ def access_log_config() -> dict:
     config = copy.deepcopy(LOGGING_CONFIG)
     config.setdefault("filters", {})["without_query_strings"] = {"()": WithoutQueryStrings}
     config["handlers"]["access"]["filters"] = ["without_query_strings"]
+    if log_format() == "json":  # CDP_LOG_FORMAT=json: uvicorn's lines are JSON too
+        config["filters"]["mask_phones"] = {"()": MaskPhones}
+        for name in ("default", "access"):
+            config["formatters"][name] = {"()": json_formatter}
+            config["handlers"][name]["filters"] = [
+                *config["handlers"][name].get("filters", []),
+                "mask_phones",
+            ]
     return config
 
 

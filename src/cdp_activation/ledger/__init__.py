@@ -41,6 +41,7 @@ from cdp_activation.ledger.records import (  # noqa: F401  # the ledger's names
     Settlement,
     StatusWrite,
 )
+from cdp_activation.ledger.refusals import Refusals
 from cdp_activation.ledger.replies import InboundWrite, Replies  # noqa: F401
 from cdp_activation.ledger.schema import (  # noqa: F401  # the ledger's names
     _MIGRATED,
@@ -58,6 +59,7 @@ from cdp_activation.ledger.schema import (  # noqa: F401  # the ledger's names
     status_events,
     template_states,
     variant_assignments,
+    webhook_refusals,
 )
 from cdp_activation.ledger.state_machine import SendStates
 from cdp_activation.ledger.statuses import StatusIntake
@@ -78,8 +80,9 @@ from cdp_activation.vocabulary import (  # noqa: F401  # re-exported: the ledger
 )
 
 
-class Ledger(SendStates, StatusIntake, Replies, FallbackQueries, Assignments, Reads):
+class Ledger(SendStates, StatusIntake, Replies, FallbackQueries, Assignments, Refusals, Reads):
     """SQLAlchemy Core access to the ledger; every write is a bulk statement. Its jobs live in
     their own modules: `schema` (tables, `migrate`), `state_machine` (sends and their states),
     `statuses` (provider reports), `replies` (inbound messages, opt-outs), `fallback` (the
-    fallback's queries), `assignments` (experiment variants) and `reads`."""
+    fallback's queries), `assignments` (experiment variants), `refusals` (the receiver's
+    signature refusals) and `reads`."""

@@ -257,6 +257,18 @@ opt_outs = sa.Table(
     sa.Index("ix_opt_outs_customer_channel", "customer_id", "channel"),
 )
 
+# Status webhooks the receiver refused for their signature, counted per provider route and
+# minute (UTC), by every receiver of the deployment: the alert on a misconfigured secret or
+# forged reports reads them (alerts/). Nothing of the request is kept.
+webhook_refusals = sa.Table(
+    "webhook_refusals",
+    metadata,
+    sa.Column("route", sa.String(40), primary_key=True),
+    sa.Column("minute", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("refusals", sa.Integer, nullable=False),
+    sa.Index("ix_webhook_refusals_minute", "minute"),
+)
+
 _EVENT_COLUMNS = "send_id, from_state, to_state, attempts, error_code, run_id, at"
 _SQLITE_TRIGGERS = (
     f"""CREATE TRIGGER IF NOT EXISTS sends_planned AFTER INSERT ON sends BEGIN
