@@ -25,3 +25,4 @@ SANDBOX_LINE_CHANNEL_SECRET = "sandbox-line-channel-secret"
 SANDBOX_STATUS_SECRET = "sandbox-status-secret"
 SANDBOX_PII_HASH_KEY = "sandbox-pii-hash-key"
 SANDBOX_PORT = 8787
+SANDBOX_SLACK_TOKEN = "xoxb-sandbox-alerts"  # alerts to the sandbox's Slack-shaped API

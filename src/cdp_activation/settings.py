@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -149,6 +150,32 @@ class CoreSettings(BaseSettings):
     # highest priorities first (activation/daily_cap.py). 0: no such cap.
     daily_cap: NonNegativeCount = 0
 
+    # Alerts (alerts/, docs/operations.md): Dagster sensors tell these destinations of a failed
+    # or blocked run, a degraded one, a growing fallback backlog, a burst of forged webhooks.
+    # Off until one destination is set. A JSON POST per alert to this URL (secret: a URL
+    # often holds a token).
+    alert_webhook_url: SecretStr | None = None
+    # Slack, through its Web API (chat.postMessage; the client dagster-slack uses): a bot
+    # token with chat:write and the channel; another API URL for a proxy or a test server.
+    alert_slack_token: SecretStr | None = None
+    alert_slack_channel: str = Field(default="", validate_default=True)
+    alert_slack_api_url: str = "https://slack.com/api/"
+    # E-mail through an SMTP server, from one address to others (comma-separated).
+    alert_smtp_host: str = ""
+    alert_smtp_port: Port = 25
+    alert_smtp_username: str = ""
+    alert_smtp_password: SecretStr | None = None
+    alert_smtp_starttls: bool = False
+    alert_email_from: str = ""
+    alert_email_to: str = ""
+    # Signature refusals, across every receiver, in `alert_refusal_minutes` that raise an alert.
+    alert_signature_refusals: PositiveCount = 20
+    alert_refusal_minutes: PositiveCount = 5
+    # How often the alert sensors look, in seconds (at least 5).
+    alert_interval_seconds: Annotated[int, Field(ge=5)] = 30
+    # The Dagster UI as people reach it: alerts link to the run there.
+    dagster_ui_url: str = "http://127.0.0.1:3000"
+
     # The delivery engine (delivery.py).
     # Requests in flight at once across all connectors (each still within its own rate).
     delivery_concurrency: PositiveCount = 32
@@ -196,6 +223,52 @@ class CoreSettings(BaseSettings):
         if value and not value.startswith(("redis://", "rediss://")):
             raise ValueError("must be a redis:// URL (or empty for per-process limits)")
         return value
+
+    @field_validator("alert_webhook_url", "alert_slack_api_url", "dagster_ui_url")
+    @classmethod
+    def _http_url(cls, value: Any) -> Any:
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text is not None and not re.match(r"^https?://[^/\s]+", text):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("alert_slack_channel")
+    @classmethod
+    def _slack_pair(cls, value: str, info: ValidationInfo) -> str:
+        if bool(value.strip()) != (info.data.get("alert_slack_token") is not None):
+            raise ValueError(
+                "Slack alerts need both CDP_ALERT_SLACK_TOKEN and CDP_ALERT_SLACK_CHANNEL "
+                "(or neither)"
+            )
+        return value.strip()
+
+    @field_validator("alert_email_to")
+    @classmethod
+    def _email(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            return ""
+        missing = [
+            env
+            for env, field in (
+                ("CDP_ALERT_SMTP_HOST", "alert_smtp_host"),
+                ("CDP_ALERT_EMAIL_FROM", "alert_email_from"),
+            )
+            if not str(info.data.get(field) or "").strip()
+        ]
+        if missing:
+            raise ValueError(f"e-mail alerts also need {' and '.join(missing)}")
+        for address in [info.data["alert_email_from"], *value.split(",")]:
+            if not re.match(r"^[^@\s,]+@[^@\s,]+\.[^@\s,]+$", address.strip()):
+                raise ValueError(f"{address.strip()!r} is not an e-mail address")
+        return value
+
+    def alerts_on(self) -> bool:
+        """Whether any alert destination is set."""
+        return bool(
+            self.alert_webhook_url is not None
+            or self.alert_slack_token is not None
+            or self.alert_email_to
+        )
 
     @model_validator(mode="before")
     @classmethod

@@ -11,7 +11,14 @@ import re
 from datetime import date, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cdp_activation.partitions import FRAMEWORK_PARAMETERS
 
@@ -398,6 +405,82 @@ class LimitsSpec(_Strict):
         return value
 
 
+class AlertsSpec(_Strict):
+    """When a run that succeeded is still reported as degraded (alerts/conditions.py); where
+    alerts go is the deployment's (CDP_ALERT_*, docs/operations.md): none set, none sent."""
+
+    max_failed_share: float = Field(
+        default=0.05,
+        description="Alert when more than this share of the messages a run's provider "
+        "answered were failed.",
+    )
+    max_unknown_share: float = Field(
+        default=0.01,
+        description="Alert when more than this share of a run's answered messages are "
+        "unknown (an answer lost: they may or may not have gone).",
+    )
+    max_dead_letter_share: float = Field(
+        default=0.01,
+        description="Alert when more than this share of the partition's messages are dead "
+        "letters (given up on: past their send deadline).",
+    )
+    audience_change: float = Field(
+        default=0.5,
+        description="Alert when the audience is more than this share above or below the median "
+        "of the last `history_runs` runs' (the blocking check stops only a "
+        "limits.max_audience_change jump).",
+    )
+    history_runs: int = Field(
+        default=7, description="Earlier audiences the usual range is taken from."
+    )
+    min_rate_share: float = Field(
+        default=0.2,
+        description="Alert when a run sent at less than this share of the rate its connectors' "
+        "limits allow (a provider slowing down, throttling, a stalled ledger).",
+    )
+    rate_min_messages: int = Field(
+        default=1000,
+        description="The rate is judged only on runs that sent at least this many messages "
+        "(a small run's time is its start-up).",
+    )
+    fallback_backlog_min: int = Field(
+        default=100,
+        description="Alert when the first messages due a fallback and not yet decided number "
+        "at least this many and grew at each of the last `fallback_backlog_checks` checks.",
+    )
+    fallback_backlog_checks: int = Field(
+        default=3, description="How many checks in a row the backlog must grow (2 to 60)."
+    )
+
+    @field_validator(
+        "max_failed_share", "max_unknown_share", "max_dead_letter_share", "min_rate_share"
+    )
+    @classmethod
+    def _share(cls, value: float, info: ValidationInfo) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError(f"{info.field_name} is a share: from 0 to 1, got {value}")
+        return value
+
+    @field_validator("audience_change")
+    @classmethod
+    def _change(cls, value: float) -> float:
+        if not 0 < value < float("inf"):
+            raise ValueError(f"audience_change is a share above 0 (0.5: ±50%), got {value}")
+        return value
+
+    @field_validator(
+        "history_runs", "fallback_backlog_checks", "rate_min_messages", "fallback_backlog_min"
+    )
+    @classmethod
+    def _count(cls, value: int, info: ValidationInfo) -> int:
+        low, high = {"history_runs": (2, 100), "fallback_backlog_checks": (2, 60)}.get(
+            info.field_name or "", (1, 10**9)
+        )
+        if not low <= value <= high:
+            raise ValueError(f"{info.field_name} must be from {low} to {high}, got {value}")
+        return value
+
+
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
@@ -780,6 +863,10 @@ class ActivationSpec(_Strict):
         default=None,
         description="A/B/n variants with weights and a holdout; lift measured by its "
         "conversion_sql (`<name>/results`).",
+    )
+    alerts: AlertsSpec = Field(
+        default_factory=AlertsSpec,
+        description="Thresholds of the degraded-run alerts (sent where CDP_ALERT_* point).",
     )
 
     def send_deadline(self) -> timedelta:

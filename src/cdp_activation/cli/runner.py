@@ -21,6 +21,7 @@ from typing import Any
 import dagster as dg
 
 from cdp_activation.activation.run import DeliverySummary
+from cdp_activation.components.run_events import run_failure_message, step_failure_message
 from cdp_activation.errors import CdpError
 from cdp_activation.processes import host_id, process_gone, started_at
 from cdp_activation.settings import SettingsError, get_settings, project_root
@@ -627,7 +628,7 @@ def run_fallback(
             }
             summary.take(meta.get("fallback") or {}, meta.get("summary"))
         elif event.is_step_failure:
-            summary.error = _failure_message(event)
+            summary.error = step_failure_message(event)
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
     return summary
 
@@ -745,35 +746,6 @@ def _int_map(value: Any) -> dict[str, int]:
     return {str(k): int(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
-def _failure_message(event: Any) -> str:
-    """The innermost cause of a step failure, prefixed with the step."""
-    error = event.step_failure_data.error
-    message = error.message.strip() if error else "step failed"
-    cause = error.cause if error else None
-    while cause is not None:
-        message = cause.message.strip()
-        cause = cause.cause
-    # "dagster._core.definitions.events.Failure: Not sent: …" → "Not sent: …": the class of
-    # a deliberate failure says nothing to the user; other errors keep their class.
-    for prefix in ("dagster._core.definitions.events.Failure: ", "dagster.Failure: "):
-        message = message.removeprefix(prefix)
-    return f"{event.step_key}: {message}"
-
-
-def _run_failure_message(event: Any) -> str:
-    """Why a run failed outside any step (its executor refused to start, e.g. the Celery
-    executor's checks): the innermost error, without its class."""
-    error = getattr(event.event_specific_data, "error", None)
-    if error is None:
-        return event.message or "the run failed"
-    while error.cause is not None:
-        error = error.cause
-    message = error.message.strip()
-    head, sep, rest = message.partition(": ")
-    # "cdp_activation.scaling.ScalingError: the Celery broker …" → "the Celery broker …"
-    return rest if sep and head.rsplit(".", 1)[-1] == error.cls_name else message
-
-
 def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
     for event in result.all_events:
         if event.is_step_materialization:
@@ -791,9 +763,9 @@ def _fill_from_events(summary: RunSummary, result: Any, name: str) -> None:
             if not evaluation.passed:
                 summary.failed_checks[evaluation.check_name] = evaluation.description or "failed"
         elif event.is_run_failure and summary.error is None:
-            summary.error = _run_failure_message(event)
+            summary.error = run_failure_message(event)
         elif event.is_step_failure:
-            summary.error = _failure_message(event)
+            summary.error = step_failure_message(event)
             # A deliveries step that stopped early says where the partition stands.
             failure = event.step_failure_data.user_failure_data
             if failure is not None and event.step_key.startswith(f"{name}__deliveries"):

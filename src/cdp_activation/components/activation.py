@@ -19,6 +19,7 @@ from cdp_activation.activation.confirmation import Preview, confirm_policy, conf
 from cdp_activation.audience.sql import sql_dialect
 from cdp_activation.components import fan_out
 from cdp_activation.components import metadata as asset_meta
+from cdp_activation.components.alerting import activation_alert_sensors
 from cdp_activation.components.resources import LedgerResource, WarehouseResource
 from cdp_activation.components.results import results_defs
 from cdp_activation.delivery.engine import DeliveryReport
@@ -478,7 +479,8 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         # An event-driven activation runs on its events, not on a clock.
         schedules=[schedule] if spec.events is None else [],
         sensors=[deferred_sends]
-        + ([] if spec.events is None else [_events_sensor(activation, job, jobs_of_activation)]),
+        + ([] if spec.events is None else [_events_sensor(activation, job, jobs_of_activation)])
+        + activation_alert_sensors(activation, [job] + ([fallback.job] if fallback else [])),
     )
     if spec.experiment is not None and spec.experiment.conversion_sql is not None:
         defs = dg.Definitions.merge(defs, results_defs(activation, common, deliveries_key))

@@ -160,6 +160,14 @@ def partitions_due(activation: Activation, ledger: Ledger, now: datetime) -> set
     return set(due["partition_key"].to_list()) | pending
 
 
+def backlog(activation: Activation, ledger: Ledger, now: datetime) -> int:
+    """First messages due a fallback and not decided yet, changed within `SENSOR_HORIZON`:
+    what the fallback runs still have to decide (the backlog alert's figure)."""
+    return due_fallbacks(
+        activation, ledger, now, undecided_only=True, changed_since=now - SENSOR_HORIZON
+    ).height
+
+
 def compute_fallback_decisions(
     activation: Activation,
     warehouse: Warehouse,

@@ -33,6 +33,8 @@ exactly as in production. Status codes, ids and error bodies follow the vendor s
   failed reports, in the provider's shape and signature (`status_webhooks.py`).
 - Control (prefix `/_sandbox`): `GET messages`, `GET attempts`, `GET stats`, `POST reset`,
   `GET health`, and `GET`/`POST faults` to read or change fault injection while running.
+- Alerts (`alert_inbox.py`): Slack's `POST /slack/api/chat.postMessage` and a generic
+  `POST /alerts/webhook`, listed by `GET /_sandbox/alerts`.
 
 Deterministic rules make outcomes reproducible: a WhatsApp number whose digits end in `13`
 (about 1% of numbers) is "not on WhatsApp" (Meta code 131026).
@@ -58,6 +60,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from cdp_activation.sandbox import alert_inbox
 from cdp_activation.sandbox.catalog import (
     find_template,
     load_catalog,
@@ -117,6 +120,7 @@ async def sandbox_stats(request: Request) -> Response:
 async def sandbox_reset(request: Request) -> Response:
     request.app.state.store.clear()
     request.app.state.template_statuses = {}
+    request.app.state.alerts.clear()
     return JSONResponse({"reset": True})
 
 
@@ -187,14 +191,18 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
         Route("/faults", sandbox_faults, methods=["GET", "POST"]),
         Route("/templates", sandbox_templates, methods=["GET", "POST"]),
         Route("/health", sandbox_health, methods=["GET"]),
+        Route("/alerts", alert_inbox.list_alerts, methods=["GET"]),
     ]
     app = SandboxApp(
         routes=[
             *(Mount(p.PREFIX, routes=p.ROUTES) for p in PROVIDERS),
             Mount("/_sandbox", routes=control_routes),
+            Mount("/slack", routes=alert_inbox.SLACK_ROUTES),
+            Mount("/alerts", routes=alert_inbox.WEBHOOK_ROUTES),
         ]
     )
     app.state.config = config or SandboxConfig()
     app.state.store = store if store is not None else MessageStore()
     app.state.template_statuses = {}  # POST /_sandbox/templates
+    app.state.alerts = []  # alert_inbox.py
     return app

@@ -88,6 +88,11 @@ class SandboxServer(BackgroundServer):
         fault settings stay."""
         self.store.clear()
         self.app.state.template_statuses = {}
+        self.app.state.alerts.clear()
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """The alerts the sandbox took (`alert_inbox.py`), oldest first."""
+        return list(self.app.state.alerts)
 
 
 def serve(host: str = "127.0.0.1", port: int = 8787, config: SandboxConfig | None = None) -> None:
