@@ -231,3 +231,40 @@ def test_without_a_metrics_dir_the_receiver_counts_its_refusals_in_metrics_and_l
     finally:
         receiver.terminate()
         receiver.wait(timeout=10)
+
+
+def test_the_documented_dashboard_and_alert_rules_read_metrics_that_exist() -> None:
+    """docs/grafana-dashboard.json and docs/prometheus-alerts.yml query only metric names
+    and labels `metrics.py` defines: a renamed metric breaks this, not a dashboard in
+    production."""
+    import re
+
+    import yaml
+
+    from cdp_activation import metrics
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    dashboard = json.loads((docs / "grafana-dashboard.json").read_text())
+    rules = yaml.safe_load((docs / "prometheus-alerts.yml").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    defined = {
+        m._name: set(m._labelnames)  # type: ignore[attr-defined]
+        for m in vars(metrics).values()
+        if hasattr(m, "_labelnames") and hasattr(m, "_name")
+    }
+
+    def base(name: str) -> str:
+        return re.sub(r"_(bucket|count|sum|total)$", "", name)
+
+    used = 0
+    for query in queries:
+        bases = {base(n) for n in re.findall(r"\bcdp_[a-z_]+", query)}
+        for name in bases:
+            assert name in defined, f"{name} in {query!r} is not a metric of metrics.py"
+        used += bool(bases)
+        labels = set().union(*(defined[b] for b in bases)) | {"le", "job"}
+        matched = set(re.findall(r"(\w+)\s*=~?\s*\"", query))
+        grouped = {n.strip() for by in re.findall(r"by \(([^)]*)\)", query) for n in by.split(",")}
+        assert matched | grouped <= labels, (matched | grouped - labels, query)
+    assert used >= len(queries) - 1  # every query but `up` reads one of ours

@@ -5,9 +5,11 @@ from pathlib import Path
 import dagster as dg
 
 from cdp_activation import logs
+from cdp_activation.settings import export_dotenv
 
-# CDP_LOG_FORMAT=json: every process that loads the code location (step processes, the daemon,
-# the webserver) writes its lines as JSON.
+# CDP_LOG_FORMAT=json (here or in .env): every process that loads the code location (step
+# processes, the daemon, the webserver) writes its lines as JSON.
+export_dotenv()
 logs.configure()
 
 

@@ -64,7 +64,11 @@ def main(ctx: click.Context, debug: bool) -> None:
 
     ctx.obj = {"debug": debug}
     # CDP_LOG_FORMAT=json: JSON lines (batches, run summaries, errors) on stderr, and none of
-    # the console's text for people (progress bars, tables).
+    # the console's text for people (progress bars, tables). It and CDP_METRICS_DIR may be
+    # in .env, read before anything reads them.
+    from cdp_activation.settings import export_dotenv
+
+    export_dotenv()
     if logs.configure():
         ctx.obj["json_logs"] = True
         console.quiet = True
