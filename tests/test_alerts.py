@@ -379,3 +379,25 @@ def test_the_daemon_alerts_on_a_blocked_run_a_degraded_run_and_forged_webhooks(
             daemon.wait(timeout=20)
         except subprocess.TimeoutExpired:
             daemon.kill()
+
+
+def test_a_threshold_out_of_range_in_defs_yaml_is_a_validate_error_naming_file_and_field(
+    tmp_path: Path,
+) -> None:
+    from cdp_activation.cli.validation import validate_project
+    from test_cli import WINBACK, scratch_project
+
+    root = scratch_project(tmp_path)
+    defs = root / WINBACK
+    text = defs.read_text()
+    assert "\n  schedule:\n" in text
+    defs.write_text(
+        text.replace("\n  schedule:\n", "\n  alerts:\n    max_failed_share: 5\n  schedule:\n", 1)
+    )
+    valid, problems = validate_project(root)
+    assert "winback_whatsapp" not in valid
+    line = defs.read_text().splitlines().index("    max_failed_share: 5") + 1
+    assert any(
+        f"{defs}:{line}: alerts.max_failed_share" in p and "from 0 to 1, got 5" in p
+        for p in problems
+    ), problems

@@ -1148,6 +1148,14 @@ def dev(port: int, sandbox_port: int) -> None:
 
     os.environ["CDP_SANDBOX"] = "1"  # the UI, the daemon and its runs use the sandbox
     home = ensure_dagster_home()
+    if "CDP_METRICS_DIR" not in os.environ:
+        # Every process of the UI's runs writes its metrics here; the receiver adds them up.
+        # Emptied at each start, as prometheus-client's multiprocess mode asks.
+        metrics_dir = home / "metrics"
+        metrics_dir.mkdir(exist_ok=True)
+        for stale in metrics_dir.glob("*.db"):
+            stale.unlink()
+        os.environ["CDP_METRICS_DIR"] = str(metrics_dir)
     path = duckdb_path(get_settings().warehouse_url)
     if path is not None and not path.exists():
         console.print(f"no warehouse at {path}: generating the demo one (100,000 customers)")
@@ -1159,7 +1167,8 @@ def dev(port: int, sandbox_port: int) -> None:
         env.setdefault("CDP_TWILIO_BASE_URL", f"{url}/twilio")
         env.setdefault("CDP_TWILIO_CONTENT_BASE_URL", f"{url}/twilio")
         # The sandbox reports delivery statuses back, as in `make demo`.
-        _status_webhooks(stack, url)
+        hooks = _status_webhooks(stack, url)
+        console.print(f"Prometheus metrics of every run on {hooks}/metrics (docs/operations.md)")
         console.print(f"Dagster UI on http://127.0.0.1:{port}")
         command = [
             sys.executable,

@@ -399,7 +399,7 @@ class _Delivery:
         hinted = [r.retry_after for _, r, _ in retryable if r.retry_after is not None]
         if hinted:
             self.report.throttled += len(hinted)
-            metrics.THROTTLED.labels(name).inc(len(hinted))
+            metrics.child(metrics.THROTTLED, name).inc(len(hinted))
         out += self._retry(name, retryable, now, max(hinted, default=0.0))
         self._observe(name, before, len(rows), refused)
         if self.failing[name] >= self.options.outage_after:
@@ -436,7 +436,7 @@ class _Delivery:
             outcomes["refused"] = size
         for outcome, count in outcomes.items():
             if count:
-                metrics.MESSAGES.labels(self.scope.activation, name, outcome).inc(count)
+                metrics.child(metrics.MESSAGES, self.scope.activation, name, outcome).inc(count)
         if BATCHES.isEnabledFor(logging.INFO):
             troubled = refused is not None or outcomes["unknown"] or outcomes["retry"]
             BATCHES.info(
@@ -630,7 +630,7 @@ async def deliver_async(
                     report.attempts += 1
                     took = time.perf_counter() - began
                     report.latencies.append(took)
-                    metrics.PROVIDER_LATENCY.labels(name).observe(took)
+                    metrics.child(metrics.PROVIDER_LATENCY, name).observe(took)
             if not rows:
                 if not await wait_for_due(name):
                     return
@@ -645,7 +645,7 @@ async def deliver_async(
             hinted = [r.retry_after for r in results if r.retry_after is not None]
             if hinted:
                 pause = min(max(hinted), MAX_RETRY_AFTER)
-                metrics.RETRY_AFTER_SECONDS.labels(name).inc(pause)
+                metrics.child(metrics.RETRY_AFTER_SECONDS, name).inc(pause)
                 throttle.hold(pause)
                 await throttle.share(pause)
 
