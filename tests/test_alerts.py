@@ -401,3 +401,98 @@ def test_a_threshold_out_of_range_in_defs_yaml_is_a_validate_error_naming_file_a
         f"{defs}:{line}: alerts.max_failed_share" in p and "from 0 to 1, got 5" in p
         for p in problems
     ), problems
+
+
+def _unreachable_first_messages(ledger: Ledger, start: int, count: int) -> None:
+    """`count` WhatsApp first messages Meta refused as not on WhatsApp (131026): each is due
+    its SMS fallback at once."""
+    import polars as pl
+
+    from cdp_activation.connectors.base import Outcome, SendResult
+
+    customers = [f"c{i}" for i in range(start, start + count)]
+    frame = pl.DataFrame(
+        {
+            "customer_id": customers,
+            "phone_e164": [f"+4479112{i:05d}" for i in range(start, start + count)],
+            "channel": ["whatsapp"] * count,
+            "connector": ["meta_whatsapp"] * count,
+            "step": ["initial"] * count,
+            "template_name": ["winback_offer"] * count,
+            "template_language": ["en"] * count,
+            "variables": [["Ann", "45", "C1"]] * count,
+            "body": [None] * count,
+        },
+        schema_overrides={"body": pl.String},
+    )
+    ledger.plan(ACTIVATION, "2026-12-05", frame)
+    rows = [r for r in ledger.pending(ACTIVATION, "2026-12-05") if r.customer_id in customers]
+    ledger.mark_in_flight([r.id for r in rows])
+    ledger.record(
+        [
+            (r.id, SendResult(r.idempotency_key, Outcome.FAILED, None, error_code="131026"), 1)
+            for r in rows
+        ]
+    )
+
+
+def test_the_fallback_backlog_alert_fires_once_while_it_grows_and_again_after_a_pause(
+    tmp_path: Path, sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `<name>_fallback_backlog_alert` sensor, evaluated by Dagster's own sensor context on
+    a real ledger: undecided fallbacks growing at each of 3 checks past 100 is one alert; a
+    fourth growing check tells nothing new; once it stopped growing and grows again, again."""
+    import yaml
+
+    from cdp_activation.activation.run import Activation
+    from cdp_activation.components.alerting import activation_alert_sensors
+    from cdp_activation.components.resources import LedgerResource
+    from cdp_activation.spec import ActivationSpec
+
+    monkeypatch.setenv("CDP_SANDBOX", "1")
+    monkeypatch.setenv("CDP_ALERT_WEBHOOK_URL", f"{sandbox.url}/alerts/webhook")
+    root = Path(__file__).resolve().parents[1]
+    defs = root / "src/cdp_activation/defs/activations" / ACTIVATION / "defs.yaml"
+    spec = ActivationSpec.model_validate(yaml.safe_load(defs.read_text())["attributes"])
+    activation = Activation.from_spec(ACTIVATION, spec)
+    (sensor,) = [
+        s for s in activation_alert_sensors(activation, []) if "fallback_backlog" in s.name
+    ]
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    ledger = Ledger(url)
+    cursor = None
+
+    def check() -> list[dict[str, Any]]:
+        nonlocal cursor
+        with (
+            dg.instance_for_test() as instance,
+            dg.build_sensor_context(
+                instance=instance, cursor=cursor, resources={"ledger": LedgerResource(url=url)}
+            ) as context,
+        ):
+            sensor(context)
+            cursor = context.cursor
+        return [a["body"] for a in sandbox.alerts()]
+
+    try:
+        told = 0
+        for size in (40, 80, 30):  # 40 → 120 → 150: grew at each check, past 100
+            _unreachable_first_messages(ledger, told, size)
+            told += size
+            alerts = check()
+        (alert,) = alerts
+        assert alert["kind"] == "fallback_backlog" and alert["activation"] == ACTIVATION
+        assert alert["figures"] == {"backlog": 150}
+        assert "40 → 120 → 150" in alert["findings"][0]
+        _unreachable_first_messages(ledger, told, 10)
+        told += 10
+        assert len(check()) == 1  # still growing: told already
+        assert len(check()) == 1  # steady at 160: the episode is over
+        for size in (5, 5, 5):  # 160 → 165 → 170 (three checks rising: told) → 175
+            _unreachable_first_messages(ledger, told, size)
+            told += size
+            alerts = check()
+        assert [a["kind"] for a in alerts] == ["fallback_backlog", "fallback_backlog"]
+        assert alerts[1]["figures"] == {"backlog": 170}
+    finally:
+        ledger.dispose()
