@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -33,14 +32,9 @@ from cdp_activation.sandbox import SandboxServer
 from cdp_activation.sandbox_credentials import SANDBOX_SLACK_TOKEN
 from cdp_activation.spec import AlertsSpec
 from conftest import cli_project
+from test_cli import free_port
 
 ACTIVATION = "winback_whatsapp"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Inbox:
@@ -55,7 +49,7 @@ class _Inbox:
 @pytest.fixture
 def smtp() -> Iterator[tuple[_Inbox, int]]:
     inbox = _Inbox()
-    port = _free_port()
+    port = free_port()
     controller = Controller(inbox, hostname="127.0.0.1", port=port)
     controller.start()
     try:
@@ -200,7 +194,7 @@ def test_an_unreachable_destination_is_logged_once_and_the_others_still_get_ever
     sandbox: SandboxServer, smtp: tuple[_Inbox, int], caplog: pytest.LogCaptureFixture
 ) -> None:
     inbox, port = smtp
-    closed = f"http://127.0.0.1:{_free_port()}/hook?token=s3cr3t-in-url"
+    closed = f"http://127.0.0.1:{free_port()}/hook?token=s3cr3t-in-url"
     destinations = Destinations(
         webhook_url=closed,
         slack_token="xoxb-wrong",  # refused by Slack: invalid_auth

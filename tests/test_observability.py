@@ -10,7 +10,6 @@ of the run is JSON, one per batch and one run summary, and no phone number is in
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -27,16 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from cdp_activation.ledger import Ledger
 from cdp_activation.sandbox import SandboxServer
 from conftest import cli_project
+from test_cli import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 ACTIVATION = "winback_whatsapp"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -58,7 +52,7 @@ def total(samples: dict[str, Any], name: str, **labels: str) -> float:
 
 
 def start_receiver(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "cdp-activation"),
