@@ -139,14 +139,15 @@ def sent_ledger(tmp_path: Path) -> tuple[Ledger, dict[str, int]]:
 
 def test_reported_pricing_reaches_the_ledger_in_any_order(tmp_path: Path) -> None:
     ledger, _ = sent_ledger(tmp_path)
+    now = datetime.now(UTC).replace(microsecond=0)  # reports after the send, not at import
     try:
-        later = NOW + timedelta(seconds=5)
+        later = now + timedelta(seconds=5)
         # `read` (no pricing) first, then the `sent` report that carries it: still recorded.
-        ledger.record_statuses(parse_meta(meta_status("wamid.c0", "read", None, later), NOW))
-        ledger.record_statuses(parse_meta(meta_status("wamid.c0", "sent", MARKETING), NOW))
+        ledger.record_statuses(parse_meta(meta_status("wamid.c0", "read", None, later), now))
+        ledger.record_statuses(parse_meta(meta_status("wamid.c0", "sent", MARKETING, now), now))
         # A report of a message whose send is not recorded yet is applied with its pricing
         # once it is (`apply_pending_statuses`).
-        ledger.record_statuses(parse_meta(meta_status("wamid.early", "sent", SERVICE), NOW))
+        ledger.record_statuses(parse_meta(meta_status("wamid.early", "sent", SERVICE, now), now))
         rows = ledger.rows("winback")
         c0 = rows.filter(pl.col("customer_id") == "c0").row(0, named=True)
         assert (c0["delivery_status"], c0["billable"], c0["pricing_category"]) == (
@@ -171,11 +172,16 @@ def test_reported_pricing_reaches_the_ledger_in_any_order(tmp_path: Path) -> Non
 
 def test_the_cost_report_prices_reports_by_the_price_list(tmp_path: Path) -> None:
     ledger, _ = sent_ledger(tmp_path)
+    now = datetime.now(UTC).replace(microsecond=0)  # reports after the send, not at import
     try:
         # c0, c2: billed marketing; c1: free (service); c3: a provider amount; c4: no report.
-        ledger.record_statuses(parse_meta(meta_status("wamid.c0", "delivered", MARKETING), NOW))
-        ledger.record_statuses(parse_meta(meta_status("wamid.c1", "delivered", SERVICE), NOW))
-        ledger.record_statuses(parse_meta(meta_status("wamid.c2", "delivered", MARKETING), NOW))
+        ledger.record_statuses(
+            parse_meta(meta_status("wamid.c0", "delivered", MARKETING, now), now)
+        )
+        ledger.record_statuses(parse_meta(meta_status("wamid.c1", "delivered", SERVICE, now), now))
+        ledger.record_statuses(
+            parse_meta(meta_status("wamid.c2", "delivered", MARKETING, now), now)
+        )
         with ledger.engine.begin() as con:
             con.exec_driver_sql(
                 "UPDATE sends SET price = 0.2, price_currency = 'USD' WHERE customer_id = 'c3'"

@@ -586,3 +586,52 @@ def test_a_claim_failing_in_the_database_raises_sqlalchemys_error(ledger_url: st
         with ledger.engine.begin() as con:
             con.exec_driver_sql("ALTER TABLE sends RENAME COLUMN request_number TO request_id")
         ledger.dispose()
+
+
+def test_a_worker_stalled_inside_a_transaction_does_not_hold_the_recovery(
+    ledger_url: str,
+) -> None:
+    """A worker frozen (SIGSTOP, a lost host) in the middle of a settle holds its rows' locks
+    for as long as its connection lives. On PostgreSQL the server ends that transaction once
+    it has sat idle past the worker's lease, so the run that recovers its rows goes on
+    instead of waiting for ever (it hung CI once: the late worker of
+    test_a_stopped_worker_keeps_its_rows_until_its_lease_expires). SQLite has one writer: a
+    stalled one is bounded by the busy timeout instead."""
+    import contextlib
+    import threading
+    import time
+
+    from cdp_activation.ledger import ClaimRequest
+
+    if not ledger_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL only: SQLite's single writer is bounded by its busy timeout")
+    stalled, fresh = Ledger(ledger_url), Ledger(ledger_url)
+    stalled.plan("winback", "p", chosen(4))
+    worker = stalled.register_worker("winback", "p", "initial", lease_seconds=1.0)
+    [rows] = stalled.claim(worker, "winback", "p", "initial", [ClaimRequest("meta_whatsapp", 4)])
+    assert len(rows) == 4
+    # Frozen mid-settle: its transaction has updated the rows and never commits.
+    con = stalled.engine.connect()
+    open_transaction = con.begin()
+    stalled._bound_idle(con, worker)
+    con.exec_driver_sql(
+        "UPDATE sends SET error_message = 'settling' WHERE claimed_by = %s", (worker,)
+    )
+    time.sleep(1.3)  # the lease has lapsed
+    recovered: list[int] = []
+    recovery = threading.Thread(
+        target=lambda: recovered.append(fresh.recover_interrupted("winback", "p")), daemon=True
+    )
+    recovery.start()
+    recovery.join(timeout=20)
+    try:
+        assert not recovery.is_alive(), "the recovery waited on the stalled worker's locks"
+        assert recovered == [4]
+        assert fresh.counts("winback", "p") == {"unknown": 4}
+    finally:
+        with contextlib.suppress(Exception):  # the server ended it, as it should
+            open_transaction.rollback()
+        con.close()
+        recovery.join(timeout=30)
+        stalled.dispose()
+        fresh.dispose()

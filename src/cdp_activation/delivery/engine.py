@@ -571,9 +571,20 @@ async def deliver_async(
 
     def claim(requests: list[ClaimRequest]) -> list[list[PlannedSend]]:
         with metrics.timed(metrics.LEDGER_LATENCY, "claim"):
-            return ledger.claim(
-                worker_id, scope.activation, scope.partition_key, scope.step, requests
-            )
+            try:
+                return ledger.claim(
+                    worker_id, scope.activation, scope.partition_key, scope.step, requests
+                )
+            except sa.exc.OperationalError:
+                # The server may have ended a transaction this worker left idle past its lease
+                # (stalled: `Ledger._bound_idle`); if the lease is gone, say so.
+                if not ledger.heartbeat(worker_id):
+                    raise LeaseLost(
+                        f"delivery worker {worker_id[:8]} lost its lease (it was stalled "
+                        "longer than its lease and another run recovered its rows): it stops "
+                        "here"
+                    ) from None
+                raise
 
     def record(items: list[Settlement]) -> None:
         with metrics.timed(metrics.LEDGER_LATENCY, "record"):

@@ -60,6 +60,8 @@ class LedgerBase:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        # The lease of each delivery worker this process registered (state_machine.py).
+        self._leases: dict[str, float] = {}
         try:
             self.engine = open_engine(url)
             self._bring_up()

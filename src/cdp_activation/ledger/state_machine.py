@@ -193,6 +193,7 @@ class SendStates(LedgerBase):
                     heartbeat_at=now,
                 )
             )
+        self._leases[worker_id] = lease_seconds
         return worker_id
 
     def heartbeat(self, worker_id: str) -> bool:
@@ -200,7 +201,20 @@ class SendStates(LedgerBase):
         with self.engine.begin() as con:
             return self._renew(con, worker_id)
 
+    def _bound_idle(self, con: sa.Connection, worker_id: str) -> None:
+        """On PostgreSQL, the server ends this transaction of a delivery worker if the worker
+        leaves it idle longer than its lease (frozen, SIGSTOPped, its host lost with the
+        connection open): a worker silent that long is taken for dead anyway, and the row
+        locks of its open transaction would otherwise hold the run that recovers its rows
+        for as long as the connection lives."""
+        lease = self._leases.get(worker_id)
+        if lease and self.dialect == "postgresql":
+            con.exec_driver_sql(
+                f"SET LOCAL idle_in_transaction_session_timeout = {max(1, int(lease * 1000))}"
+            )
+
     def _renew(self, con: sa.Connection, worker_id: str) -> bool:
+        self._bound_idle(con, worker_id)
         result = con.execute(
             sa.update(delivery_workers)
             .where(delivery_workers.c.id == worker_id, delivery_workers.c.state == WORKER_ALIVE)
@@ -446,6 +460,7 @@ class SendStates(LedgerBase):
         mark = self._mark
         held = f"WHERE id = {mark} AND claimed_by = {mark}"
         with self.engine.begin() as con:
+            self._bound_idle(con, worker_id)
             if final and self.dialect == "sqlite":
                 # Many rows a statement (see `plan`): about half the cost a row.
                 step = _sqlite_rows_per_statement(con, len(_SETTLE_FIELDS))
