@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -129,6 +130,9 @@ class DeliveryScope:
 
 
 MAX_RETRY_AFTER = 60.0  # seconds: a provider's longer Retry-After is capped
+# What became of an answered request's messages (the metrics' and batch lines' `outcome`),
+# in `_Delivery._counts` order, then `refused` (the whole request refused).
+_OUTCOMES = ("sent", "failed", "unknown", "retry", "retry_later", "refused")
 
 
 class ProviderUnavailable(ConnectorError):
@@ -308,6 +312,8 @@ class _Delivery:
     def __init__(self, options: DeliveryOptions, scope: DeliveryScope | None = None) -> None:
         self.options = options
         self.scope = scope or DeliveryScope("", "")
+        # connector -> its messages counters, one per outcome (`_OUTCOMES`), looked up once.
+        self._counters: dict[str, tuple[Any, ...]] = {}
         self.report = DeliveryReport()
         self.stop = asyncio.Event()
         self.error: BaseException | None = None
@@ -425,19 +431,20 @@ class _Delivery:
     ) -> None:
         """One answered request into the metrics and the batch log line (`logs.py`): what
         became of its messages, never who they were."""
-        outcomes = dict(
-            zip(
-                ("sent", "failed", "unknown", "retry", "retry_later"),
-                (now - then for now, then in zip(self._counts(), before, strict=True)),
-                strict=True,
+        counters = self._counters.get(name)
+        if counters is None:
+            counters = self._counters[name] = tuple(
+                metrics.child(metrics.MESSAGES, self.scope.activation, name, outcome)
+                for outcome in _OUTCOMES
             )
-        )
+        changes = [now - then for now, then in zip(self._counts(), before, strict=True)]
         if refused is not None:
-            outcomes["refused"] = size
-        for outcome, count in outcomes.items():
+            changes.append(size)
+        for counter, count in zip(counters, changes, strict=False):
             if count:
-                metrics.child(metrics.MESSAGES, self.scope.activation, name, outcome).inc(count)
+                counter.inc(count)
         if BATCHES.isEnabledFor(logging.INFO):
+            outcomes = dict(zip(_OUTCOMES, changes, strict=False))
             troubled = refused is not None or outcomes["unknown"] or outcomes["retry"]
             BATCHES.info(
                 "batch of %d to %s: %s",
@@ -603,6 +610,8 @@ async def deliver_async(
         size = connector.capabilities.max_batch_size
         whole = groups_requests(connector)
         limiter, throttle = limiters[name], throttles[name]
+        limiter_wait = metrics.child(metrics.LIMITER_WAIT, name)
+        request_seconds = metrics.child(metrics.PROVIDER_LATENCY, name)
         while not run.stop.is_set() and name not in run.halted:
             await throttle.wait(run.stop)
             rows: list[PlannedSend] = []
@@ -611,8 +620,9 @@ async def deliver_async(
             async with semaphore:
                 if run.stop.is_set():
                     return
-                with metrics.timed(metrics.LIMITER_WAIT, name):
-                    await limiter.acquire(min(size, limiter.max_rate))
+                queued = time.perf_counter()
+                await limiter.acquire(min(size, limiter.max_rate))
+                limiter_wait.observe(time.perf_counter() - queued)
                 if run.stop.is_set():
                     return
                 if throttle.remaining() > 0:
@@ -641,7 +651,7 @@ async def deliver_async(
                     report.attempts += 1
                     took = time.perf_counter() - began
                     report.latencies.append(took)
-                    metrics.child(metrics.PROVIDER_LATENCY, name).observe(took)
+                    request_seconds.observe(took)
             if not rows:
                 if not await wait_for_due(name):
                     return
