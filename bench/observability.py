@@ -125,11 +125,13 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         "# Observability: the metrics' and JSON logs' cost per answered request",
         "",
-        f"Measured {now} on {_cpu_model()} ({os.cpu_count()} cores), "
-        f"`python -m bench observability --requests {args.requests}`: CPU µs per request of "
-        "the delivery engine's instrumentation (messages counter and batch log line, provider "
-        "and limiter histograms, ledger claim and record histograms) against the same loop "
-        "without it, in the same process. Per recipient: divide by the batch size.",
+        f"Measured {now} with `python -m bench observability --requests {args.requests}` on "
+        f"{_cpu_model()} ({os.cpu_count()} cores).",
+        "",
+        "CPU µs per request of the delivery engine's instrumentation (messages counter and "
+        "batch log line, provider and limiter histograms, ledger claim and record histograms) "
+        "against the same loop without it, in the same process. Per recipient: divide by the "
+        "batch size.",
         "",
         "| mode | batch | baseline µs/request | instrumented µs/request | cost µs/request "
         "| cost µs/recipient |",
