@@ -262,3 +262,28 @@ def test_the_documented_dashboard_and_alert_rules_read_metrics_that_exist() -> N
         grouped = {n.strip() for by in re.findall(r"by \(([^)]*)\)", query) for n in by.split(",")}
         assert matched | grouped <= labels, (matched | grouped - labels, query)
     assert used >= len(queries) - 1  # every query but `up` reads one of ours
+
+
+def test_the_demo_with_json_logs_writes_only_json_and_its_batches_add_up(tmp_path: Path) -> None:
+    """`CDP_LOG_FORMAT=json cdp-activation demo`, as a new user would try it: every stderr line
+    (the CLI's, the sandbox's and the receiver's processes are its own) is JSON, the batch
+    lines add up to the summary, and the run does not stall on a child process's log."""
+    from test_cli import clean_env, run_cli
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    # Dagster prints a telemetry notice (not a log line) into a fresh instance's first run.
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = clean_env(DAGSTER_HOME=str(home), CDP_LOG_FORMAT="json")
+    demo = ("demo", "--customers", "3000", "--port", str(free_port()))
+    done = run_cli(*demo, "--send-window", "00:00-23:59", "--json", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    batches = [x for x in lines if x.get("event") == "batch" and x["step"] == "initial"]
+    assert summary["sent"] > 100
+    assert sum(b["sent"] for b in batches) == summary["sent"]
+    assert sum(b["failed"] for b in batches) == summary["failed"]
+    steps = {x["step"] for x in lines if x.get("event") == "run_summary"}
+    assert steps == {"initial", "fallback"}
+    assert not [x for x in lines if x.get("logger") in ("httpx", "alembic.runtime.migration")]

@@ -30,6 +30,7 @@ RUNS = logging.getLogger("cdp_activation.runs")
 BATCHES.setLevel(logging.WARNING)  # on with CDP_LOG_FORMAT=json (configure)
 
 _HANDLER_NAME = "cdp-json"
+_NOISY = ("httpx", "httpcore", "alembic", "urllib3", "slack_sdk", "aiosmtpd")
 # LogRecord's own attributes: the rest of a record's __dict__ are a line's fields.
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -85,6 +86,11 @@ def configure(level: int = logging.INFO) -> bool:
     if root.level == logging.NOTSET or root.level > level:
         root.setLevel(level)
     BATCHES.setLevel(logging.INFO)
+    # Libraries that say a line per request or migration step at INFO keep to warnings: the
+    # batch lines already count every request.
+    for noisy in _NOISY:
+        if logging.getLogger(noisy).level == logging.NOTSET:
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     return True
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -399,16 +400,20 @@ def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/5[/] ") -> st
     except httpx.HTTPError:
         pass
     # Its own process, as a real provider would be: it must not share our interpreter's GIL.
+    # Its log goes to a file, not a pipe: a pipe nobody reads once it has started would stop
+    # it the moment it filled (a chatty log level, CDP_LOG_FORMAT=json).
+    log = stack.enter_context(tempfile.TemporaryFile())
     process = subprocess.Popen(
         [sys.executable, "-m", "cdp_activation.cli.main", "sandbox", "--port", str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
     stack.callback(_stop_process, process)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            log.seek(0)
+            error = log.read().decode(errors="replace")
             raise click.ClickException(
                 f"the sandbox provider did not start on port {port}: {error.strip()[-500:]}"
             )
