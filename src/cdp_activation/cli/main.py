@@ -402,7 +402,7 @@ def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/5[/] ") -> st
     # Its own process, as a real provider would be: it must not share our interpreter's GIL.
     # Its log goes to a file, not a pipe: a pipe nobody reads once it has started would stop
     # it the moment it filled (a chatty log level, CDP_LOG_FORMAT=json).
-    log = stack.enter_context(tempfile.TemporaryFile())
+    log = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115  # closed by the stack
     process = subprocess.Popen(
         [sys.executable, "-m", "cdp_activation.cli.main", "sandbox", "--port", str(port)],
         stdout=subprocess.DEVNULL,
