@@ -118,6 +118,11 @@ def test_a_healthy_run_raises_no_finding_and_each_threshold_one() -> None:
     (finding,) = degraded_findings({**SUMMARY, "accepted_as": {"paused": 40}}, spec)
     assert finding.startswith("40 messages accepted as paused")
 
+    # A deferred-sends run of three messages, one failed: no trend to tell.
+    tiny = {**SUMMARY, "sent": 2, "failed": 1, "unknown": 0, "ledger_states": {"sent": 2}}
+    assert degraded_findings(tiny, spec) == []
+    assert len(degraded_findings(tiny, AlertsSpec(share_min_messages=1))) == 1
+
     strict = AlertsSpec(max_failed_share=0.001, max_unknown_share=0.0001)
     assert len(degraded_findings(SUMMARY, strict)) == 2
     assert degraded_findings({**SUMMARY, "dry_run": True, "failed": 9_000}, spec) == []
@@ -319,7 +324,7 @@ def test_the_daemon_alerts_on_a_blocked_run_a_degraded_run_and_forged_webhooks(
         # 3. Forged reports: the receivers counted refusals in the ledger.
         ledger = Ledger(project.ledger_url)
         try:
-            ledger.record_refusals(["meta"] * 4 + ["twilio"] * 3)
+            ledger.record_refusals({"meta": 4, "twilio": 3})
             numbers = set(ledger.rows(ACTIVATION)["recipient"].to_list())
         finally:
             ledger.dispose()

@@ -200,6 +200,23 @@ def test_metrics_of_every_process_are_scraped_during_a_real_send_and_match_the_l
         receiver.wait(timeout=10)
 
 
+def test_with_a_metrics_port_the_webhook_port_serves_no_metrics(
+    tmp_path: Path, sandbox: SandboxServer
+) -> None:
+    project = cli_project(tmp_path, sandbox, customers=10)
+    port = free_port()
+    receiver, url = start_receiver({**project.env, "CDP_METRICS_PORT": str(port)}, project.tmp)
+    try:
+        refused = httpx.post(f"{url}/webhooks/meta", content=b"{}")
+        assert refused.status_code == 401
+        assert httpx.get(f"{url}/metrics").status_code == 404  # not beside the webhooks
+        samples = scrape(f"http://127.0.0.1:{port}")
+        assert total(samples, "cdp_webhook_signature_refusals_total", provider="meta") == 1
+    finally:
+        receiver.terminate()
+        receiver.wait(timeout=10)
+
+
 def test_without_a_metrics_dir_the_receiver_counts_its_refusals_in_metrics_and_ledger(
     tmp_path: Path, sandbox: SandboxServer
 ) -> None:

@@ -17,6 +17,7 @@ lines as before, and no batch lines (one per request would drown a terminal).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ RUNS = logging.getLogger("cdp_activation.runs")
 BATCHES.setLevel(logging.WARNING)  # on with CDP_LOG_FORMAT=json (configure)
 
 _HANDLER_NAME = "cdp-json"
+_IDENTIFIERS = frozenset({"run_id", "partition", "activation", "step", "connector", "worker"})
 _NOISY = ("httpx", "httpcore", "alembic", "urllib3", "slack_sdk", "aiosmtpd")
 # LogRecord's own attributes: the rest of a record's __dict__ are a line's fields.
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -43,18 +45,33 @@ def log_format() -> str:
 
 
 class MaskPhones(logging.Filter):
-    """Masks phone numbers in a record's message and its string fields, before any handler
-    writes it."""
+    """Masks phone numbers in a record's message, its fields (nested ones too) and its
+    traceback, before any handler writes it. Identifiers (a run's id, a partition) are left
+    as they are: a UUID can hold eight digits in a row."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         masked = mask_phones_in(text)
         if masked != text or record.args:
             record.msg, record.args = masked, None
+        if record.exc_info:  # rendered here, masked, so no formatter renders it unmasked
+            rendered = logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, None
+            record.exception = mask_phones_in(rendered)
         for key, value in list(vars(record).items()):
-            if key not in _RESERVED and isinstance(value, str):
-                setattr(record, key, mask_phones_in(value))
+            if key not in _RESERVED and key not in _IDENTIFIERS:
+                setattr(record, key, _masked(value))
         return True
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_phones_in(value)
+    if isinstance(value, dict):
+        return {k: v if k in _IDENTIFIERS else _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(v) for v in value]
+    return value
 
 
 def json_formatter() -> logging.Formatter:
@@ -92,6 +109,35 @@ def configure(level: int = logging.INFO) -> bool:
         if logging.getLogger(noisy).level == logging.NOTSET:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     return True
+
+
+class LinesToLog(io.TextIOBase):
+    """A text stream whose every line becomes a log record (`event: "console"`): the CLI's
+    words for people (tables, warnings, a `validate` report) as JSON lines too."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self._logger = logger
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                self._logger.info(line.rstrip(), extra={"event": "console"})
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial.strip():
+            self._logger.info(self._partial.rstrip(), extra={"event": "console"})
+        self._partial = ""
 
 
 def run_summary(summary: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 
 # Provider answers take from a few ms (a sandbox) to tens of seconds (a provider in trouble).
@@ -125,11 +126,22 @@ class timed:  # used as a function: `with timed(HISTOGRAM, "label"):`
         self._child.observe(time.perf_counter() - self._began)
 
 
-def exposition() -> tuple[bytes, str]:
-    """The text a scrape of `/metrics` answers, and its content type: every process's figures
-    added up with `CDP_METRICS_DIR`, this process's own without."""
+def registry() -> CollectorRegistry:
+    """What a scrape reads: every process's figures with `CDP_METRICS_DIR`, this process's
+    own without."""
     if multiprocess_dir():
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        collected = CollectorRegistry()
+        multiprocess.MultiProcessCollector(collected)
+        return collected
+    return REGISTRY
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text a scrape of `/metrics` answers, and its content type."""
+    return generate_latest(registry()), CONTENT_TYPE_LATEST
+
+
+def serve(port: int, host: str) -> None:
+    """`/metrics` on a port of its own (CDP_METRICS_PORT), in a daemon thread: a network the
+    providers' webhooks do not come from."""
+    start_http_server(port, addr=host, registry=registry())

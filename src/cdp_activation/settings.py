@@ -125,6 +125,9 @@ class CoreSettings(BaseSettings):
     # refused (401), never accepted unchecked.
     webhook_public_url: str | None = None  # e.g. https://hooks.example.com (Twilio signs it)
     webhooks_port: Port = 8788
+    # Prometheus' `/metrics` on a port of its own (docs/operations.md); unset: on the
+    # receiver's port, beside the webhooks (keep it off the public path then).
+    metrics_port: Port | None = None
     # Replies that opt a customer out of (or back into) a channel, comma-separated; empty: the
     # usual words (STOP, UNSUBSCRIBE, … and START, UNSTOP, …: policy/opt_out.py).
     opt_out_keywords: str = ""
@@ -167,7 +170,7 @@ class CoreSettings(BaseSettings):
     alert_smtp_password: SecretStr | None = None
     alert_smtp_starttls: bool = False
     alert_email_from: str = ""
-    alert_email_to: str = ""
+    alert_email_to: str = Field(default="", validate_default=True)
     # Signature refusals, across every receiver, in `alert_refusal_minutes` that raise an alert.
     alert_signature_refusals: PositiveCount = 20
     alert_refusal_minutes: PositiveCount = 5
@@ -245,7 +248,19 @@ class CoreSettings(BaseSettings):
     @field_validator("alert_email_to")
     @classmethod
     def _email(cls, value: str, info: ValidationInfo) -> str:
+        data = info.data
         if not value.strip():
+            configured = [
+                env
+                for env, field in (
+                    ("CDP_ALERT_SMTP_HOST", "alert_smtp_host"),
+                    ("CDP_ALERT_SMTP_USERNAME", "alert_smtp_username"),
+                    ("CDP_ALERT_SMTP_PASSWORD", "alert_smtp_password"),
+                )
+                if data.get(field)
+            ]
+            if configured:
+                raise ValueError(f"e-mail alerts need recipients ({', '.join(configured)} is set)")
             return ""
         missing = [
             env
@@ -253,11 +268,19 @@ class CoreSettings(BaseSettings):
                 ("CDP_ALERT_SMTP_HOST", "alert_smtp_host"),
                 ("CDP_ALERT_EMAIL_FROM", "alert_email_from"),
             )
-            if not str(info.data.get(field) or "").strip()
+            if not str(data.get(field) or "").strip()
         ]
         if missing:
             raise ValueError(f"e-mail alerts also need {' and '.join(missing)}")
-        for address in [info.data["alert_email_from"], *value.split(",")]:
+        if data.get("alert_smtp_username"):
+            if data.get("alert_smtp_password") is None:
+                raise ValueError("CDP_ALERT_SMTP_USERNAME is set without CDP_ALERT_SMTP_PASSWORD")
+            if not data.get("alert_smtp_starttls") and data.get("alert_smtp_port") != 465:
+                raise ValueError(
+                    "an SMTP login needs TLS: CDP_ALERT_SMTP_STARTTLS=true, or port 465 "
+                    "(the password would cross the network in clear)"
+                )
+        for address in [data["alert_email_from"], *value.split(",")]:
             if not re.match(r"^[^@\s,]+@[^@\s,]+\.[^@\s,]+$", address.strip()):
                 raise ValueError(f"{address.strip()!r} is not an e-mail address")
         return value

@@ -424,6 +424,11 @@ class AlertsSpec(_Strict):
         description="Alert when more than this share of the partition's messages are dead "
         "letters (given up on: past their send deadline).",
     )
+    share_min_messages: int = Field(
+        default=50,
+        description="The failed, unknown and dead-letter shares are judged on at least this "
+        "many messages (1 failed of 3 is no trend).",
+    )
     audience_change: float = Field(
         default=0.5,
         description="Alert when the audience is more than this share above or below the median "
@@ -469,7 +474,11 @@ class AlertsSpec(_Strict):
         return value
 
     @field_validator(
-        "history_runs", "fallback_backlog_checks", "rate_min_messages", "fallback_backlog_min"
+        "history_runs",
+        "fallback_backlog_checks",
+        "rate_min_messages",
+        "fallback_backlog_min",
+        "share_min_messages",
     )
     @classmethod
     def _count(cls, value: int, info: ValidationInfo) -> int:

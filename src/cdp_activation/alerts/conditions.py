@@ -27,7 +27,7 @@ def degraded_findings(
         return found
     sent, failed, unknown = (int(summary.get(k) or 0) for k in ("sent", "failed", "unknown"))
     answered = sent + failed + unknown
-    if answered:
+    if answered >= thresholds.share_min_messages:
         codes = _top_codes(summary.get("error_codes") or {})
         if failed / answered > thresholds.max_failed_share:
             found.append(
@@ -44,7 +44,10 @@ def degraded_findings(
     states = summary.get("ledger_states") or {}
     in_partition = sum(int(v) for v in states.values())
     dead = int(summary.get("dead_letter") or 0)
-    if in_partition and dead / in_partition > thresholds.max_dead_letter_share:
+    if (
+        in_partition >= thresholds.share_min_messages
+        and dead / in_partition > thresholds.max_dead_letter_share
+    ):
         found.append(
             f"{dead:,} of the partition's {in_partition:,} messages are dead letters "
             f"({dead / in_partition:.1%}, threshold {thresholds.max_dead_letter_share:.1%})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import smtplib
+import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
@@ -21,7 +22,8 @@ from cdp_activation.alerts.model import Alert
 from cdp_activation.masking import redact_secrets
 
 log = logging.getLogger(__name__)
-TIMEOUT_S = 5.0
+TIMEOUT_S = 5.0  # per connection attempt and per read
+SMTPS_PORT = 465  # SMTP over TLS from the first byte (else plain, or STARTTLS when asked)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,10 @@ class Dispatcher:
 
         d = self.destinations
         base = d.slack_api_url if d.slack_api_url.endswith("/") else d.slack_api_url + "/"
-        client = WebClient(token=d.slack_token, base_url=base, timeout=int(TIMEOUT_S))
+        # No retry handlers: an unreachable Slack costs one timeout, not two.
+        client = WebClient(
+            token=d.slack_token, base_url=base, timeout=int(TIMEOUT_S), retry_handlers=[]
+        )
         client.chat_postMessage(channel=d.slack_channel, text=alert.text(), mrkdwn=False)
 
     def _email(self, alert: Alert) -> None:
@@ -121,9 +126,15 @@ class Dispatcher:
         message["From"] = d.email_from
         message["To"] = ", ".join(d.email_to)
         message.set_content(alert.text())
-        with smtplib.SMTP(d.smtp_host, d.smtp_port, timeout=TIMEOUT_S) as smtp:
-            if d.smtp_starttls:
-                smtp.starttls()
+        tls = ssl.create_default_context()  # the server's certificate is checked
+        smtp: smtplib.SMTP = (
+            smtplib.SMTP_SSL(d.smtp_host, d.smtp_port, timeout=TIMEOUT_S, context=tls)
+            if d.smtp_port == SMTPS_PORT  # implicit TLS
+            else smtplib.SMTP(d.smtp_host, d.smtp_port, timeout=TIMEOUT_S)
+        )
+        with smtp:
+            if d.smtp_starttls and d.smtp_port != SMTPS_PORT:
+                smtp.starttls(context=tls)
             if d.smtp_username:
                 smtp.login(d.smtp_username, d.smtp_password or "")
             smtp.send_message(message)

@@ -64,15 +64,16 @@ def main(ctx: click.Context, debug: bool) -> None:
     from cdp_activation import logs
 
     ctx.obj = {"debug": debug}
-    # CDP_LOG_FORMAT=json: JSON lines (batches, run summaries, errors) on stderr, and none of
-    # the console's text for people (progress bars, tables). It and CDP_METRICS_DIR may be
-    # in .env, read before anything reads them.
+    # CDP_LOG_FORMAT=json: JSON lines (batches, run summaries, errors) on stderr, the
+    # console's words for people among them, a line each. It and CDP_METRICS_DIR may be in
+    # .env, read before anything reads them.
     from cdp_activation.settings import export_dotenv
 
     export_dotenv()
     if logs.configure():
         ctx.obj["json_logs"] = True
-        console.quiet = True
+        console.file = logs.LinesToLog(logging.getLogger("cdp_activation.cli"))  # type: ignore[assignment]
+        console.soft_wrap = True
 
 
 # ---------------------------------------------------------------- demo
@@ -1031,7 +1032,13 @@ def webhooks_serve(host: str, port: int | None) -> None:
         max_body_bytes=settings.webhook_max_body_bytes,
         opt_out_keywords=opt_out.keywords(settings.opt_out_keywords, opt_out.OPT_OUT_KEYWORDS),
         opt_in_keywords=opt_out.keywords(settings.opt_in_keywords, opt_out.OPT_IN_KEYWORDS),
+        serve_metrics=settings.metrics_port is None,
     )
+    if settings.metrics_port is not None:
+        from cdp_activation import metrics
+
+        metrics.serve(settings.metrics_port, host)
+        console.print(f"Prometheus metrics on http://{host}:{settings.metrics_port}/metrics")
     uvicorn.run(app, host=host, port=port, log_config=access_log_config(), lifespan="off")
 
 
@@ -1173,7 +1180,10 @@ def dev(port: int, sandbox_port: int) -> None:
         env.setdefault("CDP_TWILIO_CONTENT_BASE_URL", f"{url}/twilio")
         # The sandbox reports delivery statuses back, as in `make demo`.
         hooks = _status_webhooks(stack, url)
-        console.print(f"Prometheus metrics of every run on {hooks}/metrics (docs/operations.md)")
+        if hooks:
+            console.print(
+                f"Prometheus metrics of every run on {hooks}/metrics (docs/operations.md)"
+            )
         console.print(f"Dagster UI on http://127.0.0.1:{port}")
         command = [
             sys.executable,

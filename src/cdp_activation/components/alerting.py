@@ -19,12 +19,15 @@ their cursor what they already told.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
+from pydantic import SecretStr
 
 from cdp_activation.activation import run as activation_run
 from cdp_activation.alerts import model
@@ -33,6 +36,7 @@ from cdp_activation.alerts.destinations import Destinations, Dispatcher
 from cdp_activation.components.resources import LedgerResource
 from cdp_activation.components.run_events import run_failure_message, step_failure_message
 from cdp_activation.feedback import fallback
+from cdp_activation.masking import masked, redact_secrets
 from cdp_activation.settings import get_settings
 
 
@@ -40,12 +44,35 @@ def _dispatcher(context: Any) -> Dispatcher:
     return Dispatcher(Destinations.from_settings(get_settings()), context.log)
 
 
-def _told(dispatcher: Dispatcher, alerts: list[model.Alert]) -> dg.SkipReason:
-    for alert in alerts:
-        dispatcher.send(alert)
-    told = ", ".join(f"{kind} to {name}" for name, kind in dispatcher.delivered)
-    down = "; ".join(f"{name} unreachable" for name in dispatcher.down)
-    return dg.SkipReason("; ".join(x for x in (told and f"told {told}", down) if x) or "quiet")
+def _tell(context: Any, alerts: list[model.Alert]) -> bool:
+    """Send `alerts` to every destination and say so in the sensor's log; True when at least
+    one destination took each of them (a missed alert is then not marked as told)."""
+    dispatcher = _dispatcher(context)
+    took = all([bool(dispatcher.send(_without_secrets(alert))) for alert in alerts])
+    for name, kind in dispatcher.delivered:
+        context.log.info(f"told {name}: {kind}")
+    return took
+
+
+def _without_secrets(alert: model.Alert) -> model.Alert:
+    """Findings come from error messages: any configured secret, or a URL's password, that
+    one echoed is replaced (phone numbers are masked by the alert itself)."""
+    settings = get_settings()
+    secrets = [
+        value.get_secret_value()
+        for value in vars(settings).values()
+        if isinstance(value, SecretStr) and value.get_secret_value()
+    ]
+    return dataclasses.replace(
+        alert,
+        findings=[
+            redact_secrets(_URL.sub(lambda m: masked(m.group()), f), secrets)
+            for f in alert.findings
+        ],
+    )
+
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"]+")
 
 
 def _checks_failed(instance: dg.DagsterInstance, run_id: str) -> list[str]:
@@ -183,11 +210,14 @@ def activation_alert_sensors(
         "thresholds (failed, unknown or dead-letter share, audience size, send rate, a "
         "paused template).",
     )
-    def degraded(context: dg.RunStatusSensorContext) -> dg.SkipReason:
+    def degraded(context: dg.RunStatusSensorContext) -> None:
+        # None, never a SkipReason: a run-status sensor that returns something stops its
+        # tick at that run, and this one sees every run of the instance.
         if context.dagster_run.job_name not in job_names:
-            return dg.SkipReason(f"{context.dagster_run.job_name} is not {name}'s")
+            return
         alert = degraded_alert(context.instance, context.dagster_run, activation)
-        return _told(_dispatcher(context), [alert] if alert else [])
+        if alert is not None:
+            _tell(context, [alert])
 
     sensors: list[dg.SensorDefinition] = [degraded]
     if activation.spec.channel_plan.fallback is not None:
@@ -231,10 +261,11 @@ def _backlog_sensor(activation: activation_run.Activation, interval: int) -> dg.
                     figures={"backlog": pending},
                 )
             )
-        result = _told(_dispatcher(context), alerts)
-        # Told once per growth: again only after the backlog stopped growing.
-        context.update_cursor(json.dumps({"history": history, "told": growing}))
-        return result
+        told = _tell(context, alerts) if alerts else bool(state.get("told"))
+        # Told once per growth (again only after it stopped growing); not told while no
+        # destination took it: the next check tries again.
+        context.update_cursor(json.dumps({"history": history, "told": growing and told}))
+        return dg.SkipReason(f"backlog {pending:,}" + (": told" if alerts and told else ""))
 
     return backlog
 
@@ -253,17 +284,18 @@ def global_alert_sensors() -> list[dg.SensorDefinition]:
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Alerts when any run of this code location fails or is blocked by a check.",
     )
-    def alert_on_run_failure(context: dg.RunFailureSensorContext) -> dg.SkipReason:
+    def alert_on_run_failure(context: dg.RunFailureSensorContext) -> None:
+        # None, never a SkipReason: see the degraded-run sensor.
         job = context.dagster_run.job_name
         if not context.repository_def or not context.repository_def.has_job(job):
-            return dg.SkipReason(f"{job} is not a job of this code location")
+            return
         alert = failure_alert(
             context.instance,
             context.dagster_run,
             context.get_step_failure_events(),
             context.failure_event,
         )
-        return _told(_dispatcher(context), [alert])
+        _tell(context, [alert])
 
     @dg.sensor(
         name="alert_on_signature_refusals",
@@ -281,9 +313,12 @@ def global_alert_sensors() -> list[dg.SensorDefinition]:
             alert, cursor = refusals_alert(store, context.cursor, datetime.now(UTC))
         finally:
             store.dispose()
-        if cursor is not None:
-            context.update_cursor(cursor)
-        return _told(_dispatcher(context), [alert] if alert else [])
+        if alert is None:
+            return dg.SkipReason("refusals below the threshold")
+        if _tell(context, [alert]) and cursor is not None:
+            context.update_cursor(cursor)  # quiet for a window, once told
+            return dg.SkipReason("told")
+        return dg.SkipReason("no destination took the alert: trying again at the next check")
 
     return [alert_on_run_failure, alert_on_signature_refusals]
 

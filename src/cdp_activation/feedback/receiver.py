@@ -24,10 +24,9 @@ alert on them (`alerts/`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable
+from collections import Counter
 from datetime import UTC, datetime
 
 from starlette.applications import Starlette
@@ -80,23 +79,40 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     opt_out_keywords: frozenset[str] = opt_out.OPT_OUT_KEYWORDS,
     opt_in_keywords: frozenset[str] = opt_out.OPT_IN_KEYWORDS,
+    serve_metrics: bool = True,
 ) -> Starlette:
     """The receiver for `ledger`. `app.state.writer.transactions` counts commits (bench).
-    Bodies above `max_body_bytes` are refused (413) before they are read whole."""
+    Bodies above `max_body_bytes` are refused (413) before they are read whole.
+    `serve_metrics=False`: no `/metrics` here (it has a port of its own)."""
     writer: GroupCommit[StatusEvent] = GroupCommit(ledger.record_statuses, "storing statuses")
-    # Refusals are counted in the ledger off the request's path: a burst of forged webhooks
-    # costs one write at a time, and a refusal is answered without waiting for it.
-    refusals: GroupCommit[str] = GroupCommit(ledger.record_refusals, "counting refusals")
-    counting: set[asyncio.Task[object]] = set()
+    # Refusals are counted in memory and added to the ledger off the request's path, one
+    # write at a time: a burst of forged webhooks costs a counter, never a queue that grows
+    # while the ledger is slow, and a refusal is answered without waiting for the write.
+    refused: Counter[str] = Counter()
+    flushing: list[asyncio.Task[None]] = []
     warned: set[str] = set()
+
+    async def flush_refusals() -> None:
+        while refused:
+            counts = dict(refused)
+            refused.clear()
+            try:
+                await asyncio.to_thread(ledger.record_refusals, counts)
+            except Exception as err:  # counted in /metrics all the same
+                log.warning(
+                    "could not count %d signature refusal(s) in the ledger: %s",
+                    sum(counts.values()),
+                    type(err).__name__,
+                )
+                return
 
     routes = status_routes()
 
     def refuse(route: str, error: str) -> Response:
         metrics.SIGNATURE_REFUSALS.labels(route).inc()
-        task = asyncio.create_task(_quietly(refusals.submit([route])))
-        counting.add(task)
-        task.add_done_callback(counting.discard)
+        refused[route] += 1
+        if not flushing or flushing[0].done():
+            flushing[:] = [asyncio.create_task(flush_refusals())]
         return JSONResponse({"error": error}, status_code=401)
 
     async def receive(request: Request) -> Response:
@@ -219,18 +235,11 @@ def create_app(
             Route("/healthz", health, methods=["GET"]),
             Route("/health", health, methods=["GET"]),  # the earlier name, kept
             Route("/readyz", ready, methods=["GET"]),
-            Route("/metrics", scrape, methods=["GET"]),
+            *([Route("/metrics", scrape, methods=["GET"])] if serve_metrics else []),
         ]
     )
     app.state.writer = writer
     return app
-
-
-async def _quietly(write: Awaitable[object]) -> None:
-    """A refusal's count: a ledger that cannot take it now is said once per failure by the
-    group commit's own warning, never to the caller."""
-    with contextlib.suppress(Exception):
-        await write
 
 
 def _kept(message: InboundMessage) -> InboundMessage:

@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping
 from datetime import datetime
 
 from cdp_activation.ledger.base import LedgerBase, db_time, utc_now
@@ -13,9 +12,10 @@ from cdp_activation.ledger.base import LedgerBase, db_time, utc_now
 class Refusals(LedgerBase):
     """Count and read the receiver's signature refusals."""
 
-    def record_refusals(self, routes: Sequence[str]) -> None:
-        """Add one refusal per item of `routes` (a route name each) to this minute's count."""
-        if not routes:
+    def record_refusals(self, counts: Mapping[str, int]) -> None:
+        """Add `counts` (route -> refusals) to this minute's counts."""
+        rows = [(route, n) for route, n in sorted(counts.items()) if n > 0]
+        if not rows:
             return
         minute = db_time(utc_now().replace(second=0, microsecond=0), self.dialect)
         mark = self._mark
@@ -24,7 +24,7 @@ class Refusals(LedgerBase):
                 f"INSERT INTO webhook_refusals (route, minute, refusals) VALUES ({mark}, "
                 f"{mark}, {mark}) ON CONFLICT (route, minute) DO UPDATE SET "
                 "refusals = webhook_refusals.refusals + excluded.refusals",
-                [(route, minute, n) for route, n in sorted(Counter(routes).items())],
+                [(route, minute, n) for route, n in rows],
             )
 
     def refusals_since(self, since: datetime) -> dict[str, int]:
