@@ -9,6 +9,7 @@ on a real instance while the real CLI runs the activation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -495,3 +496,22 @@ def test_the_fallback_backlog_alert_fires_once_while_it_grows_and_again_after_a_
         assert alerts[1]["figures"] == {"backlog": 170}
     finally:
         ledger.dispose()
+
+
+def test_a_secret_or_a_url_password_an_error_echoed_leaves_the_alert_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cdp_activation.components.alerting import _without_secrets
+
+    monkeypatch.setenv("CDP_SANDBOX", "1")
+    monkeypatch.setenv("CDP_META_ACCESS_TOKEN", "EAAG-very-secret-token")
+    alert = dataclasses.replace(
+        ALERT,
+        findings=[
+            "deliveries: meta refused EAAG-very-secret-token as expired",
+            "could not open postgresql://cdp:hunter2@db.internal:5432/ledger (timeout)",
+        ],
+    )
+    findings = _without_secrets(alert).findings
+    assert findings[0] == "deliveries: meta refused *** as expired"
+    assert "hunter2" not in findings[1] and "postgresql://cdp:***@db.internal" in findings[1]

@@ -10,6 +10,7 @@ of the run is JSON, one per batch and one run summary, and no phone number is in
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -304,3 +305,32 @@ def test_the_demo_with_json_logs_writes_only_json_and_its_batches_add_up(tmp_pat
     steps = {x["step"] for x in lines if x.get("event") == "run_summary"}
     assert steps == {"initial", "fallback"}
     assert not [x for x in lines if x.get("logger") in ("httpx", "alembic.runtime.migration")]
+
+
+def test_json_logs_mask_numbers_everywhere_but_in_identifiers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    from cdp_activation import logs
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "to %s", ("+447911123456",), None)
+    record.run_id = "12345678-aaaa-bbbb-cccc-123456789012"  # eight digits: an id, kept
+    record.workers = [{"stopped_by": "+447911123456 refused", "worker": "12345678"}]
+    try:
+        raise ValueError("bad +447911123456")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    assert logs.MaskPhones().filter(record)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.json_formatter())
+    handler.emit(record)
+    line = json.loads(stream.getvalue())
+    assert line["message"] == "to +44********56"
+    assert line["run_id"] == "12345678-aaaa-bbbb-cccc-123456789012"
+    assert line["workers"] == [{"stopped_by": "+44********56 refused", "worker": "12345678"}]
+    assert "ValueError: bad +44********56" in line["exception"]
+    assert "+447911123456" not in stream.getvalue()
