@@ -515,3 +515,54 @@ def test_a_secret_or_a_url_password_an_error_echoed_leaves_the_alert_replaced(
     findings = _without_secrets(alert).findings
     assert findings[0] == "deliveries: meta refused *** as expired"
     assert "hunter2" not in findings[1] and "postgresql://cdp:***@db.internal" in findings[1]
+
+
+def test_the_degraded_run_sensor_reads_every_run_finished_since_its_last_tick(
+    sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of other jobs finished before the activation's degraded run, between two ticks:
+    one tick passes over them and still tells of the degraded run (a sensor that returned
+    something for a run it passed over ended its tick there: one run a tick)."""
+    import yaml
+
+    from cdp_activation.activation.run import Activation
+    from cdp_activation.components.alerting import activation_alert_sensors
+    from cdp_activation.spec import ActivationSpec
+
+    monkeypatch.setenv("CDP_SANDBOX", "1")
+    monkeypatch.setenv("CDP_ALERT_WEBHOOK_URL", f"{sandbox.url}/alerts/webhook")
+    root = Path(__file__).resolve().parents[1]
+    defs = root / "src/cdp_activation/defs/activations" / ACTIVATION / "defs.yaml"
+    spec = ActivationSpec.model_validate(yaml.safe_load(defs.read_text())["attributes"])
+    activation = Activation.from_spec(ACTIVATION, spec)
+    failing = {**SUMMARY, "failed": 1_000}
+
+    @dg.op
+    def deliveries_op() -> dg.Output[None]:
+        yield dg.AssetMaterialization(
+            asset_key=[ACTIVATION, "deliveries"],
+            metadata={"summary": dg.MetadataValue.json(failing)},
+        )
+        yield dg.Output(None)
+
+    @dg.op
+    def other_op() -> None:
+        pass
+
+    activation_job = dg.GraphDefinition(name=f"{ACTIVATION}_job", node_defs=[deliveries_op])
+    activation_job = activation_job.to_job()
+    others = [
+        dg.GraphDefinition(name=f"other_{i}", node_defs=[other_op]).to_job() for i in range(3)
+    ]
+    (sensor,) = [
+        s for s in activation_alert_sensors(activation, [activation_job]) if "degraded" in s.name
+    ]
+    with dg.instance_for_test() as instance:
+        first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance))
+        assert first.cursor  # the first tick only sets where it starts
+        for job in others:
+            assert job.execute_in_process(instance=instance).success
+        assert activation_job.execute_in_process(instance=instance).success
+        sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=first.cursor))
+    (alert,) = [a["body"] for a in sandbox.alerts()]
+    assert alert["kind"] == "degraded" and alert["figures"]["failed"] == 1_000
