@@ -403,6 +403,21 @@ def test_a_threshold_out_of_range_in_defs_yaml_is_a_validate_error_naming_file_a
     ), problems
 
 
+def _alerting_to_the_sandbox(monkeypatch: pytest.MonkeyPatch, sandbox: SandboxServer) -> Any:
+    """The project's winback_whatsapp activation, with alerts going to the sandbox's webhook."""
+    import yaml
+
+    from cdp_activation.activation.run import Activation
+    from cdp_activation.spec import ActivationSpec
+
+    monkeypatch.setenv("CDP_SANDBOX", "1")
+    monkeypatch.setenv("CDP_ALERT_WEBHOOK_URL", f"{sandbox.url}/alerts/webhook")
+    root = Path(__file__).resolve().parents[1]
+    defs = root / "src/cdp_activation/defs/activations" / ACTIVATION / "defs.yaml"
+    spec = ActivationSpec.model_validate(yaml.safe_load(defs.read_text())["attributes"])
+    return Activation.from_spec(ACTIVATION, spec)
+
+
 def _unreachable_first_messages(ledger: Ledger, start: int, count: int) -> None:
     """`count` WhatsApp first messages Meta refused as not on WhatsApp (131026): each is due
     its SMS fallback at once."""
@@ -442,19 +457,10 @@ def test_the_fallback_backlog_alert_fires_once_while_it_grows_and_again_after_a_
     """The `<name>_fallback_backlog_alert` sensor, evaluated by Dagster's own sensor context on
     a real ledger: undecided fallbacks growing at each of 3 checks past 100 is one alert; a
     fourth growing check tells nothing new; once it stopped growing and grows again, again."""
-    import yaml
-
-    from cdp_activation.activation.run import Activation
     from cdp_activation.components.alerting import activation_alert_sensors
     from cdp_activation.components.resources import LedgerResource
-    from cdp_activation.spec import ActivationSpec
 
-    monkeypatch.setenv("CDP_SANDBOX", "1")
-    monkeypatch.setenv("CDP_ALERT_WEBHOOK_URL", f"{sandbox.url}/alerts/webhook")
-    root = Path(__file__).resolve().parents[1]
-    defs = root / "src/cdp_activation/defs/activations" / ACTIVATION / "defs.yaml"
-    spec = ActivationSpec.model_validate(yaml.safe_load(defs.read_text())["attributes"])
-    activation = Activation.from_spec(ACTIVATION, spec)
+    activation = _alerting_to_the_sandbox(monkeypatch, sandbox)
     (sensor,) = [
         s for s in activation_alert_sensors(activation, []) if "fallback_backlog" in s.name
     ]
@@ -523,18 +529,9 @@ def test_the_degraded_run_sensor_reads_every_run_finished_since_its_last_tick(
     """Runs of other jobs finished before the activation's degraded run, between two ticks:
     one tick passes over them and still tells of the degraded run (a sensor that returned
     something for a run it passed over ended its tick there: one run a tick)."""
-    import yaml
-
-    from cdp_activation.activation.run import Activation
     from cdp_activation.components.alerting import activation_alert_sensors
-    from cdp_activation.spec import ActivationSpec
 
-    monkeypatch.setenv("CDP_SANDBOX", "1")
-    monkeypatch.setenv("CDP_ALERT_WEBHOOK_URL", f"{sandbox.url}/alerts/webhook")
-    root = Path(__file__).resolve().parents[1]
-    defs = root / "src/cdp_activation/defs/activations" / ACTIVATION / "defs.yaml"
-    spec = ActivationSpec.model_validate(yaml.safe_load(defs.read_text())["attributes"])
-    activation = Activation.from_spec(ACTIVATION, spec)
+    activation = _alerting_to_the_sandbox(monkeypatch, sandbox)
     failing = {**SUMMARY, "failed": 1_000}
 
     @dg.op
