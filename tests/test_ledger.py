@@ -635,3 +635,33 @@ def test_a_worker_stalled_inside_a_transaction_does_not_hold_the_recovery(
         recovery.join(timeout=30)
         stalled.dispose()
         fresh.dispose()
+
+
+def test_signature_refusals_from_receivers_at_once_add_up(ledger_url: str) -> None:
+    """Several receivers count refusals into the same minute at the same time (the upsert of
+    `record_refusals`, on SQLite and PostgreSQL): none is lost, and a count older than the
+    window asked for is not read."""
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import UTC, datetime, timedelta
+
+    receivers = [Ledger(ledger_url) for _ in range(4)]
+    try:
+        with receivers[0].engine.begin() as con:  # a refusal from an hour ago
+            con.exec_driver_sql(
+                "INSERT INTO webhook_refusals (route, minute, refusals) VALUES ('meta', "
+                + ("?" if receivers[0].dialect == "sqlite" else "%s")
+                + ", 100)",
+                (datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(hours=1),),
+            )
+        began = datetime.now(UTC)
+
+        def count(ledger: Ledger) -> None:
+            for _ in range(25):
+                ledger.record_refusals({"meta": 2, "twilio": 1})
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(count, receivers))
+        assert receivers[1].refusals_since(began) == {"meta": 200, "twilio": 100}
+    finally:
+        for ledger in receivers:
+            ledger.dispose()
