@@ -254,7 +254,9 @@ def test_the_cli_refuses_a_negative_rate_in_one_line_and_writes_nothing(
     assert "s3cr3t" not in secret.stderr + secret.stdout
 
     # The same command with a sane rate does send: the refusal above is what stopped it.
-    sent = cli("run", "winback_whatsapp", "--json", CDP_META_RATE_PER_SECOND="500")
+    # The whole day: at 03:00-03:30 UTC every customer of the small demo is in quiet hours.
+    whole_day = ("--send-window", "00:00-23:59")
+    sent = cli("run", "winback_whatsapp", *whole_day, "--json", CDP_META_RATE_PER_SECOND="500")
     assert sent.returncode == 0, sent.stderr[-2000:] + sent.stdout[-2000:]
     assert sandbox.messages()
 
