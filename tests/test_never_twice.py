@@ -208,6 +208,13 @@ def test_signals_at_random_instants_under_faults_lose_nobody_and_send_nobody_twi
         assert len(never_received) <= kill_count * 16, len(never_received)
 
 
+def _wait_until_in_flight(ledger_url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while ledger_rows(ledger_url).filter(pl.col("state") == "in_flight").is_empty():
+        assert time.monotonic() < deadline, f"no claim committed within {timeout} s"
+        time.sleep(0.05)
+
+
 def test_a_stopped_worker_keeps_its_rows_until_its_lease_expires(ledger_url: str) -> None:
     """SIGSTOP freezes a worker with requests in the air. Another run leaves those rows alone
     while the lease lives, and sends everything else; once the lease has expired a run
@@ -219,7 +226,11 @@ def test_a_stopped_worker_keeps_its_rows_until_its_lease_expires(ledger_url: str
     with SandboxServer(config=config) as sandbox:
         frozen = Worker(ledger_url, sandbox.url, 8, n=n, env=env)
         frozen.wait_for("delivering", timeout=60)
-        time.sleep(0.6)
+        # Freeze it once its first claims are committed: on a loaded machine the worker may take
+        # longer than any fixed pause to build its connectors and claim (CI froze one at 0.6 s
+        # with nothing claimed yet).
+        _wait_until_in_flight(ledger_url, timeout=60)
+        time.sleep(0.2)
         frozen.process.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
