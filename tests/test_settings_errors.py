@@ -268,3 +268,44 @@ def test_a_duckdb_memory_limit_that_is_not_a_size_is_refused(
     assert message.startswith("CDP_DUCKDB_MEMORY_LIMIT=lots: ")
     monkeypatch.setenv("CDP_DUCKDB_MEMORY_LIMIT", "512MiB")
     assert get_settings().duckdb_memory_limit == "512MiB"
+
+
+def test_settings_are_read_again_whenever_what_they_come_from_changes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A process keeps the settings it read (loading the definitions asks ~30 times), yet
+    every change of a CDP_ variable (in any case), of DAGSTER_HOME, of the working directory
+    or of its `.env` is seen at the next call; and a caller changing its copy changes nobody
+    else's."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    first = get_settings()
+    assert first.delivery_concurrency == 32
+    assert first.ledger_url == f"sqlite:///{tmp_path / 'home' / 'ledger.sqlite'}"
+    first.delivery_concurrency = 7  # the caller's own copy
+    assert get_settings().delivery_concurrency == 32
+
+    monkeypatch.setenv("CDP_DELIVERY_CONCURRENCY", "64")
+    assert get_settings().delivery_concurrency == 64
+    monkeypatch.delenv("CDP_DELIVERY_CONCURRENCY")
+    monkeypatch.setenv("cdp_delivery_concurrency", "65")  # pydantic-settings ignores case
+    assert get_settings().delivery_concurrency == 65
+    monkeypatch.delenv("cdp_delivery_concurrency")
+    assert get_settings().delivery_concurrency == 32
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "other"))
+    assert get_settings().ledger_url == f"sqlite:///{tmp_path / 'other' / 'ledger.sqlite'}"
+
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("CDP_DELIVERY_CONCURRENCY=16\n")
+    assert get_settings().delivery_concurrency == 16
+    dotenv.write_text("CDP_DELIVERY_CONCURRENCY=17\n")  # same size, maybe the same instant
+    os.utime(dotenv, ns=(1, 1))
+    assert get_settings().delivery_concurrency == 17
+    dotenv.write_text("CDP_DELIVERY_CONCURRENCY=abc\n")
+    with pytest.raises(SettingsError, match="CDP_DELIVERY_CONCURRENCY"):
+        get_settings()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no `.env` here
+    assert get_settings().delivery_concurrency == 32

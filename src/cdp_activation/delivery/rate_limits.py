@@ -19,11 +19,6 @@ import asyncio
 import time
 from typing import Any, Protocol
 
-import redis.asyncio
-from limits import RateLimitItemPerSecond
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
-
 from cdp_activation.connectors.base import ConnectorError
 from cdp_activation.masking import masked
 
@@ -56,6 +51,13 @@ class SharedLimiter:
     """`rate` messages per second for one sender across every process using `url`."""
 
     def __init__(self, url: str, sender: str, rate: float) -> None:
+        # Imported here: redis' asyncio client and `limits` cost ~0.2 s of every run's start-up,
+        # and only runs sharing a limit need them.
+        import redis.asyncio
+        from limits import RateLimitItemPerSecond
+        from limits.aio.storage import RedisStorage
+        from limits.aio.strategies import MovingWindowRateLimiter
+
         self.url = url
         self.sender = sender
         self.max_rate = float(max(1, int(rate)))  # the window counts whole messages
