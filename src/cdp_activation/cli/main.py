@@ -339,7 +339,10 @@ def _status_webhooks(stack: ExitStack, sandbox_url: str) -> str | None:
     port = _free_port()
     hooks = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "cdp_activation.cli.main", "webhooks", "serve", "--port", str(port)],
+        [
+            *[sys.executable, "-m", "cdp_activation.cli.main", "webhooks", "serve"],
+            *["--port", str(port), "--no-access-log"],
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -405,7 +408,10 @@ def _sandbox_url(stack: ExitStack, port: int, step: str = "[bold]2/5[/] ") -> st
     # it the moment it filled (a chatty log level, CDP_LOG_FORMAT=json).
     log = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115  # closed by the stack
     process = subprocess.Popen(
-        [sys.executable, "-m", "cdp_activation.cli.main", "sandbox", "--port", str(port)],
+        [
+            *[sys.executable, "-m", "cdp_activation.cli.main", "sandbox", "--port", str(port)],
+            "--no-access-log",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
@@ -842,11 +848,12 @@ def connectors() -> None:
 @main.command(help="Serve the local sandbox provider (every provider it emulates).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=SANDBOX_PORT, show_default=True)
-def sandbox(host: str, port: int) -> None:
+@click.option("--access-log/--no-access-log", default=True, show_default=True)
+def sandbox(host: str, port: int, access_log: bool) -> None:
     from cdp_activation.sandbox.server import serve
 
     console.print(f"sandbox provider on http://{host}:{port} (Ctrl-C to stop)")
-    serve(host, port)
+    serve(host, port, access_log=access_log)
 
 
 @main.command(
@@ -1008,7 +1015,13 @@ def webhooks() -> None:
 )
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, help="Port (default: CDP_WEBHOOKS_PORT, 8788).")
-def webhooks_serve(host: str, port: int | None) -> None:
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help="A line per request (query strings left out). The metrics count requests anyway.",
+)
+def webhooks_serve(host: str, port: int | None, access_log: bool) -> None:
     import uvicorn
 
     from cdp_activation.feedback.receiver import access_log_config, create_app
@@ -1039,7 +1052,14 @@ def webhooks_serve(host: str, port: int | None) -> None:
 
         metrics.serve(settings.metrics_port, host)
         console.print(f"Prometheus metrics on http://{host}:{settings.metrics_port}/metrics")
-    uvicorn.run(app, host=host, port=port, log_config=access_log_config(), lifespan="off")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=access_log_config(),
+        access_log=access_log,
+        lifespan="off",
+    )
 
 
 @main.command(

@@ -95,6 +95,18 @@ class SandboxServer(BackgroundServer):
         return list(self.app.state.alerts)
 
 
-def serve(host: str = "127.0.0.1", port: int = 8787, config: SandboxConfig | None = None) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    config: SandboxConfig | None = None,
+    access_log: bool = True,
+) -> None:
     """Serve the sandbox in the foreground until interrupted (Ctrl-C), for the CLI."""
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info", lifespan="off")
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=access_log,
+        lifespan="off",
+    )
