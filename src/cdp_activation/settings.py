@@ -425,10 +425,12 @@ def get_settings() -> Settings:
 
     Raises `SettingsError` (one line naming each bad variable) for a value that makes no sense.
     """
+    global _last_read
     cls = settings_class()
     key = (cls, _sources())
-    if _last_read and _last_read[0] == key:
-        return _last_read[1].model_copy()
+    last = _last_read  # one read: another thread may replace it meanwhile
+    if last is not None and last[0] == key:
+        return last[1].model_copy()
     try:
         settings = cls()
     except ValidationError as err:
@@ -436,7 +438,7 @@ def get_settings() -> Settings:
     except pydantic_settings.SettingsError as err:  # a JSON value that does not parse
         message = _source_error_message(err)
     else:
-        _last_read[:] = [key, settings]
+        _last_read = (key, settings)
         return settings.model_copy()
     # Raised outside the `except`: the pydantic error, which holds the raw input (a secret's
     # too), is not chained onto this one and so never reaches a traceback or a run's log.
@@ -444,7 +446,7 @@ def get_settings() -> Settings:
 
 
 # The key and the settings of the last successful read (`get_settings`).
-_last_read: list[Any] = []
+_last_read: tuple[Any, CoreSettings] | None = None
 
 
 def _sources() -> tuple[Any, ...]:
