@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -340,3 +341,32 @@ def test_a_stored_report_keeps_no_phone_number(ledger: Ledger, provider: str) ->
     for payload in payloads:
         assert "7911123456" not in payload, payload
         assert "7700900001" not in payload, payload
+
+
+def test_refusals_the_ledger_could_not_take_are_counted_once_it_can(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forged webhooks keep being refused (401) while the ledger cannot count them, and the
+    counts it could not take are added by the next write that succeeds: none is lost for the
+    refusals alert."""
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(f"sqlite:///{path}")
+    began = datetime.now(UTC)
+    try:
+        with WebhookServer(ledger, SECRETS) as server:
+            with ledger.engine.begin() as con:  # the count's table is gone: writes fail
+                con.exec_driver_sql("DROP TABLE webhook_refusals")
+            forged = {"MessageSid": "SM1", "MessageStatus": "delivered"}
+            for _ in range(3):
+                assert httpx.post(f"{server.url}/webhooks/twilio", data=forged).status_code == 401
+            deadline = time.monotonic() + 10
+            while "could not count" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "could not count" in caplog.text  # the write failed while the table was gone
+            ledger.migrate()  # the table is back
+            assert httpx.post(f"{server.url}/webhooks/twilio", data=forged).status_code == 401
+            while ledger.refusals_since(began) != {"twilio": 4} and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ledger.refusals_since(began) == {"twilio": 4}
+    finally:
+        ledger.dispose()

@@ -99,9 +99,10 @@ def create_app(
             try:
                 await asyncio.to_thread(ledger.record_refusals, counts)
             except Exception as err:  # counted in /metrics all the same
+                refused.update(counts)  # kept for the next refusal's write: none is lost
                 log.warning(
-                    "could not count %d signature refusal(s) in the ledger: %s",
-                    sum(counts.values()),
+                    "could not count %d signature refusal(s) in the ledger yet: %s",
+                    sum(refused.values()),
                     type(err).__name__,
                 )
                 return
