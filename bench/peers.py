@@ -117,11 +117,9 @@ class Endpoint:
         self.process.wait(timeout=10)
 
 
-def timed(command: Sequence[str], env: dict[str, str], cwd: Path, endpoint: Endpoint) -> dict:
-    """Run one sender process to the end: wall, its CPU (children included), what arrived."""
-    endpoint.reset()
+def cpu_and_wall(command: Sequence[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """Run one process to the end: its CPU seconds (children included) and wall seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    endpoint_before = endpoint.cpu_seconds()
     began = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - began
@@ -130,10 +128,18 @@ def timed(command: Sequence[str], env: dict[str, str], cwd: Path, endpoint: Endp
         raise RuntimeError(
             f"{' '.join(command[:3])} failed:\n{(done.stdout + done.stderr)[-3000:]}"
         )
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+
+
+def timed(command: Sequence[str], env: dict[str, str], cwd: Path, endpoint: Endpoint) -> dict:
+    """Run one sender process to the end: wall, its CPU (children included), what arrived."""
+    endpoint.reset()
+    endpoint_before = endpoint.cpu_seconds()
+    cpu, wall = cpu_and_wall(command, env, cwd)
     arrived = endpoint.count()
     return {
         "wall": wall,
-        "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+        "cpu": cpu,
         "recipients": arrived["messages"],
         "distinct": arrived["keys"],
         "endpoint_cpu": endpoint.cpu_seconds() - endpoint_before,
@@ -206,13 +212,18 @@ class Project:
             "CDP_PII_HASH_KEY": "peer-benchmark-" + "0" * 32,
         }
 
-    def run(self, endpoint: Endpoint, batch: int, limit: int | None) -> dict:
+    def fresh_ledger(self) -> Path:
+        """A new copy of the preview's ledger, the ledger of the next run (`self.ledger`)."""
         self.runs += 1
         self.ledger = self.home / f"ledger-{self.runs}.sqlite"
         for suffix in ("", "-wal", "-shm"):
             source = self.template.with_name(self.template.name + suffix)
             if source.exists():
                 shutil.copy(source, self.ledger.with_name(self.ledger.name + suffix))
+        return self.ledger
+
+    def run(self, endpoint: Endpoint, batch: int, limit: int | None) -> dict:
+        self.fresh_ledger()
         result = timed(self.command("run", limit), self.env(endpoint, batch), ROOT, endpoint)
         return result | {"ledger": self.ledger}
 

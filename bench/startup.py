@@ -13,46 +13,29 @@ processes, a 200-recipient `cdp-activation run winback_gateway` to the peers' ba
 With `--baseline REV` the same is measured, interleaved run by run, on the source of revision
 REV (a git worktree put first on PYTHONPATH, the same virtual environment), so the table's
 ratios compare two versions of the code on the same machine in the same minutes. CPU is the
-child's user + system time (`wait4`), children included; medians of `--repeats`.
+child's user + system time (`getrusage` of children); medians of `--repeats`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.delivery import _cpu_model
 from bench.index import publish
-from bench.peers import ROOT, Endpoint, Project
+from bench.peers import ROOT, Endpoint, Project, cpu_and_wall
 
 RESULTS = ROOT / "bench" / "results_startup.md"
 GOAL_CPU_S = 2.0
 
 LOAD = "from cdp_activation.cli.runner import load_definitions; load_definitions(tolerant=True)"
-
-
-def child(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
-    """(CPU seconds, wall seconds) of one process run to the end."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    began = time.perf_counter()
-    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - began
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        output = (done.stdout + done.stderr)[-3000:]
-        raise RuntimeError(f"{' '.join(command[:4])} failed:\n{output}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return cpu, wall
 
 
 class Version:
@@ -72,28 +55,23 @@ class Version:
         run = [str(Path(python).parent / "cdp-activation"), *self.project.command("run", 200)[1:]]
 
         def fresh_run() -> tuple[float, float]:
-            self.project.runs += 1
-            ledger = self.project.home / f"ledger-{self.name}-{self.project.runs}.sqlite"
-            for suffix in ("", "-wal", "-shm"):
-                source = self.project.template.with_name(self.project.template.name + suffix)
-                if source.exists():
-                    shutil.copy(source, ledger.with_name(ledger.name + suffix))
+            ledger = self.project.fresh_ledger()
             env = self.env() | {"CDP_LEDGER_URL": f"sqlite:///{ledger}"}
             self.endpoint.reset()
-            result = child(run, env, self.source)
+            result = cpu_and_wall(run, env, self.source)
             arrived = self.endpoint.count()["messages"]
             if arrived != 200:
                 raise RuntimeError(f"{self.name}: {arrived} recipients arrived, not 200")
             return result
 
         return {
-            "bare interpreter (`python -c pass`)": lambda: child(
+            "bare interpreter (`python -c pass`)": lambda: cpu_and_wall(
                 [python, "-c", "pass"], self.env(), self.source
             ),
-            "imports (`import cdp_activation.cli.runner`)": lambda: child(
+            "imports (`import cdp_activation.cli.runner`)": lambda: cpu_and_wall(
                 [python, "-c", "import cdp_activation.cli.runner"], self.env(), self.source
             ),
-            "imports + `load_definitions()`": lambda: child(
+            "imports + `load_definitions()`": lambda: cpu_and_wall(
                 [python, "-c", LOAD], self.env(), self.source
             ),
             "a 200-recipient `cdp-activation run`": fresh_run,
