@@ -452,7 +452,7 @@ _last_read: tuple[Any, CoreSettings] | None = None
 def _sources() -> tuple[Any, ...]:
     """Everything the settings are read from: the CDP_ variables (any case, as
     pydantic-settings matches them), DAGSTER_HOME (the default ledger's and warehouse's
-    folder), the working directory and its `.env` file's size and modification time."""
+    folder), the working directory and its `.env` file (inode, size, modification time)."""
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k[:4].upper() == "CDP_"))
     cwd = os.getcwd()
     try:
