@@ -142,7 +142,12 @@ def test_stop_opts_out_at_once_cancels_what_is_planned_and_start_lifts_only_that
     stop = inbound("  Stop! ", "+447700900101")
     assert (stop.opt, stop.purpose, stop.reason) == ("out", "all", "keyword")
     assert inbound("don't stop the offers", "+447700900101").opt is None
+    assert ledger.replies_seen() == (0, 0)
     written = ledger.record_inbound([stop, stop])
+    # What the demo watches while reports come in: it moves with each reply and opt-out.
+    seen = ledger.replies_seen()
+    assert seen[0] > 0 and seen[1] > 0
+    assert ledger.reply_counts("winback", "2026-12-01") == {"replied": 1, "opted_out": 1}
     assert (written.received, written.duplicates, written.opted_out) == (2, 1, 1)
     assert written.cancelled == 1  # the deferred SMS; the WhatsApp send is another channel
     assert sorted(states(ledger, "restock")) == ["cancelled", "planned"]
@@ -150,6 +155,7 @@ def test_stop_opts_out_at_once_cancels_what_is_planned_and_start_lifts_only_that
 
     again = ledger.record_inbound([stop])
     assert (again.duplicates, again.opted_out) == (1, 0)  # a redelivered webhook changes nothing
+    assert ledger.replies_seen() == seen
 
     unknown = ledger.record_inbound([inbound("STOP", "+447700900999", n=2)])
     assert (unknown.unmatched, unknown.opted_out) == (1, 0)
@@ -157,6 +163,8 @@ def test_stop_opts_out_at_once_cancels_what_is_planned_and_start_lifts_only_that
     start = ledger.record_inbound([inbound("unstop", "+447700900101", n=3)])
     assert start.opted_in == 1
     assert ledger.opt_outs().is_empty()
+    assert ledger.replies_seen()[0] > seen[0]  # a lift comes with the reply that asked for it
+    assert ledger.reply_counts("winback", "2026-12-01") == {"replied": 1, "opted_out": 0}
 
 
 def test_a_stop_promotions_tap_stops_marketing_only_and_start_does_not_lift_it(
