@@ -588,10 +588,12 @@ def test_a_claim_failing_in_the_database_raises_sqlalchemys_error(ledger_url: st
         ledger.dispose()
 
 
+@pytest.mark.parametrize("frozen_in", ["settle", "claim"])
 def test_a_worker_stalled_inside_a_transaction_does_not_hold_the_recovery(
-    ledger_url: str,
+    ledger_url: str, frozen_in: str
 ) -> None:
-    """A worker frozen (SIGSTOP, a lost host) in the middle of a settle holds its rows' locks
+    """A worker frozen (SIGSTOP, a lost host) in the middle of a settle or a claim (whose
+    lease renewal sets the bound in the same statement) holds its rows' locks
     for as long as its connection lives. On PostgreSQL the server ends that transaction once
     it has sat idle past the worker's lease, so the run that recovers its rows goes on
     instead of waiting for ever (it hung CI once: the late worker of
@@ -613,7 +615,10 @@ def test_a_worker_stalled_inside_a_transaction_does_not_hold_the_recovery(
     # Frozen mid-settle: its transaction has updated the rows and never commits.
     con = stalled.engine.connect()
     open_transaction = con.begin()
-    stalled._bound_idle(con, worker)
+    if frozen_in == "settle":
+        stalled._bound_idle(con, worker)
+    else:
+        assert stalled._renew(con, worker)
     con.exec_driver_sql(
         "UPDATE sends SET error_message = 'settling' WHERE claimed_by = %s", (worker,)
     )
