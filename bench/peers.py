@@ -119,6 +119,15 @@ class Endpoint:
 
 def cpu_and_wall(command: Sequence[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
     """Run one process to the end: its CPU seconds (children included) and wall seconds."""
+    cpu, wall, _ = measured_run(command, env, cwd)
+    return cpu, wall
+
+
+def measured_run(
+    command: Sequence[str], env: dict[str, str], cwd: Path
+) -> tuple[float, float, str]:
+    """Run one process to the end: its CPU seconds (children it waited for included), wall
+    seconds and standard output."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, check=False)
@@ -128,7 +137,8 @@ def cpu_and_wall(command: Sequence[str], env: dict[str, str], cwd: Path) -> tupl
         raise RuntimeError(
             f"{' '.join(command[:3])} failed:\n{(done.stdout + done.stderr)[-3000:]}"
         )
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu, wall, done.stdout
 
 
 def timed(command: Sequence[str], env: dict[str, str], cwd: Path, endpoint: Endpoint) -> dict:
