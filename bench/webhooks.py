@@ -6,7 +6,9 @@ uvicorn on 127.0.0.1, on a fresh SQLite ledger (and on PostgreSQL with `--postgr
 status webhooks (one status each, as Meta sends them) are posted over loopback by a bare
 aiohttp loop with C requests in flight. The baseline, in the same run, is the same posts to a
 Starlette app in the same kind of process that answers 200 at once: what HTTP alone costs.
-Afterwards the ledger is checked to hold every event. Figures go to bench/results_webhooks.md.
+The same number of customers' replies (Meta text messages, one in ten STOP, from numbers a
+fresh SQLite ledger sent to) go to the receiver too. Afterwards the ledger is checked to hold
+every event and every reply. Figures go to bench/results_webhooks.md.
 """
 
 from __future__ import annotations
@@ -138,6 +140,85 @@ def _measure(kind: str, ledger_url: str, bodies: list, concurrency: int) -> floa
         process.wait(10)
 
 
+def _numbers(n: int) -> list[str]:
+    return [f"+4477009{i:05d}" for i in range(n)]
+
+
+def _reply_bodies(n: int) -> list[tuple[bytes, dict[str, str]]]:
+    """N signed Meta webhooks each carrying one customer's text reply (as Meta sends them),
+    from the numbers `_sent_to` messaged; one in ten says STOP."""
+    from cdp_activation.connectors.signatures import meta_signature
+
+    stamp = str(int(time.time()))
+    out = []
+    for i, number in enumerate(_numbers(n)):
+        text = "STOP" if i % 10 == 0 else "thanks! when does the offer end?"
+        wa_id = number.lstrip("+")
+        message = {"from": wa_id, "id": f"wamid.in{i:08d}", "timestamp": stamp, "type": "text"}
+        value = {
+            "messaging_product": "whatsapp",
+            "metadata": {},
+            "contacts": [{"wa_id": wa_id}],
+            "messages": [{**message, "text": {"body": text}}],
+        }
+        payload = {
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
+        }
+        body = json.dumps(payload).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-Hub-Signature-256": meta_signature(SECRET, body),
+        }
+        out.append((body, headers))
+    return out
+
+
+def _sent_to(ledger_url: str, n: int) -> None:
+    """A ledger that sent one WhatsApp message to each of `_numbers(n)`: the replies match
+    their customers, and a STOP cancels nothing but is an opt-out."""
+    import polars as pl
+
+    from cdp_activation.contracts import Outcome, SendResult
+    from cdp_activation.ledger import Ledger
+
+    numbers = _numbers(n)
+    plan = pl.DataFrame(
+        {
+            "customer_id": [f"c{i}" for i in range(n)],
+            "phone_e164": numbers,
+            "channel": ["whatsapp"] * n,
+            "connector": ["meta_whatsapp"] * n,
+            "step": ["initial"] * n,
+            "body": ["We miss you"] * n,
+        }
+    ).with_columns(
+        pl.lit(None, pl.String).alias("template_name"),
+        pl.lit(None, pl.String).alias("template_language"),
+        pl.lit(None, pl.List(pl.String)).alias("variables"),
+    )
+    ledger = Ledger(ledger_url)
+    ledger.plan("bench", "p", plan)
+    rows = ledger.pending("bench", "p")
+    ledger.mark_in_flight([r.id for r in rows])
+    sent = [SendResult(r.idempotency_key, Outcome.SENT, f"wamid.out{r.id}") for r in rows]
+    ledger.record([(r.id, result, 1) for r, result in zip(rows, sent, strict=True)])
+    ledger.dispose()
+
+
+def _replied(ledger_url: str) -> int:
+    """Replies stored and matched to a customer."""
+    import sqlalchemy as sa
+
+    from cdp_activation.ledger import Ledger
+
+    ledger = Ledger(ledger_url)
+    with ledger.engine.connect() as con:
+        count = con.execute(sa.text("SELECT count(customer_id) FROM inbound_events")).scalar_one()
+    ledger.dispose()
+    return int(count)
+
+
 def _stored(ledger_url: str) -> int:
     import sqlalchemy as sa
 
@@ -210,6 +291,11 @@ def main(argv: list[str]) -> int:
         Ledger(url).dispose()  # the schema, before the receiver's workers start
         took = _measure("receiver", url, bodies, args.concurrency)
         rows.append(("receiver + SQLite ledger", "SQLite", took, _stored(url)))
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{Path(tmp) / 'replies.sqlite'}"
+        _sent_to(url, args.events)
+        took = _measure("receiver", url, _reply_bodies(args.events), args.concurrency)
+        rows.append(("receiver + SQLite ledger: replies", "SQLite", took, _replied(url)))
     if args.postgres:
         schema = f"bench_webhooks_{os.getpid()}"
         import sqlalchemy as sa
@@ -259,7 +345,10 @@ def main(argv: list[str]) -> int:
     lines += [
         "",
         "Every event is signature-checked, parsed, stored once and applied forward-only to the "
-        "ledger before its 200; concurrent requests share one transaction (group commit).",
+        "ledger before its 200; concurrent requests share one transaction (group commit). "
+        "*Replies*: the same number of webhooks, each a customer's text reply (one in ten "
+        "STOP) from a number the ledger sent to, stored once, matched to its customer, a STOP "
+        "made an opt-out, before the 200; they share transactions too.",
         "",
         "The receiver's own work per event, without HTTP (CPU in one process; the ledger "
         "written 100 events a transaction):",
@@ -283,8 +372,8 @@ def main(argv: list[str]) -> int:
     ]
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
     refresh_index()
-    for _, _, _, stored in rows:
+    for name, _, _, stored in rows:
         if stored is not None and stored != args.events:
-            print(f"ERROR: the ledger holds {stored} events, expected {args.events}")
+            print(f"ERROR: {name}: the ledger holds {stored}, expected {args.events}")
             return 1
     return 0

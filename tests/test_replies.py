@@ -317,6 +317,51 @@ def test_a_twilio_stop_through_the_receiver_is_signed_stored_and_applied(
     assert summary == "text: opt-out (keyword) STOP"
 
 
+def test_a_burst_of_replies_is_stored_once_each_and_every_stop_applied_before_its_200(
+    ledger: Ledger, receiver: WebhookServer
+) -> None:
+    """A campaign's replies arrive together: 400 customers write back at once (every fourth
+    says STOP; a tenth of the webhooks come twice, as a provider retries). Each is answered
+    200 only once stored, each message is kept once, each STOP is an opt-out that cancelled
+    the customer's deferred send, and the receiver wrote them in far fewer transactions than
+    requests (they share commits, as status reports do)."""
+    import asyncio
+
+    from cdp_activation.delivery.transport import make_client
+
+    n = 400
+    customers = {f"c{i}": f"+4477009{i:05d}" for i in range(n)}
+    sent(ledger, "sms", "twilio", customers)
+    stoppers = [f"c{i}" for i in range(0, n, 4)]
+    for customer in stoppers[:20]:
+        planned_later(ledger, "sms", customer, customers[customer], "marketing", "2026-12-02")
+    url = f"{receiver.url}/webhooks/twilio"
+
+    def reply(i: int) -> bytes:
+        text = "STOP" if i % 4 == 0 else "when does the offer end?"
+        number = customers[f"c{i}"]
+        fields = {"MessageSid": f"SMr{i}", "SmsStatus": "received", "From": number}
+        return urlencode({**fields, "To": "+15005550006", "Body": text}).encode()
+
+    requests = [signed("twilio", SECRETS, reply(i), url) for i in range(n)]
+    requests += requests[: n // 10]  # retried deliveries of the same messages
+
+    async def fire() -> list[int]:
+        async with make_client(timeout=60, max_in_flight=100) as client:
+            answers = await asyncio.gather(
+                *(client.post(url, content=r.body, headers=r.headers) for r in requests)
+            )
+        return [a.status_code for a in answers]
+
+    assert set(asyncio.run(fire())) == {200}
+    with ledger.engine.connect() as con:
+        kept = con.execute(sa.text("SELECT count(*), count(customer_id) FROM inbound_events"))
+        assert tuple(kept.one()) == (n, n)
+    assert sorted(ledger.opt_outs()["customer_id"].to_list()) == sorted(stoppers)
+    assert states(ledger, "restock") == ["cancelled"] * 20
+    assert receiver.app.state.replies.transactions < len(requests) / 4
+
+
 def test_an_erased_customer_s_opt_out_outlives_the_erasure(ledger: Ledger) -> None:
     from cdp_activation.retention import erase
 

@@ -10,7 +10,9 @@ forward); only then answer 200. A Meta webhook may also carry template status ch
 before the 200 as well: the delivery engine stops sending a paused template on that word.
 A crash before the commit means no 200, so the provider sends the webhook again: an accepted
 event is never lost. Requests arriving while a write is under way are written together by the
-next one, so a burst of webhooks costs a few transactions.
+next one, so a burst of webhooks costs a few transactions; the customers' replies on the same
+routes (an opt-out among them) have a writer of their own, committed the same way before the
+200.
 
 Each route is a connector plugin's (`StatusWebhook`): its check and parser live with the
 connector. `GET /webhooks/<route>` answers a subscription check (Meta's `hub.mode=subscribe`,
@@ -81,10 +83,15 @@ def create_app(
     opt_in_keywords: frozenset[str] = opt_out.OPT_IN_KEYWORDS,
     serve_metrics: bool = True,
 ) -> Starlette:
-    """The receiver for `ledger`. `app.state.writer.transactions` counts commits (bench).
+    """The receiver for `ledger`. `app.state.writer.transactions` (statuses) and
+    `app.state.replies.transactions` count commits (bench, tests).
     Bodies above `max_body_bytes` are refused (413) before they are read whole.
     `serve_metrics=False`: no `/metrics` here (it has a port of its own)."""
     writer: GroupCommit[StatusEvent] = GroupCommit(ledger.record_statuses, "storing statuses")
+    # Replies too: a campaign's answers arrive in bursts, and one transaction each (matching
+    # the sender, an opt-out cancelling planned sends) held the receiver to a few hundred a
+    # second. `record_inbound` orders a batch by the messages' own times (STOP, then START).
+    replies: GroupCommit[InboundMessage] = GroupCommit(ledger.record_inbound, "storing replies")
     # Refusals are counted in memory and added to the ledger off the request's path, one
     # write at a time: a burst of forged webhooks costs a counter, never a queue that grows
     # while the ledger is slow, and a refusal is answered without waiting for the write.
@@ -181,7 +188,7 @@ def create_app(
             if templates:  # rare (a template changed status): no group commit needed
                 await asyncio.to_thread(record_states, ledger.engine, templates)
             if inbound:  # replies: an opt-out takes effect before the provider hears 200
-                await asyncio.to_thread(ledger.record_inbound, inbound)
+                await replies.submit(inbound)
         except Exception:
             return JSONResponse({"error": "not stored; send it again"}, status_code=500)
         for event in events:
@@ -240,6 +247,7 @@ def create_app(
         ]
     )
     app.state.writer = writer
+    app.state.replies = replies
     return app
 
 
