@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -34,7 +33,7 @@ from pathlib import Path
 from bench.delivery import _cpu_model
 from bench.index import publish
 from bench.peers import ROOT, measured_run
-from bench.startup import worktree
+from bench.startup import sources, version_options
 from bench.webhooks import _free_port
 
 RESULTS = ROOT / "bench" / "results_demo.md"
@@ -129,28 +128,19 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench demo")
     parser.add_argument("--customers", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--baseline", help="a git revision to measure beside this checkout")
+    version_options(parser, repeats=3)
     parser.add_argument("--send-window", help="HH:MM-HH:MM, passed to the demo")
     args = parser.parse_args(argv)
     args.argv = argv
-    with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
-        work = Path(tmp)
-        versions = {"now": ROOT}
-        try:
-            if args.baseline:
-                versions[args.baseline] = worktree(args.baseline, work)
-            results: dict[str, list[dict[str, float]]] = {name: [] for name in versions}
-            for _ in range(args.repeats):
-                for name, source in versions.items():
-                    results[name].append(run_demo(source, work, args))
-                    print(name, results[name][-1], file=sys.stderr)
-        finally:
-            for name, tree in versions.items():
-                if name != "now":
-                    subprocess.run(
-                        ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False
-                    )
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp,
+        sources(args.baseline, Path(tmp)) as versions,
+    ):
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in versions}
+        for _ in range(args.repeats):
+            for name, source in versions.items():
+                results[name].append(run_demo(source, Path(tmp), args))
+                print(name, results[name][-1], file=sys.stderr)
     publish(RESULTS, report(results, args))
     return 0
 

@@ -19,12 +19,13 @@ child's user + system time (`getrusage` of children); medians of `--repeats`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -89,6 +90,29 @@ def worktree(rev: str, into: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def sources(baseline: str | None, into: Path) -> Iterator[dict[str, Path]]:
+    """{"now": this checkout} and, with `baseline`, {baseline: its source in a git worktree
+    under `into`}, removed again on the way out."""
+    found = {"now": ROOT}
+    try:
+        if baseline:
+            found[baseline] = worktree(baseline, into)
+        yield found
+    finally:
+        for name, tree in found.items():
+            if name != "now":
+                subprocess.run(
+                    ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False
+                )
+
+
+def version_options(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options every before-and-after benchmark takes."""
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--baseline", help="a git revision to measure beside this checkout")
+
+
 Results = dict[str, dict[str, list[tuple[float, float]]]]  # version -> part -> (CPU, wall)
 
 
@@ -137,31 +161,23 @@ def report(results: Results, args: argparse.Namespace) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench startup")
     parser.add_argument("--customers", type=int, default=20_000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--baseline", help="a git revision to measure beside this checkout")
+    version_options(parser, repeats=5)
     args = parser.parse_args(argv)
     args.argv = argv
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         work = Path(tmp)
         project = Project(work, args.customers)
         endpoint = Endpoint(0.0)
-        trees: list[Path] = []
         try:
-            versions = [Version("now", ROOT, project, endpoint)]
-            if args.baseline:
-                trees.append(worktree(args.baseline, work))
-                versions.append(Version(args.baseline, trees[0], project, endpoint))
-            results: Results = {v.name: {part: [] for part in v.parts()} for v in versions}
-            for _ in range(args.repeats):
-                for version in versions:
-                    for part, measure in version.parts().items():
-                        results[version.name][part].append(measure())
+            with sources(args.baseline, work) as found:
+                versions = [Version(n, src, project, endpoint) for n, src in found.items()]
+                results: Results = {v.name: {part: [] for part in v.parts()} for v in versions}
+                for _ in range(args.repeats):
+                    for version in versions:
+                        for part, measure in version.parts().items():
+                            results[version.name][part].append(measure())
         finally:
             endpoint.close()
-            for tree in trees:
-                subprocess.run(
-                    ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False
-                )
     publish(RESULTS, report(results, args))
     return 0
 
