@@ -362,6 +362,53 @@ def test_a_burst_of_replies_is_stored_once_each_and_every_stop_applied_before_it
     assert receiver.app.state.replies.transactions < len(requests) / 4
 
 
+def test_a_webhook_the_ledger_cannot_hold_fails_alone_not_the_burst_it_came_with(
+    ledger: Ledger, receiver: WebhookServer
+) -> None:
+    """Among 60 concurrent replies and 60 status reports, one of each is signed but carries
+    a message id longer than the ledger's column (PostgreSQL refuses it; SQLite stores it).
+    The shared transaction it was in fails, and is made again caller by caller: every other
+    webhook is stored and answered 200, and the one that cannot be stored is a 400 (sending
+    it again would not help), not a 500 for everyone (which the providers would retry, with
+    the bad one among them, for days)."""
+    import asyncio
+
+    from cdp_activation.delivery.transport import make_client
+
+    twilio, meta = f"{receiver.url}/webhooks/twilio", f"{receiver.url}/webhooks/meta"
+    too_long = 400  # event keys hold 300 characters
+
+    def reply(i: int) -> bytes:
+        sid = "SM" + "x" * too_long if i == 30 else f"SMq{i}"
+        fields = {"MessageSid": sid, "SmsStatus": "received", "From": f"+4477008{i:05d}"}
+        return urlencode({**fields, "To": "+15005550006", "Body": "hi"}).encode()
+
+    def report(i: int) -> bytes:
+        wamid = "wamid." + "y" * too_long if i == 30 else f"wamid.q{i}"
+        status = {"id": wamid, "status": "delivered", "timestamp": "1764979200"}
+        change = {"field": "messages", "value": {"statuses": [status]}}
+        return json.dumps({"entry": [{"id": "1", "changes": [change]}]}).encode()
+
+    requests = [(twilio, signed("twilio", SECRETS, reply(i), twilio)) for i in range(60)]
+    requests += [(meta, signed("meta", SECRETS, report(i))) for i in range(60)]
+
+    async def fire() -> list[int]:
+        async with make_client(timeout=60, max_in_flight=120) as client:
+            answers = await asyncio.gather(
+                *(client.post(url, content=r.body, headers=r.headers) for url, r in requests)
+            )
+        return [a.status_code for a in answers]
+
+    codes = asyncio.run(fire())
+    refused = 400 if ledger.url.startswith("postgresql") else 200
+    assert [codes[30], codes[90]] == [refused, refused], codes
+    assert codes[:30] + codes[31:90] + codes[91:] == [200] * 118, codes
+    stored = 60 if refused == 200 else 59
+    with ledger.engine.connect() as con:
+        assert con.execute(sa.text("SELECT count(*) FROM inbound_events")).scalar_one() == stored
+        assert con.execute(sa.text("SELECT count(*) FROM status_events")).scalar_one() == stored
+
+
 def test_an_erased_customer_s_opt_out_outlives_the_erasure(ledger: Ledger) -> None:
     from cdp_activation.retention import erase
 

@@ -24,9 +24,20 @@ T = TypeVar("T")
 class GroupCommit(Generic[T]):
     """`write(items)` for everything submitted since the last write, one write at a time."""
 
-    def __init__(self, write: Callable[[list[T]], Any], name: str = "write") -> None:
+    def __init__(
+        self,
+        write: Callable[[list[T]], Any],
+        name: str = "write",
+        isolate: Callable[[Exception], bool] | None = None,
+    ) -> None:
+        """`isolate(error)`: whether a write of several callers that failed with `error`
+        is made again one caller at a time, so that items the database refuses (a value
+        too long, say) fail only the caller that brought them. Without it, or for errors it
+        declines (the database itself unavailable: one more try each would only wait again),
+        every caller of the write hears of the failure."""
         self._write = write
         self._name = name
+        self._isolate = isolate
         self._queued: list[tuple[Sequence[T], asyncio.Future[list[Any] | None]]] = []
         self._draining: asyncio.Task[None] | None = None
         self.transactions = 0  # writes made (benchmarks, tests)
@@ -51,6 +62,9 @@ class GroupCommit(Generic[T]):
                 )
                 self.transactions += 1
             except Exception as err:  # each caller decides; a failed write is never silent
+                if len(queued) > 1 and self._isolate is not None and self._isolate(err):
+                    await self._each_alone(queued)
+                    continue
                 log.warning("%s failed for %d caller(s): %s", self._name, len(queued), err)
                 for _, future in queued:
                     if not future.done():
@@ -64,3 +78,20 @@ class GroupCommit(Generic[T]):
                     offset += len(items)
                 if not future.done():
                     future.set_result(share)
+
+    async def _each_alone(
+        self, queued: list[tuple[Sequence[T], asyncio.Future[list[Any] | None]]]
+    ) -> None:
+        """Write each caller's items in a transaction of their own: the failure of one
+        reaches only its caller."""
+        for items, future in queued:
+            try:
+                results = await asyncio.to_thread(self._write, list(items))
+                self.transactions += 1
+            except Exception as err:
+                log.warning("%s failed for a caller written alone: %s", self._name, err)
+                if not future.done():
+                    future.set_exception(err)
+                continue
+            if not future.done():
+                future.set_result(results if isinstance(results, list) else None)

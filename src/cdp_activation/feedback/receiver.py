@@ -31,6 +31,7 @@ import logging
 from collections import Counter
 from datetime import UTC, datetime
 
+import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -87,11 +88,15 @@ def create_app(
     `app.state.replies.transactions` count commits (bench, tests).
     Bodies above `max_body_bytes` are refused (413) before they are read whole.
     `serve_metrics=False`: no `/metrics` here (it has a port of its own)."""
-    writer: GroupCommit[StatusEvent] = GroupCommit(ledger.record_statuses, "storing statuses")
+    writer: GroupCommit[StatusEvent] = GroupCommit(
+        ledger.record_statuses, "storing statuses", isolate=_not_the_database_itself
+    )
     # Replies too: a campaign's answers arrive in bursts, and one transaction each (matching
     # the sender, an opt-out cancelling planned sends) held the receiver to a few hundred a
     # second. `record_inbound` orders a batch by the messages' own times (STOP, then START).
-    replies: GroupCommit[InboundMessage] = GroupCommit(ledger.record_inbound, "storing replies")
+    replies: GroupCommit[InboundMessage] = GroupCommit(
+        ledger.record_inbound, "storing replies", isolate=_not_the_database_itself
+    )
     # Refusals are counted in memory and added to the ledger off the request's path, one
     # write at a time: a burst of forged webhooks costs a counter, never a queue that grows
     # while the ledger is slow, and a refusal is answered without waiting for the write.
@@ -189,6 +194,12 @@ def create_app(
                 await asyncio.to_thread(record_states, ledger.engine, templates)
             if inbound:  # replies: an opt-out takes effect before the provider hears 200
                 await replies.submit(inbound)
+        except sa.exc.DataError:  # signed, but a value the ledger cannot hold: never will
+            log.warning("refused a signed %s webhook: a value in it does not fit the ledger", route)
+            return JSONResponse(
+                {"error": f"not stored: a value in this {route} webhook is too long or malformed"},
+                status_code=400,
+            )
         except Exception:
             return JSONResponse({"error": "not stored; send it again"}, status_code=500)
         for event in events:
@@ -249,6 +260,15 @@ def create_app(
     app.state.writer = writer
     app.state.replies = replies
     return app
+
+
+def _not_the_database_itself(error: Exception) -> bool:
+    """Whether a shared write that failed with `error` is worth making again caller by
+    caller: yes, unless the database itself failed (unreachable, locked past its timeout, a
+    dropped connection), which every caller would only meet again."""
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return False
+    return not isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError)
 
 
 def _kept(message: InboundMessage) -> InboundMessage:
