@@ -174,6 +174,34 @@ def test_dry_run_previews_and_sends_nothing(env: SimpleNamespace) -> None:
     assert_nothing_sent(env, summary, "winback_whatsapp")
 
 
+def test_a_preview_after_a_run_counts_what_the_next_run_sends(env: SimpleNamespace) -> None:
+    # The first run sends who is awake and defers the rest (planned, waiting in the ledger).
+    first = run_activation("winback_whatsapp", TODAY.isoformat())
+    assert first.success, first.error
+    assert first.deferred > 0 and first.sent > 0
+    # Previewed with every hour open, the deferred customers are due now: the preview must
+    # say so. It said "would send 0" (every key the ledger held was subtracted, planned ones
+    # too), and the run then sent all of them.
+    everyone = ("00:00", "23:59")
+    preview = run_activation(
+        "winback_whatsapp", TODAY.isoformat(), dry_run=True, send_window=everyone
+    )
+    assert preview.success, preview.error
+    assert (preview.to_send, preview.deferred) == (first.deferred, 0)
+    assert preview.already_sent == first.sent
+    sent_before = len(env.sandbox.messages())
+    second = run_activation("winback_whatsapp", TODAY.isoformat(), send_window=everyone)
+    assert second.success, second.error
+    assert second.sent + second.failed == preview.to_send
+    assert len(env.sandbox.messages()) == sent_before + second.sent
+    # And once they are sent, the preview has nothing left to send.
+    after = run_activation(
+        "winback_whatsapp", TODAY.isoformat(), dry_run=True, send_window=everyone
+    )
+    assert (after.to_send, after.deferred) == (0, 0)
+    assert after.already_sent == first.sent + second.sent
+
+
 def test_threshold_parameter_is_bound_from_run_config(env: SimpleNamespace) -> None:
     default = run_activation("winback_whatsapp", TODAY.isoformat(), dry_run=True)
     strict = run_activation(

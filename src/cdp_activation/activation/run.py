@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,6 +39,7 @@ from cdp_activation.ledger import (
     FALLBACK_STEP,
     IN_FLIGHT,
     INITIAL_STEP,
+    PLANNED,
     SENT,
     UNKNOWN,
     LeaseLost,
@@ -918,12 +919,9 @@ def prepare_delivery(
         for c, s in zip(chosen["customer_id"].to_list(), chosen["step"].to_list(), strict=True)
     ]
     if dry_run:
-        existing = ledger.states_of(keys)
-        summary.already_sent = existing.get(SENT, 0)
-        summary.already_done_other = sum(existing.values()) - summary.already_sent
-        due = chosen.filter(pl.col("not_before").is_null() | (pl.col("not_before") <= now)).height
-        summary.to_send = max(0, due - sum(existing.values()))
-        summary.deferred = chosen.height - due
+        _preview_counts(
+            summary, chosen, keys, ledger.partition_states(activation.name, partition_key), now
+        )
         summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
         _stamp_elapsed(summary)
         return summary
@@ -980,6 +978,37 @@ def prepare_delivery(
     summary.claimable = sum(soon.values())
     preflight({name: connectors[name] for name in soon if name in connectors})
     return summary
+
+
+def _preview_counts(
+    summary: DeliverySummary,
+    chosen: pl.DataFrame,
+    keys: Sequence[str],
+    held: pl.DataFrame,
+    now: datetime,
+) -> None:
+    """A dry run's counts, as the run would make them: a chosen message the ledger does not
+    hold yet is planned, and one it holds still planned (deferred by an earlier run, or left
+    by a stopped one) takes the decision's latest `not_before` (`Ledger.plan`); either is sent
+    now when that is due, else deferred. A message in any other state is not sent again:
+    counted as already sent, or done otherwise (failed, unknown, dead letter)."""
+    states = pl.DataFrame(
+        {
+            "idempotency_key": keys,
+            "due": chosen.select(
+                pl.col("not_before").is_null() | (pl.col("not_before") <= now)
+            ).to_series(),
+        }
+    ).join(held.select("idempotency_key", "state"), on="idempotency_key", how="left")
+    open_ = pl.col("state").is_null() | (pl.col("state") == PLANNED)
+    counts = states.select(
+        to_send=(open_ & pl.col("due")).sum(),
+        deferred=(open_ & ~pl.col("due")).sum(),
+        already_sent=(pl.col("state") == SENT).sum(),
+        done_other=pl.col("state").is_in([FAILED, UNKNOWN, DEAD_LETTER]).sum(),
+    ).row(0, named=True)
+    summary.to_send, summary.deferred = counts["to_send"], counts["deferred"]
+    summary.already_sent, summary.already_done_other = counts["already_sent"], counts["done_other"]
 
 
 def send_due(

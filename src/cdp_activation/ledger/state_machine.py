@@ -82,7 +82,7 @@ class SendStates(LedgerBase):
             return PlanResult(planned=0, existing={})
         rows = _plan_rows(activation, partition_key, chosen, run_id, purpose, self.dialect)
         known = rows.select("idempotency_key", "not_before").join(
-            self._partition_states(activation, partition_key),
+            self.partition_states(activation, partition_key),
             on="idempotency_key",
             how="inner",
             suffix="_now",
@@ -135,9 +135,9 @@ class SendStates(LedgerBase):
             "ON CONFLICT (idempotency_key) DO NOTHING"
         )
 
-    def _partition_states(self, activation: str, partition_key: str) -> pl.DataFrame:
-        """(idempotency_key, state, not_before) of every row of one partition, in one read;
-        `not_before` as `_plan_rows` writes it (SQLite: its text)."""
+    def partition_states(self, activation: str, partition_key: str) -> pl.DataFrame:
+        """(idempotency_key, state, not_before) of every row of one partition, in one read
+        (reads only); `not_before` as `_plan_rows` writes it (SQLite: its text)."""
         when = pl.String if self.dialect == "sqlite" else pl.Datetime("us", "UTC")
         return read_frame(
             self.engine,
@@ -146,23 +146,6 @@ class SendStates(LedgerBase):
             (activation, partition_key),
             schema={"idempotency_key": pl.String, "state": pl.String, "not_before": when},
         )
-
-    def states_of(self, keys: Sequence[str]) -> dict[str, int]:
-        """How many of these idempotency keys are in the ledger, by state (reads only)."""
-        with self.engine.connect() as con:
-            return self._states_of(con, keys)
-
-    def _states_of(self, con: sa.Connection, keys: Sequence[str]) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for chunk in chunks(keys, 5000):
-            rows = con.execute(
-                sa.select(sends.c.state, sa.func.count())
-                .where(sends.c.idempotency_key.in_(chunk))
-                .group_by(sends.c.state)
-            ).all()
-            for state, count in rows:
-                counts[state] = counts.get(state, 0) + count
-        return counts
 
     def register_worker(
         self,
