@@ -87,6 +87,10 @@ def test_demo_twice_the_second_run_sends_nothing(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr + second.stdout
     again = json.loads(second.stdout.strip().splitlines()[-1])
     assert again["sent"] == 0
+    # Its preview said so before it ran: nothing now, the rest sent by the first run.
+    said = " ".join(second.stderr.split())
+    earlier = f"{again['already_sent']:,} sent by an earlier run"
+    assert f"would send 0 now (0 deferred by quiet hours, {earlier})" in said, said
     # Nothing twice; the ones who opted out in between are no longer chosen at all.
     left_out = summary["sent"] - again["already_sent"]
     assert 0 <= left_out <= replies["opted_out"]

@@ -177,10 +177,14 @@ def demo(
         )
         if summary.success:
             cost = summary.estimated_cost or 0.0
+            earlier = (
+                f", {summary.already_sent:,} sent by an earlier run" if summary.already_sent else ""
+            )
             console.print(
                 f"    would send {summary.to_send:,} now ({summary.deferred:,} deferred by "
-                f"quiet hours), estimated cost {cost:,.2f} {summary.currency}, about "
-                f"{summary.estimated_seconds or 0:,.0f} s at the providers' rate limits",
+                f"quiet hours{earlier}), about {summary.estimated_seconds or 0:,.0f} s at the "
+                f"providers' rate limits; estimated cost of the whole plan ("
+                f"{sum(summary.eligible.values()):,} messages) {cost:,.2f} {summary.currency}",
                 highlight=False,
             )
         reports = None
