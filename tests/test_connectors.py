@@ -584,6 +584,10 @@ def test_mask_phone(number: str, masked: str) -> None:
         ("number +44.7911.123456 is not on WhatsApp", "7911.123456"),
         ("to=+447911123456&x=1", "7911123456"),
         ("user 447911123456 blocked", "7911123456"),
+        # Two numbers side by side: read as one run of 24 digits, both were left whole.
+        ("Undeliverable to +44 7911 123456 (447911123456)", "7911 123456"),
+        ("from +52 55 1440 3693 - +44 20 7946 0958", "20 7946 0958"),
+        ("from +52 55 1440 3693 - +44 20 7946 0958", "1440 3693"),
     ],
 )
 def test_numbers_in_provider_text_are_masked_however_written(text: str, hidden: str) -> None:

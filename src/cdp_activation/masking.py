@@ -52,8 +52,20 @@ def mask_phones_in(text: str) -> str:
 
 
 def _mask_spaced(match: re.Match[str]) -> str:
-    digits = re.sub(r"\D", "", match.group(0))
-    return mask_phone("+" + digits) if 8 <= len(digits) <= 15 else match.group(0)
+    text = match.group(0)
+    digits = re.sub(r"\D", "", text)
+    if 8 <= len(digits) <= 15:
+        return mask_phone("+" + digits)
+    # More digits than a number has: numbers written side by side ("+44 7911 123456
+    # (447911123456)"). The longest leading part that is one is masked, the rest read again.
+    for cut in reversed([m.start() for m in _GROUP_BREAK.finditer(text)]):
+        head = re.sub(r"\D", "", text[:cut])
+        if 8 <= len(head) <= 15:
+            return mask_phone("+" + head) + mask_phones_in(text[cut:])
+    return text
+
+
+_GROUP_BREAK = re.compile(r"(?<=[\d)])(?:[ .\-]\(?|\()(?=\d)")  # where a group of digits ends
 
 
 def masked(url: str) -> str:
