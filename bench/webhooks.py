@@ -245,9 +245,8 @@ def _work_per_event(bodies: list[tuple[bytes, dict[str, str]]], ledger_url: str)
         WebhookRequest(
             body=body,
             headers={k.lower(): v for k, v in headers.items()},
-            url="http://127.0.0.1/webhooks/meta",
-            query={},
             received=received,
+            called_url=lambda: "http://127.0.0.1/webhooks/meta",
         )
         for body, headers in bodies
     ]

@@ -343,6 +343,39 @@ def test_a_stored_report_keeps_no_phone_number(ledger: Ledger, provider: str) ->
         assert "7700900001" not in payload, payload
 
 
+def test_a_stored_meta_report_keeps_its_time_and_masks_a_number_in_its_text(
+    ledger: Ledger,
+) -> None:
+    """Meta's `timestamp` is ten digits of Unix time: the audit copy kept it masked as if it
+    were a phone number ("+1*******35"). A number written in an error's text still is."""
+    status = {
+        "id": "wamid.time-kept",
+        "status": "failed",
+        "timestamp": "1796546835",
+        "recipient_id": "447911123456",
+        "errors": [{"code": 131026, "title": "Undeliverable to +44 7911 123456 (447911123456)"}],
+    }
+    value = {"messaging_product": "whatsapp", "metadata": {}, "statuses": [status]}
+    body = json.dumps(
+        {
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
+        }
+    ).encode()
+    with WebhookServer(ledger, SECRETS) as server:
+        url = f"{server.url}/webhooks/meta"
+        assert post(url, signed("meta", SECRETS, body, url=url)).status_code == 200
+    with ledger.engine.connect() as con:
+        (payload,) = con.exec_driver_sql(
+            "SELECT payload FROM status_events WHERE provider_message_id = 'wamid.time-kept'"
+        ).one()
+    stored = json.loads(payload)
+    assert stored["timestamp"] == "1796546835"
+    assert "recipient_id" not in stored
+    assert "7911123456" not in payload and "7911 123456" not in payload, payload
+    assert stored["errors"][0]["code"] == 131026
+
+
 def test_refusals_the_ledger_could_not_take_are_counted_once_it_can(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

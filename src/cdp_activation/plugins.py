@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cache
+from functools import cache, cached_property
 from importlib.metadata import entry_points
 from typing import Annotated, Any
 
@@ -114,13 +114,24 @@ class Credentials:
 
 @dataclass(frozen=True)
 class WebhookRequest:
-    """What a status webhook's check and parser see of a request."""
+    """What a status webhook's check and parser see of a request. `url` and `query` are
+    worked out on first use (only some signature schemes read them: Twilio's): building them
+    for every webhook cost more than checking a Meta signature."""
 
     body: bytes
-    headers: Mapping[str, str]  # names in lower case
-    url: str  # the URL the provider called (behind a proxy: the public one), query included
-    query: Mapping[str, str]
+    headers: Mapping[str, str]  # looked up by lower-case name
     received: datetime
+    # The URL the provider called (behind a proxy: the public one), query included.
+    called_url: Callable[[], str]
+    query_params: Callable[[], Mapping[str, str]] = dict
+
+    @cached_property
+    def url(self) -> str:
+        return self.called_url()
+
+    @cached_property
+    def query(self) -> Mapping[str, str]:
+        return self.query_params()
 
 
 @dataclass(frozen=True)

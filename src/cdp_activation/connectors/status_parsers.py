@@ -127,18 +127,31 @@ _RECIPIENT_FIELDS = frozenset(
 )
 
 
+# Fields holding the provider's time, kept as they are: Meta's `timestamp` is Unix seconds, a
+# run of ten digits that would otherwise be masked as a phone number.
+_TIME_FIELDS = frozenset({"timestamp", "time"})
+# What `mask_phones_in` could mask has a run of 8 digits or a '+' before a digit; a value
+# with neither (ids, statuses, codes: most of a report) is stored without running it.
+_MAYBE_PHONE = re.compile(r"\d{8}|\+\d")
+
+
 def _without_recipients(raw: Any) -> Any:
     """The report as stored for audits: recipient fields dropped, other numbers masked."""
     if isinstance(raw, dict):
-        return {
-            k: _without_recipients(v)
-            for k, v in raw.items()
-            if str(k).lower() not in _RECIPIENT_FIELDS
-        }
+        kept = {}
+        for key, value in raw.items():
+            name = str(key).lower()
+            if name in _RECIPIENT_FIELDS:
+                continue
+            if name in _TIME_FIELDS and isinstance(value, str | int | float):
+                kept[key] = value
+            else:
+                kept[key] = _without_recipients(value)
+        return kept
     if isinstance(raw, list):
         return [_without_recipients(v) for v in raw]
     if isinstance(raw, str):
-        return mask_phones_in(raw)
+        return mask_phones_in(raw) if _MAYBE_PHONE.search(raw) else raw
     return raw
 
 
@@ -423,10 +436,13 @@ def _meta_text(message: dict[str, Any]) -> str:
     return ""
 
 
+_MESSAGES_KEY = re.compile(rb'"messages"\s*:')
+
+
 def parse_meta_inbound(body: bytes, received: datetime) -> list[InboundMessage]:
     """The customers' messages of a Meta `messages` webhook (`value.messages`): text, button
     and interactive replies, media, reactions, locations, contacts, orders, system notices."""
-    if b'"messages"' not in body:
+    if not _MESSAGES_KEY.search(body):  # a status webhook names "messages" as its field
         return []
     data = _json(body)
     if not isinstance(data, dict) or not isinstance(data.get("entry"), list):
