@@ -172,12 +172,12 @@ class StatusIntake(LedgerBase):
         ids = sorted({r.provider_message_id for r in pending if r.provider_message_id})
         planned_at: dict[tuple[str, str], datetime] = {}
         for chunk in chunks(ids, 5000):
-            rows = con.execute(
-                sa.select(sends.c.provider_message_id, sends.c.connector, sends.c.planned_at).where(
-                    sends.c.provider_message_id.in_(chunk)
-                )
-            ).all()
-            planned_at.update({(r[0], r[1]): aware(r[2]) for r in rows})
+            rows = con.exec_driver_sql(  # driver SQL: Core's IN cost more than the query
+                "SELECT provider_message_id, connector, planned_at FROM sends "
+                f"WHERE provider_message_id IN ({', '.join([mark] * len(chunk))})",
+                tuple(chunk),
+            )
+            planned_at.update({(r[0], r[1]): as_time(r[2]) for r in rows})
         matched, stale = [], []
         for report in pending:
             planned = planned_at.get((report.provider_message_id, connector_of(report.provider)))
@@ -285,10 +285,12 @@ class StatusIntake(LedgerBase):
     def _known_event_keys(self, con: sa.Connection, keys: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in chunks(keys, 5000):
-            rows = con.execute(
-                sa.select(status_events.c.event_key).where(status_events.c.event_key.in_(chunk))
+            rows = con.exec_driver_sql(
+                "SELECT event_key FROM status_events "
+                f"WHERE event_key IN ({', '.join([self._mark] * len(chunk))})",
+                tuple(chunk),
             )
-            found.update(r.event_key for r in rows)
+            found.update(r[0] for r in rows)
         return found
 
     def newest_status_time(self, source: str) -> datetime | None:
