@@ -3,9 +3,11 @@
 `python -m bench webhooks [--events N] [--concurrency C] [--postgres URL]` from the repository
 root. The receiver (`cdp_activation.feedback.receiver.create_app`) runs in its own process under
 uvicorn on 127.0.0.1, on a fresh SQLite ledger (and on PostgreSQL with `--postgres`); N signed Meta
-status webhooks (one status each, as Meta sends them) are posted over loopback by a bare
-aiohttp loop with C requests in flight. The baseline, in the same run, is the same posts to a
-Starlette app in the same kind of process that answers 200 at once: what HTTP alone costs.
+status webhooks (one status each, as Meta sends them), each about a message the ledger sent,
+are posted over loopback by a bare aiohttp loop with C requests in flight. The baseline, in the
+same run, is the same posts to a Starlette app in the same kind of process that answers 200 at
+once: what HTTP alone costs; beside it, the same app answering after one turn of the event loop
+(what waiting for anything costs). The server process's CPU an event is reported too.
 The same number of customers' replies (Meta text messages, one in ten STOP, from numbers a
 fresh SQLite ledger sent to) go to the receiver too. Afterwards the ledger is checked to hold
 every event and every reply. Figures go to bench/results_webhooks.md.
@@ -24,6 +26,7 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bench.delivery import ROOT, _cpu_model
 from bench.index import refresh as refresh_index
@@ -55,6 +58,8 @@ def _serve(argv: list[str]) -> int:
 
         async def ok(request):  # type: ignore[no-untyped-def]
             await request.body()
+            if kind == "bare-wait":  # answers after one turn of the loop, as after a commit
+                await asyncio.sleep(0)
             return JSONResponse({"received": 1})
 
         async def health(request):  # type: ignore[no-untyped-def]
@@ -118,8 +123,10 @@ async def _fire(url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrenc
         return time.perf_counter() - started
 
 
-def _measure(kind: str, ledger_url: str, bodies: list, concurrency: int) -> float:
+def _measure(kind: str, ledger_url: str, bodies: list, concurrency: int) -> tuple[float, float]:
+    """(seconds, the server process's CPU seconds) to post `bodies`."""
     import httpx
+    import psutil
 
     port = _free_port()
     process = subprocess.Popen(
@@ -134,7 +141,10 @@ def _measure(kind: str, ledger_url: str, bodies: list, concurrency: int) -> floa
                     break
             except httpx.TransportError:
                 time.sleep(0.05)
-        return asyncio.run(_fire(f"http://127.0.0.1:{port}/webhooks/meta", bodies, concurrency))
+        server = psutil.Process(process.pid)
+        before = sum(server.cpu_times()[:2])
+        took = asyncio.run(_fire(f"http://127.0.0.1:{port}/webhooks/meta", bodies, concurrency))
+        return took, sum(server.cpu_times()[:2]) - before
     finally:
         process.terminate()
         process.wait(10)
@@ -175,8 +185,9 @@ def _reply_bodies(n: int) -> list[tuple[bytes, dict[str, str]]]:
 
 
 def _sent_to(ledger_url: str, n: int) -> None:
-    """A ledger that sent one WhatsApp message to each of `_numbers(n)`: the replies match
-    their customers, and a STOP cancels nothing but is an opt-out."""
+    """A ledger that sent one WhatsApp message to each of `_numbers(n)`, the ones `_bodies`
+    reports on: every report moves a send's status, the replies match their customers, and a
+    STOP cancels nothing but is an opt-out."""
     import polars as pl
 
     from cdp_activation.contracts import Outcome, SendResult
@@ -201,9 +212,17 @@ def _sent_to(ledger_url: str, n: int) -> None:
     ledger.plan("bench", "p", plan)
     rows = ledger.pending("bench", "p")
     ledger.mark_in_flight([r.id for r in rows])
-    sent = [SendResult(r.idempotency_key, Outcome.SENT, f"wamid.out{r.id}") for r in rows]
+    # Customer c<i>'s message is the one `_bodies` reports on: wamid.bench<i>.
+    sent = [
+        SendResult(r.idempotency_key, Outcome.SENT, f"wamid.bench{_customer(r):08d}") for r in rows
+    ]
     ledger.record([(r.id, result, 1) for r, result in zip(rows, sent, strict=True)])
     ledger.dispose()
+
+
+def _customer(row: Any) -> int:
+    """i of the row's customer c<i> (its idempotency key: bench|p|c<i>|initial)."""
+    return int(row.idempotency_key.split("|")[2][1:])
 
 
 def _replied(ledger_url: str) -> int:
@@ -217,6 +236,20 @@ def _replied(ledger_url: str) -> int:
         count = con.execute(sa.text("SELECT count(customer_id) FROM inbound_events")).scalar_one()
     ledger.dispose()
     return int(count)
+
+
+def _delivered(ledger_url: str) -> int:
+    """Sends the reports moved to `delivered`."""
+    import sqlalchemy as sa
+
+    from cdp_activation.ledger import Ledger
+
+    ledger = Ledger(ledger_url)
+    with ledger.engine.connect() as con:
+        query = "SELECT count(*) FROM sends WHERE delivery_status = 'delivered'"
+        count = int(con.execute(sa.text(query)).scalar_one())
+    ledger.dispose()
+    return count
 
 
 def _stored(ledger_url: str) -> int:
@@ -277,24 +310,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--postgres", help="also measure on this PostgreSQL URL (a fresh schema)")
     args = parser.parse_args(argv)
     bodies = _bodies(args.events)
-    rows = []
+    rows: list[tuple[str, tuple[float, float], int | None, int | None]] = []
     work: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        work["SQLite"] = _work_per_event(bodies, f"sqlite:///{Path(tmp) / 'work.sqlite'}")
+        url = f"sqlite:///{Path(tmp) / 'work.sqlite'}"
+        _sent_to(url, args.events)
+        work["SQLite"] = _work_per_event(bodies, url)
     bare = _measure("bare", "", bodies, args.concurrency)
-    rows.append(("bare Starlette, answers at once", "", bare, None))
+    rows.append(("bare Starlette, answers at once", bare, None, None))
+    waiting = _measure("bare-wait", "", bodies, args.concurrency)
+    rows.append(("bare Starlette, answers after one turn of the loop", waiting, None, None))
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'ledger.sqlite'}"
-        from cdp_activation.ledger import Ledger
-
-        Ledger(url).dispose()  # the schema, before the receiver's workers start
+        _sent_to(url, args.events)  # the schema too, before the receiver's workers start
         took = _measure("receiver", url, bodies, args.concurrency)
-        rows.append(("receiver + SQLite ledger", "SQLite", took, _stored(url)))
+        rows.append(("receiver + SQLite ledger", took, _stored(url), _delivered(url)))
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'replies.sqlite'}"
         _sent_to(url, args.events)
         took = _measure("receiver", url, _reply_bodies(args.events), args.concurrency)
-        rows.append(("receiver + SQLite ledger: replies", "SQLite", took, _replied(url)))
+        rows.append(("receiver + SQLite ledger: replies", took, _replied(url), None))
     if args.postgres:
         schema = f"bench_webhooks_{os.getpid()}"
         import sqlalchemy as sa
@@ -306,13 +341,12 @@ def main(argv: list[str]) -> int:
             f"{args.postgres}{'&' if '?' in args.postgres else '?'}options=-csearch_path%3D{schema}"
         )
         try:
-            from cdp_activation.ledger import Ledger
-
-            Ledger(url).dispose()
+            _sent_to(url, args.events)
             took = _measure("receiver", url, bodies, args.concurrency)
-            rows.append(("receiver + PostgreSQL ledger", "PostgreSQL", took, _stored(url)))
+            rows.append(("receiver + PostgreSQL ledger", took, _stored(url), _delivered(url)))
             with admin.begin() as con:
                 con.exec_driver_sql(f"TRUNCATE {schema}.status_events")
+                con.exec_driver_sql(f"UPDATE {schema}.sends SET delivery_status = NULL")
             work["PostgreSQL"] = _work_per_event(bodies, url)
         finally:
             with admin.begin() as con:
@@ -329,22 +363,31 @@ def main(argv: list[str]) -> int:
         f"{args.concurrency} in flight, posted over loopback by a bare aiohttp loop to a "
         "uvicorn process on the same 2 cores.",
         "",
-        "| receiver | events | seconds | events/s | ÷ baseline | stored in the ledger |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| receiver | events | seconds | events/s | ÷ baseline | server CPU an event "
+        "| stored in the ledger | sends moved to delivered |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, _, seconds, stored in rows:
+    for name, (seconds, cpu), stored, delivered in rows:
         rate = args.events / seconds
-        ratio = rate / (args.events / bare)
+        ratio = rate / (args.events / bare[0])
         shown = "" if stored is None else f"{stored:,}"
+        moved = "" if delivered is None else f"{delivered:,}"
         lines.append(
-            f"| {name} | {args.events:,} | {seconds:.2f} | {rate:,.0f} | {ratio:.2f} | {shown} |"
+            f"| {name} | {args.events:,} | {seconds:.2f} | {rate:,.0f} | {ratio:.2f} | "
+            f"{cpu / args.events * 1e6:.0f} µs | {shown} | {moved} |"
         )
-        print(f"{name}: {rate:,.0f} events/s ({ratio:.2f} of the bare app); stored {shown}")
-    per_request = bare / args.events * 1e6  # µs of wall a request costs the bare app here
+        print(
+            f"{name}: {rate:,.0f} events/s ({ratio:.2f} of the bare app), "
+            f"{cpu / args.events * 1e6:.0f} µs of server CPU an event; stored {shown}"
+        )
+    per_request = bare[0] / args.events * 1e6  # µs of wall a request costs the bare app here
     lines += [
         "",
         "Every event is signature-checked, parsed, stored once and applied forward-only to the "
-        "ledger before its 200; concurrent requests share one transaction (group commit). "
+        "ledger before its 200 (each reports a message the ledger sent, and moves that send to "
+        "`delivered`); concurrent requests share one transaction (group commit). The second "
+        "bare app awaits one turn of the event loop before it answers, as anything that waits "
+        "for a commit must: what waiting alone costs uvicorn and Starlette. "
         "*Replies*: the same number of webhooks, each a customer's text reply (one in ten "
         "STOP) from a number the ledger sent to, stored once, matched to its customer, a STOP "
         "made an opt-out, before the 200; they share transactions too.",
@@ -371,8 +414,9 @@ def main(argv: list[str]) -> int:
     ]
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
     refresh_index()
-    for name, _, _, stored in rows:
-        if stored is not None and stored != args.events:
-            print(f"ERROR: {name}: the ledger holds {stored}, expected {args.events}")
-            return 1
+    for name, _, stored, delivered in rows:
+        for what, count in (("holds", stored), ("moved to delivered", delivered)):
+            if count is not None and count != args.events:
+                print(f"ERROR: {name}: the ledger {what} {count}, expected {args.events}")
+                return 1
     return 0

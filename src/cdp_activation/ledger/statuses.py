@@ -45,14 +45,19 @@ class StatusIntake(LedgerBase):
         with self.engine.begin() as con:
             known = self._known_event_keys(con, [e.event_key for e in unique])
             fresh = [e for e in unique if e.event_key not in known]
+            reconciled = self._reconcile(con, fresh) if fresh else 0
+            # Matched before they are stored, so each is written once with its flags (applied,
+            # ignored) instead of written, then updated (and moved in the pending index).
+            matched, stale = self._match(con, fresh)
+            applied = {r.event_key for r in matched}
+            ignored = set(stale)
             if fresh:
                 con.exec_driver_sql(
                     "INSERT INTO status_events (event_key, provider, provider_message_id, "
                     "status, error_code, occurred_at, received_at, payload, source, "
                     "customer_id, reference, billable, pricing_category, pricing_model, "
-                    "price, price_currency, applied) VALUES "
-                    f"({', '.join([mark] * 16)}, {'0' if self.dialect == 'sqlite' else 'false'}) "
-                    "ON CONFLICT (event_key) DO NOTHING",
+                    "price, price_currency, applied, ignored) VALUES "
+                    f"({', '.join([mark] * 18)}) ON CONFLICT (event_key) DO NOTHING",
                     [
                         (
                             e.event_key,
@@ -67,18 +72,19 @@ class StatusIntake(LedgerBase):
                             e.customer_id,
                             e.reference,
                             *_pricing_values(e.pricing),
+                            e.event_key in applied,
+                            OLDER_THAN_SEND if e.event_key in ignored else None,
                         )
                         for e in fresh
                     ],
                 )
-            reconciled = self._reconcile(con, fresh) if fresh else 0
-            advanced, stale = self._apply_statuses(con, fresh) if fresh else (0, 0)
+            advanced = self._advance(con, matched)
         if stale:
             log.warning(
                 "ignored %d status report(s) dated before their send was planned (a replay, "
                 "or a report of another ledger's message); kept in status_events, flagged "
                 "ignored = '%s'",
-                stale,
+                len(stale),
                 OLDER_THAN_SEND,
             )
         return StatusWrite(
@@ -86,7 +92,7 @@ class StatusIntake(LedgerBase):
             duplicates=len(events) - len(fresh),
             advanced=advanced,
             reconciled=reconciled,
-            stale=stale,
+            stale=len(stale),
         )
 
     def apply_pending_statuses(self) -> int:
@@ -159,14 +165,34 @@ class StatusIntake(LedgerBase):
             ).scalar_one()
 
     def _apply_statuses(self, con: sa.Connection, pending: Sequence[Any]) -> tuple[int, int]:
-        """Apply `pending` reports (`StatusEvent`s just stored, or unapplied rows read back:
-        anything with their fields), lowest rank first, and mark applied those whose send
-        exists. A report for a message the ledger never sent (another tool's, on the same
-        sender) stays unapplied, is looked at again at the end of each run for a day, and is
-        given up after that. A report dated before its send was planned (beyond
-        `STATUS_CLOCK_SKEW`) is a replay or another message's: flagged `ignored`, never
-        applied. Returns (statuses moved, reports flagged)."""
-        mark = "?" if self.dialect == "sqlite" else "%s"
+        """Apply stored, unapplied reports (rows read back: anything with a `StatusEvent`'s
+        fields) and flag them: applied, those whose send exists; `ignored`, those dated before
+        it (`_match`). Returns (statuses moved, reports flagged)."""
+        mark = self._mark
+        matched, stale = self._match(con, pending)
+        for chunk in chunks(stale, 5000):
+            con.exec_driver_sql(
+                f"UPDATE status_events SET ignored = '{OLDER_THAN_SEND}' WHERE event_key IN "
+                f"({', '.join([mark] * len(chunk))})",
+                tuple(chunk),
+            )
+        advanced = self._advance(con, matched)
+        true = "1" if self.dialect == "sqlite" else "true"
+        for chunk in chunks([r.event_key for r in matched], 5000):
+            con.exec_driver_sql(
+                f"UPDATE status_events SET applied = {true} WHERE event_key IN "
+                f"({', '.join([mark] * len(chunk))})",
+                tuple(chunk),
+            )
+        return advanced, len(stale)
+
+    def _match(self, con: sa.Connection, pending: Sequence[Any]) -> tuple[list[Any], list[str]]:
+        """`pending` reports whose send exists (to apply), and the event keys of those dated
+        before their send was planned (beyond `STATUS_CLOCK_SKEW`: a replay or another
+        message's, flagged `ignored` and never applied). A report for a message the ledger
+        never sent (another tool's, on the same sender) is neither: it stays unapplied, is
+        looked at again at the end of each run for a day, and is given up after that."""
+        mark = self._mark
         # The sends that exist now; a send committed after this read is matched next time (a
         # report is only marked applied together with the update it made).
         ids = sorted({r.provider_message_id for r in pending if r.provider_message_id})
@@ -187,14 +213,15 @@ class StatusIntake(LedgerBase):
                 stale.append(report.event_key)
             else:
                 matched.append(report)
-        for chunk in chunks(stale, 5000):
-            con.exec_driver_sql(
-                f"UPDATE status_events SET ignored = '{OLDER_THAN_SEND}' WHERE event_key IN "
-                f"({', '.join([mark] * len(chunk))})",
-                tuple(chunk),
-            )
+        return matched, stale
+
+    def _advance(self, con: sa.Connection, matched: Sequence[Any]) -> int:
+        """Move the sends `matched` reports name forward (lowest rank first: a report never
+        moves a status back), and record what they say each message cost. Returns the
+        statuses moved."""
         if not matched:
-            return 0, len(stale)
+            return 0
+        mark = self._mark
         rank = " ".join(f"WHEN '{status}' THEN {n}" for status, n in STATUS_RANK.items())
         changed = db_time(utc_now(), self.dialect)  # the send log exports rows changed since
         result = con.exec_driver_sql(
@@ -237,14 +264,7 @@ class StatusIntake(LedgerBase):
                     for r, p in priced
                 ],
             )
-        true = "1" if self.dialect == "sqlite" else "true"
-        for chunk in chunks([r.event_key for r in matched], 5000):
-            con.exec_driver_sql(
-                f"UPDATE status_events SET applied = {true} WHERE event_key IN "
-                f"({', '.join([mark] * len(chunk))})",
-                tuple(chunk),
-            )
-        return max(result.rowcount or 0, 0), len(stale)
+        return max(result.rowcount or 0, 0)
 
     def unpriced_sends(self, connector: str, sent_before: datetime, limit: int) -> list[str]:
         """Provider ids of accepted sends through `connector`, sent before `sent_before`,
