@@ -100,6 +100,39 @@ def test_large_plans_are_bulk_written(ledger_url: str) -> None:
     ledger.dispose()
 
 
+def test_a_bulk_plan_leaves_postgresql_planning_lookups_by_index(ledger_url: str) -> None:
+    """A fresh ledger's first big plan: until the statistics describe it, PostgreSQL planned
+    a status webhook's lookup by provider id as a scan of every send (once per batch of
+    reports). The plan refreshes them; a small plan on top of a large table does not."""
+    if not ledger_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's planner statistics; SQLite plans by its indexes alone")
+    ledger = Ledger(ledger_url)
+    try:
+        ledger.plan("winback", "p", chosen(12_000))
+        with ledger.engine.connect() as con:
+            known = con.exec_driver_sql(
+                "SELECT reltuples FROM pg_class WHERE oid = 'sends'::regclass"
+            ).scalar_one()
+            assert known == 12_000
+            ids = ", ".join(f"'wamid.{i}'" for i in range(47))
+            plan = (
+                con.exec_driver_sql(
+                    f"EXPLAIN SELECT planned_at FROM sends WHERE provider_message_id IN ({ids})"
+                )
+                .scalars()
+                .all()
+            )
+        assert "ix_sends_provider_message_id" in plan[0], plan
+        ledger.plan("winback", "p", chosen(1_100, start=20_000))  # under a tenth of it
+        with ledger.engine.connect() as con:
+            again = con.exec_driver_sql(
+                "SELECT reltuples FROM pg_class WHERE oid = 'sends'::regclass"
+            ).scalar_one()
+        assert again == 12_000  # not analyzed again for a small addition
+    finally:
+        ledger.dispose()
+
+
 def test_a_large_plan_stores_exactly_what_a_small_one_does(
     ledger_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

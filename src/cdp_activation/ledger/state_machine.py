@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -56,6 +57,8 @@ from cdp_activation.vocabulary import (
     UNKNOWN,
     idempotency_key_expr,
 )
+
+log = logging.getLogger(__name__)
 
 
 class SendStates(LedgerBase):
@@ -124,7 +127,27 @@ class SendStates(LedgerBase):
                     .select("not_before", "idempotency_key")
                     .rows(),
                 )
+        if self.dialect == "postgresql" and planned >= _COPY_FROM:
+            self._analyze_after_load(planned)
         return PlanResult(planned=planned, existing=counts)
+
+    def _analyze_after_load(self, loaded: int) -> None:
+        """PostgreSQL: refresh the planner's statistics of `sends` after a plan loaded a large
+        share of it, as after any bulk load. Until autovacuum gets to it (a minute or more),
+        a table that grew from little plans its lookups as if it were still small: a status
+        webhook's lookup by provider message id scanned every row of a fresh ledger's 10,000
+        sends (3 ms against 0.13 ms by its index), once per batch of reports."""
+        with self.engine.connect() as con:
+            known = con.exec_driver_sql(
+                "SELECT reltuples FROM pg_class WHERE oid = 'sends'::regclass"
+            ).scalar_one()
+            if known >= 0 and loaded < known * 0.1:
+                return  # a small part of what the statistics already describe
+            try:
+                con.exec_driver_sql("ANALYZE sends")
+                con.commit()
+            except sa.exc.DBAPIError as err:  # statistics help; a plan never fails for them
+                log.warning("could not refresh the statistics of sends: %s", err.orig)
 
     def _insert_sql(self) -> str:
         """The driver-level insert of `_PLAN_COLUMNS`; keys already present are skipped."""
