@@ -32,7 +32,8 @@ exactly as in production. Status codes, ids and error bodies follow the vendor s
 - Status webhooks (`status_webhooks_url`): each accepted message's sent / delivered / read /
   failed reports, in the provider's shape and signature (`status_webhooks.py`).
 - Control (prefix `/_sandbox`): `GET messages`, `GET attempts`, `GET stats`, `POST reset`,
-  `GET health`, and `GET`/`POST faults` to read or change fault injection while running.
+  `GET health`, `GET pending` (status webhooks still to send), and `GET`/`POST faults` to
+  read or change fault injection while running.
 - Alerts (`alert_inbox.py`): Slack's `POST /slack/api/chat.postMessage` and a generic
   `POST /alerts/webhook`, listed by `GET /_sandbox/alerts`.
 
@@ -117,6 +118,13 @@ async def sandbox_stats(request: Request) -> Response:
     return JSONResponse(request.app.state.store.stats())
 
 
+async def sandbox_pending(request: Request) -> Response:
+    """`{"status_webhooks": n}`: the status reports, replies and template updates the sandbox
+    has still to send (or send again) to the receiver."""
+    pending = len(getattr(request.app.state, "status_tasks", None) or ())
+    return JSONResponse({"status_webhooks": pending})
+
+
 async def sandbox_reset(request: Request) -> Response:
     request.app.state.store.clear()
     request.app.state.template_statuses = {}
@@ -187,6 +195,7 @@ def create_app(config: SandboxConfig | None = None, store: MessageStore | None =
         Route("/messages", sandbox_messages, methods=["GET"]),
         Route("/attempts", sandbox_attempts, methods=["GET"]),
         Route("/stats", sandbox_stats, methods=["GET"]),
+        Route("/pending", sandbox_pending, methods=["GET"]),
         Route("/reset", sandbox_reset, methods=["POST"]),
         Route("/faults", sandbox_faults, methods=["GET", "POST"]),
         Route("/templates", sandbox_templates, methods=["GET", "POST"]),
