@@ -137,6 +137,7 @@ def demo(
     from cdp_activation.audience.warehouse import duckdb_path
     from cdp_activation.cli.runner import (
         ensure_dagster_home,
+        load_definitions,
         run_activation,
         run_fallback,
         today_partition,
@@ -172,8 +173,15 @@ def demo(
         hooks = None if dry_run else _status_webhooks(stack, url)
         # Plan, then apply: the preview a marketer checks before a send, through Dagster.
         console.print(f"[bold]3/5[/] preview (dry run) of {activation} for {partition}")
+        # Loaded once for the preview, the send and the fallback (~0.5 s each time).
+        definitions = load_definitions(tolerant=True)
         summary = run_activation(
-            activation, partition, dry_run=True, queue=queue, send_window=window
+            activation,
+            partition,
+            dry_run=True,
+            queue=queue,
+            send_window=window,
+            definitions=definitions,
         )
         if summary.success:
             cost = summary.estimated_cost or 0.0
@@ -192,7 +200,12 @@ def demo(
             console.print(f"[bold]4/5[/] sending {activation} for {partition} via Dagster")
             with _progress_bar(activation, partition):
                 summary = run_activation(
-                    activation, partition, dry_run=False, queue=queue, send_window=window
+                    activation,
+                    partition,
+                    dry_run=False,
+                    queue=queue,
+                    send_window=window,
+                    definitions=definitions,
                 )
             reports = _settled_statuses(activation, partition, url) if hooks else None
         fallback = None
@@ -206,7 +219,11 @@ def demo(
                 "30-minute window shortened to 0)"
             )
             fallback = run_fallback(
-                activation, partition, not_delivered_within_minutes=0, queue=queue
+                activation,
+                partition,
+                not_delivered_within_minutes=0,
+                queue=queue,
+                definitions=definitions,
             )
     summary.elapsed_seconds = round(time.perf_counter() - started, 2)
     _report(summary, as_json, sandbox_url=url, reports=reports, fallback=fallback)
