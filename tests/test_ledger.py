@@ -348,6 +348,41 @@ def test_a_ledger_from_an_earlier_version_gains_the_new_columns(tmp_path: Path) 
     upgraded.dispose()
 
 
+def test_a_partition_s_states_are_read_by_the_due_index_and_the_retired_one_goes(
+    ledger_url: str,
+) -> None:
+    """ix_sends_activation_partition_state was the first columns of ix_sends_due again, and
+    one more index for every write to keep: it is no longer made, a SQLite ledger an older
+    version made loses it, and a partition's rows by state are read by ix_sends_due."""
+    from cdp_activation.ledger.schema import RETIRED_INDEX
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(500))
+    postgres = ledger.dialect == "postgresql"
+    listing = (
+        "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"
+        if postgres
+        else "SELECT name FROM sqlite_master WHERE type = 'index'"
+    )
+    with ledger.engine.begin() as con:
+        assert RETIRED_INDEX not in set(con.exec_driver_sql(listing).scalars())
+        if not postgres:  # as an older version left it
+            con.exec_driver_sql(
+                f"CREATE INDEX {RETIRED_INDEX} ON sends (activation, partition_key, state)"
+            )
+    ledger.migrate()
+    with ledger.engine.connect() as con:
+        assert RETIRED_INDEX not in set(con.exec_driver_sql(listing).scalars())
+        if not postgres:
+            plan = con.exec_driver_sql(
+                "EXPLAIN QUERY PLAN SELECT state, count(*) FROM sends "
+                "WHERE activation = 'winback' AND partition_key = 'p' GROUP BY state"
+            ).all()
+            assert "ix_sends_due" in str(plan), plan
+    assert ledger.progress("winback", "p") == (0, 500)  # every row planned and due
+    ledger.dispose()
+
+
 def test_the_schema_is_migrated_once_per_process_not_on_every_opening(ledger_url: str) -> None:
     """A sensor opens the ledger every minute: only the first opening in a process creates or
     upgrades the schema (and on PostgreSQL takes the schema lock); a dropped schema is seen."""

@@ -82,7 +82,8 @@ sends = sa.Table(
     # amount where it says one, else whether it is billable and under which category and
     # pricing model (Meta: the rate card's price for that category). Null: nothing reported.
     *_pricing_columns(),
-    sa.Index("ix_sends_activation_partition_state", "activation", "partition_key", "state"),
+    # A partition's rows by state use ix_sends_due's first columns (below, `_add_missing_
+    # columns`): a narrower index of its own on them was one more for every write to maintain.
     sa.Index("ix_sends_state_sent_at", "state", "sent_at"),
     sa.Index("ix_sends_provider_message_id", "provider_message_id"),
     sa.Index("ix_sends_updated_at", "updated_at"),  # the send log's incremental export
@@ -393,6 +394,14 @@ def _add_missing_columns(con: sa.Connection) -> None:
     for name, definition in indexes:
         if existing is None or name not in existing:
             con.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} {definition}")
+    if not postgres:
+        # Superseded by ix_sends_due's prefix. SQLite drops it under the write lock every
+        # writer takes anyway; PostgreSQL's DROP INDEX would lock `sends` against running
+        # deliveries, so an operator drops it there CONCURRENTLY (docs/operations.md).
+        con.exec_driver_sql(f"DROP INDEX IF EXISTS {RETIRED_INDEX}")
+
+
+RETIRED_INDEX = "ix_sends_activation_partition_state"  # (activation, partition_key, state)
 
 
 def _has_trigger(con: sa.Connection) -> bool:
