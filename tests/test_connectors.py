@@ -588,6 +588,9 @@ def test_mask_phone(number: str, masked: str) -> None:
         ("Undeliverable to +44 7911 123456 (447911123456)", "7911 123456"),
         ("from +52 55 1440 3693 - +44 20 7946 0958", "20 7946 0958"),
         ("from +52 55 1440 3693 - +44 20 7946 0958", "1440 3693"),
+        # … where the second has no '+' of its own: its digits must not show either.
+        ("+1 415 555 0100 (1 415 555 0101)", "555 0101"),
+        ("+91 98765 43210 98765 43210", "98765"),
     ],
 )
 def test_numbers_in_provider_text_are_masked_however_written(text: str, hidden: str) -> None:

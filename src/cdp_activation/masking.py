@@ -57,12 +57,16 @@ def _mask_spaced(match: re.Match[str]) -> str:
     if 8 <= len(digits) <= 15:
         return mask_phone("+" + digits)
     # More digits than a number has: numbers written side by side ("+44 7911 123456
-    # (447911123456)"). The longest leading part that is one is masked, the rest read again.
+    # (447911123456)"). Split where the first ends and the rest, read again, is masked as
+    # well (at most a country code and two digits of it left); else every digit is starred.
     for cut in reversed([m.start() for m in _GROUP_BREAK.finditer(text)]):
         head = re.sub(r"\D", "", text[:cut])
-        if 8 <= len(head) <= 15:
-            return mask_phone("+" + head) + mask_phones_in(text[cut:])
-    return text
+        if not 8 <= len(head) <= 15:
+            continue
+        rest = mask_phones_in(text[cut:])
+        if rest != text[cut:] and len(re.sub(r"\D", "", rest)) <= 5:
+            return mask_phone("+" + head) + rest
+    return re.sub(r"\d", "*", text[:-2]) + text[-2:]
 
 
 _GROUP_BREAK = re.compile(r"(?<=[\d)])(?:[ .\-]\(?|\()(?=\d)")  # where a group of digits ends
