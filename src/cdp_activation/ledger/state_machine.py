@@ -144,6 +144,9 @@ class SendStates(LedgerBase):
             if known >= 0 and loaded < known * 0.1:
                 return  # a small part of what the statistics already describe
             try:
+                # Never a wait before the first send: ANALYZE's lock conflicts with a running
+                # (anti-wraparound) vacuum, another ANALYZE and CREATE/DROP INDEX CONCURRENTLY.
+                con.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
                 con.exec_driver_sql("ANALYZE sends")
                 con.commit()
             except sa.exc.DBAPIError as err:  # statistics help; a plan never fails for them
@@ -159,15 +162,20 @@ class SendStates(LedgerBase):
         )
 
     def partition_states(self, activation: str, partition_key: str) -> pl.DataFrame:
-        """(idempotency_key, state, not_before) of every row of one partition, in one read
-        (reads only); `not_before` as `_plan_rows` writes it (SQLite: its text)."""
+        """(idempotency_key, state, not_before, planned_at) of every row of one partition, in
+        one read (reads only); the times as `_plan_rows` writes them (SQLite: their text)."""
         when = pl.String if self.dialect == "sqlite" else pl.Datetime("us", "UTC")
         return read_frame(
             self.engine,
-            "SELECT idempotency_key, state, not_before FROM sends "
+            "SELECT idempotency_key, state, not_before, planned_at FROM sends "
             "WHERE activation = $1 AND partition_key = $2",
             (activation, partition_key),
-            schema={"idempotency_key": pl.String, "state": pl.String, "not_before": when},
+            schema={
+                "idempotency_key": pl.String,
+                "state": pl.String,
+                "not_before": when,
+                "planned_at": when,
+            },
         )
 
     def register_worker(
