@@ -202,6 +202,28 @@ def test_a_preview_after_a_run_counts_what_the_next_run_sends(env: SimpleNamespa
     assert after.already_sent == first.sent + second.sent
 
 
+def test_a_preview_days_later_counts_what_waited_past_the_deadline_as_not_sent(
+    env: SimpleNamespace, time_machine: TimeMachineFixture
+) -> None:
+    # The deferred customers wait in the ledger; three days later (the deadline is a day)
+    # the run gives them up as dead letters instead of sending them: the preview must not
+    # promise them.
+    first = run_activation("winback_whatsapp", TODAY.isoformat())
+    assert first.success, first.error
+    assert first.deferred > 0
+    time_machine.move_to(RUN_AT + timedelta(days=3), tick=True)
+    everyone = ("00:00", "23:59")
+    preview = run_activation(
+        "winback_whatsapp", TODAY.isoformat(), dry_run=True, send_window=everyone
+    )
+    assert preview.success, preview.error
+    assert (preview.to_send, preview.deferred) == (0, 0)
+    later = run_activation("winback_whatsapp", TODAY.isoformat(), send_window=everyone)
+    assert later.success, later.error
+    assert later.sent == 0
+    assert later.dead_letter_by_reason.get("send_deadline_passed") == first.deferred
+
+
 def test_threshold_parameter_is_bound_from_run_config(env: SimpleNamespace) -> None:
     default = run_activation("winback_whatsapp", TODAY.isoformat(), dry_run=True)
     strict = run_activation(

@@ -919,9 +919,9 @@ def prepare_delivery(
         for c, s in zip(chosen["customer_id"].to_list(), chosen["step"].to_list(), strict=True)
     ]
     if dry_run:
-        _preview_counts(
-            summary, chosen, keys, ledger.partition_states(activation.name, partition_key), now
-        )
+        held = ledger.partition_states(activation.name, partition_key)
+        _preview_counts(summary, chosen, keys, held, now, activation.spec)
+
         summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
         _stamp_elapsed(summary)
         return summary
@@ -986,26 +986,44 @@ def _preview_counts(
     keys: Sequence[str],
     held: pl.DataFrame,
     now: datetime,
+    spec: ActivationSpec,
 ) -> None:
     """A dry run's counts, as the run would make them: a chosen message the ledger does not
     hold yet is planned, and one it holds still planned (deferred by an earlier run, or left
-    by a stopped one) takes the decision's latest `not_before` (`Ledger.plan`); either is sent
-    now when that is due, else deferred. A message in any other state is not sent again:
-    counted as already sent, or done otherwise (failed, unknown, dead letter)."""
+    by a stopped one) takes the decision's latest `not_before` (`Ledger.plan`), as does an
+    `unknown` one when the activation resends those (`delivery.resend_unknown`); such a
+    message is sent now when that is due, else deferred, unless it has waited past the send
+    deadline (`expire_overdue` makes it a dead letter instead). A message in any other state
+    is not sent again: counted as already sent, or done otherwise (failed, unknown, dead
+    letter). Rows another run holds in flight are in neither count."""
+    resend_unknown = spec.delivery.resend_unknown
+    planned_at = pl.col("planned_at")
+    if held.schema["planned_at"] == pl.String:  # SQLite's text
+        planned_at = planned_at.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_zone="UTC")
     states = pl.DataFrame(
         {
             "idempotency_key": keys,
-            "due": chosen.select(
-                pl.col("not_before").is_null() | (pl.col("not_before") <= now)
-            ).to_series(),
+            "not_before": chosen["not_before"].cast(pl.Datetime("us", "UTC")),
         }
-    ).join(held.select("idempotency_key", "state"), on="idempotency_key", how="left")
-    open_ = pl.col("state").is_null() | (pl.col("state") == PLANNED)
+    ).join(
+        held.select("idempotency_key", "state", planned_at.cast(pl.Datetime("us", "UTC"))),
+        on="idempotency_key",
+        how="left",
+    )
+    state = pl.col("state")
+    # Not in the ledger yet: a null state, which is in no list (fill_null: polars' `is_in`
+    # of a null is null, and a null would drop the row from every sum).
+    reopened = state.is_in([PLANNED, UNKNOWN] if resend_unknown else [PLANNED]).fill_null(False)
+    open_ = state.is_null() | reopened
+    due = pl.col("not_before").is_null() | (pl.col("not_before") <= now)
+    waited_since = pl.coalesce("not_before", "planned_at")
+    late = reopened & (waited_since < now - spec.send_deadline()).fill_null(False)
+    done = [FAILED, DEAD_LETTER, *([] if resend_unknown else [UNKNOWN])]
     counts = states.select(
-        to_send=(open_ & pl.col("due")).sum(),
-        deferred=(open_ & ~pl.col("due")).sum(),
-        already_sent=(pl.col("state") == SENT).sum(),
-        done_other=pl.col("state").is_in([FAILED, UNKNOWN, DEAD_LETTER]).sum(),
+        to_send=(open_ & due & ~late).sum(),
+        deferred=(open_ & ~due & ~late).sum(),
+        already_sent=(state == SENT).sum(),
+        done_other=state.is_in(done).sum(),
     ).row(0, named=True)
     summary.to_send, summary.deferred = counts["to_send"], counts["deferred"]
     summary.already_sent, summary.already_done_other = counts["already_sent"], counts["done_other"]

@@ -401,6 +401,9 @@ def _settled_statuses(
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             pending = _reports_pending(sandbox_url)
+            if pending:  # the sandbox says when; nothing to watch meanwhile
+                time.sleep(0.1)
+                continue
             ledger.apply_pending_statuses()
             if pending == 0:
                 break
@@ -408,7 +411,7 @@ def _settled_statuses(
             seen = (counts, ledger.replies_seen())
             if seen != last:
                 last, stable_since = seen, time.monotonic()
-            elif pending is None and time.monotonic() - stable_since >= quiet:
+            elif time.monotonic() - stable_since >= quiet:
                 break
             time.sleep(0.1)
         statuses = ledger.delivery_status_counts(activation, partition, step=INITIAL_STEP)
