@@ -106,6 +106,10 @@ class LedgerBase:
     def _mark(self) -> str:
         return "?" if self.dialect == "sqlite" else "%s"
 
+    def _marks(self, count: int) -> str:
+        """`count` placeholders, comma-separated: an `IN (…)` list or a row of values."""
+        return ", ".join([self._mark] * count)
+
     def _db_now(self) -> Any:
         """The time leases are stamped and judged by: PostgreSQL's own clock, so workers on
         hosts whose clocks differ agree; SQLite's file lives on one host, whose clock it is."""

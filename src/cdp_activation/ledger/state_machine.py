@@ -155,7 +155,7 @@ class SendStates(LedgerBase):
     def _insert_sql(self) -> str:
         """The driver-level insert of `_PLAN_COLUMNS`; keys already present are skipped."""
         columns = ", ".join(_PLAN_COLUMNS)
-        values = ", ".join([self._mark] * len(_PLAN_COLUMNS))
+        values = self._marks(len(_PLAN_COLUMNS))
         return (
             f"INSERT INTO sends ({columns}) VALUES ({values}) "
             "ON CONFLICT (idempotency_key) DO NOTHING"
@@ -731,7 +731,7 @@ class SendStates(LedgerBase):
                     .values(state=IN_FLIGHT, attempts=sends.c.attempts + 1, updated_at=now)
                 )
             if requests:
-                mark = "?" if self.dialect == "sqlite" else "%s"
+                mark = self._mark
                 con.exec_driver_sql(
                     f"UPDATE sends SET state = '{IN_FLIGHT}', attempts = attempts + 1, "
                     f"request_id = {mark}, updated_at = {mark} "
@@ -764,7 +764,7 @@ class SendStates(LedgerBase):
         ]
         if not params:
             return
-        mark = "?" if self.dialect == "sqlite" else "%s"
+        mark = self._mark
         sql = (
             f"UPDATE sends SET state = {mark}, attempts = {mark}, provider_message_id = {mark}, "
             f"error_code = {mark}, error_message = {mark}, updated_at = {mark}, "

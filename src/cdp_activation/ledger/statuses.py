@@ -39,7 +39,6 @@ class StatusIntake(LedgerBase):
         """
         if not events:
             return StatusWrite(received=0, duplicates=0, advanced=0)
-        mark = "?" if self.dialect == "sqlite" else "%s"
         now = db_time(utc_now(), self.dialect)
         unique = list({e.event_key: e for e in events}.values())
         with self.engine.begin() as con:
@@ -57,7 +56,7 @@ class StatusIntake(LedgerBase):
                     "status, error_code, occurred_at, received_at, payload, source, "
                     "customer_id, reference, billable, pricing_category, pricing_model, "
                     "price, price_currency, applied, ignored) VALUES "
-                    f"({', '.join([mark] * 18)}) ON CONFLICT (event_key) DO NOTHING",
+                    f"({self._marks(18)}) ON CONFLICT (event_key) DO NOTHING",
                     [
                         (
                             e.event_key,
@@ -99,7 +98,7 @@ class StatusIntake(LedgerBase):
         """Apply stored reports that arrived before their send was recorded (see
         `record_statuses`); returns how many statuses moved. Delivery calls it at the end of
         every run, so a report that came early is applied as soon as its send is known."""
-        mark = "?" if self.dialect == "sqlite" else "%s"
+        mark = self._mark
         false = "0" if self.dialect == "sqlite" else "false"
         since = db_time(utc_now() - timedelta(days=1), self.dialect)
         with self.engine.begin() as con:
@@ -168,12 +167,11 @@ class StatusIntake(LedgerBase):
         """Apply stored, unapplied reports (rows read back: anything with a `StatusEvent`'s
         fields) and flag them: applied, those whose send exists; `ignored`, those dated before
         it (`_match`). Returns (statuses moved, reports flagged)."""
-        mark = self._mark
         matched, stale = self._match(con, pending)
         for chunk in chunks(stale, 5000):
             con.exec_driver_sql(
                 f"UPDATE status_events SET ignored = '{OLDER_THAN_SEND}' WHERE event_key IN "
-                f"({', '.join([mark] * len(chunk))})",
+                f"({self._marks(len(chunk))})",
                 tuple(chunk),
             )
         advanced = self._advance(con, matched)
@@ -181,7 +179,7 @@ class StatusIntake(LedgerBase):
         for chunk in chunks([r.event_key for r in matched], 5000):
             con.exec_driver_sql(
                 f"UPDATE status_events SET applied = {true} WHERE event_key IN "
-                f"({', '.join([mark] * len(chunk))})",
+                f"({self._marks(len(chunk))})",
                 tuple(chunk),
             )
         return advanced, len(stale)
@@ -192,7 +190,6 @@ class StatusIntake(LedgerBase):
         message's, flagged `ignored` and never applied). A report for a message the ledger
         never sent (another tool's, on the same sender) is neither: it stays unapplied, is
         looked at again at the end of each run for a day, and is given up after that."""
-        mark = self._mark
         # The sends that exist now; a send committed after this read is matched next time (a
         # report is only marked applied together with the update it made).
         ids = sorted({r.provider_message_id for r in pending if r.provider_message_id})
@@ -200,7 +197,7 @@ class StatusIntake(LedgerBase):
         for chunk in chunks(ids, 5000):
             rows = con.exec_driver_sql(  # driver SQL: Core's IN cost more than the query
                 "SELECT provider_message_id, connector, planned_at FROM sends "
-                f"WHERE provider_message_id IN ({', '.join([mark] * len(chunk))})",
+                f"WHERE provider_message_id IN ({self._marks(len(chunk))})",
                 tuple(chunk),
             )
             planned_at.update({(r[0], r[1]): as_time(r[2]) for r in rows})
@@ -307,7 +304,7 @@ class StatusIntake(LedgerBase):
         for chunk in chunks(keys, 5000):
             rows = con.exec_driver_sql(
                 "SELECT event_key FROM status_events "
-                f"WHERE event_key IN ({', '.join([self._mark] * len(chunk))})",
+                f"WHERE event_key IN ({self._marks(len(chunk))})",
                 tuple(chunk),
             )
             found.update(r[0] for r in rows)
