@@ -224,6 +224,46 @@ def test_a_preview_days_later_counts_what_waited_past_the_deadline_as_not_sent(
     assert later.dead_letter_by_reason.get("send_deadline_passed") == first.deferred
 
 
+@pytest.mark.parametrize("resend_unknown", [False, True])
+def test_the_preview_counts_unknown_rows_as_the_run_treats_them(resend_unknown: bool) -> None:
+    # An unknown row (its answer was lost) is done unless the activation resends those, when
+    # the run plans it again: then it is sent now or deferred like any planned row. Rows held
+    # in flight by another run are in no count.
+    from cdp_activation.activation.run import _preview_counts
+
+    attributes = copy.deepcopy(winback_attributes())
+    attributes.setdefault("delivery", {})["resend_unknown"] = resend_unknown
+    spec = ActivationSpec.model_validate(attributes)
+    now = datetime.now(UTC)
+    later = now + timedelta(hours=5)
+    keys = ["k-new", "k-planned", "k-unknown", "k-unknown-later", "k-sent", "k-in-flight"]
+    chosen = pl.DataFrame(
+        {"not_before": [None, None, None, later, None, None]},
+        schema={"not_before": pl.Datetime("us", "UTC")},
+    )
+    held = pl.DataFrame(
+        {
+            "idempotency_key": keys[1:],
+            "state": ["planned", "unknown", "unknown", "sent", "in_flight"],
+            "not_before": [None] * 5,
+            "planned_at": [now - timedelta(hours=1)] * 5,
+        },
+        schema={
+            "idempotency_key": pl.String,
+            "state": pl.String,
+            "not_before": pl.Datetime("us", "UTC"),
+            "planned_at": pl.Datetime("us", "UTC"),
+        },
+    )
+    summary = DeliverySummary(activation="winback_whatsapp", partition="p", dry_run=True)
+    _preview_counts(summary, chosen, keys, held, now, spec)
+    counts = (summary.to_send, summary.deferred, summary.already_sent)
+    if resend_unknown:
+        assert counts == (3, 1, 1) and summary.already_done_other == 0
+    else:
+        assert counts == (2, 0, 1) and summary.already_done_other == 2
+
+
 def test_threshold_parameter_is_bound_from_run_config(env: SimpleNamespace) -> None:
     default = run_activation("winback_whatsapp", TODAY.isoformat(), dry_run=True)
     strict = run_activation(
