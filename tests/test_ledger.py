@@ -348,6 +348,31 @@ def test_a_ledger_from_an_earlier_version_gains_the_new_columns(tmp_path: Path) 
     upgraded.dispose()
 
 
+def test_a_bulk_plan_does_not_wait_on_a_lock_its_statistics_refresh_would_need(
+    ledger_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another session holds what ANALYZE needs (a vacuum, an index built CONCURRENTLY: here a
+    lock of the same kind, held open): the plan is written, its statistics refresh gives up
+    after its short lock timeout with a warning, and the plan returns; it never waits it out."""
+    import time
+
+    if not ledger_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's ANALYZE and its lock; SQLite plans without one")
+    ledger = Ledger(ledger_url)
+    holder = ledger.engine.connect()
+    try:
+        holder.exec_driver_sql("LOCK TABLE sends IN SHARE UPDATE EXCLUSIVE MODE")
+        began = time.monotonic()
+        assert ledger.plan("winback", "p", chosen(12_000)).planned == 12_000
+        assert time.monotonic() - began < 15  # the lock is held for good: only a timeout ends it
+        assert "could not refresh the statistics of sends" in caplog.text
+    finally:
+        holder.rollback()
+        holder.close()
+    assert ledger.rows("winback").height == 12_000
+    ledger.dispose()
+
+
 def test_a_partition_s_states_are_read_by_the_due_index_and_the_retired_one_goes(
     ledger_url: str,
 ) -> None:
