@@ -591,6 +591,10 @@ def test_mask_phone(number: str, masked: str) -> None:
         # … where the second has no '+' of its own: its digits must not show either.
         ("+1 415 555 0100 (1 415 555 0101)", "555 0101"),
         ("+91 98765 43210 98765 43210", "98765"),
+        # Written in pairs, two numbers are more groups than any one number has.
+        ("+33 6 12 34 56 78 06 12 34 56 78", "34 56"),
+        ("+33 6 12 34 56 78 06 12 34 56 78 and more", "34 56"),
+        ("+1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8", "5 6 7"),
     ],
 )
 def test_numbers_in_provider_text_are_masked_however_written(text: str, hidden: str) -> None:

@@ -20,8 +20,10 @@ _PHONE_IN_TEXT = re.compile(r"(?<![\w*])\+?\d{8,15}(?!\w)")
 # "+44.7911.123456" (a leading + keeps dates and amounts out).
 # Each group is atomic: a run of digits is cut into groups one way only, so a long run that
 # ends in a letter is given up on in a few steps instead of every way of cutting it (~50 ms a
-# run of 40 digits before); whole groups may still be given back to end before a word.
-_SPACED_PHONE = re.compile(r"(?<![\w*+])\+\d{1,4}(?:(?>[ .\-]?\(?\d{1,6}\)?)){1,7}(?![\w*])")
+# run of 40 digits before); whole groups may still be given back to end before a word. Any
+# number of groups: a run that is more than one number is taken whole and split (or starred)
+# by `_mask_spaced`, so no number written in pairs after it is left showing.
+_SPACED_PHONE = re.compile(r"(?<![\w*+])\+\d{1,4}(?:(?>[ .\-]?\(?\d{1,6}\)?))+(?![\w*])")
 
 
 def _country_code(digits: str) -> str:
@@ -62,10 +64,14 @@ def _mask_spaced(match: re.Match[str]) -> str:
     # More digits than a number has: numbers written side by side ("+44 7911 123456
     # (447911123456)"). Split where the first ends and the rest, read again, is masked as
     # well (at most a country code and two digits of it left); else every digit is starred.
-    for cut in reversed([m.start() for m in _GROUP_BREAK.finditer(text)]):
-        head = re.sub(r"\D", "", text[:cut])
-        if not 8 <= len(head) <= 15:
-            continue
+    cuts = []  # where a first number of 8-15 digits could end: a handful, however long the run
+    for found in _GROUP_BREAK.finditer(text):
+        head = re.sub(r"\D", "", text[: found.start()])
+        if len(head) > 15:
+            break
+        if len(head) >= 8:
+            cuts.append((found.start(), head))
+    for cut, head in reversed(cuts):
         rest = mask_phones_in(text[cut:])
         if rest != text[cut:] and len(re.sub(r"\D", "", rest)) <= 5:
             return mask_phone("+" + head) + rest
