@@ -224,6 +224,51 @@ def test_a_preview_days_later_counts_what_waited_past_the_deadline_as_not_sent(
     assert later.dead_letter_by_reason.get("send_deadline_passed") == first.deferred
 
 
+def test_dead_letters_an_earlier_run_gave_up_on_are_decided_again_before_they_are_sent(
+    env: SimpleNamespace, warehouse: Path
+) -> None:
+    # Messages an earlier version gave up on after their retries (dead letters the provider
+    # never accepted) are revived within the deadline, and then decided like any planned
+    # message: one whose customer is in quiet hours now waits, one the policy no longer
+    # chooses is cancelled, the rest are sent; and the preview counts them the same way.
+    first = run_activation("winback_whatsapp", TODAY.isoformat())
+    assert first.success, first.error
+    rows = ledger_rows(env)
+    strict = {"lapse_threshold": 0.95}
+    activation = Activation.from_spec(
+        "winback_whatsapp", ActivationSpec.model_validate(winback_attributes())
+    )
+    kept = compute_audience(
+        activation, Warehouse(f"duckdb:///{warehouse}"), TODAY.isoformat(), strict
+    )["customer_id"].cast(pl.String)
+    sent = rows.filter(pl.col("state") == "sent", pl.col("step") == "initial")
+    still_chosen = sent.filter(pl.col("customer_id").is_in(kept.implode()))["id"].head(5)
+    unchosen = sent.filter(~pl.col("customer_id").is_in(kept.implode()))["id"].head(5)
+    asleep = rows.filter(pl.col("state") == "planned", pl.col("customer_id").is_in(kept.implode()))[
+        "id"
+    ].head(5)
+    assert len(still_chosen) == len(unchosen) == len(asleep) == 5
+    given_up = [*still_chosen, *unchosen, *asleep]
+    engine = sa.create_engine(env.ledger_url)
+    with engine.begin() as con:
+        con.execute(
+            sa.text(
+                "UPDATE sends SET state = 'dead_letter', error_code = 'http_503', "
+                "provider_message_id = NULL, sent_at = NULL, not_before = NULL "
+                f"WHERE id IN ({', '.join(map(str, given_up))})"
+            )
+        )
+    engine.dispose()
+    preview = run_activation("winback_whatsapp", TODAY.isoformat(), dry_run=True, parameters=strict)
+    again = run_activation("winback_whatsapp", TODAY.isoformat(), parameters=strict)
+    assert again.success, again.error
+    assert again.sent == preview.to_send == 5
+    states = dict(ledger_rows(env).select("id", "state").iter_rows())
+    assert [states[i] for i in still_chosen] == ["sent"] * 5
+    assert [states[i] for i in unchosen] == ["cancelled"] * 5  # not sent: no longer chosen
+    assert [states[i] for i in asleep] == ["planned"] * 5  # not sent: in quiet hours
+
+
 @pytest.mark.parametrize("resend_unknown", [False, True])
 def test_the_preview_counts_unknown_rows_as_the_run_treats_them(resend_unknown: bool) -> None:
     # An unknown row (its answer was lost) is done unless the activation resends those, when
@@ -245,23 +290,90 @@ def test_the_preview_counts_unknown_rows_as_the_run_treats_them(resend_unknown: 
         {
             "idempotency_key": keys[1:],
             "state": ["planned", "unknown", "unknown", "sent", "in_flight"],
+            "connector": ["meta_whatsapp"] * 5,
+            "error_code": [None] * 5,
             "not_before": [None] * 5,
             "planned_at": [now - timedelta(hours=1)] * 5,
+            "orphaned": [False] * 5,
         },
         schema={
             "idempotency_key": pl.String,
             "state": pl.String,
+            "connector": pl.String,
+            "error_code": pl.String,
             "not_before": pl.Datetime("us", "UTC"),
             "planned_at": pl.Datetime("us", "UTC"),
+            "orphaned": pl.Boolean,
         },
     )
     summary = DeliverySummary(activation="winback_whatsapp", partition="p", dry_run=True)
-    _preview_counts(summary, chosen, keys, held, now, spec)
+    _preview_counts(summary, chosen, keys, held, now, spec, [])
     counts = (summary.to_send, summary.deferred, summary.already_sent)
     if resend_unknown:
         assert counts == (3, 1, 1) and summary.already_done_other == 0
     else:
         assert counts == (2, 0, 1) and summary.already_done_other == 2
+
+
+def test_the_preview_counts_what_the_run_mends_before_it_plans() -> None:
+    # A killed run's rows in flight come back planned through a provider that de-duplicates
+    # on our key, else unknown; a dead letter an earlier version gave up on within the
+    # deadline comes back planned, one of the deadline itself does not: counted as the run
+    # sends them.
+    from cdp_activation.activation.run import _preview_counts
+
+    spec = ActivationSpec.model_validate(winback_attributes())
+    now = datetime.now(UTC)
+    held = pl.DataFrame(
+        {
+            "idempotency_key": [
+                "k-orphan-webhook",
+                "k-orphan-meta",
+                "k-alive",
+                "k-given-up",
+                "k-expired",
+                "k-old-given-up",
+            ],
+            "state": [
+                "in_flight",
+                "in_flight",
+                "in_flight",
+                "dead_letter",
+                "dead_letter",
+                "dead_letter",
+            ],
+            "connector": [
+                "webhook",
+                "meta_whatsapp",
+                "webhook",
+                "meta_whatsapp",
+                "meta_whatsapp",
+                "meta_whatsapp",
+            ],
+            "error_code": [None, None, None, "http_503", "send_deadline_passed", "http_503"],
+            "not_before": [None] * 6,
+            "planned_at": [now - timedelta(hours=1)] * 5 + [now - timedelta(days=3)],
+            "orphaned": [True, True, False, False, False, False],
+        },
+        schema={
+            "idempotency_key": pl.String,
+            "state": pl.String,
+            "connector": pl.String,
+            "error_code": pl.String,
+            "not_before": pl.Datetime("us", "UTC"),
+            "planned_at": pl.Datetime("us", "UTC"),
+            "orphaned": pl.Boolean,
+        },
+    )
+    keys = held["idempotency_key"].to_list()
+    chosen = pl.DataFrame(
+        {"not_before": [None] * 6}, schema={"not_before": pl.Datetime("us", "UTC")}
+    )
+    summary = DeliverySummary(activation="winback_whatsapp", partition="p", dry_run=True)
+    _preview_counts(summary, chosen, keys, held, now, spec, ["webhook"])
+    # Sent: the orphan through the webhook, the dead letter given up on an hour ago. Done:
+    # the orphan through Meta (unknown), the deadline's dead letter, the three-day-old one.
+    assert (summary.to_send, summary.deferred, summary.already_done_other) == (2, 0, 3)
 
 
 def test_threshold_parameter_is_bound_from_run_config(env: SimpleNamespace) -> None:

@@ -262,6 +262,34 @@ def test_interrupted_rows_of_an_idempotent_connector_are_planned_again(ledger_ur
     ledger.dispose()
 
 
+def test_the_partition_s_states_mark_what_a_run_would_recover_and_change_nothing(
+    ledger_url: str,
+) -> None:
+    # A preview reads which rows in flight the next run recovers: those of a stopped worker
+    # and those with none, not a living worker's. Reading marks no worker expired.
+    from cdp_activation.ledger import ClaimRequest
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(6))
+    want = [ClaimRequest("meta_whatsapp", 2)]
+    alive = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    [held_alive] = ledger.claim(alive, "winback", "p", "initial", want)
+    stopped = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    [held_stopped] = ledger.claim(stopped, "winback", "p", "initial", want)
+    ledger.stop_worker(stopped)
+    ledger.mark_in_flight([r.id for r in ledger.pending("winback", "p")])  # no worker
+    states = ledger.partition_states("winback", "p")
+    orphaned = set(states.filter("orphaned")["idempotency_key"])
+    assert orphaned.isdisjoint(r.idempotency_key for r in held_alive)
+    assert len(orphaned) == 4 and {r.idempotency_key for r in held_stopped} <= orphaned
+    assert ledger.heartbeat(alive)
+    before = dict(ledger.rows("winback", "p").select("idempotency_key", "state").iter_rows())
+    assert ledger.recover_interrupted("winback", "p") == 4
+    after = dict(ledger.rows("winback", "p").select("idempotency_key", "state").iter_rows())
+    assert {k for k in after if after[k] != before[k]} == orphaned
+    ledger.dispose()
+
+
 def test_every_state_change_is_in_the_history_with_its_time_and_attempts(
     ledger_url: str,
 ) -> None:

@@ -35,6 +35,7 @@ from cdp_activation.delivery.engine import (
 from cdp_activation.errors import CdpError
 from cdp_activation.ledger import (
     DEAD_LETTER,
+    DEADLINE_PASSED,
     FAILED,
     FALLBACK_STEP,
     IN_FLIGHT,
@@ -897,9 +898,9 @@ def prepare_delivery(
     step: str = INITIAL_STEP,
 ) -> DeliverySummary:
     """Everything before the first claim: a dry run's whole preview; otherwise mend what
-    gone workers left in flight, plan the rows, cancel what the policy no longer chooses (and,
-    for the `fallback` step, fallbacks whose first message has since landed), revive rows an
-    earlier version gave up on, expire overdue ones, and check the connectors answer.
+    gone workers left in flight, revive rows an earlier version gave up on, plan the rows,
+    cancel what the policy no longer chooses (and, for the `fallback` step, fallbacks whose
+    first message has since landed), expire overdue ones, and check the connectors answer.
 
     For the `fallback` step, refused fallbacks are recorded too (`excluded`, with their
     reason), so each is decided once. Raises `ConnectorError` when a connector does not answer
@@ -920,7 +921,8 @@ def prepare_delivery(
     ]
     if dry_run:
         held = ledger.partition_states(activation.name, partition_key)
-        _preview_counts(summary, chosen, keys, held, now, activation.spec)
+        resendable = _resendable(activation, connectors)
+        _preview_counts(summary, chosen, keys, held, now, activation.spec, resendable)
 
         summary.estimated_seconds = _estimate_seconds(chosen, connectors, summary.to_send)
         _stamp_elapsed(summary)
@@ -933,6 +935,10 @@ def prepare_delivery(
         activation.spec.experiment,
     )
     recover_interrupted(activation, ledger, connectors, partition_key, summary)
+    deadline = activation.spec.send_deadline()
+    # Before the plan: a revived row is planned like any other, so it takes the decision's
+    # latest `not_before` (quiet hours now) or is cancelled below when no longer chosen.
+    summary.revived = ledger.revive_given_up(activation.name, partition_key, step, deadline)
     if not fallback:  # the funnel's audience and eligible stages (sql/reporting/funnel.sql)
         ledger.record_decision_counts(
             activation.name, partition_key, step, decision_counts(decisions)
@@ -965,8 +971,6 @@ def prepare_delivery(
         reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
         step=step,
     )
-    deadline = activation.spec.send_deadline()
-    summary.revived = ledger.revive_given_up(activation.name, partition_key, step, deadline)
     ledger.expire_overdue(activation.name, partition_key, step, deadline)
     due_now = ledger.due_counts(activation.name, partition_key, step, now)
     summary.to_send = sum(due_now.values())
@@ -987,26 +991,52 @@ def _preview_counts(
     held: pl.DataFrame,
     now: datetime,
     spec: ActivationSpec,
+    resendable: Sequence[str],
 ) -> None:
-    """A dry run's counts, as the run would make them: a chosen message the ledger does not
-    hold yet is planned, and one it holds still planned (deferred by an earlier run, or left
-    by a stopped one) takes the decision's latest `not_before` (`Ledger.plan`), as does an
-    `unknown` one when the activation resends those (`delivery.resend_unknown`); such a
-    message is sent now when that is due, else deferred, unless it has waited past the send
-    deadline (`expire_overdue` makes it a dead letter instead). A message in any other state
-    is not sent again: counted as already sent, or done otherwise (failed, unknown, dead
-    letter). Rows another run holds in flight are in neither count."""
+    """A dry run's counts, as the run would make them. First what the run mends before its
+    plan: a row a gone worker left in flight (`orphaned`) is planned again through a
+    connector in `resendable`, else unknown (`recover_interrupted`); a dead letter an earlier
+    version gave up on within the send deadline is planned again (`revive_given_up`).
+    Then: a chosen message the ledger does not hold yet is planned, and one it holds still
+    planned (deferred by an earlier run, or left by a stopped one) takes the decision's latest
+    `not_before` (`Ledger.plan`), as does an `unknown` one when the activation resends those
+    (`delivery.resend_unknown`); such a message is sent now when that is due, else deferred,
+    unless it has waited past the send deadline (`expire_overdue` makes it a dead letter
+    instead). A message in any other state is not sent again: counted as already sent, or
+    done otherwise (failed, unknown, dead letter). Rows a living worker of another run holds
+    in flight are in neither count."""
     resend_unknown = spec.delivery.resend_unknown
-    planned_at = pl.col("planned_at")
-    if held.schema["planned_at"] == pl.String:  # SQLite's text
-        planned_at = planned_at.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_zone="UTC")
+    deadline = spec.send_deadline()
+    held_at = {
+        name: pl.col(name).str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_zone="UTC")
+        if held.schema[name] == pl.String  # SQLite's text
+        else pl.col(name)
+        for name in ("planned_at", "not_before")
+    }
+    given_up = (
+        (pl.col("state") == DEAD_LETTER)
+        & (pl.col("error_code").is_null() | (pl.col("error_code") != DEADLINE_PASSED))
+        & (pl.coalesce(held_at["not_before"], held_at["planned_at"]) >= now - deadline)
+    )
+    recovered = pl.when(pl.col("connector").is_in(list(resendable))).then(pl.lit(PLANNED))
+    mended = (
+        pl.when(pl.col("orphaned"))
+        .then(recovered.otherwise(pl.lit(UNKNOWN)))
+        .when(given_up)
+        .then(pl.lit(PLANNED))
+        .otherwise(pl.col("state"))
+    )
     states = pl.DataFrame(
         {
             "idempotency_key": keys,
             "not_before": chosen["not_before"].cast(pl.Datetime("us", "UTC")),
         }
     ).join(
-        held.select("idempotency_key", "state", planned_at.cast(pl.Datetime("us", "UTC"))),
+        held.select(
+            "idempotency_key",
+            mended.alias("state"),
+            held_at["planned_at"].cast(pl.Datetime("us", "UTC")).alias("planned_at"),
+        ),
         on="idempotency_key",
         how="left",
     )
@@ -1126,13 +1156,18 @@ def recover_interrupted(
     or silent past their lease) left in flight become `unknown` (or `planned` again through an
     idempotent provider), and with `resend_unknown` the partition's unknown rows are planned
     again. Rows a living worker holds are left alone."""
-    resend_unknown = activation.spec.delivery.resend_unknown
-    idempotent = [n for n, c in connectors.items() if c.capabilities.idempotency or resend_unknown]
     summary.recovered_in_flight = ledger.recover_interrupted(
-        activation.name, partition_key, idempotent
+        activation.name, partition_key, _resendable(activation, connectors)
     )
-    if resend_unknown:  # opted in: the customer may get these twice
+    if activation.spec.delivery.resend_unknown:  # opted in: the customer may get these twice
         summary.resent_unknown = ledger.replan_unknown(activation.name, partition_key)
+
+
+def _resendable(activation: Activation, connectors: Mapping[str, Connector]) -> list[str]:
+    """The connectors through which a message left in flight is sent again: those whose
+    provider de-duplicates on our key, or every one when the activation resends unknowns."""
+    resend_unknown = activation.spec.delivery.resend_unknown
+    return [n for n, c in connectors.items() if c.capabilities.idempotency or resend_unknown]
 
 
 def _estimate_seconds(chosen: pl.DataFrame, connectors: Mapping[str, Connector], n: int) -> float:

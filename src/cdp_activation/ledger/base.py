@@ -11,7 +11,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from cdp_activation.db import open_engine
-from cdp_activation.ledger.schema import _MIGRATED, LedgerUnavailable, _has_sends, migrate, sends
+from cdp_activation.ledger.schema import (
+    _MIGRATED,
+    WORKER_ALIVE,
+    LedgerUnavailable,
+    _has_sends,
+    migrate,
+    sends,
+)
 from cdp_activation.processes import process_gone
 
 
@@ -50,6 +57,15 @@ def worker_process_gone(worker: Any) -> bool:
     """Whether a `delivery_workers` row's process is certainly gone (on this host)."""
     started = aware(worker.started_at).timestamp()
     return process_gone(worker.host, worker.pid, started) is not None
+
+
+def worker_gone(worker: Any | None, now: datetime) -> bool:
+    """Whether `recover_interrupted` would take a `delivery_workers` row (None: no row) for
+    gone at `now`: not alive, silent past its lease, or its process gone. Reads only."""
+    if worker is None or worker.state != WORKER_ALIVE:
+        return True
+    lapsed = aware(worker.heartbeat_at) + timedelta(seconds=worker.lease_seconds)
+    return lapsed < now or worker_process_gone(worker)
 
 
 class LedgerBase:

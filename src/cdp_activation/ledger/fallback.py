@@ -4,18 +4,18 @@ have work."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import polars as pl
 import sqlalchemy as sa
 
-from cdp_activation.ledger.base import LedgerBase, aware, of_step, utc_now, worker_process_gone
+from cdp_activation.ledger.base import LedgerBase, aware, of_step, utc_now, worker_gone
 from cdp_activation.ledger.records import (
     PRIMARY_NOT_DELIVERED,
     PRIMARY_NOT_READ,
     PRIMARY_UNREACHABLE,
 )
-from cdp_activation.ledger.schema import WORKER_ALIVE, delivery_workers, sends
+from cdp_activation.ledger.schema import delivery_workers, sends
 from cdp_activation.vocabulary import (
     CANCELLED,
     DEAD_LETTER,
@@ -73,15 +73,11 @@ class FallbackQueries(LedgerBase):
                 )
             }
         now = utc_now()
-
-        def gone(worker_id: str | None) -> bool:
-            worker = workers.get(worker_id) if worker_id else None
-            if worker is None or worker.state != WORKER_ALIVE:
-                return True
-            lapsed = aware(worker.heartbeat_at) + timedelta(seconds=worker.lease_seconds)
-            return lapsed < now or worker_process_gone(worker)
-
-        return {partition for partition, worker_id in held if gone(worker_id)}
+        return {
+            partition
+            for partition, worker_id in held
+            if worker_gone(workers.get(worker_id) if worker_id else None, now)
+        }
 
     def partitions_with_pending(
         self, activation: str, step: str, now: datetime | None = None

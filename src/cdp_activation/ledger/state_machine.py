@@ -27,6 +27,7 @@ from cdp_activation.ledger.base import (
     chunks,
     db_time,
     utc_now,
+    worker_gone,
     worker_process_gone,
 )
 from cdp_activation.ledger.records import (
@@ -162,21 +163,42 @@ class SendStates(LedgerBase):
         )
 
     def partition_states(self, activation: str, partition_key: str) -> pl.DataFrame:
-        """(idempotency_key, state, not_before, planned_at) of every row of one partition, in
-        one read (reads only); the times as `_plan_rows` writes them (SQLite: their text)."""
+        """(idempotency_key, state, connector, error_code, not_before, planned_at, orphaned) of
+        every row of one partition (reads only); the times as `_plan_rows` writes them
+        (SQLite: their text). `orphaned`: in flight, and its worker is gone (`worker_gone`),
+        so the next run recovers it (`recover_interrupted`)."""
         when = pl.String if self.dialect == "sqlite" else pl.Datetime("us", "UTC")
-        return read_frame(
+        rows = read_frame(
             self.engine,
-            "SELECT idempotency_key, state, not_before, planned_at FROM sends "
-            "WHERE activation = $1 AND partition_key = $2",
+            "SELECT idempotency_key, state, connector, error_code, not_before, planned_at, "
+            "claimed_by FROM sends WHERE activation = $1 AND partition_key = $2",
             (activation, partition_key),
             schema={
                 "idempotency_key": pl.String,
                 "state": pl.String,
+                "connector": pl.String,
+                "error_code": pl.String,
                 "not_before": when,
                 "planned_at": when,
+                "claimed_by": pl.String,
             },
         )
+        in_flight = rows.filter(pl.col("state") == IN_FLIGHT)
+        holders = sorted({w for w in in_flight["claimed_by"].to_list() if w is not None})
+        with self.engine.connect() as con:
+            workers = {
+                w.id: w
+                for w in con.execute(
+                    sa.select(delivery_workers).where(delivery_workers.c.id.in_(holders))
+                )
+            }
+        now = utc_now()
+        gone = [w for w in holders if worker_gone(workers.get(w), now)]
+        orphaned = (pl.col("state") == IN_FLIGHT) & (
+            pl.col("claimed_by").is_null()
+            | pl.col("claimed_by").is_in(pl.Series(gone, dtype=pl.String))
+        )
+        return rows.with_columns(orphaned.alias("orphaned")).drop("claimed_by")
 
     def register_worker(
         self,
