@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 import pytest
@@ -17,6 +18,7 @@ from cdp_activation.delivery.engine import (
     deliver,
 )
 from cdp_activation.ledger import Ledger
+from cdp_activation.ledger.base import as_time
 from cdp_activation.sandbox import SandboxServer
 from cdp_activation.settings import Settings
 
@@ -95,6 +97,46 @@ def test_a_template_problem_stops_the_activation_and_sends_nothing(
     assert sandbox.messages() == []
     # Nobody is lost: every row is back to planned, to go once the template is fixed.
     assert ledger.counts("winback", "p") == {"planned": 20}
+
+
+def test_a_message_claimed_after_its_customer_s_quiet_hours_began_waits_for_them_to_end(
+    ledger_url: str, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """The policy decided these messages before their customers' quiet hours; a long send (a
+    slow rate, retries) reached half of them after those began. Those are not sent: each goes
+    back, unsent, its attempt given back, until the quiet hours end. Through LINE, whose
+    requests carry many users, a request goes without them, and they in requests of their own
+    making later (never with the key of one already sent)."""
+    from crash_worker import line_audience, sandbox_connectors
+
+    now = datetime.now(UTC)
+    began, ends = now - timedelta(minutes=1), now + timedelta(hours=10)
+
+    def windows(frame: pl.DataFrame) -> pl.DataFrame:
+        closed = pl.int_range(pl.len()) % 2 == 0
+        utc = pl.Datetime("us", "UTC")
+        return frame.with_columns(
+            pl.when(closed).then(pl.lit(began)).otherwise(ends).cast(utc).alias("send_until"),
+            pl.lit(ends + timedelta(hours=14)).cast(utc).alias("reopens_at"),
+        )
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", windows(decisions(numbers(20))))
+    ledger.plan(
+        "winback", "p", windows(line_audience(20).with_columns(pl.col("customer_id") + 100))
+    )
+    report = deliver(ledger, SCOPE, sandbox_connectors(sandbox.url), FAST)
+    # Half of each: 20 answered (one number is not on WhatsApp), 20 held.
+    assert (report.sent + report.failed, report.quiet_hours) == (20, 20)
+    rows = ledger.rows("winback", "p")
+    waiting = rows.filter(pl.col("state") == "planned")
+    assert waiting.height == 20 and waiting.filter(pl.col("connector") == "line").height == 10
+    assert set(waiting["recipient"]).isdisjoint(m.to for m in sandbox.messages())
+    assert waiting["attempts"].to_list() == [0] * 20
+    assert waiting["request_id"].null_count() == 20
+    assert {as_time(t) for t in waiting["not_before"]} == {ends + timedelta(hours=14)}
+    assert rows.filter(pl.col("state").is_in(["sent", "failed"])).height == 20
+    ledger.dispose()
 
 
 def test_an_unreachable_provider_stops_the_step_and_gives_up_on_nobody(

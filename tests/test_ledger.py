@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import polars as pl
@@ -10,6 +11,7 @@ import pytest
 
 from cdp_activation.connectors.base import Outcome, SendResult
 from cdp_activation.ledger import Ledger, idempotency_key
+from cdp_activation.ledger.base import as_time
 
 
 def chosen(n: int, start: int = 1) -> pl.DataFrame:
@@ -259,6 +261,28 @@ def test_interrupted_rows_of_an_idempotent_connector_are_planned_again(ledger_ur
         ("webhook", "planned"),
         ("webhook", "planned"),
     ]
+    ledger.dispose()
+
+
+def test_a_row_planned_again_takes_the_latest_decision_s_send_window(ledger_url: str) -> None:
+    # A row a stopped run left planned is decided again by the next run, whose window (the
+    # customer's next quiet hours) is a later one: the claim must check that one.
+    from datetime import UTC, datetime
+
+    def windowed(until: datetime) -> pl.DataFrame:
+        utc = pl.Datetime("us", "UTC")
+        return chosen(2).with_columns(
+            pl.lit(until).cast(utc).alias("send_until"),
+            pl.lit(until + timedelta(hours=12)).cast(utc).alias("reopens_at"),
+        )
+
+    ledger = Ledger(ledger_url)
+    yesterday = datetime(2026, 12, 5, 21, 0, tzinfo=UTC)
+    ledger.plan("winback", "p", windowed(yesterday))
+    ledger.plan("winback", "p", windowed(yesterday + timedelta(days=1)))
+    rows = ledger.rows("winback", "p")
+    assert {as_time(t) for t in rows["send_until"]} == {yesterday + timedelta(days=1)}
+    assert {as_time(t) for t in rows["reopens_at"]} == {yesterday + timedelta(days=1, hours=12)}
     ledger.dispose()
 
 

@@ -486,6 +486,56 @@ def test_quiet_hours_defer_in_the_recipients_own_time(
     assert row["decision"] == ("defer" if expected_not_before else "send")
 
 
+@pytest.mark.parametrize(
+    ("now", "timezone", "country", "send_until", "reopens_at"),
+    [
+        # 20:30 in London: it may go until 21:00, then waits until 09:00.
+        (
+            datetime(2026, 11, 23, 20, 30, tzinfo=UTC),
+            "Europe/London",
+            "GB",
+            datetime(2026, 11, 23, 21, 0, tzinfo=UTC),
+            datetime(2026, 11, 24, 9, 0, tzinfo=UTC),
+        ),
+        # Deferred to 09:00 (23:00 in Tokyo now): its window is that day's, until 21:00 JST.
+        (
+            datetime(2026, 11, 23, 14, 0, tzinfo=UTC),
+            "Asia/Tokyo",
+            "JP",
+            datetime(2026, 11, 24, 12, 0, tzinfo=UTC),
+            datetime(2026, 11, 25, 0, 0, tzinfo=UTC),
+        ),
+        # New York's clocks go back on 2026-11-01: 21:00 EST that evening is 02:00 UTC, and
+        # 09:00 EST the next morning 14:00 UTC.
+        (
+            datetime(2026, 11, 1, 14, 0, tzinfo=UTC),
+            "America/New_York",
+            "US",
+            datetime(2026, 11, 2, 2, 0, tzinfo=UTC),
+            datetime(2026, 11, 2, 14, 0, tzinfo=UTC),
+        ),
+    ],
+)
+def test_each_message_says_until_when_it_may_go_and_when_its_quiet_hours_end(
+    now: datetime, timezone: str, country: str, send_until: datetime, reopens_at: datetime
+) -> None:
+    # A decision holds when it is made; a long send can reach the customer later. The plan
+    # carries the end of the window it was decided for, for the claim to check.
+    phone = {"JP": "+819012345678", "GB": GB_A, "US": "+12015550123"}[country]
+    policy = PolicySpec(whatsapp_marketing_blocked_countries=[])
+    frame = decide_frame(
+        [customer(1, timezone=timezone, country=country, phone=phone)], policy, now=now
+    )
+    row = frame.row(0, named=True)
+    assert (row["send_until"], row["reopens_at"]) == (send_until, reopens_at)
+    without = decide_frame(
+        [customer(1, timezone=timezone, country=country, phone=phone)],
+        PolicySpec(whatsapp_marketing_blocked_countries=[], quiet_hours={"enabled": False}),
+        now=now,
+    )
+    assert without.row(0, named=True)["send_until"] is None
+
+
 def test_country_channel_order_overrides_the_plan() -> None:
     policy = PolicySpec.model_validate(
         {"quiet_hours": {"enabled": False}, "country_channels": {"DE": ["sms"]}}

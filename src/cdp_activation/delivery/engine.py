@@ -162,6 +162,9 @@ class DeliveryReport:
     unknown: int = 0
     retried: int = 0  # retryable answers whose message went back to wait for its next try
     retry_later: int = 0  # messages that used their attempts: planned for a later run
+    # Messages claimed after their customer's quiet hours began (a long send, retries): given
+    # back, unsent, until those end.
+    quiet_hours: int = 0
     attempts: int = 0
     throttled: int = 0  # answers carrying Retry-After, each pausing its connector
     error_codes: Counter[str] = field(default_factory=Counter)
@@ -184,6 +187,7 @@ class DeliveryReport:
                 "unknown",
                 "retried",
                 "retry_later",
+                "quiet_hours",
                 "attempts",
                 "throttled",
             ):
@@ -629,6 +633,10 @@ async def deliver_async(
                     continue  # a Retry-After arrived while this request queued
                 claimed = await claims.submit([ClaimRequest(name, size, whole)])
                 rows = claimed[0] if claimed else []
+                if any(r.reopens_at is not None for r in rows):
+                    rows = await hold_for_quiet_hours(rows)
+                    if not rows:
+                        continue
                 blocked = await gate.blocking(name, rows) if rows else None
                 if blocked is not None:
                     await settles.submit([Settlement(r.id, PLANNED, unsent=True) for r in rows])
@@ -669,6 +677,28 @@ async def deliver_async(
                 metrics.child(metrics.RETRY_AFTER_SECONDS, name).inc(pause)
                 throttle.hold(pause)
                 await throttle.share(pause)
+
+    async def hold_for_quiet_hours(rows: list[PlannedSend]) -> list[PlannedSend]:
+        """The claimed rows whose customer's quiet hours have not begun; the others go back,
+        unsent, until they end. A request made before (the provider may hold it) goes out
+        again whole, as it was: taking a recipient out would give it another key."""
+        held = [r for r in rows if r.reopens_at is not None and not r.resent_request]
+        if held:
+            await settles.submit(
+                [
+                    Settlement(
+                        r.id,
+                        PLANNED,
+                        not_before=r.reopens_at,
+                        error_message="quiet hours began before it was sent: it waits for them "
+                        "to end",
+                        deferred=True,
+                    )
+                    for r in held
+                ]
+            )
+            report.quiet_hours += len(held)
+        return [r for r in rows if r.reopens_at is None or r.resent_request]
 
     async def wait_for_due(name: str) -> bool:
         """Nothing is due now: wait for the next row of this connector falling due within

@@ -33,6 +33,9 @@ class PlannedSend:
     # Claimed as a request made before (a lost answer, a crash): the provider may have it,
     # so whatever the answer now, the row keeps its request (`Settlement.uncertain`).
     resent_request: bool = False
+    # Claimed after the customer's quiet hours began (`send_until` passed): when they end.
+    # The engine gives it back until then (`Settlement.deferred`) instead of sending it.
+    reopens_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class Settlement:
     # The provider may have taken the request (a lost answer, asked again through a provider
     # that de-duplicates on our key): the row keeps its request, to go out again exactly so.
     uncertain: bool = False
+    # Never requested: its quiet hours began before it was sent. Back to `planned` until
+    # `not_before`, out of the request it was claimed in, its attempt given back.
+    deferred: bool = False
 
 
 class LeaseLost(CdpError, RuntimeError):

@@ -52,6 +52,11 @@ sends = sa.Table(
     sa.Column("provider_status", sa.String(40)),
     sa.Column("run_id", sa.String(64)),
     sa.Column("not_before", sa.DateTime(timezone=True)),  # deferred (quiet hours) until then
+    # When the customer's next quiet hours begin after it may go, and when they end: a
+    # message still unsent by then is given back at its claim until they end (null: no
+    # quiet hours, or planned by an earlier version).
+    sa.Column("send_until", sa.DateTime(timezone=True)),
+    sa.Column("reopens_at", sa.DateTime(timezone=True)),
     sa.Column("sent_at", sa.DateTime(timezone=True)),  # when the provider accepted it
     sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),

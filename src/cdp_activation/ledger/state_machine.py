@@ -24,6 +24,7 @@ from cdp_activation.contracts import Outcome, SendResult
 from cdp_activation.db import read_frame
 from cdp_activation.ledger.base import (
     LedgerBase,
+    as_time,
     chunks,
     db_time,
     utc_now,
@@ -85,7 +86,8 @@ class SendStates(LedgerBase):
         if chosen.is_empty():
             return PlanResult(planned=0, existing={})
         rows = _plan_rows(activation, partition_key, chosen, run_id, purpose, self.dialect)
-        known = rows.select("idempotency_key", "not_before").join(
+        timing = ("not_before", "send_until", "reopens_at")
+        known = rows.select("idempotency_key", *timing).join(
             self.partition_states(activation, partition_key),
             on="idempotency_key",
             how="inner",
@@ -98,9 +100,8 @@ class SendStates(LedgerBase):
         # settle (a SIGSTOPped worker held the next run for good). A key planned meanwhile by
         # another run is still skipped by ON CONFLICT.
         rows = rows.join(known.select("idempotency_key"), on="idempotency_key", how="anti")
-        redeferred = known.filter(
-            (pl.col("state") == PLANNED) & pl.col("not_before").ne_missing(pl.col("not_before_now"))
-        )
+        changed = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_now")) for c in timing)
+        redeferred = known.filter((pl.col("state") == PLANNED) & changed)
         mark = self._mark
         planned = rows.height
         with self.engine.begin() as con:
@@ -122,11 +123,10 @@ class SendStates(LedgerBase):
                     con.exec_driver_sql(self._insert_sql(), chunk.rows())
             if not redeferred.is_empty():
                 con.exec_driver_sql(
-                    f"UPDATE sends SET not_before = {mark} WHERE idempotency_key = {mark} "
+                    f"UPDATE sends SET not_before = {mark}, send_until = {mark}, "
+                    f"reopens_at = {mark} WHERE idempotency_key = {mark} "
                     f"AND state = '{PLANNED}'",
-                    redeferred.sort("idempotency_key")
-                    .select("not_before", "idempotency_key")
-                    .rows(),
+                    redeferred.sort("idempotency_key").select(*timing, "idempotency_key").rows(),
                 )
         if self.dialect == "postgresql" and planned >= _COPY_FROM:
             self._analyze_after_load(planned)
@@ -163,15 +163,16 @@ class SendStates(LedgerBase):
         )
 
     def partition_states(self, activation: str, partition_key: str) -> pl.DataFrame:
-        """(idempotency_key, state, connector, error_code, not_before, planned_at, orphaned) of
-        every row of one partition (reads only); the times as `_plan_rows` writes them
-        (SQLite: their text). `orphaned`: in flight, and its worker is gone (`worker_gone`),
-        so the next run recovers it (`recover_interrupted`)."""
+        """(idempotency_key, state, connector, error_code, not_before, send_until, reopens_at,
+        planned_at, orphaned) of every row of one partition (reads only); the times as
+        `_plan_rows` writes them (SQLite: their text). `orphaned`: in flight, and its worker
+        is gone (`worker_gone`), so the next run recovers it (`recover_interrupted`)."""
         when = pl.String if self.dialect == "sqlite" else pl.Datetime("us", "UTC")
         rows = read_frame(
             self.engine,
-            "SELECT idempotency_key, state, connector, error_code, not_before, planned_at, "
-            "claimed_by FROM sends WHERE activation = $1 AND partition_key = $2",
+            "SELECT idempotency_key, state, connector, error_code, not_before, send_until, "
+            "reopens_at, planned_at, claimed_by FROM sends "
+            "WHERE activation = $1 AND partition_key = $2",
             (activation, partition_key),
             schema={
                 "idempotency_key": pl.String,
@@ -179,6 +180,8 @@ class SendStates(LedgerBase):
                 "connector": pl.String,
                 "error_code": pl.String,
                 "not_before": when,
+                "send_until": when,
+                "reopens_at": when,
                 "planned_at": when,
                 "claimed_by": pl.String,
             },
@@ -196,7 +199,7 @@ class SendStates(LedgerBase):
         gone = [w for w in holders if worker_gone(workers.get(w), now)]
         orphaned = (pl.col("state") == IN_FLIGHT) & (
             pl.col("claimed_by").is_null()
-            | pl.col("claimed_by").is_in(pl.Series(gone, dtype=pl.String))
+            | pl.col("claimed_by").is_in(pl.Series(gone, dtype=pl.String).implode())
         )
         return rows.with_columns(orphaned.alias("orphaned")).drop("claimed_by")
 
@@ -457,24 +460,38 @@ class SendStates(LedgerBase):
             "customer_id, request_id, purpose"
         )
         stamp = db_time(now, self.dialect)
+        # When the customer's quiet hours end, for a row claimed after they began; else null.
+        closed = "CASE WHEN {t}send_until <= %s THEN {t}reopens_at END".replace("%s", mark)
         if self.dialect == "postgresql":
             returning = ", ".join(f"sends.{c.strip()}" for c in columns.split(","))
             sql = (
                 f"UPDATE sends SET state = '{IN_FLIGHT}', claimed_by = {mark}, "
                 f"attempts = sends.attempts + 1, updated_at = {mark}{stamp_request} "
                 f"FROM ({select}) AS due "
-                f"WHERE sends.id = due.id RETURNING {returning}"
+                f"WHERE sends.id = due.id RETURNING {returning}, {closed.format(t='sends.')}"
             )
         else:
             sql = (
                 f"UPDATE sends SET state = '{IN_FLIGHT}', claimed_by = {mark}, "
                 f"attempts = attempts + 1, updated_at = {mark}{stamp_request} "
                 f"WHERE id IN ({select}) "
-                f"RETURNING {columns}"
+                f"RETURNING {columns}, {closed.format(t='')}"
             )
-        rows = _driver_rows(con, sql, (worker_id, stamp, *request, *args))
+        rows = _driver_rows(con, sql, (worker_id, stamp, *request, *args, stamp))
         claimed = [
-            PlannedSend(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7], r[8], r[9])
+            PlannedSend(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                json.loads(r[5]),
+                r[6],
+                r[7],
+                r[8],
+                r[9],
+                reopens_at=None if r[10] is None else as_time(r[10]),
+            )
             for r in rows
         ]
         claimed.sort(key=lambda r: r.id)
@@ -486,12 +503,14 @@ class SendStates(LedgerBase):
         `planned` (due again at their `not_before`) that the provider did not take. Rows the
         worker no longer holds are left alone."""
         now = db_time(utc_now(), self.dialect)
-        final, retry, unsent = [], [], []
+        final, retry, unsent, deferred = [], [], [], []
         for s in settlements:
             message = (s.error_message or "")[:500] or None
             if s.state == PLANNED:
                 due = db_time(s.not_before, self.dialect) if s.not_before else None
-                if s.unsent:
+                if s.deferred:
+                    deferred.append((due, message, now, s.row_id, worker_id))
+                elif s.unsent:
                     unsent.append((due, s.error_code, message, now, s.row_id, worker_id))
                 else:
                     keep = 1 if s.uncertain else 0
@@ -508,7 +527,7 @@ class SendStates(LedgerBase):
                     sent_at,
                 )
                 final.append((*row, s.row_id, worker_id))
-        for params in (final, retry, unsent):  # one lock order for every writer: by id
+        for params in (final, retry, unsent, deferred):  # one lock order for every writer: by id
             params.sort(key=lambda p: p[-2])
         mark = self._mark
         held = f"WHERE id = {mark} AND claimed_by = {mark}"
@@ -547,6 +566,16 @@ class SendStates(LedgerBase):
                     f"updated_at = {mark}, claimed_by = NULL, "
                     f"attempts = attempts - 1 {held} AND state IN ('{IN_FLIGHT}', '{UNKNOWN}')",
                     unsent,
+                )
+            if deferred:
+                # Out of the (fresh) request it was claimed in: its companions go without it,
+                # and it goes in a request of its own making once its quiet hours end.
+                con.exec_driver_sql(
+                    f"UPDATE sends SET state = '{PLANNED}', not_before = {mark}, "
+                    f"error_message = {mark}, updated_at = {mark}, claimed_by = NULL, "
+                    f"request_id = NULL, attempts = attempts - 1 {held} "
+                    f"AND state = '{IN_FLIGHT}'",
+                    deferred,
                 )
 
     def recover_interrupted(
@@ -859,6 +888,8 @@ _PLAN_COLUMNS = (
     "attempts",
     "run_id",
     "not_before",
+    "send_until",
+    "reopens_at",
     "planned_at",
     "updated_at",
     "error_code",
@@ -913,11 +944,10 @@ def _plan_rows(
         present = column in chosen.columns
         return (pl.col(column) if present else pl.lit(None)).cast(dtype).alias(column)
 
-    not_before = (
-        pl.col("not_before").cast(pl.Datetime("us", "UTC"))
-        if "not_before" in chosen.columns
-        else pl.lit(None, dtype=pl.Datetime("us", "UTC"))
-    )
+    def moment(column: str) -> pl.Expr:
+        utc = pl.Datetime("us", "UTC")
+        return pl.col(column).cast(utc) if column in chosen.columns else pl.lit(None, dtype=utc)
+
     now = pl.lit(utc_now(), dtype=pl.Datetime("us", "UTC"))
 
     def stamp(value: pl.Expr) -> pl.Expr:
@@ -952,7 +982,9 @@ def _plan_rows(
         .alias("state"),
         pl.lit(0).alias("attempts"),
         pl.lit(run_id, dtype=pl.String).alias("run_id"),
-        stamp(not_before).alias("not_before"),
+        stamp(moment("not_before")).alias("not_before"),
+        stamp(moment("send_until")).alias("send_until"),
+        stamp(moment("reopens_at")).alias("reopens_at"),
         stamp(now).alias("planned_at"),
         stamp(now).alias("updated_at"),
         pl.when(excluded).then(pl.col("reason").cast(pl.String)).alias("error_code")

@@ -337,6 +337,8 @@ def decide(
         "template_language",
         "variables",
         "not_before",
+        "send_until",
+        "reopens_at",
         "zone",
         "reason",
         *(f"{c}_reason" for c in channels),
@@ -537,10 +539,12 @@ def _apply_cap(frame: pl.DataFrame, max_recipients: int | None, salt: str) -> pl
 
 
 def _decide_and_defer(frame: pl.DataFrame, zones: ZoneTable) -> pl.DataFrame:
-    """`decision`, `zone`, and `not_before` for a chosen recipient in their quiet hours."""
+    """`decision`, `zone`, and `not_before` for a chosen recipient in their quiet hours;
+    `send_until` and `reopens_at`, the next quiet hours after it may go."""
     routed = pl.col("_step").is_not_null()
     holdout = pl.col("_holdout")
     until = zones.not_before(pl.col("_zone"))
+    goes = routed & ~holdout
     code = (
         pl.when(~routed)
         .then(DECISIONS.index(EXCLUDE))
@@ -554,7 +558,11 @@ def _decide_and_defer(frame: pl.DataFrame, zones: ZoneTable) -> pl.DataFrame:
     return frame.with_columns(
         enum_from_codes(code, DECISIONS).alias("decision"),
         zones.name(pl.col("_zone")).alias("zone"),
-        pl.when(routed & ~holdout).then(until).alias("not_before"),
+        pl.when(goes).then(until).alias("not_before"),
+        # Quiet hours that begin before a long send reaches this message still hold: the
+        # claim gives it back until they end (`Ledger.claim`, the delivery engine).
+        pl.when(goes).then(zones.send_until(pl.col("_zone"))).alias("send_until"),
+        pl.when(goes).then(zones.reopens_at(pl.col("_zone"))).alias("reopens_at"),
         pl.when(routed & holdout).then(holdout_code).otherwise(pl.col("_reason")).alias("_reason"),
     ).drop("_holdout", "_zone")
 

@@ -86,19 +86,38 @@ def quiet_until(zone_name: str, now: datetime, spec: QuietHoursSpec) -> datetime
     return _local_to_utc(end_day, end, zone, after=now)
 
 
+def next_quiet(zone_name: str, after: datetime, spec: QuietHoursSpec) -> tuple[datetime, datetime]:
+    """The first quiet hours in `zone_name` that begin after `after` (not quiet then): when
+    they begin and when they end, in UTC. A message decided at `after` may go until the
+    first, and waits for the second once it has passed (`ZoneTable.send_until`)."""
+    zone = ZoneInfo(zone_name)
+    local = after.astimezone(zone)
+    start = _parse(spec.start)
+    begins = _local_to_utc(local, start, zone, after=after)
+    if begins <= after:
+        begins = _local_to_utc(local + timedelta(days=1), start, zone, after=after)
+    ends = quiet_until(zone_name, begins, spec)
+    assert ends is not None  # quiet at the instant its quiet hours begin
+    return begins, ends
+
+
 @dataclass(frozen=True)
 class ZoneTable:
     """Each recipient's zone and the end of its quiet hours, decided once per distinct value.
 
     `position()` gives each row an index into `zones` (its `timezone` when a valid IANA name,
     else its country's zone, else UTC); `name` and `not_before` turn an index into the zone
-    (an enum) and the UTC end of its quiet hours now (null when not quiet).
+    (an enum) and the UTC end of its quiet hours now (null when not quiet); `send_until` and
+    `reopens_at` into when the next quiet hours begin after the message may go (now, or at
+    `not_before`) and when they end (null without quiet hours).
     """
 
     zones: tuple[str, ...]
     until: pl.Series
     by_timezone: dict[str, int]
     by_country: dict[str, int]
+    closes: pl.Series
+    reopens: pl.Series
 
     @classmethod
     def of(cls, frame: pl.DataFrame, now: datetime, spec: QuietHoursSpec) -> ZoneTable:
@@ -111,11 +130,18 @@ class ZoneTable:
         zones = tuple(sorted({*own.values(), *national.values(), "UTC"}))
         index = {zone: i for i, zone in enumerate(zones)}
         until = [quiet_until(zone, now, spec) for zone in zones]
+        windows = [
+            next_quiet(zone, opens or now, spec) if spec.enabled else (None, None)
+            for zone, opens in zip(zones, until, strict=True)
+        ]
+        utc = pl.Datetime("us", "UTC")
         return cls(
             zones=zones,
-            until=pl.Series(until, dtype=pl.Datetime("us", "UTC")),
+            until=pl.Series(until, dtype=utc),
             by_timezone={t: index[z] for t, z in own.items()},
             by_country={c: index[z] for c, z in national.items()},
+            closes=pl.Series([w[0] for w in windows], dtype=utc),
+            reopens=pl.Series([w[1] for w in windows], dtype=utc),
         )
 
     def position(self) -> pl.Expr:
@@ -129,3 +155,9 @@ class ZoneTable:
 
     def not_before(self, position: pl.Expr) -> pl.Expr:
         return pl.lit(self.until).gather(position)
+
+    def send_until(self, position: pl.Expr) -> pl.Expr:
+        return pl.lit(self.closes).gather(position)
+
+    def reopens_at(self, position: pl.Expr) -> pl.Expr:
+        return pl.lit(self.reopens).gather(position)

@@ -42,6 +42,8 @@ _MESSAGE_COLUMNS = (
     "template_language",
     "variables",
     "not_before",
+    "send_until",
+    "reopens_at",
 )
 
 
