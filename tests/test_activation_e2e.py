@@ -130,6 +130,8 @@ def test_winback_runs_end_to_end_and_a_rerun_sends_nothing_twice(env: SimpleName
     rows = ledger_rows(env)
     assert rows.height == sum(first.eligible.values())
     assert rows["idempotency_key"].n_unique() == rows.height
+    # Every message knows until when it may go: its customer's next quiet hours.
+    assert rows["send_until"].null_count() == rows["reopens_at"].null_count() == 0
     assert set(rows.filter(pl.col("state") == "sent")["provider_message_id"]) == {
         m.provider_message_id for m in received
     }
