@@ -376,6 +376,34 @@ def test_a_stored_meta_report_keeps_its_time_and_masks_a_number_in_its_text(
     assert stored["errors"][0]["code"] == 131026
 
 
+def test_a_report_with_numbers_beyond_64_bits_is_stored_whole(ledger: Ledger) -> None:
+    """The receiver reads and stores reports with orjson, which takes no integer beyond 64
+    bits: such a report (a provider's own big id, say) is read and kept as the standard
+    library reads it, not refused as malformed."""
+    status = {
+        "id": "wamid.big-number",
+        "status": "delivered",
+        "timestamp": "1796546835",
+        "conversation": {"id": "c1", "sequence": 2**70 + 1, "non_ascii": "Zoë ✓", "rate": 0.5},
+    }
+    value = {"messaging_product": "whatsapp", "metadata": {}, "statuses": [status]}
+    body = json.dumps(
+        {
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
+        },
+        ensure_ascii=False,
+    ).encode()
+    with WebhookServer(ledger, SECRETS) as server:
+        url = f"{server.url}/webhooks/meta"
+        assert post(url, signed("meta", SECRETS, body, url=url)).status_code == 200
+    with ledger.engine.connect() as con:
+        (payload,) = con.exec_driver_sql(
+            "SELECT payload FROM status_events WHERE provider_message_id = 'wamid.big-number'"
+        ).one()
+    assert json.loads(payload)["conversation"] == status["conversation"]
+
+
 def test_refusals_the_ledger_could_not_take_are_counted_once_it_can(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from cdp_activation import json_codec
 from cdp_activation.connectors.base import send_id_of
 from cdp_activation.contracts import (
     ALL_PURPOSES,
@@ -115,7 +116,7 @@ def _event(
         occurred_at=when,
         event_key=f"{provider}|{message_id}|{status}|{stamp or ''}",
         error_code=str(error_code) if error_code not in (None, "", 0, "0") else None,
-        payload=json.dumps(_without_recipients(raw), ensure_ascii=False, default=str),
+        payload=json_codec.dumps(_without_recipients(raw)),
         reference=_reference(reference),
     )
 
@@ -164,7 +165,7 @@ def _reference(value: Any) -> str | None:
 
 def _json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return json_codec.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"the body is not JSON: {err}") from None
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import secrets
@@ -20,6 +19,7 @@ from typing import Any, cast
 import polars as pl
 import sqlalchemy as sa
 
+from cdp_activation import json_codec
 from cdp_activation.contracts import Outcome, SendResult
 from cdp_activation.db import read_frame
 from cdp_activation.ledger.base import (
@@ -485,7 +485,7 @@ class SendStates(LedgerBase):
                 r[2],
                 r[3],
                 r[4],
-                json.loads(r[5]),
+                json_codec.loads(r[5]),
                 r[6],
                 r[7],
                 r[8],
