@@ -271,6 +271,26 @@ def test_dead_letters_an_earlier_run_gave_up_on_are_decided_again_before_they_ar
     assert [states[i] for i in asleep] == ["planned"] * 5  # not sent: in quiet hours
 
 
+def held_rows(*rows: tuple[str, str, str, str | None, datetime, bool]) -> pl.DataFrame:
+    """A partition's rows as `Ledger.partition_states` reads them (none deferred): key,
+    state, connector, error code, when planned, and whether a gone worker left it in flight."""
+    utc = pl.Datetime("us", "UTC")
+    return pl.DataFrame(
+        list(rows),
+        schema={
+            "idempotency_key": pl.String,
+            "state": pl.String,
+            "connector": pl.String,
+            "error_code": pl.String,
+            "planned_at": utc,
+            "orphaned": pl.Boolean,
+        },
+        orient="row",
+    ).with_columns(
+        *(pl.lit(None, dtype=utc).alias(c) for c in ("not_before", "send_until", "reopens_at"))
+    )
+
+
 @pytest.mark.parametrize("resend_unknown", [False, True])
 def test_the_preview_counts_unknown_rows_as_the_run_treats_them(resend_unknown: bool) -> None:
     # An unknown row (its answer was lost) is done unless the activation resends those, when
@@ -288,25 +308,18 @@ def test_the_preview_counts_unknown_rows_as_the_run_treats_them(resend_unknown: 
         {"not_before": [None, None, None, later, None, None]},
         schema={"not_before": pl.Datetime("us", "UTC")},
     )
-    held = pl.DataFrame(
-        {
-            "idempotency_key": keys[1:],
-            "state": ["planned", "unknown", "unknown", "sent", "in_flight"],
-            "connector": ["meta_whatsapp"] * 5,
-            "error_code": [None] * 5,
-            "not_before": [None] * 5,
-            "planned_at": [now - timedelta(hours=1)] * 5,
-            "orphaned": [False] * 5,
-        },
-        schema={
-            "idempotency_key": pl.String,
-            "state": pl.String,
-            "connector": pl.String,
-            "error_code": pl.String,
-            "not_before": pl.Datetime("us", "UTC"),
-            "planned_at": pl.Datetime("us", "UTC"),
-            "orphaned": pl.Boolean,
-        },
+    an_hour_ago = now - timedelta(hours=1)
+    held = held_rows(
+        *(
+            (k, state, "meta_whatsapp", None, an_hour_ago, False)
+            for k, state in [
+                ("k-planned", "planned"),
+                ("k-unknown", "unknown"),
+                ("k-unknown-later", "unknown"),
+                ("k-sent", "sent"),
+                ("k-in-flight", "in_flight"),
+            ]
+        )
     )
     summary = DeliverySummary(activation="winback_whatsapp", partition="p", dry_run=True)
     _preview_counts(summary, chosen, keys, held, now, spec, [])
@@ -326,46 +339,14 @@ def test_the_preview_counts_what_the_run_mends_before_it_plans() -> None:
 
     spec = ActivationSpec.model_validate(winback_attributes())
     now = datetime.now(UTC)
-    held = pl.DataFrame(
-        {
-            "idempotency_key": [
-                "k-orphan-webhook",
-                "k-orphan-meta",
-                "k-alive",
-                "k-given-up",
-                "k-expired",
-                "k-old-given-up",
-            ],
-            "state": [
-                "in_flight",
-                "in_flight",
-                "in_flight",
-                "dead_letter",
-                "dead_letter",
-                "dead_letter",
-            ],
-            "connector": [
-                "webhook",
-                "meta_whatsapp",
-                "webhook",
-                "meta_whatsapp",
-                "meta_whatsapp",
-                "meta_whatsapp",
-            ],
-            "error_code": [None, None, None, "http_503", "send_deadline_passed", "http_503"],
-            "not_before": [None] * 6,
-            "planned_at": [now - timedelta(hours=1)] * 5 + [now - timedelta(days=3)],
-            "orphaned": [True, True, False, False, False, False],
-        },
-        schema={
-            "idempotency_key": pl.String,
-            "state": pl.String,
-            "connector": pl.String,
-            "error_code": pl.String,
-            "not_before": pl.Datetime("us", "UTC"),
-            "planned_at": pl.Datetime("us", "UTC"),
-            "orphaned": pl.Boolean,
-        },
+    hour, days = now - timedelta(hours=1), now - timedelta(days=3)
+    held = held_rows(
+        ("k-orphan-webhook", "in_flight", "webhook", None, hour, True),
+        ("k-orphan-meta", "in_flight", "meta_whatsapp", None, hour, True),
+        ("k-alive", "in_flight", "webhook", None, hour, False),
+        ("k-given-up", "dead_letter", "meta_whatsapp", "http_503", hour, False),
+        ("k-expired", "dead_letter", "meta_whatsapp", "send_deadline_passed", hour, False),
+        ("k-old-given-up", "dead_letter", "meta_whatsapp", "http_503", days, False),
     )
     keys = held["idempotency_key"].to_list()
     chosen = pl.DataFrame(

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
@@ -343,6 +344,27 @@ def test_a_stored_report_keeps_no_phone_number(ledger: Ledger, provider: str) ->
         assert "7700900001" not in payload, payload
 
 
+def stored_meta_report(ledger: Ledger, status: dict[str, Any]) -> str:
+    """Post one Meta status webhook carrying `status`, signed, to a receiver on `ledger`;
+    return the copy of the report the ledger stored (`status_events.payload`)."""
+    value = {"messaging_product": "whatsapp", "metadata": {}, "statuses": [status]}
+    body = json.dumps(
+        {
+            "object": "whatsapp_business_account",
+            "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
+        },
+        ensure_ascii=False,
+    ).encode()
+    with WebhookServer(ledger, SECRETS) as server:
+        url = f"{server.url}/webhooks/meta"
+        assert post(url, signed("meta", SECRETS, body, url=url)).status_code == 200
+    with ledger.engine.connect() as con:
+        (payload,) = con.exec_driver_sql(
+            "SELECT payload FROM status_events WHERE provider_message_id = ?", (status["id"],)
+        ).one()
+    return str(payload)
+
+
 def test_a_stored_meta_report_keeps_its_time_and_masks_a_number_in_its_text(
     ledger: Ledger,
 ) -> None:
@@ -355,20 +377,7 @@ def test_a_stored_meta_report_keeps_its_time_and_masks_a_number_in_its_text(
         "recipient_id": "447911123456",
         "errors": [{"code": 131026, "title": "Undeliverable to +44 7911 123456 (447911123456)"}],
     }
-    value = {"messaging_product": "whatsapp", "metadata": {}, "statuses": [status]}
-    body = json.dumps(
-        {
-            "object": "whatsapp_business_account",
-            "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
-        }
-    ).encode()
-    with WebhookServer(ledger, SECRETS) as server:
-        url = f"{server.url}/webhooks/meta"
-        assert post(url, signed("meta", SECRETS, body, url=url)).status_code == 200
-    with ledger.engine.connect() as con:
-        (payload,) = con.exec_driver_sql(
-            "SELECT payload FROM status_events WHERE provider_message_id = 'wamid.time-kept'"
-        ).one()
+    payload = stored_meta_report(ledger, status)
     stored = json.loads(payload)
     assert stored["timestamp"] == "1796546835"
     assert "recipient_id" not in stored
@@ -386,22 +395,7 @@ def test_a_report_with_numbers_beyond_64_bits_is_stored_whole(ledger: Ledger) ->
         "timestamp": "1796546835",
         "conversation": {"id": "c1", "sequence": 2**70 + 1, "non_ascii": "Zoë ✓", "rate": 0.5},
     }
-    value = {"messaging_product": "whatsapp", "metadata": {}, "statuses": [status]}
-    body = json.dumps(
-        {
-            "object": "whatsapp_business_account",
-            "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
-        },
-        ensure_ascii=False,
-    ).encode()
-    with WebhookServer(ledger, SECRETS) as server:
-        url = f"{server.url}/webhooks/meta"
-        assert post(url, signed("meta", SECRETS, body, url=url)).status_code == 200
-    with ledger.engine.connect() as con:
-        (payload,) = con.exec_driver_sql(
-            "SELECT payload FROM status_events WHERE provider_message_id = 'wamid.big-number'"
-        ).one()
-    assert json.loads(payload)["conversation"] == status["conversation"]
+    assert json.loads(stored_meta_report(ledger, status))["conversation"] == status["conversation"]
 
 
 def test_refusals_the_ledger_could_not_take_are_counted_once_it_can(
