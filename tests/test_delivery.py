@@ -53,6 +53,7 @@ def connectors(settings: Settings) -> dict:
     return {name: connector_from_settings(name, settings) for name in ("meta_whatsapp", "twilio")}
 
 
+HOUR, MINUTE = timedelta(hours=1), timedelta(minutes=1)
 FAST = DeliveryOptions(backoff_initial=0.01, backoff_max=0.05, max_attempts=3)
 SCOPE = DeliveryScope("winback", "p")
 
@@ -136,6 +137,65 @@ def test_a_message_claimed_after_its_customer_s_quiet_hours_began_waits_for_them
     assert waiting["request_id"].null_count() == 20
     assert {as_time(t) for t in waiting["not_before"]} == {ends + timedelta(hours=14)}
     assert rows.filter(pl.col("state").is_in(["sent", "failed"])).height == 20
+    ledger.dispose()
+
+
+def test_quiet_hours_are_kept_on_every_day_a_send_lasts_and_end_when_they_end(
+    ledger_url: str, sandbox: SandboxServer
+) -> None:
+    """A message planned yesterday evening whose night is over goes now (it is not held
+    again and again until yesterday's morning); one whose window has come round to today's
+    night waits for today's morning."""
+    from crash_worker import sandbox_connectors
+
+    now = datetime.now(UTC)
+    day, utc = timedelta(days=1), pl.Datetime("us", "UTC")
+    frame = decisions(numbers(4)).with_columns(
+        # Rows 0, 2 (WhatsApp, SMS): yesterday's night, over an hour ago. Rows 1, 3: the
+        # night planned began a day and a minute ago, so today's began a minute ago.
+        pl.Series("send_until", [now - 13 * HOUR, now - day - MINUTE] * 2, dtype=utc),
+        pl.Series("reopens_at", [now - HOUR, now - day + 10 * HOUR] * 2, dtype=utc),
+    )
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", frame)
+    report = deliver(ledger, SCOPE, sandbox_connectors(sandbox.url), FAST)
+    assert (report.sent, report.quiet_hours) == (2, 2)
+    rows = ledger.rows("winback", "p").sort("customer_id")
+    assert rows["state"].to_list() == ["sent", "planned", "sent", "planned"]
+    # Today's morning, an hour late at most (a clock change may have moved it since).
+    assert as_time(rows["not_before"][1]) == now + 10 * HOUR + HOUR
+    ledger.dispose()
+
+
+def test_a_request_the_provider_may_hold_waits_whole_through_quiet_hours(
+    ledger_url: str, sandbox: SandboxServer
+) -> None:
+    """A LINE request whose answer was lost goes out again whole, with its key. Due again
+    in its customers' quiet hours, it is not sent, and not split: every row of it waits, in
+    the request, until the last of their quiet hours end."""
+    from cdp_activation.ledger import ClaimRequest, Settlement
+    from crash_worker import line_audience, sandbox_connectors
+
+    now = datetime.now(UTC)
+    utc = pl.Datetime("us", "UTC")
+    frame = line_audience(4).with_columns(
+        pl.Series("send_until", [now + HOUR, now - MINUTE, now - MINUTE, now + HOUR], dtype=utc),
+        pl.Series("reopens_at", [now + 5 * HOUR, now + 8 * HOUR, now + 9 * HOUR, now], dtype=utc),
+    )
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", frame)
+    worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    [rows] = ledger.claim(worker, "winback", "p", "initial", [ClaimRequest("line", 4, True)])
+    # The answer was lost: the rows wait in their request, which goes out again whole.
+    ledger.settle(worker, [Settlement(r.id, "planned", uncertain=True) for r in rows])
+    ledger.stop_worker(worker)
+    report = deliver(ledger, SCOPE, sandbox_connectors(sandbox.url), FAST)
+    assert (report.sent, report.quiet_hours) == (0, 4)
+    assert sandbox.messages() == []
+    after = ledger.rows("winback", "p")
+    assert after["state"].to_list() == ["planned"] * 4
+    assert after["request_id"].unique().to_list() == [rows[0].request_id]
+    assert {as_time(t) for t in after["not_before"]} == {now + 9 * HOUR}
     ledger.dispose()
 
 

@@ -536,6 +536,19 @@ def test_each_message_says_until_when_it_may_go_and_when_its_quiet_hours_end(
     assert without.row(0, named=True)["send_until"] is None
 
 
+def test_quiet_hours_wholly_in_a_clock_change_s_gap_are_the_next_day_s() -> None:
+    # Paris springs forward from 02:00 to 03:00 on 2025-03-30: quiet hours of 02:00-03:00
+    # do not happen that night; the next ones are the following night's.
+    from cdp_activation.policy.quiet_hours import next_quiet
+    from cdp_activation.spec import QuietHoursSpec
+
+    night = QuietHoursSpec(start="02:00", end="03:00")
+    assert next_quiet("Europe/Paris", datetime(2025, 3, 30, 0, 0, tzinfo=UTC), night) == (
+        datetime(2025, 3, 31, 0, 0, tzinfo=UTC),
+        datetime(2025, 3, 31, 1, 0, tzinfo=UTC),
+    )
+
+
 def test_country_channel_order_overrides_the_plan() -> None:
     policy = PolicySpec.model_validate(
         {"quiet_hours": {"enabled": False}, "country_channels": {"DE": ["sms"]}}

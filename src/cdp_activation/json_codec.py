@@ -1,7 +1,7 @@
 """JSON on the hot paths (a status webhook's body and its stored copy, a claimed message):
 orjson, several times faster than the standard library's, which still reads and writes
-whatever orjson would not keep exactly (integers beyond 64 bits, which orjson reads as
-floats; NaN and Infinity), so no input is read or written differently from before."""
+whatever orjson would not read exactly (integers beyond 64 bits, which orjson reads as
+floats; NaN and Infinity), so no input is read differently from before."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def loads(data: bytes | str) -> Any:
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON text, non-ASCII kept as it is, anything else JSON lacks as its `str()`."""
+    """Compact JSON text, non-ASCII kept as it is, anything else JSON lacks as its `str()`
+    (NaN and Infinity, which JSON has no words for, as null)."""
     try:
         return orjson.dumps(value, default=str).decode()
     except TypeError:

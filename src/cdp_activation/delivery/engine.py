@@ -679,26 +679,28 @@ async def deliver_async(
                 await throttle.share(pause)
 
     async def hold_for_quiet_hours(rows: list[PlannedSend]) -> list[PlannedSend]:
-        """The claimed rows whose customer's quiet hours have not begun; the others go back,
-        unsent, until they end. A request made before (the provider may hold it) goes out
-        again whole, as it was: taking a recipient out would give it another key."""
-        held = [r for r in rows if r.reopens_at is not None and not r.resent_request]
-        if held:
-            await settles.submit(
-                [
-                    Settlement(
-                        r.id,
-                        PLANNED,
-                        not_before=r.reopens_at,
-                        error_message="quiet hours began before it was sent: it waits for them "
-                        "to end",
-                        deferred=True,
-                    )
-                    for r in held
-                ]
-            )
-            report.quiet_hours += len(held)
-        return [r for r in rows if r.reopens_at is None or r.resent_request]
+        """The claimed rows whose customer is not in quiet hours; the others go back, unsent,
+        until those end. A request made before (the provider may hold it) waits whole, with
+        its request, until the last of its customers' quiet hours end: taking a recipient
+        out would give it another key."""
+        whole = rows[0].resent_request
+        held = rows if whole else [r for r in rows if r.reopens_at is not None]
+        last = max(r.reopens_at for r in rows if r.reopens_at is not None)
+        await settles.submit(
+            [
+                Settlement(
+                    r.id,
+                    PLANNED,
+                    not_before=last if whole else r.reopens_at,
+                    error_message="in the customer's quiet hours: it waits for them to end",
+                    deferred=True,
+                    uncertain=whole,
+                )
+                for r in held
+            ]
+        )
+        report.quiet_hours += len(held)
+        return [] if whole else [r for r in rows if r.reopens_at is None]
 
     async def wait_for_due(name: str) -> bool:
         """Nothing is due now: wait for the next row of this connector falling due within

@@ -48,6 +48,26 @@ def db_time(value: datetime, dialect: str) -> datetime | str:
     return value
 
 
+_DAY = timedelta(days=1)
+# A clock change between the plan and a later day moves a zone's quiet hours by up to an
+# hour in UTC: a window repeated on a later day is kept that much wider on both sides.
+_CLOCK_CHANGE = timedelta(hours=1)
+
+
+def quiet_hours_end(send_until: datetime, reopens_at: datetime, now: datetime) -> datetime | None:
+    """When the customer's quiet hours end, if they are quiet at `now`; else None. Planned
+    are the first ones after the message could go, [`send_until`, `reopens_at`); a send still
+    going days later meets the same hours on each later day (an hour wider either side)."""
+    if now < send_until:
+        return None
+    days = (now - send_until) // _DAY
+    for day in (days, days + 1):
+        margin = _CLOCK_CHANGE if day else timedelta(0)
+        if send_until + day * _DAY - margin <= now < reopens_at + day * _DAY + margin:
+            return reopens_at + day * _DAY + margin
+    return None
+
+
 def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]

@@ -33,8 +33,8 @@ class PlannedSend:
     # Claimed as a request made before (a lost answer, a crash): the provider may have it,
     # so whatever the answer now, the row keeps its request (`Settlement.uncertain`).
     resent_request: bool = False
-    # Claimed after the customer's quiet hours began (`send_until` passed): when they end.
-    # The engine gives it back until then (`Settlement.deferred`) instead of sending it.
+    # Claimed in the customer's quiet hours (`send_until` passed, `quiet_hours_end`): when
+    # they end. The engine gives it back until then (`Settlement.deferred`), unsent.
     reopens_at: datetime | None = None
 
 
@@ -85,7 +85,8 @@ class Settlement:
     # that de-duplicates on our key): the row keeps its request, to go out again exactly so.
     uncertain: bool = False
     # Never requested: its quiet hours began before it was sent. Back to `planned` until
-    # `not_before`, out of the request it was claimed in, its attempt given back.
+    # `not_before`, its attempt given back, out of the request it was claimed in (unless
+    # `uncertain`: a request the provider may hold waits whole, to go out with its key).
     deferred: bool = False
 
 

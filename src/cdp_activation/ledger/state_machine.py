@@ -27,6 +27,7 @@ from cdp_activation.ledger.base import (
     as_time,
     chunks,
     db_time,
+    quiet_hours_end,
     utc_now,
     worker_gone,
     worker_process_gone,
@@ -88,7 +89,7 @@ class SendStates(LedgerBase):
         rows = _plan_rows(activation, partition_key, chosen, run_id, purpose, self.dialect)
         timing = ("not_before", "send_until", "reopens_at")
         known = rows.select("idempotency_key", *timing).join(
-            self.partition_states(activation, partition_key),
+            self._partition_rows(activation, partition_key, ("idempotency_key", "state", *timing)),
             on="idempotency_key",
             how="inner",
             suffix="_now",
@@ -162,30 +163,25 @@ class SendStates(LedgerBase):
             "ON CONFLICT (idempotency_key) DO NOTHING"
         )
 
+    def _partition_rows(
+        self, activation: str, partition_key: str, columns: Sequence[str]
+    ) -> pl.DataFrame:
+        """These `_PARTITION_COLUMNS` of every row of one partition, in one read; the times as
+        `_plan_rows` writes them (SQLite: their text)."""
+        when = pl.String if self.dialect == "sqlite" else pl.Datetime("us", "UTC")
+        return read_frame(
+            self.engine,
+            f"SELECT {', '.join(columns)} FROM sends WHERE activation = $1 AND partition_key = $2",
+            (activation, partition_key),
+            schema={c: when if c in _TIMES else pl.String for c in columns},
+        )
+
     def partition_states(self, activation: str, partition_key: str) -> pl.DataFrame:
         """(idempotency_key, state, connector, error_code, not_before, send_until, reopens_at,
         planned_at, orphaned) of every row of one partition (reads only); the times as
         `_plan_rows` writes them (SQLite: their text). `orphaned`: in flight, and its worker
         is gone (`worker_gone`), so the next run recovers it (`recover_interrupted`)."""
-        when = pl.String if self.dialect == "sqlite" else pl.Datetime("us", "UTC")
-        rows = read_frame(
-            self.engine,
-            "SELECT idempotency_key, state, connector, error_code, not_before, send_until, "
-            "reopens_at, planned_at, claimed_by FROM sends "
-            "WHERE activation = $1 AND partition_key = $2",
-            (activation, partition_key),
-            schema={
-                "idempotency_key": pl.String,
-                "state": pl.String,
-                "connector": pl.String,
-                "error_code": pl.String,
-                "not_before": when,
-                "send_until": when,
-                "reopens_at": when,
-                "planned_at": when,
-                "claimed_by": pl.String,
-            },
-        )
+        rows = self._partition_rows(activation, partition_key, _PARTITION_COLUMNS)
         in_flight = rows.filter(pl.col("state") == IN_FLIGHT)
         holders = sorted({w for w in in_flight["claimed_by"].to_list() if w is not None})
         with self.engine.connect() as con:
@@ -460,8 +456,11 @@ class SendStates(LedgerBase):
             "customer_id, request_id, purpose"
         )
         stamp = db_time(now, self.dialect)
-        # When the customer's quiet hours end, for a row claimed after they began; else null.
-        closed = "CASE WHEN {t}send_until <= %s THEN {t}reopens_at END".replace("%s", mark)
+        # The row's send window, only once it has closed (else null: nothing to parse).
+        closed = (
+            "CASE WHEN {t}send_until <= %s THEN {t}send_until END, "
+            "CASE WHEN {t}send_until <= %s THEN {t}reopens_at END"
+        ).replace("%s", mark)
         if self.dialect == "postgresql":
             returning = ", ".join(f"sends.{c.strip()}" for c in columns.split(","))
             sql = (
@@ -477,7 +476,7 @@ class SendStates(LedgerBase):
                 f"WHERE id IN ({select}) "
                 f"RETURNING {columns}, {closed.format(t='')}"
             )
-        rows = _driver_rows(con, sql, (worker_id, stamp, *request, *args, stamp))
+        rows = _driver_rows(con, sql, (worker_id, stamp, *request, *args, stamp, stamp))
         claimed = [
             PlannedSend(
                 r[0],
@@ -490,7 +489,9 @@ class SendStates(LedgerBase):
                 r[7],
                 r[8],
                 r[9],
-                reopens_at=None if r[10] is None else as_time(r[10]),
+                reopens_at=None
+                if r[10] is None or r[11] is None
+                else quiet_hours_end(as_time(r[10]), as_time(r[11]), now),
             )
             for r in rows
         ]
@@ -509,7 +510,8 @@ class SendStates(LedgerBase):
             if s.state == PLANNED:
                 due = db_time(s.not_before, self.dialect) if s.not_before else None
                 if s.deferred:
-                    deferred.append((due, message, now, s.row_id, worker_id))
+                    keep = 1 if s.uncertain else 0
+                    deferred.append((due, message, now, keep, s.row_id, worker_id))
                 elif s.unsent:
                     unsent.append((due, s.error_code, message, now, s.row_id, worker_id))
                 else:
@@ -568,13 +570,14 @@ class SendStates(LedgerBase):
                     unsent,
                 )
             if deferred:
-                # Out of the (fresh) request it was claimed in: its companions go without it,
-                # and it goes in a request of its own making once its quiet hours end.
+                # Out of the fresh request it was claimed in (its companions go without it; it
+                # goes in a request of its own making once its quiet hours end), or, from a
+                # request the provider may hold, with it: the request waits whole.
                 con.exec_driver_sql(
                     f"UPDATE sends SET state = '{PLANNED}', not_before = {mark}, "
                     f"error_message = {mark}, updated_at = {mark}, claimed_by = NULL, "
-                    f"request_id = NULL, attempts = attempts - 1 {held} "
-                    f"AND state = '{IN_FLIGHT}'",
+                    f"request_id = CASE WHEN {mark} = 1 THEN request_id ELSE NULL END, "
+                    f"attempts = attempts - 1 {held} AND state = '{IN_FLIGHT}'",
                     deferred,
                 )
 
@@ -871,6 +874,18 @@ def _state_for(outcome: Outcome) -> str:
     }[outcome]
 
 
+_TIMES = frozenset({"not_before", "send_until", "reopens_at", "planned_at"})
+_PARTITION_COLUMNS = (
+    "idempotency_key",
+    "state",
+    "connector",
+    "error_code",
+    "not_before",
+    "send_until",
+    "reopens_at",
+    "planned_at",
+    "claimed_by",
+)
 _PLAN_ROWS_PER_BATCH = 10_000  # rows handed to the driver at once (PostgreSQL's executemany)
 _COPY_FROM = 1_000  # PostgreSQL plans of at least this many rows go through COPY
 _PLAN_COLUMNS = (

@@ -86,19 +86,24 @@ def quiet_until(zone_name: str, now: datetime, spec: QuietHoursSpec) -> datetime
     return _local_to_utc(end_day, end, zone, after=now)
 
 
-def next_quiet(zone_name: str, after: datetime, spec: QuietHoursSpec) -> tuple[datetime, datetime]:
+def next_quiet(
+    zone_name: str, after: datetime, spec: QuietHoursSpec
+) -> tuple[datetime, datetime] | tuple[None, None]:
     """The first quiet hours in `zone_name` that begin after `after` (not quiet then): when
     they begin and when they end, in UTC. A message decided at `after` may go until the
-    first, and waits for the second once it has passed (`ZoneTable.send_until`)."""
+    first, and waits for the second once it has passed (`ZoneTable.send_until`). A day whose
+    quiet hours fall wholly in a clock change's gap has none: the next day's count."""
     zone = ZoneInfo(zone_name)
     local = after.astimezone(zone)
     start = _parse(spec.start)
-    begins = _local_to_utc(local, start, zone, after=after)
-    if begins <= after:
-        begins = _local_to_utc(local + timedelta(days=1), start, zone, after=after)
-    ends = quiet_until(zone_name, begins, spec)
-    assert ends is not None  # quiet at the instant its quiet hours begin
-    return begins, ends
+    for days in range(8):
+        begins = _local_to_utc(local + timedelta(days=days), start, zone, after=after)
+        if begins <= after:
+            continue
+        ends = quiet_until(zone_name, begins, spec)
+        if ends is not None:
+            return begins, ends
+    return None, None  # no quiet hours in a week: none to keep
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ class ZoneTable:
         zones = tuple(sorted({*own.values(), *national.values(), "UTC"}))
         index = {zone: i for i, zone in enumerate(zones)}
         until = [quiet_until(zone, now, spec) for zone in zones]
-        windows = [
+        windows: list[tuple[datetime, datetime] | tuple[None, None]] = [
             next_quiet(zone, opens or now, spec) if spec.enabled else (None, None)
             for zone, opens in zip(zones, until, strict=True)
         ]
