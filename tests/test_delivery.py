@@ -241,3 +241,18 @@ def test_a_long_send_logs_its_progress_with_rate_and_eta(
     assert len(lines) >= 3
     assert all("/200 done" in line and "msg/s" in line and "ETA" in line for line in lines)
     ledger.dispose()
+
+
+def test_messages_held_for_quiet_hours_reach_the_run_s_summary_and_its_metadata() -> None:
+    # The engine's count of messages it reached in their quiet hours is what the step's
+    # summary, the Dagster metadata and `cdp-activation run`'s table say.
+    from cdp_activation.activation.run import DeliverySummary, _fill_from_report
+    from cdp_activation.cli.runner import _DELIVERY_COUNTS
+    from cdp_activation.components.metadata import delivery_metadata
+    from cdp_activation.delivery.engine import DeliveryReport
+
+    summary = DeliverySummary(activation="winback", partition="p", dry_run=False)
+    _fill_from_report(summary, DeliveryReport(sent=5, quiet_hours=3))
+    assert summary.held_for_quiet_hours == 3
+    assert "held_for_quiet_hours" in _DELIVERY_COUNTS
+    assert delivery_metadata(summary)["held_for_quiet_hours"] == 3

@@ -784,6 +784,9 @@ class DeliverySummary:
     recovered_in_flight: int = 0
     resent_unknown: int = 0  # unknown rows planned again (delivery.resend_unknown)
     retried: int = 0  # retryable answers waited out in the ledger, then sent again
+    # Claimed in their customer's quiet hours (a long send reached them after these began):
+    # not sent, waiting in the ledger until the hours end (also in `deferred`).
+    held_for_quiet_hours: int = 0
     revived: int = 0  # dead letters an earlier version gave up on, planned again
     waiting: int = 0  # planned and due, not sent by this run (a stopped or failed step)
     # In flight now: another run is sending them, or a stopped one left them (recovered by
@@ -1125,6 +1128,7 @@ def _fill_from_report(summary: DeliverySummary, report: DeliveryReport) -> None:
     summary.failed = report.failed
     summary.unknown = report.unknown
     summary.retried = report.retried
+    summary.held_for_quiet_hours = report.quiet_hours
     summary.error_codes = dict(report.error_codes)
     summary.accepted_as = dict(report.provider_statuses)
     summary.p50_latency_ms = round(report.latency_ms(0.50), 1)

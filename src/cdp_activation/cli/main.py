@@ -1316,6 +1316,11 @@ def _report(
             table.add_row("unknown (answer lost; not resent)", f"{summary.unknown:,}")
         if summary.retried:
             table.add_row("retried after 429/5xx (waited in the ledger)", f"{summary.retried:,}")
+        if summary.held_for_quiet_hours:
+            table.add_row(
+                "reached in quiet hours (waiting until they end)",
+                f"{summary.held_for_quiet_hours:,}",
+            )
     table.add_row("already sent (earlier runs)", f"{summary.already_sent:,}")
     if not summary.dry_run:
         _partition_rows(table, summary, with_replies=not reports)

@@ -301,6 +301,7 @@ class RunSummary:
     already_sent: int = 0
     resent_unknown: int = 0  # unknown rows sent again (delivery.resend_unknown)
     retried: int = 0  # retryable answers waited out in the ledger, then sent again
+    held_for_quiet_hours: int = 0  # reached in their quiet hours: waiting until they end
     revived: int = 0  # dead letters an earlier version gave up on, planned again
     # Where the whole partition stands after the run, not only what this run did:
     waiting: int = 0  # planned and due, not sent (a stopped run): the next run sends them

@@ -175,6 +175,7 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         "recovered_in_flight": summary.recovered_in_flight,
         "resent_unknown": summary.resent_unknown,
         "retried": summary.retried,
+        "held_for_quiet_hours": summary.held_for_quiet_hours,
         "revived": summary.revived,
         "waiting": summary.waiting,
         "in_flight": summary.in_flight,
