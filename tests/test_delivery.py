@@ -167,20 +167,37 @@ def test_quiet_hours_are_kept_on_every_day_a_send_lasts_and_end_when_they_end(
     ledger.dispose()
 
 
-def test_a_request_the_provider_may_hold_waits_whole_through_quiet_hours(
-    ledger_url: str, sandbox: SandboxServer
+@pytest.mark.parametrize(
+    ("first_ends", "second_quiet", "outcome"),
+    [
+        # The first pair is quiet for 8 hours from a minute ago, the second from 2 to 9 hours
+        # from now: all four are awake together in 9 hours.
+        (8 * HOUR, (2 * HOUR, 9 * HOUR), "planned"),
+        # The first pair is quiet until 12 hours from now, the second from 11 to 23 hours
+        # from now: no moment within 12 hours finds them all awake.
+        (12 * HOUR, (11 * HOUR, 23 * HOUR), "unknown"),
+    ],
+)
+def test_a_request_the_provider_may_hold_goes_again_whole_only_when_all_are_awake(
+    ledger_url: str,
+    sandbox: SandboxServer,
+    first_ends: timedelta,
+    second_quiet: tuple[timedelta, timedelta],
+    outcome: str,
 ) -> None:
-    """A LINE request whose answer was lost goes out again whole, with its key. Due again
-    in its customers' quiet hours, it is not sent, and not split: every row of it waits, in
-    the request, until the last of their quiet hours end."""
+    """A LINE request whose answer was lost goes out again whole, with its key, or not at
+    all. Due again while some of its users are in quiet hours, it is not sent and not split:
+    it waits, in its request, for the first moment none is; with none within 12 hours it is
+    not sent again (unknown, as through a provider without a key)."""
     from cdp_activation.ledger import ClaimRequest, Settlement
     from crash_worker import line_audience, sandbox_connectors
 
     now = datetime.now(UTC)
     utc = pl.Datetime("us", "UTC")
+    begins, ends = second_quiet
     frame = line_audience(4).with_columns(
-        pl.Series("send_until", [now + HOUR, now - MINUTE, now - MINUTE, now + HOUR], dtype=utc),
-        pl.Series("reopens_at", [now + 5 * HOUR, now + 8 * HOUR, now + 9 * HOUR, now], dtype=utc),
+        pl.Series("send_until", [now - MINUTE] * 2 + [now + begins] * 2, dtype=utc),
+        pl.Series("reopens_at", [now + first_ends] * 2 + [now + ends] * 2, dtype=utc),
     )
     ledger = Ledger(ledger_url)
     ledger.plan("winback", "p", frame)
@@ -189,14 +206,30 @@ def test_a_request_the_provider_may_hold_waits_whole_through_quiet_hours(
     # The answer was lost: the rows wait in their request, which goes out again whole.
     ledger.settle(worker, [Settlement(r.id, "planned", uncertain=True) for r in rows])
     ledger.stop_worker(worker)
-    report = deliver(ledger, SCOPE, sandbox_connectors(sandbox.url), FAST)
-    assert (report.sent, report.quiet_hours) == (0, 4)
+    deliver(ledger, SCOPE, sandbox_connectors(sandbox.url), FAST)
     assert sandbox.messages() == []
     after = ledger.rows("winback", "p")
-    assert after["state"].to_list() == ["planned"] * 4
-    assert after["request_id"].unique().to_list() == [rows[0].request_id]
-    assert {as_time(t) for t in after["not_before"]} == {now + 9 * HOUR}
+    assert after["state"].to_list() == [outcome] * 4
+    if outcome == "planned":
+        assert after["request_id"].unique().to_list() == [rows[0].request_id]
+        assert {as_time(t) for t in after["not_before"]} == {now + 9 * HOUR}
     ledger.dispose()
+
+
+def test_long_quiet_hours_on_a_later_day_still_leave_time_to_send() -> None:
+    # Quiet hours of 22 hours leave 2 a day: the clock-change margin on later days shrinks
+    # to half an hour a side, so an hour is left (an hour each side would leave none, and a
+    # long send would hold the message for good).
+    from cdp_activation.ledger.base import quiet_hours_end
+
+    start = datetime(2026, 12, 1, 20, 0, tzinfo=UTC)
+    end = start + 22 * HOUR
+    next_day = start + timedelta(days=1)
+    assert quiet_hours_end(start, end, next_day + 22 * HOUR + 10 * MINUTE) == (
+        next_day + 22 * HOUR + 30 * MINUTE
+    )
+    assert quiet_hours_end(start, end, next_day + 22 * HOUR + 45 * MINUTE) is None
+    assert quiet_hours_end(start, end, next_day - 20 * MINUTE) == next_day + 22 * HOUR + 30 * MINUTE
 
 
 def test_an_unreachable_provider_stops_the_step_and_gives_up_on_nobody(

@@ -73,6 +73,7 @@ from cdp_activation.ledger import (
     PlannedSend,
     Settlement,
 )
+from cdp_activation.ledger.base import awake_together
 from cdp_activation.ledger.templates import TemplateGate, TemplateState
 from cdp_activation.logs import BATCHES
 
@@ -130,6 +131,15 @@ class DeliveryScope:
 
 
 MAX_RETRY_AFTER = 60.0  # seconds: a provider's longer Retry-After is capped
+# How long a request the provider may hold waits for all its customers to be out of their
+# quiet hours at once: well within the day a provider keeps a request's key (LINE's retry key).
+RESEND_WHOLE_WITHIN = timedelta(hours=12)
+_IN_QUIET_HOURS = "in the customer's quiet hours: it waits for them to end"
+_NO_MOMENT = (
+    "its request's answer was lost, and its customers are not all out of their quiet hours "
+    f"at any moment within {RESEND_WHOLE_WITHIN.total_seconds() / 3600:g} hours: not sent "
+    "again, as that would change its key"
+)
 # What became of an answered request's messages (the metrics' and batch lines' `outcome`),
 # in `_Delivery._counts` order, then `refused` (the whole request refused).
 _OUTCOMES = ("sent", "failed", "unknown", "retry", "retry_later", "refused")
@@ -680,27 +690,50 @@ async def deliver_async(
 
     async def hold_for_quiet_hours(rows: list[PlannedSend]) -> list[PlannedSend]:
         """The claimed rows whose customer is not in quiet hours; the others go back, unsent,
-        until those end. A request made before (the provider may hold it) waits whole, with
-        its request, until the last of its customers' quiet hours end: taking a recipient
-        out would give it another key."""
-        whole = rows[0].resent_request
-        held = rows if whole else [r for r in rows if r.reopens_at is not None]
-        last = max(r.reopens_at for r in rows if r.reopens_at is not None)
-        await settles.submit(
-            [
-                Settlement(
-                    r.id,
-                    PLANNED,
-                    not_before=last if whole else r.reopens_at,
-                    error_message="in the customer's quiet hours: it waits for them to end",
-                    deferred=True,
-                    uncertain=whole,
-                )
-                for r in held
-            ]
-        )
-        report.quiet_hours += len(held)
-        return [] if whole else [r for r in rows if r.reopens_at is None]
+        until those end. A request made before (the provider may hold it) goes out again
+        whole or not at all: taking a recipient out would give it another key. It waits,
+        in its request, for the first moment none of its customers is in quiet hours; with
+        none within `RESEND_WHOLE_WITHIN` (the provider forgets a key after a day) it is
+        not sent again: `unknown`, as through a provider without a key."""
+        if not rows[0].resent_request:
+            held = [r for r in rows if r.reopens_at is not None]
+            await settles.submit(
+                [
+                    Settlement(
+                        r.id,
+                        PLANNED,
+                        not_before=r.reopens_at,
+                        error_message=_IN_QUIET_HOURS,
+                        deferred=True,
+                    )
+                    for r in held
+                ]
+            )
+            report.quiet_hours += len(held)
+            return [r for r in rows if r.reopens_at is None]
+        windows = await asyncio.to_thread(ledger.quiet_windows, [r.id for r in rows])
+        moment = awake_together(windows, datetime.now(UTC), RESEND_WHOLE_WITHIN)
+        if moment is None:
+            await settles.submit(
+                [Settlement(r.id, UNKNOWN, error_message=_NO_MOMENT) for r in rows]
+            )
+            report.unknown += len(rows)
+        else:
+            await settles.submit(
+                [
+                    Settlement(
+                        r.id,
+                        PLANNED,
+                        not_before=moment,
+                        error_message=_IN_QUIET_HOURS,
+                        deferred=True,
+                        uncertain=True,
+                    )
+                    for r in rows
+                ]
+            )
+            report.quiet_hours += len(rows)
+        return []
 
     async def wait_for_due(name: str) -> bool:
         """Nothing is due now: wait for the next row of this connector falling due within

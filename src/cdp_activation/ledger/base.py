@@ -55,16 +55,36 @@ _CLOCK_CHANGE = timedelta(hours=1)
 
 
 def quiet_hours_end(send_until: datetime, reopens_at: datetime, now: datetime) -> datetime | None:
-    """When the customer's quiet hours end, if they are quiet at `now`; else None. Planned
-    are the first ones after the message could go, [`send_until`, `reopens_at`); a send still
-    going days later meets the same hours on each later day (an hour wider either side)."""
+    """When the customer's quiet hours end, if they are quiet at `now`; else None (a time
+    after `now` whenever one is given). Planned are the first ones after the message could
+    go, [`send_until`, `reopens_at`); a send still going days later meets the same hours on
+    each later day, an hour wider either side, or less where the hours leave less than four
+    hours a day to send in (a quarter of what is left on each side: never all of it)."""
     if now < send_until:
         return None
+    margin = min(_CLOCK_CHANGE, (_DAY - (reopens_at - send_until)) / 4)
     days = (now - send_until) // _DAY
     for day in (days, days + 1):
-        margin = _CLOCK_CHANGE if day else timedelta(0)
-        if send_until + day * _DAY - margin <= now < reopens_at + day * _DAY + margin:
-            return reopens_at + day * _DAY + margin
+        widen = margin if day else timedelta(0)
+        if send_until + day * _DAY - widen <= now < reopens_at + day * _DAY + widen:
+            return reopens_at + day * _DAY + widen
+    return None
+
+
+def awake_together(
+    windows: Iterable[tuple[datetime, datetime]], now: datetime, within: timedelta
+) -> datetime | None:
+    """The first moment from `now`, and before `now + within`, at which none of these
+    customers (each a planned quiet-hours window, as `quiet_hours_end` takes it) is in their
+    quiet hours; None if there is none. Until the last of those quiet at a moment wake up
+    nobody can be awake with all the others, so the search jumps there."""
+    pairs = set(windows)
+    moment = now
+    while moment < now + within:
+        ends = [end for s, r in pairs if (end := quiet_hours_end(s, r, moment)) is not None]
+        if not ends:
+            return moment
+        moment = max(ends)
     return None
 
 

@@ -477,26 +477,37 @@ class SendStates(LedgerBase):
                 f"RETURNING {columns}, {closed.format(t='')}"
             )
         rows = _driver_rows(con, sql, (worker_id, stamp, *request, *args, stamp, stamp))
-        claimed = [
-            PlannedSend(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                json_codec.loads(r[5]),
-                r[6],
-                r[7],
-                r[8],
-                r[9],
-                reopens_at=None
-                if r[10] is None or r[11] is None
-                else quiet_hours_end(as_time(r[10]), as_time(r[11]), now),
+        claimed = []
+        for r in rows:
+            window = None if r[10] is None or r[11] is None else (as_time(r[10]), as_time(r[11]))
+            claimed.append(
+                PlannedSend(
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4],
+                    json_codec.loads(r[5]),
+                    r[6],
+                    r[7],
+                    r[8],
+                    r[9],
+                    reopens_at=None if window is None else quiet_hours_end(*window, now),
+                )
             )
-            for r in rows
-        ]
         claimed.sort(key=lambda r: r.id)
         return claimed
+
+    def quiet_windows(self, ids: Sequence[int]) -> list[tuple[datetime, datetime]]:
+        """The planned quiet hours (`send_until`, `reopens_at`) of these rows, where known."""
+        with self.engine.connect() as con:
+            rows = _driver_rows(
+                con,
+                f"SELECT send_until, reopens_at FROM sends WHERE id IN ({self._marks(len(ids))}) "
+                "AND send_until IS NOT NULL AND reopens_at IS NOT NULL",
+                tuple(ids),
+            )
+        return [(as_time(s), as_time(r)) for s, r in rows]
 
     def settle(self, worker_id: str, settlements: Iterable[Settlement]) -> None:
         """Write what became of claimed rows, in one transaction: terminal states (a late
