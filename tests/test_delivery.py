@@ -216,6 +216,46 @@ def test_a_request_the_provider_may_hold_goes_again_whole_only_when_all_are_awak
     ledger.dispose()
 
 
+def test_a_stop_from_one_customer_of_a_request_the_provider_may_hold_is_never_sent_to(
+    ledger_url: str, sandbox: SandboxServer
+) -> None:
+    """A LINE request whose answer was lost goes out again whole, with its key, or not at
+    all. One of its users says STOP meanwhile: sent whole it would reach who said stop, sent
+    without them (another key) it could reach the others twice. It is not sent again: the
+    user who said stop is cancelled, the others are unknown."""
+    from cdp_activation.contracts import OPT_OUT, InboundMessage
+    from cdp_activation.ledger import ClaimRequest, Settlement
+    from crash_worker import line_audience, sandbox_connectors
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", line_audience(4))
+    worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    [rows] = ledger.claim(worker, "winback", "p", "initial", [ClaimRequest("line", 4, True)])
+    ledger.settle(worker, [Settlement(r.id, "planned", uncertain=True) for r in rows])
+    ledger.stop_worker(worker)
+    stop = rows[1]
+    ledger.record_inbound(
+        [
+            InboundMessage(
+                provider="line",
+                event_key="line|stop-1",
+                message_id="m1",
+                channel="line",
+                sender=stop.recipient,
+                occurred_at=datetime.now(UTC),
+                kind="text",
+                text="STOP",
+                opt=OPT_OUT,
+            )
+        ]
+    )
+    deliver(ledger, SCOPE, sandbox_connectors(sandbox.url), FAST)
+    assert sandbox.messages() == []
+    states = dict(ledger.rows("winback", "p").select("id", "state").iter_rows())
+    assert states == {r.id: "cancelled" if r.id == stop.id else "unknown" for r in rows}
+    ledger.dispose()
+
+
 def test_long_quiet_hours_on_a_later_day_still_leave_time_to_send() -> None:
     # Quiet hours of 22 hours leave 2 a day: the clock-change margin on later days shrinks
     # to half an hour a side, so an hour is left (an hour each side would leave none, and a

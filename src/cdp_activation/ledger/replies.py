@@ -24,7 +24,7 @@ from cdp_activation.contracts import ALL_PURPOSES, OPT_IN, OPT_OUT, InboundMessa
 from cdp_activation.db import read_frame
 from cdp_activation.ledger.base import LedgerBase, as_time, aware, chunks, utc_now
 from cdp_activation.ledger.schema import inbound_events, opt_outs, sends
-from cdp_activation.vocabulary import CANCELLED, FAILED, PLANNED
+from cdp_activation.vocabulary import CANCELLED, FAILED, PLANNED, UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -297,6 +297,7 @@ class Replies(LedgerBase):
         covered = [sends.c.customer_id == customer, sends.c.channel == channel, planned]
         if purpose != ALL_PURPOSES:
             covered.append(sends.c.purpose == purpose)
+        self._give_up_requests_of(con, covered, customer, now)
         result = con.execute(
             sa.update(sends)
             .where(*covered)
@@ -307,6 +308,37 @@ class Replies(LedgerBase):
             )
         )
         return result.rowcount or 0
+
+    def _give_up_requests_of(
+        self, con: sa.Connection, covered: list[Any], customer: str, now: datetime
+    ) -> None:
+        """A cancelled row inside a request that must go out again whole (`request_id`: the
+        provider may hold it, and de-duplicates it on a key made of its members) would send
+        that request again without it, under another key: its other customers could get the
+        message twice. The request goes out whole or not at all, and never again to who said
+        stop: its other rows are `unknown`, as through a provider without a key."""
+        requests = con.execute(
+            sa.select(sends.c.activation, sends.c.partition_key, sends.c.request_id)
+            .distinct()
+            .where(*covered, sends.c.request_id.is_not(None))
+        ).all()
+        for activation, partition_key, request_id in requests:
+            con.execute(
+                sa.update(sends)
+                .where(
+                    sends.c.activation == activation,
+                    sends.c.partition_key == partition_key,
+                    sends.c.request_id == request_id,
+                    sends.c.state == PLANNED,
+                    sends.c.customer_id != customer,
+                )
+                .values(
+                    state=UNKNOWN,
+                    error_message="a customer in its request said stop: the request, which "
+                    "goes out again whole or not at all, is not sent again",
+                    updated_at=now,
+                )
+            )
 
     def _lift(self, con: sa.Connection, customer: str, channel: str, now: datetime) -> int:
         """An opt-in keyword: lift the customer's keyword opt-outs on the channel (never one a
