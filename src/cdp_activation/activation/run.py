@@ -1050,7 +1050,7 @@ def _preview_counts(
     open_ = state.is_null() | reopened
     due = pl.col("not_before").is_null() | (pl.col("not_before") <= now)
     waited_since = pl.coalesce("not_before", "planned_at")
-    late = reopened & (waited_since < now - spec.send_deadline()).fill_null(False)
+    late = reopened & (waited_since < now - deadline).fill_null(False)
     done = [FAILED, DEAD_LETTER, *([] if resend_unknown else [UNKNOWN])]
     counts = states.select(
         to_send=(open_ & due & ~late).sum(),

@@ -16,6 +16,7 @@ from cdp_activation.ledger.schema import (
     WORKER_ALIVE,
     LedgerUnavailable,
     _has_sends,
+    delivery_workers,
     migrate,
     sends,
 )
@@ -165,6 +166,19 @@ class LedgerBase:
     def _marks(self, count: int) -> str:
         """`count` placeholders, comma-separated: an `IN (…)` list or a row of values."""
         return ", ".join([self._mark] * count)
+
+    def _gone_workers(
+        self, con: sa.Connection, worker_ids: Iterable[str | None]
+    ) -> set[str | None]:
+        """Of these `claimed_by` values, those whose worker is gone now (`worker_gone`; None,
+        no worker at all, always is). Reads only."""
+        ids = sorted({w for w in worker_ids if w is not None})
+        workers = {
+            w.id: w
+            for w in con.execute(sa.select(delivery_workers).where(delivery_workers.c.id.in_(ids)))
+        }
+        now = utc_now()
+        return {None} | {w for w in ids if worker_gone(workers.get(w), now)}
 
     def _db_now(self) -> Any:
         """The time leases are stamped and judged by: PostgreSQL's own clock, so workers on

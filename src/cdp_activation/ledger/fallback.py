@@ -9,13 +9,13 @@ from datetime import datetime
 import polars as pl
 import sqlalchemy as sa
 
-from cdp_activation.ledger.base import LedgerBase, aware, of_step, utc_now, worker_gone
+from cdp_activation.ledger.base import LedgerBase, aware, of_step, utc_now
 from cdp_activation.ledger.records import (
     PRIMARY_NOT_DELIVERED,
     PRIMARY_NOT_READ,
     PRIMARY_UNREACHABLE,
 )
-from cdp_activation.ledger.schema import delivery_workers, sends
+from cdp_activation.ledger.schema import sends
 from cdp_activation.vocabulary import (
     CANCELLED,
     DEAD_LETTER,
@@ -65,19 +65,8 @@ class FallbackQueries(LedgerBase):
             ).all()
             if not held:
                 return set()
-            ids = sorted({w for _, w in held if w is not None})
-            workers = {
-                w.id: w
-                for w in con.execute(
-                    sa.select(delivery_workers).where(delivery_workers.c.id.in_(ids))
-                )
-            }
-        now = utc_now()
-        return {
-            partition
-            for partition, worker_id in held
-            if worker_gone(workers.get(worker_id) if worker_id else None, now)
-        }
+            gone = self._gone_workers(con, (w for _, w in held))
+        return {partition for partition, worker_id in held if worker_id in gone}
 
     def partitions_with_pending(
         self, activation: str, step: str, now: datetime | None = None

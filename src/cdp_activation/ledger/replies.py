@@ -297,8 +297,7 @@ class Replies(LedgerBase):
         covered = [sends.c.customer_id == customer, sends.c.channel == channel, planned]
         if purpose != ALL_PURPOSES:
             covered.append(sends.c.purpose == purpose)
-        self._give_up_requests_of(con, covered, customer, now)
-        result = con.execute(
+        cancelled = con.execute(
             sa.update(sends)
             .where(*covered)
             .values(
@@ -306,22 +305,19 @@ class Replies(LedgerBase):
                 error_message=f"the customer opted out ({reason})"[:500],
                 updated_at=now,
             )
-        )
-        return result.rowcount or 0
+            .returning(sends.c.activation, sends.c.partition_key, sends.c.request_id)
+        ).all()
+        self._give_up_requests_of(con, {tuple(r) for r in cancelled if r[2] is not None}, now)
+        return len(cancelled)
 
     def _give_up_requests_of(
-        self, con: sa.Connection, covered: list[Any], customer: str, now: datetime
+        self, con: sa.Connection, requests: set[tuple[Any, ...]], now: datetime
     ) -> None:
         """A cancelled row inside a request that must go out again whole (`request_id`: the
         provider may hold it, and de-duplicates it on a key made of its members) would send
         that request again without it, under another key: its other customers could get the
         message twice. The request goes out whole or not at all, and never again to who said
         stop: its other rows are `unknown`, as through a provider without a key."""
-        requests = con.execute(
-            sa.select(sends.c.activation, sends.c.partition_key, sends.c.request_id)
-            .distinct()
-            .where(*covered, sends.c.request_id.is_not(None))
-        ).all()
         for activation, partition_key, request_id in requests:
             con.execute(
                 sa.update(sends)
@@ -330,7 +326,6 @@ class Replies(LedgerBase):
                     sends.c.partition_key == partition_key,
                     sends.c.request_id == request_id,
                     sends.c.state == PLANNED,
-                    sends.c.customer_id != customer,
                 )
                 .values(
                     state=UNKNOWN,

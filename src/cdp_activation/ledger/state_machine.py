@@ -29,7 +29,6 @@ from cdp_activation.ledger.base import (
     db_time,
     quiet_hours_end,
     utc_now,
-    worker_gone,
     worker_process_gone,
 )
 from cdp_activation.ledger.records import (
@@ -182,17 +181,9 @@ class SendStates(LedgerBase):
         `_plan_rows` writes them (SQLite: their text). `orphaned`: in flight, and its worker
         is gone (`worker_gone`), so the next run recovers it (`recover_interrupted`)."""
         rows = self._partition_rows(activation, partition_key, _PARTITION_COLUMNS)
-        in_flight = rows.filter(pl.col("state") == IN_FLIGHT)
-        holders = sorted({w for w in in_flight["claimed_by"].to_list() if w is not None})
+        holders = rows.filter(pl.col("state") == IN_FLIGHT)["claimed_by"].to_list()
         with self.engine.connect() as con:
-            workers = {
-                w.id: w
-                for w in con.execute(
-                    sa.select(delivery_workers).where(delivery_workers.c.id.in_(holders))
-                )
-            }
-        now = utc_now()
-        gone = [w for w in holders if worker_gone(workers.get(w), now)]
+            gone = [w for w in self._gone_workers(con, holders) if w is not None]
         orphaned = (pl.col("state") == IN_FLIGHT) & (
             pl.col("claimed_by").is_null()
             | pl.col("claimed_by").is_in(pl.Series(gone, dtype=pl.String).implode())
