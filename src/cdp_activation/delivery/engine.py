@@ -48,7 +48,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from cdp_activation import metrics
+from cdp_activation import heap, metrics
 from cdp_activation.connectors.base import (
     Connector,
     ConnectorError,
@@ -562,6 +562,7 @@ async def deliver_async(
     window, never a barrier), so the requests in the air stay at the concurrency, and a row
     is claimed only once its request is about to leave (rate limit and pauses waited first).
     """
+    heap.tune_for_volume()  # before the first claim: see heap.py
     run = _Delivery(options, scope)
     report = run.report
     started = time.perf_counter()
