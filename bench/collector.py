@@ -9,9 +9,10 @@ root. Two paths, each in fresh processes, the two versions alternated R times:
 - the status receiver: N signed Meta status webhooks, 100 in flight, into a SQLite ledger
   (`bench.webhooks`' run), the receiver's process measured.
 
-*before* is the same code with `heap.tune_for_volume` skipped and httpx's response cycle left
-in place (`transport._DeliveryClient.send` back to httpx's), what the project shipped until
-this benchmark. The collector's time is read from `gc.callbacks` in the measured process; the
+*before* is the same code set back to what the project shipped until this benchmark
+(`_set_mode`): a delivery froze what start-up left but kept CPython's young threshold, the
+receiver did neither, and httpx's response cycle stayed (`transport._DeliveryClient.send`
+back to httpx's). The collector's time is read from `gc.callbacks` in the measured process; the
 objects it freed are the cyclic garbage the path left. Figures go to
 bench/results_collector.md.
 """
@@ -69,6 +70,8 @@ def _since(began: Any, now: Any) -> tuple[float, int, int]:
 
 
 def _set_mode(mode: str) -> None:
+    """*before*: what the project shipped until this benchmark. A delivery froze start-up and
+    left the threshold at CPython's; the receiver did neither; httpx's cycle stayed."""
     if mode == "now":
         return
     import httpx
@@ -76,7 +79,8 @@ def _set_mode(mode: str) -> None:
     from cdp_activation import heap
     from cdp_activation.delivery import transport
 
-    heap._tuned = True  # as if already done: never done
+    heap.YOUNG_THRESHOLD = 0  # `delivering` freezes, never raises the threshold
+    heap.tune_for_serving = lambda: None
     transport._DeliveryClient.send = httpx.AsyncClient.send
 
 
@@ -98,7 +102,7 @@ def _engine_child(mode: str, url: str, count: int) -> dict[str, Any]:
 
     engine.deliver = measured
     result = run_engine("batch1", url, count, 256)  # its CPU and wall: the sending only
-    # "now" includes the one full pass that setting the collector costs a delivery.
+    # Both include the one full pass that freezing start-up costs a delivery.
     seconds, passes, freed = during[0]
     return result | {"gc_s": seconds, "passes": passes, "freed": freed}
 
@@ -214,11 +218,12 @@ def report(rows: list[dict[str, Any]], command: str, repeats: int) -> str:
             )
     lines += [
         "",
-        "*before*: the collector as CPython sets it (a young pass every 700 net new objects, "
-        "every object from start-up walked by each old pass) and httpx's response cycle "
-        "(each answer's stream holds the response: request, URL and headers wait for the "
-        "collector). *now*: `heap.tune_for_volume` (start-up frozen, a young pass every "
-        "50,000) and `transport._DeliveryClient` (an answer read whole drops its stream). "
+        "*before*: CPython's young threshold (a pass every 700 net new objects; a delivery "
+        "froze what start-up left, the receiver did not, so its old passes walked all of it) "
+        "and httpx's response cycle (each answer's stream holds the response: request, URL "
+        "and headers wait for the collector). *now*: `heap.delivering` and "
+        "`heap.tune_for_serving` (start-up frozen, a young pass every 50,000 net new objects) "
+        "and `transport._DeliveryClient` (an answer read whole drops its stream). "
         "The receiver leaves next to no cyclic garbage: its passes before were all churn, "
         "each walking every object of start-up as it reached the old generation.",
     ]

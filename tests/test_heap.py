@@ -1,5 +1,5 @@
-"""The collector setting of processes that send or receive at volume (`heap.py`), each checked
-in a fresh interpreter: it is process-wide, and this test process has been set already."""
+"""The collector's setting while a process sends or receives at volume (`heap.py`), each in a
+fresh interpreter: it is process-wide, and this test process has been set already."""
 
 from __future__ import annotations
 
@@ -12,65 +12,88 @@ import pytest
 
 from cdp_activation.heap import YOUNG_THRESHOLD
 
-_REPORT = "import gc, json; print(json.dumps([gc.get_threshold()[0], gc.get_freeze_count()]))"
+TESTS = Path(__file__).resolve().parent
 
 
-def _after(setup: str, tmp_path: Path) -> tuple[int, int]:
-    """The young threshold and the frozen objects' count once `setup` has run."""
-    code = f"{setup}\n{_REPORT}"
+def _run(code: str, tmp_path: Path) -> dict:
+    """What `code` printed last, as JSON, run in a fresh interpreter beside these tests."""
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(TESTS)!r})\n{code}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    young, frozen = json.loads(done.stdout.splitlines()[-1])
-    return young, frozen
+    found: dict = json.loads(done.stdout.splitlines()[-1])
+    return found
 
 
-def test_a_delivery_freezes_what_start_up_left_and_collects_young_garbage_less_often(
+_STATE = "[gc.get_threshold()[0], gc.get_freeze_count() > 10_000]"
+
+
+def test_a_delivery_sends_with_start_up_frozen_and_rare_young_passes_then_gives_them_back(
     tmp_path: Path,
 ) -> None:
-    setup = (
-        "from cdp_activation.delivery.engine import DeliveryScope, deliver\n"
-        "from cdp_activation.ledger import Ledger\n"
-        f"deliver(Ledger('sqlite:///{tmp_path}/ledger.sqlite'), DeliveryScope('a', 'p'), {{}})"
-    )
-    young, frozen = _after(setup, tmp_path)
+    code = f"""
+import gc, json
+from test_delivery import SCOPE, FAST, connectors, decisions, numbers
+from conftest import settings_for_sandbox
+from cdp_activation.delivery.engine import deliver
+from cdp_activation.ledger import Ledger
+from cdp_activation.sandbox import SandboxServer
 
-    assert young == YOUNG_THRESHOLD
-    assert frozen > 10_000  # the modules and classes loaded to get there
+seen = []
+with SandboxServer() as sandbox:
+    found = connectors(settings_for_sandbox(sandbox))
+    for connector in found.values():
+        send = connector.send_batch
+        async def watched(client, messages, send=send):
+            seen.append({_STATE})
+            return await send(client, messages)
+        connector.send_batch = watched
+    ledger = Ledger("sqlite:///{tmp_path}/ledger.sqlite")
+    ledger.plan("winback", "p", decisions(numbers(6)))
+    before = {_STATE}
+    report = deliver(ledger, SCOPE, found, FAST)
+print(json.dumps({{"before": before, "seen": seen, "after": {_STATE}, "sent": report.sent}}))
+"""
+    found = _run(code, tmp_path)
+
+    assert found["sent"] == 6
+    assert found["before"] == [700, False]
+    assert found["seen"] == [[YOUNG_THRESHOLD, True]] * 6
+    assert found["after"] == found["before"]
 
 
-def test_the_status_receiver_sets_its_process_alike(tmp_path: Path) -> None:
-    setup = (
-        "from cdp_activation.feedback.receiver import create_app\n"
-        "from cdp_activation.ledger import Ledger\n"
-        "from cdp_activation.plugins import WebhookSecrets\n"
-        f"create_app(Ledger('sqlite:///{tmp_path}/ledger.sqlite'), WebhookSecrets({{}}))"
-    )
-    assert _after(setup, tmp_path)[0] == YOUNG_THRESHOLD
+def test_the_status_receiver_sets_its_process_for_good(tmp_path: Path) -> None:
+    code = f"""
+import gc, json
+from cdp_activation.feedback.receiver import create_app
+from cdp_activation.ledger import Ledger
+from cdp_activation.plugins import WebhookSecrets
+create_app(Ledger("sqlite:///{tmp_path}/ledger.sqlite"), WebhookSecrets({{}}))
+print(json.dumps({_STATE}))
+"""
+    assert _run(code, tmp_path) == [YOUNG_THRESHOLD, True]
 
 
 @pytest.mark.parametrize(
-    "before",
-    ["import gc; gc.disable()", f"import gc; gc.set_threshold({YOUNG_THRESHOLD * 2})"],
+    ("setting", "expected"),
+    [("gc.disable()", [700, False]), ("gc.set_threshold(100_000)", [100_000, True])],
     ids=["collector disabled", "a higher threshold"],
 )
-def test_a_process_whose_collector_was_set_otherwise_is_left_as_it_is(
-    before: str, tmp_path: Path
+def test_a_collector_set_otherwise_is_left_as_it_is(
+    setting: str, expected: list, tmp_path: Path
 ) -> None:
-    young_before, _ = _after(before, tmp_path)
-
-    young, frozen = _after(
-        f"{before}\nfrom cdp_activation import heap\nheap.tune_for_volume()", tmp_path
-    )
-
-    assert (young, frozen) == (young_before, 0)
-
-
-def test_it_is_done_once_a_process(tmp_path: Path) -> None:
-    setup = (
-        "import gc\nfrom cdp_activation import heap\nheap.tune_for_volume()\n"
-        "first = gc.get_freeze_count()\nkept = [[i] for i in range(1000)]\n"
-        "gc.set_threshold(700)\nheap.tune_for_volume()\nassert gc.get_freeze_count() == first"
-    )
-    assert _after(setup, tmp_path)[0] == 700
+    code = f"""
+import gc, json
+from cdp_activation import heap
+{setting}
+state = lambda: [gc.get_threshold()[0], gc.get_freeze_count() > 0]
+with heap.delivering():
+    during = state()
+heap.tune_for_serving()
+print(json.dumps(during + state()))
+"""
+    assert _run(code, tmp_path) == expected * 2

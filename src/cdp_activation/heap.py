@@ -1,48 +1,72 @@
-"""The garbage collector, set once for a process that sends or receives messages at volume.
+"""The garbage collector, set for a process while it sends or receives messages at volume.
 
 CPython's collector runs a young pass every 700 net new container objects, and every tenth of
 those an older one that walks what survived. A delivery keeps hundreds of requests in the air
 and the receiver a hundred reports, each holding a few dozen live objects, so the count crosses
-700 over and over with little garbage to find, and each pass also walks the hundreds of
-thousands of objects imported at start-up (Dagster, polars, SQLAlchemy) when it reaches the
-old generation: measured here, 14% of the engine's CPU and 20% of the receiver's
+700 over and over with little garbage to find, and each pass that reaches the old generation
+also walks the hundreds of thousands of objects imported at start-up (Dagster, polars,
+SQLAlchemy): measured here, 12% of the engine's CPU and 20% of the receiver's
 (`python -m bench collector`, bench/results_collector.md).
 
-`tune_for_volume` runs once a process, after start-up:
+Two settings, together:
 
-- `gc.freeze()` moves everything alive then (modules, classes, settings) out of every later
-  pass. It is all kept for the process's life anyway.
+- `gc.collect()` then `gc.freeze()` moves everything alive then (modules, classes, settings,
+  an earlier step's objects) out of every later pass;
 - the young threshold goes from 700 to 50,000 net new objects: the same garbage is still
-  collected, a few times a second at most instead of hundreds. It holds at most ~50,000
+  collected, a few times a second at most instead of hundreds, with at most ~50,000
   uncollected objects in between (a few MB).
 
-A process whose collector was disabled, or given another young threshold above it, is left
-as it is.
+A delivery holds them while it runs (`delivering`), then gives back what it froze; the
+receiver's process, which lives to take reports, sets them once (`tune_for_serving`). A
+process whose collector was disabled is left as it is, and a young threshold set higher than
+this is kept.
 """
 
 from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 YOUNG_THRESHOLD = 50_000
 
 _lock = threading.Lock()
-_tuned = False
+_serving = False
 
 
-def tune_for_volume() -> None:
-    """Freeze what start-up left and raise the young threshold, once per process."""
-    global _tuned
-    with _lock:
-        if _tuned:
-            return
-        _tuned = True
-    if not gc.isenabled():
-        return
-    young, middle, old = gc.get_threshold()
-    if young == 0 or young >= YOUNG_THRESHOLD:
-        return
+def _freeze_and_raise() -> tuple[int, int, int]:
+    """Freeze what is alive now and raise the young threshold; the thresholds before."""
+    before = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(YOUNG_THRESHOLD, middle, old)
+    young, middle, old = before
+    if 0 < young < YOUNG_THRESHOLD:
+        gc.set_threshold(YOUNG_THRESHOLD, middle, old)
+    return before
+
+
+@contextmanager
+def delivering() -> Iterator[None]:
+    """The collector set for a delivery while it runs, as it was afterwards (what it froze is
+    collectable again: a long-lived process running many deliveries keeps nothing for good)."""
+    if not gc.isenabled():
+        yield
+        return
+    before = _freeze_and_raise()
+    try:
+        yield
+    finally:
+        if not _serving:
+            gc.set_threshold(*before)
+        gc.unfreeze()
+
+
+def tune_for_serving() -> None:
+    """The collector set for the rest of the process, once."""
+    global _serving
+    with _lock:
+        if _serving or not gc.isenabled():
+            return
+        _serving = True
+    _freeze_and_raise()

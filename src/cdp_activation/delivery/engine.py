@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import math
 import signal
@@ -562,7 +561,6 @@ async def deliver_async(
     window, never a barrier), so the requests in the air stay at the concurrency, and a row
     is claimed only once its request is about to leave (rate limit and pauses waited first).
     """
-    heap.tune_for_volume()  # before the first claim: see heap.py
     run = _Delivery(options, scope)
     report = run.report
     started = time.perf_counter()
@@ -615,10 +613,6 @@ async def deliver_async(
     claims: GroupCommit[ClaimRequest] = GroupCommit(claim, "claiming")
     settles: GroupCommit[Settlement] = GroupCommit(record, "recording outcomes")
     gate = TemplateGate(ledger.engine)
-    # A million rows are a million long-lived objects: without this every full collection
-    # walks them all again, and the cost per message grew with the run (bench/throughput.py).
-    gc.collect()
-    gc.freeze()
 
     async def send_from(name: str, client: httpx.AsyncClient) -> None:
         connector = connectors[name]
@@ -783,23 +777,26 @@ async def deliver_async(
 
     restore = _stop_on_signals(run)
     try:
-        async with make_client(
-            timeout=options.timeout_seconds, max_in_flight=options.concurrency
-        ) as client:
-            lease = asyncio.create_task(keep_lease())
-            progress = asyncio.create_task(
-                _log_progress_every(report, sum(due.values()), started, options.progress_seconds)
-            )
-            try:
-                await asyncio.gather(
-                    *(guarded(name, client) for name in due for _ in range(workers_for(name)))
+        # What start-up and earlier steps left: out of every pass of the collector (heap.py).
+        with heap.delivering():
+            async with make_client(
+                timeout=options.timeout_seconds, max_in_flight=options.concurrency
+            ) as client:
+                lease = asyncio.create_task(keep_lease())
+                progress = asyncio.create_task(
+                    _log_progress_every(
+                        report, sum(due.values()), started, options.progress_seconds
+                    )
                 )
-            finally:
-                lease.cancel()
-                progress.cancel()
+                try:
+                    await asyncio.gather(
+                        *(guarded(name, client) for name in due for _ in range(workers_for(name)))
+                    )
+                finally:
+                    lease.cancel()
+                    progress.cancel()
     finally:
         restore()
-        gc.unfreeze()
         await asyncio.to_thread(ledger.stop_worker, worker_id)
     report.elapsed = time.perf_counter() - started
     if run.error is not None:

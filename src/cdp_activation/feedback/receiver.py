@@ -93,7 +93,7 @@ def create_app(
     `app.state.replies.transactions` count commits (bench, tests).
     Bodies above `max_body_bytes` are refused (413) before they are read whole.
     `serve_metrics=False`: no `/metrics` here (it has a port of its own)."""
-    heap.tune_for_volume()  # the receiver's process lives to take reports (heap.py)
+    heap.tune_for_serving()  # the receiver's process lives to take reports (heap.py)
     writer: GroupCommit[StatusEvent] = GroupCommit(
         ledger.record_statuses, "storing statuses", isolate=_not_the_database_itself
     )
