@@ -430,15 +430,24 @@ def test_closing_the_client_closes_the_aiohttp_session(sandbox: SandboxServer) -
     assert asyncio.run(go()).session is None
 
 
+@pytest.mark.parametrize(
+    ("builder", "message"),
+    [(meta, wa()), (twilio, sms())],
+    ids=["straight to the transport", "through httpx's auth flow"],
+)
 def test_answers_read_whole_leave_nothing_for_the_garbage_collector(
-    sandbox: SandboxServer, sandbox_settings: Settings
+    sandbox: SandboxServer,
+    sandbox_settings: Settings,
+    builder: Callable[[Settings], Connector],
+    message: OutboundMessage,
 ) -> None:
     """httpx ties a response's stream to the response, a reference cycle only the collector
     frees, with the request, URL and headers on it: ~25 objects a message before this client
-    cut it. The answers still read the same. (The sandbox serves from this process: its
-    server's own garbage is not counted.)"""
-    connector = meta(sandbox_settings)
-    messages = [replace(wa(), key=f"k{i}") for i in range(200)]
+    cut it, whichever way a request goes (Twilio's Basic auth takes httpx's own path). The
+    answers still read the same. (The sandbox serves from this process: its server's own
+    garbage is not counted.)"""
+    connector = builder(sandbox_settings)
+    messages = [replace(message, key=f"k{i}") for i in range(200)]
 
     async def go() -> tuple[list[SendResult], httpx.Response, Counter[str]]:
         async with make_client(timeout=5.0, max_in_flight=8) as client:
