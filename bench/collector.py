@@ -11,8 +11,10 @@ root. Two paths, each in fresh processes, the two versions alternated R times:
 
 *before* is the same code set back to what the project shipped until this benchmark
 (`_set_mode`): a delivery froze what start-up left but kept CPython's young threshold, the
-receiver did neither, and httpx's response cycle stayed (`transport._DeliveryClient.send`
-back to httpx's). The collector's time is read from `gc.callbacks` in the measured process; the
+receiver did neither, and every request went through httpx's own send, whose answers hold a
+reference cycle (`transport._DeliveryClient.send` back to httpx's). The engine's CPU ratio
+therefore also counts the shorter send path (`_DeliveryClient`); its collector columns are
+the collector's alone. The collector's time is read from `gc.callbacks` in the measured process; the
 objects it freed are the cyclic garbage the path left. Figures go to
 bench/results_collector.md.
 """
@@ -71,7 +73,8 @@ def _since(began: Any, now: Any) -> tuple[float, int, int]:
 
 def _set_mode(mode: str) -> None:
     """*before*: what the project shipped until this benchmark. A delivery froze start-up and
-    left the threshold at CPython's; the receiver did neither; httpx's cycle stayed."""
+    left the threshold at CPython's; the receiver did neither; every request went through
+    httpx's own send, and its cycle stayed."""
     if mode == "now":
         return
     import httpx
@@ -220,10 +223,12 @@ def report(rows: list[dict[str, Any]], command: str, repeats: int) -> str:
         "",
         "*before*: CPython's young threshold (a pass every 700 net new objects; a delivery "
         "froze what start-up left, the receiver did not, so its old passes walked all of it) "
-        "and httpx's response cycle (each answer's stream holds the response: request, URL "
-        "and headers wait for the collector). *now*: `heap.delivering` and "
+        "and httpx's own send for every request (each answer's stream holds the response: "
+        "request, URL and headers wait for the collector). *now*: `heap.delivering` and "
         "`heap.tune_for_serving` (start-up frozen, a young pass every 50,000 net new objects) "
-        "and `transport._DeliveryClient` (an answer read whole drops its stream). "
+        "and `transport._DeliveryClient` (a plain request goes straight to the transport, and "
+        "no answer holds a cycle): the engine's CPU ratio counts both, its collector columns "
+        "the collector alone. "
         "The receiver leaves next to no cyclic garbage: its passes before were all churn, "
         "each walking every object of start-up as it reached the old generation.",
     ]

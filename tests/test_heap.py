@@ -97,3 +97,57 @@ heap.tune_for_serving()
 print(json.dumps(during + state()))
 """
     assert _run(code, tmp_path) == expected * 2
+
+
+def test_deliveries_overlapping_in_one_process_keep_it_set_until_the_last_ends(
+    tmp_path: Path,
+) -> None:
+    """Two deliveries in threads (Dagster's in-process executor, a threaded worker): the first
+    to end leaves the other's setting alone; the last, failing here, gives back the first's
+    'before'."""
+    code = """
+import gc, json, threading
+from cdp_activation import heap
+state = lambda: [gc.get_threshold()[0], gc.get_freeze_count() > 0]
+seen = {"before": state()}
+a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+def a():
+    with heap.delivering():
+        a_in.set()
+        b_in.wait()
+    a_out.set()
+
+def b():
+    a_in.wait()
+    try:
+        with heap.delivering():
+            b_in.set()
+            a_out.wait()
+            seen["b after a ended"] = state()
+            raise RuntimeError("the provider went away")
+    except RuntimeError:
+        seen["after both"] = state()
+
+threads = [threading.Thread(target=a), threading.Thread(target=b)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(seen))
+"""
+    seen = _run(code, tmp_path)
+
+    assert seen["before"] == [700, False]
+    assert seen["b after a ended"] == [YOUNG_THRESHOLD, True]
+    assert seen["after both"] == [700, False]
+
+
+def test_a_delivery_in_the_receiver_s_process_leaves_its_setting_in_place(tmp_path: Path) -> None:
+    code = """
+import gc, json
+from cdp_activation import heap
+heap.tune_for_serving()
+with heap.delivering():
+    pass
+print(json.dumps([gc.get_threshold()[0], gc.get_freeze_count() > 0]))
+"""
+    assert _run(code, tmp_path) == [YOUNG_THRESHOLD, True]

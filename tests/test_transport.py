@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import gzip
 import socket
 import socketserver
 import struct
@@ -19,6 +20,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import httpx
 import pytest
@@ -325,6 +327,23 @@ def test_429_with_retry_after_is_retry_with_the_delay(new_client: ClientFactory)
     )
 
 
+def test_a_gzipped_answer_is_read_the_same_by_either_path(new_client: ClientFactory) -> None:
+    """aiohttp leaves bodies as sent; httpx decodes them, on its own path (Twilio, Basic auth)
+    and on the one straight to the transport (Meta)."""
+    body = gzip.compress(b'{"messages": [{"id": "wamid.GZ1"}], "sid": "SMgz1"}')
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    with RawServer(answer) as server:
+        sent = {
+            label: send(new_client, connector, message)
+            for label, connector, message in connectors_at(server.url)
+        }
+    assert (sent["meta"].outcome, sent["meta"].provider_message_id) == (Outcome.SENT, "wamid.GZ1")
+    assert (sent["twilio"].outcome, sent["twilio"].provider_message_id) == (Outcome.SENT, "SMgz1")
+
+
 def test_pool_timeout_is_retry(new_client: ClientFactory) -> None:
     """With every connection busy past the pool timeout, the next request never leaves."""
     with RawServer("silent") as server:
@@ -431,8 +450,8 @@ def test_closing_the_client_closes_the_aiohttp_session(sandbox: SandboxServer) -
 
 
 @pytest.mark.parametrize(
-    ("builder", "message"),
-    [(meta, wa()), (twilio, sms())],
+    ("builder", "message", "through_httpx"),
+    [(meta, wa(), 0), (twilio, sms(), 200)],
     ids=["straight to the transport", "through httpx's auth flow"],
 )
 def test_answers_read_whole_leave_nothing_for_the_garbage_collector(
@@ -440,18 +459,31 @@ def test_answers_read_whole_leave_nothing_for_the_garbage_collector(
     sandbox_settings: Settings,
     builder: Callable[[Settings], Connector],
     message: OutboundMessage,
+    through_httpx: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """httpx ties a response's stream to the response, a reference cycle only the collector
-    frees, with the request, URL and headers on it: ~25 objects a message before this client
-    cut it, whichever way a request goes (Twilio's Basic auth takes httpx's own path). The
-    answers still read the same. (The sandbox serves from this process: its server's own
-    garbage is not counted.)"""
+    frees, with the request, URL and headers on it: a dozen objects or more a message before
+    this client cut it, whichever way a request goes (straight to the transport, or, with
+    Twilio's Basic auth, through httpx's own machinery). The answers still read the same.
+    (The sandbox serves from this process: its server's own garbage is not counted.)"""
     connector = builder(sandbox_settings)
+    by_httpx = 0
+    httpx_send = httpx.AsyncClient._send_handling_auth
+
+    async def counted(*args: Any, **kwargs: Any) -> httpx.Response:
+        nonlocal by_httpx
+        by_httpx += 1
+        return await httpx_send(*args, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "_send_handling_auth", counted)
     messages = [replace(message, key=f"k{i}") for i in range(200)]
 
     async def go() -> tuple[list[SendResult], httpx.Response, Counter[str]]:
         async with make_client(timeout=5.0, max_in_flight=8) as client:
             await connector.send_batch(client, messages[:1])  # the pool and its connection
+            nonlocal by_httpx
+            by_httpx = 0
             gc.collect()
             gc.disable()
             try:
@@ -471,6 +503,7 @@ def test_answers_read_whole_leave_nothing_for_the_garbage_collector(
     results, health, garbage = asyncio.run(go())
 
     assert [r.outcome for r in results] == [Outcome.SENT] * 200
+    assert by_httpx == through_httpx
     assert not garbage, f"httpx objects in reference cycles after 200 messages: {garbage}"
     assert health.status_code == 200 and health.json() and health.content
     assert health.elapsed.total_seconds() > 0 and health.is_closed

@@ -16,10 +16,11 @@ Two settings, together:
   collected, a few times a second at most instead of hundreds, with at most ~50,000
   uncollected objects in between (a few MB).
 
-A delivery holds them while it runs (`delivering`), then gives back what it froze; the
-receiver's process, which lives to take reports, sets them once (`tune_for_serving`). A
-process whose collector was disabled is left as it is, and a young threshold set higher than
-this is kept.
+A delivery holds them while it runs (`delivering`; deliveries overlapping in one process
+share them, and the last to end gives back what it froze and the threshold before the first);
+the receiver's process, which lives to take reports, sets them once and for good
+(`tune_for_serving`), whatever deliveries it also runs. A process whose collector was disabled
+is left as it is, and a young threshold set higher than this is kept.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ YOUNG_THRESHOLD = 50_000
 
 _lock = threading.Lock()
 _serving = False
+_delivering = 0  # deliveries running in this process
+_threshold_before: tuple[int, int, int] | None = None
 
 
 def _freeze_and_raise() -> tuple[int, int, int]:
@@ -48,18 +51,24 @@ def _freeze_and_raise() -> tuple[int, int, int]:
 
 @contextmanager
 def delivering() -> Iterator[None]:
-    """The collector set for a delivery while it runs, as it was afterwards (what it froze is
-    collectable again: a long-lived process running many deliveries keeps nothing for good)."""
-    if not gc.isenabled():
-        yield
-        return
-    before = _freeze_and_raise()
+    """The collector set for a delivery while it runs, and as it was once the last delivery
+    running here ends (what it froze is collectable again: a long-lived process running many
+    deliveries keeps nothing for good)."""
+    global _delivering, _threshold_before
+    with _lock:
+        _delivering += 1
+        if _delivering == 1 and gc.isenabled() and not _serving:
+            _threshold_before = _freeze_and_raise()
     try:
         yield
     finally:
-        if not _serving:
-            gc.set_threshold(*before)
-        gc.unfreeze()
+        with _lock:
+            _delivering -= 1
+            if _delivering == 0 and _threshold_before is not None:
+                if not _serving:
+                    gc.set_threshold(*_threshold_before)
+                    gc.unfreeze()
+                _threshold_before = None
 
 
 def tune_for_serving() -> None:
@@ -69,4 +78,4 @@ def tune_for_serving() -> None:
         if _serving or not gc.isenabled():
             return
         _serving = True
-    _freeze_and_raise()
+        _freeze_and_raise()
