@@ -14,6 +14,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from cdp_activation.frozen_records import quick_init
+
 
 class Outcome(StrEnum):
     """What a provider's answer means for one message."""
@@ -49,6 +51,7 @@ def send_id_of(reference: str | None) -> int | None:
     return send_id if str(send_id) == digits else None  # "cdp-007" is not one we sent
 
 
+@quick_init  # made for every message: see frozen_records.py
 @dataclass(frozen=True)
 class SendResult:
     """The provider's answer for one message."""

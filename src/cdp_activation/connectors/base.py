@@ -28,6 +28,7 @@ from cdp_activation.errors import (  # noqa: F401  # re-exported: a connector ra
     CredentialsError,
     TemplateError,
 )
+from cdp_activation.frozen_records import quick_init
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Capabilities:
     handoff: bool = False
 
 
+@quick_init  # made for every message: see frozen_records.py
 @dataclass(frozen=True)
 class TemplateRef:
     """A provider template to send: name, language and positional body parameters."""
@@ -68,6 +70,7 @@ class TemplateRef:
     parameter_names: tuple[str, ...] = ()
 
 
+@quick_init  # made for every message: see frozen_records.py
 @dataclass(frozen=True)
 class OutboundMessage:
     """One message for one recipient. `key` is the ledger's idempotency key."""

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from cdp_activation import json_codec
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorConfigError,
@@ -101,8 +102,10 @@ def whole_request_results(
 
 
 def json_or_none(response: httpx.Response) -> Any:
+    """The answer's JSON as `response.json()` reads it (`json.loads` of its bytes), through
+    orjson where that reads it the same (`json_codec`), else None."""
     try:
-        return response.json()
+        return json_codec.loads(response.content)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
 

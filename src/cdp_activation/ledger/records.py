@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cdp_activation.errors import CdpError
+from cdp_activation.frozen_records import quick_init
 
 # Why a fallback was due (`fallback_reason`): the first message failed with a code meaning the
 # customer cannot receive it on that channel; it was not delivered within the plan's window;
@@ -16,6 +17,7 @@ PRIMARY_NOT_DELIVERED = "primary_not_delivered"
 PRIMARY_NOT_READ = "primary_not_read"
 
 
+@quick_init  # made for every message: see frozen_records.py
 @dataclass(frozen=True)
 class PlannedSend:
     """A row to send, as the delivery engine reads it back from the ledger."""
@@ -64,6 +66,7 @@ class ClaimRequest:
     whole_requests: bool = False
 
 
+@quick_init  # made for every message: see frozen_records.py
 @dataclass(frozen=True)
 class Settlement:
     """What became of one claimed row once its request was answered (`Ledger.settle`).
