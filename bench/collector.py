@@ -127,23 +127,16 @@ def _serve(mode: str, port: str, ledger_url: str, out: str) -> int:
 
 
 def _receiver(mode: str, bodies: list, concurrency: int) -> dict[str, Any]:
-    import httpx
     import psutil
 
-    from bench.webhooks import _fire, _free_port, _sent_to
+    from bench.webhooks import _fire, _free_port, _sent_to, wait_healthy
 
     with tempfile.TemporaryDirectory() as tmp:
         url, out, port = f"sqlite:///{tmp}/ledger.sqlite", f"{tmp}/gc.json", _free_port()
         _sent_to(url, len(bodies))
         process = subprocess.Popen([*_BENCH, "_serve", mode, str(port), url, out], cwd=ROOT)
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.05)
+            wait_healthy(port)
             server = psutil.Process(process.pid)
             process.send_signal(signal.SIGUSR1)  # the collector's figures so far: start-up's
             while not Path(f"{out}.start").exists():

@@ -123,9 +123,22 @@ async def _fire(url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrenc
         return time.perf_counter() - started
 
 
+def wait_healthy(port: int, seconds: float = 60) -> None:
+    """Until the server on `port` answers its /health with 200."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the server on port {port} did not answer /health within {seconds} s")
+
+
 def _measure(kind: str, ledger_url: str, bodies: list, concurrency: int) -> tuple[float, float]:
     """(seconds, the server process's CPU seconds) to post `bodies`."""
-    import httpx
     import psutil
 
     port = _free_port()
@@ -134,13 +147,7 @@ def _measure(kind: str, ledger_url: str, bodies: list, concurrency: int) -> tupl
         cwd=ROOT,
     )
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
+        wait_healthy(port)
         server = psutil.Process(process.pid)
         before = sum(server.cpu_times()[:2])
         took = asyncio.run(_fire(f"http://127.0.0.1:{port}/webhooks/meta", bodies, concurrency))
