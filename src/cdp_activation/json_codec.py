@@ -1,7 +1,7 @@
-"""JSON on the hot paths (a status webhook's body and its stored copy, a claimed message):
-orjson, several times faster than the standard library's, which still reads and writes
-whatever orjson would not read exactly (integers beyond 64 bits, which orjson reads as
-floats; NaN and Infinity), so no input is read differently from before."""
+"""JSON on the hot paths (a status webhook's body and its stored copy, a claimed message, a
+provider's answer): orjson, several times faster than the standard library's, which still
+reads and writes whatever orjson would not read exactly (integers beyond 64 bits, which
+orjson reads as floats; NaN and Infinity), so no input is read differently from before."""
 
 from __future__ import annotations
 
