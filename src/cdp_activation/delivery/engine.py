@@ -692,19 +692,7 @@ async def deliver_async(
         not sent again: `unknown`, as through a provider without a key."""
         if not rows[0].resent_request:
             held = [r for r in rows if r.reopens_at is not None]
-            await settles.submit(
-                [
-                    Settlement(
-                        r.id,
-                        PLANNED,
-                        not_before=r.reopens_at,
-                        error_message=_IN_QUIET_HOURS,
-                        deferred=True,
-                    )
-                    for r in held
-                ]
-            )
-            report.quiet_hours += len(held)
+            await wait_out_quiet_hours([(r, r.reopens_at) for r in held], whole=False)
             return [r for r in rows if r.reopens_at is None]
         windows = await asyncio.to_thread(ledger.quiet_windows, [r.id for r in rows])
         moment = awake_together(windows, datetime.now(UTC), RESEND_WHOLE_WITHIN)
@@ -714,21 +702,27 @@ async def deliver_async(
             )
             report.unknown += len(rows)
         else:
-            await settles.submit(
-                [
-                    Settlement(
-                        r.id,
-                        PLANNED,
-                        not_before=moment,
-                        error_message=_IN_QUIET_HOURS,
-                        deferred=True,
-                        uncertain=True,
-                    )
-                    for r in rows
-                ]
-            )
-            report.quiet_hours += len(rows)
+            await wait_out_quiet_hours([(r, moment) for r in rows], whole=True)
         return []
+
+    async def wait_out_quiet_hours(
+        waits: list[tuple[PlannedSend, datetime | None]], whole: bool
+    ) -> None:
+        """Each row back to planned, unsent, until its moment; `whole`: kept in its request."""
+        await settles.submit(
+            [
+                Settlement(
+                    r.id,
+                    PLANNED,
+                    not_before=until,
+                    error_message=_IN_QUIET_HOURS,
+                    deferred=True,
+                    uncertain=whole,
+                )
+                for r, until in waits
+            ]
+        )
+        report.quiet_hours += len(waits)
 
     async def wait_for_due(name: str) -> bool:
         """Nothing is due now: wait for the next row of this connector falling due within
