@@ -427,6 +427,78 @@ def test_requests_match_plain_httpx_on_the_wire(
     )
 
 
+# --- the requests the client builds ---------------------------------------------------------
+
+_URLS = [
+    "http://127.0.0.1:8080/v21.0/123/messages",
+    httpx.URL("https://graph.example.com/v21.0/123/messages"),
+    "https://api.example.com:8443/a%20b/c?x=1&y=%C3%A7a",
+    "http://[::1]:9000/hook",
+    "http://user:pw@example.com/hook",
+]
+_HEADERS: list[Any] = [
+    None,
+    {"Authorization": "Bearer s3cret", "Content-Type": "application/json"},
+    {"accept": "application/json", "USER-AGENT": "cdp/1", "Idempotency-Key": "k-1"},
+    [("X-Dup", "1"), ("x-dup", "2"), ("Host", "other.example.com")],
+    {"Content-Length": "999", "Content-Type": "text/plain; charset=utf-8"},
+    {"Transfer-Encoding": "chunked"},
+    [(b"X-Raw", "caf\u00e9".encode())],
+    httpx.Headers({"Accept-Encoding": "identity"}),
+]
+_BODIES: list[dict[str, Any]] = [
+    {"json": {"to": "+447911123456", "text": 'ça va? \u2028 \u0007 "q" 😀', "n": [1, 2.5, None]}},
+    {"json": [{"a": True}, {"b": False}]},
+    {"json": 0},
+    {"json": ""},
+    {"content": b'{"raw":"bytes"}'},
+    {"content": b"x", "json": {"ignored": 1}},  # httpx sends the content, as here
+]
+
+
+@pytest.mark.parametrize("url", _URLS, ids=range(len(_URLS)))
+@pytest.mark.parametrize("headers", _HEADERS, ids=range(len(_HEADERS)))
+@pytest.mark.parametrize("body", _BODIES, ids=range(len(_BODIES)))
+def test_built_requests_match_httpx_s_own(url: Any, headers: Any, body: dict[str, Any]) -> None:
+    """The client's shorter way to a request with a body in memory builds exactly what
+    httpx's `build_request` builds: method, URL, headers in the same order, body, timeouts."""
+    client = make_client(timeout=7.0, max_in_flight=1)
+    for method, timeout in (("POST", httpx.USE_CLIENT_DEFAULT), ("put", 3.0)):
+        ours = client.build_request(method, url, headers=headers, timeout=timeout, **body)
+        theirs = httpx.AsyncClient.build_request(
+            client, method, url, headers=headers, timeout=timeout, **body
+        )
+        assert (ours.method, str(ours.url)) == (theirs.method, str(theirs.url))
+        assert ours.headers.raw == theirs.headers.raw
+        assert ours.content == theirs.content
+        assert ours.extensions == theirs.extensions
+
+
+def test_built_requests_match_httpx_s_own_with_client_headers_and_base_url() -> None:
+    client = make_client(timeout=7.0, max_in_flight=1)
+    client.headers = {"User-Agent": "cdp-activation", "X-Team": "crm", "Content-Type": "a/b"}
+    client.base_url = "https://api.example.com/v2"
+    for url in ("messages", "/messages", "https://elsewhere.example.com/m"):
+        for headers in (None, {"x-team": "growth"}):
+            ours = client.build_request("POST", url, json={"a": 1}, headers=headers)
+            theirs = httpx.AsyncClient.build_request(
+                client, "POST", url, json={"a": 1}, headers=headers
+            )
+            assert ours.url == theirs.url
+            assert ours.headers.raw == theirs.headers.raw
+            assert ours.content == theirs.content
+
+
+def test_a_json_body_httpx_refuses_is_refused_the_same() -> None:
+    client = make_client(timeout=7.0, max_in_flight=1)
+    for bad in ({"score": float("nan")}, {"score": float("inf")}, {1j: "key"}, {"d": object()}):
+        with pytest.raises(Exception) as ours:
+            client.build_request("POST", "http://127.0.0.1/x", json=bad)
+        with pytest.raises(Exception) as theirs:
+            httpx.AsyncClient.build_request(client, "POST", "http://127.0.0.1/x", json=bad)
+        assert type(ours.value) is type(theirs.value)
+
+
 # --- lifecycle --------------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ before they are returned (the connectors never stream).
 from __future__ import annotations
 
 import asyncio
+import json as json_module
 import time
 from collections.abc import Mapping
 from datetime import timedelta
@@ -195,6 +196,20 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return self._session
 
 
+# The headers a body in memory brings, as httpx adds them (None: the body's length).
+_BodyHeaders = tuple[tuple[bytes, bytes | None], ...]
+_JSON_HEADERS: _BodyHeaders = ((b"Content-Length", None), (b"Content-Type", b"application/json"))
+_BYTES_HEADERS: _BodyHeaders = ((b"Content-Length", None),)
+
+
+def _json_body(value: Any) -> bytes:
+    """A JSON request body exactly as httpx (0.28 and later) encodes `json=`: compact, UTF-8,
+    and NaN or Infinity refused (`ValueError`)."""
+    return json_module.dumps(
+        value, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+    ).encode("utf-8")
+
+
 class _NoCookies(httpx.Cookies):
     """A cookie jar that keeps nothing. Provider APIs authenticate with tokens, never cookies,
     and httpx's cookie extraction (the standard library's cookiejar) cost ~100 µs a response,
@@ -222,6 +237,82 @@ class _DeliveryClient(httpx.AsyncClient):
     def __init__(self, *, timeout: float, transport: AiohttpTransport) -> None:
         super().__init__(timeout=timeout, transport=transport)
         self._aiohttp = transport
+
+    def build_request(  # httpx's own signature, keyword for keyword
+        self,
+        method: str,
+        url: httpx.URL | str,
+        *,
+        content: Any = None,
+        data: Any = None,
+        files: Any = None,
+        json: Any = None,
+        params: Any = None,
+        headers: Any = None,
+        cookies: Any = None,
+        timeout: Any = httpx.USE_CLIENT_DEFAULT,
+        extensions: Any = None,
+    ) -> httpx.Request:
+        """httpx's request, made with fewer steps for a body in memory (JSON or bytes).
+
+        httpx builds its headers three times over (the client's merged with the call's, the
+        request's own copy, then again with `Host` and the body's headers), each time
+        normalising every name and value in Python: with the JSON encoding, ~21% of the
+        engine's CPU samples at batch 1 (py-spy). Here the merge is done once on raw bytes,
+        to the same result: the same headers in the same order, the same body, the same
+        timeouts (`test_built_requests_match_httpx_s_own`). Anything else (form data, files,
+        query parameters, cookies, a streamed body, extensions) is httpx's own."""
+        if content is None and json is not None:
+            body, defaults = _json_body(json), _JSON_HEADERS
+        elif isinstance(content, bytes) and content:
+            body, defaults = content, _BYTES_HEADERS
+        else:
+            body = None
+        if (
+            body is None
+            or data is not None
+            or files is not None
+            or params is not None
+            or cookies is not None
+            or extensions is not None
+            or self.params
+            or self.cookies
+        ):
+            return super().build_request(
+                method,
+                url,
+                content=content,
+                data=data,
+                files=files,
+                json=json,
+                params=params,
+                headers=headers,
+                cookies=cookies,
+                timeout=timeout,
+                extensions=extensions,
+            )
+        target = self._merge_url(url)
+        # The client's headers, less those the call names again (any case), then the call's.
+        given = httpx.Headers(headers).raw
+        named = {name.lower() for name, _ in given}
+        raw = [(name, value) for name, value in self.headers.raw if name.lower() not in named]
+        raw += given
+        named.update(name.lower() for name, _ in raw)
+        for name, value in defaults:  # the body's own headers, unless the call set them
+            if name.lower() not in named:
+                raw.append((name, str(len(body)).encode() if value is None else value))
+        if b"host" not in named and target.host:
+            raw.insert(0, (b"Host", target.netloc))
+        chosen = self.timeout if timeout is httpx.USE_CLIENT_DEFAULT else httpx.Timeout(timeout)
+        request = httpx.Request(
+            method,
+            target,
+            headers=raw,
+            stream=httpx.ByteStream(body),
+            extensions={"timeout": chosen.as_dict()},
+        )
+        request.read()  # as httpx does for a body in memory: `request.content` is there
+        return request
 
     async def send(
         self,
