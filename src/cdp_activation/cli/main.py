@@ -702,17 +702,20 @@ def _say_left_out(running: str) -> None:
 @contextmanager
 def _progress_bar(activation: str, partition: str, every: float = 0.5) -> Iterator[None]:
     """A progress bar (done of due, rate, ETA) for a real send, drawn from the ledger by a
-    thread while the run goes on; nothing shows until rows are planned."""
+    thread while the run goes on; nothing shows until rows are planned. On a large partition
+    the bar is redrawn less often than `every` (cli/pacing.py)."""
     import threading
 
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        TaskID,
         TextColumn,
         TimeRemainingColumn,
     )
 
+    from cdp_activation.cli.pacing import look_until_stopped
     from cdp_activation.ledger import Ledger
 
     stop = threading.Event()
@@ -727,24 +730,25 @@ def _progress_bar(activation: str, partition: str, every: float = 0.5) -> Iterat
         TimeRemainingColumn(),
     )
 
-    def poll(progress: Progress) -> None:
-        task = None
-        finished = False
-        while not finished:
-            finished = stop.wait(every)  # one last look once the run is over
-            done, left = ledger.progress(activation, partition)
-            done -= start_done
-            if task is None and left == 0:
-                continue
-            total = done + left
-            if task is None:
-                task = progress.add_task("send", total=total, rate="")
-            speed = progress.tasks[task].speed
-            rate = f"{speed:,.0f} msg/s" if speed else ""
-            progress.update(task, completed=done, total=total, rate=rate)
+    def look(progress: Progress, task: list[TaskID]) -> None:
+        done, left = ledger.progress(activation, partition)
+        done -= start_done
+        if not task and left == 0:
+            return
+        total = done + left
+        if not task:
+            task.append(progress.add_task("send", total=total, rate=""))
+        speed = progress.tasks[task[0]].speed
+        rate = f"{speed:,.0f} msg/s" if speed else ""
+        progress.update(task[0], completed=done, total=total, rate=rate)
 
     with Progress(*columns, console=console, transient=False) as progress:
-        thread = threading.Thread(target=poll, args=(progress,), daemon=True)
+        shown: list[TaskID] = []
+        thread = threading.Thread(
+            target=look_until_stopped,
+            args=(lambda: look(progress, shown), stop, every),
+            daemon=True,
+        )
         thread.start()
         try:
             yield
