@@ -41,9 +41,45 @@ def test_cheap_looks_come_every_interval_and_once_more_when_stopped() -> None:
     assert looked[-1] >= stopped  # the final figures are read after the stop
 
 
-def test_costly_looks_take_at_most_a_twentieth_of_a_core() -> None:
-    # Each look costs 0.05 s of CPU: the next may come only 1 s later. Looked at every 0.01 s
+def test_costly_looks_take_at_most_a_twentieth_of_the_time() -> None:
+    # Each look takes 0.05 s: the next may come only 1 s later. Looked at every 0.01 s
     # instead, the 0.6 s would have held about ten looks, one core busy all along.
     *looked, stopped = _looks_in(0.6, cost=0.05, every=0.01)
     assert len(looked) == 2, looked  # the first, then the final one once stopped
     assert looked[-1] >= stopped
+
+
+def test_a_look_that_waits_counts_as_much_as_one_that_works() -> None:
+    """A PostgreSQL ledger counts in its server: this thread only waits for the answer."""
+    looked: list[float] = []
+    stop = threading.Event()
+
+    def look() -> None:
+        time.sleep(0.05)
+        looked.append(time.monotonic())
+
+    thread = threading.Thread(target=look_until_stopped, args=(look, stop, 0.01))
+    thread.start()
+    time.sleep(0.6)
+    stop.set()
+    thread.join(timeout=30)
+    assert len(looked) == 2, looked
+
+
+def test_the_wait_never_passes_the_longest_and_a_failed_look_is_tried_again() -> None:
+    looks: list[float] = []
+    stop = threading.Event()
+
+    def look() -> None:
+        looks.append(time.monotonic())
+        if len(looks) % 2:
+            _burn(0.05)  # 1 s at the 5% share: held to the longest wait, 0.1 s
+            raise RuntimeError("database is locked")
+
+    thread = threading.Thread(target=look_until_stopped, args=(look, stop, 0.01, 0.05, 0.1))
+    thread.start()
+    time.sleep(0.8)
+    stop.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert len(looks) >= 5, looks  # every ~0.1 s, failures or not (about 7)

@@ -11,6 +11,7 @@ hang-ups, resets, truncated bodies, canned 429s).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import gzip
 import socket
@@ -487,6 +488,21 @@ def test_built_requests_match_httpx_s_own_with_client_headers_and_base_url() -> 
             assert ours.url == theirs.url
             assert ours.headers.raw == theirs.headers.raw
             assert ours.content == theirs.content
+
+
+def test_json_beside_form_data_or_files_is_left_to_httpx() -> None:
+    """httpx sends the form or the files and ignores `json=`: so does this client, whatever
+    the JSON holds."""
+    client = make_client(timeout=7.0, max_in_flight=1)
+    unencodable = {"when": datetime.date(2026, 12, 6), "score": float("nan")}
+    for extra in ({"data": {"a": "1"}}, {"files": {"f": b"x"}}):
+        ours = client.build_request("POST", "http://127.0.0.1/x", json=unencodable, **extra)
+        theirs = httpx.AsyncClient.build_request(
+            client, "POST", "http://127.0.0.1/x", json=unencodable, **extra
+        )
+        kind = [r.headers["content-type"].split(";")[0] for r in (ours, theirs)]
+        assert kind[0] == kind[1] != "application/json"
+        assert len(ours.read()) == len(theirs.read())  # a multipart boundary is random
 
 
 def test_a_json_body_httpx_refuses_is_refused_the_same() -> None:

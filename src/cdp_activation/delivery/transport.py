@@ -262,14 +262,11 @@ class _DeliveryClient(httpx.AsyncClient):
         to the same result: the same headers in the same order, the same body, the same
         timeouts (`test_built_requests_match_httpx_s_own`). Anything else (form data, files,
         query parameters, cookies, a streamed body, extensions) is httpx's own."""
-        if content is None and json is not None:
-            body, defaults = _json_body(json), _JSON_HEADERS
-        elif isinstance(content, bytes) and content:
-            body, defaults = content, _BYTES_HEADERS
-        else:
-            body = None
+        in_memory = (content is None and json is not None) or (
+            isinstance(content, bytes) and content
+        )
         if (
-            body is None
+            not in_memory
             or data is not None
             or files is not None
             or params is not None
@@ -291,6 +288,10 @@ class _DeliveryClient(httpx.AsyncClient):
                 timeout=timeout,
                 extensions=extensions,
             )
+        if content is None:
+            body, defaults = _json_body(json), _JSON_HEADERS
+        else:
+            body, defaults = content, _BYTES_HEADERS
         target = self._merge_url(url)
         # The client's headers, less those the call names again (any case), then the call's.
         given = httpx.Headers(headers).raw
