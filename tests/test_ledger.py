@@ -237,6 +237,32 @@ def test_a_deferred_row_waits_for_its_time_and_takes_the_latest_decision(ledger_
     ledger.dispose()
 
 
+def test_unchosen_rows_are_cancelled_from_a_column_of_chosen_keys(ledger_url: str) -> None:
+    """The run hands over the chosen keys as a polars column (a million at 10M customers):
+    the same rows are cancelled as from a list, and a row claimed since is left alone."""
+    from cdp_activation.ledger import ClaimRequest
+    from cdp_activation.vocabulary import idempotency_key_expr
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(2_000))
+    worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    [claimed] = ledger.claim(worker, "winback", "p", "initial", [ClaimRequest("meta_whatsapp", 1)])
+    assert len(claimed) == 1
+    still = chosen(2_000).filter(pl.col("customer_id").cast(pl.Int64) % 3 == 0)
+    keys = still.select(
+        idempotency_key_expr(
+            "winback", "p", pl.col("customer_id").cast(pl.String), pl.lit("initial")
+        )
+    ).to_series()
+    unchosen = 2_000 - still.height - 1  # the claimed row is not planned any more
+    assert ledger.cancel_unchosen("winback", "p", keys, "consent withdrawn") == unchosen
+    counts = ledger.counts("winback", "p")
+    assert counts == {"planned": still.height, "cancelled": unchosen, "in_flight": 1}
+    assert claimed[0].idempotency_key not in set(keys.to_list())
+    assert ledger.cancel_unchosen("winback", "p", keys.to_list(), "again") == 0
+    ledger.dispose()
+
+
 def test_holdout_rows_are_recorded_and_never_pending(ledger_url: str) -> None:
     ledger = Ledger(ledger_url)
     held = chosen(3).with_columns(pl.lit("holdout").alias("decision"))

@@ -76,6 +76,7 @@ from cdp_activation.spec import (
     QuietHoursSpec,
     coerce_parameter,
 )
+from cdp_activation.vocabulary import idempotency_key_expr
 
 
 class AudienceContractError(CdpError, ValueError):
@@ -918,11 +919,11 @@ def prepare_delivery(
     summary.holdout = decisions.filter(pl.col("decision") == HOLDOUT).height
     if seconds := _seconds_at_rate(chosen, connectors, chosen.height):
         summary.configured_rate_per_second = round(chosen.height / seconds, 1)
-    keys = [
-        idempotency_key(activation.name, partition_key, str(c), s)
-        for c, s in zip(chosen["customer_id"].to_list(), chosen["step"].to_list(), strict=True)
-    ]
     if dry_run:
+        keys = [
+            idempotency_key(activation.name, partition_key, str(c), s)
+            for c, s in zip(chosen["customer_id"].to_list(), chosen["step"].to_list(), strict=True)
+        ]
         held = ledger.partition_states(activation.name, partition_key)
         resendable = _resendable(activation, connectors)
         _preview_counts(summary, chosen, keys, held, now, activation.spec, resendable)
@@ -970,7 +971,14 @@ def prepare_delivery(
     summary.cancelled += ledger.cancel_unchosen(
         activation.name,
         partition_key,
-        keys,
+        chosen.select(
+            idempotency_key_expr(
+                activation.name,
+                partition_key,
+                pl.col("customer_id").cast(pl.String),
+                pl.col("step").cast(pl.String),
+            )
+        ).to_series(),
         reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
         step=step,
     )

@@ -10,7 +10,7 @@ import os
 import secrets
 import sqlite3
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from itertools import chain
@@ -833,7 +833,7 @@ class SendStates(LedgerBase):
         self,
         activation: str,
         partition_key: str,
-        chosen_keys: Sequence[str],
+        chosen_keys: pl.Series | Sequence[str],
         reason: str,
         step: str | None = None,
     ) -> int:
@@ -841,20 +841,33 @@ class SendStates(LedgerBase):
         longer choose (consent withdrawn since a deferral, say) end `cancelled`: they must not
         go out. A row of a request that must go out again whole (`request_id`: its provider
         may already have it, and de-duplicates the request on its key) is left in it: taken
-        out, the request would carry another key and reach its other recipients twice."""
-        keep = set(chosen_keys)
+        out, the request would carry another key and reach its other recipients twice.
+
+        Compared in polars, a slice of the partition at a time: right after a plan its planned
+        rows are every chosen one, a million at 10M customers."""
+        keep = pl.DataFrame(
+            {
+                "idempotency_key": chosen_keys
+                if isinstance(chosen_keys, pl.Series)
+                else pl.Series(list(chosen_keys), dtype=pl.String)
+            }
+        ).cast(pl.String)
         mark = self._mark
         of_this_step = "" if step is None else f" AND step = {mark}"
+        ids: list[int] = []
         with self.engine.begin() as con:
-            # The driver's rows: a partition's planned rows can be a million.
-            rows = _driver_rows(
-                con,
+            sql = (
                 f"SELECT id, idempotency_key FROM sends WHERE activation = {mark} "
                 f"AND partition_key = {mark} AND state = '{PLANNED}' "
-                f"AND request_id IS NULL{of_this_step}",
-                (activation, partition_key, *(() if step is None else (step,))),
+                f"AND request_id IS NULL{of_this_step}"
             )
-            ids = [row_id for row_id, key in rows if key not in keep]
+            params = (activation, partition_key, *(() if step is None else (step,)))
+            for rows in _driver_slices(con, sql, params, _UNCHOSEN_SLICE):
+                planned = pl.DataFrame(
+                    rows, schema={"id": pl.Int64, "idempotency_key": pl.String}, orient="row"
+                )
+                gone = planned.join(keep, on="idempotency_key", how="anti")
+                ids.extend(gone.get_column("id").to_list())
             for chunk in chunks(ids, 5000):
                 con.execute(
                     sa.update(sends)
@@ -862,6 +875,10 @@ class SendStates(LedgerBase):
                     .values(state=CANCELLED, error_message=reason[:500], updated_at=utc_now())
                 )
         return len(ids)
+
+
+# Planned rows `cancel_unchosen` reads at a time.
+_UNCHOSEN_SLICE = 50_000
 
 
 def _state_for(outcome: Outcome) -> str:
@@ -1061,14 +1078,32 @@ _RANDOM_REQUEST_ID = {
 def _driver_rows(con: sa.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
     """`sql`'s rows, run on the driver's own cursor in `con`'s transaction: a claim runs a
     statement or two per request, and SQLAlchemy's result set-up (~25 µs a statement) would
-    cost more than SQLite's own work. A driver error is raised as SQLAlchemy would raise it
-    (`sa.exc.OperationalError` for a lock timeout, which callers retry on), and a connection
-    the database dropped is invalidated, not handed back to the pool."""
+    cost more than SQLite's own work. Errors as `_driver_cursor` raises them."""
+    with _driver_cursor(con, sql, params) as cursor:
+        return list(cursor.fetchall())
+
+
+def _driver_slices(
+    con: sa.Connection, sql: str, params: Sequence[Any], size: int
+) -> Iterator[list[Any]]:
+    """`sql`'s rows `size` at a time, as `_driver_rows` reads them: one scan, never every row
+    at once in Python."""
+    with _driver_cursor(con, sql, params) as cursor:
+        while rows := cursor.fetchmany(size):
+            yield list(rows)
+
+
+@contextlib.contextmanager
+def _driver_cursor(con: sa.Connection, sql: str, params: Sequence[Any]) -> Iterator[Any]:
+    """The driver's own cursor in `con`'s transaction, `sql` executed on it. A driver error
+    (executing or fetching) is raised as SQLAlchemy would raise it (`sa.exc.OperationalError`
+    for a lock timeout, which callers retry on), and a connection the database dropped is
+    invalidated, not handed back to the pool."""
     dbapi_error = con.dialect.loaded_dbapi.Error
     cursor = con.connection.cursor()
     try:
         cursor.execute(sql, params)
-        return list(cursor.fetchall())
+        yield cursor
     except dbapi_error as err:
         if con.dialect.is_disconnect(err, con.connection.dbapi_connection, cursor):
             con.invalidate(err)
