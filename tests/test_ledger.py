@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -41,6 +42,26 @@ def test_planning_twice_writes_each_key_once(ledger_url: str) -> None:
     # Another partition or activation is another key.
     assert ledger.plan("winback", "2026-11-24", chosen(10)).planned == 10
     assert ledger.plan("other", "2026-11-23", chosen(10)).planned == 10
+    ledger.dispose()
+
+
+def test_a_plan_built_a_slice_at_a_time_is_one_plan(
+    ledger_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows are built from the decisions a slice at a time (bounded memory): every row is
+    written once, with its own message, and the whole plan shares one planning time."""
+    from cdp_activation.ledger import state_machine
+
+    monkeypatch.setattr(state_machine, "_PLAN_BUILD_SLICE", 7)
+    ledger = Ledger(ledger_url)
+    assert ledger.plan("winback", "p", chosen(50)).planned == 50
+    rows = ledger.rows("winback", "p").sort("customer_id")
+    assert rows.height == 50 and rows["idempotency_key"].n_unique() == 50
+    assert rows["planned_at"].n_unique() == 1
+    assert [json.loads(m)["parameters"][1] for m in rows.sort("id")["message"]] == [
+        str(c) for c in rows.sort("id")["customer_id"].cast(pl.Int64)
+    ]
+    assert ledger.plan("winback", "p", chosen(50)).existing == {"planned": 50}
     ledger.dispose()
 
 

@@ -85,7 +85,17 @@ class SendStates(LedgerBase):
         """
         if chosen.is_empty():
             return PlanResult(planned=0, existing={})
-        rows = _plan_rows(activation, partition_key, chosen, run_id, purpose, self.dialect)
+        # A slice of the decisions at a time: each of the message's forms is built for every
+        # row of a slice before one is picked, and a million rows' worth at once held ~1.4 GB
+        # at a 10M-customer run's peak. The slices share one planning time.
+        now = utc_now()
+        rows = pl.concat(
+            [
+                _plan_rows(activation, partition_key, part, run_id, purpose, self.dialect, now)
+                for part in chosen.iter_slices(_PLAN_BUILD_SLICE)
+            ],
+            rechunk=False,
+        )
         timing = ("not_before", "send_until", "reopens_at")
         known = rows.select("idempotency_key", *timing).join(
             self._partition_rows(activation, partition_key, ("idempotency_key", "state", *timing)),
@@ -881,6 +891,9 @@ class SendStates(LedgerBase):
         return len(ids)
 
 
+# Decisions `plan` turns into rows at a time.
+_PLAN_BUILD_SLICE = 100_000
+
 # Planned rows `cancel_unchosen` reads at a time.
 _UNCHOSEN_SLICE = 50_000
 
@@ -945,6 +958,7 @@ def _plan_rows(
     run_id: str | None,
     purpose: str,
     dialect: str,
+    planned_at: datetime,
 ) -> pl.DataFrame:
     """The `sends` rows of `chosen` decisions (columns `_PLAN_COLUMNS`), built in polars.
 
@@ -986,7 +1000,7 @@ def _plan_rows(
         utc = pl.Datetime("us", "UTC")
         return pl.col(column).cast(utc) if column in chosen.columns else pl.lit(None, dtype=utc)
 
-    now = pl.lit(utc_now(), dtype=pl.Datetime("us", "UTC"))
+    now = pl.lit(planned_at, dtype=pl.Datetime("us", "UTC"))
 
     def stamp(value: pl.Expr) -> pl.Expr:
         return value.dt.strftime("%Y-%m-%d %H:%M:%S.%6f") if dialect == "sqlite" else value
