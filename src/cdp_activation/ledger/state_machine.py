@@ -86,8 +86,8 @@ class SendStates(LedgerBase):
         if chosen.is_empty():
             return PlanResult(planned=0, existing={})
         # A slice of the decisions at a time: each of the message's forms is built for every
-        # row of a slice before one is picked, and a million rows' worth at once held ~1.4 GB
-        # at a 10M-customer run's peak. The slices share one planning time.
+        # row of a slice before one is picked (10M customers, a million planned: the run's
+        # peak 4,588 -> 4,461 MB, one run each). The slices share one planning time.
         now = utc_now()
         rows = pl.concat(
             [
@@ -122,8 +122,8 @@ class SendStates(LedgerBase):
             elif self.dialect == "sqlite":
                 # Many rows a statement, not one: SQLite pays a statement journal and a trigger
                 # program per statement. In key order, the unique index grows at its end.
-                # Each statement's rows gathered in key order from the frame as it is: a
-                # sorted copy of a million rows held ~400 MB more at the run's peak.
+                # Each statement's rows gathered in key order from the frame as it is, not
+                # from a sorted copy of every row held beside it.
                 order = rows.get_column("idempotency_key").arg_sort()
                 step = _sqlite_rows_per_statement(con, len(_PLAN_COLUMNS))
                 for start in range(0, rows.height, step):
