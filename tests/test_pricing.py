@@ -51,3 +51,34 @@ def test_a_bad_price_list_is_refused_with_its_path(tmp_path: Path, document: dic
 
 def test_the_packaged_list_loads() -> None:
     assert load_prices().unit_price("whatsapp", "DE", "marketing") == 0.1365
+
+
+def test_the_preview_prices_each_chosen_message_by_the_country_the_ledger_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's decisions carry each customer's country as the ledger keeps it (upper
+    case, `with_country`): the preview prices by it, as the ledger does, a lowercase `gb`
+    in the warehouse included. Decisions without the column take the audience's."""
+    from cdp_activation.activation.run import with_country
+    from cdp_activation.components.metadata import cost_metadata
+    from cdp_activation.policy import Decisions
+    from cdp_activation.spec import ChannelPlanSpec
+
+    path = tmp_path / "prices.yaml"
+    path.write_text(yaml.safe_dump(PRICES.model_dump()))
+    monkeypatch.setenv("CDP_PRICES_FILE", str(path))
+    audience = pl.DataFrame({"customer_id": [1, 2, 3, 4], "country": ["gb", "GB", "FR", "GB"]})
+    frame = pl.DataFrame(
+        {
+            "customer_id": [1, 2, 3, 4],
+            "decision": ["send", "defer", "send", "exclude"],
+            "channel": ["sms", "sms", "sms", None],
+        }
+    )
+    plan = ChannelPlanSpec.model_validate(
+        {"steps": [{"channel": "sms", "connector": "webhook", "body": "Hi"}]}
+    )
+    decided = with_country(Decisions(frame=frame, template_problems={}), audience)
+    assert cost_metadata(decided, audience, plan)["estimated_cost"].value == 0.1  # 0.04 * 2 + 0.02
+    joined = cost_metadata(Decisions(frame=frame, template_problems={}), audience, plan)
+    assert joined["estimated_cost"].value == 0.08  # gb as written: the channel's 0.02

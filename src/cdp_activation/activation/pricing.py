@@ -62,9 +62,13 @@ def estimate_cost(
     `country`; each distinct (channel, country) is priced once."""
     if chosen.is_empty():
         return 0.0, {}, 0
-    pairs = chosen.group_by(
-        pl.col("channel").cast(pl.String), pl.col("country").cast(pl.String)
-    ).len()
+    pairs = (  # by their codes on the streaming engine, named after: no text column per row
+        chosen.lazy()
+        .group_by("channel", "country")
+        .len()
+        .with_columns(pl.col("channel", "country").cast(pl.String))
+        .collect(engine="streaming")
+    )
     by_channel: dict[str, float] = {}
     unpriced = 0
     for channel, country, count in pairs.iter_rows():

@@ -631,17 +631,17 @@ def with_run_choices(
 
 def decision_counts(decisions: pl.DataFrame) -> pl.DataFrame:
     """Customers per country, channel, decision and reason (the funnel's first stages)."""
-    country = (
-        pl.col("country").cast(pl.String)
-        if "country" in decisions.columns
-        else pl.lit(None, dtype=pl.String).alias("country")
+    country = pl.col("country") if "country" in decisions.columns else pl.lit(None, pl.String)
+    keys = ("country", "channel", "decision", "reason")
+    # By their codes, on the streaming engine, named after: 5,397,003 decisions (10,000,000
+    # customers) took 1.3 GB grouped by the four as text, eagerly; 0.9 GB by their codes.
+    return (
+        decisions.lazy()
+        .group_by(country.alias("country"), "channel", "decision", "reason")
+        .agg(pl.len().alias("customers"))
+        .with_columns(pl.col(*keys).cast(pl.String))
+        .collect(engine="streaming")
     )
-    return decisions.group_by(
-        country,
-        pl.col("channel").cast(pl.String),
-        pl.col("decision").cast(pl.String),
-        pl.col("reason").cast(pl.String),
-    ).agg(pl.len().alias("customers"))
 
 
 def eligible_count(decisions: pl.DataFrame) -> int:

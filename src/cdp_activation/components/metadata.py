@@ -52,11 +52,19 @@ def cost_metadata(
     """The preview's estimated cost: every chosen message at its unit price for the
     customer's country and the channel (`pricing.py`; CDP_PRICES_FILE)."""
     prices = load_prices(get_settings().prices_path())
-    chosen = result.chosen.select(pl.col("customer_id").cast(pl.String), "channel").join(
-        audience.select(pl.col("customer_id").cast(pl.String), "country"),
-        on="customer_id",
-        how="left",
-    )
+    if "country" in result.frame.columns:  # the run's own (`with_country`), as the ledger's
+        chosen = result.chosen_columns("channel", "country")
+    else:  # joined as text (10,000,000 customers: 0.8 GB more than the column above)
+        ids = pl.col("customer_id").cast(pl.String)
+        chosen = (
+            result.chosen_columns("customer_id", "channel")
+            .with_columns(ids)
+            .join(
+                audience.select(pl.col("customer_id").cast(pl.String), "country"),
+                on="customer_id",
+                how="left",
+            )
+        )
     total, by_channel, unpriced = estimate_cost(chosen, prices, plan.purpose)
     lines = [f"| channel | estimated cost ({prices.currency}) |", "|---|---:|"]
     lines += [f"| {c} | {v:,.2f} |" for c, v in by_channel.items()]
