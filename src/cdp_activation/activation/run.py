@@ -453,6 +453,13 @@ def load_suppressions(
     return normalise_suppressions(raw, regions, cache)
 
 
+def phone_cache(ledger: Ledger | None) -> PhoneCache | None:
+    """The numbers' normalisations kept beside `ledger`; None without a ledger or without a
+    key (no key, no cache: nothing derived from a number is kept, pii.py)."""
+    key = pii_key()
+    return PhoneCache(ledger.engine, key=key) if ledger is not None and key else None
+
+
 def compute_decisions(
     activation: Activation,
     audience: pl.DataFrame,
@@ -468,9 +475,7 @@ def compute_decisions(
     cap, whose catalogs are its own connectors' to read)."""
     validate_audience(activation, audience)  # the blocking check said so; never decide on less
     regions = sorted(audience["country"].drop_nulls().unique().to_list())
-    # No key, no cache: nothing derived from a number is kept (pii.py).
-    key = pii_key()
-    cache = PhoneCache(ledger.engine, key=key) if ledger is not None and key else None
+    cache = phone_cache(ledger)
     suppressions = load_suppressions(activation, warehouse, regions, cache)
     catalogs: Mapping[str, list[TemplateInfo] | None] = (
         fetch_catalogs(activation, connectors)
@@ -704,7 +709,12 @@ def policy_breaches(
     """Chosen recipients that break consent or suppression, re-checked independently of the
     engine: from the audience's own consent columns and a fresh suppression list."""
     purpose = activation.spec.channel_plan.purpose
-    chosen = decisions.filter(pl.col("decision").is_in([SEND, DEFER]))
+    chosen = (  # only the columns read here: not a copy of every column of the chosen rows
+        decisions.lazy()
+        .filter(pl.col("decision").is_in([SEND, DEFER]))
+        .select("customer_id", "channel", "phone_e164", "reason")
+        .collect()
+    )
     no_consent = pl.lit(False)
     consents: dict[str, str] = {}
     for step in activation.spec.channel_plan.steps:
