@@ -220,9 +220,12 @@ def _compacted(frame: pl.DataFrame) -> pl.DataFrame:
     if not nested:
         return frame
     original = frame.select(nested)
-    table = original.to_arrow()  # strings copied out of their views (large_string)
-    # `take` copies each list's own values: a sliced list array keeps all of its child's.
-    rebuilt = pl.from_arrow(table.take(pa.array(range(table.num_rows), type=pa.int64())))
+    try:
+        table = original.to_arrow()  # strings copied out of their views (large_string)
+        # `take` copies each list's own values: a sliced list array keeps all of its child's.
+        rebuilt = pl.from_arrow(table.take(pa.array(range(table.num_rows), type=pa.int64())))
+    except Exception:  # a type Arrow has not (Int128 in a struct): pickled as it is
+        return frame
     if not isinstance(rebuilt, pl.DataFrame) or rebuilt.schema != original.schema:
         return frame
     return frame.with_columns(rebuilt.get_columns())
