@@ -423,6 +423,14 @@ def test_a_frame_s_nested_strings_are_stored_at_their_own_size_not_their_source_
     few = decided.filter(pl.col("customer_id") % 100 == 0)  # whole
     assert few.estimated_size() < storage.FRAME_PART_BYTES
     assert stored_size(few) < 1.5 * own_size(few)
+    # Inside another object (the fallback step's decisions, in its `Prepared`) as well.
+    path = tmp_path / "inside.sealed"
+    with path.open("wb") as out:
+        storage.dump_sealed(storage.storage_cipher(), {"decisions": few, "again": [few]}, out)
+    with path.open("rb") as source:
+        inside = storage.load_sealed(storage.storage_cipher(), source, str(path))
+    assert inside["decisions"].equals(few) and inside["again"][0] is inside["decisions"]
+    assert path.stat().st_size < 1.5 * own_size(few)
     # A nested type Arrow cannot carry is stored as polars pickles it, not refused.
     wide = few.with_columns(pl.struct(big=pl.col("customer_id").cast(pl.Int128)).alias("big"))
     stored_size(wide)

@@ -197,12 +197,24 @@ def dump_sealed(cipher: AESGCM, obj: Any, out: IO[bytes]) -> None:
         offsets = range(0, obj.height, rows)
         pickle.dump(_FrameParts(len(offsets)), writer, protocol=pickle.HIGHEST_PROTOCOL)
         for offset in offsets:
-            part = _compacted(obj.slice(offset, rows))
-            pickle.dump(part, writer, protocol=pickle.HIGHEST_PROTOCOL)
+            _CompactingPickler(writer, protocol=pickle.HIGHEST_PROTOCOL).dump(
+                obj.slice(offset, rows)
+            )
     else:
-        frame = isinstance(obj, pl.DataFrame)
-        pickle.dump(_compacted(obj) if frame else obj, writer, protocol=pickle.HIGHEST_PROTOCOL)
+        _CompactingPickler(writer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     writer.close()
+
+
+class _CompactingPickler(pickle.Pickler):
+    """Pickles every polars DataFrame of an object, at any depth (a frame in a step's
+    NamedTuple too), with its nested columns compacted first (`_compacted`)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, pl.DataFrame):
+            compact = _compacted(obj)
+            if compact is not obj:
+                return compact.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        return NotImplemented
 
 
 def _compacted(frame: pl.DataFrame) -> pl.DataFrame:
