@@ -58,7 +58,7 @@ def test_the_preview_prices_each_chosen_message_by_the_country_the_ledger_keeps(
 ) -> None:
     """The run's decisions carry each customer's country as the ledger keeps it (upper
     case, `with_country`): the preview prices by it, as the ledger does, a lowercase `gb`
-    in the warehouse included. Decisions without the column take the audience's."""
+    in the warehouse included; only the chosen (send, defer) are priced."""
     from cdp_activation.activation.run import with_country
     from cdp_activation.components.metadata import cost_metadata
     from cdp_activation.policy import Decisions
@@ -79,6 +79,4 @@ def test_the_preview_prices_each_chosen_message_by_the_country_the_ledger_keeps(
         {"steps": [{"channel": "sms", "connector": "webhook", "body": "Hi"}]}
     )
     decided = with_country(Decisions(frame=frame, template_problems={}), audience)
-    assert cost_metadata(decided, audience, plan)["estimated_cost"].value == 0.1  # 0.04 * 2 + 0.02
-    joined = cost_metadata(Decisions(frame=frame, template_problems={}), audience, plan)
-    assert joined["estimated_cost"].value == 0.08  # gb as written: the channel's 0.02
+    assert cost_metadata(decided, plan)["estimated_cost"].value == 0.1  # 0.04 * 2 + 0.02

@@ -281,7 +281,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         )
         plan = chosen_activation.spec.channel_plan
         experiment = chosen_activation.spec.experiment
-        metadata = asset_meta.decisions_metadata(result, plan, audience, experiment)
+        metadata = asset_meta.decisions_metadata(result, plan, experiment)
         checks = [
             _consent_result(activation, context, result.frame, audience),
             _phone_share_result(result.excluded_by_reason(), audience.height),

@@ -46,25 +46,12 @@ def _column_schema(schema: pl.Schema) -> dg.TableSchema:
     )
 
 
-def cost_metadata(
-    result: Decisions, audience: pl.DataFrame, plan: ChannelPlanSpec
-) -> dict[str, Any]:
+def cost_metadata(result: Decisions, plan: ChannelPlanSpec) -> dict[str, Any]:
     """The preview's estimated cost: every chosen message at its unit price for the
-    customer's country and the channel (`pricing.py`; CDP_PRICES_FILE)."""
+    customer's country (the decisions' own, `with_country`: the one the ledger keeps and
+    prices by) and the channel (`pricing.py`; CDP_PRICES_FILE)."""
     prices = load_prices(get_settings().prices_path())
-    if "country" in result.frame.columns:  # the run's own (`with_country`), as the ledger's
-        chosen = result.chosen_columns("channel", "country")
-    else:  # joined as text (10,000,000 customers: 0.8 GB more than the column above)
-        ids = pl.col("customer_id").cast(pl.String)
-        chosen = (
-            result.chosen_columns("customer_id", "channel")
-            .with_columns(ids)
-            .join(
-                audience.select(pl.col("customer_id").cast(pl.String), "country"),
-                on="customer_id",
-                how="left",
-            )
-        )
+    chosen = result.chosen_columns("channel", "country")
     total, by_channel, unpriced = estimate_cost(chosen, prices, plan.purpose)
     lines = [f"| channel | estimated cost ({prices.currency}) |", "|---|---:|"]
     lines += [f"| {c} | {v:,.2f} |" for c, v in by_channel.items()]
@@ -90,7 +77,6 @@ def md_counts(title: str, counts: Mapping[str, int]) -> str:
 def decisions_metadata(
     result: Decisions,
     plan: ChannelPlanSpec,
-    audience: pl.DataFrame,
     experiment: ExperimentSpec | None = None,
 ) -> dict[str, Any]:
     """The decisions asset's metadata: counts for the UI, the estimated cost, and `summary`,
@@ -99,7 +85,7 @@ def decisions_metadata(
     excluded = result.excluded_by_reason()
     counts = result.counts()
     samples = sample_messages(result.frame, plan, experiment=experiment)
-    cost = cost_metadata(result, audience, plan)
+    cost = cost_metadata(result, plan)
     variants = variant_counts(result.frame)
     meta: dict[str, Any] = {
         "audience_size": result.frame.height,
