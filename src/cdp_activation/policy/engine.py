@@ -369,15 +369,21 @@ def _row_wise(frame: pl.DataFrame, query: Callable[[pl.LazyFrame], pl.LazyFrame]
     column of a frame whose columns are chunked differently the first time an expression
     runs over it (the streaming engine's output was: some columns in 181 pieces, others in
     100; +685 MB on 10,000,000 customers). Columns passed through (the ids, the numbers)
-    stay views of the input's. The slices run side by side (`collect_all`), so only a few
-    slices' intermediate columns exist at a time.
+    stay views of the input's, and only one slice's intermediate columns exist at a time.
     """
     slices: list[tuple[int, int]] = []
     for start, end in itertools.pairwise(_boundaries(frame)):
+        if slices and slices[-1][1] - slices[-1][0] < _SLICE_ROWS // 4:
+            # Small chunks (a warehouse's small batches) go together: a query a chunk would
+            # cost more than its rows. Inside such a slice polars joins them (a copy of it).
+            start = slices.pop()[0]
         slices += [(s, min(end, s + _SLICE_ROWS)) for s in range(start, end, _SLICE_ROWS)]
     if not slices:
         return query(frame.lazy()).collect()
-    parts = pl.collect_all([query(frame.slice(s, e - s).lazy()) for s, e in slices])
+    # One after the other: each is parallel inside (its expressions side by side). Run
+    # together (`collect_all`), many slices' intermediate columns were alive at once:
+    # +1,490 against +1,320 MB on 10,000,000 customers, in the same time.
+    parts = [query(frame.slice(s, e - s).lazy()).collect() for s, e in slices]
     return _aligned(pl.concat(parts, rechunk=False))
 
 
