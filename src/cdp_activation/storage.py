@@ -21,6 +21,10 @@ A polars DataFrame larger than a segment is pickled in parts of rows (`_FramePar
 each part's own pickle): pickling a frame whole builds its serialized copy first, and
 unpickling reads that copy back before the frame is rebuilt, so either way the process held
 the frame twice (gigabytes at 10,000,000 customers). In parts, it holds one part more.
+
+Every DataFrame of an output, at any depth, is pickled as Arrow IPC compressed with LZ4
+(`_FramePickler`), not as polars pickles it: a third of the bytes to seal, write and read back,
+and only the strings its rows use. Files pickled the earlier way are read as they were.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from typing import IO, Any
 
 import dagster as dg
 import polars as pl
-import pyarrow as pa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from upath import UPath
@@ -197,50 +200,34 @@ def dump_sealed(cipher: AESGCM, obj: Any, out: IO[bytes]) -> None:
         offsets = range(0, obj.height, rows)
         pickle.dump(_FrameParts(len(offsets)), writer, protocol=pickle.HIGHEST_PROTOCOL)
         for offset in offsets:
-            _CompactingPickler(writer, protocol=pickle.HIGHEST_PROTOCOL).dump(
-                obj.slice(offset, rows)
-            )
+            _FramePickler(writer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj.slice(offset, rows))
     else:
-        _CompactingPickler(writer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+        _FramePickler(writer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     writer.close()
 
 
-class _CompactingPickler(pickle.Pickler):
+class _FramePickler(pickle.Pickler):
     """Pickles every polars DataFrame of an object, at any depth (a frame in a step's
-    NamedTuple too), with its nested columns compacted first (`_compacted`)."""
+    NamedTuple too), as LZ4-compressed Arrow IPC, read back by `_frame_from_ipc`.
+
+    The decisions of 10,000,000 customers, in 13 parts: 575 MB written in 5.5 s and read back
+    in 3.4 s, where polars' own pickle of the same parts took 1,615 MB in 6.2 s and 7.4 s,
+    and 3.8 s more to compact their nested columns first; sealing costs by the byte. Polars'
+    pickle wrote a slice's nested strings and list values with every buffer they share with
+    the rest of the frame (a 2.5 GB decisions file for a 437 MB frame); IPC writes what the
+    rows use. A frame IPC cannot carry (an Object column) polars cannot pickle either."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, pl.DataFrame):
-            compact = _compacted(obj)
-            if compact is not obj:
-                return compact.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+            buffer = io.BytesIO()
+            obj.write_ipc(buffer, compression="lz4")
+            return _frame_from_ipc, (pickle.PickleBuffer(buffer.getbuffer()),)
         return NotImplemented
 
 
-def _compacted(frame: pl.DataFrame) -> pl.DataFrame:
-    """`frame` with its nested columns (struct, list, array) holding only their own values.
-
-    polars keeps strings as views into shared buffers, and a slice or filter keeps every
-    buffer of the column it came from (a list, every value of its column). Its pickle (IPC)
-    writes only the strings a top-level column's rows use, but a nested column's strings and
-    a list's values whole. Each 270,000-row part of a 5,397,003-row decisions frame was
-    written with every buffer of its `variables` struct and read back as a copy of them: a
-    2.5 GB file for a 437 MB frame, and ~2 GB more held by the step that read it. Through
-    Arrow, with a `take`, a nested column is rebuilt from the values its rows use. Kept as
-    it was if Arrow would change a type."""
-    nested = [name for name, dtype in frame.schema.items() if dtype.is_nested()]
-    if not nested:
-        return frame
-    original = frame.select(nested)
-    try:
-        table = original.to_arrow()  # strings copied out of their views (large_string)
-        # `take` copies each list's own values: a sliced list array keeps all of its child's.
-        rebuilt = pl.from_arrow(table.take(pa.array(range(table.num_rows), type=pa.int64())))
-    except Exception:  # a type Arrow has not (Int128 in a struct): pickled as it is
-        return frame
-    if not isinstance(rebuilt, pl.DataFrame) or rebuilt.schema != original.schema:
-        return frame
-    return frame.with_columns(rebuilt.get_columns())
+def _frame_from_ipc(data: bytes | bytearray) -> pl.DataFrame:
+    """A DataFrame `_FramePickler` stored."""
+    return pl.read_ipc(io.BytesIO(data))
 
 
 def load_sealed(cipher: AESGCM, source: IO[bytes], where: str) -> Any:
