@@ -686,7 +686,7 @@ def test_the_decisions_columns_share_their_chunks_and_keep_the_audience_s_ids(
     # time an expression runs over it (+685 MB on 10,000,000 customers): the decisions'
     # columns must share their chunks, and the ids must be the audience's own, not a copy.
     # Slices of 10,000 rows cut the pieces; of 262,144, the pieces are small and are joined
-    # into slices of their own (copied: a chunk a query would cost more than its rows).
+    # into slices of their own (copied: a query a chunk would cost more than its rows).
     from cdp_activation.policy import engine
 
     monkeypatch.setattr(engine, "_SLICE_ROWS", slice_rows)
@@ -732,18 +732,42 @@ def test_the_decisions_columns_share_their_chunks_and_keep_the_audience_s_ids(
     assert frame["customer_id"].to_list() == audience["customer_id"].to_list()
     assert result.counts()["send"] == 50_000
     assert frame.filter(pl.col("reason") == "duplicate_phone").height > 0
-    if slice_rows > 30_000:  # joined: a few pieces, not one a chunk of every column
-        assert len(layouts["customer_id"]) <= 2 * (n // (slice_rows // 4) + 1)
-        return
-    assert len(layouts["customer_id"]) > 1  # not copied into one piece either
-    audience_buffers = [
+    if slice_rows < 30_000:  # cut, not joined: the ids are the audience's own
+        assert len(layouts["customer_id"]) > 1  # not copied into one piece either
+        assert _views_of(frame["customer_id"], audience["customer_id"])
+
+
+def _views_of(column: pl.Series, source: pl.Series) -> bool:
+    """Whether every chunk of a numeric `column` lies in the memory of `source`'s chunks."""
+    spans = [
         (buffer.address, buffer.address + buffer.size)
-        for piece in audience["customer_id"].get_chunks()
+        for piece in source.get_chunks()
         for buffer in [piece.to_arrow().buffers()[1]]
     ]
-    for piece in frame["customer_id"].get_chunks():
-        address = piece.to_arrow().buffers()[1].address
-        assert any(start <= address < end for start, end in audience_buffers)
+    return all(
+        any(start <= piece.to_arrow().buffers()[1].address < end for start, end in spans)
+        for piece in column.get_chunks()
+    )
+
+
+def test_the_second_row_by_row_pass_keeps_the_first_pass_s_pieces() -> None:
+    # Polars cuts a slice's output in a piece per thread: the pass that finishes the
+    # decisions takes those pieces as they are. Joining the small ones (as the first pass
+    # does with a warehouse's small batches) copied every column of the decisions.
+    from cdp_activation.policy.engine import _row_wise
+
+    pieces = [pl.DataFrame({"id": range(i, i + 1_000)}) for i in range(0, 8_000, 1_000)]
+    frame = pl.concat(pieces, rechunk=False)
+
+    def query(rows: pl.LazyFrame) -> pl.LazyFrame:
+        return rows.with_columns((pl.col("id") * 2).alias("twice"))
+
+    kept = _row_wise(frame, query, join_small=False)
+    assert _views_of(kept["id"], frame["id"])
+    assert (kept["twice"] == frame["id"] * 2).all()
+    joined = _row_wise(frame, query)  # the first pass's way: 1,000-row chunks are joined
+    assert not _views_of(joined["id"], frame["id"])
+    assert joined["id"].to_list() == frame["id"].to_list()
 
 
 def test_a_platform_that_owns_its_templates_is_not_checked_against_a_catalog() -> None:

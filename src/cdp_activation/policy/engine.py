@@ -358,16 +358,24 @@ def decide(
         ).select(keep)
 
     # Row by row again: the zone's times and the steps' values are looked up by position
-    # (`gather`), which gives one chunk; in slices they keep the frame's.
-    return Decisions(frame=_row_wise(frame, finish), template_problems=template_problems)
+    # (`gather`), which gives one chunk; in slices they keep the frame's. Its chunks are the
+    # first pass's (polars cuts a slice's output in a piece per thread): none is joined, which
+    # would copy the whole frame.
+    frame = _row_wise(frame, finish, join_small=False)
+    return Decisions(frame=frame, template_problems=template_problems)
 
 
-def _row_wise(frame: pl.DataFrame, query: Callable[[pl.LazyFrame], pl.LazyFrame]) -> pl.DataFrame:
+def _row_wise(
+    frame: pl.DataFrame,
+    query: Callable[[pl.LazyFrame], pl.LazyFrame],
+    *,
+    join_small: bool = True,
+) -> pl.DataFrame:
     """`query` (row by row: no row depends on another) over `frame`, a slice at a time.
 
-    Each slice lies inside one chunk of every input column (small chunks are joined into
-    slices of their own), and comes out in the same pieces in every output column, so the
-    result's columns share their chunks: polars copies every
+    Each slice lies inside one chunk of every input column (with `join_small`, small chunks
+    are joined into slices of their own), and comes out in the same pieces in every output
+    column, so the result's columns share their chunks: polars copies every
     column of a frame whose columns are chunked differently the first time an expression
     runs over it (the streaming engine's output was: some columns in 181 pieces, others in
     100; +685 MB on 10,000,000 customers). Columns passed through (the ids, the numbers)
@@ -376,7 +384,7 @@ def _row_wise(frame: pl.DataFrame, query: Callable[[pl.LazyFrame], pl.LazyFrame]
     slices: list[tuple[int, int, bool]] = []  # start, end, whether it joins several chunks
     for start, end in itertools.pairwise(_boundaries(frame)):
         joined = False
-        if slices and slices[-1][1] - slices[-1][0] < _SLICE_ROWS // 4:
+        if join_small and slices and slices[-1][1] - slices[-1][0] < _SLICE_ROWS // 4:
             # Small chunks (a warehouse's small batches) go together: a query a chunk would
             # cost more than its rows.
             start, joined = slices.pop()[0], True
