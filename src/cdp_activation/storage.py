@@ -210,12 +210,12 @@ class _FramePickler(pickle.Pickler):
     """Pickles every polars DataFrame of an object, at any depth (a frame in a step's
     NamedTuple too), as LZ4-compressed Arrow IPC, read back by `_frame_from_ipc`.
 
-    The decisions of 10,000,000 customers, in 13 parts: 575 MB written in 5.5 s and read back
-    in 3.4 s, where polars' own pickle of the same parts took 1,615 MB in 6.2 s and 7.4 s,
-    and 3.8 s more to compact their nested columns first; sealing costs by the byte. Polars'
-    pickle wrote a slice's nested strings and list values with every buffer they share with
-    the rest of the frame (a 2.5 GB decisions file for a 437 MB frame); IPC writes what the
-    rows use. A frame IPC cannot carry (an Object column) polars cannot pickle either."""
+    The decisions of 10,000,000 customers, in 13 parts: 642 MB written in 3.1-3.4 s and read
+    back in 1.9-4.6 s (two runs). Polars' own pickle wrote a slice's nested strings and list
+    values with every buffer they share with the rest of the frame (8.5 GB for these parts),
+    so they were compacted through Arrow first (3.8 s), then pickled: 1,615 MB in 6.2 s, read
+    back in 7.4 s. Sealing costs by the byte. A frame IPC cannot carry (an Object column)
+    polars cannot pickle either."""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, pl.DataFrame):
