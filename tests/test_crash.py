@@ -188,7 +188,7 @@ def test_kills_and_faults_while_two_workers_hand_off_to_braze_lose_nobody(
     )
     args = ("braze_audience",)
     with SandboxServer(config=config) as sandbox:
-        steady = Worker(ledger_file, sandbox.url, 4, *args, n=n)
+        steady = Worker(ledger_file, sandbox.url, 2, *args, n=n)
         steady.wait_for("delivering", timeout=30)
         landed = []
         for _ in range(kills):
