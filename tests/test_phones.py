@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from phonenumbers import PhoneMetadata
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
+from cdp_activation import phone_parsing
 from cdp_activation.demo.data import generate_demo_warehouse
 from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.phones import (
@@ -324,6 +325,48 @@ def test_warm_run_calls_phonenumbers_zero_times(
     before = phonenumbers_calls()
     normalise_frame(pl.concat([frame, extra]), cache=cache)
     assert phonenumbers_calls() - before == 2
+
+
+def test_many_numbers_are_parsed_on_every_core_with_the_same_answers(
+    cache: PhoneCache, demo_phones: pl.DataFrame, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `PARALLEL_MIN` pairs, helper processes (`python -m cdp_activation.phone_parsing`)
+    parse them a chunk at a time: the answers, their order and the call count are those of
+    this process alone."""
+    frame = demo_phones.head(20_000)
+    expected = normalise_frame(frame)  # below the threshold: this process alone
+    here: list[int] = []  # pairs parsed in this process: none, the helpers parse them all
+    parse_here = phone_parsing.classify
+
+    def counted(raw: str | None, region: str | None) -> phone_parsing.Answer:
+        here.append(1)
+        return parse_here(raw, region)
+
+    monkeypatch.setattr(phone_parsing, "PARALLEL_MIN", 100)
+    monkeypatch.setattr(phone_parsing, "_CHUNK", 50)
+    monkeypatch.setattr(phone_parsing, "classify", counted)
+    monkeypatch.setattr(phone_parsing, "cores", lambda: 2)
+    before = phonenumbers_calls()
+    cold = normalise_frame(frame, cache=cache)
+    asked = phonenumbers_calls() - before
+    assert cold.equals(expected)
+    assert here == [], "numbers were parsed in this process, not by the helpers"
+    blank = frame.filter(pl.col("phone").str.strip_chars() == "").unique()  # no parse needed
+    assert asked == cache.count() - blank.height
+
+
+def test_a_helper_that_fails_leaves_its_share_to_this_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pairs = [(f"07400 {n:06d}", "GB") for n in range(300)] + [("030 1234567", "de"), ("", "GB")]
+    expected = [phone_parsing.classify(raw, region) for raw, region in pairs]
+    monkeypatch.setattr(phone_parsing, "PARALLEL_MIN", 10)
+    monkeypatch.setattr(phone_parsing, "_CHUNK", 20)
+    monkeypatch.setattr(phone_parsing.sys, "executable", "/bin/false")  # exits 1 at once
+    assert phone_parsing.classify_all(pairs, workers=3) == expected
+    monkeypatch.setattr(phone_parsing.sys, "executable", "/nonexistent/python")  # cannot start
+    assert phone_parsing.classify_all(pairs, workers=2) == expected
+    assert expected[0] == ("+447400000000", STATUS_OK, "mobile")
 
 
 def test_cache_lookup_and_store_in_bulk(cache: PhoneCache) -> None:

@@ -230,7 +230,7 @@ class PhoneCache:
             pl.Series("digits", [r[1] for r in recipes], dtype=pl.Int64),
             pl.Series("keep", [r[2] for r in recipes], dtype=pl.Boolean),
         ).filter("keep")
-        stored = self._keyed(rows).select(list(_STORED_SCHEMA))
+        stored = self._keyed(rows).select(list(_STORED_SCHEMA)).sort("digest")
         if self._every is not None:
             kept = self._every.join(stored, on="digest", how="anti")
             self._every = pl.concat([kept, stored.cast(_STORED_SCHEMA)])  # type: ignore[arg-type]
