@@ -51,21 +51,28 @@ LABELS = {
 # ---------------------------------------------------------------------- data
 
 
+# The demo's "now": every time in the warehouse is relative to it, so one fixed moment makes
+# the same rows, and the same decisions, whenever the warehouse is generated (bench.policy
+# decides at this moment too).
+AS_OF = datetime(2026, 11, 23, 15, 0, tzinfo=UTC)
+
+
 def warehouse_file(rows: int) -> Path:
-    """The demo warehouse with `rows` customers, generated unless already there."""
+    """The demo warehouse with `rows` customers as of `AS_OF`, generated unless already there."""
     from cdp_activation.demo.data import generate_demo_warehouse
 
+    stamp = f"{AS_OF:%Y%m%dT%H}"
     names = (
-        [f"demo_{rows // 1_000_000}m.duckdb", f"demo_{rows}.duckdb"]
+        [f"demo_{rows // 1_000_000}m_{stamp}.duckdb", f"demo_{rows}_{stamp}.duckdb"]
         if rows % 1_000_000 == 0
-        else [f"demo_{rows}.duckdb"]
+        else [f"demo_{rows}_{stamp}.duckdb"]
     )
     for name in names:
         if (DATA / name).exists() and _customers(DATA / name) == rows:
             return DATA / name
     path = DATA / names[0]
-    sys.stderr.write(f"generating {path} ({rows:,} customers)…\n")
-    generate_demo_warehouse(path, customers=rows)
+    sys.stderr.write(f"generating {path} ({rows:,} customers as of {AS_OF:%Y-%m-%d %H:%M} UTC)…\n")
+    generate_demo_warehouse(path, customers=rows, as_of=AS_OF)
     return path
 
 

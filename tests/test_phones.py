@@ -9,6 +9,7 @@ strings, and the cache runs on a real SQLite file and a real PostgreSQL server.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -356,17 +357,31 @@ def test_many_numbers_are_parsed_on_every_core_with_the_same_answers(
 
 
 def test_a_helper_that_fails_leaves_its_share_to_this_process(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """Whatever a helper does wrong (cannot start, exits, echoes something else, never
+    answers), its chunks are parsed elsewhere, and nothing waits on it for good."""
     pairs = [(f"07400 {n:06d}", "GB") for n in range(300)] + [("030 1234567", "de"), ("", "GB")]
     expected = [phone_parsing.classify(raw, region) for raw, region in pairs]
+    assert expected[0] == ("+447400000000", STATUS_OK, "mobile")
     monkeypatch.setattr(phone_parsing, "PARALLEL_MIN", 10)
     monkeypatch.setattr(phone_parsing, "_CHUNK", 20)
-    monkeypatch.setattr(phone_parsing.sys, "executable", "/bin/false")  # exits 1 at once
-    assert phone_parsing.classify_all(pairs, workers=3) == expected
-    monkeypatch.setattr(phone_parsing.sys, "executable", "/nonexistent/python")  # cannot start
-    assert phone_parsing.classify_all(pairs, workers=2) == expected
-    assert expected[0] == ("+447400000000", STATUS_OK, "mobile")
+    monkeypatch.setattr(phone_parsing, "ANSWER_WITHIN", 1.0)
+    silent, echo = tmp_path / "silent", tmp_path / "echo"
+    silent.write_text("#!/bin/sh\nexec sleep 600\n")  # takes the numbers, never answers
+    echo.write_text("#!/bin/sh\nexec cat\n")  # answers with the question
+    for script in (silent, echo):
+        script.chmod(0o755)
+    for helper, workers in (
+        ("/nonexistent/python", 2),  # cannot start
+        ("/bin/false", 3),  # exits at once
+        (str(echo), 2),
+        (str(silent), 2),
+    ):
+        monkeypatch.setattr(phone_parsing.sys, "executable", helper)
+        began = time.monotonic()
+        assert phone_parsing.classify_all(pairs, workers=workers) == expected, helper
+        assert time.monotonic() - began < 15, helper
 
 
 def test_cache_lookup_and_store_in_bulk(cache: PhoneCache) -> None:

@@ -17,9 +17,11 @@ import contextlib
 import json
 import os
 import queue
+import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -134,8 +136,13 @@ def _helper(
     answers: list[list[Answer] | None],
     todo: queue.SimpleQueue[int],
 ) -> None:
-    """Feed one helper process chunk after chunk until none is left; on any failure, give
-    the chunk in hand back and stop (the others, and this process, carry on)."""
+    """Feed one helper process chunk after chunk until none is left. A helper that fails,
+    exits, or answers nothing within `ANSWER_WITHIN` is killed and its chunk given back (the
+    other helpers, or this process at the end, parse it): nothing waits on a helper forever.
+
+    The pipes are read and written without blocking, under that deadline: a helper that
+    stops reading would otherwise hold a write to its full pipe for good (seen under a
+    profiler that stops processes to sample them)."""
     source = str(Path(__file__).resolve().parent.parent)  # importable however we were found
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "PYTHONPATH": source + (os.pathsep + path if path else "")}
@@ -146,26 +153,33 @@ def _helper(
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
+            bufsize=0,
         )
     except OSError:
         return
     assert process.stdin is not None and process.stdout is not None
-    index = None
+    to_helper, from_helper = process.stdin.fileno(), process.stdout.fileno()
+    os.set_blocking(to_helper, False)
+    os.set_blocking(from_helper, False)
+    index, failed = None, False
     try:
         while (index := _next(todo)) is not None:
-            process.stdin.write(json.dumps(chunks[index]).encode() + b"\n")
-            process.stdin.flush()
-            got = json.loads(process.stdout.readline())
+            deadline = time.monotonic() + ANSWER_WITHIN
+            _send(to_helper, json.dumps(chunks[index]).encode() + b"\n", deadline)
+            got = json.loads(_receive(from_helper, deadline))
             if not isinstance(got, list) or len(got) != len(chunks[index]):
                 raise ValueError("a helper answered for another number of pairs")
             answers[index] = [(e164, status, kind) for e164, status, kind in got]
             index = None
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # TimeoutError and a helper's exit are OSErrors too
+        failed = True
         if index is not None:
             todo.put(index)
     finally:
-        with contextlib.suppress(OSError):  # a helper gone: what was left unsent is moot
+        with contextlib.suppress(OSError):  # closed: a helper still there reads its end
             process.stdin.close()
+        if failed:
+            process.kill()
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -174,13 +188,50 @@ def _helper(
         process.stdout.close()
 
 
+ANSWER_WITHIN = 60.0  # seconds for a helper to answer one chunk (~0.15 s of work)
+
+
+def _send(fd: int, data: bytes, deadline: float) -> None:
+    view = memoryview(data)
+    while view:
+        if not select.select([], [fd], [], max(deadline - time.monotonic(), 0))[1]:
+            raise TimeoutError("a phone helper stopped reading")
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            continue
+
+
+def _receive(fd: int, deadline: float) -> bytes:
+    """One line (the helper writes nothing after it until it is sent more)."""
+    parts: list[bytes] = []
+    while True:
+        if not select.select([fd], [], [], max(deadline - time.monotonic(), 0))[0]:
+            raise TimeoutError("a phone helper did not answer in time")
+        try:
+            part = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            continue
+        if not part:
+            raise OSError("a phone helper exited without answering")
+        parts.append(part)
+        if part.endswith(b"\n"):
+            return b"".join(parts)
+
+
 def _serve() -> None:
     """A helper: one JSON array of [raw, region] pairs a line on stdin, the array of their
-    [e164, status, type] answers a line on stdout."""
-    for line in sys.stdin:
-        pairs = json.loads(line)
-        sys.stdout.write(json.dumps([classify(raw, region) for raw, region in pairs]) + "\n")
-        sys.stdout.flush()
+    [e164, status, type] answers a line on stdout. Plain reads and writes of the pipes'
+    descriptors, each partial one carried on: no buffered layer in between."""
+    pending = b""
+    while part := os.read(0, 1 << 16):
+        pending += part
+        while (end := pending.find(b"\n")) >= 0:
+            line, pending = pending[:end], pending[end + 1 :]
+            pairs = json.loads(line)
+            answer = memoryview(json.dumps([classify(r, g) for r, g in pairs]).encode() + b"\n")
+            while answer:
+                answer = answer[os.write(1, answer) :]
 
 
 if __name__ == "__main__":
