@@ -8,6 +8,8 @@ strings, and the cache runs on a real SQLite file and a real PostgreSQL server.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 import duckdb
 import phonenumbers
 import polars as pl
+import psutil
 import pytest
 import sqlalchemy as sa
 from phonenumbers import PhoneMetadata
@@ -351,16 +354,18 @@ def test_many_numbers_are_parsed_on_every_core_with_the_same_answers(
     cold = normalise_frame(frame, cache=cache)
     asked = phonenumbers_calls() - before
     assert cold.equals(expected)
+    assert asked > 1_000  # the slow path had work to share
     assert here == [], "numbers were parsed in this process, not by the helpers"
     blank = frame.filter(pl.col("phone").str.strip_chars() == "").unique()  # no parse needed
     assert asked == cache.count() - blank.height
 
 
 def test_a_helper_that_fails_leaves_its_share_to_this_process(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Whatever a helper does wrong (cannot start, exits, echoes something else, never
-    answers), its chunks are parsed elsewhere, and nothing waits on it for good."""
+    answers), its chunks are parsed here, it is said in one line of the log, nothing waits on
+    it for good and no process is left behind."""
     pairs = [(f"07400 {n:06d}", "GB") for n in range(300)] + [("030 1234567", "de"), ("", "GB")]
     expected = [phone_parsing.classify(raw, region) for raw, region in pairs]
     assert expected[0] == ("+447400000000", STATUS_OK, "mobile")
@@ -380,8 +385,35 @@ def test_a_helper_that_fails_leaves_its_share_to_this_process(
     ):
         monkeypatch.setattr(phone_parsing.sys, "executable", helper)
         began = time.monotonic()
-        assert phone_parsing.classify_all(pairs, workers=workers) == expected, helper
+        with caplog.at_level(logging.WARNING, logger=phone_parsing.__name__):
+            caplog.clear()
+            assert phone_parsing.classify_all(pairs, workers=workers) == expected, helper
         assert time.monotonic() - began < 15, helper
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and "helper processes failed" in said[0], (helper, said)
+        assert "07400" not in said[0]  # no number in the log
+        left = [
+            child
+            for child in psutil.Process().children(recursive=True)
+            if child.name() in ("sleep", "cat", "false") or "phone_parsing" in child.cmdline()
+        ]
+        assert not left, f"helper processes left behind: {left}"
+
+
+def test_helpers_are_one_per_core_the_cpu_quota_allows(tmp_path: Path) -> None:
+    assert phone_parsing._cgroup_quota(tmp_path) is None  # no cgroup files: no quota
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert phone_parsing._cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # docker --cpus=1.5
+    assert phone_parsing._cgroup_quota(tmp_path) == 2
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")  # cgroup v1, half a CPU
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert phone_parsing._cgroup_quota(tmp_path) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert phone_parsing._cgroup_quota(tmp_path) is None
+    assert 1 <= phone_parsing.cores() <= (os.cpu_count() or 1)
 
 
 def test_cache_lookup_and_store_in_bulk(cache: PhoneCache) -> None:
