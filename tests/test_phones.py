@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import duckdb
@@ -360,6 +362,22 @@ def test_many_numbers_are_parsed_on_every_core_with_the_same_answers(
     assert asked == cache.count() - blank.height
 
 
+def _running_children(
+    also: Callable[[str, str], bool] = lambda name, command: False,
+) -> list[psutil.Process]:
+    """This process's children still running that are phone helpers (or `also` matches their
+    name and command line): one that has exited is gone, reaped or not."""
+    running = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+            if "phone_parsing" in command or also(child.name(), command):
+                running.append(child)
+        except psutil.Error:  # exited meanwhile, or a zombie until its parent reaps it
+            continue
+    return running
+
+
 def test_a_helper_that_fails_leaves_its_share_to_this_process(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -392,12 +410,40 @@ def test_a_helper_that_fails_leaves_its_share_to_this_process(
         said = [r.getMessage() for r in caplog.records]
         assert len(said) == 1 and "helper processes failed" in said[0], (helper, said)
         assert "07400" not in said[0]  # no number in the log
-        left = [
-            child
-            for child in psutil.Process().children(recursive=True)
-            if child.name() in ("sleep", "cat", "false") or "phone_parsing" in child.cmdline()
-        ]
+        left = _running_children(lambda name, command: name in ("sleep", "cat", "false"))
         assert not left, f"helper processes left behind: {left}"
+
+
+def test_interrupted_the_helpers_get_no_more_numbers_and_exit() -> None:
+    """A step stopped or a task's time limit reached while the helpers parse: the exception
+    goes on at once, and the helpers, given no more chunks, are gone within a chunk's time."""
+
+    class Stopped(Exception):
+        pass
+
+    def stop_now(signum: int, frame: object) -> None:
+        raise Stopped
+
+    pairs = [(f"07{n:09d}", "GB") for n in range(400_000)]  # ~7 s of parsing on 2 cores
+    # SIGUSR1, not SIGALRM: pytest-timeout keeps the alarm for itself.
+    previous = signal.signal(signal.SIGUSR1, stop_now)
+    main = threading.main_thread().ident
+    assert main is not None
+    timer = threading.Timer(0.5, signal.pthread_kill, args=(main, signal.SIGUSR1))
+    began = time.monotonic()
+    try:
+        timer.start()
+        with pytest.raises(Stopped):
+            phone_parsing.classify_all(pairs, workers=2)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+    assert time.monotonic() - began < 3
+
+    deadline = time.monotonic() + 2  # a chunk takes ~0.15 s; the rest would take seconds
+    while _running_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running_children(), "helper processes went on after the interruption"
 
 
 def test_helpers_are_one_per_core_the_cpu_quota_allows(tmp_path: Path) -> None:
