@@ -78,11 +78,6 @@ def classify(raw: str | None, region: str | None) -> Answer:
     return e164, STATUS_OK, _TYPE_NAME[kind]
 
 
-def parses(pairs: Sequence[Pair]) -> int:
-    """How many of `pairs` reach `phonenumbers.parse` (a blank number is decided without)."""
-    return sum(1 for raw, _ in pairs if raw is not None and raw.strip())
-
-
 def cores() -> int:
     """The cores this process may use: those it may run on, fewer if a CPU quota (a container's
     `--cpus`, a Kubernetes limit: cgroup v2 `cpu.max`, v1 `cpu.cfs_quota_us`) allows less."""

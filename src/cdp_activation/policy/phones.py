@@ -21,7 +21,6 @@ takes over 13 minutes. So `normalise_frame` works in three tiers, all giving the
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, cached_property, lru_cache
@@ -104,8 +103,9 @@ def classify(raw: str | None, region: str | None) -> tuple[str | None, str, str 
     measured against: strip, a leading "00" means "+", blank is missing.
     """
     global _parse_calls
-    _parse_calls += phone_parsing.parses([(raw, region)])
-    return phone_parsing.classify(raw, region)
+    answer = phone_parsing.classify(raw, region)
+    _parse_calls += answer[1] != STATUS_MISSING  # only a blank number is decided unparsed
+    return answer
 
 
 @lru_cache(maxsize=1_000_000)
@@ -398,7 +398,7 @@ def fast_codes(raws: pl.Series) -> pl.Series:
     else:
         # Each chunk is many small polars calls (one per region pattern), each on one core:
         # chunks side by side keep every core busy. polars releases the GIL while it works.
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(max_workers=phone_parsing.cores()) as pool:
             chunks = list(pool.map(lambda start: _fast_chunk(raws.slice(start, _CHUNK)), starts))
     if not chunks:
         return pl.Series("code", [], dtype=_CODE_DTYPE)
@@ -462,9 +462,8 @@ def _classify_pairs(pairs: pl.DataFrame) -> pl.DataFrame:
     """phonenumbers on each (raw, region) pair: the slow path, ~50 µs a pair on one core, on
     every core for many pairs (`phone_parsing.classify_all`)."""
     global _parse_calls
-    asked = list(pairs.iter_rows())
-    rows = phone_parsing.classify_all([(raw, region or None) for raw, region in asked])
-    _parse_calls += phone_parsing.parses(asked)
+    rows = phone_parsing.classify_all([(raw, region or None) for raw, region in pairs.iter_rows()])
+    _parse_calls += sum(row[1] != STATUS_MISSING for row in rows)  # blank: decided unparsed
     return pairs.with_columns(
         pl.Series("e164", [r[0] for r in rows], dtype=pl.String),
         pl.Series("status", [r[1] for r in rows], dtype=pl.String),
