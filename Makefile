@@ -33,7 +33,7 @@ audit: $(STAMP) ## Check the lock against known vulnerabilities (pip-audit; need
 	$(BIN)/python requirements/audit.py
 
 demo: $(STAMP) ## Build the demo warehouse, start the sandbox, run winback_whatsapp for today
-	$(BIN)/cdp-activation demo
+	$(BIN)/cdp-activation demo $(if $(SEND_WINDOW),--send-window $(SEND_WINDOW))
 
 dev: $(STAMP) ## Start the sandbox, the status webhook receiver and the Dagster UI on http://127.0.0.1:3000
 	$(BIN)/cdp-activation dev

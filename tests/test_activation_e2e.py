@@ -703,6 +703,44 @@ def test_quiet_hours_defer_and_a_later_run_sends_once_due(env: SimpleNamespace) 
     ledger.dispose()
 
 
+def test_a_run_s_send_window_lifts_quiet_hours_for_its_fallback_too(env: SimpleNamespace) -> None:
+    """`--send-window` (the Launchpad's send window) holds for the fallback as for the first
+    send: with quiet hours all day, the SMS due after a WhatsApp message that did not land
+    waits for the morning, unless the fallback run is given the whole day."""
+    from cdp_activation.cli.runner import run_fallback
+
+    attributes = copy.deepcopy(winback_attributes())
+    attributes["policy"] = {"quiet_hours": {"start": "00:00", "end": "23:59"}}
+    night = custom_definitions(env.tmp, "night_fallback", attributes)
+    partition = TODAY.isoformat()
+    whole_day = ("00:00", "23:59")
+    first = run_activation("night_fallback", partition, definitions=night, send_window=whole_day)
+    assert first.success, first.error
+    assert first.sent > 0 and first.deferred == 0
+    # No delivery report comes back here: with a window of 0 minutes every first message
+    # is due its fallback now.
+    asleep = run_fallback(
+        "night_fallback",
+        partition,
+        dry_run=True,
+        not_delivered_within_minutes=0,
+        definitions=night,
+    )
+    assert asleep.success, asleep.error
+    assert asleep.eligible > 0 and asleep.deferred == asleep.eligible
+    texts = sum(m.provider == "twilio" for m in env.sandbox.messages())
+    awake = run_fallback(
+        "night_fallback",
+        partition,
+        not_delivered_within_minutes=0,
+        send_window=whole_day,
+        definitions=night,
+    )
+    assert awake.success, awake.error
+    assert awake.deferred == 0 and awake.sent + awake.failed == asleep.eligible
+    assert sum(m.provider == "twilio" for m in env.sandbox.messages()) == texts + awake.sent
+
+
 def test_unknown_sends_go_again_only_for_an_activation_that_opts_in(
     env: SimpleNamespace,
 ) -> None:

@@ -297,3 +297,33 @@ def test_a_broken_activation_is_one_line_and_the_others_still_run(
     assert json.loads(other.stdout.strip().splitlines()[-1])["success"]
     notes = [line for line in other.stderr.splitlines() if "order_shipped_update" in line]
     assert len(notes) == 1 and "is broken and was left out" in notes[0], other.stderr
+
+
+def test_the_demo_says_why_quiet_hours_hold_messages_and_how_to_send_them_now() -> None:
+    from cdp_activation.cli.main import _quiet_hours_hint
+
+    # 03:00 UTC in winter: every demo customer asleep, nothing goes now.
+    everyone = _quiet_hours_hint(0, 20_385, None)
+    assert everyone is not None
+    assert "all 20,385 messages wait" in everyone
+    assert "make demo SEND_WINDOW=00:00-23:59" in everyone
+    some = _quiet_hours_hint(6_242, 14_348, None)
+    assert some is not None and "14,348 of 20,590 messages wait" in some
+    assert _quiet_hours_hint(20_385, 0, None) is None  # nobody waits: nothing to explain
+    assert _quiet_hours_hint(0, 100, ("09:00", "10:00")) is None  # the window was chosen
+    # The make target hands the window to the command as it says.
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    dry = subprocess.run(
+        [make, "-n", "demo", "SEND_WINDOW=00:00-23:59"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "cdp-activation demo --send-window 00:00-23:59" in dry.stdout, dry.stdout + dry.stderr
+    plain = subprocess.run(
+        [make, "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert "--send-window" not in plain.stdout

@@ -195,6 +195,9 @@ def demo(
                 f"{sum(summary.eligible.values()):,} messages) {cost:,.2f} {summary.currency}",
                 highlight=False,
             )
+            hint = _quiet_hours_hint(summary.to_send, summary.deferred, window)
+            if hint:
+                console.print(hint, highlight=False)
         reports = None
         if not dry_run and summary.success:
             console.print(f"[bold]4/5[/] sending {activation} for {partition} via Dagster")
@@ -222,6 +225,7 @@ def demo(
                 activation,
                 partition,
                 not_delivered_within_minutes=0,
+                send_window=window,
                 queue=queue,
                 definitions=definitions,
             )
@@ -229,6 +233,21 @@ def demo(
     _report(summary, as_json, sandbox_url=url, reports=reports, fallback=fallback)
     if experiment and reports is not None and summary.success and not as_json:
         _experiment_results(activation, partition, path)
+
+
+def _quiet_hours_hint(to_send: int, deferred: int, window: tuple[str, str] | None) -> str | None:
+    """What the demo says when quiet hours hold messages back. Its customers live in many time
+    zones, and at some hours (03:00-04:30 UTC in winter) every one of them is asleep: without
+    this, a newcomer sees nothing sent and no reason why. None when nothing waits, or when the
+    send window was chosen (`--send-window`)."""
+    if window is not None or deferred <= 0:
+        return None
+    waiting = f"all {deferred:,}" if to_send <= 0 else f"{deferred:,} of {to_send + deferred:,}"
+    return (
+        f"    quiet hours: {waiting} messages wait for their customers' morning (planned in the "
+        "ledger; a run after it sends them). To send them now, in the demo: make demo "
+        "SEND_WINDOW=00:00-23:59"
+    )
 
 
 def _experiment_results(activation: str, partition: str, warehouse: Path) -> None:
@@ -771,6 +790,11 @@ def _progress_bar(activation: str, partition: str, every: float = 0.5) -> Iterat
     type=float,
     help="Override the plan's window, in minutes (default: channel_plan.fallback's).",
 )
+@click.option(
+    "--send-window",
+    metavar="HH:MM-HH:MM",
+    help="Local hours messages may go out, e.g. 09:00-20:00 (default: the activation's).",
+)
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
 @_queue_options
 def fallback(
@@ -778,12 +802,14 @@ def fallback(
     partition: str | None,
     dry_run: bool,
     minutes: float | None,
+    send_window: str | None,
     as_json: bool,
     no_wait: bool,
     wait_timeout: float | None,
 ) -> None:
     from cdp_activation.cli.runner import ActivationNotFound, run_fallback
 
+    window = _window(send_window)
     with ExitStack() as stack:
         queue = stack.enter_context(_one_run_at_a_time(activation, no_wait, wait_timeout))
         _start_sandbox_if_needed(stack, activation)
@@ -793,6 +819,7 @@ def fallback(
                 partition,
                 dry_run=dry_run,
                 not_delivered_within_minutes=minutes,
+                send_window=window,
                 queue=queue,
             )
         except ActivationNotFound as err:

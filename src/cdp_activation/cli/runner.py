@@ -585,6 +585,7 @@ def run_fallback(
     *,
     dry_run: bool = False,
     not_delivered_within_minutes: float | None = None,
+    send_window: tuple[str, str] | None = None,
     log_level: str = "CRITICAL",
     definitions: dg.Definitions | None = None,
     instance: dg.DagsterInstance | None = None,
@@ -608,6 +609,8 @@ def run_fallback(
     config: dict[str, Any] = {"dry_run": dry_run}
     if not_delivered_within_minutes is not None:
         config["not_delivered_within_minutes"] = not_delivered_within_minutes
+    if send_window is not None:
+        config["send_window_start"], config["send_window_end"] = send_window
     if queue is not None:
         wait_for_turn(name, queue, instance)
     started = time.perf_counter()

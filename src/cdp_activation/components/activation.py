@@ -28,7 +28,12 @@ from cdp_activation.feedback.template_catalog import catalog_connectors
 from cdp_activation.ledger import FALLBACK_STEP, INITIAL_STEP
 from cdp_activation.partitions import WINDOW_FORMAT, window_cron
 from cdp_activation.settings import get_settings
-from cdp_activation.spec import ActivationSpec, check_workers, coerce_parameter
+from cdp_activation.spec import (
+    ActivationSpec,
+    QuietHoursSpec,
+    check_workers,
+    coerce_parameter,
+)
 
 _PY_TYPES: dict[str, type] = {"float": float, "int": int, "str": str, "bool": bool, "date": str}
 
@@ -211,22 +216,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
                 "anything is decided or sent.",
             ),
         ),
-        send_window_start=(
-            str,
-            Field(
-                default=quiet.end,
-                description="Earliest local time of day (HH:MM, in each customer's time zone) "
-                "a message may go out; earlier ones wait until then.",
-            ),
-        ),
-        send_window_end=(
-            str,
-            Field(
-                default=quiet.start,
-                description="Latest local time of day (HH:MM) a message may go out; later "
-                "ones wait until the next day's window.",
-            ),
-        ),
+        **_send_window_fields(quiet),
     )
 
     consented_spec = dg.AssetCheckSpec(
@@ -576,6 +566,7 @@ def _fallback_defs(
                 "minutes after it was sent (from the activation's channel_plan.fallback).",
             ),
         ),
+        **_send_window_fields(activation.spec.policy.quiet_hours),
     )
     read_rule = (
         f", or not read within {spec.not_read_within_hours:g} h"
@@ -605,8 +596,12 @@ def _fallback_defs(
         connectors = fan_out.connectors_of(context, connector_keys)
         workers = _checked_workers(config.workers)
         store = context.resources.ledger.ledger()
+        # The run's send window (Launchpad, `--send-window`), as the first send's.
+        chosen = run.with_run_choices(
+            activation, send_window=(config.send_window_start, config.send_window_end)
+        )
         decisions = fb.compute_fallback_decisions(
-            activation,
+            chosen,
             context.resources.warehouse.warehouse(),
             store,
             connectors,
@@ -616,7 +611,7 @@ def _fallback_defs(
             not_delivered_within_minutes=config.not_delivered_within_minutes,
         )
         summary = fb.prepare_fallback(
-            activation,
+            chosen,
             decisions,
             store,
             connectors,
@@ -915,6 +910,29 @@ def _active_run(instance: dg.DagsterInstance, job_names: list[str]) -> str | Non
         ):
             return job_name
     return None
+
+
+def _send_window_fields(quiet: QuietHoursSpec) -> dict[str, Any]:
+    """The Launchpad's send window (the complement of the activation's quiet hours), as the
+    first send's decisions and its fallback both take it."""
+    return {
+        "send_window_start": (
+            str,
+            Field(
+                default=quiet.end,
+                description="Earliest local time of day (HH:MM, in each customer's time zone) "
+                "a message may go out; earlier ones wait until then.",
+            ),
+        ),
+        "send_window_end": (
+            str,
+            Field(
+                default=quiet.start,
+                description="Latest local time of day (HH:MM) a message may go out; later "
+                "ones wait until the next day's window.",
+            ),
+        ),
+    }
 
 
 def _class_name(name: str) -> str:
