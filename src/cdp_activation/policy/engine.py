@@ -591,8 +591,12 @@ def _one_message_per_phone(frame: pl.DataFrame) -> pl.DataFrame:
     shared = numbers.filter(numbers == numbers.shift(1)).unique()
     if shared.is_empty():
         return frame
-    candidates = frame.with_row_index("_row").filter(
-        routed & pl.col("_number").is_in(shared.implode())
+    candidates = (  # only the columns read: eagerly, the filter copied every column's rows
+        frame.lazy()
+        .with_row_index("_row")
+        .filter(routed & pl.col("_number").is_in(shared.implode()))
+        .select("_row", "customer_id", "_number")
+        .collect()
     )
     losers = candidates.filter(
         pl.col("customer_id") != pl.col("customer_id").min().over("_number")
