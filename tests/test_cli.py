@@ -327,3 +327,24 @@ def test_the_demo_says_why_quiet_hours_hold_messages_and_how_to_send_them_now() 
         [make, "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert "--send-window" not in plain.stdout
+
+
+def test_a_send_window_that_is_not_two_times_of_day_is_refused_before_any_run(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = clean_env(DAGSTER_HOME=str(home))
+    for command in (
+        ("run", "winback_whatsapp"),
+        ("preview", "winback_whatsapp"),
+        ("fallback", "winback_whatsapp", "--dry-run"),
+    ):
+        result = run_cli(*command, "--send-window", "09:00-25:00", env=env)
+        assert result.returncode == 2, result.stderr + result.stdout
+        lines = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+        assert lines == [
+            "Error: Invalid value for --send-window: send window 09:00-25:00: '25:00' is not "
+            "a time of day like 21:00"
+        ], result.stderr
+    assert list(home.iterdir()) == []  # no Dagster instance made, no run started

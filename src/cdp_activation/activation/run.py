@@ -598,6 +598,17 @@ def with_replies(audience: pl.DataFrame, replies: pl.DataFrame) -> pl.DataFrame:
     return audience.with_columns(merged.alias(column))
 
 
+def quiet_hours_outside(send_window: tuple[str, str], enabled: bool = True) -> QuietHoursSpec:
+    """The quiet hours a local send window (start, end: HH:MM) leaves: its complement.
+    Raises ValueError naming the window when it is not two times of day."""
+    start, end = send_window
+    try:
+        return QuietHoursSpec(enabled=enabled, start=end, end=start)
+    except ValidationError as err:
+        message = err.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ValueError(f"send window {start}-{end}: {message}") from None
+
+
 def with_run_choices(
     activation: Activation,
     template: str | None = None,
@@ -620,12 +631,7 @@ def with_run_choices(
         )
     policy = spec.policy
     if send_window is not None:
-        start, end = send_window
-        try:
-            quiet = QuietHoursSpec(enabled=policy.quiet_hours.enabled, start=end, end=start)
-        except ValidationError as err:
-            message = err.errors()[0]["msg"].removeprefix("Value error, ")
-            raise ValueError(f"send window {start}-{end}: {message}") from None
+        quiet = quiet_hours_outside(send_window, policy.quiet_hours.enabled)
         policy = policy.model_copy(update={"quiet_hours": quiet})
     changed = spec.model_copy(
         update={"channel_plan": plan.model_copy(update={"steps": steps}), "policy": policy}

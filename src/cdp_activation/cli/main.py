@@ -351,10 +351,17 @@ def _window(send_window: str | None) -> tuple[str, str] | None:
     """`--send-window HH:MM-HH:MM` as (start, end)."""
     if send_window is None:
         return None
+    from cdp_activation.activation.run import quiet_hours_outside
+
     start, sep, end = send_window.partition("-")
     if not sep:
         raise click.BadParameter(f"{send_window!r} is not HH:MM-HH:MM", param_hint="--send-window")
-    return start.strip(), end.strip()
+    window = start.strip(), end.strip()
+    try:  # refused here, before any run starts, as the run itself would refuse it
+        quiet_hours_outside(window)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--send-window") from None
+    return window
 
 
 # How the demo's sandbox reports back: most WhatsApp and SMS messages delivered (half of them
