@@ -315,16 +315,20 @@ def test_the_demo_says_why_quiet_hours_hold_messages_and_how_to_send_them_now() 
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
+    # Not the caller's make variables (`make test SEND_WINDOW=…` reaches a child make).
+    outer = {"SEND_WINDOW", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+    env = {k: v for k, v in os.environ.items() if k not in outer}
     dry = subprocess.run(
         [make, "-n", "demo", "SEND_WINDOW=00:00-23:59"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert "cdp-activation demo --send-window 00:00-23:59" in dry.stdout, dry.stdout + dry.stderr
     plain = subprocess.run(
-        [make, "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [make, "-n", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert "--send-window" not in plain.stdout
 

@@ -246,7 +246,7 @@ def _quiet_hours_hint(to_send: int, deferred: int, window: tuple[str, str] | Non
     return (
         f"    quiet hours: {waiting} messages wait for their customers' morning (planned in the "
         "ledger; a run after it sends them). To send them now, in the demo: make demo "
-        "SEND_WINDOW=00:00-23:59"
+        "SEND_WINDOW=00:00-23:59 (cdp-activation demo --send-window 00:00-23:59)"
     )
 
 
@@ -1446,8 +1446,11 @@ FALLBACK_REASONS = {
 
 
 def _fallback_table(summary: Any) -> Table:
+    # A run that failed before it decided anything does not know the channel yet.
     channel = summary.channel or "fallback"
-    title = f"{summary.activation} · {summary.partition} · fallback to {channel}"
+    title = f"{summary.activation} · {summary.partition} · fallback"
+    if summary.channel:
+        title += f" to {summary.channel}"
     if summary.dry_run:
         title += " · DRY RUN (nothing sent)"
     table = Table(title=title, show_header=False, title_justify="left")
