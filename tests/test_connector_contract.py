@@ -453,6 +453,23 @@ def test_infobip_classification(sandbox_settings: Settings) -> None:
     )
     with pytest.raises(ConnectorError, match="NOT_ENOUGH_CREDITS"):
         connector.classify(messages[:1], no_credit)
+    # Out of credit half-way through a request: the one taken before is said to be taken
+    # (`answered`: recorded sent, never sent again); the refused one stays due.
+    half = httpx.Response(
+        200,
+        json={
+            "messages": [
+                {"messageId": ids[0], "status": _infobip_status("ACCEPTED", "MESSAGE_ACCEPTED")},
+                {
+                    "messageId": ids[1],
+                    "status": _infobip_status("REJECTED", "REJECTED_NOT_ENOUGH_CREDITS"),
+                },
+            ]
+        },
+    )
+    with pytest.raises(ConnectorError, match="NOT_ENOUGH_CREDITS") as raised:
+        connector.classify(messages, half)
+    assert [(r.key, r.outcome) for r in raised.value.answered] == [(messages[0].key, Outcome.SENT)]
     with pytest.raises(CredentialsError):
         connector.classify(messages, httpx.Response(403, json={}))
 

@@ -329,3 +329,87 @@ def test_messages_held_for_quiet_hours_reach_the_run_s_summary_and_its_metadata(
     assert summary.held_for_quiet_hours == 3
     assert "held_for_quiet_hours" in _DELIVERY_COUNTS
     assert delivery_metadata(summary)["held_for_quiet_hours"] == 3
+
+
+class _InfobipPlayer:
+    """A real HTTP server on 127.0.0.1 answering as Infobip does: WhatsApp templates taken
+    (status group PENDING, or ACCEPTED), SMS refused for the API key until `sms_ok`, each
+    message's id recorded as posted."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.sms_ok = False
+        self.posted: Counter[str] = Counter()  # message id -> times posted
+        player = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path.startswith("/whatsapp/"):
+                    ids = [m["messageId"] for m in body["messages"]]
+                    group = "ACCEPTED"
+                elif player.sms_ok:
+                    ids = [d["messageId"] for m in body["messages"] for d in m["destinations"]]
+                    group = "PENDING"
+                else:
+                    error = {"serviceException": {"messageId": "UNAUTHORIZED", "text": "no"}}
+                    return self._answer(401, {"requestError": error})
+                player.posted.update(ids)
+                status = {"groupId": 1, "groupName": group, "id": 7, "name": f"{group}_X"}
+                self._answer(200, {"messages": [{"messageId": i, "status": status} for i in ids]})
+
+            def _answer(self, code: int, payload: object) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_messages_a_provider_took_before_it_refused_the_rest_of_a_batch_are_never_sent_again(
+    tmp_path,
+) -> None:
+    """Infobip takes a mixed batch as one request per channel: the WhatsApp request is
+    answered (taken), then the SMS one is refused (a bad key for SMS). The WhatsApp messages
+    are recorded sent, the SMS ones stay planned; once SMS is allowed, the resumed run sends
+    the SMS and posts no WhatsApp message a second time."""
+    from cdp_activation.connectors.base import CredentialsError
+    from cdp_activation.connectors.infobip import InfobipConnector
+
+    player = _InfobipPlayer()
+    try:
+        connector = InfobipConnector(player.url, "key", "447860099299", "InfoSMS")
+        ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+        ledger.plan(
+            "winback", "p", decisions(numbers(40)).with_columns(connector=pl.lit("infobip"))
+        )
+        with pytest.raises(CredentialsError):
+            deliver(ledger, SCOPE, {"infobip": connector}, FAST)
+        rows = ledger.rows("winback", "p")
+        states = Counter(zip(rows["channel"], rows["state"], strict=True))
+        assert states == {("whatsapp", "sent"): 20, ("sms", "planned"): 20}
+        assert len(player.posted) == 20 and max(player.posted.values()) == 1
+
+        player.sms_ok = True
+        deliver(ledger, SCOPE, {"infobip": connector}, FAST)
+        rows = ledger.rows("winback", "p")
+        assert Counter(rows["state"]) == {"sent": 40}
+        assert len(player.posted) == 40 and max(player.posted.values()) == 1  # nobody twice
+        ledger.dispose()
+    finally:
+        player.close()

@@ -14,7 +14,7 @@ exits 1 for a terminal one, 75 (EX_TEMPFAIL) for a transient one, so a scheduler
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class CdpError(Exception):
@@ -29,9 +29,16 @@ class CdpError(Exception):
 
 class ConnectorError(CdpError):
     """Base class of errors that stop a whole activation, not just one recipient; by
-    default transient (the provider may answer later), terminal where a subclass says so."""
+    default transient (the provider may answer later), terminal where a subclass says so.
+
+    Raised from a connector's `send_batch`, it says the provider took none of the batch's
+    messages, unless `answered` holds what it did answer for some of them before it refused
+    the rest (a batch sent as one request per channel, of which a later one is refused; a stop
+    read among per-message statuses): the delivery engine records those answers as any
+    other, so an accepted message is never taken for unsent and sent again."""
 
     transient: ClassVar[bool] = True
+    answered: tuple[Any, ...] = ()  # `SendResult`s, set by the connector that raises
 
 
 class CredentialsError(ConnectorError):

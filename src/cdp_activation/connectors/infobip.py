@@ -107,7 +107,9 @@ from cdp_activation.sandbox_credentials import (
 logger = logging.getLogger(__name__)
 
 # Fixed namespace: the same ledger key always yields the same client message id.
-SENT_GROUPS = frozenset({"PENDING", "DELIVERED"})
+# Status groups of a message Infobip took (`MessageGeneralStatus`: ACCEPTED, PENDING,
+# DELIVERED; the others are UNDELIVERABLE, EXPIRED and REJECTED).
+SENT_GROUPS = frozenset({"ACCEPTED", "PENDING", "DELIVERED"})
 _ACCOUNT_STOPS = {"REJECTED_NOT_ENOUGH_CREDITS": ConnectorError}
 _CONFIG_STOPS = {"REJECTED_SENDER": ConnectorConfigError}
 # callbackData: at most 4,000 characters in every spec (Viber's text message: at least 1).
@@ -351,7 +353,13 @@ class InfobipConnector:
                 url, body = self.kakao_url, self.build_kakao(group)
             else:
                 url, body = self.sms_url, self.build_sms(group)
-            results.extend(await self._post(client, url, body, group))
+            try:
+                results.extend(await self._post(client, url, body, group))
+            except ConnectorError as err:
+                # The channels' requests before this one were answered: say so, or their
+                # accepted messages would be taken for unsent and sent again.
+                err.answered = (*results, *err.answered)
+                raise
         return results
 
     async def _post(
@@ -429,7 +437,8 @@ class InfobipConnector:
         for item in items if isinstance(items, list) else []:
             if isinstance(item, dict) and isinstance(item.get("messageId"), str):
                 by_id[item["messageId"]] = item
-        results = []
+        results: list[SendResult] = []
+        stop: ConnectorError | None = None  # an account or sender refusal among the answers
         for message in messages:
             item = by_id.get(client_message_id(message.key))
             if item is None:
@@ -454,19 +463,26 @@ class InfobipConnector:
                 )
                 continue
             if name in _ACCOUNT_STOPS:
-                raise _ACCOUNT_STOPS[name](
+                # Not sent, and none after it will be: the message stays due (unanswered),
+                # and the others of this answer are still read, some may have gone.
+                stop = stop or _ACCOUNT_STOPS[name](
                     f"Infobip refused the send for the whole account ({name}): {description}. "
                     "Top up the Infobip account balance before resuming."
                 )
+                continue
             if name in _CONFIG_STOPS:
-                raise _CONFIG_STOPS[name](
+                stop = stop or _CONFIG_STOPS[name](
                     f"Infobip refused the sender ({name}): {description}. Check "
                     "CDP_INFOBIP_WHATSAPP_FROM / _SMS_SENDER / _VIBER_SENDER / _RCS_SENDER / "
                     "_KAKAO_SENDER."
                 )
+                continue
             results.append(
                 SendResult(message.key, Outcome.FAILED, error_code=name, error_message=description)
             )
+        if stop is not None:
+            stop.answered = tuple(results)
+            raise stop
         return results
 
 

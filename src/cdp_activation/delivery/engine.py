@@ -368,15 +368,18 @@ class _Delivery:
         out: list[Settlement] = []
         retryable: list[tuple[PlannedSend, SendResult, bool]] = []
         accepted = False
+        unanswered = 0  # rows the provider refused with the request (`refused`)
         before = self._counts()
         for row in rows:
             self.tries[row.id] += 1
             self.first_try.setdefault(row.id, time.monotonic())
-            if refused is not None:
-                # The provider refused the request as a whole: nothing was accepted.
+            if refused is not None and row.idempotency_key not in by_key:
+                # Refused before the provider took it (`ConnectorError.answered` holds what
+                # was answered): due again once the run is resumed.
                 out.append(
                     Settlement(row.id, PLANNED, error_message=connector.redact(str(refused)))
                 )
+                unanswered += 1
                 continue
             result = by_key.get(row.idempotency_key) or SendResult(
                 row.idempotency_key,
@@ -420,7 +423,7 @@ class _Delivery:
             self.report.throttled += len(hinted)
             metrics.child(metrics.THROTTLED, name).inc(len(hinted))
         out += self._retry(name, retryable, now, max(hinted, default=0.0))
-        self._observe(name, before, len(rows), refused)
+        self._observe(name, before, len(rows), unanswered if refused is not None else None)
         if self.failing[name] >= self.options.outage_after:
             self.fail(
                 ProviderUnavailable(
@@ -440,7 +443,7 @@ class _Delivery:
         name: str,
         before: tuple[int, int, int, int, int],
         size: int,
-        refused: ConnectorError | None,
+        refused: int | None,
     ) -> None:
         """One answered request into the metrics and the batch log line (`logs.py`): what
         became of its messages, never who they were."""
@@ -451,8 +454,8 @@ class _Delivery:
                 for outcome in _OUTCOMES
             )
         changes = [now - then for now, then in zip(self._counts(), before, strict=True)]
-        if refused is not None:
-            changes.append(size)
+        if refused is not None:  # the request was refused: its unanswered rows
+            changes.append(refused)
         for counter, count in zip(counters, changes, strict=False):
             if count:
                 counter.inc(count)
@@ -660,7 +663,7 @@ async def deliver_async(
                     try:
                         results = await connector.send_batch(client, outbound)
                     except ConnectorError as err:
-                        refused = err
+                        refused, results = err, list(err.answered)
                     report.attempts += 1
                     took = time.perf_counter() - began
                     report.latencies.append(took)
