@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import polars as pl
 import pytest
@@ -331,41 +333,28 @@ def test_messages_held_for_quiet_hours_reach_the_run_s_summary_and_its_metadata(
     assert delivery_metadata(summary)["held_for_quiet_hours"] == 3
 
 
-class _InfobipPlayer:
-    """A real HTTP server on 127.0.0.1 answering as Infobip does: WhatsApp templates taken
-    (status group PENDING, or ACCEPTED), SMS refused for the API key until `sms_ok`, each
-    message's id recorded as posted."""
+class _Player:
+    """A real HTTP server on 127.0.0.1 playing a provider: `respond(path, body)` gives the
+    status and JSON of each POST; `posted` counts each message id (or user) it took."""
 
-    def __init__(self) -> None:
+    def __init__(self, respond: Any) -> None:
         import json
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        self.sms_ok = False
-        self.posted: Counter[str] = Counter()  # message id -> times posted
+        self.posted: Counter[str] = Counter()
         player = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if self.path.startswith("/whatsapp/"):
-                    ids = [m["messageId"] for m in body["messages"]]
-                    group = "ACCEPTED"
-                elif player.sms_ok:
-                    ids = [d["messageId"] for m in body["messages"] for d in m["destinations"]]
-                    group = "PENDING"
-                else:
-                    error = {"serviceException": {"messageId": "UNAUTHORIZED", "text": "no"}}
-                    return self._answer(401, {"requestError": error})
-                player.posted.update(ids)
-                status = {"groupId": 1, "groupName": group, "id": 7, "name": f"{group}_X"}
-                self._answer(200, {"messages": [{"messageId": i, "status": status} for i in ids]})
-
-            def _answer(self, code: int, payload: object) -> None:
+                code, payload, taken = respond(self.path, body)
+                player.posted.update(taken)
                 data = json.dumps(payload).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                self.send_header("X-Line-Request-Id", str(uuid.uuid4()))
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -385,13 +374,27 @@ def test_messages_a_provider_took_before_it_refused_the_rest_of_a_batch_are_neve
     tmp_path,
 ) -> None:
     """Infobip takes a mixed batch as one request per channel: the WhatsApp request is
-    answered (taken), then the SMS one is refused (a bad key for SMS). The WhatsApp messages
-    are recorded sent, the SMS ones stay planned; once SMS is allowed, the resumed run sends
-    the SMS and posts no WhatsApp message a second time."""
+    answered (taken, status group ACCEPTED), then the SMS one is refused (a bad key for SMS).
+    The WhatsApp messages are recorded sent, the SMS ones stay planned; once SMS is allowed,
+    the resumed run sends the SMS and posts no WhatsApp message a second time."""
     from cdp_activation.connectors.base import CredentialsError
     from cdp_activation.connectors.infobip import InfobipConnector
 
-    player = _InfobipPlayer()
+    sms_ok = [False]
+
+    def infobip(path: str, body: dict) -> tuple[int, object, list[str]]:
+        if path.startswith("/whatsapp/"):
+            ids, group = [m["messageId"] for m in body["messages"]], "ACCEPTED"
+        elif sms_ok[0]:
+            ids = [d["messageId"] for m in body["messages"] for d in m["destinations"]]
+            group = "PENDING"
+        else:
+            error = {"serviceException": {"messageId": "UNAUTHORIZED", "text": "no"}}
+            return 401, {"requestError": error}, []
+        status = {"groupId": 1, "groupName": group, "id": 7, "name": f"{group}_X"}
+        return 200, {"messages": [{"messageId": i, "status": status} for i in ids]}, ids
+
+    player = _Player(infobip)
     try:
         connector = InfobipConnector(player.url, "key", "447860099299", "InfoSMS")
         ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
@@ -405,11 +408,49 @@ def test_messages_a_provider_took_before_it_refused_the_rest_of_a_batch_are_neve
         assert states == {("whatsapp", "sent"): 20, ("sms", "planned"): 20}
         assert len(player.posted) == 20 and max(player.posted.values()) == 1
 
-        player.sms_ok = True
+        sms_ok[0] = True
         deliver(ledger, SCOPE, {"infobip": connector}, FAST)
         rows = ledger.rows("winback", "p")
         assert Counter(rows["state"]) == {"sent": 40}
         assert len(player.posted) == 40 and max(player.posted.values()) == 1  # nobody twice
+        ledger.dispose()
+    finally:
+        player.close()
+
+
+def test_line_requests_taken_beside_one_refused_for_the_monthly_quota_are_not_sent_again(
+    tmp_path,
+) -> None:
+    """LINE sends a batch as one multicast per text, side by side: one is refused because the
+    month's quota is used up while the others are taken. Those are recorded sent; the refused
+    ones stay planned and go once the quota allows, and no user is messaged twice."""
+    from cdp_activation.connectors.base import ConnectorError
+    from cdp_activation.connectors.line import LineConnector
+    from crash_worker import line_audience
+
+    quota_left = [False]
+
+    def line(path: str, body: dict) -> tuple[int, object, list[str]]:
+        if body["messages"][0]["text"].endswith("(0)") and not quota_left[0]:
+            return 429, {"message": "You have reached your monthly limit."}, []
+        to = body["to"]  # a multicast's users, or a push's one
+        return 200, {}, to if isinstance(to, list) else [to]
+
+    player = _Player(line)
+    try:
+        connector = LineConnector(player.url, "token")
+        ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+        ledger.plan("winback", "p", line_audience(30, texts=3))
+        with pytest.raises(ConnectorError, match="monthly"):
+            deliver(ledger, SCOPE, {"line": connector}, FAST)
+        rows = ledger.rows("winback", "p")
+        assert Counter(rows["state"]) == {"sent": 20, "planned": 10}
+        assert len(player.posted) == 20 and max(player.posted.values()) == 1
+
+        quota_left[0] = True
+        deliver(ledger, SCOPE, {"line": connector}, FAST)
+        assert Counter(ledger.rows("winback", "p")["state"]) == {"sent": 30}
+        assert len(player.posted) == 30 and max(player.posted.values()) == 1  # nobody twice
         ledger.dispose()
     finally:
         player.close()

@@ -148,9 +148,23 @@ class LineConnector:
                     SendResult(message.key, Outcome.FAILED, error_code=code, error_message=text)
                 )
         answers = await asyncio.gather(
-            *(self._send(client, group) for group in self.requests(sendable))
+            *(self._send(client, group) for group in self.requests(sendable)),
+            return_exceptions=True,
         )
-        return results + [result for answer in answers for result in answer]
+        refused: ConnectorError | None = None
+        for answer in answers:
+            if isinstance(answer, ConnectorError):
+                refused = refused or answer
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                results += answer
+        if refused is not None:
+            # The requests answered beside the refused one (a quota used up half-way) were
+            # taken: said so, they are recorded sent, never sent again under another key.
+            refused.answered = (*results, *refused.answered)
+            raise refused
+        return results
 
     def _problem(self, message: OutboundMessage) -> tuple[str, str] | None:
         if message.template is not None:
