@@ -21,6 +21,7 @@ from cdp_activation import json_codec
 from cdp_activation.connectors.base import (
     Capabilities,
     ConnectorConfigError,
+    ConnectorError,
     CredentialsError,
     OutboundMessage,
     Outcome,
@@ -142,6 +143,11 @@ class OneRecipientHttpConnector:
         """(provider error code, provider message) of an error answer."""
         raise NotImplementedError
 
+    def _transient(self, data: Any) -> bool:
+        """Whether an error answer says of itself that it is temporary (Meta's
+        `is_transient`): retried whatever its code."""
+        return False
+
     def _credentials_error(self, status: int, code: int | None, detail: str) -> CredentialsError:
         raise NotImplementedError
 
@@ -177,7 +183,14 @@ class OneRecipientHttpConnector:
     ) -> list[SendResult]:
         """Send each message with its own request (the API takes one recipient per request)."""
         check_batch_size(self, messages)
-        return [await self._send_one(client, message) for message in messages]
+        results: list[SendResult] = []
+        for message in messages:
+            try:
+                results.append(await self._send_one(client, message))
+            except ConnectorError as err:  # those before it were answered (see ConnectorError)
+                err.answered = (*results, *err.answered)
+                raise
+        return results
 
     async def _send_one(self, client: httpx.AsyncClient, message: OutboundMessage) -> SendResult:
         try:
@@ -219,7 +232,7 @@ class OneRecipientHttpConnector:
         if code in self.template_codes:
             raise self._template_error(message, code, detail)
         error_code = str(code) if code is not None else f"http_{status}"
-        if code in self.retry_codes or status == 429 or status >= 500:
+        if code in self.retry_codes or status == 429 or status >= 500 or self._transient(data):
             return SendResult(
                 message.key,
                 Outcome.RETRY,

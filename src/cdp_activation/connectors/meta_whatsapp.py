@@ -52,7 +52,9 @@ from cdp_activation.sandbox_credentials import (
     SANDBOX_PORT,
 )
 
-RETRY_CODES = frozenset({130429, 131056, 131057, 131000, 131016, 4, 80007})
+# Throttled or down for now (Graph API rate limits 4, 17, 613 and 80007 among them); any
+# other error Meta marks `is_transient` is retried too (`_transient`).
+RETRY_CODES = frozenset({130429, 131056, 131057, 131000, 131016, 4, 17, 613, 80007})
 TEMPLATE_CODES = frozenset({132000, 132001, 132005, 132007, 132012, 132015, 132016})
 CREDENTIAL_CODES = frozenset({190, 10, 200})
 _ANY_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
@@ -210,6 +212,9 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
     def _error(self, data: Any, response: httpx.Response) -> tuple[int | None, str]:
         return _meta_error(data)
 
+    def _transient(self, data: Any) -> bool:
+        return _meta_transient(data)
+
     def _credentials_error(self, status: int, code: int | None, detail: str) -> CredentialsError:
         return CredentialsError(
             f"Meta refused the access token (HTTP {status}, code {code}): {detail}. "
@@ -273,6 +278,13 @@ def _first_message_id(data: Any) -> str | None:
             message_id = messages[0].get("id")
             return message_id if isinstance(message_id, str) and message_id else None
     return None
+
+
+def _meta_transient(data: Any) -> bool:
+    """Whether a Graph API error says it is temporary (`error.is_transient`: "the request
+    should be retried")."""
+    error = data.get("error") if isinstance(data, dict) else None
+    return isinstance(error, dict) and error.get("is_transient") is True
 
 
 def _meta_error(data: Any) -> tuple[int | None, str]:

@@ -64,7 +64,10 @@ from cdp_activation.sandbox_credentials import (
     SANDBOX_TWILIO_AUTH_TOKEN,
 )
 
-RETRY_CODES = frozenset({20429})
+# Not sent, try later: too many requests (20429), the sender's queue of messages full
+# (21611), its message rate exceeded (14107). As final failures, a long send's backlog
+# behind a slow sender would fail every customer left.
+RETRY_CODES = frozenset({20429, 21611, 14107})
 TEMPLATE_CODES = frozenset({63027})
 CREDENTIAL_CODES = frozenset({20003})
 _CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
