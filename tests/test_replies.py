@@ -317,6 +317,31 @@ def test_a_twilio_stop_through_the_receiver_is_signed_stored_and_applied(
     assert summary == "text: opt-out (keyword) STOP"
 
 
+def test_a_stop_promotions_tap_through_twilio_whatsapp_stops_marketing_there(
+    ledger: Ledger, receiver: WebhookServer
+) -> None:
+    """Twilio posts a WhatsApp quick-reply tap as a form with the button's text
+    (`ButtonText`, `ButtonPayload`, `MessageType=button`): the template's "Stop promotions"
+    is an opt-out of marketing, as Meta's own webhook of the same tap is."""
+    sent(ledger, "whatsapp", "twilio", {"c7": "+447700900707"})
+    url = f"{receiver.url}/webhooks/twilio"
+    form = urlencode(
+        {
+            "MessageSid": "SMtap1",
+            "SmsStatus": "received",
+            "From": "whatsapp:+447700900707",
+            "To": "whatsapp:+15005550006",
+            "Body": "Stop promotions",
+            "ButtonText": "Stop promotions",
+            "ButtonPayload": "stop_promotions",
+            "MessageType": "button",
+        }
+    ).encode()
+    answer = post(url, signed("twilio", SECRETS, form, url))
+    assert answer.status_code == 200, answer.text
+    assert ledger.opt_outs().rows() == [("c7", "whatsapp", "marketing")]
+
+
 def test_a_burst_of_replies_is_stored_once_each_and_every_stop_applied_before_its_200(
     ledger: Ledger, receiver: WebhookServer
 ) -> None:

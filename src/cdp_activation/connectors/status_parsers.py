@@ -479,6 +479,12 @@ def parse_twilio_inbound(params: Mapping[str, str], received: datetime) -> list[
     sender = params.get("From") or ""
     channel = "whatsapp" if sender.startswith("whatsapp:") else "sms"
     media = params.get("NumMedia") not in (None, "", "0")
+    kind, text = "media" if media and not params.get("Body") else "text", params.get("Body") or ""
+    # A WhatsApp quick-reply tap (a template's "Stop promotions"): its button's text, read as
+    # Meta's own webhooks are (`_meta_text`), so the tap opts out of marketing there too.
+    button = params.get("ButtonText") or params.get("ButtonPayload")
+    if button or params.get("MessageType") == "button":
+        kind, text = "button", button or text
     return [
         _inbound(
             "twilio",
@@ -486,8 +492,8 @@ def parse_twilio_inbound(params: Mapping[str, str], received: datetime) -> list[
             channel,
             sender,
             received,
-            "media" if media and not params.get("Body") else "text",
-            params.get("Body") or "",
+            kind,
+            text,
         )
     ]
 
