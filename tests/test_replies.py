@@ -209,6 +209,32 @@ def test_a_stop_promotions_tap_stops_marketing_only_and_start_does_not_lift_it(
     assert ledger.opt_outs().rows() == [("c1", "whatsapp", "marketing")]
 
 
+def test_a_mexican_customer_s_stop_from_whatsapp_s_old_spelling_of_the_number_opts_out(
+    ledger: Ledger,
+) -> None:
+    """WhatsApp sends a Mexican mobile's replies from 52 1 + ten digits (`from`), the ledger
+    sent to +52 + ten digits (E.164 since 2019): a STOP from there is that customer's."""
+    sent(
+        ledger,
+        "whatsapp",
+        "meta_whatsapp",
+        {"mx1": "+525512345678", "mx2": "+5215587654321", "mx3": "+525587654321"},
+    )
+    stops = [
+        opt_out.classify(
+            InboundMessage("meta", f"meta|inbound|{n}", n, "whatsapp", sender, NOW, "text", "STOP")
+        )
+        for n, sender in (("m1", "+5215512345678"), ("m2", "+5215587654321"))
+    ]
+    written = ledger.record_inbound(stops)
+    assert written.unmatched == 0
+    # The number as written wins where the ledger sent to it too: mx2, not mx3.
+    assert sorted(ledger.opt_outs().rows()) == [
+        ("mx1", "whatsapp", "all"),
+        ("mx2", "whatsapp", "all"),
+    ]
+
+
 def test_a_provider_s_opted_out_answer_becomes_an_opt_out_once(ledger: Ledger) -> None:
     sent(ledger, "whatsapp", "meta_whatsapp", {"c1": "+447700900301"})
     plan = pl.DataFrame(

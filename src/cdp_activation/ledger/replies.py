@@ -37,6 +37,15 @@ class InboundWrite:
     cancelled: int  # planned sends cancelled by an opt-out
 
 
+def _aliases(channel: str, sender: str) -> list[str]:
+    """Other spellings of a sender's number than the ledger's: WhatsApp gives a Mexican
+    mobile's sender as 52 1 and ten digits (the mobile prefix its ids kept), where E.164,
+    and so the number the ledger sent to, has had 52 and ten digits since 2019."""
+    if channel == "whatsapp" and len(sender) == 14 and sender.startswith("+521"):
+        return ["+52" + sender[4:]]
+    return []
+
+
 class Replies(LedgerBase):
     """Inbound messages and opt-outs."""
 
@@ -255,9 +264,17 @@ class Replies(LedgerBase):
         found: dict[tuple[str, str], str] = {}
         for channel in {c for c, _ in addresses}:
             wanted = [a for c, a in addresses if c == channel]
-            for chunk in chunks(wanted, 5000):
+            # Another spelling of the sender's number, where the ledger may have sent to it.
+            aliases = {alias: a for a in wanted for alias in _aliases(channel, a)}
+            by_alias: dict[tuple[str, str], str] = {}
+            for chunk in chunks([*wanted, *aliases], 5000):
                 for recipient, customer in con.execute(_last_sent_to(channel, chunk)):
-                    found[(channel, recipient)] = customer
+                    if recipient in aliases:
+                        by_alias[(channel, aliases[recipient])] = customer
+                    else:
+                        found[(channel, recipient)] = customer
+            for key, customer in by_alias.items():
+                found.setdefault(key, customer)  # the number as written first
         return found
 
     def _opt_out(
