@@ -39,6 +39,7 @@ from cdp_activation.connectors import (
 )
 from cdp_activation.connectors.base import (
     Connector,
+    ConnectorConfigError,
     ConnectorError,
     CredentialsError,
     OutboundMessage,
@@ -490,6 +491,13 @@ def test_vonage_classification(sandbox_settings: Settings) -> None:
         connector.classify(message, httpx.Response(402, json=_vonage_body(1070, "Low balance")))
     with pytest.raises(TemplateError):
         connector.classify(message, httpx.Response(422, json=_vonage_body(1022, "Invalid")))
+    # The account or the sender refused as a whole: the activation stops, nobody is failed.
+    with pytest.raises(ConnectorConfigError, match=r"\(1420\).*CDP_VONAGE_WHATSAPP_FROM"):
+        connector.classify(message, httpx.Response(422, json=_vonage_body(1420, "Invalid sender")))
+    with pytest.raises(ConnectorError, match="barred from sending"):
+        connector.classify(message, httpx.Response(422, json=_vonage_body(1060, "Barred")))
+    busy = connector.classify(message, httpx.Response(429, json=_vonage_body(1241, "Too many")))
+    assert busy.outcome == Outcome.RETRY
     barred = connector.classify(message, httpx.Response(422, json=_vonage_body(1050, "Barred")))
     assert (barred.outcome, barred.error_code) == (Outcome.FAILED, "1050")
     assert "Barred" in (barred.error_message or "")

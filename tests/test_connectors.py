@@ -23,6 +23,8 @@ from cdp_activation.connectors import (
 )
 from cdp_activation.connectors.base import (
     Connector,
+    ConnectorConfigError,
+    ConnectorError,
     CredentialsError,
     OutboundMessage,
     Outcome,
@@ -506,6 +508,22 @@ RAISES = [
     ("meta-132012", meta, httpx.Response(400, json=_meta_body(132012)), TemplateError),
     ("twilio-20003", twilio, httpx.Response(401, json=_twilio_body(20003, 401)), CredentialsError),
     ("twilio-63027", twilio, httpx.Response(400, json=_twilio_body(63027, 400)), TemplateError),
+    # The account or the sender refused as a whole: the activation stops, nobody is failed.
+    ("meta-131031", meta, httpx.Response(400, json=_meta_body(131031)), ConnectorError),
+    ("meta-133010", meta, httpx.Response(400, json=_meta_body(133010)), ConnectorConfigError),
+    ("meta-131005", meta, httpx.Response(403, json=_meta_body(131005)), CredentialsError),
+    (
+        "twilio-21606",
+        twilio,
+        httpx.Response(400, json=_twilio_body(21606, 400)),
+        ConnectorConfigError,
+    ),
+    (
+        "twilio-63007",
+        twilio,
+        httpx.Response(400, json=_twilio_body(63007, 400)),
+        ConnectorConfigError,
+    ),
 ]
 
 

@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx
@@ -120,6 +120,10 @@ class OneRecipientHttpConnector:
     retry_codes: ClassVar[frozenset[int]] = frozenset()
     template_codes: ClassVar[frozenset[int]] = frozenset()
     credential_codes: ClassVar[frozenset[int]] = frozenset()
+    # Codes that refuse every recipient alike (the account barred or out of credit, the sender
+    # unknown): the activation stops with (this error, what to do), and its unsent rows stay
+    # planned, instead of each customer left being failed for good.
+    stop_codes: ClassVar[Mapping[int, tuple[type[ConnectorError], str]]] = {}
     base_url_setting: ClassVar[str]  # named in the error for an unexpected answer
 
     # ---- hooks -------------------------------------------------------------------------------
@@ -231,6 +235,11 @@ class OneRecipientHttpConnector:
             raise self._credentials_error(status, code, detail)
         if code in self.template_codes:
             raise self._template_error(message, code, detail)
+        if code is not None and code in self.stop_codes:
+            kind, remedy = self.stop_codes[code]
+            raise kind(
+                f"{self.name} refused the send for every recipient ({code}): {detail}. {remedy}"
+            )
         error_code = str(code) if code is not None else f"http_{status}"
         if code in self.retry_codes or status == 429 or status >= 500 or self._transient(data):
             return SendResult(

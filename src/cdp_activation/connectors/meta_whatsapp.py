@@ -15,6 +15,7 @@ classification below follows Meta's published Cloud API error codes:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import httpx
@@ -56,7 +57,17 @@ from cdp_activation.sandbox_credentials import (
 # other error Meta marks `is_transient` is retried too (`_transient`).
 RETRY_CODES = frozenset({130429, 131056, 131057, 131000, 131016, 4, 17, 613, 80007})
 TEMPLATE_CODES = frozenset({132000, 132001, 132005, 132007, 132012, 132015, 132016})
-CREDENTIAL_CODES = frozenset({190, 10, 200})
+CREDENTIAL_CODES = frozenset({190, 10, 200, 131005})
+# The business account or its number refused as a whole: every recipient would be refused alike.
+STOP_CODES: dict[int, tuple[type[ConnectorError], str]] = {
+    131031: (ConnectorError, "The WhatsApp Business account is locked: see WhatsApp Manager."),
+    131042: (ConnectorError, "A payment problem on the WhatsApp Business account: fix it there."),
+    368: (ConnectorError, "The account is blocked for a policy violation for now."),
+    133010: (
+        ConnectorConfigError,
+        "The sending number is not registered with the Cloud API: check CDP_META_PHONE_NUMBER_ID.",
+    ),
+}
 _ANY_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
 _USER_AGENT = "cdp-activation/0.1.0"  # the spec's User-Agent pattern wants name/x.y.z
 META_CALLBACK_DATA_MAX = 512  # biz_opaque_callback_data's documented maximum length
@@ -69,6 +80,7 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
     retry_codes: ClassVar[frozenset[int]] = RETRY_CODES
     template_codes: ClassVar[frozenset[int]] = TEMPLATE_CODES
     credential_codes: ClassVar[frozenset[int]] = CREDENTIAL_CODES
+    stop_codes: ClassVar[Mapping[int, tuple[type[ConnectorError], str]]] = STOP_CODES
     base_url_setting: ClassVar[str] = "CDP_META_BASE_URL"
     # Cloud API accepts one recipient per request; 80 msg/s is the default per-number throughput
     # (Meta raises it to 1,000 on request), so the engine paces each sender at 80/s by default.

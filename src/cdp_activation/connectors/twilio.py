@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -70,6 +70,15 @@ from cdp_activation.sandbox_credentials import (
 RETRY_CODES = frozenset({20429, 21611, 14107})
 TEMPLATE_CODES = frozenset({63027})
 CREDENTIAL_CODES = frozenset({20003})
+_SENDER = "Check CDP_TWILIO_FROM (SMS) and CDP_TWILIO_WHATSAPP_FROM (WhatsApp)."
+# The sender refused as a whole (not a number of this account, not SMS-capable, no WhatsApp
+# sender there): every recipient would be refused alike.
+STOP_CODES: dict[int, tuple[type[ConnectorError], str]] = {
+    21212: (ConnectorConfigError, _SENDER),
+    21606: (ConnectorConfigError, _SENDER),
+    21659: (ConnectorConfigError, _SENDER),
+    63007: (ConnectorConfigError, _SENDER),
+}
 _CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")
 _SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
 
@@ -81,6 +90,7 @@ class TwilioConnector(OneRecipientHttpConnector):
     retry_codes: ClassVar[frozenset[int]] = RETRY_CODES
     template_codes: ClassVar[frozenset[int]] = TEMPLATE_CODES
     credential_codes: ClassVar[frozenset[int]] = CREDENTIAL_CODES
+    stop_codes: ClassVar[Mapping[int, tuple[type[ConnectorError], str]]] = STOP_CODES
     base_url_setting: ClassVar[str] = "CDP_TWILIO_BASE_URL"
     capabilities: ClassVar[Capabilities] = Capabilities(
         channels=frozenset({"sms", "whatsapp"}),

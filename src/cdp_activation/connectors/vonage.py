@@ -23,7 +23,9 @@ the error `type` URL, e.g. `…/messages-olympus#1022`):
 - 401 (or 403): `CredentialsError`.
 - 402 low balance: `ConnectorError`: every further request would be refused the same way.
 - 422 with code 1022 (invalid template or template parameters): `TemplateError`.
-- 429, 5xx, or code 1000 (throttled): RETRY with Retry-After where given.
+- the account or the sender refused as a whole (1060, 1070, 1080, 1120, 1400, 1420, 1440):
+  `ConnectorError` / `ConnectorConfigError` (`STOP_CODES`), nobody failed for it.
+- 429, 5xx, or code 1000, 1241, 1331 (throttled, busy): RETRY with Retry-After where given.
 - any other 4xx (1430 invalid recipient, 1050 number barred, 1340 outside the window, …):
   FAILED with the code and the error title.
 """
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import httpx
@@ -40,6 +43,7 @@ from pydantic import SecretStr
 from cdp_activation.connectors import samples, signatures, status_parsers
 from cdp_activation.connectors.base import (
     Capabilities,
+    ConnectorConfigError,
     ConnectorError,
     CredentialsError,
     OutboundMessage,
@@ -68,8 +72,20 @@ from cdp_activation.sandbox_credentials import (
 )
 
 CLIENT_REF_MAX = 40  # the spec: "Client reference of up to 40 characters"
-RETRY_CODES = frozenset({1000})
+# Throttled (1000), too many send requests (1241), the provider not answering for now (1331).
+RETRY_CODES = frozenset({1000, 1241, 1331})
 TEMPLATE_CODES = frozenset({1022})
+_SENDER = "Check CDP_VONAGE_WHATSAPP_FROM, CDP_VONAGE_SMS_FROM or CDP_VONAGE_VIBER_FROM."
+# The account or the sender refused as a whole: every recipient would be refused alike.
+STOP_CODES: dict[int, tuple[type[ConnectorError], str]] = {
+    1060: (ConnectorError, "The Vonage account is barred from sending: contact Vonage."),
+    1070: (ConnectorError, "The pre-paid balance is used up: top up the account."),
+    1080: (ConnectorConfigError, "The account is not provisioned for this API."),
+    1120: (ConnectorConfigError, _SENDER),
+    1400: (ConnectorConfigError, _SENDER),
+    1420: (ConnectorConfigError, _SENDER),
+    1440: (ConnectorConfigError, _SENDER),
+}
 _CODE_IN_TYPE = re.compile(r"#(\d+)$")
 
 
@@ -94,6 +110,7 @@ class VonageConnector(OneRecipientHttpConnector):
     retry_codes: ClassVar[frozenset[int]] = RETRY_CODES
     template_codes: ClassVar[frozenset[int]] = TEMPLATE_CODES
     credential_codes: ClassVar[frozenset[int]] = frozenset()
+    stop_codes: ClassVar[Mapping[int, tuple[type[ConnectorError], str]]] = STOP_CODES
     base_url_setting: ClassVar[str] = "CDP_VONAGE_BASE_URL"
     capabilities: ClassVar[Capabilities] = Capabilities(
         channels=frozenset({"whatsapp", "sms", "viber"}),
