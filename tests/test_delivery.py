@@ -343,11 +343,13 @@ class _Player:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.posted: Counter[str] = Counter()
+        self.keys: list[str] = []  # each request's retry key (LINE's X-Line-Retry-Key)
         player = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                player.keys.append(self.headers.get("X-Line-Retry-Key", ""))
                 code, payload, taken = respond(self.path, body)
                 player.posted.update(taken)
                 data = json.dumps(payload).encode()
@@ -451,6 +453,52 @@ def test_line_requests_taken_beside_one_refused_for_the_monthly_quota_are_not_se
         deliver(ledger, SCOPE, {"line": connector}, FAST)
         assert Counter(ledger.rows("winback", "p")["state"]) == {"sent": 30}
         assert len(player.posted) == 30 and max(player.posted.values()) == 1  # nobody twice
+        ledger.dispose()
+    finally:
+        player.close()
+
+
+def test_a_line_request_asked_again_and_refused_for_the_quota_keeps_its_retry_key(
+    tmp_path,
+) -> None:
+    """A multicast whose answer was lost (LINE may hold it) is asked again with the same retry
+    key, and refused there because the month's quota is used up. It keeps its request: when
+    the quota allows, it goes once more with that same key, so LINE can tell it is the one it
+    may already have sent, never under a new key that would message everyone twice."""
+    import time
+
+    from cdp_activation.connectors.base import ConnectorError
+    from cdp_activation.connectors.line import LineConnector
+    from crash_worker import line_audience
+
+    quota_left = [False]
+
+    def line(path: str, body: dict) -> tuple[int, object, list[str]]:
+        if len(player.keys) == 1:
+            time.sleep(1.0)  # the first answer comes after the client gave up: lost
+            return 200, {}, body["to"]
+        if not quota_left[0]:
+            return 429, {"message": "You have reached your monthly limit."}, []
+        return 200, {}, []  # LINE knows the key: nobody is messaged again
+
+    player = _Player(line)
+    try:
+        connector = LineConnector(player.url, "token")
+        ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+        ledger.plan("winback", "p", line_audience(10))
+        impatient = DeliveryOptions(
+            backoff_initial=0.01, backoff_max=0.05, max_attempts=3, timeout_seconds=0.3
+        )
+        with pytest.raises(ConnectorError, match="monthly"):
+            deliver(ledger, SCOPE, {"line": connector}, impatient)
+        assert Counter(ledger.rows("winback", "p")["state"]) == {"planned": 10}
+        ledger.plan("winback", "p", line_audience(11))  # one more user, the same text
+        quota_left[0] = True
+        deliver(ledger, SCOPE, {"line": connector}, impatient)
+        assert Counter(ledger.rows("winback", "p")["state"]) == {"sent": 11}
+        # The ten went again exactly as first asked, with its key; the newcomer on its own.
+        first, again, resumed, newcomer = player.keys
+        assert first == again == resumed != newcomer, player.keys
         ledger.dispose()
     finally:
         player.close()

@@ -376,8 +376,15 @@ class _Delivery:
             if refused is not None and row.idempotency_key not in by_key:
                 # Refused before the provider took it (`ConnectorError.answered` holds what
                 # was answered): due again once the run is resumed.
+                # A request asked again may have reached the provider the first time: it
+                # keeps its request (and so its key), refused now or not.
                 out.append(
-                    Settlement(row.id, PLANNED, error_message=connector.redact(str(refused)))
+                    Settlement(
+                        row.id,
+                        PLANNED,
+                        error_message=connector.redact(str(refused)),
+                        uncertain=row.resent_request,
+                    )
                 )
                 unanswered += 1
                 continue
