@@ -427,6 +427,22 @@ CLASSIFY = [
         None,
     ),
     (
+        "meta-throttled-waits-as-its-usage-header-says",  # Meta sends no Retry-After
+        meta,
+        httpx.Response(
+            400,
+            json=_meta_body(80007),
+            headers={
+                "X-Business-Use-Case-Usage": '{"102290129340398":[{"type":"whatsapp",'
+                '"call_count":100,"total_cputime":1,"total_time":1,'
+                '"estimated_time_to_regain_access":5}]}'
+            },
+        ),
+        Outcome.RETRY,
+        "80007",
+        300.0,
+    ),
+    (
         "meta-17-user-request-limit",
         meta,
         httpx.Response(400, json=_meta_body(17)),

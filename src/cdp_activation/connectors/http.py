@@ -147,6 +147,11 @@ class OneRecipientHttpConnector:
         """(provider error code, provider message) of an error answer."""
         raise NotImplementedError
 
+    def _retry_hint(self, headers: httpx.Headers) -> float | None:
+        """Seconds to wait before asking again, from a provider's own header where it has no
+        Retry-After (Meta's usage header); None: no word."""
+        return None
+
     def _transient(self, data: Any) -> bool:
         """Whether an error answer says of itself that it is temporary (Meta's
         `is_transient`): retried whatever its code."""
@@ -242,12 +247,13 @@ class OneRecipientHttpConnector:
             )
         error_code = str(code) if code is not None else f"http_{status}"
         if code in self.retry_codes or status == 429 or status >= 500 or self._transient(data):
+            wait = retry_after_seconds(response.headers)
             return SendResult(
                 message.key,
                 Outcome.RETRY,
                 error_code=error_code,
                 error_message=detail,
-                retry_after=retry_after_seconds(response.headers),
+                retry_after=self._retry_hint(response.headers) if wait is None else wait,
             )
         if 400 <= status < 500:
             return SendResult(

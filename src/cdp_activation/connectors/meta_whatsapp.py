@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import SecretStr
 
+from cdp_activation import json_codec
 from cdp_activation.connectors import samples, signatures, status_parsers
 from cdp_activation.connectors.base import (
     Capabilities,
@@ -227,6 +228,9 @@ class MetaWhatsAppConnector(OneRecipientHttpConnector):
     def _transient(self, data: Any) -> bool:
         return _meta_transient(data)
 
+    def _retry_hint(self, headers: httpx.Headers) -> float | None:
+        return _regain_access_seconds(headers)
+
     def _credentials_error(self, status: int, code: int | None, detail: str) -> CredentialsError:
         return CredentialsError(
             f"Meta refused the access token (HTTP {status}, code {code}): {detail}. "
@@ -290,6 +294,29 @@ def _first_message_id(data: Any) -> str | None:
             message_id = messages[0].get("id")
             return message_id if isinstance(message_id, str) and message_id else None
     return None
+
+
+def _regain_access_seconds(headers: httpx.Headers) -> float | None:
+    """When a throttled business may call again: the longest `estimated_time_to_regain_access`
+    (minutes) of `X-Business-Use-Case-Usage`, in seconds. Meta sends no Retry-After; without
+    a wait, each throttled answer counted as a failure and enough of them stopped the step as
+    an outage. None when the header is absent, unreadable or says 0."""
+    raw = headers.get("x-business-use-case-usage")
+    if not raw:
+        return None
+    try:
+        usage = json_codec.loads(raw)
+    except ValueError:
+        return None
+    minutes = [
+        entry.get("estimated_time_to_regain_access")
+        for entries in (usage.values() if isinstance(usage, dict) else ())
+        if isinstance(entries, list)
+        for entry in entries
+        if isinstance(entry, dict)
+    ]
+    longest = max((m for m in minutes if isinstance(m, int | float) and m > 0), default=None)
+    return None if longest is None else float(longest) * 60
 
 
 def _meta_transient(data: Any) -> bool:
