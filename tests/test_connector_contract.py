@@ -382,6 +382,19 @@ def test_infobip_splits_a_mixed_batch_into_one_request_per_channel(
     assert Counter(m.channel for m in sandbox.messages()) == {"whatsapp": 5, "sms": 5}
 
 
+def test_infobip_builds_every_channel_s_request_before_it_sends_any(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """An SMS of a mixed batch that cannot be built (no text) stops the batch before the
+    WhatsApp request goes: nothing was taken, so nothing can be taken for unsent and sent
+    again."""
+    batch = [whatsapp_or_sms(i) for i in range(4)]
+    batch[1] = dataclasses.replace(batch[1], body=None)  # an SMS without its text
+    with pytest.raises(TemplateError, match="has no provider templates"):
+        send(infobip(sandbox_settings), batch)
+    assert sandbox.messages() == [] and sandbox.attempts() == []
+
+
 @pytest.mark.parametrize(
     "template",
     [

@@ -483,6 +483,14 @@ CLASSIFY = [
         None,
     ),
     (
+        "twilio-21606-depends-on-the-destination",  # a short code abroad: this recipient only
+        twilio,
+        httpx.Response(400, json=_twilio_body(21606, 400)),
+        Outcome.FAILED,
+        "21606",
+        None,
+    ),
+    (
         "twilio-region",
         twilio,
         httpx.Response(400, json=_twilio_body(21408, 400)),
@@ -529,9 +537,9 @@ RAISES = [
     ("meta-133010", meta, httpx.Response(400, json=_meta_body(133010)), ConnectorConfigError),
     ("meta-131005", meta, httpx.Response(403, json=_meta_body(131005)), CredentialsError),
     (
-        "twilio-21606",
+        "twilio-21212",
         twilio,
-        httpx.Response(400, json=_twilio_body(21606, 400)),
+        httpx.Response(400, json=_twilio_body(21212, 400)),
         ConnectorConfigError,
     ),
     (

@@ -226,12 +226,21 @@ def test_a_mexican_customer_s_stop_from_whatsapp_s_old_spelling_of_the_number_op
         )
         for n, sender in (("m1", "+5215512345678"), ("m2", "+5215587654321"))
     ]
+    # One webhook with both spellings of mx3's number: each sender is matched.
+    stops.append(
+        opt_out.classify(
+            InboundMessage(
+                "meta", "meta|inbound|m3", "m3", "whatsapp", "+525587654321", NOW, "text", "STOP"
+            )
+        )
+    )
     written = ledger.record_inbound(stops)
     assert written.unmatched == 0
     # The number as written wins where the ledger sent to it too: mx2, not mx3.
     assert sorted(ledger.opt_outs().rows()) == [
         ("mx1", "whatsapp", "all"),
         ("mx2", "whatsapp", "all"),
+        ("mx3", "whatsapp", "all"),
     ]
 
 

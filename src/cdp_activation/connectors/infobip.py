@@ -340,7 +340,9 @@ class InfobipConnector:
                     f"{', '.join(sorted(self.capabilities.channels))}"
                 )
             by_channel.setdefault(message.channel, []).append(message)
-        results: list[SendResult] = []
+        # Every request built before the first is sent: one that cannot be built (a template
+        # problem) stops the batch before anything went, not after a channel was answered.
+        requests = []
         for channel in sorted(by_channel, reverse=True):  # whatsapp, viber, sms, rcs, kakao
             group = by_channel[channel]
             if channel == "whatsapp":
@@ -353,6 +355,9 @@ class InfobipConnector:
                 url, body = self.kakao_url, self.build_kakao(group)
             else:
                 url, body = self.sms_url, self.build_sms(group)
+            requests.append((url, body, group))
+        results: list[SendResult] = []
+        for url, body, group in requests:
             try:
                 results.extend(await self._post(client, url, body, group))
             except ConnectorError as err:

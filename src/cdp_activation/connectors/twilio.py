@@ -71,12 +71,11 @@ RETRY_CODES = frozenset({20429, 21611, 14107})
 TEMPLATE_CODES = frozenset({63027})
 CREDENTIAL_CODES = frozenset({20003})
 _SENDER = "Check CDP_TWILIO_FROM (SMS) and CDP_TWILIO_WHATSAPP_FROM (WhatsApp)."
-# The sender refused as a whole (not a number of this account, not SMS-capable, no WhatsApp
-# sender there): every recipient would be refused alike.
+# The sender refused as a whole (an invalid From number, no WhatsApp sender there): every
+# recipient would be refused alike. Not 21606 or 21659, which depend on the destination too
+# (a short code's own country): those fail that recipient only.
 STOP_CODES: dict[int, tuple[type[ConnectorError], str]] = {
     21212: (ConnectorConfigError, _SENDER),
-    21606: (ConnectorConfigError, _SENDER),
-    21659: (ConnectorConfigError, _SENDER),
     63007: (ConnectorConfigError, _SENDER),
 }
 _CONTENT_SID = re.compile(r"^HX[0-9a-fA-F]{32}$")

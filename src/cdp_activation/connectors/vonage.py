@@ -23,7 +23,7 @@ the error `type` URL, e.g. `…/messages-olympus#1022`):
 - 401 (or 403): `CredentialsError`.
 - 402 low balance: `ConnectorError`: every further request would be refused the same way.
 - 422 with code 1022 (invalid template or template parameters): `TemplateError`.
-- the account or the sender refused as a whole (1060, 1070, 1080, 1120, 1400, 1420, 1440):
+- the account or the sender refused as a whole (1060, 1070, 1080, 1400, 1420, 1440):
   `ConnectorError` / `ConnectorConfigError` (`STOP_CODES`), nobody failed for it.
 - 429, 5xx, or code 1000, 1241, 1331 (throttled, busy): RETRY with Retry-After where given.
 - any other 4xx (1430 invalid recipient, 1050 number barred, 1340 outside the window, …):
@@ -76,12 +76,12 @@ CLIENT_REF_MAX = 40  # the spec: "Client reference of up to 40 characters"
 RETRY_CODES = frozenset({1000, 1241, 1331})
 TEMPLATE_CODES = frozenset({1022})
 _SENDER = "Check CDP_VONAGE_WHATSAPP_FROM, CDP_VONAGE_SMS_FROM or CDP_VONAGE_VIBER_FROM."
-# The account or the sender refused as a whole: every recipient would be refused alike.
+# The account or the sender refused as a whole: every recipient would be refused alike. Not
+# 1120 (the sender id illegal in the recipient's country): that fails the recipient only.
 STOP_CODES: dict[int, tuple[type[ConnectorError], str]] = {
     1060: (ConnectorError, "The Vonage account is barred from sending: contact Vonage."),
     1070: (ConnectorError, "The pre-paid balance is used up: top up the account."),
     1080: (ConnectorConfigError, "The account is not provisioned for this API."),
-    1120: (ConnectorConfigError, _SENDER),
     1400: (ConnectorConfigError, _SENDER),
     1420: (ConnectorConfigError, _SENDER),
     1440: (ConnectorConfigError, _SENDER),

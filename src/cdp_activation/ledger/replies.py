@@ -269,9 +269,9 @@ class Replies(LedgerBase):
             by_alias: dict[tuple[str, str], str] = {}
             for chunk in chunks([*wanted, *aliases], 5000):
                 for recipient, customer in con.execute(_last_sent_to(channel, chunk)):
-                    if recipient in aliases:
+                    if recipient in aliases:  # (a number may be one sender's and another's alias)
                         by_alias[(channel, aliases[recipient])] = customer
-                    else:
+                    if (channel, recipient) in addresses:
                         found[(channel, recipient)] = customer
             for key, customer in by_alias.items():
                 found.setdefault(key, customer)  # the number as written first
