@@ -386,14 +386,6 @@ CLASSIFY = [
         None,
     ),
     (
-        "meta-spam-limit",
-        meta,
-        httpx.Response(400, json=_meta_body(131048)),
-        Outcome.FAILED,
-        "131048",
-        None,
-    ),
-    (
         "meta-2xx-without-id",
         meta,
         httpx.Response(200, json={"messages": []}),
@@ -534,6 +526,8 @@ RAISES = [
     ("twilio-63027", twilio, httpx.Response(400, json=_twilio_body(63027, 400)), TemplateError),
     # The account or the sender refused as a whole: the activation stops, nobody is failed.
     ("meta-131031", meta, httpx.Response(400, json=_meta_body(131031)), ConnectorError),
+    # Meta limits the sending number for spam reports: every message after it is refused.
+    ("meta-spam-limit", meta, httpx.Response(400, json=_meta_body(131048)), ConnectorError),
     ("meta-133010", meta, httpx.Response(400, json=_meta_body(133010)), ConnectorConfigError),
     ("meta-131005", meta, httpx.Response(403, json=_meta_body(131005)), CredentialsError),
     (

@@ -63,6 +63,11 @@ CREDENTIAL_CODES = frozenset({190, 10, 200, 131005})
 STOP_CODES: dict[int, tuple[type[ConnectorError], str]] = {
     131031: (ConnectorError, "The WhatsApp Business account is locked: see WhatsApp Manager."),
     131042: (ConnectorError, "A payment problem on the WhatsApp Business account: fix it there."),
+    131048: (
+        ConnectorError,
+        "Meta limits the number for messages reported as spam: check its quality rating in "
+        "WhatsApp Manager before resuming.",
+    ),
     368: (ConnectorError, "The account is blocked for a policy violation for now."),
     133010: (
         ConnectorConfigError,
