@@ -703,18 +703,20 @@ def test_quiet_hours_defer_and_a_later_run_sends_once_due(env: SimpleNamespace) 
     ledger.dispose()
 
 
-def test_a_run_s_send_window_lifts_quiet_hours_for_its_fallback_too(env: SimpleNamespace) -> None:
+def test_a_run_s_send_window_holds_for_its_fallback_too(env: SimpleNamespace) -> None:
     """`--send-window` (the Launchpad's send window) holds for the fallback as for the first
-    send: with quiet hours all day, the SMS due after a WhatsApp message that did not land
-    waits for the morning, unless the fallback run is given the whole day."""
+    send: with quiet hours all day, a first send given the whole day has its SMS fallback (due
+    after a WhatsApp message that did not land) go now too, as the fallback sensor would launch
+    it, with no window of its own; a fallback given defs.yaml's window waits for the morning."""
     from cdp_activation.cli.runner import run_fallback
 
     attributes = copy.deepcopy(winback_attributes())
     attributes["policy"] = {"quiet_hours": {"start": "00:00", "end": "23:59"}}
     night = custom_definitions(env.tmp, "night_fallback", attributes)
     partition = TODAY.isoformat()
-    whole_day = ("00:00", "23:59")
-    first = run_activation("night_fallback", partition, definitions=night, send_window=whole_day)
+    first = run_activation(
+        "night_fallback", partition, definitions=night, send_window=("00:00", "23:59")
+    )
     assert first.success, first.error
     assert first.sent > 0 and first.deferred == 0
     # No delivery report comes back here: with a window of 0 minutes every first message
@@ -724,21 +726,46 @@ def test_a_run_s_send_window_lifts_quiet_hours_for_its_fallback_too(env: SimpleN
         partition,
         dry_run=True,
         not_delivered_within_minutes=0,
+        send_window=("23:59", "00:00"),  # defs.yaml's: the complement of its quiet hours
         definitions=night,
     )
     assert asleep.success, asleep.error
     assert asleep.eligible > 0 and asleep.deferred == asleep.eligible
     texts = sum(m.provider == "twilio" for m in env.sandbox.messages())
     awake = run_fallback(
-        "night_fallback",
-        partition,
-        not_delivered_within_minutes=0,
-        send_window=whole_day,
-        definitions=night,
+        "night_fallback", partition, not_delivered_within_minutes=0, definitions=night
     )
     assert awake.success, awake.error
     assert awake.deferred == 0 and awake.sent + awake.failed == asleep.eligible
     assert sum(m.provider == "twilio" for m in env.sandbox.messages()) == texts + awake.sent
+
+
+def test_a_fallback_keeps_the_quiet_hours_of_a_first_send_given_no_window(
+    env: SimpleNamespace,
+) -> None:
+    """Without a window of its own or of its first send, a fallback keeps defs.yaml's quiet
+    hours: nothing sent in the night."""
+    from cdp_activation.cli.runner import run_fallback
+
+    attributes = copy.deepcopy(winback_attributes())
+    attributes["policy"] = {"quiet_hours": {"start": "00:00", "end": "23:59"}}
+    night = custom_definitions(env.tmp, "night_default", attributes)
+    partition = TODAY.isoformat()
+    first = run_activation("night_default", partition, definitions=night)
+    assert first.success, first.error
+    assert first.sent == 0 and first.deferred > 0
+    # Their first messages go out, as the deferred-sends sensor's run in the morning would
+    # send them, with defs.yaml's window recorded again.
+    whole_day = ("00:00", "23:59")
+    morning = run_activation("night_default", partition, definitions=night, send_window=whole_day)
+    assert morning.sent > 0
+    again = run_activation("night_default", partition, definitions=night)
+    assert again.success and again.sent == 0
+    held = run_fallback(
+        "night_default", partition, not_delivered_within_minutes=0, definitions=night
+    )
+    assert held.success, held.error
+    assert held.eligible > 0 and held.deferred == held.eligible and held.sent == 0
 
 
 def test_unknown_sends_go_again_only_for_an_activation_that_opts_in(

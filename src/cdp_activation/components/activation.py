@@ -271,7 +271,8 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         )
         plan = chosen_activation.spec.channel_plan
         experiment = chosen_activation.spec.experiment
-        metadata = asset_meta.decisions_metadata(result, plan, experiment)
+        quiet = chosen_activation.spec.policy.quiet_hours
+        metadata = asset_meta.decisions_metadata(result, plan, experiment, quiet)
         checks = [
             _consent_result(activation, context, result.frame, audience),
             _phone_share_result(result.excluded_by_reason(), audience.height),
@@ -397,7 +398,9 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         description=f"Run the {name} activation for one day's partition.",
     )
     fallback = (
-        _fallback_defs(activation, partitions, common, deliveries_key, audience_key, job.name)
+        _fallback_defs(
+            activation, partitions, common, (audience_key, decisions_key, deliveries_key), job.name
+        )
         if spec.channel_plan.fallback is not None
         else None
     )
@@ -535,12 +538,13 @@ def _fallback_defs(
     activation: run.Activation,
     partitions: dg.PartitionsDefinition,
     common: dict[str, Any],
-    deliveries_key: dg.AssetKey,
-    audience_key: dg.AssetKey,
+    first_send: tuple[dg.AssetKey, dg.AssetKey, dg.AssetKey],
     main_job: str,
 ) -> _Fallback:
-    """The `<name>/fallback` asset and the job that materialises it alone."""
+    """The `<name>/fallback` asset and the job that materialises it alone, after the first
+    send's assets (`first_send`: audience, decisions, deliveries)."""
     name = activation.name
+    audience_key, decisions_key, deliveries_key = first_send
     plan = activation.spec.channel_plan
     spec = fb.fallback_spec(activation)
     step = plan.step_for(spec.channel)
@@ -566,7 +570,7 @@ def _fallback_defs(
                 "minutes after it was sent (from the activation's channel_plan.fallback).",
             ),
         ),
-        **_send_window_fields(activation.spec.policy.quiet_hours),
+        **_send_window_fields(activation.spec.policy.quiet_hours, fallback=True),
     )
     read_rule = (
         f", or not read within {spec.not_read_within_hours:g} h"
@@ -596,10 +600,10 @@ def _fallback_defs(
         connectors = fan_out.connectors_of(context, connector_keys)
         workers = _checked_workers(config.workers)
         store = context.resources.ledger.ledger()
-        # The run's send window (Launchpad, `--send-window`), as the first send's.
-        chosen = run.with_run_choices(
-            activation, send_window=(config.send_window_start, config.send_window_end)
-        )
+        # The run's send window (Launchpad, `--send-window`), else the first send's.
+        first = _first_send_window(context, decisions_key, activation.spec.policy.quiet_hours)
+        window = (config.send_window_start or first[0], config.send_window_end or first[1])
+        chosen = run.with_run_choices(activation, send_window=window)
         decisions = fb.compute_fallback_decisions(
             chosen,
             context.resources.warehouse.warehouse(),
@@ -714,20 +718,36 @@ def _fallback_sensor(activation: run.Activation, job: Any, jobs: list[str]) -> d
     return fallback_sensor
 
 
+def _latest_metadata(
+    context: dg.AssetExecutionContext | dg.OpExecutionContext, key: dg.AssetKey, entry: str
+) -> Any:
+    """One metadata entry's value of the asset's latest materialization for the run's
+    partition; None when there is none."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[context.partition_key]),
+        limit=1,
+    ).records
+    materialization = records[0].asset_materialization if records else None
+    value = materialization.metadata.get(entry) if materialization else None
+    return value.value if value is not None else None
+
+
 def _partition_parameters(
     context: dg.AssetExecutionContext | dg.OpExecutionContext, audience_key: dg.AssetKey
 ) -> dict[str, Any]:
     """The audience parameters the partition's latest run used (its audience metadata), so
     the fallback sees the audience the first messages went to; empty: the defaults."""
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=audience_key, asset_partitions=[context.partition_key]),
-        limit=1,
-    ).records
-    if not records:
-        return {}
-    materialization = records[0].asset_materialization
-    value = materialization.metadata.get("parameters") if materialization else None
-    return dict(value.value) if value is not None else {}  # type: ignore[arg-type]
+    return dict(_latest_metadata(context, audience_key, "parameters") or {})
+
+
+def _first_send_window(
+    context: dg.OpExecutionContext, decisions_key: dg.AssetKey, quiet: QuietHoursSpec
+) -> tuple[str, str]:
+    """The send window the partition's latest decisions were made with (their `send_window`
+    metadata), so a fallback keeps a run's chosen window (`--send-window`, the Launchpad) as
+    the first message did; defs.yaml's when none was recorded."""
+    window = asset_meta.send_window_of(_latest_metadata(context, decisions_key, "send_window"))
+    return window or (quiet.end, quiet.start)
 
 
 def _graph_common(common: dict[str, Any]) -> dict[str, Any]:
@@ -912,24 +932,31 @@ def _active_run(instance: dg.DagsterInstance, job_names: list[str]) -> str | Non
     return None
 
 
-def _send_window_fields(quiet: QuietHoursSpec) -> dict[str, Any]:
-    """The Launchpad's send window (the complement of the activation's quiet hours), as the
-    first send's decisions and its fallback both take it."""
+def _send_window_fields(quiet: QuietHoursSpec, *, fallback: bool = False) -> dict[str, Any]:
+    """The Launchpad's send window (the complement of the activation's quiet hours). The first
+    send's decisions default to defs.yaml's; a fallback defaults to empty: the window its
+    partition's first send was decided with (`_first_send_window`)."""
+    inherited = (
+        " Empty: the first send's window (its decisions' `send_window`; defs.yaml's quiet "
+        f"hours give {quiet.end}-{quiet.start})."
+        if fallback
+        else ""
+    )
     return {
         "send_window_start": (
-            str,
+            str | None if fallback else str,
             Field(
-                default=quiet.end,
+                default=None if fallback else quiet.end,
                 description="Earliest local time of day (HH:MM, in each customer's time zone) "
-                "a message may go out; earlier ones wait until then.",
+                f"a message may go out; earlier ones wait until then.{inherited}",
             ),
         ),
         "send_window_end": (
-            str,
+            str | None if fallback else str,
             Field(
-                default=quiet.start,
+                default=None if fallback else quiet.start,
                 description="Latest local time of day (HH:MM) a message may go out; later "
-                "ones wait until the next day's window.",
+                f"ones wait until the next day's window.{inherited}",
             ),
         ),
     }

@@ -3,6 +3,7 @@ at the Dagster edge, from the plain results the core returns (`activation_run`, 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,14 @@ from cdp_activation.policy import Decisions, reasons
 from cdp_activation.policy.engine import DEFER, EXCLUDE, HOLDOUT, SEND
 from cdp_activation.policy.variants import variant_counts
 from cdp_activation.settings import get_settings
-from cdp_activation.spec import ChannelPlanSpec, ExperimentSpec, storable_parameters
+from cdp_activation.spec import (
+    ChannelPlanSpec,
+    ExperimentSpec,
+    QuietHoursSpec,
+    storable_parameters,
+)
+
+_WINDOW = re.compile(r"(\d\d:\d\d)-(\d\d:\d\d)")
 
 
 def audience_metadata(
@@ -74,13 +82,28 @@ def md_counts(title: str, counts: Mapping[str, int]) -> str:
     return "\n".join([f"| count | {title} |", "|---:|---|", *lines])
 
 
+def send_window_text(quiet: QuietHoursSpec) -> str:
+    """The local send window decisions were made with, as their metadata shows it
+    (`send_window_of` reads it back)."""
+    window = f"{quiet.end}-{quiet.start}"
+    return f"{window} local time" if quiet.enabled else f"{window} (quiet hours off: any time)"
+
+
+def send_window_of(text: object) -> tuple[str, str] | None:
+    """The (start, end) a `send_window` entry names; None for anything else."""
+    match = _WINDOW.match(text) if isinstance(text, str) else None
+    return (match[1], match[2]) if match else None
+
+
 def decisions_metadata(
     result: Decisions,
     plan: ChannelPlanSpec,
     experiment: ExperimentSpec | None = None,
+    quiet: QuietHoursSpec | None = None,
 ) -> dict[str, Any]:
-    """The decisions asset's metadata: counts for the UI, the estimated cost, and `summary`,
-    the run summary's part as one JSON entry (`runner.RunSummary` is rebuilt from it)."""
+    """The decisions asset's metadata: counts for the UI, the estimated cost, the send window
+    they were made with, and `summary`, the run summary's part as one JSON entry
+    (`runner.RunSummary` is rebuilt from it)."""
     eligible = result.eligible_by_channel()
     excluded = result.excluded_by_reason()
     counts = result.counts()
@@ -100,6 +123,7 @@ def decisions_metadata(
             or "_nobody excluded_"
         ),
         "sample_messages": dg.MetadataValue.md(samples),
+        **({"send_window": send_window_text(quiet)} if quiet is not None else {}),
         **cost,
         "summary": dg.MetadataValue.json(
             {
