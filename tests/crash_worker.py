@@ -4,8 +4,9 @@
 
 LEDGER is a SQLite file or a database URL. Environment: CRASH_WORKER_LEASE (seconds, default
 30), CRASH_WORKER_MAX_ATTEMPTS (default 4), CRASH_WORKER_RATE (messages/s, default 2000) and
-CRASH_WORKER_TIMEOUT (the client's timeout, default 5 s) and CRASH_WORKER_RATE_LIMIT_URL (a
-Redis URL: the rate shared with every worker using it).
+CRASH_WORKER_TIMEOUT (the client's timeout, default 5 s), CRASH_WORKER_RATE_LIMIT_URL (a
+Redis URL: the rate shared with every worker using it) and CRASH_WORKER_LINE_TEXTS (the LINE
+rows' different texts, default 1: a batch is one multicast per text).
 
 It does what a real run does on start, with the real `Ledger`, `deliver` and connectors: plan
 the N rows (a no-op for keys already planned, so a restart never plans twice), turn rows that
@@ -157,7 +158,8 @@ def main(argv: list[str]) -> int:
         recovered = ledger.recover_interrupted(ACTIVATION, PARTITION, idempotent=[argv[5]])
     elif line:
         deferred_until = datetime.fromtimestamp(float(argv[6]), UTC)
-        ledger.plan(ACTIVATION, PARTITION, line_audience(n, deferred_until))
+        texts = int(os.environ.get("CRASH_WORKER_LINE_TEXTS", 1))
+        ledger.plan(ACTIVATION, PARTITION, line_audience(n, deferred_until, texts))
         recovered = ledger.recover_interrupted(ACTIVATION, PARTITION, idempotent=["line"])
     else:
         ledger.plan(ACTIVATION, PARTITION, audience(n))

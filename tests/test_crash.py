@@ -161,6 +161,66 @@ def test_sigkill_through_line_resends_each_interrupted_request_whole_and_nobody_
     assert all(by_recipient[m.to] == m.provider_message_id for m in accepted)
 
 
+def test_line_s_monthly_quota_running_out_under_two_workers_and_a_kill_sends_nobody_twice(
+    tmp_path: Path,
+) -> None:
+    """Two workers send to LINE, one killed at a random instant, when the channel's monthly
+    quota runs out. A batch of three texts goes as three multicasts at once: those LINE took
+    beside the one it refused are recorded sent (`ConnectorError.answered`), never made
+    planned and sent again under a new retry key; the refused and the rest wait `planned`.
+    Once the quota is raised, a run sends every one of them, and each user gets one message."""
+    n, quota = 3000, 1400
+    rng = random.Random(SEED + 2)
+    ledger_file = tmp_path / "ledger.sqlite"
+    config = SandboxConfig(
+        latency_ms=300, latency_jitter_ms=300, seed=SEED, line_monthly_quota=quota
+    )
+    args = ("line", "0")  # every fifth row deferred until 1970: all due
+    env = {"CRASH_WORKER_LINE_TEXTS": "3"}
+    with SandboxServer(config=config) as sandbox:
+        killed, other = (Worker(ledger_file, sandbox.url, 4, *args, n=n, env=env) for _ in "ab")
+        killed.wait_for("delivering", timeout=30)
+        other.wait_for("delivering", timeout=30)
+        time.sleep(rng.uniform(0.2, 0.8))
+        landed = killed.kill()
+        stopped = other.summary(timeout=90)
+        assert other.process.wait(10) == 3, stopped
+        assert "monthly" in str(stopped["error"]), stopped
+        sandbox.wait_idle()  # the killed worker's requests are answered too
+        taken = {m.to for m in sandbox.messages()}
+        ledger = Ledger(f"sqlite:///{ledger_file}")
+        before = ledger.rows(ACTIVATION, PARTITION)
+        refused = [a for a in sandbox.attempts() if a.result == "refused"]
+
+        sandbox.configure(line_monthly_quota=0)  # the plan's limit raised
+        final = Worker(ledger_file, sandbox.url, 4, *args, n=n, env=env)
+        summary = final.summary(timeout=90)
+        assert final.process.wait(10) == 0, summary
+        sandbox.wait_idle()
+        accepted = sandbox.messages()
+        replayed = [a for a in sandbox.attempts() if a.result == "replayed"]
+    rows = ledger.rows(ACTIVATION, PARTITION)
+    ledger.dispose()
+    states = Counter(before["state"].to_list())
+    print(
+        f"\nLINE quota: kill landed {landed}; at the stop {dict(states)}, the sandbox had "
+        f"{len(taken)} (quota {quota}), {len(refused)} requests refused; final run {summary}; "
+        f"{len(replayed)} requests answered 409"
+    )
+    assert refused and len(taken) <= quota
+    # What LINE took is recorded sent, but for the requests of the killed worker left in
+    # flight (sent again with the same retry key: 409); nothing else it took was put back.
+    sent = set(before.filter(pl.col("state") == "sent")["recipient"].to_list())
+    in_air = set(before.filter(pl.col("state") == "in_flight")["recipient"].to_list())
+    assert sent <= taken and taken <= sent | in_air
+    assert set(before["state"].to_list()) <= {"sent", "planned", "in_flight"}
+    # Nobody twice, nobody lost.
+    assert sandbox.duplicates() == {}
+    assert max(Counter(m.to for m in accepted).values()) == 1
+    assert rows.height == n and Counter(rows["state"].to_list()) == {"sent": n}
+    assert {m.to for m in accepted} == set(rows["recipient"].to_list())
+
+
 @pytest.mark.serial  # its kills must land mid-request: under another test's load they did not
 def test_kills_and_faults_while_two_workers_hand_off_to_braze_lose_nobody(
     tmp_path: Path,

@@ -75,6 +75,10 @@ class SandboxConfig:
     # held_for_quality_assessment` (Meta holding a marketing message while it judges the
     # template) instead of `accepted`.
     meta_held_rate: float = 0.0
+    # LINE messages the channel may still send this month (0: no limit). A push or multicast
+    # that would take more than is left is refused whole, 429 "You have reached your monthly
+    # limit.", as LINE refuses it; a repeat of an accepted retry key is still answered 409.
+    line_monthly_quota: int = 0
     # Status webhooks back to a receiver (`status_webhooks_url`, e.g. http://127.0.0.1:8788;
     # empty: none), each provider's shape and signature: per accepted message `sent`, then
     # `delivered` (share `status_delivered_rate`, of which `status_read_rate` also `read`) or
@@ -164,7 +168,7 @@ FAULT_FIELDS: tuple[str, ...] = tuple(
     for f in dataclasses.fields(SandboxConfig)
     if f.name not in _CREDENTIAL_FIELDS and f.name not in _TEXT_FIELDS
 )
-_WHOLE_FIELDS = ("seed", "status_batch_max")
+_WHOLE_FIELDS = ("seed", "status_batch_max", "line_monthly_quota")
 _EXCLUSIVE_RATES = ("rate_429", "rate_5xx", "rate_timeout", "rate_drop_after_accept")
 _RATE_FIELDS = frozenset(name for name in FAULT_FIELDS if "rate" in name)
 
@@ -318,6 +322,16 @@ class MessageStore:
             self._seen.clear()
             self._first_ids.clear()
             self._tracked.clear()
+
+    def knows(self, provider: str, key: str) -> bool:
+        """Whether a client key was accepted before (`first_id` remembers it)."""
+        with self._lock:
+            return (provider, key) in self._first_ids
+
+    def accepted_count(self, provider: str) -> int:
+        """Messages accepted so far through one provider."""
+        with self._lock:
+            return sum(1 for m in self._messages if m.provider == provider)
 
     def first_id(self, provider: str, key: str, new_id: str) -> tuple[str, bool]:
         """For providers that de-duplicate on a client key: the id the key was first accepted

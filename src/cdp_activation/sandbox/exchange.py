@@ -192,6 +192,11 @@ class BatchRules:
     # Providers that de-duplicate a request on a client key (LINE's X-Line-Retry-Key): the
     # answer to a repeat of an accepted request, or None (and the key is now remembered).
     replay: Callable[[Request, list[Candidate]], Response | None] | None = None
+    # A refusal of the request as a whole before anything of it is accepted (LINE's monthly
+    # quota), or None. Asked before `replay`, which remembers the key of what it lets through.
+    refuse_request: Callable[[Request, SandboxConfig, list[Candidate]], Response | None] | None = (
+        None
+    )
 
 
 async def batch_request(request: Request, rules: BatchRules) -> Response:
@@ -211,6 +216,11 @@ async def batch_request(request: Request, rules: BatchRules) -> Response:
     early = await _fault_before_accept(request, exchange, fault, rules.fault_answer, only)
     if early is not None:
         return early
+    if rules.refuse_request is not None:
+        refused = rules.refuse_request(request, exchange.config, parsed)
+        if refused is not None:
+            exchange.log("refused", refused.status_code, to=only)
+            return refused
     if rules.replay is not None and (replayed := rules.replay(request, parsed)) is not None:
         exchange.log("replayed", replayed.status_code, to=only)
         return replayed

@@ -102,6 +102,22 @@ def _line_replay(request: Request, candidates: list[Candidate]) -> Response | No
     )
 
 
+def _line_quota(
+    request: Request, config: SandboxConfig, candidates: list[Candidate]
+) -> Response | None:
+    """A new request taking more messages than the month has left: 429, nothing sent. A repeat
+    of an accepted key is not counted again (it is answered 409 after this)."""
+    if not config.line_monthly_quota:
+        return None
+    store: MessageStore = request.app.state.store
+    key = candidates[0].extra["retry_key"]
+    if key and store.knows("line", key):
+        return None
+    if store.accepted_count("line") + len(candidates) <= config.line_monthly_quota:
+        return None
+    return _line_error(429, "You have reached your monthly limit.")
+
+
 def _line_id() -> str:
     return str(uuid.uuid4())
 
@@ -146,6 +162,7 @@ def _line_rules(answer: Callable[[list[dict[str, Any]]], Response]) -> BatchRule
         answer=answer,
         fault_answer=_line_fault_answer,
         replay=_line_replay,
+        refuse_request=_line_quota,
     )
 
 
