@@ -14,6 +14,7 @@ exits 1 for a terminal one, 75 (EX_TEMPFAIL) for a transient one, so a scheduler
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 
@@ -39,6 +40,12 @@ class ConnectorError(CdpError):
 
     transient: ClassVar[bool] = True
     answered: tuple[Any, ...] = ()  # `SendResult`s, set by the connector that raises
+
+    def after(self, results: Iterable[Any]) -> ConnectorError:
+        """This error, with answers received before it (`results`) put ahead of its own
+        (returned, for `raise err.after(results)` outside an `except`)."""
+        self.answered = (*results, *self.answered)
+        return self
 
 
 class CredentialsError(ConnectorError):

@@ -197,7 +197,7 @@ class OneRecipientHttpConnector:
             try:
                 results.append(await self._send_one(client, message))
             except ConnectorError as err:  # those before it were answered (see ConnectorError)
-                err.answered = (*results, *err.answered)
+                err.after(results)
                 raise
         return results
 

@@ -363,7 +363,7 @@ class InfobipConnector:
             except ConnectorError as err:
                 # The channels' requests before this one were answered: say so, or their
                 # accepted messages would be taken for unsent and sent again.
-                err.answered = (*results, *err.answered)
+                err.after(results)
                 raise
         return results
 

@@ -162,8 +162,7 @@ class LineConnector:
         if refused is not None:
             # The requests answered beside the refused one (a quota used up half-way) were
             # taken: said so, they are recorded sent, never sent again under another key.
-            refused.answered = (*results, *refused.answered)
-            raise refused
+            raise refused.after(results)
         return results
 
     def _problem(self, message: OutboundMessage) -> tuple[str, str] | None:
