@@ -68,6 +68,8 @@ def test_demo_twice_the_second_run_sends_nothing(tmp_path: Path) -> None:
     assert "excluded ·" in first.stdout
     # It previewed before it sent, and ended with the SMS fallback.
     assert "preview (dry run)" in first.stderr and "would send" in first.stderr
+    done = summary["sent"] + summary["failed"]
+    assert f"{done}/{done}" in first.stderr  # the progress bar, at its end
     fallback = summary["fallback"]
     assert fallback["success"] and fallback["channel"] == "sms"
     decided = fallback["sent"] + fallback["failed"] + fallback["deferred"]
@@ -91,6 +93,8 @@ def test_demo_twice_the_second_run_sends_nothing(tmp_path: Path) -> None:
     said = " ".join(second.stderr.split())
     earlier = f"{again['already_sent']:,} sent by an earlier run"
     assert f"would send 0 now (0 deferred by quiet hours, {earlier})" in said, said
+    # Nothing was due: no progress bar, nor the empty line an unused one left.
+    assert "sending ━" not in second.stderr and "\n\n" not in second.stderr, second.stderr
     # Nothing twice; the ones who opted out in between are no longer chosen at all.
     left_out = summary["sent"] - again["already_sent"]
     assert 0 <= left_out <= replies["opted_out"]

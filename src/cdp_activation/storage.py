@@ -62,7 +62,8 @@ def storage_cipher() -> AESGCM:
         raise SettingsError(
             "CDP_PII_HASH_KEY is not set: Dagster's stored step outputs (whole audiences, "
             "phone numbers included) would be written in clear; set it to a long random "
-            "string (e.g. `openssl rand -hex 32`) in the environment of every Dagster process"
+            "string (e.g. `openssl rand -hex 32`) in the environment of every Dagster process "
+            "or in .env (against the local sandbox only, CDP_SANDBOX=1 uses its published key)"
         )
     derived = hashlib.blake2b(key, digest_size=32, person=b"cdp-storage").digest()
     return AESGCM(derived)

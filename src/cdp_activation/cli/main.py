@@ -762,26 +762,29 @@ def _progress_bar(activation: str, partition: str, every: float = 0.5) -> Iterat
         if not task and left == 0:
             return
         total = done + left
-        if not task:
+        if not task:  # the bar shows from the first rows due: none, no bar (nor empty line)
+            progress.start()
             task.append(progress.add_task("send", total=total, rate=""))
         speed = progress.tasks[task[0]].speed
         rate = f"{speed:,.0f} msg/s" if speed else ""
         progress.update(task[0], completed=done, total=total, rate=rate)
 
-    with Progress(*columns, console=console, transient=False) as progress:
-        shown: list[TaskID] = []
-        thread = threading.Thread(
-            target=look_until_stopped,
-            args=(lambda: look(progress, shown), stop, every),
-            daemon=True,
-        )
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=5)
-            ledger.dispose()
+    progress = Progress(*columns, console=console, transient=False)
+    shown: list[TaskID] = []
+    thread = threading.Thread(
+        target=look_until_stopped,
+        args=(lambda: look(progress, shown), stop, every),
+        daemon=True,
+    )
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        ledger.dispose()
+        if shown:
+            progress.stop()
 
 
 @main.command(
