@@ -268,6 +268,8 @@ def test_dead_letters_an_earlier_run_gave_up_on_are_decided_again_before_they_ar
     states = dict(ledger_rows(env).select("id", "state").iter_rows())
     assert [states[i] for i in still_chosen] == ["sent"] * 5
     assert [states[i] for i in unchosen] == ["cancelled"] * 5  # not sent: no longer chosen
+    codes = dict(ledger_rows(env).select("id", "error_code").iter_rows())
+    assert [codes[i] for i in unchosen] == ["left_audience"] * 5  # each with its reason code
     assert [states[i] for i in asleep] == ["planned"] * 5  # not sent: in quiet hours
 
 
@@ -766,6 +768,52 @@ def test_a_fallback_keeps_the_quiet_hours_of_a_first_send_given_no_window(
     )
     assert held.success, held.error
     assert held.eligible > 0 and held.deferred == held.eligible and held.sent == 0
+
+
+def test_a_report_left_unapplied_by_a_run_that_never_finished_is_applied_before_the_fallback(
+    env: SimpleNamespace,
+) -> None:
+    """A `delivered` report came before its send's answer was recorded, and the run that
+    would have applied it never finished (its claim step was killed): the fallback applies
+    it before deciding, so that customer gets no SMS."""
+    from cdp_activation.cli.runner import run_fallback
+    from cdp_activation.ledger.schema import status_events
+
+    attributes = copy.deepcopy(winback_attributes())
+    attributes["policy"] = {"quiet_hours": {"enabled": False}}
+    definitions = custom_definitions(env.tmp, "early_report", attributes)
+    partition = TODAY.isoformat()
+    first = run_activation("early_report", partition, definitions=definitions)
+    assert first.success and first.sent > 0, first.error
+    ledger = Ledger(env.ledger_url)
+    whatsapp = ledger.rows("early_report", partition).filter(
+        (pl.col("channel") == "whatsapp") & (pl.col("state") == "sent")
+    )
+    landed = whatsapp.row(0, named=True)
+    now = datetime.now(UTC)
+    with ledger.engine.begin() as con:
+        con.execute(
+            sa.insert(status_events).values(
+                event_key="early|delivered",
+                provider="meta",
+                provider_message_id=landed["provider_message_id"],
+                status="delivered",
+                occurred_at=now,
+                received_at=now,
+                applied=False,
+            )
+        )
+    fallback = run_fallback(
+        "early_report", partition, not_delivered_within_minutes=0, definitions=definitions
+    )
+    assert fallback.success, fallback.error
+    rows = ledger.rows("early_report", partition)
+    fallbacks = rows.filter(pl.col("step") == "fallback")
+    assert fallbacks.height > 0  # the others were due one
+    assert landed["id"] not in set(fallbacks["fallback_of"].to_list())
+    first_row = rows.filter(pl.col("id") == landed["id"]).row(0, named=True)
+    assert first_row["delivery_status"] == "delivered"
+    ledger.dispose()
 
 
 def test_unknown_sends_go_again_only_for_an_activation_that_opts_in(

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 
 from cdp_activation.connectors.base import Outcome, SendResult
-from cdp_activation.contracts import StatusEvent
+from cdp_activation.contracts import InboundMessage, StatusEvent
 from cdp_activation.ledger import (
     FALLBACK_STEP,
     PRIMARY_NOT_DELIVERED,
@@ -138,12 +138,18 @@ def test_not_read_falls_back_only_when_the_plan_asks(ledger: Ledger) -> None:
 
 
 def _fallback_rows(
-    ledger: Ledger, customers: list[str], decision: str, not_before: datetime | None = None
+    ledger: Ledger,
+    customers: list[str],
+    decision: str,
+    not_before: datetime | None = None,
+    read_window: bool = False,
 ) -> None:
+    by = datetime.now(UTC) + timedelta(minutes=1)
     due = ledger.due_fallbacks(
         "winback",
         "sms",
-        not_delivered_by=datetime.now(UTC) + timedelta(minutes=1),
+        not_delivered_by=by,
+        not_read_by=by if read_window else None,
         unreachable_codes=CODES,
     ).filter(pl.col("customer_id").is_in(customers))
     n = due.height
@@ -181,19 +187,84 @@ def test_a_decided_fallback_is_not_due_again_and_a_planned_one_is_decided_again(
     assert refused["fallback_reason"] == PRIMARY_NOT_DELIVERED
 
 
-def test_a_planned_fallback_whose_first_message_lands_meanwhile_is_cancelled(
+def _fallback_states(ledger: Ledger) -> dict[str, str]:
+    rows = ledger.rows("winback").filter(pl.col("step") == FALLBACK_STEP)
+    return dict(zip(rows["customer_id"], rows["state"], strict=True))
+
+
+def test_a_delivery_report_cancels_the_planned_fallback_as_it_is_recorded(
     ledger: Ledger,
 ) -> None:
+    """The first message is reported delivered after its fallback was planned, before any
+    worker claimed it: the report's own write cancels the fallback, so no claim can take it
+    (the next run's preparation would be too late for a worker already claiming)."""
     _fallback_rows(ledger, ["silent", "only_sent"], "send")
     late = StatusEvent("meta", "wamid.silent", "delivered", datetime.now(UTC), "late|delivered")
     assert ledger.record_statuses([late]).advanced == 1
-    assert ledger.cancel_landed_fallbacks("winback", "2026-12-01") == 1
-    rows = ledger.rows("winback").filter(pl.col("step") == FALLBACK_STEP)
-    states = dict(zip(rows["customer_id"], rows["state"], strict=True))
-    assert states == {"silent": "cancelled", "only_sent": "planned"}
-    # Only planned rows of the fallback step are candidates to send.
+    assert _fallback_states(ledger) == {"silent": "cancelled", "only_sent": "planned"}
     pending = ledger.pending("winback", "2026-12-01", step=FALLBACK_STEP)
     assert [r.customer_id for r in pending] == ["only_sent"]
+    assert ledger.cancel_landed_fallbacks("winback", "2026-12-01") == 0  # nothing left over
+
+
+def test_a_fallback_for_an_unread_message_is_cancelled_by_read_not_by_delivered(
+    ledger: Ledger,
+) -> None:
+    _fallback_rows(ledger, ["delivered"], "send", read_window=True)
+    now = datetime.now(UTC)
+    again = StatusEvent("meta", "wamid.delivered", "delivered", now, "again|delivered")
+    ledger.record_statuses([again])
+    assert _fallback_states(ledger) == {"delivered": "planned"}
+    read = StatusEvent("meta", "wamid.delivered", "read", now, "late|read")
+    assert ledger.record_statuses([read]).advanced == 1
+    assert _fallback_states(ledger) == {"delivered": "cancelled"}
+
+
+def test_an_answer_to_the_first_message_cancels_its_fallback_and_keeps_it_from_being_due(
+    ledger: Ledger,
+) -> None:
+    """A customer who wrote back on WhatsApp got the WhatsApp message, whatever its delivery
+    report says (lost, late, or read receipts off): a STOP or any reply cancels the planned
+    SMS fallback, and a first message answered is no longer due one."""
+    _fallback_rows(ledger, ["silent"], "send")
+    phones = {c: f"+4479111{i:05d}" for i, c in enumerate(FIRST_MESSAGES)}
+    now = datetime.now(UTC)
+
+    def reply(customer: str, text: str, kind: str = "text") -> InboundMessage:
+        return InboundMessage(
+            "meta",
+            f"meta|inbound|{customer}|{kind}",
+            f"wamid.in.{customer}.{kind}",
+            "whatsapp",
+            phones[customer],
+            now,
+            kind,
+            text,
+        )
+
+    # A system notice (the number changed) is no answer: nothing changes.
+    ledger.record_inbound([reply("silent", "", kind="system")])
+    assert _fallback_states(ledger) == {"silent": "planned"}
+    assert "only_sent" in _due(ledger, window_passed=True)
+    written = ledger.record_inbound([reply("silent", "STOP"), reply("only_sent", "thanks!")])
+    assert written.cancelled >= 1
+    assert _fallback_states(ledger) == {"silent": "cancelled"}
+    due = _due(ledger, window_passed=True)
+    assert "only_sent" not in due and "silent" not in due
+    assert due["reported_other_failure"] == PRIMARY_NOT_DELIVERED  # the others as they were
+
+
+def test_a_landed_fallback_kept_in_a_request_is_not_taken_out_of_it(ledger: Ledger) -> None:
+    """A fallback kept in a request its provider may already hold goes out again with that
+    whole request (the same key): taken out alone, the request would carry another key and
+    reach its other recipients twice."""
+    _fallback_rows(ledger, ["silent", "only_sent"], "send")
+    with ledger.engine.begin() as con:
+        con.execute(sends.update().where(sends.c.step == FALLBACK_STEP).values(request_id=42))
+    late = StatusEvent("meta", "wamid.silent", "delivered", datetime.now(UTC), "late|delivered")
+    ledger.record_statuses([late])
+    assert ledger.cancel_landed_fallbacks("winback", "2026-12-01") == 0
+    assert _fallback_states(ledger) == {"silent": "planned", "only_sent": "planned"}
 
 
 def test_the_sensor_asks_only_for_new_decisions_and_for_fallbacks_now_due(ledger: Ledger) -> None:

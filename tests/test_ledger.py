@@ -252,9 +252,14 @@ def test_a_deferred_row_waits_for_its_time_and_takes_the_latest_decision(ledger_
     )
     assert ledger.plan("winback", "p", now_row).planned == 0
     assert [r.idempotency_key for r in ledger.pending("winback", "p")] == ["winback|p|1|initial"]
-    # ... and a run that no longer chooses customer 2 cancels its planned row.
-    assert ledger.cancel_unchosen("winback", "p", ["winback|p|1|initial"], "consent withdrawn") == 1
+    # ... and a run that no longer chooses customer 2 cancels its planned row, with the
+    # policy's reason code.
+    why = pl.LazyFrame({"customer_id": ["2", "3"], "reason": ["whatsapp_opted_out", "x"]})
+    keep = ["winback|p|1|initial"]
+    assert ledger.cancel_unchosen("winback", "p", keep, "consent withdrawn", excluded=why) == 1
     assert ledger.counts("winback", "p") == {"planned": 1, "cancelled": 1}
+    cancelled = ledger.rows("winback", "p").filter(pl.col("state") == "cancelled")
+    assert cancelled.select("customer_id", "error_code").rows() == [("2", "whatsapp_opted_out")]
     ledger.dispose()
 
 

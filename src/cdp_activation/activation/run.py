@@ -988,12 +988,21 @@ def prepare_delivery(
     )
     if fallback:
         summary.cancelled = ledger.cancel_landed_fallbacks(activation.name, partition_key)
+    # Read only for rows no longer chosen (none, mostly): lazy, so a large audience's
+    # exclusions are not copied for nothing.
+    excluded = (
+        decisions.lazy()
+        .filter(pl.col("decision") == EXCLUDE)
+        .select(pl.col("customer_id").cast(pl.String), pl.col("reason").cast(pl.String))
+    )
     summary.cancelled += ledger.cancel_unchosen(
         activation.name,
         partition_key,
         keys,
         reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
         step=step,
+        excluded=excluded,
+        absent=reasons.LEFT_AUDIENCE,
     )
     ledger.expire_overdue(activation.name, partition_key, step, deadline)
     due_now = ledger.due_counts(activation.name, partition_key, step, now)

@@ -613,6 +613,7 @@ def _fallback_defs(
             now=datetime.now(UTC),
             parameters=_partition_parameters(context, audience_key),
             not_delivered_within_minutes=config.not_delivered_within_minutes,
+            dry_run=config.dry_run,
         )
         summary = fb.prepare_fallback(
             chosen,

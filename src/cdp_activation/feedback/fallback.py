@@ -177,12 +177,17 @@ def compute_fallback_decisions(
     now: datetime,
     parameters: Mapping[str, Any],
     not_delivered_within_minutes: float | None = None,
+    dry_run: bool = False,
 ) -> FallbackDecisions:
     """Decide the fallback of every customer of the partition whose first message is due one.
 
     `parameters` are the audience SQL's, as the partition's run used them (the YAML's
-    defaults fill in any missing).
+    defaults fill in any missing). A real run first applies the delivery reports that came
+    before their send's answer was recorded (a run that never finished left them waiting), so
+    a message reported delivered is not taken for undelivered; a dry run writes nothing.
     """
+    if not dry_run:
+        ledger.apply_pending_statuses()
     due = due_fallbacks(activation, ledger, now, partition_key, not_delivered_within_minutes)
     if due.is_empty():
         return FallbackDecisions(fallback_spec(activation).channel, frame=pl.DataFrame())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from typing import Any
 
 import polars as pl
 import sqlalchemy as sa
@@ -15,7 +16,7 @@ from cdp_activation.ledger.records import (
     PRIMARY_NOT_READ,
     PRIMARY_UNREACHABLE,
 )
-from cdp_activation.ledger.schema import sends
+from cdp_activation.ledger.schema import inbound_events, sends
 from cdp_activation.vocabulary import (
     CANCELLED,
     DEAD_LETTER,
@@ -132,13 +133,21 @@ class FallbackQueries(LedgerBase):
             if codes
         ]
         unreachable = sa.and_(failed, sa.or_(*by_connector)) if by_connector else sa.false()
+        # A message its customer answered reached them: it is neither undelivered nor unread.
+        answered = answered_since_sent(first)
         not_delivered = sa.and_(
             first.c.state.in_([SENT, FAILED, DEAD_LETTER]),
             status.not_in(["delivered", "read"]),
             sa.func.coalesce(first.c.sent_at, first.c.updated_at) <= not_delivered_by,
+            ~answered,
         )
         not_read = (
-            sa.and_(first.c.state == SENT, status == "delivered", first.c.sent_at <= not_read_by)
+            sa.and_(
+                first.c.state == SENT,
+                status == "delivered",
+                first.c.sent_at <= not_read_by,
+                ~answered,
+            )
             if not_read_by is not None
             else sa.false()
         )
@@ -185,38 +194,18 @@ class FallbackQueries(LedgerBase):
         return pl.DataFrame([tuple(r) for r in rows], schema=schema, orient="row")
 
     def cancel_landed_fallbacks(self, activation: str, partition_key: str) -> int:
-        """Planned fallbacks whose first message has since been delivered (or read, for a
-        fallback due because it was not read) end `cancelled`: the customer got it."""
-        first = sends.alias("first")
-        landed = (
-            sa.select(first.c.id)
-            .where(
-                first.c.id == sends.c.fallback_of,
-                sa.or_(
-                    first.c.delivery_status == "read",
-                    sa.and_(
-                        first.c.delivery_status == "delivered",
-                        sends.c.fallback_reason != PRIMARY_NOT_READ,
-                    ),
-                ),
-            )
-            .exists()
-        )
+        """Planned fallbacks of the partition whose first message has since landed end
+        `cancelled` (`_landed_fallbacks`): the customer got it. The delivery report or reply
+        that proves it cancels them as it is recorded; this catches any left."""
         with self.engine.begin() as con:
             result = con.execute(
                 sa.update(sends)
                 .where(
                     sends.c.activation == activation,
                     sends.c.partition_key == partition_key,
-                    sends.c.step == FALLBACK_STEP,
-                    sends.c.state == PLANNED,
-                    landed,
+                    _landed_fallbacks(),
                 )
-                .values(
-                    state=CANCELLED,
-                    error_message="the first message was delivered before the fallback went out",
-                    updated_at=utc_now(),
-                )
+                .values(state=CANCELLED, error_message=FIRST_LANDED, updated_at=utc_now())
             )
         return result.rowcount or 0
 
@@ -243,3 +232,75 @@ class FallbackQueries(LedgerBase):
                 .group_by(outcome)
             ).all()
         return {status: count for status, count in rows}
+
+
+FIRST_LANDED = "the first message was delivered before the fallback went out"
+
+
+def _landed_fallbacks() -> sa.ColumnElement[bool]:
+    """Planned fallbacks whose first message has landed: delivered, or read for a fallback
+    due because it was not read; or its customer answered it on its channel since it was
+    sent. One kept in a request its provider may hold (`request_id`: sent again whole, on one
+    key) stays: taken out, the request would carry another key and reach the rest twice."""
+    first = sends.alias("first")
+    landed = (
+        sa.select(first.c.id)
+        .where(
+            first.c.id == sends.c.fallback_of,
+            sa.or_(
+                first.c.delivery_status == "read",
+                sa.and_(
+                    first.c.delivery_status == "delivered",
+                    sa.func.coalesce(sends.c.fallback_reason, "") != PRIMARY_NOT_READ,
+                ),
+                answered_since_sent(first),
+            ),
+        )
+        .exists()
+    )
+    return sa.and_(
+        sends.c.step == FALLBACK_STEP,
+        sends.c.state == PLANNED,
+        sends.c.request_id.is_(None),
+        landed,
+    )
+
+
+# Inbound events that are no answer from the customer to a message (LINE's follows, Meta's
+# system notices): they prove nothing about the first message.
+_NOT_ANSWERS = ("follow", "unfollow", "system")
+
+
+def answered_since_sent(first: sa.FromClause) -> sa.ColumnElement[bool]:
+    """Whether the customer of the send `first` wrote to us on its channel since it was sent
+    (a reply, a button tap, a STOP): the message reached them, whatever its delivery report
+    says or has not said yet. A send never accepted (no `sent_at`) is never answered."""
+    return (
+        sa.select(inbound_events.c.id)
+        .where(
+            inbound_events.c.customer_id == first.c.customer_id,
+            inbound_events.c.channel == first.c.channel,
+            inbound_events.c.occurred_at >= first.c.sent_at,
+            inbound_events.c.kind.not_in(_NOT_ANSWERS),
+        )
+        .exists()
+    )
+
+
+def cancel_fallbacks_of(con: sa.Connection, first_ids: sa.Select[Any]) -> int:
+    """Within the caller's transaction: the planned fallbacks of the first messages
+    `first_ids` selects that have landed (`_landed_fallbacks`) end `cancelled`. The receiver
+    calls it for the messages a delivery report or a reply just named, so a fallback not yet
+    claimed never goes out to a customer who got the first message."""
+    # Their fallbacks first, by ix_sends_fallback_of (none, mostly: a report costs an index
+    # probe or two); asked in one statement with the state, SQLite walked every planned row.
+    fallbacks = con.execute(sa.select(sends.c.id).where(sends.c.fallback_of.in_(first_ids)))
+    ids = fallbacks.scalars().all()
+    if not ids:
+        return 0
+    result = con.execute(
+        sa.update(sends)
+        .where(sends.c.id.in_(ids), _landed_fallbacks())
+        .values(state=CANCELLED, error_message=FIRST_LANDED, updated_at=utc_now())
+    )
+    return max(result.rowcount or 0, 0)

@@ -23,6 +23,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from cdp_activation.contracts import ALL_PURPOSES, OPT_IN, OPT_OUT, InboundMessage
 from cdp_activation.db import read_frame
 from cdp_activation.ledger.base import LedgerBase, as_time, aware, chunks, utc_now
+from cdp_activation.ledger.fallback import cancel_fallbacks_of
 from cdp_activation.ledger.schema import inbound_events, opt_outs, sends
 from cdp_activation.vocabulary import CANCELLED, FAILED, PLANNED, UNKNOWN
 
@@ -97,6 +98,16 @@ class Replies(LedgerBase):
             if rows:  # a concurrent delivery of the same webhook may have stored it meanwhile
                 insert = postgres_insert if con.dialect.name == "postgresql" else sqlite_insert
                 con.execute(insert(inbound_events).on_conflict_do_nothing(), rows)
+            # An answer proves the message it answers landed: its fallback must not go out.
+            for channel in {r["channel"] for r in rows if r["customer_id"] is not None}:
+                who = {r["customer_id"] for r in rows if r["channel"] == channel}
+                who.discard(None)
+                cancelled += cancel_fallbacks_of(
+                    con,
+                    sa.select(sends.c.id).where(
+                        sends.c.customer_id.in_(sorted(who)), sends.c.channel == channel
+                    ),
+                )
         return InboundWrite(
             received=len(messages),
             duplicates=len(messages) - len(fresh),

@@ -850,12 +850,17 @@ class SendStates(LedgerBase):
         chosen_keys: pl.Series | Sequence[str],
         reason: str,
         step: str | None = None,
+        excluded: pl.LazyFrame | None = None,
+        absent: str | None = None,
     ) -> int:
         """Planned rows of this partition (of `step`, if given) that the latest decisions no
         longer choose (consent withdrawn since a deferral, say) end `cancelled`: they must not
-        go out. A row of a request that must go out again whole (`request_id`: its provider
-        may already have it, and de-duplicates the request on its key) is left in it: taken
-        out, the request would carry another key and reach its other recipients twice.
+        go out. Each takes its reason code as `error_code`: the policy's, from `excluded`
+        (customer_id, reason: read only when some row is no longer chosen), else `absent` (no
+        decision about it any more). A row
+        of a request that must go out again whole (`request_id`: its provider may already have
+        it, and de-duplicates the request on its key) is left in it: taken out, the request
+        would carry another key and reach its other recipients twice.
 
         Compared in polars, a slice of the partition at a time: right after a plan its planned
         rows are every chosen one, a million at 10M customers."""
@@ -868,27 +873,46 @@ class SendStates(LedgerBase):
         ).cast(pl.String)
         mark = self._mark
         of_this_step = "" if step is None else f" AND step = {mark}"
-        ids: list[int] = []
+        gone_parts: list[pl.DataFrame] = []
         with self.engine.begin() as con:
             sql = (
-                f"SELECT id, idempotency_key FROM sends WHERE activation = {mark} "
+                f"SELECT id, idempotency_key, customer_id FROM sends WHERE activation = {mark} "
                 f"AND partition_key = {mark} AND state = '{PLANNED}' "
                 f"AND request_id IS NULL{of_this_step}"
             )
             params = (activation, partition_key, *(() if step is None else (step,)))
             for rows in _driver_slices(con, sql, params, _UNCHOSEN_SLICE):
                 planned = pl.DataFrame(
-                    rows, schema={"id": pl.Int64, "idempotency_key": pl.String}, orient="row"
+                    rows,
+                    schema={"id": pl.Int64, "idempotency_key": pl.String, "customer_id": pl.String},
+                    orient="row",
                 )
-                gone = planned.join(keep, on="idempotency_key", how="anti")
-                ids.extend(gone.get_column("id").to_list())
-            for chunk in chunks(ids, 5000):
-                con.execute(
-                    sa.update(sends)
-                    .where(sends.c.id.in_(chunk), sends.c.state == PLANNED)
-                    .values(state=CANCELLED, error_message=reason[:500], updated_at=utc_now())
-                )
-        return len(ids)
+                gone_parts.append(planned.join(keep, on="idempotency_key", how="anti"))
+            gone = pl.concat(gone_parts).select("id", "customer_id") if gone_parts else None
+            if gone is None or gone.is_empty():
+                return 0
+            if excluded is not None:
+                why = excluded.join(gone.lazy().select("customer_id"), on="customer_id", how="semi")
+                gone = gone.join(why.collect().unique("customer_id"), on="customer_id", how="left")
+            else:
+                gone = gone.with_columns(reason=pl.lit(None, pl.String))
+            gone = gone.with_columns(pl.col("reason").fill_null(pl.lit(absent, pl.String)))
+            gone_by_code = {
+                code: ids for code, ids in gone.group_by("reason").agg("id").iter_rows()
+            }
+            for code, ids in gone_by_code.items():
+                for chunk in chunks(ids, 5000):
+                    con.execute(
+                        sa.update(sends)
+                        .where(sends.c.id.in_(chunk), sends.c.state == PLANNED)
+                        .values(
+                            state=CANCELLED,
+                            error_code=code[:40] if code else None,
+                            error_message=reason[:500],
+                            updated_at=utc_now(),
+                        )
+                    )
+        return gone.height
 
 
 # Decisions `plan` turns into rows at a time.

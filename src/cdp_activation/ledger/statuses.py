@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from cdp_activation.contracts import STATUS_RANK, Pricing, StatusEvent, send_id_of
 from cdp_activation.ledger.base import LedgerBase, as_time, aware, chunks, db_time, utc_now
+from cdp_activation.ledger.fallback import cancel_fallbacks_of
 from cdp_activation.ledger.records import OLDER_THAN_SEND, STATUS_CLOCK_SKEW, StatusWrite
 from cdp_activation.ledger.schema import send_events, sends, status_events
 from cdp_activation.plugins import connector_of
@@ -243,6 +244,15 @@ class StatusIntake(LedgerBase):
                 for r in sorted(matched, key=lambda r: STATUS_RANK[r.status])
             ],
         )
+        # A fallback planned for a message now delivered or read must not go out (one already
+        # claimed is on its way: nothing stops that).
+        landed = sorted(
+            {r.provider_message_id for r in matched if r.status in ("delivered", "read")}
+        )
+        for chunk in chunks(landed, 5000):
+            cancel_fallbacks_of(
+                con, sa.select(sends.c.id).where(sends.c.provider_message_id.in_(chunk))
+            )
         # What the message cost, whatever the report's rank: Meta says it on `sent`, which
         # may arrive after `delivered`. A later report's word replaces an earlier one's.
         priced = [(r, _pricing_of(r)) for r in matched]
