@@ -273,9 +273,11 @@ _NOT_ANSWERS = ("follow", "unfollow", "system")
 
 def answered_since_sent(first: sa.FromClause) -> sa.ColumnElement[bool]:
     """Whether the customer of the send `first` wrote to us on its channel since it was sent
-    (a reply, a button tap, a STOP): the message reached them, whatever its delivery report
-    says or has not said yet. A send never accepted (no `sent_at`) is never answered."""
-    return (
+    (a reply, a button tap, a STOP): the message reached them, though its delivery report is
+    lost, late or not sent (read receipts off). A send never accepted (no `sent_at`) is never
+    answered, and one reported failed is not proved landed by an answer (the customer may be
+    writing about another message; Meta withholds some marketing from active users)."""
+    wrote = (
         sa.select(inbound_events.c.id)
         .where(
             inbound_events.c.customer_id == first.c.customer_id,
@@ -285,6 +287,7 @@ def answered_since_sent(first: sa.FromClause) -> sa.ColumnElement[bool]:
         )
         .exists()
     )
+    return sa.and_(sa.func.coalesce(first.c.delivery_status, "") != "failed", wrote)
 
 
 def cancel_fallbacks_of(con: sa.Connection, first_ids: sa.Select[Any]) -> int:
