@@ -709,7 +709,8 @@ def test_a_run_s_send_window_holds_for_its_fallback_too(env: SimpleNamespace) ->
     """`--send-window` (the Launchpad's send window) holds for the fallback as for the first
     send: with quiet hours all day, a first send given the whole day has its SMS fallback (due
     after a WhatsApp message that did not land) go now too, as the fallback sensor would launch
-    it, with no window of its own; a fallback given defs.yaml's window waits for the morning."""
+    it, with no window of its own, even after a preview with another window; a fallback given
+    defs.yaml's window waits for the morning."""
     from cdp_activation.cli.runner import run_fallback
 
     attributes = copy.deepcopy(winback_attributes())
@@ -733,6 +734,9 @@ def test_a_run_s_send_window_holds_for_its_fallback_too(env: SimpleNamespace) ->
     )
     assert asleep.success, asleep.error
     assert asleep.eligible > 0 and asleep.deferred == asleep.eligible
+    # A preview since, with defs.yaml's window, sends nothing and does not change it.
+    preview = run_activation("night_fallback", partition, definitions=night, dry_run=True)
+    assert preview.success and preview.sent == 0
     texts = sum(m.provider == "twilio" for m in env.sandbox.messages())
     awake = run_fallback(
         "night_fallback", partition, not_delivered_within_minutes=0, definitions=night

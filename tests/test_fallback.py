@@ -8,8 +8,9 @@ ledger's selection is checked against the rules of `channel_plan.fallback`.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import polars as pl
 import pytest
@@ -230,20 +231,24 @@ def test_an_answer_to_the_first_message_cancels_its_fallback_and_keeps_it_from_b
     phones = {c: f"+4479111{i:05d}" for i, c in enumerate(FIRST_MESSAGES)}
     now = datetime.now(UTC)
 
-    def reply(customer: str, text: str, kind: str = "text") -> InboundMessage:
+    def reply(customer: str, text: str, kind: str = "text", at: datetime = now) -> InboundMessage:
         return InboundMessage(
             "meta",
             f"meta|inbound|{customer}|{kind}",
             f"wamid.in.{customer}.{kind}",
             "whatsapp",
             phones[customer],
-            now,
+            at,
             kind,
             text,
         )
 
-    # A system notice (the number changed) is no answer: nothing changes.
+    # A system notice (the number changed) is no answer: nothing changes. Nor is a message
+    # written an hour before the send, whatever the offset its provider wrote its time in.
+    before = (now - timedelta(hours=1)).astimezone(timezone(timedelta(hours=5)))
     ledger.record_inbound([reply("silent", "", kind="system")])
+    early = [reply(c, "hello?", kind="early", at=before) for c in ("silent", "only_sent")]
+    ledger.record_inbound(early)
     assert _fallback_states(ledger) == {"silent": "planned"}
     assert "only_sent" in _due(ledger, window_passed=True)
     answers = [reply("silent", "STOP"), reply("only_sent", "thanks!")]
@@ -393,3 +398,33 @@ def test_an_rcs_message_a_phone_cannot_take_falls_back_to_sms_at_once(ledger_url
         }
     finally:
         store.dispose()
+
+
+def test_a_report_written_while_its_fallback_is_planned_is_seen_by_the_run_on_postgresql(
+    ledger: Ledger,
+) -> None:
+    """A receiver's transaction has moved the first message to `delivered` but not committed
+    when the run plans its fallback (so the receiver found no fallback to cancel) and then
+    looks for landed ones: the run waits for that commit and cancels the fallback, instead of
+    reading the first message as it was and letting a worker send it."""
+    if ledger.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite's single writer orders the two writes")
+    first_id = ledger.rows("winback").filter(pl.col("customer_id") == "silent")["id"][0]
+    receiver = ledger.engine.connect()
+    writing = receiver.begin()
+    receiver.execute(
+        sends.update().where(sends.c.id == first_id).values(delivery_status="delivered")
+    )
+    _fallback_rows(ledger, ["silent"], "send")
+    cancelled: list[int] = []
+    run = threading.Thread(
+        target=lambda: cancelled.append(ledger.cancel_landed_fallbacks("winback", "2026-12-01"))
+    )
+    run.start()
+    run.join(0.5)
+    assert run.is_alive(), "the run did not wait for the receiver's transaction"
+    writing.commit()
+    receiver.close()
+    run.join(10)
+    assert cancelled == [1]
+    assert _fallback_states(ledger) == {"silent": "cancelled"}

@@ -1002,7 +1002,7 @@ def prepare_delivery(
         reason=f"no longer chosen by the policy at {now:%Y-%m-%d %H:%M} UTC",
         step=step,
         excluded=excluded,
-        absent=reasons.LEFT_AUDIENCE,
+        absent=reasons.FALLBACK_NOT_DUE if fallback else reasons.LEFT_AUDIENCE,
     )
     ledger.expire_overdue(activation.name, partition_key, step, deadline)
     due_now = ledger.due_counts(activation.name, partition_key, step, now)

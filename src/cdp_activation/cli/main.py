@@ -763,14 +763,18 @@ def _progress_bar(activation: str, partition: str, every: float = 0.5) -> Iterat
             return
         total = done + left
         if not task:  # the bar shows from the first rows due: none, no bar (nor empty line)
-            progress.start()
-            task.append(progress.add_task("send", total=total, rate=""))
+            with guard:
+                if closed.is_set():  # too late: the run's summary is being printed
+                    return
+                progress.start()
+                task.append(progress.add_task("send", total=total, rate=""))
         speed = progress.tasks[task[0]].speed
         rate = f"{speed:,.0f} msg/s" if speed else ""
         progress.update(task[0], completed=done, total=total, rate=rate)
 
     progress = Progress(*columns, console=console, transient=False)
     shown: list[TaskID] = []
+    guard, closed = threading.Lock(), threading.Event()
     thread = threading.Thread(
         target=look_until_stopped,
         args=(lambda: look(progress, shown), stop, every),
@@ -782,9 +786,11 @@ def _progress_bar(activation: str, partition: str, every: float = 0.5) -> Iterat
     finally:
         stop.set()
         thread.join(timeout=5)
+        with guard:  # a look still running past the join starts no bar after this
+            closed.set()
+            if shown:
+                progress.stop()
         ledger.dispose()
-        if shown:
-            progress.stop()
 
 
 @main.command(

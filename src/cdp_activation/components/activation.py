@@ -5,7 +5,7 @@ everything here is naming, configuration and metadata.
 """
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -601,7 +601,9 @@ def _fallback_defs(
         workers = _checked_workers(config.workers)
         store = context.resources.ledger.ledger()
         # The run's send window (Launchpad, `--send-window`), else the first send's.
-        first = _first_send_window(context, decisions_key, activation.spec.policy.quiet_hours)
+        first = _first_send_window(
+            context, (decisions_key, deliveries_key), activation.spec.policy.quiet_hours
+        )
         window = (config.send_window_start or first[0], config.send_window_end or first[1])
         chosen = run.with_run_choices(activation, send_window=window)
         decisions = fb.compute_fallback_decisions(
@@ -719,18 +721,30 @@ def _fallback_sensor(activation: run.Activation, job: Any, jobs: list[str]) -> d
     return fallback_sensor
 
 
+def _materializations(
+    context: dg.AssetExecutionContext | dg.OpExecutionContext, key: dg.AssetKey, limit: int
+) -> Sequence[dg.EventLogRecord]:
+    """The asset's latest materialization records for the run's partition, newest first."""
+    return context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[context.partition_key]),
+        limit=limit,
+    ).records
+
+
+def _entry(record: dg.EventLogRecord, entry: str) -> Any:
+    """One metadata entry's value of a materialization record; None when absent."""
+    materialization = record.asset_materialization
+    value = materialization.metadata.get(entry) if materialization else None
+    return value.value if value is not None else None
+
+
 def _latest_metadata(
     context: dg.AssetExecutionContext | dg.OpExecutionContext, key: dg.AssetKey, entry: str
 ) -> Any:
     """One metadata entry's value of the asset's latest materialization for the run's
     partition; None when there is none."""
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[context.partition_key]),
-        limit=1,
-    ).records
-    materialization = records[0].asset_materialization if records else None
-    value = materialization.metadata.get(entry) if materialization else None
-    return value.value if value is not None else None
+    records = _materializations(context, key, limit=1)
+    return _entry(records[0], entry) if records else None
 
 
 def _partition_parameters(
@@ -742,12 +756,22 @@ def _partition_parameters(
 
 
 def _first_send_window(
-    context: dg.OpExecutionContext, decisions_key: dg.AssetKey, quiet: QuietHoursSpec
+    context: dg.OpExecutionContext,
+    keys: tuple[dg.AssetKey, dg.AssetKey],
+    quiet: QuietHoursSpec,
 ) -> tuple[str, str]:
-    """The send window the partition's latest decisions were made with (their `send_window`
-    metadata), so a fallback keeps a run's chosen window (`--send-window`, the Launchpad) as
-    the first message did; defs.yaml's when none was recorded."""
-    window = asset_meta.send_window_of(_latest_metadata(context, decisions_key, "send_window"))
+    """The send window the partition's latest real send was decided with (the `send_window`
+    of the decisions of the newest run whose deliveries were not a dry run), so a fallback
+    keeps a run's chosen window (`--send-window`, the Launchpad) as the first message did; a
+    preview's window is not taken. defs.yaml's when none was recorded."""
+    decisions_key, deliveries_key = keys
+    sent = _materializations(context, deliveries_key, limit=50)
+    real = next((r.run_id for r in sent if _entry(r, "dry_run") is False), None)
+    decided = _materializations(context, decisions_key, limit=50) if real else []
+    window = next(
+        (asset_meta.send_window_of(_entry(r, "send_window")) for r in decided if r.run_id == real),
+        None,
+    )
     return window or (quiet.end, quiet.start)
 
 
@@ -898,15 +922,11 @@ def _latest_preview(
     context: dg.AssetExecutionContext | dg.OpExecutionContext, key: dg.AssetKey
 ) -> Preview | None:
     """The newest dry run of this asset's partition, from the instance's materialisations."""
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[context.partition_key]), limit=50
-    ).records
-    for record in records:  # newest first
+    for record in _materializations(context, key, limit=50):  # newest first
         if record.asset_materialization is None:
             continue
         meta = record.asset_materialization.metadata
-        dry = meta.get("dry_run")
-        if dry is not None and dry.value is True and "eligible" in meta:
+        if _entry(record, "dry_run") is True and "eligible" in meta:
             at = datetime.fromtimestamp(record.timestamp, UTC)
             eligible = int(meta["eligible"].value)  # type: ignore[arg-type]  # an int we wrote
             return Preview(eligible=eligible, at=at, run_id=record.run_id)

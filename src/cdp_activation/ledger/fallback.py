@@ -198,6 +198,24 @@ class FallbackQueries(LedgerBase):
         `cancelled` (`_landed_fallbacks`): the customer got it. The delivery report or reply
         that proves it cancels them as it is recorded; this catches any left."""
         with self.engine.begin() as con:
+            if con.dialect.name == "postgresql":
+                # A receiver writing a report about one of their first messages may not have
+                # seen a fallback planned just now, nor this statement its report: wait for
+                # it (its lock on the first message), so the update below, on a new snapshot,
+                # sees its commit. SQLite's single writer orders the two anyway.
+                first, planned = sends.alias("first"), sends.alias("planned")
+                con.execute(
+                    sa.select(first.c.id)
+                    .join(planned, planned.c.fallback_of == first.c.id)
+                    .where(
+                        planned.c.activation == activation,
+                        planned.c.partition_key == partition_key,
+                        planned.c.step == FALLBACK_STEP,
+                        planned.c.state == PLANNED,
+                    )
+                    .order_by(first.c.id)
+                    .with_for_update(of=first)
+                ).all()
             result = con.execute(
                 sa.update(sends)
                 .where(

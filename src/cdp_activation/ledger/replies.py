@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
@@ -35,7 +35,7 @@ class InboundWrite:
     unmatched: int  # from an address the ledger never sent to: stored without a customer
     opted_out: int  # opt-outs recorded
     opted_in: int  # keyword opt-outs lifted
-    cancelled: int  # planned sends cancelled by an opt-out
+    cancelled: int  # planned sends cancelled: by an opt-out, or fallbacks the answer made moot
 
 
 def _aliases(channel: str, sender: str) -> list[str]:
@@ -76,8 +76,11 @@ class Replies(LedgerBase):
                         "kind": message.kind[:20],
                         "summary": (message.summary or message.kind)[:120],
                         "opt": message.opt,
-                        "occurred_at": message.occurred_at,
-                        "received_at": now,
+                        # In UTC: SQLite keeps a time's clock reading, not its offset, and
+                        # providers write theirs (Infobip, Vonage) with one; a fallback
+                        # compares it with the send's time.
+                        "occurred_at": aware(message.occurred_at).astimezone(UTC),
+                        "received_at": aware(now).astimezone(UTC),
                     }
                 )
                 if customer is None or message.opt is None:

@@ -893,7 +893,11 @@ class SendStates(LedgerBase):
                 return 0
             if excluded is not None:
                 why = excluded.join(gone.lazy().select("customer_id"), on="customer_id", how="semi")
-                gone = gone.join(why.collect().unique("customer_id"), on="customer_id", how="left")
+                gone = gone.join(
+                    why.collect().unique("customer_id", keep="first", maintain_order=True),
+                    on="customer_id",
+                    how="left",
+                )
             else:
                 gone = gone.with_columns(reason=pl.lit(None, pl.String))
             gone = gone.with_columns(pl.col("reason").fill_null(pl.lit(absent, pl.String)))

@@ -19,7 +19,8 @@ TEMPLATE_NOT_APPROVED = "template_not_approved"
 OUTSIDE_WINDOW = "outside_window"
 INVALID_VARIABLES = "invalid_variables"
 DAILY_CAPPED = "daily_cap"  # e.g. whatsapp_daily_cap: a higher-priority activation has it
-LEFT_AUDIENCE = "left_audience"  # fallback only: the audience SQL no longer returns them
+LEFT_AUDIENCE = "left_audience"  # the audience SQL no longer returns them (a planned row)
+FALLBACK_NOT_DUE = "fallback_not_due"  # a planned fallback whose first message is due none now
 
 # Customer-level reasons: no channel of the plan can be used.
 CUSTOMER_REASONS: dict[str, str] = {
@@ -31,8 +32,10 @@ CUSTOMER_REASONS: dict[str, str] = {
     FREQUENCY_CAPPED: "Reached a frequency cap on every channel (policy.frequency_caps), "
     "counted across all activations from the ledger.",
     HOLDOUT: "In the activation's control group: recorded, never messaged, to measure uplift.",
-    LEFT_AUDIENCE: "Fallback not sent: when it was due, the audience SQL no longer returned "
-    "the customer (they ordered, say, since the first message).",
+    LEFT_AUDIENCE: "Not sent: when it was due (a fallback, or a deferred message), the "
+    "audience SQL no longer returned the customer (they ordered, say, since).",
+    FALLBACK_NOT_DUE: "Fallback planned, then not sent: when a run decided again, its first "
+    "message was no longer due one (delivered or answered since, or a longer window).",
 }
 
 # Channel-level reasons, reported as `<channel>_<reason>`.
