@@ -810,7 +810,7 @@ def _progress_bar(activation: str, partition: str, every: float = 0.5) -> Iterat
     "--send-window",
     metavar="HH:MM-HH:MM",
     help="Local hours messages may go out, e.g. 09:00-20:00 (default: the window the "
-    "partition's first send was decided with).",
+    "partition's latest real send was decided with).",
 )
 @click.option("--json", "as_json", is_flag=True, help="End with one JSON line of the summary.")
 @_queue_options

@@ -593,7 +593,7 @@ def run_fallback(
 ) -> FallbackSummary:
     """Materialise `<name>/fallback` for one partition (what the fallback sensor launches),
     once no other run of the activation is queued or in progress (see `run_activation`).
-    Without `send_window`, the window the partition's first send was decided with."""
+    Without `send_window`, the window the partition's latest real send was decided with."""
     get_settings()
     if instance is None:
         ensure_dagster_home()

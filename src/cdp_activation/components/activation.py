@@ -958,8 +958,8 @@ def _send_window_fields(quiet: QuietHoursSpec, *, fallback: bool = False) -> dic
     send's decisions default to defs.yaml's; a fallback defaults to empty: the window its
     partition's first send was decided with (`_first_send_window`)."""
     inherited = (
-        " Empty: the first send's window (its decisions' `send_window`; defs.yaml's quiet "
-        f"hours give {quiet.end}-{quiet.start})."
+        " Empty: the window the partition's latest real send was decided with (its "
+        f"decisions' `send_window`; defs.yaml's quiet hours give {quiet.end}-{quiet.start})."
         if fallback
         else ""
     )
