@@ -228,6 +228,21 @@ def test_recent_sends_count_accepted_messages_per_customer_channel_and_purpose(
     ]
     # As of a week before, none of this had happened yet.
     assert ledger.recent_sends(now - timedelta(days=7)).is_empty()
+    # The caps also count what another activation has on its way: planned (deferred to the
+    # morning, say), in flight or unknown; never the run's own partition.
+    ledger.plan("cart", "d1", chosen(2), purpose="marketing")
+    cart = ledger.pending("cart", "d1")
+    ledger.mark_in_flight([cart[0].id])
+    week = datetime.now(UTC) - timedelta(days=7)
+    counted = ledger.sends_since(week, committed=True)
+    assert sorted(counted.filter(pl.col("purpose") == "marketing")["customer_id"]) == [
+        "1",
+        "1",
+        "2",
+        "3",
+    ]
+    assert ledger.sends_since(week).height == 3  # accepted only, as the audience SQL reads it
+    assert ledger.sends_since(week, exclude=("cart", "d1"), committed=True).height == 3
     ledger.dispose()
 
 

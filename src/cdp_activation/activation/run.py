@@ -487,7 +487,7 @@ def compute_decisions(
         days = max(cap.days for cap in policy.frequency_caps)
         # This partition's own sends are a re-run's "already sent", not a reason to cap.
         exclude = (activation.name, partition_key) if partition_key else None
-        recent = ledger.sends_since(now - timedelta(days=days), exclude=exclude)
+        recent = ledger.sends_since(now - timedelta(days=days), exclude=exclude, committed=True)
     opted_out = backoff = None
     if ledger is not None:
         # What customers told us since the warehouse last heard: opt-outs (their replies, the

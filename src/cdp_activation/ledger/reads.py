@@ -257,18 +257,34 @@ class Reads(LedgerBase):
             ).all()
         return {state: count for state, count in rows}
 
-    def sends_since(self, since: datetime, exclude: tuple[str, str] | None = None) -> pl.DataFrame:
+    def sends_since(
+        self,
+        since: datetime,
+        exclude: tuple[str, str] | None = None,
+        committed: bool = False,
+    ) -> pl.DataFrame:
         """Accepted messages since `since`, one row each (customer_id, channel, purpose,
-        sent_at), for frequency caps; `exclude` = (activation, partition) being re-run."""
+        sent_at); `exclude` = (activation, partition) being re-run. With `committed` (the
+        frequency caps), also the messages on their way: planned (at their `not_before`, or
+        when last changed), in flight, and `unknown` (they may have gone), so two activations
+        deciding hours apart do not both message a customer the first has not reached yet."""
         query = sa.select(
             sends.c.customer_id, sends.c.channel, sends.c.purpose, sends.c.sent_at
         ).where(sends.c.state == SENT, sends.c.sent_at >= since)
+        if committed:
+            at = sa.func.coalesce(sends.c.not_before, sends.c.updated_at)
+            on_their_way = sa.select(
+                sends.c.customer_id, sends.c.channel, sends.c.purpose, at.label("sent_at")
+            ).where(sends.c.state.in_([PLANNED, IN_FLIGHT, UNKNOWN]), at >= since)
         if exclude is not None:
-            query = query.where(
-                sa.not_(
-                    sa.and_(sends.c.activation == exclude[0], sends.c.partition_key == exclude[1])
-                )
+            other = sa.not_(
+                sa.and_(sends.c.activation == exclude[0], sends.c.partition_key == exclude[1])
             )
+            query = query.where(other)
+            if committed:
+                on_their_way = on_their_way.where(other)
+        if committed:
+            query = sa.union_all(query, on_their_way)  # type: ignore[assignment]
         schema = pl.Schema(
             {
                 "customer_id": pl.String(),
