@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from cdp_activation.connectors.base import Outcome, SendResult
-from cdp_activation.ledger import Ledger, idempotency_key
+from cdp_activation.ledger import Ledger, idempotency_key, sends
 from cdp_activation.ledger.base import as_time
 
 
@@ -42,6 +42,36 @@ def test_planning_twice_writes_each_key_once(ledger_url: str) -> None:
     # Another partition or activation is another key.
     assert ledger.plan("winback", "2026-11-24", chosen(10)).planned == 10
     assert ledger.plan("other", "2026-11-23", chosen(10)).planned == 10
+    ledger.dispose()
+
+
+def test_a_planned_row_the_policy_now_sends_another_way_goes_that_way(ledger_url: str) -> None:
+    """Customer 1's WhatsApp message waited for the morning; overnight its WhatsApp consent
+    was withdrawn, and the morning's run decides SMS: the planned row takes the SMS, and the
+    WhatsApp message never goes. Customer 2's row, kept in a request its provider may hold,
+    goes out as that request."""
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(3))
+    with ledger.engine.begin() as con:
+        con.execute(sends.update().where(sends.c.customer_id == "2").values(request_id=7))
+    sms = chosen(3).with_columns(
+        channel=pl.lit("sms"),
+        connector=pl.lit("twilio"),
+        template_name=pl.lit(None, pl.String),
+        template_language=pl.lit(None, pl.String),
+        variables=pl.lit(None, pl.List(pl.String)),
+        body=pl.lit("Ann, 20% off this week"),
+    )
+    assert ledger.plan("winback", "p", sms.head(2)).planned == 0
+    rows = ledger.rows("winback", "p").sort("customer_id")
+    assert rows.select("customer_id", "channel", "connector").rows() == [
+        ("1", "sms", "twilio"),
+        ("2", "whatsapp", "meta_whatsapp"),
+        ("3", "whatsapp", "meta_whatsapp"),
+    ]
+    assert rows["recipient"][0] == "+447123400001"
+    assert "20% off" in rows["message"][0] and "winback_offer" not in rows["message"][0]
+    assert ledger.counts("winback", "p") == {"planned": 3}
     ledger.dispose()
 
 

@@ -21,7 +21,7 @@ import yaml
 from cdp_activation.activation.run import refusal_codes, with_replies
 from cdp_activation.contracts import InboundMessage, Outcome, SendResult
 from cdp_activation.feedback.receiver import WebhookServer
-from cdp_activation.ledger import Ledger
+from cdp_activation.ledger import ClaimRequest, Ledger, Settlement
 from cdp_activation.policy import opt_out
 from cdp_activation.policy.engine import decide
 from cdp_activation.spec import ChannelPlanSpec
@@ -165,6 +165,54 @@ def test_stop_opts_out_at_once_cancels_what_is_planned_and_start_lifts_only_that
     assert ledger.opt_outs().is_empty()
     assert ledger.replies_seen()[0] > seen[0]  # a lift comes with the reply that asked for it
     assert ledger.reply_counts("winback", "2026-12-01") == {"replied": 1, "opted_out": 0}
+
+
+def test_a_stop_while_the_message_is_on_the_wire_holds_when_the_provider_asks_to_retry(
+    ledger: Ledger,
+) -> None:
+    """STOP arrives while the customer's message is in flight (nothing planned to cancel);
+    the provider then answers 429: the message is not put back to be tried again."""
+    sent(ledger, "sms", "twilio", {"c1": "+447700900101", "c2": "+447700900102"})
+    for customer, number in (("c1", "+447700900101"), ("c2", "+447700900102")):
+        planned_later(ledger, "sms", customer, number, "marketing", "2026-12-02")
+    worker = ledger.register_worker("restock", "2026-12-02", "initial", lease_seconds=60)
+    later = NOW + timedelta(hours=9)
+    [rows] = ledger.claim(
+        worker, "restock", "2026-12-02", "initial", [ClaimRequest("twilio", 2, False)], later
+    )
+    assert ledger.record_inbound([inbound("STOP", "+447700900101", n=5)]).cancelled == 0
+    ledger.settle(worker, [Settlement(r.id, "planned", error_code="http_429") for r in rows])
+    after = ledger.rows("restock", "2026-12-02").sort("customer_id")
+    assert after.select("customer_id", "state").rows() == [("c1", "cancelled"), ("c2", "planned")]
+
+
+def test_a_stop_between_the_decision_and_the_plan_cancels_the_planned_row(
+    ledger: Ledger,
+) -> None:
+    """The policy read the opt-outs, then STOP came, then the run planned its rows: the row
+    planned for the customer who said stop is cancelled before anything is claimed."""
+    sent(ledger, "sms", "twilio", {"c1": "+447700900101"})
+    decided = datetime.now(UTC)
+    ledger.record_inbound([inbound("STOP", "+447700900101", n=6)])
+    planned_later(ledger, "sms", "c1", "+447700900101", "marketing", "2026-12-02")
+    cancelled = ledger.cancel_recently_opted_out("restock", "2026-12-02", "initial", decided)
+    assert cancelled == 1 and states(ledger, "restock") == ["cancelled"]
+
+
+def test_a_start_delivered_after_a_later_stop_does_not_lift_it(ledger: Ledger) -> None:
+    """The customer wrote START, then STOP a minute later; the STOP's webhook came first and
+    the START's after it (a provider's retry): the customer stays opted out."""
+    sent(ledger, "sms", "twilio", {"c1": "+447700900101"})
+    stop = dataclasses.replace(inbound("STOP", "+447700900101", n=1), occurred_at=NOW)
+    start = inbound("START", "+447700900101", n=2)
+    start = dataclasses.replace(start, occurred_at=NOW - timedelta(minutes=1))
+    ledger.record_inbound([stop])
+    assert ledger.record_inbound([start]).opted_in == 0
+    assert ledger.opt_outs().rows() == [("c1", "sms", "all")]
+    # A START written after it lifts it.
+    later = dataclasses.replace(inbound("START", "+447700900101", n=3), occurred_at=NOW)
+    assert ledger.record_inbound([later]).opted_in == 1
+    assert ledger.opt_outs().is_empty()
 
 
 def test_a_stop_promotions_tap_stops_marketing_only_and_start_does_not_lift_it(

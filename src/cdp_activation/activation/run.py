@@ -1004,6 +1004,11 @@ def prepare_delivery(
         excluded=excluded,
         absent=reasons.FALLBACK_NOT_DUE if fallback else reasons.LEFT_AUDIENCE,
     )
+    # A STOP recorded after the policy read the opt-outs found no row of this run to cancel:
+    # a covering opt-out of the last day cancels it now (an older one the policy applied).
+    summary.cancelled += ledger.cancel_recently_opted_out(
+        activation.name, partition_key, step, now - timedelta(days=1)
+    )
     ledger.expire_overdue(activation.name, partition_key, step, deadline)
     due_now = ledger.due_counts(activation.name, partition_key, step, now)
     summary.to_send = sum(due_now.values())

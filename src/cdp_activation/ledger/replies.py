@@ -97,7 +97,7 @@ class Replies(LedgerBase):
                         now,
                     )
                 elif message.opt == OPT_IN:
-                    opted_in += self._lift(con, customer, message.channel, now)
+                    opted_in += self._lift(con, customer, message, now)
             if rows:  # a concurrent delivery of the same webhook may have stored it meanwhile
                 insert = postgres_insert if con.dialect.name == "postgresql" else sqlite_insert
                 con.execute(insert(inbound_events).on_conflict_do_nothing(), rows)
@@ -366,20 +366,82 @@ class Replies(LedgerBase):
                 )
             )
 
-    def _lift(self, con: sa.Connection, customer: str, channel: str, now: datetime) -> int:
+    def cancel_recently_opted_out(
+        self, activation: str, partition_key: str, step: str, since: datetime
+    ) -> int:
+        """Planned rows of a partition's step whose customer opted out since `since` (after
+        the policy read the opt-outs, before the rows were planned: the STOP found nothing to
+        cancel) end `cancelled`. Driven by the few recent opt-outs, never by every row."""
+        recent = sa.select(opt_outs.c.customer_id).where(
+            opt_outs.c.created_at >= since, opt_outs.c.lifted_at.is_(None)
+        )
+        with self.engine.begin() as con:
+            who = sorted(set(con.execute(recent).scalars()))
+            cancelled = 0
+            for chunk in chunks(who, 5000):
+                cancelled += cancel_opted_out(
+                    con,
+                    sa.and_(
+                        sends.c.customer_id.in_(chunk),
+                        sends.c.activation == activation,
+                        sends.c.partition_key == partition_key,
+                        sends.c.step == step,
+                    ),
+                    "the customer opted out after the run decided, before it planned",
+                )
+        return cancelled
+
+    def _lift(
+        self, con: sa.Connection, customer: str, message: InboundMessage, now: datetime
+    ) -> int:
         """An opt-in keyword: lift the customer's keyword opt-outs on the channel (never one a
-        button or a provider's refusal made)."""
+        button or a provider's refusal made) that they wrote before it: a START delivered
+        after a STOP the customer wrote later (a provider's retry, webhooks out of order)
+        lifts nothing. Messages of one webhook are taken in the order they were written, so
+        an opt-out from one whose own event is not stored yet is an earlier one."""
+        later = (
+            sa.select(inbound_events.c.id)
+            .where(
+                inbound_events.c.event_key == opt_outs.c.source,
+                inbound_events.c.occurred_at > aware(message.occurred_at).astimezone(UTC),
+            )
+            .exists()
+        )
         result = con.execute(
             sa.update(opt_outs)
             .where(
                 opt_outs.c.customer_id == customer,
-                opt_outs.c.channel == channel,
+                opt_outs.c.channel == message.channel,
                 opt_outs.c.reason == "keyword",
                 opt_outs.c.lifted_at.is_(None),
+                ~later,
             )
             .values(lifted_at=now)
         )
         return result.rowcount or 0
+
+
+def cancel_opted_out(con: sa.Connection, which: sa.ColumnElement[bool], why: str) -> int:
+    """Within the caller's transaction: planned rows (`which` narrows them; not in a request
+    their provider may hold) whose customer has an opt-out covering them end `cancelled`.
+    For what a STOP recorded while a row was not planned could not cancel: in flight (then
+    put back to planned by a retryable answer), or decided and not yet planned."""
+    stopped = (
+        sa.select(opt_outs.c.id)
+        .where(
+            opt_outs.c.customer_id == sends.c.customer_id,
+            opt_outs.c.channel == sends.c.channel,
+            opt_outs.c.lifted_at.is_(None),
+            sa.or_(opt_outs.c.purpose == ALL_PURPOSES, opt_outs.c.purpose == sends.c.purpose),
+        )
+        .exists()
+    )
+    result = con.execute(
+        sa.update(sends)
+        .where(which, sends.c.state == PLANNED, sends.c.request_id.is_(None), stopped)
+        .values(state=CANCELLED, error_message=why[:500], updated_at=utc_now())
+    )
+    return max(result.rowcount or 0, 0)
 
 
 def _send_source(send_id: sa.ColumnElement[int]) -> sa.ColumnElement[str]:

@@ -39,6 +39,7 @@ from cdp_activation.ledger.records import (
     PlanResult,
     Settlement,
 )
+from cdp_activation.ledger.replies import cancel_opted_out
 from cdp_activation.ledger.schema import (
     WORKER_ALIVE,
     WORKER_EXPIRED,
@@ -97,8 +98,10 @@ class SendStates(LedgerBase):
             rechunk=False,
         )
         timing = ("not_before", "send_until", "reopens_at")
-        known = rows.select("idempotency_key", *timing).join(
-            self._partition_rows(activation, partition_key, ("idempotency_key", "state", *timing)),
+        route = ("channel", "connector")
+        held = ("idempotency_key", "state", *timing, *route, "request_id")
+        known = rows.select("idempotency_key", *timing, *route).join(
+            self._partition_rows(activation, partition_key, held),
             on="idempotency_key",
             how="inner",
             suffix="_now",
@@ -109,10 +112,18 @@ class SendStates(LedgerBase):
         # so inserting every key again made a plan wait behind a stalled sender's open
         # settle (a SIGSTOPped worker held the next run for good). A key planned meanwhile by
         # another run is still skipped by ON CONFLICT.
+        all_rows = rows
         if not known.is_empty():  # (a first plan of a partition knows none: no copy made)
             rows = rows.join(known.select("idempotency_key"), on="idempotency_key", how="anti")
         changed = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_now")) for c in timing)
-        redeferred = known.filter((pl.col("state") == PLANNED) & changed)
+        # A row still planned whose customer the policy now sends another way (consent for
+        # the planned channel withdrawn overnight, its 24-hour window closed, a cap reached
+        # there) takes the new channel and message: the old one must not go out. One kept in
+        # a request its provider may hold (`request_id`) goes out as that request.
+        moved = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_now")) for c in route)
+        movable = (pl.col("state") == PLANNED) & pl.col("request_id").is_null()
+        rerouted = known.filter(movable & moved).select("idempotency_key")
+        redeferred = known.filter((pl.col("state") == PLANNED) & changed & ~(movable & moved))
         mark = self._mark
         planned = rows.height
         with self.engine.begin() as con:
@@ -135,6 +146,8 @@ class SendStates(LedgerBase):
             else:
                 for chunk in rows.iter_slices(_PLAN_ROWS_PER_BATCH):
                     con.exec_driver_sql(self._insert_sql(), chunk.rows())
+            if not rerouted.is_empty():
+                self._reroute(con, all_rows.join(rerouted, on="idempotency_key", how="semi"))
             if not redeferred.is_empty():
                 con.exec_driver_sql(
                     f"UPDATE sends SET not_before = {mark}, send_until = {mark}, "
@@ -145,6 +158,20 @@ class SendStates(LedgerBase):
         if self.dialect == "postgresql" and planned >= _COPY_FROM:
             self._analyze_after_load(planned)
         return PlanResult(planned=planned, existing=counts)
+
+    def _reroute(self, con: sa.Connection, rows: pl.DataFrame) -> None:
+        """Planned rows (not in a kept request) given their new decision's channel, connector,
+        recipient, message and timing, in the plan's transaction."""
+        mark = self._mark
+        columns: tuple[str, ...] = ("channel", "connector", "recipient", "message")
+        columns += ("not_before", "send_until", "reopens_at", "updated_at")
+        assignments = ", ".join(f"{c} = {mark}" for c in columns)
+        con.exec_driver_sql(
+            f"UPDATE sends SET {assignments} WHERE idempotency_key = {mark} "
+            f"AND state = '{PLANNED}' AND request_id IS NULL",
+            rows.sort("idempotency_key").select(*columns, "idempotency_key").rows(),
+        )
+        log.info("%d planned row(s) now go by another channel, as the policy decided", rows.height)
 
     def _analyze_after_load(self, loaded: int) -> None:
         """PostgreSQL: refresh the planner's statistics of `sends` after a plan loaded a large
@@ -595,6 +622,13 @@ class SendStates(LedgerBase):
                     f"request_id = CASE WHEN {mark} = 1 THEN request_id ELSE NULL END, "
                     f"attempts = attempts - 1 {held} AND state = '{IN_FLIGHT}'",
                     deferred,
+                )
+            back = [p[-2] for p in (*retry, *unsent, *deferred)]
+            for back_ids in chunks(back, 5000):  # a STOP while they were on the wire holds
+                cancel_opted_out(
+                    con,
+                    sends.c.id.in_(back_ids),
+                    "the customer opted out while it was being sent; not tried again",
                 )
 
     def recover_interrupted(
