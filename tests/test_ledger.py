@@ -62,16 +62,22 @@ def test_a_planned_row_the_policy_now_sends_another_way_goes_that_way(ledger_url
         variables=pl.lit(None, pl.List(pl.String)),
         body=pl.lit("Ann, 20% off this week"),
     )
-    assert ledger.plan("winback", "p", sms.head(2)).planned == 0
+    # Customer 3's message was tried once already (a 429): a provider that de-duplicates
+    # may hold it, so it keeps its route; customer 4's number changed: the new one.
+    with ledger.engine.begin() as con:
+        con.execute(sends.update().where(sends.c.customer_id == "3").values(attempts=1))
+    ledger.plan("winback", "p", chosen(1, start=4))
+    moved = chosen(1, start=4).with_columns(phone_e164=pl.lit("+447123499999"))
+    assert ledger.plan("winback", "p", pl.concat([sms.head(3), moved])).planned == 0
     rows = ledger.rows("winback", "p").sort("customer_id")
-    assert rows.select("customer_id", "channel", "connector").rows() == [
-        ("1", "sms", "twilio"),
-        ("2", "whatsapp", "meta_whatsapp"),
-        ("3", "whatsapp", "meta_whatsapp"),
+    assert rows.select("customer_id", "channel", "connector", "recipient").rows() == [
+        ("1", "sms", "twilio", "+447123400001"),
+        ("2", "whatsapp", "meta_whatsapp", "+447123400002"),
+        ("3", "whatsapp", "meta_whatsapp", "+447123400003"),
+        ("4", "whatsapp", "meta_whatsapp", "+447123499999"),
     ]
-    assert rows["recipient"][0] == "+447123400001"
     assert "20% off" in rows["message"][0] and "winback_offer" not in rows["message"][0]
-    assert ledger.counts("winback", "p") == {"planned": 3}
+    assert ledger.counts("winback", "p") == {"planned": 4}
     ledger.dispose()
 
 
@@ -273,6 +279,17 @@ def test_recent_sends_count_accepted_messages_per_customer_channel_and_purpose(
     ]
     assert ledger.sends_since(week).height == 3  # accepted only, as the audience SQL reads it
     assert ledger.sends_since(week, exclude=("cart", "d1"), committed=True).height == 3
+    # Two activations planned customer 9 without seeing each other: at their re-runs the
+    # one planned first keeps it (the later one's row does not count against it), the later
+    # one is capped; never both.
+    ledger.plan("first", "d1", chosen(1, start=9), purpose="marketing")
+    ledger.plan("second", "d1", chosen(1, start=9), purpose="marketing")
+
+    def nines(exclude: tuple[str, str]) -> int:
+        counted = ledger.sends_since(week, exclude=exclude, committed=True)
+        return counted.filter(pl.col("customer_id") == "9").height
+
+    assert (nines(("first", "d1")), nines(("second", "d1"))) == (0, 1)
     ledger.dispose()
 
 

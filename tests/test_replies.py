@@ -186,6 +186,27 @@ def test_a_stop_while_the_message_is_on_the_wire_holds_when_the_provider_asks_to
     assert after.select("customer_id", "state").rows() == [("c1", "cancelled"), ("c2", "planned")]
 
 
+def test_a_stop_while_a_kept_request_is_on_the_wire_gives_the_request_up(
+    ledger: Ledger,
+) -> None:
+    """The same through a provider that de-duplicates whole requests: its answer was lost,
+    so the request would go out again whole; with a STOP from one of its customers it is
+    given up (the customer who said stop is not messaged again, the rest are `unknown`), as
+    a STOP about a planned request does."""
+    sent(ledger, "sms", "twilio", {"c1": "+447700900101", "c2": "+447700900102"})
+    for customer, number in (("c1", "+447700900101"), ("c2", "+447700900102")):
+        planned_later(ledger, "sms", customer, number, "marketing", "2026-12-02")
+    worker = ledger.register_worker("restock", "2026-12-02", "initial", lease_seconds=60)
+    later = NOW + timedelta(hours=9)
+    [rows] = ledger.claim(
+        worker, "restock", "2026-12-02", "initial", [ClaimRequest("twilio", 2, True)], later
+    )
+    ledger.record_inbound([inbound("STOP", "+447700900101", n=7)])
+    ledger.settle(worker, [Settlement(r.id, "planned", uncertain=True) for r in rows])
+    after = ledger.rows("restock", "2026-12-02").sort("customer_id")
+    assert after.select("customer_id", "state").rows() == [("c1", "cancelled"), ("c2", "unknown")]
+
+
 def test_a_stop_between_the_decision_and_the_plan_cancels_the_planned_row(
     ledger: Ledger,
 ) -> None:

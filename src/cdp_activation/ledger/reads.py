@@ -282,7 +282,24 @@ class Reads(LedgerBase):
             )
             query = query.where(other)
             if committed:
-                on_their_way = on_their_way.where(other)
+                # Of two activations that both planned the customer (deciding at the same
+                # time, neither saw the other), the one planned first keeps its message: the
+                # later one's planned row does not count against it, so at their re-runs one
+                # of them is capped, not both.
+                own = sends.alias("own")
+                ours_first = (
+                    sa.select(own.c.id)
+                    .where(
+                        own.c.customer_id == sends.c.customer_id,
+                        own.c.activation == exclude[0],
+                        own.c.partition_key == exclude[1],
+                        own.c.planned_at <= sends.c.planned_at,
+                    )
+                    .exists()
+                )
+                on_their_way = on_their_way.where(
+                    other, sa.not_(sa.and_(sends.c.state == PLANNED, ours_first))
+                )
         if committed:
             query = sa.union_all(query, on_their_way)  # type: ignore[assignment]
         schema = pl.Schema(

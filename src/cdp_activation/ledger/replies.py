@@ -338,40 +338,16 @@ class Replies(LedgerBase):
             )
             .returning(sends.c.activation, sends.c.partition_key, sends.c.request_id)
         ).all()
-        self._give_up_requests_of(con, {tuple(r) for r in cancelled if r[2] is not None}, now)
+        give_up_requests(con, {tuple(r) for r in cancelled if r[2] is not None}, now)
         return len(cancelled)
-
-    def _give_up_requests_of(
-        self, con: sa.Connection, requests: set[tuple[Any, ...]], now: datetime
-    ) -> None:
-        """A cancelled row inside a request that must go out again whole (`request_id`: the
-        provider may hold it, and de-duplicates it on a key made of its members) would send
-        that request again without it, under another key: its other customers could get the
-        message twice. The request goes out whole or not at all, and never again to who said
-        stop: its other rows are `unknown`, as through a provider without a key."""
-        for activation, partition_key, request_id in requests:
-            con.execute(
-                sa.update(sends)
-                .where(
-                    sends.c.activation == activation,
-                    sends.c.partition_key == partition_key,
-                    sends.c.request_id == request_id,
-                    sends.c.state == PLANNED,
-                )
-                .values(
-                    state=UNKNOWN,
-                    error_message="a customer in its request said stop: the request, which "
-                    "goes out again whole or not at all, is not sent again",
-                    updated_at=now,
-                )
-            )
 
     def cancel_recently_opted_out(
         self, activation: str, partition_key: str, step: str, since: datetime
     ) -> int:
         """Planned rows of a partition's step whose customer opted out since `since` (after
         the policy read the opt-outs, before the rows were planned: the STOP found nothing to
-        cancel) end `cancelled`. Driven by the few recent opt-outs, never by every row."""
+        cancel) end `cancelled`. Driven by the recent opt-outs (`opt_outs` is read whole: it is
+        small next to `sends`), never by every planned row."""
         recent = sa.select(opt_outs.c.customer_id).where(
             opt_outs.c.created_at >= since, opt_outs.c.lifted_at.is_(None)
         )
@@ -379,16 +355,26 @@ class Replies(LedgerBase):
             who = sorted(set(con.execute(recent).scalars()))
             cancelled = 0
             for chunk in chunks(who, 5000):
-                cancelled += cancel_opted_out(
-                    con,
-                    sa.and_(
-                        sends.c.customer_id.in_(chunk),
-                        sends.c.activation == activation,
-                        sends.c.partition_key == partition_key,
-                        sends.c.step == step,
-                    ),
-                    "the customer opted out after the run decided, before it planned",
-                )
+                # Their rows by the customer's index first: asked with the partition in the
+                # same statement, SQLite took ix_sends_due and read every planned row.
+                rows = sa.select(sends.c.id).where(sends.c.customer_id.in_(chunk))
+                ids = [
+                    row_id
+                    for row_id, of in con.execute(
+                        rows.add_columns(
+                            (sends.c.activation == activation)
+                            & (sends.c.partition_key == partition_key)
+                            & (sends.c.step == step)
+                        )
+                    )
+                    if of
+                ]
+                for id_chunk in chunks(ids, 5000):
+                    cancelled += cancel_opted_out(
+                        con,
+                        sends.c.id.in_(id_chunk),
+                        "the customer opted out after the run decided, before it planned",
+                    )
         return cancelled
 
     def _lift(
@@ -421,11 +407,36 @@ class Replies(LedgerBase):
         return result.rowcount or 0
 
 
+def give_up_requests(con: sa.Connection, requests: set[tuple[Any, ...]], now: datetime) -> None:
+    """A cancelled row inside a request that must go out again whole (`request_id`: the
+    provider may hold it, and de-duplicates it on a key made of its members) would send
+    that request again without it, under another key: its other customers could get the
+    message twice. The request goes out whole or not at all, and never again to who said
+    stop: its other rows are `unknown`, as through a provider without a key."""
+    for activation, partition_key, request_id in requests:
+        con.execute(
+            sa.update(sends)
+            .where(
+                sends.c.activation == activation,
+                sends.c.partition_key == partition_key,
+                sends.c.request_id == request_id,
+                sends.c.state == PLANNED,
+            )
+            .values(
+                state=UNKNOWN,
+                error_message="a customer in its request said stop: the request, which "
+                "goes out again whole or not at all, is not sent again",
+                updated_at=now,
+            )
+        )
+
+
 def cancel_opted_out(con: sa.Connection, which: sa.ColumnElement[bool], why: str) -> int:
-    """Within the caller's transaction: planned rows (`which` narrows them; not in a request
-    their provider may hold) whose customer has an opt-out covering them end `cancelled`.
-    For what a STOP recorded while a row was not planned could not cancel: in flight (then
-    put back to planned by a retryable answer), or decided and not yet planned."""
+    """Within the caller's transaction: planned rows (`which` narrows them) whose customer
+    has an opt-out covering them end `cancelled`; a request one of them was kept in is
+    given up whole (`give_up_requests`). For what a STOP recorded while a row was not
+    planned could not cancel: in flight (then put back to planned by a retryable answer),
+    or decided and not yet planned."""
     stopped = (
         sa.select(opt_outs.c.id)
         .where(
@@ -436,12 +447,15 @@ def cancel_opted_out(con: sa.Connection, which: sa.ColumnElement[bool], why: str
         )
         .exists()
     )
-    result = con.execute(
+    now = utc_now()
+    cancelled = con.execute(
         sa.update(sends)
-        .where(which, sends.c.state == PLANNED, sends.c.request_id.is_(None), stopped)
-        .values(state=CANCELLED, error_message=why[:500], updated_at=utc_now())
-    )
-    return max(result.rowcount or 0, 0)
+        .where(which, sends.c.state == PLANNED, stopped)
+        .values(state=CANCELLED, error_message=why[:500], updated_at=now)
+        .returning(sends.c.activation, sends.c.partition_key, sends.c.request_id)
+    ).all()
+    give_up_requests(con, {tuple(r) for r in cancelled if r[2] is not None}, now)
+    return len(cancelled)
 
 
 def _send_source(send_id: sa.ColumnElement[int]) -> sa.ColumnElement[str]:

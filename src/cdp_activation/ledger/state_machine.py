@@ -98,8 +98,8 @@ class SendStates(LedgerBase):
             rechunk=False,
         )
         timing = ("not_before", "send_until", "reopens_at")
-        route = ("channel", "connector")
-        held = ("idempotency_key", "state", *timing, *route, "request_id")
+        route = ("channel", "connector", "recipient")
+        held = ("idempotency_key", "state", *timing, *route, "request_id", "attempts")
         known = rows.select("idempotency_key", *timing, *route).join(
             self._partition_rows(activation, partition_key, held),
             on="idempotency_key",
@@ -118,10 +118,13 @@ class SendStates(LedgerBase):
         changed = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_now")) for c in timing)
         # A row still planned whose customer the policy now sends another way (consent for
         # the planned channel withdrawn overnight, its 24-hour window closed, a cap reached
-        # there) takes the new channel and message: the old one must not go out. One kept in
-        # a request its provider may hold (`request_id`) goes out as that request.
+        # there; a number changed) takes the new route and message: the old one must not go
+        # out. Only a row never tried: one that went out before may be held by a provider
+        # that de-duplicates it (`request_id`, or an uncertain answer one at a time), and
+        # sent another way it could reach the customer twice.
         moved = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_now")) for c in route)
-        movable = (pl.col("state") == PLANNED) & pl.col("request_id").is_null()
+        untried = pl.col("request_id").is_null() & (pl.col("attempts") == "0")
+        movable = (pl.col("state") == PLANNED) & untried
         rerouted = known.filter(movable & moved).select("idempotency_key")
         redeferred = known.filter((pl.col("state") == PLANNED) & changed & ~(movable & moved))
         mark = self._mark
