@@ -167,19 +167,25 @@ def test_stop_opts_out_at_once_cancels_what_is_planned_and_start_lifts_only_that
     assert ledger.reply_counts("winback", "2026-12-01") == {"replied": 1, "opted_out": 0}
 
 
+def _two_on_the_wire(ledger: Ledger, whole_request: bool) -> tuple[str, list[Any]]:
+    """Customers c1 and c2 (who were messaged before) have their restock SMS claimed by a
+    worker: in flight, as one request kept whole or not."""
+    sent(ledger, "sms", "twilio", {"c1": "+447700900101", "c2": "+447700900102"})
+    for customer, number in (("c1", "+447700900101"), ("c2", "+447700900102")):
+        planned_later(ledger, "sms", customer, number, "marketing", "2026-12-02")
+    worker = ledger.register_worker("restock", "2026-12-02", "initial", lease_seconds=60)
+    wanted = [ClaimRequest("twilio", 2, whole_request)]
+    later = NOW + timedelta(hours=9)
+    [rows] = ledger.claim(worker, "restock", "2026-12-02", "initial", wanted, later)
+    return worker, rows
+
+
 def test_a_stop_while_the_message_is_on_the_wire_holds_when_the_provider_asks_to_retry(
     ledger: Ledger,
 ) -> None:
     """STOP arrives while the customer's message is in flight (nothing planned to cancel);
     the provider then answers 429: the message is not put back to be tried again."""
-    sent(ledger, "sms", "twilio", {"c1": "+447700900101", "c2": "+447700900102"})
-    for customer, number in (("c1", "+447700900101"), ("c2", "+447700900102")):
-        planned_later(ledger, "sms", customer, number, "marketing", "2026-12-02")
-    worker = ledger.register_worker("restock", "2026-12-02", "initial", lease_seconds=60)
-    later = NOW + timedelta(hours=9)
-    [rows] = ledger.claim(
-        worker, "restock", "2026-12-02", "initial", [ClaimRequest("twilio", 2, False)], later
-    )
+    worker, rows = _two_on_the_wire(ledger, whole_request=False)
     assert ledger.record_inbound([inbound("STOP", "+447700900101", n=5)]).cancelled == 0
     ledger.settle(worker, [Settlement(r.id, "planned", error_code="http_429") for r in rows])
     after = ledger.rows("restock", "2026-12-02").sort("customer_id")
@@ -193,14 +199,7 @@ def test_a_stop_while_a_kept_request_is_on_the_wire_gives_the_request_up(
     so the request would go out again whole; with a STOP from one of its customers it is
     given up (the customer who said stop is not messaged again, the rest are `unknown`), as
     a STOP about a planned request does."""
-    sent(ledger, "sms", "twilio", {"c1": "+447700900101", "c2": "+447700900102"})
-    for customer, number in (("c1", "+447700900101"), ("c2", "+447700900102")):
-        planned_later(ledger, "sms", customer, number, "marketing", "2026-12-02")
-    worker = ledger.register_worker("restock", "2026-12-02", "initial", lease_seconds=60)
-    later = NOW + timedelta(hours=9)
-    [rows] = ledger.claim(
-        worker, "restock", "2026-12-02", "initial", [ClaimRequest("twilio", 2, True)], later
-    )
+    worker, rows = _two_on_the_wire(ledger, whole_request=True)
     ledger.record_inbound([inbound("STOP", "+447700900101", n=7)])
     ledger.settle(worker, [Settlement(r.id, "planned", uncertain=True) for r in rows])
     after = ledger.rows("restock", "2026-12-02").sort("customer_id")
