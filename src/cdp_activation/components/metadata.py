@@ -98,8 +98,8 @@ def send_window_of(text: object) -> tuple[str, str] | None:
 def decisions_metadata(
     result: Decisions,
     plan: ChannelPlanSpec,
-    experiment: ExperimentSpec | None = None,
-    quiet: QuietHoursSpec | None = None,
+    experiment: ExperimentSpec | None,
+    quiet: QuietHoursSpec,
 ) -> dict[str, Any]:
     """The decisions asset's metadata: counts for the UI, the estimated cost, the send window
     they were made with, and `summary`, the run summary's part as one JSON entry
@@ -123,7 +123,7 @@ def decisions_metadata(
             or "_nobody excluded_"
         ),
         "sample_messages": dg.MetadataValue.md(samples),
-        **({"send_window": send_window_text(quiet)} if quiet is not None else {}),
+        "send_window": send_window_text(quiet),
         **cost,
         "summary": dg.MetadataValue.json(
             {

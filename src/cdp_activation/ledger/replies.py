@@ -102,9 +102,9 @@ class Replies(LedgerBase):
                 insert = postgres_insert if con.dialect.name == "postgresql" else sqlite_insert
                 con.execute(insert(inbound_events).on_conflict_do_nothing(), rows)
             # An answer proves the message it answers landed: its fallback must not go out.
-            for channel in {r["channel"] for r in rows if r["customer_id"] is not None}:
-                who = {r["customer_id"] for r in rows if r["channel"] == channel}
-                who.discard(None)
+            answered = {(r["channel"], r["customer_id"]) for r in rows if r["customer_id"]}
+            for channel in {channel for channel, _ in answered}:
+                who = {customer for ch, customer in answered if ch == channel}
                 cancelled += cancel_fallbacks_of(
                     con,
                     sa.select(sends.c.id).where(
@@ -357,18 +357,12 @@ class Replies(LedgerBase):
             for chunk in chunks(who, 5000):
                 # Their rows by the customer's index first: asked with the partition in the
                 # same statement, SQLite took ix_sends_due and read every planned row.
-                rows = sa.select(sends.c.id).where(sends.c.customer_id.in_(chunk))
-                ids = [
-                    row_id
-                    for row_id, of in con.execute(
-                        rows.add_columns(
-                            (sends.c.activation == activation)
-                            & (sends.c.partition_key == partition_key)
-                            & (sends.c.step == step)
-                        )
-                    )
-                    if of
-                ]
+                theirs = con.execute(
+                    sa.select(
+                        sends.c.id, sends.c.activation, sends.c.partition_key, sends.c.step
+                    ).where(sends.c.customer_id.in_(chunk))
+                )
+                ids = [r.id for r in theirs if tuple(r[1:]) == (activation, partition_key, step)]
                 for id_chunk in chunks(ids, 5000):
                     cancelled += cancel_opted_out(
                         con,

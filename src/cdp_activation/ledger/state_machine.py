@@ -894,10 +894,10 @@ class SendStates(LedgerBase):
         longer choose (consent withdrawn since a deferral, say) end `cancelled`: they must not
         go out. Each takes its reason code as `error_code`: the policy's, from `excluded`
         (customer_id, reason: read only when some row is no longer chosen), else `absent` (no
-        decision about it any more). A row
-        of a request that must go out again whole (`request_id`: its provider may already have
-        it, and de-duplicates the request on its key) is left in it: taken out, the request
-        would carry another key and reach its other recipients twice.
+        decision about it any more). A row of a request that must go out again whole
+        (`request_id`: its provider may already have it, and de-duplicates the request on its
+        key) is left in it: taken out, the request would carry another key and reach its
+        other recipients twice.
 
         Compared in polars, a slice of the partition at a time: right after a plan its planned
         rows are every chosen one, a million at 10M customers."""
