@@ -142,6 +142,46 @@ def test_a_message_claimed_after_its_customer_s_quiet_hours_began_waits_for_them
     ledger.dispose()
 
 
+def test_a_free_form_whatsapp_message_reached_after_its_window_closed_is_not_sent(
+    ledger_url: str, sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """Free-form WhatsApp messages decided inside their customers' 24-hour windows; a long
+    send reached half of them after those closed. Those are never sent: cancelled, with the
+    policy's reason code; the others go."""
+    now = datetime.now(UTC)
+    closed = pl.int_range(pl.len()) % 2 == 0
+    frame = (
+        decisions(numbers(20))
+        .filter(pl.col("channel") == "whatsapp")
+        .with_columns(
+            template_name=pl.lit(None, pl.String),
+            template_language=pl.lit(None, pl.String),
+            variables=pl.lit(None, pl.List(pl.String)),
+            body=pl.lit("Thanks for your message: your parcel leaves today"),
+        )
+        .with_columns(
+            pl.when(closed)
+            .then(pl.lit(now - MINUTE))
+            .otherwise(pl.lit(now + HOUR))
+            .cast(pl.Datetime("us", "UTC"))
+            .alias("window_until")
+        )
+    )
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", frame)
+    report = deliver(ledger, SCOPE, connectors(sandbox_settings), FAST)
+    rows = ledger.rows("winback", "p").sort("customer_id")
+    cancelled = rows.filter(pl.col("state") == "cancelled")
+    assert cancelled["recipient"].to_list() == frame.filter(closed)["phone_e164"].to_list()
+    assert set(cancelled["error_code"]) == {"whatsapp_outside_window"}
+    received = {m.to for m in sandbox.messages()}
+    assert received.isdisjoint(cancelled["recipient"])
+    assert report.sent + report.failed == 5  # (one number is not on WhatsApp)
+    assert report.sent == len(received)
+    assert ledger.pending("winback", "p") == []
+    ledger.dispose()
+
+
 def test_quiet_hours_are_kept_on_every_day_a_send_lasts_and_end_when_they_end(
     ledger_url: str, sandbox: SandboxServer
 ) -> None:

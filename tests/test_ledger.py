@@ -627,6 +627,83 @@ def test_a_run_opens_the_ledger_once_and_closes_it_at_teardown(ledger_url: str) 
     assert pool.checkedin() == 0
 
 
+def test_a_free_form_whatsapp_message_whose_window_closed_is_cancelled_at_its_claim(
+    ledger_url: str,
+) -> None:
+    """A long send (or a retry, or quiet hours) can reach a free-form WhatsApp message after
+    its customer's 24-hour window closed: the claim cancels it with the policy's reason code
+    instead of sending it (Meta would refuse it, and the policy forbids it). One kept in a
+    request its provider may hold goes out whole; a customer who wrote again meanwhile has
+    a later window, which the next plan writes."""
+    from datetime import UTC, datetime
+
+    from cdp_activation.ledger import ClaimRequest
+
+    utc = pl.Datetime("us", "UTC")
+    now = datetime.now(UTC)
+    closes = [now - timedelta(hours=1), now - timedelta(seconds=1), now + timedelta(hours=3)]
+    free_form = (
+        chosen(4)
+        .with_columns(
+            template_name=pl.lit(None, pl.String),
+            template_language=pl.lit(None, pl.String),
+            variables=pl.lit(None, pl.List(pl.String)),
+            body=pl.lit("Your order is ready"),
+        )
+        .with_columns(pl.Series("window_until", [*closes, closes[0]], dtype=utc))
+    )
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", free_form)
+    with ledger.engine.begin() as con:
+        con.execute(sends.update().where(sends.c.customer_id == "4").values(request_id=7))
+    # Customer 3 wrote again: the next run's decision carries a later window.
+    later = now + timedelta(hours=20)
+    wrote_again = pl.col("customer_id") == 3
+    moved = pl.when(wrote_again).then(pl.lit(later).cast(utc)).otherwise(pl.col("window_until"))
+    # Customer 2's message was tried once (a 429); the policy would now send an SMS, but a
+    # row tried before keeps its route, so it is still that WhatsApp message, window and all.
+    with ledger.engine.begin() as con:
+        con.execute(sends.update().where(sends.c.customer_id == "2").values(attempts=1))
+    by_sms = pl.col("customer_id") == 2
+    replanned = free_form.with_columns(
+        window_until=pl.when(by_sms).then(None).otherwise(moved),
+        channel=pl.when(by_sms).then(pl.lit("sms")).otherwise(pl.col("channel")),
+        connector=pl.when(by_sms).then(pl.lit("twilio")).otherwise(pl.col("connector")),
+    )
+    ledger.plan("winback", "p", replanned)
+    rows = ledger.rows("winback", "p").sort("customer_id")
+    assert as_time(rows["window_until"][2]) == later
+    worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    # (Through a provider that takes requests whole: customer 4's goes out again first.)
+    whole = [ClaimRequest("meta_whatsapp", 10, True)]
+    claims = [ledger.claim(worker, "winback", "p", "initial", whole, now=now) for _ in range(3)]
+    assert [[r.customer_id for r in c[0]] for c in claims] == [["4"], ["3"], []]
+    rows = ledger.rows("winback", "p").sort("customer_id")
+    assert rows.select("customer_id", "state", "error_code", "attempts").rows() == [
+        ("1", "cancelled", "whatsapp_outside_window", 0),
+        ("2", "cancelled", "whatsapp_outside_window", 1),
+        ("3", "in_flight", None, 1),
+        ("4", "in_flight", None, 1),
+    ]
+    assert "window closed" in rows["error_message"][0]
+    ledger.dispose()
+
+
+def test_the_claim_finds_closed_windows_by_their_own_index(tmp_path: Path) -> None:
+    """The claim looks for closed windows every time: an index probe over planned free-form
+    WhatsApp rows only, never a walk of the partition's planned rows."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.sqlite")
+    ledger.plan("winback", "p", chosen(50))
+    with ledger.engine.connect() as con:
+        plan = con.exec_driver_sql(
+            "EXPLAIN QUERY PLAN SELECT id FROM sends WHERE activation = 'winback' "
+            "AND partition_key = 'p' AND step = 'initial' AND window_until <= '2026-12-07' "
+            "AND state = 'planned' AND request_id IS NULL"
+        ).all()
+    assert "USING INDEX ix_sends_window" in str(plan), plan
+    ledger.dispose()
+
+
 def test_claims_hand_each_row_to_one_worker_and_only_gone_workers_are_recovered(
     ledger_url: str,
 ) -> None:

@@ -211,6 +211,60 @@ def test_free_form_whatsapp_only_inside_the_24_hour_window(
     assert decisions[1] == (channel, expected_reason)
 
 
+SESSION_THEN_SMS = ChannelPlanSpec.model_validate(
+    {
+        "purpose": "marketing",
+        "steps": [
+            {"channel": "whatsapp", "connector": "meta_whatsapp", "body": "Hi {first_name}!"},
+            {"channel": "sms", "connector": "twilio", "body": "Hi {first_name}"},
+        ],
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("wrote_hours_ago", "channel"),
+    [
+        (10, "whatsapp"),  # the window closes at 12:00 tomorrow, after 09:00: it may wait
+        (14, "sms"),  # it closes at 08:00 tomorrow, before quiet hours end: not by WhatsApp
+    ],
+)
+def test_a_free_form_message_waiting_for_quiet_hours_must_still_be_inside_the_window(
+    wrote_hours_ago: int, channel: str
+) -> None:
+    # 22:00 in London: quiet until 09:00. The customer wrote at 12:00 or at 08:00 today.
+    now = datetime(2026, 11, 23, 22, 0, tzinfo=UTC)
+    last = now - timedelta(hours=wrote_hours_ago)
+    result = decide(
+        frame_of(
+            [customer(1, whatsapp_last_inbound_at=last, timezone="Europe/London")],
+            timezone=pl.String,
+        ),
+        SESSION_THEN_SMS,
+        now=now,
+        suppressions=NO_SUPPRESSIONS,
+        catalogs=APPROVED,
+        policy=PolicySpec(whatsapp_marketing_blocked_countries=[]),
+    )
+    row = result.frame.row(0, named=True)
+    assert (row["channel"], row["decision"]) == (channel, "defer")
+    assert row["not_before"] == datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
+    # The plan carries when the window closes, for the claim to check (a long send, a retry).
+    closes = last + timedelta(hours=24) if channel == "whatsapp" else None
+    assert row["window_until"] == closes
+    if channel == "sms":
+        assert row["whatsapp_reason"] == "whatsapp_outside_window"
+
+
+def test_only_free_form_whatsapp_messages_carry_a_window() -> None:
+    frame = decide_frame(
+        [customer(1, whatsapp_last_inbound_at=NOW - timedelta(hours=1))],
+        PolicySpec.model_validate({"quiet_hours": {"enabled": False}}),
+    )
+    assert frame.row(0, named=True)["channel"] == "whatsapp"  # a template: no window
+    assert frame["window_until"].to_list() == [None]
+
+
 def test_an_approved_template_may_go_outside_the_window() -> None:
     decisions = run([customer(1, whatsapp_last_inbound_at=NOW - timedelta(days=30))])
     assert decisions[1] == ("whatsapp", None)

@@ -312,7 +312,14 @@ def reference_decide(
             elif (
                 channel == "whatsapp"
                 and step.body is not None
-                and not in_window(row.get("whatsapp_last_inbound_at"), now)
+                and not (
+                    in_window(row.get("whatsapp_last_inbound_at"), now)
+                    # deferred: still inside the window when the quiet hours end
+                    and in_window(
+                        row.get("whatsapp_last_inbound_at"),
+                        quiet_until(row, now, policy.quiet_hours, fold) or now,
+                    )
+                )
             ):
                 reason = "outside_window"
             elif not all(

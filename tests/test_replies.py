@@ -871,3 +871,53 @@ def test_an_opt_out_cancels_the_customer_s_planned_sends_by_index_not_a_scan(
     finally:
         sa.event.remove(ledger.engine, "before_cursor_execute", keep)
         ledger.dispose()
+
+
+def test_a_customer_who_writes_again_keeps_their_planned_free_form_whatsapp_message(
+    ledger: Ledger,
+) -> None:
+    """Two free-form WhatsApp messages wait for their customers' quiet hours to end, inside
+    windows that close in a minute. Customer c1 writes again meanwhile: their window now
+    closes 24 hours after that message, so their message still goes; c2's only event is a
+    system notice, which opens nothing: theirs is cancelled when its window closes."""
+    sent(ledger, "whatsapp", "meta_whatsapp", {"c1": "+447700900101", "c2": "+447700900102"})
+    closes = NOW + timedelta(minutes=1)
+    plan = pl.DataFrame(
+        {
+            "customer_id": ["c1", "c2"],
+            "phone_e164": ["+447700900101", "+447700900102"],
+            "channel": ["whatsapp"] * 2,
+            "connector": ["meta_whatsapp"] * 2,
+            "step": ["initial"] * 2,
+            "body": ["Your parcel leaves today"] * 2,
+            "template_name": [None] * 2,
+            "template_language": [None] * 2,
+            "variables": [None] * 2,
+            "window_until": [closes] * 2,
+        },
+        schema_overrides={"template_name": pl.String, "template_language": pl.String},
+    )
+    ledger.plan("parcel", "p", plan)
+    wrote = NOW + timedelta(seconds=30)
+    ledger.record_inbound(
+        [
+            dataclasses.replace(
+                inbound("thanks!", "+447700900101", channel="whatsapp", n=7), occurred_at=wrote
+            ),
+            dataclasses.replace(
+                inbound("", "+447700900102", channel="whatsapp", kind="system", n=8),
+                occurred_at=wrote,
+            ),
+        ]
+    )
+    later = NOW + timedelta(hours=2)
+    worker = ledger.register_worker("parcel", "p", "initial", lease_seconds=60)
+    [claimed] = ledger.claim(
+        worker, "parcel", "p", "initial", [ClaimRequest("meta_whatsapp", 10)], now=later
+    )
+    assert [r.customer_id for r in claimed] == ["c1"]
+    rows = ledger.rows("parcel", "p").sort("customer_id")
+    assert rows.select("customer_id", "state", "error_code").rows() == [
+        ("c1", "in_flight", None),
+        ("c2", "cancelled", "whatsapp_outside_window"),
+    ]

@@ -9,6 +9,8 @@ Decisions (the policy's, per customer): send, defer (quiet hours), holdout, excl
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import polars as pl
 
 PLANNED = "planned"
@@ -33,6 +35,12 @@ ADDRESS_PATTERNS: dict[str, str] = {
     "line": r"^U[0-9a-f]{32}$",
     "wechat": r"^[A-Za-z0-9_-]{28}$",  # an Official Account's openid of a follower
 }
+
+# WhatsApp's customer-care window: a free-form message may go only this long after the
+# customer's last message (the policy decides by it; the ledger cancels a planned one whose
+# window closed, with the policy's reason code `whatsapp_outside_window`).
+CARE_WINDOW = timedelta(hours=24)
+OUTSIDE_WINDOW = "outside_window"
 
 KEY_SEPARATOR = "|"
 

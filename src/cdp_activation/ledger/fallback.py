@@ -286,7 +286,7 @@ def _landed_fallbacks() -> sa.ColumnElement[bool]:
 
 # Inbound events that are no answer from the customer to a message (LINE's follows, Meta's
 # system notices): they prove nothing about the first message.
-_NOT_ANSWERS = ("follow", "unfollow", "system")
+NOT_ANSWERS = ("follow", "unfollow", "system")
 
 
 def answered_since_sent(first: sa.FromClause) -> sa.ColumnElement[bool]:
@@ -301,7 +301,7 @@ def answered_since_sent(first: sa.FromClause) -> sa.ColumnElement[bool]:
             inbound_events.c.customer_id == first.c.customer_id,
             inbound_events.c.channel == first.c.channel,
             inbound_events.c.occurred_at >= first.c.sent_at,
-            inbound_events.c.kind.not_in(_NOT_ANSWERS),
+            inbound_events.c.kind.not_in(NOT_ANSWERS),
         )
         .exists()
     )

@@ -23,9 +23,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from cdp_activation.contracts import ALL_PURPOSES, OPT_IN, OPT_OUT, InboundMessage
 from cdp_activation.db import read_frame
 from cdp_activation.ledger.base import LedgerBase, as_time, aware, chunks, utc_now
-from cdp_activation.ledger.fallback import cancel_fallbacks_of
+from cdp_activation.ledger.fallback import NOT_ANSWERS, cancel_fallbacks_of
 from cdp_activation.ledger.schema import inbound_events, opt_outs, sends
-from cdp_activation.vocabulary import CANCELLED, FAILED, PLANNED, UNKNOWN
+from cdp_activation.vocabulary import CANCELLED, CARE_WINDOW, FAILED, PLANNED, UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class Replies(LedgerBase):
             if rows:  # a concurrent delivery of the same webhook may have stored it meanwhile
                 insert = postgres_insert if con.dialect.name == "postgresql" else sqlite_insert
                 con.execute(insert(inbound_events).on_conflict_do_nothing(), rows)
+            self._reopen_windows(con, rows)
             # An answer proves the message it answers landed: its fallback must not go out.
             answered = {(r["channel"], r["customer_id"]) for r in rows if r["customer_id"]}
             for channel in {channel for channel, _ in answered}:
@@ -119,6 +120,35 @@ class Replies(LedgerBase):
             opted_in=opted_in,
             cancelled=cancelled,
         )
+
+    def _reopen_windows(self, con: sa.Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """A customer who wrote on WhatsApp opened their 24-hour window again: their planned
+        free-form messages may go until 24 hours after this message (else the claim would
+        cancel them when the window the policy saw closes)."""
+        latest: dict[str, datetime] = {}
+        for r in rows:
+            if r["channel"] == "whatsapp" and r["customer_id"] and r["kind"] not in NOT_ANSWERS:
+                customer = r["customer_id"]
+                latest[customer] = max(r["occurred_at"], latest.get(customer, r["occurred_at"]))
+        # The customer's index (see `_opt_out` for SQLite's unary `+`).
+        planned = (
+            sa.literal_column("+sends.state") == PLANNED
+            if con.dialect.name == "sqlite"
+            else sends.c.state == PLANNED
+        )
+        for customer, at in sorted(latest.items()):
+            closes = at + CARE_WINDOW
+            con.execute(
+                sa.update(sends)
+                .where(
+                    sends.c.customer_id == customer,
+                    sends.c.channel == "whatsapp",
+                    planned,
+                    sends.c.window_until.is_not(None),
+                    sends.c.window_until < closes,
+                )
+                .values(window_until=closes)
+            )
 
     def suppress_refusals(self, codes: Mapping[tuple[str, str], str]) -> int:
         """Opt-outs for the sends a provider refused because the customer had opted out:

@@ -57,6 +57,11 @@ sends = sa.Table(
     # quiet hours, or planned by an earlier version).
     sa.Column("send_until", sa.DateTime(timezone=True)),
     sa.Column("reopens_at", sa.DateTime(timezone=True)),
+    # A free-form WhatsApp message may go only before the customer's 24-hour care window
+    # closes (their last message + 24 h): one still planned then is cancelled at its claim,
+    # `whatsapp_outside_window` (`SendStates.claim`). Null: any other message, or an
+    # earlier version's.
+    sa.Column("window_until", sa.DateTime(timezone=True)),
     sa.Column("sent_at", sa.DateTime(timezone=True)),  # when the provider accepted it
     sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
@@ -383,6 +388,15 @@ def _add_missing_columns(con: sa.Connection) -> None:
             "ix_sends_requests",
             "ON sends (activation, partition_key, request_id) "
             f"WHERE state = '{PLANNED}' AND request_id IS NOT NULL",
+        )
+    )
+    # Planned free-form WhatsApp messages by when their window closes (`SendStates.claim`
+    # looks for closed ones at every claim): only those rows, so no other write maintains it.
+    indexes.append(
+        (
+            "ix_sends_window",
+            "ON sends (activation, partition_key, step, window_until) "
+            f"WHERE window_until IS NOT NULL AND state = '{PLANNED}'",
         )
     )
     # Refusals that mean "opted out" or "back off" (`Replies._refusals`): failures are few, so

@@ -55,6 +55,7 @@ from cdp_activation.vocabulary import (
     FAILED,
     HOLDOUT,
     IN_FLIGHT,
+    OUTSIDE_WINDOW,
     PLANNED,
     SENT,
     UNKNOWN,
@@ -97,7 +98,7 @@ class SendStates(LedgerBase):
             ],
             rechunk=False,
         )
-        timing = ("not_before", "send_until", "reopens_at")
+        timing = ("not_before", "send_until", "reopens_at", "window_until")
         route = ("channel", "connector", "recipient")
         held = ("idempotency_key", "state", *timing, *route, "request_id", "attempts")
         known = rows.select("idempotency_key", *timing, *route).join(
@@ -126,7 +127,16 @@ class SendStates(LedgerBase):
         untried = pl.col("request_id").is_null() & (pl.col("attempts") == "0")
         movable = (pl.col("state") == PLANNED) & untried
         rerouted = known.filter(movable & moved).select("idempotency_key")
-        redeferred = known.filter((pl.col("state") == PLANNED) & changed & ~(movable & moved))
+        # A row that keeps its route keeps its window too: a tried WhatsApp row the policy
+        # would now send by SMS is still that WhatsApp message, whose window still closes.
+        redeferred = known.filter(
+            (pl.col("state") == PLANNED) & changed & ~(movable & moved)
+        ).with_columns(
+            pl.when(moved)
+            .then(pl.col("window_until_now"))
+            .otherwise(pl.col("window_until"))
+            .alias("window_until")
+        )
         mark = self._mark
         planned = rows.height
         with self.engine.begin() as con:
@@ -152,9 +162,10 @@ class SendStates(LedgerBase):
             if not rerouted.is_empty():
                 self._reroute(con, all_rows.join(rerouted, on="idempotency_key", how="semi"))
             if not redeferred.is_empty():
+                # (A customer who wrote again since: their window closes later.)
                 con.exec_driver_sql(
                     f"UPDATE sends SET not_before = {mark}, send_until = {mark}, "
-                    f"reopens_at = {mark} WHERE idempotency_key = {mark} "
+                    f"reopens_at = {mark}, window_until = {mark} WHERE idempotency_key = {mark} "
                     f"AND state = '{PLANNED}'",
                     redeferred.sort("idempotency_key").select(*timing, "idempotency_key").rows(),
                 )
@@ -167,7 +178,7 @@ class SendStates(LedgerBase):
         recipient, message and timing, in the plan's transaction."""
         mark = self._mark
         columns: tuple[str, ...] = ("channel", "connector", "recipient", "message")
-        columns += ("not_before", "send_until", "reopens_at", "updated_at")
+        columns += ("not_before", "send_until", "reopens_at", "window_until", "updated_at")
         assignments = ", ".join(f"{c} = {mark}" for c in columns)
         con.exec_driver_sql(
             f"UPDATE sends SET {assignments} WHERE idempotency_key = {mark} "
@@ -345,6 +356,7 @@ class SendStates(LedgerBase):
                     "its lease and another run recovered its rows): it stops here"
                 )
             scope = (activation, partition_key, step)
+            self._cancel_closed_windows(con, scope, now)
             shared: dict[str, list[int]] = {}
             singles: dict[str, list[int]] = {}  # one-message requests, claimed together
             no_resend: set[str] = set()  # connectors found with no request left to resend
@@ -370,6 +382,32 @@ class SendStates(LedgerBase):
                 for i, row in zip(indexes, rows, strict=False):
                     results[i] = [row]
         return results
+
+    def _cancel_closed_windows(
+        self, con: sa.Connection, scope: tuple[str, str, str], now: datetime
+    ) -> None:
+        """Planned free-form WhatsApp messages whose customer-care window has closed are
+        cancelled (`whatsapp_outside_window`): Meta takes only a template then. Not one kept in a
+        request its provider may hold (`request_id`): taken out, the request would change its
+        key; it goes out whole, as the provider may already have taken it. `ix_sends_window`
+        holds only planned rows with a window, so this costs a claim one index probe."""
+        mark = self._mark
+        lock = " FOR UPDATE SKIP LOCKED" if self.dialect == "postgresql" else ""
+        cancelled = con.exec_driver_sql(
+            f"UPDATE sends SET state = '{CANCELLED}', error_code = '{_WINDOW_CLOSED_CODE}', "
+            f"error_message = {mark}, updated_at = {mark} WHERE id IN (SELECT id FROM sends "
+            f"WHERE activation = {mark} AND partition_key = {mark} AND step = {mark} "
+            f"AND window_until <= {mark} AND state = '{PLANNED}' "
+            f"AND request_id IS NULL{lock})",
+            (_WINDOW_CLOSED, db_time(now, self.dialect), *scope, db_time(now, self.dialect)),
+        ).rowcount
+        if cancelled:
+            log.warning(
+                "%d free-form WhatsApp message(s) of %s not sent: their customer's 24-hour "
+                "window closed before they went (cancelled, whatsapp_outside_window)",
+                cancelled,
+                "/".join(scope),
+            )
 
     def _claim_request(
         self,
@@ -460,10 +498,13 @@ class SendStates(LedgerBase):
         select = (
             f"SELECT id FROM sends WHERE activation = {mark} AND partition_key = {mark} "
             f"AND state = '{PLANNED}' AND step = {mark} AND connector = {mark}{fresh} "
-            f"AND (not_before IS NULL OR not_before <= {mark}) ORDER BY {order} "
+            f"AND (not_before IS NULL OR not_before <= {mark}) "
+            # (A closed window's row the cancel before skipped: locked then on PostgreSQL.)
+            f"AND (window_until IS NULL OR window_until > {mark}) ORDER BY {order} "
             f"LIMIT {mark}{lock}"
         )
-        args = (activation, partition_key, step, connector, db_time(now, self.dialect), limit)
+        stamp = db_time(now, self.dialect)
+        args = (activation, partition_key, step, connector, stamp, stamp, limit)
         return self._claim_where(con, worker_id, select, args, now, request_id)
 
     def _claim_where(
@@ -975,7 +1016,7 @@ def _state_for(outcome: Outcome) -> str:
     }[outcome]
 
 
-_TIMES = frozenset({"not_before", "send_until", "reopens_at", "planned_at"})
+_TIMES = frozenset({"not_before", "send_until", "reopens_at", "window_until", "planned_at"})
 _PARTITION_COLUMNS = (
     "idempotency_key",
     "state",
@@ -1006,6 +1047,7 @@ _PLAN_COLUMNS = (
     "not_before",
     "send_until",
     "reopens_at",
+    "window_until",
     "planned_at",
     "updated_at",
     "error_code",
@@ -1102,6 +1144,7 @@ def _plan_rows(
         stamp(moment("not_before")).alias("not_before"),
         stamp(moment("send_until")).alias("send_until"),
         stamp(moment("reopens_at")).alias("reopens_at"),
+        stamp(moment("window_until")).alias("window_until"),
         stamp(now).alias("planned_at"),
         stamp(now).alias("updated_at"),
         pl.when(excluded).then(pl.col("reason").cast(pl.String)).alias("error_code")
@@ -1148,6 +1191,12 @@ def _copy_plan(con: sa.Connection, rows: pl.DataFrame) -> None:
         with contextlib.suppress(Exception):
             cursor.close()
 
+
+_WINDOW_CLOSED_CODE = f"whatsapp_{OUTSIDE_WINDOW}"  # the policy's reason code
+_WINDOW_CLOSED = (
+    "the customer's 24-hour care window closed before it went; a free-form WhatsApp message "
+    "may not go after it: not sent"
+)
 
 # `request_id` for a claim whose rows are each a request of its own: a random 62-bit number
 # per row (never a row's id: see `_claim_fresh`), drawn by the database.

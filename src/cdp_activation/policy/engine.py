@@ -54,7 +54,7 @@ from cdp_activation.policy.templates import (
     variable_as_text,
     whatsapp_variables_ok,
 )
-from cdp_activation.policy.window import in_window
+from cdp_activation.policy.window import in_window, last_inbound_column, window_closes
 from cdp_activation.spec import ChannelPlanSpec, PolicySpec, StepSpec
 from cdp_activation.vocabulary import DECISIONS, DEFER, EXCLUDE, HOLDOUT, SEND
 from cdp_activation.vocabulary import INITIAL_STEP as STEP  # the plan's first send
@@ -239,9 +239,11 @@ def decide(
         tests[f"_unavailable_{channel}"] = _marketing_unavailable(
             channel, plan.purpose, policy.whatsapp_marketing_blocked_countries, marketing_backoff
         )
-        # A free-form WhatsApp message may only go inside the 24-hour customer-care window.
-        free_form_whatsapp = channel == "whatsapp" and step.body is not None
-        window_ok = in_window(channel, now, columns) if free_form_whatsapp else pl.lit(True)
+        # A free-form WhatsApp message may only go inside the 24-hour customer-care window,
+        # also once the customer's quiet hours it waits for have ended.
+        window_ok = pl.lit(True)
+        if _free_form_whatsapp(step):
+            window_ok = in_window(channel, now, columns, zones.not_before(zones.position()))
         number_ok = mobile if channel in policy.mobile_only else pl.lit(True)
         failures.append(
             [
@@ -305,9 +307,21 @@ def decide(
                 "_holdout",
                 "variables",
                 *(f"{c}_reason" for c in channels),
+                *windows,
             )
         )
 
+    # When the customer-care window of a free-form WhatsApp message closes: the claim cancels
+    # it if it is still unsent then.
+    free_form = [i for i, step in enumerate(steps) if _free_form_whatsapp(step)]
+    windows = [c for c in [last_inbound_column("whatsapp")] if free_form and c in columns]
+    window_until = (
+        pl.when(pl.col("_step").is_in(free_form))
+        .then(window_closes("whatsapp"))
+        .cast(pl.Datetime("us", "UTC"))
+        if windows
+        else pl.lit(None, dtype=pl.Datetime("us", "UTC"))
+    )
     frame = _row_wise(frame, per_row)
 
     # Exclusion reasons: worked out once per distinct combination of codes (a few dozen).
@@ -345,17 +359,22 @@ def decide(
         "not_before",
         "send_until",
         "reopens_at",
+        "window_until",
         "zone",
         "reason",
         *(f"{c}_reason" for c in channels),
     ]
 
     def finish(rows: pl.LazyFrame) -> pl.LazyFrame:
-        rows = _attach_messages(_decide_and_defer(rows, zones), plan, now)
-        return rows.with_columns(
-            enum_from_codes(pl.col("_reason"), names).alias("reason"),
-            recipient(channels).alias("recipient"),
-        ).select(keep)
+        rows = _decide_and_defer(rows, zones).with_columns(window_until.alias("window_until"))
+        return (
+            _attach_messages(rows, plan, now)
+            .with_columns(
+                enum_from_codes(pl.col("_reason"), names).alias("reason"),
+                recipient(channels).alias("recipient"),
+            )
+            .select(keep)
+        )
 
     # Row by row again: the zone's times and the steps' values are looked up by position
     # (`gather`), which gives one chunk; in slices they keep the frame's. Its chunks are the
@@ -654,6 +673,11 @@ def _decide_and_defer(frame: pl.LazyFrame, zones: ZoneTable) -> pl.LazyFrame:
         pl.when(goes).then(zones.reopens_at(pl.col("_zone"))).alias("reopens_at"),
         pl.when(routed & holdout).then(holdout_code).otherwise(pl.col("_reason")).alias("_reason"),
     ).drop("_holdout", "_zone")
+
+
+def _free_form_whatsapp(step: StepSpec) -> bool:
+    """A WhatsApp step with a body of its own: only inside the customer-care window."""
+    return step.channel == "whatsapp" and step.body is not None
 
 
 def _per_step(values: Sequence[str | None]) -> pl.Expr:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cdp_activation import vocabulary
+
 MISSING_PHONE = "missing_phone"
 INVALID_PHONE = "invalid_phone"
 SUPPRESSED = "suppressed"
@@ -16,7 +18,7 @@ OPTED_OUT = "opted_out"  # e.g. sms_opted_out: the customer replied STOP, or the
 NO_ADDRESS = "no_address"  # e.g. line_no_address: no LINE user id for the customer
 CHANNEL_SUPPRESSED = "suppressed"  # per channel, e.g. sms_suppressed
 TEMPLATE_NOT_APPROVED = "template_not_approved"
-OUTSIDE_WINDOW = "outside_window"
+OUTSIDE_WINDOW = vocabulary.OUTSIDE_WINDOW  # (the ledger writes it too, see there)
 INVALID_VARIABLES = "invalid_variables"
 DAILY_CAPPED = "daily_cap"  # e.g. whatsapp_daily_cap: a higher-priority activation has it
 LEFT_AUDIENCE = "left_audience"  # the audience SQL no longer returns them (a planned row)

@@ -44,6 +44,7 @@ _MESSAGE_COLUMNS = (
     "not_before",
     "send_until",
     "reopens_at",
+    "window_until",
 )
 
 
