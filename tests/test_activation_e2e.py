@@ -270,6 +270,9 @@ def test_dead_letters_an_earlier_run_gave_up_on_are_decided_again_before_they_ar
     assert [states[i] for i in unchosen] == ["cancelled"] * 5  # not sent: no longer chosen
     codes = dict(ledger_rows(env).select("id", "error_code").iter_rows())
     assert [codes[i] for i in unchosen] == ["left_audience"] * 5  # each with its reason code
+    # The run's summary counts the partition's cancelled rows by code (deferred ones too).
+    cancelled = ledger_rows(env).filter(pl.col("state") == "cancelled").height
+    assert again.cancelled_by_reason == {"left_audience": cancelled} and cancelled >= 5
     assert [states[i] for i in asleep] == ["planned"] * 5  # not sent: in quiet hours
 
 

@@ -173,7 +173,7 @@ def test_a_free_form_whatsapp_message_reached_after_its_window_closed_is_not_sen
     rows = ledger.rows("winback", "p").sort("customer_id")
     cancelled = rows.filter(pl.col("state") == "cancelled")
     assert cancelled["recipient"].to_list() == frame.filter(closed)["phone_e164"].to_list()
-    assert set(cancelled["error_code"]) == {"whatsapp_outside_window"}
+    assert ledger.cancelled_by_reason("winback", "p") == {"whatsapp_outside_window": 5}
     received = {m.to for m in sandbox.messages()}
     assert received.isdisjoint(cancelled["recipient"])
     assert report.sent + report.failed == 5  # (one number is not on WhatsApp)

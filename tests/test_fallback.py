@@ -203,6 +203,8 @@ def test_a_delivery_report_cancels_the_planned_fallback_as_it_is_recorded(
     late = StatusEvent("meta", "wamid.silent", "delivered", datetime.now(UTC), "late|delivered")
     assert ledger.record_statuses([late]).advanced == 1
     assert _fallback_states(ledger) == {"silent": "cancelled", "only_sent": "planned"}
+    # Every cancelled row says why, in the policy's words.
+    assert ledger.cancelled_by_reason("winback", "2026-12-01") == {"fallback_not_due": 1}
     pending = ledger.pending("winback", "2026-12-01", step=FALLBACK_STEP)
     assert [r.customer_id for r in pending] == ["only_sent"]
     assert ledger.cancel_landed_fallbacks("winback", "2026-12-01") == 0  # nothing left over

@@ -151,6 +151,7 @@ def test_stop_opts_out_at_once_cancels_what_is_planned_and_start_lifts_only_that
     assert (written.received, written.duplicates, written.opted_out) == (2, 1, 1)
     assert written.cancelled == 1  # the deferred SMS; the WhatsApp send is another channel
     assert sorted(states(ledger, "restock")) == ["cancelled", "planned"]
+    assert ledger.cancelled_by_reason("restock", "2026-12-02") == {"sms_opted_out": 1}
     assert ledger.opt_outs().rows() == [("c1", "sms", "all")]
 
     again = ledger.record_inbound([stop])
@@ -190,6 +191,7 @@ def test_a_stop_while_the_message_is_on_the_wire_holds_when_the_provider_asks_to
     ledger.settle(worker, [Settlement(r.id, "planned", error_code="http_429") for r in rows])
     after = ledger.rows("restock", "2026-12-02").sort("customer_id")
     assert after.select("customer_id", "state").rows() == [("c1", "cancelled"), ("c2", "planned")]
+    assert after["error_code"].to_list() == ["sms_opted_out", "http_429"]
 
 
 def test_a_stop_while_a_kept_request_is_on_the_wire_gives_the_request_up(

@@ -26,6 +26,7 @@ from cdp_activation.ledger import (
 )
 from cdp_activation.pii import stored_outputs
 from cdp_activation.policy.phone_cache import remove_entries
+from cdp_activation.policy.reasons import ERASED as ERASED_REASON
 from cdp_activation.settings import get_settings
 
 ERASED = ""  # what a purged or erased row keeps as its recipient
@@ -144,7 +145,7 @@ def erase(
         con.execute(
             sa.update(sends)
             .where(sends.c.customer_id.in_(wanted), sends.c.state == PLANNED)
-            .values(state=CANCELLED, error_message=None, updated_at=now)
+            .values(state=CANCELLED, error_code=ERASED_REASON, error_message=None, updated_at=now)
         )
         cleared = _clear_sends(con, sends.c.customer_id.in_(wanted))
         for start in range(0, len(rows), 5000):

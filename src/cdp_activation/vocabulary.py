@@ -40,7 +40,12 @@ ADDRESS_PATTERNS: dict[str, str] = {
 # customer's last message (the policy decides by it; the ledger cancels a planned one whose
 # window closed, with the policy's reason code `whatsapp_outside_window`).
 CARE_WINDOW = timedelta(hours=24)
-OUTSIDE_WINDOW = "outside_window"
+
+# The policy's reason codes (`policy/reasons.py`, the stable list) that the ledger also writes
+# on a planned row it cancels (`error_code`), so that every cancelled row says why.
+OUTSIDE_WINDOW = "outside_window"  # as `whatsapp_outside_window`
+OPTED_OUT = "opted_out"  # as `<channel>_opted_out`: the customer said stop meanwhile
+FALLBACK_NOT_DUE = "fallback_not_due"  # the first message landed, or was answered, meanwhile
 
 KEY_SEPARATOR = "|"
 

@@ -824,6 +824,7 @@ class DeliverySummary:
     accepted_as: dict[str, int] = field(default_factory=dict)
     ledger_states: dict[str, int] = field(default_factory=dict)
     dead_letter_by_reason: dict[str, int] = field(default_factory=dict)  # the partition's
+    cancelled_by_reason: dict[str, int] = field(default_factory=dict)  # the partition's
     stopped_by: str | None = None  # why the step stopped before sending everything due
     started_at: float = 0.0  # epoch seconds when the step began (its workers may be elsewhere)
     workers: list[dict[str, Any]] = field(default_factory=list)  # each claim worker's figures
@@ -1178,6 +1179,7 @@ def _fill_partition(summary: DeliverySummary, ledger: Ledger, step: str) -> None
     summary.waiting = sum(ledger.due_counts(name, partition, step, datetime.now(UTC)).values())
     summary.in_flight = summary.ledger_states.get(IN_FLIGHT, 0)
     summary.dead_letter_by_reason = ledger.dead_letters_by_reason(name, partition)
+    summary.cancelled_by_reason = ledger.cancelled_by_reason(name, partition)
     summary.unknown_reconciled = ledger.reconciled_count(name, partition)
     summary.dead_letter = sum(summary.dead_letter_by_reason.values())
     replies = ledger.reply_counts(name, partition)

@@ -1441,6 +1441,8 @@ def _partition_rows(table: Table, summary: Any, with_replies: bool = True) -> No
         table.add_row("partition · of them opted out", f"{summary.opted_out:,}")
     for reason, count in sorted(summary.dead_letter_by_reason.items()):
         table.add_row(f"partition · dead-lettered · {reason}", f"{count:,}")
+    for reason, count in sorted(summary.cancelled_by_reason.items()):
+        table.add_row(f"partition · cancelled · {reason}", f"{count:,}")
     if summary.waiting:
         table.add_row(
             "[yellow]still waiting to be sent[/] (next run or the deferred-sends sensor)",

@@ -312,6 +312,7 @@ class RunSummary:
     recovered_in_flight: int = 0  # rows a gone worker left in flight, recovered by this run
     partition_states: dict[str, int] = field(default_factory=dict)
     dead_letter_by_reason: dict[str, int] = field(default_factory=dict)
+    cancelled_by_reason: dict[str, int] = field(default_factory=dict)
     stopped_by: str | None = None  # why sending stopped early (provider down, interrupted)
     per_worker: list[dict[str, Any]] = field(default_factory=list)  # claim workers' figures
     error_codes: dict[str, int] = field(default_factory=dict)
@@ -352,6 +353,7 @@ class RunSummary:
         self.accepted_as = dict(delivery.accepted_as) or self.accepted_as
         self.partition_states = dict(delivery.ledger_states)
         self.dead_letter_by_reason = dict(delivery.dead_letter_by_reason)
+        self.cancelled_by_reason = dict(delivery.cancelled_by_reason)
         self.stopped_by = delivery.stopped_by or self.stopped_by
         if len(delivery.workers) > 1:
             self.per_worker = list(delivery.workers)

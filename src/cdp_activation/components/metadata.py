@@ -221,6 +221,10 @@ def delivery_metadata(summary: DeliverySummary) -> dict[str, Any]:
         meta["dead_letter_by_reason"] = dg.MetadataValue.md(
             md_counts("Dead-letter reason", summary.dead_letter_by_reason)
         )
+    if summary.cancelled_by_reason:
+        meta["cancelled_by_reason"] = dg.MetadataValue.md(
+            md_counts("Cancelled: reason code", summary.cancelled_by_reason)
+        )
     if len(summary.workers) > 1:
         meta["workers"] = len(summary.workers)
         meta["per_worker"] = dg.MetadataValue.md(_workers_table(summary.workers))

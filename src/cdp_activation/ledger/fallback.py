@@ -21,6 +21,7 @@ from cdp_activation.vocabulary import (
     CANCELLED,
     DEAD_LETTER,
     FAILED,
+    FALLBACK_NOT_DUE,
     FALLBACK_STEP,
     HOLDOUT,
     IN_FLIGHT,
@@ -223,7 +224,12 @@ class FallbackQueries(LedgerBase):
                     sends.c.partition_key == partition_key,
                     _landed_fallbacks(),
                 )
-                .values(state=CANCELLED, error_message=FIRST_LANDED, updated_at=utc_now())
+                .values(
+                    state=CANCELLED,
+                    error_code=FALLBACK_NOT_DUE,
+                    error_message=FIRST_LANDED,
+                    updated_at=utc_now(),
+                )
             )
         return result.rowcount or 0
 
@@ -322,6 +328,11 @@ def cancel_fallbacks_of(con: sa.Connection, first_ids: sa.Select[Any]) -> int:
     result = con.execute(
         sa.update(sends)
         .where(sends.c.id.in_(ids), _landed_fallbacks())
-        .values(state=CANCELLED, error_message=FIRST_LANDED, updated_at=utc_now())
+        .values(
+            state=CANCELLED,
+            error_code=FALLBACK_NOT_DUE,
+            error_message=FIRST_LANDED,
+            updated_at=utc_now(),
+        )
     )
     return max(result.rowcount or 0, 0)

@@ -14,6 +14,7 @@ from cdp_activation.ledger.base import LedgerBase, aware, db_time, of_step, utc_
 from cdp_activation.ledger.records import PlannedSend
 from cdp_activation.ledger.schema import send_events, sends
 from cdp_activation.vocabulary import (
+    CANCELLED,
     DEAD_LETTER,
     FAILED,
     IN_FLIGHT,
@@ -76,14 +77,25 @@ class Reads(LedgerBase):
     def dead_letters_by_reason(self, activation: str, partition_key: str) -> dict[str, int]:
         """The partition's dead letters by reason (`error_code`: `send_deadline_passed`, or an
         earlier version's last error for retries it gave up)."""
-        reason = sa.func.coalesce(sends.c.error_code, "retries_exhausted")
+        return self._by_reason(activation, partition_key, DEAD_LETTER, "retries_exhausted")
+
+    def cancelled_by_reason(self, activation: str, partition_key: str) -> dict[str, int]:
+        """The partition's cancelled sends by reason code (`error_code`: the policy's when a
+        later decision dropped them, `whatsapp_outside_window`, `<channel>_opted_out`,
+        `fallback_not_due`, `left_audience`; `unrecorded` for an earlier version's)."""
+        return self._by_reason(activation, partition_key, CANCELLED, "unrecorded")
+
+    def _by_reason(
+        self, activation: str, partition_key: str, state: str, unrecorded: str
+    ) -> dict[str, int]:
+        reason = sa.func.coalesce(sends.c.error_code, unrecorded)
         with self.engine.connect() as con:
             rows = con.execute(
                 sa.select(reason, sa.func.count())
                 .where(
                     sends.c.activation == activation,
                     sends.c.partition_key == partition_key,
-                    sends.c.state == DEAD_LETTER,
+                    sends.c.state == state,
                 )
                 .group_by(reason)
             ).all()

@@ -25,7 +25,14 @@ from cdp_activation.db import read_frame
 from cdp_activation.ledger.base import LedgerBase, as_time, aware, chunks, utc_now
 from cdp_activation.ledger.fallback import NOT_ANSWERS, cancel_fallbacks_of
 from cdp_activation.ledger.schema import inbound_events, opt_outs, sends
-from cdp_activation.vocabulary import CANCELLED, CARE_WINDOW, FAILED, PLANNED, UNKNOWN
+from cdp_activation.vocabulary import (
+    CANCELLED,
+    CARE_WINDOW,
+    FAILED,
+    OPTED_OUT,
+    PLANNED,
+    UNKNOWN,
+)
 
 
 @dataclass(frozen=True)
@@ -363,6 +370,7 @@ class Replies(LedgerBase):
             .where(*covered)
             .values(
                 state=CANCELLED,
+                error_code=f"{channel}_{OPTED_OUT}"[:40],
                 error_message=f"the customer opted out ({reason})"[:500],
                 updated_at=now,
             )
@@ -475,7 +483,12 @@ def cancel_opted_out(con: sa.Connection, which: sa.ColumnElement[bool], why: str
     cancelled = con.execute(
         sa.update(sends)
         .where(which, sends.c.state == PLANNED, stopped)
-        .values(state=CANCELLED, error_message=why[:500], updated_at=now)
+        .values(
+            state=CANCELLED,
+            error_code=sends.c.channel.concat(f"_{OPTED_OUT}"),
+            error_message=why[:500],
+            updated_at=now,
+        )
         .returning(sends.c.activation, sends.c.partition_key, sends.c.request_id)
     ).all()
     give_up_requests(con, {tuple(r) for r in cancelled if r[2] is not None}, now)

@@ -14,7 +14,8 @@ HOLDOUT = "holdout"
 NOT_MOBILE = "not_mobile"
 NO_CONSENT = "no_consent"  # prefixed with the channel, e.g. whatsapp_no_consent
 MARKETING_UNAVAILABLE = "marketing_unavailable"  # whatsapp_marketing_unavailable
-OPTED_OUT = "opted_out"  # e.g. sms_opted_out: the customer replied STOP, or the provider said so
+# e.g. sms_opted_out: the customer replied STOP, or the provider said so
+OPTED_OUT = vocabulary.OPTED_OUT
 NO_ADDRESS = "no_address"  # e.g. line_no_address: no LINE user id for the customer
 CHANNEL_SUPPRESSED = "suppressed"  # per channel, e.g. sms_suppressed
 TEMPLATE_NOT_APPROVED = "template_not_approved"
@@ -22,7 +23,9 @@ OUTSIDE_WINDOW = vocabulary.OUTSIDE_WINDOW  # (the ledger writes it too, see the
 INVALID_VARIABLES = "invalid_variables"
 DAILY_CAPPED = "daily_cap"  # e.g. whatsapp_daily_cap: a higher-priority activation has it
 LEFT_AUDIENCE = "left_audience"  # the audience SQL no longer returns them (a planned row)
-FALLBACK_NOT_DUE = "fallback_not_due"  # a planned fallback whose first message is due none now
+# A planned fallback whose first message is due none now.
+FALLBACK_NOT_DUE = vocabulary.FALLBACK_NOT_DUE
+ERASED = "erased"  # a data subject's erasure cancelled a planned send
 
 # Customer-level reasons: no channel of the plan can be used.
 CUSTOMER_REASONS: dict[str, str] = {
@@ -38,6 +41,7 @@ CUSTOMER_REASONS: dict[str, str] = {
     "audience SQL no longer returned the customer (they ordered, say, since).",
     FALLBACK_NOT_DUE: "Fallback planned, then not sent: when a run decided again, its first "
     "message was no longer due one (delivered or answered since, or a longer window).",
+    ERASED: "Planned, then not sent: the customer's data was erased (`cdp-activation erase`).",
 }
 
 # Channel-level reasons, reported as `<channel>_<reason>`.
@@ -57,7 +61,8 @@ CHANNEL_REASONS: dict[str, str] = {
     TEMPLATE_NOT_APPROVED: "The template is missing from the provider's catalog, not APPROVED, "
     "or of a category the purpose does not allow.",
     OUTSIDE_WINDOW: "A free-form WhatsApp message outside the 24-hour customer-care window "
-    "(or with a last inbound time in the future, which is bad data).",
+    "(or with a last inbound time in the future, which is bad data), or one planned inside it "
+    "that was still unsent when it closed (cancelled at its claim).",
     INVALID_VARIABLES: "A template or body variable is missing, empty, or breaks the channel's "
     "rules (newlines, tabs, more than four consecutive spaces, too long).",
     NOT_MOBILE: "The number cannot take this channel (e.g. a fixed line cannot receive SMS).",
