@@ -173,7 +173,9 @@ def run_baseline(kind: str, url: str, count: int, concurrency: int) -> dict[str,
 def child_main(argv: list[str]) -> int:
     mode, kind, url, count, concurrency = argv[0], argv[1], argv[2], int(argv[3]), int(argv[4])
     run = run_engine if mode == "engine" else run_baseline
-    print(json.dumps(run(kind, url, count, concurrency)))
+    result = run(kind, url, count, concurrency)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
     return 0
 
 
@@ -211,8 +213,9 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
         f"{LATENCY_MS:.0f} ms latency per answer; the client and the sandbox share the 2 cores.",
         "",
         "| batch | in flight | client | recipients | recipients/s | ÷ baseline | client CPU "
-        "per recipient | sandbox CPU per recipient | ledger plan | p50 / p95 request |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "per recipient | sandbox CPU per recipient | ledger plan | p50 / p95 request | "
+        "client peak RSS |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind in ("batch1", "batch200"):
         base = next((r for r in rows if r["kind"] == kind and r["mode"] == "baseline"), None)
@@ -224,7 +227,8 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
             lines.append(
                 f"| {1 if kind == 'batch1' else 200} | {r['concurrency']} | {label} | "
                 f"{r['done']:,} | {r['rate']:,.0f} | {ratio} | {r['cpu_us']:.0f} µs | "
-                f"{r['server_cpu_us']:.0f} µs | {plan} | {latency} |"
+                f"{r['server_cpu_us']:.0f} µs | {plan} | {latency} | "
+                f"{r.get('peak_rss_mb', 0):,.0f} MB |"
             )
     lines += [
         "",

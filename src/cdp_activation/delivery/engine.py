@@ -331,7 +331,9 @@ class _Delivery:
         self.stop = asyncio.Event()
         self.error: BaseException | None = None
         self.interrupted = False  # a first SIGTERM/SIGINT arrived
-        self.tries: Counter[int] = Counter()  # requests per row in this run
+        # A row's requests in this run and when its first went (monotonic), kept only while
+        # it waits for a retry here: a run of millions holds only the rows being retried.
+        self.tries: dict[int, int] = {}
         self.first_try: dict[int, float] = {}
         self.last_accepted: dict[str, float] = {}  # connector -> monotonic time
         self.failing: Counter[str] = Counter()  # connector -> requests failed in a row
@@ -370,9 +372,10 @@ class _Delivery:
         accepted = False
         unanswered = 0  # rows the provider refused with the request (`refused`)
         before = self._counts()
+        tries, first_try, clock = self.tries, self.first_try, time.monotonic()
+        idempotent = connector.capabilities.idempotency
         for row in rows:
-            self.tries[row.id] += 1
-            self.first_try.setdefault(row.id, time.monotonic())
+            tried, first = tries.pop(row.id, 0) + 1, first_try.pop(row.id, clock)
             if refused is not None and row.idempotency_key not in by_key:
                 # Refused before the provider took it (`ConnectorError.answered` holds what
                 # was answered): due again once the run is resumed.
@@ -396,15 +399,16 @@ class _Delivery:
             # A request asked again may have reached the provider the first time: its rows
             # keep their request whatever the answer now (a 5xx now says nothing of then).
             uncertain = row.resent_request
-            if result.outcome == Outcome.UNKNOWN and connector.capabilities.idempotency:
+            if result.outcome == Outcome.UNKNOWN and idempotent:
                 # The provider de-duplicates on our key: a lost answer is safe to ask again.
                 result, uncertain = replace(result, outcome=Outcome.RETRY), True
             if result.outcome == Outcome.RETRY:
+                tries[row.id], first_try[row.id] = tried, first
                 retryable.append((row, result, uncertain))
                 continue
-            if result.outcome in (Outcome.SENT, Outcome.FAILED):
+            state = _ANSWERED.get(result.outcome, UNKNOWN)
+            if state != UNKNOWN:
                 accepted = True  # the provider is up and answering
-            state = {Outcome.SENT: SENT, Outcome.FAILED: FAILED}.get(result.outcome, UNKNOWN)
             out.append(
                 Settlement(
                     row.id,
@@ -538,6 +542,10 @@ class _Delivery:
             self.report.error_codes[result.error_code] += 1
         if result.provider_status and result.provider_status != "accepted":
             self.report.provider_statuses[result.provider_status] += 1
+
+
+# The state an answered request's outcome leaves a row in (anything else: `unknown`).
+_ANSWERED = {Outcome.SENT: SENT, Outcome.FAILED: FAILED}
 
 
 def _settle_retrying(ledger: Ledger, worker_id: str, items: list[Settlement]) -> None:
