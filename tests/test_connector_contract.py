@@ -358,6 +358,42 @@ def test_idempotent_connectors_survive_a_lost_answer(
     assert faulty_sandbox.duplicates() == {}
 
 
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if CONNECTORS[n].capabilities.idempotency] or ["(none)"]
+)
+def test_idempotent_connectors_survive_a_5xx_after_the_provider_took_the_request(
+    name: str, faulty_sandbox: SandboxServer
+) -> None:
+    """A 5xx may come after the provider took the request (LINE says so of its API; a gateway
+    in front of a webhook receiver does it too): the answer says so (`may_be_taken`), so the
+    engine asks again with the same key, which must not message anyone twice."""
+    if name == "(none)":
+        pytest.skip("no registered connector declares idempotency")
+    connector = connector_from_settings(name, settings_for_sandbox(faulty_sandbox))
+    messages = [CASES[name].message(i) for i in range(3)]
+    faulty_sandbox.configure(rate_5xx_after_accept=1.0)
+    failed = send(connector, messages)
+    assert {(r.outcome, r.may_be_taken) for r in failed} == {(Outcome.RETRY, True)}
+    taken = len(faulty_sandbox.messages())
+    assert taken == len(messages)  # the provider did take them
+
+    faulty_sandbox.configure(rate_5xx_after_accept=0.0)
+    resent = send(connector, messages)
+
+    assert {r.outcome for r in resent} == {Outcome.SENT}
+    assert len(faulty_sandbox.messages()) == taken
+    assert faulty_sandbox.duplicates() == {}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_throttled_request_was_surely_not_taken(name: str, faulty_sandbox: SandboxServer) -> None:
+    """A 429 means the provider took nothing: the rows may go out in any request."""
+    faulty_sandbox.configure(rate_429=1.0, retry_after_s=1)
+    connector = connector_from_settings(name, settings_for_sandbox(faulty_sandbox))
+    results = send(connector, [CASES[name].message(i) for i in range(2)])
+    assert {(r.outcome, r.may_be_taken) for r in results} == {(Outcome.RETRY, False)}
+
+
 # --- connector-specific classification ---------------------------------------------------------
 
 

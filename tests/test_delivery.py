@@ -182,6 +182,29 @@ def test_a_free_form_whatsapp_message_reached_after_its_window_closed_is_not_sen
     ledger.dispose()
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_line_request_answered_5xx_after_line_took_it_goes_again_under_its_retry_key(
+    ledger_url: str, sandbox: SandboxServer, seed: int
+) -> None:
+    """LINE warns that a 5xx may come after it sent the message, and de-duplicates only a
+    request asked again with the same X-Line-Retry-Key. Half the multicasts are taken, then
+    answered 500: each goes out again whole, under its key (LINE answers 409), never re-grouped
+    with other users under a new key, which LINE would send again."""
+    from crash_worker import line_audience, sandbox_connectors
+
+    sandbox.configure(rate_5xx_after_accept=0.5, seed=seed)
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", line_audience(1200, texts=3))
+    options = DeliveryOptions(backoff_initial=0.01, backoff_max=0.05, max_attempts=10)
+    deliver(ledger, SCOPE, {"line": sandbox_connectors(sandbox.url)["line"]}, options)
+    faulted = [a for a in sandbox.attempts() if a.result == "server_error_after_accept"]
+    assert faulted  # the fault did happen
+    received = Counter(m.to for m in sandbox.messages())
+    assert len(received) == 1200 and max(received.values()) == 1  # nobody twice, nobody lost
+    assert ledger.counts("winback", "p") == {"sent": 1200}
+    ledger.dispose()
+
+
 def test_quiet_hours_are_kept_on_every_day_a_send_lasts_and_end_when_they_end(
     ledger_url: str, sandbox: SandboxServer
 ) -> None:

@@ -65,6 +65,10 @@ class SendResult:
     # The provider's own word on an accepted message, where it gives one (Meta's
     # `message_status`: accepted, held_for_quality_assessment, paused).
     provider_status: str | None = None
+    # A RETRY after which the provider may still have taken the request (a 5xx, a 409 "still
+    # in progress"): through a provider that de-duplicates on our key, it goes out again
+    # whole, under the same key, never re-grouped under another (`engine._Delivery.settle`).
+    may_be_taken: bool = False
 
 
 @dataclass(frozen=True)

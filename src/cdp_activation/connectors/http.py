@@ -79,7 +79,8 @@ def whole_request_results(
     as a whole (Braze, LINE), once the caller has raised for activation-wide errors.
 
     Accepted with an id: SENT under it; accepted without one: UNKNOWN (it may exist, we cannot
-    tell which it is); 429 and 5xx: RETRY (with `retry_after`); any other answer: FAILED.
+    tell which it is); 429 and 5xx: RETRY (with `retry_after`; a 5xx `may_be_taken`); any
+    other answer: FAILED.
     """
     status = response.status_code
     code = f"http_{status}"
@@ -91,9 +92,15 @@ def whole_request_results(
             ]
         return [SendResult(m.key, Outcome.UNKNOWN, error_code=code) for m in messages]
     if status == 429 or status >= 500:
+        # A 5xx may come after the provider took the request (LINE says so of its API).
         return [
             SendResult(
-                m.key, Outcome.RETRY, error_code=code, error_message=detail, retry_after=retry_after
+                m.key,
+                Outcome.RETRY,
+                error_code=code,
+                error_message=detail,
+                retry_after=retry_after,
+                may_be_taken=status >= 500,
             )
             for m in messages
         ]
@@ -254,6 +261,7 @@ class OneRecipientHttpConnector:
                 error_code=error_code,
                 error_message=detail,
                 retry_after=self._retry_hint(response.headers) if wait is None else wait,
+                may_be_taken=status >= 500,
             )
         if 400 <= status < 500:
             return SendResult(

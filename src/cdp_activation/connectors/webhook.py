@@ -24,7 +24,8 @@ changes across retries or re-runs. That is why the connector declares `idempoten
 Classification: `accepted` with an id is SENT; `rejected` is FAILED with `error` as the error
 code (never retried); a message missing from the answer (or a 2xx that is not such an array)
 is UNKNOWN; 401/403 raise `CredentialsError`; 408, 409 (same key still in progress), 425, 429
-and 5xx are RETRY (with Retry-After); any other 4xx fails every message of the batch with
+and 5xx are RETRY (with Retry-After), a 409 or 5xx batch going out again whole under the same
+key (the receiver may hold it); any other 4xx fails every message of the batch with
 `http_<status>`; a closed port is RETRY and an answer that never comes is UNKNOWN.
 """
 
@@ -206,6 +207,9 @@ class WebhookConnector:
                 f"unexpected HTTP {status} from {self.redact(self.url)}; check CDP_WEBHOOK_URL"
             )
         retry_after = retry_after_seconds(response.headers) if outcome is Outcome.RETRY else None
+        # 409 (the same key still in progress: the receiver has the batch) and a 5xx (it may
+        # have taken it first): the batch goes out again whole, under the same key.
+        taken = outcome is Outcome.RETRY and (status == 409 or status >= 500)
         return [
             SendResult(
                 m.key,
@@ -213,6 +217,7 @@ class WebhookConnector:
                 error_code=f"http_{status}",
                 error_message=detail,
                 retry_after=retry_after,
+                may_be_taken=taken,
             )
             for m in messages
         ]

@@ -402,6 +402,10 @@ class _Delivery:
             if result.outcome == Outcome.UNKNOWN and idempotent:
                 # The provider de-duplicates on our key: a lost answer is safe to ask again.
                 result, uncertain = replace(result, outcome=Outcome.RETRY), True
+            elif result.may_be_taken and idempotent:
+                # A 5xx (or "still in progress") after which the provider may hold the
+                # request: asked again whole, under its key, as for a lost answer.
+                uncertain = True
             if result.outcome == Outcome.RETRY:
                 tries[row.id], first_try[row.id] = tried, first
                 retryable.append((row, result, uncertain))

@@ -37,8 +37,10 @@ class SandboxConfig:
     """How the sandbox behaves. Defaults are the published sandbox credentials in settings and
     no faults at all, so the embedded default behaves like a healthy provider.
 
-    Rates are probabilities per request (0..1). `rate_429`, `rate_5xx`, `rate_timeout` and
-    `rate_drop_after_accept` exclude each other (their sum must not exceed 1); `slow_rate` adds
+    Rates are probabilities per request (0..1). `rate_429`, `rate_5xx`, `rate_timeout`,
+    `rate_drop_after_accept` and `rate_5xx_after_accept` (accepted and recorded, then answered
+    500, as LINE warns a 5xx may be, or a gateway in front of a receiver that took the request)
+    exclude each other (their sum must not exceed 1); `slow_rate` adds
     `slow_ms` on top of `latency_ms` (+ up to `latency_jitter_ms`); the per-recipient rates
     (`rate_not_on_whatsapp` for Meta, `rate_opted_out` for Twilio) fail a number permanently,
     every time it is sent to, the way a real provider does. `retry_after_s` is the Retry-After
@@ -67,6 +69,7 @@ class SandboxConfig:
     rate_timeout: float = 0.0
     timeout_hold_ms: float = 30_000.0
     rate_drop_after_accept: float = 0.0
+    rate_5xx_after_accept: float = 0.0
     slow_rate: float = 0.0
     slow_ms: float = 0.0
     rate_not_on_whatsapp: float = 0.0
@@ -169,7 +172,13 @@ FAULT_FIELDS: tuple[str, ...] = tuple(
     if f.name not in _CREDENTIAL_FIELDS and f.name not in _TEXT_FIELDS
 )
 _WHOLE_FIELDS = ("seed", "status_batch_max", "line_monthly_quota")
-_EXCLUSIVE_RATES = ("rate_429", "rate_5xx", "rate_timeout", "rate_drop_after_accept")
+_EXCLUSIVE_RATES = (
+    "rate_429",
+    "rate_5xx",
+    "rate_timeout",
+    "rate_drop_after_accept",
+    "rate_5xx_after_accept",
+)
 _RATE_FIELDS = frozenset(name for name in FAULT_FIELDS if "rate" in name)
 
 
@@ -181,6 +190,7 @@ class Fault(StrEnum):
     SERVER_ERROR = "server_error"  # 500 or 503, nothing accepted
     TIMEOUT = "timeout"  # read, then never answered; nothing accepted
     DROP_AFTER_ACCEPT = "dropped_after_accept"  # accepted and recorded, then no answer
+    SERVER_ERROR_AFTER_ACCEPT = "server_error_after_accept"  # accepted and recorded, then 500
 
 
 def fault_draw(config: SandboxConfig, *parts: object) -> float:
@@ -196,6 +206,7 @@ def request_fault(config: SandboxConfig, provider: str, request_hash: str, attem
         (Fault.SERVER_ERROR, config.rate_5xx),
         (Fault.TIMEOUT, config.rate_timeout),
         (Fault.DROP_AFTER_ACCEPT, config.rate_drop_after_accept),
+        (Fault.SERVER_ERROR_AFTER_ACCEPT, config.rate_5xx_after_accept),
     ):
         if draw < rate:
             return fault

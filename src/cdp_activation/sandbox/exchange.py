@@ -168,6 +168,8 @@ async def provider_request(request: Request, rules: ProviderRules) -> Response:
     if fault == Fault.DROP_AFTER_ACCEPT:
         exchange.log(fault.value, None, to=parsed.to)
         return DropConnection()
+    if fault == Fault.SERVER_ERROR_AFTER_ACCEPT:
+        return _server_error_after_accept(exchange, rules.fault_answer, parsed.to)
     exchange.log("accepted", answer.status_code, to=parsed.to)
     return answer
 
@@ -239,7 +241,20 @@ async def batch_request(request: Request, rules: BatchRules) -> Response:
     if fault == Fault.DROP_AFTER_ACCEPT:
         exchange.log(fault.value, None, to=only)
         return DropConnection()
+    if fault == Fault.SERVER_ERROR_AFTER_ACCEPT:
+        return _server_error_after_accept(exchange, rules.fault_answer, only)
     exchange.log("accepted", answer.status_code, to=only)
+    return answer
+
+
+def _server_error_after_accept(
+    exchange: _Exchange,
+    fault_answer: Callable[[SandboxConfig, Fault, float], Response],
+    to: str | None,
+) -> Response:
+    """The provider's own server error, answered for a request it has taken (recorded)."""
+    answer = fault_answer(exchange.config, Fault.SERVER_ERROR, exchange.fault_draw())
+    exchange.log(Fault.SERVER_ERROR_AFTER_ACCEPT.value, answer.status_code, to=to)
     return answer
 
 
