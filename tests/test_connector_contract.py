@@ -418,6 +418,19 @@ def test_infobip_splits_a_mixed_batch_into_one_request_per_channel(
     assert Counter(m.channel for m in sandbox.messages()) == {"whatsapp": 5, "sms": 5}
 
 
+def test_infobip_fails_a_viber_text_over_1000_characters_alone(
+    sandbox: SandboxServer, sandbox_settings: Settings
+) -> None:
+    """Infobip refuses a Viber text over 1,000 characters for the whole request (the sandbox
+    answers 400 as the spec's schema does): that one customer fails, the others go."""
+    long = dataclasses.replace(viber(1), body="x" * 1001)
+    results = send(infobip(sandbox_settings), [viber(0), long, viber(2)])
+    outcomes = {r.key: (r.outcome, r.error_code) for r in results}
+    assert outcomes[long.key] == (Outcome.FAILED, "invalid_text")
+    assert {outcomes[viber(i).key][0] for i in (0, 2)} == {Outcome.SENT}
+    assert len(sandbox.messages()) == 2
+
+
 def test_infobip_builds_every_channel_s_request_before_it_sends_any(
     sandbox: SandboxServer, sandbox_settings: Settings
 ) -> None:

@@ -11,7 +11,8 @@ Request shapes follow Infobip's published OpenAPI (`vendor-specs/infobip/`, v3.2
   destinations: [{to, messageId}], content: {text}}]}`, answered 200 with `SmsResponseEnvelope`
   `{bulkId, messages: [{messageId, status, destination}]}`.
 - Viber: `POST /viber/2/messages`, schema `ViberRequest`, the SMS envelope with typed content
-  (`{type: TEXT, text}`, at most 1,000 characters) and `options.label` PROMOTIONAL for marketing,
+  (`{type: TEXT, text}`, at most 1,000 characters: a longer one fails that message alone,
+  `invalid_text`, before the request) and `options.label` PROMOTIONAL for marketing,
   TRANSACTIONAL otherwise (Viber's rule), from the Viber sender `CDP_INFOBIP_VIBER_SENDER`;
   answered like SMS.
 - RCS: `POST /messages-api/1/messages` (the Messages API, `infobip-messages-api-openapi.json`),
@@ -110,6 +111,9 @@ logger = logging.getLogger(__name__)
 # Status groups of a message Infobip took (`MessageGeneralStatus`: ACCEPTED, PENDING,
 # DELIVERED; the others are UNDELIVERABLE, EXPIRED and REJECTED).
 SENT_GROUPS = frozenset({"ACCEPTED", "PENDING", "DELIVERED"})
+# Viber's text limit (`ViberOutboundTextContent.text`, maxLength 1000). A longer one is
+# refused by Infobip for the whole request (400): it is failed alone, before the request.
+VIBER_MAX_TEXT = 1000
 _ACCOUNT_STOPS = {"REJECTED_NOT_ENOUGH_CREDITS": ConnectorError}
 _CONFIG_STOPS = {"REJECTED_SENDER": ConnectorConfigError}
 # callbackData: at most 4,000 characters in every spec (Viber's text message: at least 1).
@@ -124,6 +128,27 @@ _STATUSES = {
     "REINSTATED": "APPROVED",
 }
 _PLACEHOLDER = re.compile(r"\{\{\s*(\d+)\s*\}\}")
+
+
+def _viber_texts_that_fit(
+    messages: list[OutboundMessage],
+) -> tuple[list[OutboundMessage], list[SendResult]]:
+    """The Viber messages Infobip can take, and a FAILED result for each text too long (one
+    customer's long personalised text must not fail the request's other recipients)."""
+    fit, failed = [], []
+    for message in messages:
+        if message.body is not None and len(message.body) > VIBER_MAX_TEXT:
+            failed.append(
+                SendResult(
+                    message.key,
+                    Outcome.FAILED,
+                    error_code="invalid_text",
+                    error_message=f"a Viber text has at most {VIBER_MAX_TEXT} characters",
+                )
+            )
+        else:
+            fit.append(message)
+    return fit, failed
 
 
 class InfobipConnector:
@@ -340,6 +365,11 @@ class InfobipConnector:
                     f"{', '.join(sorted(self.capabilities.channels))}"
                 )
             by_channel.setdefault(message.channel, []).append(message)
+        results: list[SendResult] = []
+        if "viber" in by_channel:
+            by_channel["viber"], results = _viber_texts_that_fit(by_channel["viber"])
+            if not by_channel["viber"]:
+                del by_channel["viber"]
         # Every request built before the first is sent: one that cannot be built (a template
         # problem) stops the batch before anything went, not after a channel was answered.
         requests = []
@@ -356,7 +386,6 @@ class InfobipConnector:
             else:
                 url, body = self.sms_url, self.build_sms(group)
             requests.append((url, body, group))
-        results: list[SendResult] = []
         for url, body, group in requests:
             try:
                 results.extend(await self._post(client, url, body, group))
