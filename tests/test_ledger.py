@@ -633,59 +633,73 @@ def test_a_free_form_whatsapp_message_whose_window_closed_is_cancelled_at_its_cl
     """A long send (or a retry, or quiet hours) can reach a free-form WhatsApp message after
     its customer's 24-hour window closed: the claim cancels it with the policy's reason code
     instead of sending it (Meta would refuse it, and the policy forbids it). One kept in a
-    request its provider may hold goes out whole; a customer who wrote again meanwhile has
-    a later window, which the next plan writes."""
+    request its provider may hold cannot leave it alone: that request is given up. A
+    customer who wrote again meanwhile has a later window, which the next plan writes; one
+    the next decision sends a template instead gets the template."""
     from datetime import UTC, datetime
 
     from cdp_activation.ledger import ClaimRequest
 
     utc = pl.Datetime("us", "UTC")
     now = datetime.now(UTC)
-    closes = [now - timedelta(hours=1), now - timedelta(seconds=1), now + timedelta(hours=3)]
+    closed, open_ = now - timedelta(hours=1), now + timedelta(hours=3)
+    windows = [closed, now - timedelta(seconds=1), open_, closed, open_, closed]
     free_form = (
-        chosen(4)
+        chosen(6)
         .with_columns(
             template_name=pl.lit(None, pl.String),
             template_language=pl.lit(None, pl.String),
             variables=pl.lit(None, pl.List(pl.String)),
             body=pl.lit("Your order is ready"),
         )
-        .with_columns(pl.Series("window_until", [*closes, closes[0]], dtype=utc))
+        .with_columns(pl.Series("window_until", windows, dtype=utc))
     )
     ledger = Ledger(ledger_url)
     ledger.plan("winback", "p", free_form)
     with ledger.engine.begin() as con:
-        con.execute(sends.update().where(sends.c.customer_id == "4").values(request_id=7))
-    # Customer 3 wrote again: the next run's decision carries a later window.
-    later = now + timedelta(hours=20)
-    wrote_again = pl.col("customer_id") == 3
-    moved = pl.when(wrote_again).then(pl.lit(later).cast(utc)).otherwise(pl.col("window_until"))
-    # Customer 2's message was tried once (a 429); the policy would now send an SMS, but a
-    # row tried before keeps its route, so it is still that WhatsApp message, window and all.
-    with ledger.engine.begin() as con:
+        kept = sends.c.customer_id.in_(["4", "5"])
+        con.execute(sends.update().where(kept).values(request_id=7))
+        # Customer 2's message was tried once (a 429).
         con.execute(sends.update().where(sends.c.customer_id == "2").values(attempts=1))
-    by_sms = pl.col("customer_id") == 2
+    # The next run: customer 3 wrote again (a later window); customer 2 would now get an SMS,
+    # but a row tried before keeps its route, so it is still that WhatsApp message, window
+    # and all; customer 6 gets the plan's template instead (same connector, no window).
+    later = now + timedelta(hours=20)
+    customer = pl.col("customer_id")
     replanned = free_form.with_columns(
-        window_until=pl.when(by_sms).then(None).otherwise(moved),
-        channel=pl.when(by_sms).then(pl.lit("sms")).otherwise(pl.col("channel")),
-        connector=pl.when(by_sms).then(pl.lit("twilio")).otherwise(pl.col("connector")),
+        window_until=pl.when(customer == 3)
+        .then(pl.lit(later).cast(utc))
+        .when(customer.is_in([2, 6]))
+        .then(None)
+        .otherwise(pl.col("window_until")),
+        channel=pl.when(customer == 2).then(pl.lit("sms")).otherwise(pl.col("channel")),
+        connector=pl.when(customer == 2).then(pl.lit("twilio")).otherwise(pl.col("connector")),
+        template_name=pl.when(customer == 6).then(pl.lit("winback_offer")),
+        template_language=pl.when(customer == 6).then(pl.lit("en")),
+        variables=pl.when(customer == 6).then(pl.lit(["Ann"])),
+        body=pl.when(customer == 6).then(None).otherwise(pl.col("body")),
     )
     ledger.plan("winback", "p", replanned)
     rows = ledger.rows("winback", "p").sort("customer_id")
     assert as_time(rows["window_until"][2]) == later
     worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
-    # (Through a provider that takes requests whole: customer 4's goes out again first.)
-    whole = [ClaimRequest("meta_whatsapp", 10, True)]
-    claims = [ledger.claim(worker, "winback", "p", "initial", whole, now=now) for _ in range(3)]
-    assert [[r.customer_id for r in c[0]] for c in claims] == [["4"], ["3"], []]
+    whole = [ClaimRequest("meta_whatsapp", 10, True)]  # (a provider taking requests whole)
+    claims = [ledger.claim(worker, "winback", "p", "initial", whole, now=now) for _ in range(2)]
+    assert [sorted(r.customer_id for r in c[0]) for c in claims] == [["3", "6"], []]
+    assert "winback_offer" in next(r for r in claims[0][0] if r.customer_id == "6").message.get(
+        "template", ""
+    )
     rows = ledger.rows("winback", "p").sort("customer_id")
     assert rows.select("customer_id", "state", "error_code", "attempts").rows() == [
         ("1", "cancelled", "whatsapp_outside_window", 0),
         ("2", "cancelled", "whatsapp_outside_window", 1),
         ("3", "in_flight", None, 1),
-        ("4", "in_flight", None, 1),
+        ("4", "cancelled", "whatsapp_outside_window", 0),
+        ("5", "unknown", None, 0),
+        ("6", "in_flight", None, 1),
     ]
     assert "window closed" in rows["error_message"][0]
+    assert "24-hour WhatsApp window" in rows["error_message"][4]
     ledger.dispose()
 
 

@@ -160,6 +160,29 @@ def test_erase_removes_a_customer_everywhere_and_cancels_what_was_still_planned(
     assert PhoneCache(ledger.engine, key=KEY).count() == 0
 
 
+def test_erasing_a_customer_of_a_kept_request_gives_the_request_up(ledger_url: str) -> None:
+    """Customers 1 and 2 are in one LINE request the provider may hold (its answer was lost):
+    it goes out again whole or not at all. Erasing customer 1 cancels their row; sent without
+    them, the request would carry another key and could reach customer 2 twice, so it is
+    given up (customer 2 `unknown`)."""
+    from crash_worker import line_audience
+
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", line_audience(3))
+    with ledger.engine.begin() as con:
+        kept = sends.c.customer_id.in_(["1", "2"])
+        con.execute(sends.update().where(kept).values(request_id=9))
+    erase(ledger, ["1"])
+    rows = ledger.rows("winback", "p").sort("id")
+    assert rows.select("state", "error_code").rows() == [
+        ("cancelled", "erased"),
+        ("unknown", None),
+        ("planned", None),  # not in the request: it goes as planned
+    ]
+    assert "erased" in rows["error_message"][1]
+    ledger.dispose()
+
+
 def test_no_number_in_dagster_storage_logs_or_the_send_log_after_a_run(
     tmp_path: Path,
     sandbox: SandboxServer,

@@ -22,6 +22,7 @@ from cdp_activation.activation.run import refusal_codes, with_replies
 from cdp_activation.contracts import InboundMessage, Outcome, SendResult
 from cdp_activation.feedback.receiver import WebhookServer
 from cdp_activation.ledger import ClaimRequest, Ledger, Settlement
+from cdp_activation.ledger.base import as_time
 from cdp_activation.policy import opt_out
 from cdp_activation.policy.engine import decide
 from cdp_activation.spec import ChannelPlanSpec
@@ -923,3 +924,33 @@ def test_a_customer_who_writes_again_keeps_their_planned_free_form_whatsapp_mess
         ("c1", "in_flight", None),
         ("c2", "cancelled", "whatsapp_outside_window"),
     ]
+
+
+def test_a_reply_stamped_in_the_future_opens_no_window_beyond_24_hours_from_now(
+    ledger: Ledger,
+) -> None:
+    """A provider's time in the future is bad data (the policy counts it outside the window):
+    it moves a planned free-form message's window to 24 hours from now at most."""
+    sent(ledger, "whatsapp", "meta_whatsapp", {"c3": "+447700900103"})
+    plan = pl.DataFrame(
+        {
+            "customer_id": ["c3"],
+            "phone_e164": ["+447700900103"],
+            "channel": ["whatsapp"],
+            "connector": ["meta_whatsapp"],
+            "step": ["initial"],
+            "body": ["Your parcel leaves today"],
+            "template_name": [None],
+            "template_language": [None],
+            "variables": [None],
+            "window_until": [datetime.now(UTC) + timedelta(minutes=1)],
+        },
+        schema_overrides={"template_name": pl.String, "template_language": pl.String},
+    )
+    ledger.plan("parcel", "p", plan)
+    future = datetime.now(UTC) + timedelta(days=3)
+    message = inbound("thanks!", "+447700900103", channel="whatsapp", n=9)
+    ledger.record_inbound([dataclasses.replace(message, occurred_at=future)])
+    [until] = ledger.rows("parcel", "p")["window_until"].to_list()
+    assert as_time(until) <= datetime.now(UTC) + timedelta(hours=24)
+    assert as_time(until) > datetime.now(UTC) + timedelta(hours=23)

@@ -24,6 +24,7 @@ from cdp_activation.ledger import (
     sends,
     status_events,
 )
+from cdp_activation.ledger.replies import give_up_requests
 from cdp_activation.pii import stored_outputs
 from cdp_activation.policy.phone_cache import remove_entries
 from cdp_activation.policy.reasons import ERASED as ERASED_REASON
@@ -142,10 +143,18 @@ def erase(
                 sends.c.provider_message_id,
             ).where(sends.c.customer_id.in_(wanted))
         ).all()
-        con.execute(
+        erased = con.execute(
             sa.update(sends)
             .where(sends.c.customer_id.in_(wanted), sends.c.state == PLANNED)
             .values(state=CANCELLED, error_code=ERASED_REASON, error_message=None, updated_at=now)
+            .returning(sends.c.activation, sends.c.partition_key, sends.c.request_id)
+        ).all()
+        give_up_requests(
+            con,
+            {tuple(r) for r in erased if r[2] is not None},
+            now,
+            "a customer in its request was erased: the request, which goes out again whole or "
+            "not at all, is not sent again",
         )
         cleared = _clear_sends(con, sends.c.customer_id.in_(wanted))
         for start in range(0, len(rows), 5000):

@@ -166,7 +166,6 @@ class BrazeAudienceConnector(BrazeRestApi):
                     error_code=f"http_{status}",
                     error_message=detail,
                     retry_after=wait,
-                    may_be_taken=status != 429,  # (pushing the same values again is harmless)
                 )
                 for m in messages
             ]

@@ -143,8 +143,10 @@ class Replies(LedgerBase):
             if con.dialect.name == "sqlite"
             else sends.c.state == PLANNED
         )
+        now = utc_now()
         for customer, at in sorted(latest.items()):
-            closes = at + CARE_WINDOW
+            # A time in the future is bad data (the policy counts it outside the window).
+            closes = min(at, now) + CARE_WINDOW
             con.execute(
                 sa.update(sends)
                 .where(
@@ -439,12 +441,21 @@ class Replies(LedgerBase):
         return result.rowcount or 0
 
 
-def give_up_requests(con: sa.Connection, requests: set[tuple[Any, ...]], now: datetime) -> None:
+_SAID_STOP = (
+    "a customer in its request said stop: the request, which goes out again whole or not at "
+    "all, is not sent again"
+)
+
+
+def give_up_requests(
+    con: sa.Connection, requests: set[tuple[Any, ...]], now: datetime, why: str = _SAID_STOP
+) -> None:
     """A cancelled row inside a request that must go out again whole (`request_id`: the
     provider may hold it, and de-duplicates it on a key made of its members) would send
     that request again without it, under another key: its other customers could get the
     message twice. The request goes out whole or not at all, and never again to who said
-    stop: its other rows are `unknown`, as through a provider without a key."""
+    stop (whose window closed, who was erased): its other rows are `unknown`, as through a
+    provider without a key."""
     for activation, partition_key, request_id in requests:
         con.execute(
             sa.update(sends)
@@ -454,12 +465,7 @@ def give_up_requests(con: sa.Connection, requests: set[tuple[Any, ...]], now: da
                 sends.c.request_id == request_id,
                 sends.c.state == PLANNED,
             )
-            .values(
-                state=UNKNOWN,
-                error_message="a customer in its request said stop: the request, which "
-                "goes out again whole or not at all, is not sent again",
-                updated_at=now,
-            )
+            .values(state=UNKNOWN, error_message=why[:500], updated_at=now)
         )
 
 

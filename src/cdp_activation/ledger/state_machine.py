@@ -39,7 +39,7 @@ from cdp_activation.ledger.records import (
     PlanResult,
     Settlement,
 )
-from cdp_activation.ledger.replies import cancel_opted_out
+from cdp_activation.ledger.replies import cancel_opted_out, give_up_requests
 from cdp_activation.ledger.schema import (
     WORKER_ALIVE,
     WORKER_EXPIRED,
@@ -124,6 +124,9 @@ class SendStates(LedgerBase):
         # that de-duplicates it (`request_id`, or an uncertain answer one at a time), and
         # sent another way it could reach the customer twice.
         moved = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_now")) for c in route)
+        # A free-form message now a template on the same route, or the other way round: the
+        # window (`window_until`) belongs to the message it was decided for.
+        moved = moved | (pl.col("window_until").is_null() != pl.col("window_until_now").is_null())
         untried = pl.col("request_id").is_null() & (pl.col("attempts") == "0")
         movable = (pl.col("state") == PLANNED) & untried
         rerouted = known.filter(movable & moved).select("idempotency_key")
@@ -387,20 +390,25 @@ class SendStates(LedgerBase):
         self, con: sa.Connection, scope: tuple[str, str, str], now: datetime
     ) -> None:
         """Planned free-form WhatsApp messages whose customer-care window has closed are
-        cancelled (`whatsapp_outside_window`): Meta takes only a template then. Not one kept in a
-        request its provider may hold (`request_id`): taken out, the request would change its
-        key; it goes out whole, as the provider may already have taken it. `ix_sends_window`
-        holds only planned rows with a window, so this costs a claim one index probe."""
+        cancelled (`whatsapp_outside_window`): Meta takes only a template then. One kept in a
+        request its provider may hold (`request_id`) cannot be taken out alone (the request
+        would change its key): that request is given up, its other rows `unknown`
+        (`give_up_requests`), as for a STOP. `ix_sends_window` holds only planned rows with a
+        window, so this costs a claim one index probe."""
         mark = self._mark
         lock = " FOR UPDATE SKIP LOCKED" if self.dialect == "postgresql" else ""
-        cancelled = con.exec_driver_sql(
+        ended = _driver_rows(
+            con,
             f"UPDATE sends SET state = '{CANCELLED}', error_code = '{_WINDOW_CLOSED_CODE}', "
             f"error_message = {mark}, updated_at = {mark} WHERE id IN (SELECT id FROM sends "
             f"WHERE activation = {mark} AND partition_key = {mark} AND step = {mark} "
-            f"AND window_until <= {mark} AND state = '{PLANNED}' "
-            f"AND request_id IS NULL{lock})",
+            f"AND window_until <= {mark} AND state = '{PLANNED}'{lock}) RETURNING request_id",
             (_WINDOW_CLOSED, db_time(now, self.dialect), *scope, db_time(now, self.dialect)),
-        ).rowcount
+        )
+        cancelled = len(ended)
+        requests = {(*scope[:2], r[0]) for r in ended if r[0] is not None}
+        if requests:
+            give_up_requests(con, requests, now, _WINDOW_CLOSED_REQUEST)
         if cancelled:
             log.warning(
                 "%d free-form WhatsApp message(s) of %s not sent: their customer's 24-hour "
@@ -1193,6 +1201,10 @@ def _copy_plan(con: sa.Connection, rows: pl.DataFrame) -> None:
 
 
 _WINDOW_CLOSED_CODE = f"whatsapp_{OUTSIDE_WINDOW}"  # the policy's reason code
+_WINDOW_CLOSED_REQUEST = (
+    "a customer in its request reached the end of their 24-hour WhatsApp window: the request, "
+    "which goes out again whole or not at all, is not sent again"
+)
 _WINDOW_CLOSED = (
     "the customer's 24-hour care window closed before it went; a free-form WhatsApp message "
     "may not go after it: not sent"
