@@ -876,6 +876,29 @@ def test_an_opt_out_cancels_the_customer_s_planned_sends_by_index_not_a_scan(
         ledger.dispose()
 
 
+def planned_free_form(ledger: Ledger, customers: dict[str, str]) -> None:
+    """Customers messaged on WhatsApp before, now with a free-form message planned whose
+    24-hour window closes in a minute."""
+    sent(ledger, "whatsapp", "meta_whatsapp", customers)
+    n = len(customers)
+    plan = pl.DataFrame(
+        {
+            "customer_id": list(customers),
+            "phone_e164": list(customers.values()),
+            "channel": ["whatsapp"] * n,
+            "connector": ["meta_whatsapp"] * n,
+            "step": ["initial"] * n,
+            "body": ["Your parcel leaves today"] * n,
+            "template_name": [None] * n,
+            "template_language": [None] * n,
+            "variables": [None] * n,
+            "window_until": [datetime.now(UTC) + timedelta(minutes=1)] * n,
+        },
+        schema_overrides={"template_name": pl.String, "template_language": pl.String},
+    )
+    ledger.plan("parcel", "p", plan)
+
+
 def test_a_customer_who_writes_again_keeps_their_planned_free_form_whatsapp_message(
     ledger: Ledger,
 ) -> None:
@@ -883,24 +906,7 @@ def test_a_customer_who_writes_again_keeps_their_planned_free_form_whatsapp_mess
     windows that close in a minute. Customer c1 writes again meanwhile: their window now
     closes 24 hours after that message, so their message still goes; c2's only event is a
     system notice, which opens nothing: theirs is cancelled when its window closes."""
-    sent(ledger, "whatsapp", "meta_whatsapp", {"c1": "+447700900101", "c2": "+447700900102"})
-    closes = NOW + timedelta(minutes=1)
-    plan = pl.DataFrame(
-        {
-            "customer_id": ["c1", "c2"],
-            "phone_e164": ["+447700900101", "+447700900102"],
-            "channel": ["whatsapp"] * 2,
-            "connector": ["meta_whatsapp"] * 2,
-            "step": ["initial"] * 2,
-            "body": ["Your parcel leaves today"] * 2,
-            "template_name": [None] * 2,
-            "template_language": [None] * 2,
-            "variables": [None] * 2,
-            "window_until": [closes] * 2,
-        },
-        schema_overrides={"template_name": pl.String, "template_language": pl.String},
-    )
-    ledger.plan("parcel", "p", plan)
+    planned_free_form(ledger, {"c1": "+447700900101", "c2": "+447700900102"})
     wrote = NOW + timedelta(seconds=30)
     ledger.record_inbound(
         [
@@ -931,23 +937,7 @@ def test_a_reply_stamped_in_the_future_opens_no_window_beyond_24_hours_from_now(
 ) -> None:
     """A provider's time in the future is bad data (the policy counts it outside the window):
     it moves a planned free-form message's window to 24 hours from now at most."""
-    sent(ledger, "whatsapp", "meta_whatsapp", {"c3": "+447700900103"})
-    plan = pl.DataFrame(
-        {
-            "customer_id": ["c3"],
-            "phone_e164": ["+447700900103"],
-            "channel": ["whatsapp"],
-            "connector": ["meta_whatsapp"],
-            "step": ["initial"],
-            "body": ["Your parcel leaves today"],
-            "template_name": [None],
-            "template_language": [None],
-            "variables": [None],
-            "window_until": [datetime.now(UTC) + timedelta(minutes=1)],
-        },
-        schema_overrides={"template_name": pl.String, "template_language": pl.String},
-    )
-    ledger.plan("parcel", "p", plan)
+    planned_free_form(ledger, {"c3": "+447700900103"})
     future = datetime.now(UTC) + timedelta(days=3)
     message = inbound("thanks!", "+447700900103", channel="whatsapp", n=9)
     ledger.record_inbound([dataclasses.replace(message, occurred_at=future)])
