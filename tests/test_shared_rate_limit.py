@@ -10,6 +10,7 @@ import asyncio
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -133,9 +134,6 @@ def test_a_429_pauses_every_delivery_sending_for_that_sender(tmp_path: Path, sha
     from crash_worker import audience, sandbox_connectors
 
     retry_after, grace, concurrency = 0.5, 0.25, 4
-    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
-    ledger = Ledger(ledger_url)
-    ledger.plan("pause", "p", audience(240).filter(pl.col("channel") == "sms"))
     options = DeliveryOptions(
         concurrency=concurrency,
         rate_per_second=2000,
@@ -144,36 +142,55 @@ def test_a_429_pauses_every_delivery_sending_for_that_sender(tmp_path: Path, sha
         backoff_max=0.2,
         rate_limit_url=REDIS if shared else None,
     )
-    with SandboxServer(config=SandboxConfig(seed=5, rate_429=0.1, retry_after_s=retry_after)) as sb:
-        connectors = sandbox_connectors(sb.url)
 
-        def one() -> int:
-            own = Ledger(ledger_url)
-            try:
-                return deliver(own, DeliveryScope("pause", "p"), connectors, options).sent
-            finally:
-                own.dispose()
+    def two_deliveries(ledger_url: str) -> list[Any]:
+        """Both deliveries of a fresh partition to a fresh sandbox: what reached the sandbox."""
+        ledger = Ledger(ledger_url)
+        ledger.plan("pause", "p", audience(240).filter(pl.col("channel") == "sms"))
+        config = SandboxConfig(seed=5, rate_429=0.1, retry_after_s=retry_after)
+        with SandboxServer(config=config) as sb:
+            connectors = sandbox_connectors(sb.url)
 
-        with ThreadPoolExecutor(2) as pool:
-            sent = [f.result(timeout=120) for f in [pool.submit(one), pool.submit(one)]]
-        attempts = sb.attempts()
-    ledger.dispose()
-    assert sum(sent) == 120 and all(sent), sent
-    throttled = [a for a in attempts if a.result == Fault.THROTTLED]
-    assert len(throttled) >= 5
-    late = []
-    for answer in throttled:
-        during = [a.arrived - answer.answered for a in attempts]
-        # With the shared pause the window ends 50 ms short of the Retry-After: a request
-        # that passed the pause check just before the 429 was answered can be held on its
-        # way (its claim waiting for the other delivery's ledger write) and reach the
-        # sandbox late, past `grace`: seen at 0.488 s of 0.5 with the test run alone.
-        end = retry_after - (0.05 if shared else 0.0)
-        late += [t for t in during if grace < t < end]
-    print(
-        f"\n{'shared' if shared else 'per-process'}: {len(throttled)} 429s, "
-        f"{len(late)} requests arrived during a pause after its grace"
-    )
+            def one() -> int:
+                own = Ledger(ledger_url)
+                try:
+                    return deliver(own, DeliveryScope("pause", "p"), connectors, options).sent
+                finally:
+                    own.dispose()
+
+            with ThreadPoolExecutor(2) as pool:
+                sent = [f.result(timeout=120) for f in [pool.submit(one), pool.submit(one)]]
+            attempts = sb.attempts()
+        ledger.dispose()
+        assert sum(sent) == 120 and all(sent), sent
+        return attempts
+
+    def late_arrivals(attempts: list[Any]) -> tuple[int, list[float]]:
+        """The 429s, and the requests that arrived during a pause after its grace."""
+        throttled = [a for a in attempts if a.result == Fault.THROTTLED]
+        assert len(throttled) >= 5
+        late = []
+        for answer in throttled:
+            during = [a.arrived - answer.answered for a in attempts]
+            # With the shared pause the window ends 50 ms short of the Retry-After: a request
+            # that passed the pause check just before the 429 was answered can be held on its
+            # way (its claim waiting for the other delivery's ledger write) and reach the
+            # sandbox late, past `grace`: seen at 0.488 s of 0.5 with the test run alone.
+            end = retry_after - (0.05 if shared else 0.0)
+            late += [t for t in during if grace < t < end]
+        return len(throttled), late
+
+    # The control (per-process) shows the other delivery sending through a pause when the two
+    # overlap; on a busy machine one can send its fresh rows before the other starts (one CI
+    # run saw no overlap at all), so it may take a second try. The shared arm gets one.
+    for attempt in range(1 if shared else 3):
+        throttled, late = late_arrivals(two_deliveries(f"sqlite:///{tmp_path}/ledger{attempt}.db"))
+        print(
+            f"\n{'shared' if shared else 'per-process'}: {throttled} 429s, "
+            f"{len(late)} requests arrived during a pause after its grace"
+        )
+        if shared or late:
+            break
     if shared:
         assert late == [], sorted(late)[:10]
     else:
