@@ -7,6 +7,8 @@ processes, a 200-recipient `cdp-activation run winback_gateway` to the peers' ba
 - a bare interpreter (`python -c pass`): the floor every peer pays too;
 - `import cdp_activation.cli.runner`: the imports a run needs (Dagster is most of them);
 - the imports, then `load_definitions()`: the Dagster code location, every activation;
+
+both as a command does them, with the collector off (`heap.start_up`) where the version has it;
 - the whole run: imports, definitions, the run queue's look at the instance, the Dagster run
   (audience query, policy, ledger plan, 200 sends, the checks).
 
@@ -36,7 +38,13 @@ from bench.peers import ROOT, Endpoint, Project, cpu_and_wall
 RESULTS = ROOT / "bench" / "results_startup.md"
 GOAL_CPU_S = 2.0
 
-LOAD = "from cdp_activation.cli.runner import load_definitions; load_definitions(tolerant=True)"
+# As a command starts up (heap.start_up: the collector off until the definitions are loaded),
+# on a version that has it.
+START_UP = "from cdp_activation import heap; getattr(heap, 'start_up', lambda: None)(); "
+IMPORTS = START_UP + "import cdp_activation.cli.runner"
+LOAD = START_UP + (
+    "from cdp_activation.cli.runner import load_definitions; load_definitions(tolerant=True)"
+)
 
 
 class Version:
@@ -70,7 +78,7 @@ class Version:
                 [python, "-c", "pass"], self.env(), self.source
             ),
             "imports (`import cdp_activation.cli.runner`)": lambda: cpu_and_wall(
-                [python, "-c", "import cdp_activation.cli.runner"], self.env(), self.source
+                [python, "-c", IMPORTS], self.env(), self.source
             ),
             "imports + `load_definitions()`": lambda: cpu_and_wall(
                 [python, "-c", LOAD], self.env(), self.source

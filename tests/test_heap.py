@@ -151,3 +151,88 @@ with heap.delivering():
 print(json.dumps([gc.get_threshold()[0], gc.get_freeze_count() > 0]))
 """
     assert _run(code, tmp_path) == [YOUNG_THRESHOLD, True]
+
+
+_COMMAND_STATE = "[gc.isenabled(), gc.get_threshold()[0], gc.get_freeze_count() > 100_000]"
+
+
+def test_a_command_starts_up_without_the_collector_then_sets_its_process_for_good(
+    tmp_path: Path,
+) -> None:
+    """`cdp-activation run` (its click command, in a fresh interpreter): no collector pass
+    while it imports and loads the definitions; then start-up is frozen (Dagster, polars,
+    SQLAlchemy: far more than 100,000 objects), young passes are rare, and a delivery leaves
+    that as it is."""
+    (tmp_path / "home").mkdir()
+    code = f"""
+import gc, json, os
+os.environ.update(DAGSTER_HOME={str(tmp_path / "home")!r},
+                  CDP_LEDGER_URL="sqlite:///{tmp_path}/ledger.sqlite")
+import click
+from cdp_activation import heap
+from cdp_activation.cli import main as cli
+seen = {{"before": {_COMMAND_STATE}}}
+import cdp_activation.cli.runner as runner
+load = runner.load_definitions
+def watched(*args, **kwargs):
+    seen["loading"] = {_COMMAND_STATE}
+    return load(*args, **kwargs)
+runner.load_definitions = watched
+try:
+    cli.main(["run", "no_such_activation", "--no-wait"], standalone_mode=False)
+except click.ClickException as err:
+    seen["error"] = err.message
+seen["after"] = {_COMMAND_STATE}
+with heap.delivering():
+    seen["delivering"] = {_COMMAND_STATE}
+print(json.dumps(seen))
+"""
+    seen = _run(code, tmp_path)
+
+    assert "no activation named 'no_such_activation'" in seen["error"]
+    assert seen["before"] == [True, 700, False]
+    assert seen["loading"] == [False, 700, False]
+    assert seen["after"] == [True, YOUNG_THRESHOLD, True]
+    assert seen["delivering"] == seen["after"]
+
+
+@pytest.mark.parametrize(
+    ("ends_it", "expected"),
+    [
+        ("with heap.delivering(): pass", [True, YOUNG_THRESHOLD, True]),
+        ("heap.tune_for_serving()", [True, YOUNG_THRESHOLD, True]),
+        ("heap.started(); heap.started()", [True, YOUNG_THRESHOLD, True]),
+    ],
+    ids=["a delivery", "the receiver", "started twice"],
+)
+def test_a_start_up_ends_at_the_first_delivery_or_the_receiver_if_not_before(
+    ends_it: str, expected: list, tmp_path: Path
+) -> None:
+    code = f"""
+import gc, json
+from cdp_activation import heap
+heap.start_up()
+import dagster, polars, sqlalchemy
+during = {_COMMAND_STATE}
+{ends_it}
+print(json.dumps([during, {_COMMAND_STATE}]))
+"""
+    assert _run(code, tmp_path) == [[False, 700, False], expected]
+
+
+def test_started_without_a_start_up_and_a_start_up_with_the_collector_off_change_nothing(
+    tmp_path: Path,
+) -> None:
+    code = """
+import gc, json
+from cdp_activation import heap
+state = lambda: [gc.isenabled(), gc.get_threshold()[0], gc.get_freeze_count() > 0]
+heap.started()  # a library caller's load_definitions()
+seen = [state()]
+gc.disable()
+heap.start_up()
+heap.started()
+seen.append(state())
+print(json.dumps(seen))
+"""
+    assert _run(code, tmp_path) == [[True, 700, False], [False, 700, False]]

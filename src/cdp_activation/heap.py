@@ -21,6 +21,14 @@ share them, and the last to end gives back what it froze and the threshold befor
 the receiver's process, which lives to take reports, sets them once and for good
 (`tune_for_serving`), whatever deliveries it also runs. A process whose collector was disabled
 is left as it is, and a young threshold set higher than this is kept.
+
+A command that runs activations (`cdp-activation run`, `preview`, `fallback`, `demo`) starts
+by importing Dagster, polars and SQLAlchemy and loading the definitions: a million objects
+that all live on, which the collector walks again and again as they pile up, for nothing
+(~0.45 s of a 200-recipient run's 4.1 s CPU, `python -m bench startup`). Such a command turns
+the collector off for its start-up (`start_up`); the end of it (`started`: the definitions
+loaded, or a delivery or the receiver starting first) freezes what it made and sets the
+process for good, as the receiver's: the command ends with its runs.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from contextlib import contextmanager
 YOUNG_THRESHOLD = 50_000
 
 _lock = threading.Lock()
-_serving = False
+_for_good = False  # set for the rest of the process: the receiver's, or a command's
+_starting = False  # the collector turned off by `start_up`, until `started`
 _delivering = 0  # deliveries running in this process
 _threshold_before: tuple[int, int, int] | None = None
 
@@ -57,7 +66,8 @@ def delivering() -> Iterator[None]:
     global _delivering, _threshold_before
     with _lock:
         _delivering += 1
-        if _delivering == 1 and gc.isenabled() and not _serving:
+        _end_start_up()
+        if _delivering == 1 and gc.isenabled() and not _for_good:
             _threshold_before = _freeze_and_raise()
     try:
         yield
@@ -65,7 +75,7 @@ def delivering() -> Iterator[None]:
         with _lock:
             _delivering -= 1
             if _delivering == 0 and _threshold_before is not None:
-                if not _serving:
+                if not _for_good:
                     gc.set_threshold(*_threshold_before)
                     gc.unfreeze()
                 _threshold_before = None
@@ -73,9 +83,43 @@ def delivering() -> Iterator[None]:
 
 def tune_for_serving() -> None:
     """The collector set for the rest of the process, once."""
-    global _serving
+    global _for_good
     with _lock:
-        if _serving or not gc.isenabled():
+        _end_start_up()
+        if _for_good or not gc.isenabled():
             return
-        _serving = True
+        _for_good = True
         _freeze_and_raise()
+
+
+def start_up() -> None:
+    """The collector off while a command imports and loads its definitions, until `started`
+    (a process whose collector is already off is left as it is)."""
+    global _starting
+    with _lock:
+        if gc.isenabled() and not _starting:
+            gc.disable()
+            _starting = True
+
+
+def started() -> None:
+    """The end of a command's start-up: what it made frozen, the young threshold raised and
+    the collector on again, for the rest of the process. Nothing if `start_up` was not called
+    (a library caller, a test, a step process)."""
+    with _lock:
+        _end_start_up()
+
+
+def _end_start_up() -> None:
+    global _starting, _for_good
+    if not _starting:
+        return
+    _starting = False
+    _for_good = True
+    # No collection first: start-up leaves next to no garbage (~700 objects of 250,000
+    # measured after the definitions loaded), and a full pass costs ~80 ms.
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    if 0 < young < YOUNG_THRESHOLD:
+        gc.set_threshold(YOUNG_THRESHOLD, middle, old)
+    gc.enable()

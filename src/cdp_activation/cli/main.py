@@ -22,6 +22,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from cdp_activation import heap
 from cdp_activation.errors import EX_TEMPFAIL, cdp_error_in
 from cdp_activation.plugins import plugins, status_routes
 from cdp_activation.settings import SANDBOX_PORT, get_settings, project_root
@@ -134,6 +135,7 @@ def demo(
     if live:
         _live_demo(customers, seed, port, activate, events_per_minute, minutes)
         return
+    heap.start_up()  # until the definitions are loaded (heap.py)
     from cdp_activation.audience.warehouse import duckdb_path
     from cdp_activation.cli.runner import (
         ensure_dagster_home,
@@ -664,6 +666,7 @@ def _run(
     workers: int | None = None,
     in_flight: int | None = None,
 ) -> Any:
+    heap.start_up()  # until the definitions are loaded (heap.py)
     from cdp_activation.cli.runner import (
         ActivationNotFound,
         current_partition,
@@ -824,6 +827,7 @@ def fallback(
     no_wait: bool,
     wait_timeout: float | None,
 ) -> None:
+    heap.start_up()  # until the definitions are loaded (heap.py)
     from cdp_activation.cli.runner import ActivationNotFound, run_fallback
 
     window = _window(send_window)

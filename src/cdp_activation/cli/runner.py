@@ -20,6 +20,7 @@ from typing import Any
 
 import dagster as dg
 
+from cdp_activation import heap
 from cdp_activation.activation.run import DeliverySummary
 from cdp_activation.components.run_events import run_failure_message, step_failure_message
 from cdp_activation.errors import CdpError
@@ -407,6 +408,8 @@ def load_definitions(tolerant: bool = False) -> dg.Definitions:
         raise
     except Exception as err:
         raise DefinitionsError(_definitions_problem(err)) from None
+    finally:
+        heap.started()  # a command's start-up ends here (heap.py)
 
 
 def broken_activations() -> dict[str, str]:
