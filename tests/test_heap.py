@@ -154,6 +154,7 @@ print(json.dumps([gc.get_threshold()[0], gc.get_freeze_count() > 0]))
 
 
 _COMMAND_STATE = "[gc.isenabled(), gc.get_threshold()[0], gc.get_freeze_count() > 100_000]"
+_STATE_10K = "[gc.isenabled(), gc.get_threshold()[0], gc.get_freeze_count() > 10_000]"
 
 
 def test_a_command_starts_up_without_the_collector_then_sets_its_process_for_good(
@@ -236,3 +237,32 @@ seen.append(state())
 print(json.dumps(seen))
 """
     assert _run(code, tmp_path) == [[True, 700, False], [False, 700, False]]
+
+
+@pytest.mark.parametrize("command", [["sandbox"], ["webhooks", "serve"]])
+def test_the_serving_commands_start_up_without_the_collector_and_serve_set_for_good(
+    command: list[str], tmp_path: Path
+) -> None:
+    """`cdp-activation sandbox` and `webhooks serve` (their click commands, in a fresh
+    interpreter, uvicorn's `run` stood in for): the collector off while they import, then
+    start-up frozen and young passes rare by the time they serve."""
+    code = f"""
+import gc, json, os
+os.environ["CDP_LEDGER_URL"] = "sqlite:///{tmp_path}/ledger.sqlite"
+import uvicorn
+seen = {{}}
+uvicorn.run = lambda app, **options: seen.update(serving={_STATE_10K})
+from cdp_activation import heap
+from cdp_activation.cli import main as cli
+load = heap.start_up
+def watched():
+    load()
+    seen["starting"] = {_STATE_10K}
+heap.start_up = watched
+cli.main({command!r}, standalone_mode=False)
+print(json.dumps(seen))
+"""
+    seen = _run(code, tmp_path)
+
+    assert seen["starting"] == [False, 700, False]
+    assert seen["serving"] == [True, YOUNG_THRESHOLD, True]

@@ -945,6 +945,7 @@ def connectors() -> None:
 @click.option("--port", default=SANDBOX_PORT, show_default=True)
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 def sandbox(host: str, port: int, access_log: bool) -> None:
+    heap.start_up()  # until it serves (heap.py)
     from cdp_activation.sandbox.server import serve
 
     console.print(f"sandbox provider on http://{host}:{port} (Ctrl-C to stop)")
@@ -1117,6 +1118,7 @@ def webhooks() -> None:
     help="A line per request (query strings left out). The metrics count requests anyway.",
 )
 def webhooks_serve(host: str, port: int | None, access_log: bool) -> None:
+    heap.start_up()  # until it serves (heap.py)
     import uvicorn
 
     from cdp_activation.feedback.receiver import access_log_config, create_app

@@ -7,6 +7,7 @@ from typing import Any
 
 import uvicorn
 
+from cdp_activation import heap
 from cdp_activation.sandbox.app import create_app
 from cdp_activation.sandbox.core import MessageStore, SandboxAttempt, SandboxConfig, SandboxMessage
 from cdp_activation.sandbox.status_webhooks import close_client
@@ -102,8 +103,10 @@ def serve(
     access_log: bool = True,
 ) -> None:
     """Serve the sandbox in the foreground until interrupted (Ctrl-C), for the CLI."""
+    app = create_app(config)
+    heap.tune_for_serving()  # a process that lives to serve, as the status receiver's
     uvicorn.run(
-        create_app(config),
+        app,
         host=host,
         port=port,
         log_level="info",
