@@ -266,3 +266,31 @@ print(json.dumps(seen))
 
     assert seen["starting"] == [False, 700, False]
     assert seen["serving"] == [True, YOUNG_THRESHOLD, True]
+
+
+def test_a_command_that_waits_behind_another_run_waits_with_the_collector_on(
+    tmp_path: Path,
+) -> None:
+    """`wait_for_turn` (the instance's answer stood in for: one run in progress, then none):
+    a wait may last hours, polling the instance, so start-up ends before the first pause."""
+    code = f"""
+import gc, json
+from datetime import UTC, datetime
+from cdp_activation import heap
+from cdp_activation.cli import runner
+heap.start_up()
+busy = [runner.ActiveRun("r1", "winback", "winback_job", "STARTED", None, datetime.now(UTC), "x")]
+answers = iter([busy, busy, []])
+seen = []
+def active_runs(instance, name, on_stale=None):
+    seen.append({_STATE_10K})
+    return next(answers)
+runner.active_runs = active_runs
+runner.wait_for_turn("winback", runner.RunQueue(poll_seconds=0.01), instance=object())
+print(json.dumps(seen))
+"""
+    assert _run(code, tmp_path) == [
+        [False, 700, False],
+        [True, YOUNG_THRESHOLD, True],
+        [True, YOUNG_THRESHOLD, True],
+    ]

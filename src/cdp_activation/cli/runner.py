@@ -164,6 +164,7 @@ def wait_for_turn(
             announced.add(first.run_id)
             if queue.on_wait is not None:
                 queue.on_wait(first)
+        heap.started()  # a wait may be long: not with the collector off (heap.py)
         # Jittered: two processes waiting behind the same run rarely look at the same instant.
         pause = queue.poll_seconds * random.uniform(0.75, 1.25)
         if queue.timeout is not None:
