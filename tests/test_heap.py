@@ -160,7 +160,7 @@ _STATE_10K = "[gc.isenabled(), gc.get_threshold()[0], gc.get_freeze_count() > 10
 def test_a_command_starts_up_without_the_collector_then_sets_its_process_for_good(
     tmp_path: Path,
 ) -> None:
-    """`cdp-activation run` (its click command, in a fresh interpreter): no collector pass
+    """`cdp-activation run` (its entry point, in a fresh interpreter): no collector pass
     while it imports and loads the definitions; then start-up is frozen (Dagster, polars,
     SQLAlchemy: far more than 100,000 objects), young passes are rare, and a delivery leaves
     that as it is."""
@@ -177,10 +177,12 @@ import cdp_activation.cli.runner as runner
 load = runner.load_definitions
 def watched(*args, **kwargs):
     seen["loading"] = {_COMMAND_STATE}
-    return load(*args, **kwargs)
+    loaded = load(*args, **kwargs)
+    seen["loaded"] = {_COMMAND_STATE}
+    return loaded
 runner.load_definitions = watched
 try:
-    cli.main(["run", "no_such_activation", "--no-wait"], standalone_mode=False)
+    cli.entry(["run", "no_such_activation", "--no-wait"], standalone_mode=False)
 except click.ClickException as err:
     seen["error"] = err.message
 seen["after"] = {_COMMAND_STATE}
@@ -193,7 +195,8 @@ print(json.dumps(seen))
     assert "no activation named 'no_such_activation'" in seen["error"]
     assert seen["before"] == [True, 700, False]
     assert seen["loading"] == [False, 700, False]
-    assert seen["after"] == [True, YOUNG_THRESHOLD, True]
+    assert seen["loaded"] == [True, YOUNG_THRESHOLD, True]  # before the run itself
+    assert seen["after"] == seen["loaded"]
     assert seen["delivering"] == seen["after"]
 
 
@@ -243,7 +246,7 @@ print(json.dumps(seen))
 def test_the_serving_commands_start_up_without_the_collector_and_serve_set_for_good(
     command: list[str], tmp_path: Path
 ) -> None:
-    """`cdp-activation sandbox` and `webhooks serve` (their click commands, in a fresh
+    """`cdp-activation sandbox` and `webhooks serve` (their entry point, in a fresh
     interpreter, uvicorn's `run` stood in for): the collector off while they import, then
     start-up frozen and young passes rare by the time they serve."""
     code = f"""
@@ -259,7 +262,7 @@ def watched():
     load()
     seen["starting"] = {_STATE_10K}
 heap.start_up = watched
-cli.main({command!r}, standalone_mode=False)
+cli.entry({command!r}, standalone_mode=False)
 print(json.dumps(seen))
 """
     seen = _run(code, tmp_path)
@@ -294,3 +297,64 @@ print(json.dumps(seen))
         [True, YOUNG_THRESHOLD, True],
         [True, YOUNG_THRESHOLD, True],
     ]
+
+
+def test_a_command_that_fails_before_its_definitions_load_leaves_the_collector_on(
+    tmp_path: Path,
+) -> None:
+    """A bad `--param` fails `run` after its start-up began: the collector is on again."""
+    code = f"""
+import gc, json, click
+from cdp_activation.cli import main as cli
+try:
+    cli.entry(["run", "winback_whatsapp", "--param", "no-equals-sign"], standalone_mode=False)
+except click.BadParameter as err:
+    failed = err.format_message()
+print(json.dumps([failed, {_STATE_10K}]))
+"""
+    failed, state = _run(code, tmp_path)
+
+    assert "is not NAME=VALUE" in failed
+    assert state == [True, YOUNG_THRESHOLD, True]
+
+
+def test_a_program_calling_the_command_itself_keeps_its_collector_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """The click command called from another program (Airflow, a notebook): its definitions
+    load, it fails or not, and that program's collector is as it was, nothing frozen."""
+    (tmp_path / "home").mkdir()
+    code = f"""
+import gc, json, os, click
+os.environ.update(DAGSTER_HOME={str(tmp_path / "home")!r},
+                  CDP_LEDGER_URL="sqlite:///{tmp_path}/ledger.sqlite")
+from cdp_activation.cli import main as cli
+import cdp_activation.cli.runner as runner
+seen = []
+load = runner.load_definitions
+def watched(*args, **kwargs):
+    seen.append({_STATE_10K})
+    return load(*args, **kwargs)
+runner.load_definitions = watched
+for args in (["run", "no_such_activation", "--no-wait"], ["run", "x", "--param", "bad"]):
+    try:
+        cli.main(args, standalone_mode=False)
+    except click.ClickException:
+        pass
+seen.append({_STATE_10K})
+print(json.dumps(seen))
+"""
+    assert _run(code, tmp_path) == [[True, 700, False]] * 2
+
+
+def test_a_second_start_up_in_a_process_set_for_good_changes_nothing(tmp_path: Path) -> None:
+    code = """
+import gc, json
+from cdp_activation import heap
+heap.start_up()
+heap.started()
+frozen = gc.get_freeze_count()
+heap.start_up()  # a second command in the same process
+print(json.dumps([gc.isenabled(), gc.get_freeze_count() == frozen]))
+"""
+    assert _run(code, tmp_path) == [True, True]

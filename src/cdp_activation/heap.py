@@ -11,7 +11,8 @@ SQLAlchemy): measured here, 12% of the engine's CPU and 20% of the receiver's
 Two settings, together:
 
 - `gc.collect()` then `gc.freeze()` moves everything alive then (modules, classes, settings,
-  an earlier step's objects) out of every later pass;
+  an earlier step's objects) out of every later pass (a command's start-up: `gc.freeze()`
+  alone, below);
 - the young threshold goes from 700 to 50,000 net new objects: the same garbage is still
   collected, a few times a second at most instead of hundreds, with at most ~50,000
   uncollected objects in between (a few MB).
@@ -25,11 +26,14 @@ is left as it is, and a young threshold set higher than this is kept.
 A command that runs activations (`cdp-activation run`, `preview`, `fallback`, `demo`) starts
 by importing Dagster, polars and SQLAlchemy and loading the definitions: a million objects
 that all live on, which the collector walks again and again as they pile up, for nothing
-(4.23 -> 3.12 s CPU for a 200-recipient run, `python -m bench startup`). Such a command, and
-a serving one (`sandbox`, `webhooks serve`), turns the collector off for its start-up
-(`start_up`); the end of it (`started`: the definitions loaded, or a delivery or a server
-starting first) freezes what it made and sets the process for good, as the receiver's: the
-command ends with its runs, the server lives to serve.
+(4.23 -> 3.12 s CPU for a 200-recipient run, `python -m bench startup`). In a process of its
+own (the `cdp-activation` script, not a program calling the click command), such a command,
+and a serving one (`sandbox`, `webhooks serve`), turns the collector off for its start-up
+(`start_up`). Start-up ends (`started`) at the first of: the definitions loaded, a wait
+behind another run of the activation, a delivery, a server starting, the command's end. Then
+what it made is frozen, without a collection first (start-up leaves next to no garbage), and
+the process is set for good, as the receiver's: the command ends with its runs, the server
+lives to serve.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def start_up() -> None:
     (a process whose collector is already off is left as it is)."""
     global _starting
     with _lock:
-        if gc.isenabled() and not _starting:
+        if gc.isenabled() and not _starting and not _for_good:
             gc.disable()
             _starting = True
 

@@ -28,6 +28,22 @@ from cdp_activation.plugins import plugins, status_routes
 from cdp_activation.settings import SANDBOX_PORT, get_settings, project_root
 
 console = Console(stderr=True)
+_OWN_PROCESS = False  # the command runs in a process of its own (`entry`), not in a caller's
+
+
+def entry(args: list[str] | None = None, **options: Any) -> Any:
+    """The `cdp-activation` command and `python -m cdp_activation.cli.main`: the process is
+    the command's own, so its start-up may set the collector for it (heap.py). A program
+    that calls `main` itself keeps its collector as it is."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
+    return main(args, **options)
+
+
+def _start_up() -> None:
+    """The collector off until the command's start-up ends, in a process of its own."""
+    if _OWN_PROCESS:
+        heap.start_up()
 
 
 class _Main(click.Group):
@@ -53,6 +69,10 @@ class _Main(click.Group):
             failure = click.ClickException(str(cause))
             failure.exit_code = code  # type: ignore[misc]
             raise failure from None
+        finally:
+            # A command that failed before its definitions loaded (bad settings, a busy
+            # activation) leaves no collector off behind it, e.g. in a caller's process.
+            heap.started()
 
 
 @click.group(
@@ -135,7 +155,7 @@ def demo(
     if live:
         _live_demo(customers, seed, port, activate, events_per_minute, minutes)
         return
-    heap.start_up()  # until the definitions are loaded (heap.py)
+    _start_up()  # for the imports (heap.py)
     from cdp_activation.audience.warehouse import duckdb_path
     from cdp_activation.cli.runner import (
         ensure_dagster_home,
@@ -165,6 +185,9 @@ def demo(
     # Anchor the data at the start of the partition's day: every demo run of the same day
     # sees the same warehouse, so a second run has nothing new to send.
     as_of = datetime.combine(datetime.fromisoformat(partition), dtime.min, tzinfo=UTC)
+    # The imports were the start-up: the warehouse and the servers' waits come next, with the
+    # collector on (the definitions load later, after them).
+    heap.started()
     console.print(f"[bold]1/5[/] demo warehouse: {customers:,} customers → {path}")
     counts = generate_demo_warehouse(path, customers=customers, seed=seed, as_of=as_of)
     console.print("    " + ", ".join(f"{t} {n:,}" for t, n in counts.items()))
@@ -666,7 +689,7 @@ def _run(
     workers: int | None = None,
     in_flight: int | None = None,
 ) -> Any:
-    heap.start_up()  # until the definitions are loaded (heap.py)
+    _start_up()  # until the definitions are loaded (heap.py)
     from cdp_activation.cli.runner import (
         ActivationNotFound,
         current_partition,
@@ -827,7 +850,7 @@ def fallback(
     no_wait: bool,
     wait_timeout: float | None,
 ) -> None:
-    heap.start_up()  # until the definitions are loaded (heap.py)
+    _start_up()  # until the definitions are loaded (heap.py)
     from cdp_activation.cli.runner import ActivationNotFound, run_fallback
 
     window = _window(send_window)
@@ -945,7 +968,7 @@ def connectors() -> None:
 @click.option("--port", default=SANDBOX_PORT, show_default=True)
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 def sandbox(host: str, port: int, access_log: bool) -> None:
-    heap.start_up()  # until it serves (heap.py)
+    _start_up()  # until it serves (heap.py)
     from cdp_activation.sandbox.server import serve
 
     console.print(f"sandbox provider on http://{host}:{port} (Ctrl-C to stop)")
@@ -1118,7 +1141,7 @@ def webhooks() -> None:
     help="A line per request (query strings left out). The metrics count requests anyway.",
 )
 def webhooks_serve(host: str, port: int | None, access_log: bool) -> None:
-    heap.start_up()  # until it serves (heap.py)
+    _start_up()  # until it serves (heap.py)
     import uvicorn
 
     from cdp_activation.feedback.receiver import access_log_config, create_app
@@ -1502,4 +1525,4 @@ def _fallback_table(summary: Any) -> Table:
 
 
 if __name__ == "__main__":
-    main()
+    entry()
