@@ -42,6 +42,11 @@ GOAL_CPU_S = 2.0
 # on a version that has it.
 START_UP = "from cdp_activation import heap; getattr(heap, 'start_up', lambda: None)(); "
 IMPORTS = START_UP + "import cdp_activation.cli.runner"
+# The `cdp-activation` script of the version measured (its entry point has changed name).
+COMMAND = (
+    "import sys; from cdp_activation.cli import main as m; "
+    "sys.exit((getattr(m, 'entry', None) or m.main)())"
+)
 LOAD = START_UP + (
     "from cdp_activation.cli.runner import load_definitions; load_definitions(tolerant=True)"
 )
@@ -61,7 +66,7 @@ class Version:
 
     def parts(self) -> dict[str, Callable[[], tuple[float, float]]]:
         python = sys.executable
-        run = [str(Path(python).parent / "cdp-activation"), *self.project.command("run", 200)[1:]]
+        run = [python, "-c", COMMAND, *self.project.command("run", 200)[1:]]
 
         def fresh_run() -> tuple[float, float]:
             ledger = self.project.fresh_ledger()
