@@ -8,6 +8,7 @@ strings, and the cache runs on a real SQLite file and a real PostgreSQL server.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -28,6 +29,7 @@ from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
 from cdp_activation import phone_parsing
 from cdp_activation.demo.data import generate_demo_warehouse
+from cdp_activation.policy import phones
 from cdp_activation.policy.phone_cache import PhoneCache
 from cdp_activation.policy.phones import (
     PHONE_TYPES,
@@ -244,6 +246,70 @@ def test_fast_path_ignores_the_region_like_phonenumbers_does() -> None:
     rng = random.Random(5)
     regions = [rng.choice(["GB", "US", "DE", "IT", "gb", "", None, "XX", "001"]) for _ in numbers]
     assert_frame_matches_reference(numbers, regions)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["(?=1)1", "(?!0)1", "(?<=1)2", "(?<!1)2", "(1)\\1", "(?P<a>1)(?P=a)", "(?>12)"],
+)
+def test_the_syntax_check_refuses_what_polars_regex_engine_refuses(pattern: str) -> None:
+    """The fast path asks whether polars (Rust `regex`) takes a metadata pattern by reading it,
+    not compiling it: what the engine refuses, the check refuses."""
+    assert not phones._rust_regex_ok(pattern)
+    assert not phones._rust_syntax_ok(pattern)
+
+
+@pytest.mark.parametrize("pattern", ["1++", "1{2}+"])
+def test_the_syntax_check_refuses_possessive_quantifiers_rust_reads_otherwise(
+    pattern: str,
+) -> None:
+    """Python reads `1++` as possessive, Rust as `(1+)+`: not the same pattern, so not fast."""
+    assert phones._rust_regex_ok(pattern)
+    assert not phones._rust_syntax_ok(pattern)
+
+
+@pytest.mark.parametrize("pattern", ["\\d{3}", "(?:12|3)[0-9]?", "(?P<a>1)2", "[2-9]\\d{7}"])
+def test_the_syntax_check_takes_what_metadata_patterns_use(pattern: str) -> None:
+    assert phones._rust_regex_ok(pattern)
+    assert phones._rust_syntax_ok(pattern)
+
+
+def test_every_metadata_pattern_the_syntax_check_takes_compiles_in_polars() -> None:
+    taken = [
+        pattern
+        for cc in COUNTRY_CODE_TO_REGION_CODE
+        if (country := phones._country(cc)) is not None
+        for region in country.regions
+        for pattern in region.patterns()
+    ]
+    assert len(taken) > 1_000
+    assert all(phones._rust_regex_ok(pattern) for pattern in taken)
+
+
+def test_a_country_pattern_polars_refuses_at_use_sends_its_numbers_to_phonenumbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pattern the syntax check missed but polars refuses (here: a look-ahead forced into
+    the UK's rules) costs those numbers a parse, never a failure or a wrong answer."""
+    uk = phones._country(44)
+    assert uk is not None
+    region = uk.regions[0]
+    broken = dataclasses.replace(
+        region,
+        general=dataclasses.replace(region.general, pattern="(?=7)" + region.general.pattern),
+    )
+    original = phones._country
+    monkeypatch.setattr(
+        phones,
+        "_country",
+        lambda cc: dataclasses.replace(uk, regions=(broken,)) if cc == 44 else original(cc),
+    )
+    numbers = ["+447400123456", "+442079460000", "+12025550143", "+4474001"]
+    codes = fast_codes(pl.Series(numbers)).to_list()
+
+    slow = phones._SLOW
+    assert [code == slow for code in codes] == [True, True, False, True]
+    assert_frame_matches_reference(numbers, [None] * len(numbers))
 
 
 @pytest.fixture(scope="module")
