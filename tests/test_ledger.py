@@ -1022,3 +1022,17 @@ def test_signature_refusals_from_receivers_at_once_add_up(ledger_url: str) -> No
     finally:
         for ledger in receivers:
             ledger.dispose()
+
+
+def test_a_sqlite_ledger_has_each_commit_on_disk_before_it_returns(tmp_path: Path) -> None:
+    """A claim must outlive a power loss or an OS crash (its request goes out right after),
+    and so must a status report or a STOP answered 200: SQLite's WAL synced at every commit
+    (`synchronous=FULL`), not only at checkpoints, on every connection of the pool."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/ledger.sqlite")
+    try:
+        with ledger.engine.connect() as first, ledger.engine.connect() as second:
+            for con in (first, second):
+                assert con.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+                assert con.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        ledger.dispose()
