@@ -168,7 +168,7 @@ def test_a_command_starts_up_without_the_collector_then_sets_its_process_for_goo
     (tmp_path / "home").mkdir()
     code = f"""
 import gc, json, os
-os.environ.update(DAGSTER_HOME={str(tmp_path / "home")!r},
+os.environ.update(DAGSTER_HOME={str(tmp_path / "home")!r}, CDP_SANDBOX="0",
                   CDP_LEDGER_URL="sqlite:///{tmp_path}/ledger.sqlite")
 import click
 from cdp_activation import heap

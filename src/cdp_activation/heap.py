@@ -23,21 +23,21 @@ the receiver's process, which lives to take reports, sets them once and for good
 (`tune_for_serving`), whatever deliveries it also runs. A process whose collector was disabled
 is left as it is, and a young threshold set higher than this is kept.
 
-A command that runs activations (`cdp-activation run`, `preview`, `fallback`, `demo`) starts
-by importing Dagster, polars and SQLAlchemy and loading the definitions: a million objects
-that all live on, which the collector walks again and again as they pile up, for nothing.
-In a process of its own (the `cdp-activation` script, not a program calling the click
-command), such a command, and a serving one (`sandbox`, `webhooks serve`), turns the
-collector off for its start-up (`start_up`). Start-up ends (`started`) at the first of: the
-definitions loaded, a wait behind another run of the activation, a delivery, a server
-starting, the command's end. What it made is then frozen for the rest of the process,
-without a collection first (start-up leaves next to no garbage), and the collector is on
-again with its own thresholds. A delivery in that process gives its threshold back when it
-ends but not its freeze: unfrozen, start-up's objects were walked again by every old pass
-of the steps after the delivery, ~1 s of a 200-recipient run's CPU. Together: 0.72 of the
-CPU for that run (`python -m bench startup`). The young threshold stays 700 outside
-deliveries: raised for the whole command it saved ~0.1 s more but kept ~70 MB more at the
-peak of a 1,000,000-customer run (cyclic garbage holding frames collected later).
+A command that runs activations (`cdp-activation run`, `preview`, `fallback`, `demo`) starts by
+importing Dagster, polars and SQLAlchemy and loading the definitions: a million objects that
+all live on, which the collector walks again and again as they pile up, for nothing. In a
+process of its own (the `cdp-activation` script, not a program calling the click command), such
+a command, and a serving one (`sandbox`, `webhooks serve`), turns the collector off for its
+start-up (`start_up`). Start-up ends (`started`) at the first of: the definitions loaded, a
+wait behind another run of the activation, a local sandbox started for the run, a delivery, a
+server starting, the command's end. What it made is then frozen for the rest of the process,
+without a collection first (start-up leaves next to no garbage), and the collector is on again
+with its own thresholds. A delivery in that process raises the young threshold while it runs
+and freezes nothing more; it never unfreezes start-up: unfrozen, start-up's objects were walked
+again by every old pass of the steps after the delivery, ~1 s of a 200-recipient run's CPU.
+Together: 0.72 of the CPU for that run (`python -m bench startup`). The young threshold stays
+700 outside deliveries: raised for the whole command it saved ~0.1 s more but kept ~70 MB more
+at the peak of a 1,000,000-customer run (cyclic garbage holding frames collected later).
 """
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ _delivering = 0  # deliveries running in this process
 _threshold_before: tuple[int, int, int] | None = None
 
 
-def _freeze_and_raise() -> tuple[int, int, int]:
+def _freeze_and_raise(freeze: bool = True) -> tuple[int, int, int]:
     """Freeze what is alive now and raise the young threshold; the thresholds before."""
     before = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
+    if freeze:
+        gc.collect()
+        gc.freeze()
     young, middle, old = before
     if 0 < young < YOUNG_THRESHOLD:
         gc.set_threshold(YOUNG_THRESHOLD, middle, old)
@@ -72,13 +73,14 @@ def _freeze_and_raise() -> tuple[int, int, int]:
 def delivering() -> Iterator[None]:
     """The collector set for a delivery while it runs, and as it was once the last delivery
     running here ends (what it froze is collectable again: a long-lived process running many
-    deliveries keeps nothing for good)."""
+    deliveries keeps nothing for good). After a command's start-up, which stays frozen, a
+    delivery only raises the threshold: it freezes nothing of the run for good."""
     global _delivering, _threshold_before
     with _lock:
         _delivering += 1
         _end_start_up()
         if _delivering == 1 and gc.isenabled() and not _for_good:
-            _threshold_before = _freeze_and_raise()
+            _threshold_before = _freeze_and_raise(freeze=not _started_up)
     try:
         yield
     finally:

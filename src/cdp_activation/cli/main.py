@@ -889,6 +889,7 @@ def _start_sandbox_if_needed(stack: ExitStack, activation: str) -> None:
     names = _connectors_of(activation) or set(plugins())
     urls = [plugins()[n].base_url(settings.connector_settings(n)) for n in names if n in plugins()]
     if any(url.startswith(sandbox) for url in urls):
+        heap.started()  # its wait polls for up to 20 s: not with the collector off (heap.py)
         _sandbox_url(stack, settings.sandbox_port, step="")
 
 

@@ -11,8 +11,8 @@ takes over 13 minutes. So `normalise_frame` works in three tiers, all giving the
    (`leading_digits`, else the first region whose patterns match). This mirrors
    `region_code_for_number`, `_region_code_for_number_from_list`, `is_valid_number_for_region`
    and `_number_type_helper` rule for rule; `tests/test_phones.py` proves it on 250,000+ numbers.
-   Numbers whose national prefix for parsing could alter them (e.g. `+44 0…`), and every region
-   whose patterns the Rust regex engine cannot compile, go to tier 2 instead.
+   Numbers whose national prefix for parsing could alter them (e.g. `+44 0…`), and every country
+   whose patterns use syntax the Rust regex engine lacks or reads otherwise, go to tier 2.
 2. Everything else (national formats, spaces, junk) goes through `phonenumbers`, once per
    distinct (raw, region) pair.
 3. With a `PhoneCache`, tier-2 answers are kept beside the ledger, so a later run calls
@@ -68,6 +68,7 @@ _UNKNOWN = _CODE["unknown"]
 _INVALID = len(PHONE_TYPES)
 _MISSING = _INVALID + 1
 _SLOW = _INVALID + 2
+_REFUSED_BY_POLARS: set[int] = set()  # calling codes whose patterns polars refused at use
 _RARE = _INVALID + 3  # internal: one of the rarer types may match, run the full chain
 _CODE_DTYPE = pl.UInt8
 
@@ -130,18 +131,27 @@ def _rust_regex_ok(pattern: str) -> bool:
     return True
 
 
-# What Python's `re` takes and Rust's `regex` refuses: look-around, back-references, atomic
-# groups, possessive quantifiers (flagging a little more, e.g. an escaped "+" repeated, only
-# sends those numbers to phonenumbers).
-_NOT_RUST_SYNTAX = re.compile(r"\(\?<?[=!]|\(\?>|\\[1-9]|\(\?P=|[*+?}]\+")
+# The syntax phonenumbers' metadata patterns use, which Python's `re` and Rust's `regex`
+# (polars) read alike on ASCII digits: digits, `\d`, groups, alternation, classes, counted and
+# optional repetition, anchors. Anything else (look-around, back-references, named or atomic
+# groups, nested classes or class set operations, which Rust reads otherwise) is not taken,
+# nor a possessive quantifier (`1++`: Python's possessive, Rust's nested repetition).
+_RUST_ALIKE = re.compile(r"(?:\\d|\(\?:|[0-9()|\[\]^{},?*+$-])*")
+_NESTED_CLASS = re.compile(r"\[[^\]]*\[")
+_POSSESSIVE = re.compile(r"[*+?}]\+")
 
 
 def _rust_syntax_ok(pattern: str) -> bool:
-    """`_rust_regex_ok` without compiling: a metadata pattern of modest size that uses none of
-    what Rust's `regex` lacks. Compiling each of a country's patterns once to ask cost ~0.5 ms
-    each, 0.27 s for the demo's 34 countries in every process; a refusal left unseen here is
-    caught where the pattern is used (`_fast_chunk`)."""
-    return _NOT_RUST_SYNTAX.search(pattern) is None
+    """`_rust_regex_ok` without compiling: the pattern uses only syntax both engines read the
+    same way (`_RUST_ALIKE`). Compiling each of a country's patterns to ask cost ~0.5 ms
+    each, 0.27 s for the demo's 34 countries in every process; a refusal by polars left unseen
+    here is caught where the pattern is used (`_fast_chunk`)."""
+    return (
+        _RUST_ALIKE.fullmatch(pattern) is not None
+        and "--" not in pattern
+        and _NESTED_CLASS.search(pattern) is None
+        and _POSSESSIVE.search(pattern) is None
+    )
 
 
 def _full(pattern: str) -> str:
@@ -460,7 +470,7 @@ def _fast_chunk(raws: pl.Series) -> pl.Series:
     groups = frame.filter(pl.col("cc").is_not_null()).partition_by("cc", as_dict=True)
     for (cc_value,), group in groups.items():
         country = _country(int(cc_value))
-        if country is None:
+        if country is None or country.cc in _REFUSED_BY_POLARS:
             parts.append(group.select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code")))
         else:
             try:
@@ -468,7 +478,9 @@ def _fast_chunk(raws: pl.Series) -> pl.Series:
             except pl.exceptions.ComputeError as err:
                 if "regex" not in str(err):
                     raise
-                # A pattern polars' regex engine refuses after all: phonenumbers judges these.
+                # A pattern polars' regex engine refuses after all: phonenumbers judges these,
+                # and the country's numbers of every later chunk and call.
+                _REFUSED_BY_POLARS.add(country.cc)
                 parts.append(group.select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code")))
     judged = pl.concat(parts)
     return pl.repeat(_SLOW, len(raws), dtype=_CODE_DTYPE, eager=True).scatter(
