@@ -357,3 +357,36 @@ heap.start_up()  # a second command in the same process
 print(json.dumps([gc.isenabled(), gc.get_freeze_count() == frozen]))
 """
     assert _run(code, tmp_path) == [True, True]
+
+
+def test_a_run_that_starts_the_local_sandbox_waits_for_it_with_the_collector_on(
+    tmp_path: Path,
+) -> None:
+    """In sandbox mode a run starts the sandbox its connectors point at, and waits up to 20 s
+    for it to answer (the wait stood in for here): start-up ends before that wait."""
+    (tmp_path / "home").mkdir()
+    code = f"""
+import gc, json, os
+for name in [name for name in os.environ if name.startswith("CDP_")]:
+    del os.environ[name]
+os.environ.update(DAGSTER_HOME={str(tmp_path / "home")!r}, CDP_SANDBOX="1",
+                  CDP_LEDGER_URL="sqlite:///{tmp_path}/ledger.sqlite")
+from cdp_activation.cli import main as cli
+import cdp_activation.cli.runner as runner
+seen = {{}}
+def sandbox_url(stack, port, step=""):
+    seen["waiting for the sandbox"] = {_STATE_10K}
+    return "http://127.0.0.1:9"
+cli._sandbox_url = sandbox_url
+class Stop(Exception):
+    pass
+def load_definitions(*args, **kwargs):
+    raise Stop
+runner.load_definitions = load_definitions
+try:
+    cli.entry(["run", "winback_whatsapp", "--no-wait"], standalone_mode=False)
+except Stop:
+    pass
+print(json.dumps(seen))
+"""
+    assert _run(code, tmp_path) == {"waiting for the sandbox": [True, 700, True]}
