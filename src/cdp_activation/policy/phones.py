@@ -352,6 +352,20 @@ def _type_codes(frame: pl.DataFrame, region: _Region) -> pl.Series:
     return codes.scatter(flagged, exact)
 
 
+def _judge_fast(frame: pl.DataFrame, country: _Country | None) -> pl.DataFrame | None:
+    """`_judge_country`, or None where the country takes the slow path: no fast rules, or a
+    pattern polars' regex engine refused after all (remembered for every later chunk)."""
+    if country is None or country.cc in _REFUSED_BY_POLARS:
+        return None
+    try:
+        return _judge_country(frame, country)
+    except pl.exceptions.ComputeError as err:
+        if "regex" not in str(err):
+            raise
+        _REFUSED_BY_POLARS.add(country.cc)
+        return None
+
+
 def _judge_country(frame: pl.DataFrame, country: _Country) -> pl.DataFrame:
     """(idx, code) for the numbers of one calling code; code `_SLOW` hands a number on."""
     parts: list[pl.DataFrame] = []
@@ -469,19 +483,10 @@ def _fast_chunk(raws: pl.Series) -> pl.Series:
     parts = [_invalid(frame.filter(pl.col("cc").is_null()))]  # parse(): unknown country code
     groups = frame.filter(pl.col("cc").is_not_null()).partition_by("cc", as_dict=True)
     for (cc_value,), group in groups.items():
-        country = _country(int(cc_value))
-        if country is None or country.cc in _REFUSED_BY_POLARS:
-            parts.append(group.select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code")))
-        else:
-            try:
-                parts.append(_judge_country(group.drop("cc"), country))
-            except pl.exceptions.ComputeError as err:
-                if "regex" not in str(err):
-                    raise
-                # A pattern polars' regex engine refuses after all: phonenumbers judges these,
-                # and the country's numbers of every later chunk and call.
-                _REFUSED_BY_POLARS.add(country.cc)
-                parts.append(group.select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code")))
+        judged_here = _judge_fast(group.drop("cc"), _country(int(cc_value)))
+        if judged_here is None:  # phonenumbers judges them
+            judged_here = group.select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code"))
+        parts.append(judged_here)
     judged = pl.concat(parts)
     return pl.repeat(_SLOW, len(raws), dtype=_CODE_DTYPE, eager=True).scatter(
         judged["idx"], judged["code"]
