@@ -270,8 +270,7 @@ def decide(
 
     def per_row(rows: pl.LazyFrame) -> pl.LazyFrame:
         return (
-            rows.with_columns(e164_number(pl.col("phone_e164")).alias("_number"))
-            .with_columns(**tests)
+            rows.with_columns(**row_tests)
             .with_columns(
                 _first_failing(
                     [
@@ -322,6 +321,17 @@ def decide(
         if windows
         else pl.lit(None, dtype=pl.Datetime("us", "UTC"))
     )
+    # Tests that look the customer id or the number up in a set built from a list (capped
+    # customers, suppressed numbers, opt-outs) run once over the whole columns: a query
+    # builds such a set again every time it runs, and slice by slice (`_row_wise`) the
+    # 1,800,000 capped ids of 10,000,000 customers cost 0.55 s; once, 0.04 s. Only those two
+    # columns are read, so nothing of the frame is copied; the tests add a bit a row each.
+    keys = pl.DataFrame([frame["customer_id"], frame["phone_e164"]]).select(
+        "customer_id", e164_number(pl.col("phone_e164")).alias("_number")
+    )
+    lookups = {n: t for n, t in tests.items() if set(t.meta.root_names()) <= set(keys.columns)}
+    row_tests = {n: t for n, t in tests.items() if n not in lookups}
+    frame = frame.hstack(keys.select(pl.col("_number"), **lookups).get_columns())
     frame = _row_wise(frame, per_row)
 
     # Exclusion reasons: worked out once per distinct combination of codes (a few dozen).
