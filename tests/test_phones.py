@@ -30,7 +30,7 @@ from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 from cdp_activation import phone_parsing
 from cdp_activation.demo.data import generate_demo_warehouse
 from cdp_activation.policy import phones
-from cdp_activation.policy.phone_cache import PhoneCache
+from cdp_activation.policy.phone_cache import TABLE, PhoneCache
 from cdp_activation.policy.phones import (
     PHONE_TYPES,
     STATUS_INVALID,
@@ -578,10 +578,33 @@ def test_a_new_phonenumbers_version_invalidates_cached_answers(ledger_url: str) 
         assert out["phone_status"].to_list() == ["ok"]
         assert current.lookup(pairs)["status"].to_list() == ["ok"]  # replaced, not duplicated
         with current.engine.connect() as con:
-            rows = con.execute(sa.text("SELECT count(*) FROM phone_lookups")).scalar_one()
+            rows = con.execute(sa.text(f"SELECT count(*) FROM {TABLE}")).scalar_one()
         assert rows == 1
     finally:
         current.dispose()
+
+
+def test_a_cache_entry_is_found_by_the_keyed_digest_anyone_with_the_key_can_recompute(
+    ledger_url: str,
+) -> None:
+    """The digest is HMAC-SHA256 of "raw\\x1fregion" under the key, its first 16 bytes in hex;
+    the cache that kept BLAKE2b digests (`phone_lookups`) is dropped, not read."""
+    import hashlib
+    import hmac
+
+    with sa.create_engine(ledger_url).begin() as con:
+        con.exec_driver_sql("CREATE TABLE phone_lookups (digest TEXT PRIMARY KEY)")
+        con.exec_driver_sql("INSERT INTO phone_lookups VALUES ('0123456789abcdef')")
+    cache = PhoneCache(ledger_url, key=KEY)
+    try:
+        normalise_frame(pl.DataFrame({"phone": ["07400 123456"], "country": ["GB"]}), cache=cache)
+        with cache.engine.connect() as con:
+            stored = con.execute(sa.text(f"SELECT digest, country_code, digits FROM {TABLE}")).all()
+            assert not sa.inspect(con).has_table("phone_lookups")
+        expected = hmac.new(KEY, b"07400 123456\x1fGB", hashlib.sha256).hexdigest()[:32]
+        assert [tuple(row) for row in stored] == [(expected, 44, 10)]
+    finally:
+        cache.dispose()
 
 
 def test_cache_shares_the_ledger_engine(ledger_url: str, tmp_path: Path) -> None:
@@ -616,7 +639,7 @@ def test_the_cache_keeps_no_phone_number_and_is_useless_without_its_key(ledger_u
         with cache.engine.connect() as con:
             stored = " ".join(
                 str(value)
-                for row in con.execute(sa.text("SELECT * FROM phone_lookups"))
+                for row in con.execute(sa.text(f"SELECT * FROM {TABLE}"))
                 for value in row
             )
         for number in expected["phone_e164"].drop_nulls().to_list():

@@ -1,8 +1,8 @@
 """Personal data kept as little and as briefly as the work allows.
 
 - **Keyed hashes instead of numbers.** Where a number is only looked up, never sent (the phone
-  cache), the key is a keyed BLAKE2b digest (`CDP_PII_HASH_KEY`): without the key a digest
-  cannot be matched against the ~10^10 possible numbers of a country. No key configured
+  cache), the key is a keyed digest (HMAC-SHA256 under `CDP_PII_HASH_KEY`): without the key
+  a digest cannot be matched against the ~10^10 possible numbers of a country. No key configured
   (outside sandbox mode) means nothing derived from a number is kept at all.
 - **Retention** (`retention.py`; `CDP_PII_RETENTION_DAYS`, 90 by default): `purge` takes
   the number, the message text and the provider's error text out of finished sends older
@@ -19,11 +19,13 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cdp_activation.settings import SANDBOX_PII_HASH_KEY, get_settings, sandbox_mode
+
+if TYPE_CHECKING:
+    import polars as pl
 
 DIGEST_BYTES = 16  # 128 bits: no collision among any warehouse's numbers
 
@@ -37,15 +39,17 @@ def pii_key() -> bytes | None:
     return SANDBOX_PII_HASH_KEY.encode() if sandbox_mode() else None
 
 
-def keyed_digests(values: Sequence[str], key: bytes) -> list[str]:
-    """Hex BLAKE2b digests of `values` under `key` (BLAKE2's own keyed mode, a MAC)."""
-    keyed = hashlib.blake2b(key=key, digest_size=DIGEST_BYTES)  # the key block, hashed once
-    digests = []
-    for value in values:
-        digest = keyed.copy()
-        digest.update(value.encode())
-        digests.append(digest.hexdigest())
-    return digests
+def keyed_digest(text: pl.Expr, key: bytes) -> pl.Expr:
+    """Per value, its HMAC-SHA256 under `key`, the first `DIGEST_BYTES` of it in hex
+    (HMAC-SHA256-128): in polars, on every core (polars-hash), not a Python call per value.
+
+    Anyone holding the key can recompute one: `hmac.new(key, value.encode(), "sha256")
+    .hexdigest()[:32]`. The key is text (an environment variable), so it is UTF-8.
+    """
+    import polars_hash  # noqa: F401  # registers the `chash` expression namespace
+
+    digest = text.chash.hmac_sha256(key=key.decode())  # type: ignore[attr-defined]
+    return digest.str.head(2 * DIGEST_BYTES)
 
 
 SEALED_EXTENSION = ".sealed"  # Dagster's stored step outputs, sealed by storage.py

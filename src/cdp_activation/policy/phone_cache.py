@@ -5,9 +5,9 @@ phonenumbers, so only the others — national formats, spaces, junk — are wort
 costs ~80 µs of `phonenumbers.parse`, and a CRM column holds the same strings run after run.
 
 What is kept per (raw, region) is not the number but:
-- `digest`: a keyed BLAKE2b digest of the raw value and region (`pii.keyed_digests`, key
-  CDP_PII_HASH_KEY): it finds the entry again from the same raw value, and without the key
-  it cannot be matched against candidate numbers;
+- `digest`: a keyed digest of the raw value and region (HMAC-SHA256-128, `pii.keyed_digest`,
+  key CDP_PII_HASH_KEY): it finds the entry again from the same raw value, and without the
+  key it cannot be matched against candidate numbers;
 - a recipe for the E.164 form instead of the form itself: its country calling code and how
   many trailing digits of the raw value follow it (`+44` and the last 10 digits of
   "07400 123456"). The E.164 form is rebuilt from the raw value the audience brings again;
@@ -16,7 +16,9 @@ What is kept per (raw, region) is not the number but:
 - status, number type, the phonenumbers version, and when it was stored (for `purge`).
 
 Same database as the ledger (SQLite by default, PostgreSQL in production): one table, created
-if absent; the earlier `phone_numbers` table, which held raw numbers, is dropped on sight.
+if absent. Earlier tables are dropped on sight: `phone_numbers`, which held raw numbers, and
+`phone_lookups`, keyed by BLAKE2b digests computed one by one in Python (0.5 s for 600,000
+numbers; the digests are now computed in polars, and its entries could not be found again).
 A lookup sees only rows of the running phonenumbers version, and a store overwrites rows of
 any other, so upgrading phonenumbers silently re-validates instead of serving stale answers.
 
@@ -39,12 +41,13 @@ from cdp_activation.db import open_engine, read_frame
 METADATA_VERSION: str = phonenumbers.__version__
 _CHUNK = 200_000  # keys per statement: large enough to amortise, small enough for memory
 _SCAN_RATIO = 4  # read the whole table when asked for at least a quarter of its rows
-TABLE = "phone_lookups"
-_RAW_NUMBERS_TABLE = "phone_numbers"  # the earlier cache, keyed on raw numbers: dropped
+TABLE = "phone_digests"
+# Earlier caches, dropped on sight: keyed on raw numbers; on BLAKE2b digests.
+_EARLIER_TABLES = ("phone_numbers", "phone_lookups")
 
 metadata = sa.MetaData()
 
-phone_lookups = sa.Table(
+phone_digests = sa.Table(
     TABLE,
     metadata,
     sa.Column("digest", sa.String(64), primary_key=True),
@@ -54,6 +57,7 @@ phone_lookups = sa.Table(
     sa.Column("number_type", sa.Text, nullable=True),
     sa.Column("metadata_version", sa.Text, nullable=False),
     sa.Column("stored_at", sa.DateTime(timezone=True), nullable=False),
+    sqlite_with_rowid=False,  # stored once, in the key's order: a read of every entry is one scan
 )
 
 RESULT_SCHEMA: dict[str, pl.DataType] = {
@@ -150,18 +154,10 @@ class PhoneCache:
 
     def _keyed(self, pairs: pl.DataFrame) -> pl.DataFrame:
         """`pairs` (raw, region) with their `digest`."""
-        from cdp_activation.pii import keyed_digests
+        from cdp_activation.pii import keyed_digest
 
-        joined = (
-            pairs.select(
-                pl.concat_str(pl.col("raw"), pl.lit("\x1f"), pl.col("region").fill_null(""))
-            )
-            .to_series()
-            .to_list()
-        )
-        return pairs.with_columns(
-            pl.Series("digest", keyed_digests(joined, self.key), dtype=pl.String)
-        )
+        text = pl.concat_str(pl.col("raw"), pl.lit("\x1f"), pl.col("region").fill_null(""))
+        return pairs.with_columns(keyed_digest(text, self.key).alias("digest"))
 
     def lookup(self, pairs: pl.DataFrame) -> pl.DataFrame:
         """Cached answers for the (raw, region) rows of `pairs`; pairs never seen are absent.
@@ -175,7 +171,7 @@ class PhoneCache:
         if self._every is None:
             with self.engine.connect() as con:
                 cached = int(
-                    con.execute(sa.select(sa.func.count()).select_from(phone_lookups)).scalar_one()
+                    con.execute(sa.select(sa.func.count()).select_from(phone_digests)).scalar_one()
                 )
             stored = (
                 self._lookup_keys(keys["digest"])
@@ -257,7 +253,7 @@ class PhoneCache:
 
     def count(self) -> int:
         """Rows cached for this version (for tests and benchmarks)."""
-        query = sa.select(sa.func.count()).where(phone_lookups.c.metadata_version == self.version)
+        query = sa.select(sa.func.count()).where(phone_digests.c.metadata_version == self.version)
         with self.engine.connect() as con:
             return int(con.execute(query).scalar_one())
 
@@ -266,13 +262,14 @@ _READY: set[str] = set()  # database URLs whose table this process made sure of
 
 
 def ensure_table(engine: sa.Engine) -> None:
-    """Create the table if absent and drop the earlier one that held raw numbers: once per
+    """Create the table if absent and drop the earlier ones (`_EARLIER_TABLES`): once per
     database and process (a run builds a cache per decision step; no DDL each time)."""
     url = engine.url.render_as_string(hide_password=False)
     if url in _READY and sa.inspect(engine).has_table(TABLE):
         return
     with engine.begin() as con:
-        con.exec_driver_sql(f"DROP TABLE IF EXISTS {_RAW_NUMBERS_TABLE}")
+        for earlier in _EARLIER_TABLES:
+            con.exec_driver_sql(f"DROP TABLE IF EXISTS {earlier}")
         metadata.create_all(con)
     _READY.add(url)
 
@@ -281,9 +278,9 @@ def remove_entries(engine: sa.Engine, before: datetime | None) -> int:
     """Delete the cache's entries stored before `before` (all of them when None); returns how
     many. No key is needed: an entry is found by its age, not by its number."""
     ensure_table(engine)
-    statement = sa.delete(phone_lookups)
+    statement = sa.delete(phone_digests)
     if before is not None:
-        statement = statement.where(phone_lookups.c.stored_at < before)
+        statement = statement.where(phone_digests.c.stored_at < before)
     with engine.begin() as con:
         return max(con.execute(statement).rowcount or 0, 0)
 
