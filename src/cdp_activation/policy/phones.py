@@ -206,23 +206,38 @@ class _Region:
         union = _full("|".join(f"(?:{desc.pattern})" for _, desc in self.others))
         return union if _rust_regex_ok(union) else None
 
-    def type_code(self, nsn: pl.Expr, length: pl.Expr, rare: pl.Expr | None = None) -> pl.Expr:
-        """The `PhoneNumberType` code `_number_type_helper` gives, `_UNKNOWN` if none.
+    def type_code(self, frame: pl.DataFrame, rare: str | None = None) -> pl.Series:
+        """The `PhoneNumberType` code `_number_type_helper` gives each `nsn` of `frame`,
+        `_UNKNOWN` if none.
 
-        With `rare` (a superset of the rarer types' matches), those rows get `_RARE` instead of
-        their type, for the caller to settle with the full chain.
+        With `rare` (a pattern matching a superset of the rarer types' matches), those rows
+        get `_RARE` instead of their type, for the caller to settle with the full chain.
+        Each pattern runs once, into a column of its own, before the chain reads them: in
+        one expression polars ran the fixed-line and mobile patterns once for each place
+        the chain names them.
         """
+        nsn, length = pl.col("nsn"), pl.col("nsn_len")
         unknown = pl.lit(_UNKNOWN, dtype=_CODE_DTYPE)
         if self.general is None:
-            return unknown
-        chain: Any = pl.when(~self.general.matches(nsn, length)).then(unknown)
+            return pl.repeat(_UNKNOWN, frame.height, dtype=_CODE_DTYPE, eager=True).alias("code")
+        tests = {"general": self.general.matches(nsn, length)}
+        others = [] if rare is not None else list(self.others)
         if rare is not None:
-            chain = chain.when(rare).then(pl.lit(_RARE, dtype=_CODE_DTYPE))
-        else:
-            for code, desc in self.others:
-                chain = chain.when(desc.matches(nsn, length)).then(pl.lit(code, dtype=_CODE_DTYPE))
-        fixed = self.fixed_line.matches(nsn, length) if self.fixed_line else pl.lit(False)
-        mobile = self.mobile.matches(nsn, length) if self.mobile else pl.lit(False)
+            tests["rare"] = nsn.str.contains(rare)
+        for code, desc in others:
+            tests[f"type{code}"] = desc.matches(nsn, length)
+        if self.fixed_line:
+            tests["fixed"] = self.fixed_line.matches(nsn, length)
+        if self.mobile:
+            tests["mobile"] = self.mobile.matches(nsn, length)
+        matched = frame.select(**tests)
+        chain: Any = pl.when(~pl.col("general")).then(unknown)
+        if rare is not None:
+            chain = chain.when(pl.col("rare")).then(pl.lit(_RARE, dtype=_CODE_DTYPE))
+        for code, _ in others:
+            chain = chain.when(pl.col(f"type{code}")).then(pl.lit(code, dtype=_CODE_DTYPE))
+        fixed = pl.col("fixed") if self.fixed_line else pl.lit(False)
+        mobile = pl.col("mobile") if self.mobile else pl.lit(False)
         both = fixed if self.same_mobile_and_fixed_line else fixed & mobile
         chain = (
             chain.when(both)
@@ -232,7 +247,7 @@ class _Region:
         )
         if not self.same_mobile_and_fixed_line:
             chain = chain.when(mobile).then(pl.lit(_CODE["mobile"], dtype=_CODE_DTYPE))
-        return chain.otherwise(unknown)
+        return matched.select(chain.otherwise(unknown).alias("code")).to_series()
 
 
 @dataclass(frozen=True)
@@ -242,7 +257,15 @@ class _Country:
     cc: int
     prefix_for_parsing: str | None  # national_prefix_for_parsing of the main region
     empty_prefix_is_harmless: bool  # an empty match of it leaves the number unchanged
+    prefix_never_empty: bool  # it cannot match the empty string
     regions: tuple[_Region, ...]  # empty: no metadata, every number is invalid
+
+
+def _min_width(pattern: str) -> int:
+    """The fewest characters `pattern` can match (the stdlib's parser measures it)."""
+    from re import _parser  # type: ignore[attr-defined]
+
+    return int(_parser.parse(pattern).getwidth()[0])
 
 
 def _groups_can_be_empty(pattern: str) -> bool:
@@ -328,7 +351,8 @@ def _country(cc: int) -> _Country | None:
         patterns.extend(region.patterns())
     if not all(_rust_syntax_ok(p) for p in patterns):
         return None
-    return _Country(cc, prefix or None, harmless, tuple(regions))
+    never_empty = prefix is not None and prefix != "" and _min_width(prefix) > 0
+    return _Country(cc, prefix or None, harmless, never_empty, tuple(regions))
 
 
 def _type_codes(frame: pl.DataFrame, region: _Region) -> pl.Series:
@@ -338,18 +362,14 @@ def _type_codes(frame: pl.DataFrame, region: _Region) -> pl.Series:
     One pass with the union of the rare patterns (a superset of their matches: the length
     checks only narrow them) finds the few rows that need the full chain; the others skip it.
     """
-    nsn, length = pl.col("nsn"), pl.col("nsn_len")
     rare = region.rare_union
     if rare is None:
-        return frame.select(region.type_code(nsn, length).alias("code")).to_series()
-    codes = frame.select(
-        region.type_code(nsn, length, rare=nsn.str.contains(rare)).alias("code")
-    ).to_series()
+        return region.type_code(frame)
+    codes = region.type_code(frame, rare=rare)
     flagged = (codes == _RARE).arg_true()
     if flagged.is_empty():
         return codes
-    exact = frame[flagged].select(region.type_code(nsn, length).alias("code")).to_series()
-    return codes.scatter(flagged, exact)
+    return codes.scatter(flagged, region.type_code(frame[flagged]))
 
 
 def _judge_fast(frame: pl.DataFrame, country: _Country | None) -> pl.DataFrame | None:
@@ -372,15 +392,20 @@ def _judge_country(frame: pl.DataFrame, country: _Country) -> pl.DataFrame:
     if country.prefix_for_parsing:
         # parse() strips a national prefix even after "+CC" when it matches at the start, so
         # such numbers may come out different from their raw text: let phonenumbers say.
-        taken = pl.col("nsn").str.extract(f"^(?:{country.prefix_for_parsing})", 0)
-        rewritable = taken.is_not_null() & (
-            (taken.str.len_bytes() > 0) | pl.lit(not country.empty_prefix_is_harmless)
-        )
-        frame = frame.with_columns(rewritable.alias("rewritable"))
-        parts.append(
-            frame.filter("rewritable").select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code"))
-        )
-        frame = frame.filter(~pl.col("rewritable")).drop("rewritable")
+        prefix = f"^(?:{country.prefix_for_parsing})"
+        if country.prefix_never_empty:  # any match rewrites: no need to see what it took
+            rewritable = pl.col("nsn").str.contains(prefix)
+        else:
+            taken = pl.col("nsn").str.extract(prefix, 0)
+            rewritable = taken.is_not_null() & (
+                (taken.str.len_bytes() > 0) | pl.lit(not country.empty_prefix_is_harmless)
+            )
+        mask = frame.select(rewritable.fill_null(False)).to_series()
+        if mask.any():  # rare after "+CC": most chunks copy nothing
+            parts.append(
+                frame.filter(mask).select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code"))
+            )
+            frame = frame.filter(~mask)
     if len(country.regions) == 1:
         region = country.regions[0]
         codes = _type_codes(frame, region)
@@ -446,47 +471,50 @@ def fast_codes(raws: pl.Series) -> pl.Series:
 
 
 @cache
-def _country_code_table() -> tuple[list[int], list[int | None], list[int | None]]:
-    """For every 3-digit start 100-999: the country code `_extract_country_code` reads there.
+def _country_code_table() -> pl.Series:
+    """Indexed by a number's first three digits (100-999): the country code
+    `_extract_country_code` reads there, null below 100 or where there is none.
 
     It takes the first of the 1-, 2- and 3-digit prefixes that is a known code (none: the
     number is rejected). A lookup on the first three digits does the same in one pass.
     """
-    heads = list(range(100, 1000))
-    ccs: list[int | None] = []
-    for head in heads:
+    ccs: list[int | None] = [None] * 100
+    for head in range(100, 1000):
         text = str(head)
         found = next(
             (int(text[:w]) for w in (1, 2, 3) if int(text[:w]) in COUNTRY_CODE_TO_REGION_CODE),
             None,
         )
         ccs.append(found)
-    return heads, ccs, [None if cc is None else len(str(cc)) for cc in ccs]
+    return pl.Series("cc", ccs, dtype=pl.UInt16)
 
 
 def _fast_chunk(raws: pl.Series) -> pl.Series:
     frame = pl.DataFrame({"raw": raws}).with_row_index("idx")
     frame = frame.filter(pl.col("raw").str.contains(_E164_RAW))
-    # The pattern guarantees "+" or "00" then a non-zero digit: stripping "+" and "0" from the
-    # start leaves exactly the digits after the international prefix.
-    digits = pl.col("raw").str.strip_chars_start("+0")
-    heads, ccs, widths = _country_code_table()
-    frame = frame.select("idx", digits.alias("digits"), digits.str.head(3).alias("head"))
-    frame = frame.with_columns(pl.col("head").cast(pl.UInt16))
-    frame = frame.select(
-        "idx",
-        pl.col("head").replace_strict(heads, ccs, return_dtype=pl.UInt16).alias("cc"),
-        pl.col("digits")
-        .str.slice(pl.col("head").replace_strict(heads, widths, return_dtype=pl.Int64))
-        .alias("nsn"),
-    ).with_columns(pl.col("nsn").str.len_bytes().alias("nsn_len"))
-    parts = [_invalid(frame.filter(pl.col("cc").is_null()))]  # parse(): unknown country code
-    groups = frame.filter(pl.col("cc").is_not_null()).partition_by("cc", as_dict=True)
-    for (cc_value,), group in groups.items():
-        judged_here = _judge_fast(group.drop("cc"), _country(int(cc_value)))
-        if judged_here is None:  # phonenumbers judges them
-            judged_here = group.select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code"))
-        parts.append(judged_here)
+    parts = []
+    # The pattern guarantees "+" or "00", then a non-zero digit: the digits start at a known
+    # offset, and within a country code at a known offset again, so every slice has a fixed
+    # start (slices that start row by row cost polars twice as much).
+    for prefix in ("+", "00"):
+        rows = frame.filter(pl.col("raw").str.starts_with(prefix))
+        if rows.is_empty():
+            continue
+        head = pl.col("raw").str.slice(len(prefix), 3).cast(pl.UInt16)
+        rows = rows.with_columns(pl.lit(_country_code_table()).gather(head).alias("cc"))
+        parts.append(_invalid(rows.filter(pl.col("cc").is_null())))  # parse(): unknown code
+        groups = rows.filter(pl.col("cc").is_not_null()).partition_by("cc", as_dict=True)
+        for (cc_value,), group in groups.items():
+            nsn = pl.col("raw").str.slice(len(prefix) + len(str(cc_value)))
+            group = group.select("idx", nsn.alias("nsn")).with_columns(
+                pl.col("nsn").str.len_bytes().alias("nsn_len")
+            )
+            judged_here = _judge_fast(group, _country(int(cc_value)))
+            if judged_here is None:  # phonenumbers judges them
+                judged_here = group.select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code"))
+            parts.append(judged_here)
+    if not parts:
+        return pl.repeat(_SLOW, len(raws), dtype=_CODE_DTYPE, eager=True)
     judged = pl.concat(parts)
     return pl.repeat(_SLOW, len(raws), dtype=_CODE_DTYPE, eager=True).scatter(
         judged["idx"], judged["code"]
