@@ -280,6 +280,8 @@ def test_an_approved_template_may_go_outside_the_window() -> None:
         ("Ann\tLee", False),
         ("", False),
         ("   ", False),
+        ("\u00a0\u2003", False),  # Unicode whitespace only, as `str.strip` counts it
+        (" \u00e9 ", True),
         (None, False),
         ("x" * 1025, False),
     ],

@@ -49,10 +49,10 @@ from cdp_activation.policy.quiet_hours import ZoneTable
 from cdp_activation.policy.routing import order_id, orders_by_country
 from cdp_activation.policy.suppression import suppressed_flags
 from cdp_activation.policy.templates import (
-    body_variables_ok,
     template_problem,
     variable_as_text,
-    whatsapp_variables_ok,
+    variable_present,
+    whatsapp_parameter_ok,
 )
 from cdp_activation.policy.window import in_window, last_inbound_column, window_closes
 from cdp_activation.spec import ChannelPlanSpec, PolicySpec, StepSpec
@@ -225,19 +225,25 @@ def decide(
             problem = template_problem(catalog, step.template, plan.purpose)
             if problem:
                 template_problems[channel] = problem
-        # A template's parameters and a handoff's attributes must each have a value; a body's
-        # fields must not leave the text broken.
-        check = body_variables_ok if step.body is not None else whatsapp_variables_ok
+        # Every variable must have a value (a body's fields must not leave the text broken); a
+        # template's parameters and a handoff's attributes must also pass WhatsApp's rules.
+        # One column per test and variable, shared by the steps that use it.
         variable_tests = []
         for column in dict.fromkeys(step.variable_columns()):
-            name = f"_ok_{check.__name__}_{column}"
-            tests[name] = check([column], frame.schema)
-            variable_tests.append(pl.col(name))
+            checks = [variable_present] + ([whatsapp_parameter_ok] if step.body is None else [])
+            for check in checks:
+                name = f"_{check.__name__}_{column}"
+                tests[name] = check(column, frame.schema)
+                variable_tests.append(pl.col(name))
         tests[f"_capped_{channel}"] = capped(channel)
         tests[f"_daily_{channel}"] = _daily_capped(daily_taken, daily_cap, channel)
         tests[f"_opted_out_{channel}"] = _opted_out(opt_outs, channel, plan.purpose)
         tests[f"_unavailable_{channel}"] = _marketing_unavailable(
-            channel, plan.purpose, policy.whatsapp_marketing_blocked_countries, marketing_backoff
+            channel,
+            plan.purpose,
+            policy.whatsapp_marketing_blocked_countries,
+            marketing_backoff,
+            zones.countries,
         )
         # A free-form WhatsApp message may only go inside the 24-hour customer-care window,
         # also once the customer's quiet hours it waits for have ended.
@@ -493,14 +499,22 @@ def _daily_capped(taken: pl.DataFrame | None, cap: int, channel: str) -> pl.Expr
 
 
 def _marketing_unavailable(
-    channel: str, purpose: str, blocked: Sequence[str], backoff: pl.DataFrame | None
+    channel: str,
+    purpose: str,
+    blocked: Sequence[str],
+    backoff: pl.DataFrame | None,
+    countries: Sequence[str],
 ) -> pl.Expr:
     """WhatsApp marketing the channel will not deliver now: a blocked country, or a customer
-    in a per-user-limit back-off."""
+    in a per-user-limit back-off. `countries` are the audience's distinct values: the blocked
+    ones are found among them, in any case, and the rows compared as they are written."""
     if channel != "whatsapp" or purpose != "marketing":
         return pl.lit(False)
-    country = pl.col("country").cast(pl.String).str.to_uppercase().is_in(list(blocked))
-    test = country.fill_null(False) if blocked else pl.lit(False)
+    upper = {code.upper() for code in blocked}
+    written = [country for country in countries if country.upper() in upper]
+    test = pl.col("country").cast(pl.String).is_in(written).fill_null(False)
+    if not written:
+        test = pl.lit(False)
     if backoff is not None and not backoff.is_empty():
         ids = backoff.filter(pl.col("channel") == channel)["customer_id"].cast(pl.String)
         if not ids.is_empty():
@@ -693,8 +707,7 @@ def _free_form_whatsapp(step: StepSpec) -> bool:
 def _per_step(values: Sequence[str | None]) -> pl.Expr:
     """The value of the routed customer's step (an enum of the distinct values), else null."""
     names = sorted({v for v in values if v is not None})
-    positions = pl.Series([None if v is None else names.index(v) for v in values], dtype=pl.UInt32)
-    return enum_from_codes(pl.lit(positions).gather(pl.col("_step")), names)
+    return pl.lit(pl.Series(list(values), dtype=pl.Enum(names))).gather(pl.col("_step"))
 
 
 def _attach_messages(frame: pl.LazyFrame, plan: ChannelPlanSpec, now: datetime) -> pl.LazyFrame:

@@ -626,7 +626,7 @@ def phone_codes(
 def e164_number(e164: pl.Expr) -> pl.Expr:
     """An E.164 number as an unsigned integer: its digits (at most 15, no leading zero), so
     the same number is the same integer. Compared and hashed as 8 bytes, not as text."""
-    return e164.str.slice(1).cast(pl.UInt64, strict=False)
+    return e164.str.to_integer(strict=False).cast(pl.UInt64, strict=False)  # "+": a sign
 
 
 def status_of(code: pl.Expr) -> pl.Expr:

@@ -118,6 +118,7 @@ class ZoneTable:
     """
 
     zones: tuple[str, ...]
+    countries: tuple[str, ...]  # the distinct countries of the frame, as written there
     until: pl.Series
     by_timezone: dict[str, int]
     by_country: dict[str, int]
@@ -142,6 +143,7 @@ class ZoneTable:
         utc = pl.Datetime("us", "UTC")
         return cls(
             zones=zones,
+            countries=tuple(countries),
             until=pl.Series(until, dtype=utc),
             by_timezone={t: index[z] for t, z in own.items()},
             by_country={c: index[z] for c, z in national.items()},
