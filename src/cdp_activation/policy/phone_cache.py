@@ -1,8 +1,9 @@
 """A durable cache of phonenumbers' answers, beside the ledger, that holds no phone number.
 
-Numbers already in E.164 form are judged in polars (`phones.fast_codes`) and never reach
-phonenumbers, so only the others — national formats, spaces, junk — are worth keeping: each
-costs ~80 µs of `phonenumbers.parse`, and a CRM column holds the same strings run after run.
+Numbers in E.164 form or a plain national format are judged in polars (`phones.fast_codes`,
+`phones.national_e164`) and never reach phonenumbers, so only the others — text around the
+number, letters, junk — are worth keeping: each costs ~80 µs of `phonenumbers.parse`, and a
+CRM column holds the same strings run after run.
 
 What is kept per (raw, region) is not the number but:
 - `digest`: a keyed digest of the raw value and region (HMAC-SHA256-128, `pii.keyed_digest`,

@@ -1,7 +1,7 @@
 """Phone numbers: E.164, status and number type, exactly as `phonenumbers` decides them.
 
 `phonenumbers` costs ~80 µs a number in Python: a 10,000,000-row audience validated one by one
-takes over 13 minutes. So `normalise_frame` works in three tiers, all giving the answer
+takes over 13 minutes. So `normalise_frame` works in tiers, all giving the answer
 `phonenumbers.parse` + `is_valid_number` + `format_number(E164)` + `number_type` would give:
 
 1. Raw values already in E.164 form (`+` or `00`, then 7 to 15 digits; ~90 % of a CRM column)
@@ -12,10 +12,17 @@ takes over 13 minutes. So `normalise_frame` works in three tiers, all giving the
    `region_code_for_number`, `_region_code_for_number_from_list`, `is_valid_number_for_region`
    and `_number_type_helper` rule for rule; `tests/test_phones.py` proves it on 250,000+ numbers.
    Numbers whose national prefix for parsing could alter them (e.g. `+44 0…`), and every country
-   whose patterns use syntax the Rust regex engine lacks or reads otherwise, go to tier 2.
-2. Everything else (national formats, spaces, junk) goes through `phonenumbers`, once per
-   distinct (raw, region) pair.
-3. With a `PhoneCache`, tier-2 answers are kept beside the ledger, so a later run calls
+   whose patterns use syntax the Rust regex engine lacks or reads otherwise, go to tier 3.
+2. Raw values in a plain national format of their region (digits and the usual separators:
+   "07400 123456", "(201) 555-0123") are rewritten to the E.164 form parse() reads in them
+   (its national prefix stripped as `_maybe_strip_national_prefix_carrier_code` strips it,
+   with the same viability and length checks) and judged as tier 1 judges it (`national_e164`).
+   A number starting with the region's international prefix or calling code, or with a
+   national prefix that is more than literal digits, goes to tier 3; so does whatever tier 1
+   hands on. `tests/test_phones.py` proves it on national formats of every region.
+3. Everything else (text around the number, letters, a "+" with spaces, junk) goes through
+   `phonenumbers`, once per distinct (raw, region) pair.
+4. With a `PhoneCache`, tier-3 answers are kept beside the ledger, so a later run calls
    `phonenumbers` only for pairs it has never seen.
 """
 
@@ -522,6 +529,113 @@ def _fast_chunk(raws: pl.Series) -> pl.Series:
 
 
 # --------------------------------------------------------------------------------------------
+# National formats ("07400 123456" in GB): rewritten to E.164 where parse() would read them so.
+
+# Digits and the separators people type between them, a digit at each end (an opening
+# parenthesis before the first): the text parse() reduces to its digits, with no letters,
+# extension, second number or "+". A leading "00" is read as "+" (`classify`): not taken.
+_NATIONAL_RAW = r"^\(?[0-9][0-9 ().-]{0,40}[0-9]$"
+_LITERALS = re.compile(r"[0-9]+(?:\|[0-9]+)*")
+
+
+@dataclass(frozen=True)
+class _National:
+    """How parse() reads a national number of one region (`_maybe_extract_country_code`,
+    `_maybe_strip_national_prefix_carrier_code`, `_test_number_length`), for the numbers it
+    reads without surprises; the others are handed on to phonenumbers."""
+
+    cc: str  # the region's calling code
+    idd: str | None  # its international prefix: a number starting so is handed on
+    prefixes: tuple[str, ...]  # national prefixes for parsing, literal, in the pattern's order
+    other_prefix: str | None  # a prefix pattern that is more than literals: a match hands on
+    general: str | None  # the general pattern, whole (`_match_national_number`)
+    kept_lengths: tuple[int, ...]  # lengths `_test_number_length` lets a stripped number keep
+
+    def e164(self, digits: pl.Expr) -> pl.Expr:
+        """The E.164 text parse() gives `digits` (all the number's digits), or null to hand
+        the number on: an international prefix, the region's own calling code or a national
+        prefix only phonenumbers can apply at its start."""
+        hand_on = digits.str.starts_with(self.cc)
+        if self.idd is not None:
+            hand_on = hand_on | digits.str.contains(f"^(?:{self.idd})")
+        if self.other_prefix is not None:
+            hand_on = hand_on | digits.str.contains(f"^(?:{self.other_prefix})")
+        national = digits
+        if self.prefixes:
+            # The regex takes the first alternative that matches: the prefix stripped.
+            taken: pl.Expr = pl.lit(0)
+            for prefix in reversed(self.prefixes):
+                taken = pl.when(digits.str.starts_with(prefix)).then(len(prefix)).otherwise(taken)
+            stripped = digits.str.slice(taken)
+            keep = stripped.str.len_bytes().is_in(list(self.kept_lengths))
+            if self.general is not None:  # a number the pattern takes whole stays whole...
+                viable = digits.str.contains(self.general)  # ...unless stripped it does too
+                keep = keep & ~(viable & ~stripped.str.contains(self.general))
+            national = pl.when((taken > 0) & keep).then(stripped).otherwise(digits)
+        # A leading zero left is kept (`_set_italian_leading_zeros_for_phone_number`): the
+        # number's national significant number is `national` as written, zeros and all.
+        return pl.when(~hand_on).then(pl.lit("+" + self.cc) + national)
+
+
+@cache
+def _national(region: str) -> _National | None:
+    """The national rules of a region (upper case), None where phonenumbers reads them all."""
+    from phonenumbers import phonenumberutil as util
+
+    metadata = PhoneMetadata.metadata_for_region(region, None)
+    if metadata is None:
+        return None
+    prefix = metadata.national_prefix_for_parsing or None
+    literal = prefix is not None and not metadata.national_prefix_transform_rule
+    literal = literal and _LITERALS.fullmatch(prefix or "") is not None
+    general = getattr(metadata.general_desc, "national_number_pattern", None) or None
+    patterns = [p for p in (metadata.international_prefix, prefix, general) if p]
+    if not all(_rust_syntax_ok(p) for p in patterns):
+        return None
+    refused = {
+        util.ValidationResult.TOO_SHORT,
+        util.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
+        util.ValidationResult.INVALID_LENGTH,
+    }
+    kept = tuple(
+        length
+        for length in range(1, 18)
+        if util._test_number_length("5" * length, metadata) not in refused
+    )
+    return _National(
+        cc=str(metadata.country_code),
+        idd=metadata.international_prefix or None,
+        prefixes=tuple(prefix.split("|")) if prefix and literal else (),
+        other_prefix=prefix if prefix and not literal else None,
+        general=_full(general) if general else None,
+        kept_lengths=kept,
+    )
+
+
+def national_e164(raws: pl.Series, regions: pl.Series) -> pl.Series:
+    """Per raw value written in a national format of its region, the E.164 text parse()
+    reads in it; null where phonenumbers must read it (see `_National`). Its validity and
+    type are then the E.164 form's (`fast_codes`): parse() keeps nothing else of it."""
+    frame = pl.DataFrame(
+        {"raw": raws.cast(pl.String), "region": regions.cast(pl.String).str.to_uppercase()}
+    ).with_row_index("idx")
+    frame = frame.filter(
+        pl.col("raw").str.contains(_NATIONAL_RAW)
+        & ~pl.col("raw").str.starts_with("00")
+        & pl.col("region").is_not_null()
+    ).select("idx", "region", pl.col("raw").str.replace_all("[^0-9]", "").alias("digits"))
+    parts = [pl.DataFrame(schema={"idx": pl.UInt32, "e164": pl.String})]
+    for (region,), group in frame.partition_by("region", as_dict=True).items():
+        rules = _national(str(region))
+        if rules is not None:
+            parts.append(group.select("idx", rules.e164(pl.col("digits")).alias("e164")))
+    found = pl.concat(parts).filter(pl.col("e164").is_not_null())
+    return pl.repeat(None, len(raws), dtype=pl.String, eager=True).scatter(
+        found["idx"], found["e164"]
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # The frame API.
 
 
@@ -577,9 +691,18 @@ def phone_codes(
     raw = raw.cast(pl.String)
     codes = fast_codes(raw)
     fast = codes < _INVALID  # judged valid in polars: the number is its raw text (or "00"…)
+    e164 = raw.clone()  # `scatter` writes in place: the caller's column stays as it is
     # Only the rows the fast path handed on are gathered: a frame of the whole columns, chunked
     # unlike each other, was copied whole by its first filter (10,000,000 numbers: 0.3 s).
     slow_rows = (codes == _SLOW).arg_true()
+    if regions is not None and len(slow_rows):
+        # National formats parse() reads plainly: judged as their E.164 form, here.
+        rewritten = national_e164(raw.gather(slow_rows), regions.gather(slow_rows))
+        judged = fast_codes(rewritten)
+        taken = judged != _SLOW
+        codes = codes.scatter(slow_rows.filter(taken), judged.filter(taken))
+        e164 = e164.scatter(slow_rows.filter(taken), rewritten.filter(taken))
+        slow_rows = slow_rows.filter(~taken)
     slow = pl.DataFrame(
         {
             "idx": slow_rows,
@@ -591,7 +714,6 @@ def phone_codes(
             ),
         }
     )
-    e164 = raw.clone()  # `scatter` writes in place: the caller's column stays as it is
     if not slow.is_empty():
         nulls = slow.filter(pl.col("raw").is_null())
         asked = slow.filter(pl.col("raw").is_not_null())
