@@ -652,9 +652,7 @@ def test_a_new_phonenumbers_version_invalidates_cached_answers(ledger_url: str) 
     try:
         assert current.lookup(pairs).is_empty()  # the old answer is not served
         before = phonenumbers_calls()
-        out = normalise_frame(
-            pl.DataFrame({"phone": [SLOW_GB], "country": ["GB"]}), cache=current
-        )
+        out = normalise_frame(pl.DataFrame({"phone": [SLOW_GB], "country": ["GB"]}), cache=current)
         assert phonenumbers_calls() - before == 1
         assert out["phone_status"].to_list() == ["ok"]
         assert current.lookup(pairs)["status"].to_list() == ["ok"]  # replaced, not duplicated
