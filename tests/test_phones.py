@@ -389,6 +389,24 @@ def test_a_country_pattern_polars_refuses_at_use_sends_its_numbers_to_phonenumbe
     assert_frame_matches_reference(numbers, [None] * len(numbers))
 
 
+def test_a_region_pattern_polars_refuses_at_use_sends_its_national_numbers_to_phonenumbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same for the national formats: a region whose rules polars refuses (a look-ahead
+    forced into the UK's general pattern) has its numbers parsed, and is not asked again."""
+    uk = phones._national("GB")
+    assert uk is not None and uk.general is not None
+    broken = dataclasses.replace(uk, general="(?=7)" + uk.general)
+    original = phones._national
+    monkeypatch.setattr(phones, "_national", lambda r: broken if r == "GB" else original(r))
+    monkeypatch.setattr(phones, "_REFUSED_REGIONS", set())
+    raws, regions = ["07400 123456", "030 1234567", "020 7946 0000"], ["GB", "DE", "gb"]
+    rewritten = phones.national_e164(pl.Series(raws), pl.Series(regions)).to_list()
+    assert rewritten == [None, "+49301234567", None]
+    assert phones._REFUSED_REGIONS == {"GB"}
+    assert_frame_matches_reference(raws, regions)
+
+
 @pytest.fixture(scope="module")
 def demo_phones(tmp_path_factory: pytest.TempPathFactory) -> pl.DataFrame:
     path = tmp_path_factory.mktemp("demo") / "demo.duckdb"

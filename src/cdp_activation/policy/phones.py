@@ -76,6 +76,7 @@ _INVALID = len(PHONE_TYPES)
 _MISSING = _INVALID + 1
 _SLOW = _INVALID + 2
 _REFUSED_BY_POLARS: set[int] = set()  # calling codes whose patterns polars refused at use
+_REFUSED_REGIONS: set[str] = set()  # regions whose national rules polars refused at use
 _RARE = _INVALID + 3  # internal: one of the rarer types may match, run the full chain
 _CODE_DTYPE = pl.UInt8
 
@@ -627,8 +628,14 @@ def national_e164(raws: pl.Series, regions: pl.Series) -> pl.Series:
     parts = [pl.DataFrame(schema={"idx": pl.UInt32, "e164": pl.String})]
     for (region,), group in frame.partition_by("region", as_dict=True).items():
         rules = _national(str(region))
-        if rules is not None:
+        if rules is None or region in _REFUSED_REGIONS:
+            continue
+        try:
             parts.append(group.select("idx", rules.e164(pl.col("digits")).alias("e164")))
+        except pl.exceptions.ComputeError as err:  # a pattern polars refused after all
+            if "regex" not in str(err):
+                raise
+            _REFUSED_REGIONS.add(str(region))  # its numbers go to phonenumbers from now on
     found = pl.concat(parts).filter(pl.col("e164").is_not_null())
     return pl.repeat(None, len(raws), dtype=pl.String, eager=True).scatter(
         found["idx"], found["e164"]
