@@ -178,13 +178,10 @@ def reference(raw: str | None, region: str | None = None) -> tuple[str | None, s
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), STATUS_OK, name
 
 
-def generated_numbers(count: int, seed: int = 7) -> list[str]:
-    """E.164 strings over every country code: random digits of every plausible length, plus
-    each region's example numbers (every type) with their last digits randomised, so the
-    valid side and every number type are well covered too."""
-    rng = random.Random(seed)
-    codes = sorted(COUNTRY_CODE_TO_REGION_CODE)
-    examples: list[str] = []
+def example_numbers() -> list[tuple[str, str]]:
+    """(region, E.164) of every region's example number of every type, from the metadata
+    (non-geographic entities under region "001")."""
+    examples = []
     for code, regions in COUNTRY_CODE_TO_REGION_CODE.items():
         for region in regions:
             metadata = PhoneMetadata.metadata_for_region_or_calling_code(code, region)
@@ -192,7 +189,17 @@ def generated_numbers(count: int, seed: int = 7) -> list[str]:
                 desc = getattr(metadata, attr, None) if metadata is not None else None
                 example = getattr(desc, "example_number", None)
                 if example:
-                    examples.append(f"{code}{example}")
+                    examples.append((region, f"+{code}{example}"))
+    return examples
+
+
+def generated_numbers(count: int, seed: int = 7) -> list[str]:
+    """E.164 strings over every country code: random digits of every plausible length, plus
+    each region's example numbers (every type) with their last digits randomised, so the
+    valid side and every number type are well covered too."""
+    rng = random.Random(seed)
+    codes = sorted(COUNTRY_CODE_TO_REGION_CODE)
+    examples = [e164[1:] for _, e164 in example_numbers()]
     numbers: list[str] = []
     half = count // 2
     while len(numbers) < half:
@@ -249,15 +256,7 @@ def national_numbers(count: int, seed: int = 11) -> tuple[list[str], list[str]]:
     dropped or doubled, the calling code or the international prefix in front, other regions'
     numbers, lower-case regions, and plain runs of digits."""
     rng = random.Random(seed)
-    examples: list[tuple[str, str]] = []
-    for code, regions in COUNTRY_CODE_TO_REGION_CODE.items():
-        for region in regions:
-            metadata = PhoneMetadata.metadata_for_region(region, None)
-            for attr in _TYPE_ATTRS:
-                desc = getattr(metadata, attr, None) if metadata is not None else None
-                example = getattr(desc, "example_number", None)
-                if example:
-                    examples.append((region, f"+{code}{example}"))
+    examples = example_numbers()
     regions_all = sorted({region for region, _ in examples})
     raws: list[str] = []
     regions_out: list[str] = []
