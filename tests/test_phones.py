@@ -13,6 +13,8 @@ import logging
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -701,6 +703,45 @@ def test_a_cache_entry_is_found_by_the_keyed_digest_anyone_with_the_key_can_reco
         assert [tuple(row) for row in stored] == [(expected, 44, 10)]
     finally:
         cache.dispose()
+
+
+_OPEN_CACHE_AT = """
+import sys, time
+from cdp_activation.policy.phone_cache import PhoneCache
+url, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+PhoneCache(url, key=b"k").dispose()
+"""
+
+
+def test_processes_opening_the_cache_together_on_a_new_database_all_get_it(
+    ledger_url: str,
+) -> None:
+    """Runs and workers starting at once on a new database (or the first run after the
+    upgrade that moved the cache to its table) all open it: the table is made once, under the
+    ledger's schema lock. Without it, PostgreSQL refused the second CREATE in most rounds."""
+    engine = sa.create_engine(ledger_url)
+    try:
+        for _ in range(3):
+            with engine.begin() as con:
+                con.exec_driver_sql(f"DROP TABLE IF EXISTS {TABLE}")
+            start = time.time() + 2.0  # past every process's imports
+            processes = [
+                subprocess.Popen(
+                    [sys.executable, "-c", _OPEN_CACHE_AT, ledger_url, str(start)],
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(6)
+            ]
+            errors = [p.communicate(timeout=120)[1] for p in processes]
+            failed = [
+                e.strip()[-400:] for p, e in zip(processes, errors, strict=True) if p.returncode
+            ]
+            assert not failed, failed
+            assert sa.inspect(engine).has_table(TABLE)
+    finally:
+        engine.dispose()
 
 
 def test_cache_shares_the_ledger_engine(ledger_url: str, tmp_path: Path) -> None:

@@ -326,8 +326,9 @@ class LedgerUnavailable(SettingsError):
         return cls(f"CDP_LEDGER_URL={masked(url)}: cannot open the ledger ({reason}); {hint}")
 
 
-def _lock_schema(con: sa.Connection) -> None:
-    """Hold the ledger's schema lock until `con`'s transaction ends."""
+def lock_schema(con: sa.Connection) -> None:
+    """Hold the ledger's schema lock until `con`'s transaction ends: DDL on the ledger's
+    database (its tables, the phone cache's) one process at a time."""
     if con.dialect.name == "postgresql":
         con.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('cdp_activation.ledger'))")
     elif con.dialect.name == "sqlite":
@@ -443,7 +444,7 @@ def migrate(engine: sa.Engine) -> None:
     the same tables and triggers."""
     triggers = {"sqlite": _SQLITE_TRIGGERS, "postgresql": _POSTGRES_TRIGGERS}
     with engine.begin() as con:
-        _lock_schema(con)
+        lock_schema(con)
         metadata.create_all(con)
         _add_missing_columns(con)
         if not _has_trigger(con):

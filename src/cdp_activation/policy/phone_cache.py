@@ -38,6 +38,7 @@ import polars as pl
 import sqlalchemy as sa
 
 from cdp_activation.db import open_engine, read_frame
+from cdp_activation.ledger.schema import lock_schema
 
 METADATA_VERSION: str = phonenumbers.__version__
 _CHUNK = 200_000  # keys per statement: large enough to amortise, small enough for memory
@@ -269,6 +270,9 @@ def ensure_table(engine: sa.Engine) -> None:
     if url in _READY and sa.inspect(engine).has_table(TABLE):
         return
     with engine.begin() as con:
+        # Runs and workers starting together on a new database (or the first run after an
+        # upgrade) would race to create the table: PostgreSQL refuses the second CREATE.
+        lock_schema(con)
         for earlier in _EARLIER_TABLES:
             con.exec_driver_sql(f"DROP TABLE IF EXISTS {earlier}")
         metadata.create_all(con)
