@@ -898,16 +898,18 @@ def test_whatsapp_marketing_skips_the_us_and_customers_meta_s_limit_refused_late
     customer."""
     us = customer(1, country="US", phone="+12015550123")
     gb, limited = customer(2), customer(3, phone=GB_B)
+    us_lower = customer(4, country="us", phone="+12015550124")  # the country as the CRM wrote it
     backoff = pl.DataFrame(
         {"customer_id": ["3"], "channel": ["whatsapp"], "until": [NOW + timedelta(days=1)]},
         schema_overrides={"until": pl.Datetime("us", "UTC")},
     )
-    frame = decide_frame([us, gb, limited], PolicySpec(), marketing_backoff=backoff)
+    frame = decide_frame([us, gb, limited, us_lower], PolicySpec(), marketing_backoff=backoff)
     reasons_of = {r["customer_id"]: r["whatsapp_reason"] for r in frame.iter_rows(named=True)}
     assert reasons_of == {
         1: "whatsapp_marketing_unavailable",
         2: None,
         3: "whatsapp_marketing_unavailable",
+        4: "whatsapp_marketing_unavailable",
     }
     allowed = decide_frame([us], PolicySpec(whatsapp_marketing_blocked_countries=[]))
     assert allowed["channel"].to_list() == ["whatsapp"]

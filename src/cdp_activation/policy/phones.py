@@ -359,7 +359,7 @@ def _country(cc: int) -> _Country | None:
         patterns.extend(region.patterns())
     if not all(_rust_syntax_ok(p) for p in patterns):
         return None
-    never_empty = prefix is not None and prefix != "" and _min_width(prefix) > 0
+    never_empty = _min_width(prefix) > 0 if prefix else False
     return _Country(cc, prefix or None, harmless, never_empty, tuple(regions))
 
 
@@ -625,7 +625,7 @@ def national_e164(raws: pl.Series, regions: pl.Series) -> pl.Series:
         & ~pl.col("raw").str.starts_with("00")
         & pl.col("region").is_not_null()
     ).select("idx", "region", pl.col("raw").str.replace_all("[^0-9]", "").alias("digits"))
-    parts = [pl.DataFrame(schema={"idx": pl.UInt32, "e164": pl.String})]
+    parts = []
     for (region,), group in frame.partition_by("region", as_dict=True).items():
         rules = _national(str(region))
         if rules is None or region in _REFUSED_REGIONS:
@@ -636,10 +636,11 @@ def national_e164(raws: pl.Series, regions: pl.Series) -> pl.Series:
             if "regex" not in str(err):
                 raise
             _REFUSED_REGIONS.add(str(region))  # its numbers go to phonenumbers from now on
+    rewritten = pl.repeat(None, len(raws), dtype=pl.String, eager=True)
+    if not parts:
+        return rewritten
     found = pl.concat(parts).filter(pl.col("e164").is_not_null())
-    return pl.repeat(None, len(raws), dtype=pl.String, eager=True).scatter(
-        found["idx"], found["e164"]
-    )
+    return rewritten.scatter(found["idx"], found["e164"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,8 +693,9 @@ def phone_codes(
 
     `code` is an index into `PHONE_TYPES` for a valid number, else `INVALID_CODE` or
     `MISSING_CODE`: one byte a row, which the policy engine works on directly.
-    E.164-shaped raw values are judged in polars; the rest once per distinct (raw, region)
-    through phonenumbers, or through `cache` when given.
+    Raw values in E.164 form, or in a plain national format of their region, are judged in
+    polars; the rest once per distinct (raw, region) through phonenumbers, or through `cache`
+    when given (see the module's tiers).
     """
     raw = raw.cast(pl.String)
     codes = fast_codes(raw)
