@@ -132,3 +132,15 @@ def as_utc(frame: pl.DataFrame, column: str) -> pl.Expr:
     if isinstance(dtype, pl.Datetime):
         return pl.col(column).dt.replace_time_zone("UTC")
     return pl.col(column).str.to_datetime(time_zone="UTC")
+
+
+def lock_schema(con: sa.Connection) -> None:
+    """Hold the ledger's schema lock until `con`'s transaction ends: DDL on the ledger's
+    database (the ledger's tables, the phone cache's) one process at a time."""
+    if con.dialect.name == "postgresql":
+        con.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('cdp_activation.ledger'))")
+    elif con.dialect.name == "sqlite":
+        # pysqlite opens a transaction at the first write: the DELETE takes the write lock
+        # (waiting out the busy timeout), and the DDL that follows runs inside it.
+        con.exec_driver_sql("CREATE TABLE IF NOT EXISTS ledger_schema_lock (id INTEGER)")
+        con.exec_driver_sql("DELETE FROM ledger_schema_lock")

@@ -7,6 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from cdp_activation.db import lock_schema
 from cdp_activation.errors import SettingsError
 from cdp_activation.masking import masked
 from cdp_activation.vocabulary import (
@@ -324,18 +325,6 @@ class LedgerUnavailable(SettingsError):
             else "the database must answer and accept these credentials"
         )
         return cls(f"CDP_LEDGER_URL={masked(url)}: cannot open the ledger ({reason}); {hint}")
-
-
-def lock_schema(con: sa.Connection) -> None:
-    """Hold the ledger's schema lock until `con`'s transaction ends: DDL on the ledger's
-    database (its tables, the phone cache's) one process at a time."""
-    if con.dialect.name == "postgresql":
-        con.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('cdp_activation.ledger'))")
-    elif con.dialect.name == "sqlite":
-        # pysqlite opens a transaction at the first write: the DELETE takes the write lock
-        # (waiting out the busy timeout), and the DDL that follows runs inside it.
-        con.exec_driver_sql("CREATE TABLE IF NOT EXISTS ledger_schema_lock (id INTEGER)")
-        con.exec_driver_sql("DELETE FROM ledger_schema_lock")
 
 
 _MIGRATED: set[str] = set()  # ledger URLs this process brought up to this schema

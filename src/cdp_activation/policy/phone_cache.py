@@ -37,8 +37,7 @@ import phonenumbers
 import polars as pl
 import sqlalchemy as sa
 
-from cdp_activation.db import open_engine, read_frame
-from cdp_activation.ledger.schema import lock_schema
+from cdp_activation.db import lock_schema, open_engine, read_frame
 
 METADATA_VERSION: str = phonenumbers.__version__
 _CHUNK = 200_000  # keys per statement: large enough to amortise, small enough for memory
