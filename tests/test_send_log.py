@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -147,3 +150,40 @@ def test_the_send_log_asset_exports_through_its_resources(ledger: Ledger, tmp_pa
     meta = result.asset_materializations_for_node("send_log")[0].metadata
     assert meta["exported_rows"].value == 3 and meta["dagster/row_count"].value == 3
     assert read_log(url).height == 3
+
+
+_EXPORT_AT = """
+import sys, time
+from cdp_activation.feedback.send_log import export_replies, export_send_log
+from cdp_activation.ledger import Ledger
+ledger_url, url, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+ledger = Ledger(ledger_url)
+time.sleep(max(0.0, start - time.time()))
+export_send_log(ledger, url)
+export_replies(ledger, url)
+ledger.dispose()
+"""
+
+
+def test_exports_started_together_by_several_processes_all_land_once(
+    ledger: Ledger, warehouse_url: str
+) -> None:
+    """The scheduled export, the funnel's and one started by hand may overlap: started at the
+    same instant by six processes, every export succeeds and the log holds each send once.
+    Before they took the table's lock, PostgreSQL refused all but one (the table created
+    twice, the same keys inserted twice) and DuckDB's lock on the file failed the others."""
+    start = time.time() + 2.5  # past every process's imports
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _EXPORT_AT, ledger.url, warehouse_url, str(start)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    failed = [e.strip()[-400:] for p, e in zip(processes, errors, strict=True) if p.returncode]
+    assert not failed, failed
+    log = read_log(warehouse_url)
+    assert sorted(log["customer_id"].to_list()) == ["c1", "c2", "c3"]
+    assert dict(zip(log["customer_id"], log["state"], strict=True))["c1"] == "sent"

@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import duckdb
 import polars as pl
 import sqlalchemy as sa
 
 from cdp_activation.activation.run import Activation
-from cdp_activation.audience.warehouse import Warehouse, duckdb_path
+from cdp_activation.audience.warehouse import Warehouse, connect_duckdb, duckdb_path
 from cdp_activation.db import read_frame, with_driver
 from cdp_activation.feedback.send_log import (
     DECISION_COUNTS_TABLE,
@@ -29,6 +28,7 @@ from cdp_activation.feedback.send_log import (
     export_replies,
     export_send_log,
     export_table,
+    warehouse_lock,
 )
 from cdp_activation.ledger import INITIAL_STEP, SENT, Ledger
 from cdp_activation.ledger.base import as_time, db_time
@@ -119,13 +119,14 @@ def refresh_funnel(
     )
     path = duckdb_path(url)
     if path is not None:
-        with duckdb.connect(str(path)) as con:
+        with connect_duckdb(path, read_only=False) as con:  # waits for another writer
             con.execute(view)
             funnel = con.sql(read).pl()
     else:
         engine = sa.create_engine(with_driver(url))
         try:
-            with engine.begin() as con:
+            # One at a time: two dropping and creating the view together collide.
+            with warehouse_lock(engine, f"view:{FUNNEL_VIEW}"), engine.begin() as con:
                 con.exec_driver_sql(f"DROP VIEW IF EXISTS {FUNNEL_VIEW}")
                 con.exec_driver_sql(view.replace("CREATE OR REPLACE VIEW", "CREATE VIEW", 1))
                 result = con.exec_driver_sql(read)

@@ -7,21 +7,31 @@ the table (less a few minutes of overlap, so a row committed late with an earlie
 missed) and upserts them by `send_id`. Running it twice, or after a crash, exports nothing
 twice: the table keeps one row per send, in its latest state.
 
+Exports to one table run one at a time (`_Sink.exclusive`): the scheduled export, the funnel's
+and a hand-started one may overlap. Together, they raced to create the table and to insert the
+same keys (PostgreSQL refused all but one), or met DuckDB's lock on the file and failed at once;
+and one that read the ledger before another could write its older rows over the other's newer
+ones. PostgreSQL holds an advisory lock for the table, DuckDB its file (waiting while another
+process has it, as the audience's reads do). Other warehouses are not locked.
+
 No personal data leaves the ledger: the log has the customer id (a key the warehouse already
 holds) but not the phone number, LINE id or message text.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import duckdb
 import polars as pl
 import sqlalchemy as sa
 
-from cdp_activation.audience.warehouse import duckdb_path
+from cdp_activation.audience.warehouse import connect_duckdb, duckdb_path
 from cdp_activation.db import with_driver
 from cdp_activation.ledger import Ledger, decision_counts, inbound_events, opt_outs, sends
 
@@ -219,33 +229,59 @@ def export_decision_counts(ledger: Ledger, url: str) -> SendLogExport:
 def export_table(ledger: Ledger, url: str, log: LogTable) -> SendLogExport:
     sink = _sink(url)
     try:
-        newest = sink.newest(log)
-        since = (newest - OVERLAP).astimezone(UTC) if newest is not None else None
-        frame = log.changed(ledger, since)
-        rows = sink.upsert(log, frame)
+        # Read and written under the table's lock: an export that read the ledger earlier
+        # never writes after one that read it later.
+        with sink.exclusive(log.name):
+            newest = sink.newest(log)
+            since = (newest - OVERLAP).astimezone(UTC) if newest is not None else None
+            frame = log.changed(ledger, since)
+            rows = sink.upsert(log, frame)
     finally:
         sink.close()
     return SendLogExport(exported=frame.height, since=since, table_rows=rows)
 
 
 class _DuckDBSink:
+    """A DuckDB file: one connection for a whole export, which holds the file (one writer at
+    a time in DuckDB), opened when another process lets go of it."""
+
     def __init__(self, path: str) -> None:
         self.path = path
+        self.con: duckdb.DuckDBPyConnection | None = None
 
     def close(self) -> None:
-        pass
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+    @contextlib.contextmanager
+    def exclusive(self, table: str) -> Iterator[None]:
+        del table  # the file is the lock
+        self.con = connect_duckdb(Path(self.path), read_only=False)
+        try:
+            yield
+        finally:
+            self.close()
+
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        if self.con is None:
+            raise RuntimeError("a DuckDB sink is used inside `exclusive`")
+        return self.con
 
     def newest(self, log: LogTable) -> datetime | None:
-        with duckdb.connect(self.path) as con:
-            if not _duckdb_has(con, log.name):
-                return None
-            value = con.execute(f'SELECT max(updated_at) FROM "{log.name}"').fetchone()
-        return value[0] if value else None
+        con = self._con()
+        if not _duckdb_has(con, log.name):
+            return None
+        # fetchall, not fetchone: DuckDB refuses the connection's next statement until a
+        # result is read to its end.
+        value = con.execute(f'SELECT max(updated_at) FROM "{log.name}"').fetchall()
+        return value[0][0] if value else None
 
     def upsert(self, log: LogTable, frame: pl.DataFrame) -> int:
         table, key = log.name, log.key
-        with duckdb.connect(self.path) as con:
-            con.register("incoming", frame.to_arrow())
+        con = self._con()
+        con.register("incoming", frame.to_arrow())
+        try:
             con.execute("BEGIN")
             con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS FROM incoming LIMIT 0')
             # A table an earlier version made lacks the columns added since (`variant`).
@@ -264,15 +300,17 @@ class _DuckDBSink:
             con.execute(f'DELETE FROM "{table}" WHERE {key} IN (SELECT {key} FROM incoming)')
             con.execute(f'INSERT INTO "{table}" BY NAME FROM incoming')
             con.execute("COMMIT")
-            count = con.execute(f'SELECT count(*) FROM "{table}"').fetchone()
-        return int(count[0]) if count else 0
+        finally:
+            con.unregister("incoming")
+        count = con.execute(f'SELECT count(*) FROM "{table}"').fetchall()
+        return int(count[0][0]) if count else 0
 
 
 def _duckdb_has(con: duckdb.DuckDBPyConnection, table: str) -> bool:
     found = con.execute(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]
-    ).fetchone()
-    return bool(found and found[0])
+    ).fetchall()
+    return bool(found and found[0][0])
 
 
 class _SQLAlchemySink:
@@ -284,6 +322,11 @@ class _SQLAlchemySink:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextlib.contextmanager
+    def exclusive(self, table: str) -> Iterator[None]:
+        with warehouse_lock(self.engine, f"send_log:{table}"):
+            yield
 
     def _table(self, log: LogTable) -> sa.Table:
         kinds: dict[pl.DataType, sa.types.TypeEngine[Any]] = {
@@ -324,6 +367,24 @@ class _SQLAlchemySink:
             if rows:
                 con.execute(sa.insert(target), rows)
             return int(con.execute(sa.select(sa.func.count()).select_from(target)).scalar_one())
+
+
+@contextlib.contextmanager
+def warehouse_lock(engine: sa.Engine, name: str) -> Iterator[None]:
+    """Hold the warehouse's lock `name` (in the connection's current schema) while the block
+    runs: PostgreSQL's session advisory lock, waited for; on other databases nothing is held."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    key = "SELECT hashtext('cdp_activation.' || current_schema() || '.' || %s)"
+    with engine.connect() as con:
+        con.exec_driver_sql(f"SELECT pg_advisory_lock(({key}))", (name,))
+        con.commit()  # the lock is the session's: no transaction is kept open for it
+        try:
+            yield
+        finally:
+            con.exec_driver_sql(f"SELECT pg_advisory_unlock(({key}))", (name,))
+            con.commit()
 
 
 def _sink(url: str) -> _DuckDBSink | _SQLAlchemySink:
