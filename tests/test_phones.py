@@ -312,6 +312,72 @@ def test_national_formats_match_phonenumbers_and_most_skip_it() -> None:
     assert phonenumbers_calls() - before < 0.3 * len(raws)  # 0.22: the rest judged in polars
 
 
+def separated_numbers(count: int, seed: int = 13) -> tuple[list[str], list[str | None]]:
+    """(raw, region) pairs of E.164 numbers written with separators over every region: each
+    region's example numbers, last digits randomised, one digit more or less, as phonenumbers
+    writes them internationally ("+44 7400 123456") or grouped at random with spaces, hyphens,
+    dots and parentheses, "00" for "+", a space after the "+", "(0)" after the calling code,
+    doubled or trailing separators; regions of any country, lower case or none."""
+    rng = random.Random(seed)
+    examples = example_numbers()
+    regions_all = sorted({region for region, _ in examples})
+    raws: list[str] = []
+    regions_out: list[str | None] = []
+    while len(raws) < count:
+        region, e164 = rng.choice(examples)
+        cut = rng.randint(1, 5)
+        body = e164[:-cut] + "".join(rng.choices("0123456789", k=cut))
+        body += rng.choice(["", "", "", "", rng.choice("0123456789")])
+        body = body[:-1] if rng.random() < 0.1 else body
+        roll = rng.random()
+        if roll < 0.4:
+            try:
+                number = phonenumbers.parse(body)
+            except phonenumbers.NumberParseException:
+                continue
+            text = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
+        else:
+            digits, groups, at = body[1:], [], 0
+            while at < len(digits):
+                step = rng.randint(1, 4)
+                groups.append(digits[at : at + step])
+                at += step
+            if rng.random() < 0.3 and len(groups) > 1:
+                groups[1] = f"({groups[1]})"  # an area code in brackets
+            if rng.random() < 0.1:
+                groups.insert(1, "(0)")  # the national prefix, bracketed after the code
+            separators = [" ", " ", "-", ".", "  ", " - ", ""]
+            text = "+" + "".join(g + rng.choice(separators) for g in groups[:-1]) + groups[-1]
+        roll = rng.random()
+        if roll < 0.15:
+            text = "00" + text[1:]
+        elif roll < 0.25:
+            text = "+ " + text[1:]
+        elif roll < 0.3:
+            text = text + rng.choice([")", "-", " ", "."])  # a separator left at the end
+        elif roll < 0.33:
+            text = "+(" + text[1:].replace(" ", ")", 1)  # the calling code in brackets
+        region_of: str | None = region
+        if rng.random() < 0.3:
+            region_of = rng.choice([*regions_all, None, ""])
+        elif rng.random() < 0.03:
+            region_of = region.lower()
+        raws.append(text)
+        regions_out.append(region_of)
+    return raws, regions_out
+
+
+def test_e164_with_separators_matches_phonenumbers_and_most_skip_it() -> None:
+    """A number such as "+44 7400 123456" is judged as "+447400123456", as parse() reads it;
+    only what the fast path hands on ("+44 (0)7400…") goes to phonenumbers."""
+    raws, regions = separated_numbers(20_000)
+    rewritten = phones.separated_e164(pl.Series(raws)).is_not_null().sum()
+    assert rewritten > 0.8 * len(raws), rewritten
+    before = phonenumbers_calls()
+    assert_frame_matches_reference(raws, regions)
+    assert phonenumbers_calls() - before < 0.35 * len(raws)
+
+
 def test_fast_path_ignores_the_region_like_phonenumbers_does() -> None:
     """A number in E.164 form means the same whatever the audience's country column says."""
     numbers = generated_numbers(2_000, seed=3) + EDGE_CASES
@@ -474,13 +540,15 @@ def test_warm_run_calls_phonenumbers_zero_times(
     cold = normalise_frame(frame, cache=cache)
     cold_calls = phonenumbers_calls() - before
     assert cold.equals(expected)
-    # Only values neither in E.164 form nor in a plain national format (junk, a "+" with
-    # spaces) reach phonenumbers, once a pair.
+    # Only values neither in E.164 form (with or without separators) nor in a plain national
+    # format (junk, text around a number) reach phonenumbers, once a pair.
     national = fast_codes(phones.national_e164(frame["phone"], frame["country"]))
+    separated = fast_codes(phones.separated_e164(frame["phone"]))
     slow = frame.filter(
         pl.col("phone").is_not_null()
         & (fast_codes(frame["phone"]) > len(PHONE_TYPES))
         & (national > len(PHONE_TYPES))
+        & (separated > len(PHONE_TYPES))
     )
     assert cache.count() == len(slow.unique())
     blank = pl.col("phone").str.strip_chars() == ""  # missing: decided without a parse
@@ -493,7 +561,7 @@ def test_warm_run_calls_phonenumbers_zero_times(
     assert warm.equals(expected)
 
     # New pairs cost a call each; the ones already seen still cost nothing.
-    extra = pl.DataFrame({"phone": ["+44 7400 123999", "0151/12345678"], "country": ["GB", "DE"]})
+    extra = pl.DataFrame({"phone": ["tel. 07400 123999", "0151/12345678"], "country": ["GB", "DE"]})
     before = phonenumbers_calls()
     normalise_frame(pl.concat([frame, extra]), cache=cache)
     assert phonenumbers_calls() - before == 2

@@ -20,7 +20,9 @@ takes over 13 minutes. So `normalise_frame` works in tiers, all giving the answe
    A number starting with the region's international prefix or calling code, or with a
    national prefix that is more than literal digits, goes to tier 3; so does whatever tier 1
    hands on. `tests/test_phones.py` proves it on national formats of every region.
-3. Everything else (text around the number, letters, a "+" with spaces, junk) goes through
+   So are E.164 numbers written with separators ("+44 7400 123456", "0044 7400-123456"),
+   which parse() reads as their compact form (`separated_e164`).
+3. Everything else (text around the number, letters, a "+" then a letter, junk) goes through
    `phonenumbers`, once per distinct (raw, region) pair.
 4. With a `PhoneCache`, tier-3 answers are kept beside the ledger, so a later run calls
    `phonenumbers` only for pairs it has never seen.
@@ -644,6 +646,33 @@ def national_e164(raws: pl.Series, regions: pl.Series) -> pl.Series:
 
 
 # --------------------------------------------------------------------------------------------
+# International formats with separators ("+44 7400 123456", "0044 (0)7400-123456").
+
+# A "+" (or "00", read as "+" by `classify`), then digits and the separators people type
+# between them, a digit at the end: no letters, extension, second number or other sign.
+_SEPARATED_RAW = r"^(?:\+|00)[0-9 ().-]{0,40}[0-9]$"
+_SEPARATORS = r"[ ().-]"
+
+
+def separated_e164(raws: pl.Series) -> pl.Series:
+    """Per raw value written in E.164 form with separators ("+44 7400 123456"), that form
+    without them ("+447400123456"); null for any other value.
+
+    parse() reads such a number as its compact form: after the "+" it keeps only the digits
+    (`_maybe_strip_i18n_prefix_and_normalize`), and nothing before it is more than
+    punctuation to `_extract_possible_number` and the viability check. Its validity, type
+    and E.164 are therefore the compact form's (`fast_codes`, which hands on what it does
+    not judge, e.g. "+44 (0)7400…", whose national prefix only phonenumbers strips).
+    """
+    frame = pl.DataFrame({"raw": raws.cast(pl.String)}).with_row_index("idx")
+    found = frame.filter(
+        pl.col("raw").str.contains(_SEPARATED_RAW) & pl.col("raw").str.contains(_SEPARATORS)
+    ).select("idx", _e164_text(pl.col("raw").str.replace_all(_SEPARATORS, "")).alias("e164"))
+    rewritten = pl.repeat(None, len(raws), dtype=pl.String, eager=True)
+    return rewritten.scatter(found["idx"], found["e164"]) if not found.is_empty() else rewritten
+
+
+# --------------------------------------------------------------------------------------------
 # The frame API.
 
 
@@ -693,9 +722,9 @@ def phone_codes(
 
     `code` is an index into `PHONE_TYPES` for a valid number, else `INVALID_CODE` or
     `MISSING_CODE`: one byte a row, which the policy engine works on directly.
-    Raw values in E.164 form, or in a plain national format of their region, are judged in
-    polars; the rest once per distinct (raw, region) through phonenumbers, or through `cache`
-    when given (see the module's tiers).
+    Raw values in E.164 form (with or without separators), or in a plain national format of
+    their region, are judged in polars; the rest once per distinct (raw, region) through
+    phonenumbers, or through `cache` when given (see the module's tiers).
     """
     raw = raw.cast(pl.String)
     codes = fast_codes(raw)
@@ -704,9 +733,14 @@ def phone_codes(
     # Only the rows the fast path handed on are gathered: a frame of the whole columns, chunked
     # unlike each other, was copied whole by its first filter (10,000,000 numbers: 0.3 s).
     slow_rows = (codes == _SLOW).arg_true()
-    if regions is not None and len(slow_rows):
-        # National formats parse() reads plainly: judged as their E.164 form, here.
-        rewritten = national_e164(raw.gather(slow_rows), regions.gather(slow_rows))
+    if len(slow_rows):
+        # E.164 with separators, and national formats parse() reads plainly: judged as the
+        # E.164 form parse() reads in them, here.
+        slow_raw = raw.gather(slow_rows)
+        rewritten = separated_e164(slow_raw)
+        if regions is not None:
+            national = national_e164(slow_raw, regions.gather(slow_rows))
+            rewritten = rewritten.zip_with(rewritten.is_not_null(), national)
         judged = fast_codes(rewritten)
         taken = judged != _SLOW
         codes = codes.scatter(slow_rows.filter(taken), judged.filter(taken))
@@ -814,6 +848,7 @@ __all__ = [
     "phone_codes",
     "phonenumbers_calls",
     "resolve_pairs",
+    "separated_e164",
     "status_of",
     "type_of",
 ]
