@@ -783,20 +783,27 @@ PhoneCache(url, key=b"k").dispose()
 
 
 def test_processes_opening_the_cache_together_on_a_new_database_all_get_it(
-    ledger_url: str,
+    ledger_url: str, tmp_path: Path
 ) -> None:
     """Runs and workers starting at once on a new database (or the first run after the
     upgrade that moved the cache to its table) all open it: the table is made once, under the
-    ledger's schema lock. Without it, PostgreSQL refused the second CREATE in most rounds."""
-    engine = sa.create_engine(ledger_url)
-    try:
-        for _ in range(3):
+    ledger's schema lock. Without it, PostgreSQL refused the second CREATE in most rounds. A
+    new SQLite file (each round's) is also switched to WAL by one of them while the others
+    wait, where SQLite itself refused some at once ("database is locked", 2 rounds in 8)."""
+    for round_ in range(3):
+        url = ledger_url
+        if ledger_url.startswith("sqlite"):
+            url = f"sqlite:///{tmp_path / f'new-{round_}.sqlite'}"
+        engine = sa.create_engine(url)  # a plain connection: a file not yet in WAL
+        try:
             with engine.begin() as con:
                 con.exec_driver_sql(f"DROP TABLE IF EXISTS {TABLE}")
+                if url != ledger_url:
+                    con.exec_driver_sql("CREATE TABLE other (id INTEGER)")  # a file, not empty
             start = time.time() + 2.0  # past every process's imports
             processes = [
                 subprocess.Popen(
-                    [sys.executable, "-c", _OPEN_CACHE_AT, ledger_url, str(start)],
+                    [sys.executable, "-c", _OPEN_CACHE_AT, url, str(start)],
                     stderr=subprocess.PIPE,
                     text=True,
                 )
@@ -808,8 +815,8 @@ def test_processes_opening_the_cache_together_on_a_new_database_all_get_it(
             ]
             assert not failed, failed
             assert sa.inspect(engine).has_table(TABLE)
-    finally:
-        engine.dispose()
+        finally:
+            engine.dispose()
 
 
 def test_cache_shares_the_ledger_engine(ledger_url: str, tmp_path: Path) -> None:

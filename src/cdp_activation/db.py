@@ -7,6 +7,7 @@ production, where a plain `postgresql://` URL means that driver.
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import sqlalchemy as sa
+import tenacity
 
 
 def with_driver(url: str) -> str:
@@ -38,7 +40,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # The busy timeout first: switching a new database to WAL waits for other connections.
     cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # Not always: processes opening a new database at the same instant can find it locked
+    # while another switches it, where SQLite does not wait because waiting could deadlock
+    # ("database is locked" at once, 2 rounds in 8 of six processes opening the phone cache
+    # on a new file). That is waited out here, a minute at most, for whoever opens it.
+    for attempt in tenacity.Retrying(
+        retry=tenacity.retry_if_exception(_locked),
+        wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+        stop=tenacity.stop_after_delay(60.0),
+        reraise=True,
+    ):
+        with attempt:
+            cursor.execute("PRAGMA journal_mode=WAL")
     # Every commit on disk before it returns (the WAL synced): a claim must outlive a power
     # loss or an OS crash, or its request, already sent, would be sent again once its row came
     # back `planned`; a status report or a STOP answered 200 must too, as the provider will
@@ -53,6 +66,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # files: 10-17% off the ledger's plan and settle a row (`python -m bench engine`).
     cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.close()
+
+
+def _locked(err: BaseException) -> bool:
+    return isinstance(err, sqlite3.OperationalError) and "database is locked" in str(err)
 
 
 def read_frame(

@@ -127,9 +127,10 @@ class LedgerBase:
 
     def _bring_up(self) -> None:
         """Migrate the schema on the first opening in this process. Processes that open a new
-        SQLite ledger at the same instant can find it locked while another one switches it to
-        WAL or creates its tables, beyond the busy timeout's reach: that is waited out (a
-        minute at most), never reported as a ledger that cannot be opened."""
+        SQLite ledger at the same instant can find it locked while another one creates its
+        tables, beyond the busy timeout's reach: that is waited out (a minute at most), never
+        reported as a ledger that cannot be opened (the switch to WAL is waited out as every
+        connection opens: `db.open_engine`)."""
         deadline = time.monotonic() + (60.0 if self.engine.dialect.name == "sqlite" else 0.0)
         pause = 0.05
         while True:
