@@ -251,7 +251,25 @@ def test_fast_path_matches_phonenumbers_on_generated_numbers() -> None:
         assert counts.get(kind, 0) > 100, counts  # the valid side is exercised too
 
 
-def national_numbers(count: int, seed: int = 11) -> tuple[list[str], list[str]]:
+def randomised_example(rng: random.Random, examples: list[tuple[str, str]]) -> tuple[str, str]:
+    """(region, E.164) of one example number, its last digits randomised, sometimes one
+    digit longer or shorter."""
+    region, e164 = rng.choice(examples)
+    cut = rng.randint(1, 5)
+    body = e164[:-cut] + "".join(rng.choices("0123456789", k=cut))
+    body += rng.choice(["", "", "", "", rng.choice("0123456789")])
+    return region, body[:-1] if rng.random() < 0.1 else body
+
+
+def other_region(rng: random.Random, region: str, others: list[str | None]) -> str | None:
+    """The number's own region, or sometimes another one of `others` (a suppression list's
+    number read in each country), or its own in lower case."""
+    if rng.random() < 0.2:
+        return rng.choice(others)
+    return region.lower() if rng.random() < 0.03 else region
+
+
+def national_numbers(count: int, seed: int = 11) -> tuple[list[str], list[str | None]]:
     """(raw, region) pairs in national formats over every region: each region's example
     numbers written as phonenumbers writes them nationally ("07400 123456", "(201) 555-0123"),
     last digits randomised, separators changed, one digit more or less, the national prefix
@@ -261,13 +279,9 @@ def national_numbers(count: int, seed: int = 11) -> tuple[list[str], list[str]]:
     examples = example_numbers()
     regions_all = sorted({region for region, _ in examples})
     raws: list[str] = []
-    regions_out: list[str] = []
+    regions_out: list[str | None] = []
     while len(raws) < count:
-        region, e164 = rng.choice(examples)
-        cut = rng.randint(1, 5)
-        body = e164[:-cut] + "".join(rng.choices("0123456789", k=cut))
-        body += rng.choice(["", "", "", "", rng.choice("0123456789")])
-        body = body[:-1] if rng.random() < 0.1 else body
+        region, body = randomised_example(rng, examples)
         try:
             number = phonenumbers.parse(body)
             text = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
@@ -292,12 +306,8 @@ def national_numbers(count: int, seed: int = 11) -> tuple[list[str], list[str]]:
             )
         elif roll < 0.35:
             text = "".join(rng.choices("0123456789", k=rng.randint(2, 16)))
-        if rng.random() < 0.2:
-            region = rng.choice(regions_all)  # someone else's number (a suppression list's)
-        if rng.random() < 0.03:
-            region = region.lower()
         raws.append(text)
-        regions_out.append(region)
+        regions_out.append(other_region(rng, region, regions_all))
     return raws, regions_out
 
 
@@ -324,11 +334,7 @@ def separated_numbers(count: int, seed: int = 13) -> tuple[list[str], list[str |
     raws: list[str] = []
     regions_out: list[str | None] = []
     while len(raws) < count:
-        region, e164 = rng.choice(examples)
-        cut = rng.randint(1, 5)
-        body = e164[:-cut] + "".join(rng.choices("0123456789", k=cut))
-        body += rng.choice(["", "", "", "", rng.choice("0123456789")])
-        body = body[:-1] if rng.random() < 0.1 else body
+        region, body = randomised_example(rng, examples)
         roll = rng.random()
         if roll < 0.4:
             try:
@@ -357,13 +363,8 @@ def separated_numbers(count: int, seed: int = 13) -> tuple[list[str], list[str |
             text = text + rng.choice([")", "-", " ", "."])  # a separator left at the end
         elif roll < 0.33:
             text = "+(" + text[1:].replace(" ", ")", 1)  # the calling code in brackets
-        region_of: str | None = region
-        if rng.random() < 0.3:
-            region_of = rng.choice([*regions_all, None, ""])
-        elif rng.random() < 0.03:
-            region_of = region.lower()
         raws.append(text)
-        regions_out.append(region_of)
+        regions_out.append(other_region(rng, region, [*regions_all, None, ""]))
     return raws, regions_out
 
 
