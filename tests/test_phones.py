@@ -387,6 +387,28 @@ def test_fast_path_ignores_the_region_like_phonenumbers_does() -> None:
     assert_frame_matches_reference(numbers, regions)
 
 
+@pytest.mark.parametrize("region", ["FI", "AX", "fi", "KP", "GB", None])
+def test_an_unknown_calling_code_is_read_with_the_region_s_international_prefix(
+    region: str | None,
+) -> None:
+    """Where the region does count: parse() reads a "+" number whose calling code is unknown
+    again without the "+", with the region's international prefix, so "+990 44 7400 123456"
+    is a UK mobile in Finland (whose prefixes are 990, 994, 999…) and invalid elsewhere."""
+    raws = [
+        "+990447400123456",
+        "+990 44 7400 123456",
+        "00990 44 7400 123456",
+        "+999 44 7400 123456",
+        "+997 912 345 6789",
+        "+99 79123456789",
+        "+2147483648",
+    ]
+    assert_frame_matches_reference(raws, [region] * len(raws))
+    if region in ("FI", "AX", "fi"):
+        found = normalise_frame(pl.DataFrame({"phone": raws[:2], "country": [region] * 2}))
+        assert found["phone_e164"].to_list() == ["+447400123456"] * 2
+
+
 @pytest.mark.parametrize(
     "pattern",
     ["(?=1)1", "(?!0)1", "(?<=1)2", "(?<!1)2", "(1)\\1", "(?P<a>1)(?P=a)", "(?>12)"],

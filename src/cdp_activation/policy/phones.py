@@ -11,8 +11,10 @@ takes over 13 minutes. So `normalise_frame` works in tiers, all giving the answe
    (`leading_digits`, else the first region whose patterns match). This mirrors
    `region_code_for_number`, `_region_code_for_number_from_list`, `is_valid_number_for_region`
    and `_number_type_helper` rule for rule; `tests/test_phones.py` proves it on 250,000+ numbers.
-   Numbers whose national prefix for parsing could alter them (e.g. `+44 0…`), and every country
-   whose patterns use syntax the Rust regex engine lacks or reads otherwise, go to tier 3.
+   Numbers whose national prefix for parsing could alter them (e.g. `+44 0…`), an unknown
+   calling code (parse() reads it again with the region's international prefix: "+990 44…"
+   in Finland), and every country whose patterns use syntax the Rust regex engine lacks or
+   reads otherwise, go to tier 3.
 2. Raw values in a plain national format of their region (digits and the usual separators:
    "07400 123456", "(201) 555-0123") are rewritten to the E.164 form parse() reads in them
    (its national prefix stripped as `_maybe_strip_national_prefix_carrier_code` strips it,
@@ -512,7 +514,11 @@ def _fast_chunk(raws: pl.Series) -> pl.Series:
             continue
         head = pl.col("raw").str.slice(len(prefix), 3).cast(pl.UInt16)
         rows = rows.with_columns(pl.lit(_country_code_table()).gather(head).alias("cc"))
-        parts.append(_invalid(rows.filter(pl.col("cc").is_null())))  # parse(): unknown code
+        # An unknown calling code: parse() tries again without the "+", reading the digits
+        # with the region's international prefix (Finland's 990…, North Korea's 99), so
+        # "+990 44 7400 123456" is a UK number in FI. The region decides: phonenumbers says.
+        unknown = rows.filter(pl.col("cc").is_null())
+        parts.append(unknown.select("idx", pl.lit(_SLOW, dtype=_CODE_DTYPE).alias("code")))
         groups = rows.filter(pl.col("cc").is_not_null()).partition_by("cc", as_dict=True)
         for (cc_value,), group in groups.items():
             nsn = pl.col("raw").str.slice(len(prefix) + len(str(cc_value)))
