@@ -20,7 +20,14 @@ from cdp_activation.components.resources import LedgerResource, SendLogResource
 from cdp_activation.connectors.base import Outcome, SendResult
 from cdp_activation.contracts import StatusEvent
 from cdp_activation.defs.send_log import send_log
-from cdp_activation.feedback.send_log import COLUMNS, SEND_LOG_TABLE, export_send_log
+from cdp_activation.feedback.send_log import (
+    COLUMNS,
+    SEND_LOG_TABLE,
+    LogTable,
+    changed_sends,
+    export_send_log,
+    export_table,
+)
 from cdp_activation.ledger import Ledger, sends
 from conftest import scratch_postgres_schema
 
@@ -187,3 +194,42 @@ def test_exports_started_together_by_several_processes_all_land_once(
     log = read_log(warehouse_url)
     assert sorted(log["customer_id"].to_list()) == ["c1", "c2", "c3"]
     assert dict(zip(log["customer_id"], log["state"], strict=True))["c1"] == "sent"
+
+
+def test_an_export_the_warehouse_refuses_says_why_and_leaves_the_table_as_it_was(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """A table changed by hand so the export cannot fill it (here a NOT NULL column it does
+    not know): the warehouse's own refusal comes out, not the aborted transaction's, and the
+    rows already there stay."""
+    path = tmp_path / "warehouse.duckdb"
+    url = f"duckdb:///{path}"
+    export_send_log(ledger, url)
+    with duckdb.connect(str(path)) as con:
+        con.execute(f"ALTER TABLE {SEND_LOG_TABLE} ADD COLUMN owner VARCHAR DEFAULT 'crm'")
+        con.execute(f"ALTER TABLE {SEND_LOG_TABLE} ALTER COLUMN owner SET NOT NULL")
+        con.execute(f"ALTER TABLE {SEND_LOG_TABLE} ALTER COLUMN owner DROP DEFAULT")
+    with pytest.raises(duckdb.ConstraintException, match="owner"):
+        export_send_log(ledger, url)
+    assert read_log(url).height == 3
+
+
+def test_the_warehouse_is_free_for_others_while_an_export_reads_the_ledger(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    """Another process (an audience query) can open the DuckDB warehouse while an export
+    reads the ledger, which for a first export of a large ledger takes a while: the export
+    holds its own lock file then, not the warehouse."""
+    path = tmp_path / "warehouse.duckdb"
+    url = f"duckdb:///{path}"
+    export_send_log(ledger, url)
+    opened: list[int] = []
+
+    def changed(read_from: Ledger, since: datetime | None) -> pl.DataFrame:
+        reader = "import duckdb, sys; duckdb.connect(sys.argv[1], read_only=True).close()"
+        done = subprocess.run([sys.executable, "-c", reader, str(path)], timeout=60)
+        opened.append(done.returncode)
+        return changed_sends(read_from, since)
+
+    export_table(ledger, url, LogTable(SEND_LOG_TABLE, COLUMNS, changed))
+    assert opened == [0]

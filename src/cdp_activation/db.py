@@ -43,7 +43,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Not always: processes opening a new database at the same instant can find it locked
     # while another switches it, where SQLite does not wait because waiting could deadlock
     # ("database is locked" at once, 2 rounds in 8 of six processes opening the phone cache
-    # on a new file). That is waited out here, a minute at most, for whoever opens it.
+    # on a new file). That is tried again here for a minute (an attempt may itself wait out
+    # the busy timeout first), for whoever opens it.
     for attempt in tenacity.Retrying(
         retry=tenacity.retry_if_exception(_locked),
         wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),

@@ -11,8 +11,9 @@ Exports to one table run one at a time (`_Sink.exclusive`): the scheduled export
 and a hand-started one may overlap. Together, they raced to create the table and to insert the
 same keys (PostgreSQL refused all but one), or met DuckDB's lock on the file and failed at once;
 and one that read the ledger before another could write its older rows over the other's newer
-ones. PostgreSQL holds an advisory lock for the table, DuckDB its file (waiting while another
-process has it, as the audience's reads do). Other warehouses are not locked.
+ones. PostgreSQL holds an advisory lock for the table, DuckDB a lock file beside the
+warehouse's (its own file is opened only to read and to write, waiting while another process
+has it, as the audience's reads do). Other warehouses are not locked.
 
 No personal data leaves the ledger: the log has the customer id (a key the warehouse already
 holds) but not the phone number, LINE id or message text.
@@ -30,6 +31,7 @@ from typing import Any
 import duckdb
 import polars as pl
 import sqlalchemy as sa
+from filelock import FileLock
 
 from cdp_activation.audience.warehouse import connect_duckdb, duckdb_path
 from cdp_activation.db import with_driver
@@ -242,67 +244,59 @@ def export_table(ledger: Ledger, url: str, log: LogTable) -> SendLogExport:
 
 
 class _DuckDBSink:
-    """A DuckDB file: one connection for a whole export, which holds the file (one writer at
-    a time in DuckDB), opened when another process lets go of it."""
+    """A DuckDB file, opened for each read and write only (DuckDB lets one process write or
+    several read: the audience's reads wait out those moments, `connect_duckdb`, and so do
+    these), with exports to a table kept one at a time by a lock file beside it, held
+    across the whole export (the ledger's read included) without holding the warehouse."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.con: duckdb.DuckDBPyConnection | None = None
+        self.path = Path(path)
 
     def close(self) -> None:
-        if self.con is not None:
-            self.con.close()
-            self.con = None
+        pass
 
     @contextlib.contextmanager
     def exclusive(self, table: str) -> Iterator[None]:
-        del table  # the file is the lock
-        self.con = connect_duckdb(Path(self.path), read_only=False)
-        try:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.path.with_name(f".{self.path.name}.{table}.lock")):
             yield
-        finally:
-            self.close()
-
-    def _con(self) -> duckdb.DuckDBPyConnection:
-        if self.con is None:
-            raise RuntimeError("a DuckDB sink is used inside `exclusive`")
-        return self.con
 
     def newest(self, log: LogTable) -> datetime | None:
-        con = self._con()
-        if not _duckdb_has(con, log.name):
-            return None
-        # fetchall, not fetchone: DuckDB refuses the connection's next statement until a
-        # result is read to its end.
-        value = con.execute(f'SELECT max(updated_at) FROM "{log.name}"').fetchall()
+        with connect_duckdb(self.path, read_only=False) as con:
+            if not _duckdb_has(con, log.name):
+                return None
+            value = con.execute(f'SELECT max(updated_at) FROM "{log.name}"').fetchall()
         return value[0][0] if value else None
 
     def upsert(self, log: LogTable, frame: pl.DataFrame) -> int:
         table, key = log.name, log.key
-        con = self._con()
-        con.register("incoming", frame.to_arrow())
-        try:
+        with connect_duckdb(self.path, read_only=False) as con:
+            con.register("incoming", frame.to_arrow())
             con.execute("BEGIN")
-            con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS FROM incoming LIMIT 0')
-            # A table an earlier version made lacks the columns added since (`variant`).
-            present = {
-                row[0]
-                for row in con.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
-                    [table],
-                ).fetchall()
-            }
-            for column in [c for c in frame.columns if c not in present]:
-                kind = con.execute(f"SELECT typeof({column}) FROM incoming LIMIT 1").fetchall()
-                con.execute(
-                    f'ALTER TABLE "{table}" ADD COLUMN {column} {kind[0][0] if kind else "VARCHAR"}'
-                )
-            con.execute(f'DELETE FROM "{table}" WHERE {key} IN (SELECT {key} FROM incoming)')
-            con.execute(f'INSERT INTO "{table}" BY NAME FROM incoming')
+            try:
+                con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS FROM incoming LIMIT 0')
+                # A table an earlier version made lacks the columns added since (`variant`).
+                present = {
+                    row[0]
+                    for row in con.execute(
+                        "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                        [table],
+                    ).fetchall()
+                }
+                for column in [c for c in frame.columns if c not in present]:
+                    kind = con.execute(f"SELECT typeof({column}) FROM incoming LIMIT 1").fetchall()
+                    kind_name = kind[0][0] if kind else "VARCHAR"
+                    con.execute(f'ALTER TABLE "{table}" ADD COLUMN {column} {kind_name}')
+                con.execute(f'DELETE FROM "{table}" WHERE {key} IN (SELECT {key} FROM incoming)')
+                con.execute(f'INSERT INTO "{table}" BY NAME FROM incoming')
+            except BaseException:
+                # Rolled back before anything else runs on the connection: DuckDB refuses
+                # every statement of an aborted transaction, and that refusal would take
+                # the real error's place.
+                con.execute("ROLLBACK")
+                raise
             con.execute("COMMIT")
-        finally:
-            con.unregister("incoming")
-        count = con.execute(f'SELECT count(*) FROM "{table}"').fetchall()
+            count = con.execute(f'SELECT count(*) FROM "{table}"').fetchall()
         return int(count[0][0]) if count else 0
 
 
@@ -372,19 +366,17 @@ class _SQLAlchemySink:
 @contextlib.contextmanager
 def warehouse_lock(engine: sa.Engine, name: str) -> Iterator[None]:
     """Hold the warehouse's lock `name` (in the connection's current schema) while the block
-    runs: PostgreSQL's session advisory lock, waited for; on other databases nothing is held."""
+    runs: on PostgreSQL a transaction-level advisory lock, waited for, in a transaction kept
+    open on a connection of its own until the block ends (released however it ends, and
+    whole behind a pooler that hands out connections a transaction at a time); on other
+    databases nothing is held."""
     if engine.dialect.name != "postgresql":
         yield
         return
-    key = "SELECT hashtext('cdp_activation.' || current_schema() || '.' || %s)"
-    with engine.connect() as con:
-        con.exec_driver_sql(f"SELECT pg_advisory_lock(({key}))", (name,))
-        con.commit()  # the lock is the session's: no transaction is kept open for it
-        try:
-            yield
-        finally:
-            con.exec_driver_sql(f"SELECT pg_advisory_unlock(({key}))", (name,))
-            con.commit()
+    key = "hashtext('cdp_activation.' || current_schema() || '.' || %s)"
+    with engine.connect() as con, con.begin():
+        con.exec_driver_sql(f"SELECT pg_advisory_xact_lock({key})", (name,))
+        yield
 
 
 def _sink(url: str) -> _DuckDBSink | _SQLAlchemySink:
