@@ -292,8 +292,9 @@ class _DuckDBSink:
             except BaseException:
                 # Rolled back before anything else runs on the connection: DuckDB refuses
                 # every statement of an aborted transaction, and that refusal would take
-                # the real error's place.
-                con.execute("ROLLBACK")
+                # the real error's place (as would a failing ROLLBACK: ignored).
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
             count = con.execute(f'SELECT count(*) FROM "{table}"').fetchall()
