@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import duckdb
@@ -261,12 +261,63 @@ def randomised_example(rng: random.Random, examples: list[tuple[str, str]]) -> t
     return region, body[:-1] if rng.random() < 0.1 else body
 
 
-def other_region(rng: random.Random, region: str, others: list[str | None]) -> str | None:
+def other_region(rng: random.Random, region: str, others: Sequence[str | None]) -> str | None:
     """The number's own region, or sometimes another one of `others` (a suppression list's
     number read in each country), or its own in lower case."""
     if rng.random() < 0.2:
         return rng.choice(others)
     return region.lower() if rng.random() < 0.03 else region
+
+
+Writer = Callable[[random.Random, str, str], str | None]  # (rng, region, E.164) -> raw
+
+
+def written_numbers(
+    count: int, seed: int, write: Writer, others: Sequence[str | None] = ()
+) -> tuple[list[str], list[str | None]]:
+    """`count` (raw, region) pairs: example numbers of every region, randomised
+    (`randomised_example`), each written by `write` (None: drawn again), in its own region or
+    sometimes another of the regions and `others` (`other_region`)."""
+    rng = random.Random(seed)
+    examples = example_numbers()
+    regions = [*sorted({region for region, _ in examples}), *others]
+    raws: list[str] = []
+    regions_out: list[str | None] = []
+    while len(raws) < count:
+        region, body = randomised_example(rng, examples)
+        text = write(rng, region, body)
+        if text is not None:
+            raws.append(text)
+            regions_out.append(other_region(rng, region, regions))
+    return raws, regions_out
+
+
+def _national_text(rng: random.Random, region: str, body: str) -> str | None:
+    try:
+        number = phonenumbers.parse(body)
+        text = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
+    except phonenumbers.NumberParseException:
+        return None
+    metadata = PhoneMetadata.metadata_for_region(region, None)
+    prefix = (metadata.national_prefix if metadata is not None else None) or ""
+    roll = rng.random()
+    if roll < 0.08 and prefix and text.startswith(prefix):
+        text = text[len(prefix) :]  # the national prefix left out
+    elif roll < 0.12:
+        text = prefix + text  # written twice
+    elif roll < 0.17:
+        text = f"{number.country_code} {text}"  # the calling code in front
+    elif roll < 0.2:
+        idd = (metadata.preferred_international_prefix if metadata is not None else "") or ""
+        text = f"{idd or '00'} {number.country_code} {text}"
+    elif roll < 0.3:
+        digits = "".join(c for c in text if c.isdigit())
+        text = rng.choice(["-", ".", " ", ""]).join(
+            digits[i : i + rng.randint(2, 4)] for i in range(0, len(digits), 3)
+        )
+    elif roll < 0.35:
+        text = "".join(rng.choices("0123456789", k=rng.randint(2, 16)))
+    return text
 
 
 def national_numbers(count: int, seed: int = 11) -> tuple[list[str], list[str | None]]:
@@ -275,40 +326,7 @@ def national_numbers(count: int, seed: int = 11) -> tuple[list[str], list[str | 
     last digits randomised, separators changed, one digit more or less, the national prefix
     dropped or doubled, the calling code or the international prefix in front, other regions'
     numbers, lower-case regions, and plain runs of digits."""
-    rng = random.Random(seed)
-    examples = example_numbers()
-    regions_all = sorted({region for region, _ in examples})
-    raws: list[str] = []
-    regions_out: list[str | None] = []
-    while len(raws) < count:
-        region, body = randomised_example(rng, examples)
-        try:
-            number = phonenumbers.parse(body)
-            text = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.NATIONAL)
-        except phonenumbers.NumberParseException:
-            continue
-        metadata = PhoneMetadata.metadata_for_region(region, None)
-        prefix = (metadata.national_prefix if metadata is not None else None) or ""
-        roll = rng.random()
-        if roll < 0.08 and prefix and text.startswith(prefix):
-            text = text[len(prefix) :]  # the national prefix left out
-        elif roll < 0.12:
-            text = prefix + text  # written twice
-        elif roll < 0.17:
-            text = f"{number.country_code} {text}"  # the calling code in front
-        elif roll < 0.2:
-            idd = (metadata.preferred_international_prefix if metadata is not None else "") or ""
-            text = f"{idd or '00'} {number.country_code} {text}"
-        elif roll < 0.3:
-            digits = "".join(c for c in text if c.isdigit())
-            text = rng.choice(["-", ".", " ", ""]).join(
-                digits[i : i + rng.randint(2, 4)] for i in range(0, len(digits), 3)
-            )
-        elif roll < 0.35:
-            text = "".join(rng.choices("0123456789", k=rng.randint(2, 16)))
-        raws.append(text)
-        regions_out.append(other_region(rng, region, regions_all))
-    return raws, regions_out
+    return written_numbers(count, seed, _national_text)
 
 
 def test_national_formats_match_phonenumbers_and_most_skip_it() -> None:
@@ -322,50 +340,45 @@ def test_national_formats_match_phonenumbers_and_most_skip_it() -> None:
     assert phonenumbers_calls() - before < 0.3 * len(raws)  # 0.22: the rest judged in polars
 
 
+def _separated_text(rng: random.Random, region: str, body: str) -> str | None:
+    del region  # "+" numbers are written the same everywhere
+    if rng.random() < 0.4:
+        try:
+            number = phonenumbers.parse(body)
+        except phonenumbers.NumberParseException:
+            return None
+        text = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
+    else:
+        digits, groups, at = body[1:], [], 0
+        while at < len(digits):
+            step = rng.randint(1, 4)
+            groups.append(digits[at : at + step])
+            at += step
+        if rng.random() < 0.3 and len(groups) > 1:
+            groups[1] = f"({groups[1]})"  # an area code in brackets
+        if rng.random() < 0.1:
+            groups.insert(1, "(0)")  # the national prefix, bracketed after the code
+        separators = [" ", " ", "-", ".", "  ", " - ", ""]
+        text = "+" + "".join(g + rng.choice(separators) for g in groups[:-1]) + groups[-1]
+    roll = rng.random()
+    if roll < 0.15:
+        text = "00" + text[1:]
+    elif roll < 0.25:
+        text = "+ " + text[1:]
+    elif roll < 0.3:
+        text = text + rng.choice([")", "-", " ", "."])  # a separator left at the end
+    elif roll < 0.33:
+        text = "+(" + text[1:].replace(" ", ")", 1)  # the calling code in brackets
+    return text
+
+
 def separated_numbers(count: int, seed: int = 13) -> tuple[list[str], list[str | None]]:
     """(raw, region) pairs of E.164 numbers written with separators over every region: each
     region's example numbers, last digits randomised, one digit more or less, as phonenumbers
     writes them internationally ("+44 7400 123456") or grouped at random with spaces, hyphens,
     dots and parentheses, "00" for "+", a space after the "+", "(0)" after the calling code,
     doubled or trailing separators; regions of any country, lower case or none."""
-    rng = random.Random(seed)
-    examples = example_numbers()
-    regions_all = sorted({region for region, _ in examples})
-    raws: list[str] = []
-    regions_out: list[str | None] = []
-    while len(raws) < count:
-        region, body = randomised_example(rng, examples)
-        roll = rng.random()
-        if roll < 0.4:
-            try:
-                number = phonenumbers.parse(body)
-            except phonenumbers.NumberParseException:
-                continue
-            text = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
-        else:
-            digits, groups, at = body[1:], [], 0
-            while at < len(digits):
-                step = rng.randint(1, 4)
-                groups.append(digits[at : at + step])
-                at += step
-            if rng.random() < 0.3 and len(groups) > 1:
-                groups[1] = f"({groups[1]})"  # an area code in brackets
-            if rng.random() < 0.1:
-                groups.insert(1, "(0)")  # the national prefix, bracketed after the code
-            separators = [" ", " ", "-", ".", "  ", " - ", ""]
-            text = "+" + "".join(g + rng.choice(separators) for g in groups[:-1]) + groups[-1]
-        roll = rng.random()
-        if roll < 0.15:
-            text = "00" + text[1:]
-        elif roll < 0.25:
-            text = "+ " + text[1:]
-        elif roll < 0.3:
-            text = text + rng.choice([")", "-", " ", "."])  # a separator left at the end
-        elif roll < 0.33:
-            text = "+(" + text[1:].replace(" ", ")", 1)  # the calling code in brackets
-        raws.append(text)
-        regions_out.append(other_region(rng, region, [*regions_all, None, ""]))
-    return raws, regions_out
+    return written_numbers(count, seed, _separated_text, others=[None, ""])
 
 
 def test_e164_with_separators_matches_phonenumbers_and_most_skip_it() -> None:
