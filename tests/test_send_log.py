@@ -233,3 +233,40 @@ def test_the_warehouse_is_free_for_others_while_an_export_reads_the_ledger(
 
     export_table(ledger, url, LogTable(SEND_LOG_TABLE, COLUMNS, changed))
     assert opened == [0]
+
+
+def test_an_export_behind_another_says_it_waits_then_lands(
+    ledger: Ledger, warehouse_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While one export holds a table (here: its lock taken by hand, as a long export holds
+    it), the next one says so in its log, waits, and exports once it is let go."""
+    import threading
+
+    from cdp_activation.feedback.send_log import _sink
+
+    sink = _sink(warehouse_url)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with sink.exclusive(SEND_LOG_TABLE):
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
+    caplog.set_level("INFO", logger="cdp_activation.feedback.send_log")
+    result: list[int] = []
+    exporter = threading.Thread(
+        target=lambda: result.append(export_send_log(ledger, warehouse_url).exported)
+    )
+    exporter.start()
+    deadline = time.monotonic() + 30
+    while "waiting for it to finish" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "another export holds" in caplog.text and result == []
+    release.set()
+    holder.join(30)
+    exporter.join(60)
+    sink.close()
+    assert result == [3] and read_log(warehouse_url).height == 3

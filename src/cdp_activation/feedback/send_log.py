@@ -22,6 +22,7 @@ holds) but not the phone number, LINE id or message text.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,11 +32,13 @@ from typing import Any
 import duckdb
 import polars as pl
 import sqlalchemy as sa
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from cdp_activation.audience.warehouse import connect_duckdb, duckdb_path
 from cdp_activation.db import with_driver
 from cdp_activation.ledger import Ledger, decision_counts, inbound_events, opt_outs, sends
+
+logger = logging.getLogger(__name__)
 
 SEND_LOG_TABLE = "activation_send_log"
 OVERLAP = timedelta(minutes=5)
@@ -258,8 +261,16 @@ class _DuckDBSink:
     @contextlib.contextmanager
     def exclusive(self, table: str) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.path.with_name(f".{self.path.name}.{table}.lock")):
+        lock = FileLock(self.path.with_name(f".{self.path.name}.{table}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            _waiting(table)
+            lock.acquire()
+        try:
             yield
+        finally:
+            lock.release()
 
     def newest(self, log: LogTable) -> datetime | None:
         with connect_duckdb(self.path, read_only=False) as con:
@@ -376,8 +387,16 @@ def warehouse_lock(engine: sa.Engine, name: str) -> Iterator[None]:
         return
     key = "hashtext('cdp_activation.' || current_schema() || '.' || %s)"
     with engine.connect() as con, con.begin():
-        con.exec_driver_sql(f"SELECT pg_advisory_xact_lock({key})", (name,))
+        taken = con.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({key})", (name,))
+        if not taken.scalar_one():
+            _waiting(name)
+            con.exec_driver_sql(f"SELECT pg_advisory_xact_lock({key})", (name,))
         yield
+
+
+def _waiting(name: str) -> None:
+    what = name.split(":", 1)[-1]  # "send_log:activation_send_log": the table
+    logger.info("another export holds %s: waiting for it to finish (one at a time)", what)
 
 
 def _sink(url: str) -> _DuckDBSink | _SQLAlchemySink:
