@@ -126,7 +126,7 @@ def refresh_funnel(
         engine = sa.create_engine(with_driver(url))
         try:
             # One at a time: two dropping and creating the view together collide.
-            with warehouse_lock(engine, f"view:{FUNNEL_VIEW}"), engine.begin() as con:
+            with warehouse_lock(engine, FUNNEL_VIEW), engine.begin() as con:
                 con.exec_driver_sql(f"DROP VIEW IF EXISTS {FUNNEL_VIEW}")
                 con.exec_driver_sql(view.replace("CREATE OR REPLACE VIEW", "CREATE VIEW", 1))
                 result = con.exec_driver_sql(read)

@@ -331,7 +331,7 @@ class _SQLAlchemySink:
 
     @contextlib.contextmanager
     def exclusive(self, table: str) -> Iterator[None]:
-        with warehouse_lock(self.engine, f"send_log:{table}"):
+        with warehouse_lock(self.engine, table):
             yield
 
     def _table(self, log: LogTable) -> sa.Table:
@@ -377,7 +377,8 @@ class _SQLAlchemySink:
 
 @contextlib.contextmanager
 def warehouse_lock(engine: sa.Engine, name: str) -> Iterator[None]:
-    """Hold the warehouse's lock `name` (in the connection's current schema) while the block
+    """Hold the warehouse's lock `name` (a table or view of the connection's current schema:
+    each is written by one export at a time) while the block
     runs: on PostgreSQL a transaction-level advisory lock, waited for, in a transaction kept
     open on a connection of its own until the block ends (released however it ends, and
     whole behind a pooler that hands out connections a transaction at a time); on other
@@ -395,8 +396,7 @@ def warehouse_lock(engine: sa.Engine, name: str) -> Iterator[None]:
 
 
 def _waiting(name: str) -> None:
-    what = name.split(":", 1)[-1]  # "send_log:activation_send_log": the table
-    logger.info("another export holds %s: waiting for it to finish (one at a time)", what)
+    logger.info("another export holds %s: waiting for it to finish (one at a time)", name)
 
 
 def _sink(url: str) -> _DuckDBSink | _SQLAlchemySink:

@@ -644,10 +644,15 @@ def national_e164(raws: pl.Series, regions: pl.Series) -> pl.Series:
             if "regex" not in str(err):
                 raise
             _REFUSED_REGIONS.add(str(region))  # its numbers go to phonenumbers from now on
-    rewritten = pl.repeat(None, len(raws), dtype=pl.String, eager=True)
-    if not parts:
+    found = pl.concat(parts).filter(pl.col("e164").is_not_null()) if parts else None
+    return _rewritten(len(raws), found)
+
+
+def _rewritten(length: int, found: pl.DataFrame | None) -> pl.Series:
+    """`length` nulls with `found`'s (idx, e164) rows in place: a rewriter's answer."""
+    rewritten = pl.repeat(None, length, dtype=pl.String, eager=True)
+    if found is None or found.is_empty():
         return rewritten
-    found = pl.concat(parts).filter(pl.col("e164").is_not_null())
     return rewritten.scatter(found["idx"], found["e164"])
 
 
@@ -674,8 +679,7 @@ def separated_e164(raws: pl.Series) -> pl.Series:
     found = frame.filter(
         pl.col("raw").str.contains(_SEPARATED_RAW) & pl.col("raw").str.contains(_SEPARATORS)
     ).select("idx", _e164_text(pl.col("raw").str.replace_all(_SEPARATORS, "")).alias("e164"))
-    rewritten = pl.repeat(None, len(raws), dtype=pl.String, eager=True)
-    return rewritten.scatter(found["idx"], found["e164"]) if not found.is_empty() else rewritten
+    return _rewritten(len(raws), found)
 
 
 # --------------------------------------------------------------------------------------------
