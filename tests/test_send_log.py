@@ -270,3 +270,32 @@ def test_an_export_behind_another_says_it_waits_then_lands(
     exporter.join(60)
     sink.close()
     assert result == [3] and read_log(warehouse_url).height == 3
+
+
+_HOLD_AND_HANG = """
+import sys, time
+from cdp_activation.feedback.send_log import SEND_LOG_TABLE, _sink
+with _sink(sys.argv[1]).exclusive(SEND_LOG_TABLE):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_an_export_killed_while_it_holds_the_table_does_not_hold_the_next_one(
+    ledger: Ledger, warehouse_url: str
+) -> None:
+    """An export killed mid-way (SIGKILL, a lost pod) leaves no lock behind: the database
+    lets go of its session's lock and the kernel of its lock file, so the next export runs."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AND_HANG, warehouse_url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        holder.kill()
+        holder.wait(30)
+        began = time.monotonic()
+        assert export_send_log(ledger, warehouse_url).table_rows == 3
+        assert time.monotonic() - began < 20
+    finally:
+        if holder.poll() is None:
+            holder.kill()
