@@ -389,6 +389,34 @@ def test_idempotent_connectors_survive_a_5xx_after_the_provider_took_the_request
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_gateway_timeout_after_the_provider_took_the_request_never_messages_anyone_twice(
+    name: str, faulty_sandbox: SandboxServer
+) -> None:
+    """The provider took the request, then a gateway in front of it gave up waiting and
+    answered 504 with its own HTML page. Through a provider that does not de-duplicate, the
+    message ends UNKNOWN and is never sent again (as after our own read timeout); through one
+    that does, it is asked again under the same key, which the provider answers as taken."""
+    connector = connector_from_settings(name, settings_for_sandbox(faulty_sandbox))
+    messages = [CASES[name].message(i) for i in range(3)]
+    faulty_sandbox.configure(rate_504_after_accept=1.0)
+    answered = send(connector, messages)
+    taken = len(faulty_sandbox.messages())
+    assert taken == len(messages)  # the provider did take them
+    results = Counter(a.result for a in faulty_sandbox.attempts())
+    assert results["gateway_timeout_after_accept"] >= 1
+    if not connector.capabilities.idempotency:
+        assert {(r.outcome, r.error_code) for r in answered} == {(Outcome.UNKNOWN, "http_504")}
+        assert all("not sent again" in (r.error_message or "") for r in answered)
+        return
+    assert {r.outcome for r in answered} == {Outcome.RETRY}
+    faulty_sandbox.configure(rate_504_after_accept=0.0)
+    resent = send(connector, messages)
+    assert {r.outcome for r in resent} == {Outcome.SENT}
+    assert len(faulty_sandbox.messages()) == taken
+    assert faulty_sandbox.duplicates() == {}
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_a_throttled_request_was_surely_not_taken(name: str, faulty_sandbox: SandboxServer) -> None:
     """A 429 means the provider took nothing: the rows may go out in any request."""
     faulty_sandbox.configure(rate_429=1.0, retry_after_s=1)

@@ -40,6 +40,7 @@ FAULTS = {
     "rate_5xx": 0.05,
     "rate_timeout": 0.02,
     "rate_drop_after_accept": 0.01,
+    "rate_504_after_accept": 0.01,
     "retry_after_s": 0.1,  # fractional, so thousands of rows still take seconds
     "timeout_hold_ms": 5_000,
 }
@@ -89,6 +90,7 @@ def test_fault_draws_are_deterministic_and_follow_the_rates() -> None:
         (Fault.SERVER_ERROR, 0.05),
         (Fault.TIMEOUT, 0.02),
         (Fault.DROP_AFTER_ACCEPT, 0.01),
+        (Fault.GATEWAY_TIMEOUT_AFTER_ACCEPT, 0.01),
     ]:
         assert counts[fault] / len(hashes) == pytest.approx(rate, abs=0.006)
     # A retry of the same message draws afresh (independently): it is not throttled forever.
@@ -202,6 +204,7 @@ def test_faults_end_every_row_in_one_terminal_state_and_nobody_twice(
     # The faults really happened, at about the configured rates.
     assert results["throttled"] > 150 and results["server_error"] > 60
     assert results["timeout"] > 20 and results["dropped_after_accept"] > 8
+    assert results["gateway_timeout_after_accept"] > 8
     assert report.throttled == results["throttled"]
 
     # Every row in exactly one terminal state; nobody lost, nothing left to send.
@@ -223,13 +226,19 @@ def test_faults_end_every_row_in_one_terminal_state_and_nobody_twice(
             assert row["provider_message_id"] == message.provider_message_id
     sent = rows.filter(pl.col("state") == "sent")
     assert set(sent["provider_message_id"].to_list()) <= {m.provider_message_id for m in accepted}
-    assert sent.height + results["dropped_after_accept"] == len(accepted)
+    taken_unanswered = results["dropped_after_accept"] + results["gateway_timeout_after_accept"]
+    assert sent.height + taken_unanswered == len(accepted)
 
     # A message accepted and then dropped ends `unknown` and is never sent again; a timed-out
-    # one too (the client cannot tell it from a drop). Nothing else is unknown.
-    dropped = {a.to for a in attempts if a.result == Fault.DROP_AFTER_ACCEPT}
+    # one too (the client cannot tell it from a drop), and one a gateway answered 504 for
+    # after the provider took it. Nothing else is unknown.
+    dropped = {
+        a.to
+        for a in attempts
+        if a.result in (Fault.DROP_AFTER_ACCEPT, Fault.GATEWAY_TIMEOUT_AFTER_ACCEPT)
+    }
     assert {by_recipient[to]["state"] for to in dropped} == {"unknown"}
-    assert states["unknown"] == results["timeout"] + results["dropped_after_accept"]
+    assert states["unknown"] == results["timeout"] + taken_unanswered
     # Throttled and failed requests were tried again until accepted: nobody dead-lettered,
     # and every retry waited in the ledger (planned), not in flight.
     assert states["dead_letter"] == 0
@@ -329,13 +338,16 @@ def test_through_an_idempotent_provider_lost_answers_are_retried_and_nobody_is_u
     # A crash left some rows in flight: through an idempotent connector they are re-planned.
     ledger.mark_in_flight([r.id for r in ledger.pending("idem", "p")[:50]])
     assert ledger.recover_interrupted("idem", "p", idempotent=[name]) == 50
-    sandbox.configure(rate_timeout=0.02, rate_drop_after_accept=0.05, rate_5xx=0.05)
+    sandbox.configure(
+        rate_timeout=0.02, rate_drop_after_accept=0.05, rate_5xx=0.05, rate_504_after_accept=0.05
+    )
     settings = settings_for_sandbox(sandbox).model_copy(update={"webhook_batch_size": 10})
     connector = connector_from_settings(name, settings)
     report = deliver(ledger, DeliveryScope("idem", "p"), {name: connector}, OPTIONS)
     states = Counter(ledger.rows("idem", "p")["state"].to_list())
     results = Counter(a.result for a in sandbox.attempts())
     assert results["dropped_after_accept"] > 0 and results["timeout"] > 0
+    assert results["gateway_timeout_after_accept"] > 0
     assert states == {"sent": n}, (states, report)
     assert sandbox.duplicates() == {}
     assert len({m.to for m in sandbox.messages()}) == len(sandbox.messages()) == n

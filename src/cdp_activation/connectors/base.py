@@ -152,6 +152,19 @@ def transport_outcome(exc: httpx.TransportError) -> Outcome:
     return Outcome.UNKNOWN
 
 
+def gateway_gave_up(status: int, provider_error: object) -> bool:
+    """A 504 that names no error of the provider's own: a gateway in front of the provider (a
+    load balancer, a proxy) gave up waiting for its answer. The provider had the request and
+    may have taken it, exactly as when our own read times out (`transport_outcome`): UNKNOWN,
+    unless the provider de-duplicates on our key (then `may_be_taken`, asked again under it).
+
+    A 502 stays a retry: it is what a load balancer answers while the provider's servers are
+    down or refuse connections (an outage), and an outage must not end every message in the
+    air `unknown`. The provider's own 5xx, with its error in the body, is retried too.
+    """
+    return status == 504 and provider_error is None
+
+
 def retry_after_seconds(headers: httpx.Headers) -> float | None:
     """The Retry-After header in seconds (delta-seconds or HTTP date), or None when absent."""
     value = headers.get("retry-after")

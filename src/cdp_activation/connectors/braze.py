@@ -44,9 +44,11 @@ from cdp_activation.connectors.base import (
     TemplateError,
     check_batch_size,
     clip,
+    gateway_gave_up,
     retry_after_seconds,
 )
 from cdp_activation.connectors.http import (
+    gateway_unknown,
     json_or_none,
     require_settings,
     transport_failure,
@@ -217,6 +219,9 @@ class BrazeConnector(BrazeRestApi):
             )
         if status in (400, 404) and ("campaign" in detail.lower() or "canvas" in detail.lower()):
             raise TemplateError(f"Braze refused the campaign (HTTP {status}): {detail}")
+        braze_error = data.get("message") if isinstance(data, dict) else None
+        if gateway_gave_up(status, braze_error) and not self.capabilities.idempotency:
+            return [gateway_unknown(m.key, status, detail) for m in messages]
         wait = retry_after_seconds(response.headers)
         if wait is None and status == 429:
             wait = reset_in(response.headers)

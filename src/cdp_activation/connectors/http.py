@@ -29,6 +29,7 @@ from cdp_activation.connectors.base import (
     TemplateError,
     check_batch_size,
     clip,
+    gateway_gave_up,
     retry_after_seconds,
     transport_outcome,
 )
@@ -107,6 +108,19 @@ def whole_request_results(
     return [
         SendResult(m.key, Outcome.FAILED, error_code=code, error_message=detail) for m in messages
     ]
+
+
+def gateway_unknown(key: str, status: int, detail: str) -> SendResult:
+    """UNKNOWN for a message a gateway's 504 answered for (`gateway_gave_up`)."""
+    return SendResult(
+        key,
+        Outcome.UNKNOWN,
+        error_code=f"http_{status}",
+        error_message=clip(
+            f"a gateway answered {status} for the provider, which may have taken the message: "
+            f"not sent again. {detail}"
+        ),
+    )
 
 
 def json_or_none(response: httpx.Response) -> Any:
@@ -253,6 +267,8 @@ class OneRecipientHttpConnector:
                 f"{self.name} refused the send for every recipient ({code}): {detail}. {remedy}"
             )
         error_code = str(code) if code is not None else f"http_{status}"
+        if gateway_gave_up(status, code) and not self.capabilities.idempotency:
+            return gateway_unknown(message.key, status, detail)
         if code in self.retry_codes or status == 429 or status >= 500 or self._transient(data):
             wait = retry_after_seconds(response.headers)
             return SendResult(

@@ -82,10 +82,12 @@ from cdp_activation.connectors.base import (
     TemplateInfo,
     check_batch_size,
     clip,
+    gateway_gave_up,
     retry_after_seconds,
 )
 from cdp_activation.connectors.http import (
     client_message_id,
+    gateway_unknown,
     json_or_none,
     require_settings,
     transport_failure,
@@ -429,6 +431,8 @@ class InfobipConnector:
                 "CDP_INFOBIP_API_KEY and its message:send scope."
             )
         error_code = code or f"http_{status}"
+        if gateway_gave_up(status, code) and not self.capabilities.idempotency:
+            return [gateway_unknown(m.key, status, detail) for m in messages]
         if status == 429 or status >= 500:
             retry_after = retry_after_seconds(response.headers)
             return [

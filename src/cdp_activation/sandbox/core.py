@@ -38,9 +38,11 @@ class SandboxConfig:
     no faults at all, so the embedded default behaves like a healthy provider.
 
     Rates are probabilities per request (0..1). `rate_429`, `rate_5xx`, `rate_timeout`,
-    `rate_drop_after_accept` and `rate_5xx_after_accept` (accepted and recorded, then answered
+    `rate_drop_after_accept`, `rate_5xx_after_accept` (accepted and recorded, then answered
     500, as LINE warns a 5xx may be, or a gateway in front of a receiver that took the request)
-    exclude each other (their sum must not exceed 1); `slow_rate` adds
+    and `rate_504_after_accept` (accepted and recorded, then a gateway in front of the provider
+    answers 504 in its own words, an HTML page, having given up waiting for the provider's
+    answer) exclude each other (their sum must not exceed 1); `slow_rate` adds
     `slow_ms` on top of `latency_ms` (+ up to `latency_jitter_ms`); the per-recipient rates
     (`rate_not_on_whatsapp` for Meta, `rate_opted_out` for Twilio) fail a number permanently,
     every time it is sent to, the way a real provider does. `retry_after_s` is the Retry-After
@@ -70,6 +72,7 @@ class SandboxConfig:
     timeout_hold_ms: float = 30_000.0
     rate_drop_after_accept: float = 0.0
     rate_5xx_after_accept: float = 0.0
+    rate_504_after_accept: float = 0.0
     slow_rate: float = 0.0
     slow_ms: float = 0.0
     rate_not_on_whatsapp: float = 0.0
@@ -178,6 +181,7 @@ _EXCLUSIVE_RATES = (
     "rate_timeout",
     "rate_drop_after_accept",
     "rate_5xx_after_accept",
+    "rate_504_after_accept",
 )
 _RATE_FIELDS = frozenset(name for name in FAULT_FIELDS if "rate" in name)
 
@@ -191,6 +195,8 @@ class Fault(StrEnum):
     TIMEOUT = "timeout"  # read, then never answered; nothing accepted
     DROP_AFTER_ACCEPT = "dropped_after_accept"  # accepted and recorded, then no answer
     SERVER_ERROR_AFTER_ACCEPT = "server_error_after_accept"  # accepted and recorded, then 500
+    # Accepted and recorded, then a gateway's 504 (an HTML page, not the provider's error).
+    GATEWAY_TIMEOUT_AFTER_ACCEPT = "gateway_timeout_after_accept"
 
 
 def fault_draw(config: SandboxConfig, *parts: object) -> float:
@@ -207,6 +213,7 @@ def request_fault(config: SandboxConfig, provider: str, request_hash: str, attem
         (Fault.TIMEOUT, config.rate_timeout),
         (Fault.DROP_AFTER_ACCEPT, config.rate_drop_after_accept),
         (Fault.SERVER_ERROR_AFTER_ACCEPT, config.rate_5xx_after_accept),
+        (Fault.GATEWAY_TIMEOUT_AFTER_ACCEPT, config.rate_504_after_accept),
     ):
         if draw < rate:
             return fault

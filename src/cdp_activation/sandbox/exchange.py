@@ -170,6 +170,8 @@ async def provider_request(request: Request, rules: ProviderRules) -> Response:
         return DropConnection()
     if fault == Fault.SERVER_ERROR_AFTER_ACCEPT:
         return _server_error_after_accept(exchange, rules.fault_answer, parsed.to)
+    if fault == Fault.GATEWAY_TIMEOUT_AFTER_ACCEPT:
+        return _gateway_timeout_after_accept(exchange, parsed.to)
     exchange.log("accepted", answer.status_code, to=parsed.to)
     return answer
 
@@ -243,6 +245,8 @@ async def batch_request(request: Request, rules: BatchRules) -> Response:
         return DropConnection()
     if fault == Fault.SERVER_ERROR_AFTER_ACCEPT:
         return _server_error_after_accept(exchange, rules.fault_answer, only)
+    if fault == Fault.GATEWAY_TIMEOUT_AFTER_ACCEPT:
+        return _gateway_timeout_after_accept(exchange, only)
     exchange.log("accepted", answer.status_code, to=only)
     return answer
 
@@ -255,6 +259,21 @@ def _server_error_after_accept(
     """The provider's own server error, answered for a request it has taken (recorded)."""
     answer = fault_answer(exchange.config, Fault.SERVER_ERROR, exchange.fault_draw())
     exchange.log(Fault.SERVER_ERROR_AFTER_ACCEPT.value, answer.status_code, to=to)
+    return answer
+
+
+# What a load balancer or proxy in front of a provider answers when it gives up waiting for the
+# provider (nginx's page): its own words, none of the provider's.
+_GATEWAY_TIMEOUT_PAGE = (
+    "<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n"
+    "<center><h1>504 Gateway Time-out</h1></center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+def _gateway_timeout_after_accept(exchange: _Exchange, to: str | None) -> Response:
+    """A gateway's 504 for a request the provider has taken (recorded)."""
+    answer = Response(_GATEWAY_TIMEOUT_PAGE, status_code=504, media_type="text/html")
+    exchange.log(Fault.GATEWAY_TIMEOUT_AFTER_ACCEPT.value, answer.status_code, to=to)
     return answer
 
 
