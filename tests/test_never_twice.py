@@ -34,6 +34,7 @@ FAULTS = {
     "rate_5xx": 0.05,
     "rate_timeout": 0.02,
     "rate_drop_after_accept": 0.01,
+    "rate_504_after_accept": 0.01,
     "retry_after_s": 0.1,
     "timeout_hold_ms": 3_000,
 }
