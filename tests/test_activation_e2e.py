@@ -25,7 +25,7 @@ from cdp_activation.cli.runner import RunSummary, run_activation
 from cdp_activation.components.activation import build_activation_defs
 from cdp_activation.defs.resources import resources
 from cdp_activation.demo.data import generate_demo_warehouse
-from cdp_activation.ledger import Ledger
+from cdp_activation.ledger import Ledger, sends
 from cdp_activation.sandbox import SandboxServer, twilio_content_sid
 from cdp_activation.settings import project_root
 from cdp_activation.spec import ActivationSpec
@@ -820,6 +820,51 @@ def test_a_report_left_unapplied_by_a_run_that_never_finished_is_applied_before_
     assert landed["id"] not in set(fallbacks["fallback_of"].to_list())
     first_row = rows.filter(pl.col("id") == landed["id"]).row(0, named=True)
     assert first_row["delivery_status"] == "delivered"
+    ledger.dispose()
+
+
+def test_a_customer_whose_whatsapp_window_closed_before_the_send_gets_the_sms_fallback_now(
+    env: SimpleNamespace,
+) -> None:
+    """A free-form WhatsApp message its customer's 24-hour window outran is cancelled at its
+    claim (`whatsapp_outside_window`) and never sent: the fallback run sends that customer the
+    plan's SMS at once, long before the not-delivered window would make anyone else due."""
+    from cdp_activation.cli.runner import run_fallback
+
+    attributes = copy.deepcopy(winback_attributes())
+    attributes["policy"] = {"quiet_hours": {"enabled": False}}
+    definitions = custom_definitions(env.tmp, "window_fallback", attributes)
+    partition = TODAY.isoformat()
+    first = run_activation("window_fallback", partition, definitions=definitions)
+    assert first.success and first.sent > 2, first.error
+    ledger = Ledger(env.ledger_url)
+    whatsapp = ledger.rows("window_fallback", partition).filter(
+        (pl.col("channel") == "whatsapp") & (pl.col("state") == "sent")
+    )
+    outran = whatsapp.head(2)["id"].to_list()
+    with ledger.engine.begin() as con:  # as the claim leaves a message its window outran
+        con.execute(
+            sends.update()
+            .where(sends.c.id.in_(outran))
+            .values(state="cancelled", error_code="whatsapp_outside_window", sent_at=None)
+        )
+    texts = sum(m.provider == "twilio" for m in env.sandbox.messages())
+    fallback = run_fallback(
+        "window_fallback", partition, not_delivered_within_minutes=600, definitions=definitions
+    )
+    assert fallback.success, fallback.error
+    # (Customers the sandbox says are not on WhatsApp are due too: `primary_unreachable`.)
+    assert fallback.due["primary_window_closed"] == 2
+    rows = ledger.rows("window_fallback", partition).filter(
+        pl.col("fallback_reason") == "primary_window_closed"
+    )
+    assert sorted(rows["fallback_of"].to_list()) == sorted(outran)
+    assert set(rows["channel"]) == {"sms"} and set(rows["state"]) <= {"sent", "excluded"}
+    texted = set(rows.filter(pl.col("state") == "sent")["recipient"].to_list())
+    assert texted  # the demo's customers mostly accept SMS
+    new_texts = [m.to for m in env.sandbox.messages() if m.provider == "twilio"][texts:]
+    assert texted <= set(new_texts)
+    assert fallback.sent == len(new_texts)
     ledger.dispose()
 
 

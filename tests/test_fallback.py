@@ -430,3 +430,74 @@ def test_a_report_written_while_its_fallback_is_planned_is_seen_by_the_run_on_po
     run.join(10)
     assert cancelled == [1]
     assert _fallback_states(ledger) == {"silent": "cancelled"}
+
+
+def test_a_free_form_message_its_window_outran_falls_back_at_once(ledger_url: str) -> None:
+    """A free-form WhatsApp message still planned when its customer's 24-hour window closed
+    is cancelled at its claim and never sent: the customer is due the SMS fallback at once,
+    with the window's own reason. Not one kept in a request its provider may hold (that
+    request may have reached them), nor a customer whose message was cancelled because they
+    said stop."""
+    from cdp_activation.ledger import PRIMARY_WINDOW_CLOSED, ClaimRequest
+
+    now = datetime.now(UTC)
+    closed, open_ = now - timedelta(hours=1), now + timedelta(hours=3)
+    customers = ["closed", "closed_kept", "kept_partner", "open", "stopped"]
+    windows = [closed, closed, open_, open_, open_]
+    n = len(customers)
+    phones = [f"+4479222{i:05d}" for i in range(n)]
+    frame = pl.DataFrame(
+        {
+            "customer_id": customers,
+            "phone_e164": phones,
+            "channel": ["whatsapp"] * n,
+            "connector": ["meta_whatsapp"] * n,
+            "step": ["initial"] * n,
+            "template_name": [None] * n,
+            "template_language": [None] * n,
+            "variables": [None] * n,
+            "body": ["Your order is ready"] * n,
+            "window_until": windows,
+        },
+        schema_overrides={
+            "template_name": pl.String,
+            "template_language": pl.String,
+            "variables": pl.List(pl.String),
+            "window_until": pl.Datetime("us", "UTC"),
+        },
+    )
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "2026-12-01", frame)
+    with ledger.engine.begin() as con:
+        kept = sends.c.customer_id.in_(["closed_kept", "kept_partner"])
+        con.execute(sends.update().where(kept).values(request_id=7))
+        # As a STOP while it waited leaves it (`cancel_opted_out`).
+        con.execute(
+            sends.update()
+            .where(sends.c.customer_id == "stopped")
+            .values(state="cancelled", error_code="whatsapp_opted_out")
+        )
+    assert _due(ledger, window_passed=True) == {}  # nothing sent, nor cancelled by its window
+
+    worker = ledger.register_worker("winback", "2026-12-01", "initial", lease_seconds=60)
+    claimed = ledger.claim(
+        worker, "winback", "2026-12-01", "initial", [ClaimRequest("meta_whatsapp", 10)], now=now
+    )
+    assert [r.customer_id for r in claimed[0]] == ["open"]
+    states = dict(ledger.rows("winback", "2026-12-01").select("customer_id", "state").rows())
+    assert states == {
+        "closed": "cancelled",
+        "closed_kept": "cancelled",
+        "kept_partner": "unknown",
+        "open": "in_flight",
+        "stopped": "cancelled",
+    }
+    # At once: before the plan's not-delivered window has passed.
+    assert _due(ledger, window_passed=False) == {"closed": PRIMARY_WINDOW_CLOSED}
+    frame = ledger.due_fallbacks(
+        "winback", "sms", not_delivered_by=now - timedelta(minutes=30), unreachable_codes=CODES
+    )
+    assert frame.select("customer_id", "error_code").rows() == [
+        ("closed", "whatsapp_outside_window")
+    ]
+    ledger.dispose()

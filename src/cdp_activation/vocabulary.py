@@ -44,6 +44,7 @@ CARE_WINDOW = timedelta(hours=24)
 # The policy's reason codes (`policy/reasons.py`, the stable list) that the ledger also writes
 # on a planned row it cancels (`error_code`), so that every cancelled row says why.
 OUTSIDE_WINDOW = "outside_window"  # as `whatsapp_outside_window`
+WINDOW_CLOSED_CODE = f"whatsapp_{OUTSIDE_WINDOW}"  # a free-form message its window outran
 OPTED_OUT = "opted_out"  # as `<channel>_opted_out`: the customer said stop meanwhile
 FALLBACK_NOT_DUE = "fallback_not_due"  # the first message landed, or was answered, meanwhile
 

@@ -1484,6 +1484,7 @@ FALLBACK_REASONS = {
     "primary_unreachable": "failed: cannot receive it there",
     "primary_not_delivered": "not delivered in time",
     "primary_not_read": "not read in time",
+    "primary_window_closed": "WhatsApp window closed before it went",
 }
 
 

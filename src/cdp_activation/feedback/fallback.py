@@ -3,7 +3,8 @@
 Plain Python; the `fallback` asset of an activation (and its sensor) call it. One pass:
 
 1. the ledger says which first messages are due a fallback (`Ledger.due_fallbacks`: failed
-   with a code meaning "cannot receive it here", not delivered within the plan's window, or
+   with a code meaning "cannot receive it here", a free-form WhatsApp message its customer's
+   24-hour window outran before it went, not delivered within the plan's window, or
    optionally not read), on the latest status it holds, leaving out any already decided;
 2. the audience SQL runs again and the policy is applied again for the fallback channel alone
    (consent, suppression, number type, quiet hours, frequency caps), so a customer who has

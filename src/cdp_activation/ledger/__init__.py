@@ -33,6 +33,7 @@ from cdp_activation.ledger.records import (  # noqa: F401  # the ledger's names
     PRIMARY_NOT_DELIVERED,
     PRIMARY_NOT_READ,
     PRIMARY_UNREACHABLE,
+    PRIMARY_WINDOW_CLOSED,
     STATUS_CLOCK_SKEW,
     ClaimRequest,
     LeaseLost,

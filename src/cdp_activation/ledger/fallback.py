@@ -15,6 +15,7 @@ from cdp_activation.ledger.records import (
     PRIMARY_NOT_DELIVERED,
     PRIMARY_NOT_READ,
     PRIMARY_UNREACHABLE,
+    PRIMARY_WINDOW_CLOSED,
 )
 from cdp_activation.ledger.schema import inbound_events, sends
 from cdp_activation.vocabulary import (
@@ -28,6 +29,7 @@ from cdp_activation.vocabulary import (
     INITIAL_STEP,
     PLANNED,
     SENT,
+    WINDOW_CLOSED_CODE,
 )
 
 
@@ -112,8 +114,13 @@ class FallbackQueries(LedgerBase):
           connector's `unreachable_codes`; at once;
         - `primary_not_delivered`: sent, failed or dead-lettered, not delivered nor read, and
           sent (or given up) at or before `not_delivered_by`;
-        - `primary_not_read`: delivered, not read, sent at or before `not_read_by` (if given).
-        `unknown` sends never fall back: the provider may have delivered them. Columns:
+        - `primary_not_read`: delivered, not read, sent at or before `not_read_by` (if given);
+        - `primary_window_closed`: a free-form WhatsApp message cancelled at its claim because
+          its customer's 24-hour window had closed (`whatsapp_outside_window`), never sent;
+          at once. Not one cancelled with a request its provider may hold (`request_id`):
+          that request may have reached the customer.
+        `unknown` sends never fall back: the provider may have delivered them, nor any other
+        cancelled send (the customer said stop, or was erased). Columns:
         partition_key, fallback_of (the first message's id), customer_id, channel, connector,
         fallback_reason, error_code (the failure's code, if any), variant (the first
         message's experiment variant, if any: its fallback counts in the same arm).
@@ -134,6 +141,11 @@ class FallbackQueries(LedgerBase):
             if codes
         ]
         unreachable = sa.and_(failed, sa.or_(*by_connector)) if by_connector else sa.false()
+        window_closed = sa.and_(
+            first.c.state == CANCELLED,
+            first.c.error_code == WINDOW_CLOSED_CODE,
+            first.c.request_id.is_(None),
+        )
         # A message its customer answered reached them: it is neither undelivered nor unread.
         answered = answered_since_sent(first)
         not_delivered = sa.and_(
@@ -159,7 +171,7 @@ class FallbackQueries(LedgerBase):
             first.c.activation == activation,
             first.c.step == INITIAL_STEP,
             first.c.channel != fallback_channel,
-            sa.or_(unreachable, not_delivered, not_read),
+            sa.or_(unreachable, window_closed, not_delivered, not_read),
             ~decided.exists(),
         ]
         if partition_key is not None:
@@ -174,10 +186,13 @@ class FallbackQueries(LedgerBase):
             first.c.connector,
             sa.case(
                 (unreachable, PRIMARY_UNREACHABLE),
+                (window_closed, PRIMARY_WINDOW_CLOSED),
                 (not_delivered, PRIMARY_NOT_DELIVERED),
                 else_=PRIMARY_NOT_READ,
             ).label("fallback_reason"),
-            sa.case((failed, failure_code), else_=None).label("error_code"),
+            sa.case((failed, failure_code), (window_closed, first.c.error_code), else_=None).label(
+                "error_code"
+            ),
             first.c.variant,
         ).where(*where)
         schema = {

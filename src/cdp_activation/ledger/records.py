@@ -11,10 +11,13 @@ from cdp_activation.frozen_records import quick_init
 
 # Why a fallback was due (`fallback_reason`): the first message failed with a code meaning the
 # customer cannot receive it on that channel; it was not delivered within the plan's window;
-# it was delivered but not read within the plan's window (only where the plan asks for it).
+# it was delivered but not read within the plan's window (only where the plan asks for it); it
+# was a free-form WhatsApp message whose customer's 24-hour window closed before it could go
+# (cancelled at its claim, `whatsapp_outside_window`: never sent).
 PRIMARY_UNREACHABLE = "primary_unreachable"
 PRIMARY_NOT_DELIVERED = "primary_not_delivered"
 PRIMARY_NOT_READ = "primary_not_read"
+PRIMARY_WINDOW_CLOSED = "primary_window_closed"
 
 
 @quick_init  # made for every message: see frozen_records.py

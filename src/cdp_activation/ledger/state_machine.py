@@ -55,10 +55,10 @@ from cdp_activation.vocabulary import (
     FAILED,
     HOLDOUT,
     IN_FLIGHT,
-    OUTSIDE_WINDOW,
     PLANNED,
     SENT,
     UNKNOWN,
+    WINDOW_CLOSED_CODE,
     idempotency_key_expr,
 )
 
@@ -399,7 +399,7 @@ class SendStates(LedgerBase):
         lock = " FOR UPDATE SKIP LOCKED" if self.dialect == "postgresql" else ""
         ended = _driver_rows(
             con,
-            f"UPDATE sends SET state = '{CANCELLED}', error_code = '{_WINDOW_CLOSED_CODE}', "
+            f"UPDATE sends SET state = '{CANCELLED}', error_code = '{WINDOW_CLOSED_CODE}', "
             f"error_message = {mark}, updated_at = {mark} WHERE id IN (SELECT id FROM sends "
             f"WHERE activation = {mark} AND partition_key = {mark} AND step = {mark} "
             f"AND window_until <= {mark} AND state = '{PLANNED}'{lock}) RETURNING request_id",
@@ -1200,7 +1200,6 @@ def _copy_plan(con: sa.Connection, rows: pl.DataFrame) -> None:
             cursor.close()
 
 
-_WINDOW_CLOSED_CODE = f"whatsapp_{OUTSIDE_WINDOW}"  # the policy's reason code
 _WINDOW_CLOSED_REQUEST = (
     "a customer in its request reached the end of their 24-hour WhatsApp window: the request, "
     "which goes out again whole or not at all, is not sent again"
