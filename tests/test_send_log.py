@@ -299,3 +299,31 @@ def test_an_export_killed_while_it_holds_the_table_does_not_hold_the_next_one(
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+def test_an_export_waits_out_a_stuck_one_only_so_long_and_says_so(
+    ledger: Ledger, warehouse_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that holds the table and never finishes (alive, but hung) is waited for
+    `EXPORT_WAIT` at most: the export then fails in one line saying where to look, having
+    written nothing, and the next one, once the table is free, catches up."""
+    from cdp_activation.feedback import send_log
+
+    monkeypatch.setattr(send_log, "EXPORT_WAIT", timedelta(seconds=1))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AND_HANG, warehouse_url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        began = time.monotonic()
+        with pytest.raises(send_log.ExportBusy) as refused:
+            export_send_log(ledger, warehouse_url)
+        assert 0.9 < time.monotonic() - began < 20
+        message = str(refused.value)
+        assert message.startswith("another export has held activation_send_log for over 1 sec")
+        assert "lock file" in message or "pg_locks" in message
+        assert refused.value.transient
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert export_send_log(ledger, warehouse_url).table_rows == 3

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import duckdb
 import polars as pl
@@ -36,12 +36,35 @@ from filelock import FileLock, Timeout
 
 from cdp_activation.audience.warehouse import connect_duckdb, duckdb_path
 from cdp_activation.db import with_driver
+from cdp_activation.errors import CdpError
 from cdp_activation.ledger import Ledger, decision_counts, inbound_events, opt_outs, sends
 
 logger = logging.getLogger(__name__)
 
 SEND_LOG_TABLE = "activation_send_log"
 OVERLAP = timedelta(minutes=5)
+# How long an export waits for another holding its table before it gives up (`ExportBusy`):
+# far longer than any export takes, so only one that hangs (alive, but stuck) is waited out.
+EXPORT_WAIT = timedelta(minutes=30)
+
+
+class ExportBusy(CdpError):
+    """Another export held the table longer than `EXPORT_WAIT`: nothing was written. The
+    next export catches up (each reads from the newest row the table holds)."""
+
+    transient: ClassVar[bool] = True
+
+    @classmethod
+    def of(cls, name: str, holder: str) -> ExportBusy:
+        seconds = EXPORT_WAIT.total_seconds()
+        waited = f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} seconds"
+        return cls(
+            f"another export has held {name} for over {waited}: not exported now "
+            f"(the next export catches up); if no export is running, a stuck process holds "
+            f"it ({holder})"
+        )
+
+
 _UTC = pl.Datetime("us", "UTC")
 # Column of the send log -> its type; `send_id` is the ledger's `id`.
 COLUMNS: dict[str, pl.DataType] = {
@@ -261,12 +284,16 @@ class _DuckDBSink:
     @contextlib.contextmanager
     def exclusive(self, table: str) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.path.with_name(f".{self.path.name}.{table}.lock"))
+        path = self.path.with_name(f".{self.path.name}.{table}.lock")
+        lock = FileLock(path)
         try:
             lock.acquire(timeout=0)
         except Timeout:
             _waiting(table)
-            lock.acquire()
+            try:
+                lock.acquire(timeout=EXPORT_WAIT.total_seconds())
+            except Timeout:
+                raise ExportBusy.of(table, f"the process holding the lock file {path}") from None
         try:
             yield
         finally:
@@ -382,7 +409,7 @@ def warehouse_lock(engine: sa.Engine, name: str) -> Iterator[None]:
     runs: on PostgreSQL a transaction-level advisory lock, waited for, in a transaction kept
     open on a connection of its own until the block ends (released however it ends, and
     whole behind a pooler that hands out connections a transaction at a time); on other
-    databases nothing is held."""
+    databases nothing is held. Waited for `EXPORT_WAIT` at most (`ExportBusy`)."""
     if engine.dialect.name != "postgresql":
         yield
         return
@@ -391,8 +418,20 @@ def warehouse_lock(engine: sa.Engine, name: str) -> Iterator[None]:
         taken = con.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({key})", (name,))
         if not taken.scalar_one():
             _waiting(name)
-            con.exec_driver_sql(f"SELECT pg_advisory_xact_lock({key})", (name,))
+            wait_ms = int(EXPORT_WAIT.total_seconds() * 1000)
+            con.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
+            try:
+                con.exec_driver_sql(f"SELECT pg_advisory_xact_lock({key})", (name,))
+            except sa.exc.OperationalError as err:
+                if getattr(err.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                    raise
+                holder = "pg_locks, locktype 'advisory', joined to pg_stat_activity"
+                raise ExportBusy.of(name, holder) from None
+            con.exec_driver_sql("SET LOCAL lock_timeout = 0")
         yield
+
+
+_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's lock_timeout
 
 
 def _waiting(name: str) -> None:
