@@ -313,6 +313,9 @@ def test_no_answer_within_timeout_is_unknown(silent_server: str) -> None:
 # --- classification of answers the sandbox does not produce yet -------------------------------
 
 
+GATEWAY_PAGE = "<html><head><title>504 Gateway Time-out</title></head><body>nginx</body></html>"
+
+
 def _meta_body(code: int) -> dict[str, object]:
     return {
         "error": {
@@ -498,6 +501,65 @@ CLASSIFY = [
         "63016",
         None,
     ),
+    # A gateway that gave up waiting (504, Cloudflare's 524), whoever wrote the body: the
+    # provider may have taken the message, and neither API de-duplicates. A 502 (a load
+    # balancer while the provider is down) and the provider's own 500 are retried.
+    (
+        "meta-504-gateway-page",
+        meta,
+        httpx.Response(504, text=GATEWAY_PAGE),
+        Outcome.UNKNOWN,
+        "http_504",
+        None,
+    ),
+    (
+        "meta-504-own-words",
+        meta,
+        httpx.Response(504, json=_meta_body(2)),
+        Outcome.UNKNOWN,
+        "http_504",
+        None,
+    ),
+    (
+        "twilio-524",
+        twilio,
+        httpx.Response(524, text="A timeout occurred"),
+        Outcome.UNKNOWN,
+        "http_524",
+        None,
+    ),
+    (
+        "twilio-504-json",
+        twilio,
+        httpx.Response(504, json={"message": "Endpoint request timed out"}),
+        Outcome.UNKNOWN,
+        "http_504",
+        None,
+    ),
+    (
+        "meta-502-gateway-page",
+        meta,
+        httpx.Response(502, text=GATEWAY_PAGE),
+        Outcome.RETRY,
+        "http_502",
+        None,
+    ),
+    (
+        "twilio-502-gateway-page",
+        twilio,
+        httpx.Response(502, text=GATEWAY_PAGE),
+        Outcome.RETRY,
+        "http_502",
+        None,
+    ),
+    (
+        "twilio-500-own-words",
+        twilio,
+        httpx.Response(500, json=_twilio_body(20500, 500)),
+        Outcome.RETRY,
+        "20500",
+        None,
+    ),
 ]
 
 
@@ -516,6 +578,28 @@ def test_classify(
 ) -> None:
     result = build(sandbox_settings).classify(wa(), response)
     assert (result.outcome, result.error_code, result.retry_after) == (outcome, code, retry_after)
+
+
+@pytest.mark.parametrize("name", ["braze", "infobip"])
+@pytest.mark.parametrize(
+    ("response", "outcome"),
+    [
+        (httpx.Response(504, text=GATEWAY_PAGE), Outcome.UNKNOWN),
+        # A gateway's JSON (AWS API Gateway, Kong) reads like the provider's own error.
+        (httpx.Response(504, json={"message": "Endpoint request timed out"}), Outcome.UNKNOWN),
+        (httpx.Response(524, text="A timeout occurred"), Outcome.UNKNOWN),
+        (httpx.Response(502, text=GATEWAY_PAGE), Outcome.RETRY),
+    ],
+    ids=["504-page", "504-json", "524", "502-page"],
+)
+def test_a_gateway_timeout_is_unknown_for_whole_request_providers(
+    name: str, response: httpx.Response, outcome: Outcome, sandbox_settings: Settings
+) -> None:
+    """Braze's and Infobip's answers cover every message of a request alike."""
+    connector = connector_from_settings(name, sandbox_settings)
+    messages = [sms(f"+44790000000{i}") for i in range(2)]
+    results = connector.classify(messages, response)  # type: ignore[attr-defined]
+    assert {r.outcome for r in results} == {outcome} and len(results) == 2
 
 
 RAISES = [

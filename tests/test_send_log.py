@@ -320,7 +320,7 @@ def test_an_export_waits_out_a_stuck_one_only_so_long_and_says_so(
             export_send_log(ledger, warehouse_url)
         assert 0.9 < time.monotonic() - began < 20
         message = str(refused.value)
-        assert message.startswith("another export has held activation_send_log for over 1 sec")
+        assert message.startswith("another export has held activation_send_log for over 1 s:")
         assert "lock file" in message or "pg_locks" in message
         assert refused.value.transient
     finally:

@@ -152,17 +152,24 @@ def transport_outcome(exc: httpx.TransportError) -> Outcome:
     return Outcome.UNKNOWN
 
 
-def gateway_gave_up(status: int, provider_error: object) -> bool:
-    """A 504 that names no error of the provider's own: a gateway in front of the provider (a
-    load balancer, a proxy) gave up waiting for its answer. The provider had the request and
-    may have taken it, exactly as when our own read times out (`transport_outcome`): UNKNOWN,
+# Answers that say "a gateway in front of the provider gave up waiting for its answer": 504,
+# and Cloudflare's 524 ("a timeout occurred" after the origin took the connection).
+GATEWAY_TIMEOUTS = frozenset({504, 524})
+
+
+def gateway_gave_up(status: int) -> bool:
+    """A gateway in front of the provider (a load balancer, a proxy, the provider's own edge)
+    gave up waiting for its answer, whoever wrote the body: the provider had the request and
+    may have taken it, exactly as when our own read times out (`transport_outcome`). UNKNOWN,
     unless the provider de-duplicates on our key (then `may_be_taken`, asked again under it).
 
     A 502 stays a retry: it is what a load balancer answers while the provider's servers are
     down or refuse connections (an outage), and an outage must not end every message in the
-    air `unknown`. The provider's own 5xx, with its error in the body, is retried too.
+    air `unknown`. (Some load balancers answer 502 for a timeout too, e.g. Google Cloud's
+    `backend_timeout`: those are retried, and could reach a customer twice.) The provider's
+    other 5xx are retried too.
     """
-    return status == 504 and provider_error is None
+    return status in GATEWAY_TIMEOUTS
 
 
 def retry_after_seconds(headers: httpx.Headers) -> float | None:

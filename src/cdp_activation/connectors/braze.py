@@ -20,8 +20,9 @@ Classification: 201 is SENT for every recipient; a recipient we cannot address (
 no E.164 number) is FAILED before any request; 401/403 stop the activation (credentials);
 400/404 naming the campaign stop it (template: the campaign is missing or not API-triggered);
 any other 400 fails the batch; 429 and 5xx are RETRY, with the wait from `Retry-After` or
-`X-RateLimit-Reset` (epoch seconds). Handing an audience to a Canvas instead (`/users/track`) is
-the `braze_audience` connector's job (`braze_audience.py`).
+`X-RateLimit-Reset` (epoch seconds), but a gateway's 504 or 524 is UNKNOWN (`gateway_gave_up`).
+Handing an audience to a Canvas instead (`/users/track`) is the `braze_audience` connector's
+job (`braze_audience.py`).
 """
 
 from __future__ import annotations
@@ -219,8 +220,7 @@ class BrazeConnector(BrazeRestApi):
             )
         if status in (400, 404) and ("campaign" in detail.lower() or "canvas" in detail.lower()):
             raise TemplateError(f"Braze refused the campaign (HTTP {status}): {detail}")
-        braze_error = data.get("message") if isinstance(data, dict) else None
-        if gateway_gave_up(status, braze_error) and not self.capabilities.idempotency:
+        if gateway_gave_up(status) and not self.capabilities.idempotency:
             return [gateway_unknown(m.key, status, detail) for m in messages]
         wait = retry_after_seconds(response.headers)
         if wait is None and status == 429:

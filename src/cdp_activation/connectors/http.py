@@ -111,7 +111,7 @@ def whole_request_results(
 
 
 def gateway_unknown(key: str, status: int, detail: str) -> SendResult:
-    """UNKNOWN for a message a gateway's 504 answered for (`gateway_gave_up`)."""
+    """UNKNOWN for a message a gateway's timeout answered for (`gateway_gave_up`)."""
     return SendResult(
         key,
         Outcome.UNKNOWN,
@@ -235,7 +235,8 @@ class OneRecipientHttpConnector:
         """Turn one response into a result, or raise for activation-wide errors.
 
         Credentials and template problems raise (every recipient would fail the same way);
-        provider throttling, 429 and 5xx are RETRY; other 4xx fail this recipient only.
+        provider throttling, 429 and 5xx are RETRY, but a gateway's timeout (504, 524) is UNKNOWN
+        through a provider that does not de-duplicate; other 4xx fail this recipient only.
         """
         data = json_or_none(response)
         status = response.status_code
@@ -267,7 +268,7 @@ class OneRecipientHttpConnector:
                 f"{self.name} refused the send for every recipient ({code}): {detail}. {remedy}"
             )
         error_code = str(code) if code is not None else f"http_{status}"
-        if gateway_gave_up(status, code) and not self.capabilities.idempotency:
+        if gateway_gave_up(status) and not self.capabilities.idempotency:
             return gateway_unknown(message.key, status, detail)
         if code in self.retry_codes or status == 429 or status >= 500 or self._transient(data):
             wait = retry_after_seconds(response.headers)

@@ -51,7 +51,8 @@ Classification:
   recipient, and stop the activation: REJECTED_NOT_ENOUGH_CREDITS (`ConnectorError`) and
   REJECTED_SENDER (`ConnectorConfigError`). A message missing from the answer is UNKNOWN.
 - 401 / 403: `CredentialsError`.
-- 429: every message of the request RETRY, with Retry-After; 5xx: RETRY.
+- 429: every message of the request RETRY, with Retry-After; 5xx: RETRY, but a gateway's 504
+  or 524: UNKNOWN (`gateway_gave_up`).
 - 400 for the whole request: the body is `requestError.serviceException` (WhatsApp) or
   `ApiError` (SMS). When its validation errors point at the template (`content.template…`,
   `content.language`) the template is wrong for everyone: `TemplateError`. Otherwise the request
@@ -431,7 +432,7 @@ class InfobipConnector:
                 "CDP_INFOBIP_API_KEY and its message:send scope."
             )
         error_code = code or f"http_{status}"
-        if gateway_gave_up(status, code) and not self.capabilities.idempotency:
+        if gateway_gave_up(status) and not self.capabilities.idempotency:
             return [gateway_unknown(m.key, status, detail) for m in messages]
         if status == 429 or status >= 500:
             retry_after = retry_after_seconds(response.headers)

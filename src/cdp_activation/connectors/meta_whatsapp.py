@@ -6,6 +6,7 @@ Request shapes follow the official spec (`facebook/openapi`, business-messaging-
 classification below follows Meta's published Cloud API error codes:
 
 - throttling / transient (130429, 131056, 131057, 131000, 131016, 4, 80007, HTTP 429/5xx): RETRY;
+  a gateway's 504 or 524: UNKNOWN (`gateway_gave_up`);
 - template problems (1320xx) stop the activation: every recipient would fail the same way;
 - auth (190, HTTP 401/403, permission codes 10/200): stop the activation;
 - anything else per recipient (131026 not on WhatsApp, 131047 outside the 24-hour window, …):

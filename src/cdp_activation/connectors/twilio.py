@@ -14,7 +14,8 @@ a Messaging Service holding it); a template is a Content template (`ContentSid` 
 `ContentVariables`), a free-form `Body` is a session message, which Twilio refuses outside the
 24-hour window with 63016.
 
-Error classification follows Twilio's error dictionary: 429 / 20429 / 5xx retry; 63027 (template
+Error classification follows Twilio's error dictionary: 429 / 20429 / 5xx retry
+(a gateway's 504 or 524: UNKNOWN, `gateway_gave_up`); 63027 (template
 not found for the content) stops the activation; 20003 / 401 stops it on credentials; other 4xx
 (21211 invalid To, 21610 opted out, 21614 not mobile, 21408 region disabled, 63016 outside the
 WhatsApp window, 63003 not a WhatsApp number, …) fail that recipient only.

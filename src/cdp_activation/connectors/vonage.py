@@ -25,7 +25,8 @@ the error `type` URL, e.g. `…/messages-olympus#1022`):
 - 422 with code 1022 (invalid template or template parameters): `TemplateError`.
 - the account or the sender refused as a whole (1060, 1070, 1080, 1400, 1420, 1440):
   `ConnectorError` / `ConnectorConfigError` (`STOP_CODES`), nobody failed for it.
-- 429, 5xx, or code 1000, 1241, 1331 (throttled, busy): RETRY with Retry-After where given.
+- 429, 5xx, or code 1000, 1241, 1331 (throttled, busy): RETRY with Retry-After where given;
+  a gateway's 504 or 524: UNKNOWN (`gateway_gave_up`).
 - any other 4xx (1430 invalid recipient, 1050 number barred, 1340 outside the window, …):
   FAILED with the code and the error title.
 """

@@ -57,7 +57,7 @@ class ExportBusy(CdpError):
     @classmethod
     def of(cls, name: str, holder: str) -> ExportBusy:
         seconds = EXPORT_WAIT.total_seconds()
-        waited = f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} seconds"
+        waited = f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} s"
         return cls(
             f"another export has held {name} for over {waited}: not exported now "
             f"(the next export catches up); if no export is running, a stuck process holds "
@@ -423,11 +423,12 @@ def warehouse_lock(engine: sa.Engine, name: str) -> Iterator[None]:
             try:
                 con.exec_driver_sql(f"SELECT pg_advisory_xact_lock({key})", (name,))
             except sa.exc.OperationalError as err:
-                if getattr(err.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                code = getattr(err.orig, "sqlstate", None) or getattr(err.orig, "pgcode", None)
+                if code != _LOCK_NOT_AVAILABLE:
                     raise
                 holder = "pg_locks, locktype 'advisory', joined to pg_stat_activity"
                 raise ExportBusy.of(name, holder) from None
-            con.exec_driver_sql("SET LOCAL lock_timeout = 0")
+        # (The bound stays on this connection's transaction, which takes no other lock.)
         yield
 
 

@@ -115,10 +115,10 @@ class FallbackQueries(LedgerBase):
         - `primary_not_delivered`: sent, failed or dead-lettered, not delivered nor read, and
           sent (or given up) at or before `not_delivered_by`;
         - `primary_not_read`: delivered, not read, sent at or before `not_read_by` (if given);
-        - `primary_window_closed`: a free-form WhatsApp message cancelled at its claim because
-          its customer's 24-hour window had closed (`whatsapp_outside_window`), never sent;
-          at once. Not one cancelled with a request its provider may hold (`request_id`):
-          that request may have reached the customer.
+        - `primary_window_closed`: a WhatsApp message cancelled, never sent, because its
+          customer's 24-hour window had closed (`whatsapp_outside_window`: at its claim, or
+          by a later run's decision); at once. Not one cancelled with a request its provider
+          may hold (`request_id`): that request may have reached the customer.
         `unknown` sends never fall back: the provider may have delivered them, nor any other
         cancelled send (the customer said stop, or was erased). Columns:
         partition_key, fallback_of (the first message's id), customer_id, channel, connector,
@@ -142,6 +142,7 @@ class FallbackQueries(LedgerBase):
         ]
         unreachable = sa.and_(failed, sa.or_(*by_connector)) if by_connector else sa.false()
         window_closed = sa.and_(
+            first.c.channel == "whatsapp",
             first.c.state == CANCELLED,
             first.c.error_code == WINDOW_CLOSED_CODE,
             first.c.request_id.is_(None),
