@@ -777,6 +777,24 @@ def test_a_fallback_keeps_the_quiet_hours_of_a_first_send_given_no_window(
     assert held.eligible > 0 and held.deferred == held.eligible and held.sent == 0
 
 
+def _first_run_without_quiet_hours(
+    env: SimpleNamespace, name: str
+) -> tuple[Any, str, Ledger, pl.DataFrame]:
+    """The winback activation as `name`, quiet hours off, run once for today: its definitions,
+    partition, ledger and the WhatsApp first messages it sent."""
+    attributes = copy.deepcopy(winback_attributes())
+    attributes["policy"] = {"quiet_hours": {"enabled": False}}
+    definitions = custom_definitions(env.tmp, name, attributes)
+    partition = TODAY.isoformat()
+    first = run_activation(name, partition, definitions=definitions)
+    assert first.success and first.sent > 2, first.error
+    ledger = Ledger(env.ledger_url)
+    whatsapp = ledger.rows(name, partition).filter(
+        (pl.col("channel") == "whatsapp") & (pl.col("state") == "sent")
+    )
+    return definitions, partition, ledger, whatsapp
+
+
 def test_a_report_left_unapplied_by_a_run_that_never_finished_is_applied_before_the_fallback(
     env: SimpleNamespace,
 ) -> None:
@@ -786,16 +804,7 @@ def test_a_report_left_unapplied_by_a_run_that_never_finished_is_applied_before_
     from cdp_activation.cli.runner import run_fallback
     from cdp_activation.ledger.schema import status_events
 
-    attributes = copy.deepcopy(winback_attributes())
-    attributes["policy"] = {"quiet_hours": {"enabled": False}}
-    definitions = custom_definitions(env.tmp, "early_report", attributes)
-    partition = TODAY.isoformat()
-    first = run_activation("early_report", partition, definitions=definitions)
-    assert first.success and first.sent > 0, first.error
-    ledger = Ledger(env.ledger_url)
-    whatsapp = ledger.rows("early_report", partition).filter(
-        (pl.col("channel") == "whatsapp") & (pl.col("state") == "sent")
-    )
+    definitions, partition, ledger, whatsapp = _first_run_without_quiet_hours(env, "early_report")
     landed = whatsapp.row(0, named=True)
     now = datetime.now(UTC)
     with ledger.engine.begin() as con:
@@ -831,15 +840,8 @@ def test_a_customer_whose_whatsapp_window_closed_before_the_send_gets_the_sms_fa
     plan's SMS at once, long before the not-delivered window would make anyone else due."""
     from cdp_activation.cli.runner import run_fallback
 
-    attributes = copy.deepcopy(winback_attributes())
-    attributes["policy"] = {"quiet_hours": {"enabled": False}}
-    definitions = custom_definitions(env.tmp, "window_fallback", attributes)
-    partition = TODAY.isoformat()
-    first = run_activation("window_fallback", partition, definitions=definitions)
-    assert first.success and first.sent > 2, first.error
-    ledger = Ledger(env.ledger_url)
-    whatsapp = ledger.rows("window_fallback", partition).filter(
-        (pl.col("channel") == "whatsapp") & (pl.col("state") == "sent")
+    definitions, partition, ledger, whatsapp = _first_run_without_quiet_hours(
+        env, "window_fallback"
     )
     outran = whatsapp.head(2)["id"].to_list()
     with ledger.engine.begin() as con:  # as the claim leaves a message its window outran
