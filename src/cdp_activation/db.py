@@ -46,7 +46,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # on a new file). That is tried again here for a minute (an attempt may itself wait out
     # the busy timeout first), for whoever opens it.
     for attempt in tenacity.Retrying(
-        retry=tenacity.retry_if_exception(_locked),
+        retry=tenacity.retry_if_exception(sqlite_locked),
         wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
         stop=tenacity.stop_after_delay(60.0),
         reraise=True,
@@ -69,8 +69,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _locked(err: BaseException) -> bool:
-    return isinstance(err, sqlite3.OperationalError) and "database is locked" in str(err)
+def sqlite_locked(err: BaseException) -> bool:
+    """SQLite's "database is locked", from its driver or through SQLAlchemy."""
+    kinds = (sqlite3.OperationalError, sa.exc.OperationalError)
+    return isinstance(err, kinds) and "database is locked" in str(err)
 
 
 def read_frame(

@@ -3,14 +3,14 @@ and the time helpers."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+import tenacity
 
-from cdp_activation.db import open_engine
+from cdp_activation.db import open_engine, sqlite_locked
 from cdp_activation.ledger.schema import (
     _MIGRATED,
     WORKER_ALIVE,
@@ -131,20 +131,16 @@ class LedgerBase:
         tables, beyond the busy timeout's reach: that is waited out (a minute at most), never
         reported as a ledger that cannot be opened (the switch to WAL is waited out as every
         connection opens: `db.open_engine`)."""
-        deadline = time.monotonic() + (60.0 if self.engine.dialect.name == "sqlite" else 0.0)
-        pause = 0.05
-        while True:
-            try:
+        for attempt in tenacity.Retrying(
+            retry=tenacity.retry_if_exception(sqlite_locked),
+            wait=tenacity.wait_random_exponential(multiplier=0.05, max=2.0),
+            stop=tenacity.stop_after_delay(60.0 if self.engine.dialect.name == "sqlite" else 0.0),
+            before_sleep=lambda _: self.engine.dispose(),
+            reraise=True,
+        ):
+            with attempt:
                 if self.url not in _MIGRATED or not _has_sends(self.engine):
                     self.migrate()
-                return
-            except sa.exc.OperationalError as err:
-                locked = "database is locked" in str(err)
-                if not locked or time.monotonic() + pause > deadline:
-                    raise
-                self.engine.dispose()
-                time.sleep(pause)
-                pause = min(pause * 2, 2.0)
 
     def migrate(self) -> None:
         """Create or upgrade the schema (tables, added columns, indexes, triggers). Done on a
