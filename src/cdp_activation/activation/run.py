@@ -43,6 +43,7 @@ from cdp_activation.ledger import (
     PLANNED,
     SENT,
     UNKNOWN,
+    FrequencyCap,
     LeaseLost,
     Ledger,
 )
@@ -889,9 +890,18 @@ def deliver_decisions(
         )
         if dry_run:
             return summary
-        return send_and_finish(summary, ledger, connectors, step, run_id, options)
+        return send_and_finish(
+            summary, ledger, connectors, step, run_id, options, caps_at_claim(activation)
+        )
     finally:
         ledger.dispose()
+
+
+def caps_at_claim(activation: Activation) -> tuple[FrequencyCap, ...]:
+    """The activation's frequency caps as each claim holds them again (`Ledger.claim`): the
+    policy reads them when it decides, the claim when two activations decided at once."""
+    caps = activation.spec.policy.frequency_caps
+    return tuple(FrequencyCap(c.purpose, c.channel, c.max_messages, c.days) for c in caps)
 
 
 def send_and_finish(
@@ -901,9 +911,11 @@ def send_and_finish(
     step: str,
     run_id: str | None,
     options: DeliveryOptions | None = None,
+    caps: tuple[FrequencyCap, ...] = (),
 ) -> DeliverySummary:
-    """A prepared step's sending in this process: one claim worker, then `finish_delivery`."""
-    scope = DeliveryScope(summary.activation, summary.partition, step, run_id)
+    """A prepared step's sending in this process: one claim worker, then `finish_delivery`;
+    `caps`: the activation's frequency caps, held again at each claim."""
+    scope = DeliveryScope(summary.activation, summary.partition, step, run_id, caps)
     return finish_delivery(summary, [send_due(ledger, scope, connectors, options)], ledger, step)
 
 

@@ -339,6 +339,7 @@ def build_activation_defs(activation: run.Activation) -> dg.Definitions:
         step=INITIAL_STEP,
         connector_keys=connector_keys,
         pool=pool,
+        caps=run.caps_at_claim(activation),
     )
 
     @dg.op(
@@ -635,6 +636,7 @@ def _fallback_defs(
         step=FALLBACK_STEP,
         connector_keys=connector_keys,
         pool=pool,
+        caps=run.caps_at_claim(activation),
     )
 
     @dg.op(

@@ -16,6 +16,7 @@ import dagster as dg
 
 from cdp_activation.activation import run as run
 from cdp_activation.delivery.engine import DeliveryReport, DeliveryScope
+from cdp_activation.ledger import FrequencyCap
 
 
 class Prepared(NamedTuple):
@@ -51,9 +52,16 @@ def tickets(
 
 
 def claim_op(
-    op_name: str, *, activation: str, step: str, connector_keys: set[str], pool: str
+    op_name: str,
+    *,
+    activation: str,
+    step: str,
+    connector_keys: set[str],
+    pool: str,
+    caps: tuple[FrequencyCap, ...] = (),
 ) -> dg.OpDefinition:
-    """The claim worker op of one activation's step."""
+    """The claim worker op of one activation's step; `caps`: its frequency caps, held again
+    at each claim."""
 
     @dg.op(
         name=op_name,
@@ -63,7 +71,7 @@ def claim_op(
         pool=pool,
     )
     def claim(context: dg.OpExecutionContext, ticket: Ticket) -> DeliveryReport:
-        scope = DeliveryScope(activation, context.partition_key, step, context.run.run_id)
+        scope = DeliveryScope(activation, context.partition_key, step, context.run.run_id, caps)
         store = context.resources.ledger.ledger()
         report = run.send_due(
             store,

@@ -67,6 +67,7 @@ from cdp_activation.ledger import (
     SENT,
     UNKNOWN,
     ClaimRequest,
+    FrequencyCap,
     LeaseLost,
     Ledger,
     PlannedSend,
@@ -127,6 +128,8 @@ class DeliveryScope:
     partition_key: str
     step: str = INITIAL_STEP
     run_id: str | None = None
+    # The activation's frequency caps, held again at each claim (`Ledger.claim`).
+    caps: tuple[FrequencyCap, ...] = ()
 
 
 MAX_RETRY_AFTER = 60.0  # seconds: a provider's longer Retry-After is capped
@@ -615,7 +618,12 @@ async def deliver_async(
         with metrics.timed(metrics.LEDGER_LATENCY, "claim"):
             try:
                 return ledger.claim(
-                    worker_id, scope.activation, scope.partition_key, scope.step, requests
+                    worker_id,
+                    scope.activation,
+                    scope.partition_key,
+                    scope.step,
+                    requests,
+                    caps=scope.caps,
                 )
             except sa.exc.OperationalError:
                 # The server may have ended a transaction this worker left idle past its lease

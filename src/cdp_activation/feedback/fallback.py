@@ -32,6 +32,7 @@ import polars as pl
 from cdp_activation.activation.run import (
     Activation,
     DeliverySummary,
+    caps_at_claim,
     compute_audience,
     compute_decisions,
     prepare_delivery,
@@ -252,7 +253,8 @@ def deliver_fallback(
         )
         if dry_run or decisions.frame.is_empty():
             return summary
-        return send_and_finish(summary, ledger, connectors, FALLBACK_STEP, run_id, options)
+        caps = caps_at_claim(activation)
+        return send_and_finish(summary, ledger, connectors, FALLBACK_STEP, run_id, options, caps)
     finally:
         ledger.dispose()
 

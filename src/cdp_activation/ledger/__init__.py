@@ -36,6 +36,7 @@ from cdp_activation.ledger.records import (  # noqa: F401  # the ledger's names
     PRIMARY_WINDOW_CLOSED,
     STATUS_CLOCK_SKEW,
     ClaimRequest,
+    FrequencyCap,
     LeaseLost,
     PlannedSend,
     PlanResult,

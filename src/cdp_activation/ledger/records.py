@@ -44,6 +44,18 @@ class PlannedSend:
 
 
 @dataclass(frozen=True)
+class FrequencyCap:
+    """A frequency cap the claim holds (`claim_caps`): at most `max_messages` messages of
+    `purpose` ("any": of every purpose) on `channel` ("any": on every channel) per customer
+    in `days` days, across activations."""
+
+    purpose: str
+    channel: str
+    max_messages: int
+    days: int
+
+
+@dataclass(frozen=True)
 class StatusWrite:
     received: int  # reports handed in
     duplicates: int  # already stored (or repeated in the same call): ignored

@@ -10,7 +10,7 @@ import os
 import secrets
 import sqlite3
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from itertools import chain
@@ -27,13 +27,17 @@ from cdp_activation.ledger.base import (
     as_time,
     chunks,
     db_time,
+    driver_rows,
+    driver_slices,
     quiet_hours_end,
     utc_now,
     worker_process_gone,
 )
+from cdp_activation.ledger.claim_caps import hold_caps
 from cdp_activation.ledger.records import (
     DEADLINE_PASSED,
     ClaimRequest,
+    FrequencyCap,
     LeaseLost,
     PlannedSend,
     PlanResult,
@@ -341,14 +345,17 @@ class SendStates(LedgerBase):
         step: str,
         requests: Sequence[ClaimRequest],
         now: datetime | None = None,
+        caps: Sequence[FrequencyCap] = (),
     ) -> list[list[PlannedSend]]:
         """Atomically move due `planned` rows to `in_flight` for `worker_id` and return them,
         one list per request, in one transaction that also renews the worker's lease.
 
         A row is sent only by the worker this returned it to: PostgreSQL picks rows with
         `FOR UPDATE SKIP LOCKED` (concurrent claimers never wait for or share a row), SQLite
-        runs the whole claim under its single write lock. Raises `LeaseLost` when the worker
-        was taken for dead meanwhile.
+        runs the whole claim under its single write lock. Rows whose customer another
+        activation reached first up to one of the activation's `caps` are cancelled instead
+        (`claim_caps`): a request may come back shorter than asked, or empty, with rows still
+        due. Raises `LeaseLost` when the worker was taken for dead meanwhile.
         """
         now = now or utc_now()
         results: list[list[PlannedSend]] = [[] for _ in requests]
@@ -384,6 +391,8 @@ class SendStates(LedgerBase):
                 )
                 for i, row in zip(indexes, rows, strict=False):
                     results[i] = [row]
+            if caps:
+                results = hold_caps(con, scope, caps, results, now)
         return results
 
     def _cancel_closed_windows(
@@ -397,7 +406,7 @@ class SendStates(LedgerBase):
         window, so this costs a claim one index probe."""
         mark = self._mark
         lock = " FOR UPDATE SKIP LOCKED" if self.dialect == "postgresql" else ""
-        ended = _driver_rows(
+        ended = driver_rows(
             con,
             f"UPDATE sends SET state = '{CANCELLED}', error_code = '{WINDOW_CLOSED_CODE}', "
             f"error_message = {mark}, updated_at = {mark} WHERE id IN (SELECT id FROM sends "
@@ -442,7 +451,7 @@ class SendStates(LedgerBase):
             f"AND (not_before IS NULL OR not_before <= {mark})"
         )
         args = (activation, partition_key, step, request.connector, db_time(now, self.dialect))
-        request_id = _driver_rows(
+        request_id = driver_rows(
             con, f"SELECT MIN(request_id) FROM sends WHERE {due} AND request_id IS NOT NULL", args
         )[0][0]
         if request_id is not None:
@@ -560,7 +569,7 @@ class SendStates(LedgerBase):
                 f"WHERE id IN ({select}) "
                 f"RETURNING {columns}, {closed.format(t='')}"
             )
-        rows = _driver_rows(con, sql, (worker_id, stamp, *request, *args, stamp, stamp))
+        rows = driver_rows(con, sql, (worker_id, stamp, *request, *args, stamp, stamp))
         claimed = []
         for r in rows:
             window = None if r[10] is None or r[11] is None else (as_time(r[10]), as_time(r[11]))
@@ -585,7 +594,7 @@ class SendStates(LedgerBase):
     def quiet_windows(self, ids: Sequence[int]) -> list[tuple[datetime, datetime]]:
         """The planned quiet hours (`send_until`, `reopens_at`) of these rows, where known."""
         with self.engine.connect() as con:
-            rows = _driver_rows(
+            rows = driver_rows(
                 con,
                 f"SELECT send_until, reopens_at FROM sends WHERE id IN ({self._marks(len(ids))}) "
                 "AND send_until IS NOT NULL AND reopens_at IS NOT NULL",
@@ -967,7 +976,7 @@ class SendStates(LedgerBase):
                 f"AND request_id IS NULL{of_this_step}"
             )
             params = (activation, partition_key, *(() if step is None else (step,)))
-            for rows in _driver_slices(con, sql, params, _UNCHOSEN_SLICE):
+            for rows in driver_slices(con, sql, params, _UNCHOSEN_SLICE):
                 planned = pl.DataFrame(
                     rows,
                     schema={"id": pl.Int64, "idempotency_key": pl.String, "customer_id": pl.String},
@@ -1216,44 +1225,6 @@ _RANDOM_REQUEST_ID = {
     "sqlite": "(random() & 4611686018427387903)",
     "postgresql": "floor(random() * 4611686018427387903)::bigint",
 }
-
-
-def _driver_rows(con: sa.Connection, sql: str, params: Sequence[Any]) -> list[Any]:
-    """`sql`'s rows, run on the driver's own cursor in `con`'s transaction: a claim runs a
-    statement or two per request, and SQLAlchemy's result set-up (~25 µs a statement) would
-    cost more than SQLite's own work. Errors as `_driver_cursor` raises them."""
-    with _driver_cursor(con, sql, params) as cursor:
-        return list(cursor.fetchall())
-
-
-def _driver_slices(
-    con: sa.Connection, sql: str, params: Sequence[Any], size: int
-) -> Iterator[list[Any]]:
-    """`sql`'s rows `size` at a time, as `_driver_rows` reads them: one scan, never every row
-    at once in Python."""
-    with _driver_cursor(con, sql, params) as cursor:
-        while rows := cursor.fetchmany(size):
-            yield list(rows)
-
-
-@contextlib.contextmanager
-def _driver_cursor(con: sa.Connection, sql: str, params: Sequence[Any]) -> Iterator[Any]:
-    """The driver's own cursor in `con`'s transaction, `sql` executed on it. A driver error
-    (executing or fetching) is raised as SQLAlchemy would raise it (`sa.exc.OperationalError`
-    for a lock timeout, which callers retry on), and a connection the database dropped is
-    invalidated, not handed back to the pool."""
-    dbapi_error = con.dialect.loaded_dbapi.Error
-    cursor = con.connection.cursor()
-    try:
-        cursor.execute(sql, params)
-        yield cursor
-    except dbapi_error as err:
-        if con.dialect.is_disconnect(err, con.connection.dbapi_connection, cursor):
-            con.invalidate(err)
-        raise sa.exc.DBAPIError.instance(sql, params, err, dbapi_error) from err
-    finally:
-        with contextlib.suppress(Exception):  # a dropped connection's cursor may not close
-            cursor.close()
 
 
 def _sqlite_rows_per_statement(con: sa.Connection, columns: int) -> int:
