@@ -25,6 +25,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import sqlalchemy as sa
@@ -52,7 +53,9 @@ def _chosen(n: int) -> pl.DataFrame:
     )
 
 
-def ledger_costs(url: str, rows: int) -> dict[str, float]:
+def ledger_costs(url: str, rows: int, caps: tuple[Any, ...] = ()) -> dict[str, float]:
+    """Per row: plan, claim and settle, as a delivery does them; `caps`: the frequency caps
+    each claim holds again (a marketing activation's, `Ledger.claim`)."""
     from cdp_activation.ledger import ClaimRequest, Ledger, Settlement
 
     ledger = Ledger(url)
@@ -66,7 +69,9 @@ def ledger_costs(url: str, rows: int) -> dict[str, float]:
     want = [ClaimRequest("meta_whatsapp", 1)] * 32
     claimed = []
     began = time.perf_counter()
-    while batch := [r for got in ledger.claim(worker, "bench", "p", "initial", want) for r in got]:
+    while batch := [
+        r for got in ledger.claim(worker, "bench", "p", "initial", want, caps=caps) for r in got
+    ]:
         claimed.append(batch)
     claim = time.perf_counter() - began
     began = time.perf_counter()
@@ -205,25 +210,38 @@ def main(argv: list[str]) -> int:
         "",
         "## Ledger cost per row (µs)",
         "",
-        "| database | plan (bulk insert) | claim (32 batches a transaction) | settle outcome |",
-        "|---|---:|---:|---:|",
+        "| database | plan (bulk insert) | claim (32 batches a transaction) | settle outcome "
+        "| claim holding the default frequency cap |",
+        "|---|---:|---:|---:|---:|",
     ]
-    targets = [("SQLite (WAL)", f"sqlite:////tmp/bench-ledger-{uuid.uuid4().hex}.sqlite")]
+    # Each measurement on a ledger of its own (two: without and with the caps).
+    targets = [
+        ("SQLite (WAL)", [f"sqlite:////tmp/bench-ledger-{uuid.uuid4().hex}.sqlite" for _ in "ab"])
+    ]
+    schemas = [f"bench_ledger_{uuid.uuid4().hex[:8]}" for _ in "ab"]
     if base := os.environ.get("TEST_POSTGRES_URL"):
-        schema = f"bench_ledger_{uuid.uuid4().hex[:8]}"
         admin = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://", 1))
         with admin.begin() as con:
-            con.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-        targets.append(("PostgreSQL", f"{base}?options=-csearch_path%3D{schema}"))
-    for label, url in targets:
-        costs = ledger_costs(url, args.rows)
-        lines.append(
-            f"| {label} | {costs['plan']:.1f} | {costs['claim']:.1f} | {costs['settle']:.1f} |"
+            for schema in schemas:
+                con.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        targets.append(
+            ("PostgreSQL", [f"{base}?options=-csearch_path%3D{schema}" for schema in schemas])
         )
-        print(label, {k: round(v, 2) for k, v in costs.items()})
+    from cdp_activation.ledger import FrequencyCap
+
+    one_a_week = (FrequencyCap("marketing", "any", 1, 7),)  # the policy's default
+    for label, (url, other_url) in targets:
+        costs = ledger_costs(url, args.rows)
+        capped = ledger_costs(other_url, args.rows, one_a_week)
+        lines.append(
+            f"| {label} | {costs['plan']:.1f} | {costs['claim']:.1f} | {costs['settle']:.1f} "
+            f"| {capped['claim']:.1f} |"
+        )
+        print(label, {k: round(v, 2) for k, v in costs.items()}, "capped", capped["claim"])
     if base:
         with admin.begin() as con:
-            con.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+            for schema in schemas:
+                con.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
     floors = {sync: floor_costs(args.rows, sync) for sync in ("NORMAL", "FULL")}
     for sync, floor in floors.items():
@@ -231,7 +249,7 @@ def main(argv: list[str]) -> int:
         lines.append(
             f"| SQLite, a bare table (key, state and its index, claimer, provider id), "
             f"synchronous={sync} "
-            f"| {floor['plan']:.1f} | {floor['claim']:.1f} | {floor['settle']:.1f} |"
+            f"| {floor['plan']:.1f} | {floor['claim']:.1f} | {floor['settle']:.1f} | |"
         )
     durable = sum(floors["FULL"].values())
     lines += [
