@@ -119,8 +119,9 @@ def _as_sent(
 
 def test_the_claim_counts_what_the_policy_counts(ledger_url: str) -> None:
     """Sent, in flight and `unknown` messages of other activations and of this activation's
-    other partitions, within each cap's days and of its purpose and channel, stop a claimed
-    row; planned or failed ones, older ones and this partition's own do not. A request its
+    other partitions (and one kept in a request that went out), within each cap's days and of
+    its purpose and channel, stop a claimed row; planned or failed ones, older ones and this
+    partition's own do not. A request its
     provider may hold goes out whole."""
     ledger = Ledger(ledger_url)
     _as_sent(ledger, "winback", "yesterday", 1, days_ago=3)  # this activation, another day
@@ -132,7 +133,16 @@ def test_the_claim_counts_what_the_policy_counts(ledger_url: str) -> None:
     _as_sent(ledger, "cart", "p", 7, days_ago=1, purpose="transactional")
     _as_sent(ledger, "cart", "p", 8, days_ago=10)  # outside the week, inside WhatsApp's 14 days
     _as_sent(ledger, "cart", "p", 9, days_ago=10, channel="sms")
-    ledger.plan("winback", "p", chosen(10))
+    # Customer 11: cart's request went out, its answer was lost; it waits to be asked again
+    # under its key, and may have reached them.
+    _as_sent(ledger, "cart", "p", 11, days_ago=0, state="planned")
+    with ledger.engine.begin() as con:
+        con.execute(
+            sends.update()
+            .where(sends.c.activation == "cart", sends.c.customer_id == "11")
+            .values(request_id=42, attempts=1)
+        )
+    ledger.plan("winback", "p", chosen(11))
     caps = (*ONE_A_WEEK, FrequencyCap("marketing", "whatsapp", 1, 14))
     worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
     [rows] = ledger.claim(
@@ -150,6 +160,7 @@ def test_the_claim_counts_what_the_policy_counts(ledger_url: str) -> None:
         4: "frequency_capped",
         6: "frequency_capped",
         8: "whatsapp_frequency_capped",
+        11: "frequency_capped",
     }
     # A transactional activation is not held by marketing caps; two a week allow one more.
     ledger.plan("receipts", "p", chosen(3, start=4), purpose="transactional")

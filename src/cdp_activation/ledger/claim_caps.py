@@ -5,8 +5,9 @@ The policy reads the caps when it decides (accepted messages and those on their 
 every activation), which covers activations deciding apart. Two that decide together each see
 the other's rows still unwritten, or both planned: each would send. The claim settles it: a
 claimed row whose customer already has, from another activation (or another partition of
-this one), as many messages sent, in flight or `unknown` within a cap's days as the cap
-allows is cancelled before it leaves, with the policy's own reason code
+this one), as many messages sent, in flight, `unknown` or waiting in a request their provider
+may already hold (planned with a `request_id`) within a cap's days as the cap allows is
+cancelled before it leaves, with the policy's own reason code
 (`frequency_capped` for a cap on every channel, `<channel>_frequency_capped` for one
 channel's). The first claim wins. Claims of capped customers are serialised: SQLite runs a
 claim under its one write lock; PostgreSQL takes a transaction advisory lock per customer
@@ -30,7 +31,7 @@ import sqlalchemy as sa
 
 from cdp_activation.ledger.base import as_time, db_time, driver_rows
 from cdp_activation.ledger.records import FrequencyCap, PlannedSend
-from cdp_activation.vocabulary import CANCELLED, IN_FLIGHT, SENT, UNKNOWN
+from cdp_activation.vocabulary import CANCELLED, IN_FLIGHT, PLANNED, SENT, UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def hold_caps(
         rows = driver_rows(
             con,
             f"SELECT customer_id, channel, purpose, {at} FROM sends WHERE {among} "
-            f"AND {state} IN ('{SENT}', '{IN_FLIGHT}', '{UNKNOWN}') AND {at} > {mark} "
+            f"AND ({state} IN ('{SENT}', '{IN_FLIGHT}', '{UNKNOWN}') "
+            f"OR ({state} = '{PLANNED}' AND request_id IS NOT NULL)) AND {at} > {mark} "
             f"AND NOT (activation = {mark} AND partition_key = {mark})",
             (*values, db_time(since, dialect), scope[0], scope[1]),
         )
