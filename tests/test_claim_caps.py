@@ -85,7 +85,7 @@ def test_activations_that_planned_the_same_customers_at_once_send_each_one_messa
     assert per_customer["cancelled"].to_list() == [1] * 300
     cancelled = rows.filter(pl.col("state") == "cancelled")
     assert set(cancelled["error_code"]) == {"frequency_capped"}
-    assert "another activation" in cancelled["error_message"][0]
+    assert "another message to this customer" in cancelled["error_message"][0]
     # Never tried: no attempt counted, no request number, no worker holding it.
     assert set(cancelled["attempts"]) == {0}
     assert cancelled["request_id"].is_null().all() and cancelled["claimed_by"].is_null().all()

@@ -141,8 +141,8 @@ def hold_caps(
             (code, why, stamp, *values),
         )
     log.info(
-        "%d message(s) of %s not sent: another activation reached their customer first, up "
-        "to a frequency cap (cancelled at the claim, frequency_capped)",
+        "%d message(s) of %s not sent: another message reached their customer first, up to a "
+        "frequency cap (cancelled at the claim, frequency_capped)",
         len(stopped),
         "/".join(scope),
     )
@@ -159,7 +159,7 @@ def _among(column: str, values: list[Any], dialect: str) -> tuple[str, tuple[Any
 def _why(cap: FrequencyCap) -> str:
     on = "any channel" if cap.channel == "any" else cap.channel
     return (
-        f"frequency cap reached at the claim: another activation's message to this customer "
-        f"was sent or on its way first ({cap.max_messages} {cap.purpose} message(s) on {on} "
-        f"per {cap.days} day(s))"
+        "frequency cap reached at the claim: another message to this customer (another "
+        "activation's, or another partition's of this one) was sent or on its way first "
+        f"({cap.max_messages} {cap.purpose} message(s) on {on} per {cap.days} day(s))"
     )
