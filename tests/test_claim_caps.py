@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 
 from cdp_activation.ledger import ClaimRequest, FrequencyCap, Ledger, Settlement, sends
+from cdp_activation.ledger.base import as_time
 from cdp_activation.sandbox import SandboxServer
 from conftest import cli_project
 from test_ledger import chosen
@@ -23,13 +24,13 @@ ONE_A_WEEK = (FrequencyCap("marketing", "any", 1, 7),)
 ALL_DAY = ("--send-window", "00:00-23:59", "--json")
 
 
-# A claim worker: claims 7 rows at a time (10 ms a request) with a cap of one message a
-# week and records each as sent, until none of its partition's rows is planned; prints how
+# A claim worker: claims `batch` rows at a time (10 ms a request) with a cap of one message
+# a week and records each as sent, until none of its partition's rows is planned; prints how
 # many it sent.
 _WORKER = """
 import sys, time
 from cdp_activation.ledger import ClaimRequest, FrequencyCap, Ledger, Settlement
-url, activation, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+url, activation, start, batch = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 caps = (FrequencyCap("marketing", "any", 1, 7),)
 ledger = Ledger(url)
 worker = ledger.register_worker(activation, "p", "initial", lease_seconds=60)
@@ -37,9 +38,9 @@ time.sleep(max(0.0, start - time.time()))
 sent = 0
 while ledger.counts(activation, "p").get("planned", 0):
     [rows] = ledger.claim(
-        worker, activation, "p", "initial", [ClaimRequest("meta_whatsapp", 7)], caps=caps
+        worker, activation, "p", "initial", [ClaimRequest("meta_whatsapp", batch)], caps=caps
     )
-    time.sleep(0.01)  # the request
+    time.sleep(0.01)  # the request (or, with none claimed, a pause before looking again)
     ledger.settle(worker, [Settlement(r.id, "sent", provider_message_id=f"m{r.id}") for r in rows])
     sent += len(rows)
 ledger.dispose()
@@ -51,8 +52,10 @@ def test_activations_that_planned_the_same_customers_at_once_send_each_one_messa
     ledger_url: str,
 ) -> None:
     """Both activations planned all 300 customers (each decided before the other wrote a
-    row); four claim workers, two of each, send at once. Every customer gets exactly one
-    message; the other activation's row is cancelled, with the policy's reason, untried."""
+    row); four claim workers, two of each, send at once, two a few rows at a time and two
+    all of them in one claim (PostgreSQL: a lock per bucket of customers, or the whole
+    space). Every customer gets exactly one message; the other activation's row is
+    cancelled, with the policy's reason, untried."""
     ledger = Ledger(ledger_url)
     for activation in ("winback", "experiment"):
         ledger.plan(activation, "p", chosen(300))
@@ -60,12 +63,17 @@ def test_activations_that_planned_the_same_customers_at_once_send_each_one_messa
     start = str(time.time() + 2.0)  # all of them at once, after their imports
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, ledger_url, activation, start],
+            [sys.executable, "-c", _WORKER, ledger_url, activation, start, batch],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for activation in ("winback", "experiment") * 2
+        for activation, batch in (
+            ("winback", "7"),
+            ("experiment", "300"),
+            ("winback", "300"),
+            ("experiment", "7"),
+        )
     ]
     outputs = [w.communicate(timeout=120) for w in workers]
     assert all(w.returncode == 0 for w in workers), [err[-800:] for _, err in outputs]
@@ -118,11 +126,10 @@ def _as_sent(
 
 
 def test_the_claim_counts_what_the_policy_counts(ledger_url: str) -> None:
-    """Sent, in flight and `unknown` messages of other activations and of this activation's
-    other partitions (and one kept in a request that went out), within each cap's days and of
-    its purpose and channel, stop a claimed row; planned or failed ones, older ones and this
-    partition's own do not. A request its
-    provider may hold goes out whole."""
+    """Sent and `unknown` messages of other activations and of this activation's other
+    partitions, and planned ones that went out before (their provider may hold them), within
+    each cap's days and of its purpose and channel, stop a claimed row; one in flight makes
+    it wait a moment; planned or failed ones, older ones and this partition's own do not."""
     ledger = Ledger(ledger_url)
     _as_sent(ledger, "winback", "yesterday", 1, days_ago=3)  # this activation, another day
     _as_sent(ledger, "cart", "p", 2, days_ago=10, channel="sms")  # before the week
@@ -142,7 +149,17 @@ def test_the_claim_counts_what_the_policy_counts(ledger_url: str) -> None:
             .where(sends.c.activation == "cart", sends.c.customer_id == "11")
             .values(request_id=42, attempts=1)
         )
-    ledger.plan("winback", "p", chosen(11))
+    # 12: cart's message has been in flight for ten minutes (its worker gone): it may have
+    # gone. 13: cart's one-message request was tried, its answer uncertain: asked again later.
+    _as_sent(ledger, "cart", "p", 12, days_ago=10 / 1440, state="in_flight")
+    _as_sent(ledger, "cart", "p", 13, days_ago=0, state="planned")
+    with ledger.engine.begin() as con:
+        con.execute(
+            sends.update()
+            .where(sends.c.activation == "cart", sends.c.customer_id == "13")
+            .values(attempts=1)
+        )
+    ledger.plan("winback", "p", chosen(13))
     caps = (*ONE_A_WEEK, FrequencyCap("marketing", "whatsapp", 1, 14))
     worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
     [rows] = ledger.claim(
@@ -158,10 +175,18 @@ def test_the_claim_counts_what_the_policy_counts(ledger_url: str) -> None:
     assert codes == {
         1: "frequency_capped",
         4: "frequency_capped",
-        6: "frequency_capped",
         8: "whatsapp_frequency_capped",
         11: "frequency_capped",
+        12: "frequency_capped",
+        13: "frequency_capped",
     }
+    # 6: cart's message is in flight now: winback's waits, untried, for its end.
+    [waiting] = (
+        ledger.rows("winback", "p").filter(pl.col("customer_id") == "6").iter_rows(named=True)
+    )
+    assert waiting["state"] == "planned" and waiting["attempts"] == 0
+    assert "in flight" in waiting["error_message"]
+    assert as_time(waiting["not_before"]) > datetime.now(UTC)
     # A transactional activation is not held by marketing caps; two a week allow one more.
     ledger.plan("receipts", "p", chosen(3, start=4), purpose="transactional")
     worker = ledger.register_worker("receipts", "p", "initial", lease_seconds=60)
@@ -177,6 +202,48 @@ def test_the_claim_counts_what_the_policy_counts(ledger_url: str) -> None:
     )
     # Each has one message in the week (winback's, just claimed): two allow one more.
     assert sorted(int(r.customer_id) for r in rows) == [9, 10]
+    ledger.dispose()
+
+
+def test_a_row_waiting_for_a_message_in_flight_follows_how_it_ended(ledger_url: str) -> None:
+    """Claimed while another activation's message to the customer is in flight, a row waits
+    a few seconds; then it is cancelled if that message went, and goes if it was given back
+    unsent (the customer's quiet hours, say)."""
+    ledger = Ledger(ledger_url)
+    _as_sent(ledger, "cart", "p", 1, days_ago=0, state="in_flight")
+    _as_sent(ledger, "cart", "p", 2, days_ago=0, state="in_flight")
+    ledger.plan("winback", "p", chosen(2))
+    worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    want = [ClaimRequest("meta_whatsapp", 5)]
+    assert ledger.claim(worker, "winback", "p", "initial", want, caps=ONE_A_WEEK) == [[]]
+    assert ledger.counts("winback", "p") == {"planned": 2}
+    with ledger.engine.begin() as con:
+        for customer, state in (("1", "sent"), ("2", "planned")):
+            con.execute(
+                sends.update()
+                .where(sends.c.activation == "cart", sends.c.customer_id == customer)
+                .values(state=state, sent_at=datetime.now(UTC) if state == "sent" else None)
+            )
+    later = datetime.now(UTC) + timedelta(seconds=6)
+    [rows] = ledger.claim(worker, "winback", "p", "initial", want, now=later, caps=ONE_A_WEEK)
+    assert [r.customer_id for r in rows] == ["2"] and rows[0].attempts == 1
+    assert ledger.counts("winback", "p") == {"in_flight": 1, "cancelled": 1}
+    ledger.dispose()
+
+
+def test_a_row_tried_before_keeps_its_customer(ledger_url: str) -> None:
+    """The first claim wins the customer and keeps them through its retries: a row tried
+    before (a 429, an answer lost one at a time) may already be at its provider, and is
+    never held back by a message another activation sent meanwhile."""
+    ledger = Ledger(ledger_url)
+    ledger.plan("winback", "p", chosen(1))
+    worker = ledger.register_worker("winback", "p", "initial", lease_seconds=60)
+    want = [ClaimRequest("meta_whatsapp", 5)]
+    [first] = ledger.claim(worker, "winback", "p", "initial", want, caps=ONE_A_WEEK)
+    ledger.settle(worker, [Settlement(first[0].id, "planned", error_code="503")])
+    _as_sent(ledger, "cart", "p", 1, days_ago=0)
+    [again] = ledger.claim(worker, "winback", "p", "initial", want, caps=ONE_A_WEEK)
+    assert [r.id for r in again] == [first[0].id] and again[0].attempts == 2
     ledger.dispose()
 
 
