@@ -103,6 +103,41 @@ def test_the_day_goes_to_the_higher_priority_whatever_runs_first(
         ).is_empty(), order
 
 
+def test_an_activation_has_run_the_day_only_once_its_rows_are_in_the_ledger(
+    tmp_path: Path, sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lower activation deciding the day reads whom a higher one takes from the ledger's
+    rows once the higher one has run (its `decision_counts`), else works it out. The counts
+    must therefore follow the plan: written before it, a lower activation deciding between
+    the two commits found the higher one had run and took nobody from it (seen in CI: both
+    sent their 305 and 274 customers, and the claim's caps had to stop 272)."""
+    import os
+
+    from cdp_activation.cli.runner import run_activation
+
+    project = cli_project(tmp_path, sandbox, customers=400)
+    for key in [k for k in os.environ if k.startswith(("CDP_", "DAGSTER_"))]:
+        monkeypatch.delenv(key)
+    for key, value in {**project.env, **CAP}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(project.tmp)
+    rows_when_counted: list[int] = []
+    real = Ledger.record_decision_counts
+
+    def counted(self: Ledger, activation: str, partition_key: str, *args: object) -> None:
+        rows_when_counted.append(sum(self.counts(activation, partition_key).values()))
+        real(self, activation, partition_key, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Ledger, "record_decision_counts", counted)
+    from datetime import UTC, datetime
+
+    summary = run_activation(
+        HIGH, datetime.now(UTC).date().isoformat(), send_window=("00:00", "23:59")
+    )
+    assert summary.success, summary.error
+    assert rows_when_counted and rows_when_counted[0] > 50, rows_when_counted
+
+
 def test_a_taken_channel_is_left_for_the_next_one_with_its_own_reason() -> None:
     from test_policy import NO_QUIET, customer, decide_frame
 

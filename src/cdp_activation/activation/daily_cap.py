@@ -7,7 +7,7 @@ to see what a higher one sends: when it decides a day, it asks, for each activat
 outranks it, whom that one takes that day —
 
 - the ledger's answer once that activation has run the day (its first messages planned,
-  sent or being sent: `decision_counts` says it ran);
+  sent or being sent: `decision_counts` says it ran, written only once its plan is);
 - otherwise that activation's own decisions for the day, worked out here as its run would
   (its audience SQL, its policy, the caps above it in turn), with its templates taken as
   approved (their catalogs are its connectors' to read).

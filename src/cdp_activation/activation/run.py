@@ -976,10 +976,6 @@ def prepare_delivery(
     # Before the plan: a revived row is planned like any other, so it takes the decision's
     # latest `not_before` (quiet hours now) or is cancelled below when no longer chosen.
     summary.revived = ledger.revive_given_up(activation.name, partition_key, step, deadline)
-    if not fallback:  # the funnel's audience and eligible stages (sql/reporting/funnel.sql)
-        ledger.record_decision_counts(
-            activation.name, partition_key, step, decision_counts(decisions)
-        )
     experiment = activation.spec.experiment
     if experiment is not None and not fallback and "variant" in to_plan.columns:
         # Before the plan: a crash between the two leaves assignments a re-run reuses.
@@ -993,6 +989,13 @@ def prepare_delivery(
         run_id=run_id,
         purpose=activation.spec.channel_plan.purpose,
     )
+    if not fallback:  # the funnel's audience and eligible stages (sql/reporting/funnel.sql)
+        # After the plan, never before: they tell the daily cap's lower activations that this
+        # one ran the day, which then read whom it takes from its rows (daily_cap._ran). Before
+        # them, a lower one deciding between the two commits found it ran and took nobody.
+        ledger.record_decision_counts(
+            activation.name, partition_key, step, decision_counts(decisions)
+        )
     summary.already_sent = planned.existing.get(SENT, 0)
     summary.already_done_other = (
         planned.existing.get(FAILED, 0)
