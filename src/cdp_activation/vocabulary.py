@@ -46,6 +46,8 @@ CARE_WINDOW = timedelta(hours=24)
 OUTSIDE_WINDOW = "outside_window"  # as `whatsapp_outside_window`
 WINDOW_CLOSED_CODE = f"whatsapp_{OUTSIDE_WINDOW}"  # a free-form message its window outran
 OPTED_OUT = "opted_out"  # as `<channel>_opted_out`: the customer said stop meanwhile
+# Also as `<channel>_frequency_capped`: a claim found the customer's cap used meanwhile.
+FREQUENCY_CAPPED = "frequency_capped"
 FALLBACK_NOT_DUE = "fallback_not_due"  # the first message landed, or was answered, meanwhile
 
 KEY_SEPARATOR = "|"

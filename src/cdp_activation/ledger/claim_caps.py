@@ -44,11 +44,17 @@ import sqlalchemy as sa
 
 from cdp_activation.ledger.base import as_time, db_time, driver_rows
 from cdp_activation.ledger.records import FrequencyCap, PlannedSend
-from cdp_activation.vocabulary import CANCELLED, IN_FLIGHT, PLANNED, SENT, UNKNOWN
+from cdp_activation.vocabulary import (
+    CANCELLED,
+    FREQUENCY_CAPPED,
+    IN_FLIGHT,
+    PLANNED,
+    SENT,
+    UNKNOWN,
+)
 
 log = logging.getLogger(__name__)
 
-CAPPED = "frequency_capped"
 # How long a row waits for another activation's message in flight to end.
 RECHECK_AFTER = timedelta(seconds=5)
 # In flight longer than this, a message counts as sent: no request takes so long, so its
@@ -71,7 +77,7 @@ _WAITING = (
 
 def capped_code(cap: FrequencyCap, channel: str) -> str:
     """The policy's reason code for a row `cap` stops."""
-    return CAPPED if cap.channel == "any" else f"{channel}_{CAPPED}"
+    return FREQUENCY_CAPPED if cap.channel == "any" else f"{channel}_{FREQUENCY_CAPPED}"
 
 
 def _applies(cap: FrequencyCap, row: PlannedSend) -> bool:
